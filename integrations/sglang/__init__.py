@@ -1,0 +1,1 @@
+"""SGLang adapter (installed as ``moe_backend.integrations.sglang``)."""

@@ -1,0 +1,1 @@
+"""vLLM adapter (installed as ``moe_backend.integrations.vllm``)."""

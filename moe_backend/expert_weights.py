@@ -1,0 +1,242 @@
+"""Expert weight containers, one per precision, in the canonical layout (DESIGN.md §3).
+
+Every container holds the local experts of one layer: ``w13`` with rows
+``[gate; up]`` (``2I`` rows, ``H`` columns) and ``w2`` (``H`` rows, ``I`` columns),
+plus the scales its format needs. Containers validate themselves on
+construction and dequantize one expert at a time (the reference never
+materializes all experts in fp32).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Callable, ClassVar, Optional, Tuple
+
+import torch
+
+from ._checks import check_tensor
+from .quant import fp8, nvfp4
+
+PRECISIONS = ("bf16", "fp8_block", "fp8_tensor", "nvfp4")
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclass
+class ExpertWeights:
+    """Base class: shapes and the per-expert dequantization every format provides."""
+
+    precision: ClassVar[str]
+    #: Every H and I must be a multiple of this (fp8 block: whole 128-blocks).
+    size_multiple: ClassVar[int] = 16
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # -- shapes ---------------------------------------------------------------------------
+    @property
+    def num_experts(self) -> int:
+        return self.w13.shape[0]
+
+    @property
+    def intermediate_size(self) -> int:
+        return self.w13.shape[1] // 2
+
+    @property
+    def hidden_size(self) -> int:
+        return self.w2.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.w13.device
+
+    def tensors(self) -> dict:
+        """Name -> tensor for every tensor field (None fields omitted)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if isinstance(getattr(self, f.name), torch.Tensor)}
+
+    def nbytes(self) -> int:
+        """Bytes the weights and scales occupy."""
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    def _check_sizes(self, e: int, h: int, i: int) -> None:
+        m = self.size_multiple
+        if e < 1:
+            raise ValueError(f"w13: expected at least one expert, got shape {tuple(self.w13.shape)}")
+        if h % m or i % m or h == 0 or i == 0:
+            raise ValueError(
+                f"w13/w2: {self.precision} needs hidden and intermediate sizes that are positive "
+                f"multiples of {m}, got H={h}, I={i}"
+            )
+
+    def _check_pair(self, w13_cols: Callable[[int], int], w2_cols: Callable[[int], int],
+                    dtype: torch.dtype) -> Tuple[int, int, int]:
+        """Validate ``w13 [E, 2I, w13_cols(H)]`` and ``w2 [E, H, w2_cols(I)]``; return (E, H, I)."""
+        check_tensor("w13", self.w13, dtype=dtype, ndim=3)
+        e, two_i = self.w13.shape[:2]
+        if two_i % 2:
+            raise ValueError(f"w13: expected an even row count [gate; up], got shape {tuple(self.w13.shape)}")
+        i = two_i // 2
+        check_tensor("w2", self.w2, dtype=dtype, ndim=3, device=self.w13.device)
+        h = self.w2.shape[1]
+        check_tensor("w13", self.w13, shape=(e, 2 * i, w13_cols(h)))
+        check_tensor("w2", self.w2, shape=(e, h, w2_cols(i)))
+        self._check_sizes(e, h, i)
+        return e, h, i
+
+    # -- to be provided -----------------------------------------------------------------
+    def validate(self) -> None:
+        raise NotImplementedError
+
+    def dequantize_expert(self, e: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """fp32 ``(w13 [2I, H], w2 [H, I])`` of local expert ``e``."""
+        raise NotImplementedError
+
+    @classmethod
+    def quantize(cls, w13: torch.Tensor, w2: torch.Tensor) -> "ExpertWeights":
+        """Build from float master weights ``w13 [E, 2I, H]``, ``w2 [E, H, I]``."""
+        raise NotImplementedError
+
+
+@dataclass
+class BF16Weights(ExpertWeights):
+    """Unquantized experts: ``w13 [E, 2I, H]`` and ``w2 [E, H, I]`` bfloat16."""
+
+    w13: torch.Tensor
+    w2: torch.Tensor
+    precision: ClassVar[str] = "bf16"
+
+    def validate(self) -> None:
+        self._check_pair(lambda h: h, lambda i: i, torch.bfloat16)
+
+    def dequantize_expert(self, e: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        return self.w13[e].float(), self.w2[e].float()
+
+    @classmethod
+    def quantize(cls, w13: torch.Tensor, w2: torch.Tensor) -> "BF16Weights":
+        return cls(w13.to(torch.bfloat16).contiguous(), w2.to(torch.bfloat16).contiguous())
+
+
+@dataclass
+class FP8BlockWeights(ExpertWeights):
+    """DeepSeek-V3 FP8: e4m3 weights with one fp32 scale per 128x128 block.
+
+    ``w13 [E, 2I, H]`` e4m3, ``w13_scale [E, 2I/128, H/128]`` fp32,
+    ``w2 [E, H, I]`` e4m3, ``w2_scale [E, H/128, I/128]`` fp32; H and I multiples of 128.
+    Activations are quantized dynamically per token per 128 channels (power-of-two
+    scales when ``ue8m0``).
+    """
+
+    w13: torch.Tensor
+    w13_scale: torch.Tensor
+    w2: torch.Tensor
+    w2_scale: torch.Tensor
+    ue8m0: bool = False
+    precision: ClassVar[str] = "fp8_block"
+    size_multiple: ClassVar[int] = fp8.BLOCK
+
+    def validate(self) -> None:
+        e, h, i = self._check_pair(lambda h: h, lambda i: i, fp8.FP8_DTYPE)
+        b = fp8.BLOCK
+        check_tensor("w13_scale", self.w13_scale, dtype=torch.float32,
+                     shape=(e, _cdiv(2 * i, b), _cdiv(h, b)), device=self.device)
+        check_tensor("w2_scale", self.w2_scale, dtype=torch.float32,
+                     shape=(e, _cdiv(h, b), _cdiv(i, b)), device=self.device)
+
+    def dequantize_expert(self, e: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        return (fp8.dequantize_fp8_block(self.w13[e], self.w13_scale[e]),
+                fp8.dequantize_fp8_block(self.w2[e], self.w2_scale[e]))
+
+    @classmethod
+    def quantize(cls, w13: torch.Tensor, w2: torch.Tensor, ue8m0: bool = False) -> "FP8BlockWeights":
+        q13, s13 = fp8.quantize_fp8_block(w13)
+        q2, s2 = fp8.quantize_fp8_block(w2)
+        return cls(q13, s13, q2, s2, ue8m0)
+
+
+@dataclass
+class FP8TensorWeights(ExpertWeights):
+    """FP8 with one fp32 scale per expert matrix (ModelOpt FP8 and generic checkpoints).
+
+    ``w13 [E, 2I, H]`` e4m3 with ``w13_scale [E]``, ``w2 [E, H, I]`` e4m3 with
+    ``w2_scale [E]``. ``a13_scale`` / ``a2_scale`` (fp32 ``[1]``) are static
+    activation scales for the GEMM1 / GEMM2 inputs; when absent the activations
+    are quantized dynamically per token per 128 channels, which is more accurate
+    than one dynamic scale per tensor and needs no cross-token reduction.
+    """
+
+    w13: torch.Tensor
+    w13_scale: torch.Tensor
+    w2: torch.Tensor
+    w2_scale: torch.Tensor
+    a13_scale: Optional[torch.Tensor] = None
+    a2_scale: Optional[torch.Tensor] = None
+    precision: ClassVar[str] = "fp8_tensor"
+
+    def validate(self) -> None:
+        e, _, _ = self._check_pair(lambda h: h, lambda i: i, fp8.FP8_DTYPE)
+        check_tensor("w13_scale", self.w13_scale, dtype=torch.float32, shape=(e,), device=self.device)
+        check_tensor("w2_scale", self.w2_scale, dtype=torch.float32, shape=(e,), device=self.device)
+        for name in ("a13_scale", "a2_scale"):
+            if getattr(self, name) is not None:
+                check_tensor(name, getattr(self, name), dtype=torch.float32, shape=(1,), device=self.device)
+
+    def dequantize_expert(self, e: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        return (fp8.dequantize_fp8_per_tensor(self.w13[e], self.w13_scale[e]),
+                fp8.dequantize_fp8_per_tensor(self.w2[e], self.w2_scale[e]))
+
+    @classmethod
+    def quantize(cls, w13: torch.Tensor, w2: torch.Tensor) -> "FP8TensorWeights":
+        q13, s13 = fp8.quantize_fp8_per_tensor(w13)
+        q2, s2 = fp8.quantize_fp8_per_tensor(w2)
+        return cls(q13, s13, q2, s2)
+
+
+@dataclass
+class NVFP4Weights(ExpertWeights):
+    """ModelOpt NVFP4 experts in the checkpoint's linear layout.
+
+    ``w13 [E, 2I, H/2]`` uint8 (two e2m1 codes a byte, low nibble first),
+    ``w13_scale [E, 2I, H/16]`` e4m3, ``w13_scale_2 [E, 2]`` fp32 (gate's and up's
+    global scales, each applied exactly), ``w2 [E, H, I/2]`` uint8,
+    ``w2_scale [E, H, I/16]`` e4m3, ``w2_scale_2 [E]`` fp32. Activations stay bf16
+    on Hopper (W4A16).
+    """
+
+    w13: torch.Tensor
+    w13_scale: torch.Tensor
+    w13_scale_2: torch.Tensor
+    w2: torch.Tensor
+    w2_scale: torch.Tensor
+    w2_scale_2: torch.Tensor
+    precision: ClassVar[str] = "nvfp4"
+
+    def validate(self) -> None:
+        e, h, i = self._check_pair(lambda h: h // 2, lambda i: i // 2, torch.uint8)
+        g = nvfp4.GROUP
+        check_tensor("w13_scale", self.w13_scale, dtype=fp8.FP8_DTYPE, shape=(e, 2 * i, h // g),
+                     device=self.device)
+        check_tensor("w13_scale_2", self.w13_scale_2, dtype=torch.float32, shape=(e, 2), device=self.device)
+        check_tensor("w2_scale", self.w2_scale, dtype=fp8.FP8_DTYPE, shape=(e, h, i // g), device=self.device)
+        check_tensor("w2_scale_2", self.w2_scale_2, dtype=torch.float32, shape=(e,), device=self.device)
+
+    def dequantize_expert(self, e: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        i = self.intermediate_size
+        gate = nvfp4.dequantize_nvfp4(self.w13[e, :i], self.w13_scale[e, :i], self.w13_scale_2[e, 0])
+        up = nvfp4.dequantize_nvfp4(self.w13[e, i:], self.w13_scale[e, i:], self.w13_scale_2[e, 1])
+        w2 = nvfp4.dequantize_nvfp4(self.w2[e], self.w2_scale[e], self.w2_scale_2[e])
+        return torch.cat([gate, up]), w2
+
+    @classmethod
+    def quantize(cls, w13: torch.Tensor, w2: torch.Tensor) -> "NVFP4Weights":
+        i = w13.shape[1] // 2
+        gate_q, gate_s, gate_g = nvfp4.quantize_nvfp4(w13[:, :i])
+        up_q, up_s, up_g = nvfp4.quantize_nvfp4(w13[:, i:])
+        q2, s2, g2 = nvfp4.quantize_nvfp4(w2)
+        return cls(torch.cat([gate_q, up_q], 1), torch.cat([gate_s, up_s], 1),
+                   torch.stack([gate_g, up_g], 1), q2, s2, g2)
+
+
+WEIGHT_TYPES = {cls.precision: cls for cls in (BF16Weights, FP8BlockWeights, FP8TensorWeights, NVFP4Weights)}

@@ -1,0 +1,1 @@
+"""Fused-experts kernels: the torch reference, Triton SM90 kernels, and the selection table."""

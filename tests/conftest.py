@@ -1,0 +1,23 @@
+"""Test set-up shared by every test module.
+
+Without a CUDA GPU, Triton kernels run under Triton's CPU interpreter; the variable
+must be set before any kernel module is imported (``@triton.jit`` reads it then).
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)

@@ -1,0 +1,1 @@
+"""Checkpoint loading and weight layout transforms (installed as ``moe_backend.weights``)."""
