@@ -41,14 +41,17 @@ def check_tensor(
         allowed = (dtype,) if isinstance(dtype, torch.dtype) else tuple(dtype)
         if t.dtype not in allowed:
             raise TypeError(f"{name}: expected dtype {_fmt_dtypes(dtype)}, got {t.dtype}")
-    if shape is not None and ndim is None:
-        ndim = len(shape)
+    expected = None
+    if shape is not None:
+        dims = ", ".join("*" if d is None else str(d) for d in shape)
+        expected = f"({dims},)" if len(shape) == 1 else f"({dims})"
+        ndim = len(shape) if ndim is None else ndim
     if ndim is not None and t.dim() != ndim:
-        raise ValueError(f"{name}: expected a {ndim}-D tensor, got shape {tuple(t.shape)}")
+        want = f"shape {expected}" if expected else f"a {ndim}-D tensor"
+        raise ValueError(f"{name}: expected {want}, got shape {tuple(t.shape)}")
     if shape is not None:
         for axis, (want, got) in enumerate(zip(shape, t.shape)):
             if want is not None and want != got:
-                expected = tuple("*" if s is None else s for s in shape)
                 raise ValueError(
                     f"{name}: expected shape {expected}, got {tuple(t.shape)} (axis {axis})"
                 )

@@ -95,9 +95,13 @@ class MoELayer:
                      self._kernels[False].name, self._kernels[True].name)
 
     @classmethod
-    def from_float(cls, w13: torch.Tensor, w2: torch.Tensor, config: MoEConfig, **kwargs) -> "MoELayer":
-        """Quantize float master weights ``w13 [E, 2I, H]``, ``w2 [E, H, I]`` into this precision."""
-        return cls(cls.weights_type.quantize(w13, w2), config, **kwargs)
+    def from_float(cls, w13: torch.Tensor, w2: torch.Tensor, config: MoEConfig, *,
+                   correction_bias: Optional[torch.Tensor] = None, kernel: str = "auto",
+                   **quantize_options) -> "MoELayer":
+        """Quantize float master weights ``w13 [E, 2I, H]``, ``w2 [E, H, I]`` into this precision
+        (``quantize_options`` go to the weight container, e.g. ``ue8m0=True`` for FP8 block)."""
+        weights = cls.weights_type.quantize(w13, w2, **quantize_options)
+        return cls(weights, config, correction_bias=correction_bias, kernel=kernel)
 
     # -- properties ---------------------------------------------------------------------
     @property

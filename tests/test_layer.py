@@ -1,0 +1,174 @@
+"""Layer API: both entry points, replay, out buffers, EP, and bad input."""
+
+import pytest
+import torch
+
+from moe_backend import (
+    LAYER_TYPES,
+    BF16MoE,
+    FP8BlockMoE,
+    FP8BlockWeights,
+    KernelUnavailableError,
+    MoEConfig,
+    RoutingConfig,
+    pack_topk,
+    reference_fused_experts,
+)
+
+E_GLOBAL, E_LOCAL, H, I, K = 16, 8, 256, 128, 4
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def _layer(cls=BF16MoE, offset=8, **kw):
+    cfg = MoEConfig(num_experts=E_GLOBAL, top_k=K, routing=RoutingConfig.deepseek_v3(4, 2, 2.5),
+                    local_expert_offset=offset)
+    w13 = torch.randn(E_LOCAL, 2 * I, H) / 16
+    w2 = torch.randn(E_LOCAL, H, I) / 11
+    return cls.from_float(w13, w2, cfg, correction_bias=0.1 * torch.randn(E_GLOBAL), **kw)
+
+
+def _inputs(t):
+    return torch.randn(t, H).to(torch.bfloat16), torch.randn(t, E_GLOBAL)
+
+
+@pytest.mark.parametrize("precision", list(LAYER_TYPES))
+def test_forward_equals_reference_on_selected_routing(precision):
+    layer = _layer(LAYER_TYPES[precision])
+    hidden, logits = _inputs(9)
+    ids, w = layer.config.routing.select(logits, K, layer.correction_bias)
+    want = reference_fused_experts(hidden, layer.weights, ids, w, local_expert_offset=8)
+    replay = torch.full((12, K), -5, dtype=torch.int16)
+    got = layer.forward(hidden, logits, routing_replay_out=replay)
+    assert torch.equal(got, want)
+    assert replay[:9].tolist() == ids.tolist() and bool((replay[9:] == -5).all())
+
+
+@pytest.mark.parametrize("t", [0, 1, 5])
+def test_routed_packed_and_pair_agree_and_write_replay(t):
+    layer = _layer()
+    hidden, logits = _inputs(t)
+    ids, w = layer.config.routing.select(logits, K, layer.correction_bias)
+    w = w.to(torch.bfloat16).float()  # what the packed format carries
+    packed = pack_topk(ids, w)
+    r1 = torch.full((8, K), -9, dtype=torch.int16)
+    r2 = torch.full((8, K), -9, dtype=torch.int16)
+    a = layer.forward_routed(hidden, packed, routing_replay_out=r1)
+    b = layer.forward_routed(hidden, (ids, w), routing_replay_out=r2)
+    assert a.shape == (t, H) and torch.equal(a, b)
+    assert torch.equal(r1, r2) and r1[:t].tolist() == ids.tolist() and bool((r1[t:] == -9).all())
+
+
+def test_out_buffer_only_first_t_rows():
+    layer = _layer()
+    hidden, logits = _inputs(3)
+    out = torch.full((6, H), float("nan"), dtype=torch.bfloat16)
+    res = layer.forward(hidden, logits, out=out)
+    assert res.data_ptr() == out.data_ptr() and res.shape == (3, H)
+    assert not torch.isnan(out[:3].float()).any() and torch.isnan(out[3:].float()).all()
+
+
+def test_minus_one_and_foreign_ids_contribute_nothing():
+    layer = _layer()
+    hidden, _ = _inputs(2)
+    ids = torch.tensor([[-1, 0, 7, 3], [8, -1, -1, 15]], dtype=torch.int32)  # local experts are [8, 16)
+    w = torch.ones(2, K)
+    out = layer.experts(hidden, ids, w)
+    assert bool((out[0] == 0).all())
+    only = layer.experts(hidden, torch.tensor([[8, 15, -1, -1]] * 2, dtype=torch.int32), w)
+    assert torch.equal(out[1], only[1])
+
+
+def test_router_weight_on_input():
+    cfg = MoEConfig(num_experts=8, top_k=1, routing=RoutingConfig("sigmoid"), apply_router_weight_on_input=True)
+    layer = BF16MoE.from_float(torch.randn(8, 2 * I, H) / 16, torch.randn(8, H, I) / 11, cfg)
+    hidden, logits = torch.randn(4, H).to(torch.bfloat16), torch.randn(4, 8)
+    ids, w = RoutingConfig("sigmoid").select(logits, 1)
+    want = reference_fused_experts(hidden, layer.weights, ids, w, apply_router_weight_on_input=True)
+    assert torch.equal(layer(hidden, logits), want)
+
+
+def test_kernel_names_and_cpu_falls_back_to_reference():
+    layer = _layer(FP8BlockMoE)
+    assert layer.kernel_name(False) == layer.kernel_name(True) == "reference"
+    assert layer.precision == "fp8_block"
+
+
+def test_explicit_unavailable_kernel_raises():
+    with pytest.raises(ValueError, match="kernel: expected 'auto' or one of"):
+        _layer(kernel="no_such_kernel")
+
+
+def test_ue8m0_is_passed_to_weights():
+    layer = _layer(FP8BlockMoE, ue8m0=True)
+    assert isinstance(layer.weights, FP8BlockWeights) and layer.weights.ue8m0
+
+
+BAD_CALLS = [
+    (lambda l, h, g: l.forward(h.float(), g), "hidden: expected dtype torch.bfloat16"),
+    (lambda l, h, g: l.forward(h[:, :100], g), r"hidden: expected shape \(\*, 256\)"),
+    (lambda l, h, g: l.forward(torch.randn(H, 3).to(torch.bfloat16).t(), g[:3]), "hidden: expected a contiguous"),
+    (lambda l, h, g: l.forward(h, g[:, :8]), r"router_logits: expected shape \(3, 16\)"),
+    (lambda l, h, g: l.forward(h, g.half()), "router_logits: expected dtype torch.float32"),
+    (lambda l, h, g: l.forward(h, g, routing_replay_out=torch.zeros(3, K, dtype=torch.int32)),
+     "routing_replay_out: expected dtype torch.int16"),
+    (lambda l, h, g: l.forward(h, g, routing_replay_out=torch.zeros(2, K, dtype=torch.int16)),
+     "routing_replay_out: expected at least 3 rows"),
+    (lambda l, h, g: l.forward(h, g, routing_replay_out=torch.zeros(3, K + 1, dtype=torch.int16)),
+     r"routing_replay_out: expected shape \(\*, 4\)"),
+    (lambda l, h, g: l.forward(h, g, out=torch.zeros(2, H, dtype=torch.bfloat16)), "out: expected at least 3 rows"),
+    (lambda l, h, g: l.forward(h, g, out=torch.zeros(3, H)), "out: expected dtype torch.bfloat16"),
+    (lambda l, h, g: l.forward_routed(h, torch.zeros(3, K)), "topk: expected dtype torch.int32"),
+    (lambda l, h, g: l.forward_routed(h, torch.zeros(3, K + 1, dtype=torch.int32)), r"topk: expected shape \(3, 4\)"),
+    (lambda l, h, g: l.forward_routed(h, [torch.zeros(3, K, dtype=torch.int32)]), "topk: expected a packed int32"),
+    (lambda l, h, g: l.forward_routed(h, (torch.zeros(3, K, dtype=torch.int64), torch.zeros(3, K))),
+     "topk_ids: expected dtype torch.int32"),
+    (lambda l, h, g: l.forward_routed(h, (torch.zeros(3, K, dtype=torch.int32), torch.zeros(3, 2))),
+     r"topk_weights: expected shape \(3, 4\)"),
+    (lambda l, h, g: l.experts(h, torch.zeros(2, K, dtype=torch.int32), torch.zeros(2, K)),
+     r"topk_ids: expected shape \(3, 4\)"),
+]
+
+
+@pytest.mark.parametrize("call, match", BAD_CALLS)
+def test_bad_input(call, match):
+    layer = _layer()
+    hidden, logits = _inputs(3)
+    with pytest.raises((ValueError, TypeError), match=match):
+        call(layer, hidden, logits)
+
+
+@pytest.mark.parametrize("build, match", [
+    (lambda: MoEConfig(num_experts=4, top_k=5), "top_k: expected at most num_experts"),
+    (lambda: MoEConfig(num_experts=4, top_k=0), "top_k: expected an int >= 1"),
+    (lambda: MoEConfig(num_experts=4, top_k=2, local_expert_offset=-1), "local_expert_offset: expected an int >= 0"),
+    (lambda: MoEConfig(num_experts=4, top_k=2, routing="noaux_tc"), "routing: expected a RoutingConfig"),
+    (lambda: _layer(offset=9), "local_expert_offset: experts \\[9, 17\\) exceed num_experts=16"),
+    (lambda: BF16MoE(FP8BlockWeights.quantize(torch.randn(2, 256, 128), torch.randn(2, 128, 128)),
+                     MoEConfig(num_experts=2, top_k=1)), "weights: expected BF16Weights, got FP8BlockWeights"),
+    (lambda: BF16MoE.from_float(torch.randn(2, 32, 16), torch.randn(2, 16, 16),
+                                MoEConfig(2, 1, RoutingConfig.deepseek_v3(1, 1))), "correction_bias: expected an fp32"),
+    (lambda: BF16MoE.from_float(torch.randn(2, 32, 16), torch.randn(2, 16, 16), MoEConfig(2, 1),
+                                correction_bias=torch.zeros(2)), "correction_bias: only noaux_tc"),
+    (lambda: BF16MoE.from_float(torch.randn(2, 32, 16), torch.randn(2, 16, 16),
+                                MoEConfig(2, 1, RoutingConfig.deepseek_v3(1, 1)), correction_bias=torch.zeros(3)),
+     r"correction_bias: expected shape \(2,\)"),
+])
+def test_bad_construction(build, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        build()
+
+
+def test_unavailable_kernel_error_names_reason(monkeypatch):
+    from moe_backend.kernels import registry
+
+    fake = registry.Kernel("gpu_only", ("bf16",), ((9, 0),), prepare=lambda w: w, run=None)
+    monkeypatch.setitem(registry.KERNELS, "gpu_only", fake)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(KernelUnavailableError, match="kernel 'gpu_only' cannot run bf16 on cpu: it needs a CUDA GPU"):
+        _layer(kernel="gpu_only")
+    with pytest.raises(KernelUnavailableError, match="it supports bf16, not fp8_block"):
+        _layer(FP8BlockMoE, kernel="gpu_only")
