@@ -24,6 +24,11 @@ def test_wheel_namespace(tmp_path):
     for module in ("moe_backend/weights/__init__.py", "moe_backend/integrations/vllm/__init__.py",
                    "moe_backend/integrations/sglang/__init__.py", "moe_backend/quant/nvfp4.py"):
         assert module in names
+    for init in list(ROOT.glob("moe_backend/**/__init__.py")) + list(ROOT.glob("weights/**/__init__.py")) \
+            + list(ROOT.glob("integrations/**/__init__.py")):
+        rel = init.relative_to(ROOT).as_posix()
+        installed = rel if rel.startswith("moe_backend/") else f"moe_backend/{rel}"
+        assert installed in names, f"{rel} is missing from pyproject's packages list"
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "moe-backend = moe_backend.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 
