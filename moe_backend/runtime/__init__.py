@@ -1,0 +1,5 @@
+"""Runtime support: shared buffers, zeroing streams, graph safety."""
+
+from .buffers import DEFAULT_POOL, BufferGrowthInCaptureError, BufferPool
+
+__all__ = ["DEFAULT_POOL", "BufferGrowthInCaptureError", "BufferPool"]

@@ -1,0 +1,71 @@
+"""Buffer pool: shared views, growth once, no growth inside a capture."""
+
+import pytest
+import torch
+
+from moe_backend.runtime import BufferGrowthInCaptureError, BufferPool
+
+CPU = torch.device("cpu")
+
+
+def test_views_share_storage_per_key_and_roles_do_not_alias():
+    pool = BufferPool(max_rows=64)
+    a = pool.get(10, 32, torch.float32, CPU, "acc")
+    b = pool.get(3, 32, torch.float32, CPU, "acc")
+    assert a.shape == (10, 32) and b.shape == (3, 32)
+    assert a.data_ptr() == b.data_ptr()
+    c = pool.get(10, 32, torch.float32, CPU, "intermediate")
+    assert c.data_ptr() != a.data_ptr()
+    d = pool.get(10, 32, torch.bfloat16, CPU, "acc")
+    assert d.data_ptr() != a.data_ptr()
+    assert pool.nbytes() == 64 * 32 * 4 * 2 + 64 * 32 * 2
+
+
+def test_grows_once_to_the_new_maximum():
+    pool = BufferPool(max_rows=8)
+    first = pool.get(8, 4, torch.float32, CPU, "x")
+    big = pool.get(20, 4, torch.float32, CPU, "x")
+    assert big.shape == (20, 4) and big.data_ptr() != first.data_ptr()
+    again = pool.get(20, 4, torch.float32, CPU, "x")
+    small = pool.get(5, 4, torch.float32, CPU, "x")
+    assert again.data_ptr() == big.data_ptr() == small.data_ptr()
+
+
+def test_reserve_raises_capacity_of_new_buffers_only_upwards():
+    pool = BufferPool()
+    pool.reserve(100)
+    pool.reserve(50)
+    assert pool.max_rows == 100
+    assert pool.get(1, 2, torch.float32, CPU, "r")._base.shape[0] == 100
+
+
+def test_zero_rows_and_clear():
+    pool = BufferPool(4)
+    assert pool.get(0, 8, torch.float32, CPU, "z").shape == (0, 8)
+    pool.clear()
+    assert pool.nbytes() == 0
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda p: p.get(-1, 4, torch.float32, CPU, "x"), "rows: expected an int >= 0"),
+    (lambda p: p.get(1, 0, torch.float32, CPU, "x"), "width: expected an int >= 1"),
+    (lambda p: p.reserve(-3), "max_rows: expected an int >= 0"),
+    (lambda p: BufferPool(max_rows=1.5), "max_rows: expected an int"),
+])
+def test_bad_input(call, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        call(BufferPool())
+
+
+@pytest.mark.gpu
+def test_growth_inside_capture_is_an_error_that_says_so():
+    pool = BufferPool(max_rows=16)
+    dev = torch.device("cuda")
+    pool.get(16, 128, torch.float32, dev, "acc")
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(BufferGrowthInCaptureError, match="while a CUDA graph is being captured"):
+        with torch.cuda.graph(graph):
+            pool.get(17, 128, torch.float32, dev, "acc")
+    with torch.cuda.graph(torch.cuda.CUDAGraph()):
+        view = pool.get(16, 128, torch.float32, dev, "acc")  # within capacity: fine
+        view.zero_()
