@@ -1,0 +1,211 @@
+"""Persistent JSON cache of tuned configurations (DESIGN.md §5).
+
+One file holds the results of one *environment* (GPU name and the versions of
+moe_backend, torch, Triton and CUDA), as entries keyed by the problem signature
+and bucket::
+
+    {"format": 1,
+     "environment": {"gpu": "NVIDIA H100 80GB HBM3", "moe_backend": "0.1.0", ...},
+     "entries": {"fp8_block,E=32/256,k=8,H=7168,I=2048,T=512":
+                     {"config": {...}, "best_us": 412.0, "default_us": 455.5}}}
+
+A file that is missing, corrupt or written by another environment is ignored
+with one warning and replaced at the next save (tactics tuned on another GPU or
+compiler are not trusted). Location: the ``cache_dir`` argument, else
+``$MOE_BACKEND_CACHE_DIR``, else ``$XDG_CACHE_HOME/moe_backend``, else
+``~/.cache/moe_backend``; the file is ``tuning.json`` there. Machines of
+different GPUs sharing a home directory should point ``MOE_BACKEND_CACHE_DIR``
+at one directory per GPU type.
+
+Writes are atomic (a temporary file in the same directory, then ``os.replace``)
+and merge the entries another process (another rank) saved meanwhile.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import logging
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Optional, Union
+
+import torch
+
+from .._checks import check_int
+from ..expert_weights import PRECISIONS
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+CACHE_FILE = "tuning.json"
+CACHE_DIR_ENV = "MOE_BACKEND_CACHE_DIR"
+
+Config = Dict[str, Any]
+PathLike = Union[str, os.PathLike]
+
+
+@dataclass(frozen=True)
+class ProblemSignature:
+    """What a tuned configuration depends on besides the bucket.
+
+    ``num_experts`` is E_local (the experts this rank computes); ``num_global_experts``
+    (default: E_local) sets the EP degree and so the profiled load per expert.
+    """
+
+    precision: str
+    num_experts: int
+    top_k: int
+    hidden_size: int
+    intermediate_size: int
+    num_global_experts: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision: expected one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        for name in ("num_experts", "top_k", "hidden_size", "intermediate_size"):
+            check_int(name, getattr(self, name), minimum=1)
+        if self.num_global_experts is None:
+            object.__setattr__(self, "num_global_experts", self.num_experts)
+        check_int("num_global_experts", self.num_global_experts, minimum=self.num_experts)
+
+    @property
+    def name(self) -> str:
+        """``precision,E=E_local/E_global,k=..,H=..,I=..``."""
+        return (f"{self.precision},E={self.num_experts}/{self.num_global_experts},k={self.top_k},"
+                f"H={self.hidden_size},I={self.intermediate_size}")
+
+    def key(self, bucket: int) -> str:
+        """The cache key of this problem at ``bucket`` tokens."""
+        return f"{self.name},T={bucket}"
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    """A tuned bucket: the chosen ``config`` and the median times (µs) of it and of the default."""
+
+    config: Config
+    best_us: float
+    default_us: float
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "-"
+
+
+def current_environment(device: Optional[torch.device] = None) -> Dict[str, str]:
+    """The environment a tuned configuration is valid for (GPU name and software versions)."""
+    # Imported here, not at module level: moe_backend/__init__ defines __version__ after
+    # importing the layer, which may import this module.
+    from .. import __version__
+
+    if torch.cuda.is_available():
+        gpu = torch.cuda.get_device_name(device)
+    else:
+        gpu = "cpu"
+    return {"gpu": gpu, "moe_backend": __version__, "torch": torch.__version__,
+            "triton": _version("triton"), "cuda": torch.version.cuda or "-"}
+
+
+def default_cache_dir() -> Path:
+    """``$MOE_BACKEND_CACHE_DIR``, else ``$XDG_CACHE_HOME/moe_backend``, else ``~/.cache/moe_backend``."""
+    if os.environ.get(CACHE_DIR_ENV):
+        return Path(os.environ[CACHE_DIR_ENV])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "moe_backend"
+
+
+def check_config(config: object) -> Config:
+    """Validate a configuration: a dict with str keys and JSON values (it is stored as JSON)."""
+    if not isinstance(config, dict) or not all(isinstance(k, str) for k in config):
+        raise TypeError(f"config: expected a dict with str keys, got {config!r}")
+    try:
+        json.dumps(config, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"config: expected JSON-serialisable values, got {config!r} ({exc})") from None
+    return config
+
+
+class TuningCache:
+    """The tuned configurations of the current environment, backed by ``<cache_dir>/tuning.json``.
+
+    The file is read on first use; :meth:`put` changes memory only and :meth:`save`
+    writes. ``environment`` defaults to :func:`current_environment`.
+    """
+
+    def __init__(self, cache_dir: Optional[PathLike] = None, *,
+                 environment: Optional[Dict[str, str]] = None) -> None:
+        self.path = Path(cache_dir if cache_dir is not None else default_cache_dir()) / CACHE_FILE
+        self.environment = dict(environment) if environment is not None else current_environment()
+        self._entries: Optional[Dict[str, CacheEntry]] = None  # None: not read yet
+
+    def get(self, signature: ProblemSignature, bucket: int) -> Optional[CacheEntry]:
+        """The entry for ``signature`` at ``bucket``, or None."""
+        return self._loaded().get(signature.key(bucket))
+
+    def put(self, signature: ProblemSignature, bucket: int, entry: CacheEntry) -> None:
+        """Record ``entry`` in memory (call :meth:`save` to persist)."""
+        check_config(entry.config)
+        self._loaded()[signature.key(bucket)] = entry
+
+    def save(self) -> None:
+        """Write the entries atomically, merged over those saved meanwhile by other processes."""
+        entries = self._loaded()
+        on_disk = self._read(warn=False) or {}
+        merged = {**on_disk, **entries}
+        payload = {"format": FORMAT_VERSION, "environment": self.environment,
+                   "entries": {key: vars(e) for key, e in sorted(merged.items())}}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{CACHE_FILE}.", suffix=".tmp", dir=self.path.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(payload, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)  # readers see the old file or the new one, never a mix
+        except BaseException:
+            os.unlink(tmp)
+            raise
+        self._entries = merged
+
+    def _loaded(self) -> Dict[str, CacheEntry]:
+        if self._entries is None:
+            self._entries = self._read(warn=True) or {}
+        return self._entries
+
+    def _read(self, *, warn: bool) -> Optional[Dict[str, CacheEntry]]:
+        """The file's entries, or None (with one warning when ``warn``) if unusable."""
+        try:
+            with open(self.path) as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            return self._unusable(warn, "no tuning cache yet")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            return self._unusable(warn, f"the tuning cache is unreadable ({exc})")
+        if not isinstance(data, dict) or data.get("format") != FORMAT_VERSION:
+            return self._unusable(warn, "the tuning cache has an unknown format")
+        if data.get("environment") != self.environment:
+            return self._unusable(warn, f"the tuning cache was written for {data.get('environment')}, "
+                                        f"not {self.environment}")
+        try:
+            return {key: _entry(value) for key, value in data["entries"].items()}
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:
+            return self._unusable(warn, f"the tuning cache has a malformed entry ({exc!r})")
+
+    def _unusable(self, warn: bool, why: str) -> None:
+        if warn:
+            logger.warning("%s at %s: ignoring it; tuned results will be written there anew", why, self.path)
+        return None
+
+
+def _entry(value: Dict[str, Any]) -> CacheEntry:
+    entry = CacheEntry(check_config(value["config"]), float(value["best_us"]), float(value["default_us"]))
+    if not (math.isfinite(entry.best_us) and math.isfinite(entry.default_us)):
+        raise ValueError(f"non-finite time in {value}")
+    return entry

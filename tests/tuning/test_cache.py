@@ -1,0 +1,184 @@
+"""The JSON tuning cache: location, round trip, one warning per unusable file, atomic writes."""
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+import moe_backend
+from moe_backend.tuning import cache as cache_mod
+from moe_backend.tuning.cache import (
+    CacheEntry,
+    ProblemSignature,
+    TuningCache,
+    current_environment,
+    default_cache_dir,
+)
+
+ENV = {"gpu": "NVIDIA H100 80GB HBM3", "moe_backend": "0.1.0", "torch": "2.13.0", "triton": "3.6.0",
+       "cuda": "13.0"}
+SIG = ProblemSignature("fp8_block", 32, 8, 7168, 2048, num_global_experts=256)
+ENTRY = CacheEntry({"BLOCK_M": 64, "path": "prefill"}, 412.5, 455.0)
+
+
+def make(tmp_path, env=ENV):
+    return TuningCache(tmp_path, environment=env)
+
+
+def warnings_of(caplog):
+    return [r for r in caplog.records if r.levelno == logging.WARNING and r.name == cache_mod.__name__]
+
+
+def test_round_trip(tmp_path, caplog):
+    c = make(tmp_path)
+    c.put(SIG, 512, ENTRY)
+    c.put(SIG, 1, CacheEntry({}, 10.0, 10.0))
+    c.save()
+    caplog.clear()
+    again = make(tmp_path)
+    assert again.get(SIG, 512) == ENTRY
+    assert again.get(SIG, 1) == CacheEntry({}, 10.0, 10.0)
+    assert again.get(SIG, 256) is None
+    assert again.get(ProblemSignature("fp8_block", 32, 8, 7168, 2048), 512) is None  # ep differs
+    assert warnings_of(caplog) == []
+    data = json.loads((tmp_path / "tuning.json").read_text())
+    assert data["format"] == cache_mod.FORMAT_VERSION and data["environment"] == ENV
+    assert data["entries"]["fp8_block,E=32/256,k=8,H=7168,I=2048,T=512"]["config"] == ENTRY.config
+
+
+def test_missing_warns_once_and_is_written(tmp_path, caplog):
+    c = make(tmp_path / "sub")
+    assert c.get(SIG, 1) is None and c.get(SIG, 2) is None
+    assert len(warnings_of(caplog)) == 1
+    c.put(SIG, 1, ENTRY)
+    c.save()
+    assert len(warnings_of(caplog)) == 1
+    assert make(tmp_path / "sub").get(SIG, 1) == ENTRY
+
+
+@pytest.mark.parametrize("content", [
+    "{not json",
+    "",
+    "[1, 2]",
+    '{"format": 99, "environment": {}, "entries": {}}',
+    json.dumps({"format": 1, "environment": ENV, "entries": {"k": {"config": [1]}}}),
+    json.dumps({"format": 1, "environment": ENV, "entries": {"k": {"config": {}, "best_us": "x",
+                                                                   "default_us": 1}}}),
+    json.dumps({"format": 1, "environment": ENV}),
+])
+def test_corrupt_is_ignored_with_one_warning_and_rebuilt(tmp_path, caplog, content):
+    (tmp_path / "tuning.json").write_text(content)
+    c = make(tmp_path)
+    assert c.get(SIG, 512) is None
+    assert c.get(SIG, 1) is None
+    assert len(warnings_of(caplog)) == 1
+    c.put(SIG, 512, ENTRY)
+    c.save()
+    assert len(warnings_of(caplog)) == 1
+    caplog.clear()
+    assert make(tmp_path).get(SIG, 512) == ENTRY
+    assert warnings_of(caplog) == []
+
+
+@pytest.mark.parametrize("field, value", [("moe_backend", "0.0.9"), ("gpu", "NVIDIA H200"),
+                                          ("torch", "2.11.0"), ("triton", "3.5.0"), ("cuda", "12.8")])
+def test_other_environment_is_ignored_and_replaced(tmp_path, caplog, field, value):
+    old = make(tmp_path, {**ENV, field: value})
+    old.put(SIG, 512, ENTRY)
+    old.put(SIG, 1024, ENTRY)
+    old.save()
+    caplog.clear()
+    c = make(tmp_path)
+    assert c.get(SIG, 512) is None
+    assert c.get(SIG, 1024) is None
+    assert len(warnings_of(caplog)) == 1
+    assert "written for" in warnings_of(caplog)[0].getMessage()
+    new = CacheEntry({"BLOCK_M": 16}, 1.0, 2.0)
+    c.put(SIG, 512, new)
+    c.save()
+    data = json.loads((tmp_path / "tuning.json").read_text())
+    assert data["environment"] == ENV
+    assert list(data["entries"]) == [SIG.key(512)]  # the foreign entries are gone
+
+
+def test_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    c = make(tmp_path)
+    c.put(SIG, 1, ENTRY)
+    c.save()
+    before = (tmp_path / "tuning.json").read_bytes()
+
+    def half_dump(obj, f, **kw):
+        f.write('{"format": 1, "entr')  # a partial payload, then a crash
+        raise OSError("disk full")
+
+    monkeypatch.setattr(cache_mod.json, "dump", half_dump)
+    c.put(SIG, 2, ENTRY)
+    with pytest.raises(OSError, match="disk full"):
+        c.save()
+    assert (tmp_path / "tuning.json").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tuning.json"]
+
+
+def test_failed_replace_leaves_no_temporary(tmp_path, monkeypatch):
+    c = make(tmp_path)
+    c.put(SIG, 1, ENTRY)
+
+    def no_replace(src, dst):
+        raise PermissionError("read-only")
+
+    monkeypatch.setattr(cache_mod.os, "replace", no_replace)
+    with pytest.raises(PermissionError):
+        c.save()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_save_merges_entries_saved_meanwhile(tmp_path):
+    # Two ranks tuning different layers in parallel: neither save loses the other's entries.
+    a, b = make(tmp_path), make(tmp_path)
+    assert a.get(SIG, 1) is None and b.get(SIG, 1) is None
+    a.put(SIG, 1, ENTRY)
+    a.save()
+    b.put(SIG, 2, ENTRY)
+    b.save()
+    fresh = make(tmp_path)
+    assert fresh.get(SIG, 1) == ENTRY and fresh.get(SIG, 2) == ENTRY
+
+
+def test_location(tmp_path, monkeypatch):
+    monkeypatch.delenv("MOE_BACKEND_CACHE_DIR", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_cache_dir() == tmp_path / "home" / ".cache" / "moe_backend"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir() == tmp_path / "xdg" / "moe_backend"
+    monkeypatch.setenv("MOE_BACKEND_CACHE_DIR", str(tmp_path / "mine"))
+    assert default_cache_dir() == tmp_path / "mine"
+    assert TuningCache(environment=ENV).path == tmp_path / "mine" / "tuning.json"
+    assert TuningCache(tmp_path / "arg", environment=ENV).path == tmp_path / "arg" / "tuning.json"
+    assert TuningCache(str(tmp_path), environment=ENV).path == Path(tmp_path) / "tuning.json"
+
+
+def test_current_environment():
+    env = current_environment()
+    assert set(env) == {"gpu", "moe_backend", "torch", "triton", "cuda"}
+    assert env["moe_backend"] == moe_backend.__version__
+    assert all(isinstance(v, str) and v for v in env.values())
+
+
+def test_put_rejects_configs_json_cannot_hold(tmp_path):
+    c = make(tmp_path)
+    for bad in ({"a": object()}, {1: 2}, ["BLOCK_M"], {"x": float("nan")}):
+        with pytest.raises(TypeError, match="config"):
+            c.put(SIG, 1, CacheEntry(bad, 1.0, 1.0))
+
+
+def test_signature():
+    assert SIG.key(64) == "fp8_block,E=32/256,k=8,H=7168,I=2048,T=64"
+    assert ProblemSignature("nvfp4", 8, 2, 64, 32).num_global_experts == 8
+    with pytest.raises(ValueError, match="precision"):
+        ProblemSignature("int8", 8, 2, 64, 32)
+    with pytest.raises(ValueError, match="num_global_experts"):
+        ProblemSignature("bf16", 8, 2, 64, 32, num_global_experts=4)
+    with pytest.raises(TypeError, match="hidden_size"):
+        ProblemSignature("bf16", 8, 2, 64.0, 32)
