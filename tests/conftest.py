@@ -11,6 +11,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# CI runs two pytest workers on two cores: one thread each avoids oversubscription,
+# which otherwise slows the CPU tests several-fold.
+torch.set_num_threads(1)
+
 import pytest  # noqa: E402
 
 

@@ -1,0 +1,204 @@
+"""The loader on the tiny checkpoints: each format, EP slicing, exclusions, and its errors."""
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from moe_backend import BF16MoE, FP8BlockMoE, NVFP4MoE, RoutingConfig
+from moe_backend.quant import dequantize_fp8_block, dequantize_nvfp4
+from moe_backend.weights.checkpoint import Checkpoint
+from moe_backend.weights.checkpoint_maker import TINY, make_checkpoints
+from moe_backend.weights.loader import load_moe_layer, load_moe_layers, local_experts, read_moe_layer
+from moe_backend.weights.reader import INDEX_FILE
+
+LAYER = 2  # an MoE layer of TINY (layers 1..3)
+PREFIX = f"model.layers.{LAYER}.mlp"
+
+
+def _tensor(ckpt_dir: Path, key: str) -> torch.Tensor:
+    shard = json.loads((ckpt_dir / INDEX_FILE).read_text())["weight_map"][key]
+    return load_file(str(ckpt_dir / shard))[key]
+
+
+def _edited_copy(src: Path, dst: Path, key: str, value) -> Path:
+    """A copy of checkpoint ``src`` with tensor ``key`` replaced by ``value`` (None: dropped)."""
+    shutil.copytree(src, dst)
+    index = json.loads((dst / INDEX_FILE).read_text())
+    shard = index["weight_map"][key]
+    tensors = load_file(str(dst / shard))
+    if value is None:
+        del tensors[key], index["weight_map"][key]
+        (dst / INDEX_FILE).write_text(json.dumps(index))
+    else:
+        tensors[key] = value
+    save_file(tensors, str(dst / shard))
+    return dst
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def test_bf16_layer_stacks_gate_and_up(tiny_checkpoints):
+    path = tiny_checkpoints["bf16"]
+    layer = load_moe_layer(path, LAYER)
+    assert isinstance(layer, BF16MoE)
+    w = layer.weights
+    assert (w.num_experts, w.intermediate_size, w.hidden_size) == (16, 128, 256)
+    for e in (0, 15):
+        gate, up, down = (_tensor(path, f"{PREFIX}.experts.{e}.{p}_proj.weight") for p in ("gate", "up", "down"))
+        assert torch.equal(w.w13[e], torch.cat([gate, up]))
+        assert torch.equal(w.w2[e], down)
+    cfg = layer.config
+    assert (cfg.num_experts, cfg.top_k, cfg.local_expert_offset) == (16, 4, 0)
+    assert cfg.routing == RoutingConfig.deepseek_v3(4, 2, 2.5, apply_routed_scaling=True)
+    assert torch.equal(layer.correction_bias, _tensor(path, f"{PREFIX}.gate.e_score_correction_bias"))
+
+
+def test_fp8_layer_matches_the_checkpoint_blocks(tiny_checkpoints):
+    path = tiny_checkpoints["fp8"]
+    layer = load_moe_layer(path, LAYER)
+    assert isinstance(layer, FP8BlockMoE) and not layer.weights.ue8m0
+    w13, w2 = layer.weights.dequantize_expert(5)
+    gate = dequantize_fp8_block(_tensor(path, f"{PREFIX}.experts.5.gate_proj.weight"),
+                                _tensor(path, f"{PREFIX}.experts.5.gate_proj.weight_scale_inv"))
+    up = dequantize_fp8_block(_tensor(path, f"{PREFIX}.experts.5.up_proj.weight"),
+                              _tensor(path, f"{PREFIX}.experts.5.up_proj.weight_scale_inv"))
+    assert torch.equal(w13, torch.cat([gate, up]))
+    bf16 = load_moe_layer(tiny_checkpoints["bf16"], LAYER).weights
+    # same seeded weights: FP8 e4m3 rounds each weight by at most 2^-4 relative
+    assert _rel(w13, bf16.w13[5]) < 0.04 and _rel(w2, bf16.w2[5]) < 0.04
+
+
+def test_nvfp4_layer_keeps_gate_and_up_global_scales_apart(tiny_checkpoints):
+    path = tiny_checkpoints["nvfp4"]
+    layer = load_moe_layer(path, LAYER)
+    assert isinstance(layer, NVFP4MoE)
+    w = layer.weights
+    e = 3
+    gate_s2 = _tensor(path, f"{PREFIX}.experts.{e}.gate_proj.weight_scale_2")
+    up_s2 = _tensor(path, f"{PREFIX}.experts.{e}.up_proj.weight_scale_2")
+    assert gate_s2 != up_s2  # the test means something only if they differ
+    assert torch.equal(w.w13_scale_2[e], torch.stack([gate_s2, up_s2]))
+    assert torch.equal(w.w2_scale_2[e], _tensor(path, f"{PREFIX}.experts.{e}.down_proj.weight_scale_2"))
+    up = dequantize_nvfp4(_tensor(path, f"{PREFIX}.experts.{e}.up_proj.weight"),
+                          _tensor(path, f"{PREFIX}.experts.{e}.up_proj.weight_scale"), up_s2)
+    assert torch.equal(w.dequantize_expert(e)[0][w.intermediate_size:], up)
+    bf16 = load_moe_layer(tiny_checkpoints["bf16"], LAYER).weights
+    assert _rel(w.dequantize_expert(e)[0], bf16.w13[e]) < 0.15
+
+
+def test_router_and_shared_experts(tiny_checkpoints):
+    with Checkpoint(tiny_checkpoints["fp8"]) as ckpt:
+        weights = read_moe_layer(ckpt, LAYER)
+    assert weights.router_weight.dtype == torch.bfloat16 and weights.router_weight.shape == (16, 256)
+    assert weights.correction_bias.dtype == torch.float32
+    shared = weights.shared_experts
+    assert shared.gate_proj.format == "fp8_block" and shared.down_proj.weight.shape == (256, 128)
+    bf16_down = _tensor(tiny_checkpoints["bf16"], f"{PREFIX}.shared_experts.down_proj.weight")
+    assert _rel(shared.down_proj.dequantize(), bf16_down) < 0.04
+
+
+@pytest.mark.parametrize("flavour", ["bf16", "fp8", "nvfp4"])
+def test_expert_parallel_ranks_partition_the_layer(tiny_checkpoints, flavour):
+    path = tiny_checkpoints[flavour]
+    full = load_moe_layer(path, LAYER)
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(24, 256, generator=gen).to(torch.bfloat16)
+    logits = torch.randn(24, 16, generator=gen)
+    total = torch.zeros(24, 256)
+    for rank in range(4):
+        part = load_moe_layer(path, LAYER, ep_rank=rank, ep_size=4)
+        assert part.config.local_expert_offset == 4 * rank and part.weights.num_experts == 4
+        for name, t in part.weights.tensors().items():
+            assert torch.equal(t, full.weights.tensors()[name][4 * rank: 4 * rank + 4]), name
+        total += part.forward(hidden, logits).float()
+    assert _rel(total, full.forward(hidden, logits).float()) < 1e-2  # each rank rounds its share to bf16
+
+
+def test_local_experts_errors():
+    assert local_experts(16, 3, 4) == range(12, 16)
+    with pytest.raises(ValueError, match="ep_size: expected a divisor of the expert count 16, got 3"):
+        local_experts(16, 0, 3)
+    with pytest.raises(ValueError, match=r"ep_rank: expected a rank in \[0, 4\), got 4"):
+        local_experts(16, 4, 4)
+
+
+def test_exclusions_leave_experts_in_bf16(tmp_path):
+    dirs = make_checkpoints(tmp_path, flavours=["bf16", "nvfp4", "fp8"], extra_exclusions=[f"{PREFIX}.experts"])
+    layers = load_moe_layers(dirs["nvfp4"], progress=False)
+    assert [type(layers[i]) for i in (1, 2, 3)] == [NVFP4MoE, BF16MoE, NVFP4MoE]
+    assert torch.equal(layers[2].weights.w13, load_moe_layer(dirs["bf16"], 2).weights.w13)
+    assert isinstance(load_moe_layer(dirs["fp8"], 2), BF16MoE)
+    assert isinstance(load_moe_layer(dirs["fp8"], 3), FP8BlockMoE)
+
+
+def test_experts_in_mixed_formats_are_refused(tmp_path):
+    dirs = make_checkpoints(tmp_path, flavours=["nvfp4"], extra_exclusions=[f"{PREFIX}.experts.3"])
+    with pytest.raises(ValueError, match=rf"{PREFIX}.experts: the local experts are stored in mixed formats"):
+        load_moe_layer(dirs["nvfp4"], LAYER)
+    # a rank whose slice holds only quantized experts loads
+    assert isinstance(load_moe_layer(dirs["nvfp4"], LAYER, ep_rank=1, ep_size=4), NVFP4MoE)
+
+
+def test_missing_tensor_is_named(tiny_checkpoints, tmp_path):
+    key = f"{PREFIX}.experts.6.up_proj.weight_scale_inv"
+    path = _edited_copy(tiny_checkpoints["fp8"], tmp_path / "ckpt", key, None)
+    with pytest.raises(ValueError, match=f"tensor '{key}' is missing"):
+        load_moe_layer(path, LAYER)
+
+
+def test_wrong_dtype_is_named(tiny_checkpoints, tmp_path):
+    key = f"{PREFIX}.experts.6.down_proj.weight"
+    bf16 = _tensor(tiny_checkpoints["bf16"], key)
+    path = _edited_copy(tiny_checkpoints["fp8"], tmp_path / "ckpt", key, bf16)
+    with pytest.raises(TypeError, match=f"{key}: expected dtype torch.float8_e4m3fn, got torch.bfloat16"):
+        load_moe_layer(path, LAYER)
+
+
+def test_wrong_shape_is_named(tiny_checkpoints, tmp_path):
+    key = f"{PREFIX}.experts.0.gate_proj.weight_scale"
+    value = _tensor(tiny_checkpoints["nvfp4"], key)[:, :8].contiguous()
+    path = _edited_copy(tiny_checkpoints["nvfp4"], tmp_path / "ckpt", key, value)
+    with pytest.raises(ValueError, match=rf"{key}: expected shape \(128, 16\), got \(128, 8\)"):
+        load_moe_layer(path, LAYER)
+
+
+def test_non_scalar_global_scale_is_refused(tiny_checkpoints, tmp_path):
+    key = f"{PREFIX}.experts.0.down_proj.weight_scale_2"
+    path = _edited_copy(tiny_checkpoints["nvfp4"], tmp_path / "ckpt", key, torch.ones(2))
+    with pytest.raises(ValueError, match=f"{key}: expected a scalar, got shape"):
+        load_moe_layer(path, LAYER)
+
+
+def test_unsupported_quantization_is_named(tiny_checkpoints, tmp_path):
+    path = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoints["fp8"], path)
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "awq", "bits": 4}
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="quant_method 'awq' is not supported"):
+        load_moe_layer(path, LAYER)
+
+
+def test_bad_layer_and_directory(tiny_checkpoints, tmp_path):
+    with pytest.raises(ValueError, match="layer: 0 is not an MoE layer"):
+        load_moe_layer(tiny_checkpoints["bf16"], 0)
+    with pytest.raises(ValueError, match="no config.json"):
+        load_moe_layer(tmp_path, 1)
+    shutil.copy(tiny_checkpoints["bf16"] / "config.json", tmp_path / "config.json")
+    with pytest.raises(ValueError, match="not a safetensors checkpoint directory"):
+        load_moe_layer(tmp_path, 1)
+
+
+def test_fp8_experts_need_whole_blocks(tmp_path):
+    shape = dataclasses.replace(TINY, moe_intermediate_size=96)
+    dirs = make_checkpoints(tmp_path, shape, flavours=["fp8"])
+    with pytest.raises(ValueError, match="FP8 block experts need hidden_size and moe_intermediate_size "
+                                         "that are multiples of 128, got H=256, I=96"):
+        load_moe_layer(dirs["fp8"], 1)
