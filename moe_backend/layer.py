@@ -15,8 +15,9 @@ call (vLLM's modular ``apply``, SGLang's runner core): no routing, no replay.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
-from typing import ClassVar, Optional, Tuple, Type, Union
+from typing import Callable, ClassVar, Dict, Optional, Tuple, Type, Union
 
 import torch
 
@@ -30,6 +31,7 @@ from .expert_weights import (
 )
 from .kernels.registry import Kernel, select_kernel
 from .routing import RoutingConfig, check_replay_out, unpack_topk, write_routing_replay
+from .tuning import MoEInputs, ProblemSignature, TuningCache, TuningResult, moe_inputs, tune
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +70,11 @@ class MoELayer:
     weights_type: ClassVar[Type[ExpertWeights]] = ExpertWeights
 
     def __init__(self, weights: ExpertWeights, config: MoEConfig, *,
-                 correction_bias: Optional[torch.Tensor] = None, kernel: str = "auto") -> None:
+                 correction_bias: Optional[torch.Tensor] = None, kernel: str = "auto",
+                 deterministic: bool = False) -> None:
+        """``deterministic``: combine the top-k without atomics in a fixed order and use one kernel
+        configuration for every batch size, so outputs are bitwise reproducible across runs and
+        batch compositions (for RL rollouts and debugging; slower at large T)."""
         if not isinstance(weights, self.weights_type):
             raise TypeError(
                 f"weights: expected {self.weights_type.__name__}, got {type(weights).__name__}"
@@ -84,41 +90,96 @@ class MoELayer:
         if correction_bias is not None:
             check_tensor("correction_bias", correction_bias, dtype=torch.float32,
                          shape=(config.num_experts,), device=weights.device)
-        self.weights = weights
         self.config = config
+        self._shape = (weights.hidden_size, weights.intermediate_size, weights.num_experts)
+        self._device = weights.device
         self.correction_bias = correction_bias
         self.requested_kernel = kernel
         self._kernels = {routed: select_kernel(weights.precision, weights.device, routed, kernel)
                          for routed in (False, True)}
+        self.deterministic = deterministic
+        self._fixed_configs: Dict[str, dict] = {}
+        if deterministic:
+            for k in self._kernels.values():
+                fixed = k.deterministic_config()
+                if fixed is None:
+                    raise ValueError(
+                        f"deterministic: kernel {k.name!r} ({weights.precision} on {weights.device}) has no "
+                        f"deterministic mode; it is available with the sm90_triton_fp8 kernel (FP8 on Hopper)")
+                self._fixed_configs[k.name] = fixed
         self._prepared = {k.name: k.prepare(weights) for k in self._kernels.values()}
+        # Keep the checkpoint layout only if a kernel reads it: a transformed copy beside it would
+        # double the layer's memory (NVFP4 must stay at 0.5625 bytes a weight).
+        self._weights: Optional[ExpertWeights] = (
+            weights if any(p is weights for p in self._prepared.values()) else None)
+        self._tuned: Dict[str, TuningResult] = {}
         logger.debug("%s: kernels computed=%s routed=%s", type(self).__name__,
                      self._kernels[False].name, self._kernels[True].name)
 
     @classmethod
     def from_float(cls, w13: torch.Tensor, w2: torch.Tensor, config: MoEConfig, *,
                    correction_bias: Optional[torch.Tensor] = None, kernel: str = "auto",
-                   **quantize_options) -> "MoELayer":
+                   deterministic: bool = False, **quantize_options) -> "MoELayer":
         """Quantize float master weights ``w13 [E, 2I, H]``, ``w2 [E, H, I]`` into this precision
         (``quantize_options`` go to the weight container, e.g. ``ue8m0=True`` for FP8 block)."""
         weights = cls.weights_type.quantize(w13, w2, **quantize_options)
-        return cls(weights, config, correction_bias=correction_bias, kernel=kernel)
+        return cls(weights, config, correction_bias=correction_bias, kernel=kernel, deterministic=deterministic)
 
     # -- properties ---------------------------------------------------------------------
     @property
+    def weights(self) -> ExpertWeights:
+        """The experts in the canonical layout: the held container, or (when every kernel of the
+        layer reads a transformed layout) a copy rebuilt from the kernel's layout on each access."""
+        if self._weights is not None:
+            return self._weights
+        kernel = self._kernels[True]
+        return kernel.restore(self._prepared[kernel.name])
+
+    @property
     def precision(self) -> str:
-        return self.weights.precision
+        return self.weights_type.precision
 
     @property
     def hidden_size(self) -> int:
-        return self.weights.hidden_size
+        return self._shape[0]
 
     @property
     def device(self) -> torch.device:
-        return self.weights.device
+        return self._device
 
     def kernel_name(self, routed: bool) -> str:
         """Name of the kernel serving the routed (True) or computed (False) entry point."""
         return self._kernels[routed].name
+
+    # -- tuning -------------------------------------------------------------------------
+    def warmup(self, max_num_tokens: int, *, cache: Optional[TuningCache] = None, force: bool = False,
+               progress: bool = True) -> Dict[str, TuningResult]:
+        """Tune the layer's kernels for every token bucket up to the engine's ``max_num_tokens``.
+
+        Call it once before CUDA-graph capture (it refuses to run inside one). Results come
+        from ``cache`` (default: the user's cache directory) when present; afterwards every
+        call maps T -> bucket -> configuration on the host. Kernels that are not tunable,
+        or a layer on the CPU, are left as they are. Returns kernel name -> result.
+        """
+        check_int("max_num_tokens", max_num_tokens, minimum=1)
+        kernels = {k.name: k for k in self._kernels.values()
+                   if k.tunable and self.device.type == "cuda" and k.name not in self._fixed_configs}
+        if not kernels:
+            logger.info("%s: nothing to tune (kernels %s on %s)", type(self).__name__,
+                        sorted({k.name for k in self._kernels.values()}), self.device)
+            return {}
+        cache = cache if cache is not None else TuningCache()
+        hidden_size, inter, num_local = self._shape
+        signature = ProblemSignature(self.precision, num_local, self.config.top_k, hidden_size, inter,
+                                     self.config.num_experts)
+        for name, kernel in kernels.items():
+            started = time.perf_counter()
+            self._tuned[name] = tune(
+                _kernel_runner(kernel, self._prepared[name], self.config), kernel.candidate_configs(),
+                max_num_tokens, signature, cache, _input_factory(self), force=force, progress=progress)
+            logger.info("%s: tuned %s up to %d tokens in %.1f s", type(self).__name__, name, max_num_tokens,
+                        time.perf_counter() - started)
+        return dict(self._tuned)
 
     # -- entry points -------------------------------------------------------------------
     def forward(self, hidden: torch.Tensor, router_logits: torch.Tensor, *,
@@ -187,10 +248,34 @@ class MoELayer:
              out: Optional[torch.Tensor]) -> torch.Tensor:
         if out is None:
             out = torch.empty_like(hidden)
+        extra = {}
+        if kernel.name in self._fixed_configs:
+            extra["config"] = self._fixed_configs[kernel.name]
+        elif kernel.name in self._tuned:
+            extra["config"] = self._tuned[kernel.name].config_for(hidden.shape[0])
         return kernel.run(self._prepared[kernel.name], hidden, ids, weights,
                           local_expert_offset=self.config.local_expert_offset,
                           apply_router_weight_on_input=self.config.apply_router_weight_on_input,
-                          out=out)
+                          out=out, **extra)
+
+
+def _kernel_runner(kernel: Kernel, prepared: object, config: MoEConfig) -> Callable[[dict, MoEInputs], None]:
+    """``run(config, inputs)`` for the tuner; holds the prepared weights, not the layer."""
+    def run(tuning_config: dict, inputs: MoEInputs) -> None:
+        out = torch.empty_like(inputs.hidden)
+        kernel.run(prepared, inputs.hidden, inputs.topk_ids, inputs.topk_weights,
+                   local_expert_offset=config.local_expert_offset,
+                   apply_router_weight_on_input=config.apply_router_weight_on_input,
+                   out=out, config=tuning_config)
+    return run
+
+
+def _input_factory(layer: MoELayer) -> Callable[[int], MoEInputs]:
+    """Seeded max-load profiling inputs for one bucket of this layer's shape (no layer reference kept)."""
+    cfg, device = layer.config, layer.device
+    hidden_size, _, num_local = layer._shape
+    return lambda bucket: moe_inputs(bucket, hidden_size, cfg.top_k, cfg.num_experts, num_local,
+                                     cfg.local_expert_offset, device=device)
 
 
 class BF16MoE(MoELayer):

@@ -172,3 +172,82 @@ def test_unavailable_kernel_error_names_reason(monkeypatch):
         _layer(kernel="gpu_only")
     with pytest.raises(KernelUnavailableError, match="it supports bf16, not fp8_block"):
         _layer(FP8BlockMoE, kernel="gpu_only")
+
+
+@pytest.mark.parametrize("precision, kernel", [("fp8_block", "sm90_triton_fp8"), ("fp8_tensor", "sm90_triton_fp8"),
+                                               ("nvfp4", "sm90_triton_nvfp4")])
+def test_triton_kernels_through_the_layer(precision, kernel):
+    """The selection table's Triton kernels behind both entry points (CPU: Triton's interpreter)."""
+    pytest.importorskip("triton")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    cfg = MoEConfig(num_experts=E_GLOBAL, top_k=K, routing=RoutingConfig.deepseek_v3(4, 2, 2.5),
+                    local_expert_offset=8)
+    layer = LAYER_TYPES[precision].from_float(
+        (torch.randn(E_LOCAL, 2 * I, H) / 16).to(device), (torch.randn(E_LOCAL, H, I) / 11).to(device), cfg,
+        correction_bias=(0.1 * torch.randn(E_GLOBAL)).to(device), kernel=kernel)
+    assert layer.kernel_name(False) == layer.kernel_name(True) == kernel
+    hidden, logits = (x.to(device) for x in _inputs(7))
+    replay = torch.full((9, K), -3, dtype=torch.int16, device=device)
+    out = torch.full((9, H), float("nan"), dtype=torch.bfloat16, device=device)
+    got = layer.forward(hidden, logits, routing_replay_out=replay, out=out)
+    ids, w = layer.config.routing.select(logits, K, layer.correction_bias)
+    want = reference_fused_experts(hidden, layer.weights, ids, w, local_expert_offset=8).double()
+    assert float((got.double() - want).norm() / want.norm()) < 1e-2
+    assert torch.isnan(out[7:].float()).all() and replay[:7].tolist() == ids.tolist()
+    routed = layer.forward_routed(hidden, (ids, w))
+    assert float((routed.double() - want).norm() / want.norm()) < 1e-2
+
+
+def test_warmup_on_cpu_tunes_nothing(tmp_path):
+    from moe_backend.tuning import TuningCache
+
+    layer = _layer(FP8BlockMoE)
+    assert layer.warmup(64, cache=TuningCache(tmp_path)) == {}
+    with pytest.raises(ValueError, match="max_num_tokens: expected an int >= 1"):
+        layer.warmup(0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp8_block", "nvfp4"])
+def test_warmup_tunes_buckets_and_forward_uses_them(tmp_path, precision):
+    from moe_backend.tuning import TuningCache
+
+    cfg = MoEConfig(num_experts=E_GLOBAL, top_k=K, routing=RoutingConfig.deepseek_v3(4, 2, 2.5))
+    layer = LAYER_TYPES[precision].from_float(torch.randn(E_GLOBAL, 2 * I, H, device="cuda") / 16,
+                                              torch.randn(E_GLOBAL, H, I, device="cuda") / 11, cfg,
+                                              correction_bias=torch.zeros(E_GLOBAL, device="cuda"))
+    results = layer.warmup(24, cache=TuningCache(tmp_path), progress=False)
+    (result,) = results.values()
+    assert sorted(result.entries) == [1, 2, 4, 8, 16, 24]
+    hidden, logits = (x.cuda() for x in _inputs(20))
+    ids, w = cfg.routing.select(logits, K, layer.correction_bias)
+    want = reference_fused_experts(hidden, layer.weights, ids, w).double()
+    got = layer.forward(hidden, logits)
+    assert float((got.double() - want).norm() / want.norm()) < 1e-2
+    again = LAYER_TYPES[precision](layer.weights, cfg, correction_bias=layer.correction_bias)
+    (cached,) = again.warmup(24, cache=TuningCache(tmp_path), progress=False).values()
+    assert sorted(cached.cached) == [1, 2, 4, 8, 16, 24]  # read from the cache, nothing re-timed
+
+
+def test_deterministic_mode_needs_a_kernel_that_has_it():
+    with pytest.raises(ValueError, match="deterministic: kernel 'reference'"):
+        _layer(FP8BlockMoE, deterministic=True)
+    with pytest.raises(ValueError, match="deterministic: kernel 'sm90_triton_nvfp4'"):
+        _layer(LAYER_TYPES["nvfp4"], kernel="sm90_triton_nvfp4", deterministic=True)
+
+
+def test_deterministic_fp8_is_batch_invariant():
+    """A token's output bits do not depend on the batch around it (CPU: Triton's interpreter)."""
+    pytest.importorskip("triton")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    cfg = MoEConfig(num_experts=E_LOCAL, top_k=2, routing=RoutingConfig("softmax"))
+    layer = FP8BlockMoE.from_float((torch.randn(E_LOCAL, 2 * I, H) / 16).to(device),
+                                   (torch.randn(E_LOCAL, H, I) / 11).to(device), cfg,
+                                   kernel="sm90_triton_fp8", deterministic=True)
+    hidden, logits = torch.randn(12, H).to(device, torch.bfloat16), torch.randn(12, E_LOCAL).to(device)
+    full = layer.forward(hidden, logits)
+    assert torch.equal(full, layer.forward(hidden, logits))
+    for rows in (slice(0, 1), slice(3, 8), slice(5, 12)):
+        assert torch.equal(layer.forward(hidden[rows].contiguous(), logits[rows].contiguous()), full[rows])
+    perm = torch.randperm(12, device=device)
+    assert torch.equal(layer.forward(hidden[perm].contiguous(), logits[perm].contiguous()), full[perm])

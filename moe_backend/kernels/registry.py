@@ -2,8 +2,9 @@
 
 Every kernel runs the same contract as :func:`reference_fused_experts`
 (``run(prepared, hidden, ids, weights, *, local_expert_offset,
-apply_router_weight_on_input, out)``) after a one-time ``prepare(weights)`` that
-puts the weights in the layout it reads. ``auto`` takes the first available
+apply_router_weight_on_input, out)``, plus ``config=`` for tunable kernels) after a
+one-time ``prepare(weights)`` that puts the weights in the layout it reads. Kernel
+modules are imported on first use: Triton is not needed to import this package. ``auto`` takes the first available
 kernel of the table's row and falls back to the torch reference; a kernel asked
 for by name that cannot run raises :class:`KernelUnavailableError`.
 """
@@ -17,7 +18,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
-from ..expert_weights import PRECISIONS, ExpertWeights
+from ..expert_weights import PRECISIONS, ExpertWeights, FP8BlockWeights, FP8TensorWeights, NVFP4Weights
 from .reference import reference_fused_experts
 
 Capability = Tuple[int, int]
@@ -47,8 +48,29 @@ class Kernel:
     prepare: Callable[[ExpertWeights], Any]
     run: Callable[..., torch.Tensor]
     requires: Tuple[str, ...] = ()
+    #: Inverse of ``prepare`` (prepared -> canonical container); None when ``prepare`` keeps the layout.
+    restore: Optional[Callable[[Any], ExpertWeights]] = None
     interpretable: bool = False
     capturable: bool = False
+    #: Module (under moe_backend.kernels) whose ``CANDIDATE_CONFIGS`` the tuner times; None: not tunable.
+    tuning_module: Optional[str] = None
+
+    @property
+    def tunable(self) -> bool:
+        return self.tuning_module is not None
+
+    def _tuning_attr(self, name: str) -> Any:
+        if self.tuning_module is None:
+            return None
+        return getattr(importlib.import_module(f"moe_backend.kernels.{self.tuning_module}"), name, None)
+
+    def candidate_configs(self) -> Tuple[dict, ...]:
+        """The configurations the tuner times (each overrides the kernel's heuristic default)."""
+        return tuple(self._tuning_attr("CANDIDATE_CONFIGS") or ())
+
+    def deterministic_config(self) -> Optional[dict]:
+        """A configuration without atomics and with one tiling for every T, or None if it has none."""
+        return self._tuning_attr("DETERMINISTIC_CONFIG")
 
     def unavailable_reason(self, precision: str, device: torch.device) -> Optional[str]:
         """Why this kernel cannot run here, or None when it can."""
@@ -70,12 +92,61 @@ class Kernel:
         return f"it needs a CUDA GPU (or TRITON_INTERPRET=1 on a CPU), got device {device}"
 
 
-REFERENCE = Kernel("reference", PRECISIONS, None, prepare=lambda w: w, run=_reference_run)
+def _sm90_fp8_run(prepared: ExpertWeights, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, *,
+                  local_expert_offset: int, apply_router_weight_on_input: bool, out: torch.Tensor,
+                  config: Optional[dict] = None) -> torch.Tensor:
+    from .sm90.fp8_moe import fused_experts_fp8
 
-KERNELS: Dict[str, Kernel] = {k.name: k for k in (REFERENCE,)}
+    block = isinstance(prepared, FP8BlockWeights)
+    static = prepared if isinstance(prepared, FP8TensorWeights) else None
+    return fused_experts_fp8(
+        hidden, prepared.w13, prepared.w13_scale, prepared.w2, prepared.w2_scale, ids, weights,
+        block_scaled=block, local_expert_offset=local_expert_offset,
+        a13_scale=static.a13_scale if static else None, a2_scale=static.a2_scale if static else None,
+        ue8m0=block and prepared.ue8m0, apply_router_weight_on_input=apply_router_weight_on_input,
+        out=out, config=config)
+
+
+def _sm90_nvfp4_prepare(weights: NVFP4Weights) -> Any:
+    from .sm90.nvfp4_moe import prepare_nvfp4
+
+    return prepare_nvfp4(weights)
+
+
+def _sm90_nvfp4_restore(prepared: Any) -> NVFP4Weights:
+    from ..weights.layout import nvfp4_from_kernel_layout
+
+    return nvfp4_from_kernel_layout(prepared)
+
+
+def _sm90_nvfp4_run(prepared: Any, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                    **kw: Any) -> torch.Tensor:
+    from .sm90.nvfp4_moe import fused_experts_nvfp4
+
+    return fused_experts_nvfp4(hidden, prepared, ids, weights, **kw)
+
+
+HOPPER: Tuple[Capability, ...] = ((9, 0),)
+
+REFERENCE = Kernel("reference", PRECISIONS, None, prepare=lambda w: w, run=_reference_run)
+SM90_FP8 = Kernel("sm90_triton_fp8", ("fp8_block", "fp8_tensor"), HOPPER, prepare=lambda w: w,
+                  run=_sm90_fp8_run, requires=("triton",), interpretable=True, capturable=True,
+                  tuning_module="sm90.fp8_moe")
+SM90_NVFP4 = Kernel("sm90_triton_nvfp4", ("nvfp4",), HOPPER, prepare=_sm90_nvfp4_prepare,
+                    run=_sm90_nvfp4_run, requires=("triton",), restore=_sm90_nvfp4_restore, interpretable=True, capturable=True,
+                    tuning_module="sm90.nvfp4_moe")
+
+KERNELS: Dict[str, Kernel] = {k.name: k for k in (REFERENCE, SM90_FP8, SM90_NVFP4)}
 
 #: (precision, compute capability, routed?) -> kernels to try in order before the reference.
-SELECTION_TABLE: Dict[Tuple[str, Capability, bool], Tuple[str, ...]] = {}
+SELECTION_TABLE: Dict[Tuple[str, Capability, bool], Tuple[str, ...]] = {
+    ("fp8_block", (9, 0), False): ("sm90_triton_fp8",),
+    ("fp8_block", (9, 0), True): ("sm90_triton_fp8",),
+    ("fp8_tensor", (9, 0), False): ("sm90_triton_fp8",),
+    ("fp8_tensor", (9, 0), True): ("sm90_triton_fp8",),
+    ("nvfp4", (9, 0), False): ("sm90_triton_nvfp4",),
+    ("nvfp4", (9, 0), True): ("sm90_triton_nvfp4",),
+}
 
 
 def select_kernel(precision: str, device: torch.device, routed: bool, requested: str = "auto") -> Kernel:

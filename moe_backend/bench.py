@@ -1,0 +1,301 @@
+"""``moe-backend bench``: latency of one DeepSeek-V3 MoE layer vs T, with floors and a baseline.
+
+For each E, T and precision it times our layer's engine-level call
+(:meth:`MoELayer.experts`, i.e. the kernel the selection table picks) and, in the same
+run, ``torch._scaled_grouped_mm`` (rowwise FP8 both GEMMs, SiLU-and-mul between,
+torch permutation around them), with ``triton.testing.do_bench`` (median, L2
+flushed before every call) rotating several input sets. Routing is balanced:
+token t takes experts ``perm[(t * k + j) % E]`` (a random permutation per set).
+
+Floors: ``max(active experts' weight bytes / bandwidth, flops / peak)`` with the
+DESIGN.md §8 H100 anchors (3028 GB/s; 1449 TFLOP/s FP8, 793 TFLOP/s bf16 for the
+W4A16 NVFP4 path; NVFP4 weights are 0.5625 bytes); the bandwidth and FP8 peak
+measured in this run are printed beside them.
+
+Writes ``<output-dir>/<device>-<date>.json`` (a list of records: ``device,
+precision, impl, E, T, topk, hidden, inter, median_us`` plus floor fields) and,
+when matplotlib is installed, a PNG of latency vs T.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import math
+import os
+import re
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from .expert_weights import FP8BlockWeights, FP8TensorWeights, NVFP4Weights
+from .layer import LAYER_TYPES, MoEConfig
+
+logger = logging.getLogger(__name__)
+
+ANCHOR_BW_GBS = 3028.0
+ANCHOR_FP8_TFLOPS = 1449.0
+ANCHOR_BF16_TFLOPS = 793.0
+#: Weight bytes per element and the peak its MMA runs at, per precision.
+PRECISION_COST = {"fp8_block": (1.0, ANCHOR_FP8_TFLOPS), "fp8_tensor": (1.0, ANCHOR_FP8_TFLOPS),
+                  "nvfp4": (0.5625, ANCHOR_BF16_TFLOPS)}
+DEFAULT_T = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+QUICK_T = (1, 16, 128, 1024, 8192)
+PRECISIONS = ("fp8_block", "fp8_tensor", "nvfp4")
+INPUT_SETS = 4
+FP8 = torch.float8_e4m3fn
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``moe-backend bench``."""
+    parser.add_argument("--E", type=int, nargs="+", default=[256, 32], help="local experts (default 256 32)")
+    parser.add_argument("--T", type=int, nargs="+", default=None, help="token counts (default 1..8192)")
+    parser.add_argument("--precision", nargs="+", choices=PRECISIONS, default=list(PRECISIONS))
+    parser.add_argument("--topk", type=int, default=8)
+    parser.add_argument("--hidden", type=int, default=7168)
+    parser.add_argument("--inter", type=int, default=2048)
+    parser.add_argument("--output-dir", default=os.path.join("docs", "results"))
+    parser.add_argument("--quick", action="store_true", help=f"T in {QUICK_T}, fewer repetitions")
+    parser.add_argument("--no-baseline", action="store_true", help="skip torch._scaled_grouped_mm")
+
+
+# ----------------------------------------------------------------------------- inputs
+def random_nvfp4_weights(e: int, h: int, i: int, device: torch.device) -> NVFP4Weights:
+    """Random NVFP4 experts of roughly unit output scale, in the checkpoint layout."""
+    def codes(n: int, k: int) -> torch.Tensor:
+        return torch.randint(0, 256, (e, n, k // 2), dtype=torch.uint8, device=device)
+
+    def scales(n: int, k: int) -> torch.Tensor:
+        return (torch.rand(e, n, k // 16, device=device) * 447 + 1).to(FP8)
+
+    return NVFP4Weights(codes(2 * i, h), scales(2 * i, h),
+                        torch.full((e, 2), 1.0 / (448 * 6 * math.sqrt(h)), device=device),
+                        codes(h, i), scales(h, i), torch.full((e,), 1.0 / (448 * 6 * math.sqrt(i)), device=device))
+
+
+def _random_fp8(shape: Sequence[int], device: torch.device) -> torch.Tensor:
+    """Random e4m3 values of unit scale, built one expert at a time (no fp32 copy of it all)."""
+    out = torch.empty(*shape, dtype=FP8, device=device)
+    for e in range(shape[0]):
+        out[e] = (torch.randn(*shape[1:], device=device, dtype=torch.bfloat16) * 16).to(FP8)
+    return out
+
+
+def balanced_ids(t: int, k: int, e: int, gen: torch.Generator, device: torch.device) -> torch.Tensor:
+    """``[T, k]`` int32: token t takes experts ``perm[(t*k + j) % E]``; every expert gets T*k/E."""
+    perm = torch.randperm(e, generator=gen)
+    flat = (torch.arange(t)[:, None] * k + torch.arange(k)[None, :]) % e
+    return perm[flat].to(torch.int32).to(device)
+
+
+class Layer:
+    """Random weights of one layer: FP8 (unit-scale e4m3, shared by both FP8 precisions and the
+    baseline) and NVFP4 (uniform codes, block scales in [1, 448)), built on the device."""
+
+    def __init__(self, e: int, h: int, i: int, top_k: int, device: torch.device):
+        self.e, self.h, self.i = e, h, i
+        self.config = MoEConfig(num_experts=e, top_k=top_k)
+        self.w13 = _random_fp8((e, 2 * i, h), device)
+        self.w2 = _random_fp8((e, h, i), device)
+        s13, s2 = 1.0 / (16 * math.sqrt(h)), 1.0 / (16 * math.sqrt(i))
+        self.weights = {
+            "fp8_block": lambda: FP8BlockWeights(
+                self.w13, torch.full((e, 2 * i // 128, h // 128), s13, device=device),
+                self.w2, torch.full((e, h // 128, i // 128), s2, device=device)),
+            "fp8_tensor": lambda: FP8TensorWeights(
+                self.w13, torch.full((e,), s13, device=device), self.w2, torch.full((e,), s2, device=device),
+                a13_scale=torch.full((1,), 4.0 / 448, device=device),
+                a2_scale=torch.full((1,), 2.0 / 448, device=device)),
+            "nvfp4": lambda: random_nvfp4_weights(e, h, i, device),
+        }
+        # Rowwise scales of the baseline ([E, N]).
+        self.w13_row_scale = torch.full((e, 2 * i), s13, device=device)
+        self.w2_row_scale = torch.full((e, h), s2, device=device)
+
+    def ours(self, precision: str) -> Callable[..., torch.Tensor]:
+        """The engine-level call of a layer of ``precision`` on these weights."""
+        layer = LAYER_TYPES[precision](self.weights[precision](), self.config)
+        logger.info("%s E=%d: kernel %s", precision, self.e, layer.kernel_name(True))
+        return lambda hidden, ids, weights, out: layer.experts(hidden, ids, weights, out=out)
+
+    def baseline(self, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                 out: torch.Tensor) -> torch.Tensor:
+        """``torch._scaled_grouped_mm`` layer: permute, rowwise FP8 GEMM1, SiLU-and-mul, GEMM2, combine.
+
+        Groups are padded to 16 rows (the grouped GEMM's alignment); no host sync.
+        """
+        t, k = ids.shape
+        flat = ids.flatten().long()
+        order = torch.argsort(flat, stable=True)
+        counts = torch.zeros(self.e, dtype=torch.long, device=flat.device).scatter_add_(
+            0, flat, torch.ones_like(flat))
+        padded = (counts + 15) // 16 * 16
+        ends = torch.cumsum(padded, 0)
+        e_sorted = flat[order]
+        dest = (ends - padded)[e_sorted] + torch.arange(flat.numel(), device=flat.device) \
+            - (torch.cumsum(counts, 0) - counts)[e_sorted]
+        rows = flat.numel() + min(flat.numel(), self.e) * 15
+        xq, xs = _rowwise_quant(hidden)
+        a = torch.zeros(rows, self.h, dtype=FP8, device=hidden.device)
+        a_s = torch.ones(rows, dtype=torch.float32, device=hidden.device)
+        a[dest] = xq[order // k]
+        a_s[dest] = xs[order // k]
+        offs = ends.to(torch.int32)
+        gu = torch._scaled_grouped_mm(a, self.w13.transpose(1, 2), a_s, self.w13_row_scale, offs=offs,
+                                      out_dtype=torch.bfloat16)
+        act = torch.nn.functional.silu(gu[:, :self.i]) * gu[:, self.i:]
+        aq, as_ = _rowwise_quant(act)
+        y = torch._scaled_grouped_mm(aq, self.w2.transpose(1, 2), as_, self.w2_row_scale, offs=offs,
+                                     out_dtype=torch.bfloat16)
+        row_of_pair = torch.empty_like(dest)
+        row_of_pair[order] = dest
+        out[:t] = torch.bmm(weights.to(torch.bfloat16)[:, None, :], y[row_of_pair].view(t, k, self.h))[:, 0]
+        return out[:t]
+
+
+def _rowwise_quant(x: torch.Tensor):
+    s = x.float().abs().amax(dim=1).clamp_min(1e-10) / 448.0
+    return (x.float() / s[:, None]).clamp(-448, 448).to(FP8), s
+
+
+# ----------------------------------------------------------------------------- timing
+def _time(fn: Callable[[int], object], quick: bool) -> float:
+    """Median microseconds of ``fn(i)`` over rotating input sets i, L2 flushed before each call."""
+    import triton.testing
+
+    state = {"i": 0}
+
+    def call():
+        fn(state["i"] % INPUT_SETS)
+        state["i"] += 1
+
+    rep = 40 if quick else 100
+    return triton.testing.do_bench(call, warmup=10, rep=rep, return_mode="median") * 1e3
+
+
+def measure_device_peaks(device: torch.device) -> Dict[str, float]:
+    """D2D copy bandwidth (bytes read + written, GB/s) and dense FP8 GEMM 8192^3 (TFLOP/s)."""
+    import triton.testing
+
+    src = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), return_mode="median")
+    bw = 2 * src.numel() / (ms * 1e-3) / 1e9
+    n = 8192
+    a = torch.randn(n, n, device=device).to(FP8)
+    b = torch.randn(n, n, device=device).to(FP8).t()
+    one = torch.ones((), device=device)
+    ms = triton.testing.do_bench(
+        lambda: torch._scaled_mm(a, b, one, one, out_dtype=torch.bfloat16), return_mode="median")
+    return {"copy_gbs": bw, "fp8_tflops": 2 * n ** 3 / (ms * 1e-3) / 1e12}
+
+
+def floor_us(t: int, k: int, e: int, h: int, i: int, precision: str = "fp8_block") -> Dict[str, float]:
+    """Bandwidth and compute floors (µs) of the layer with balanced routing (DESIGN.md §8 anchors)."""
+    bytes_per_weight, peak_tflops = PRECISION_COST[precision]
+    active = min(e, t * k)
+    bw = active * 3 * h * i * bytes_per_weight / (ANCHOR_BW_GBS * 1e9) * 1e6
+    compute = 2 * t * k * 3 * h * i / (peak_tflops * 1e12) * 1e6
+    return {"bandwidth_floor_us": bw, "compute_floor_us": compute, "floor_us": max(bw, compute)}
+
+
+def _device_slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def run_bench(args: argparse.Namespace, device: torch.device) -> List[dict]:
+    """Time every (E, T, precision); return the records."""
+    ts = args.T or (QUICK_T if args.quick else DEFAULT_T)
+    name = torch.cuda.get_device_name(device)
+    records: List[dict] = []
+    for e in args.E:
+        layer = Layer(e, args.hidden, args.inter, args.topk, device)
+        runs = {precision: layer.ours(precision) for precision in args.precision}
+        for t in ts:
+            gen = torch.Generator().manual_seed(t)
+            sets = [(torch.randn(t, args.hidden, device=device).to(torch.bfloat16),
+                     balanced_ids(t, args.topk, e, gen, device),
+                     torch.rand(t, args.topk, generator=gen).to(device))
+                    for _ in range(INPUT_SETS)]
+            out = torch.empty(t, args.hidden, dtype=torch.bfloat16, device=device)
+            base = dict(device=name, E=e, T=t, topk=args.topk, hidden=args.hidden, inter=args.inter)
+            for precision, run in runs.items():
+                us = _time(lambda s: run(*sets[s], out), args.quick)
+                records.append(dict(base, precision=precision, impl="moe_backend", median_us=us,
+                                    **floor_us(t, args.topk, e, args.hidden, args.inter, precision)))
+            if not args.no_baseline:
+                try:
+                    us = _time(lambda s: layer.baseline(*sets[s], out), args.quick)
+                except RuntimeError as exc:  # an unsupported torch build: report, keep going
+                    logger.warning("torch._scaled_grouped_mm failed at E=%d T=%d: %s", e, t, exc)
+                    us = None
+                records.append(dict(base, precision="fp8_rowwise", impl="torch_scaled_grouped_mm",
+                                    median_us=us, **floor_us(t, args.topk, e, args.hidden, args.inter)))
+            logger.info("E=%d T=%d done", e, t)
+    return records
+
+
+def format_table(records: List[dict]) -> str:
+    """One row per (E, T, precision): ours, baseline, ratio, floor, fraction of floor."""
+    base = {(r["E"], r["T"]): r["median_us"] for r in records if r["impl"] != "moe_backend"}
+    lines = [f"{'E':>4} {'T':>5} {'precision':<10} {'ours us':>9} {'baseline us':>11} {'ratio':>6} "
+             f"{'floor us':>9} {'floor/ours':>10}"]
+    for r in records:
+        if r["impl"] != "moe_backend":
+            continue
+        b = base.get((r["E"], r["T"]))
+        ratio = f"{b / r['median_us']:.2f}" if b else "-"
+        lines.append(f"{r['E']:>4} {r['T']:>5} {r['precision']:<10} {r['median_us']:>9.1f} "
+                     f"{(f'{b:.1f}' if b else '-'):>11} {ratio:>6} {r['floor_us']:>9.1f} "
+                     f"{r['floor_us'] / r['median_us']:>10.2f}")
+    return "\n".join(lines)
+
+
+def plot(records: List[dict], path: str) -> Optional[str]:
+    """Latency vs T per E with the floor; None when matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.warning("matplotlib is not installed: no plot")
+        return None
+    experts = sorted({r["E"] for r in records})
+    fig, axes = plt.subplots(1, len(experts), figsize=(6 * len(experts), 4.5), squeeze=False)
+    for ax, e in zip(axes[0], experts):
+        rs = [r for r in records if r["E"] == e]
+        for key in sorted({(r["impl"], r["precision"]) for r in rs}):
+            pts = [(r["T"], r["median_us"]) for r in rs
+                   if (r["impl"], r["precision"]) == key and r["median_us"] is not None]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=f"{key[0]} ({key[1]})")
+        floors = sorted({(r["T"], r["floor_us"]) for r in rs})
+        ax.plot(*zip(*floors), "k--", label="floor")
+        ax.set(xscale="log", yscale="log", xlabel="tokens T", ylabel="µs", title=f"E={e}")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the benchmark; 2 without a CUDA GPU."""
+    if not torch.cuda.is_available():
+        print("moe-backend bench: needs a CUDA GPU (torch.cuda.is_available() is False)")
+        return 2
+    device = torch.device("cuda")
+    name = torch.cuda.get_device_name(device)
+    peaks = measure_device_peaks(device)
+    print(f"device {name}: copy {peaks['copy_gbs']:.0f} GB/s, FP8 GEMM {peaks['fp8_tflops']:.0f} TFLOP/s "
+          f"(floors use {ANCHOR_BW_GBS:.0f} GB/s, {ANCHOR_FP8_TFLOPS:.0f} TFLOP/s)")
+    records = run_bench(args, device)
+    print(format_table(records))
+    os.makedirs(args.output_dir, exist_ok=True)
+    stem = os.path.join(args.output_dir, f"{_device_slug(name)}-{datetime.date.today().isoformat()}")
+    with open(stem + ".json", "w") as f:
+        json.dump(records, f, indent=1)
+    png = plot(records, stem + ".png")
+    print(f"wrote {stem}.json" + (f" and {png}" if png else ""))
+    return 0

@@ -1,0 +1,209 @@
+"""Token -> expert alignment on the GPU (moe_align_block_size), with no host sync.
+
+The (token, slot) pairs ``p = t * k + j`` of ``topk_ids [T, k]`` are grouped by
+LOCAL expert ``e = topk_ids[t, j] - local_expert_offset`` into tiles of
+``BLOCK_M`` rows; each expert's rows are padded up to a whole tile with the
+sentinel ``T * k``. Pairs whose id is -1 or outside ``[offset, offset + E)`` get
+no row. Every size depends only on ``(T, k, E, BLOCK_M)``, never on the data,
+so the result is capturable in a CUDA graph; the number of valid rows lives on
+the device (``num_padded``) and the GEMMs skip tiles past it.
+
+Two implementations of one algorithm (count, prefix-sum, scatter):
+
+* up to ``FUSED_MAX_PAIRS`` pairs (decode): one program does everything, one launch;
+* more pairs (prefill): chunks of ``CHUNK`` pairs are counted in parallel, one
+  program scans the per-chunk counts, and the chunks scatter in parallel.
+
+Inside a chunk, a pair's rank among the pairs of its expert comes from an
+in-register sort of ``(expert, position)`` keys, so the order of rows within an
+expert is the order of the pairs (deterministic).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+#: Largest pair count (T * k) handled by the single-program kernel.
+FUSED_MAX_PAIRS = 1024
+#: Pairs per program in the multi-program path.
+CHUNK = 1024
+
+
+class AlignedRouting(NamedTuple):
+    """Pairs grouped by local expert into tiles of ``block_m`` rows.
+
+    ``sorted_ids [max_tiles * block_m]`` int32: pair index ``t * k + j``, or the
+    sentinel ``T * k`` for padding (entries past ``num_padded`` are undefined);
+    ``tile_expert [max_tiles]`` int32: local expert of each tile (undefined past
+    ``num_padded / block_m``); ``num_padded [1]`` int32: rows in use, a multiple of
+    ``block_m``; ``row_of_pair [T * k]`` int32: the row of each pair, -1 for none.
+    """
+
+    sorted_ids: torch.Tensor
+    tile_expert: torch.Tensor
+    num_padded: torch.Tensor
+    row_of_pair: torch.Tensor
+    block_m: int
+    max_tiles: int
+
+
+def max_padded_rows(num_pairs: int, num_experts: int, block_m: int) -> int:
+    """Static upper bound on the padded row count.
+
+    At most ``min(pairs, E)`` experts receive a pair and each pads by fewer than
+    ``block_m`` rows: tighter than ``pairs + E * (block_m - 1)`` for decode.
+    """
+    return num_pairs + min(num_pairs, num_experts) * (block_m - 1)
+
+
+@triton.jit
+def _local_keys(ids_ptr, offs, num_pairs, expert_offset, num_experts):
+    """Local expert of each pair, or ``num_experts`` (an extra bin) when it has none here."""
+    ids = tl.load(ids_ptr + offs, mask=offs < num_pairs, other=-1)
+    local = ids - expert_offset
+    valid = (local >= 0) & (local < num_experts) & (offs < num_pairs) & (ids >= 0)
+    return tl.where(valid, local, num_experts)
+
+
+@triton.jit
+def _ranks_in_chunk(keys, counts, N_PAD: tl.constexpr):
+    """Sort a chunk's pairs by expert; return (position in chunk, expert, rank within expert).
+
+    ``counts [E_PAD]`` is the chunk's histogram; ranks follow the pairs' order.
+    """
+    pos = tl.arange(0, N_PAD)
+    packed = tl.sort(keys * N_PAD + pos)
+    s_key = packed // N_PAD
+    s_pos = packed % N_PAD
+    first = tl.cumsum(counts, 0) - counts  # first sorted position of each expert
+    rank = pos - tl.gather(first, s_key, 0)
+    return s_pos, s_key, rank
+
+
+@triton.jit
+def _write_layout(counts, sorted_ptr, tile_expert_ptr, num_padded_ptr, sentinel, num_experts,
+                  max_tiles, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, TILE_BLOCK: tl.constexpr):
+    """From per-expert counts: padded starts, sentinels in the padding, tile -> expert, total.
+
+    Returns the padded start row of each expert ``[E_PAD]``.
+    """
+    e = tl.arange(0, E_PAD)
+    counts = tl.where(e < num_experts, counts, 0)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    end = tl.cumsum(padded, 0)
+    start = end - padded
+    tl.store(num_padded_ptr, tl.sum(padded, 0))
+    # Padding rows of each expert: [start + count, end).
+    j = tl.arange(0, BLOCK_M)
+    pad_rows = (start + counts)[:, None] + j[None, :]
+    pad_mask = j[None, :] < (padded - counts)[:, None]
+    tl.store(sorted_ptr + pad_rows, tl.full([E_PAD, BLOCK_M], 0, tl.int32) + sentinel, mask=pad_mask)
+    # Expert of tile i = number of experts whose rows end at or before row i * BLOCK_M.
+    end_valid = tl.where(e < num_experts, end, 2147483647)
+    for t0 in range(0, max_tiles, TILE_BLOCK):
+        tiles = t0 + tl.arange(0, TILE_BLOCK)
+        expert = tl.sum((end_valid[None, :] <= (tiles * BLOCK_M)[:, None]).to(tl.int32), 1)
+        tl.store(tile_expert_ptr + tiles, expert, mask=tiles < max_tiles)
+    return start
+
+
+@triton.jit
+def _align_fused_kernel(ids_ptr, sorted_ptr, tile_expert_ptr, num_padded_ptr, row_of_pair_ptr, num_pairs,
+                        expert_offset, num_experts, max_tiles, BLOCK_M: tl.constexpr,
+                        N_PAD: tl.constexpr, E_PAD: tl.constexpr, TILE_BLOCK: tl.constexpr):
+    """All pairs in one program: count, lay out, scatter (decode sizes)."""
+    offs = tl.arange(0, N_PAD)
+    keys = _local_keys(ids_ptr, offs, num_pairs, expert_offset, num_experts)
+    counts = tl.histogram(keys, E_PAD)
+    start = _write_layout(counts, sorted_ptr, tile_expert_ptr, num_padded_ptr, num_pairs,
+                          num_experts, max_tiles, BLOCK_M, E_PAD, TILE_BLOCK)
+    s_pos, s_key, rank = _ranks_in_chunk(keys, counts, N_PAD)
+    row = tl.gather(start, s_key, 0) + rank
+    tl.store(sorted_ptr + row, s_pos, mask=s_key < num_experts)
+    tl.store(row_of_pair_ptr + s_pos, tl.where(s_key < num_experts, row, -1), mask=s_pos < num_pairs)
+
+
+@triton.jit
+def _count_kernel(ids_ptr, hist_ptr, num_pairs, expert_offset, num_experts,
+                  CHUNK: tl.constexpr, E_PAD: tl.constexpr):
+    """hist[c, e] = pairs of chunk c routed to local expert e (bin E: none)."""
+    c = tl.program_id(0)
+    keys = _local_keys(ids_ptr, c * CHUNK + tl.arange(0, CHUNK), num_pairs, expert_offset, num_experts)
+    tl.store(hist_ptr + c * E_PAD + tl.arange(0, E_PAD), tl.histogram(keys, E_PAD))
+
+
+@triton.jit
+def _scan_kernel(hist_ptr, base_ptr, sorted_ptr, tile_expert_ptr, num_padded_ptr, num_chunks,
+                 num_pairs, num_experts, max_tiles, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr,
+                 CHUNK_BLOCK: tl.constexpr, TILE_BLOCK: tl.constexpr):
+    """One program: hist -> exclusive prefix over chunks (in place), layout, per-chunk bases."""
+    e = tl.arange(0, E_PAD)
+    total = tl.zeros([E_PAD], dtype=tl.int32)
+    for c0 in range(0, num_chunks, CHUNK_BLOCK):
+        c = c0 + tl.arange(0, CHUNK_BLOCK)
+        ptrs = hist_ptr + c[:, None] * E_PAD + e[None, :]
+        mask = (c < num_chunks)[:, None]
+        h = tl.load(ptrs, mask=mask, other=0)
+        tl.store(ptrs, tl.cumsum(h, 0) - h + total[None, :], mask=mask)
+        total += tl.sum(h, 0)
+    start = _write_layout(total, sorted_ptr, tile_expert_ptr, num_padded_ptr, num_pairs,
+                          num_experts, max_tiles, BLOCK_M, E_PAD, TILE_BLOCK)
+    tl.store(base_ptr + e, start)
+
+
+@triton.jit
+def _scatter_kernel(ids_ptr, hist_ptr, base_ptr, sorted_ptr, row_of_pair_ptr, num_pairs, expert_offset,
+                    num_experts,
+                    CHUNK: tl.constexpr, E_PAD: tl.constexpr):
+    """Row of each pair = expert start + pairs of earlier chunks + rank in this chunk."""
+    c = tl.program_id(0)
+    keys = _local_keys(ids_ptr, c * CHUNK + tl.arange(0, CHUNK), num_pairs, expert_offset, num_experts)
+    s_pos, s_key, rank = _ranks_in_chunk(keys, tl.histogram(keys, E_PAD), CHUNK)
+    e = tl.arange(0, E_PAD)
+    before = tl.load(base_ptr + e) + tl.load(hist_ptr + c * E_PAD + e)
+    row = tl.gather(before, s_key, 0) + rank
+    pair = c * CHUNK + s_pos
+    tl.store(sorted_ptr + row, pair, mask=s_key < num_experts)
+    tl.store(row_of_pair_ptr + pair, tl.where(s_key < num_experts, row, -1), mask=pair < num_pairs)
+
+
+def align_block_size(topk_ids: torch.Tensor, num_experts: int, local_expert_offset: int,
+                     block_m: int) -> AlignedRouting:
+    """Group the pairs of ``topk_ids [T, k]`` (int32, contiguous, T * k > 0) by local expert.
+
+    Launches one kernel up to ``FUSED_MAX_PAIRS`` pairs, three above; allocates only
+    data-independent sizes.
+    """
+    assert topk_ids.dtype == torch.int32 and topk_ids.is_contiguous() and topk_ids.numel() > 0
+    num_pairs = topk_ids.numel()
+    max_tiles = triton.cdiv(max_padded_rows(num_pairs, num_experts, block_m), block_m)
+    dev = topk_ids.device
+    sorted_ids = torch.empty(max_tiles * block_m, dtype=torch.int32, device=dev)
+    tile_expert = torch.empty(max_tiles, dtype=torch.int32, device=dev)
+    num_padded = torch.empty(1, dtype=torch.int32, device=dev)
+    row_of_pair = torch.empty(num_pairs, dtype=torch.int32, device=dev)
+    e_pad = triton.next_power_of_2(num_experts + 1)  # + the "no local expert" bin
+    tile_block = max(16, min(128, 8192 // e_pad))
+    if num_pairs <= FUSED_MAX_PAIRS:
+        _align_fused_kernel[(1,)](
+            topk_ids, sorted_ids, tile_expert, num_padded, row_of_pair, num_pairs, local_expert_offset,
+            num_experts, max_tiles, BLOCK_M=block_m, N_PAD=max(16, triton.next_power_of_2(num_pairs)),
+            E_PAD=e_pad, TILE_BLOCK=tile_block, num_warps=4)
+    else:
+        num_chunks = triton.cdiv(num_pairs, CHUNK)
+        hist = torch.empty(num_chunks, e_pad, dtype=torch.int32, device=dev)
+        base = torch.empty(e_pad, dtype=torch.int32, device=dev)
+        _count_kernel[(num_chunks,)](topk_ids, hist, num_pairs, local_expert_offset, num_experts,
+                                     CHUNK=CHUNK, E_PAD=e_pad, num_warps=4)
+        _scan_kernel[(1,)](hist, base, sorted_ids, tile_expert, num_padded, num_chunks, num_pairs,
+                           num_experts, max_tiles, BLOCK_M=block_m, E_PAD=e_pad,
+                           CHUNK_BLOCK=max(1, min(64, 8192 // e_pad)), TILE_BLOCK=tile_block,
+                           num_warps=8)
+        _scatter_kernel[(num_chunks,)](topk_ids, hist, base, sorted_ids, row_of_pair, num_pairs,
+                                       local_expert_offset, num_experts, CHUNK=CHUNK, E_PAD=e_pad,
+                                       num_warps=8)
+    return AlignedRouting(sorted_ids, tile_expert, num_padded, row_of_pair, block_m, max_tiles)

@@ -1,0 +1,78 @@
+"""Triton device helpers shared by the SM90 FP8 kernels: activation quantization of a tile.
+
+Numerics follow :mod:`moe_backend.quant.fp8`: a dynamic group scale is
+``max(amax, 1e-10) / 448`` (rounded up to a power of two with ``ue8m0``) and
+``q = clamp(x / s, -448, 448)`` cast to e4m3 (round to nearest even).
+"""
+
+import os
+
+import triton
+import triton.language as tl
+
+FP8_MAX = tl.constexpr(448.0)
+FP8_EPS = tl.constexpr(1e-10)
+#: Triton 3.6's CPU interpreter casts fp32 -> e4m3 / bf16 without carrying a
+#: rounded-up mantissa into the exponent (126.4 -> 64) and truncates subnormals;
+#: under it values are rounded to the target grid first so the cast itself is exact.
+_ROUND_BEFORE_CAST = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+
+
+@triton.jit
+def round_up_pow2(s):
+    """Smallest power of two >= s, for positive normal fp32 ``s`` (exact, no log2)."""
+    bits = s.to(tl.int32, bitcast=True)
+    return ((bits + 0x7FFFFF) & 0x7F800000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def group_scale(x, UE8M0: tl.constexpr):
+    """Dynamic scale of each row of ``x [M, G]`` fp32 (one quantization group per row): ``[M]``."""
+    s = tl.maximum(tl.max(tl.abs(x), axis=1), FP8_EPS) / FP8_MAX
+    if UE8M0:
+        s = round_up_pow2(s)
+    return s
+
+
+@triton.jit
+def _round_to_e4m3_grid(x):
+    """Round fp32 ``x`` (|x| <= 448) to the nearest e4m3 value, ties to even, in fp32."""
+    ax = tl.abs(x)
+    bits = ax.to(tl.int32, bitcast=True)
+    # Normal range: keep 3 of the 23 mantissa bits (a carry may bump the exponent).
+    normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576).to(tl.float32, bitcast=True)
+    # Subnormal range (< 2^-6): multiples of 2^-9; adding 2^14 makes the fp32 ulp 2^-9.
+    subnormal = (ax + 16384.0) - 16384.0
+    r = tl.where(ax >= 0.015625, normal, subnormal)
+    return tl.where(x < 0, -r, r)
+
+
+@triton.jit
+def to_fp8(x, s):
+    """``clamp(x / s)`` as e4m3 (round to nearest even); ``s`` broadcasts against ``x``."""
+    q = tl.clamp(x / s, -FP8_MAX, FP8_MAX)
+    if _ROUND_BEFORE_CAST:
+        q = _round_to_e4m3_grid(q)
+    return q.to(tl.float8e4nv)
+
+
+@triton.jit
+def quantize_tile(x, static_scale_ptr, STATIC: tl.constexpr, UE8M0: tl.constexpr):
+    """Quantize ``x [M, G]`` fp32, one group per row; return ``(q [M, G] e4m3, s [M] fp32)``.
+
+    ``STATIC``: one per-tensor scale read from ``static_scale_ptr`` (``[1]`` fp32).
+    """
+    if STATIC:
+        s = tl.zeros([x.shape[0]], dtype=tl.float32) + tl.load(static_scale_ptr)
+    else:
+        s = group_scale(x, UE8M0)
+    return to_fp8(x, s[:, None]), s
+
+
+@triton.jit
+def to_bf16(x):
+    """fp32 ``x`` as bf16, round to nearest even."""
+    if _ROUND_BEFORE_CAST:
+        bits = x.to(tl.int32, bitcast=True)
+        x = ((bits + 0x7FFF + ((bits >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
+    return x.to(tl.bfloat16)

@@ -1,0 +1,161 @@
+"""NVFP4 fused experts on Hopper (SM90), W4A16: the launcher, its configuration space and path choice.
+
+Hopper has no FP4 tensor cores: the weights stay NVFP4 in memory (0.5625 bytes a
+weight, the decode bandwidth floor) and are dequantized to bf16 in registers
+right before bf16 tensor-core MMAs; activations stay bf16. One call runs, all on
+the GPU with no host sync (CUDA-graph capturable):
+
+1. ``align`` (shared with FP8): group the (token, slot) pairs by local expert in tiles of BLOCK_M rows;
+2. ``gemm1``: gate/up GEMM + SiLU-and-mul, bf16 intermediate ``[P, I]``; also zeroes
+   the fp32 accumulator ``[T, H]``;
+3. ``gemm2``: down GEMM + router weight, atomically summed over the top-k into the accumulator;
+4. ``cast`` (shared with FP8): accumulator -> ``out[:T]`` bf16.
+
+Paths, chosen by the expected rows per local expert ``T * k / E``:
+
+* ``decode``: BLOCK_M = 16 with the weights on the MMA's 64-row side (``SWAP_AB``:
+  wgmma takes them from registers) and 64-row column blocks, so the active
+  experts' weights are spread over every SM and read once (split-K in GEMM2 is a
+  knob; on H100 it did not pay);
+* ``prefill``: large tiles; each dequantized weight tile serves BLOCK_M rows.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+import torch
+
+from ..._checks import check_int, check_out, check_tensor
+from ...expert_weights import NVFP4Weights
+from ...weights.layout import NVFP4KernelWeights, nvfp4_to_kernel_layout
+from .align import align_block_size
+from .config import merge_config
+from .combine import cast_out
+from .nvfp4_gemm1 import gemm1_nvfp4
+from .nvfp4_gemm2 import gemm2_nvfp4
+
+#: Every knob (``config=`` may give any subset; the rest come from the heuristic).
+#: ``*1`` are GEMM1's, ``*2`` GEMM2's; ``BLOCK_K*`` multiples of 16.
+CONFIG_KEYS = ("path", "BLOCK_M",
+               "BLOCK_N1", "BLOCK_K1", "GROUP_M1", "SWAP_AB1", "num_warps1", "num_stages1",
+               "BLOCK_N2", "BLOCK_K2", "SPLIT_K2", "GROUP_M2", "SWAP_AB2", "num_warps2", "num_stages2")
+
+# Defaults: the best of an H100 sweep (docs/performance_nvfp4.md), DeepSeek-V3 shapes.
+DECODE_CONFIG: Dict[str, Any] = dict(
+    path="decode", BLOCK_M=16,
+    BLOCK_N1=64, BLOCK_K1=128, GROUP_M1=1, SWAP_AB1=True, num_warps1=4, num_stages1=4,
+    BLOCK_N2=64, BLOCK_K2=256, SPLIT_K2=1, GROUP_M2=1, SWAP_AB2=True, num_warps2=4, num_stages2=3,
+)
+PREFILL_CONFIG: Dict[str, Any] = dict(
+    path="prefill", BLOCK_M=128,
+    BLOCK_N1=64, BLOCK_K1=64, GROUP_M1=8, SWAP_AB1=False, num_warps1=4, num_stages1=3,
+    BLOCK_N2=128, BLOCK_K2=64, SPLIT_K2=1, GROUP_M2=8, SWAP_AB2=False, num_warps2=8, num_stages2=3,
+)
+
+
+#: What the tuner times per token bucket (each overrides the heuristic default of that size):
+#: the decode path, and prefill tilings from skinny to square.
+CANDIDATE_CONFIGS = (
+    DECODE_CONFIG,
+    dict(DECODE_CONFIG, BLOCK_K2=128, num_stages2=4),
+    dict(PREFILL_CONFIG, BLOCK_M=16, BLOCK_N2=64, num_warps2=4),
+    dict(PREFILL_CONFIG, BLOCK_M=32, BLOCK_N2=64, num_warps2=4),
+    dict(PREFILL_CONFIG, BLOCK_M=64, BLOCK_N2=64, num_warps2=4),
+    dict(PREFILL_CONFIG, BLOCK_M=64),
+    PREFILL_CONFIG,
+    dict(PREFILL_CONFIG, BLOCK_N1=128, num_warps1=8),
+)
+
+
+def default_config(num_tokens: int, top_k: int, num_experts: int) -> Dict[str, Any]:
+    """Heuristic configuration from the expected rows per local expert (balanced routing)."""
+    rows_per_expert = num_tokens * top_k / num_experts
+    if rows_per_expert <= 16:
+        cfg = dict(DECODE_CONFIG)
+    else:
+        cfg = dict(PREFILL_CONFIG)
+        if rows_per_expert <= 512:
+            cfg.update(BLOCK_M=64, BLOCK_N2=64, num_warps2=4)
+    return cfg
+
+
+def resolve_config(config: Optional[dict], num_tokens: int, top_k: int, num_experts: int) -> Dict[str, Any]:
+    """The heuristic default for this size, overridden by the keys of ``config``."""
+    return merge_config(default_config(num_tokens, top_k, num_experts), config, CONFIG_KEYS)
+
+
+def prepare_nvfp4(weights: NVFP4Weights) -> NVFP4KernelWeights:
+    """Put canonical NVFP4 experts in this kernel's layout (see :class:`NVFP4KernelWeights`)."""
+    return nvfp4_to_kernel_layout(weights)
+
+
+def _check_inputs(hidden: torch.Tensor, w: NVFP4KernelWeights, topk_ids: torch.Tensor,
+                  topk_weights: torch.Tensor, local_expert_offset: int, out: torch.Tensor) -> None:
+    if not isinstance(w, NVFP4KernelWeights):
+        raise TypeError(f"prepared_weights: expected NVFP4KernelWeights (from prepare_nvfp4), "
+                        f"got {type(w).__name__}")
+    dev = w.device
+    check_tensor("hidden", hidden, dtype=torch.bfloat16, shape=(None, w.hidden_size), device=dev)
+    t = hidden.shape[0]
+    check_tensor("topk_ids", topk_ids, dtype=torch.int32, shape=(t, None), device=dev)
+    check_tensor("topk_weights", topk_weights, dtype=torch.float32, shape=(t, topk_ids.shape[1]), device=dev)
+    check_int("local_expert_offset", local_expert_offset, minimum=0)
+    if out is None:
+        raise ValueError("out: expected a [R >= T, H] bf16 buffer, got None")
+    check_out("out", out, rows=t, cols=w.hidden_size, dtype=torch.bfloat16, device=dev)
+
+
+def fused_experts_nvfp4(
+    hidden: torch.Tensor,
+    prepared_weights: NVFP4KernelWeights,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    *,
+    local_expert_offset: int,
+    apply_router_weight_on_input: bool,
+    out: torch.Tensor,
+    config: Optional[dict] = None,
+) -> torch.Tensor:
+    """``out[t] = sum_j w[t, j] * expert(ids[t, j])(hidden[t])`` over the local experts, W4A16.
+
+    Args:
+        hidden: ``[T, H]`` bf16, contiguous; T may be 0.
+        prepared_weights: the local experts from :func:`prepare_nvfp4`.
+        topk_ids: ``[T, k]`` int32 global expert ids, contiguous; -1 or ids outside
+            ``[local_expert_offset, local_expert_offset + E)`` contribute nothing.
+        topk_weights: ``[T, k]`` fp32 router weights, contiguous.
+        local_expert_offset: global id of local expert 0.
+        apply_router_weight_on_input: scale the GEMM1 input by the router weight
+            (exactly: GEMM1 scales its fp32 sums) instead of the output.
+        out: ``[R >= T, H]`` bf16 contiguous; rows ``[:T]`` are all written (0 for a
+            token without a local expert), rows ``>= T`` untouched.
+        config: tuning knobs (keys :data:`CONFIG_KEYS`); None: :func:`default_config`.
+
+    Returns:
+        ``out[:T]``. The intermediate ``silu(gate) * up`` is rounded to bf16, as
+        ``reference_fused_experts(..., quantize_activations=True)`` does.
+    """
+    _check_inputs(hidden, prepared_weights, topk_ids, topk_weights, local_expert_offset, out)
+    w = prepared_weights
+    num_tokens, top_k = topk_ids.shape
+    result = out[:num_tokens]
+    if num_tokens == 0:
+        return result
+    if top_k == 0:
+        return result.zero_()
+    cfg = resolve_config(config, num_tokens, top_k, w.num_experts)
+    num_pairs = num_tokens * top_k
+    routing = align_block_size(topk_ids, w.num_experts, local_expert_offset, cfg["BLOCK_M"])
+    acc = torch.empty(num_tokens, w.hidden_size, dtype=torch.float32, device=hidden.device)
+    common = dict(num_pairs=num_pairs, top_k=top_k, weight_on_input=apply_router_weight_on_input)
+    y = gemm1_nvfp4(
+        hidden, w.w13, w.w13_scale, w.w13_scale_2, routing, topk_weights, acc,
+        BLOCK_N=cfg["BLOCK_N1"], BLOCK_K=cfg["BLOCK_K1"], GROUP_M=cfg["GROUP_M1"], SWAP_AB=cfg["SWAP_AB1"],
+        num_warps=cfg["num_warps1"], num_stages=cfg["num_stages1"], **common)
+    gemm2_nvfp4(
+        y, w.w2, w.w2_scale, w.w2_scale_2, routing, topk_weights, acc,
+        BLOCK_N=cfg["BLOCK_N2"], BLOCK_K=cfg["BLOCK_K2"], SPLIT_K=cfg["SPLIT_K2"], GROUP_M=cfg["GROUP_M2"],
+        SWAP_AB=cfg["SWAP_AB2"], num_warps=cfg["num_warps2"], num_stages=cfg["num_stages2"], **common)
+    cast_out(acc, result)
+    return result

@@ -1,0 +1,273 @@
+"""SM90 FP8 fused-experts Triton kernels against the torch reference.
+
+On a CPU the same kernels run under ``TRITON_INTERPRET=1`` (set by
+``tests/conftest.py`` before anything imports Triton kernels) on tiny shapes;
+the ``gpu`` tests cover the DeepSeek-V3 sizes, CUDA-graph replay and host syncs.
+Every run poisons ``out`` with NaN first: rows ``[:T]`` must all be written and
+rows ``>= T`` left untouched.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import pytest
+import torch
+
+from moe_backend.expert_weights import FP8BlockWeights, FP8TensorWeights
+from moe_backend.kernels.reference import reference_fused_experts
+from moe_backend.kernels.sm90 import fused_experts_fp8
+from moe_backend.kernels.sm90.align import align_block_size
+
+CUDA = torch.cuda.is_available()
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cuda" if CUDA else "cpu"
+gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+runs_here = pytest.mark.skipif(not (CUDA or INTERPRET), reason="needs a CUDA GPU or TRITON_INTERPRET=1")
+
+REL_TOL = 1e-2
+#: Forced paths for the interpreter (tiny tiles, both code paths).
+DECODE_SMALL = dict(path="decode", BLOCK_M=16, BLOCK_N1=64, BLOCK_N2=32, SPLIT_K2=2)
+PREFILL_SMALL = dict(path="prefill", BLOCK_M=16, BLOCK_N1=128, BLOCK_N2=64, GROUP_M1=2, GROUP_M2=2,
+                     num_warps1=4, num_warps2=4)
+#: The other combine and GEMM1-input variants of each path.
+DECODE_ALT = dict(DECODE_SMALL, COMBINE="sum", QUANT_ON_LOAD1=False, SPLIT_K2=1)
+PREFILL_ALT = dict(PREFILL_SMALL, COMBINE="atomic", SPLIT_K2=2)
+
+
+@dataclass
+class Problem:
+    hidden: torch.Tensor
+    weights: object
+    ids: torch.Tensor
+    topk_w: torch.Tensor
+    offset: int
+
+
+def _quantized_experts(e: int, i: int, h: int, block: bool, ue8m0: bool, seed: int):
+    """Random experts drawn and quantized on the device a few at a time (the fp32 masters
+    of 256 DeepSeek-V3 experts would not fit)."""
+    from moe_backend.quant import fp8
+    dev = torch.device(DEVICE)
+    g = torch.Generator(device=dev).manual_seed(seed)
+    q13 = torch.empty(e, 2 * i, h, dtype=fp8.FP8_DTYPE, device=dev)
+    q2 = torch.empty(e, h, i, dtype=fp8.FP8_DTYPE, device=dev)
+    s13 = torch.empty((e, 2 * i // 128, h // 128) if block else (e,), device=dev)
+    s2 = torch.empty((e, h // 128, i // 128) if block else (e,), device=dev)
+    quant = fp8.quantize_fp8_block if block else fp8.quantize_fp8_per_tensor
+    for lo in range(0, e, 8):
+        hi = min(e, lo + 8)
+        w13 = torch.randn(hi - lo, 2 * i, h, generator=g, device=dev) / h ** 0.5
+        w2 = torch.randn(hi - lo, h, i, generator=g, device=dev) / i ** 0.5
+        (q13[lo:hi], s13[lo:hi]), (q2[lo:hi], s2[lo:hi]) = quant(w13), quant(w2)
+    if block:
+        return FP8BlockWeights(q13, s13, q2, s2, ue8m0)
+    return FP8TensorWeights(q13, s13, q2, s2)
+
+
+def make_problem(t: int, h: int, i: int, e: int, k: int, *, block: bool, offset: int = 0,
+                 static: bool = False, ue8m0: bool = False, invalid: bool = True,
+                 one_expert: bool = False, seed: int = 0) -> Problem:
+    """Random non-zero inputs; ids drawn from a global range wider than the local experts."""
+    g = torch.Generator().manual_seed(seed)
+    dev = torch.device(DEVICE)
+    hidden = torch.randn(t, h, generator=g).to(torch.bfloat16)
+    weights = _quantized_experts(e, i, h, block, ue8m0, seed)
+    if static and not block:
+        weights.a13_scale = torch.tensor([hidden.float().abs().max().item() / 448.0], device=dev)
+        weights.a2_scale = torch.tensor([4.0 / 448.0], device=dev)
+    # invalid: k distinct ids from [-1, offset + e + 3): -1, other ranks' experts, local ones.
+    lo, span = (-1, offset + e + 4) if invalid else (offset, e)
+    ids = torch.empty(t, k, dtype=torch.long)
+    for row in range(t):
+        ids[row] = torch.randperm(span, generator=g)[:k] + lo
+    if one_expert:
+        ids[:, 0] = offset
+        ids[:, 1:] = -1
+    topk_w = torch.rand(t, k, generator=g) + 0.1
+    return Problem(hidden.to(dev), weights, ids.to(torch.int32).to(dev), topk_w.to(dev), offset)
+
+
+def run_kernel(p: Problem, *, weight_on_input: bool = False, config: Optional[dict] = None,
+               extra_rows: int = 3) -> torch.Tensor:
+    w = p.weights
+    block = isinstance(w, FP8BlockWeights)
+    out = torch.full((p.hidden.shape[0] + extra_rows, p.hidden.shape[1]), float("nan"),
+                     dtype=torch.bfloat16, device=p.hidden.device)
+    res = fused_experts_fp8(
+        p.hidden, w.w13, w.w13_scale, w.w2, w.w2_scale, p.ids, p.topk_w,
+        block_scaled=block, local_expert_offset=p.offset,
+        a13_scale=None if block else w.a13_scale, a2_scale=None if block else w.a2_scale,
+        ue8m0=block and w.ue8m0, apply_router_weight_on_input=weight_on_input, out=out, config=config)
+    t = p.hidden.shape[0]
+    assert res.shape == (t, p.hidden.shape[1]) and (t == 0 or res.data_ptr() == out.data_ptr())
+    assert torch.isnan(out[t:].float()).all(), "rows >= T were written"
+    assert torch.isfinite(res.float()).all(), "some rows [:T] were not written"
+    return res
+
+
+def check(p: Problem, *, weight_on_input: bool = False, config: Optional[dict] = None) -> float:
+    got = run_kernel(p, weight_on_input=weight_on_input, config=config).float()
+    ref = reference_fused_experts(p.hidden, p.weights, p.ids, p.topk_w,
+                                  local_expert_offset=p.offset,
+                                  apply_router_weight_on_input=weight_on_input).float()
+    # Tokens without a local expert must come out exactly 0.
+    assert torch.equal(got[ref.abs().sum(1) == 0], ref[ref.abs().sum(1) == 0])
+    err = ((got - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+    assert err <= REL_TOL, f"relative error {err:.3e}"
+    return err
+
+
+# ----------------------------------------------------------------------------- alignment
+@runs_here
+@pytest.mark.parametrize("t,k,e,offset,bm", [(1, 8, 16, 0, 16), (7, 2, 4, 3, 16), (33, 3, 8, 0, 64),
+                                              (400, 4, 8, 5, 16)])
+def test_align_groups_pairs_by_expert(t, k, e, offset, bm):
+    g = torch.Generator().manual_seed(t)
+    ids = torch.randint(-1, offset + e + 2, (t, k), generator=g, dtype=torch.int32).to(DEVICE)
+    r = align_block_size(ids, e, offset, bm)
+    n = int(r.num_padded)
+    flat = ids.flatten().long().cpu()
+    local = flat - offset
+    valid = (flat >= 0) & (local >= 0) & (local < e)
+    rows = r.sorted_ids[:n].cpu().long()
+    assert n % bm == 0 and n <= r.max_tiles * bm
+    assert sorted(rows[rows < t * k].tolist()) == torch.nonzero(valid).flatten().tolist()
+    assert ((rows < t * k) | (rows == t * k)).all()
+    for tile in range(n // bm):
+        tr = rows[tile * bm:(tile + 1) * bm]
+        tr = tr[tr < t * k]
+        assert len(tr) > 0 and (local[tr] == int(r.tile_expert[tile])).all()
+
+
+# ----------------------------------------------------------------------------- interpreter-sized
+@runs_here
+@pytest.mark.parametrize("config", [DECODE_SMALL, PREFILL_SMALL, DECODE_ALT, PREFILL_ALT],
+                         ids=["decode", "prefill", "decode-alt", "prefill-alt"])
+@pytest.mark.parametrize("t,k,e,offset,ue8m0", [(1, 1, 4, 0, False), (7, 2, 4, 3, False),
+                                                (17, 3, 6, 0, True)])
+def test_block_scaled_small(config, t, k, e, offset, ue8m0):
+    check(make_problem(t, 256, 128, e, k, block=True, offset=offset, ue8m0=ue8m0), config=config)
+
+
+@runs_here
+@pytest.mark.parametrize("config", [DECODE_SMALL, PREFILL_SMALL, PREFILL_ALT],
+                         ids=["decode", "prefill", "prefill-alt"])
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+@pytest.mark.parametrize("h,i", [(64, 32), (160, 144)])
+def test_per_tensor_small(config, static, h, i):
+    check(make_problem(5, h, i, 4, 2, block=False, offset=2, static=static), config=config)
+
+
+@runs_here
+@pytest.mark.parametrize("config", [DECODE_SMALL, PREFILL_SMALL], ids=["decode", "prefill"])
+@pytest.mark.parametrize("block", [True, False], ids=["block", "tensor"])
+def test_weight_on_input(config, block):
+    check(make_problem(6, 256, 128, 4, 1, block=block, invalid=False), weight_on_input=True,
+          config=config)
+
+
+@runs_here
+def test_all_tokens_one_expert_and_no_local_expert():
+    check(make_problem(40, 256, 128, 4, 2, block=True, offset=8, one_expert=True), config=PREFILL_SMALL)
+    p = make_problem(5, 256, 128, 4, 2, block=True, offset=100, invalid=False)
+    p.ids = torch.full_like(p.ids, -1)
+    assert run_kernel(p, config=DECODE_SMALL).float().abs().sum() == 0
+
+
+@runs_here
+def test_zero_tokens():
+    p = make_problem(0, 256, 128, 4, 2, block=True)
+    assert run_kernel(p).shape == (0, 256)
+
+
+@runs_here
+def test_default_config_both_paths():
+    """The heuristic picks decode for few rows per expert and prefill for many."""
+    from moe_backend.kernels.sm90 import default_config
+    assert default_config(1, 8, 256)["path"] == "decode"
+    assert default_config(4, 8, 32)["path"] == "decode"
+    assert default_config(8192, 8, 32)["path"] == "prefill"
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", [dict(COMBINE="atomic", SPLIT_K2=2), dict(COMBINE="sum", SPLIT_K2=1),
+                                     dict(QUANT_ON_LOAD1=False)], ids=["atomic", "sum", "prequant"])
+@pytest.mark.parametrize("t,e", [(3, 256), (700, 32)])
+def test_gpu_config_variants(variant, t, e):
+    check(make_problem(t, 7168, 512, e, 8, block=True, offset=4), config=variant)
+
+
+# ----------------------------------------------------------------------------- GPU
+GPU_CASES = [
+    # t, h, i, e, k, block, offset
+    (1, 7168, 2048, 256, 8, True, 0),
+    (2, 7168, 2048, 32, 8, True, 64),
+    (3, 7168, 256, 8, 2, True, 0),
+    (16, 7168, 2048, 32, 8, True, 0),
+    (33, 7168, 512, 32, 8, True, 32),
+    (128, 7168, 1024, 256, 8, True, 0),
+    (1000, 7168, 512, 32, 8, True, 0),
+    (4096, 7168, 256, 8, 2, True, 0),
+    (8192, 7168, 2048, 32, 8, True, 0),
+    (7, 7168, 2048, 8, 1, False, 0),
+    (128, 7168, 512, 32, 8, False, 16),
+    (4096, 7168, 256, 8, 2, False, 0),
+    (9, 384, 272, 5, 3, False, 1),      # odd per-tensor shapes: partial 128-groups
+    (37, 1152, 384, 7, 2, True, 3),
+]
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("t,h,i,e,k,block,offset", GPU_CASES)
+def test_gpu_matches_reference(t, h, i, e, k, block, offset):
+    p = make_problem(t, h, i, e, k, block=block, offset=offset, static=not block and t % 2 == 0,
+                     ue8m0=block and t % 2 == 1)
+    check(p)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("t", [4096, 16])
+def test_gpu_one_expert_and_weight_on_input(t):
+    check(make_problem(t, 7168, 512, 32, 8, block=True, one_expert=True))
+    check(make_problem(t, 7168, 512, 32, 1, block=True, invalid=False), weight_on_input=True)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("t", [1, 64, 2048])
+def test_gpu_cuda_graph_replay_and_no_sync(t):
+    """Capture at one size, replay with new data in the same buffers: equals eager."""
+    p = make_problem(t, 7168, 512, 32, 8, block=True)
+    w = p.weights
+    out = torch.empty(t, 7168, dtype=torch.bfloat16, device="cuda")
+
+    def call():
+        return fused_experts_fp8(p.hidden, w.w13, w.w13_scale, w.w2, w.w2_scale, p.ids, p.topk_w,
+                                 block_scaled=True, local_expert_offset=0, a13_scale=None,
+                                 a2_scale=None, ue8m0=False, apply_router_weight_on_input=False,
+                                 out=out)
+
+    call()  # compile outside the capture
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        call()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    fresh = make_problem(t, 7168, 512, 32, 8, block=True, seed=1)
+    p.hidden.copy_(fresh.hidden)
+    p.ids.copy_(fresh.ids)
+    p.topk_w.copy_(fresh.topk_w)
+    graph.replay()
+    replayed = out.clone()
+    eager = call().clone()
+    assert ((replayed.float() - eager.float()).norm() / eager.float().norm()).item() < 1e-3
