@@ -95,7 +95,8 @@ class MoELayer:
         self._device = weights.device
         self.correction_bias = correction_bias
         self.requested_kernel = kernel
-        self._kernels = {routed: select_kernel(weights.precision, weights.device, routed, kernel)
+        self._kernels = {routed: select_kernel(weights.precision, weights.device, routed, kernel,
+                                               weight_on_input=config.apply_router_weight_on_input)
                          for routed in (False, True)}
         self.deterministic = deterministic
         self._fixed_configs: Dict[str, dict] = {}

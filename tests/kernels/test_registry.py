@@ -41,3 +41,14 @@ def test_table_rows_name_registered_kernels():
 def test_available_kernels_lists_reasons():
     table = registry.available_kernels(torch.device("cpu"))
     assert table["reference"]["nvfp4"] is None
+
+
+def test_weight_on_input_defect_keeps_fp8_layers_off_the_triton_kernel(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    cpu = torch.device("cpu")
+    kernel = registry.select_kernel("fp8_block", cpu, True, "sm90_triton_fp8")
+    assert kernel.name == "sm90_triton_fp8"
+    with pytest.raises(registry.KernelUnavailableError, match="apply_router_weight_on_input is not supported"):
+        registry.select_kernel("fp8_block", cpu, True, "sm90_triton_fp8", weight_on_input=True)
+    assert registry.select_kernel("nvfp4", cpu, True, "sm90_triton_nvfp4", weight_on_input=True).name \
+        == "sm90_triton_nvfp4"
