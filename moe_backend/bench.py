@@ -26,7 +26,7 @@ import logging
 import math
 import os
 import re
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -161,18 +161,37 @@ def _rowwise_quant(x: torch.Tensor):
 
 
 # ----------------------------------------------------------------------------- timing
-def _time(fn: Callable[[int], object], quick: bool) -> float:
-    """Median microseconds of ``fn(i)`` over rotating input sets i, L2 flushed before each call."""
+def _time(fn: Callable[[int], object], quick: bool) -> Tuple[float, str]:
+    """Median microseconds of ``fn(i)`` over rotating input sets i, L2 flushed before each call.
+
+    Each set's call is captured in a CUDA graph and replayed, as engines run the layer (eager
+    timing at small T measures Python and launch overhead, not the kernels); when capture
+    fails the calls run eagerly. Returns the time and ``"cuda_graph"`` or ``"eager"``.
+    """
     import triton.testing
 
+    for s in range(INPUT_SETS):
+        fn(s)  # compile and warm up outside any capture
+    torch.cuda.synchronize()
+    try:
+        graphs = []
+        for s in range(INPUT_SETS):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                fn(s)
+            graphs.append(graph)
+        calls, mode = [g.replay for g in graphs], "cuda_graph"
+    except RuntimeError as exc:
+        logger.warning("CUDA-graph capture failed (%s): timing eager launches", exc)
+        calls, mode = [lambda s=s: fn(s) for s in range(INPUT_SETS)], "eager"
     state = {"i": 0}
 
     def call():
-        fn(state["i"] % INPUT_SETS)
+        calls[state["i"] % INPUT_SETS]()
         state["i"] += 1
 
     rep = 40 if quick else 100
-    return triton.testing.do_bench(call, warmup=10, rep=rep, return_mode="median") * 1e3
+    return triton.testing.do_bench(call, warmup=10, rep=rep, return_mode="median") * 1e3, mode
 
 
 def measure_device_peaks(device: torch.device) -> Dict[str, float]:
@@ -222,17 +241,18 @@ def run_bench(args: argparse.Namespace, device: torch.device) -> List[dict]:
             out = torch.empty(t, args.hidden, dtype=torch.bfloat16, device=device)
             base = dict(device=name, E=e, T=t, topk=args.topk, hidden=args.hidden, inter=args.inter)
             for precision, run in runs.items():
-                us = _time(lambda s: run(*sets[s], out), args.quick)
-                records.append(dict(base, precision=precision, impl="moe_backend", median_us=us,
+                us, mode = _time(lambda s: run(*sets[s], out), args.quick)
+                records.append(dict(base, precision=precision, impl="moe_backend", median_us=us, timing=mode,
                                     **floor_us(t, args.topk, e, args.hidden, args.inter, precision)))
             if not args.no_baseline:
                 try:
-                    us = _time(lambda s: layer.baseline(*sets[s], out), args.quick)
+                    us, mode = _time(lambda s: layer.baseline(*sets[s], out), args.quick)
                 except RuntimeError as exc:  # an unsupported torch build: report, keep going
                     logger.warning("torch._scaled_grouped_mm failed at E=%d T=%d: %s", e, t, exc)
-                    us = None
+                    us, mode = None, None
                 records.append(dict(base, precision="fp8_rowwise", impl="torch_scaled_grouped_mm",
-                                    median_us=us, **floor_us(t, args.topk, e, args.hidden, args.inter)))
+                                    median_us=us, timing=mode,
+                                    **floor_us(t, args.topk, e, args.hidden, args.inter)))
             logger.info("E=%d T=%d done", e, t)
     return records
 
@@ -241,7 +261,7 @@ def format_table(records: List[dict]) -> str:
     """One row per (E, T, precision): ours, baseline, ratio, floor, fraction of floor."""
     base = {(r["E"], r["T"]): r["median_us"] for r in records if r["impl"] != "moe_backend"}
     lines = [f"{'E':>4} {'T':>5} {'precision':<10} {'ours us':>9} {'baseline us':>11} {'ratio':>6} "
-             f"{'floor us':>9} {'floor/ours':>10}"]
+             f"{'floor us':>9} {'floor/ours':>10} timing"]
     for r in records:
         if r["impl"] != "moe_backend":
             continue
@@ -249,12 +269,12 @@ def format_table(records: List[dict]) -> str:
         ratio = f"{b / r['median_us']:.2f}" if b else "-"
         lines.append(f"{r['E']:>4} {r['T']:>5} {r['precision']:<10} {r['median_us']:>9.1f} "
                      f"{(f'{b:.1f}' if b else '-'):>11} {ratio:>6} {r['floor_us']:>9.1f} "
-                     f"{r['floor_us'] / r['median_us']:>10.2f}")
+                     f"{r['floor_us'] / r['median_us']:>10.2f} {r.get('timing', '-')}")
     return "\n".join(lines)
 
 
 def plot(records: List[dict], path: str) -> Optional[str]:
-    """Latency vs T per E with the floor; None when matplotlib is missing."""
+    """Latency vs T per E with each weight format's floor; None when matplotlib is missing."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -271,8 +291,11 @@ def plot(records: List[dict], path: str) -> Optional[str]:
                    if (r["impl"], r["precision"]) == key and r["median_us"] is not None]
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=f"{key[0]} ({key[1]})")
-        floors = sorted({(r["T"], r["floor_us"]) for r in rs})
-        ax.plot(*zip(*floors), "k--", label="floor")
+        for fmt, style in (("fp8", "k--"), ("nvfp4", "k:")):
+            floors = sorted({(r["T"], r["floor_us"]) for r in rs
+                             if r["impl"] == "moe_backend" and r["precision"].startswith(fmt)})
+            if floors:
+                ax.plot(*zip(*floors), style, label=f"{fmt} floor")
         ax.set(xscale="log", yscale="log", xlabel="tokens T", ylabel="µs", title=f"E={e}")
         ax.legend(fontsize=7)
     fig.tight_layout()
