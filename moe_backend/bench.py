@@ -31,7 +31,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .expert_weights import FP8BlockWeights, FP8TensorWeights, NVFP4Weights
+from .kernels.registry import KERNELS
 from .layer import LAYER_TYPES, MoEConfig
+from .runtime import DEFAULT_POOL
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +47,13 @@ DEFAULT_T = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 QUICK_T = (1, 16, 128, 1024, 8192)
 PRECISIONS = ("fp8_block", "fp8_tensor", "nvfp4")
 INPUT_SETS = 4
+#: Runtime variants of the FP8 block kernel (``--variants``): configuration overrides.
+VARIANTS = {
+    "deterministic": None,  # the kernel's DETERMINISTIC_CONFIG
+    "zero_fused": {"COMBINE": "atomic", "ZERO": "fused"},
+    "zero_sync": {"COMBINE": "atomic", "ZERO": "sync"},
+    "zero_stream": {"COMBINE": "atomic", "ZERO": "stream"},
+}
 FP8 = torch.float8_e4m3fn
 
 
@@ -59,6 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-dir", default=os.path.join("docs", "results"))
     parser.add_argument("--quick", action="store_true", help=f"T in {QUICK_T}, fewer repetitions")
     parser.add_argument("--no-baseline", action="store_true", help="skip torch._scaled_grouped_mm")
+    parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=[],
+                        help="also time fp8_block in these runtime variants (deterministic mode, zeroing "
+                             "of the atomic combine: fused in GEMM1, sync memset, auxiliary stream)")
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -119,6 +131,17 @@ class Layer:
         layer = LAYER_TYPES[precision](self.weights[precision](), self.config)
         logger.info("%s E=%d: kernel %s", precision, self.e, layer.kernel_name(True))
         return lambda hidden, ids, weights, out: layer.experts(hidden, ids, weights, out=out)
+
+    def variant(self, name: str) -> Callable[..., torch.Tensor]:
+        """The FP8 block kernel with a runtime variant's configuration (see :data:`VARIANTS`)."""
+        kernel = KERNELS["sm90_triton_fp8"]
+        override = VARIANTS[name] if VARIANTS[name] is not None else kernel.deterministic_config()
+        weights = self.weights["fp8_block"]()
+
+        def run(hidden, ids, topk_weights, out):
+            return kernel.run(weights, hidden, ids, topk_weights, local_expert_offset=0,
+                              apply_router_weight_on_input=False, out=out, config=override)
+        return run
 
     def baseline(self, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                  out: torch.Tensor) -> torch.Tensor:
@@ -232,6 +255,7 @@ def run_bench(args: argparse.Namespace, device: torch.device) -> List[dict]:
     for e in args.E:
         layer = Layer(e, args.hidden, args.inter, args.topk, device)
         runs = {precision: layer.ours(precision) for precision in args.precision}
+        runs.update({f"fp8_block[{v}]": layer.variant(v) for v in args.variants})
         for t in ts:
             gen = torch.Generator().manual_seed(t)
             sets = [(torch.randn(t, args.hidden, device=device).to(torch.bfloat16),
@@ -242,8 +266,10 @@ def run_bench(args: argparse.Namespace, device: torch.device) -> List[dict]:
             base = dict(device=name, E=e, T=t, topk=args.topk, hidden=args.hidden, inter=args.inter)
             for precision, run in runs.items():
                 us, mode = _time(lambda s: run(*sets[s], out), args.quick)
-                records.append(dict(base, precision=precision, impl="moe_backend", median_us=us, timing=mode,
-                                    **floor_us(t, args.topk, e, args.hidden, args.inter, precision)))
+                fmt = precision.split("[")[0]
+                records.append(dict(base, precision=fmt, impl="moe_backend" + precision[len(fmt):],
+                                    median_us=us, timing=mode,
+                                    **floor_us(t, args.topk, e, args.hidden, args.inter, fmt)))
             if not args.no_baseline:
                 try:
                     us, mode = _time(lambda s: layer.baseline(*sets[s], out), args.quick)
@@ -259,15 +285,16 @@ def run_bench(args: argparse.Namespace, device: torch.device) -> List[dict]:
 
 def format_table(records: List[dict]) -> str:
     """One row per (E, T, precision): ours, baseline, ratio, floor, fraction of floor."""
-    base = {(r["E"], r["T"]): r["median_us"] for r in records if r["impl"] != "moe_backend"}
+    base = {(r["E"], r["T"]): r["median_us"] for r in records if r["impl"] == "torch_scaled_grouped_mm"}
     lines = [f"{'E':>4} {'T':>5} {'precision':<10} {'ours us':>9} {'baseline us':>11} {'ratio':>6} "
              f"{'floor us':>9} {'floor/ours':>10} timing"]
     for r in records:
-        if r["impl"] != "moe_backend":
+        if not r["impl"].startswith("moe_backend"):
             continue
         b = base.get((r["E"], r["T"]))
         ratio = f"{b / r['median_us']:.2f}" if b else "-"
-        lines.append(f"{r['E']:>4} {r['T']:>5} {r['precision']:<10} {r['median_us']:>9.1f} "
+        name = r["precision"] + r["impl"][len("moe_backend"):]
+        lines.append(f"{r['E']:>4} {r['T']:>5} {name:<10} {r['median_us']:>9.1f} "
                      f"{(f'{b:.1f}' if b else '-'):>11} {ratio:>6} {r['floor_us']:>9.1f} "
                      f"{r['floor_us'] / r['median_us']:>10.2f} {r.get('timing', '-')}")
     return "\n".join(lines)
@@ -315,6 +342,8 @@ def main(args: argparse.Namespace) -> int:
           f"(floors use {ANCHOR_BW_GBS:.0f} GB/s, {ANCHOR_FP8_TFLOPS:.0f} TFLOP/s)")
     records = run_bench(args, device)
     print(format_table(records))
+    print(f"shared workspace pool after the sweep: {DEFAULT_POOL.nbytes() / 2**20:.0f} MiB "
+          f"(one set of buffers for every layer of a model)")
     os.makedirs(args.output_dir, exist_ok=True)
     stem = os.path.join(args.output_dir, f"{_device_slug(name)}-{datetime.date.today().isoformat()}")
     with open(stem + ".json", "w") as f:

@@ -1,5 +1,5 @@
 """Runtime support: shared buffers, zeroing streams, graph safety."""
 
-from .buffers import DEFAULT_POOL, BufferGrowthInCaptureError, BufferPool
+from .buffers import DEFAULT_POOL, BufferGrowthInCaptureError, BufferPool, workspace
 
-__all__ = ["DEFAULT_POOL", "BufferGrowthInCaptureError", "BufferPool"]
+__all__ = ["DEFAULT_POOL", "BufferGrowthInCaptureError", "BufferPool", "workspace"]

@@ -98,3 +98,8 @@ class BufferPool:
 
 #: The process-wide pool every layer uses unless given its own.
 DEFAULT_POOL = BufferPool()
+
+
+def workspace(rows: int, width: int, dtype: torch.dtype, device: torch.device, role: str) -> torch.Tensor:
+    """A ``[rows, width]`` view of the shared ``role`` buffer of :data:`DEFAULT_POOL` (contents undefined)."""
+    return DEFAULT_POOL.get(rows, width, dtype, device, role)

@@ -280,3 +280,25 @@ def test_gpu_cuda_graph_replay_and_no_sync(t):
     replayed = out.clone()
     eager = call().clone()
     assert ((replayed.float() - eager.float()).norm() / eager.float().norm()).item() < 1e-3
+
+
+@runs_here
+@pytest.mark.parametrize("zero", ["sync", "stream"])
+def test_zeroing_modes_of_the_atomic_combine(zero):
+    """Every zeroing mode leaves the same result (CPU: 'stream' falls back to 'sync')."""
+    p = make_problem(9, 256, 128, 4, 2, block=True, offset=1)
+    check(p, config={"COMBINE": "atomic", "ZERO": zero})
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_stream_zeroing_over_thousands_of_random_sizes():
+    """The auxiliary-stream zeroing of only the active rows gives the single-stream result."""
+    p = make_problem(64, 1024, 256, 16, 8, block=True, invalid=False)
+    full = run_kernel(p, config={"COMBINE": "atomic", "ZERO": "sync"}).float()
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(2000):
+        t = int(torch.randint(1, 65, (1,), generator=gen))
+        q = Problem(p.hidden[:t], p.weights, p.ids[:t].contiguous(), p.topk_w[:t].contiguous(), p.offset)
+        got = run_kernel(q, config={"COMBINE": "atomic", "ZERO": "stream"}).float()
+        assert ((got - full[:t]).norm() / full[:t].norm()).item() < 1e-3

@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ...runtime import workspace
+
 from .fp8_tile import quantize_tile
 
 GROUP = 128
@@ -44,7 +46,7 @@ def act_quant_fp8(hidden: torch.Tensor, static_scale: Optional[torch.Tensor],
     t, h = hidden.shape
     assert hidden.stride(1) == 1
     groups = triton.cdiv(h, GROUP)
-    q = torch.empty(t, h, dtype=torch.float8_e4m3fn, device=hidden.device)
+    q = workspace(t, h, torch.float8_e4m3fn, hidden.device, "moe_input_fp8")
     static = static_scale is not None
     s = static_scale if static else torch.empty(t, groups, dtype=torch.float32, device=hidden.device)
     grid = (t, triton.cdiv(groups, GROUPS_PER_PROGRAM))

@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from .align import AlignedRouting
+from ...runtime import workspace
 from .fp8_tile import quantize_tile
 
 ZERO_BLOCK = tl.constexpr(1024)
@@ -171,11 +172,11 @@ def gemm1_fp8(
     assert not block_scaled or BLOCK_K == 128
     assert not (quant_out and a2_static is None) or BLOCK_N == 128
     if quant_out:
-        y = torch.empty(rows, inter, dtype=torch.float8_e4m3fn, device=dev)
-        y_scale = None if a2_static is not None else torch.empty(
-            rows, triton.cdiv(inter, 128), dtype=torch.float32, device=dev)
+        y = workspace(rows, inter, torch.float8_e4m3fn, dev, "moe_intermediate")
+        y_scale = None if a2_static is not None else workspace(
+            rows, triton.cdiv(inter, 128), torch.float32, dev, "moe_intermediate_scale")
     else:
-        y = torch.empty(rows, inter, dtype=torch.float32, device=dev)
+        y = workspace(rows, inter, torch.float32, dev, "moe_intermediate")
         y_scale = None
     dummy = w13_scale  # stands for pointers a variant does not read
     ys = y_scale if y_scale is not None else dummy

@@ -29,6 +29,7 @@ from typing import Any, Dict, Optional
 import torch
 
 from .act_quant import act_quant_fp8
+from ...runtime import workspace
 from .align import align_block_size
 from .config import merge_config
 from .combine import cast_out, sum_pairs
@@ -37,16 +38,16 @@ from .fp8_gemm2 import gemm2_fp8
 
 #: Every knob of a configuration (``config=`` may give any subset; the rest come from the heuristic).
 #: ``*1`` are GEMM1's, ``*2`` GEMM2's; ``BLOCK_K`` must be 128 with dynamic scales or block weights.
-CONFIG_KEYS = ("path", "COMBINE", "QUANT_ON_LOAD1", "BLOCK_M", "BLOCK_N1", "BLOCK_K1", "GROUP_M1", "num_warps1", "num_stages1",
+CONFIG_KEYS = ("path", "COMBINE", "ZERO", "QUANT_ON_LOAD1", "BLOCK_M", "BLOCK_N1", "BLOCK_K1", "GROUP_M1", "num_warps1", "num_stages1",
                "BLOCK_N2", "BLOCK_K2", "SPLIT_K2", "GROUP_M2", "num_warps2", "num_stages2")
 
 DECODE_CONFIG: Dict[str, Any] = dict(
-    path="decode", COMBINE="atomic", QUANT_ON_LOAD1=True, BLOCK_M=16,
+    path="decode", COMBINE="atomic", ZERO="fused", QUANT_ON_LOAD1=True, BLOCK_M=16,
     BLOCK_N1=64, BLOCK_K1=128, GROUP_M1=1, num_warps1=4, num_stages1=4,
     BLOCK_N2=64, BLOCK_K2=128, SPLIT_K2=2, GROUP_M2=1, num_warps2=4, num_stages2=4,
 )
 PREFILL_CONFIG: Dict[str, Any] = dict(
-    path="prefill", COMBINE="sum", QUANT_ON_LOAD1=False, BLOCK_M=128,
+    path="prefill", COMBINE="sum", ZERO="fused", QUANT_ON_LOAD1=False, BLOCK_M=128,
     BLOCK_N1=128, BLOCK_K1=128, GROUP_M1=8, num_warps1=8, num_stages1=3,
     BLOCK_N2=128, BLOCK_K2=128, SPLIT_K2=1, GROUP_M2=8, num_warps2=8, num_stages2=3,
 )
@@ -97,6 +98,42 @@ def default_config(num_tokens: int, top_k: int, num_experts: int) -> Dict[str, A
 def resolve_config(config: Optional[dict], num_tokens: int, top_k: int, num_experts: int) -> Dict[str, Any]:
     """The heuristic default for this size, overridden by the keys of ``config``."""
     return merge_config(default_config(num_tokens, top_k, num_experts), config, CONFIG_KEYS)
+
+
+def _start_zeroing(acc: torch.Tensor, mode: str) -> Optional[torch.cuda.Event]:
+    """Zero the atomic combine's ``acc [T, H]`` fp32 (only the active rows exist in the view).
+
+    ``fused``: GEMM1's programs zero it as they run (no launch; nothing to do here);
+    ``sync``: a memset on the current stream before GEMM1;
+    ``stream``: a memset on an auxiliary stream overlapped with the quantization and GEMM1,
+    joined by the returned event before GEMM2 (``sync`` where CUDA streams are unavailable).
+    """
+    if mode == "fused":
+        return None
+    if mode == "stream" and acc.is_cuda:
+        main = torch.cuda.current_stream(acc.device)
+        aux = _aux_stream(acc.device)
+        aux.wait_stream(main)  # acc's previous readers (the last layer's cast) come first
+        with torch.cuda.stream(aux):
+            acc.zero_()
+            done = torch.cuda.Event()
+            done.record(aux)
+        return done
+    if mode not in ("sync", "stream"):
+        raise ValueError(f"config: ZERO must be 'fused', 'sync' or 'stream', got {mode!r}")
+    acc.zero_()
+    return None
+
+
+_AUX_STREAMS: Dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _aux_stream(device: torch.device) -> torch.cuda.Stream:
+    """One auxiliary stream per device, created once (stream creation is not capturable)."""
+    key = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
+    if key not in _AUX_STREAMS:
+        _AUX_STREAMS[key] = torch.cuda.Stream(key)
+    return _AUX_STREAMS[key]
 
 
 def fused_experts_fp8(
@@ -163,17 +200,20 @@ def fused_experts_fp8(
         a, a_scale = act_quant_fp8(hidden, a13_scale, ue8m0)
     atomic = cfg["COMBINE"] == "atomic"
     if atomic:
-        acc = torch.empty(num_tokens, hidden_size, dtype=torch.float32, device=hidden.device)
+        acc = workspace(num_tokens, hidden_size, torch.float32, hidden.device, "moe_combine")
+        joined = _start_zeroing(acc, cfg["ZERO"])
     else:
-        acc = torch.empty(routing.max_tiles * routing.block_m, hidden_size, dtype=torch.bfloat16,
-                          device=hidden.device)
+        acc = workspace(routing.max_tiles * routing.block_m, hidden_size, torch.bfloat16, hidden.device,
+                        "moe_pair_rows")
     common = dict(num_pairs=num_pairs, top_k=top_k, block_scaled=block_scaled, ue8m0=ue8m0,
                   weight_on_input=apply_router_weight_on_input)
     y, y_scale = gemm1_fp8(
-        a, a_scale, w13, w13_scale, routing, topk_weights, acc if atomic else acc[:0],
+        a, a_scale, w13, w13_scale, routing, topk_weights, acc if atomic and cfg["ZERO"] == "fused" else acc[:0],
         quant_on_load=quant_on_load, a13_static=a13_scale, quant_out=not decode, a2_static=a2_scale,
         BLOCK_N=cfg["BLOCK_N1"], BLOCK_K=cfg["BLOCK_K1"], GROUP_M=cfg["GROUP_M1"],
         num_warps=cfg["num_warps1"], num_stages=cfg["num_stages1"], **common)
+    if atomic and joined is not None:
+        torch.cuda.current_stream().wait_event(joined)
     gemm2_fp8(
         y, y_scale, w2, w2_scale, routing, topk_weights, acc,
         quant_on_load=decode, a2_static=a2_scale, atomic=atomic,

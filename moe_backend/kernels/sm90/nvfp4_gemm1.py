@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ...runtime import workspace
 from .align import AlignedRouting
 from .fp8_gemm1 import tile_coords
 from .nvfp4_tile import WEIGHT_SHIFT, dequant_words, mma, zero_fill
@@ -122,7 +123,7 @@ def gemm1_nvfp4(
     e, two_i, h_words = w13.shape
     inter, h = two_i // 2, h_words * 8
     assert BLOCK_K % 16 == 0 and hidden.stride(1) == 1
-    y = torch.empty(routing.max_tiles * routing.block_m, inter, dtype=torch.bfloat16, device=hidden.device)
+    y = workspace(routing.max_tiles * routing.block_m, inter, torch.bfloat16, hidden.device, "moe_intermediate")
     grid = (routing.max_tiles * triton.cdiv(inter, BLOCK_N),)
     _gemm1_kernel[grid](
         hidden, w13, w13_scale, w13_scale_2, y,

@@ -28,6 +28,7 @@ import torch
 
 from ..._checks import check_int, check_out, check_tensor
 from ...expert_weights import NVFP4Weights
+from ...runtime import workspace
 from ...weights.layout import NVFP4KernelWeights, nvfp4_to_kernel_layout
 from .align import align_block_size
 from .config import merge_config
@@ -147,7 +148,7 @@ def fused_experts_nvfp4(
     cfg = resolve_config(config, num_tokens, top_k, w.num_experts)
     num_pairs = num_tokens * top_k
     routing = align_block_size(topk_ids, w.num_experts, local_expert_offset, cfg["BLOCK_M"])
-    acc = torch.empty(num_tokens, w.hidden_size, dtype=torch.float32, device=hidden.device)
+    acc = workspace(num_tokens, w.hidden_size, torch.float32, hidden.device, "moe_combine")
     common = dict(num_pairs=num_pairs, top_k=top_k, weight_on_input=apply_router_weight_on_input)
     y = gemm1_nvfp4(
         hidden, w.w13, w.w13_scale, w.w13_scale_2, routing, topk_weights, acc,
