@@ -24,18 +24,10 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-@dataclass
-class ExpertWeights:
-    """Base class: shapes and the per-expert dequantization every format provides."""
+class ExpertShapes:
+    """Shapes read off ``w13 [E, 2I, *]`` and ``w2 [E, H, *]`` of a dataclass of tensors, and its size;
+    shared by the canonical containers and kernel layouts."""
 
-    precision: ClassVar[str]
-    #: Every H and I must be a multiple of this (fp8 block: whole 128-blocks).
-    size_multiple: ClassVar[int] = 16
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    # -- shapes ---------------------------------------------------------------------------
     @property
     def num_experts(self) -> int:
         return self.w13.shape[0]
@@ -60,6 +52,18 @@ class ExpertWeights:
     def nbytes(self) -> int:
         """Bytes the weights and scales occupy."""
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+
+@dataclass
+class ExpertWeights(ExpertShapes):
+    """Base class: shapes and the per-expert dequantization every format provides."""
+
+    precision: ClassVar[str]
+    #: Every H and I must be a multiple of this (fp8 block: whole 128-blocks).
+    size_multiple: ClassVar[int] = 16
+
+    def __post_init__(self) -> None:
+        self.validate()
 
     def _check_sizes(self, e: int, h: int, i: int) -> None:
         m = self.size_multiple

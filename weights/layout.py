@@ -29,13 +29,13 @@ The NVFP4 SM90 kernel layout (:class:`NVFP4KernelWeights`, produced by
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Tuple
 
 import torch
 
 from .._checks import check_int, check_tensor
-from ..expert_weights import NVFP4Weights
+from ..expert_weights import ExpertShapes, NVFP4Weights
 from ..quant.fp8 import FP8_DTYPE
 from ..quant.nvfp4 import GROUP, pack_e2m1, unpack_e2m1
 
@@ -134,7 +134,7 @@ def unpack_kernel_words(words: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class NVFP4KernelWeights:
+class NVFP4KernelWeights(ExpertShapes):
     """NVFP4 experts in the layout of the SM90 W4A16 kernel (``kernels/sm90/nvfp4_*``).
 
     * ``w13 [E, 2I, H/8]`` int32, rows ``[gate; up]``; ``w2 [E, H, I/8]`` int32.
@@ -178,25 +178,6 @@ class NVFP4KernelWeights:
         check_tensor("w2_scale", self.w2_scale, dtype=FP8_DTYPE, shape=(e, h, i // GROUP), device=dev)
         check_tensor("w2_scale_2", self.w2_scale_2, dtype=torch.float32, shape=(e,), device=dev)
 
-    @property
-    def num_experts(self) -> int:
-        return self.w13.shape[0]
-
-    @property
-    def intermediate_size(self) -> int:
-        return self.w13.shape[1] // 2
-
-    @property
-    def hidden_size(self) -> int:
-        return self.w2.shape[1]
-
-    @property
-    def device(self) -> torch.device:
-        return self.w13.device
-
-    def nbytes(self) -> int:
-        """Bytes the codes and scales occupy."""
-        return sum(getattr(self, f.name).numel() * getattr(self, f.name).element_size() for f in fields(self))
 
 
 def nvfp4_to_kernel_layout(weights: NVFP4Weights) -> NVFP4KernelWeights:

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -17,18 +18,24 @@ def _argsort_desc(values):
     return sorted(range(len(values)), key=lambda i: (-values[i], i))
 
 
+def _f32_add(a: float, b: float) -> float:
+    return float(np.float32(a) + np.float32(b))
+
+
 def _loop_noaux_tc(logits, bias, k, n_group, topk_group, norm, scale):
+    """The selection logic in plain python on the same fp32 scores (sigmoid, +bias and the
+    two-member group sums rounded as fp32), so ties and near-ties are the implementation's."""
     ids_all, w_all = [], []
-    for row in logits.tolist():
-        s = [_sigmoid(x) for x in row]
-        b = [si + bi for si, bi in zip(s, bias.tolist())]
-        per = len(row) // n_group
+    scores = torch.sigmoid(logits)
+    for s_row, b_row in zip(scores.tolist(), (scores + bias).tolist()):
+        s, b = s_row, b_row
+        per = len(s) // n_group
         gscore = []
         for g in range(n_group):
             members = sorted(b[g * per:(g + 1) * per], reverse=True)
-            gscore.append(members[0] + members[1])
+            gscore.append(_f32_add(members[0], members[1]))
         keep = set(_argsort_desc(gscore)[:topk_group])
-        masked = [b[e] if e // per in keep else -math.inf for e in range(len(row))]
+        masked = [b[e] if e // per in keep else -math.inf for e in range(len(s))]
         ids = _argsort_desc(masked)[:k]
         w = [s[e] for e in ids]
         if norm:

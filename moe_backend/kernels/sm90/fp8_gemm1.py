@@ -31,18 +31,9 @@ import triton.language as tl
 from .align import AlignedRouting
 from ...runtime import workspace
 from .fp8_tile import quantize_tile
+from .tiles import aligned_rows, tile_coords, zero_fill
 
 ZERO_BLOCK = tl.constexpr(1024)
-
-
-@triton.jit
-def tile_coords(pid, max_tiles, num_n, GROUP_M: tl.constexpr):
-    """Program id -> (tile, column block), GROUP_M tiles at a time so tiles of one
-    expert walk the same weight columns together (weights stay in L2)."""
-    per_group = GROUP_M * num_n
-    first = (pid // per_group) * GROUP_M
-    size = tl.minimum(max_tiles - first, GROUP_M)
-    return first + (pid % per_group) % size, (pid % per_group) // size
 
 
 @triton.jit
@@ -57,20 +48,14 @@ def _gemm1_kernel(
     WEIGHT_ON_INPUT: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    for z in range(pid * ZERO_BLOCK, zero_numel, tl.num_programs(0) * ZERO_BLOCK):
-        offs_z = z + tl.arange(0, ZERO_BLOCK)
-        tl.store(zero_ptr + offs_z, tl.zeros([ZERO_BLOCK], dtype=tl.float32), mask=offs_z < zero_numel)
+    zero_fill(zero_ptr, zero_numel, ZERO_BLOCK)
 
     pid_m, pid_n = tile_coords(pid, max_tiles, tl.cdiv(I, BLOCK_N), GROUP_M)
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
         return
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair = tl.load(sorted_ptr + rows)
-    row_ok = pair < num_pairs
+    rows, pair, row_ok, expert, offs_n, n_ok = aligned_rows(pid_m, pid_n, sorted_ptr, tile_expert_ptr,
+                                                            num_pairs, I, BLOCK_M, BLOCK_N)
     token = (pair // top_k).to(tl.int64)
-    expert = tl.load(tile_expert_ptr + pid_m).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < I
     offs_k = tl.arange(0, BLOCK_K)
 
     a_ptrs = a_ptr + token[:, None] * stride_am + offs_k[None, :]

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from .align import AlignedRouting
-from .fp8_gemm1 import tile_coords
+from .tiles import aligned_rows, tile_coords
 from .fp8_tile import quantize_tile
 
 
@@ -45,12 +45,8 @@ def _gemm2_kernel(
         return
     kb_start = tl.program_id(1) * k_blocks_per_split
     kb_end = tl.minimum(kb_start + k_blocks_per_split, tl.cdiv(I, BLOCK_K))
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair = tl.load(sorted_ptr + rows)
-    row_ok = pair < num_pairs
-    expert = tl.load(tile_expert_ptr + pid_m).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < H
+    rows, pair, row_ok, expert, offs_n, n_ok = aligned_rows(pid_m, pid_n, sorted_ptr, tile_expert_ptr,
+                                                            num_pairs, H, BLOCK_M, BLOCK_N)
     offs_k = kb_start * BLOCK_K + tl.arange(0, BLOCK_K)
 
     y_ptrs = y_ptr + rows[:, None].to(tl.int64) * stride_ym + offs_k[None, :]

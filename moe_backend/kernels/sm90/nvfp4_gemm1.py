@@ -21,8 +21,8 @@ import triton.language as tl
 
 from ...runtime import workspace
 from .align import AlignedRouting
-from .fp8_gemm1 import tile_coords
-from .nvfp4_tile import WEIGHT_SHIFT, dequant_words, mma, zero_fill
+from .nvfp4_tile import WEIGHT_SHIFT, dequant_words, mma
+from .tiles import aligned_rows, tile_coords, zero_fill
 
 ZERO_BLOCK = 1024
 
@@ -41,13 +41,9 @@ def _gemm1_kernel(
     pid_m, pid_n = tile_coords(tl.program_id(0), max_tiles, tl.cdiv(I, BLOCK_N), GROUP_M)
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
         return
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair = tl.load(sorted_ptr + rows)
-    row_ok = pair < num_pairs
+    rows, pair, row_ok, expert, offs_n, n_ok = aligned_rows(pid_m, pid_n, sorted_ptr, tile_expert_ptr,
+                                                            num_pairs, I, BLOCK_M, BLOCK_N)
     token = (pair // top_k).to(tl.int64)
-    expert = tl.load(tile_expert_ptr + pid_m).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < I
     offs_k = tl.arange(0, BLOCK_K)
     offs_w = tl.arange(0, BLOCK_K // 8)    # code words
     offs_s = tl.arange(0, BLOCK_K // 16)   # block scales

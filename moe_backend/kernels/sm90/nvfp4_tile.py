@@ -107,11 +107,3 @@ def mma(x, w, acc, SWAP_AB: tl.constexpr, INTERPRET: tl.constexpr):
     else:
         acc = tl.dot(x, tl.trans(w), acc)
     return acc
-
-
-@triton.jit
-def zero_fill(ptr, numel, BLOCK: tl.constexpr):
-    """This program's grid-stride share of zeroing ``numel`` fp32 at ``ptr``."""
-    for z in range(tl.program_id(0) * BLOCK, numel, tl.num_programs(0) * BLOCK):
-        offs = z + tl.arange(0, BLOCK)
-        tl.store(ptr + offs, tl.zeros([BLOCK], dtype=tl.float32), mask=offs < numel)
