@@ -21,7 +21,7 @@ import json
 import logging
 import math
 import statistics
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import torch
 from tqdm import tqdm

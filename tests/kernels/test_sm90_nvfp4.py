@@ -11,11 +11,11 @@ written and rows ``>= T`` left untouched.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from typing import Optional
 
 import pytest
 import torch
+from moe_checks import Problem, assert_matches_reference, run_poisoned
 import triton
 import triton.language as tl
 
@@ -40,15 +40,6 @@ DECODE_SMALL = dict(path="decode", BLOCK_M=16, BLOCK_N1=16, BLOCK_K1=64, SWAP_AB
 PREFILL_SMALL = dict(path="prefill", BLOCK_M=32, BLOCK_N1=32, BLOCK_K1=32, SWAP_AB1=False, GROUP_M1=2,
                      BLOCK_N2=32, BLOCK_K2=64, SPLIT_K2=1, SWAP_AB2=False, GROUP_M2=2,
                      num_warps1=4, num_warps2=4)
-
-
-@dataclass
-class Problem:
-    hidden: torch.Tensor
-    weights: NVFP4Weights
-    ids: torch.Tensor
-    topk_w: torch.Tensor
-    offset: int
 
 
 def random_nvfp4(e: int, h: int, i: int, g: torch.Generator, *, up_scale: float = 1.0) -> NVFP4Weights:
@@ -85,29 +76,15 @@ def make_problem(t: int, h: int, i: int, e: int, k: int, *, offset: int = 0, inv
 
 
 def run_kernel(p: Problem, *, weight_on_input: bool = False, config: Optional[dict] = None,
-               extra_rows: int = 3, prepared=None) -> torch.Tensor:
-    out = torch.full((p.hidden.shape[0] + extra_rows, p.hidden.shape[1]), float("nan"),
-                     dtype=torch.bfloat16, device=p.hidden.device)
-    res = fused_experts_nvfp4(p.hidden, prepared or prepare_nvfp4(p.weights), p.ids, p.topk_w,
-                              local_expert_offset=p.offset, apply_router_weight_on_input=weight_on_input,
-                              out=out, config=config)
-    t = p.hidden.shape[0]
-    assert res.shape == (t, p.hidden.shape[1]) and (t == 0 or res.data_ptr() == out.data_ptr())
-    assert torch.isnan(out[t:].float()).all(), "rows >= T were written"
-    assert torch.isfinite(res.float()).all(), "some rows [:T] were not written"
-    return res
+               prepared=None) -> torch.Tensor:
+    return run_poisoned(lambda out: fused_experts_nvfp4(
+        p.hidden, prepared or prepare_nvfp4(p.weights), p.ids, p.topk_w, local_expert_offset=p.offset,
+        apply_router_weight_on_input=weight_on_input, out=out, config=config), p.hidden)
 
 
 def check(p: Problem, *, weight_on_input: bool = False, config: Optional[dict] = None) -> float:
-    got = run_kernel(p, weight_on_input=weight_on_input, config=config).float()
-    ref = reference_fused_experts(p.hidden, p.weights, p.ids, p.topk_w, local_expert_offset=p.offset,
-                                  apply_router_weight_on_input=weight_on_input).float()
-    # Tokens without a local expert must come out exactly 0.
-    none = ref.abs().sum(1) == 0
-    assert torch.equal(got[none], ref[none])
-    err = ((got - ref).norm() / ref.norm().clamp_min(1e-30)).item()
-    assert err <= REL_TOL, f"relative error {err:.3e}"
-    return err
+    return assert_matches_reference(run_kernel(p, weight_on_input=weight_on_input, config=config), p,
+                                    weight_on_input, REL_TOL)
 
 
 # ----------------------------------------------------------------------------- interpreter-sized

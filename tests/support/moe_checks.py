@@ -1,0 +1,47 @@
+"""Checks shared by the fused-experts kernel tests: poisoned outputs and the reference comparison."""
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from moe_backend.expert_weights import ExpertWeights
+from moe_backend.kernels.reference import reference_fused_experts
+
+
+@dataclass
+class Problem:
+    """One MoE call: ``hidden [T, H]`` bf16, local experts, global ``ids [T, k]`` int32,
+    router weights ``topk_w [T, k]`` fp32, and the global id of local expert 0."""
+
+    hidden: torch.Tensor
+    weights: ExpertWeights
+    ids: torch.Tensor
+    topk_w: torch.Tensor
+    offset: int
+
+
+def run_poisoned(launch: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor,
+                 extra_rows: int = 3) -> torch.Tensor:
+    """Call ``launch(out)`` with a NaN-filled ``out [T + extra_rows, H]``; check that every row
+    ``[:T]`` and no other was written and that the result is ``out[:T]``."""
+    t, h = hidden.shape
+    out = torch.full((t + extra_rows, h), float("nan"), dtype=torch.bfloat16, device=hidden.device)
+    res = launch(out)
+    assert res.shape == (t, h) and (t == 0 or res.data_ptr() == out.data_ptr())
+    assert torch.isnan(out[t:].float()).all(), "rows >= T were written"
+    assert torch.isfinite(res.float()).all(), "some rows [:T] were not written"
+    return res
+
+
+def assert_matches_reference(got: torch.Tensor, p: Problem, weight_on_input: bool, tol: float) -> float:
+    """Relative error of ``got`` against the reference (same numerics); tokens without a local
+    expert must come out exactly 0. Returns the error."""
+    ref = reference_fused_experts(p.hidden, p.weights, p.ids, p.topk_w, local_expert_offset=p.offset,
+                                  apply_router_weight_on_input=weight_on_input).float()
+    got = got.float()
+    none = ref.abs().sum(1) == 0
+    assert torch.equal(got[none], ref[none])
+    err = ((got - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+    assert err <= tol, f"relative error {err:.3e}"
+    return err
