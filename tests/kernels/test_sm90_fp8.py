@@ -14,7 +14,7 @@ from typing import Optional
 
 import pytest
 import torch
-from moe_checks import Problem, assert_matches_reference, run_poisoned
+from moe_checks import Problem, assert_matches_reference, random_ids, run_poisoned
 
 from moe_backend.expert_weights import FP8BlockWeights, FP8TensorWeights
 from moe_backend.kernels.sm90 import fused_experts_fp8
@@ -68,16 +68,9 @@ def make_problem(t: int, h: int, i: int, e: int, k: int, *, block: bool, offset:
     if static and not block:
         weights.a13_scale = torch.tensor([hidden.float().abs().max().item() / 448.0], device=dev)
         weights.a2_scale = torch.tensor([4.0 / 448.0], device=dev)
-    # invalid: k distinct ids from [-1, offset + e + 3): -1, other ranks' experts, local ones.
-    lo, span = (-1, offset + e + 4) if invalid else (offset, e)
-    ids = torch.empty(t, k, dtype=torch.long)
-    for row in range(t):
-        ids[row] = torch.randperm(span, generator=g)[:k] + lo
-    if one_expert:
-        ids[:, 0] = offset
-        ids[:, 1:] = -1
+    ids = random_ids(t, k, e, offset, g, invalid=invalid, one_expert=one_expert)
     topk_w = torch.rand(t, k, generator=g) + 0.1
-    return Problem(hidden.to(dev), weights, ids.to(torch.int32).to(dev), topk_w.to(dev), offset)
+    return Problem(hidden.to(dev), weights, ids.to(dev), topk_w.to(dev), offset)
 
 
 def run_kernel(p: Problem, *, weight_on_input: bool = False, config: Optional[dict] = None) -> torch.Tensor:

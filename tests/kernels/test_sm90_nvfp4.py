@@ -15,7 +15,7 @@ from typing import Optional
 
 import pytest
 import torch
-from moe_checks import Problem, assert_matches_reference, run_poisoned
+from moe_checks import Problem, assert_matches_reference, random_ids, run_poisoned
 import triton
 import triton.language as tl
 
@@ -61,18 +61,11 @@ def make_problem(t: int, h: int, i: int, e: int, k: int, *, offset: int = 0, inv
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(t, h, generator=g).to(torch.bfloat16)
     weights = random_nvfp4(e, h, i, g, up_scale=3.0)
-    # invalid: k distinct ids from [-1, offset + e + 3): -1, other ranks' experts, local ones.
-    lo, span = (-1, offset + e + 4) if invalid else (offset, e)
-    ids = torch.empty(t, k, dtype=torch.long)
-    for row in range(t):
-        ids[row] = torch.randperm(span, generator=g)[:k] + lo
-    if one_expert:
-        ids[:, 0] = offset
-        ids[:, 1:] = -1
+    ids = random_ids(t, k, e, offset, g, invalid=invalid, one_expert=one_expert)
     topk_w = torch.rand(t, k, generator=g) + 0.1
     dev = torch.device(DEVICE)
     weights = NVFP4Weights(**{n: x.to(dev) for n, x in weights.tensors().items()})
-    return Problem(hidden.to(dev), weights, ids.to(torch.int32).to(dev), topk_w.to(dev), offset)
+    return Problem(hidden.to(dev), weights, ids.to(dev), topk_w.to(dev), offset)
 
 
 def run_kernel(p: Problem, *, weight_on_input: bool = False, config: Optional[dict] = None,

@@ -21,6 +21,23 @@ class Problem:
     offset: int
 
 
+def random_ids(t: int, k: int, e: int, offset: int, g: torch.Generator, *, invalid: bool = True,
+               one_expert: bool = False) -> torch.Tensor:
+    """``[T, k]`` int32 (CPU) of distinct global ids per token.
+
+    ``invalid``: drawn from ``[-1, offset + e + 3)``: -1, other ranks' experts and local ones;
+    otherwise local experts only. ``one_expert``: every token on local expert 0, the rest -1.
+    """
+    lo, span = (-1, offset + e + 4) if invalid else (offset, e)
+    ids = torch.empty(t, k, dtype=torch.long)
+    for row in range(t):
+        ids[row] = torch.randperm(span, generator=g)[:k] + lo
+    if one_expert:
+        ids[:, 0] = offset
+        ids[:, 1:] = -1
+    return ids.to(torch.int32)
+
+
 def run_poisoned(launch: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor,
                  extra_rows: int = 3) -> torch.Tensor:
     """Call ``launch(out)`` with a NaN-filled ``out [T + extra_rows, H]``; check that every row
