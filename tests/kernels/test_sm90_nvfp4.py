@@ -22,10 +22,11 @@ import triton.language as tl
 from moe_backend.expert_weights import NVFP4Weights
 from moe_backend.kernels.reference import reference_fused_experts
 from moe_backend.kernels.sm90.nvfp4_moe import default_config, fused_experts_nvfp4, prepare_nvfp4
-from moe_backend.kernels.sm90.nvfp4_tile import dequant_words
+from moe_backend.kernels.sm90.nvfp4_act import permute_activations
+from moe_backend.kernels.sm90.nvfp4_tile import dequant_group
 from moe_backend.quant.fp8 import FP8_DTYPE
 from moe_backend.quant.nvfp4 import dequantize_nvfp4
-from moe_backend.weights.layout import pack_kernel_words
+from moe_backend.weights.layout import kernel_k_order, nvfp4_to_kernel_layout
 
 CUDA = torch.cuda.is_available()
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -34,11 +35,9 @@ gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 runs_here = pytest.mark.skipif(not (CUDA or INTERPRET), reason="needs a CUDA GPU or TRITON_INTERPRET=1")
 
 REL_TOL = 1e-2
-#: Forced paths with tiny tiles for the interpreter (both MMA orientations, K tails, split-K).
-DECODE_SMALL = dict(path="decode", BLOCK_M=16, BLOCK_N1=16, BLOCK_K1=64, SWAP_AB1=True,
-                    BLOCK_N2=32, BLOCK_K2=32, SPLIT_K2=2, SWAP_AB2=True)
-PREFILL_SMALL = dict(path="prefill", BLOCK_M=32, BLOCK_N1=32, BLOCK_K1=32, SWAP_AB1=False, GROUP_M1=2,
-                     BLOCK_N2=32, BLOCK_K2=64, SPLIT_K2=1, SWAP_AB2=False, GROUP_M2=2,
+#: Forced paths with tiny tiles for the interpreter (H, I padded to 256-groups, split-K, GROUP_M).
+DECODE_SMALL = dict(path="decode", BLOCK_M=16, BLOCK_N1=16, BLOCK_N2=32, SPLIT_K2=2)
+PREFILL_SMALL = dict(path="prefill", BLOCK_M=32, BLOCK_N1=32, GROUP_M1=2, BLOCK_N2=32, SPLIT_K2=1, GROUP_M2=2,
                      num_warps1=4, num_warps2=4)
 
 
@@ -84,7 +83,7 @@ def check(p: Problem, *, weight_on_input: bool = False, config: Optional[dict] =
 @runs_here
 @pytest.mark.parametrize("config", [DECODE_SMALL, PREFILL_SMALL], ids=["decode", "prefill"])
 @pytest.mark.parametrize("t,h,i,e,k,offset", [(1, 128, 64, 4, 1, 0), (7, 96, 48, 4, 2, 3),
-                                              (33, 64, 32, 3, 3, 0)])
+                                              (33, 64, 32, 3, 3, 0), (3, 272, 272, 2, 2, 1)])
 def test_small(config, t, h, i, e, k, offset):
     check(make_problem(t, h, i, e, k, offset=offset), config=config)
 
@@ -172,27 +171,44 @@ def test_gpu_both_paths_and_weight_on_input(path, t, e, k):
 
 
 @triton.jit
-def _dequant_kernel(w_ptr, s_ptr, o_ptr, R: tl.constexpr, K: tl.constexpr, INTERPRET: tl.constexpr):
+def _dequant_kernel(w_ptr, s_ptr, out_ptr, R: tl.constexpr, INTERPRET: tl.constexpr):
     r = tl.arange(0, R)[:, None]
-    w = tl.load(w_ptr + r * (K // 8) + tl.arange(0, K // 8)[None, :])
-    s = tl.load(s_ptr + r * (K // 16) + tl.arange(0, K // 16)[None, :]).to(tl.float32)
-    tl.store(o_ptr + r * K + tl.arange(0, K)[None, :], dequant_words(w, s, INTERPRET))
+    c = tl.arange(0, 16)[None, :]
+    w = dequant_group(tl.load(w_ptr + r * 32 + c), tl.load(w_ptr + r * 32 + 16 + c), tl.load(s_ptr + r * 16 + c),
+                      INTERPRET)
+    tl.store(out_ptr + r * 256 + tl.arange(0, 256)[None, :], w)
 
 
 @runs_here
-def test_dequant_words_is_exact():
-    """Tile dequantization (inline PTX on a GPU, plain Triton in the interpreter) equals
-    ``code * block_scale * 2**-8`` exactly: every code, e4m3 subnormal to max scales."""
+def test_dequant_group_is_exact_in_kernel_order():
+    """Group dequantization (inline PTX on a GPU, plain Triton in the interpreter) equals
+    ``code * block_scale * 2**-8`` exactly, in ``kernel_k_order``: every code, e4m3
+    subnormal to max scales."""
     g = torch.Generator().manual_seed(0)
-    codes = torch.randint(0, 256, (32, 64), generator=g, dtype=torch.uint8)
-    scales = torch.exp2(torch.rand(32, 8, generator=g) * 17 - 9)
+    codes = torch.randint(0, 256, (32, 128), generator=g, dtype=torch.uint8)
+    scales = torch.exp2(torch.rand(32, 16, generator=g) * 17 - 9)
     scales[0, 0] = 448.0
     scales = scales.to(FP8_DTYPE)
-    want = dequantize_nvfp4(codes, scales, torch.tensor(2.0 ** -8)).to(torch.bfloat16)
-    out = torch.empty(32, 128, dtype=torch.bfloat16, device=DEVICE)
-    _dequant_kernel[(1,)](pack_kernel_words(codes).to(DEVICE), scales.to(DEVICE), out, R=32, K=128,
-                          INTERPRET=INTERPRET)
+    want = dequantize_nvfp4(codes, scales, torch.tensor(2.0 ** -8)).to(torch.bfloat16)[:, kernel_k_order()]
+    # As w2 of a layer (H = 32 rows, I = 256): w2's rows keep their natural order.
+    k = nvfp4_to_kernel_layout(NVFP4Weights(torch.zeros(1, 512, 16, dtype=torch.uint8),
+                                            torch.zeros(1, 512, 2).to(FP8_DTYPE), torch.ones(1, 2),
+                                            codes[None], scales[None], torch.ones(1)))
+    out = torch.empty(32, 256, dtype=torch.bfloat16, device=DEVICE)
+    _dequant_kernel[(1,)](k.w2[0].to(DEVICE), k.w2_scale[0].to(DEVICE), out, R=32, INTERPRET=INTERPRET)
     assert torch.equal(out.cpu().float(), want.float())  # exact (-0 and +0 compare equal)
+
+
+def test_permute_activations_matches_kernel_order():
+    """GEMM1's input pass puts each 256-group in ``kernel_k_order`` and zero-pads to Hp."""
+    if not (CUDA or INTERPRET):
+        pytest.skip("needs a CUDA GPU or TRITON_INTERPRET=1")
+    x = torch.randn(3, 300).to(torch.bfloat16).to(DEVICE)
+    out = permute_activations(x, 512).cpu()
+    padded = torch.zeros(3, 512, dtype=torch.bfloat16)
+    padded[:, :300] = x.cpu()
+    order = torch.cat([kernel_k_order(), 256 + kernel_k_order()])
+    assert torch.equal(out, padded[:, order])
 
 
 @gpu

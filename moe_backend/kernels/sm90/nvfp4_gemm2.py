@@ -1,12 +1,13 @@
 """GEMM2 of the NVFP4 (W4A16) fused experts: down projection with the router-weighted top-k combine fused.
 
 For each tile of ``BLOCK_M`` aligned rows (one local expert ``e``), each
-``BLOCK_N`` output columns and each of ``SPLIT_K`` slices of ``I``, one program
-dequantizes ``w2[e, n]`` in registers, computes ``z = y @ w2[e, n].T`` on the
-tensor cores (bf16 in, fp32 out), applies the global scale and the rows' router
-weights (unless applied on the input) and ATOMICALLY ADDS the rows into the fp32
-workspace ``acc [T, H]`` at their tokens, exactly like the FP8 GEMM2: ``acc`` is
-zeroed by GEMM1 and cast to bf16 by :func:`combine.cast_out`.
+``BLOCK_N`` output columns and each of ``SPLIT_K`` slices of the 256-K groups of
+``Ip``, one program dequantizes ``w2[e, n]`` in registers (weights as wgmma's
+register operand), computes ``z = y @ w2[e, n].T`` on the tensor cores (bf16 in, fp32
+out; ``y``'s columns are already in the groups' dot order), applies the global scale
+and the rows' router weights (unless applied on the input) and ATOMICALLY ADDS the
+rows into the fp32 workspace ``acc [T, H]`` at their tokens, exactly like the FP8
+GEMM2: ``acc`` is zeroed by GEMM1 and cast to bf16 by :func:`combine.cast_out`.
 """
 
 import os
@@ -15,60 +16,49 @@ import torch
 import triton
 import triton.language as tl
 
+from ...weights.layout import K_GROUP
 from .align import AlignedRouting
 from .tiles import aligned_rows, tile_coords
-from .nvfp4_tile import WEIGHT_SHIFT, dequant_words, mma
+from .nvfp4_tile import WEIGHT_SHIFT, dequant_group, mma
 
 
 @triton.jit
 def _gemm2_kernel(
     y_ptr, w_ptr, ws_ptr, wg_ptr, acc_ptr,
     sorted_ptr, tile_expert_ptr, num_padded_ptr, topk_w_ptr,
-    num_pairs, H, I, top_k, max_tiles, k_blocks_per_split,
+    num_pairs, H, num_groups, top_k, max_tiles, groups_per_split,
     stride_ym, stride_we, stride_wn, stride_wse, stride_wsn, stride_accm,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    SWAP_AB: tl.constexpr, WEIGHT_ON_INPUT: tl.constexpr, INTERPRET: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
+    WEIGHT_ON_INPUT: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     pid_m, pid_n = tile_coords(tl.program_id(0), max_tiles, tl.cdiv(H, BLOCK_N), GROUP_M)
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
         return
-    kb_start = tl.program_id(1) * k_blocks_per_split
-    kb_end = tl.minimum(kb_start + k_blocks_per_split, tl.cdiv(I, BLOCK_K))
+    kb_start = tl.program_id(1) * groups_per_split
+    kb_end = tl.minimum(kb_start + groups_per_split, num_groups)
     rows, pair, row_ok, expert, offs_n, n_ok = aligned_rows(pid_m, pid_n, sorted_ptr, tile_expert_ptr,
                                                             num_pairs, H, BLOCK_M, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    offs_w = tl.arange(0, BLOCK_K // 8)
-    offs_s = tl.arange(0, BLOCK_K // 16)
+    offs_k = tl.arange(0, 256)
+    offs_w = tl.arange(0, 16)
 
-    y_ptrs = y_ptr + rows[:, None].to(tl.int64) * stride_ym + (kb_start * BLOCK_K + offs_k)[None, :]
-    w_ptrs = (w_ptr + expert * stride_we + offs_n[:, None] * stride_wn
-              + (kb_start * (BLOCK_K // 8) + offs_w)[None, :])
-    s_ptrs = (ws_ptr + expert * stride_wse + offs_n[:, None] * stride_wsn
-              + (kb_start * (BLOCK_K // 16) + offs_s)[None, :])
-    if SWAP_AB:
-        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    else:
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for kb in range(kb_start, kb_end):
+    y_ptrs = y_ptr + rows[:, None].to(tl.int64) * stride_ym + (kb_start * 256 + offs_k)[None, :]
+    w_ptrs = w_ptr + expert * stride_we + offs_n[:, None] * stride_wn + (kb_start * 32 + offs_w)[None, :]
+    s_ptrs = ws_ptr + expert * stride_wse + offs_n[:, None] * stride_wsn + (kb_start * 16 + offs_w)[None, :]
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    # Every split holds a group (the launcher sizes the splits); see GEMM1 on why this matters.
+    tl.assume(kb_end > kb_start)
+    for _ in range(kb_start, kb_end):
         # Every aligned row of y exists (padding rows hold garbage and are dropped at the store).
-        if EVEN_K:
-            y = tl.load(y_ptrs)
-            w_mask = n_ok[:, None]
-            s_mask = n_ok[:, None]
-        else:
-            y = tl.load(y_ptrs, mask=(kb * BLOCK_K + offs_k < I)[None, :], other=0.0)
-            w_mask = n_ok[:, None] & (kb * (BLOCK_K // 8) + offs_w < I // 8)[None, :]
-            s_mask = n_ok[:, None] & (kb * (BLOCK_K // 16) + offs_s < I // 16)[None, :]
-        w = dequant_words(tl.load(w_ptrs, mask=w_mask, other=0),
-                          tl.load(s_ptrs, mask=s_mask, other=0.0).to(tl.float32), INTERPRET)
-        acc = mma(y, w, acc, SWAP_AB, INTERPRET)
-        y_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K // 8
-        s_ptrs += BLOCK_K // 16
+        y = tl.load(y_ptrs)
+        w = dequant_group(tl.load(w_ptrs, mask=n_ok[:, None], other=0),
+                          tl.load(w_ptrs + 16, mask=n_ok[:, None], other=0),
+                          tl.load(s_ptrs, mask=n_ok[:, None], other=0.0), INTERPRET)
+        acc = mma(w, y, acc, INTERPRET)
+        y_ptrs += 256
+        w_ptrs += 32
+        s_ptrs += 16
 
-    if SWAP_AB:
-        acc = tl.trans(acc)
-    acc = acc * (tl.load(wg_ptr + expert) * (2.0 ** WEIGHT_SHIFT))
+    acc = tl.trans(acc) * (tl.load(wg_ptr + expert) * (2.0 ** WEIGHT_SHIFT))
     if not WEIGHT_ON_INPUT:
         acc = acc * tl.load(topk_w_ptr + pair, mask=row_ok, other=0.0)[:, None]
     token = (pair // top_k).to(tl.int64)
@@ -80,31 +70,28 @@ def gemm2_nvfp4(
     y: torch.Tensor, w2: torch.Tensor, w2_scale: torch.Tensor, w2_scale_2: torch.Tensor,
     routing: AlignedRouting, topk_weights: torch.Tensor, acc: torch.Tensor, *,
     num_pairs: int, top_k: int, weight_on_input: bool,
-    BLOCK_N: int, BLOCK_K: int, SPLIT_K: int, GROUP_M: int, SWAP_AB: bool,
-    num_warps: int, num_stages: int,
+    BLOCK_N: int, SPLIT_K: int, GROUP_M: int, num_warps: int, num_stages: int,
 ) -> None:
     """Launch GEMM2 + weighted combine: ``acc[t] += w[t, j] * (y_row @ w2[e].T)``.
 
     Args:
-        y: GEMM1's output ``[P, I]`` bf16 at the aligned rows.
-        w2, w2_scale, w2_scale_2: kernel layout: ``[E, H, I/8]`` int32, ``[E, H, I/16]`` e4m3,
+        y: GEMM1's output ``[P, Ip]`` bf16 at the aligned rows (stored column order).
+        w2, w2_scale, w2_scale_2: kernel layout: ``[E, H, Ip/8]`` int32, ``[E, H, Ip/16]`` e4m3,
             ``[E]`` fp32, contiguous.
         routing: the aligned rows GEMM1 used; topk_weights ``[T, k]`` fp32 contiguous.
         acc: ``[T, H]`` fp32 workspace, zeroed, unit column stride.
     """
-    e, h, i_words = w2.shape
-    inter = i_words * 8
-    assert BLOCK_K % 16 == 0 and acc.stride(1) == 1 and topk_weights.is_contiguous()
-    k_blocks = triton.cdiv(inter, BLOCK_K)
-    per_split = triton.cdiv(k_blocks, SPLIT_K)
-    grid = (routing.max_tiles * triton.cdiv(h, BLOCK_N), triton.cdiv(k_blocks, per_split))
+    e, h, ip_words = w2.shape
+    groups = ip_words * 8 // K_GROUP
+    assert acc.stride(1) == 1 and topk_weights.is_contiguous() and y.shape[1] == groups * K_GROUP
+    per_split = triton.cdiv(groups, SPLIT_K)
+    grid = (routing.max_tiles * triton.cdiv(h, BLOCK_N), triton.cdiv(groups, per_split))
     _gemm2_kernel[grid](
         y, w2, w2_scale, w2_scale_2, acc,
         routing.sorted_ids, routing.tile_expert, routing.num_padded, topk_weights,
-        num_pairs, h, inter, top_k, routing.max_tiles, per_split,
+        num_pairs, h, groups, top_k, routing.max_tiles, per_split,
         y.stride(0), w2.stride(0), w2.stride(1), w2_scale.stride(0), w2_scale.stride(1), acc.stride(0),
-        BLOCK_M=routing.block_m, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, GROUP_M=GROUP_M, SWAP_AB=SWAP_AB,
+        BLOCK_M=routing.block_m, BLOCK_N=BLOCK_N, GROUP_M=GROUP_M,
         WEIGHT_ON_INPUT=weight_on_input, INTERPRET=os.environ.get("TRITON_INTERPRET") == "1",
-        EVEN_K=inter % BLOCK_K == 0,
         num_warps=num_warps, num_stages=num_stages,
     )

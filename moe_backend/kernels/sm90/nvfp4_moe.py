@@ -1,23 +1,23 @@
 """NVFP4 fused experts on Hopper (SM90), W4A16: the launcher, its configuration space and path choice.
 
 Hopper has no FP4 tensor cores: the weights stay NVFP4 in memory (0.5625 bytes a
-weight, the decode bandwidth floor) and are dequantized to bf16 in registers
-right before bf16 tensor-core MMAs; activations stay bf16. One call runs, all on
-the GPU with no host sync (CUDA-graph capturable):
+weight, the decode bandwidth floor) and are dequantized to bf16 in registers,
+straight into wgmma's register operand (the layout of ``NVFP4KernelWeights``
+makes each thread's dequantized pairs its MMA fragment); activations stay bf16.
+One call runs, all on the GPU with no host sync (CUDA-graph capturable):
 
 1. ``align`` (shared with FP8): group the (token, slot) pairs by local expert in tiles of BLOCK_M rows;
-2. ``gemm1``: gate/up GEMM + SiLU-and-mul, bf16 intermediate ``[P, I]``; also zeroes
+2. ``permute_activations``: hidden states into the weights' per-256-K dot order;
+3. ``gemm1``: gate/up GEMM + SiLU-and-mul, bf16 intermediate ``[P, Ip]``; also zeroes
    the fp32 accumulator ``[T, H]``;
-3. ``gemm2``: down GEMM + router weight, atomically summed over the top-k into the accumulator;
-4. ``cast`` (shared with FP8): accumulator -> ``out[:T]`` bf16.
+4. ``gemm2``: down GEMM + router weight, atomically summed over the top-k into the accumulator;
+5. ``cast`` (shared with FP8): accumulator -> ``out[:T]`` bf16.
 
-Paths, chosen by the expected rows per local expert ``T * k / E``:
-
-* ``decode``: BLOCK_M = 16 with the weights on the MMA's 64-row side (``SWAP_AB``:
-  wgmma takes them from registers) and 64-row column blocks, so the active
-  experts' weights are spread over every SM and read once (split-K in GEMM2 is a
-  knob; on H100 it did not pay);
-* ``prefill``: large tiles; each dequantized weight tile serves BLOCK_M rows.
+The weights always sit on the MMA's 64-row side and the tokens on its N side
+(``BLOCK_M`` = 16 ... 128); paths, chosen by the expected rows per local expert
+``T * k / E``: ``decode`` (BLOCK_M = 16, 64-row weight blocks spread the active
+experts over every SM) and ``prefill`` (larger BLOCK_M: each dequantized weight
+tile serves more tokens).
 """
 
 from __future__ import annotations
@@ -33,25 +33,28 @@ from ...weights.layout import NVFP4KernelWeights, nvfp4_to_kernel_layout
 from .align import align_block_size
 from .config import merge_config
 from .combine import cast_out
+from .nvfp4_act import permute_activations
 from .nvfp4_gemm1 import gemm1_nvfp4
 from .nvfp4_gemm2 import gemm2_nvfp4
 
 #: Every knob (``config=`` may give any subset; the rest come from the heuristic).
-#: ``*1`` are GEMM1's, ``*2`` GEMM2's; ``BLOCK_K*`` multiples of 16.
+#: ``*1`` are GEMM1's, ``*2`` GEMM2's; ``BLOCK_N*`` divide 256 (GEMM1) or are powers of two >= 16.
 CONFIG_KEYS = ("path", "BLOCK_M",
-               "BLOCK_N1", "BLOCK_K1", "GROUP_M1", "SWAP_AB1", "num_warps1", "num_stages1",
-               "BLOCK_N2", "BLOCK_K2", "SPLIT_K2", "GROUP_M2", "SWAP_AB2", "num_warps2", "num_stages2")
+               "BLOCK_N1", "GROUP_M1", "num_warps1", "num_stages1",
+               "BLOCK_N2", "SPLIT_K2", "GROUP_M2", "num_warps2", "num_stages2")
 
-# Defaults: the best of an H100 sweep (docs/performance_nvfp4.md), DeepSeek-V3 shapes.
+# Defaults: the best of an H100 sweep (docs/performance.md), DeepSeek-V3 shapes.
 DECODE_CONFIG: Dict[str, Any] = dict(
     path="decode", BLOCK_M=16,
-    BLOCK_N1=64, BLOCK_K1=128, GROUP_M1=1, SWAP_AB1=True, num_warps1=4, num_stages1=4,
-    BLOCK_N2=64, BLOCK_K2=256, SPLIT_K2=1, GROUP_M2=1, SWAP_AB2=True, num_warps2=4, num_stages2=3,
+    BLOCK_N1=64, GROUP_M1=1, num_warps1=4, num_stages1=3,
+    BLOCK_N2=64, SPLIT_K2=1, GROUP_M2=1, num_warps2=4, num_stages2=3,
 )
+# BLOCK_M = 128 would hold GEMM1's two [64, 128] fp32 accumulators in 128 registers a
+# thread and ptxas serializes its wgmmas (C7512); 64 leaves room.
 PREFILL_CONFIG: Dict[str, Any] = dict(
-    path="prefill", BLOCK_M=128,
-    BLOCK_N1=64, BLOCK_K1=64, GROUP_M1=8, SWAP_AB1=False, num_warps1=4, num_stages1=3,
-    BLOCK_N2=128, BLOCK_K2=64, SPLIT_K2=1, GROUP_M2=8, SWAP_AB2=False, num_warps2=8, num_stages2=3,
+    path="prefill", BLOCK_M=64,
+    BLOCK_N1=64, GROUP_M1=8, num_warps1=4, num_stages1=3,
+    BLOCK_N2=64, SPLIT_K2=1, GROUP_M2=8, num_warps2=4, num_stages2=3,
 )
 
 
@@ -59,13 +62,11 @@ PREFILL_CONFIG: Dict[str, Any] = dict(
 #: the decode path, and prefill tilings from skinny to square.
 CANDIDATE_CONFIGS = (
     DECODE_CONFIG,
-    dict(DECODE_CONFIG, BLOCK_K2=128, num_stages2=4),
-    dict(PREFILL_CONFIG, BLOCK_M=16, BLOCK_N2=64, num_warps2=4),
-    dict(PREFILL_CONFIG, BLOCK_M=32, BLOCK_N2=64, num_warps2=4),
-    dict(PREFILL_CONFIG, BLOCK_M=64, BLOCK_N2=64, num_warps2=4),
-    dict(PREFILL_CONFIG, BLOCK_M=64),
+    dict(DECODE_CONFIG, BLOCK_N1=128, BLOCK_N2=128),
+    dict(DECODE_CONFIG, num_stages1=2, num_stages2=2),
+    dict(PREFILL_CONFIG, BLOCK_M=32),
     PREFILL_CONFIG,
-    dict(PREFILL_CONFIG, BLOCK_N1=128, num_warps1=8),
+    dict(PREFILL_CONFIG, BLOCK_N1=128, BLOCK_N2=128, num_warps1=8, num_warps2=8),
 )
 
 
@@ -73,12 +74,10 @@ def default_config(num_tokens: int, top_k: int, num_experts: int) -> Dict[str, A
     """Heuristic configuration from the expected rows per local expert (balanced routing)."""
     rows_per_expert = num_tokens * top_k / num_experts
     if rows_per_expert <= 16:
-        cfg = dict(DECODE_CONFIG)
-    else:
-        cfg = dict(PREFILL_CONFIG)
-        if rows_per_expert <= 512:
-            cfg.update(BLOCK_M=64, BLOCK_N2=64, num_warps2=4)
-    return cfg
+        return dict(DECODE_CONFIG)
+    if rows_per_expert <= 64:
+        return dict(PREFILL_CONFIG, BLOCK_M=32)
+    return dict(PREFILL_CONFIG)
 
 
 def resolve_config(config: Optional[dict], num_tokens: int, top_k: int, num_experts: int) -> Dict[str, Any]:
@@ -148,15 +147,16 @@ def fused_experts_nvfp4(
     cfg = resolve_config(config, num_tokens, top_k, w.num_experts)
     num_pairs = num_tokens * top_k
     routing = align_block_size(topk_ids, w.num_experts, local_expert_offset, cfg["BLOCK_M"])
+    x = permute_activations(hidden, w.w13.shape[2] * 8)
     acc = workspace(num_tokens, w.hidden_size, torch.float32, hidden.device, "moe_combine")
     common = dict(num_pairs=num_pairs, top_k=top_k, weight_on_input=apply_router_weight_on_input)
     y = gemm1_nvfp4(
-        hidden, w.w13, w.w13_scale, w.w13_scale_2, routing, topk_weights, acc,
-        BLOCK_N=cfg["BLOCK_N1"], BLOCK_K=cfg["BLOCK_K1"], GROUP_M=cfg["GROUP_M1"], SWAP_AB=cfg["SWAP_AB1"],
+        x, w.w13, w.w13_scale, w.w13_scale_2, routing, topk_weights, acc,
+        BLOCK_N=cfg["BLOCK_N1"], GROUP_M=cfg["GROUP_M1"],
         num_warps=cfg["num_warps1"], num_stages=cfg["num_stages1"], **common)
     gemm2_nvfp4(
         y, w.w2, w.w2_scale, w.w2_scale_2, routing, topk_weights, acc,
-        BLOCK_N=cfg["BLOCK_N2"], BLOCK_K=cfg["BLOCK_K2"], SPLIT_K=cfg["SPLIT_K2"], GROUP_M=cfg["GROUP_M2"],
-        SWAP_AB=cfg["SWAP_AB2"], num_warps=cfg["num_warps2"], num_stages=cfg["num_stages2"], **common)
+        BLOCK_N=cfg["BLOCK_N2"], SPLIT_K=cfg["SPLIT_K2"], GROUP_M=cfg["GROUP_M2"],
+        num_warps=cfg["num_warps2"], num_stages=cfg["num_stages2"], **common)
     cast_out(acc, result)
     return result

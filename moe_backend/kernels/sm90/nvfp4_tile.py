@@ -1,8 +1,13 @@
-"""Triton device helpers shared by the SM90 NVFP4 (W4A16) kernels: weight-tile dequantization and MMA.
+"""Triton device helpers shared by the SM90 NVFP4 (W4A16) kernels: weight-group dequantization and MMA.
 
 Weights arrive in the kernel layout of :class:`moe_backend.weights.layout.NVFP4KernelWeights`:
-int32 words of 8 e2m1 codes (nibble ``p`` holds element ``WORD_PERM[p]`` of the
-word's 8 K positions) and one e4m3 block scale per 16 K elements.
+per group of 256 K, two halves of 16 int32 words (8 e2m1 codes each) per row and
+the group's 16 e4m3 block scales, one per word of a half. :func:`dequant_group`
+turns a ``[R, 16]`` tile of each half into ``[R, 256]`` bf16 in the layout's
+``kernel_k_order``: every op is elementwise on the word tile or a join/permute/
+reshape that only renames registers, so Triton loads the words from shared memory
+straight into the MMA's register fragment (no conversion through shared memory)
+and feeds the weights to ``wgmma`` as its register operand A.
 
 Numerics: a dequantized weight is ``code * block_scale * 2**-8`` in bf16, which is
 EXACT (a 2-bit times a 4-bit significand, far inside bf16's range); the global
@@ -14,10 +19,10 @@ On the GPU one inline-PTX block turns a word into 8 bf16: for the nibbles at bit
 ((x >> 6) & 0x01C001C0)`` is a bf16x2 whose halves are ``code * 2**-126`` (sign,
 exponent and mantissa bits moved into place; code 1 becomes a bf16 subnormal,
 which ``fma.rn.bf16x2`` handles exactly), and one ``fma.rn.bf16x2`` by
-``block_scale * 2**118`` makes it ``code * block_scale * 2**-8``. About 2 integer
-and 0.5 bf16 operations a weight. Under ``TRITON_INTERPRET=1`` (no inline
-assembly) the same 8 values come from plain Triton arithmetic (interpreter only:
-Triton 3.6's GPU compiler fails on that variant in its dot-operand pass).
+``block_scale * 2**118`` makes it ``code * block_scale * 2**-8``: elements ``2s``
+and ``2s + 1`` of the word (the layout's ``WORD_PERM``). About 2.5 instructions a
+weight. Under ``TRITON_INTERPRET=1`` (no inline assembly) the same 8 values come
+from plain Triton arithmetic.
 """
 
 import triton
@@ -55,55 +60,62 @@ def _code_value(words, nibble: tl.constexpr, scale):
 
 
 @triton.jit
-def dequant_words(words, scale, INTERPRET: tl.constexpr):
-    """Dequantize kernel words to bf16.
-
-    Args:
-        words: ``[R, W]`` int32, 8 codes each (kernel nibble order).
-        scale: ``[R, W // 2]`` fp32 block scales (one per 16 codes = 2 words).
-        INTERPRET: plain Triton arithmetic (the interpreter runs no PTX) instead of inline PTX.
-
-    Returns:
-        ``[R, 8 W]`` bf16, ``code * scale * 2**-WEIGHT_SHIFT`` in K order.
-    """
-    R: tl.constexpr = words.shape[0]
-    W: tl.constexpr = words.shape[1]
-    s = tl.reshape(tl.join(scale, scale), [R, W]) * (2.0 ** -WEIGHT_SHIFT)
+def _dequant8(words, scale, INTERPRET: tl.constexpr):
+    """Elements 0..7 of each word as 8 bf16 tensors shaped like ``words``; ``scale`` e4m3 alike."""
+    s = scale.to(tl.float32) * (2.0 ** -WEIGHT_SHIFT)
     if not INTERPRET:
         # bf16 scale * 2**126 (finite: block scales are <= 448, times 2**-8).
         s = (s * 8.507059173023462e37).to(tl.bfloat16)
-        o0, o1, o2, o3, o4, o5, o6, o7 = tl.inline_asm_elementwise(
+        return tl.inline_asm_elementwise(
             _DEQUANT_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,h", [words, s],
             dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1)
-    else:
-        o0 = _code_value(words, 3, s).to(tl.bfloat16)
-        o1 = _code_value(words, 7, s).to(tl.bfloat16)
-        o2 = _code_value(words, 2, s).to(tl.bfloat16)
-        o3 = _code_value(words, 6, s).to(tl.bfloat16)
-        o4 = _code_value(words, 1, s).to(tl.bfloat16)
-        o5 = _code_value(words, 5, s).to(tl.bfloat16)
-        o6 = _code_value(words, 0, s).to(tl.bfloat16)
-        o7 = _code_value(words, 4, s).to(tl.bfloat16)
-    # Join tree leaf L lands at K offset bitreverse3(L) after the reshape; the kernel
-    # layout's WORD_PERM puts the right element in each leaf's nibble.
-    w = tl.join(tl.join(tl.join(o0, o1), tl.join(o2, o3)), tl.join(tl.join(o4, o5), tl.join(o6, o7)))
-    return tl.reshape(w, [R, 8 * W])
+    return (_code_value(words, 3, s).to(tl.bfloat16), _code_value(words, 7, s).to(tl.bfloat16),
+            _code_value(words, 2, s).to(tl.bfloat16), _code_value(words, 6, s).to(tl.bfloat16),
+            _code_value(words, 1, s).to(tl.bfloat16), _code_value(words, 5, s).to(tl.bfloat16),
+            _code_value(words, 0, s).to(tl.bfloat16), _code_value(words, 4, s).to(tl.bfloat16))
 
 
 @triton.jit
-def mma(x, w, acc, SWAP_AB: tl.constexpr, INTERPRET: tl.constexpr):
-    """``acc += x @ w.T`` for ``x [M, K]`` bf16 and ``w [N, K]`` bf16.
+def _lanes(a, b):
+    """``[R, W]`` twice -> ``[R, 2W]``, column ``2w + i`` from ``(a, b)[i]`` (one bf16x2 register)."""
+    return tl.reshape(tl.join(a, b), [a.shape[0], 2 * a.shape[1]])
 
-    ``acc`` is ``[M, N]``, or ``[N, M]`` with ``SWAP_AB`` (``w @ x.T``: the weights
-    fill the MMA's 64-row side when few tokens share an expert). ``INTERPRET``:
-    Triton 3.6's interpreter multiplies bf16 bit patterns as integers, so the
-    operands go to fp32 first (exact).
+
+@triton.jit
+def _blocks(a, b):
+    """``[R, C]`` twice -> ``[R, 2C]``: ``a`` then ``b`` (registers renamed, no data moves)."""
+    return tl.reshape(tl.permute(tl.join(a, b), (0, 2, 1)), [a.shape[0], 2 * a.shape[1]])
+
+
+@triton.jit
+def _dequant_half(words, scale, INTERPRET: tl.constexpr):
+    o0, o1, o2, o3, o4, o5, o6, o7 = _dequant8(words, scale, INTERPRET)
+    return _blocks(_blocks(_lanes(o0, o1), _lanes(o2, o3)), _blocks(_lanes(o4, o5), _lanes(o6, o7)))
+
+
+@triton.jit
+def dequant_group(words0, words1, scale, INTERPRET: tl.constexpr):
+    """Dequantize one 256-K group of ``R`` weight rows.
+
+    Args:
+        words0, words1: ``[R, 16]`` int32, the group's two halves (layout words ``w`` and ``16 + w``).
+        scale: ``[R, 16]`` float8_e4m3 block scales (scale ``w`` serves word ``w`` of both halves).
+        INTERPRET: plain Triton arithmetic (the interpreter runs no PTX) instead of inline PTX.
+
+    Returns:
+        ``[R, 256]`` bf16 ``code * scale * 2**-WEIGHT_SHIFT`` in ``kernel_k_order``.
+    """
+    return _blocks(_dequant_half(words0, scale, INTERPRET), _dequant_half(words1, scale, INTERPRET))
+
+
+@triton.jit
+def mma(w, x, acc, INTERPRET: tl.constexpr):
+    """``acc [N, M] += w [N, K] @ x[M, K].T`` (bf16 operands; the weights are wgmma's register operand).
+
+    ``INTERPRET``: Triton 3.6's interpreter multiplies bf16 bit patterns as integers, so
+    the operands go to fp32 first (exact).
     """
     if INTERPRET:
-        x = x.to(tl.float32)
         w = w.to(tl.float32)
-    if SWAP_AB:
-        acc = tl.dot(w, tl.trans(x), acc)
-    else:
-        acc = tl.dot(x, tl.trans(w), acc)
-    return acc
+        x = x.to(tl.float32)
+    return tl.dot(w, tl.trans(x), acc)

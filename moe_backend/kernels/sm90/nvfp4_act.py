@@ -1,0 +1,38 @@
+"""Activations of the NVFP4 (W4A16) GEMM1 put in the weights' dot order.
+
+The kernel layout (:class:`moe_backend.weights.layout.NVFP4KernelWeights`) runs each
+256-K group of the GEMM in ``kernel_k_order``; GEMM1 reads its bf16 input in that
+order so that both operands agree. One small pass permutes ``hidden [T, H]`` into
+``[T, Hp]`` (zero padded to a multiple of 256) in the shared workspace; GEMM2's input
+needs none, because GEMM1 writes it in that order already.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ...runtime import workspace
+from ...weights.layout import K_GROUP
+
+
+@triton.jit
+def _permute_kernel(x_ptr, out_ptr, H, stride_x, stride_out, GROUP: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    g = tl.program_id(1)
+    q = tl.arange(0, GROUP)
+    # kernel_k_order: position q = 128 h + 32 s + 2 w + i holds natural 16 w + 8 h + 2 s + i.
+    k = g * GROUP + 16 * ((q % 32) // 2) + 8 * (q // 128) + 2 * ((q % 128) // 32) + q % 2
+    v = tl.load(x_ptr + t * stride_x + k, mask=k < H, other=0.0)
+    tl.store(out_ptr + t * stride_out + g * GROUP + q, v)
+
+
+def permute_activations(hidden: torch.Tensor, padded_hidden: int) -> torch.Tensor:
+    """``hidden [T, H]`` bf16 (unit column stride) -> ``[T, Hp]`` workspace view in ``kernel_k_order``
+    per 256-group, zeros past ``H``. ``padded_hidden`` (``Hp``) is a multiple of 256, ``>= H``."""
+    t, h = hidden.shape
+    assert padded_hidden % K_GROUP == 0 and padded_hidden >= h and hidden.stride(1) == 1
+    out = workspace(t, padded_hidden, torch.bfloat16, hidden.device, "moe_act")
+    if t:
+        _permute_kernel[(t, padded_hidden // K_GROUP)](hidden, out, h, hidden.stride(0), out.stride(0),
+                                                       GROUP=K_GROUP)
+    return out
