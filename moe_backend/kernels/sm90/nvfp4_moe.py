@@ -50,11 +50,12 @@ DECODE_CONFIG: Dict[str, Any] = dict(
     BLOCK_N2=64, SPLIT_K2=1, GROUP_M2=1, num_warps2=4, num_stages2=3,
 )
 # BLOCK_M = 128 would hold GEMM1's two [64, 128] fp32 accumulators in 128 registers a
-# thread and ptxas serializes its wgmmas (C7512); 64 leaves room.
+# thread and ptxas serializes its wgmmas (C7512); 64 leaves room. Weights through shared
+# memory (wgmma operand B, 128 tokens a tile) never won an H100 tuning run.
 PREFILL_CONFIG: Dict[str, Any] = dict(
     path="prefill", BLOCK_M=64,
-    BLOCK_N1=64, GROUP_M1=8, num_warps1=4, num_stages1=3,
-    BLOCK_N2=64, SPLIT_K2=1, GROUP_M2=8, num_warps2=4, num_stages2=3,
+    BLOCK_N1=128, GROUP_M1=8, num_warps1=8, num_stages1=3,
+    BLOCK_N2=128, SPLIT_K2=1, GROUP_M2=8, num_warps2=8, num_stages2=3,
 )
 
 
@@ -64,9 +65,9 @@ CANDIDATE_CONFIGS = (
     DECODE_CONFIG,
     dict(DECODE_CONFIG, BLOCK_N1=128, BLOCK_N2=128),
     dict(DECODE_CONFIG, num_stages1=2, num_stages2=2),
-    dict(PREFILL_CONFIG, BLOCK_M=32),
+    dict(PREFILL_CONFIG, BLOCK_M=32, BLOCK_N1=64, BLOCK_N2=64, num_warps1=4, num_warps2=4),
+    dict(PREFILL_CONFIG, BLOCK_N1=64, BLOCK_N2=64, num_warps1=4, num_warps2=4),
     PREFILL_CONFIG,
-    dict(PREFILL_CONFIG, BLOCK_N1=128, BLOCK_N2=128, num_warps1=8, num_warps2=8),
 )
 
 
@@ -76,7 +77,7 @@ def default_config(num_tokens: int, top_k: int, num_experts: int) -> Dict[str, A
     if rows_per_expert <= 16:
         return dict(DECODE_CONFIG)
     if rows_per_expert <= 64:
-        return dict(PREFILL_CONFIG, BLOCK_M=32)
+        return dict(PREFILL_CONFIG, BLOCK_M=32, BLOCK_N1=64, BLOCK_N2=64, num_warps1=4, num_warps2=4)
     return dict(PREFILL_CONFIG)
 
 
