@@ -41,11 +41,15 @@ from ..quant.nvfp4 import GROUP, pack_e2m1, unpack_e2m1
 
 #: Codes per 32-bit word of the kernel layout.
 WORD_CODES = 8
-#: ``WORD_PERM[p]``: which element (of the word's 8 consecutive K elements) sits in
-#: nibble ``p`` (bits ``4p .. 4p+3``) of a kernel word. The kernel's dequantization
-#: turns the nibbles at bits 12-15 and 28-31 of ``word << 4s`` (``s = 0..3``) into the
-#: bf16 pair ``(2s, 2s + 1)``; this order makes that pair elements ``2s`` and ``2s + 1``.
-WORD_PERM = (6, 4, 2, 0, 7, 5, 3, 1)
+#: ``CODE_BITS[j]``: bit positions ``(m, e0, e1, sign)`` in a kernel word of element ``j``
+#: (of the word's 8 consecutive K elements) of e2m1 code ``sign e1 e0 m``. Element ``2s + i``
+#: sits in 16-bit lane ``i`` (``+16``), slot ``s``; slots 0-2 hold ``e1 e0 m`` exactly 9 bits
+#: below the sign, so one shift left by ``3s`` and one mask ``0x81C081C0`` put both lanes'
+#: codes in bf16 place (sign bit 15, ``e1 e0`` the exponent's low bits 8-7, ``m`` mantissa
+#: bit 6); slot 3 fills the remaining bits {10, 11, 13, 14} and takes three shifts.
+CODE_BITS = tuple(tuple(b + 16 * (j % 2) for b in slot)
+                  for j, slot in enumerate(((6, 7, 8, 15), (6, 7, 8, 15), (3, 4, 5, 12), (3, 4, 5, 12),
+                                            (0, 1, 2, 9), (0, 1, 2, 9), (11, 13, 14, 10), (11, 13, 14, 10))))
 #: K elements per kernel group: 2 halves x 16 words x 8 codes, 16 block scales.
 K_GROUP = 256
 def _check_dim(name: str, t: torch.Tensor, dim: int) -> int:
@@ -102,27 +106,33 @@ def deinterleave_gated_rows(w: torch.Tensor, group: int = 1, dim: int = -2) -> t
     return v.transpose(d, d + 1).reshape(shape).contiguous()
 
 
-def _permute_word_nibbles(packed: torch.Tensor, perm: Tuple[int, ...]) -> torch.Tensor:
-    """Within each group of 4 bytes (8 codes) of ``packed [..., K/2]``: new nibble ``p`` =
-    old element ``perm[p]``."""
-    codes = unpack_e2m1(packed)
-    codes = codes.reshape(*codes.shape[:-1], -1, WORD_CODES)[..., list(perm)]
-    return pack_e2m1(codes.reshape(*packed.shape[:-1], -1))
-
-
 def pack_kernel_words(packed: torch.Tensor) -> torch.Tensor:
     """ModelOpt packed codes ``[..., N, K/2]`` uint8 -> kernel words ``[..., N, K/8]`` int32.
 
-    Word ``j`` of a row holds the codes of elements ``8j .. 8j+7``, element
-    ``8j + WORD_PERM[p]`` in bits ``4p .. 4p+3`` (little-endian). ``K`` must be a
-    multiple of 8.
+    Word ``j`` of a row holds the codes of elements ``8j .. 8j+7``, element ``8j + i``
+    at the bits :data:`CODE_BITS` ``[i]``. ``K`` must be a multiple of 8.
     """
     check_tensor("packed", packed, dtype=torch.uint8, contiguous=False)
     if packed.dim() < 1 or packed.shape[-1] % (WORD_CODES // 2):
         raise ValueError(
             f"packed: expected [..., K/2] with K a multiple of {WORD_CODES}, got shape {tuple(packed.shape)}"
         )
-    return _permute_word_nibbles(packed, WORD_PERM).view(torch.int32)
+    rows = packed.reshape(-1, packed.shape[-1])
+    out = torch.empty(rows.shape[0], rows.shape[1] // 4, dtype=torch.int32, device=packed.device)
+    for r in range(0, rows.shape[0], _chunk_rows(rows.shape[1])):
+        codes = unpack_e2m1(rows[r:r + _chunk_rows(rows.shape[1])]).long()
+        codes = codes.reshape(codes.shape[0], -1, WORD_CODES)
+        word = torch.zeros(codes.shape[:-1], dtype=torch.int64, device=packed.device)
+        for j, bits in enumerate(CODE_BITS):
+            for k, bit in enumerate(bits):
+                word |= ((codes[..., j] >> k) & 1) << bit
+        out[r:r + codes.shape[0]] = torch.where(word >= 2 ** 31, word - 2 ** 32, word)
+    return out.reshape(*packed.shape[:-1], -1)
+
+
+def _chunk_rows(width: int) -> int:
+    """Rows per step of the word (un)packing: bounds its int64 temporaries to ~64 MiB each."""
+    return max(1, (1 << 23) // max(width, 1))
 
 
 def unpack_kernel_words(words: torch.Tensor) -> torch.Tensor:
@@ -130,8 +140,13 @@ def unpack_kernel_words(words: torch.Tensor) -> torch.Tensor:
     check_tensor("words", words, dtype=torch.int32, contiguous=False)
     if words.dim() < 1:
         raise ValueError(f"words: expected at least 1 dimension, got shape {tuple(words.shape)}")
-    inverse = tuple(sorted(range(WORD_CODES), key=lambda p: WORD_PERM[p]))
-    return _permute_word_nibbles(words.contiguous().view(torch.uint8), inverse)
+    rows = words.reshape(-1, words.shape[-1])
+    out = torch.empty(rows.shape[0], rows.shape[1] * 4, dtype=torch.uint8, device=words.device)
+    for r in range(0, rows.shape[0], _chunk_rows(rows.shape[1] * 8)):
+        w = rows[r:r + _chunk_rows(rows.shape[1] * 8)].long() & 0xFFFFFFFF
+        codes = torch.stack([sum(((w >> bit) & 1) << k for k, bit in enumerate(bits)) for bits in CODE_BITS], -1)
+        out[r:r + w.shape[0]] = pack_e2m1(codes.reshape(w.shape[0], -1).to(torch.uint8))
+    return out.reshape(*words.shape[:-1], -1)
 
 
 def kernel_k_order() -> torch.Tensor:
@@ -202,9 +217,10 @@ class NVFP4KernelWeights(ExpertShapes):
     with zero scales (DeepSeek-V3's 7168 and 2048 need none).
 
     * ``w13 [E, 2Ip, Hp/8]`` int32, rows ``[gate; up]``; ``w2 [E, H, Ip/8]`` int32.
-      Codes sit in 32-bit words of 8 consecutive K elements (:func:`pack_kernel_words`:
-      nibble ``p`` holds element ``WORD_PERM[p]``, so that the kernel's shift/mask
-      dequantization of ``word << 4s`` yields elements ``2s, 2s + 1`` as one bf16x2).
+      Codes sit in 32-bit words of 8 consecutive K elements (:func:`pack_kernel_words`,
+      bit positions :data:`CODE_BITS`: element ``2s + i`` in 16-bit lane ``i``, so that
+      the kernel's shift/mask dequantization yields elements ``2s, 2s + 1`` as one bf16x2,
+      about 2 integer operations a pair).
       Per group of 256 K, word ``16 h + w`` holds elements ``16 w + 8 h .. + 7``: a
       ``[rows, 16]`` tile of each half is elementwise aligned with the group's 16 block
       scales, and the kernel's dot runs over the group in :func:`kernel_k_order`, an order

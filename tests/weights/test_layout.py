@@ -7,7 +7,7 @@ from moe_backend.expert_weights import NVFP4Weights
 from moe_backend.quant.nvfp4 import dequantize_nvfp4, unpack_e2m1
 from moe_backend.weights.layout import (
     K_GROUP,
-    WORD_PERM,
+    CODE_BITS,
     NVFP4KernelWeights,
     deinterleave_gated_rows,
     interleave_gated_rows,
@@ -63,23 +63,27 @@ def test_interleave_other_dim():
     assert torch.equal(deinterleave_gated_rows(interleave_gated_rows(x, dim=0), dim=0), x)
 
 
+def _word_codes(words: torch.Tensor) -> torch.Tensor:
+    """``[..., W]`` int32 -> ``[..., W, 8]``: code of element j read bit by bit at ``CODE_BITS[j]``."""
+    v = words.long() & 0xFFFFFFFF
+    return torch.stack([sum(((v >> bit) & 1) << k for k, bit in enumerate(bits)) for bits in CODE_BITS], -1)
+
+
+def test_code_bits_fill_the_word_and_slots_0_to_2_are_one_shift():
+    assert sorted(b for bits in CODE_BITS for b in bits) == list(range(32))
+    for j in range(6):  # sign 9 bits above m, lane 1 = lane 0 + 16: (word << 3s) & 0x81C081C0
+        m, e0, e1, sign = CODE_BITS[j]
+        assert (e0, e1, sign) == (m + 1, m + 2, m + 9) and m + 3 * (j // 2) == 6 + 16 * (j % 2)
+
+
 def test_kernel_words_layout(nvfp4):
     words = pack_kernel_words(nvfp4.w13)
     assert words.dtype == torch.int32 and words.shape == (E, 2 * I, H // 8)
-    codes = unpack_e2m1(nvfp4.w13)
-    w = words.view(torch.uint8).reshape(E, 2 * I, H // 8, 4).long()
-    word_vals = w[..., 0] | (w[..., 1] << 8) | (w[..., 2] << 16) | (w[..., 3] << 24)
-    for p in range(8):
-        nib = (word_vals >> (4 * p)) & 0xF
-        assert torch.equal(nib, codes[..., WORD_PERM[p]::8].long())
+    codes = unpack_e2m1(nvfp4.w13).long()
+    got = _word_codes(words)
+    for j in range(8):
+        assert torch.equal(got[..., j], codes[..., j::8])
     assert torch.equal(unpack_kernel_words(words), nvfp4.w13)
-
-
-def _word_codes(words: torch.Tensor) -> torch.Tensor:
-    """``[..., W]`` int32 -> ``[..., W, 8]`` codes by nibble (nibble p at bits 4p..4p+3)."""
-    w = words.view(torch.uint8).reshape(*words.shape, 4).long()
-    v = w[..., 0] | (w[..., 1] << 8) | (w[..., 2] << 16) | (w[..., 3] << 24)
-    return torch.stack([(v >> (4 * p)) & 0xF for p in range(8)], -1)
 
 
 def test_kernel_k_order_is_the_documented_permutation():
@@ -91,7 +95,7 @@ def test_kernel_k_order_is_the_documented_permutation():
 
 
 def test_kernel_layout_against_its_definition():
-    """Word 16h + w of group g holds natural elements g*256 + 16w + 8h + WORD_PERM[p] at nibble p;
+    """Word 16h + w of group g holds natural elements g*256 + 16w + 8h + j (bits CODE_BITS[j]);
     w13's stored row g*256 + q of each half is natural row g*256 + kernel_k_order()[q]."""
     g = torch.Generator().manual_seed(1)
     e, h, i = 2, 512, 256
@@ -104,9 +108,9 @@ def test_kernel_layout_against_its_definition():
     for grp in range(i // K_GROUP):
         for half in range(2):
             for w in (0, 5, 15):
-                for p in range(8):
-                    nat = grp * K_GROUP + 16 * w + 8 * half + WORD_PERM[p]
-                    assert torch.equal(got2[:, :, grp * 32 + 16 * half + w, p], codes2[:, :, nat])
+                for j in range(8):
+                    nat = grp * K_GROUP + 16 * w + 8 * half + j
+                    assert torch.equal(got2[:, :, grp * 32 + 16 * half + w, j], codes2[:, :, nat])
     for q in (0, 1, 33, 130, 255):
         for base in (0, i):  # gate, up
             assert torch.equal(got13[:, base + q, 16 * 0 + 3, :], _word_codes(

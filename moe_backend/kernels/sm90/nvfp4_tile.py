@@ -14,15 +14,14 @@ EXACT (a 2-bit times a 4-bit significand, far inside bf16's range); the global
 scale times ``2**8`` (:data:`WEIGHT_SHIFT`) is applied to the fp32 accumulator.
 The ``2**-8`` keeps ``block_scale * 2**126 * 2**-8`` (see below) finite in bf16.
 
-On the GPU one inline-PTX block turns a word into 8 bf16: for the nibbles at bits
-12-15 and 28-31 of ``word << 4s`` (``s = 0..3``), ``(x & 0x80008000) |
-((x >> 6) & 0x01C001C0)`` is a bf16x2 whose halves are ``code * 2**-126`` (sign,
-exponent and mantissa bits moved into place; code 1 becomes a bf16 subnormal,
-which ``fma.rn.bf16x2`` handles exactly), and one ``fma.rn.bf16x2`` by
-``block_scale * 2**118`` makes it ``code * block_scale * 2**-8``: elements ``2s``
-and ``2s + 1`` of the word (the layout's ``WORD_PERM``). About 2.5 instructions a
-weight. Under ``TRITON_INTERPRET=1`` (no inline assembly) the same 8 values come
-from plain Triton arithmetic.
+On the GPU one inline-PTX block turns a word into 8 bf16 (the layout's ``CODE_BITS``
+puts element ``2s + i`` in lane ``i`` of slot ``s``): for slots 0-2,
+``(word << 3s) & 0x81C081C0`` is a bf16x2 whose halves are ``code * 2**-126`` (sign,
+exponent and mantissa bits in place; code 1 becomes a bf16 subnormal, which
+``fma.rn.bf16x2`` handles exactly); slot 3 gathers its bits with three shifts. One
+``fma.rn.bf16x2`` by ``block_scale * 2**118`` makes each pair ``code * block_scale *
+2**-8``. About 15 operations a word of 8 weights. Under ``TRITON_INTERPRET=1`` (no
+inline assembly) the same 8 values come from plain Triton arithmetic.
 """
 
 import triton
@@ -33,15 +32,17 @@ WEIGHT_SHIFT = tl.constexpr(8)
 
 
 def _dequant_asm() -> str:
-    """PTX for one word ($8) and its bf16 scale ($9) -> 8 bf16 ($0..$7): the codes at
-    nibbles 3, 7, 2, 6, 1, 5, 0, 4 (the nibbles at bits 12-15 and 28-31 of ``word << 4s``)."""
-    lines = ["{", ".reg .b32 s2, z, x, a, b, p;", "mov.b32 s2, {$9, $9};", "mov.b32 z, 0x80008000;"]
-    for s in range(4):
-        src = "$8" if s == 0 else "x"
-        if s:
-            lines.append(f"shl.b32 x, $8, {4 * s};")
-        lines += [f"and.b32 a, {src}, 0x80008000;", f"shr.b32 b, {src}, 6;", "and.b32 b, b, 0x01C001C0;",
-                  "or.b32 p, a, b;", "fma.rn.bf16x2 p, p, s2, z;", f"mov.b32 {{${2 * s}, ${2 * s + 1}}}, p;"]
+    """PTX for one word ($8) and its bf16 scale ($9) -> 8 bf16 ($0..$7), elements 0..7."""
+    scale = "fma.rn.bf16x2 p, p, s2, z;"
+    lines = ["{", ".reg .b32 s2, z, p, a, b;", "mov.b32 s2, {$9, $9};", "mov.b32 z, 0x80008000;",
+             "and.b32 p, $8, 0x81C081C0;", scale, "mov.b32 {$0, $1}, p;"]
+    for slot in (1, 2):
+        lines += [f"shl.b32 p, $8, {3 * slot};", "and.b32 p, p, 0x81C081C0;", scale,
+                  f"mov.b32 {{${2 * slot}, ${2 * slot + 1}}}, p;"]
+    # Slot 3: e1 e0 at bits 14-13 -> 8-7, m at 11 -> 6, sign at 10 -> 15 (each lane).
+    lines += ["shr.b32 a, $8, 6;", "and.b32 a, a, 0x01800180;", "shr.b32 b, $8, 5;", "and.b32 b, b, 0x00400040;",
+              "or.b32 a, a, b;", "shl.b32 b, $8, 5;", "and.b32 b, b, 0x80008000;", "or.b32 p, a, b;", scale,
+              "mov.b32 {$6, $7}, p;"]
     return "\n".join(lines + ["}"])
 
 
@@ -49,14 +50,12 @@ _DEQUANT_ASM = tl.constexpr(_dequant_asm())
 
 
 @triton.jit
-def _code_value(words, nibble: tl.constexpr, scale):
-    """``code * scale`` (fp32) of the code at ``nibble`` of each word, without subnormals."""
-    n = (words >> (4 * nibble)) & 0xF
-    # Exponent bits e and mantissa bit m in place with exponent bias 126: 2**(e-1) * (1 + m/2),
-    # right for e > 0; for e == 0 the code is m/2 = 2 * that - 1.
-    v = (((n & 7) << 22) + (126 << 23)).to(tl.float32, bitcast=True)
-    v = tl.where((n & 6) == 0, 2.0 * v - 1.0, v)
-    return tl.where((n & 8) != 0, -v, v) * scale
+def _code_value(words, M: tl.constexpr, E0: tl.constexpr, E1: tl.constexpr, S: tl.constexpr, scale):
+    """``code * scale`` (fp32) of the code whose bits sit at ``M, E0, E1, S`` of each word."""
+    m = (words >> M) & 1
+    e = ((words >> E0) & 1) | (((words >> E1) & 1) << 1)
+    v = tl.where(e == 0, 0.5 * m, tl.exp2((e - 1).to(tl.float32)) * (1.0 + 0.5 * m))
+    return tl.where(((words >> S) & 1) != 0, -v, v) * scale
 
 
 @triton.jit
@@ -69,10 +68,12 @@ def _dequant8(words, scale, INTERPRET: tl.constexpr):
         return tl.inline_asm_elementwise(
             _DEQUANT_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,h", [words, s],
             dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1)
-    return (_code_value(words, 3, s).to(tl.bfloat16), _code_value(words, 7, s).to(tl.bfloat16),
-            _code_value(words, 2, s).to(tl.bfloat16), _code_value(words, 6, s).to(tl.bfloat16),
-            _code_value(words, 1, s).to(tl.bfloat16), _code_value(words, 5, s).to(tl.bfloat16),
-            _code_value(words, 0, s).to(tl.bfloat16), _code_value(words, 4, s).to(tl.bfloat16))
+    # The layout's CODE_BITS, element by element (the PTX above cannot run here).
+    return (_code_value(words, 6, 7, 8, 15, s).to(tl.bfloat16), _code_value(words, 22, 23, 24, 31, s).to(tl.bfloat16),
+            _code_value(words, 3, 4, 5, 12, s).to(tl.bfloat16), _code_value(words, 19, 20, 21, 28, s).to(tl.bfloat16),
+            _code_value(words, 0, 1, 2, 9, s).to(tl.bfloat16), _code_value(words, 16, 17, 18, 25, s).to(tl.bfloat16),
+            _code_value(words, 11, 13, 14, 10, s).to(tl.bfloat16),
+            _code_value(words, 27, 29, 30, 26, s).to(tl.bfloat16))
 
 
 @triton.jit
