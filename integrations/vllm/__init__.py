@@ -25,6 +25,34 @@ logger = logging.getLogger(__name__)
 _registered = False
 
 
+class _ToVllmHandlers(logging.Handler):
+    """Hands our records to the handlers vLLM's ``vllm`` logger has when they are emitted."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        vllm_logger = logging.getLogger("vllm")
+        if record.levelno < vllm_logger.getEffectiveLevel():
+            return
+        for handler in vllm_logger.handlers:
+            if record.levelno >= handler.level:
+                handler.handle(record)
+
+
+def _log_through_vllm() -> None:
+    """Show our INFO lines (registration, tuning times, capture) in vLLM's log.
+
+    vLLM gives a handler to its own ``vllm`` logger only (and may configure it after
+    plugins load), so ``moe_backend.*`` records would be dropped. Unless the application
+    configured logging itself (a handler on the root or on ``moe_backend``), ours are
+    passed to whatever handlers ``vllm`` has at the time, at its level.
+    """
+    ours = logging.getLogger("moe_backend")
+    if ours.handlers or logging.getLogger().handlers:
+        return
+    ours.addHandler(_ToVllmHandlers())
+    ours.setLevel(min(logging.INFO, logging.getLogger("vllm").getEffectiveLevel()))
+    ours.propagate = False
+
+
 def register() -> None:
     """Install the plugin into the running vLLM (idempotent, once per process)."""
     global _registered
@@ -33,6 +61,7 @@ def register() -> None:
     from . import capture, names, oracle, support, warmup
     from .compat import vllm_version
 
+    _log_through_vllm()
     names.accept_backend_name()
     support.install_config_check()
     oracle.route_layers()

@@ -33,6 +33,12 @@ def _init_vllm():
     init_distributed_environment(world_size=1, rank=0, local_rank=0, backend="gloo",
                                  distributed_init_method=f"tcp://127.0.0.1:{port}")
     initialize_model_parallel(1, 1)
+    # The GPU model runner sets up the workspace manager that modular kernels take their
+    # buffers from; vLLM 0.26 asserts on it here (0.33 gets by without it).
+    from vllm.v1.worker import workspace
+
+    if not workspace.is_workspace_manager_initialized():
+        workspace.init_workspace_manager(torch.device("cpu"))
 
 
 def _quant_config(precision):
@@ -42,7 +48,8 @@ def _quant_config(precision):
         return ModelOptNvFp4Config(quant_method="NVFP4", is_checkpoint_nvfp4_serialized=True)
     from vllm.model_executor.layers.quantization.fp8 import Fp8Config
 
-    return Fp8Config(weight_block_size=[128, 128])
+    # 0.26 defaults is_checkpoint_fp8_serialized to False and refuses blocks without it; 0.33 to True.
+    return Fp8Config(is_checkpoint_fp8_serialized=True, weight_block_size=[128, 128])
 
 
 def _load(layer, precision, weights):

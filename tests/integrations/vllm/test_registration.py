@@ -60,6 +60,15 @@ for wrong in ("moe_backendx", "nope"):
         raise AssertionError(f"{wrong!r} accepted")
 spec_type = SpeculativeConfig.__dataclass_fields__["moe_backend"].type
 assert "moe_backend" in str(spec_type), spec_type
+import logging
+# our INFO lines reach the handlers of vLLM's logger (vLLM configures only its own)
+seen = []
+collect = logging.Handler()
+collect.emit = lambda record: seen.append(record.getMessage())
+logging.getLogger("vllm").addHandler(collect)
+logging.getLogger("vllm").setLevel(logging.INFO)  # as vLLM's own configuration sets it
+logging.getLogger("moe_backend.integrations.vllm.warmup").info("moe_backend: a tuning line")
+assert "moe_backend: a tuning line" in seen, seen
 print("OK")
 """
 

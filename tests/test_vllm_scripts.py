@@ -1,0 +1,110 @@
+"""The GPU-side vLLM scripts' host logic: report checks, model sizes, fat-binary pruning (no vLLM needed)."""
+
+import importlib.util
+import json
+import struct
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def _script(name: str):
+    if str(SCRIPTS) not in sys.path:  # the scripts import their shared vllm_runs.py
+        sys.path.insert(0, str(SCRIPTS))
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+CONFIG = {"num_hidden_layers": 3, "first_k_dense_replace": 1, "num_experts_per_tok": 2, "n_routed_experts": 8}
+
+
+def _output(prompt_len, tokens, ids):
+    """One run's output: ``tokens`` generated, every routed row of the MoE layers set to ``ids``."""
+    rows = [[[0, 0], list(ids), list(ids)] for _ in range(prompt_len + len(tokens) - 1)]
+    return {"tokens": tokens, "routed_experts": rows}
+
+
+def test_e2e_checks_of_routed_experts():
+    e2e = _script("vllm_e2e")
+    prompts = [[5] * 4, [6] * 3]
+    ours = [_output(4, [1, 2, 3], (1, 2)), _output(3, [4, 5], (3, 4))]
+    assert e2e.routed_shape_problems(ours, prompts, CONFIG) == []
+    bad = [_output(4, [1, 2, 3], (1, 9)), {"tokens": [4, 5], "routed_experts": ours[1]["routed_experts"][:-1]}]
+    problems = e2e.routed_shape_problems(bad, prompts, CONFIG)
+    assert any("out of range" in p for p in problems) and any("expected 4" in p for p in problems)
+    # where vLLM's own capture returns another row count for the same request, ours must match it
+    ref_rows = [ours[0], {"tokens": [4, 5], "routed_experts": ours[1]["routed_experts"][:-1]}]
+    assert e2e.routed_shape_problems([ours[0], bad[1]], prompts, CONFIG, ref_rows) == []
+
+    # The reference parts after the first generated token of prompt 0: rows past the shared
+    # prefix (4 prompt tokens + 1 equal generated token) are not compared.
+    ref = [_output(4, [1, 7, 7], (2, 1)), _output(3, [4, 5], (3, 4))]
+    for row in ref[0]["routed_experts"][5:]:
+        row[1] = row[2] = [6, 7]
+    assert e2e.token_agreement(ours, ref) == pytest.approx(3 / 5)
+    assert e2e.capture_agreement(ours, ref, prompts, [1, 2]) == 1.0
+    ref[1]["routed_experts"][0][2] = [3, 5]
+    assert e2e.capture_agreement(ours, ref, prompts, [1, 2]) == pytest.approx(1 - 1 / 18)
+
+
+def test_e2e_checkpoints_keep_deepseek_mla_dims(tmp_path):
+    e2e = _script("vllm_e2e")
+    ckpts = e2e.make_checkpoints(tmp_path)
+    for flavour in ("bf16", "fp8", "nvfp4"):
+        config = json.loads((ckpts[flavour] / "config.json").read_text())
+        assert {k: config[k] for k in e2e.MLA_DIMS} == e2e.MLA_DIMS
+
+
+def test_throughput_model_fits_one_h100(tmp_path):
+    tp = _script("vllm_throughput")
+    config = tp.write_config(tmp_path, 5, "fp8")
+    assert json.loads((tmp_path / "config.json").read_text())["quantization_config"]["weight_block_size"] == [128, 128]
+    size = tp.weight_bytes(config, "fp8")
+    # 4 MoE layers of 256 experts x 3 x 7168 x 2048 bytes, plus embeddings and attention
+    assert size["moe_layers"] == 4 and size["experts_per_moe_layer_gib"] == pytest.approx(10.5, abs=0.01)
+    # the dummy loader also needs an fp16 copy of one layer's w13 (15 GiB) while it initializes
+    assert 40 < size["total_gib"] < 78 - 16
+    assert tp.weight_bytes(tp.write_config(tmp_path, 5, "nvfp4"), "nvfp4")["total_gib"] < size["total_gib"]
+
+
+def _elf_with_fatbin(entries):
+    """A minimal ELF64 whose ``.nv_fatbin`` holds one container of ``(kind, arch, payload)`` entries."""
+    body = b""
+    for kind, arch, payload in entries:
+        header = bytearray(64)
+        struct.pack_into("<HHIQ", header, 0, kind, 0x0101, 64, len(payload))
+        struct.pack_into("<I", header, 28, arch)
+        body += bytes(header) + payload
+    fatbin = struct.pack("<IHHQ", 0xBA55ED50, 1, 16, len(body)) + body
+    shstrtab = b"\0.shstrtab\0.nv_fatbin\0"
+    data_off = 64
+    strtab_off = data_off + len(fatbin)
+    shoff = strtab_off + len(shstrtab)
+    elf = bytearray(64)
+    elf[:4] = b"\x7fELF"
+    struct.pack_into("<Q", elf, 0x28, shoff)
+    struct.pack_into("<HHH", elf, 0x3A, 64, 3, 1)
+    sections = b"\0" * 64
+    for name, offset, size in ((1, strtab_off, len(shstrtab)), (11, data_off, len(fatbin))):
+        sh = bytearray(64)
+        struct.pack_into("<IIQQQQ", sh, 0, name, 1, 0, 0, offset, size)
+        sections += bytes(sh)
+    return bytes(elf) + fatbin + shstrtab + sections
+
+
+def test_bundle_prunes_only_what_sm90_cannot_load(tmp_path):
+    bundle = _script("vllm_offline_bundle")
+    entries = [(2, 80, b"A" * 32), (2, 90, b"B" * 32), (1, 80, b"C" * 32), (1, 100, b"D" * 32), (2, 100, b"E" * 32)]
+    path = tmp_path / "ext.so"
+    path.write_bytes(_elf_with_fatbin(entries))
+    assert [(k, a, s) for k, a, _, s in bundle.fatbin_entries(path.read_bytes())] == [(k, a, 32) for k, a, _ in entries]
+    assert bundle.prune_for_sm90(path) == 3 * 32
+    data = path.read_bytes()
+    kept = {(k, a): data[o:o + s] for k, a, o, s in bundle.fatbin_entries(data)}
+    assert kept[(2, 90)] == b"B" * 32 and kept[(1, 80)] == b"C" * 32  # sm_90 SASS, PTX a sm_90 can JIT
+    assert kept[(2, 80)] == kept[(1, 100)] == kept[(2, 100)] == bytes(32)
