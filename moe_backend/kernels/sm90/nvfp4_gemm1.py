@@ -2,11 +2,11 @@
 
 For each tile of ``BLOCK_M`` aligned rows (one local expert ``e``) and each
 ``BLOCK_N`` stored intermediate columns ``n``, one program dequantizes the gate rows
-``w13[e, n]`` and up rows ``w13[e, Ip + n]`` one 256-K group at a time in registers
-(:func:`nvfp4_tile.dequant_group`), multiplies them with the permuted bf16 hidden
-states on the tensor cores (weights as wgmma's register operand, the tokens on its
-N side) into two fp32 accumulators over ``Hp``, applies the gate's and up's global
-scales, and writes ``y = silu(gate) * up`` rounded to bf16 at the aligned rows
+``w13[e, n]`` stacked on the up rows ``w13[e, Ip + n]`` (one ``2 BLOCK_N``-row tile) one
+256-K group at a time in registers (:func:`nvfp4_tile.dequant_group`), multiplies them
+with the permuted bf16 hidden states on the tensor cores (weights as wgmma's register
+operand, the tokens on its N side) into one fp32 accumulator over ``Hp``, applies the
+gate's and up's global scales, and writes ``y = silu(gate) * up`` rounded to bf16 at the aligned rows
 (``y [P, Ip]``, columns in the layout's stored order, which is GEMM2's dot order).
 
 The programs also zero the fp32 GEMM2 workspace (a grid-stride share each,
@@ -47,34 +47,30 @@ def _gemm1_kernel(
     token = (pair // top_k).to(tl.int64)
     offs_k = tl.arange(0, 256)
     offs_w = tl.arange(0, 16)
+    # One weight tile of 2 * BLOCK_N rows: the gate rows of the block, then its up rows.
+    offs_r = tl.arange(0, 2 * BLOCK_N)
+    is_gate = offs_r < BLOCK_N
+    w_rows = pid_n * BLOCK_N + tl.where(is_gate, offs_r, IP + offs_r - BLOCK_N)
 
     x_ptrs = x_ptr + token[:, None] * stride_xm + offs_k[None, :]
-    wg_ptrs = w_ptr + expert * stride_we + offs_n[:, None] * stride_wn + offs_w[None, :]
-    wu_ptrs = wg_ptrs + IP * stride_wn
-    sg_ptrs = ws_ptr + expert * stride_wse + offs_n[:, None] * stride_wsn + offs_w[None, :]
-    su_ptrs = sg_ptrs + IP * stride_wsn
+    w_ptrs = w_ptr + expert * stride_we + w_rows[:, None] * stride_wn + offs_w[None, :]
+    s_ptrs = ws_ptr + expert * stride_wse + w_rows[:, None] * stride_wsn + offs_w[None, :]
 
-    acc_g = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    acc_u = tl.zeros_like(acc_g)
-    # Without it the loop's zero-trip path re-defines the accumulators and ptxas
+    acc = tl.zeros([2 * BLOCK_N, BLOCK_M], dtype=tl.float32)
+    # Without it the loop's zero-trip path re-defines the accumulator and ptxas
     # serializes every wgmma (C7515); Hp >= 256 always.
     tl.assume(num_groups > 0)
     for _ in range(0, num_groups):
         x = tl.load(x_ptrs, mask=row_ok[:, None], other=0.0)
-        sg = tl.load(sg_ptrs)
-        su = tl.load(su_ptrs)
-        wg = dequant_group(tl.load(wg_ptrs), tl.load(wg_ptrs + 16), sg, INTERPRET)
-        wu = dequant_group(tl.load(wu_ptrs), tl.load(wu_ptrs + 16), su, INTERPRET)
-        acc_g = mma(wg, x, acc_g, INTERPRET)
-        acc_u = mma(wu, x, acc_u, INTERPRET)
+        w = dequant_group(tl.load(w_ptrs), tl.load(w_ptrs + 16), tl.load(s_ptrs), INTERPRET)
+        acc = mma(w, x, acc, INTERPRET)
         x_ptrs += 256
-        wg_ptrs += 32
-        wu_ptrs += 32
-        sg_ptrs += 16
-        su_ptrs += 16
+        w_ptrs += 32
+        s_ptrs += 16
 
-    gate = tl.trans(acc_g) * (tl.load(wg_ptr + expert * 2) * (2.0 ** WEIGHT_SHIFT))
-    up = tl.trans(acc_u) * (tl.load(wg_ptr + expert * 2 + 1) * (2.0 ** WEIGHT_SHIFT))
+    global_scale = tl.where(is_gate, tl.load(wg_ptr + expert * 2), tl.load(wg_ptr + expert * 2 + 1))
+    acc = tl.trans(acc * (global_scale * (2.0 ** WEIGHT_SHIFT))[:, None])      # [BLOCK_M, 2 * BLOCK_N]
+    gate, up = tl.split(tl.permute(tl.reshape(acc, [BLOCK_M, 2, BLOCK_N]), (0, 2, 1)))
     if WEIGHT_ON_INPUT:
         # (w * x) @ W.T == w * (x @ W.T): scaling the fp32 sums avoids rounding w * x to bf16.
         router_w = tl.load(topk_w_ptr + pair, mask=row_ok, other=0.0)[:, None]
@@ -100,7 +96,8 @@ def gemm1_nvfp4(
             ``[E, 2Ip, Hp/8]`` int32, ``[E, 2Ip, Hp/16]`` e4m3, ``[E, 2]`` fp32, contiguous.
         routing: aligned rows; topk_weights ``[T, k]`` fp32 contiguous (read with ``weight_on_input``).
         zero: contiguous fp32 buffer this kernel zeroes (the GEMM2 workspace).
-        BLOCK_N: divides 256.
+        BLOCK_N: divides 256 (the weight tile has ``2 BLOCK_N`` rows: ``BLOCK_N = 32`` fills one
+            64-row wgmma).
 
     Returns:
         ``y [P, Ip]`` bf16 with ``P = max_tiles * BLOCK_M``, columns in stored order; rows of

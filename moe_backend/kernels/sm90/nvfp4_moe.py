@@ -46,12 +46,13 @@ CONFIG_KEYS = ("path", "BLOCK_M",
 # Defaults: the best of an H100 sweep (docs/performance.md), DeepSeek-V3 shapes.
 DECODE_CONFIG: Dict[str, Any] = dict(
     path="decode", BLOCK_M=16,
-    BLOCK_N1=64, GROUP_M1=1, num_warps1=4, num_stages1=3,
+    BLOCK_N1=32, GROUP_M1=1, num_warps1=4, num_stages1=3,
     BLOCK_N2=64, SPLIT_K2=1, GROUP_M2=1, num_warps2=4, num_stages2=3,
 )
-# BLOCK_M = 128 would hold GEMM1's two [64, 128] fp32 accumulators in 128 registers a
-# thread and ptxas serializes its wgmmas (C7512); 64 leaves room. Weights through shared
-# memory (wgmma operand B, 128 tokens a tile) never won an H100 tuning run.
+# GEMM1's weight tile stacks BLOCK_N gate rows on BLOCK_N up rows (2 BLOCK_N rows). With
+# BLOCK_M = 64 tokens, 128 rows a warpgroup (BLOCK_N1 = 128 on 8 warps) still fit in
+# registers (254); 128 tokens would not (ptxas serializes the wgmmas, C7512). Weights
+# through shared memory (wgmma operand B, 128 tokens a tile) never won an H100 tuning run.
 PREFILL_CONFIG: Dict[str, Any] = dict(
     path="prefill", BLOCK_M=64,
     BLOCK_N1=128, GROUP_M1=8, num_warps1=8, num_stages1=3,
@@ -63,10 +64,10 @@ PREFILL_CONFIG: Dict[str, Any] = dict(
 #: the decode path, and prefill tilings from skinny to square.
 CANDIDATE_CONFIGS = (
     DECODE_CONFIG,
-    dict(DECODE_CONFIG, BLOCK_N1=128, BLOCK_N2=128),
+    dict(DECODE_CONFIG, BLOCK_N1=64, num_warps1=8, BLOCK_N2=128),
     dict(DECODE_CONFIG, num_stages1=2, num_stages2=2),
-    dict(PREFILL_CONFIG, BLOCK_M=32, BLOCK_N1=64, BLOCK_N2=64, num_warps1=4, num_warps2=4),
-    dict(PREFILL_CONFIG, BLOCK_N1=64, BLOCK_N2=64, num_warps1=4, num_warps2=4),
+    dict(PREFILL_CONFIG, BLOCK_M=32, BLOCK_N1=32, BLOCK_N2=64, num_warps1=4, num_warps2=4),
+    dict(PREFILL_CONFIG, BLOCK_N1=32, BLOCK_N2=64, num_warps1=4, num_warps2=4),
     PREFILL_CONFIG,
 )
 
@@ -77,7 +78,7 @@ def default_config(num_tokens: int, top_k: int, num_experts: int) -> Dict[str, A
     if rows_per_expert <= 16:
         return dict(DECODE_CONFIG)
     if rows_per_expert <= 64:
-        return dict(PREFILL_CONFIG, BLOCK_M=32, BLOCK_N1=64, BLOCK_N2=64, num_warps1=4, num_warps2=4)
+        return dict(PREFILL_CONFIG, BLOCK_M=32, BLOCK_N1=32, BLOCK_N2=64, num_warps1=4, num_warps2=4)
     return dict(PREFILL_CONFIG)
 
 
