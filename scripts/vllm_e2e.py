@@ -9,16 +9,23 @@ process (plugins load once per process; each run frees its GPU memory):
 
 and checks, per flavour:
 
-* ``token_agreement``: greedy tokens of a fixed batch of prompts, equal up to each
-  sequence's first difference (two FP8/NVFP4 kernels may part after a near-tie);
+* ``teacher_forced_agreement`` (checked): vLLM's own backend generates greedily; our backend then
+  scores those sequences (``prompt_logprobs``) and its top-1 next token at every generated
+  position is compared with the token vLLM's backend chose there. That is the per-token top-1
+  agreement the accuracy harness measures (``moe-backend accuracy``), free of the divergence
+  that compounds once two free-running greedy decodes part;
+* ``token_agreement`` (reported): the free-running greedy tokens, equal up to each sequence's
+  first difference; ``first_token_equal``;
 * ``routed_shape_ok``: our routed experts come back as ``[prompt + generated - 1, layers, top_k]``
   with expert ids in range and zeros for the dense layers;
 * ``capture_agreement``: the (token, MoE layer) expert sets returned through our routing
-  replay equal those vLLM's own capture returns with its backend, over the shared prefix;
-* ``routing_agreement``: the same sets against a recomputation of the routing with
-  transformers' DeepSeek-V3 on the same checkpoint (``moe_backend.accuracy``, float64,
-  our ``noaux_tc`` selection). vLLM quantizes the attention activations to FP8 and
-  transformers does not, so selections at near-ties differ more often here.
+  replay equal those vLLM's own capture returns with its backend, over the shared prefix,
+  per MoE layer. Checked on the first MoE layer (identical inputs there: must be 1.0);
+  later layers see the two backends' different roundings and are reported;
+* ``routing_agreement``: our sets, and vLLM's backend's, against a recomputation of the
+  routing with transformers' DeepSeek-V3 on the same checkpoint (``moe_backend.accuracy``,
+  float64, our ``noaux_tc`` selection), each over its own sequences. Checked: ours is no
+  worse than vLLM's own backend by more than ``ROUTING_SLACK``.
 
 The checkpoints keep DeepSeek-V3's MLA head dimensions (kv_lora_rank 512, rope 64, nope 128,
 v 128): vLLM 0.26's only MLA prefill backend on Hopper (FlashAttention) accepts no others.
@@ -48,10 +55,12 @@ from typing import Dict, List
 
 from vllm_runs import REFERENCE_BACKEND, run_child as run_vllm_child
 
-#: Fractions that must agree (see the module docstring for what each compares).
-MIN_TOKEN_AGREEMENT = 0.9
-MIN_CAPTURE_AGREEMENT = 0.97
-MIN_ROUTING_AGREEMENT = 0.9
+#: Least teacher-forced top-1 agreement with vLLM's own backend: the accuracy harness's worst
+#: seed against the float64 model on the dequantized weights (docs/performance.md, issue 7:
+#: FP8 0.849, NVFP4 0.950) less 0.05, as two backends each that far from exact may also part.
+MIN_TEACHER_FORCED = {"fp8": 0.80, "nvfp4": 0.90}
+#: How much lower than vLLM's own backend our routing agreement with the float64 recomputation may be.
+ROUTING_SLACK = 0.02
 #: DeepSeek-V3's MLA dimensions, on top of make-checkpoint's tiny sizes.
 MLA_DIMS = {"kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128}
 #: Decode batch sizes captured as CUDA graphs (the prompts run as one batch of --prompts).
@@ -97,7 +106,17 @@ def generate(spec: dict) -> None:
         routed = getattr(c, "routed_experts", None)
         record["outputs"].append({"tokens": list(c.token_ids),
                                   "routed_experts": None if routed is None else routed.tolist()})
+    if spec.get("score"):
+        scored = llm.generate([TokensPrompt(prompt_token_ids=q) for q in spec["score"]],
+                              SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=1, detokenize=False))
+        record["teacher_forced_top1"] = [top1_of_prompt(r.prompt_logprobs) for r in scored]
     Path(spec["out"]).write_text(json.dumps(record))
+
+
+def top1_of_prompt(prompt_logprobs: list) -> List[int]:
+    """vLLM's ``prompt_logprobs`` (position 0 None, then ``{token: Logprob}`` holding the prompt's
+    token and the top-1) -> the top-1 token predicted for positions 1 .. len-1."""
+    return [next(tok for tok, lp in entry.items() if lp.rank == 1) for entry in prompt_logprobs[1:]]
 
 
 def run_child(spec: dict, log_path: Path, timeout: float) -> dict:
@@ -155,8 +174,19 @@ def routed_shape_problems(outputs: list, token_prompts: List[List[int]], config:
     return problems[:8]
 
 
+def teacher_forced_agreement(top1: List[List[int]], ref: list, token_prompts: List[List[int]]) -> float:
+    """Fraction of generated positions where our top-1 (scoring ``prompt + ref tokens``) is ref's token."""
+    same = total = 0
+    for predicted, out, prompt in zip(top1, ref, token_prompts):
+        for i, token in enumerate(out["tokens"]):
+            # predicted[j] is the prediction for position j + 1 of the scored sequence
+            same += predicted[len(prompt) + i - 1] == token
+            total += 1
+    return same / max(total, 1)
+
+
 def capture_agreement(ours: list, ref: list, token_prompts: List[List[int]], moe_layers: List[int]) -> float:
-    """Expert sets equal between the two runs over each sequence's shared prefix."""
+    """Expert sets equal between the two runs over each sequence's shared prefix, in ``moe_layers``."""
     same = total = 0
     for a, b, prompt in zip(ours, ref, token_prompts):
         if a["routed_experts"] is None or b["routed_experts"] is None:
@@ -224,34 +254,45 @@ def check_flavour(flavour: str, ckpts: Dict[str, Path], token_prompts, args, wor
     entry: dict = {"reference": REFERENCE_BACKEND[flavour]}
     report["flavours"][flavour] = entry
     runs = {}
-    for backend in ("moe_backend", REFERENCE_BACKEND[flavour]):
+    for backend in (REFERENCE_BACKEND[flavour], "moe_backend"):
         spec = {"model": str(ckpts[flavour]), "backend": backend, "prompts": token_prompts,
                 "max_tokens": args.max_tokens, "eager": args.eager, "out": str(work / f"{flavour}-{backend}.json")}
+        ref_run = runs.get(REFERENCE_BACKEND[flavour], {})
+        if backend == "moe_backend" and "outputs" in ref_run:
+            spec["score"] = [p + o["tokens"] for p, o in zip(token_prompts, ref_run["outputs"])]
         # Leave time for the routing recomputation and the flavours after this one.
         timeout = min(args.child_timeout, args.deadline - time.monotonic() - 20)
         runs[backend] = run_child(spec, work / f"{flavour}-{backend}.log", timeout)
-        entry[backend] = {k: v for k, v in runs[backend].items() if k != "outputs"}
+        entry[backend] = {k: v for k, v in runs[backend].items() if k not in ("outputs", "teacher_forced_top1")}
         save()
     ours, ref = runs["moe_backend"], runs[REFERENCE_BACKEND[flavour]]
     if "error" in ours or "error" in ref:
         return False
     entry["served_by_moe_backend"] = bool(ours["served_by_moe_backend"]) and not ref["served_by_moe_backend"]
+    entry["teacher_forced_agreement"] = teacher_forced_agreement(ours["teacher_forced_top1"], ref["outputs"],
+                                                                 token_prompts)
     entry["token_agreement"] = token_agreement(ours["outputs"], ref["outputs"])
+    entry["first_token_equal"] = sum(a["tokens"][:1] == b["tokens"][:1] for a, b in zip(ours["outputs"], ref["outputs"]))
     entry["identical_sequences"] = sum(a["tokens"] == b["tokens"] for a, b in zip(ours["outputs"], ref["outputs"]))
     entry["routed_shape_problems"] = routed_shape_problems(ours["outputs"], token_prompts, config, ref["outputs"])
     entry["routed_rows"] = [None if o["routed_experts"] is None else len(o["routed_experts"]) for o in ours["outputs"]]
-    entry["capture_agreement"] = capture_agreement(ours["outputs"], ref["outputs"], token_prompts, moe_layers)
+    entry["capture_agreement_by_layer"] = {
+        layer: capture_agreement(ours["outputs"], ref["outputs"], token_prompts, [layer]) for layer in moe_layers}
     save()
     try:
-        sequences = [p + o["tokens"] for p, o in zip(token_prompts, ours["outputs"])]
-        recomputed = recompute_routing(ckpts["bf16"], ckpts[flavour], sequences)
-        entry["routing_agreement"] = routing_agreement([o["routed_experts"] for o in ours["outputs"]], recomputed)
+        agreement = {}
+        for name, run in (("moe_backend", ours), ("reference", ref)):
+            sequences = [p + o["tokens"] for p, o in zip(token_prompts, run["outputs"])]
+            recomputed = recompute_routing(ckpts["bf16"], ckpts[flavour], sequences)
+            agreement[name] = routing_agreement([o["routed_experts"] for o in run["outputs"]], recomputed)
+        entry["routing_agreement"] = agreement
     except Exception as err:  # noqa: BLE001  the vLLM checks above stand on their own
         entry["routing_agreement"] = None
         entry["routing_error"] = f"{type(err).__name__}: {err}"
-    ok = (entry["served_by_moe_backend"] and entry["token_agreement"] >= MIN_TOKEN_AGREEMENT
-          and not entry["routed_shape_problems"] and entry["capture_agreement"] >= MIN_CAPTURE_AGREEMENT
-          and entry["routing_agreement"] is not None and entry["routing_agreement"] >= MIN_ROUTING_AGREEMENT)
+    routing = entry["routing_agreement"]
+    ok = (entry["served_by_moe_backend"] and entry["teacher_forced_agreement"] >= MIN_TEACHER_FORCED[flavour]
+          and not entry["routed_shape_problems"] and entry["capture_agreement_by_layer"][moe_layers[0]] == 1.0
+          and routing is not None and routing["moe_backend"] >= routing["reference"] - ROUTING_SLACK)
     entry["ok"] = ok
     save()
     return ok
@@ -281,8 +322,8 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     report_path = args.report or work / "report.json"
     report_path.parent.mkdir(parents=True, exist_ok=True)
-    report: dict = {"thresholds": {"token": MIN_TOKEN_AGREEMENT, "capture": MIN_CAPTURE_AGREEMENT,
-                                   "routing": MIN_ROUTING_AGREEMENT},
+    report: dict = {"thresholds": {"teacher_forced": MIN_TEACHER_FORCED, "first_moe_layer_capture": 1.0,
+                                   "routing_slack": ROUTING_SLACK},
                     "settings": {"prompts": args.prompts, "max_tokens": args.max_tokens, "eager": args.eager,
                                  "graph_sizes": [] if args.eager else GRAPH_SIZES, "mla_dims": MLA_DIMS},
                     "flavours": {}}

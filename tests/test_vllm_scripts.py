@@ -52,6 +52,23 @@ def test_e2e_checks_of_routed_experts():
     assert e2e.capture_agreement(ours, ref, prompts, [1, 2]) == pytest.approx(1 - 1 / 18)
 
 
+def test_e2e_teacher_forced_agreement_and_prompt_top1():
+    e2e = _script("vllm_e2e")
+
+    class Logprob:  # the fields of vllm.logprobs.Logprob that the script reads
+        def __init__(self, rank):
+            self.rank = rank
+
+    # Prompt [5, 6] + reference tokens [7, 8, 9]; vLLM lists the prompt token and the top-1.
+    scored = [None, {6: Logprob(1)}, {7: Logprob(2), 3: Logprob(1)}, {8: Logprob(1)}, {9: Logprob(1)}]
+    top1 = e2e.top1_of_prompt(scored)
+    assert top1 == [6, 3, 8, 9]
+    ref = [{"tokens": [7, 8, 9]}]
+    # Position 2 (first generated) predicted 3 instead of 7; positions 3 and 4 agree.
+    assert e2e.teacher_forced_agreement([top1], ref, [[5, 6]]) == pytest.approx(2 / 3)
+    assert e2e.teacher_forced_agreement([[6, 7, 8, 9]], ref, [[5, 6]]) == 1.0
+
+
 def test_e2e_checkpoints_keep_deepseek_mla_dims(tmp_path):
     e2e = _script("vllm_e2e")
     ckpts = e2e.make_checkpoints(tmp_path)
