@@ -5,7 +5,8 @@ checkpoint, computed in float64) with every MoE block replaced by
 :class:`BackendMoE`: router logits computed as transformers computes them (fp32),
 routed experts served by our ``MoELayer`` through ``forward(hidden, router_logits)``
 (our ``noaux_tc`` routing, bf16 activations, the kernels selected for the device),
-loaded from a checkpoint of each flavour (bf16, FP8, NVFP4), shared experts kept
+loaded from a checkpoint of each flavour (bf16, FP8 block, ModelOpt FP8 per-tensor,
+NVFP4), shared experts kept
 from the model. The other linears (attention, dense MLPs, shared experts,
 ``lm_head``) are by default dequantized from the same checkpoint (``--dense
 checkpoint``: the checkpoint as it would be served), or kept from the bf16
@@ -95,6 +96,9 @@ MEASURED: Dict[Key, AccuracyMetrics] = {
     ("bf16", "dequantized"): AccuracyMetrics(kl=1.157e-02, top1=0.982, rel_err=4.145e-02),
     ("fp8", "bf16"): AccuracyMetrics(kl=3.525e-01, top1=0.682, rel_err=2.462e-01),
     ("fp8", "dequantized"): AccuracyMetrics(kl=1.017e-01, top1=0.879, rel_err=1.279e-01),
+    # ModelOpt FP8 per tensor, static activation scales (the checkpoint's nominal input_scale)
+    ("fp8_tensor", "bf16"): AccuracyMetrics(kl=4.281e-01, top1=0.682, rel_err=2.622e-01),
+    ("fp8_tensor", "dequantized"): AccuracyMetrics(kl=8.808e-02, top1=0.865, rel_err=1.222e-01),
     ("nvfp4", "bf16"): AccuracyMetrics(kl=9.101e-01, top1=0.473, rel_err=3.906e-01),
     ("nvfp4", "dequantized"): AccuracyMetrics(kl=9.565e-03, top1=0.980, rel_err=3.650e-02),
 }
@@ -280,8 +284,8 @@ def format_report(results: Dict[Key, AccuracyMetrics], thresholds: Dict[Key, Thr
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoints", type=Path, default=None,
-                        help="directory with bf16/ (required), fp8/ and nvfp4/ checkpoints as written by "
-                             "make-checkpoint (default: make the tiny ones in a temporary directory)")
+                        help="directory with bf16/ (required), fp8/, fp8_tensor/ and nvfp4/ checkpoints as written "
+                             "by make-checkpoint (default: make the tiny ones in a temporary directory)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--sequences", type=int, default=SEQUENCES, help="sequences in the token stream")
     parser.add_argument("--seq-len", type=int, default=SEQ_LEN, help="tokens per sequence")

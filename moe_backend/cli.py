@@ -14,7 +14,7 @@ SUBCOMMANDS = {
     "info": ("info", "print the GPU, its capability, the kernels that can run and the versions"),
     "bench": ("bench", "benchmark one DeepSeek-V3 MoE layer over a T sweep against torch._scaled_grouped_mm"),
     "tune": ("tune", "tune the kernels of one layer shape for every token bucket up to --max-tokens"),
-    "make-checkpoint": ("make_checkpoint", "write small DeepSeek-V3 checkpoints in bf16, FP8 block and NVFP4"),
+    "make-checkpoint": ("make_checkpoint", "write tiny DeepSeek-V3 checkpoints: bf16, FP8 block, ModelOpt FP8, NVFP4"),
     "accuracy": ("accuracy", "a DeepSeek-V3 model end to end: our MoE layers against transformers"),
 }
 

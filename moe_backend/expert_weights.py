@@ -169,6 +169,9 @@ class FP8TensorWeights(ExpertWeights):
     activation scales for the GEMM1 / GEMM2 inputs; when absent the activations
     are quantized dynamically per token per 128 channels, which is more accurate
     than one dynamic scale per tensor and needs no cross-token reduction.
+
+    Checkpoints that store gate's and up's scales apart (ModelOpt FP8) are requantized
+    to the larger of the two at load (``moe_backend.weights.loader.merge_w13_scales``).
     """
 
     w13: torch.Tensor

@@ -1,6 +1,6 @@
-"""``moe-backend make-checkpoint``: write small DeepSeek-V3 checkpoints (bf16, FP8 block, NVFP4).
+"""``moe-backend make-checkpoint``: write small DeepSeek-V3 checkpoints (bf16, FP8 block, ModelOpt FP8, NVFP4).
 
-Every flavour goes to ``OUT/<flavour>`` (``bf16``, ``fp8``, ``nvfp4``) from the same seeded
+Every flavour goes to ``OUT/<flavour>`` (``bf16``, ``fp8``, ``fp8_tensor``, ``nvfp4``) from the same seeded
 weights; see :mod:`moe_backend.weights.checkpoint_maker` for what each holds. Sizes start
 from ``--size`` (tiny: runs through transformers on a CPU in a second; medium: ~0.8 GB in
 bf16, for memory measurements) and any ``config.json`` size field can be overridden.
@@ -40,5 +40,5 @@ def main(args: argparse.Namespace) -> int:
     dirs = make_checkpoints(args.out_dir, shape, args.formats, seed=args.seed, extra_exclusions=args.exclude)
     for flavour, path in dirs.items():
         size = sum(f.stat().st_size for f in path.iterdir())
-        print(f"{flavour:<6} {path}  ({size / 1e6:.1f} MB)")
+        print(f"{flavour:<10} {path}  ({size / 1e6:.1f} MB)")
     return 0

@@ -1,5 +1,5 @@
 """The end-to-end accuracy harness: transformers' DeepSeek-V3 as reference, our MoE layers served from
-the tiny bf16, FP8 and NVFP4 checkpoints.
+the tiny bf16, FP8 block, ModelOpt FP8 (per tensor) and NVFP4 checkpoints.
 
 Measured by ``moe-backend accuracy --seeds 8`` on a CPU with the torch reference kernels (TINY seed 0,
 8 x 64 tokens of seeds 0..7, dense linears dequantized from each checkpoint; worst of the 8 streams per
@@ -10,6 +10,8 @@ row), as recorded in ``moe_backend.accuracy.MEASURED`` (an H100 gave the same wi
     bf16        dequantized   1.16e-02       0.982   4.15e-02
     fp8         bf16          3.53e-01       0.682   2.46e-01
     fp8         dequantized   1.02e-01       0.879   1.28e-01
+    fp8_tensor  bf16          4.28e-01       0.682   2.62e-01
+    fp8_tensor  dequantized   8.81e-02       0.865   1.22e-01
     nvfp4       bf16          9.10e-01       0.473   3.91e-01
     nvfp4       dequantized   9.57e-03       0.980   3.65e-02
 
@@ -96,7 +98,7 @@ def test_cli_reports_unchecked_variants(checkpoints, capsys):
                      "--seeds", "2", "--dense", "bf16"]) == 0
     out = capsys.readouterr().out
     assert "2 x 16 tokens, seeds 0..1 (worst of each metric), dense weights: bf16" in out and "unchecked" in out
-    assert all(f"{flavour:<11} dequantized" in out for flavour in ("bf16", "fp8", "nvfp4"))
+    assert all(f"{flavour:<11} dequantized" in out for flavour in ("bf16", "fp8", "fp8_tensor", "nvfp4"))
 
 
 def test_report_flags_failures():

@@ -9,8 +9,8 @@ import torch
 from safetensors import safe_open
 
 from moe_backend import cli
-from moe_backend.quant import FP8_DTYPE, dequantize_fp8_block, dequantize_nvfp4
-from moe_backend.weights.checkpoint_maker import TINY, make_checkpoints
+from moe_backend.quant import FP8_DTYPE, dequantize_fp8_block, dequantize_fp8_per_tensor, dequantize_nvfp4
+from moe_backend.weights.checkpoint_maker import NOMINAL_ACTIVATION_AMAX, TINY, make_checkpoints
 
 MLA = ("q_a_proj", "q_a_layernorm", "q_b_proj", "kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj", "o_proj")
 
@@ -46,6 +46,7 @@ def test_files_and_index(checkpoints):
                                                       for t in _tensors(path).values())
     assert (checkpoints["nvfp4"] / "hf_quant_config.json").is_file()
     assert not (checkpoints["fp8"] / "hf_quant_config.json").exists()
+    assert (checkpoints["fp8_tensor"] / "hf_quant_config.json").is_file()
 
 
 def test_config_has_what_deepseek_v3_needs(checkpoints):
@@ -61,6 +62,12 @@ def test_config_has_what_deepseek_v3_needs(checkpoints):
     hf_quant = json.loads((checkpoints["nvfp4"] / "hf_quant_config.json").read_text())["quantization"]
     assert (hf_quant["quant_algo"], hf_quant["group_size"]) == ("NVFP4", 16)
     assert "lm_head" in hf_quant["exclude_modules"] and "model.layers.3.self_attn*" in hf_quant["exclude_modules"]
+    # ModelOpt FP8: what vLLM serves as quant_method modelopt
+    fp8_tensor = json.loads((checkpoints["fp8_tensor"] / "config.json").read_text())["quantization_config"]
+    assert fp8_tensor == {"quant_method": "modelopt", "quant_algo": "FP8", "ignore": ["lm_head"]}
+    hf_quant = json.loads((checkpoints["fp8_tensor"] / "hf_quant_config.json").read_text())
+    assert hf_quant["producer"]["name"] == "modelopt"
+    assert hf_quant["quantization"] == {"quant_algo": "FP8", "kv_cache_quant_algo": None, "exclude_modules": ["lm_head"]}
 
 
 def test_real_tensor_names(tensors):
@@ -93,6 +100,28 @@ def test_dtypes_per_flavour(tensors):
     assert nvfp4[f"{attn}.weight"].dtype == torch.bfloat16 and f"{attn}.weight_scale" not in nvfp4
 
 
+def test_modelopt_fp8_keys(tensors):
+    """Every linear but the router and lm_head: weight e4m3 [N, K], weight_scale and input_scale 0-d fp32
+    (amax / 448 and the nominal activation amax / 448); nothing else quantized, no other key."""
+    t = tensors["fp8_tensor"]
+    names = {k for k in tensors["bf16"] if k.endswith(".weight")}
+    quantized = {k[: -len(".weight")] for k in names if t[k].dtype == FP8_DTYPE}
+    linears = {k[: -len(".weight")] for k in names if tensors["bf16"][k].dim() == 2} - {
+        "model.embed_tokens", "lm_head", *(f"model.layers.{i}.mlp.gate" for i in (1, 2, 3))}
+    assert quantized == linears and len(linears) == 4 * 5 + 3 + 3 * 17 * 3  # MLA, dense MLP, experts
+    assert set(t) == set(tensors["bf16"]) | {f"{m}.{s}" for m in linears for s in ("weight_scale", "input_scale")}
+    for module in quantized:
+        weight, scale, input_scale = t[f"{module}.weight"], t[f"{module}.weight_scale"], t[f"{module}.input_scale"]
+        assert weight.shape == tensors["bf16"][f"{module}.weight"].shape
+        assert scale.dtype == input_scale.dtype == torch.float32 and scale.shape == input_scale.shape == ()
+        assert float(scale) == float(tensors["bf16"][f"{module}.weight"].float().abs().max() / 448)
+        assert float(input_scale) == pytest.approx(NOMINAL_ACTIVATION_AMAX / 448)
+    for bf16_name in ("model.embed_tokens.weight", "lm_head.weight", "model.layers.1.mlp.gate.weight",
+                      "model.layers.1.input_layernorm.weight"):
+        assert t[bf16_name].dtype == torch.bfloat16
+    assert t["model.layers.1.mlp.gate.e_score_correction_bias"].dtype == torch.float32
+
+
 def test_one_set_of_weights(tensors):
     name = "model.layers.2.mlp.experts.9.down_proj"
     bf16 = tensors["bf16"][f"{name}.weight"].float()
@@ -101,6 +130,9 @@ def test_one_set_of_weights(tensors):
                              tensors["nvfp4"][f"{name}.weight_scale_2"])
     assert float((fp8 - bf16).norm() / bf16.norm()) < 0.04
     assert float((nvfp4 - bf16).norm() / bf16.norm()) < 0.15
+    fp8_tensor = dequantize_fp8_per_tensor(tensors["fp8_tensor"][f"{name}.weight"],
+                                           tensors["fp8_tensor"][f"{name}.weight_scale"])
+    assert float((fp8_tensor - bf16).norm() / bf16.norm()) < 0.04
 
 
 def test_seeded(tmp_path, tensors):
@@ -130,6 +162,11 @@ def test_cli(tmp_path, capsys):
     assert (config["num_hidden_layers"], config["n_routed_experts"]) == (3, 8)
     assert config["quantization_config"]["modules_to_not_convert"] == ["model.layers.2.mlp.experts"]
     assert not (tmp_path / "bf16").exists()
+    assert cli.main(["make-checkpoint", str(tmp_path), "--formats", "fp8_tensor", "--num-hidden-layers", "3",
+                     "--exclude", "model.layers.2.mlp.experts"]) == 0
+    assert "fp8_tensor" in capsys.readouterr().out
+    config = json.loads((tmp_path / "fp8_tensor" / "config.json").read_text())
+    assert config["quantization_config"]["ignore"] == ["lm_head", "model.layers.2.mlp.experts"]
 
 
 def test_bad_requests_fail_before_writing(tmp_path):

@@ -1,4 +1,4 @@
-"""Write small DeepSeek-V3-architecture checkpoints (bf16, FP8 block, NVFP4) from one set of seeded weights.
+"""Write small DeepSeek-V3 checkpoints (bf16, FP8 block, ModelOpt FP8, NVFP4) from one set of seeded weights.
 
 The checkpoints have the real tensor names and files of the published ones —
 ``config.json`` (every field transformers' ``DeepseekV3Config`` reads),
@@ -21,6 +21,11 @@ bf16 copy with :mod:`moe_backend.quant`:
   attention and ``lm_head`` are excluded (listed in ``exclude_modules`` /
   ``ignore``) and stay bf16. ``input_scale`` is not calibrated: it holds
   :data:`NOMINAL_ACTIVATION_AMAX` / (6 * 448); W4A16 serving never reads it.
+* FP8 per-tensor (ModelOpt FP8, flavour ``fp8_tensor``): every linear but the router
+  and ``lm_head`` (listed in ``exclude_modules`` / ``ignore``) e4m3 with one fp32
+  ``weight_scale`` per matrix (``amax / 448``; gate and up get their own, as ModelOpt
+  writes them) and a scalar ``input_scale`` of :data:`NOMINAL_ACTIVATION_AMAX` / 448
+  (uncalibrated, but the static activation scale the loaded layers use).
 """
 
 from __future__ import annotations
@@ -35,18 +40,18 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 from safetensors.torch import save_file
 
-from moe_backend.quant import NVFP4_GROUP, quantize_fp8_block, quantize_nvfp4
+from moe_backend.quant import FP8_MAX, NVFP4_GROUP, quantize_fp8_block, quantize_fp8_per_tensor, quantize_nvfp4
 
 from .checkpoint import CONFIG_FILE
 from .model_config import DeepSeekV3Spec
-from .quant_config import BF16, FP8_BLOCK, HF_QUANT_CONFIG, NVFP4, QuantSpec
+from .quant_config import BF16, FP8_BLOCK, FP8_TENSOR, HF_QUANT_CONFIG, NVFP4, QuantSpec
 from .reader import INDEX_FILE
 
 logger = logging.getLogger(__name__)
 
 #: Checkpoint flavours by their directory name -> the storage format of their quantized linears.
-CHECKPOINT_FORMATS = {"bf16": BF16, "fp8": FP8_BLOCK, "nvfp4": NVFP4}
-#: Stand-in activation amax behind the uncalibrated NVFP4 ``input_scale``.
+CHECKPOINT_FORMATS = {"bf16": BF16, "fp8": FP8_BLOCK, "fp8_tensor": FP8_TENSOR, "nvfp4": NVFP4}
+#: Stand-in activation amax behind the uncalibrated ``input_scale`` of NVFP4 and FP8 per-tensor.
 NOMINAL_ACTIVATION_AMAX = 16.0
 #: Standard deviation of the router's correction bias: large enough to change some selections.
 BIAS_STD = 0.1
@@ -195,6 +200,10 @@ def _stored(name: str, master: torch.Tensor, kind: str, quant: QuantSpec) -> Dic
     if fmt == FP8_BLOCK:
         q, scale = quantize_fp8_block(weight)
         return {name: q, f"{module}.weight_scale_inv": scale}
+    if fmt == FP8_TENSOR:
+        q, scale = quantize_fp8_per_tensor(weight)  # scale: 0-d, as ModelOpt writes it
+        return {name: q, f"{module}.weight_scale": scale,
+                f"{module}.input_scale": torch.tensor(NOMINAL_ACTIVATION_AMAX / FP8_MAX)}
     if fmt == NVFP4:
         if weight.shape[-1] % NVFP4_GROUP:
             raise ValueError(f"{name}: NVFP4 needs in_features to be a multiple of {NVFP4_GROUP}, "
@@ -208,12 +217,15 @@ def _stored(name: str, master: torch.Tensor, kind: str, quant: QuantSpec) -> Dic
 def quant_spec_for(flavour: str, shape: ModelShape, extra_exclusions: Sequence[str] = ()) -> QuantSpec:
     """The quantization of checkpoint flavour ``flavour`` (a key of :data:`CHECKPOINT_FORMATS`).
 
-    NVFP4 lists its exclusions the way ModelOpt exports do: each layer's attention, and ``lm_head``.
+    NVFP4 lists its exclusions the way ModelOpt exports do: each layer's attention, and ``lm_head``;
+    ModelOpt FP8 lists ``lm_head`` (the router is never quantized either way).
     """
     method = CHECKPOINT_FORMATS[flavour]
     if method == NVFP4:
         exclude = (*(f"model.layers.{layer}.self_attn*" for layer in range(shape.num_hidden_layers)), "lm_head")
         return QuantSpec(NVFP4, (*exclude, *extra_exclusions))
+    if method == FP8_TENSOR:
+        return QuantSpec(FP8_TENSOR, ("lm_head", *extra_exclusions))
     return QuantSpec(method, tuple(extra_exclusions) if method == FP8_BLOCK else ())
 
 

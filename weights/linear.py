@@ -9,6 +9,11 @@ Per format (``<module>`` is e.g. ``model.layers.3.mlp.experts.0.gate_proj``):
   ``<module>.weight_scale [N, K/16]`` float8_e4m3fn and ``<module>.weight_scale_2`` fp32 scalar.
   ``<module>.input_scale`` (the calibrated activation scale) is not read: Hopper
   serves NVFP4 as W4A16 and never quantizes activations to fp4.
+* ``fp8_tensor`` (ModelOpt FP8): ``<module>.weight [N, K]`` float8_e4m3fn,
+  ``<module>.weight_scale`` fp32 scalar (one multiplier for the whole matrix) and
+  ``<module>.input_scale`` fp32 scalar (the calibrated static activation scale, read
+  when present; without it the activations are quantized dynamically). Scalars may be
+  0-d (as ModelOpt writes them) or shape ``[1]``; both scales must be finite and positive.
 
 Errors name the tensor: ``ValueError`` for a missing tensor or a wrong shape,
 ``TypeError`` for a wrong dtype.
@@ -22,9 +27,10 @@ from typing import Optional, Tuple
 import torch
 
 from moe_backend._checks import check_tensor
-from moe_backend.quant import BLOCK, FP8_DTYPE, NVFP4_GROUP, dequantize_fp8_block, dequantize_nvfp4
+from moe_backend.quant import (BLOCK, FP8_DTYPE, NVFP4_GROUP, dequantize_fp8_block, dequantize_fp8_per_tensor,
+                               dequantize_nvfp4)
 
-from .quant_config import BF16, FORMATS, FP8_BLOCK, NVFP4
+from .quant_config import BF16, FORMATS, FP8_BLOCK, FP8_TENSOR, NVFP4
 from .reader import ShardedReader
 
 UNQUANTIZED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -36,8 +42,10 @@ def _cdiv(a: int, b: int) -> int:
 
 @dataclass
 class CheckpointLinear:
-    """A linear's stored tensors: ``weight`` plus ``scale`` (``weight_scale_inv`` for fp8,
-    ``weight_scale`` for nvfp4) and ``scale_2`` (nvfp4 ``weight_scale_2``, a 0-d fp32 tensor).
+    """A linear's stored tensors: ``weight`` plus ``scale`` (``weight_scale_inv`` for fp8 block,
+    ``weight_scale`` for nvfp4 and fp8_tensor, 0-d for the latter), ``scale_2`` (nvfp4
+    ``weight_scale_2``, a 0-d fp32 tensor) and ``input_scale`` (fp8_tensor's static activation
+    scale, 0-d fp32; None when the checkpoint has none).
 
     Tensors straight from :meth:`ShardedReader.get` are backed by the shard's mapping:
     copy (or dequantize) what you keep.
@@ -47,6 +55,7 @@ class CheckpointLinear:
     weight: torch.Tensor
     scale: Optional[torch.Tensor] = None
     scale_2: Optional[torch.Tensor] = None
+    input_scale: Optional[torch.Tensor] = None
 
     def dequantize(self) -> torch.Tensor:
         """The weight as fp32 ``[N, K]``."""
@@ -54,7 +63,21 @@ class CheckpointLinear:
             return dequantize_fp8_block(self.weight, self.scale)
         if self.format == NVFP4:
             return dequantize_nvfp4(self.weight, self.scale, self.scale_2)
+        if self.format == FP8_TENSOR:
+            return dequantize_fp8_per_tensor(self.weight, self.scale)
         return self.weight.float()
+
+
+def _scalar(reader: ShardedReader, key: str, positive: bool = False) -> torch.Tensor:
+    """The fp32 scalar ``key`` as a 0-d tensor (stored 0-d or ``[1]``); with ``positive``, refuse a
+    scale that is not finite and positive (it would dequantize to inf/NaN or zero)."""
+    value = check_tensor(key, reader.get(key), dtype=torch.float32)
+    if value.numel() != 1:
+        raise ValueError(f"{key}: expected a scalar, got shape {tuple(value.shape)}")
+    value = value.reshape(())
+    if positive and not (torch.isfinite(value) and value > 0):
+        raise ValueError(f"{key}: expected a finite positive scale, got {float(value)}")
+    return value
 
 
 def read_linear(reader: ShardedReader, module: str, fmt: str, shape: Tuple[int, int]) -> CheckpointLinear:
@@ -74,10 +97,12 @@ def read_linear(reader: ShardedReader, module: str, fmt: str, shape: Tuple[int, 
         weight = check_tensor(key, reader.get(key), dtype=torch.uint8, shape=(n, k // 2))
         scale = check_tensor(f"{module}.weight_scale", reader.get(f"{module}.weight_scale"),
                              dtype=FP8_DTYPE, shape=(n, k // NVFP4_GROUP))
-        scale_2 = reader.get(f"{module}.weight_scale_2")
         # ModelOpt writes a 0-d scalar; some exporters write shape [1]
-        check_tensor(f"{module}.weight_scale_2", scale_2, dtype=torch.float32)
-        if scale_2.numel() != 1:
-            raise ValueError(f"{module}.weight_scale_2: expected a scalar, got shape {tuple(scale_2.shape)}")
-        return CheckpointLinear(NVFP4, weight, scale, scale_2.reshape(()))
+        return CheckpointLinear(NVFP4, weight, scale, _scalar(reader, f"{module}.weight_scale_2"))
+    if fmt == FP8_TENSOR:
+        weight = check_tensor(key, reader.get(key), dtype=FP8_DTYPE, shape=(n, k))
+        scale = _scalar(reader, f"{module}.weight_scale", positive=True)
+        input_key = f"{module}.input_scale"
+        input_scale = _scalar(reader, input_key, positive=True) if input_key in reader else None
+        return CheckpointLinear(FP8_TENSOR, weight, scale, input_scale=input_scale)
     raise ValueError(f"fmt: expected one of {FORMATS}, got {fmt!r}")

@@ -1,4 +1,4 @@
-"""Build the MoE layers of a DeepSeek-V3 checkpoint (bf16, FP8 block, NVFP4) as ``MoELayer`` objects.
+"""Build the MoE layers of a DeepSeek-V3 checkpoint (bf16, FP8 block, ModelOpt FP8, NVFP4) as ``MoELayer`` objects.
 
 Per MoE layer ``L`` (``L >= first_k_dense_replace``, every ``moe_layer_freq``) the
 checkpoint holds::
@@ -11,7 +11,10 @@ checkpoint holds::
 The loader stacks the local experts of an expert-parallel rank (a contiguous
 slice of ``E / ep_size`` experts) into the canonical containers: ``w13 [E_local,
 2I, ...]`` with rows ``[gate; up]``, ``w2 [E_local, H, ...]``; NVFP4 keeps gate's
-and up's ``weight_scale_2`` apart in ``w13_scale_2 [E_local, 2]``. Excluded
+and up's ``weight_scale_2`` apart in ``w13_scale_2 [E_local, 2]``; ModelOpt FP8
+(per-tensor) merges gate's and up's ``weight_scale`` into one scale per expert by
+requantizing (:func:`merge_w13_scales`) and keeps the largest ``input_scale`` of the
+local experts as the layer's static activation scales. Excluded
 (unquantized) experts become bf16. Loading streams tensor by tensor into
 preallocated buffers and releases the shards after each layer, so the host
 memory beyond the result stays near one layer.
@@ -30,12 +33,12 @@ from tqdm.auto import tqdm
 from moe_backend._checks import check_int, check_tensor
 from moe_backend.expert_weights import WEIGHT_TYPES, ExpertWeights
 from moe_backend.layer import LAYER_TYPES, MoEConfig, MoELayer
-from moe_backend.quant import BLOCK
+from moe_backend.quant import BLOCK, dequantize_fp8_per_tensor, quantize_fp8_per_tensor
 
 from .checkpoint import Checkpoint
 from .linear import CheckpointLinear
 from .model_config import DeepSeekV3Spec
-from .quant_config import BF16, FP8_BLOCK
+from .quant_config import BF16, FP8_BLOCK, FP8_TENSOR
 
 logger = logging.getLogger(__name__)
 
@@ -86,14 +89,35 @@ def _owned(linear: CheckpointLinear, device: Device) -> CheckpointLinear:
     """Copy a linear's tensors out of the shard mapping onto ``device``."""
     def copy(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         return None if t is None else t.to(device, copy=True)
-    return CheckpointLinear(linear.format, copy(linear.weight), copy(linear.scale), copy(linear.scale_2))
+    return CheckpointLinear(linear.format, copy(linear.weight), copy(linear.scale), copy(linear.scale_2),
+                            copy(linear.input_scale))
+
+
+def merge_w13_scales(gate: CheckpointLinear, up: CheckpointLinear) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One expert's FP8 per-tensor ``gate_proj`` and ``up_proj`` as one ``w13 [2I, H]`` e4m3 matrix
+    with ONE fp32 scale: ``(w13, scale)``, ``scale`` 0-d.
+
+    ModelOpt stores a ``weight_scale`` per projection, but :class:`FP8TensorWeights` (and the
+    kernels) hold one scale per expert for w13. As vLLM's ``process_fp8_weight_tensor_strategy_moe``
+    does, the scale is the larger of the two, and each half is dequantized with its own scale and
+    requantized with that one (``e4m3(clamp(q * s / max(s_gate, s_up)))``, computed in fp32). The
+    half that holds the larger scale comes back bit for bit; the other loses at most the bits its
+    smaller scale gave it (none when both scales are equal).
+    """
+    scale = torch.maximum(gate.scale, up.scale)
+    halves = [quantize_fp8_per_tensor(dequantize_fp8_per_tensor(p.weight, p.scale), scale)[0] for p in (gate, up)]
+    return torch.cat(halves), scale
 
 
 def _expert_parts(gate: CheckpointLinear, up: CheckpointLinear,
                   down: CheckpointLinear) -> Dict[str, Tuple[torch.Tensor, ...]]:
     """Container field -> the stored tensors making up one expert's slot of it, stacked along the
     slot's first dim: the w13 fields take ``(gate, up)`` (rows ``[gate; up]``, and NVFP4's two
-    global scales side by side), the w2 fields take ``(down,)``."""
+    global scales side by side), the w2 fields take ``(down,)``. FP8 per-tensor experts get their
+    w13 requantized to one scale (:func:`merge_w13_scales`)."""
+    if gate.format == FP8_TENSOR:
+        w13, w13_scale = merge_w13_scales(gate, up)
+        return {"w13": (w13,), "w13_scale": (w13_scale,), "w2": (down.weight,), "w2_scale": (down.scale,)}
     parts = {"w13": (gate.weight, up.weight), "w2": (down.weight,)}
     if gate.scale is not None:
         parts.update(w13_scale=(gate.scale, up.scale), w2_scale=(down.scale,))
@@ -121,8 +145,28 @@ def _copy_slot(slot: torch.Tensor, parts: Tuple[torch.Tensor, ...]) -> None:
         row += part.shape[0]
 
 
+def _static_input_scale(prefix: str, field: str, projs: str, scales: Sequence[Optional[torch.Tensor]],
+                        device: Device) -> Optional[torch.Tensor]:
+    """The layer's one static activation scale ``[1]`` from the local experts' ``input_scale``s: their
+    maximum (vLLM does the same, so no calibrated activation clips); None when none is stored."""
+    present = [s for s in scales if s is not None]
+    if not present:
+        return None
+    if len(present) != len(scales):
+        raise ValueError(f"{prefix}.experts: {len(scales) - len(present)} of the local experts' {projs} have no "
+                         f"input_scale and {len(present)} have one; {field} needs all or none")
+    return torch.stack(present).max().reshape(1).to(device)
+
+
 def _read_experts(ckpt: Checkpoint, prefix: str, experts: range, device: Device) -> ExpertWeights:
-    """Stack experts ``experts`` of the MoE block ``prefix`` into their format's container."""
+    """Stack experts ``experts`` of the MoE block ``prefix`` into their format's container.
+
+    FP8 per-tensor (ModelOpt FP8): w13 is requantized to one scale per expert
+    (:func:`merge_w13_scales`), and the static activation scales ``a13_scale`` / ``a2_scale`` are
+    the largest ``input_scale`` of the local experts' gate/up resp. down projections (ModelOpt
+    calibrates gate and up on the same input, so theirs agree; vLLM refuses them unequal, we take
+    the larger). A checkpoint without ``input_scale`` gets dynamic activation quantization.
+    """
     spec = ckpt.spec
     h, i = spec.hidden_size, spec.moe_intermediate_size
     modules = {e: {proj: f"{prefix}.experts.{e}.{proj}" for proj in ("gate_proj", "up_proj", "down_proj")}
@@ -141,6 +185,7 @@ def _read_experts(ckpt: Checkpoint, prefix: str, experts: range, device: Device)
     # bf16 containers hold bf16 whatever float the file stores; quantized ones keep the stored dtypes
     cast = torch.bfloat16 if fmt == BF16 else None
     buffers: Dict[str, torch.Tensor] = {}
+    input_scales: Dict[str, list] = {"a13_scale": [], "a2_scale": []}
     for slot, e in enumerate(experts):
         names = modules[e]
         gate = ckpt.linear(names["gate_proj"], (i, h))
@@ -151,7 +196,14 @@ def _read_experts(ckpt: Checkpoint, prefix: str, experts: range, device: Device)
                 buffers[field] = torch.empty((len(experts), *_slot_shape(parts)), dtype=cast or parts[0].dtype,
                                              device=device)
             _copy_slot(buffers[field][slot], parts)
-    extra = {"ue8m0": ckpt.quant.ue8m0} if fmt == FP8_BLOCK else {}
+        if fmt == FP8_TENSOR:  # scalars, copied out of the shard mapping
+            input_scales["a13_scale"] += [None if p.input_scale is None else p.input_scale.clone() for p in (gate, up)]
+            input_scales["a2_scale"].append(None if down.input_scale is None else down.input_scale.clone())
+    extra: Dict[str, object] = {"ue8m0": ckpt.quant.ue8m0} if fmt == FP8_BLOCK else {}
+    if fmt == FP8_TENSOR:
+        extra.update(a13_scale=_static_input_scale(prefix, "a13_scale", "gate_proj/up_proj",
+                                                   input_scales["a13_scale"], device),
+                     a2_scale=_static_input_scale(prefix, "a2_scale", "down_proj", input_scales["a2_scale"], device))
     return container(**buffers, **extra)
 
 

@@ -1,6 +1,6 @@
 """Which format each linear of a checkpoint is stored in: parsed from its quantization config.
 
-Three checkpoint formats (DESIGN.md §4):
+Four checkpoint formats (DESIGN.md §4):
 
 * ``bf16``: no quantization config; every linear is a float ``weight``.
 * ``fp8_block`` (DeepSeek-V3 official): ``config.json:quantization_config``
@@ -10,6 +10,14 @@ Three checkpoint formats (DESIGN.md §4):
 * ``nvfp4`` (ModelOpt): ``hf_quant_config.json`` ``{"quantization": {quant_algo: NVFP4,
   group_size: 16, exclude_modules: [...]}}`` or ``config.json:quantization_config``
   ``{quant_method: modelopt, quant_algo: NVFP4, ignore | exclude_modules: [...]}``.
+* ``fp8_tensor`` (ModelOpt FP8, what vLLM serves as ``quant_method: modelopt``):
+  ``hf_quant_config.json`` ``{"quantization": {quant_algo: FP8, exclude_modules: [...]}}``
+  or ``config.json:quantization_config`` ``{quant_method: modelopt, quant_algo: FP8,
+  ignore | exclude_modules: [...]}``: e4m3 weights with one fp32 scale per matrix and
+  a static (calibrated) fp32 ``input_scale`` per linear. ``kv_cache_quant_algo`` is
+  accepted and ignored (no KV cache here); a ``group_size`` is refused (that would be
+  a block format). ModelOpt's other FP8 algorithms (``FP8_PER_CHANNEL_PER_TOKEN``,
+  ``FP8_PB_WO``, ...) are refused.
 
 Excluded modules stay unquantized. Exclusion patterns are shell-style (``*``
 crosses dots, as ModelOpt writes them) and match a module or any dotted prefix
@@ -27,8 +35,10 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 from moe_backend.quant import BLOCK, NVFP4_GROUP
 
-BF16, FP8_BLOCK, NVFP4 = "bf16", "fp8_block", "nvfp4"
-FORMATS = (BF16, FP8_BLOCK, NVFP4)
+BF16, FP8_BLOCK, FP8_TENSOR, NVFP4 = "bf16", "fp8_block", "fp8_tensor", "nvfp4"
+FORMATS = (BF16, FP8_BLOCK, FP8_TENSOR, NVFP4)
+#: ModelOpt ``quant_algo`` -> format.
+MODELOPT_ALGOS = {"FP8": FP8_TENSOR, "NVFP4": NVFP4}
 
 #: Linears no DeepSeek-V3 checkpoint quantizes: the router (DeepSeek's MoEGate is not an
 #: nn.Linear, so neither the official FP8 release nor ModelOpt touches it) and the output head.
@@ -86,7 +96,7 @@ class QuantSpec:
 
     @classmethod
     def from_quantization_config(cls, qc: Mapping[str, Any]) -> "QuantSpec":
-        """Parse ``config.json:quantization_config`` (``fp8`` block or ``modelopt`` NVFP4)."""
+        """Parse ``config.json:quantization_config`` (``fp8`` block, ``modelopt`` FP8 or NVFP4)."""
         source = "config.json:quantization_config"
         if not isinstance(qc, Mapping):
             raise TypeError(f"{source}: expected a JSON object, got {qc!r}")
@@ -106,7 +116,7 @@ class QuantSpec:
             return cls._modelopt(source, nested if isinstance(nested, Mapping) else qc)
         raise ValueError(
             f"{source}: quant_method {method!r} is not supported "
-            "(supported: 'fp8' with 128x128 blocks, 'modelopt' with quant_algo NVFP4)"
+            "(supported: 'fp8' with 128x128 blocks, 'modelopt' with quant_algo FP8 or NVFP4)"
         )
 
     @classmethod
@@ -119,16 +129,23 @@ class QuantSpec:
 
     @classmethod
     def _modelopt(cls, source: str, section: Mapping[str, Any]) -> "QuantSpec":
-        _require(source, "quant_algo", section.get("quant_algo"), "NVFP4")
-        _require(source, "group_size", section.get("group_size", NVFP4_GROUP), NVFP4_GROUP)
+        algo = section.get("quant_algo")
+        method = MODELOPT_ALGOS.get(algo) if isinstance(algo, str) else None
+        if method is None:
+            raise ValueError(f"{source}: quant_algo {algo!r} is not supported (supported: {sorted(MODELOPT_ALGOS)})")
+        if method == NVFP4:
+            _require(source, "group_size", section.get("group_size", NVFP4_GROUP), NVFP4_GROUP)
+        else:  # per-tensor FP8 has no groups: a group size would mean another (block) layout
+            _require(source, "group_size", section.get("group_size"), None)
         exclude = (_patterns(f"{source}.exclude_modules", section.get("exclude_modules"))
                    + _patterns(f"{source}.ignore", section.get("ignore")))
-        return cls(NVFP4, exclude)
+        return cls(method, exclude)
 
     # -- writing (the checkpoint maker) -----------------------------------------------------
     def config_entries(self) -> Tuple[Optional[Dict[str, Any]], Optional[Dict[str, Any]]]:
         """``(config.json quantization_config, hf_quant_config.json)`` describing this spec;
-        None where a file or field is not written. NVFP4 writes both, as recent ModelOpt does."""
+        None where a file or field is not written. ModelOpt formats (FP8 per-tensor, NVFP4) write
+        both, as recent ModelOpt does."""
         if self.method == BF16:
             return None, None
         if self.method == FP8_BLOCK:
@@ -140,10 +157,12 @@ class QuantSpec:
                 qc["modules_to_not_convert"] = list(self.exclude_modules)
             return qc, None
         exclude = list(self.exclude_modules)
-        return ({"quant_method": "modelopt", "quant_algo": "NVFP4", "group_size": NVFP4_GROUP, "ignore": exclude},
+        algo = {v: k for k, v in MODELOPT_ALGOS.items()}[self.method]
+        group = {"group_size": NVFP4_GROUP} if self.method == NVFP4 else {}
+        return ({"quant_method": "modelopt", "quant_algo": algo, **group, "ignore": exclude},
                 {"producer": {"name": "modelopt"},
-                 "quantization": {"quant_algo": "NVFP4", "kv_cache_quant_algo": None,
-                                  "group_size": NVFP4_GROUP, "exclude_modules": exclude}})
+                 "quantization": {"quant_algo": algo, "kv_cache_quant_algo": None, **group,
+                                  "exclude_modules": exclude}})
 
     # -- per module -------------------------------------------------------------------------
     def format_of(self, module: str) -> str:

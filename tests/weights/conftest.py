@@ -10,6 +10,6 @@ from moe_backend.weights.checkpoint_maker import make_checkpoints
 
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory) -> Dict[str, Path]:
-    """flavour (bf16, fp8, nvfp4) -> directory of the TINY checkpoint, seed 0. Read-only: a test
+    """flavour (bf16, fp8, fp8_tensor, nvfp4) -> directory of the TINY checkpoint, seed 0. Read-only: a test
     that edits a checkpoint copies it first (see ``copy_checkpoint``)."""
     return make_checkpoints(tmp_path_factory.mktemp("tiny"))

@@ -9,11 +9,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from moe_backend import BF16MoE, FP8BlockMoE, NVFP4MoE, RoutingConfig
-from moe_backend.quant import dequantize_fp8_block, dequantize_nvfp4
+from moe_backend import BF16MoE, FP8BlockMoE, FP8TensorMoE, NVFP4MoE, RoutingConfig
+from moe_backend.quant import FP8_DTYPE, dequantize_fp8_block, dequantize_nvfp4
 from moe_backend.weights.checkpoint import Checkpoint
-from moe_backend.weights.checkpoint_maker import TINY, make_checkpoints
-from moe_backend.weights.loader import load_moe_layer, load_moe_layers, local_experts, read_moe_layer
+from moe_backend.weights.checkpoint_maker import LINEAR, NOMINAL_ACTIVATION_AMAX, TINY, make_checkpoints, master_tensor
+from moe_backend.weights.loader import (load_moe_layer, load_moe_layers, local_experts, merge_w13_scales,
+                                        read_moe_layer)
+from moe_backend.weights.linear import CheckpointLinear
 from moe_backend.weights.reader import INDEX_FILE
 
 LAYER = 2  # an MoE layer of TINY (layers 1..3)
@@ -93,6 +95,140 @@ def test_nvfp4_layer_keeps_gate_and_up_global_scales_apart(tiny_checkpoints):
     assert _rel(w.dequantize_expert(e)[0], bf16.w13[e]) < 0.15
 
 
+def _requantized_w13_loop(path: Path, e: int):
+    """ModelOpt FP8 gate/up of expert ``e`` merged to one scale the plain way (vLLM's
+    process_fp8_weight_tensor_strategy_moe): scale = max, each half dequantized with its own
+    scale and requantized with that one."""
+    stored = {p: (_tensor(path, f"{PREFIX}.experts.{e}.{p}_proj.weight"),
+                  _tensor(path, f"{PREFIX}.experts.{e}.{p}_proj.weight_scale")) for p in ("gate", "up")}
+    scale = max(float(s) for _, s in stored.values())
+    halves = []
+    for q, s in stored.values():
+        rows = []
+        for row in q:
+            rows.append(torch.tensor([min(max(float(v) * float(s) / scale, -448.0), 448.0) for v in row.float()]))
+        halves.append(torch.stack(rows).to(FP8_DTYPE))
+    return torch.cat(halves), scale, stored
+
+
+def test_fp8_tensor_layer_requantizes_gate_and_up_to_one_scale(tiny_checkpoints):
+    path = tiny_checkpoints["fp8_tensor"]
+    layer = load_moe_layer(path, LAYER)
+    assert isinstance(layer, FP8TensorMoE)
+    w = layer.weights
+    assert w.w13_scale.shape == (16,) and w.w2_scale.shape == (16,)
+    for e in (0, 11):
+        w13, scale, stored = _requantized_w13_loop(path, e)
+        (gate_q, gate_s), (up_q, up_s) = stored["gate"], stored["up"]
+        assert gate_s != up_s  # the test means something only if they differ
+        assert float(w.w13_scale[e]) == scale
+        assert torch.equal(w.w13[e].view(torch.uint8), w13.view(torch.uint8))
+        # the half holding the larger scale comes back bit for bit
+        larger = slice(0, 128) if gate_s > up_s else slice(128, 256)
+        assert torch.equal(w.w13[e, larger].view(torch.uint8), (gate_q if gate_s > up_s else up_q).view(torch.uint8))
+        assert torch.equal(w.w2[e].view(torch.uint8),
+                           _tensor(path, f"{PREFIX}.experts.{e}.down_proj.weight").view(torch.uint8))
+        assert torch.equal(w.w2_scale[e], _tensor(path, f"{PREFIX}.experts.{e}.down_proj.weight_scale"))
+    # static activation scales: the largest input_scale of the local experts, one per GEMM input
+    nominal = torch.tensor([NOMINAL_ACTIVATION_AMAX / 448.0])
+    assert torch.equal(w.a13_scale, nominal) and torch.equal(w.a2_scale, nominal)
+
+
+def test_fp8_tensor_layer_matches_the_float_master_weights(tiny_checkpoints):
+    layer = load_moe_layer(tiny_checkpoints["fp8_tensor"], LAYER)
+    for e in (0, 7, 15):
+        w13, w2 = layer.weights.dequantize_expert(e)
+        master = {p: master_tensor(f"{PREFIX}.experts.{e}.{p}_proj.weight", shape, LINEAR, seed=0)
+                  for p, shape in (("gate", (128, 256)), ("up", (128, 256)), ("down", (256, 128)))}
+        # e4m3 rounds by at most 2^-4 relative (about 2.5% rms on Gaussian weights), requantization adds a little
+        assert _rel(w13, torch.cat([master["gate"], master["up"]])) < 0.04
+        assert _rel(w2, master["down"]) < 0.04
+    bf16 = load_moe_layer(tiny_checkpoints["bf16"], LAYER)
+    gen = torch.Generator().manual_seed(0)
+    hidden, logits = torch.randn(32, 256, generator=gen).to(torch.bfloat16), torch.randn(32, 16, generator=gen)
+    # weights and both GEMM inputs in e4m3 (the activations with the static scales)
+    assert _rel(layer.forward(hidden, logits).float(), bf16.forward(hidden, logits).float()) < 0.1
+
+
+def test_merge_w13_scales_keeps_equal_scales_bitwise():
+    gen = torch.Generator().manual_seed(0)
+    q = (torch.randn(2, 8, 16, generator=gen) * 50).to(FP8_DTYPE)
+    s = torch.tensor(0.25)
+    w13, scale = merge_w13_scales(CheckpointLinear("fp8_tensor", q[0], s), CheckpointLinear("fp8_tensor", q[1], s))
+    assert scale == s and torch.equal(w13.view(torch.uint8), q.reshape(16, 16).view(torch.uint8))
+
+
+def test_fp8_tensor_dense_linears_dequantize(tiny_checkpoints):
+    with Checkpoint(tiny_checkpoints["fp8_tensor"]) as ckpt:
+        weights = read_moe_layer(ckpt, LAYER)
+        attn = ckpt.linear("model.layers.0.self_attn.o_proj", (256, 128))
+        assert ckpt.quant.format_of("lm_head") == "bf16"
+    shared = weights.shared_experts
+    assert shared.gate_proj.format == "fp8_tensor" and shared.gate_proj.scale.shape == ()
+    assert float(shared.gate_proj.input_scale) == pytest.approx(NOMINAL_ACTIVATION_AMAX / 448.0)
+    bf16_down = _tensor(tiny_checkpoints["bf16"], f"{PREFIX}.shared_experts.down_proj.weight")
+    assert _rel(shared.down_proj.dequantize(), bf16_down) < 0.04
+    bf16_o = _tensor(tiny_checkpoints["bf16"], "model.layers.0.self_attn.o_proj.weight")
+    assert attn.weight.dtype == FP8_DTYPE and _rel(attn.dequantize(), bf16_o) < 0.04
+    assert weights.router_weight.dtype == torch.bfloat16
+
+
+def test_fp8_tensor_expert_parallel_ranks(tiny_checkpoints):
+    path = tiny_checkpoints["fp8_tensor"]
+    full = load_moe_layer(path, LAYER).weights
+    for rank in range(4):
+        part = load_moe_layer(path, LAYER, ep_rank=rank, ep_size=4).weights
+        for name in ("w13", "w13_scale", "w2", "w2_scale"):
+            assert torch.equal(getattr(part, name).view(torch.uint8),
+                               getattr(full, name)[4 * rank: 4 * rank + 4].view(torch.uint8)), name
+        assert torch.equal(part.a13_scale, full.a13_scale) and torch.equal(part.a2_scale, full.a2_scale)
+
+
+def test_fp8_tensor_static_scale_is_the_max_and_absent_means_dynamic(tiny_checkpoints, tmp_path):
+    src = tiny_checkpoints["fp8_tensor"]
+    key = f"{PREFIX}.experts.5.up_proj.input_scale"
+    path = _edited_copy(src, tmp_path / "larger", key, torch.tensor(0.5))
+    w = load_moe_layer(path, LAYER).weights
+    assert torch.equal(w.a13_scale, torch.tensor([0.5]))
+    assert torch.equal(w.a2_scale, torch.tensor([NOMINAL_ACTIVATION_AMAX / 448.0]))
+    # without any input_scale the layer quantizes its activations dynamically
+    dynamic = tmp_path / "dynamic"
+    shutil.copytree(src, dynamic)
+    index = json.loads((dynamic / INDEX_FILE).read_text())
+    for shard in set(index["weight_map"].values()):
+        tensors = {k: v for k, v in load_file(str(dynamic / shard)).items() if not k.endswith(".input_scale")}
+        save_file(tensors, str(dynamic / shard))
+    index["weight_map"] = {k: v for k, v in index["weight_map"].items() if not k.endswith(".input_scale")}
+    (dynamic / INDEX_FILE).write_text(json.dumps(index))
+    w = load_moe_layer(dynamic, LAYER).weights
+    assert w.a13_scale is None and w.a2_scale is None
+
+
+@pytest.mark.parametrize("key, value, error, match", [
+    ("experts.6.up_proj.input_scale", None, ValueError,
+     r"experts: 1 of the local experts' gate_proj/up_proj have no input_scale and 31 have one"),
+    ("experts.6.down_proj.weight_scale", torch.tensor(0.0), ValueError, "expected a finite positive scale, got 0.0"),
+    ("experts.6.gate_proj.weight_scale", torch.tensor(float("nan")), ValueError, "finite positive scale, got nan"),
+    ("experts.6.gate_proj.input_scale", torch.tensor(-1.0), ValueError, "finite positive scale, got -1.0"),
+    ("experts.6.gate_proj.weight_scale", torch.ones(2), ValueError, r"expected a scalar, got shape \(2,\)"),
+    ("experts.6.gate_proj.weight_scale", torch.tensor(1.0, dtype=torch.float16), TypeError,
+     "expected dtype torch.float32, got torch.float16"),
+    ("experts.6.gate_proj.weight_scale", None, ValueError, "is missing from the checkpoint"),
+])
+def test_fp8_tensor_bad_tensors_are_named(tiny_checkpoints, tmp_path, key, value, error, match):
+    path = _edited_copy(tiny_checkpoints["fp8_tensor"], tmp_path / "ckpt", f"{PREFIX}.{key}", value)
+    with pytest.raises(error, match=match):
+        load_moe_layer(path, LAYER)
+
+
+def test_fp8_tensor_scale_stored_as_shape_1_is_accepted(tiny_checkpoints, tmp_path):
+    key = f"{PREFIX}.experts.6.gate_proj.weight_scale"
+    value = _tensor(tiny_checkpoints["fp8_tensor"], key)
+    path = _edited_copy(tiny_checkpoints["fp8_tensor"], tmp_path / "ckpt", key, value.reshape(1))
+    assert torch.equal(load_moe_layer(path, LAYER).weights.w13,
+                       load_moe_layer(tiny_checkpoints["fp8_tensor"], LAYER).weights.w13)
+
+
 def test_router_and_shared_experts(tiny_checkpoints):
     with Checkpoint(tiny_checkpoints["fp8"]) as ckpt:
         weights = read_moe_layer(ckpt, LAYER)
@@ -130,12 +266,15 @@ def test_local_experts_errors():
 
 
 def test_exclusions_leave_experts_in_bf16(tmp_path):
-    dirs = make_checkpoints(tmp_path, flavours=["bf16", "nvfp4", "fp8"], extra_exclusions=[f"{PREFIX}.experts"])
+    dirs = make_checkpoints(tmp_path, flavours=["bf16", "nvfp4", "fp8", "fp8_tensor"],
+                            extra_exclusions=[f"{PREFIX}.experts"])
     layers = load_moe_layers(dirs["nvfp4"], progress=False)
     assert [type(layers[i]) for i in (1, 2, 3)] == [NVFP4MoE, BF16MoE, NVFP4MoE]
     assert torch.equal(layers[2].weights.w13, load_moe_layer(dirs["bf16"], 2).weights.w13)
     assert isinstance(load_moe_layer(dirs["fp8"], 2), BF16MoE)
     assert isinstance(load_moe_layer(dirs["fp8"], 3), FP8BlockMoE)
+    assert isinstance(load_moe_layer(dirs["fp8_tensor"], 2), BF16MoE)
+    assert isinstance(load_moe_layer(dirs["fp8_tensor"], 3), FP8TensorMoE)
 
 
 def test_experts_in_mixed_formats_are_refused(tmp_path):
