@@ -18,8 +18,9 @@ import time
 from pathlib import Path
 from typing import Optional
 
-#: vLLM's own MoE backend each precision is compared with (Marlin: vLLM's only NVFP4 MoE on Hopper).
-REFERENCE_BACKEND = {"fp8": "triton", "nvfp4": "marlin"}
+#: vLLM's own MoE backend each checkpoint flavour is compared with (``fp8``: block-scale,
+#: ``fp8_tensor``: ModelOpt FP8 per-tensor; Marlin: vLLM's only NVFP4 MoE on Hopper).
+REFERENCE_BACKEND = {"fp8": "triton", "nvfp4": "marlin", "fp8_tensor": "triton"}
 #: For every vLLM run: offline, no usage report, no DeepGEMM (its JIT needs headers and time),
 #: no FlashInfer sampler (FlashInfer is optional and absent on our GPU machine).
 CHILD_ENV = {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1",

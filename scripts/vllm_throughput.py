@@ -133,7 +133,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--report", type=Path, required=False, help="JSON report path")
     parser.add_argument("--work", type=Path, help="directory for the config and logs (default: a temp dir)")
-    parser.add_argument("--precision", choices=tuple(REFERENCE_BACKEND), default="fp8")
+    parser.add_argument("--precision", choices=tuple(QUANTIZATION), default="fp8")
     parser.add_argument("--layers", type=int, default=5, help="decoder layers (the first is dense)")
     parser.add_argument("--prompts", type=int, default=256)
     parser.add_argument("--input-len", type=int, default=32)
