@@ -9,24 +9,18 @@ rows ``>= T`` left untouched.
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import pytest
 import torch
-from moe_checks import Problem, assert_matches_reference, random_ids, run_poisoned
+from moe_checks import (
+    DEVICE, REL_TOL, Problem, assert_matches_reference, gpu, random_ids, run_poisoned, runs_here,
+)
 
 from moe_backend.expert_weights import FP8BlockWeights, FP8TensorWeights
 from moe_backend.kernels.sm90 import fused_experts_fp8
 from moe_backend.kernels.sm90.align import align_block_size
 
-CUDA = torch.cuda.is_available()
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-DEVICE = "cuda" if CUDA else "cpu"
-gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-runs_here = pytest.mark.skipif(not (CUDA or INTERPRET), reason="needs a CUDA GPU or TRITON_INTERPRET=1")
-
-REL_TOL = 1e-2
 #: Forced paths for the interpreter (tiny tiles, both code paths).
 DECODE_SMALL = dict(path="decode", BLOCK_M=16, BLOCK_N1=64, BLOCK_N2=32, SPLIT_K2=2)
 PREFILL_SMALL = dict(path="prefill", BLOCK_M=16, BLOCK_N1=128, BLOCK_N2=64, GROUP_M1=2, GROUP_M2=2,

@@ -10,12 +10,13 @@ written and rows ``>= T`` left untouched.
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import pytest
 import torch
-from moe_checks import Problem, assert_matches_reference, random_ids, run_poisoned
+from moe_checks import (
+    CUDA, DEVICE, INTERPRET, REL_TOL, Problem, assert_matches_reference, gpu, random_ids, run_poisoned, runs_here,
+)
 import triton
 import triton.language as tl
 
@@ -28,13 +29,6 @@ from moe_backend.quant.fp8 import FP8_DTYPE
 from moe_backend.quant.nvfp4 import dequantize_nvfp4
 from moe_backend.weights.layout import kernel_k_order, nvfp4_to_kernel_layout
 
-CUDA = torch.cuda.is_available()
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-DEVICE = "cuda" if CUDA else "cpu"
-gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-runs_here = pytest.mark.skipif(not (CUDA or INTERPRET), reason="needs a CUDA GPU or TRITON_INTERPRET=1")
-
-REL_TOL = 1e-2
 #: Forced paths with tiny tiles for the interpreter (H, I padded to 256-groups, split-K, GROUP_M).
 DECODE_SMALL = dict(path="decode", BLOCK_M=16, BLOCK_N1=16, BLOCK_N2=32, SPLIT_K2=2)
 PREFILL_SMALL = dict(path="prefill", BLOCK_M=32, BLOCK_N1=32, GROUP_M1=2, BLOCK_N2=32, SPLIT_K2=1, GROUP_M2=2,

@@ -1,12 +1,24 @@
-"""Checks shared by the fused-experts kernel tests: poisoned outputs and the reference comparison."""
+"""Checks shared by the fused-experts kernel tests: where they run, poisoned outputs and the
+reference comparison."""
 
+import os
 from dataclasses import dataclass
 from typing import Callable
 
+import pytest
 import torch
 
 from moe_backend.expert_weights import ExpertWeights
 from moe_backend.kernels.reference import reference_fused_experts
+
+CUDA = torch.cuda.is_available()
+#: Set by tests/conftest.py without CUDA: the Triton kernels run under the interpreter.
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cuda" if CUDA else "cpu"
+gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+runs_here = pytest.mark.skipif(not (CUDA or INTERPRET), reason="needs a CUDA GPU or TRITON_INTERPRET=1")
+#: Relative error the kernels may show against ``reference_fused_experts``.
+REL_TOL = 1e-2
 
 
 @dataclass
