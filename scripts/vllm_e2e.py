@@ -281,12 +281,14 @@ def check_flavour(flavour: str, ckpts: Dict[str, Path], token_prompts, args, wor
         layer: capture_agreement(ours["outputs"], ref["outputs"], token_prompts, [layer]) for layer in moe_layers}
     save()
     try:
-        agreement = {}
-        for name, run in (("moe_backend", ours), ("reference", ref)):
-            sequences = [p + o["tokens"] for p, o in zip(token_prompts, run["outputs"])]
-            recomputed = recompute_routing(ckpts["bf16"], ckpts[flavour], sequences)
-            agreement[name] = routing_agreement([o["routed_experts"] for o in run["outputs"]], recomputed)
-        entry["routing_agreement"] = agreement
+        runs_by_name = (("moe_backend", ours), ("reference", ref))
+        # One model load serves both runs' sequences.
+        recomputed = recompute_routing(ckpts["bf16"], ckpts[flavour], [
+            p + o["tokens"] for _, run in runs_by_name for p, o in zip(token_prompts, run["outputs"])])
+        n = len(token_prompts)
+        entry["routing_agreement"] = {
+            name: routing_agreement([o["routed_experts"] for o in run["outputs"]], recomputed[j * n:(j + 1) * n])
+            for j, (name, run) in enumerate(runs_by_name)}
     except Exception as err:  # noqa: BLE001  the vLLM checks above stand on their own
         entry["routing_agreement"] = None
         entry["routing_error"] = f"{type(err).__name__}: {err}"
