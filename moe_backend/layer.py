@@ -64,6 +64,10 @@ class MoEConfig:
             raise TypeError(f"routing: expected a RoutingConfig, got {type(self.routing).__name__}")
 
 
+#: ``numerics`` -> the precisions it is offered for (None: all).
+NUMERICS: Dict[str, Optional[Tuple[str, ...]]] = {"accurate": None, "vllm_triton": ("fp8_block",)}
+
+
 class MoELayer:
     """Fused experts of one precision. Subclasses fix the weight container type."""
 
@@ -71,10 +75,16 @@ class MoELayer:
 
     def __init__(self, weights: ExpertWeights, config: MoEConfig, *,
                  correction_bias: Optional[torch.Tensor] = None, kernel: str = "auto",
-                 deterministic: bool = False) -> None:
+                 deterministic: bool = False, numerics: str = "accurate") -> None:
         """``deterministic``: combine the top-k without atomics in a fixed order and use one kernel
         configuration for every batch size, so outputs are bitwise reproducible across runs and
-        batch compositions (for RL rollouts and debugging; slower at large T)."""
+        batch compositions (for RL rollouts and debugging; slower at large T).
+
+        ``numerics`` (one of :data:`NUMERICS`): ``accurate`` (default) keeps intermediates in
+        fp32; ``vllm_triton`` rounds them as vLLM's Triton fused-MoE does, so a model decodes the
+        same tokens as on that backend (FP8 block-scale on the sm90_triton_fp8 kernel; deterministic,
+        one configuration for every T, less accurate).
+        """
         if not isinstance(weights, self.weights_type):
             raise TypeError(
                 f"weights: expected {self.weights_type.__name__}, got {type(weights).__name__}"
@@ -98,16 +108,29 @@ class MoELayer:
         self._kernels = {routed: select_kernel(weights.precision, weights.device, routed, kernel,
                                                weight_on_input=config.apply_router_weight_on_input)
                          for routed in (False, True)}
+        if numerics not in NUMERICS:
+            raise ValueError(f"numerics: expected one of {sorted(NUMERICS)}, got {numerics!r}")
+        if numerics != "accurate" and weights.precision not in NUMERICS[numerics]:
+            raise ValueError(f"numerics: {numerics!r} is available for {', '.join(NUMERICS[numerics])} "
+                             f"weights, got {weights.precision}")
+        if numerics == "vllm_triton" and (weights.ue8m0 or config.apply_router_weight_on_input):
+            raise ValueError("numerics: 'vllm_triton' needs scales that are not ue8m0 and the router weight "
+                             "on the output (apply_router_weight_on_input=False)")
         self.deterministic = deterministic
+        self.numerics = numerics
         self._fixed_configs: Dict[str, dict] = {}
-        if deterministic:
-            for k in self._kernels.values():
-                fixed = k.deterministic_config()
-                if fixed is None:
-                    raise ValueError(
-                        f"deterministic: kernel {k.name!r} ({weights.precision} on {weights.device}) has no "
-                        f"deterministic mode; it is available with the sm90_triton_fp8 kernel (FP8 on Hopper)")
-                self._fixed_configs[k.name] = fixed
+        for k in self._kernels.values():
+            if numerics != "accurate":
+                fixed, wanted = k.numerics_config(numerics), f"numerics: {numerics!r}"
+            elif deterministic:
+                fixed, wanted = k.deterministic_config(), "deterministic"
+            else:
+                continue
+            if fixed is None:
+                raise ValueError(
+                    f"{wanted}: kernel {k.name!r} ({weights.precision} on {weights.device}) does not offer it; "
+                    f"it is available with the sm90_triton_fp8 kernel (FP8 on Hopper)")
+            self._fixed_configs[k.name] = fixed
         self._prepared = {k.name: k.prepare(weights) for k in self._kernels.values()}
         # Keep the checkpoint layout only if a kernel reads it: a transformed copy beside it would
         # double the layer's memory (NVFP4 must stay at 0.5625 bytes a weight).
@@ -120,11 +143,12 @@ class MoELayer:
     @classmethod
     def from_float(cls, w13: torch.Tensor, w2: torch.Tensor, config: MoEConfig, *,
                    correction_bias: Optional[torch.Tensor] = None, kernel: str = "auto",
-                   deterministic: bool = False, **quantize_options) -> "MoELayer":
+                   deterministic: bool = False, numerics: str = "accurate", **quantize_options) -> "MoELayer":
         """Quantize float master weights ``w13 [E, 2I, H]``, ``w2 [E, H, I]`` into this precision
         (``quantize_options`` go to the weight container, e.g. ``ue8m0=True`` for FP8 block)."""
         weights = cls.weights_type.quantize(w13, w2, **quantize_options)
-        return cls(weights, config, correction_bias=correction_bias, kernel=kernel, deterministic=deterministic)
+        return cls(weights, config, correction_bias=correction_bias, kernel=kernel, deterministic=deterministic,
+                   numerics=numerics)
 
     # -- properties ---------------------------------------------------------------------
     @property

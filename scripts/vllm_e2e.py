@@ -22,6 +22,9 @@ and checks, per flavour:
   replay equal those vLLM's own capture returns with its backend, over the shared prefix,
   per MoE layer. Checked on the first MoE layer (identical inputs there: must be 1.0);
   later layers see the two backends' different roundings and are reported;
+* ``vllm_triton_numerics`` (FP8 block; checked): a third run of ours with
+  ``MOE_BACKEND_NUMERICS=vllm_triton``, which rounds as vLLM's Triton experts do: its free-running
+  greedy tokens must equal those of vLLM's ``triton`` backend in every sequence;
 * ``routing_agreement``: our sets, and vLLM's backend's, against a recomputation of the
   routing with transformers' DeepSeek-V3 on the same checkpoint (``moe_backend.accuracy``,
   float64, our ``noaux_tc`` selection), each over its own sequences. Checked: ours is no
@@ -60,6 +63,8 @@ from vllm_runs import REFERENCE_BACKEND, run_child as run_vllm_child
 #: FP8 0.849, NVFP4 0.950; docs/checkpoints.md: FP8 per-tensor 0.865) less 0.05, as two
 #: backends each that far from exact may also part.
 MIN_TEACHER_FORCED = {"fp8": 0.80, "nvfp4": 0.90, "fp8_tensor": 0.80}
+#: Flavours with a ``MOE_BACKEND_NUMERICS`` that reproduces the reference backend bit for bit.
+PARITY_NUMERICS = {"fp8": "vllm_triton"}
 #: How much lower than vLLM's own backend our routing agreement with the float64 recomputation may be.
 ROUTING_SLACK = 0.02
 #: DeepSeek-V3's MLA dimensions, on top of make-checkpoint's tiny sizes.
@@ -120,11 +125,11 @@ def top1_of_prompt(prompt_logprobs: list) -> List[int]:
     return [next(tok for tok, lp in entry.items() if lp.rank == 1) for entry in prompt_logprobs[1:]]
 
 
-def run_child(spec: dict, log_path: Path, timeout: float) -> dict:
+def run_child(spec: dict, log_path: Path, timeout: float, extra_env: dict = None) -> dict:
     """Run :func:`generate` in a child process; returns its record, or one with ``error``."""
     if timeout < 45:
         return {"backend": spec["backend"], "error": "skipped: the time budget (--budget-s) is spent"}
-    return {"backend": spec["backend"], **run_vllm_child(__file__, spec, log_path, timeout)}
+    return {"backend": spec["backend"], **run_vllm_child(__file__, spec, log_path, timeout, extra_env)}
 
 
 def token_agreement(ours: list, ref: list) -> float:
@@ -248,6 +253,29 @@ def routing_agreement(routed: list, recomputed: List[Dict[int, list]]) -> float:
     return same / max(total, 1)
 
 
+def check_parity(flavour: str, ckpts: Dict[str, Path], token_prompts, args, work: Path, entry: dict,
+                 ref: dict) -> bool:
+    """Run ours with the flavour's :data:`PARITY_NUMERICS`; its greedy tokens must equal ``ref``'s
+    in every sequence (True where the flavour has no such numerics)."""
+    numerics = PARITY_NUMERICS.get(flavour)
+    if numerics is None:
+        return True
+    spec = {"model": str(ckpts[flavour]), "backend": "moe_backend", "prompts": token_prompts,
+            "max_tokens": args.max_tokens, "eager": args.eager, "out": str(work / f"{flavour}-{numerics}.json")}
+    timeout = min(args.child_timeout, args.deadline - time.monotonic() - 20)
+    run = run_child(spec, work / f"{flavour}-{numerics}.log", timeout, {"MOE_BACKEND_NUMERICS": numerics})
+    result = {k: v for k, v in run.items() if k != "outputs"}
+    entry[f"{numerics}_numerics"] = result
+    if "error" in run:
+        return False
+    outputs = run["outputs"]
+    result["identical_sequences"] = sum(a["tokens"] == b["tokens"] for a, b in zip(outputs, ref["outputs"]))
+    result["token_agreement"] = token_agreement(outputs, ref["outputs"])
+    result["routed_experts_equal"] = sum(a["routed_experts"] == b["routed_experts"]
+                                         for a, b in zip(outputs, ref["outputs"]))
+    return bool(run["served_by_moe_backend"]) and result["identical_sequences"] == len(token_prompts)
+
+
 def check_flavour(flavour: str, ckpts: Dict[str, Path], token_prompts, args, work: Path, report: dict,
                   save) -> bool:
     config = json.loads((ckpts[flavour] / "config.json").read_text())
@@ -280,6 +308,8 @@ def check_flavour(flavour: str, ckpts: Dict[str, Path], token_prompts, args, wor
     entry["capture_agreement_by_layer"] = {
         layer: capture_agreement(ours["outputs"], ref["outputs"], token_prompts, [layer]) for layer in moe_layers}
     save()
+    parity_ok = check_parity(flavour, ckpts, token_prompts, args, work, entry, ref)
+    save()
     try:
         runs_by_name = (("moe_backend", ours), ("reference", ref))
         # One model load serves both runs' sequences.
@@ -293,7 +323,8 @@ def check_flavour(flavour: str, ckpts: Dict[str, Path], token_prompts, args, wor
         entry["routing_agreement"] = None
         entry["routing_error"] = f"{type(err).__name__}: {err}"
     routing = entry["routing_agreement"]
-    ok = (entry["served_by_moe_backend"] and entry["teacher_forced_agreement"] >= MIN_TEACHER_FORCED[flavour]
+    ok = (parity_ok and entry["served_by_moe_backend"]
+          and entry["teacher_forced_agreement"] >= MIN_TEACHER_FORCED[flavour]
           and not entry["routed_shape_problems"] and entry["capture_agreement_by_layer"][moe_layers[0]] == 1.0
           and routing is not None and routing["moe_backend"] >= routing["reference"] - ROUTING_SLACK)
     entry["ok"] = ok
@@ -326,7 +357,7 @@ def main() -> int:
     report_path = args.report or work / "report.json"
     report_path.parent.mkdir(parents=True, exist_ok=True)
     report: dict = {"thresholds": {"teacher_forced": MIN_TEACHER_FORCED, "first_moe_layer_capture": 1.0,
-                                   "routing_slack": ROUTING_SLACK},
+                                   "routing_slack": ROUTING_SLACK, "parity_numerics": PARITY_NUMERICS},
                     "settings": {"prompts": args.prompts, "max_tokens": args.max_tokens, "eager": args.eager,
                                  "graph_sizes": [] if args.eager else GRAPH_SIZES, "mla_dims": MLA_DIMS},
                     "flavours": {}}

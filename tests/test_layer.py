@@ -236,6 +236,36 @@ def test_deterministic_mode_needs_a_kernel_that_has_it():
         _layer(LAYER_TYPES["nvfp4"], kernel="sm90_triton_nvfp4", deterministic=True)
 
 
+def test_numerics_are_checked_at_construction():
+    with pytest.raises(ValueError, match="numerics: expected one of"):
+        _layer(FP8BlockMoE, numerics="vllm")
+    with pytest.raises(ValueError, match="'vllm_triton' is available for fp8_block weights, got nvfp4"):
+        _layer(LAYER_TYPES["nvfp4"], numerics="vllm_triton")
+    with pytest.raises(ValueError, match="not ue8m0"):
+        _layer(FP8BlockMoE, kernel="sm90_triton_fp8", numerics="vllm_triton", ue8m0=True)
+    with pytest.raises(ValueError, match="numerics: 'vllm_triton': kernel 'reference'"):
+        _layer(FP8BlockMoE, numerics="vllm_triton")
+
+
+def test_vllm_triton_numerics_fp8_layer_uses_its_fixed_configuration():
+    """The layer runs the kernel's ``vllm_triton`` configuration for every T (CPU: Triton's interpreter)."""
+    pytest.importorskip("triton")
+    from vllm_numerics import vllm_triton_fused_experts
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    cfg = MoEConfig(num_experts=E_LOCAL, top_k=2, routing=RoutingConfig("softmax"))
+    w13, w2 = torch.randn(E_LOCAL, 2 * I, H) / 16, torch.randn(E_LOCAL, H, I) / 11
+    layer = FP8BlockMoE.from_float(w13.to(device), w2.to(device), cfg, kernel="sm90_triton_fp8",
+                                   numerics="vllm_triton")
+    assert layer.numerics == "vllm_triton"
+    hidden, logits = torch.randn(5, H).to(device, torch.bfloat16), torch.randn(5, E_LOCAL).to(device)
+    replay = torch.empty(5, 2, dtype=torch.int16, device=device)
+    got = layer.forward(hidden, logits, routing_replay_out=replay)
+    ids, weights = cfg.routing.select(logits, 2, None)
+    assert torch.equal(replay.int(), ids)
+    assert torch.equal(got.cpu(), vllm_triton_fused_experts(hidden, layer.weights, ids, weights))
+
+
 def test_deterministic_fp8_is_batch_invariant():
     """A token's output bits do not depend on the batch around it (CPU: Triton's interpreter)."""
     pytest.importorskip("triton")

@@ -8,6 +8,11 @@ scales; ModelOpt NVFP4 ``w13_weight [E, 2I, H/2]`` uint8 with
 ``w13_weight_scale [E, 2I, H/16]`` e4m3 and ``w13_weight_scale_2 [E, 2]`` fp32
 (gate and up kept apart, each applied exactly: vLLM keeps only the gate's).
 
+The environment variable ``MOE_BACKEND_NUMERICS`` picks our layers' numerics
+(:data:`moe_backend.layer.NUMERICS`): ``accurate`` (default), or ``vllm_triton`` to decode the
+same tokens as vLLM's ``triton`` backend (FP8 block-scale checkpoints only; a checkpoint it
+cannot serve stops start-up).
+
 Each converted layer gets a :class:`Binding`, stored on the vLLM layer and
 found again from the ``w1`` tensor that vLLM hands to ``apply`` (its storage
 pointer), so the experts object needs no reference to the layer.
@@ -26,7 +31,7 @@ from moe_backend import FP8BlockWeights, FP8TensorWeights, MoEConfig, NVFP4Weigh
 from moe_backend.expert_weights import ExpertWeights
 from moe_backend.kernels.registry import KERNELS
 
-from .support import unsupported
+from .support import numerics as requested_numerics, unsupported
 
 logger = logging.getLogger(__name__)
 
@@ -132,14 +137,16 @@ def bind(layer: Any, weights: ExpertWeights) -> MoELayer:
     offset = expert_offset(layer.expert_map, layer.local_num_experts)
     config = MoEConfig(num_experts=layer.global_num_experts, top_k=layer.top_k, local_expert_offset=offset,
                        apply_router_weight_on_input=bool(layer.apply_router_weight_on_input))
+    numerics = requested_numerics()
     try:
-        moe = LAYER_TYPES[weights.precision](weights, config)
+        moe = LAYER_TYPES[weights.precision](weights, config, numerics=numerics)
     except (TypeError, ValueError) as err:
         raise unsupported(f"MoE layer {getattr(layer, 'layer_name', '?')!r} ({err})") from err
     _check_graph_safe(moe)
     binding = Binding(moe)
     setattr(layer, ATTR, binding)
     _BINDINGS[weights.w13.data_ptr()] = weakref.ref(binding)
-    logger.debug("moe_backend: %s bound (%s, E=%d from %d, kernel %s)", getattr(layer, "layer_name", "?"),
-                 moe.precision, weights.num_experts, offset, moe.kernel_name(routed=True))
+    logger.debug("moe_backend: %s bound (%s, E=%d from %d, kernel %s, numerics %s)",
+                 getattr(layer, "layer_name", "?"), moe.precision, weights.num_experts, offset,
+                 moe.kernel_name(routed=True), numerics)
     return moe

@@ -15,9 +15,18 @@ which backends can serve it.
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any, Iterable
 
 BACKEND_NAME = "moe_backend"
+
+#: Environment variable naming our layers' numerics (``moe_backend.layer.NUMERICS``; see ``convert``).
+NUMERICS_ENV = "MOE_BACKEND_NUMERICS"
+
+
+def numerics() -> str:
+    """The numerics ``MOE_BACKEND_NUMERICS`` asks for (``accurate`` when unset)."""
+    return os.environ.get(NUMERICS_ENV, "accurate")
 
 #: ``--quantization`` methods whose MoE layers we run (see ``oracle``).
 QUANTIZATIONS = ("fp8", "modelopt", "modelopt_fp4")
@@ -57,6 +66,10 @@ def _config_problems(vllm_config: Any) -> Iterable[str]:
     """Unsupported features of an engine config, as phrases for :func:`unsupported`."""
     import torch
 
+    from moe_backend.layer import NUMERICS
+
+    if numerics() not in NUMERICS:
+        yield f"{NUMERICS_ENV}={numerics()!r} (expected one of {', '.join(sorted(NUMERICS))})"
     model = vllm_config.model_config
     if model is not None:
         if model.quantization not in QUANTIZATIONS:

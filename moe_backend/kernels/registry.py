@@ -74,6 +74,10 @@ class Kernel:
         """A configuration without atomics and with one tiling for every T, or None if it has none."""
         return self._tuning_attr("DETERMINISTIC_CONFIG")
 
+    def numerics_config(self, numerics: str) -> Optional[dict]:
+        """The fixed configuration of ``numerics`` (e.g. ``vllm_triton``), or None if it has none."""
+        return (self._tuning_attr("NUMERICS_CONFIGS") or {}).get(numerics)
+
     def unavailable_reason(self, precision: str, device: torch.device,
                            weight_on_input: bool = False) -> Optional[str]:
         """Why this kernel cannot run here, or None when it can."""

@@ -17,9 +17,12 @@ from moe_checks import (
     DEVICE, REL_TOL, Problem, assert_matches_reference, gpu, random_ids, run_poisoned, runs_here,
 )
 
+from vllm_numerics import vllm_triton_fused_experts
+
 from moe_backend.expert_weights import FP8BlockWeights, FP8TensorWeights
 from moe_backend.kernels.sm90 import fused_experts_fp8
 from moe_backend.kernels.sm90.align import align_block_size
+from moe_backend.kernels.sm90.fp8_moe import NUMERICS_CONFIGS
 
 #: Forced paths for the interpreter (tiny tiles, both code paths).
 DECODE_SMALL = dict(path="decode", BLOCK_M=16, BLOCK_N1=64, BLOCK_N2=32, SPLIT_K2=2)
@@ -153,6 +156,47 @@ def test_default_config_both_paths():
     assert default_config(1, 8, 256)["path"] == "decode"
     assert default_config(4, 8, 32)["path"] == "decode"
     assert default_config(8192, 8, 32)["path"] == "prefill"
+
+
+# ----------------------------------------------------------------------------- vLLM numerics
+VLLM_NUMERICS = NUMERICS_CONFIGS["vllm_triton"]
+
+
+def check_vllm_numerics(p: Problem) -> float:
+    """``vllm_triton`` numerics equal vLLM's steps bit for bit; returns the fraction of output
+    elements the default numerics leave equal (they round differently)."""
+    want = vllm_triton_fused_experts(p.hidden, p.weights, p.ids, p.topk_w, p.offset)
+    assert want.float().abs().sum() > 0
+    got = run_kernel(p, config=VLLM_NUMERICS)
+    assert torch.equal(got.cpu(), want)
+    accurate = run_kernel(p, config=dict(VLLM_NUMERICS, NUMERICS="accurate"))
+    return (accurate.cpu() == want).float().mean().item()
+
+
+@runs_here
+@pytest.mark.parametrize("t,k,e,offset", [(1, 1, 4, 0), (5, 4, 6, 2), (9, 8, 12, 0), (6, 3, 5, 1)])
+def test_vllm_triton_numerics_match_vllms_steps_bit_for_bit(t, k, e, offset):
+    """k <= 4 adds in bf16 (vLLM's ``moe_sum`` kernel), k = 8 in fp32; EP offsets and ids
+    outside the local range included."""
+    p = make_problem(t, 256, 256, e, k, block=True, offset=offset, invalid=t > 1, seed=t)
+    assert check_vllm_numerics(p) < 0.9
+
+
+@runs_here
+def test_vllm_triton_numerics_refuse_what_vllm_does_not_compute():
+    p = make_problem(3, 256, 256, 4, 2, block=False)
+    with pytest.raises(ValueError, match="needs FP8 block-scale weights"):
+        run_kernel(p, config=VLLM_NUMERICS)
+    p = make_problem(3, 256, 256, 4, 2, block=True, ue8m0=True)
+    with pytest.raises(ValueError, match="no ue8m0"):
+        run_kernel(p, config=VLLM_NUMERICS)
+    p = make_problem(3, 256, 256, 4, 2, block=True)
+    with pytest.raises(ValueError, match="needs FP8 block-scale weights"):
+        run_kernel(p, config=VLLM_NUMERICS, weight_on_input=True)
+    with pytest.raises(ValueError, match="needs path='prefill', COMBINE='sum'"):
+        run_kernel(p, config=dict(VLLM_NUMERICS, COMBINE="atomic"))
+    with pytest.raises(ValueError, match="NUMERICS must be one of"):
+        run_kernel(p, config=dict(VLLM_NUMERICS, NUMERICS="fast"))
 
 
 @gpu

@@ -14,6 +14,10 @@ weight (unless it was applied on the input). Two ways to combine the top-k:
   (deterministic; each expert's output is rounded to bf16 before the sum, and
   no atomics or zeroing are needed, which pays at large T). ``SPLIT_K`` must be 1.
 
+``VLLM``: the K blocks scaled in vLLM's order (``(dot * a_scale) * w_scale``), as the
+``vllm_triton`` numerics need; the rest (router weight in fp32, one bf16 rounding per
+pair) is what vLLM's kernel does already.
+
 The input ``y`` is e4m3 with per-row per-128 scales (or a static scale) from
 GEMM1's epilogue, or fp32 (``QUANT_ON_LOAD``, decode) quantized here with the
 same numerics as it is loaded.
@@ -27,7 +31,7 @@ import triton.language as tl
 
 from .align import AlignedRouting
 from .tiles import aligned_rows, tile_coords
-from .fp8_tile import quantize_tile
+from .fp8_tile import quantize_tile, to_bf16
 
 
 @triton.jit
@@ -39,6 +43,7 @@ def _gemm2_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     QUANT_ON_LOAD: tl.constexpr, Y_STATIC: tl.constexpr, BLOCK_SCALED: tl.constexpr,
     UE8M0: tl.constexpr, WEIGHT_ON_INPUT: tl.constexpr, EVEN_K: tl.constexpr, ATOMIC: tl.constexpr,
+    VLLM: tl.constexpr,
 ):
     pid_m, pid_n = tile_coords(tl.program_id(0), max_tiles, tl.cdiv(H, BLOCK_N), GROUP_M)
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
@@ -71,7 +76,9 @@ def _gemm2_kernel(
             else:
                 a_s = tl.load(y_scale_ptr + rows.to(tl.int64) * stride_ysm + kb)
         w = tl.load(w_ptrs, mask=w_mask, other=0.0)
-        if BLOCK_SCALED:
+        if BLOCK_SCALED and VLLM:
+            acc += tl.dot(a, w) * a_s[:, None] * tl.load(ws_ptr + kb)
+        elif BLOCK_SCALED:
             acc += tl.dot(a, w) * (a_s * tl.load(ws_ptr + kb))[:, None]
         elif Y_STATIC:
             acc = tl.dot(a, w, acc, max_num_imprecise_acc=BLOCK_K)  # fp32 promotion: see GEMM1
@@ -93,14 +100,14 @@ def _gemm2_kernel(
         tl.atomic_add(out_ptrs, acc, mask=row_ok[:, None] & n_ok[None, :], sem="relaxed")
     else:
         out_ptrs = acc_ptr + rows[:, None].to(tl.int64) * stride_accm + offs_n[None, :]
-        tl.store(out_ptrs, acc.to(tl.bfloat16), mask=n_ok[None, :])
+        tl.store(out_ptrs, to_bf16(acc), mask=n_ok[None, :])
 
 
 def gemm2_fp8(
     y: torch.Tensor, y_scale: Optional[torch.Tensor], w2: torch.Tensor, w2_scale: torch.Tensor,
     routing: AlignedRouting, topk_weights: torch.Tensor, acc: torch.Tensor, *,
     num_pairs: int, top_k: int, block_scaled: bool, quant_on_load: bool,
-    a2_static: Optional[torch.Tensor], ue8m0: bool, weight_on_input: bool, atomic: bool,
+    a2_static: Optional[torch.Tensor], ue8m0: bool, weight_on_input: bool, atomic: bool, vllm: bool,
     BLOCK_N: int, BLOCK_K: int, SPLIT_K: int, GROUP_M: int, num_warps: int, num_stages: int,
 ) -> None:
     """Launch GEMM2 + weighting: ``acc[t] += w[t, j] * (y_row @ w2[e].T)`` (``atomic``),
@@ -113,11 +120,13 @@ def gemm2_fp8(
         routing: the aligned rows GEMM1 used; topk_weights ``[T, k]`` fp32 contiguous.
         acc: ``atomic``: ``[T, H]`` fp32 workspace, zeroed; else ``[P, H]`` bf16; unit column stride.
         a2_static: ``[1]`` fp32 static scale of ``y``, or None for dynamic.
+        vllm: vLLM's scaling order (block scales, pre-quantized ``y``, no atomics).
     """
     e, h, inter = w2.shape
     assert a2_static is not None or BLOCK_K == 128
     assert not block_scaled or (BLOCK_K == 128 and 128 % BLOCK_N == 0)
     assert topk_weights.is_contiguous() and acc.stride(1) == 1 and (atomic or SPLIT_K == 1)
+    assert not vllm or (block_scaled and not quant_on_load and not atomic)
     k_blocks = triton.cdiv(inter, BLOCK_K)
     per_split = triton.cdiv(k_blocks, SPLIT_K)
     dummy = w2_scale
@@ -133,5 +142,5 @@ def gemm2_fp8(
         BLOCK_M=routing.block_m, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, GROUP_M=GROUP_M,
         QUANT_ON_LOAD=quant_on_load, Y_STATIC=a2_static is not None, BLOCK_SCALED=block_scaled,
         UE8M0=ue8m0, WEIGHT_ON_INPUT=weight_on_input, EVEN_K=inter % BLOCK_K == 0,
-        ATOMIC=atomic, num_warps=num_warps, num_stages=num_stages,
+        ATOMIC=atomic, VLLM=vllm, num_warps=num_warps, num_stages=num_stages,
     )

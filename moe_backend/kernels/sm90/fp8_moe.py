@@ -20,6 +20,13 @@ Paths, chosen by the expected rows per local expert ``T * k / E`` (:func:`defaul
   experts' weights are spread over every SM and read once;
 * ``prefill``: pre-quantized input, e4m3 intermediate written by GEMM1's
   epilogue (BLOCK_N = 128: one column block is one scale group), large tiles.
+
+Numerics (``NUMERICS``): ``accurate`` keeps GEMM1's output in fp32 up to the FP8
+requantization and sums the top-k in fp32. ``vllm_triton`` (FP8 block scales with
+dynamic activation scales, prefill path with the ``sum`` combine) reproduces vLLM's
+Triton fused-MoE (``TritonExperts``) bit for bit instead: its activation quantization,
+scaling order, bf16 rounding of GEMM1's output before SiLU-and-mul, bf16 rows per pair
+and ``moe_sum``, so a model served with either backend decodes the same tokens.
 """
 
 from __future__ import annotations
@@ -38,16 +45,16 @@ from .fp8_gemm2 import gemm2_fp8
 
 #: Every knob of a configuration (``config=`` may give any subset; the rest come from the heuristic).
 #: ``*1`` are GEMM1's, ``*2`` GEMM2's; ``BLOCK_K`` must be 128 with dynamic scales or block weights.
-CONFIG_KEYS = ("path", "COMBINE", "ZERO", "QUANT_ON_LOAD1", "BLOCK_M", "BLOCK_N1", "BLOCK_K1", "GROUP_M1", "num_warps1", "num_stages1",
+CONFIG_KEYS = ("path", "NUMERICS", "COMBINE", "ZERO", "QUANT_ON_LOAD1", "BLOCK_M", "BLOCK_N1", "BLOCK_K1", "GROUP_M1", "num_warps1", "num_stages1",
                "BLOCK_N2", "BLOCK_K2", "SPLIT_K2", "GROUP_M2", "num_warps2", "num_stages2")
 
 DECODE_CONFIG: Dict[str, Any] = dict(
-    path="decode", COMBINE="atomic", ZERO="fused", QUANT_ON_LOAD1=True, BLOCK_M=16,
+    path="decode", NUMERICS="accurate", COMBINE="atomic", ZERO="fused", QUANT_ON_LOAD1=True, BLOCK_M=16,
     BLOCK_N1=64, BLOCK_K1=128, GROUP_M1=1, num_warps1=4, num_stages1=4,
     BLOCK_N2=64, BLOCK_K2=128, SPLIT_K2=2, GROUP_M2=1, num_warps2=4, num_stages2=4,
 )
 PREFILL_CONFIG: Dict[str, Any] = dict(
-    path="prefill", COMBINE="sum", ZERO="fused", QUANT_ON_LOAD1=False, BLOCK_M=128,
+    path="prefill", NUMERICS="accurate", COMBINE="sum", ZERO="fused", QUANT_ON_LOAD1=False, BLOCK_M=128,
     BLOCK_N1=128, BLOCK_K1=128, GROUP_M1=8, num_warps1=8, num_stages1=3,
     BLOCK_N2=128, BLOCK_K2=128, SPLIT_K2=1, GROUP_M2=8, num_warps2=8, num_stages2=3,
 )
@@ -71,6 +78,25 @@ CANDIDATE_CONFIGS = (
 #: Deterministic mode: no atomics (each pair writes its own row, summed in slot order) and one
 #: tiling for every T, so a token's bits do not depend on the batch it is computed in.
 DETERMINISTIC_CONFIG: Dict[str, Any] = dict(PREFILL_CONFIG, BLOCK_M=16, num_warps1=4, num_warps2=4)
+
+#: Fixed configurations of the numerics other than ``accurate`` (deterministic too).
+NUMERICS_CONFIGS: Dict[str, Dict[str, Any]] = {
+    "vllm_triton": dict(DETERMINISTIC_CONFIG, NUMERICS="vllm_triton"),
+}
+#: vLLM's ``moe_sum`` adds in bf16 for these k and calls ``torch.sum`` (fp32 accumulation) otherwise.
+_VLLM_BF16_SUM_TOP_K = (2, 3, 4)
+
+
+def _check_vllm_numerics(cfg: Dict[str, Any], block_scaled: bool, dynamic: bool, ue8m0: bool,
+                         weight_on_input: bool) -> None:
+    """Raise ValueError when ``vllm_triton`` numerics cannot hold for this layer or configuration."""
+    if not (block_scaled and dynamic and not ue8m0 and not weight_on_input):
+        raise ValueError("config: NUMERICS='vllm_triton' needs FP8 block-scale weights with dynamic "
+                         "activation scales, no ue8m0 and the router weight on the output")
+    got = (cfg["path"], cfg["COMBINE"], cfg["BLOCK_N1"], cfg["QUANT_ON_LOAD1"])
+    if got != ("prefill", "sum", 128, False):
+        raise ValueError("config: NUMERICS='vllm_triton' needs path='prefill', COMBINE='sum', BLOCK_N1=128 and "
+                         f"QUANT_ON_LOAD1=False, got {got}")
 
 
 def default_config(num_tokens: int, top_k: int, num_experts: int) -> Dict[str, Any]:
@@ -186,6 +212,12 @@ def fused_experts_fp8(
     if num_tokens == 0:
         return result
     cfg = resolve_config(config, num_tokens, top_k, num_experts)
+    if cfg["NUMERICS"] not in ("accurate", *NUMERICS_CONFIGS):
+        raise ValueError(f"config: NUMERICS must be one of {('accurate', *NUMERICS_CONFIGS)}, got {cfg['NUMERICS']!r}")
+    vllm = cfg["NUMERICS"] == "vllm_triton"
+    if vllm:
+        _check_vllm_numerics(cfg, block_scaled, a13_scale is None and a2_scale is None, ue8m0,
+                             apply_router_weight_on_input)
     decode = cfg["path"] == "decode"
     num_pairs = num_tokens * top_k
     topk_ids = topk_ids.contiguous()
@@ -197,7 +229,7 @@ def fused_experts_fp8(
     if quant_on_load:
         a, a_scale = hidden, None
     else:
-        a, a_scale = act_quant_fp8(hidden, a13_scale, ue8m0)
+        a, a_scale = act_quant_fp8(hidden, a13_scale, ue8m0, vllm=vllm)
     atomic = cfg["COMBINE"] == "atomic"
     if atomic:
         acc = workspace(num_tokens, hidden_size, torch.float32, hidden.device, "moe_combine")
@@ -206,7 +238,7 @@ def fused_experts_fp8(
         acc = workspace(routing.max_tiles * routing.block_m, hidden_size, torch.bfloat16, hidden.device,
                         "moe_pair_rows")
     common = dict(num_pairs=num_pairs, top_k=top_k, block_scaled=block_scaled, ue8m0=ue8m0,
-                  weight_on_input=apply_router_weight_on_input)
+                  weight_on_input=apply_router_weight_on_input, vllm=vllm)
     y, y_scale = gemm1_fp8(
         a, a_scale, w13, w13_scale, routing, topk_weights, acc if atomic and cfg["ZERO"] == "fused" else acc[:0],
         quant_on_load=quant_on_load, a13_static=a13_scale, quant_out=not decode, a2_static=a2_scale,
@@ -222,5 +254,5 @@ def fused_experts_fp8(
     if atomic:
         cast_out(acc, result)
     else:
-        sum_pairs(acc, routing.row_of_pair, top_k, result)
+        sum_pairs(acc, routing.row_of_pair, top_k, result, bf16_chain=vllm and top_k in _VLLM_BF16_SUM_TOP_K)
     return result

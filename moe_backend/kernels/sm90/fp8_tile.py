@@ -3,19 +3,25 @@
 Numerics follow :mod:`moe_backend.quant.fp8`: a dynamic group scale is
 ``max(amax, 1e-10) / 448`` (rounded up to a power of two with ``ue8m0``) and
 ``q = clamp(x / s, -448, 448)`` cast to e4m3 (round to nearest even).
+
+:func:`quantize_tile_vllm` and :func:`silu_vllm` reproduce vLLM's CUDA kernels bit for
+bit instead (IEEE divisions and libdevice's ``expf``, where Triton's ``/`` and ``tl.exp``
+are approximations): the ``vllm_triton`` numerics of ``fp8_moe``.
 """
 
 import os
 
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import libdevice
 
 FP8_MAX = tl.constexpr(448.0)
 FP8_EPS = tl.constexpr(1e-10)
-#: Triton 3.6's CPU interpreter casts fp32 -> e4m3 / bf16 without carrying a
-#: rounded-up mantissa into the exponent (126.4 -> 64) and truncates subnormals;
-#: under it values are rounded to the target grid first so the cast itself is exact.
-_ROUND_BEFORE_CAST = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+#: Under Triton 3.6's CPU interpreter: (1) fp32 -> e4m3 / bf16 casts do not carry a
+#: rounded-up mantissa into the exponent (126.4 -> 64) and truncate subnormals, so
+#: values are rounded to the target grid first and the cast itself is exact;
+#: (2) there is no libdevice, and numpy's exp stands in for ``expf``.
+_INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 
 
 @triton.jit
@@ -48,12 +54,17 @@ def _round_to_e4m3_grid(x):
 
 
 @triton.jit
-def to_fp8(x, s):
-    """``clamp(x / s)`` as e4m3 (round to nearest even); ``s`` broadcasts against ``x``."""
-    q = tl.clamp(x / s, -FP8_MAX, FP8_MAX)
-    if _ROUND_BEFORE_CAST:
+def _cast_e4m3(q):
+    """fp32 ``q`` (|q| <= 448) as e4m3, round to nearest even."""
+    if _INTERPRETED:
         q = _round_to_e4m3_grid(q)
     return q.to(tl.float8e4nv)
+
+
+@triton.jit
+def to_fp8(x, s):
+    """``clamp(x / s)`` as e4m3 (round to nearest even); ``s`` broadcasts against ``x``."""
+    return _cast_e4m3(tl.clamp(x / s, -FP8_MAX, FP8_MAX))
 
 
 @triton.jit
@@ -72,7 +83,33 @@ def quantize_tile(x, static_scale_ptr, STATIC: tl.constexpr, UE8M0: tl.constexpr
 @triton.jit
 def to_bf16(x):
     """fp32 ``x`` as bf16, round to nearest even."""
-    if _ROUND_BEFORE_CAST:
+    if _INTERPRETED:
         bits = x.to(tl.int32, bitcast=True)
         x = ((bits + 0x7FFF + ((bits >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
     return x.to(tl.bfloat16)
+
+
+@triton.jit
+def quantize_tile_vllm(x, EPS_ON_SCALE: tl.constexpr):
+    """vLLM's dynamic per-token-group quantization of ``x [M, G]`` fp32 (one group per row), bit for bit.
+
+    ``s = max(amax, 1e-10) / 448`` as ``per_token_group_fp8_quant`` (the hidden states) or,
+    ``EPS_ON_SCALE``, ``s = max(amax / 448, 1e-10)`` as ``silu_and_mul_per_block_quant`` (the
+    intermediate); ``q = e4m3(x / s)``, IEEE divisions. Returns ``(q [M, G] e4m3, s [M] fp32)``.
+    """
+    amax = tl.max(tl.abs(x), axis=1)
+    if EPS_ON_SCALE:
+        s = tl.maximum(tl.math.div_rn(amax, FP8_MAX), FP8_EPS)
+    else:
+        s = tl.math.div_rn(tl.maximum(amax, FP8_EPS), FP8_MAX)
+    return _cast_e4m3(tl.clamp(tl.math.div_rn(x, s[:, None]), -FP8_MAX, FP8_MAX)), s
+
+
+@triton.jit
+def silu_vllm(g):
+    """``g / (1 + expf(-g))`` as vLLM's CUDA ``silu_and_mul`` kernels compute it: ``g * (1 / (1 + expf(-g)))``."""
+    if _INTERPRETED:
+        e = tl.exp(-g)
+    else:
+        e = libdevice.exp(-g)
+    return g * tl.math.div_rn(1.0, 1.0 + e)

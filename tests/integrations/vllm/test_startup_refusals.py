@@ -34,6 +34,10 @@ assert "float16" in refused(dtype=torch.float16)
 assert "--enable-eplb" in refused(eplb=True)
 assert "'deepep_low_latency'" in refused(ep=True, dp=2, a2a="deepep_low_latency")
 assert "'round_robin'" in refused(ep=True, placement="round_robin")
+import os
+os.environ["MOE_BACKEND_NUMERICS"] = "fast"
+assert "MOE_BACKEND_NUMERICS='fast' (expected one of accurate, vllm_triton)" in refused()
+del os.environ["MOE_BACKEND_NUMERICS"]
 
 assert expert_offset(None, 8) == 0
 assert expert_offset(torch.tensor([-1, -1, 0, 1, -1, -1], dtype=torch.int32), 2) == 2
@@ -73,3 +77,11 @@ print("OK")
 def test_experts_predicates(python):
     res = python(LAYER_REFUSAL)
     assert res.returncode == 0 and res.stdout.strip().endswith("OK"), res.stderr[-3000:]
+
+
+def test_numerics_a_layer_cannot_offer_stop_start_up(python):
+    """``vllm_triton`` numerics need our Triton FP8 kernel: on the CPU's reference the layer is refused."""
+    res = python(["layer_check.py", "fp8_block"], env={"MOE_BACKEND_NUMERICS": "vllm_triton"})
+    assert res.returncode != 0
+    assert "numerics: 'vllm_triton': kernel 'reference'" in res.stderr, res.stderr[-3000:]
+    assert "--moe-backend auto" in res.stderr
