@@ -62,15 +62,22 @@ def run_process_group(cmd: list, env: dict, log, timeout: float):
 def run_child(script: str, spec: dict, log_path: Path, timeout: float, extra_env: Optional[dict] = None) -> dict:
     """Run ``script --child SPEC`` (writing its JSON record to ``spec["out"]``) with :data:`CHILD_ENV`.
 
-    Returns the record plus ``wall_s`` and the :func:`log_facts` of its log, or, when it fails,
-    those with ``error`` and the log's tail.
+    Returns the record plus ``wall_s`` and the :func:`log_facts` of its log (and ``exit_after_record``
+    when the child failed only after writing its record), or, when it wrote none, those with
+    ``error`` and the log's tail.
     """
     env = dict(os.environ, **CHILD_ENV, **(extra_env or {}))
+    out = Path(spec["out"])
+    out.unlink(missing_ok=True)  # written last by the child: its presence means the run completed
     started = time.perf_counter()
     with open(log_path, "w") as log:
         rc = run_process_group([sys.executable, script, "--child", json.dumps(spec)], env, log, timeout)
     text = log_path.read_text(errors="replace")
     info = {"wall_s": round(time.perf_counter() - started, 1), **log_facts(text)}
-    if rc != 0:
+    if not out.exists():
         return {**info, "error": f"exit {rc}", "log_tail": text[-4000:]}
-    return {**info, **json.loads(Path(spec["out"]).read_text())}
+    if rc != 0:
+        # vLLM 0.26's engine sometimes aborts in its teardown ("terminate called without an
+        # active exception") after the record is written: kept, and reported.
+        info["exit_after_record"] = rc
+    return {**info, **json.loads(out.read_text())}

@@ -14,7 +14,7 @@ from typing import Optional
 import pytest
 import torch
 from moe_checks import (
-    DEVICE, REL_TOL, Problem, assert_matches_reference, gpu, random_ids, run_poisoned, runs_here,
+    DEVICE, INTERPRET, REL_TOL, Problem, assert_matches_reference, gpu, random_ids, run_poisoned, runs_here,
 )
 
 from vllm_numerics import vllm_triton_fused_experts
@@ -173,11 +173,11 @@ def check_vllm_numerics(p: Problem) -> float:
     return (accurate.cpu() == want).float().mean().item()
 
 
-@runs_here
-@pytest.mark.parametrize("t,k,e,offset", [(1, 1, 4, 0), (5, 4, 6, 2), (9, 8, 12, 0), (6, 3, 5, 1)])
+@pytest.mark.skipif(not INTERPRET, reason="the float64 model of vLLM's steps holds under the interpreter; on a GPU "
+                    "(fewer-bit FP8 wgmma accumulation) scripts/vllm_layer_compare.py checks against vLLM itself")
+@pytest.mark.parametrize("t,k,e,offset", [(1, 1, 4, 0), (5, 4, 6, 2), (9, 8, 12, 0), (70, 3, 5, 1)])
 def test_vllm_triton_numerics_match_vllms_steps_bit_for_bit(t, k, e, offset):
-    """k <= 4 adds in bf16 (vLLM's ``moe_sum`` kernel), k = 8 in fp32; EP offsets and ids
-    outside the local range included."""
+    """Both scaling orders (T <= 64 and T > 64), EP offsets and ids outside the local range."""
     p = make_problem(t, 256, 256, e, k, block=True, offset=offset, invalid=t > 1, seed=t)
     assert check_vllm_numerics(p) < 0.9
 
@@ -195,6 +195,8 @@ def test_vllm_triton_numerics_refuse_what_vllm_does_not_compute():
         run_kernel(p, config=VLLM_NUMERICS, weight_on_input=True)
     with pytest.raises(ValueError, match="needs path='prefill', COMBINE='sum'"):
         run_kernel(p, config=dict(VLLM_NUMERICS, COMBINE="atomic"))
+    with pytest.raises(ValueError, match="BLOCK_M >= 64"):
+        run_kernel(p, config=dict(VLLM_NUMERICS, BLOCK_M=16))
     with pytest.raises(ValueError, match="NUMERICS must be one of"):
         run_kernel(p, config=dict(VLLM_NUMERICS, NUMERICS="fast"))
 

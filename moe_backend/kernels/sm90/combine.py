@@ -3,8 +3,7 @@
 * :func:`cast_out`: GEMM2 summed the k experts into an fp32 ``acc [T, H]`` with
   atomics; round it to bf16 once, as the reference does.
 * :func:`sum_pairs`: GEMM2 stored each (token, expert) output as a bf16 row;
-  add a token's k rows in slot order in fp32 (deterministic), round once, or
-  (``bf16_chain``) round after every add, as vLLM's ``moe_sum`` kernel does for k <= 4.
+  add a token's k rows in slot order in fp32 (deterministic), round once.
 """
 
 import torch
@@ -32,7 +31,7 @@ def cast_out(acc: torch.Tensor, out: torch.Tensor) -> None:
 
 @triton.jit
 def _sum_pairs_kernel(rows_ptr, row_of_pair_ptr, out_ptr, H, top_k, stride_rm, stride_om,
-                      BLOCK: tl.constexpr, BF16_CHAIN: tl.constexpr):
+                      BLOCK: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < H
@@ -40,20 +39,15 @@ def _sum_pairs_kernel(rows_ptr, row_of_pair_ptr, out_ptr, H, top_k, stride_rm, s
     for j in range(top_k):
         row = tl.load(row_of_pair_ptr + t * top_k + j).to(tl.int64)
         acc += tl.load(rows_ptr + row * stride_rm + cols, mask=mask & (row >= 0), other=0.0).to(tl.float32)
-        if BF16_CHAIN:
-            acc = to_bf16(acc).to(tl.float32)
     tl.store(out_ptr + t * stride_om + cols, to_bf16(acc), mask=mask)
 
 
-def sum_pairs(rows: torch.Tensor, row_of_pair: torch.Tensor, top_k: int, out: torch.Tensor,
-              bf16_chain: bool = False) -> None:
+def sum_pairs(rows: torch.Tensor, row_of_pair: torch.Tensor, top_k: int, out: torch.Tensor) -> None:
     """``out[t] = sum_j rows[row_of_pair[t*k + j]]`` (rows with index -1 skipped), in slot order.
-
-    fp32 sum rounded once, or with ``bf16_chain`` a bf16 round after each add.
 
     ``rows [P, H]`` bf16, ``row_of_pair [T * k]`` int32, ``out [T, H]`` bf16; T > 0.
     """
     t, h = out.shape
     grid = (t, triton.cdiv(h, BLOCK))
     _sum_pairs_kernel[grid](rows, row_of_pair, out, h, top_k, rows.stride(0), out.stride(0),
-                            BLOCK=BLOCK, BF16_CHAIN=bf16_chain, num_warps=4)
+                            BLOCK=BLOCK, num_warps=4)

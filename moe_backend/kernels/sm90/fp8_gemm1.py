@@ -17,9 +17,10 @@ the bf16 hidden states quantized tile by tile as they are loaded
 (``QUANT_ON_LOAD``: decode, and router weight on the input, which needs one
 quantization per (token, expert) pair).
 
-``VLLM`` (prefill, block scales, dynamic): vLLM's Triton fused-MoE numerics bit for bit:
-the K blocks scaled in its order, ``gate`` and ``up`` rounded to bf16 before vLLM's
-SiLU-and-mul, and its group quantization (``fp8_tile.quantize_tile_vllm``).
+``VLLM_ORDER`` (prefill, block scales, dynamic; 0: off): vLLM's Triton fused-MoE numerics
+bit for bit: the K blocks scaled in its order (1: ``(dot * a_scale) * w_scale``, 2: its
+swapped-operand ``(dot * w_scale) * a_scale``), ``gate`` and ``up`` rounded to bf16 before
+vLLM's SiLU-and-mul, and its group quantization (``fp8_tile.quantize_tile_vllm``).
 
 The programs also zero ``zero_numel`` fp32 of the GEMM2 workspace (a grid-stride
 share each, before any early exit): GEMM2 accumulates into it with atomics and
@@ -49,7 +50,7 @@ def _gemm1_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     QUANT_ON_LOAD: tl.constexpr, A_STATIC: tl.constexpr, QUANT_OUT: tl.constexpr,
     Y_STATIC: tl.constexpr, BLOCK_SCALED: tl.constexpr, UE8M0: tl.constexpr,
-    WEIGHT_ON_INPUT: tl.constexpr, EVEN_K: tl.constexpr, VLLM: tl.constexpr,
+    WEIGHT_ON_INPUT: tl.constexpr, EVEN_K: tl.constexpr, VLLM_ORDER: tl.constexpr,
 ):
     pid = tl.program_id(0)
     zero_fill(zero_ptr, zero_numel, ZERO_BLOCK)
@@ -96,9 +97,12 @@ def _gemm1_kernel(
                 a_s = tl.load(a_scale_ptr + token * stride_asm + kb, mask=row_ok, other=0.0)
         wg = tl.load(wg_ptrs, mask=w_mask, other=0.0)
         wu = tl.load(wu_ptrs, mask=w_mask, other=0.0)
-        if BLOCK_SCALED and VLLM:
+        if BLOCK_SCALED and VLLM_ORDER == 1:
             acc_g += tl.dot(a, wg) * a_s[:, None] * tl.load(wsg_ptr + kb)
             acc_u += tl.dot(a, wu) * a_s[:, None] * tl.load(wsu_ptr + kb)
+        elif BLOCK_SCALED and VLLM_ORDER == 2:
+            acc_g += tl.dot(a, wg) * tl.load(wsg_ptr + kb) * a_s[:, None]
+            acc_u += tl.dot(a, wu) * tl.load(wsu_ptr + kb) * a_s[:, None]
         elif BLOCK_SCALED:
             acc_g += tl.dot(a, wg) * (a_s * tl.load(wsg_ptr + kb))[:, None]
             acc_u += tl.dot(a, wu) * (a_s * tl.load(wsu_ptr + kb))[:, None]
@@ -120,14 +124,14 @@ def _gemm1_kernel(
             post = post * tl.load(a_static_ptr)
         acc_g = acc_g * post
         acc_u = acc_u * post
-    if VLLM:
+    if VLLM_ORDER:
         y = silu_vllm(to_bf16(acc_g).to(tl.float32)) * to_bf16(acc_u).to(tl.float32)
     else:
         y = acc_g * tl.sigmoid(acc_g) * acc_u
     y = tl.where(n_ok[None, :], y, 0.0)
     y_ptrs = y_ptr + rows[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
     if QUANT_OUT:
-        if VLLM:
+        if VLLM_ORDER:
             q, s = quantize_tile_vllm(y, True)
         else:
             q, s = quantize_tile(y, y_static_ptr, Y_STATIC, UE8M0)
@@ -143,7 +147,7 @@ def gemm1_fp8(
     routing: AlignedRouting, topk_weights: torch.Tensor, zero: torch.Tensor, *,
     num_pairs: int, top_k: int, block_scaled: bool, quant_on_load: bool,
     a13_static: Optional[torch.Tensor], quant_out: bool, a2_static: Optional[torch.Tensor],
-    ue8m0: bool, weight_on_input: bool, vllm: bool, BLOCK_N: int, BLOCK_K: int, GROUP_M: int,
+    ue8m0: bool, weight_on_input: bool, vllm_order: int, BLOCK_N: int, BLOCK_K: int, GROUP_M: int,
     num_warps: int, num_stages: int,
 ) -> "tuple[torch.Tensor, Optional[torch.Tensor]]":
     """Launch GEMM1 + SiLU-and-mul over the aligned rows.
@@ -155,7 +159,8 @@ def gemm1_fp8(
         routing: aligned rows; topk_weights ``[T, k]`` fp32 (read with ``weight_on_input``).
         zero: contiguous buffer this kernel zeroes (GEMM2's atomic workspace; may be empty).
         a13_static / a2_static: ``[1]`` fp32 static scales, or None for dynamic.
-        vllm: vLLM's numerics (needs ``quant_out``, block scales, dynamic scales, no ``ue8m0``).
+        vllm_order: vLLM's numerics with its scaling order 1 or 2, 0 off (needs ``quant_out``,
+            block scales, dynamic scales, no ``ue8m0``).
 
     Returns:
         ``(y, y_scale)``: ``y [P, I]`` e4m3 with ``y_scale [P, ceil(I/128)]`` fp32
@@ -170,7 +175,7 @@ def gemm1_fp8(
     assert a13_static is not None or BLOCK_K == 128
     assert not block_scaled or BLOCK_K == 128
     assert not (quant_out and a2_static is None) or BLOCK_N == 128
-    assert not vllm or (quant_out and block_scaled and a13_static is None and a2_static is None and not ue8m0)
+    assert not vllm_order or (quant_out and block_scaled and a13_static is None and a2_static is None and not ue8m0)
     if quant_out:
         y = workspace(rows, inter, torch.float8_e4m3fn, dev, "moe_intermediate")
         y_scale = None if a2_static is not None else workspace(
@@ -193,7 +198,7 @@ def gemm1_fp8(
         BLOCK_M=routing.block_m, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, GROUP_M=GROUP_M,
         QUANT_ON_LOAD=quant_on_load, A_STATIC=a13_static is not None, QUANT_OUT=quant_out,
         Y_STATIC=a2_static is not None, BLOCK_SCALED=block_scaled, UE8M0=ue8m0,
-        WEIGHT_ON_INPUT=weight_on_input, EVEN_K=h % BLOCK_K == 0, VLLM=vllm,
+        WEIGHT_ON_INPUT=weight_on_input, EVEN_K=h % BLOCK_K == 0, VLLM_ORDER=vllm_order,
         num_warps=num_warps, num_stages=num_stages,
     )
     return y, y_scale

@@ -14,9 +14,9 @@ weight (unless it was applied on the input). Two ways to combine the top-k:
   (deterministic; each expert's output is rounded to bf16 before the sum, and
   no atomics or zeroing are needed, which pays at large T). ``SPLIT_K`` must be 1.
 
-``VLLM``: the K blocks scaled in vLLM's order (``(dot * a_scale) * w_scale``), as the
-``vllm_triton`` numerics need; the rest (router weight in fp32, one bf16 rounding per
-pair) is what vLLM's kernel does already.
+``VLLM_ORDER`` (0: off): the K blocks scaled in vLLM's order (1: ``(dot * a_scale) *
+w_scale``, 2: ``(dot * w_scale) * a_scale``), as the ``vllm_triton`` numerics need; the
+rest (router weight in fp32, one bf16 rounding per pair) is what vLLM's kernel does already.
 
 The input ``y`` is e4m3 with per-row per-128 scales (or a static scale) from
 GEMM1's epilogue, or fp32 (``QUANT_ON_LOAD``, decode) quantized here with the
@@ -43,7 +43,7 @@ def _gemm2_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     QUANT_ON_LOAD: tl.constexpr, Y_STATIC: tl.constexpr, BLOCK_SCALED: tl.constexpr,
     UE8M0: tl.constexpr, WEIGHT_ON_INPUT: tl.constexpr, EVEN_K: tl.constexpr, ATOMIC: tl.constexpr,
-    VLLM: tl.constexpr,
+    VLLM_ORDER: tl.constexpr,
 ):
     pid_m, pid_n = tile_coords(tl.program_id(0), max_tiles, tl.cdiv(H, BLOCK_N), GROUP_M)
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
@@ -76,8 +76,10 @@ def _gemm2_kernel(
             else:
                 a_s = tl.load(y_scale_ptr + rows.to(tl.int64) * stride_ysm + kb)
         w = tl.load(w_ptrs, mask=w_mask, other=0.0)
-        if BLOCK_SCALED and VLLM:
+        if BLOCK_SCALED and VLLM_ORDER == 1:
             acc += tl.dot(a, w) * a_s[:, None] * tl.load(ws_ptr + kb)
+        elif BLOCK_SCALED and VLLM_ORDER == 2:
+            acc += tl.dot(a, w) * tl.load(ws_ptr + kb) * a_s[:, None]
         elif BLOCK_SCALED:
             acc += tl.dot(a, w) * (a_s * tl.load(ws_ptr + kb))[:, None]
         elif Y_STATIC:
@@ -107,7 +109,7 @@ def gemm2_fp8(
     y: torch.Tensor, y_scale: Optional[torch.Tensor], w2: torch.Tensor, w2_scale: torch.Tensor,
     routing: AlignedRouting, topk_weights: torch.Tensor, acc: torch.Tensor, *,
     num_pairs: int, top_k: int, block_scaled: bool, quant_on_load: bool,
-    a2_static: Optional[torch.Tensor], ue8m0: bool, weight_on_input: bool, atomic: bool, vllm: bool,
+    a2_static: Optional[torch.Tensor], ue8m0: bool, weight_on_input: bool, atomic: bool, vllm_order: int,
     BLOCK_N: int, BLOCK_K: int, SPLIT_K: int, GROUP_M: int, num_warps: int, num_stages: int,
 ) -> None:
     """Launch GEMM2 + weighting: ``acc[t] += w[t, j] * (y_row @ w2[e].T)`` (``atomic``),
@@ -120,13 +122,13 @@ def gemm2_fp8(
         routing: the aligned rows GEMM1 used; topk_weights ``[T, k]`` fp32 contiguous.
         acc: ``atomic``: ``[T, H]`` fp32 workspace, zeroed; else ``[P, H]`` bf16; unit column stride.
         a2_static: ``[1]`` fp32 static scale of ``y``, or None for dynamic.
-        vllm: vLLM's scaling order (block scales, pre-quantized ``y``, no atomics).
+        vllm_order: vLLM's scaling order 1 or 2, 0 off (block scales, pre-quantized ``y``, no atomics).
     """
     e, h, inter = w2.shape
     assert a2_static is not None or BLOCK_K == 128
     assert not block_scaled or (BLOCK_K == 128 and 128 % BLOCK_N == 0)
     assert topk_weights.is_contiguous() and acc.stride(1) == 1 and (atomic or SPLIT_K == 1)
-    assert not vllm or (block_scaled and not quant_on_load and not atomic)
+    assert not vllm_order or (block_scaled and not quant_on_load and not atomic)
     k_blocks = triton.cdiv(inter, BLOCK_K)
     per_split = triton.cdiv(k_blocks, SPLIT_K)
     dummy = w2_scale
@@ -142,5 +144,5 @@ def gemm2_fp8(
         BLOCK_M=routing.block_m, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, GROUP_M=GROUP_M,
         QUANT_ON_LOAD=quant_on_load, Y_STATIC=a2_static is not None, BLOCK_SCALED=block_scaled,
         UE8M0=ue8m0, WEIGHT_ON_INPUT=weight_on_input, EVEN_K=inter % BLOCK_K == 0,
-        ATOMIC=atomic, VLLM=vllm, num_warps=num_warps, num_stages=num_stages,
+        ATOMIC=atomic, VLLM_ORDER=vllm_order, num_warps=num_warps, num_stages=num_stages,
     )

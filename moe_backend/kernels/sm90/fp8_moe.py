@@ -25,8 +25,11 @@ Numerics (``NUMERICS``): ``accurate`` keeps GEMM1's output in fp32 up to the FP8
 requantization and sums the top-k in fp32. ``vllm_triton`` (FP8 block scales with
 dynamic activation scales, prefill path with the ``sum`` combine) reproduces vLLM's
 Triton fused-MoE (``TritonExperts``) bit for bit instead: its activation quantization,
-scaling order, bf16 rounding of GEMM1's output before SiLU-and-mul, bf16 rows per pair
-and ``moe_sum``, so a model served with either backend decodes the same tokens.
+its FP8 MMA (wgmma: BLOCK_M = 64) and K-block scaling order, bf16 rounding of GEMM1's
+output before SiLU-and-mul, and bf16 rows per pair summed in fp32 (``moe_sum``), so a
+model served with either backend decodes the same tokens. vLLM applies the block scales
+weight-first when its tile has fewer than 64 rows (``SWAP_AB``); its default FP8-block
+configurations do so up to 64 tokens, and so does this mode.
 """
 
 from __future__ import annotations
@@ -81,10 +84,11 @@ DETERMINISTIC_CONFIG: Dict[str, Any] = dict(PREFILL_CONFIG, BLOCK_M=16, num_warp
 
 #: Fixed configurations of the numerics other than ``accurate`` (deterministic too).
 NUMERICS_CONFIGS: Dict[str, Dict[str, Any]] = {
-    "vllm_triton": dict(DETERMINISTIC_CONFIG, NUMERICS="vllm_triton"),
+    "vllm_triton": dict(PREFILL_CONFIG, NUMERICS="vllm_triton", BLOCK_M=64, num_warps1=4, num_warps2=4),
 }
-#: vLLM's ``moe_sum`` adds in bf16 for these k and calls ``torch.sum`` (fp32 accumulation) otherwise.
-_VLLM_BF16_SUM_TOP_K = (2, 3, 4)
+#: vLLM's default FP8-block configurations use BLOCK_M = 16 (swapped operands, weight scale
+#: applied first) up to this many tokens, BLOCK_M = 64 above.
+VLLM_SWAP_AB_MAX_TOKENS = 64
 
 
 def _check_vllm_numerics(cfg: Dict[str, Any], block_scaled: bool, dynamic: bool, ue8m0: bool,
@@ -93,10 +97,10 @@ def _check_vllm_numerics(cfg: Dict[str, Any], block_scaled: bool, dynamic: bool,
     if not (block_scaled and dynamic and not ue8m0 and not weight_on_input):
         raise ValueError("config: NUMERICS='vllm_triton' needs FP8 block-scale weights with dynamic "
                          "activation scales, no ue8m0 and the router weight on the output")
-    got = (cfg["path"], cfg["COMBINE"], cfg["BLOCK_N1"], cfg["QUANT_ON_LOAD1"])
-    if got != ("prefill", "sum", 128, False):
-        raise ValueError("config: NUMERICS='vllm_triton' needs path='prefill', COMBINE='sum', BLOCK_N1=128 and "
-                         f"QUANT_ON_LOAD1=False, got {got}")
+    got = (cfg["path"], cfg["COMBINE"], cfg["BLOCK_N1"], cfg["QUANT_ON_LOAD1"], cfg["BLOCK_M"])
+    if got[:4] != ("prefill", "sum", 128, False) or got[4] < 64:
+        raise ValueError("config: NUMERICS='vllm_triton' needs path='prefill', COMBINE='sum', BLOCK_N1=128, "
+                         f"QUANT_ON_LOAD1=False and BLOCK_M >= 64 (vLLM's wgmma), got {got}")
 
 
 def default_config(num_tokens: int, top_k: int, num_experts: int) -> Dict[str, Any]:
@@ -237,8 +241,10 @@ def fused_experts_fp8(
     else:
         acc = workspace(routing.max_tiles * routing.block_m, hidden_size, torch.bfloat16, hidden.device,
                         "moe_pair_rows")
+    # vLLM's scaling order: 0 not vLLM's numerics, 1 activation scale first, 2 weight scale first.
+    vllm_order = 0 if not vllm else 2 if num_tokens <= VLLM_SWAP_AB_MAX_TOKENS else 1
     common = dict(num_pairs=num_pairs, top_k=top_k, block_scaled=block_scaled, ue8m0=ue8m0,
-                  weight_on_input=apply_router_weight_on_input, vllm=vllm)
+                  weight_on_input=apply_router_weight_on_input, vllm_order=vllm_order)
     y, y_scale = gemm1_fp8(
         a, a_scale, w13, w13_scale, routing, topk_weights, acc if atomic and cfg["ZERO"] == "fused" else acc[:0],
         quant_on_load=quant_on_load, a13_static=a13_scale, quant_out=not decode, a2_static=a2_scale,
@@ -254,5 +260,5 @@ def fused_experts_fp8(
     if atomic:
         cast_out(acc, result)
     else:
-        sum_pairs(acc, routing.row_of_pair, top_k, result, bf16_chain=vllm and top_k in _VLLM_BF16_SUM_TOP_K)
+        sum_pairs(acc, routing.row_of_pair, top_k, result)
     return result
