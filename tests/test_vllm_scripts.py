@@ -50,6 +50,17 @@ def test_e2e_checks_of_routed_experts():
     assert e2e.capture_agreement(ours, ref, prompts, [1, 2]) == 1.0
     ref[1]["routed_experts"][0][2] = [3, 5]
     assert e2e.capture_agreement(ours, ref, prompts, [1, 2]) == pytest.approx(1 - 1 / 18)
+    assert e2e.capture_mismatches(ours, ref, prompts, 1) == []
+    assert e2e.capture_mismatches(ours, ref, prompts, 2) == [
+        {"prompt": 1, "row": 0, "in_prompt": True, "ours": [3, 4], "reference": [3, 5]}]
+
+
+def test_e2e_exact_agreement_reads_the_prediction_before_each_token():
+    e2e = _script("vllm_e2e")
+    # Prompt [5, 6] + generated [7, 8, 9]: top1[j] predicts position j + 1.
+    outputs = [{"tokens": [7, 8, 9]}]
+    assert e2e.exact_agreement(outputs, [[6, 7, 8, 9, 0]], [[5, 6]]) == 1.0
+    assert e2e.exact_agreement(outputs, [[6, 7, 1, 9, 0]], [[5, 6]]) == pytest.approx(2 / 3)
 
 
 def test_e2e_teacher_forced_agreement_and_prompt_top1():
@@ -72,7 +83,7 @@ def test_e2e_teacher_forced_agreement_and_prompt_top1():
 def test_e2e_checkpoints_keep_deepseek_mla_dims(tmp_path):
     e2e = _script("vllm_e2e")
     ckpts = e2e.make_checkpoints(tmp_path)
-    assert set(ckpts) == {"bf16", "fp8", "nvfp4", "fp8_tensor"} and set(e2e.MIN_TEACHER_FORCED) == set(ckpts) - {"bf16"}
+    assert set(ckpts) == {"bf16", "fp8", "nvfp4", "fp8_tensor"} and set(e2e.MIN_EXACT_AGREEMENT) == set(ckpts) - {"bf16"}
     for flavour in ("bf16", "fp8", "nvfp4", "fp8_tensor"):
         config = json.loads((ckpts[flavour] / "config.json").read_text())
         assert {k: config[k] for k in e2e.MLA_DIMS} == e2e.MLA_DIMS
