@@ -83,7 +83,7 @@ def test_e2e_teacher_forced_agreement_and_prompt_top1():
 def test_e2e_checkpoints_keep_deepseek_mla_dims(tmp_path):
     e2e = _script("vllm_e2e")
     ckpts = e2e.make_checkpoints(tmp_path)
-    assert set(ckpts) == {"bf16", "fp8", "nvfp4", "fp8_tensor"} and set(e2e.MIN_EXACT_AGREEMENT) == set(ckpts) - {"bf16"}
+    assert set(ckpts) == {"bf16", "fp8", "nvfp4", "fp8_tensor"} and set(e2e.REFERENCE_BACKEND) == set(ckpts) - {"bf16"}
     for flavour in ("bf16", "fp8", "nvfp4", "fp8_tensor"):
         config = json.loads((ckpts[flavour] / "config.json").read_text())
         assert {k: config[k] for k in e2e.MLA_DIMS} == e2e.MLA_DIMS
