@@ -95,6 +95,35 @@ def compare(num_experts: int, hidden: int, inter: int, tokens: int, top_k: int) 
                 ref_vs_exact=relative(ref, exact))
 
 
+def compare_per_tensor(num_experts: int, hidden: int, inter: int, tokens: int, top_k: int) -> dict:
+    """FP8 per-tensor weights with static activation scales (ModelOpt FP8) against vLLM's Triton
+    ``fused_experts`` (FP8 MMA accumulated over all of K; ours promotes to fp32 every 128)."""
+    from vllm.model_executor.layers.fused_moe import fused_experts
+    from vllm.model_executor.layers.fused_moe.config import fp8_w8a8_moe_quant_config
+
+    from moe_backend import FP8TensorMoE, MoEConfig
+    from moe_backend.expert_weights import FP8TensorWeights
+    from moe_backend.kernels.reference import exact_fused_experts
+
+    dev = "cuda"
+    w = FP8TensorWeights.quantize(torch.randn(num_experts, 2 * inter, hidden, device=dev) / hidden ** 0.5,
+                                  torch.randn(num_experts, hidden, inter, device=dev) / inter ** 0.5)
+    x = torch.randn(tokens, hidden, device=dev).to(torch.bfloat16)
+    w.a13_scale = (x.float().abs().amax() / 448.0).reshape(1)
+    w.a2_scale = torch.tensor([0.5 / 448.0], device=dev)
+    ids = torch.stack([torch.randperm(num_experts, device=dev)[:top_k] for _ in range(tokens)]).to(torch.int32)
+    topk_w = torch.rand(tokens, top_k, device=dev).softmax(-1)
+    ours = FP8TensorMoE(w, MoEConfig(num_experts=num_experts, top_k=top_k)).experts(x, ids, topk_w)
+    quant = fp8_w8a8_moe_quant_config(w1_scale=w.w13_scale, w2_scale=w.w2_scale, a1_scale=w.a13_scale,
+                                      a2_scale=w.a2_scale)
+    theirs = fused_experts(x, w.w13, w.w2, topk_w, ids, quant_config=quant)
+    deq = [w.dequantize_expert(e) for e in range(num_experts)]
+    exact = exact_fused_experts(x, torch.stack([d[0] for d in deq]), torch.stack([d[1] for d in deq]), ids, topk_w)
+    return dict(precision="fp8_tensor", E=num_experts, H=hidden, I=inter, T=tokens, k=top_k,
+                ours_vs_vllm=relative(ours, theirs), ours_vs_exact=relative(ours, exact),
+                vllm_vs_exact=relative(theirs, exact))
+
+
 def main() -> int:
     if len(sys.argv) != 2:
         print(__doc__)
@@ -104,6 +133,9 @@ def main() -> int:
     for shape in ((16, 1024, 256, 64, 4), (16, 256, 128, 3, 4), (32, 7168, 2048, 1, 8), (32, 7168, 2048, 16, 8),
                   (32, 7168, 2048, 256, 8)):
         rows.append(compare(*shape))
+        print(json.dumps(rows[-1]), flush=True)
+    for shape in ((16, 256, 128, 64, 4), (32, 7168, 2048, 16, 8), (32, 7168, 2048, 256, 8)):
+        rows.append(compare_per_tensor(*shape))
         print(json.dumps(rows[-1]), flush=True)
     with open(sys.argv[1], "w") as f:
         json.dump(rows, f, indent=1)

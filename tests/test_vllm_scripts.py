@@ -55,12 +55,20 @@ def test_e2e_checks_of_routed_experts():
         {"prompt": 1, "row": 0, "in_prompt": True, "ours": [3, 4], "reference": [3, 5]}]
 
 
-def test_e2e_exact_agreement_reads_the_prediction_before_each_token():
+def test_e2e_paired_agreements():
     e2e = _script("vllm_e2e")
     # Prompt [5, 6] + generated [7, 8, 9]: top1[j] predicts position j + 1.
     outputs = [{"tokens": [7, 8, 9]}]
-    assert e2e.exact_agreement(outputs, [[6, 7, 8, 9, 0]], [[5, 6]]) == 1.0
-    assert e2e.exact_agreement(outputs, [[6, 7, 1, 9, 0]], [[5, 6]]) == pytest.approx(2 / 3)
+    assert e2e.exact_hits(outputs, [[6, 7, 8, 9, 0]], [[5, 6]]) == [True, True, True]
+    assert e2e.exact_hits(outputs, [[6, 7, 1, 9, 0]], [[5, 6]]) == [True, False, True]
+    # Routing: rows beyond rows[i] are not compared; expert sets, not orders.
+    recomputed = [{1: [[1, 2], [3, 4], [5, 6]]}]
+    routed = [[[[0], [2, 1]], [[0], [3, 9]], [[0], [9, 9]]]]
+    assert e2e.routing_hits(routed, recomputed, [2]) == [True, False]
+    result = e2e.paired([True] * 60 + [False] * 40, [True] * 50 + [False] * 10 + [True] * 20 + [False] * 20)
+    assert result["moe_backend"] == 0.6 and result["reference"] == 0.7 and result["discordant"] == 30
+    assert result["z"] == pytest.approx(-10 / 30 ** 0.5)
+    assert e2e.paired([True, False], [True, False])["z"] == 0.0
 
 
 def test_e2e_teacher_forced_agreement_and_prompt_top1():
