@@ -23,12 +23,17 @@ def _seed():
     torch.manual_seed(0)
 
 
-def _layer(cls=BF16MoE, offset=8, **kw):
+#: Where the Triton kernels run: the GPU, else the CPU under Triton's interpreter.
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _layer(cls=BF16MoE, offset=8, device="cpu", **kw):
     cfg = MoEConfig(num_experts=E_GLOBAL, top_k=K, routing=RoutingConfig.deepseek_v3(4, 2, 2.5),
                     local_expert_offset=offset)
     w13 = torch.randn(E_LOCAL, 2 * I, H) / 16
     w2 = torch.randn(E_LOCAL, H, I) / 11
-    return cls.from_float(w13, w2, cfg, correction_bias=0.1 * torch.randn(E_GLOBAL), **kw)
+    return cls.from_float(w13.to(device), w2.to(device), cfg,
+                          correction_bias=(0.1 * torch.randn(E_GLOBAL)).to(device), **kw)
 
 
 def _inputs(t):
@@ -233,7 +238,7 @@ def test_deterministic_mode_needs_a_kernel_that_has_it():
     with pytest.raises(ValueError, match="deterministic: kernel 'reference'"):
         _layer(FP8BlockMoE, kernel="reference", deterministic=True)
     with pytest.raises(ValueError, match="deterministic: kernel 'sm90_triton_nvfp4'"):
-        _layer(LAYER_TYPES["nvfp4"], kernel="sm90_triton_nvfp4", deterministic=True)
+        _layer(LAYER_TYPES["nvfp4"], kernel="sm90_triton_nvfp4", device=KERNEL_DEVICE, deterministic=True)
 
 
 def test_numerics_are_checked_at_construction():
@@ -242,28 +247,40 @@ def test_numerics_are_checked_at_construction():
     with pytest.raises(ValueError, match="'vllm_triton' is available for fp8_block weights, got nvfp4"):
         _layer(LAYER_TYPES["nvfp4"], numerics="vllm_triton")
     with pytest.raises(ValueError, match="not ue8m0"):
-        _layer(FP8BlockMoE, kernel="sm90_triton_fp8", numerics="vllm_triton", ue8m0=True)
+        _layer(FP8BlockMoE, kernel="sm90_triton_fp8", device=KERNEL_DEVICE, numerics="vllm_triton", ue8m0=True)
     with pytest.raises(ValueError, match="numerics: 'vllm_triton': kernel 'reference'"):
         _layer(FP8BlockMoE, kernel="reference", numerics="vllm_triton")
 
 
 def test_vllm_triton_numerics_fp8_layer_uses_its_fixed_configuration():
-    """The layer runs the kernel's ``vllm_triton`` configuration for every T (CPU: Triton's interpreter)."""
+    """The layer runs the kernel's ``vllm_triton`` configuration for every T; under the interpreter
+    that equals the float64 model of vLLM's steps (on a GPU, scripts/vllm_layer_compare.py
+    checks it against vLLM itself)."""
     pytest.importorskip("triton")
     from vllm_numerics import vllm_triton_fused_experts
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    from moe_backend.kernels.sm90 import fused_experts_fp8
+    from moe_backend.kernels.sm90.fp8_moe import NUMERICS_CONFIGS
+
     cfg = MoEConfig(num_experts=E_LOCAL, top_k=2, routing=RoutingConfig("softmax"))
     w13, w2 = torch.randn(E_LOCAL, 2 * I, H) / 16, torch.randn(E_LOCAL, H, I) / 11
-    layer = FP8BlockMoE.from_float(w13.to(device), w2.to(device), cfg, kernel="sm90_triton_fp8",
+    layer = FP8BlockMoE.from_float(w13.to(KERNEL_DEVICE), w2.to(KERNEL_DEVICE), cfg, kernel="sm90_triton_fp8",
                                    numerics="vllm_triton")
     assert layer.numerics == "vllm_triton"
-    hidden, logits = torch.randn(5, H).to(device, torch.bfloat16), torch.randn(5, E_LOCAL).to(device)
-    replay = torch.empty(5, 2, dtype=torch.int16, device=device)
+    hidden = torch.randn(5, H).to(KERNEL_DEVICE, torch.bfloat16)
+    logits = torch.randn(5, E_LOCAL).to(KERNEL_DEVICE)
+    replay = torch.empty(5, 2, dtype=torch.int16, device=KERNEL_DEVICE)
     got = layer.forward(hidden, logits, routing_replay_out=replay)
     ids, weights = cfg.routing.select(logits, 2, None)
     assert torch.equal(replay.int(), ids)
-    assert torch.equal(got.cpu(), vllm_triton_fused_experts(hidden, layer.weights, ids, weights))
+    w = layer.weights
+    direct = fused_experts_fp8(hidden, w.w13, w.w13_scale, w.w2, w.w2_scale, ids, weights, block_scaled=True,
+                               local_expert_offset=0, a13_scale=None, a2_scale=None, ue8m0=False,
+                               apply_router_weight_on_input=False, out=torch.empty_like(hidden),
+                               config=NUMERICS_CONFIGS["vllm_triton"])
+    assert torch.equal(got, direct)
+    if KERNEL_DEVICE == "cpu":
+        assert torch.equal(got, vllm_triton_fused_experts(hidden, w, ids, weights))
 
 
 def test_deterministic_fp8_is_batch_invariant():
