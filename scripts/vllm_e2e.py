@@ -190,43 +190,32 @@ def routed_shape_problems(outputs: list, token_prompts: List[List[int]], config:
 
 def teacher_forced_agreement(top1: List[List[int]], ref: list, token_prompts: List[List[int]]) -> float:
     """Fraction of generated positions where our top-1 (scoring ``prompt + ref tokens``) is ref's token."""
-    same = total = 0
-    for predicted, out, prompt in zip(top1, ref, token_prompts):
-        for i, token in enumerate(out["tokens"]):
-            # predicted[j] is the prediction for position j + 1 of the scored sequence
-            same += predicted[len(prompt) + i - 1] == token
-            total += 1
-    return same / max(total, 1)
+    hits = top1_hits(ref, top1, token_prompts)
+    return sum(hits) / max(len(hits), 1)
 
 
-def capture_agreement(ours: list, ref: list, token_prompts: List[List[int]], moe_layers: List[int]) -> float:
-    """Expert sets equal between the two runs over each sequence's shared prefix, in ``moe_layers``."""
-    same = total = 0
-    for a, b, prompt in zip(ours, ref, token_prompts):
-        if a["routed_experts"] is None or b["routed_experts"] is None:
-            continue
-        # Row t routes input token t; inputs agree up to the first differing generated token.
-        shared = len(prompt) + _first_difference(a["tokens"], b["tokens"])
-        n = min(shared, len(a["routed_experts"]), len(b["routed_experts"]))
-        for t in range(n):
-            for layer in moe_layers:
-                same += set(a["routed_experts"][t][layer]) == set(b["routed_experts"][t][layer])
-                total += 1
-    return same / max(total, 1)
-
-
-def capture_mismatches(ours: list, ref: list, token_prompts: List[List[int]], layer: int) -> List[dict]:
-    """The (prompt, row) of the shared prefix whose expert sets differ in ``layer`` (at most 8)."""
-    found = []
+def _shared_rows(ours: list, ref: list, token_prompts: List[List[int]]):
+    """``(prompt index, row, our row, ref's row)`` of every routed row both runs computed on the same
+    inputs: row t routes input token t, and inputs agree up to the first differing generated token."""
     for i, (a, b, prompt) in enumerate(zip(ours, ref, token_prompts)):
         if a["routed_experts"] is None or b["routed_experts"] is None:
             continue
         shared = len(prompt) + _first_difference(a["tokens"], b["tokens"])
         for t in range(min(shared, len(a["routed_experts"]), len(b["routed_experts"]))):
-            if set(a["routed_experts"][t][layer]) != set(b["routed_experts"][t][layer]):
-                found.append({"prompt": i, "row": t, "in_prompt": t < len(prompt),
-                              "ours": a["routed_experts"][t][layer], "reference": b["routed_experts"][t][layer]})
-    return found[:8]
+            yield i, t, a["routed_experts"][t], b["routed_experts"][t]
+
+
+def capture_agreement(ours: list, ref: list, token_prompts: List[List[int]], moe_layers: List[int]) -> float:
+    """Expert sets equal between the two runs over each sequence's shared prefix, in ``moe_layers``."""
+    hits = [set(a[layer]) == set(b[layer]) for _, _, a, b in _shared_rows(ours, ref, token_prompts)
+            for layer in moe_layers]
+    return sum(hits) / max(len(hits), 1)
+
+
+def capture_mismatches(ours: list, ref: list, token_prompts: List[List[int]], layer: int) -> List[dict]:
+    """The (prompt, row) of the shared prefix whose expert sets differ in ``layer`` (at most 8)."""
+    return [{"prompt": i, "row": t, "in_prompt": t < len(token_prompts[i]), "ours": a[layer], "reference": b[layer]}
+            for i, t, a, b in _shared_rows(ours, ref, token_prompts) if set(a[layer]) != set(b[layer])][:8]
 
 
 def recompute(bf16: Path, ckpt: Path, sequences: List[List[int]]) -> "tuple[List[Dict[int, list]], List[List[int]]]":
@@ -268,8 +257,9 @@ def recompute(bf16: Path, ckpt: Path, sequences: List[List[int]]) -> "tuple[List
     return routing, top1
 
 
-def exact_hits(outputs: list, top1: List[List[int]], token_prompts: List[List[int]]) -> List[bool]:
-    """Per generated position: is the token the exact model's top-1 given the sequence's prefix?"""
+def top1_hits(outputs: list, top1: List[List[int]], token_prompts: List[List[int]]) -> List[bool]:
+    """Per generated position of ``prompt + outputs' tokens``: is the token the top-1 predicted there?
+    (``top1[j]`` is the prediction for position j + 1 of the sequence.)"""
     return [predicted[len(prompt) + i - 1] == token
             for out, predicted, prompt in zip(outputs, top1, token_prompts) for i, token in enumerate(out["tokens"])]
 
@@ -290,6 +280,12 @@ def paired(ours: List[bool], reference: List[bool]) -> dict:
             "discordant": discordant, "z": diff / discordant ** 0.5 if discordant else 0.0}
 
 
+def run_spec(flavour: str, backend: str, ckpts: Dict[str, Path], token_prompts, args, out: Path) -> dict:
+    """The :func:`generate` spec of one run of ``flavour``'s checkpoint with ``backend``."""
+    return {"model": str(ckpts[flavour]), "backend": backend, "prompts": token_prompts,
+            "max_tokens": args.max_tokens, "eager": args.eager, "out": str(out)}
+
+
 def check_parity(flavour: str, ckpts: Dict[str, Path], token_prompts, args, work: Path, entry: dict,
                  ref: dict) -> bool:
     """Run ours with the flavour's :data:`PARITY_NUMERICS`; its greedy tokens must equal ``ref``'s
@@ -297,8 +293,7 @@ def check_parity(flavour: str, ckpts: Dict[str, Path], token_prompts, args, work
     numerics = PARITY_NUMERICS.get(flavour)
     if numerics is None:
         return True
-    spec = {"model": str(ckpts[flavour]), "backend": "moe_backend", "prompts": token_prompts,
-            "max_tokens": args.max_tokens, "eager": args.eager, "out": str(work / f"{flavour}-{numerics}.json")}
+    spec = run_spec(flavour, "moe_backend", ckpts, token_prompts, args, work / f"{flavour}-{numerics}.json")
     timeout = min(args.child_timeout, args.deadline - time.monotonic() - 20)
     run = run_child(spec, work / f"{flavour}-{numerics}.log", timeout, {"MOE_BACKEND_NUMERICS": numerics})
     result = {k: v for k, v in run.items() if k != "outputs"}
@@ -321,8 +316,7 @@ def check_flavour(flavour: str, ckpts: Dict[str, Path], token_prompts, args, wor
     report["flavours"][flavour] = entry
     runs = {}
     for backend in (REFERENCE_BACKEND[flavour], "moe_backend"):
-        spec = {"model": str(ckpts[flavour]), "backend": backend, "prompts": token_prompts,
-                "max_tokens": args.max_tokens, "eager": args.eager, "out": str(work / f"{flavour}-{backend}.json")}
+        spec = run_spec(flavour, backend, ckpts, token_prompts, args, work / f"{flavour}-{backend}.json")
         ref_run = runs.get(REFERENCE_BACKEND[flavour], {})
         if backend == "moe_backend" and "outputs" in ref_run:
             spec["score"] = [p + o["tokens"] for p, o in zip(token_prompts, ref_run["outputs"])]
@@ -359,8 +353,8 @@ def check_flavour(flavour: str, ckpts: Dict[str, Path], token_prompts, args, wor
                                             routing_hits(ref_rows, routing, rows))
         forced = [{"tokens": [predicted[len(p) + i - 1] for i in range(len(o["tokens"]))]}
                   for predicted, p, o in zip(ours["teacher_forced_top1"], token_prompts, ref["outputs"])]
-        entry["exact_agreement"] = paired(exact_hits(forced, top1, token_prompts),
-                                          exact_hits(ref["outputs"], top1, token_prompts))
+        entry["exact_agreement"] = paired(top1_hits(forced, top1, token_prompts),
+                                          top1_hits(ref["outputs"], top1, token_prompts))
     except Exception as err:  # noqa: BLE001  the vLLM checks above stand on their own
         entry["routing_agreement"] = entry["exact_agreement"] = None
         entry["recompute_error"] = f"{type(err).__name__}: {err}"

@@ -61,20 +61,35 @@ def vllm_modular(x: torch.Tensor, w, ids: torch.Tensor, topk_w: torch.Tensor) ->
     return out
 
 
+def problem(weights_type, num_experts: int, hidden: int, inter: int, tokens: int, top_k: int):
+    """Random experts quantized as ``weights_type``, bf16 inputs ``[T, H]``, distinct expert ids
+    ``[T, k]`` int32 and softmaxed router weights, on the GPU."""
+    dev = "cuda"
+    w = weights_type.quantize(torch.randn(num_experts, 2 * inter, hidden, device=dev) / hidden ** 0.5,
+                              torch.randn(num_experts, hidden, inter, device=dev) / inter ** 0.5)
+    x = torch.randn(tokens, hidden, device=dev).to(torch.bfloat16)
+    ids = torch.stack([torch.randperm(num_experts, device=dev)[:top_k] for _ in range(tokens)]).to(torch.int32)
+    topk_w = torch.rand(tokens, top_k, device=dev).softmax(-1)
+    return w, x, ids, topk_w
+
+
+def exact_output(w, x: torch.Tensor, ids: torch.Tensor, topk_w: torch.Tensor) -> torch.Tensor:
+    """The float64 sum on ``w``'s dequantized experts and the unquantized ``x``."""
+    from moe_backend.kernels.reference import exact_fused_experts
+
+    deq = [w.dequantize_expert(e) for e in range(w.w13.shape[0])]
+    return exact_fused_experts(x, torch.stack([d[0] for d in deq]), torch.stack([d[1] for d in deq]), ids, topk_w)
+
+
 def compare(num_experts: int, hidden: int, inter: int, tokens: int, top_k: int) -> dict:
     from vllm.model_executor.layers.fused_moe import fused_experts
     from vllm.model_executor.layers.fused_moe.config import fp8_w8a8_moe_quant_config
 
     from moe_backend import FP8BlockMoE, MoEConfig
     from moe_backend.expert_weights import FP8BlockWeights
-    from moe_backend.kernels.reference import exact_fused_experts, reference_fused_experts
+    from moe_backend.kernels.reference import reference_fused_experts
 
-    dev = "cuda"
-    w = FP8BlockWeights.quantize(torch.randn(num_experts, 2 * inter, hidden, device=dev) / hidden ** 0.5,
-                                 torch.randn(num_experts, hidden, inter, device=dev) / inter ** 0.5)
-    x = torch.randn(tokens, hidden, device=dev).to(torch.bfloat16)
-    ids = torch.stack([torch.randperm(num_experts, device=dev)[:top_k] for _ in range(tokens)]).to(torch.int32)
-    topk_w = torch.rand(tokens, top_k, device=dev).softmax(-1)
+    w, x, ids, topk_w = problem(FP8BlockWeights, num_experts, hidden, inter, tokens, top_k)
     layer = FP8BlockMoE(w, MoEConfig(num_experts=num_experts, top_k=top_k))
     ours = layer.experts(x, ids, topk_w)
     parity = FP8BlockMoE(w, MoEConfig(num_experts=num_experts, top_k=top_k), numerics="vllm_triton")
@@ -83,8 +98,7 @@ def compare(num_experts: int, hidden: int, inter: int, tokens: int, top_k: int) 
     quant = fp8_w8a8_moe_quant_config(w1_scale=w.w13_scale, w2_scale=w.w2_scale, block_shape=[128, 128])
     theirs = fused_experts(x, w.w13, w.w2, topk_w, ids, quant_config=quant)
     ref = reference_fused_experts(x, w, ids, topk_w)
-    deq = [w.dequantize_expert(e) for e in range(num_experts)]
-    exact = exact_fused_experts(x, torch.stack([d[0] for d in deq]), torch.stack([d[1] for d in deq]), ids, topk_w)
+    exact = exact_output(w, x, ids, topk_w)
     return dict(E=num_experts, H=hidden, I=inter, T=tokens, k=top_k, kernel=layer.kernel_name(True),
                 parity_equal=(ours_vllm == modular).float().mean().item(),
                 parity_rel=relative(ours_vllm, modular), accurate_equal=(ours == modular).float().mean().item(),
@@ -103,22 +117,15 @@ def compare_per_tensor(num_experts: int, hidden: int, inter: int, tokens: int, t
 
     from moe_backend import FP8TensorMoE, MoEConfig
     from moe_backend.expert_weights import FP8TensorWeights
-    from moe_backend.kernels.reference import exact_fused_experts
 
-    dev = "cuda"
-    w = FP8TensorWeights.quantize(torch.randn(num_experts, 2 * inter, hidden, device=dev) / hidden ** 0.5,
-                                  torch.randn(num_experts, hidden, inter, device=dev) / inter ** 0.5)
-    x = torch.randn(tokens, hidden, device=dev).to(torch.bfloat16)
+    w, x, ids, topk_w = problem(FP8TensorWeights, num_experts, hidden, inter, tokens, top_k)
     w.a13_scale = (x.float().abs().amax() / 448.0).reshape(1)
-    w.a2_scale = torch.tensor([0.5 / 448.0], device=dev)
-    ids = torch.stack([torch.randperm(num_experts, device=dev)[:top_k] for _ in range(tokens)]).to(torch.int32)
-    topk_w = torch.rand(tokens, top_k, device=dev).softmax(-1)
+    w.a2_scale = torch.tensor([0.5 / 448.0], device=x.device)
     ours = FP8TensorMoE(w, MoEConfig(num_experts=num_experts, top_k=top_k)).experts(x, ids, topk_w)
     quant = fp8_w8a8_moe_quant_config(w1_scale=w.w13_scale, w2_scale=w.w2_scale, a1_scale=w.a13_scale,
                                       a2_scale=w.a2_scale)
     theirs = fused_experts(x, w.w13, w.w2, topk_w, ids, quant_config=quant)
-    deq = [w.dequantize_expert(e) for e in range(num_experts)]
-    exact = exact_fused_experts(x, torch.stack([d[0] for d in deq]), torch.stack([d[1] for d in deq]), ids, topk_w)
+    exact = exact_output(w, x, ids, topk_w)
     return dict(precision="fp8_tensor", E=num_experts, H=hidden, I=inter, T=tokens, k=top_k,
                 ours_vs_vllm=relative(ours, theirs), ours_vs_exact=relative(ours, exact),
                 vllm_vs_exact=relative(theirs, exact))

@@ -59,8 +59,8 @@ def test_e2e_paired_agreements():
     e2e = _script("vllm_e2e")
     # Prompt [5, 6] + generated [7, 8, 9]: top1[j] predicts position j + 1.
     outputs = [{"tokens": [7, 8, 9]}]
-    assert e2e.exact_hits(outputs, [[6, 7, 8, 9, 0]], [[5, 6]]) == [True, True, True]
-    assert e2e.exact_hits(outputs, [[6, 7, 1, 9, 0]], [[5, 6]]) == [True, False, True]
+    assert e2e.top1_hits(outputs, [[6, 7, 8, 9, 0]], [[5, 6]]) == [True, True, True]
+    assert e2e.top1_hits(outputs, [[6, 7, 1, 9, 0]], [[5, 6]]) == [True, False, True]
     # Routing: rows beyond rows[i] are not compared; expert sets, not orders.
     recomputed = [{1: [[1, 2], [3, 4], [5, 6]]}]
     routed = [[[[0], [2, 1]], [[0], [3, 9]], [[0], [9, 9]]]]

@@ -68,8 +68,9 @@ def _config_problems(vllm_config: Any) -> Iterable[str]:
 
     from moe_backend.layer import NUMERICS
 
-    if numerics() not in NUMERICS:
-        yield f"{NUMERICS_ENV}={numerics()!r} (expected one of {', '.join(sorted(NUMERICS))})"
+    requested = numerics()
+    if requested not in NUMERICS:
+        yield f"{NUMERICS_ENV}={requested!r} (expected one of {', '.join(sorted(NUMERICS))})"
     model = vllm_config.model_config
     if model is not None:
         if model.quantization not in QUANTIZATIONS:

@@ -35,7 +35,7 @@ import triton.language as tl
 
 from .align import AlignedRouting
 from ...runtime import workspace
-from .fp8_tile import quantize_tile, quantize_tile_vllm, silu_vllm, to_bf16
+from .fp8_tile import quantize_tile, quantize_tile_vllm, scale_block, silu_vllm, to_bf16
 from .tiles import aligned_rows, tile_coords, zero_fill
 
 ZERO_BLOCK = tl.constexpr(1024)
@@ -97,15 +97,9 @@ def _gemm1_kernel(
                 a_s = tl.load(a_scale_ptr + token * stride_asm + kb, mask=row_ok, other=0.0)
         wg = tl.load(wg_ptrs, mask=w_mask, other=0.0)
         wu = tl.load(wu_ptrs, mask=w_mask, other=0.0)
-        if BLOCK_SCALED and VLLM_ORDER == 1:
-            acc_g += tl.dot(a, wg) * a_s[:, None] * tl.load(wsg_ptr + kb)
-            acc_u += tl.dot(a, wu) * a_s[:, None] * tl.load(wsu_ptr + kb)
-        elif BLOCK_SCALED and VLLM_ORDER == 2:
-            acc_g += tl.dot(a, wg) * tl.load(wsg_ptr + kb) * a_s[:, None]
-            acc_u += tl.dot(a, wu) * tl.load(wsu_ptr + kb) * a_s[:, None]
-        elif BLOCK_SCALED:
-            acc_g += tl.dot(a, wg) * (a_s * tl.load(wsg_ptr + kb))[:, None]
-            acc_u += tl.dot(a, wu) * (a_s * tl.load(wsu_ptr + kb))[:, None]
+        if BLOCK_SCALED:
+            acc_g += scale_block(tl.dot(a, wg), a_s, tl.load(wsg_ptr + kb), VLLM_ORDER)
+            acc_u += scale_block(tl.dot(a, wu), a_s, tl.load(wsu_ptr + kb), VLLM_ORDER)
         elif A_STATIC:
             # Promote to fp32 every K block: Hopper's FP8 MMA accumulates with ~14-bit
             # mantissas, too coarse over all of H (Triton's sm90 default never promotes).

@@ -31,7 +31,7 @@ import triton.language as tl
 
 from .align import AlignedRouting
 from .tiles import aligned_rows, tile_coords
-from .fp8_tile import quantize_tile, to_bf16
+from .fp8_tile import quantize_tile, scale_block, to_bf16
 
 
 @triton.jit
@@ -76,12 +76,8 @@ def _gemm2_kernel(
             else:
                 a_s = tl.load(y_scale_ptr + rows.to(tl.int64) * stride_ysm + kb)
         w = tl.load(w_ptrs, mask=w_mask, other=0.0)
-        if BLOCK_SCALED and VLLM_ORDER == 1:
-            acc += tl.dot(a, w) * a_s[:, None] * tl.load(ws_ptr + kb)
-        elif BLOCK_SCALED and VLLM_ORDER == 2:
-            acc += tl.dot(a, w) * tl.load(ws_ptr + kb) * a_s[:, None]
-        elif BLOCK_SCALED:
-            acc += tl.dot(a, w) * (a_s * tl.load(ws_ptr + kb))[:, None]
+        if BLOCK_SCALED:
+            acc += scale_block(tl.dot(a, w), a_s, tl.load(ws_ptr + kb), VLLM_ORDER)
         elif Y_STATIC:
             acc = tl.dot(a, w, acc, max_num_imprecise_acc=BLOCK_K)  # fp32 promotion: see GEMM1
         else:

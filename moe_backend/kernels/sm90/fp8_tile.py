@@ -90,6 +90,20 @@ def to_bf16(x):
 
 
 @triton.jit
+def scale_block(dot, a_s, w_s, VLLM_ORDER: tl.constexpr):
+    """One K block's ``dot [M, N]`` fp32 times its activation scales ``a_s [M]`` and weight scale
+    ``w_s`` (a scalar): ``dot * (a_s * w_s)``, or in vLLM's order (``VLLM_ORDER`` 1:
+    ``(dot * a_s) * w_s``; 2, its swapped operands: ``(dot * w_s) * a_s``)."""
+    if VLLM_ORDER == 1:
+        scaled = dot * a_s[:, None] * w_s
+    elif VLLM_ORDER == 2:
+        scaled = dot * w_s * a_s[:, None]
+    else:
+        scaled = dot * (a_s * w_s)[:, None]
+    return scaled
+
+
+@triton.jit
 def quantize_tile_vllm(x, EPS_ON_SCALE: tl.constexpr):
     """vLLM's dynamic per-token-group quantization of ``x [M, G]`` fp32 (one group per row), bit for bit.
 
