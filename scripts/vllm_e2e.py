@@ -64,7 +64,7 @@ import time
 from pathlib import Path
 from typing import Dict, List
 
-from vllm_runs import REFERENCE_BACKEND, run_child as run_vllm_child
+from vllm_runs import REFERENCE_BACKEND, RunBudget, add_run_options, run_child as run_vllm_child
 
 #: Flavours with a ``MOE_BACKEND_NUMERICS`` that reproduces the reference backend bit for bit.
 PARITY_NUMERICS = {"fp8": "vllm_triton"}
@@ -133,11 +133,9 @@ def top1_of_prompt(prompt_logprobs: list) -> List[int]:
     return [next(tok for tok, lp in entry.items() if lp.rank == 1) for entry in prompt_logprobs[1:]]
 
 
-def run_child(spec: dict, log_path: Path, timeout: float, extra_env: dict = None) -> dict:
+def run_child(spec: dict, log_path: Path, budget: RunBudget, extra_env: dict = None) -> dict:
     """Run :func:`generate` in a child process; returns its record, or one with ``error``."""
-    if timeout < 45:
-        return {"backend": spec["backend"], "error": "skipped: the time budget (--budget-s) is spent"}
-    return {"backend": spec["backend"], **run_vllm_child(__file__, spec, log_path, timeout, extra_env)}
+    return {"backend": spec["backend"], **run_vllm_child(__file__, spec, log_path, budget, extra_env)}
 
 
 def token_agreement(ours: list, ref: list) -> float:
@@ -294,8 +292,7 @@ def check_parity(flavour: str, ckpts: Dict[str, Path], token_prompts, args, work
     if numerics is None:
         return True
     spec = run_spec(flavour, "moe_backend", ckpts, token_prompts, args, work / f"{flavour}-{numerics}.json")
-    timeout = min(args.child_timeout, args.deadline - time.monotonic() - 20)
-    run = run_child(spec, work / f"{flavour}-{numerics}.log", timeout, {"MOE_BACKEND_NUMERICS": numerics})
+    run = run_child(spec, work / f"{flavour}-{numerics}.log", args.budget, {"MOE_BACKEND_NUMERICS": numerics})
     result = {k: v for k, v in run.items() if k != "outputs"}
     entry[f"{numerics}_numerics"] = result
     if "error" in run:
@@ -320,9 +317,7 @@ def check_flavour(flavour: str, ckpts: Dict[str, Path], token_prompts, args, wor
         ref_run = runs.get(REFERENCE_BACKEND[flavour], {})
         if backend == "moe_backend" and "outputs" in ref_run:
             spec["score"] = [p + o["tokens"] for p, o in zip(token_prompts, ref_run["outputs"])]
-        # Leave time for the routing recomputation and the flavours after this one.
-        timeout = min(args.child_timeout, args.deadline - time.monotonic() - 20)
-        runs[backend] = run_child(spec, work / f"{flavour}-{backend}.log", timeout)
+        runs[backend] = run_child(spec, work / f"{flavour}-{backend}.log", args.budget)
         entry[backend] = {k: v for k, v in runs[backend].items()
                           if k not in ("outputs", "teacher_forced_top1", "teacher_forced_routed")}
         save()
@@ -387,18 +382,16 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--flavours", nargs="+", choices=tuple(REFERENCE_BACKEND), default=list(REFERENCE_BACKEND))
     parser.add_argument("--eager", action="store_true", help="no CUDA graphs either (enforce_eager=True)")
-    parser.add_argument("--child-timeout", type=int, default=300, help="seconds for each vLLM run at most")
-    parser.add_argument("--budget-s", type=int, default=540,
-                        help="stop starting vLLM runs when this many seconds have passed (default 540)")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
+    add_run_options(parser, child_timeout=300, budget_s=540)
     args = parser.parse_args()
-    if args.child:
-        generate(json.loads(args.child))
+    if args.child is not None:
+        generate(args.child)
         return 0
     if args.work is None:
         parser.error("WORK_DIR is required")
 
-    args.deadline = time.monotonic() + args.budget_s
+    # Every run ends 20 s early: time for the routing recomputation and the flavours after it.
+    args.budget = RunBudget(args.budget_s, args.child_timeout, reserve_s=20, min_run_s=45)
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     report_path = args.report or work / "report.json"

@@ -8,6 +8,7 @@ core too). Imported by ``vllm_e2e.py`` and ``vllm_throughput.py`` beside it.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -28,6 +29,8 @@ CHILD_ENV = {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": 
              "PYTHONUNBUFFERED": "1",
              # vLLM 0.26 ships Marlin MoE as compute_80 PTX only: keep what the driver JIT-compiles.
              "CUDA_CACHE_MAXSIZE": str(4 << 30)}
+#: The record of a run the time budget left no room for.
+SKIPPED = "skipped: the time budget (--budget-s) is spent"
 #: Log lines worth keeping in a report: which kernels vLLM and the plugin chose, memory.
 LOG_FACTS = {
     "served_by_moe_backend": r"serving MoE layers with MoEBackendExperts",
@@ -59,13 +62,43 @@ def run_process_group(cmd: list, env: dict, log, timeout: float):
         return f"timeout after {timeout:.0f} s"
 
 
-def run_child(script: str, spec: dict, log_path: Path, timeout: float, extra_env: Optional[dict] = None) -> dict:
-    """Run ``script --child SPEC`` (writing its JSON record to ``spec["out"]``) with :data:`CHILD_ENV`.
+def add_run_options(parser: argparse.ArgumentParser, *, child_timeout: int, budget_s: int) -> None:
+    """``--child-timeout`` and ``--budget-s`` (read by :class:`RunBudget`), and the hidden ``--child SPEC``
+    (parsed to a dict) through which :func:`run_child` starts the script itself."""
+    parser.add_argument("--child-timeout", type=int, default=child_timeout,
+                        help=f"seconds for each vLLM run at most (default {child_timeout})")
+    parser.add_argument("--budget-s", type=int, default=budget_s,
+                        help=f"no vLLM run starts or goes on after this many seconds (default {budget_s})")
+    parser.add_argument("--child", type=json.loads, help=argparse.SUPPRESS)
+
+
+class RunBudget:
+    """The time a script's vLLM runs may take: each run at most ``child_timeout`` seconds, every run
+    ending ``reserve_s`` before ``budget_s`` from now; a run left less than ``min_run_s`` is skipped."""
+
+    def __init__(self, budget_s: float, child_timeout: float, *, reserve_s: float, min_run_s: float) -> None:
+        self.deadline = time.monotonic() + budget_s
+        self.child_timeout = child_timeout
+        self.reserve_s = reserve_s
+        self.min_run_s = min_run_s
+
+    def timeout(self) -> Optional[float]:
+        """Seconds the next run may take, or None where that is under ``min_run_s``."""
+        left = min(self.child_timeout, self.deadline - time.monotonic() - self.reserve_s)
+        return left if left >= self.min_run_s else None
+
+
+def run_child(script: str, spec: dict, log_path: Path, budget: RunBudget, extra_env: Optional[dict] = None) -> dict:
+    """Run ``script --child SPEC`` (writing its JSON record to ``spec["out"]``) with :data:`CHILD_ENV`,
+    for as long as ``budget`` allows.
 
     Returns the record plus ``wall_s`` and the :func:`log_facts` of its log (and ``exit_after_record``
     when the child failed only after writing its record), or, when it wrote none, those with
-    ``error`` and the log's tail.
+    ``error`` and the log's tail; ``{"error": SKIPPED}`` where the budget left no time for it.
     """
+    timeout = budget.timeout()
+    if timeout is None:
+        return {"error": SKIPPED}
     env = dict(os.environ, **CHILD_ENV, **(extra_env or {}))
     out = Path(spec["out"])
     out.unlink(missing_ok=True)  # written last by the child: its presence means the run completed

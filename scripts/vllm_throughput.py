@@ -37,7 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from vllm_runs import REFERENCE_BACKEND, run_child
+from vllm_runs import REFERENCE_BACKEND, RunBudget, add_run_options, run_child
 
 #: DeepSeek-V3's config.json (layer count set by --layers; no MTP layer; no YaRN, which only
 #: changes the rotary tables).
@@ -124,9 +124,9 @@ def child(spec: dict) -> None:
         "graph_sizes": graph_sizes}))
 
 
-def run_backend(spec: dict, log_path: Path, timeout: int) -> dict:
+def run_backend(spec: dict, log_path: Path, budget: RunBudget) -> dict:
     extra = {} if spec["routing"] == "model" else {"VLLM_MOE_ROUTING_SIMULATION_STRATEGY": spec["routing"]}
-    return run_child(__file__, spec, log_path, timeout, extra)
+    return run_child(__file__, spec, log_path, budget, extra)
 
 
 def main() -> int:
@@ -144,17 +144,15 @@ def main() -> int:
     parser.add_argument("--routing", default="uniform_random",
                         help="VLLM_MOE_ROUTING_SIMULATION_STRATEGY, or 'model' for the model's router")
     parser.add_argument("--backends", nargs="+", help="default: moe_backend and the precision's reference")
-    parser.add_argument("--child-timeout", type=int, default=270, help="seconds for each backend's run at most")
-    parser.add_argument("--budget-s", type=int, default=560, help="no backend run goes past this many seconds")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
+    add_run_options(parser, child_timeout=270, budget_s=560)
     args = parser.parse_args()
-    if args.child:
-        child(json.loads(args.child))
+    if args.child is not None:
+        child(args.child)
         return 0
     if args.report is None:
         parser.error("--report is required")
 
-    deadline = time.monotonic() + args.budget_s
+    budget = RunBudget(args.budget_s, args.child_timeout, reserve_s=0, min_run_s=60)
     work = args.work or Path(tempfile.mkdtemp(prefix="vllm_throughput_"))
     work.mkdir(parents=True, exist_ok=True)
     config = write_config(work / "model", args.layers, args.precision)
@@ -169,9 +167,7 @@ def main() -> int:
                 "input_len": args.input_len, "output_len": args.output_len,
                 "max_batched_tokens": args.max_batched_tokens, "gpu_util": args.gpu_util, "routing": args.routing,
                 "out": str(work / f"{backend}.json")}
-        timeout = min(args.child_timeout, deadline - time.monotonic())
-        report["backends"][backend] = (run_backend(spec, work / f"{backend}.log", timeout) if timeout > 60 else
-                                       {"error": "skipped: the time budget (--budget-s) is spent"})
+        report["backends"][backend] = run_backend(spec, work / f"{backend}.log", budget)
         args.report.write_text(json.dumps(report, indent=2))
     rates = {b: r.get("output_tokens_per_s") for b, r in report["backends"].items()}
     if rates.get("moe_backend") and len(backends) > 1 and rates.get(backends[1]):

@@ -1,5 +1,6 @@
 """The GPU-side vLLM scripts' host logic: report checks, model sizes, fat-binary pruning (no vLLM needed)."""
 
+import argparse
 import importlib.util
 import json
 import struct
@@ -86,6 +87,29 @@ def test_e2e_teacher_forced_agreement_and_prompt_top1():
     # Position 2 (first generated) predicted 3 instead of 7; positions 3 and 4 agree.
     assert e2e.teacher_forced_agreement([top1], ref, [[5, 6]]) == pytest.approx(2 / 3)
     assert e2e.teacher_forced_agreement([[6, 7, 8, 9]], ref, [[5, 6]]) == 1.0
+
+
+def test_run_budget_limits_and_skips_child_runs(tmp_path):
+    runs = _script("vllm_runs")
+    assert runs.RunBudget(1000, 300, reserve_s=20, min_run_s=45).timeout() == 300
+    short = runs.RunBudget(100, 300, reserve_s=20, min_run_s=45).timeout()
+    assert 75 < short <= 80  # the budget minus the reserve, less the microseconds since
+    assert runs.RunBudget(60, 300, reserve_s=20, min_run_s=45).timeout() is None
+    assert runs.RunBudget(1000, 30, reserve_s=0, min_run_s=45).timeout() is None
+    # A skipped run starts no process and leaves the spec's record path alone.
+    spent = runs.RunBudget(0, 300, reserve_s=0, min_run_s=1)
+    out = tmp_path / "record.json"
+    out.write_text("{}")
+    assert runs.run_child("absent.py", {"out": str(out)}, tmp_path / "run.log", spent) == {"error": runs.SKIPPED}
+    assert out.exists() and not (tmp_path / "run.log").exists()
+
+
+def test_run_options_parse_the_child_spec():
+    parser = argparse.ArgumentParser()
+    _script("vllm_runs").add_run_options(parser, child_timeout=270, budget_s=560)
+    args = parser.parse_args([])
+    assert (args.child_timeout, args.budget_s, args.child) == (270, 560, None)
+    assert parser.parse_args(["--child", json.dumps({"out": "x.json"})]).child == {"out": "x.json"}
 
 
 def test_e2e_checkpoints_keep_deepseek_mla_dims(tmp_path):
