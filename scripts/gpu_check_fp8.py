@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from moe_backend import bench  # noqa: E402
+from moe_backend.cli import bench  # noqa: E402
 from moe_backend.kernels.sm90.fp8_moe import resolve_config  # noqa: E402
 
 H, I, K = 7168, 2048, 8

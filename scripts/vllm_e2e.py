@@ -11,7 +11,7 @@ and checks, per flavour:
 
 * ``exact_agreement`` (checked): on vLLM's backend's sequences, its greedy tokens and our
   teacher-forced top-1 (below) against the top-1 of the float64 model on the dequantized
-  checkpoint (transformers' DeepSeek-V3, ``moe_backend.accuracy``), position by position.
+  checkpoint (transformers' DeepSeek-V3, ``moe_backend.cli.accuracy``), position by position.
   Ours must not be worse than vLLM's backend by more than ``MAX_WORSE_Z`` standard errors
   (McNemar's test over the positions where exactly one of them agrees). (The whole served stack,
   bf16 attention and FP8 dense layers included, parts from the float64 model, so the
@@ -222,7 +222,7 @@ def recompute(bf16: Path, ckpt: Path, sequences: List[List[int]]) -> "tuple[List
     token at every position."""
     import torch
 
-    from moe_backend.accuracy import checkpoint_model
+    from moe_backend.cli.accuracy import checkpoint_model
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     routing: List[Dict[int, list]] = []

@@ -1,4 +1,4 @@
-"""Weight layout (shuffle) transforms between checkpoints and the kernels.
+"""Weight layout (shuffle) transforms between checkpoints, engines and FlashInfer.
 
 Every transform is a pure function returning a new contiguous tensor (or
 container); each has an inverse, and the pair round-trips bit-exactly.
@@ -23,35 +23,19 @@ unchanged: ``w13 [E, 2I, H]`` e4m3 rows ``[gate; up]``, ``w2 [E, H, I]``, and th
 scales exactly as :class:`~moe_backend.expert_weights.FP8BlockWeights` /
 ``FP8TensorWeights`` hold them; they need no transform.
 
-The NVFP4 SM90 kernel layout (:class:`NVFP4KernelWeights`, produced by
-:func:`nvfp4_to_kernel_layout`) is documented on that class.
+The NVFP4 SM90 kernel layout belongs to its kernels:
+:mod:`moe_backend.kernels.sm90.nvfp4_layout`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Tuple
 
 import torch
 
 from .._checks import check_int, check_tensor
-from ..expert_weights import ExpertShapes, NVFP4Weights
-from ..quant.fp8 import FP8_DTYPE
-from ..quant.nvfp4 import GROUP, pack_e2m1, unpack_e2m1
 
-#: Codes per 32-bit word of the kernel layout.
-WORD_CODES = 8
-#: ``CODE_BITS[j]``: bit positions ``(m, e0, e1, sign)`` in a kernel word of element ``j``
-#: (of the word's 8 consecutive K elements) of e2m1 code ``sign e1 e0 m``. Element ``2s + i``
-#: sits in 16-bit lane ``i`` (``+16``), slot ``s``; slots 0-2 hold ``e1 e0 m`` exactly 9 bits
-#: below the sign, so one shift left by ``3s`` and one mask ``0x81C081C0`` put both lanes'
-#: codes in bf16 place (sign bit 15, ``e1 e0`` the exponent's low bits 8-7, ``m`` mantissa
-#: bit 6); slot 3 fills the remaining bits {10, 11, 13, 14} and takes three shifts.
-CODE_BITS = tuple(tuple(b + 16 * (j % 2) for b in slot)
-                  for j, slot in enumerate(((6, 7, 8, 15), (6, 7, 8, 15), (3, 4, 5, 12), (3, 4, 5, 12),
-                                            (0, 1, 2, 9), (0, 1, 2, 9), (11, 13, 14, 10), (11, 13, 14, 10))))
-#: K elements per kernel group: 2 halves x 16 words x 8 codes, 16 block scales.
-K_GROUP = 256
+
 def _check_dim(name: str, t: torch.Tensor, dim: int) -> int:
     check_int(name, dim)
     if not -t.dim() <= dim < t.dim():
@@ -104,192 +88,3 @@ def deinterleave_gated_rows(w: torch.Tensor, group: int = 1, dim: int = -2) -> t
     shape = w.shape
     v = w.reshape(*shape[:d], half // group, 2, group, *shape[d + 1:])
     return v.transpose(d, d + 1).reshape(shape).contiguous()
-
-
-def pack_kernel_words(packed: torch.Tensor) -> torch.Tensor:
-    """ModelOpt packed codes ``[..., N, K/2]`` uint8 -> kernel words ``[..., N, K/8]`` int32.
-
-    Word ``j`` of a row holds the codes of elements ``8j .. 8j+7``, element ``8j + i``
-    at the bits :data:`CODE_BITS` ``[i]``. ``K`` must be a multiple of 8.
-    """
-    check_tensor("packed", packed, dtype=torch.uint8, contiguous=False)
-    if packed.dim() < 1 or packed.shape[-1] % (WORD_CODES // 2):
-        raise ValueError(
-            f"packed: expected [..., K/2] with K a multiple of {WORD_CODES}, got shape {tuple(packed.shape)}"
-        )
-    rows = packed.reshape(-1, packed.shape[-1])
-    out = torch.empty(rows.shape[0], rows.shape[1] // 4, dtype=torch.int32, device=packed.device)
-    for r in range(0, rows.shape[0], _chunk_rows(rows.shape[1])):
-        codes = unpack_e2m1(rows[r:r + _chunk_rows(rows.shape[1])]).long()
-        codes = codes.reshape(codes.shape[0], -1, WORD_CODES)
-        word = torch.zeros(codes.shape[:-1], dtype=torch.int64, device=packed.device)
-        for j, bits in enumerate(CODE_BITS):
-            for k, bit in enumerate(bits):
-                word |= ((codes[..., j] >> k) & 1) << bit
-        out[r:r + codes.shape[0]] = torch.where(word >= 2 ** 31, word - 2 ** 32, word)
-    return out.reshape(*packed.shape[:-1], -1)
-
-
-def _chunk_rows(width: int) -> int:
-    """Rows per step of the word (un)packing: bounds its int64 temporaries to ~64 MiB each."""
-    return max(1, (1 << 23) // max(width, 1))
-
-
-def unpack_kernel_words(words: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`pack_kernel_words`: ``[..., N, K/8]`` int32 -> ``[..., N, K/2]`` uint8."""
-    check_tensor("words", words, dtype=torch.int32, contiguous=False)
-    if words.dim() < 1:
-        raise ValueError(f"words: expected at least 1 dimension, got shape {tuple(words.shape)}")
-    rows = words.reshape(-1, words.shape[-1])
-    out = torch.empty(rows.shape[0], rows.shape[1] * 4, dtype=torch.uint8, device=words.device)
-    for r in range(0, rows.shape[0], _chunk_rows(rows.shape[1] * 8)):
-        w = rows[r:r + _chunk_rows(rows.shape[1] * 8)].long() & 0xFFFFFFFF
-        codes = torch.stack([sum(((w >> bit) & 1) << k for k, bit in enumerate(bits)) for bits in CODE_BITS], -1)
-        out[r:r + w.shape[0]] = pack_e2m1(codes.reshape(w.shape[0], -1).to(torch.uint8))
-    return out.reshape(*words.shape[:-1], -1)
-
-
-def kernel_k_order() -> torch.Tensor:
-    """``[K_GROUP]`` int64: the natural K offset (within a group) at each position of the kernel's dot order.
-
-    Position ``q = 128 h + 32 s + 2 w + i`` (half ``h``, pair ``s``, word ``w``, lane ``i``)
-    holds element ``2 s + i`` of word ``w`` of half ``h``, natural offset ``16 w + 8 h + 2 s + i``:
-    in the MMA's register fragment a thread's bf16 pair is one dequantization result, and
-    each half's 4 pairs x 16 words fill its 128 positions without moving data between threads.
-    """
-    q = torch.arange(K_GROUP)
-    h, s, w, i = q // 128, (q % 128) // 32, (q % 32) // 2, q % 2
-    return 16 * w + 8 * h + 2 * s + i
-
-
-def _round_up(n: int) -> int:
-    return -(-n // K_GROUP) * K_GROUP
-
-
-def _pad_last(t: torch.Tensor, size: int) -> torch.Tensor:
-    """Zero-pad the last dimension of ``t`` to ``size``."""
-    out = t.new_zeros(*t.shape[:-1], size)
-    out[..., :t.shape[-1]] = t
-    return out
-
-
-def _kernel_rows(codes: torch.Tensor, scales: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Rows ``[..., N, K/2]`` uint8 codes and ``[..., N, K/16]`` e4m3 scales -> the kernel's
-    ``[..., N, Kp/8]`` int32 words and ``[..., N, Kp/16]`` e4m3 scales (``Kp``: K rounded up to
-    :data:`K_GROUP`, zero padded). In each group of 32 words, word ``16 h + w`` covers natural
-    elements ``16 w + 8 h .. + 7`` (so a half's 16 words and the group's 16 scales line up)."""
-    kp = _round_up(codes.shape[-1] * 2)
-    words = pack_kernel_words(_pad_last(codes, kp // 2))
-    words = words.reshape(*words.shape[:-1], -1, 16, 2).transpose(-1, -2).reshape(words.shape)
-    return words.contiguous(), _pad_last(scales.view(torch.uint8), kp // GROUP).view(FP8_DTYPE)
-
-
-def _canonical_rows(words: torch.Tensor, scales: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Inverse of :func:`_kernel_rows` for natural length ``k``."""
-    words = words.reshape(*words.shape[:-1], -1, 2, 16).transpose(-1, -2).reshape(words.shape)
-    codes = unpack_kernel_words(words.contiguous())[..., :k // 2]
-    return codes.contiguous(), scales[..., :k // GROUP].contiguous()
-
-
-def _permute_gate_up_rows(t: torch.Tensor, inter: int, inverse: bool) -> torch.Tensor:
-    """``t [E, 2I(p), ...]``: each of gate and up padded to ``Ip`` rows (zero) and reordered by
-    :func:`kernel_k_order` within every group of :data:`K_GROUP` rows (``inverse``: undone, ``I`` rows)."""
-    ip = _round_up(inter)
-    order = (torch.arange(ip // K_GROUP)[:, None] * K_GROUP + kernel_k_order()).reshape(-1).to(t.device)
-    halves = []
-    for half in t.chunk(2, dim=1):
-        if inverse:
-            out = half.new_empty(half.shape)
-            out[:, order] = half
-            halves.append(out[:, :inter])
-        else:
-            padded = half.new_zeros(half.shape[0], ip, *half.shape[2:])
-            padded[:, :inter] = half
-            halves.append(padded[:, order])
-    return torch.cat(halves, dim=1).contiguous()
-
-
-@dataclass
-class NVFP4KernelWeights(ExpertShapes):
-    """NVFP4 experts in the layout of the SM90 W4A16 kernel (``kernels/sm90/nvfp4_*``).
-
-    ``Hp``, ``Ip``: H and I rounded up to :data:`K_GROUP` (256); padding is zero codes
-    with zero scales (DeepSeek-V3's 7168 and 2048 need none).
-
-    * ``w13 [E, 2Ip, Hp/8]`` int32, rows ``[gate; up]``; ``w2 [E, H, Ip/8]`` int32.
-      Codes sit in 32-bit words of 8 consecutive K elements (:func:`pack_kernel_words`,
-      bit positions :data:`CODE_BITS`: element ``2s + i`` in 16-bit lane ``i``, so that
-      the kernel's shift/mask dequantization yields elements ``2s, 2s + 1`` as one bf16x2,
-      about 2 integer operations a pair).
-      Per group of 256 K, word ``16 h + w`` holds elements ``16 w + 8 h .. + 7``: a
-      ``[rows, 16]`` tile of each half is elementwise aligned with the group's 16 block
-      scales, and the kernel's dot runs over the group in :func:`kernel_k_order`, an order
-      in which each thread's dequantized pairs are exactly its MMA register fragment.
-    * The activations of GEMM1 are permuted to that order per group
-      (``kernels/sm90/nvfp4_act.py``); for GEMM2 the rows of each of gate and up are
-      stored in that order (``w13`` row ``g*256 + q`` is natural row
-      ``g*256 + kernel_k_order()[q]``), so GEMM1 writes its output already permuted.
-    * ``w13_scale [E, 2Ip, Hp/16]``, ``w2_scale [E, H, Ip/16]`` float8_e4m3fn: the checkpoint's
-      block scales with the rows of their weights (padded, ``w13``'s rows permuted).
-    * ``w13_scale_2 [E, 2]`` fp32 (gate's, up's global scale), ``w2_scale_2 [E]`` fp32,
-      unchanged; the kernel applies them to its fp32 accumulators.
-    * ``inter``: the natural I (``w13`` holds ``2 Ip`` rows).
-
-    Size without padding: ``0.5 + 1/16`` bytes a weight, as in the checkpoint.
-    """
-
-    w13: torch.Tensor
-    w13_scale: torch.Tensor
-    w13_scale_2: torch.Tensor
-    w2: torch.Tensor
-    w2_scale: torch.Tensor
-    w2_scale_2: torch.Tensor
-    inter: int
-
-    @property
-    def intermediate_size(self) -> int:
-        return self.inter
-
-    def __post_init__(self) -> None:
-        check_tensor("w13", self.w13, dtype=torch.int32, ndim=3)
-        check_int("inter", self.inter, minimum=1)
-        e, two_ip, hp_words = self.w13.shape
-        check_tensor("w2", self.w2, dtype=torch.int32, ndim=3, device=self.w13.device)
-        h, ip = self.w2.shape[1], self.w2.shape[2] * WORD_CODES
-        hp = hp_words * WORD_CODES
-        if (self.w2.shape[0] != e or two_ip != 2 * ip or ip != _round_up(self.inter) or hp != _round_up(h)
-                or h % GROUP or self.inter % GROUP or h == 0):
-            raise ValueError(f"w13/w2: expected [E, 2Ip, Hp/8] and [E, H, Ip/8] with H and I = inter multiples of "
-                             f"{GROUP} and Hp, Ip rounded up to {K_GROUP}, got w13 {tuple(self.w13.shape)}, "
-                             f"w2 {tuple(self.w2.shape)}, inter {self.inter}")
-        dev = self.w13.device
-        check_tensor("w13_scale", self.w13_scale, dtype=FP8_DTYPE, shape=(e, two_ip, hp // GROUP), device=dev)
-        check_tensor("w13_scale_2", self.w13_scale_2, dtype=torch.float32, shape=(e, 2), device=dev)
-        check_tensor("w2_scale", self.w2_scale, dtype=FP8_DTYPE, shape=(e, h, ip // GROUP), device=dev)
-        check_tensor("w2_scale_2", self.w2_scale_2, dtype=torch.float32, shape=(e,), device=dev)
-
-
-def nvfp4_to_kernel_layout(weights: NVFP4Weights) -> NVFP4KernelWeights:
-    """Canonical ModelOpt NVFP4 experts -> the SM90 kernel layout (:class:`NVFP4KernelWeights`)."""
-    if not isinstance(weights, NVFP4Weights):
-        raise TypeError(f"weights: expected NVFP4Weights, got {type(weights).__name__}")
-    inter = weights.intermediate_size
-    w13, s13 = _kernel_rows(weights.w13, weights.w13_scale)
-    w2, s2 = _kernel_rows(weights.w2, weights.w2_scale)
-    w13 = _permute_gate_up_rows(w13, inter, inverse=False)
-    s13 = _permute_gate_up_rows(s13.view(torch.uint8), inter, inverse=False).view(FP8_DTYPE)
-    return NVFP4KernelWeights(w13, s13, weights.w13_scale_2.contiguous(), w2, s2,
-                              weights.w2_scale_2.contiguous(), inter)
-
-
-def nvfp4_from_kernel_layout(kernel_weights: NVFP4KernelWeights) -> NVFP4Weights:
-    """Inverse of :func:`nvfp4_to_kernel_layout`."""
-    if not isinstance(kernel_weights, NVFP4KernelWeights):
-        raise TypeError(f"kernel_weights: expected NVFP4KernelWeights, got {type(kernel_weights).__name__}")
-    k = kernel_weights
-    h, inter = k.hidden_size, k.inter
-    w13 = _permute_gate_up_rows(k.w13, inter, inverse=True)
-    s13 = _permute_gate_up_rows(k.w13_scale.view(torch.uint8), inter, inverse=True).view(FP8_DTYPE)
-    w13, s13 = _canonical_rows(w13, s13, h)
-    w2, s2 = _canonical_rows(k.w2, k.w2_scale, inter)
-    return NVFP4Weights(w13, s13, k.w13_scale_2.contiguous(), w2, s2, k.w2_scale_2.contiguous())

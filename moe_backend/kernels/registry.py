@@ -123,7 +123,7 @@ def _sm90_nvfp4_prepare(weights: NVFP4Weights) -> Any:
 
 
 def _sm90_nvfp4_restore(prepared: Any) -> NVFP4Weights:
-    from ..weights.layout import nvfp4_from_kernel_layout
+    from .sm90.nvfp4_layout import nvfp4_from_kernel_layout
 
     return nvfp4_from_kernel_layout(prepared)
 

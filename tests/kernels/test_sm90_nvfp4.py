@@ -27,7 +27,7 @@ from moe_backend.kernels.sm90.nvfp4_act import permute_activations
 from moe_backend.kernels.sm90.nvfp4_tile import dequant_group
 from moe_backend.quant.fp8 import FP8_DTYPE
 from moe_backend.quant.nvfp4 import dequantize_nvfp4
-from moe_backend.weights.layout import kernel_k_order, nvfp4_to_kernel_layout
+from moe_backend.kernels.sm90.nvfp4_layout import kernel_k_order, nvfp4_to_kernel_layout
 
 #: Forced paths with tiny tiles for the interpreter (H, I padded to 256-groups, split-K, GROUP_M).
 DECODE_SMALL = dict(path="decode", BLOCK_M=16, BLOCK_N1=16, BLOCK_N2=32, SPLIT_K2=2)
@@ -233,7 +233,7 @@ def test_gpu_cuda_graph_replay():
 def test_gpu_loaded_layer_size():
     """A loaded NVFP4 layer occupies <= 0.57 bytes a weight on the GPU (DeepSeek-V3 expert shapes)."""
     from moe_backend import MoEConfig, NVFP4MoE
-    from moe_backend.bench import random_nvfp4_weights
+    from moe_backend.cli.bench import random_nvfp4_weights
 
     e, h, i = 8, 7168, 2048
     torch.cuda.synchronize()

@@ -4,20 +4,7 @@ import pytest
 import torch
 
 from moe_backend.expert_weights import NVFP4Weights
-from moe_backend.quant.nvfp4 import dequantize_nvfp4, unpack_e2m1
-from moe_backend.weights.layout import (
-    K_GROUP,
-    CODE_BITS,
-    NVFP4KernelWeights,
-    deinterleave_gated_rows,
-    interleave_gated_rows,
-    kernel_k_order,
-    nvfp4_from_kernel_layout,
-    nvfp4_to_kernel_layout,
-    pack_kernel_words,
-    swap_gate_up,
-    unpack_kernel_words,
-)
+from moe_backend.weights.layout import deinterleave_gated_rows, interleave_gated_rows, swap_gate_up
 
 E, H, I = 3, 64, 32
 
@@ -63,88 +50,7 @@ def test_interleave_other_dim():
     assert torch.equal(deinterleave_gated_rows(interleave_gated_rows(x, dim=0), dim=0), x)
 
 
-def _word_codes(words: torch.Tensor) -> torch.Tensor:
-    """``[..., W]`` int32 -> ``[..., W, 8]``: code of element j read bit by bit at ``CODE_BITS[j]``."""
-    v = words.long() & 0xFFFFFFFF
-    return torch.stack([sum(((v >> bit) & 1) << k for k, bit in enumerate(bits)) for bits in CODE_BITS], -1)
-
-
-def test_code_bits_fill_the_word_and_slots_0_to_2_are_one_shift():
-    assert sorted(b for bits in CODE_BITS for b in bits) == list(range(32))
-    for j in range(6):  # sign 9 bits above m, lane 1 = lane 0 + 16: (word << 3s) & 0x81C081C0
-        m, e0, e1, sign = CODE_BITS[j]
-        assert (e0, e1, sign) == (m + 1, m + 2, m + 9) and m + 3 * (j // 2) == 6 + 16 * (j % 2)
-
-
-def test_kernel_words_layout(nvfp4):
-    words = pack_kernel_words(nvfp4.w13)
-    assert words.dtype == torch.int32 and words.shape == (E, 2 * I, H // 8)
-    codes = unpack_e2m1(nvfp4.w13).long()
-    got = _word_codes(words)
-    for j in range(8):
-        assert torch.equal(got[..., j], codes[..., j::8])
-    assert torch.equal(unpack_kernel_words(words), nvfp4.w13)
-
-
-def test_kernel_k_order_is_the_documented_permutation():
-    order = kernel_k_order()
-    assert sorted(order.tolist()) == list(range(K_GROUP))
-    for q in (0, 1, 2, 31, 32, 127, 128, 200, 255):
-        h, s, w, i = q // 128, (q % 128) // 32, (q % 32) // 2, q % 2
-        assert order[q] == 16 * w + 8 * h + 2 * s + i
-
-
-def test_kernel_layout_against_its_definition():
-    """Word 16h + w of group g holds natural elements g*256 + 16w + 8h + j (bits CODE_BITS[j]);
-    w13's stored row g*256 + q of each half is natural row g*256 + kernel_k_order()[q]."""
-    g = torch.Generator().manual_seed(1)
-    e, h, i = 2, 512, 256
-    nv = NVFP4Weights.quantize(torch.randn(e, 2 * i, h, generator=g), torch.randn(e, h, i, generator=g))
-    k = nvfp4_to_kernel_layout(nv)
-    order = kernel_k_order()
-    codes13, codes2 = unpack_e2m1(nv.w13).long(), unpack_e2m1(nv.w2).long()
-    got2 = _word_codes(k.w2)                                    # [E, H, I/8, 8]
-    got13 = _word_codes(k.w13)                                  # [E, 2I, H/8, 8]
-    for grp in range(i // K_GROUP):
-        for half in range(2):
-            for w in (0, 5, 15):
-                for j in range(8):
-                    nat = grp * K_GROUP + 16 * w + 8 * half + j
-                    assert torch.equal(got2[:, :, grp * 32 + 16 * half + w, j], codes2[:, :, nat])
-    for q in (0, 1, 33, 130, 255):
-        for base in (0, i):  # gate, up
-            # stored word 3 of group 0 (half 0, w = 3) holds natural elements 48 .. 55
-            assert torch.equal(got13[:, base + q, 3, :], codes13[:, base + order[q], 48:56])
-            assert torch.equal(k.w13_scale[:, base + q].view(torch.uint8), nv.w13_scale[:, base + order[q]].view(torch.uint8))
-    assert torch.equal(k.w2_scale.view(torch.uint8), nv.w2_scale.view(torch.uint8))
-    assert k.nbytes() == nv.nbytes() and k.nbytes() / (3 * e * h * i) <= 0.57
-    assert (k.hidden_size, k.intermediate_size, k.num_experts) == (h, i, e)
-
-
-def test_kernel_layout_round_trip_with_padding(nvfp4):
-    k = nvfp4_to_kernel_layout(nvfp4)   # H = 64, I = 32: both padded to 256
-    assert k.w13.shape == (E, 512, 32) and k.w2.shape == (E, H, 32) and k.intermediate_size == I
-    word_start = 16 * (torch.arange(32) % 16) + 8 * (torch.arange(32) // 16)  # natural K of each stored word
-    assert k.w2[..., word_start >= I].eq(0).all() and k.w2_scale[..., I // 16:].view(torch.uint8).eq(0).all()
-    pad_rows = torch.cat([kernel_k_order() >= I] * 2)   # stored w13 rows holding padding
-    assert k.w13[:, pad_rows].eq(0).all() and k.w13[:, ~pad_rows][..., word_start >= H].eq(0).all()
-    back = nvfp4_from_kernel_layout(k)
-    for name, t in nvfp4.tensors().items():
-        got = getattr(back, name)
-        assert torch.equal(got.view(torch.uint8) if t.dtype != torch.float32 else got,
-                           t.view(torch.uint8) if t.dtype != torch.float32 else t)
-    # Dequantization through the round trip is unchanged.
-    assert torch.equal(dequantize_nvfp4(back.w2, back.w2_scale, back.w2_scale_2),
-                       dequantize_nvfp4(nvfp4.w2, nvfp4.w2_scale, nvfp4.w2_scale_2))
-
-
-def test_errors_name_the_argument(nvfp4):
-    with pytest.raises(TypeError, match="packed"):
-        pack_kernel_words(nvfp4.w13.to(torch.int16))
-    with pytest.raises(ValueError, match="packed"):
-        pack_kernel_words(nvfp4.w13[..., :3])
-    with pytest.raises(TypeError, match="words"):
-        unpack_kernel_words(nvfp4.w13)
+def test_errors_name_the_argument():
     with pytest.raises(ValueError, match="w:"):
         swap_gate_up(torch.zeros(3, 5))
     with pytest.raises(ValueError, match="dim"):
@@ -153,12 +59,3 @@ def test_errors_name_the_argument(nvfp4):
         interleave_gated_rows(torch.zeros(12, 2), group=0)
     with pytest.raises(ValueError, match="w:"):
         interleave_gated_rows(torch.zeros(12, 2), group=4)
-    with pytest.raises(TypeError, match="weights"):
-        nvfp4_to_kernel_layout(nvfp4.w13)
-    with pytest.raises(TypeError, match="kernel_weights"):
-        nvfp4_from_kernel_layout(nvfp4)
-    k = nvfp4_to_kernel_layout(nvfp4)
-    with pytest.raises(ValueError, match="w13_scale_2"):
-        NVFP4KernelWeights(k.w13, k.w13_scale, k.w13_scale_2[:, :1], k.w2, k.w2_scale, k.w2_scale_2, k.inter)
-    with pytest.raises(ValueError, match="inter"):
-        NVFP4KernelWeights(k.w13, k.w13_scale, k.w13_scale_2, k.w2, k.w2_scale, k.w2_scale_2, 272)

@@ -1,6 +1,6 @@
 """Activations of the NVFP4 (W4A16) GEMM1 put in the weights' dot order.
 
-The kernel layout (:class:`moe_backend.weights.layout.NVFP4KernelWeights`) runs each
+The kernel layout (:class:`moe_backend.kernels.sm90.nvfp4_layout.NVFP4KernelWeights`) runs each
 256-K group of the GEMM in ``kernel_k_order``; GEMM1 reads its bf16 input in that
 order so that both operands agree. One small pass permutes ``hidden [T, H]`` into
 ``[T, Hp]`` (zero padded to a multiple of 256) in the shared workspace; GEMM2's input
@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from ...runtime import workspace
-from ...weights.layout import K_GROUP
+from .nvfp4_layout import K_GROUP
 
 
 @triton.jit

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ...weights.layout import K_GROUP
+from .nvfp4_layout import K_GROUP
 from .align import AlignedRouting
 from .tiles import aligned_rows, tile_coords
 from .nvfp4_tile import WEIGHT_SHIFT, dequant_group, mma

@@ -29,7 +29,7 @@ import torch
 from ..._checks import check_int, check_out, check_tensor
 from ...expert_weights import NVFP4Weights
 from ...runtime import workspace
-from ...weights.layout import NVFP4KernelWeights, nvfp4_to_kernel_layout
+from .nvfp4_layout import NVFP4KernelWeights, nvfp4_to_kernel_layout
 from .align import align_block_size
 from .config import merge_config
 from .combine import cast_out

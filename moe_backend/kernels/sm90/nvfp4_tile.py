@@ -1,6 +1,6 @@
 """Triton device helpers shared by the SM90 NVFP4 (W4A16) kernels: weight-group dequantization and MMA.
 
-Weights arrive in the kernel layout of :class:`moe_backend.weights.layout.NVFP4KernelWeights`:
+Weights arrive in the kernel layout of :class:`moe_backend.kernels.sm90.nvfp4_layout.NVFP4KernelWeights`:
 per group of 256 K, two halves of 16 int32 words (8 e2m1 codes each) per row and
 the group's 16 e4m3 block scales, one per word of a half. :func:`dequant_group`
 turns a ``[R, 16]`` tile of each half into ``[R, 256]`` bf16 in the layout's

@@ -13,9 +13,9 @@ import time
 
 import torch
 
-from .layer import LAYER_TYPES, MoEConfig
-from .routing import RoutingConfig
-from .tuning import TuningCache
+from ..layer import LAYER_TYPES, MoEConfig
+from ..routing import RoutingConfig
+from ..tuning import TuningCache
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

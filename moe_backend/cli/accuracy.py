@@ -37,10 +37,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .layer import MoELayer
-from .weights.checkpoint import Checkpoint
-from .weights.checkpoint_maker import CHECKPOINT_FORMATS, TINY, make_checkpoints
-from .weights.loader import build_moe_layer, iter_moe_layers
+from ..layer import MoELayer
+from ..weights.checkpoint import Checkpoint
+from ..weights.checkpoint_maker import CHECKPOINT_FORMATS, TINY, make_checkpoints
+from ..weights.loader import build_moe_layer, iter_moe_layers
 
 logger = logging.getLogger(__name__)
 

@@ -30,10 +30,10 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .expert_weights import FP8BlockWeights, FP8TensorWeights, NVFP4Weights
-from .kernels.registry import KERNELS
-from .layer import LAYER_TYPES, MoEConfig
-from .runtime import DEFAULT_POOL
+from ..expert_weights import FP8BlockWeights, FP8TensorWeights, NVFP4Weights
+from ..kernels.registry import KERNELS
+from ..layer import LAYER_TYPES, MoEConfig
+from ..runtime import DEFAULT_POOL
 
 logger = logging.getLogger(__name__)
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import sys
 from typing import List, Optional
 
-#: subcommand -> (module under moe_backend, help). Modules are imported only when used.
+#: subcommand -> (module under moe_backend.cli, help). Modules are imported only when used.
 SUBCOMMANDS = {
     "demo": ("demo", "run a DeepSeek-V3-shaped layer in every precision and report errors and times"),
     "info": ("info", "print the GPU, its capability, the kernels that can run and the versions"),
@@ -25,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module, help_text) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        importlib.import_module(f"moe_backend.{module}").add_arguments(p)
+        importlib.import_module(f"moe_backend.cli.{module}").add_arguments(p)
     return parser
 
 
@@ -33,9 +32,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    module = importlib.import_module(f"moe_backend.{SUBCOMMANDS[args.command][0]}")
+    module = importlib.import_module(f"moe_backend.cli.{SUBCOMMANDS[args.command][0]}")
     return module.main(args)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -3,7 +3,8 @@
 import subprocess
 import sys
 
-from moe_backend import cli, demo
+from moe_backend import cli
+from moe_backend.cli import demo
 
 
 def test_demo_small_runs_and_passes(capsys):

@@ -9,8 +9,8 @@ from typing import Dict
 
 import torch
 
-from . import __version__
-from .kernels.registry import available_kernels
+from .. import __version__
+from ..kernels.registry import available_kernels
 
 _PACKAGES = ("torch", "triton", "safetensors", "numpy", "flashinfer-python", "vllm", "sglang")
 

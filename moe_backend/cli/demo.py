@@ -19,9 +19,9 @@ from typing import Callable, List
 
 import torch
 
-from .kernels.reference import exact_fused_experts, reference_fused_experts
-from .layer import LAYER_TYPES, MoEConfig, MoELayer
-from .routing import RoutingConfig, pack_topk, unpack_topk
+from ..kernels.reference import exact_fused_experts, reference_fused_experts
+from ..layer import LAYER_TYPES, MoEConfig, MoELayer
+from ..routing import RoutingConfig, pack_topk, unpack_topk
 
 logger = logging.getLogger(__name__)
 

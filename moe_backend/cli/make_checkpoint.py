@@ -12,7 +12,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from .weights.checkpoint_maker import CHECKPOINT_FORMATS, MEDIUM, TINY, ModelShape, make_checkpoints
+from ..weights.checkpoint_maker import CHECKPOINT_FORMATS, MEDIUM, TINY, ModelShape, make_checkpoints
 
 SIZES = {"tiny": TINY, "medium": MEDIUM}
 #: ModelShape fields settable from the command line (``--hidden-size`` for ``hidden_size``, ...).

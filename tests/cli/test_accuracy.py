@@ -3,7 +3,7 @@ the tiny bf16, FP8 block, ModelOpt FP8 (per tensor) and NVFP4 checkpoints.
 
 Measured by ``moe-backend accuracy --seeds 8`` on a CPU with the torch reference kernels (TINY seed 0,
 8 x 64 tokens of seeds 0..7, dense linears dequantized from each checkpoint; worst of the 8 streams per
-row), as recorded in ``moe_backend.accuracy.MEASURED`` (an H100 gave the same within 5%):
+row), as recorded in ``moe_backend.cli.accuracy.MEASURED`` (an H100 gave the same within 5%):
 
     checkpoint  reference     KL(ref||ours)  top-1   rel err
     bf16        bf16          1.16e-02       0.982   4.15e-02
@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from moe_backend import cli
-from moe_backend.accuracy import (MEASURED, THRESHOLDS, AccuracyMetrics, BackendMoE, Thresholds, compare_logits,
+from moe_backend.cli.accuracy import (MEASURED, THRESHOLDS, AccuracyMetrics, BackendMoE, Thresholds, compare_logits,
                                   format_report, load_reference_model, run_accuracy, worst)
 from moe_backend.weights.checkpoint import Checkpoint
 from moe_backend.weights.checkpoint_maker import TINY, make_checkpoints

@@ -1,0 +1,7 @@
+"""``python -m moe_backend.cli``: the ``moe-backend`` command."""
+
+import sys
+
+from . import main
+
+sys.exit(main())
