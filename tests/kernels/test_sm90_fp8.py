@@ -28,6 +28,10 @@ from moe_backend.kernels.sm90.fp8_moe import NUMERICS_CONFIGS
 DECODE_SMALL = dict(path="decode", BLOCK_M=16, BLOCK_N1=64, BLOCK_N2=32, SPLIT_K2=2)
 PREFILL_SMALL = dict(path="prefill", BLOCK_M=16, BLOCK_N1=128, BLOCK_N2=64, GROUP_M1=2, GROUP_M2=2,
                      num_warps1=4, num_warps2=4)
+SWAPAB_SMALL = dict(path="swapab", BLOCK_M=16, BLOCK_N1=32, BLOCK_N2=64, SPLIT_K2=2, QUANT_ON_LOAD1=True,
+                    QUANT_OUT1=False)
+#: Swap-AB with pre-quantized hidden states and an e4m3 intermediate from GEMM1's epilogue.
+SWAPAB_PREQ = dict(SWAPAB_SMALL, QUANT_ON_LOAD1=False, QUANT_OUT1=True, BLOCK_N1=128, SPLIT_K2=1)
 #: The other combine and GEMM1-input variants of each path.
 DECODE_ALT = dict(DECODE_SMALL, COMBINE="sum", QUANT_ON_LOAD1=False, SPLIT_K2=1)
 PREFILL_ALT = dict(PREFILL_SMALL, COMBINE="atomic", SPLIT_K2=2)
@@ -110,8 +114,8 @@ def test_align_groups_pairs_by_expert(t, k, e, offset, bm):
 
 # ----------------------------------------------------------------------------- interpreter-sized
 @runs_here
-@pytest.mark.parametrize("config", [DECODE_SMALL, PREFILL_SMALL, DECODE_ALT, PREFILL_ALT],
-                         ids=["decode", "prefill", "decode-alt", "prefill-alt"])
+@pytest.mark.parametrize("config", [SWAPAB_SMALL, SWAPAB_PREQ, DECODE_SMALL, PREFILL_SMALL, DECODE_ALT, PREFILL_ALT],
+                         ids=["swapab", "swapab-preq", "decode", "prefill", "decode-alt", "prefill-alt"])
 @pytest.mark.parametrize("t,k,e,offset,ue8m0", [(1, 1, 4, 0, False), (7, 2, 4, 3, False),
                                                 (17, 3, 6, 0, True)])
 def test_block_scaled_small(config, t, k, e, offset, ue8m0):
@@ -119,8 +123,8 @@ def test_block_scaled_small(config, t, k, e, offset, ue8m0):
 
 
 @runs_here
-@pytest.mark.parametrize("config", [DECODE_SMALL, PREFILL_SMALL, PREFILL_ALT],
-                         ids=["decode", "prefill", "prefill-alt"])
+@pytest.mark.parametrize("config", [SWAPAB_SMALL, SWAPAB_PREQ, DECODE_SMALL, PREFILL_SMALL, PREFILL_ALT],
+                         ids=["swapab", "swapab-preq", "decode", "prefill", "prefill-alt"])
 @pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
 @pytest.mark.parametrize("h,i", [(64, 32), (160, 144)])
 def test_per_tensor_small(config, static, h, i):
@@ -128,7 +132,8 @@ def test_per_tensor_small(config, static, h, i):
 
 
 @runs_here
-@pytest.mark.parametrize("config", [DECODE_SMALL, PREFILL_SMALL], ids=["decode", "prefill"])
+@pytest.mark.parametrize("config", [SWAPAB_SMALL, SWAPAB_PREQ, DECODE_SMALL, PREFILL_SMALL],
+                         ids=["swapab", "swapab-preq", "decode", "prefill"])
 @pytest.mark.parametrize("block", [True, False], ids=["block", "tensor"])
 def test_weight_on_input(config, block):
     check(make_problem(6, 256, 128, 4, 1, block=block, invalid=False), weight_on_input=True,
@@ -136,11 +141,23 @@ def test_weight_on_input(config, block):
 
 
 @runs_here
-def test_all_tokens_one_expert_and_no_local_expert():
-    check(make_problem(40, 256, 128, 4, 2, block=True, offset=8, one_expert=True), config=PREFILL_SMALL)
+@pytest.mark.parametrize("config", [SWAPAB_SMALL, PREFILL_SMALL], ids=["swapab", "prefill"])
+def test_all_tokens_one_expert_and_no_local_expert(config):
+    """40 pairs on one expert: the swap-AB leader loops over 3 chunks of 16."""
+    check(make_problem(40, 256, 128, 4, 2, block=True, offset=8, one_expert=True), config=config)
     p = make_problem(5, 256, 128, 4, 2, block=True, offset=100, invalid=False)
     p.ids = torch.full_like(p.ids, -1)
-    assert run_kernel(p, config=DECODE_SMALL).float().abs().sum() == 0
+    assert run_kernel(p, config=config).float().abs().sum() == 0
+
+
+@runs_here
+def test_swapab_refuses_more_pairs_than_it_scans():
+    from moe_backend.kernels.sm90.fp8_swapab import MAX_PAIRS
+    p = make_problem(MAX_PAIRS // 2 + 1, 256, 128, 4, 2, block=True)
+    with pytest.raises(ValueError, match="path='swapab' serves at most"):
+        run_kernel(p, config=SWAPAB_SMALL)
+    with pytest.raises(ValueError, match="path must be one of"):
+        run_kernel(p, config=dict(SWAPAB_SMALL, path="fast"))
 
 
 @runs_here
@@ -208,6 +225,23 @@ def test_vllm_triton_numerics_refuse_what_vllm_does_not_compute():
 @pytest.mark.parametrize("t,e", [(3, 256), (700, 32)])
 def test_gpu_config_variants(variant, t, e):
     check(make_problem(t, 7168, 512, e, 8, block=True, offset=4), config=variant)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", [{}, dict(BLOCK_N1=64, BLOCK_N2=128, num_warps1=8, num_warps2=8),
+                                    dict(SPLIT_K2=2, PDL=True),
+                                    dict(QUANT_ON_LOAD1=False, QUANT_OUT1=True, BLOCK_N1=128, num_warps1=8, PDL=True)],
+                         ids=["default", "wide", "split-pdl", "prequant-pdl"])
+@pytest.mark.parametrize("t,e,offset,block", [(1, 256, 0, True), (3, 32, 64, True), (16, 256, 0, True),
+                                              (64, 32, 0, True), (100, 16, 8, True), (2, 32, 0, False),
+                                              (16, 32, 4, False)])
+def test_gpu_swapab(config, t, e, offset, block):
+    """The swap-AB decode path at DeepSeek-V3 widths: EP offsets, foreign and -1 ids, several
+    pairs per expert (T=64 E=32: 16 each; T=100 E=16: 50, three chunks)."""
+    from moe_backend.kernels.sm90.fp8_moe import SWAPAB_CONFIG
+    p = make_problem(t, 7168, 2048, e, 8, block=block, offset=offset, static=not block and t % 2 == 0)
+    check(p, config=dict(SWAPAB_CONFIG, **config))
 
 
 # ----------------------------------------------------------------------------- GPU

@@ -9,6 +9,7 @@
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_wait
 
 from .fp8_tile import to_bf16
 
@@ -16,17 +17,24 @@ BLOCK = 2048
 
 
 @triton.jit
-def _cast_kernel(acc_ptr, out_ptr, numel, BLOCK: tl.constexpr):
+def _cast_kernel(acc_ptr, out_ptr, numel, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    if PDL:
+        gdc_wait()
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     tl.store(out_ptr + offs, to_bf16(tl.load(acc_ptr + offs, mask=mask)), mask=mask)
 
 
-def cast_out(acc: torch.Tensor, out: torch.Tensor) -> None:
-    """Write ``acc [T, H]`` fp32 into ``out [T, H]`` bf16; both contiguous, T > 0."""
+def cast_out(acc: torch.Tensor, out: torch.Tensor, pdl: bool = False) -> None:
+    """Write ``acc [T, H]`` fp32 into ``out [T, H]`` bf16; both contiguous, T > 0.
+
+    ``pdl``: a programmatic dependent launch (the previous kernel signalled its dependents;
+    this one waits for it to complete before reading ``acc``); on a GPU only.
+    """
     assert acc.is_contiguous() and out.is_contiguous() and acc.shape == out.shape
     numel = acc.numel()
-    _cast_kernel[(triton.cdiv(numel, BLOCK),)](acc, out, numel, BLOCK=BLOCK, num_warps=4)
+    _cast_kernel[(triton.cdiv(numel, BLOCK),)](acc, out, numel, BLOCK=BLOCK, PDL=pdl, num_warps=4,
+                                                **({"launch_pdl": True} if pdl else {}))
 
 
 @triton.jit

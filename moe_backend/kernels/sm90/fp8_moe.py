@@ -45,21 +45,32 @@ from .config import merge_config
 from .combine import cast_out, sum_pairs
 from .fp8_gemm1 import gemm1_fp8
 from .fp8_gemm2 import gemm2_fp8
+from .fp8_swapab import swapab_fp8
 
+PATHS = ("swapab", "decode", "prefill")
 #: Every knob of a configuration (``config=`` may give any subset; the rest come from the heuristic).
 #: ``*1`` are GEMM1's, ``*2`` GEMM2's; ``BLOCK_K`` must be 128 with dynamic scales or block weights.
 CONFIG_KEYS = ("path", "NUMERICS", "COMBINE", "ZERO", "QUANT_ON_LOAD1", "BLOCK_M", "BLOCK_N1", "BLOCK_K1", "GROUP_M1", "num_warps1", "num_stages1",
-               "BLOCK_N2", "BLOCK_K2", "SPLIT_K2", "GROUP_M2", "num_warps2", "num_stages2")
+               "BLOCK_N2", "BLOCK_K2", "SPLIT_K2", "GROUP_M2", "num_warps2", "num_stages2", "PDL",
+               "QUANT_OUT1")
 
 DECODE_CONFIG: Dict[str, Any] = dict(
     path="decode", NUMERICS="accurate", COMBINE="atomic", ZERO="fused", QUANT_ON_LOAD1=True, BLOCK_M=16,
     BLOCK_N1=64, BLOCK_K1=128, GROUP_M1=1, num_warps1=4, num_stages1=4,
-    BLOCK_N2=64, BLOCK_K2=128, SPLIT_K2=2, GROUP_M2=1, num_warps2=4, num_stages2=4,
+    BLOCK_N2=64, BLOCK_K2=128, SPLIT_K2=2, GROUP_M2=1, num_warps2=4, num_stages2=4, PDL=False,
+    QUANT_OUT1=False,
+)
+#: ``swapab``: no alignment launch, weights on the MMA's M side (``fp8_swapab``); BLOCK_M is the
+#: pairs per MMA (its N side), BLOCK_N1 the gate (and up) rows of a GEMM1 tile.
+SWAPAB_CONFIG: Dict[str, Any] = dict(
+    DECODE_CONFIG, path="swapab", BLOCK_M=16, BLOCK_N1=32, BLOCK_N2=64, SPLIT_K2=1,
+    num_warps1=4, num_stages1=4, num_warps2=4, num_stages2=4,
 )
 PREFILL_CONFIG: Dict[str, Any] = dict(
     path="prefill", NUMERICS="accurate", COMBINE="sum", ZERO="fused", QUANT_ON_LOAD1=False, BLOCK_M=128,
     BLOCK_N1=128, BLOCK_K1=128, GROUP_M1=8, num_warps1=8, num_stages1=3,
-    BLOCK_N2=128, BLOCK_K2=128, SPLIT_K2=1, GROUP_M2=8, num_warps2=8, num_stages2=3,
+    BLOCK_N2=128, BLOCK_K2=128, SPLIT_K2=1, GROUP_M2=8, num_warps2=8, num_stages2=3, PDL=False,
+    QUANT_OUT1=True,
 )
 
 
@@ -68,6 +79,8 @@ PREFILL_CONFIG: Dict[str, Any] = dict(
 _SKINNY = dict(PREFILL_CONFIG, COMBINE="atomic", BLOCK_M=16, BLOCK_N2=64, num_warps1=4, num_warps2=4,
                num_stages1=5, num_stages2=5)
 CANDIDATE_CONFIGS = (
+    SWAPAB_CONFIG,
+    dict(SWAPAB_CONFIG, BLOCK_N1=64, BLOCK_N2=128, num_warps1=8, num_warps2=8),
     DECODE_CONFIG,
     dict(DECODE_CONFIG, SPLIT_K2=1),
     _SKINNY,
@@ -127,7 +140,10 @@ def default_config(num_tokens: int, top_k: int, num_experts: int) -> Dict[str, A
 
 def resolve_config(config: Optional[dict], num_tokens: int, top_k: int, num_experts: int) -> Dict[str, Any]:
     """The heuristic default for this size, overridden by the keys of ``config``."""
-    return merge_config(default_config(num_tokens, top_k, num_experts), config, CONFIG_KEYS)
+    cfg = merge_config(default_config(num_tokens, top_k, num_experts), config, CONFIG_KEYS)
+    if cfg["path"] not in PATHS:
+        raise ValueError(f"config: path must be one of {PATHS}, got {cfg['path']!r}")
+    return cfg
 
 
 def _start_zeroing(acc: torch.Tensor, mode: str) -> Optional[torch.cuda.Event]:
@@ -222,10 +238,22 @@ def fused_experts_fp8(
     if vllm:
         _check_vllm_numerics(cfg, block_scaled, a13_scale is None and a2_scale is None, ue8m0,
                              apply_router_weight_on_input)
-    decode = cfg["path"] == "decode"
     num_pairs = num_tokens * top_k
     topk_ids = topk_ids.contiguous()
     topk_weights = topk_weights.contiguous()
+    if cfg["path"] == "swapab":
+        # Programmatic dependent launches exist on a GPU only (not under the interpreter).
+        pdl = bool(cfg["PDL"]) and hidden.is_cuda
+        acc = workspace(num_tokens, hidden_size, torch.float32, hidden.device, "moe_combine")
+        swapab_fp8(hidden, w13, w13_scale, w2, w2_scale, topk_ids, topk_weights, acc,
+                   local_expert_offset=local_expert_offset, block_scaled=block_scaled, a13_static=a13_scale,
+                   a2_static=a2_scale, ue8m0=ue8m0, weight_on_input=apply_router_weight_on_input,
+                   BLOCK_T=cfg["BLOCK_M"], BLOCK_N1=cfg["BLOCK_N1"], BLOCK_N2=cfg["BLOCK_N2"],
+                   SPLIT_K2=cfg["SPLIT_K2"], num_warps1=cfg["num_warps1"], num_stages1=cfg["num_stages1"],
+                   num_warps2=cfg["num_warps2"], num_stages2=cfg["num_stages2"],
+                   quant_on_load=cfg["QUANT_ON_LOAD1"], quant_out=cfg["QUANT_OUT1"], pdl=pdl)
+        cast_out(acc, result, pdl=pdl)
+        return result
 
     routing = align_block_size(topk_ids, num_experts, local_expert_offset, cfg["BLOCK_M"])
     # Router weight on the input: each (token, expert) pair is quantized on its own.
@@ -247,14 +275,14 @@ def fused_experts_fp8(
                   weight_on_input=apply_router_weight_on_input, vllm_order=vllm_order)
     y, y_scale = gemm1_fp8(
         a, a_scale, w13, w13_scale, routing, topk_weights, acc if atomic and cfg["ZERO"] == "fused" else acc[:0],
-        quant_on_load=quant_on_load, a13_static=a13_scale, quant_out=not decode, a2_static=a2_scale,
+        quant_on_load=quant_on_load, a13_static=a13_scale, quant_out=cfg["QUANT_OUT1"], a2_static=a2_scale,
         BLOCK_N=cfg["BLOCK_N1"], BLOCK_K=cfg["BLOCK_K1"], GROUP_M=cfg["GROUP_M1"],
         num_warps=cfg["num_warps1"], num_stages=cfg["num_stages1"], **common)
     if atomic and joined is not None:
         torch.cuda.current_stream().wait_event(joined)
     gemm2_fp8(
         y, y_scale, w2, w2_scale, routing, topk_weights, acc,
-        quant_on_load=decode, a2_static=a2_scale, atomic=atomic,
+        quant_on_load=not cfg["QUANT_OUT1"], a2_static=a2_scale, atomic=atomic,
         BLOCK_N=cfg["BLOCK_N2"], BLOCK_K=cfg["BLOCK_K2"], SPLIT_K=cfg["SPLIT_K2"],
         GROUP_M=cfg["GROUP_M2"], num_warps=cfg["num_warps2"], num_stages=cfg["num_stages2"], **common)
     if atomic:

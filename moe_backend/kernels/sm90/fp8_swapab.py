@@ -1,0 +1,294 @@
+"""Swap-AB decode GEMMs of the FP8 fused experts: no alignment step, weights on the MMA's M side.
+
+At decode a local expert sees a handful of (token, slot) pairs, so the layer is a stream of
+the active experts' weights. These kernels put ``2 * BLOCK_N`` (GEMM1) or ``BLOCK_N`` (GEMM2)
+weight rows on the MMA's M side (wgmma's 64-row operand) and up to ``BLOCK_T`` pairs of one
+expert on its narrow N side, and they need no alignment launch: every program ``(p, n)``
+reads the ``T * k`` ids (``PAIRS`` of them, padded) and only the *leader* of an expert, the
+first pair ``p`` with that id, computes; it gathers the expert's pairs in order,
+``BLOCK_T`` at a time (an expert with more pairs loops). Programs of other pairs, of -1 ids
+and of ids outside ``[local_expert_offset, + E)`` return at once.
+
+* GEMM1: ``gate``/``up`` rows ``n .. n + BLOCK_N`` stacked in one tile; the bf16 hidden
+  states are quantized to e4m3 as they are loaded (per pair per 128 channels, or the static
+  scale; scaled by the router weight first with ``WEIGHT_ON_INPUT``); writes
+  ``y = silu(gate) * up`` in fp32 at row ``p`` of ``y [T * k, I]``. It also zeroes the fp32
+  combine accumulator (a grid-stride share per program, before any exit).
+* GEMM2: ``y`` quantized on load with the same numerics, ``w2`` rows ``h .. h + BLOCK_N``,
+  ``SPLIT_K`` slices of ``I``; the router-weighted result is added atomically into
+  ``acc [T, H]`` fp32 (``combine.cast_out`` rounds it to bf16).
+
+Numerics equal the ``decode`` path of ``fp8_moe`` (fp32 intermediate, same quantization and
+scale order); only the fp32 summation order inside the MMA differs.
+"""
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+from ...quant.fp8 import BLOCK as SCALE_BLOCK
+from ...runtime import workspace
+from .act_quant import act_quant_fp8
+from .fp8_tile import quantize_tile
+from .tiles import zero_fill
+
+ZERO_BLOCK = tl.constexpr(1024)
+#: Largest pair count (T * k) the leader scan handles (its ids are held in registers).
+MAX_PAIRS = 1024
+
+
+@triton.jit
+def expert_members(ids_ptr, p, num_pairs, expert_offset, num_experts, PAIRS: tl.constexpr):
+    """Whether pair ``p`` leads its local expert, and that expert's pairs.
+
+    Returns ``(leader, local expert (int64), members [PAIRS] bool, rank [PAIRS] int32, count)``:
+    ``members`` marks the pairs with ``p``'s id, ``rank`` their order among them.
+    """
+    offs = tl.arange(0, PAIRS)
+    ids = tl.load(ids_ptr + offs, mask=offs < num_pairs, other=-1)
+    mine = tl.load(ids_ptr + p)
+    local = mine - expert_offset
+    members = (ids == mine) & (offs < num_pairs)
+    first = tl.min(tl.where(members, offs, PAIRS), 0)
+    leader = (mine >= 0) & (local >= 0) & (local < num_experts) & (first == p)
+    rank = tl.cumsum(members.to(tl.int32), 0) - 1
+    return leader, local.to(tl.int64), members, rank, tl.sum(members.to(tl.int32), 0)
+
+
+@triton.jit
+def chunk_pairs(members, rank, count, chunk, PAIRS: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Pairs ``chunk * BLOCK_T ..`` of an expert (in pair order): ``(pair [BLOCK_T], ok [BLOCK_T])``."""
+    slot = chunk * BLOCK_T + tl.arange(0, BLOCK_T)
+    pick = members[None, :] & (rank[None, :] == slot[:, None])
+    pair = tl.sum(tl.where(pick, tl.arange(0, PAIRS)[None, :], 0), 1)
+    return pair, slot < count
+
+
+@triton.jit
+def _gemm1_kernel(
+    x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, y_ptr, y_scale_ptr, ids_ptr, topk_w_ptr, a_static_ptr,
+    y_static_ptr, zero_ptr, zero_numel, num_pairs, expert_offset, num_experts, H, I, top_k,
+    stride_xm, stride_xsm, stride_we, stride_wn, stride_wse, stride_wsn, stride_ym, stride_ysm,
+    PAIRS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    QUANT_ON_LOAD: tl.constexpr, A_STATIC: tl.constexpr, QUANT_OUT: tl.constexpr, Y_STATIC: tl.constexpr,
+    BLOCK_SCALED: tl.constexpr, UE8M0: tl.constexpr, WEIGHT_ON_INPUT: tl.constexpr, EVEN_K: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    if PDL:
+        gdc_launch_dependents()  # GEMM2 may start its prologue; it waits before reading y
+    zero_fill(zero_ptr, zero_numel, ZERO_BLOCK)
+    p = tl.program_id(0)
+    leader, expert, members, rank, count = expert_members(ids_ptr, p, num_pairs, expert_offset, num_experts,
+                                                          PAIRS)
+    if not leader:
+        return
+    pid_n = tl.program_id(1)
+    offs_r = tl.arange(0, 2 * BLOCK_N)
+    is_gate = offs_r < BLOCK_N
+    cols = pid_n * BLOCK_N + tl.where(is_gate, offs_r, offs_r - BLOCK_N)
+    col_ok = cols < I
+    w_rows = tl.where(is_gate, cols, I + cols)
+    offs_k = tl.arange(0, BLOCK_K)
+    if BLOCK_SCALED:
+        ws_ptr = w_scale_ptr + expert * stride_wse
+        wsg_ptr = ws_ptr + (pid_n * BLOCK_N // BLOCK_K) * stride_wsn
+        wsu_ptr = ws_ptr + ((I + pid_n * BLOCK_N) // BLOCK_K) * stride_wsn
+    for chunk in range(0, tl.cdiv(count, BLOCK_T)):
+        pair, ok = chunk_pairs(members, rank, count, chunk, PAIRS, BLOCK_T)
+        token = (pair // top_k).to(tl.int64)
+        x_ptrs = x_ptr + token[:, None] * stride_xm + offs_k[None, :]
+        w_ptrs = w_ptr + expert * stride_we + w_rows[:, None] * stride_wn + offs_k[None, :]
+        if WEIGHT_ON_INPUT:
+            router_w = tl.load(topk_w_ptr + pair, mask=ok, other=0.0)
+        acc = tl.zeros([2 * BLOCK_N, BLOCK_T], dtype=tl.float32)
+        for kb in range(0, tl.cdiv(H, BLOCK_K)):
+            if EVEN_K:
+                x_mask = ok[:, None]
+                w_mask = col_ok[:, None]
+            else:
+                k_ok = kb * BLOCK_K + offs_k < H
+                x_mask = ok[:, None] & k_ok[None, :]
+                w_mask = col_ok[:, None] & k_ok[None, :]
+            if QUANT_ON_LOAD:
+                x = tl.load(x_ptrs, mask=x_mask, other=0.0).to(tl.float32)
+                if WEIGHT_ON_INPUT:
+                    x = x * router_w[:, None]
+                xq, xs = quantize_tile(x, a_static_ptr, A_STATIC, UE8M0)
+            else:
+                xq = tl.load(x_ptrs, mask=x_mask, other=0.0)
+                if A_STATIC:
+                    xs = tl.zeros([BLOCK_T], dtype=tl.float32) + tl.load(a_static_ptr)
+                else:
+                    xs = tl.load(x_scale_ptr + token * stride_xsm + kb, mask=ok, other=0.0)
+            w = tl.load(w_ptrs, mask=w_mask, other=0.0)
+            if BLOCK_SCALED:
+                ws = tl.where(is_gate, tl.load(wsg_ptr + kb), tl.load(wsu_ptr + kb))
+                acc += tl.dot(w, tl.trans(xq)) * (xs[None, :] * ws[:, None])
+            elif A_STATIC:
+                # fp32 promotion every K block (Hopper's FP8 MMA accumulates ~14-bit mantissas)
+                acc = tl.dot(w, tl.trans(xq), acc, max_num_imprecise_acc=BLOCK_K)
+            else:
+                acc += tl.dot(w, tl.trans(xq)) * xs[None, :]
+            x_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+        if not BLOCK_SCALED:
+            post = tl.load(w_scale_ptr + expert)
+            if A_STATIC:
+                post = post * tl.load(a_static_ptr)
+            acc = acc * post
+        gate, up = tl.split(tl.permute(tl.reshape(acc, [2, BLOCK_N, BLOCK_T]), [1, 2, 0]))
+        y = gate * tl.sigmoid(gate) * up
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        y = tl.where((offs_n < I)[:, None], y, 0.0)
+        y_ptrs = y_ptr + pair[None, :].to(tl.int64) * stride_ym + offs_n[:, None]
+        if QUANT_OUT:  # per pair per 128 columns (BLOCK_N == 128: one tile is one group)
+            q, ys = quantize_tile(tl.trans(y), y_static_ptr, Y_STATIC, UE8M0)
+            tl.store(y_ptrs, tl.trans(q), mask=ok[None, :] & (offs_n < I)[:, None])
+            if not Y_STATIC:
+                tl.store(y_scale_ptr + pair.to(tl.int64) * stride_ysm + pid_n, ys, mask=ok)
+        else:
+            tl.store(y_ptrs, y, mask=ok[None, :] & (offs_n < I)[:, None])
+
+
+@triton.jit
+def _gemm2_kernel(
+    y_ptr, y_scale_ptr, w_ptr, w_scale_ptr, acc_ptr, ids_ptr, topk_w_ptr, y_static_ptr,
+    num_pairs, expert_offset, num_experts, H, I, top_k, k_blocks_per_split,
+    stride_ym, stride_ysm, stride_we, stride_wn, stride_wse, stride_wsn, stride_accm,
+    PAIRS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    QUANT_ON_LOAD: tl.constexpr, Y_STATIC: tl.constexpr, BLOCK_SCALED: tl.constexpr, UE8M0: tl.constexpr,
+    WEIGHT_ON_INPUT: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr,
+):
+    if PDL:
+        gdc_launch_dependents()
+    p = tl.program_id(0)
+    leader, expert, members, rank, count = expert_members(ids_ptr, p, num_pairs, expert_offset, num_experts,
+                                                          PAIRS)
+    if not leader:
+        return
+    pid_n = tl.program_id(1)
+    kb_start = tl.program_id(2) * k_blocks_per_split
+    kb_end = tl.minimum(kb_start + k_blocks_per_split, tl.cdiv(I, BLOCK_K))
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < H
+    offs_k = kb_start * BLOCK_K + tl.arange(0, BLOCK_K)
+    if BLOCK_SCALED:
+        ws_ptr = w_scale_ptr + expert * stride_wse + (pid_n * BLOCK_N // BLOCK_K) * stride_wsn
+    if PDL:
+        gdc_wait()  # GEMM1 (y, the zeroed acc) is complete and visible past this point
+    for chunk in range(0, tl.cdiv(count, BLOCK_T)):
+        pair, ok = chunk_pairs(members, rank, count, chunk, PAIRS, BLOCK_T)
+        y_ptrs = y_ptr + pair[:, None].to(tl.int64) * stride_ym + offs_k[None, :]
+        w_ptrs = w_ptr + expert * stride_we + offs_n[:, None] * stride_wn + offs_k[None, :]
+        acc = tl.zeros([BLOCK_N, BLOCK_T], dtype=tl.float32)
+        for kb in range(kb_start, kb_end):
+            if EVEN_K:
+                y_mask = ok[:, None]
+                w_mask = n_ok[:, None]
+            else:
+                k_ok = kb * BLOCK_K + tl.arange(0, BLOCK_K) < I
+                y_mask = ok[:, None] & k_ok[None, :]
+                w_mask = n_ok[:, None] & k_ok[None, :]
+            if QUANT_ON_LOAD:
+                yq, ys = quantize_tile(tl.load(y_ptrs, mask=y_mask, other=0.0), y_static_ptr, Y_STATIC, UE8M0)
+            else:
+                yq = tl.load(y_ptrs, mask=y_mask, other=0.0)
+                if Y_STATIC:
+                    ys = tl.zeros([BLOCK_T], dtype=tl.float32) + tl.load(y_static_ptr)
+                else:
+                    ys = tl.load(y_scale_ptr + pair.to(tl.int64) * stride_ysm + kb, mask=ok, other=0.0)
+            w = tl.load(w_ptrs, mask=w_mask, other=0.0)
+            if BLOCK_SCALED:
+                acc += tl.dot(w, tl.trans(yq)) * (ys[None, :] * tl.load(ws_ptr + kb))
+            elif Y_STATIC:
+                acc = tl.dot(w, tl.trans(yq), acc, max_num_imprecise_acc=BLOCK_K)
+            else:
+                acc += tl.dot(w, tl.trans(yq)) * ys[None, :]
+            y_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+        if not BLOCK_SCALED:
+            post = tl.load(w_scale_ptr + expert)
+            if Y_STATIC:
+                post = post * tl.load(y_static_ptr)
+            acc = acc * post
+        if not WEIGHT_ON_INPUT:
+            acc = acc * tl.load(topk_w_ptr + pair, mask=ok, other=0.0)[None, :]
+        token = (pair // top_k).to(tl.int64)
+        out_ptrs = acc_ptr + token[None, :] * stride_accm + offs_n[:, None]
+        tl.atomic_add(out_ptrs, acc, mask=ok[None, :] & n_ok[:, None], sem="relaxed")
+
+
+def swapab_fp8(
+    hidden: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch.Tensor,
+    w2_scale: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, acc: torch.Tensor, *,
+    local_expert_offset: int, block_scaled: bool, a13_static: Optional[torch.Tensor],
+    a2_static: Optional[torch.Tensor], ue8m0: bool, weight_on_input: bool, BLOCK_T: int, BLOCK_N1: int,
+    BLOCK_N2: int, SPLIT_K2: int, num_warps1: int, num_stages1: int, num_warps2: int, num_stages2: int,
+    quant_on_load: bool, quant_out: bool, pdl: bool,
+) -> None:
+    """Both GEMMs: ``acc[t] += sum_j w[t, j] * expert(ids[t, j])(hidden[t])`` (fp32, atomics).
+
+    Args:
+        hidden: ``[T, H]`` bf16 contiguous, ``T * k <= MAX_PAIRS``.
+        w13, w13_scale, w2, w2_scale: as ``fp8_moe.fused_experts_fp8`` takes them.
+        topk_ids, topk_weights: ``[T, k]`` int32 / fp32, contiguous.
+        acc: ``[T, H]`` fp32 contiguous; GEMM1 zeroes it, GEMM2 adds into it.
+        a13_static / a2_static: ``[1]`` fp32 static activation scales, or None for dynamic.
+        BLOCK_T: pairs per MMA (its N side, >= 16); BLOCK_N1: gate (and up) rows of a GEMM1
+            tile; BLOCK_N2: ``w2`` rows of a GEMM2 tile; SPLIT_K2: slices of ``I`` in GEMM2.
+        quant_on_load: GEMM1 quantizes the hidden states as it loads them (else one
+            ``act_quant`` launch first; the router weight on the input always quantizes on load).
+        quant_out: GEMM1's epilogue writes ``y`` in e4m3 with per-128 scales (``BLOCK_N1`` 128
+            with dynamic scales), so GEMM2 loads FP8 directly (else fp32, quantized on load).
+        pdl: launch GEMM2 as a programmatic dependent launch (it starts while GEMM1's last
+            programs run and waits for GEMM1 before reading ``y``); on a GPU only.
+    """
+    e, two_i, h = w13.shape
+    inter = two_i // 2
+    num_pairs = topk_ids.numel()
+    top_k = topk_ids.shape[1]
+    if num_pairs > MAX_PAIRS:
+        raise ValueError(f"config: path='swapab' serves at most {MAX_PAIRS} (token, slot) pairs, "
+                         f"got T * k = {num_pairs}")
+    # A tile's rows must share one block scale per K block.
+    assert not block_scaled or (SCALE_BLOCK % BLOCK_N1 == 0 and SCALE_BLOCK % BLOCK_N2 == 0)
+    assert not quant_out or a2_static is not None or BLOCK_N1 == SCALE_BLOCK
+    pairs_pad = max(16, triton.next_power_of_2(num_pairs))
+    dev = hidden.device
+    dummy = w13_scale  # stands for pointers a variant does not read
+    quant_on_load = quant_on_load or weight_on_input
+    x, x_scale = (hidden, dummy) if quant_on_load else act_quant_fp8(hidden, a13_static, ue8m0)
+    if quant_out:
+        y = workspace(num_pairs, inter, torch.float8_e4m3fn, dev, "moe_intermediate")
+        y_scale = dummy if a2_static is not None else workspace(
+            num_pairs, triton.cdiv(inter, SCALE_BLOCK), torch.float32, dev, "moe_intermediate_scale")
+    else:
+        y, y_scale = workspace(num_pairs, inter, torch.float32, dev, "moe_intermediate"), dummy
+    a13 = a13_static if a13_static is not None else dummy
+    a2 = a2_static if a2_static is not None else dummy
+    _gemm1_kernel[(num_pairs, triton.cdiv(inter, BLOCK_N1))](
+        x, x_scale, w13, w13_scale, y, y_scale, topk_ids, topk_weights, a13, a2, acc, acc.numel(),
+        num_pairs, local_expert_offset, e, h, inter, top_k,
+        x.stride(0), x_scale.stride(0), w13.stride(0), w13.stride(1),
+        w13_scale.stride(0), w13_scale.stride(1) if block_scaled else 0, y.stride(0), y_scale.stride(0),
+        PAIRS=pairs_pad, BLOCK_T=BLOCK_T, BLOCK_N=BLOCK_N1, BLOCK_K=SCALE_BLOCK,
+        QUANT_ON_LOAD=quant_on_load, A_STATIC=a13_static is not None, QUANT_OUT=quant_out,
+        Y_STATIC=a2_static is not None, BLOCK_SCALED=block_scaled, UE8M0=ue8m0,
+        WEIGHT_ON_INPUT=weight_on_input, EVEN_K=h % SCALE_BLOCK == 0, PDL=pdl,
+        num_warps=num_warps1, num_stages=num_stages1,
+    )
+    k_blocks = triton.cdiv(inter, SCALE_BLOCK)
+    per_split = triton.cdiv(k_blocks, SPLIT_K2)
+    _gemm2_kernel[(num_pairs, triton.cdiv(h, BLOCK_N2), triton.cdiv(k_blocks, per_split))](
+        y, y_scale, w2, w2_scale, acc, topk_ids, topk_weights, a2,
+        num_pairs, local_expert_offset, e, h, inter, top_k, per_split,
+        y.stride(0), y_scale.stride(0), w2.stride(0), w2.stride(1),
+        w2_scale.stride(0), w2_scale.stride(1) if block_scaled else 0, acc.stride(0),
+        PAIRS=pairs_pad, BLOCK_T=BLOCK_T, BLOCK_N=BLOCK_N2, BLOCK_K=SCALE_BLOCK,
+        QUANT_ON_LOAD=not quant_out, Y_STATIC=a2_static is not None, BLOCK_SCALED=block_scaled, UE8M0=ue8m0,
+        WEIGHT_ON_INPUT=weight_on_input, EVEN_K=inter % SCALE_BLOCK == 0, PDL=pdl,
+        num_warps=num_warps2, num_stages=num_stages2, **({"launch_pdl": True} if pdl else {}),
+    )
