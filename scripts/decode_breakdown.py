@@ -6,8 +6,8 @@ CUDA-graph replays and ``do_bench`` medians (L2 flushed), rotating routing sets:
 * the whole layer (``MoELayer.experts``) and each of its launches captured alone
   (align, GEMM1, GEMM2, cast; NVFP4 also the activation permutation);
 * the same layer with configuration overrides (a sensitivity scan of the current tiling);
-* the read-streaming ceiling: a Triton kernel that only reads the active experts' weight
-  bytes (the floor a weight-streaming layer can reach on this GPU).
+* the read-streaming ceiling: one launch that only reads the active experts' weight bytes
+  (``bench_ceilings.expert_stream``).
 
 Usage (GPU): ``python scripts/decode_breakdown.py --out $OUT/breakdown.json``.
 """
@@ -19,11 +19,10 @@ import json
 from typing import Callable, Dict, List
 
 import torch
-import triton
-import triton.language as tl
 import triton.testing
 
 from moe_backend.cli.bench import INPUT_SETS, Layer, balanced_ids
+from moe_backend.cli.bench_ceilings import expert_stream
 from moe_backend.kernels.registry import KERNELS
 from moe_backend.kernels.sm90 import fp8_moe, nvfp4_moe
 from moe_backend.kernels.sm90.align import align_block_size
@@ -34,31 +33,6 @@ from moe_backend.kernels.sm90.nvfp4_act import permute_activations
 from moe_backend.kernels.sm90.nvfp4_gemm1 import gemm1_nvfp4
 from moe_backend.kernels.sm90.nvfp4_gemm2 import gemm2_nvfp4
 from moe_backend.kernels.sm90.nvfp4_moe import prepare_nvfp4
-
-
-@triton.jit
-def _stream_kernel(base_ptr, expert_ptr, bytes_per_expert, out_ptr, BLOCK: tl.constexpr,
-                   CHUNKS: tl.constexpr):
-    """Read ``bytes_per_expert`` of expert ``expert_ptr[program_id(1)]`` (int32 words)."""
-    e = tl.load(expert_ptr + tl.program_id(1)).to(tl.int64)
-    words = bytes_per_expert // 4
-    start = tl.program_id(0).to(tl.int64) * BLOCK * CHUNKS
-    acc = tl.zeros([BLOCK], dtype=tl.int32)
-    for c in range(CHUNKS):
-        offs = start + c * BLOCK + tl.arange(0, BLOCK)
-        acc ^= tl.load(base_ptr + e * words + offs, mask=offs < words, other=0)
-    tl.store(out_ptr + tl.program_id(1) * tl.num_programs(0) + tl.program_id(0), tl.sum(acc, 0))
-
-
-def stream_ceiling(weights: torch.Tensor, experts: torch.Tensor) -> Callable[[], None]:
-    """A launch that reads ``weights[e]`` (all bytes) for each e in ``experts``."""
-    per_expert = weights[0].numel() * weights.element_size()
-    words = weights.view(torch.int32)
-    block, chunks = 4096, 8
-    grid0 = triton.cdiv(per_expert // 4, block * chunks)
-    out = torch.empty(experts.numel() * grid0, dtype=torch.int32, device=weights.device)
-    return lambda: _stream_kernel[(grid0, experts.numel())](words, experts, per_expert, out, BLOCK=block,
-                                                              CHUNKS=chunks, num_warps=8)
 
 
 def timed(calls: List[Callable[[], object]]) -> float:
@@ -179,9 +153,8 @@ def main() -> None:
             n_active = active[0].numel()
             fp8_bytes = n_active * 3 * h * i
             row["active_experts"] = n_active
-            row["stream_w13_us"] = timed([stream_ceiling(layer.w13, a) for a in active])
-            row["stream_w2_us"] = timed([stream_ceiling(layer.w2, a) for a in active])
-            row["stream_tbs"] = fp8_bytes / ((row["stream_w13_us"] + row["stream_w2_us"]) * 1e-6) / 1e12
+            row["stream_us"] = timed([expert_stream(layer.w13, layer.w2, a) for a in active])
+            row["stream_tbs"] = fp8_bytes / (row["stream_us"] * 1e-6) / 1e12
             row["fp8_layer_us"] = timed([lambda s=s: fp8(*s, res) for s in sets])
             row["fp8_tbs"] = fp8_bytes / (row["fp8_layer_us"] * 1e-6) / 1e12
             cfg = fp8_moe.resolve_config(None, t, k, e)

@@ -1,20 +1,25 @@
-"""``moe-backend bench``: latency of one DeepSeek-V3 MoE layer vs T, with floors and a baseline.
+"""``moe-backend bench``: latency of one DeepSeek-V3 MoE layer vs T, with ceilings and peers.
 
 For each E, T and precision it times our layer's engine-level call
 (:meth:`MoELayer.experts`, i.e. the kernel the selection table picks) and, in the same
-run, ``torch._scaled_grouped_mm`` (rowwise FP8 both GEMMs, SiLU-and-mul between,
-torch permutation around them), with ``triton.testing.do_bench`` (median, L2
-flushed before every call) rotating several input sets. Routing is balanced:
-token t takes experts ``perm[(t * k + j) % E]`` (a random permutation per set).
+run and the same way, ``torch._scaled_grouped_mm`` (rowwise FP8 both GEMMs, SiLU-and-mul
+between, torch permutation around them) and, with ``--peers vllm``, vLLM's own kernels on the
+same weights (:mod:`.bench_peers`: its Triton fused MoE for FP8 block, its Marlin MoE for
+NVFP4). Every implementation is captured in CUDA graphs per input set and replayed with
+``triton.testing.do_bench`` (median, L2 flushed before every call), rotating several input
+sets. Routing is balanced: token t takes experts ``perm[(t * k + j) % E]`` (a random
+permutation per set).
 
-Floors: ``max(active experts' weight bytes / bandwidth, flops / peak)`` with the
-DESIGN.md §8 H100 anchors (3028 GB/s; 1449 TFLOP/s FP8, 793 TFLOP/s bf16 for the
-W4A16 NVFP4 path; NVFP4 weights are 0.5625 bytes); the bandwidth and FP8 peak
-measured in this run are printed beside them.
+Ceilings come from this run (:mod:`.bench_ceilings`): at each point a read-only kernel
+streams exactly the active experts' FP8 weight bytes in one launch (``stream_us``; NVFP4's
+0.5625 bytes a weight scale it), and the compute floor uses the dense FP8 / bf16 GEMM
+throughput measured at start. ``ceiling_us = max(stream, compute)``; the table prints each
+implementation's ratio to it and our speed-up over the peers.
 
-Writes ``<output-dir>/<device>-<date>.json`` (a list of records: ``device,
-precision, impl, E, T, topk, hidden, inter, median_us`` plus floor fields) and,
-when matplotlib is installed, a PNG of latency vs T.
+Writes ``<output-dir>/<device>-<date>.json`` (``{"device", "date", "peaks", "vllm",
+"records": [...]}``; a record holds ``device, precision, impl, E, T, topk, hidden, inter,
+median_us, timing, stream_us, compute_floor_us, ceiling_us``) and, when matplotlib is
+installed, a PNG of latency vs T.
 """
 
 from __future__ import annotations
@@ -31,18 +36,19 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ..expert_weights import FP8BlockWeights, FP8TensorWeights, NVFP4Weights
+from .bench_ceilings import expert_stream, measure_peaks
+from .bench_peers import vllm_peers, vllm_version
 from ..kernels.registry import KERNELS
 from ..layer import LAYER_TYPES, MoEConfig
 from ..runtime import DEFAULT_POOL
 
 logger = logging.getLogger(__name__)
 
-ANCHOR_BW_GBS = 3028.0
-ANCHOR_FP8_TFLOPS = 1449.0
-ANCHOR_BF16_TFLOPS = 793.0
-#: Weight bytes per element and the peak its MMA runs at, per precision.
-PRECISION_COST = {"fp8_block": (1.0, ANCHOR_FP8_TFLOPS), "fp8_tensor": (1.0, ANCHOR_FP8_TFLOPS),
-                  "nvfp4": (0.5625, ANCHOR_BF16_TFLOPS)}
+#: Weight bytes per element and the measured peak (``bench_ceilings.measure_peaks`` key) its
+#: MMA runs at, per precision (NVFP4 is W4A16 on Hopper: bf16 MMA).
+PRECISION_COST = {"fp8_block": (1.0, "fp8_tflops"), "fp8_tensor": (1.0, "fp8_tflops"),
+                  "nvfp4": (0.5625, "bf16_tflops")}
+PEERS = ("vllm",)
 DEFAULT_T = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 QUICK_T = (1, 16, 128, 1024, 8192)
 PRECISIONS = ("fp8_block", "fp8_tensor", "nvfp4")
@@ -68,6 +74,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-dir", default=os.path.join("docs", "results"))
     parser.add_argument("--quick", action="store_true", help=f"T in {QUICK_T}, fewer repetitions")
     parser.add_argument("--no-baseline", action="store_true", help="skip torch._scaled_grouped_mm")
+    parser.add_argument("--peers", nargs="+", choices=PEERS, default=[],
+                        help="also time these engines' own MoE kernels on the same weights (vllm: its "
+                             "Triton fused MoE for fp8_block, its Marlin MoE for nvfp4)")
     parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=[],
                         help="also time fp8_block in these runtime variants (deterministic mode, zeroing "
                              "of the atomic combine: fused in GEMM1, sync memset, auxiliary stream)")
@@ -217,45 +226,38 @@ def _time(fn: Callable[[int], object], quick: bool) -> Tuple[float, str]:
     return triton.testing.do_bench(call, warmup=10, rep=rep, return_mode="median") * 1e3, mode
 
 
-def measure_device_peaks(device: torch.device) -> Dict[str, float]:
-    """D2D copy bandwidth (bytes read + written, GB/s) and dense FP8 GEMM 8192^3 (TFLOP/s)."""
-    import triton.testing
-
-    src = torch.empty(1 << 30, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    ms = triton.testing.do_bench(lambda: dst.copy_(src), return_mode="median")
-    bw = 2 * src.numel() / (ms * 1e-3) / 1e9
-    n = 8192
-    a = torch.randn(n, n, device=device).to(FP8)
-    b = torch.randn(n, n, device=device).to(FP8).t()
-    one = torch.ones((), device=device)
-    ms = triton.testing.do_bench(
-        lambda: torch._scaled_mm(a, b, one, one, out_dtype=torch.bfloat16), return_mode="median")
-    return {"copy_gbs": bw, "fp8_tflops": 2 * n ** 3 / (ms * 1e-3) / 1e12}
+def compute_floor_us(t: int, k: int, h: int, i: int, precision: str, peaks: Dict[str, float]) -> float:
+    """The layer's MMA work at the measured dense peak of ``precision``'s MMA (µs)."""
+    return 2 * t * k * 3 * h * i / (peaks[PRECISION_COST[precision][1]] * 1e12) * 1e6
 
 
-def floor_us(t: int, k: int, e: int, h: int, i: int, precision: str = "fp8_block") -> Dict[str, float]:
-    """Bandwidth and compute floors (µs) of the layer with balanced routing (DESIGN.md §8 anchors)."""
-    bytes_per_weight, peak_tflops = PRECISION_COST[precision]
-    active = min(e, t * k)
-    bw = active * 3 * h * i * bytes_per_weight / (ANCHOR_BW_GBS * 1e9) * 1e6
-    compute = 2 * t * k * 3 * h * i / (peak_tflops * 1e12) * 1e6
-    return {"bandwidth_floor_us": bw, "compute_floor_us": compute, "floor_us": max(bw, compute)}
+def ceiling_fields(stream_us: float, t: int, k: int, h: int, i: int, precision: str,
+                   peaks: Dict[str, float]) -> Dict[str, float]:
+    """``stream_us`` (reading the active experts' FP8 bytes, scaled to ``precision``'s bytes),
+    the compute floor and their maximum, the ceiling no implementation can beat."""
+    stream = stream_us * PRECISION_COST[precision][0]
+    compute = compute_floor_us(t, k, h, i, precision, peaks)
+    return {"stream_us": stream, "compute_floor_us": compute, "ceiling_us": max(stream, compute)}
 
 
 def _device_slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
-def run_bench(args: argparse.Namespace, device: torch.device) -> List[dict]:
-    """Time every (E, T, precision); return the records."""
+def run_bench(args: argparse.Namespace, device: torch.device, peaks: Dict[str, float]) -> List[dict]:
+    """Time every (E, T, implementation); return the records."""
     ts = args.T or (QUICK_T if args.quick else DEFAULT_T)
     name = torch.cuda.get_device_name(device)
     records: List[dict] = []
     for e in args.E:
         layer = Layer(e, args.hidden, args.inter, args.topk, device)
-        runs = {precision: layer.ours(precision) for precision in args.precision}
-        runs.update({f"fp8_block[{v}]": layer.variant(v) for v in args.variants})
+        runs = {(precision, "moe_backend"): layer.ours(precision) for precision in args.precision}
+        runs.update({("fp8_block", f"moe_backend[{v}]"): layer.variant(v) for v in args.variants})
+        if "vllm" in args.peers:
+            for impl, run in vllm_peers(layer.weights, args.precision).items():
+                runs[("fp8_block" if impl == "vllm_triton" else "nvfp4", impl)] = run
+        if not args.no_baseline:
+            runs[("fp8_rowwise", "torch_scaled_grouped_mm")] = layer.baseline
         for t in ts:
             gen = torch.Generator().manual_seed(t)
             sets = [(torch.randn(t, args.hidden, device=device).to(torch.bfloat16),
@@ -263,45 +265,51 @@ def run_bench(args: argparse.Namespace, device: torch.device) -> List[dict]:
                      torch.rand(t, args.topk, generator=gen).to(device))
                     for _ in range(INPUT_SETS)]
             out = torch.empty(t, args.hidden, dtype=torch.bfloat16, device=device)
+            streams = [expert_stream(layer.w13, layer.w2, torch.unique(ids).to(torch.int32)) for _, ids, _ in sets]
+            stream_us, _ = _time(lambda s: streams[s](), args.quick)
             base = dict(device=name, E=e, T=t, topk=args.topk, hidden=args.hidden, inter=args.inter)
-            for precision, run in runs.items():
-                us, mode = _time(lambda s: run(*sets[s], out), args.quick)
-                fmt = precision.split("[")[0]
-                records.append(dict(base, precision=fmt, impl="moe_backend" + precision[len(fmt):],
-                                    median_us=us, timing=mode,
-                                    **floor_us(t, args.topk, e, args.hidden, args.inter, fmt)))
-            if not args.no_baseline:
+            for (precision, impl), run in runs.items():
                 try:
-                    us, mode = _time(lambda s: layer.baseline(*sets[s], out), args.quick)
-                except RuntimeError as exc:  # an unsupported torch build: report, keep going
-                    logger.warning("torch._scaled_grouped_mm failed at E=%d T=%d: %s", e, t, exc)
+                    us, mode = _time(lambda s: run(*sets[s], out), args.quick)
+                except RuntimeError as exc:  # e.g. an unsupported torch build: report, keep going
+                    logger.warning("%s (%s) failed at E=%d T=%d: %s", impl, precision, e, t, exc)
                     us, mode = None, None
-                records.append(dict(base, precision="fp8_rowwise", impl="torch_scaled_grouped_mm",
-                                    median_us=us, timing=mode,
-                                    **floor_us(t, args.topk, e, args.hidden, args.inter)))
+                fmt = "fp8_block" if precision == "fp8_rowwise" else precision
+                records.append(dict(base, precision=precision, impl=impl, median_us=us, timing=mode,
+                                    **ceiling_fields(stream_us, t, args.topk, args.hidden, args.inter, fmt, peaks)))
             logger.info("E=%d T=%d done", e, t)
     return records
 
 
 def format_table(records: List[dict]) -> str:
-    """One row per (E, T, precision): ours, baseline, ratio, floor, fraction of floor."""
-    base = {(r["E"], r["T"]): r["median_us"] for r in records if r["impl"] == "torch_scaled_grouped_mm"}
-    lines = [f"{'E':>4} {'T':>5} {'precision':<10} {'ours us':>9} {'baseline us':>11} {'ratio':>6} "
-             f"{'floor us':>9} {'floor/ours':>10} timing"]
-    for r in records:
-        if not r["impl"].startswith("moe_backend"):
-            continue
-        b = base.get((r["E"], r["T"]))
-        ratio = f"{b / r['median_us']:.2f}" if b else "-"
+    """One row per (E, T, precision) of ours: time, the ceiling and our fraction of it, and the
+    speed-up over each peer timed at that point (``peer us / ours us``: > 1 is faster)."""
+    ours = [r for r in records if r["impl"].startswith("moe_backend")]
+    others = sorted({r["impl"] for r in records if not r["impl"].startswith("moe_backend")})
+    by_key = {(r["E"], r["T"], r["precision"], r["impl"]): r["median_us"] for r in records}
+    head = f"{'E':>4} {'T':>5} {'precision':<22} {'ours us':>9} {'ceiling':>8} {'ceil/ours':>9}"
+    head += "".join(f" {impl + ' x':>{max(10, len(impl) + 2)}}" for impl in others)
+    lines = [head]
+    for r in ours:
         name = r["precision"] + r["impl"][len("moe_backend"):]
-        lines.append(f"{r['E']:>4} {r['T']:>5} {name:<10} {r['median_us']:>9.1f} "
-                     f"{(f'{b:.1f}' if b else '-'):>11} {ratio:>6} {r['floor_us']:>9.1f} "
-                     f"{r['floor_us'] / r['median_us']:>10.2f} {r.get('timing', '-')}")
+        us = r["median_us"]
+        fraction = f"{r['ceiling_us'] / us:.2f}" if us else "-"
+        row = f"{r['E']:>4} {r['T']:>5} {name:<22} {_fmt(us):>9} {r['ceiling_us']:>8.1f} {fraction:>9}"
+        for impl in others:
+            peer = by_key.get((r["E"], r["T"], r["precision"], impl))
+            if peer is None and impl == "torch_scaled_grouped_mm" and r["precision"].startswith("fp8"):
+                peer = by_key.get((r["E"], r["T"], "fp8_rowwise", impl))
+            row += f" {(f'{peer / us:.2f}' if peer and us else '-'):>{max(10, len(impl) + 2)}}"
+        lines.append(row)
     return "\n".join(lines)
 
 
+def _fmt(us: Optional[float]) -> str:
+    return f"{us:.1f}" if us is not None else "failed"
+
+
 def plot(records: List[dict], path: str) -> Optional[str]:
-    """Latency vs T per E with each weight format's floor; None when matplotlib is missing."""
+    """Latency vs T per E with each weight format's ceiling; None when matplotlib is missing."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -318,11 +326,11 @@ def plot(records: List[dict], path: str) -> Optional[str]:
                    if (r["impl"], r["precision"]) == key and r["median_us"] is not None]
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=f"{key[0]} ({key[1]})")
-        for fmt, style in (("fp8", "k--"), ("nvfp4", "k:")):
-            floors = sorted({(r["T"], r["floor_us"]) for r in rs
-                             if r["impl"] == "moe_backend" and r["precision"].startswith(fmt)})
-            if floors:
-                ax.plot(*zip(*floors), style, label=f"{fmt} floor")
+        for fmt, style in (("fp8_block", "k--"), ("nvfp4", "k:")):
+            ceilings = sorted({(r["T"], r["ceiling_us"]) for r in rs
+                               if r["impl"] == "moe_backend" and r["precision"] == fmt})
+            if ceilings:
+                ax.plot(*zip(*ceilings), style, label=f"{fmt} ceiling (this run)")
         ax.set(xscale="log", yscale="log", xlabel="tokens T", ylabel="µs", title=f"E={e}")
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -337,17 +345,23 @@ def main(args: argparse.Namespace) -> int:
         return 2
     device = torch.device("cuda")
     name = torch.cuda.get_device_name(device)
-    peaks = measure_device_peaks(device)
-    print(f"device {name}: copy {peaks['copy_gbs']:.0f} GB/s, FP8 GEMM {peaks['fp8_tflops']:.0f} TFLOP/s "
-          f"(floors use {ANCHOR_BW_GBS:.0f} GB/s, {ANCHOR_FP8_TFLOPS:.0f} TFLOP/s)")
-    records = run_bench(args, device)
+    version = vllm_version()
+    if "vllm" in args.peers and version is None:
+        print("moe-backend bench: --peers vllm needs vllm importable in this environment")
+        return 2
+    peaks = measure_peaks(device)
+    print(f"device {name}: read {peaks['read_gbs']:.0f} GB/s, copy {peaks['copy_gbs']:.0f} GB/s (read + written), "
+          f"FP8 GEMM {peaks['fp8_tflops']:.0f} TFLOP/s, bf16 GEMM {peaks['bf16_tflops']:.0f} TFLOP/s"
+          + (f"; vLLM {version}" if "vllm" in args.peers else ""))
+    records = run_bench(args, device, peaks)
     print(format_table(records))
     print(f"shared workspace pool after the sweep: {DEFAULT_POOL.nbytes() / 2**20:.0f} MiB "
           f"(one set of buffers for every layer of a model)")
     os.makedirs(args.output_dir, exist_ok=True)
     stem = os.path.join(args.output_dir, f"{_device_slug(name)}-{datetime.date.today().isoformat()}")
     with open(stem + ".json", "w") as f:
-        json.dump(records, f, indent=1)
+        json.dump({"device": name, "date": datetime.date.today().isoformat(), "peaks": peaks,
+                   "vllm": version if "vllm" in args.peers else None, "records": records}, f, indent=1)
     png = plot(records, stem + ".png")
     print(f"wrote {stem}.json" + (f" and {png}" if png else ""))
     return 0

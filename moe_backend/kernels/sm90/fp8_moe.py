@@ -119,7 +119,7 @@ def _check_vllm_numerics(cfg: Dict[str, Any], block_scaled: bool, dynamic: bool,
 def default_config(num_tokens: int, top_k: int, num_experts: int) -> Dict[str, Any]:
     """Heuristic configuration from the expected rows per local expert (balanced routing).
 
-    Tuned on an H100 with H=7168, I=2048 (``scripts/gpu_check_fp8.py --sweep``): up to
+    Tuned on an H100 with H=7168, I=2048 (a config sweep, docs/performance.md): up to
     one row per expert the decode path; up to 16 the prefill kernels with BLOCK_M=16
     and atomic combine (still a weight stream); above, larger tiles and the
     ``sum`` combine, which beats atomics once the workspace is large.

@@ -1,0 +1,61 @@
+"""``moe-backend bench``'s pure parts: options, ceilings, the table, the peers' availability."""
+
+import argparse
+
+import pytest
+import torch
+
+from moe_backend.cli import bench, bench_peers
+
+
+def _args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_options():
+    assert _args().peers == [] and _args("--peers", "vllm").peers == ["vllm"]
+    with pytest.raises(SystemExit):
+        _args("--peers", "sglang")
+
+
+def test_ceiling_is_the_slower_of_stream_and_compute():
+    peaks = {"fp8_tflops": 1000.0, "bf16_tflops": 500.0}
+    # T=1: 8 x 3 x 7168 x 2048 x 2 flops = 0.7 GFLOP: 0.7 µs at 1 PFLOP/s; the stream dominates.
+    small = bench.ceiling_fields(80.0, 1, 8, 7168, 2048, "fp8_block", peaks)
+    assert small["stream_us"] == 80.0 and small["ceiling_us"] == 80.0
+    assert small["compute_floor_us"] == pytest.approx(2 * 8 * 3 * 7168 * 2048 / 1e15 * 1e6)
+    nvfp4 = bench.ceiling_fields(80.0, 1, 8, 7168, 2048, "nvfp4", peaks)
+    assert nvfp4["stream_us"] == pytest.approx(45.0)  # 0.5625 bytes a weight
+    big = bench.ceiling_fields(80.0, 8192, 8, 7168, 2048, "nvfp4", peaks)
+    assert big["ceiling_us"] == big["compute_floor_us"] == pytest.approx(2 * 8192 * 8 * 3 * 7168 * 2048 / 5e14 * 1e6)
+
+
+def test_table_reports_speedups_over_each_peer_and_failures():
+    base = dict(E=32, T=1, ceiling_us=80.0)
+    records = [dict(base, precision="fp8_block", impl="moe_backend", median_us=100.0),
+               dict(base, precision="fp8_block", impl="vllm_triton", median_us=110.0),
+               dict(base, precision="nvfp4", impl="moe_backend", median_us=50.0),
+               dict(base, precision="nvfp4", impl="vllm_marlin", median_us=100.0),
+               dict(base, precision="fp8_rowwise", impl="torch_scaled_grouped_mm", median_us=300.0),
+               dict(base, precision="fp8_block", impl="moe_backend[deterministic]", median_us=None)]
+    lines = bench.format_table(records).splitlines()
+    assert "vllm_triton x" in lines[0] and "vllm_marlin x" in lines[0]
+    fp8, nv, det = lines[1].split(), lines[2].split(), lines[3].split()
+    assert fp8[:6] == ["32", "1", "fp8_block", "100.0", "80.0", "0.80"] and fp8[6:] == ["3.00", "-", "1.10"]
+    assert nv[3:] == ["50.0", "80.0", "1.60", "-", "2.00", "-"]
+    assert det[3] == "failed"
+
+
+def test_peers_refuse_clearly_without_vllm(monkeypatch):
+    monkeypatch.setattr(bench_peers, "vllm_version", lambda: None)
+    with pytest.raises(ImportError, match="--peers vllm"):
+        bench_peers.vllm_peers({}, ["fp8_block"])
+
+
+def test_main_without_a_gpu_says_so(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert bench.main(_args("--peers", "vllm")) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().out
