@@ -51,7 +51,7 @@ PRECISION_COST = {"fp8_block": (1.0, "fp8_tflops"), "fp8_tensor": (1.0, "fp8_tfl
 PEERS = ("vllm",)
 DEFAULT_T = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 QUICK_T = (1, 16, 128, 1024, 8192)
-PRECISIONS = ("fp8_block", "fp8_tensor", "nvfp4")
+PRECISIONS = tuple(PRECISION_COST)
 INPUT_SETS = 4
 #: Runtime variants of the FP8 block kernel (``--variants``): configuration overrides.
 VARIANTS = {

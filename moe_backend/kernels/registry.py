@@ -12,13 +12,13 @@ for by name that cannot run raises :class:`KernelUnavailableError`.
 from __future__ import annotations
 
 import importlib.util
-import os
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
 from ..expert_weights import PRECISIONS, ExpertWeights, FP8BlockWeights, FP8TensorWeights, NVFP4Weights
+from .interpret import INTERPRETING
 from .reference import reference_fused_experts
 
 Capability = Tuple[int, int]
@@ -96,7 +96,7 @@ class Kernel:
                 return None
             wanted = ", ".join(f"sm_{a}{b}" for a, b in self.capabilities)
             return f"it needs a GPU of compute capability {wanted}, this one is sm_{cap[0]}{cap[1]}"
-        if self.interpretable and os.environ.get("TRITON_INTERPRET") == "1":
+        if self.interpretable and INTERPRETING:
             return None
         return f"it needs a CUDA GPU (or TRITON_INTERPRET=1 on a CPU), got device {device}"
 

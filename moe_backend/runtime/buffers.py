@@ -21,7 +21,7 @@ from typing import Dict, Tuple
 
 import torch
 
-from .._checks import check_int
+from .._checks import capturing, check_int
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def _device_key(device: torch.device) -> str:
 
 
 def _capturing(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    return device.type == "cuda" and capturing()
 
 
 class BufferPool:

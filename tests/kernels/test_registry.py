@@ -21,9 +21,9 @@ def test_unknown_precision_and_kernel():
 
 def test_interpretable_kernel_runs_on_cpu_only_under_interpreter(monkeypatch):
     k = registry.Kernel("k", ("bf16",), ((9, 0),), prepare=lambda w: w, run=None, interpretable=True)
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(registry, "INTERPRETING", True)
     assert k.unavailable_reason("bf16", torch.device("cpu")) is None
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(registry, "INTERPRETING", False)
     assert "needs a CUDA GPU" in k.unavailable_reason("bf16", torch.device("cpu"))
 
 

@@ -13,11 +13,11 @@ import torch
 import triton
 import triton.language as tl
 
+from ...quant.fp8 import BLOCK
 from ...runtime import workspace
-
 from .fp8_tile import quantize_tile, quantize_tile_vllm
 
-GROUP = 128
+GROUP = BLOCK
 #: Groups one program quantizes (one token, GROUPS_PER_PROGRAM * 128 channels).
 GROUPS_PER_PROGRAM = 8
 

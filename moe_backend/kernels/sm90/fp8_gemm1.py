@@ -33,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ...quant.fp8 import BLOCK as SCALE_BLOCK
 from .align import AlignedRouting
 from ...runtime import workspace
 from .fp8_tile import quantize_tile, quantize_tile_vllm, scale_block, silu_vllm, to_bf16
@@ -69,8 +70,8 @@ def _gemm1_kernel(
     wu_ptrs = wg_ptrs + I * stride_wn
     if BLOCK_SCALED:
         ws_ptr = w_scale_ptr + expert * stride_wse
-        wsg_ptr = ws_ptr + (pid_n * BLOCK_N // 128) * stride_wsn
-        wsu_ptr = ws_ptr + ((I + pid_n * BLOCK_N) // 128) * stride_wsn
+        wsg_ptr = ws_ptr + (pid_n * BLOCK_N // BLOCK_K) * stride_wsn
+        wsu_ptr = ws_ptr + ((I + pid_n * BLOCK_N) // BLOCK_K) * stride_wsn
     if WEIGHT_ON_INPUT:
         router_w = tl.load(topk_w_ptr + pair, mask=row_ok, other=0.0)
 
@@ -166,14 +167,14 @@ def gemm1_fp8(
     rows = routing.max_tiles * routing.block_m
     dev = a.device
     # Dynamic groups must coincide with the tiles that compute them.
-    assert a13_static is not None or BLOCK_K == 128
-    assert not block_scaled or BLOCK_K == 128
-    assert not (quant_out and a2_static is None) or BLOCK_N == 128
+    assert a13_static is not None or BLOCK_K == SCALE_BLOCK
+    assert not block_scaled or BLOCK_K == SCALE_BLOCK
+    assert not (quant_out and a2_static is None) or BLOCK_N == SCALE_BLOCK
     assert not vllm_order or (quant_out and block_scaled and a13_static is None and a2_static is None and not ue8m0)
     if quant_out:
         y = workspace(rows, inter, torch.float8_e4m3fn, dev, "moe_intermediate")
         y_scale = None if a2_static is not None else workspace(
-            rows, triton.cdiv(inter, 128), torch.float32, dev, "moe_intermediate_scale")
+            rows, triton.cdiv(inter, SCALE_BLOCK), torch.float32, dev, "moe_intermediate_scale")
     else:
         y = workspace(rows, inter, torch.float32, dev, "moe_intermediate")
         y_scale = None

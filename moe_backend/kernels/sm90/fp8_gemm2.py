@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ...quant.fp8 import BLOCK as SCALE_BLOCK
 from .align import AlignedRouting
 from .tiles import aligned_rows, tile_coords
 from .fp8_tile import quantize_tile, scale_block, to_bf16
@@ -57,7 +58,7 @@ def _gemm2_kernel(
     y_ptrs = y_ptr + rows[:, None].to(tl.int64) * stride_ym + offs_k[None, :]
     w_ptrs = w_ptr + expert * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None]
     if BLOCK_SCALED:
-        ws_ptr = w_scale_ptr + expert * stride_wse + (pid_n * BLOCK_N // 128) * stride_wsn
+        ws_ptr = w_scale_ptr + expert * stride_wse + (pid_n * BLOCK_N // BLOCK_K) * stride_wsn
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for kb in range(kb_start, kb_end):
         if EVEN_K:
@@ -121,8 +122,8 @@ def gemm2_fp8(
         vllm_order: vLLM's scaling order 1 or 2, 0 off (block scales, pre-quantized ``y``, no atomics).
     """
     e, h, inter = w2.shape
-    assert a2_static is not None or BLOCK_K == 128
-    assert not block_scaled or (BLOCK_K == 128 and 128 % BLOCK_N == 0)
+    assert a2_static is not None or BLOCK_K == SCALE_BLOCK
+    assert not block_scaled or (BLOCK_K == SCALE_BLOCK and SCALE_BLOCK % BLOCK_N == 0)
     assert topk_weights.is_contiguous() and acc.stride(1) == 1 and (atomic or SPLIT_K == 1)
     assert not vllm_order or (block_scaled and not quant_on_load and not atomic)
     k_blocks = triton.cdiv(inter, BLOCK_K)

@@ -39,6 +39,7 @@ from typing import Any, Dict, Optional
 import torch
 
 from .act_quant import act_quant_fp8
+from ...quant.fp8 import BLOCK as SCALE_BLOCK
 from ...runtime import workspace
 from .align import align_block_size
 from .config import merge_config
@@ -47,7 +48,6 @@ from .fp8_gemm1 import gemm1_fp8
 from .fp8_gemm2 import gemm2_fp8
 from .fp8_swapab import swapab_fp8
 
-PATHS = ("swapab", "decode", "prefill")
 #: Every knob of a configuration (``config=`` may give any subset; the rest come from the heuristic).
 #: ``*1`` are GEMM1's, ``*2`` GEMM2's; ``BLOCK_K`` must be 128 with dynamic scales or block weights.
 CONFIG_KEYS = ("path", "NUMERICS", "COMBINE", "ZERO", "QUANT_ON_LOAD1", "BLOCK_M", "BLOCK_N1", "BLOCK_K1", "GROUP_M1", "num_warps1", "num_stages1",
@@ -74,19 +74,32 @@ PREFILL_CONFIG: Dict[str, Any] = dict(
 )
 
 
+#: The base configuration of each path (what a ``config=`` naming the path starts from).
+PATH_CONFIGS: Dict[str, Dict[str, Any]] = {"swapab": SWAPAB_CONFIG, "decode": DECODE_CONFIG, "prefill": PREFILL_CONFIG}
+
+#: Prefill tilings by rows per expert: skinny tiles with the atomic combine (still a weight
+#: stream), then 32 and 64 rows a tile.
+SKINNY_CONFIG: Dict[str, Any] = dict(PREFILL_CONFIG, COMBINE="atomic", BLOCK_M=16, BLOCK_N2=64, num_warps1=4,
+                                     num_warps2=4, num_stages1=5, num_stages2=5)
+PREFILL_32_CONFIG: Dict[str, Any] = dict(PREFILL_CONFIG, BLOCK_M=32, num_warps1=4, num_warps2=4, num_stages1=4,
+                                         num_stages2=4)
+PREFILL_64_CONFIG: Dict[str, Any] = dict(PREFILL_32_CONFIG, BLOCK_M=64)
+
+#: The heuristic default: (most expected rows per local expert, configuration), first match.
+DEFAULT_TIERS = ((1, DECODE_CONFIG), (16, SKINNY_CONFIG), (32, PREFILL_32_CONFIG), (96, PREFILL_64_CONFIG),
+                 (float("inf"), PREFILL_CONFIG))
+
 #: What the tuner times per token bucket (each overrides the heuristic default of that size):
-#: the decode path, skinny atomic-combine tiles, and prefill tiles up to 128 rows.
-_SKINNY = dict(PREFILL_CONFIG, COMBINE="atomic", BLOCK_M=16, BLOCK_N2=64, num_warps1=4, num_warps2=4,
-               num_stages1=5, num_stages2=5)
+#: the swap-AB and aligned decode paths, skinny atomic-combine tiles, and prefill tiles up to 128 rows.
 CANDIDATE_CONFIGS = (
     SWAPAB_CONFIG,
     dict(SWAPAB_CONFIG, BLOCK_N1=64, BLOCK_N2=128, num_warps1=8, num_warps2=8),
     DECODE_CONFIG,
     dict(DECODE_CONFIG, SPLIT_K2=1),
-    _SKINNY,
-    dict(_SKINNY, BLOCK_M=32, num_stages1=4, num_stages2=4),
-    dict(PREFILL_CONFIG, BLOCK_M=32, num_warps1=4, num_warps2=4, num_stages1=4, num_stages2=4),
-    dict(PREFILL_CONFIG, BLOCK_M=64, num_warps1=4, num_warps2=4, num_stages1=4, num_stages2=4),
+    SKINNY_CONFIG,
+    dict(SKINNY_CONFIG, BLOCK_M=32, num_stages1=4, num_stages2=4),
+    PREFILL_32_CONFIG,
+    PREFILL_64_CONFIG,
     PREFILL_CONFIG,
     dict(PREFILL_CONFIG, COMBINE="atomic"),
 )
@@ -111,7 +124,7 @@ def _check_vllm_numerics(cfg: Dict[str, Any], block_scaled: bool, dynamic: bool,
         raise ValueError("config: NUMERICS='vllm_triton' needs FP8 block-scale weights with dynamic "
                          "activation scales, no ue8m0 and the router weight on the output")
     got = (cfg["path"], cfg["COMBINE"], cfg["BLOCK_N1"], cfg["QUANT_ON_LOAD1"], cfg["BLOCK_M"])
-    if got[:4] != ("prefill", "sum", 128, False) or got[4] < 64:
+    if got[:4] != ("prefill", "sum", SCALE_BLOCK, False) or got[4] < 64:
         raise ValueError("config: NUMERICS='vllm_triton' needs path='prefill', COMBINE='sum', BLOCK_N1=128, "
                          f"QUANT_ON_LOAD1=False and BLOCK_M >= 64 (vLLM's wgmma), got {got}")
 
@@ -125,25 +138,20 @@ def default_config(num_tokens: int, top_k: int, num_experts: int) -> Dict[str, A
     ``sum`` combine, which beats atomics once the workspace is large.
     """
     rows_per_expert = num_tokens * top_k / num_experts
-    if rows_per_expert <= 1:
-        return dict(DECODE_CONFIG)
-    cfg = dict(PREFILL_CONFIG)
-    if rows_per_expert <= 16:
-        cfg.update(COMBINE="atomic", BLOCK_M=16, BLOCK_N2=64, num_warps1=4, num_warps2=4,
-                   num_stages1=5, num_stages2=5)
-    elif rows_per_expert <= 32:
-        cfg.update(BLOCK_M=32, num_warps1=4, num_warps2=4, num_stages1=4, num_stages2=4)
-    elif rows_per_expert <= 96:
-        cfg.update(BLOCK_M=64, num_warps1=4, num_warps2=4, num_stages1=4, num_stages2=4)
-    return cfg
+    return dict(next(cfg for limit, cfg in DEFAULT_TIERS if rows_per_expert <= limit))
 
 
 def resolve_config(config: Optional[dict], num_tokens: int, top_k: int, num_experts: int) -> Dict[str, Any]:
-    """The heuristic default for this size, overridden by the keys of ``config``."""
-    cfg = merge_config(default_config(num_tokens, top_k, num_experts), config, CONFIG_KEYS)
-    if cfg["path"] not in PATHS:
-        raise ValueError(f"config: path must be one of {PATHS}, got {cfg['path']!r}")
-    return cfg
+    """``config``'s keys over a base: the base configuration of the path ``config`` names, else
+    the heuristic default for this size."""
+    path = (config or {}).get("path")
+    if path is None:
+        base = default_config(num_tokens, top_k, num_experts)
+    elif path in PATH_CONFIGS:
+        base = PATH_CONFIGS[path]
+    else:
+        raise ValueError(f"config: path must be one of {tuple(PATH_CONFIGS)}, got {path!r}")
+    return merge_config(base, config, CONFIG_KEYS)
 
 
 def _start_zeroing(acc: torch.Tensor, mode: str) -> Optional[torch.cuda.Event]:

@@ -9,11 +9,11 @@ bit instead (IEEE divisions and libdevice's ``expf``, where Triton's ``/`` and `
 are approximations): the ``vllm_triton`` numerics of ``fp8_moe``.
 """
 
-import os
-
 import triton
 import triton.language as tl
 from triton.language.extra.cuda import libdevice
+
+from ..interpret import INTERPRETING
 
 FP8_MAX = tl.constexpr(448.0)
 FP8_EPS = tl.constexpr(1e-10)
@@ -21,7 +21,7 @@ FP8_EPS = tl.constexpr(1e-10)
 #: rounded-up mantissa into the exponent (126.4 -> 64) and truncate subnormals, so
 #: values are rounded to the target grid first and the cast itself is exact;
 #: (2) there is no libdevice, and numpy's exp stands in for ``expf``.
-_INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+_INTERPRETED = tl.constexpr(INTERPRETING)
 
 
 @triton.jit

@@ -14,13 +14,13 @@ before any early exit), as the FP8 GEMM1 does: GEMM2 accumulates into it with
 atomics after this kernel on the stream.
 """
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from ...runtime import workspace
+from ..interpret import INTERPRETING
 from .nvfp4_layout import K_GROUP
 from .align import AlignedRouting
 from .nvfp4_tile import WEIGHT_SHIFT, dequant_group, mma
@@ -114,7 +114,7 @@ def gemm1_nvfp4(
         zero, zero.numel(), num_pairs, ip, hp // K_GROUP, top_k, routing.max_tiles,
         x.stride(0), w13.stride(0), w13.stride(1), w13_scale.stride(0), w13_scale.stride(1), y.stride(0),
         BLOCK_M=routing.block_m, BLOCK_N=BLOCK_N, GROUP_M=GROUP_M,
-        WEIGHT_ON_INPUT=weight_on_input, INTERPRET=os.environ.get("TRITON_INTERPRET") == "1",
+        WEIGHT_ON_INPUT=weight_on_input, INTERPRET=INTERPRETING,
         ZERO_BLOCK=ZERO_BLOCK, num_warps=num_warps, num_stages=num_stages,
     )
     return y

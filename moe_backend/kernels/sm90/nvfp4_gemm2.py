@@ -10,13 +10,13 @@ rows into the fp32 workspace ``acc [T, H]`` at their tokens, exactly like the FP
 GEMM2: ``acc`` is zeroed by GEMM1 and cast to bf16 by :func:`combine.cast_out`.
 """
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from .nvfp4_layout import K_GROUP
+from ..interpret import INTERPRETING
 from .align import AlignedRouting
 from .tiles import aligned_rows, tile_coords
 from .nvfp4_tile import WEIGHT_SHIFT, dequant_group, mma
@@ -92,6 +92,6 @@ def gemm2_nvfp4(
         num_pairs, h, groups, top_k, routing.max_tiles, per_split,
         y.stride(0), w2.stride(0), w2.stride(1), w2_scale.stride(0), w2_scale.stride(1), acc.stride(0),
         BLOCK_M=routing.block_m, BLOCK_N=BLOCK_N, GROUP_M=GROUP_M,
-        WEIGHT_ON_INPUT=weight_on_input, INTERPRET=os.environ.get("TRITON_INTERPRET") == "1",
+        WEIGHT_ON_INPUT=weight_on_input, INTERPRET=INTERPRETING,
         num_warps=num_warps, num_stages=num_stages,
     )

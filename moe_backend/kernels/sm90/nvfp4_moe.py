@@ -60,14 +60,21 @@ PREFILL_CONFIG: Dict[str, Any] = dict(
 )
 
 
+#: Prefill with narrow weight blocks on 4 warps, 32 tokens a tile.
+PREFILL_32_CONFIG: Dict[str, Any] = dict(PREFILL_CONFIG, BLOCK_M=32, BLOCK_N1=32, BLOCK_N2=64, num_warps1=4,
+                                         num_warps2=4)
+
+#: The heuristic default: (most expected rows per local expert, configuration), first match.
+DEFAULT_TIERS = ((16, DECODE_CONFIG), (64, PREFILL_32_CONFIG), (float("inf"), PREFILL_CONFIG))
+
 #: What the tuner times per token bucket (each overrides the heuristic default of that size):
 #: the decode path, and prefill tilings from skinny to square.
 CANDIDATE_CONFIGS = (
     DECODE_CONFIG,
     dict(DECODE_CONFIG, BLOCK_N1=64, num_warps1=8, BLOCK_N2=128),
     dict(DECODE_CONFIG, num_stages1=2, num_stages2=2),
-    dict(PREFILL_CONFIG, BLOCK_M=32, BLOCK_N1=32, BLOCK_N2=64, num_warps1=4, num_warps2=4),
-    dict(PREFILL_CONFIG, BLOCK_N1=32, BLOCK_N2=64, num_warps1=4, num_warps2=4),
+    PREFILL_32_CONFIG,
+    dict(PREFILL_32_CONFIG, BLOCK_M=64),
     PREFILL_CONFIG,
 )
 
@@ -75,11 +82,7 @@ CANDIDATE_CONFIGS = (
 def default_config(num_tokens: int, top_k: int, num_experts: int) -> Dict[str, Any]:
     """Heuristic configuration from the expected rows per local expert (balanced routing)."""
     rows_per_expert = num_tokens * top_k / num_experts
-    if rows_per_expert <= 16:
-        return dict(DECODE_CONFIG)
-    if rows_per_expert <= 64:
-        return dict(PREFILL_CONFIG, BLOCK_M=32, BLOCK_N1=32, BLOCK_N2=64, num_warps1=4, num_warps2=4)
-    return dict(PREFILL_CONFIG)
+    return dict(next(cfg for limit, cfg in DEFAULT_TIERS if rows_per_expert <= limit))
 
 
 def resolve_config(config: Optional[dict], num_tokens: int, top_k: int, num_experts: int) -> Dict[str, Any]:
