@@ -168,10 +168,13 @@ def test_zero_tokens():
 
 @runs_here
 def test_default_config_both_paths():
-    """The heuristic picks decode for few rows per expert and prefill for many."""
+    """The heuristic picks swap-AB for few pairs, the aligned decode path for few rows per expert
+    beyond, and prefill for many."""
     from moe_backend.kernels.sm90 import default_config
-    assert default_config(1, 8, 256)["path"] == "decode"
-    assert default_config(4, 8, 32)["path"] == "decode"
+    assert default_config(1, 8, 256)["path"] == "swapab"
+    assert default_config(16, 8, 32)["path"] == "swapab"
+    assert default_config(24, 8, 256)["path"] == "decode"
+    assert default_config(17, 8, 32)["path"] == "prefill"
     assert default_config(8192, 8, 32)["path"] == "prefill"
 
 

@@ -11,8 +11,12 @@ One call runs, all on the GPU with no host sync (CUDA-graph capturable):
 5. ``cast``: accumulator -> ``out[:T]`` bf16; or (``COMBINE="sum"``) stored as one
    bf16 row per pair, then ``sum_pairs`` adds each token's k rows in a fixed order.
 
-Paths, chosen by the expected rows per local expert ``T * k / E`` (:func:`default_config`):
+Paths, chosen by the pair count ``T * k`` and the expected rows per local expert ``T * k / E``
+(:func:`default_config`):
 
+* ``swapab`` (decode, up to ``fp8_swapab.MAX_PAIRS`` pairs): no ``align`` launch; each expert's
+  leader program gathers its pairs, weights on the MMA's M side (``fp8_swapab``), GEMM2's atomic
+  combine, ``cast``;
 * ``decode`` (few rows per expert: the layer is a weight stream): the GEMMs quantize
   their input tile as they load it (``QUANT_ON_LOAD1``: no ``act_quant`` launch;
   always in GEMM2, which reads GEMM1's fp32 intermediate),
@@ -20,6 +24,10 @@ Paths, chosen by the expected rows per local expert ``T * k / E`` (:func:`defaul
   experts' weights are spread over every SM and read once;
 * ``prefill``: pre-quantized input, e4m3 intermediate written by GEMM1's
   epilogue (BLOCK_N = 128: one column block is one scale group), large tiles.
+
+``QUANT_ON_LOAD1`` and ``QUANT_OUT1`` (GEMM1's input quantized as it is loaded / its output
+quantized in its epilogue, else GEMM2 quantizes it as it loads) apply to every path; ``PDL``
+(programmatic dependent launches of GEMM2 and the cast) to ``swapab``.
 
 Numerics (``NUMERICS``): ``accurate`` keeps GEMM1's output in fp32 up to the FP8
 requantization and sums the top-k in fp32. ``vllm_triton`` (FP8 block scales with
@@ -61,11 +69,17 @@ DECODE_CONFIG: Dict[str, Any] = dict(
     QUANT_OUT1=False,
 )
 #: ``swapab``: no alignment launch, weights on the MMA's M side (``fp8_swapab``); BLOCK_M is the
-#: pairs per MMA (its N side), BLOCK_N1 the gate (and up) rows of a GEMM1 tile.
+#: pairs per MMA (its N side), BLOCK_N1 the gate (and up) rows of a GEMM1 tile. The default is the
+#: fastest of an H200 scan at T = 1 .. 16 (docs/performance.md, "FP8 decode"): pre-quantized input,
+#: an e4m3 intermediate from GEMM1's epilogue (both GEMMs stream FP8 operands through shared memory
+#: without a register round trip), 128-row weight tiles on 8 warps, and GEMM2 launched as a
+#: programmatic dependent launch.
 SWAPAB_CONFIG: Dict[str, Any] = dict(
-    DECODE_CONFIG, path="swapab", BLOCK_M=16, BLOCK_N1=32, BLOCK_N2=64, SPLIT_K2=1,
-    num_warps1=4, num_stages1=4, num_warps2=4, num_stages2=4,
+    DECODE_CONFIG, path="swapab", QUANT_ON_LOAD1=False, QUANT_OUT1=True, PDL=True, BLOCK_M=16,
+    BLOCK_N1=128, num_warps1=8, num_stages1=4, BLOCK_N2=128, SPLIT_K2=1, num_warps2=8, num_stages2=4,
 )
+#: The swap-AB default is used up to this many (token, slot) pairs (measured up to T = 16, k = 8).
+SWAPAB_DEFAULT_MAX_PAIRS = 128
 PREFILL_CONFIG: Dict[str, Any] = dict(
     path="prefill", NUMERICS="accurate", COMBINE="sum", ZERO="fused", QUANT_ON_LOAD1=False, BLOCK_M=128,
     BLOCK_N1=128, BLOCK_K1=128, GROUP_M1=8, num_warps1=8, num_stages1=3,
@@ -93,7 +107,8 @@ DEFAULT_TIERS = ((1, DECODE_CONFIG), (16, SKINNY_CONFIG), (32, PREFILL_32_CONFIG
 #: the swap-AB and aligned decode paths, skinny atomic-combine tiles, and prefill tiles up to 128 rows.
 CANDIDATE_CONFIGS = (
     SWAPAB_CONFIG,
-    dict(SWAPAB_CONFIG, BLOCK_N1=64, BLOCK_N2=128, num_warps1=8, num_warps2=8),
+    dict(SWAPAB_CONFIG, num_stages1=3, BLOCK_N2=64, num_warps2=4),
+    dict(SWAPAB_CONFIG, QUANT_OUT1=False, BLOCK_N1=64, num_warps1=4, num_stages1=4),
     DECODE_CONFIG,
     dict(DECODE_CONFIG, SPLIT_K2=1),
     SKINNY_CONFIG,
@@ -132,12 +147,15 @@ def _check_vllm_numerics(cfg: Dict[str, Any], block_scaled: bool, dynamic: bool,
 def default_config(num_tokens: int, top_k: int, num_experts: int) -> Dict[str, Any]:
     """Heuristic configuration from the expected rows per local expert (balanced routing).
 
-    Tuned on an H100 with H=7168, I=2048 (a config sweep, docs/performance.md): up to
-    one row per expert the decode path; up to 16 the prefill kernels with BLOCK_M=16
+    Up to ``SWAPAB_DEFAULT_MAX_PAIRS`` pairs the swap-AB path (an H200 scan). Above, tuned on an
+    H100 with H=7168, I=2048 (a config sweep, docs/performance.md): up to one row per expert the
+    aligned decode path; up to 16 the prefill kernels with BLOCK_M=16
     and atomic combine (still a weight stream); above, larger tiles and the
     ``sum`` combine, which beats atomics once the workspace is large.
     """
     rows_per_expert = num_tokens * top_k / num_experts
+    if num_tokens * top_k <= SWAPAB_DEFAULT_MAX_PAIRS and rows_per_expert <= 16:
+        return dict(SWAPAB_CONFIG)
     return dict(next(cfg for limit, cfg in DEFAULT_TIERS if rows_per_expert <= limit))
 
 
