@@ -8,7 +8,7 @@ flushed before every call) rotating several input sets. Routing is balanced:
 token t takes experts ``perm[(t * k + j) % E]`` (a random permutation per set).
 
 Floors: ``max(active experts' weight bytes / bandwidth, flops / peak)`` with the
-DESIGN.md §8 H100 anchors (3028 GB/s; 1449 TFLOP/s FP8, 793 TFLOP/s bf16 for the
+docs/design.md §11.2 H100 anchors (3028 GB/s; 1449 TFLOP/s FP8, 793 TFLOP/s bf16 for the
 W4A16 NVFP4 path; NVFP4 weights are 0.5625 bytes); the bandwidth and FP8 peak
 measured in this run are printed beside them.
 
@@ -235,7 +235,7 @@ def measure_device_peaks(device: torch.device) -> Dict[str, float]:
 
 
 def floor_us(t: int, k: int, e: int, h: int, i: int, precision: str = "fp8_block") -> Dict[str, float]:
-    """Bandwidth and compute floors (µs) of the layer with balanced routing (DESIGN.md §8 anchors)."""
+    """Bandwidth and compute floors (µs) of the layer with balanced routing (docs/design.md §11.2 anchors)."""
     bytes_per_weight, peak_tflops = PRECISION_COST[precision]
     active = min(e, t * k)
     bw = active * 3 * h * i * bytes_per_weight / (ANCHOR_BW_GBS * 1e9) * 1e6
