@@ -2,6 +2,7 @@
 
 import re
 from pathlib import Path
+from typing import Iterator
 
 ROOT = Path(__file__).resolve().parents[1]
 DESIGN = ROOT / "docs" / "design.md"
@@ -13,7 +14,7 @@ CITATION = re.compile(r"design(?:\.md)?((?:,? ?§\d+(?:\.\d+)?)+)")
 SECTION = re.compile(r"§(\d+(?:\.\d+)?)")
 
 
-def _text_files():
+def _text_files() -> Iterator[Path]:
     for name in TOP_LEVEL:
         yield ROOT / name
     for folder in SOURCES:
