@@ -1,4 +1,4 @@
-"""Expert weight containers, one per precision, in the canonical layout (DESIGN.md §3).
+"""Expert weight containers, one per precision, in the canonical layout (docs/design.md §3.1).
 
 Every container holds the local experts of one layer: ``w13`` with rows
 ``[gate; up]`` (``2I`` rows, ``H`` columns) and ``w2`` (``H`` rows, ``I`` columns),

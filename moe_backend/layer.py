@@ -1,6 +1,6 @@
 """The fused-experts layer: one object per precision holding weights, config and kernel.
 
-Two entry points (DESIGN.md §1, §3)::
+Two entry points (docs/design.md §1, §3)::
 
     out = layer.forward(hidden, router_logits)           # routing computed inside
     out = layer.forward_routed(hidden, packed_topk)       # precomputed top-k, packed int32

@@ -6,7 +6,7 @@ container); each has an inverse, and the pair round-trips bit-exactly.
 Row orders of the stacked gate/up matrix ``w13 [..., 2I, K]`` (and of its block
 scales ``[..., 2I, K/16]``; its global scales ``[E, 2]`` follow along ``dim=-1``):
 
-* ``[gate; up]``: the canonical order (vLLM, this package; DESIGN.md §3);
+* ``[gate; up]``: the canonical order (vLLM, this package; docs/design.md §3.1);
 * ``[up; gate]``: FlashInfer's TRT-LLM MoE kernels — :func:`swap_gate_up`
   converts either way (it is its own inverse);
 * gated-row interleave: FlashInfer's ``reorder_rows_for_gated_act_gemm``

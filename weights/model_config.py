@@ -1,6 +1,6 @@
 """The DeepSeek-V3 architecture fields of a checkpoint's ``config.json`` that the MoE layers need.
 
-Only what the expert layers use is read (DESIGN.md §4); attention and vocabulary
+Only what the expert layers use is read (docs/design.md §5.5); attention and vocabulary
 fields are left to the engine. Unsupported routing (anything but sigmoid scores
 with ``noaux_tc`` top-k) is refused with a ``ValueError`` naming the field.
 """

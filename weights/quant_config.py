@@ -1,6 +1,6 @@
 """Which format each linear of a checkpoint is stored in: parsed from its quantization config.
 
-Four checkpoint formats (DESIGN.md §4):
+Four checkpoint formats (docs/design.md §5.5):
 
 * ``bf16``: no quantization config; every linear is a float ``weight``.
 * ``fp8_block`` (DeepSeek-V3 official): ``config.json:quantization_config``

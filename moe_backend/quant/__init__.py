@@ -1,4 +1,4 @@
-"""Weight and activation formats: FP8 block / per-tensor and NVFP4 (see DESIGN.md §4)."""
+"""Weight and activation formats: FP8 block / per-tensor and NVFP4 (see docs/design.md §5)."""
 
 from .fp8 import (
     BLOCK,

@@ -1,6 +1,6 @@
 """FP8 (e4m3) formats: 128x128 weight blocks, per-token activation groups, per tensor.
 
-Conventions (DESIGN.md §4):
+Conventions (docs/design.md §5.1, §5.2):
 
 * Block-scaled weights ``w [..., N, K]`` carry ``scale [..., ceil(N/128), ceil(K/128)]``
   fp32 and dequantize as ``w_fp8 * scale`` per block (DeepSeek-V3's

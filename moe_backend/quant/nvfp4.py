@@ -1,6 +1,6 @@
 """NVFP4 (ModelOpt) format: e2m1 codes, e4m3 scale per 16 along K, fp32 global scale.
 
-Layout (DESIGN.md §4):
+Layout (docs/design.md §5.3):
 
 * codes: 4 bits, bit 3 the sign, bits 0-2 index ``[0, .5, 1, 1.5, 2, 3, 4, 6]``;
   two per byte, element ``2i`` in the LOW nibble: ``packed [..., N, K/2]`` uint8.

@@ -1,6 +1,6 @@
 """Routing-replay output: the selected global expert ids, recorded per token.
 
-Contract (DESIGN.md §3): ``routing_replay_out`` is int16, 2-D ``[R, k]`` with
+Contract (docs/design.md §3.5): ``routing_replay_out`` is int16, 2-D ``[R, k]`` with
 ``R >= T``, contiguous, on the tokens' device. Rows ``[0, T)`` receive the ids
 in top-k column order; rows ``>= T`` are left untouched, so one buffer sized for
 the engine's max tokens serves every CUDA-graph bucket.

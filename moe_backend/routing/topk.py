@@ -66,7 +66,7 @@ def noaux_tc_topk(
     routed_scaling_factor: float = 1.0,
     apply_routed_scaling: bool = True,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """DeepSeek-V3 grouped top-k (``topk_method = noaux_tc``), DESIGN.md §4.
+    """DeepSeek-V3 grouped top-k (``topk_method = noaux_tc``), docs/design.md §4.
 
     ``router_logits [T, E]`` fp32, ``correction_bias [E]`` fp32 (selection only).
     Groups are ranked by the sum of their two best biased scores; experts outside

@@ -1,4 +1,4 @@
-"""Workspace and output buffers shared by every layer of a model (DESIGN.md §6).
+"""Workspace and output buffers shared by every layer of a model (docs/design.md §9).
 
 Layers of one model run one after another on a stream, so one buffer per
 (device, dtype, width, role) serves all of them: a 61-layer DeepSeek-V3 pays for

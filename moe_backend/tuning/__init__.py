@@ -1,4 +1,4 @@
-"""Autotuning keyed on the engine's serving max tokens (DESIGN.md §5).
+"""Autotuning keyed on the engine's serving max tokens (docs/design.md §8).
 
 - :mod:`.buckets`: the hybrid token-count buckets and the batch -> bucket mapping;
 - :mod:`.inputs`: seeded profiling inputs (approximate-max-load top-k for one EP rank);

@@ -1,4 +1,4 @@
-"""Token-count buckets for autotuning, keyed on the engine's serving max tokens (DESIGN.md §5).
+"""Token-count buckets for autotuning, keyed on the engine's serving max tokens (docs/design.md §8.1).
 
 The "hybrid" spacing is dense where tactics change quickly (small batches) and
 sparse where they do not::

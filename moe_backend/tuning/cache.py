@@ -1,4 +1,4 @@
-"""Persistent JSON cache of tuned configurations (DESIGN.md §5).
+"""Persistent JSON cache of tuned configurations (docs/design.md §8.4).
 
 One file holds the results of one *environment* (GPU name and the versions of
 moe_backend, torch, Triton and CUDA), as entries keyed by the problem signature

@@ -1,4 +1,4 @@
-"""Deterministic, realistic profiling inputs for autotuning (DESIGN.md §5).
+"""Deterministic, realistic profiling inputs for autotuning (docs/design.md §8.2).
 
 The top-k assignment is the balanced "approximate max load" of one EP rank: with
 ``ep = E_global / E_local`` and ``avg = T * k / ep`` (the rank's mean load), the
