@@ -22,7 +22,7 @@ Each ``restore_*`` is the exact inverse (the layer rebuilds canonical weights fr
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict
+from typing import Dict
 
 import torch
 
@@ -155,15 +155,12 @@ class NVFP4Layout(ExpertShapes):
     w2_scale_2: torch.Tensor
 
 
-def _block_scale_interleave() -> Callable[[torch.Tensor], torch.Tensor]:
-    from flashinfer import block_scale_interleave
-
-    return block_scale_interleave
-
-
 def _swizzle(scales: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
-    """Per expert: rows ``perm`` of ``scales [E, R, C]`` e4m3, then FlashInfer's 128x4 swizzle."""
-    interleave = _block_scale_interleave()
+    """Per expert: rows ``perm`` of ``scales [E, R, C]`` e4m3, then FlashInfer's 128x4 swizzle
+    (``block_scale_interleave``, from where ``prepare_trtllm_fp4_weights`` takes it; CUDA only)."""
+    from flashinfer.quantization import fp4_quantization
+
+    interleave = fp4_quantization.block_scale_interleave
     rows = scales.view(torch.uint8)[:, perm]
     out = torch.stack([interleave(rows[e].contiguous()).reshape(rows.shape[1:]) for e in range(rows.shape[0])])
     return out.view(FP8_DTYPE)
@@ -199,5 +196,6 @@ def restore_nvfp4(prepared: NVFP4Layout) -> NVFP4Weights:
                               NVFP4_SF_VEC)
     s13 = _rows(unswizzle_128x4(prepared.w13_scale.view(torch.uint8)), _inverse(sp13)).view(FP8_DTYPE)
     s2 = _rows(unswizzle_128x4(prepared.w2_scale.view(torch.uint8)), _inverse(sp2)).view(FP8_DTYPE)
-    return NVFP4Weights(up_gate(_rows(prepared.w13, _inverse(p13))), up_gate(s13), _rows(prepared.w2, _inverse(p2)),
-                        s2, prepared.w13_scale_2, prepared.w2_scale_2)
+    return NVFP4Weights(w13=up_gate(_rows(prepared.w13, _inverse(p13))), w13_scale=up_gate(s13),
+                        w13_scale_2=prepared.w13_scale_2, w2=_rows(prepared.w2, _inverse(p2)), w2_scale=s2,
+                        w2_scale_2=prepared.w2_scale_2)

@@ -92,7 +92,8 @@ def _fp8_block_args(p: FP8BlockLayout, hidden: torch.Tensor) -> Dict[str, Any]:
     # Per token per 128 channels, as our reference and the Hopper kernel (ue8m0 included);
     # FlashInfer reads the scales transposed, [H/128, T].
     q, s = quantize_fp8_per_token_group(hidden, 128, p.ue8m0)
-    return dict(hidden_states=q, hidden_states_scale=s.t().contiguous(), gemm1_weights=p.w13,
+    s_t = s.new_empty(s.shape[1], s.shape[0]).copy_(s.t())  # row-major strides even for one token
+    return dict(hidden_states=q, hidden_states_scale=s_t, gemm1_weights=p.w13,
                 gemm1_weights_scale=p.w13_scale, gemm2_weights=p.w2, gemm2_weights_scale=p.w2_scale,
                 use_shuffled_weight=False, weight_layout=int(WeightLayout.MajorK),
                 fp8_quantization_type=Fp8QuantizationType.DeepSeekFp8)
@@ -157,7 +158,7 @@ def run_computed_fp8_tensor(p: FP8TensorLayout, hidden: torch.Tensor, router_log
 
 # -- NVFP4 --------------------------------------------------------------------------------------
 def _nvfp4_args(p: NVFP4Layout, hidden: torch.Tensor) -> Dict[str, Any]:
-    from flashinfer.fused_moe import prepare_trtllm_fp4_activations
+    from flashinfer.fused_moe.prepare import prepare_trtllm_fp4_activations
     from flashinfer.fused_moe.api import QuantConfig, QuantFormat
     from flashinfer.tllm_enums import SfLayout
 
