@@ -209,24 +209,28 @@ def warmup(prepared: Any, context: LayerContext, inputs: Any, computed: bool, *,
     function, and through the computed one (seeded logits) when ``computed``.
     """
     from flashinfer.autotuner import autotune
+    from flashinfer.fused_moe import core
 
     check_flashinfer_ready()
+    started = time.perf_counter()
+    try:  # the first load fetches the cubins and compiles the module: at start-up, not in a request
+        core.get_trtllm_moe_sm100_module()
+    except (RuntimeError, AssertionError, OSError) as exc:
+        raise FlashInferNotReadyError(
+            f"FlashInfer could not load its TRT-LLM-gen MoE module ({type(exc).__name__}: {exc}); if it could not "
+            "fetch its cubins, install flashinfer-cubin of the same version (or set FLASHINFER_CUBIN_DIR); if it "
+            "could not compile, install flashinfer-jit-cache or a CUDA toolkit") from exc
+    logger.info("FlashInfer TRT-LLM-gen MoE module loaded in %.1f s", time.perf_counter() - started)
     run, run_computed = _RUNS[type(prepared)]
     kw = dict(local_expert_offset=local_expert_offset, apply_router_weight_on_input=apply_router_weight_on_input,
               out=torch.empty_like(inputs.hidden), context=context)
     started = time.perf_counter()
-    try:
-        with autotune(True):
-            run(prepared, inputs.hidden, inputs.topk_ids, inputs.topk_weights, **kw)
-            if computed:
-                gen = torch.Generator(device=inputs.hidden.device).manual_seed(0)
-                logits = torch.randn(inputs.hidden.shape[0], context.num_experts, generator=gen,
-                                     device=inputs.hidden.device)
-                run_computed(prepared, inputs.hidden, logits, **kw)
-    except (RuntimeError, AssertionError, OSError) as exc:
-        raise FlashInferNotReadyError(
-            f"FlashInfer's TRT-LLM-gen MoE failed in warm-up ({type(exc).__name__}: {exc}); if it could not fetch "
-            "its cubins, install flashinfer-cubin of the same version (or set FLASHINFER_CUBIN_DIR); if it could "
-            "not compile, install flashinfer-jit-cache or a CUDA toolkit") from exc
-    logger.info("FlashInfer TRT-LLM-gen MoE (%s) built and tuned up to %d tokens in %.1f s",
+    with autotune(True):
+        run(prepared, inputs.hidden, inputs.topk_ids, inputs.topk_weights, **kw)
+        if computed:
+            gen = torch.Generator(device=inputs.hidden.device).manual_seed(0)
+            logits = torch.randn(inputs.hidden.shape[0], context.num_experts, generator=gen,
+                                 device=inputs.hidden.device)
+            run_computed(prepared, inputs.hidden, logits, **kw)
+    logger.info("FlashInfer TRT-LLM-gen MoE (%s) tuned up to %d tokens in %.1f s",
                 type(prepared).__name__, context.max_num_tokens, time.perf_counter() - started)
