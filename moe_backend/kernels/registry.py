@@ -133,7 +133,8 @@ class Kernel:
             return f"it needs a GPU of compute capability {wanted}, this one is sm_{cap[0]}{cap[1]}"
         if self.interpretable and os.environ.get("TRITON_INTERPRET") == "1":
             return None
-        return f"it needs a CUDA GPU (or TRITON_INTERPRET=1 on a CPU), got device {device}"
+        interpreter = " (or TRITON_INTERPRET=1 on a CPU)" if self.interpretable else ""
+        return f"it needs a CUDA GPU{interpreter}, got device {device}"
 
 
 def _sm90_fp8_run(prepared: ExpertWeights, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, *,

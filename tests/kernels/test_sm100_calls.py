@@ -58,7 +58,8 @@ def flashinfer_cpu(monkeypatch):
 def _weights(precision):
     g = torch.Generator().manual_seed(0)
     w13, w2 = torch.randn(E_LOCAL, 2 * I, H, generator=g) * 0.05, torch.randn(E_LOCAL, H, I, generator=g) * 0.05
-    w = {"fp8_block": FP8BlockWeights, "fp8_tensor": FP8TensorWeights, "nvfp4": NVFP4Weights}[precision].quantize(w13, w2)
+    container = {"fp8_block": FP8BlockWeights, "fp8_tensor": FP8TensorWeights, "nvfp4": NVFP4Weights}[precision]
+    w = container.quantize(w13, w2)
     if precision == "fp8_tensor":
         w.a13_scale, w.a2_scale = torch.tensor([0.01]), torch.tensor([0.02])
     return w

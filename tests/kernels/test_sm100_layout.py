@@ -146,7 +146,8 @@ def test_nvfp4_restore_is_exact_with_distinct_global_scales(masters, cpu_fp4):
 def test_swizzle_reference_and_its_inverse():
     assert swizzle_128x4(torch.zeros(130, 5, dtype=torch.uint8)).numel() == _compute_swizzled_layout_sf_size(130, 5)
     unit = torch.zeros(256, 8, dtype=torch.int64)
-    for (r, c), at in {(0, 1): 1, (1, 0): 16, (32, 0): 4, (0, 4): 512, (128, 0): 128 * 8, (33, 5): 1 + 512 + 16 + 4}.items():
+    where = {(0, 1): 1, (1, 0): 16, (32, 0): 4, (0, 4): 512, (128, 0): 128 * 8, (33, 5): 1 + 512 + 16 + 4}
+    for (r, c), at in where.items():
         one = unit.clone()
         one[r, c] = 1
         assert swizzle_128x4(one).nonzero().flatten().tolist() == [at]

@@ -118,7 +118,8 @@ def run_computed_fp8_block(p: FP8BlockLayout, hidden: torch.Tensor, router_logit
 
     if hidden.shape[0]:
         trtllm_fp8_block_scale_moe(**_computed(context, router_logits, routing_replay_out),
-                                   **_fp8_block_args(p, hidden), **_shared(p, hidden, out, context, local_expert_offset))
+                                   **_fp8_block_args(p, hidden),
+                                   **_shared(p, hidden, out, context, local_expert_offset))
     return out[: hidden.shape[0]]
 
 
