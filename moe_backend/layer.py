@@ -185,7 +185,9 @@ class MoELayer:
         Call it once before CUDA-graph capture (it refuses to run inside one). Results come
         from ``cache`` (default: the user's cache directory) when present; afterwards every
         call maps T -> bucket -> configuration on the host. Kernels that are not tunable,
-        or a layer on the CPU, are left as they are. Returns kernel name -> result.
+        or a layer on the CPU, are left as they are. Kernels with a warm-up of their own
+        (FlashInfer's on Blackwell) first check they can start, then tune for ``max_num_tokens``
+        themselves. Returns kernel name -> result.
         """
         check_int("max_num_tokens", max_num_tokens, minimum=1)
         self._context = replace(self._context, max_num_tokens=max_num_tokens)

@@ -83,8 +83,9 @@ class Kernel:
     run_computed: Optional[Callable[..., torch.Tensor]] = None
     #: ``computed_routing_defect(context)``: why ``run_computed`` cannot route this layer, or None.
     computed_routing_defect: Optional[Callable[[LayerContext], Optional[str]]] = None
-    #: ``warmup(prepared, context, inputs, computed)``: readiness check and the kernel's own tuning for
-    #: ``context.max_num_tokens`` (``inputs``: max-load :class:`~moe_backend.tuning.MoEInputs`).
+    #: ``warmup(prepared, context, inputs, computed, *, local_expert_offset, apply_router_weight_on_input)``:
+    #: readiness check and the kernel's own tuning for ``context.max_num_tokens`` (``inputs``: max-load
+    #: :class:`~moe_backend.tuning.MoEInputs`; ``computed``: tune ``run_computed`` too).
     warmup: Optional[Callable[..., None]] = None
 
     def routes(self, context: LayerContext) -> bool:
