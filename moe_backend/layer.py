@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, ClassVar, Dict, Optional, Tuple, Type, Union
 
 import torch
@@ -29,7 +29,7 @@ from .expert_weights import (
     FP8TensorWeights,
     NVFP4Weights,
 )
-from .kernels.registry import Kernel, select_kernel
+from .kernels.registry import Kernel, LayerContext, select_kernel
 from .routing import RoutingConfig, check_replay_out, unpack_topk, write_routing_replay
 from .tuning import MoEInputs, ProblemSignature, TuningCache, TuningResult, moe_inputs, tune
 
@@ -104,6 +104,7 @@ class MoELayer:
         self._shape = (weights.hidden_size, weights.intermediate_size, weights.num_experts)
         self._device = weights.device
         self.correction_bias = correction_bias
+        self._context = LayerContext(config.num_experts, config.top_k, config.routing, correction_bias)
         self.requested_kernel = kernel
         self._kernels = {routed: select_kernel(weights.precision, weights.device, routed, kernel,
                                                weight_on_input=config.apply_router_weight_on_input)
@@ -184,9 +185,17 @@ class MoELayer:
         Call it once before CUDA-graph capture (it refuses to run inside one). Results come
         from ``cache`` (default: the user's cache directory) when present; afterwards every
         call maps T -> bucket -> configuration on the host. Kernels that are not tunable,
-        or a layer on the CPU, are left as they are. Returns kernel name -> result.
+        or a layer on the CPU, are left as they are. Kernels with a warm-up of their own
+        (FlashInfer's on Blackwell) first check they can start, then tune for ``max_num_tokens``
+        themselves. Returns kernel name -> result.
         """
         check_int("max_num_tokens", max_num_tokens, minimum=1)
+        self._context = replace(self._context, max_num_tokens=max_num_tokens)
+        for name, kernel in {k.name: k for k in self._kernels.values() if k.warmup is not None}.items():
+            computed = self._kernels[False] is kernel and kernel.routes(self._context)
+            kernel.warmup(self._prepared[name], self._context, _input_factory(self)(max_num_tokens), computed,
+                          local_expert_offset=self.config.local_expert_offset,
+                          apply_router_weight_on_input=self.config.apply_router_weight_on_input)
         kernels = {k.name: k for k in self._kernels.values()
                    if k.tunable and self.device.type == "cuda" and k.name not in self._fixed_configs}
         if not kernels:
@@ -219,9 +228,12 @@ class MoELayer:
                      shape=(t, self.config.num_experts), device=hidden.device)
         check_replay_out(routing_replay_out, t, self.config.top_k, hidden.device)
         check_out("out", out, rows=t, cols=self.hidden_size, dtype=hidden.dtype, device=hidden.device)
+        kernel = self._kernels[False]
+        if kernel.routes(self._context):
+            return kernel.run_computed(self._prepared[kernel.name], hidden, router_logits,
+                                       routing_replay_out=routing_replay_out, **self._run_kwargs(kernel, hidden, out))
         ids, weights = self.config.routing.select(router_logits, self.config.top_k, self.correction_bias)
-        write_routing_replay(ids, routing_replay_out)
-        return self._run(self._kernels[False], hidden, ids, weights, out)
+        return self._run(kernel, hidden, ids, weights, out, routing_replay_out)
 
     def forward_routed(self, hidden: torch.Tensor, topk: TopK, *,
                        routing_replay_out: Optional[torch.Tensor] = None,
@@ -235,8 +247,7 @@ class MoELayer:
         ids, weights = self._unpack(topk, t, hidden.device)
         check_replay_out(routing_replay_out, t, self.config.top_k, hidden.device)
         check_out("out", out, rows=t, cols=self.hidden_size, dtype=hidden.dtype, device=hidden.device)
-        write_routing_replay(ids, routing_replay_out)
-        return self._run(self._kernels[True], hidden, ids, weights, out)
+        return self._run(self._kernels[True], hidden, ids, weights, out, routing_replay_out)
 
     def experts(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, *,
                 out: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -270,18 +281,26 @@ class MoELayer:
         return ids, weights
 
     def _run(self, kernel: Kernel, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
-             out: Optional[torch.Tensor]) -> torch.Tensor:
-        if out is None:
-            out = torch.empty_like(hidden)
-        extra = {}
+             out: Optional[torch.Tensor], routing_replay_out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        kw = self._run_kwargs(kernel, hidden, out)
+        if kernel.takes_context:
+            kw["routing_replay_out"] = routing_replay_out
+        else:
+            write_routing_replay(ids, routing_replay_out)
+        return kernel.run(self._prepared[kernel.name], hidden, ids, weights, **kw)
+
+    def _run_kwargs(self, kernel: Kernel, hidden: torch.Tensor, out: Optional[torch.Tensor]) -> dict:
+        """Keyword arguments of ``kernel.run`` / ``run_computed`` besides the replay buffer."""
+        kw = dict(local_expert_offset=self.config.local_expert_offset,
+                  apply_router_weight_on_input=self.config.apply_router_weight_on_input,
+                  out=torch.empty_like(hidden) if out is None else out)
+        if kernel.takes_context:
+            kw["context"] = self._context
         if kernel.name in self._fixed_configs:
-            extra["config"] = self._fixed_configs[kernel.name]
+            kw["config"] = self._fixed_configs[kernel.name]
         elif kernel.name in self._tuned:
-            extra["config"] = self._tuned[kernel.name].config_for(hidden.shape[0])
-        return kernel.run(self._prepared[kernel.name], hidden, ids, weights,
-                          local_expert_offset=self.config.local_expert_offset,
-                          apply_router_weight_on_input=self.config.apply_router_weight_on_input,
-                          out=out, **extra)
+            kw["config"] = self._tuned[kernel.name].config_for(hidden.shape[0])
+        return kw
 
 
 def _kernel_runner(kernel: Kernel, prepared: object, config: MoEConfig) -> Callable[[dict, MoEInputs], None]:

@@ -46,4 +46,6 @@ def main(args: argparse.Namespace) -> int:
     for kernel, per_precision in available_kernels(device).items():
         for precision, reason in per_precision.items():
             print(f"  {kernel:<22} {precision:<11} {'available' if reason is None else 'no: ' + reason}")
+    print("\nThe sm100_flashinfer_* kernels (FlashInfer's TRT-LLM-gen MoE for sm_100/sm_103) are checked on a CPU "
+          "against FlashInfer 0.7.2.post1 but have never run on a Blackwell GPU (docs/blackwell.md).")
     return 0

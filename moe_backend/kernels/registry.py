@@ -3,7 +3,9 @@
 Every kernel runs the same contract as :func:`reference_fused_experts`
 (``run(prepared, hidden, ids, weights, *, local_expert_offset,
 apply_router_weight_on_input, out)``, plus ``config=`` for tunable kernels) after a
-one-time ``prepare(weights)`` that puts the weights in the layout it reads. Kernel
+one-time ``prepare(weights)`` that puts the weights in the layout it reads. Kernels that
+route themselves (FlashInfer's on Blackwell) also take the layer's :class:`LayerContext` and
+offer ``run_computed`` from router logits. Kernel
 modules are imported on first use: Triton is not needed to import this package. ``auto`` takes the first available
 kernel of the table's row and falls back to the torch reference; a kernel asked
 for by name that cannot run raises :class:`KernelUnavailableError`.
@@ -18,10 +20,27 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import torch
 
 from ..expert_weights import PRECISIONS, ExpertWeights, FP8BlockWeights, FP8TensorWeights, NVFP4Weights
+from ..routing import RoutingConfig
 from .interpret import INTERPRETING
 from .reference import reference_fused_experts
 
 Capability = Tuple[int, int]
+
+
+@dataclass(frozen=True)
+class LayerContext:
+    """What a kernel with ``takes_context`` needs beyond its prepared weights (built by the layer).
+
+    ``num_experts`` is the global expert count, ``correction_bias`` the fp32 ``[num_experts]``
+    routing bias (or None), ``max_num_tokens`` the engine's max tokens the kernel tunes for
+    (set by the layer's warm-up; FlashInfer's default 8192 before it).
+    """
+
+    num_experts: int
+    top_k: int
+    routing: RoutingConfig
+    correction_bias: Optional[torch.Tensor] = None
+    max_num_tokens: int = 8192
 
 
 class KernelUnavailableError(RuntimeError):
@@ -56,6 +75,23 @@ class Kernel:
     weight_on_input_defect: Optional[str] = None
     #: Module (under moe_backend.kernels) whose ``CANDIDATE_CONFIGS`` the tuner times; None: not tunable.
     tuning_module: Optional[str] = None
+    #: ``run`` also takes ``context=`` (:class:`LayerContext`) and ``routing_replay_out=``, and fills the
+    #: replay itself (the layer does for the other kernels).
+    takes_context: bool = False
+    #: ``run_computed(prepared, hidden, router_logits, *, local_expert_offset, apply_router_weight_on_input,
+    #: out, context, routing_replay_out)``: routes inside the kernel; None: the layer routes and calls ``run``.
+    run_computed: Optional[Callable[..., torch.Tensor]] = None
+    #: ``computed_routing_defect(context)``: why ``run_computed`` cannot route this layer, or None.
+    computed_routing_defect: Optional[Callable[[LayerContext], Optional[str]]] = None
+    #: ``warmup(prepared, context, inputs, computed, *, local_expert_offset, apply_router_weight_on_input)``:
+    #: readiness check and the kernel's own tuning for ``context.max_num_tokens`` (``inputs``: max-load
+    #: :class:`~moe_backend.tuning.MoEInputs`; ``computed``: tune ``run_computed`` too).
+    warmup: Optional[Callable[..., None]] = None
+
+    def routes(self, context: LayerContext) -> bool:
+        """Whether the computed entry point hands router logits to ``run_computed``."""
+        return self.run_computed is not None and (
+            self.computed_routing_defect is None or self.computed_routing_defect(context) is None)
 
     @property
     def tunable(self) -> bool:
@@ -98,7 +134,8 @@ class Kernel:
             return f"it needs a GPU of compute capability {wanted}, this one is sm_{cap[0]}{cap[1]}"
         if self.interpretable and INTERPRETING:
             return None
-        return f"it needs a CUDA GPU (or TRITON_INTERPRET=1 on a CPU), got device {device}"
+        interpreter = " (or TRITON_INTERPRET=1 on a CPU)" if self.interpretable else ""
+        return f"it needs a CUDA GPU{interpreter}, got device {device}"
 
 
 def _sm90_fp8_run(prepared: ExpertWeights, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, *,
@@ -135,7 +172,29 @@ def _sm90_nvfp4_run(prepared: Any, hidden: torch.Tensor, ids: torch.Tensor, weig
     return fused_experts_nvfp4(hidden, prepared, ids, weights, **kw)
 
 
+def _sm100(module: str, name: str) -> Callable[..., Any]:
+    """``moe_backend.kernels.sm100.<module>.<name>``, imported (with FlashInfer) on first call."""
+    def call(*args: Any, **kw: Any) -> Any:
+        return getattr(importlib.import_module(f"moe_backend.kernels.sm100.{module}"), name)(*args, **kw)
+    call.__name__ = name
+    return call
+
+
+def _sm100_kernel(precision: str) -> Kernel:
+    """FlashInfer's TRT-LLM-gen MoE for ``precision``: routed and (DeepSeek-V3 routing) computed."""
+    return Kernel(
+        f"sm100_flashinfer_{precision}", (precision,), BLACKWELL, prepare=_sm100("layout", f"prepare_{precision}"),
+        run=_sm100("moe", f"run_{precision}"), requires=("flashinfer",),
+        restore=_sm100("layout", f"restore_{precision}"), capturable=True,
+        weight_on_input_defect=None if precision == "fp8_tensor" else
+        "FlashInfer's TRT-LLM-gen kernels scale the GEMM1 input by the router weight for FP8 per tensor only",
+        takes_context=True, run_computed=_sm100("moe", f"run_computed_{precision}"),
+        computed_routing_defect=_sm100("moe", "computed_routing_defect"), warmup=_sm100("moe", "warmup"))
+
+
 HOPPER: Tuple[Capability, ...] = ((9, 0),)
+#: B200/GB200 (10.0) and B300/GB300 (10.3). Never run on one (docs/blackwell.md).
+BLACKWELL: Tuple[Capability, ...] = ((10, 0), (10, 3))
 
 REFERENCE = Kernel("reference", PRECISIONS, None, prepare=lambda w: w, run=_reference_run)
 SM90_FP8 = Kernel("sm90_triton_fp8", ("fp8_block", "fp8_tensor"), HOPPER, prepare=lambda w: w,
@@ -147,7 +206,12 @@ SM90_NVFP4 = Kernel("sm90_triton_nvfp4", ("nvfp4",), HOPPER, prepare=_sm90_nvfp4
                     run=_sm90_nvfp4_run, requires=("triton",), restore=_sm90_nvfp4_restore, interpretable=True, capturable=True,
                     tuning_module="sm90.nvfp4_moe")
 
-KERNELS: Dict[str, Kernel] = {k.name: k for k in (REFERENCE, SM90_FP8, SM90_NVFP4)}
+SM100_FP8_BLOCK = _sm100_kernel("fp8_block")
+SM100_FP8_TENSOR = _sm100_kernel("fp8_tensor")
+SM100_NVFP4 = _sm100_kernel("nvfp4")
+
+KERNELS: Dict[str, Kernel] = {k.name: k for k in (REFERENCE, SM90_FP8, SM90_NVFP4, SM100_FP8_BLOCK,
+                                                  SM100_FP8_TENSOR, SM100_NVFP4)}
 
 #: (precision, compute capability, routed?) -> kernels to try in order before the reference.
 SELECTION_TABLE: Dict[Tuple[str, Capability, bool], Tuple[str, ...]] = {
@@ -157,6 +221,8 @@ SELECTION_TABLE: Dict[Tuple[str, Capability, bool], Tuple[str, ...]] = {
     ("fp8_tensor", (9, 0), True): ("sm90_triton_fp8",),
     ("nvfp4", (9, 0), False): ("sm90_triton_nvfp4",),
     ("nvfp4", (9, 0), True): ("sm90_triton_nvfp4",),
+    **{(precision, cap, routed): (f"sm100_flashinfer_{precision}",)
+       for precision in ("fp8_block", "fp8_tensor", "nvfp4") for cap in BLACKWELL for routed in (False, True)},
 }
 
 

@@ -28,6 +28,7 @@ def test_info_prints_kernels(capsys):
     assert cli.main(["info"]) == 0
     text = capsys.readouterr().out
     assert "reference" in text and "torch" in text
+    assert "sm100_flashinfer_nvfp4" in text and "never run on a Blackwell GPU" in text
 
 
 def test_console_entry_point_help():

@@ -52,3 +52,55 @@ def test_weight_on_input_defect_keeps_fp8_layers_off_the_triton_kernel(monkeypat
         registry.select_kernel("fp8_block", cpu, True, "sm90_triton_fp8", weight_on_input=True)
     assert registry.select_kernel("nvfp4", cpu, True, "sm90_triton_nvfp4", weight_on_input=True).name \
         == "sm90_triton_nvfp4"
+
+
+@pytest.fixture
+def blackwell(monkeypatch):
+    """A CUDA device query answering sm_100 / sm_103; flashinfer present or not as the test says."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+
+    def set_gpu(cap, flashinfer=True):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cap)
+        def find_spec(name, *a):
+            return (object() if flashinfer else None) if name == "flashinfer" else real(name, *a)
+        monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+        return torch.device("cuda")
+    return set_gpu
+
+
+@pytest.mark.parametrize("cap", [(10, 0), (10, 3)])
+def test_blackwell_rows_pick_flashinfer(blackwell, cap):
+    gpu = blackwell(cap)
+    for precision in ("fp8_block", "fp8_tensor", "nvfp4"):
+        for routed in (False, True):
+            assert registry.select_kernel(precision, gpu, routed).name == f"sm100_flashinfer_{precision}"
+    assert registry.select_kernel("bf16", gpu, False).name == "reference"
+    # FlashInfer scales the GEMM1 input by the router weight for FP8 per tensor only
+    assert registry.select_kernel("fp8_tensor", gpu, True, weight_on_input=True).name == "sm100_flashinfer_fp8_tensor"
+    assert registry.select_kernel("fp8_block", gpu, True, weight_on_input=True).name == "reference"
+
+
+def test_blackwell_without_flashinfer_falls_back_or_names_it(blackwell):
+    gpu = blackwell((10, 0), flashinfer=False)
+    assert registry.select_kernel("nvfp4", gpu, True).name == "reference"
+    with pytest.raises(registry.KernelUnavailableError, match="flashinfer are not installed"):
+        registry.select_kernel("nvfp4", gpu, True, "sm100_flashinfer_nvfp4")
+
+
+def test_sm100_kernels_on_hopper_and_cpu(blackwell):
+    assert "sm_100, sm_103" in registry.SM100_NVFP4.unavailable_reason("nvfp4", blackwell((9, 0)))
+    reason = registry.SM100_FP8_BLOCK.unavailable_reason("fp8_block", torch.device("cpu"))
+    assert "needs a CUDA GPU" in reason and "TRITON_INTERPRET" not in reason
+
+
+def test_contract_extension_leaves_hopper_kernels_alone():
+    ctx = registry.LayerContext(256, 8, registry.RoutingConfig.deepseek_v3())
+    assert ctx.max_num_tokens == 8192  # FlashInfer's default until the layer's warm-up sets it
+    for kernel in (registry.REFERENCE, registry.SM90_FP8, registry.SM90_NVFP4):
+        assert not kernel.takes_context and kernel.run_computed is None and kernel.warmup is None
+        assert not kernel.routes(ctx)
+    for kernel in (registry.SM100_FP8_BLOCK, registry.SM100_FP8_TENSOR, registry.SM100_NVFP4):
+        assert kernel.takes_context and kernel.routes(ctx) and kernel.capabilities == registry.BLACKWELL
+        assert not kernel.routes(registry.LayerContext(256, 8, registry.RoutingConfig("softmax")))
