@@ -162,9 +162,14 @@ def check_scale_values(name: str, scale: torch.Tensor, *, allow_zero: bool) -> t
             flat_index = start + int(bad.nonzero()[0, 0])
             index = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat_index), scale.shape))
             want = "finite and >= 0" if allow_zero else "finite and > 0"
-            raise ValueError(f"{name}: expected scales {want}, got {float(flat[flat_index])} at index "
+            raise ValueError(f"{name}: expected scales {want}, got {_value_text(flat[flat_index])} at index "
                              f"{list(index)} (shape {tuple(scale.shape)})")
     return scale
+
+
+def _value_text(element: torch.Tensor) -> str:
+    """A 0-d tensor's value as its own precision prints it (fp32 -0.001 as ``-0.001``, not 17 digits)."""
+    return str(element.float().cpu().numpy())
 
 
 def check_finite(name: str, t: torch.Tensor) -> None:
@@ -172,7 +177,7 @@ def check_finite(name: str, t: torch.Tensor) -> None:
     bad = ~torch.isfinite(t)
     if bool(bad.any()):
         index = [int(i) for i in bad.nonzero()[0]]
-        raise ValueError(f"{name}: expected finite values, got {float(t[tuple(index)])} at index {index}")
+        raise ValueError(f"{name}: expected finite values, got {_value_text(t[tuple(index)])} at index {index}")
 
 
 def overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -65,8 +65,9 @@ class MoEConfig:
     ``check_values`` (default: ``$MOE_BACKEND_CHECK_VALUES == "1"``) makes every eager call
     read its inputs' values and refuse non-finite hidden states, router logits or top-k weights
     and ids outside ``[-1, num_experts)`` (a host sync per call: for debugging; skipped inside a
-    CUDA-graph capture). Off, the forward path reads no values: non-finite inputs propagate to
-    the affected tokens' outputs and ids outside the local range contribute nothing.
+    CUDA-graph capture). Off, the forward path reads no values: non-finite inputs make the
+    affected tokens' outputs undefined (other tokens are untouched) and ids outside the local
+    range contribute nothing.
     """
 
     num_experts: int
