@@ -52,3 +52,18 @@ def test_weight_on_input_defect_keeps_fp8_layers_off_the_triton_kernel(monkeypat
         registry.select_kernel("fp8_block", cpu, True, "sm90_triton_fp8", weight_on_input=True)
     assert registry.select_kernel("nvfp4", cpu, True, "sm90_triton_nvfp4", weight_on_input=True).name \
         == "sm90_triton_nvfp4"
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: registry.select_kernel("fp8_block", 0, True), TypeError, "device: expected a torch.device or str"),
+    (lambda: registry.select_kernel("fp8_block", "quantum", True), ValueError, "device: expected a device"),
+    (lambda: registry.select_kernel("fp8_block", torch.device("cpu"), "yes"), TypeError, "routed: expected a bool"),
+    (lambda: registry.select_kernel("fp8_block", torch.device("cpu"), True, None), TypeError, "kernel: expected a str"),
+    (lambda: registry.select_kernel(["fp8_block"], torch.device("cpu"), True), ValueError, "precision: expected one of"),
+    (lambda: registry.select_kernel("fp8_block", torch.device("cpu"), True, weight_on_input=1), TypeError,
+     "weight_on_input: expected a bool"),
+    (lambda: registry.available_kernels(None), TypeError, "device: expected a torch.device or str"),
+])
+def test_bad_arguments_are_named(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
