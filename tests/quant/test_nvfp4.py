@@ -120,7 +120,8 @@ def test_empty_inputs_give_empty_outputs(shape):
 def test_explicit_global_scale_outside_the_rule_is_refused(value, index):
     g = torch.ones(2)
     g[index] = value
-    with pytest.raises(ValueError, match=rf"^global_scale: expected scales finite and > 0, got .* at index \[{index}\]"):
+    with pytest.raises(ValueError, match=rf"^global_scale: expected scales finite and > 0, got .* at index "
+                                         rf"\[{index}\]"):
         nvfp4.quantize_nvfp4(torch.randn(2, 4, 32), g)
 
 

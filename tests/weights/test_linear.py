@@ -46,7 +46,8 @@ CASES = [
     ("fp8", f"{EXPERT}.weight_scale_inv", lambda p, k: _with(p, k, 0, -0.5), r"got -0.5 at index \[0, 0\]"),
     ("fp8", f"{EXPERT}.weight_scale_inv", lambda p, k: _with(p, k, 1, float("inf")), r"got inf at index \[0, 1\]"),
     ("fp8", f"{SHARED}.weight_scale_inv", lambda p, k: _with(p, k, 0, float("-inf")), r"got -inf at index \[0, 0\]"),
-    ("fp8_tensor", f"{EXPERT}.weight_scale", lambda p, k: torch.tensor(float("-inf")), "finite positive scale, got -inf"),
+    ("fp8_tensor", f"{EXPERT}.weight_scale", lambda p, k: torch.tensor(float("-inf")),
+     "finite positive scale, got -inf"),
     ("fp8_tensor", f"{SHARED}.input_scale", lambda p, k: torch.tensor(0.0), "finite positive scale, got 0.0"),
 ]
 
