@@ -393,7 +393,8 @@ def test_out_rows_beyond_the_tokens_may_hold_the_hidden_states():
     (lambda l, h, g: l.forward_routed(h, pack_topk(torch.full((3, K), -1, dtype=torch.int32).index_fill(
         1, torch.tensor([0]), 300), torch.ones(3, K))), r"topk_ids: expected global expert ids in \[-1, 16\)"),
     (lambda l, h, g: l.experts(h.index_fill(0, torch.tensor([2]), float("-inf")),
-                               torch.full((3, K), 8, dtype=torch.int32), torch.ones(3, K)), r"hidden: expected finite values, got -inf at index \[2, 0\]"),
+                               torch.full((3, K), 8, dtype=torch.int32), torch.ones(3, K)),
+     r"hidden: expected finite values, got -inf at index \[2, 0\]"),
 ])
 def test_check_values_refuses_non_finite_inputs_and_foreign_ids(call, match):
     layer = _layer(check_values=True)
