@@ -7,6 +7,7 @@ was expected and what was given.
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence, Union
 
 import torch
@@ -100,3 +101,96 @@ def check_out(name: str, out: Optional[torch.Tensor], *, rows: int, cols: int,
 def capturing() -> bool:
     """True while the current CUDA stream is capturing a graph (value checks must not sync)."""
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def check_bool(name: str, value: object) -> bool:
+    """Validate a flag: only ``True`` or ``False`` (a string such as ``"no"`` is truthy, so it is refused)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected a bool, got {type(value).__name__} {value!r}")
+    return value
+
+
+def check_str(name: str, value: object) -> str:
+    """Validate a string argument."""
+    if not isinstance(value, str):
+        raise TypeError(f"{name}: expected a str, got {type(value).__name__} {value!r}")
+    return value
+
+
+def check_real(name: str, value: object, *, positive: bool = False) -> float:
+    """Validate a finite real number (int or float, not bool); with ``positive``, ``> 0``. Returns a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected a float, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not math.isfinite(value) or (positive and value <= 0):
+        raise ValueError(f"{name}: expected a finite {'positive ' if positive else ''}float, got {value}")
+    return value
+
+
+def check_device(name: str, value: object) -> torch.device:
+    """Validate a device argument (a ``torch.device`` or a string torch parses as one)."""
+    if isinstance(value, torch.device):
+        return value
+    if isinstance(value, str):
+        try:
+            return torch.device(value)
+        except RuntimeError as exc:
+            raise ValueError(f"{name}: expected a device such as 'cpu' or 'cuda:0', got {value!r}") from exc
+    raise TypeError(f"{name}: expected a torch.device or str, got {type(value).__name__} {value!r}")
+
+
+#: Elements per pass of :func:`check_scale_values`, so checking a large scale tensor needs
+#: bounded temporary memory (an NVFP4 layer of DeepSeek-V3 has ~7e8 block scales).
+_SCALE_CHUNK = 1 << 24
+
+
+def check_scale_values(name: str, scale: torch.Tensor, *, allow_zero: bool) -> torch.Tensor:
+    """Refuse scales that are not finite, negative, or (unless ``allow_zero``) zero.
+
+    Raises ``ValueError`` naming ``name``, the index of the first bad element and its value.
+    One pass over the tensor in chunks and a host synchronisation: call it once where the
+    scales are built (containers, checkpoint reads), never on the forward path. Skipped while a
+    CUDA graph is being captured (values cannot be read then).
+    """
+    if capturing() or scale.numel() == 0:
+        return scale
+    flat = scale.reshape(-1)
+    for start in range(0, flat.numel(), _SCALE_CHUNK):
+        chunk = flat[start: start + _SCALE_CHUNK].float()
+        bad = ~torch.isfinite(chunk) | (chunk < 0 if allow_zero else chunk <= 0)
+        if bool(bad.any()):
+            flat_index = start + int(bad.nonzero()[0, 0])
+            index = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat_index), scale.shape))
+            want = "finite and >= 0" if allow_zero else "finite and > 0"
+            raise ValueError(f"{name}: expected scales {want}, got {_value_text(flat[flat_index])} at index "
+                             f"{list(index)} (shape {tuple(scale.shape)})")
+    return scale
+
+
+def _value_text(element: torch.Tensor) -> str:
+    """A 0-d tensor's value as its own precision prints it (fp32 -0.001 as ``-0.001``, not 17 digits)."""
+    return str(element.float().cpu().numpy())
+
+
+def check_finite(name: str, t: torch.Tensor) -> None:
+    """Refuse a tensor holding NaN or +-inf, naming it and the first bad index (one host sync)."""
+    bad = ~torch.isfinite(t)
+    if bool(bad.any()):
+        index = [int(i) for i in bad.nonzero()[0]]
+        raise ValueError(f"{name}: expected finite values, got {_value_text(t[tuple(index)])} at index {index}")
+
+
+def overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """True when the memory spans of ``a`` and ``b`` intersect (host-only pointer arithmetic)."""
+    if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
+        return False
+    a0 = a.data_ptr()
+    b0 = b.data_ptr()
+    a1 = a0 + _span_bytes(a)
+    b1 = b0 + _span_bytes(b)
+    return a0 < b1 and b0 < a1
+
+
+def _span_bytes(t: torch.Tensor) -> int:
+    last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()) if size > 0)
+    return (last + 1) * t.element_size()

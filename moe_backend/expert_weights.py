@@ -5,23 +5,47 @@ Every container holds the local experts of one layer: ``w13`` with rows
 plus the scales its format needs. Containers validate themselves on
 construction and dequantize one expert at a time (the reference never
 materializes all experts in fp32).
+
+Scale rule (checked once, at construction; the forward path never reads a scale's value):
+a scale of one whole matrix (FP8 per-tensor weight and activation scales, NVFP4 global
+scales) must be finite and > 0; a block scale (FP8 128x128, NVFP4 e4m3 per 16) must be
+finite and >= 0 (0 is what an all-zero block quantizes to). Anything else raises
+``ValueError`` naming the field and the first bad index. ``$MOE_BACKEND_CHECK_SCALES=0``
+skips these value checks, for engines' dummy-weight benchmarks whose random scales are
+negative (vLLM's ``load_format="dummy"``); the shapes and dtypes are still checked.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass, fields
 from typing import Callable, ClassVar, Optional, Tuple
 
 import torch
 
-from ._checks import check_tensor
+from ._checks import check_bool, check_int, check_scale_values, check_tensor
 from .quant import fp8, nvfp4
 
+logger = logging.getLogger(__name__)
+
 PRECISIONS = ("bf16", "fp8_block", "fp8_tensor", "nvfp4")
+#: Set to "0" to skip the scale value checks (dummy weights); "1" or unset: check.
+CHECK_SCALES_ENV = "MOE_BACKEND_CHECK_SCALES"
 
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _check_master(w13: object, w2: object) -> None:
+    """Float master weights for ``quantize``: ``w13 [E, 2I, H]``, ``w2 [E, H, I]`` (the sizes are
+    checked by the container built from them)."""
+    check_tensor("w13", w13, dtype=_FLOATS, ndim=3, contiguous=False)
+    check_tensor("w2", w2, dtype=_FLOATS, ndim=3, device=w13.device, contiguous=False)
 
 
 class ExpertShapes:
@@ -75,6 +99,19 @@ class ExpertWeights(ExpertShapes):
                 f"multiples of {m}, got H={h}, I={i}"
             )
 
+    def _check_scales(self, *, matrix: Tuple[str, ...] = (), block: Tuple[str, ...] = ()) -> None:
+        """Apply the scale rule (module docstring) to the ``matrix`` and ``block`` scale fields."""
+        setting = os.environ.get(CHECK_SCALES_ENV, "1")
+        if setting not in ("0", "1", ""):
+            raise ValueError(f"{CHECK_SCALES_ENV}: expected '0' or '1', got {setting!r}")
+        if setting == "0":
+            logger.debug("%s=0: scale values of %s not checked", CHECK_SCALES_ENV, type(self).__name__)
+            return
+        for names, allow_zero in ((matrix, False), (block, True)):
+            for name in names:
+                if getattr(self, name) is not None:
+                    check_scale_values(name, getattr(self, name), allow_zero=allow_zero)
+
     def _check_pair(self, w13_cols: Callable[[int], int], w2_cols: Callable[[int], int],
                     dtype: torch.dtype) -> Tuple[int, int, int]:
         """Validate ``w13 [E, 2I, w13_cols(H)]`` and ``w2 [E, H, w2_cols(I)]``; return (E, H, I)."""
@@ -95,8 +132,14 @@ class ExpertWeights(ExpertShapes):
         raise NotImplementedError
 
     def dequantize_expert(self, e: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        """fp32 ``(w13 [2I, H], w2 [H, I])`` of local expert ``e``."""
+        """fp32 ``(w13 [2I, H], w2 [H, I])`` of local expert ``e`` (in ``[0, E)``)."""
         raise NotImplementedError
+
+    def _check_expert(self, e: int) -> int:
+        check_int("e", e, minimum=0)
+        if e >= self.num_experts:
+            raise ValueError(f"e: expected a local expert in [0, {self.num_experts}), got {e}")
+        return e
 
     @classmethod
     def quantize(cls, w13: torch.Tensor, w2: torch.Tensor) -> "ExpertWeights":
@@ -116,10 +159,12 @@ class BF16Weights(ExpertWeights):
         self._check_pair(lambda h: h, lambda i: i, torch.bfloat16)
 
     def dequantize_expert(self, e: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        self._check_expert(e)
         return self.w13[e].float(), self.w2[e].float()
 
     @classmethod
     def quantize(cls, w13: torch.Tensor, w2: torch.Tensor) -> "BF16Weights":
+        _check_master(w13, w2)
         return cls(w13.to(torch.bfloat16).contiguous(), w2.to(torch.bfloat16).contiguous())
 
 
@@ -148,13 +193,17 @@ class FP8BlockWeights(ExpertWeights):
                      shape=(e, _cdiv(2 * i, b), _cdiv(h, b)), device=self.device)
         check_tensor("w2_scale", self.w2_scale, dtype=torch.float32,
                      shape=(e, _cdiv(h, b), _cdiv(i, b)), device=self.device)
+        check_bool("ue8m0", self.ue8m0)
+        self._check_scales(block=("w13_scale", "w2_scale"))
 
     def dequantize_expert(self, e: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        self._check_expert(e)
         return (fp8.dequantize_fp8_block(self.w13[e], self.w13_scale[e]),
                 fp8.dequantize_fp8_block(self.w2[e], self.w2_scale[e]))
 
     @classmethod
     def quantize(cls, w13: torch.Tensor, w2: torch.Tensor, ue8m0: bool = False) -> "FP8BlockWeights":
+        _check_master(w13, w2)
         q13, s13 = fp8.quantize_fp8_block(w13)
         q2, s2 = fp8.quantize_fp8_block(w2)
         return cls(q13, s13, q2, s2, ue8m0)
@@ -189,13 +238,16 @@ class FP8TensorWeights(ExpertWeights):
         for name in ("a13_scale", "a2_scale"):
             if getattr(self, name) is not None:
                 check_tensor(name, getattr(self, name), dtype=torch.float32, shape=(1,), device=self.device)
+        self._check_scales(matrix=("w13_scale", "w2_scale", "a13_scale", "a2_scale"))
 
     def dequantize_expert(self, e: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        self._check_expert(e)
         return (fp8.dequantize_fp8_per_tensor(self.w13[e], self.w13_scale[e]),
                 fp8.dequantize_fp8_per_tensor(self.w2[e], self.w2_scale[e]))
 
     @classmethod
     def quantize(cls, w13: torch.Tensor, w2: torch.Tensor) -> "FP8TensorWeights":
+        _check_master(w13, w2)
         q13, s13 = fp8.quantize_fp8_per_tensor(w13)
         q2, s2 = fp8.quantize_fp8_per_tensor(w2)
         return cls(q13, s13, q2, s2)
@@ -228,8 +280,10 @@ class NVFP4Weights(ExpertWeights):
         check_tensor("w13_scale_2", self.w13_scale_2, dtype=torch.float32, shape=(e, 2), device=self.device)
         check_tensor("w2_scale", self.w2_scale, dtype=fp8.FP8_DTYPE, shape=(e, h, i // g), device=self.device)
         check_tensor("w2_scale_2", self.w2_scale_2, dtype=torch.float32, shape=(e,), device=self.device)
+        self._check_scales(matrix=("w13_scale_2", "w2_scale_2"), block=("w13_scale", "w2_scale"))
 
     def dequantize_expert(self, e: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        self._check_expert(e)
         i = self.intermediate_size
         gate = nvfp4.dequantize_nvfp4(self.w13[e, :i], self.w13_scale[e, :i], self.w13_scale_2[e, 0])
         up = nvfp4.dequantize_nvfp4(self.w13[e, i:], self.w13_scale[e, i:], self.w13_scale_2[e, 1])
@@ -238,6 +292,7 @@ class NVFP4Weights(ExpertWeights):
 
     @classmethod
     def quantize(cls, w13: torch.Tensor, w2: torch.Tensor) -> "NVFP4Weights":
+        _check_master(w13, w2)
         i = w13.shape[1] // 2
         gate_q, gate_s, gate_g = nvfp4.quantize_nvfp4(w13[:, :i])
         up_q, up_s, up_g = nvfp4.quantize_nvfp4(w13[:, i:])

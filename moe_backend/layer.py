@@ -15,13 +15,15 @@ call (vLLM's modular ``apply``, SGLang's runner core): no routing, no replay.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field, replace
 from typing import Callable, ClassVar, Dict, Optional, Tuple, Type, Union
 
 import torch
 
-from ._checks import check_int, check_out, check_tensor
+from ._checks import (capturing, check_bool, check_finite, check_int, check_out, check_str, check_tensor,
+                      overlaps)
 from .expert_weights import (
     BF16Weights,
     ExpertWeights,
@@ -30,12 +32,24 @@ from .expert_weights import (
     NVFP4Weights,
 )
 from .kernels.registry import Kernel, LayerContext, select_kernel
-from .routing import RoutingConfig, check_replay_out, unpack_topk, write_routing_replay
+from .routing import MAX_PACKED_ID, RoutingConfig, check_replay_out, unpack_topk, write_routing_replay
+from .routing.packed import check_id_range
 from .tuning import MoEInputs, ProblemSignature, TuningCache, TuningResult, moe_inputs, tune
 
 logger = logging.getLogger(__name__)
 
 TopK = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
+
+#: Environment variable giving :attr:`MoEConfig.check_values` its default ("1": on, "0" or unset: off).
+CHECK_VALUES_ENV = "MOE_BACKEND_CHECK_VALUES"
+
+
+def check_values_default() -> bool:
+    """The default of :attr:`MoEConfig.check_values`, read from ``$MOE_BACKEND_CHECK_VALUES``."""
+    value = os.environ.get(CHECK_VALUES_ENV, "0")
+    if value not in ("0", "1", ""):
+        raise ValueError(f"{CHECK_VALUES_ENV}: expected '0' or '1', got {value!r}")
+    return value == "1"
 
 
 @dataclass(frozen=True)
@@ -45,7 +59,15 @@ class MoEConfig:
     ``num_experts`` is the global expert count (the router's width); the layer holds
     experts ``[local_expert_offset, local_expert_offset + E_local)`` where E_local
     comes from its weights. ``apply_router_weight_on_input`` scales the GEMM1
-    input by the router weight instead of the expert output.
+    input by the router weight instead of the expert output. ``num_experts`` is at most
+    32768, so every global id fits the packed format and the int16 replay buffer.
+
+    ``check_values`` (default: ``$MOE_BACKEND_CHECK_VALUES == "1"``) makes every eager call
+    read its inputs' values and refuse non-finite hidden states, router logits or top-k weights
+    and ids outside ``[-1, num_experts)`` (a host sync per call: for debugging; skipped inside a
+    CUDA-graph capture). Off, the forward path reads no values: non-finite inputs make the
+    affected tokens' outputs undefined (other tokens are untouched) and ids outside the local
+    range contribute nothing.
     """
 
     num_experts: int
@@ -53,15 +75,21 @@ class MoEConfig:
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     local_expert_offset: int = 0
     apply_router_weight_on_input: bool = False
+    check_values: bool = field(default_factory=check_values_default)
 
     def __post_init__(self) -> None:
         check_int("num_experts", self.num_experts, minimum=1)
+        if self.num_experts > MAX_PACKED_ID:
+            raise ValueError(f"num_experts: expected at most {MAX_PACKED_ID} (ids are 16-bit in the packed "
+                             f"format and the replay buffer), got {self.num_experts}")
         check_int("top_k", self.top_k, minimum=1)
         check_int("local_expert_offset", self.local_expert_offset, minimum=0)
         if self.top_k > self.num_experts:
             raise ValueError(f"top_k: expected at most num_experts ({self.num_experts}), got {self.top_k}")
         if not isinstance(self.routing, RoutingConfig):
             raise TypeError(f"routing: expected a RoutingConfig, got {type(self.routing).__name__}")
+        check_bool("apply_router_weight_on_input", self.apply_router_weight_on_input)
+        check_bool("check_values", self.check_values)
 
 
 #: ``numerics`` -> the precisions it is offered for (None: all).
@@ -91,6 +119,9 @@ class MoELayer:
             )
         if not isinstance(config, MoEConfig):
             raise TypeError(f"config: expected MoEConfig, got {type(config).__name__}")
+        check_str("kernel", kernel)
+        check_bool("deterministic", deterministic)
+        check_str("numerics", numerics)
         if config.local_expert_offset + weights.num_experts > config.num_experts:
             raise ValueError(
                 f"local_expert_offset: experts [{config.local_expert_offset}, "
@@ -100,6 +131,7 @@ class MoELayer:
         if correction_bias is not None:
             check_tensor("correction_bias", correction_bias, dtype=torch.float32,
                          shape=(config.num_experts,), device=weights.device)
+            check_finite("correction_bias", correction_bias)  # a configuration value: read once, here
         self.config = config
         self._shape = (weights.hidden_size, weights.intermediate_size, weights.num_experts)
         self._device = weights.device
@@ -190,6 +222,10 @@ class MoELayer:
         themselves. Returns kernel name -> result.
         """
         check_int("max_num_tokens", max_num_tokens, minimum=1)
+        if cache is not None and not isinstance(cache, TuningCache):
+            raise TypeError(f"cache: expected a TuningCache or None, got {type(cache).__name__}")
+        check_bool("force", force)
+        check_bool("progress", progress)
         self._context = replace(self._context, max_num_tokens=max_num_tokens)
         for name, kernel in {k.name: k for k in self._kernels.values() if k.warmup is not None}.items():
             computed = self._kernels[False] is kernel and kernel.routes(self._context)
@@ -227,7 +263,10 @@ class MoELayer:
         check_tensor("router_logits", router_logits, dtype=torch.float32,
                      shape=(t, self.config.num_experts), device=hidden.device)
         check_replay_out(routing_replay_out, t, self.config.top_k, hidden.device)
-        check_out("out", out, rows=t, cols=self.hidden_size, dtype=hidden.dtype, device=hidden.device)
+        self._check_out(out, hidden)
+        if self.config.check_values and not capturing():
+            check_finite("hidden", hidden)
+            check_finite("router_logits", router_logits)
         kernel = self._kernels[False]
         if kernel.routes(self._context):
             return kernel.run_computed(self._prepared[kernel.name], hidden, router_logits,
@@ -241,12 +280,17 @@ class MoELayer:
         """Run the experts on precomputed top-k.
 
         ``topk`` is packed int32 ``[T, k]`` (see :mod:`moe_backend.routing.packed`) or
-        ``(ids [T, k] int32, weights [T, k] fp32)`` with global ids.
+        ``(ids [T, k] int32, weights [T, k] fp32)`` with global ids; ids of a pair must lie in
+        ``[-1, 32768)`` as packed ones do (checked with one host sync, except during a CUDA-graph
+        capture), so the replay buffer never records a wrapped id.
         """
         t = self._check_hidden(hidden)
         ids, weights = self._unpack(topk, t, hidden.device)
+        if not isinstance(topk, torch.Tensor):
+            check_id_range("topk_ids", ids)
         check_replay_out(routing_replay_out, t, self.config.top_k, hidden.device)
-        check_out("out", out, rows=t, cols=self.hidden_size, dtype=hidden.dtype, device=hidden.device)
+        self._check_out(out, hidden)
+        self._check_routed_values(hidden, ids, weights)
         return self._run(self._kernels[True], hidden, ids, weights, out, routing_replay_out)
 
     def experts(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, *,
@@ -255,7 +299,8 @@ class MoELayer:
         ``topk_weights [T, k]`` fp32, optional ``out [R >= T, H]``; returns ``out[:T]``."""
         t = self._check_hidden(hidden)
         ids, weights = self._unpack((topk_ids, topk_weights), t, hidden.device)
-        check_out("out", out, rows=t, cols=self.hidden_size, dtype=hidden.dtype, device=hidden.device)
+        self._check_out(out, hidden)
+        self._check_routed_values(hidden, ids, weights)
         return self._run(self._kernels[True], hidden, ids, weights, out)
 
     __call__ = forward
@@ -265,6 +310,25 @@ class MoELayer:
         check_tensor("hidden", hidden, dtype=torch.bfloat16, shape=(None, self.hidden_size),
                      device=self.device)
         return hidden.shape[0]
+
+    def _check_out(self, out: Optional[torch.Tensor], hidden: torch.Tensor) -> None:
+        t = hidden.shape[0]
+        check_out("out", out, rows=t, cols=self.hidden_size, dtype=hidden.dtype, device=hidden.device)
+        # in-place operation is not part of the contract: a kernel may write out[:T] while it still reads hidden
+        if out is not None and overlaps(out[:t], hidden):
+            raise ValueError("out: expected a buffer that does not overlap hidden, got one sharing its memory")
+
+    def _check_routed_values(self, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> None:
+        """The opt-in value checks of the routed entry points (see :attr:`MoEConfig.check_values`)."""
+        if not self.config.check_values or capturing():
+            return
+        check_finite("hidden", hidden)
+        check_finite("topk_weights", weights)
+        if ids.numel():
+            lo, hi = int(ids.min()), int(ids.max())
+            if lo < -1 or hi >= self.config.num_experts:
+                raise ValueError(f"topk_ids: expected global expert ids in [-1, {self.config.num_experts}), "
+                                 f"got values in [{lo}, {hi}]")
 
     def _unpack(self, topk: TopK, t: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
         k = self.config.top_k

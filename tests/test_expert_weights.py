@@ -1,5 +1,7 @@
 """Weight containers: shapes produced by quantize, dequantization, validation errors."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -83,3 +85,85 @@ def _fp8(*shape):
 def test_bad_weights(build, match):
     with pytest.raises((ValueError, TypeError), match=match):
         build()
+
+
+# -- the scale rule: whole-matrix scales finite and > 0, block scales finite and >= 0 --------------
+def _replaced(weights, field, index, value):
+    """``weights`` rebuilt (validation runs again) with ``field[index] = value``."""
+    scale = getattr(weights, field).clone()
+    scale[index] = torch.tensor(value).to(scale.dtype)
+    return dataclasses.replace(weights, **{field: scale})
+
+
+_QUANTIZED = {
+    "fp8_block": lambda w13, w2: FP8BlockWeights.quantize(w13, w2),
+    "fp8_tensor": lambda w13, w2: dataclasses.replace(FP8TensorWeights.quantize(w13, w2), a13_scale=torch.ones(1),
+                                                      a2_scale=torch.ones(1)),
+    "nvfp4": lambda w13, w2: NVFP4Weights.quantize(w13, w2),
+}
+BAD_SCALES = [
+    ("fp8_block", "w13_scale", (1, 0, 1), float("nan"), r"finite and >= 0, got nan at index \[1, 0, 1\]"),
+    ("fp8_block", "w13_scale", (2, 1, 0), float("inf"), r"finite and >= 0, got inf at index \[2, 1, 0\]"),
+    ("fp8_block", "w2_scale", (0, 1, 0), -1.0, r"finite and >= 0, got -1.0 at index \[0, 1, 0\]"),
+    ("fp8_tensor", "w13_scale", (1,), 0.0, r"finite and > 0, got 0.0 at index \[1\]"),
+    ("fp8_tensor", "w13_scale", (2,), float("nan"), r"finite and > 0, got nan at index \[2\]"),
+    ("fp8_tensor", "w2_scale", (0,), -0.25, r"finite and > 0, got -0.25 at index \[0\]"),
+    ("fp8_tensor", "w2_scale", (0,), float("-inf"), r"finite and > 0, got -inf at index \[0\]"),
+    ("fp8_tensor", "a13_scale", (0,), 0.0, r"finite and > 0, got 0.0 at index \[0\]"),
+    ("fp8_tensor", "a2_scale", (0,), float("nan"), r"finite and > 0, got nan at index \[0\]"),
+    ("nvfp4", "w13_scale_2", (2, 1), 0.0, r"finite and > 0, got 0.0 at index \[2, 1\]"),
+    ("nvfp4", "w13_scale_2", (0, 0), float("nan"), r"finite and > 0, got nan at index \[0, 0\]"),
+    ("nvfp4", "w13_scale_2", (1, 1), float("inf"), r"finite and > 0, got inf at index \[1, 1\]"),
+    ("nvfp4", "w2_scale_2", (1,), -1e-3, r"finite and > 0, got -0.001 at index \[1\]"),
+    ("nvfp4", "w13_scale", (1, 7, 3), float("nan"), r"finite and >= 0, got nan at index \[1, 7, 3\]"),
+    ("nvfp4", "w2_scale", (2, 200, 5), -0.5, r"finite and >= 0, got -0.5 at index \[2, 200, 5\]"),
+]
+
+
+@pytest.mark.parametrize("precision, field, index, value, match", BAD_SCALES)
+def test_bad_scales_are_refused_at_construction(master, precision, field, index, value, match):
+    weights = _QUANTIZED[precision](*master)
+    with pytest.raises(ValueError, match=rf"^{field}: expected scales {match}"):
+        _replaced(weights, field, index, value)
+
+
+@pytest.mark.parametrize("precision, field", [("fp8_block", "w2_scale"), ("nvfp4", "w13_scale")])
+def test_zero_block_scales_are_accepted(master, precision, field):
+    weights = _replaced(_QUANTIZED[precision](*master), field, (0, 0, 0), 0.0)
+    w13, w2 = weights.dequantize_expert(0)
+    assert bool(torch.isfinite(w13).all() and torch.isfinite(w2).all())
+
+
+def test_scale_check_can_be_skipped_for_dummy_weights(master, monkeypatch):
+    weights = NVFP4Weights.quantize(*master)
+    monkeypatch.setenv("MOE_BACKEND_CHECK_SCALES", "0")
+    assert _replaced(weights, "w13_scale_2", (0, 0), -1.0).w13_scale_2[0, 0] == -1.0
+    monkeypatch.setenv("MOE_BACKEND_CHECK_SCALES", "no")
+    with pytest.raises(ValueError, match="MOE_BACKEND_CHECK_SCALES: expected '0' or '1', got 'no'"):
+        NVFP4Weights.quantize(*master)
+
+
+def test_nan_master_weights_are_refused_as_their_scales(master):
+    w13, w2 = master
+    w13 = w13.clone()
+    w13[1, 3, 7] = float("nan")
+    with pytest.raises(ValueError, match=r"w13_scale: expected scales finite and >= 0, got nan at index \[1, 0, 0\]"):
+        FP8BlockWeights.quantize(w13, w2)
+    with pytest.raises(ValueError, match=r"w13_scale_2: expected scales finite and > 0, got nan at index \[1, 0\]"):
+        NVFP4Weights.quantize(w13, w2)
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda w13, w2: FP8BlockWeights(*dataclasses.astuple(FP8BlockWeights.quantize(w13, w2))[:4], ue8m0="no"),
+     TypeError, "ue8m0: expected a bool"),
+    (lambda w13, w2: BF16Weights.quantize(w13, w2).dequantize_expert(E), ValueError,
+     r"e: expected a local expert in \[0, 3\), got 3"),
+    (lambda w13, w2: FP8TensorWeights.quantize(w13, w2).dequantize_expert(-1), ValueError, "e: expected an int >= 0"),
+    (lambda w13, w2: NVFP4Weights.quantize(w13, w2).dequantize_expert(1.0), TypeError, "e: expected an int"),
+    (lambda w13, w2: NVFP4Weights.quantize(w13[0], w2), ValueError, "w13: expected a 3-D tensor"),
+    (lambda w13, w2: FP8BlockWeights.quantize(w13, w2.int()), TypeError, "w2: expected dtype"),
+    (lambda w13, w2: FP8TensorWeights.quantize(w13.numpy(), w2), TypeError, "w13: expected a torch.Tensor"),
+])
+def test_bad_arguments_are_named(master, call, error, match):
+    with pytest.raises(error, match=match):
+        call(*master)

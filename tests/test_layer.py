@@ -1,5 +1,7 @@
 """Layer API: both entry points, replay, out buffers, EP, and bad input."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -27,13 +29,15 @@ def _seed():
 KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _layer(cls=BF16MoE, offset=8, device="cpu", **kw):
+def _layer(cls=BF16MoE, offset=8, device="cpu", check_values=False, correction_bias_value=None, **kw):
     cfg = MoEConfig(num_experts=E_GLOBAL, top_k=K, routing=RoutingConfig.deepseek_v3(4, 2, 2.5),
-                    local_expert_offset=offset)
+                    local_expert_offset=offset, check_values=check_values)
     w13 = torch.randn(E_LOCAL, 2 * I, H) / 16
     w2 = torch.randn(E_LOCAL, H, I) / 11
-    return cls.from_float(w13.to(device), w2.to(device), cfg,
-                          correction_bias=(0.1 * torch.randn(E_GLOBAL)).to(device), **kw)
+    bias = 0.1 * torch.randn(E_GLOBAL)
+    if correction_bias_value is not None:
+        bias[3] = correction_bias_value
+    return cls.from_float(w13.to(device), w2.to(device), cfg, correction_bias=bias.to(device), **kw)
 
 
 def _inputs(t):
@@ -298,3 +302,140 @@ def test_deterministic_fp8_is_batch_invariant():
         assert torch.equal(layer.forward(hidden[rows].contiguous(), logits[rows].contiguous()), full[rows])
     perm = torch.randperm(12, device=device)
     assert torch.equal(layer.forward(hidden[perm].contiguous(), logits[perm].contiguous()), full[perm])
+
+
+# -- issue 17: config types, pair ids, out aliasing, the opt-in value checks ---------------------------
+@pytest.mark.parametrize("build, error, match", [
+    (lambda: MoEConfig(4, 2, apply_router_weight_on_input="no"), TypeError,
+     "apply_router_weight_on_input: expected a bool, got str 'no'"),
+    (lambda: MoEConfig(4, 2, check_values=1), TypeError, "check_values: expected a bool"),
+    (lambda: MoEConfig(4, 2.0), TypeError, "top_k: expected an int"),
+    (lambda: MoEConfig("4", 2), TypeError, "num_experts: expected an int"),
+    (lambda: MoEConfig(40000, 8), ValueError, "num_experts: expected at most 32768"),
+    (lambda: _layer(kernel=None), TypeError, "kernel: expected a str"),
+    (lambda: _layer(kernel=["reference"]), TypeError, "kernel: expected a str"),
+    (lambda: _layer(deterministic="no"), TypeError, "deterministic: expected a bool"),
+    (lambda: _layer(numerics=None), TypeError, "numerics: expected a str"),
+    (lambda: _layer(correction_bias_value=float("nan")), ValueError,
+     r"correction_bias: expected finite values, got nan at index \[3\]"),
+    (lambda: _layer(correction_bias_value=float("-inf")), ValueError, r"correction_bias: .* got -inf at index \[3\]"),
+])
+def test_bad_configuration_values_are_named(build, error, match):
+    with pytest.raises(error, match=match):
+        build()
+
+
+def test_check_values_env_sets_the_default(monkeypatch):
+    monkeypatch.setenv("MOE_BACKEND_CHECK_VALUES", "1")
+    assert MoEConfig(4, 2).check_values is True
+    monkeypatch.setenv("MOE_BACKEND_CHECK_VALUES", "0")
+    assert MoEConfig(4, 2).check_values is False
+    monkeypatch.setenv("MOE_BACKEND_CHECK_VALUES", "yes")
+    with pytest.raises(ValueError, match="MOE_BACKEND_CHECK_VALUES: expected '0' or '1', got 'yes'"):
+        MoEConfig(4, 2)
+
+
+@pytest.mark.parametrize("bad", [[[40008, 9, 10, 11]], [[8, 9, -2, 11]], [[32768, -1, -1, -1]]])
+def test_pair_ids_outside_the_packed_range_are_refused_and_nothing_is_recorded(bad):
+    layer = _layer()
+    hidden, _ = _inputs(1)
+    replay = torch.full((2, K), -7, dtype=torch.int16)
+    with pytest.raises(ValueError, match=r"topk_ids: expected expert ids in \[-1, 32768\)"):
+        layer.forward_routed(hidden, (torch.tensor(bad, dtype=torch.int32), torch.ones(1, K)),
+                             routing_replay_out=replay)
+    assert bool((replay == -7).all())
+
+
+def test_pair_ids_at_the_packed_limits_are_recorded_exactly():
+    layer = _layer()
+    hidden, _ = _inputs(1)
+    ids = torch.tensor([[32767, -1, 8, 15]], dtype=torch.int32)
+    replay = torch.zeros(1, K, dtype=torch.int16)
+    out = layer.forward_routed(hidden, (ids, torch.ones(1, K)), routing_replay_out=replay)
+    assert replay.tolist() == ids.tolist() and out.shape == (1, H)
+
+
+@pytest.mark.parametrize("call", [
+    lambda l, h, g, buf: l.forward(buf[:3], g, out=buf),
+    lambda l, h, g, buf: l.forward_routed(buf[1:4], l.config.routing.select(g, K, l.correction_bias), out=buf),
+    lambda l, h, g, buf: l.experts(buf[2:5], *l.config.routing.select(g, K, l.correction_bias), out=buf),
+])
+def test_out_sharing_memory_with_hidden_is_refused(call):
+    layer = _layer()
+    _, logits = _inputs(3)
+    buf = torch.randn(6, H).to(torch.bfloat16)
+    with pytest.raises(ValueError, match="out: expected a buffer that does not overlap hidden"):
+        call(layer, None, logits, buf)
+
+
+def test_out_rows_beyond_the_tokens_may_hold_the_hidden_states():
+    layer = _layer()
+    hidden, logits = _inputs(3)
+    buf = torch.empty(6, H, dtype=torch.bfloat16)
+    buf[3:] = hidden
+    got = layer.forward(buf[3:], logits, out=buf)
+    assert torch.equal(got, layer.forward(hidden, logits))
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda l, h, g: l.forward(h.index_fill(0, torch.tensor([1]), float("nan")), g),
+     r"hidden: expected finite values, got nan at index \[1, 0\]"),
+    (lambda l, h, g: l.forward(h, g.index_fill(1, torch.tensor([5]), float("inf"))),
+     r"router_logits: expected finite values, got inf at index \[0, 5\]"),
+    (lambda l, h, g: l.forward_routed(h, (torch.full((3, K), 8, dtype=torch.int32),
+                                          torch.ones(3, K).index_fill(0, torch.tensor([2]), float("nan")))),
+     r"topk_weights: expected finite values, got nan at index \[2, 0\]"),
+    (lambda l, h, g: l.forward_routed(h, pack_topk(torch.full((3, K), 8, dtype=torch.int32),
+                                                   torch.full((3, K), float("-inf")))),
+     r"topk_weights: expected finite values, got -inf at index \[0, 0\]"),
+    (lambda l, h, g: l.experts(h, torch.full((3, K), E_GLOBAL, dtype=torch.int32), torch.ones(3, K)),
+     r"topk_ids: expected global expert ids in \[-1, 16\), got values in \[16, 16\]"),
+    (lambda l, h, g: l.forward_routed(h, pack_topk(torch.full((3, K), -1, dtype=torch.int32).index_fill(
+        1, torch.tensor([0]), 300), torch.ones(3, K))), r"topk_ids: expected global expert ids in \[-1, 16\)"),
+    (lambda l, h, g: l.experts(h.index_fill(0, torch.tensor([2]), float("-inf")),
+                               torch.full((3, K), 8, dtype=torch.int32), torch.ones(3, K)),
+     r"hidden: expected finite values, got -inf at index \[2, 0\]"),
+])
+def test_check_values_refuses_non_finite_inputs_and_foreign_ids(call, match):
+    layer = _layer(check_values=True)
+    hidden, logits = _inputs(3)
+    with pytest.raises(ValueError, match=match):
+        call(layer, hidden, logits)
+
+
+def test_without_check_values_nan_logits_reach_only_their_token():
+    """The documented pass-through (check_values off): a NaN in one token's logits leaves the other tokens
+    bit for bit; that token's output is undefined (NaN here, where its selection is local)."""
+    layer = _layer(offset=0)
+    hidden, logits = _inputs(4)
+    clean = layer.forward(hidden, logits)
+    logits[1, 2] = float("nan")
+    got = layer.forward(hidden, logits)
+    assert torch.equal(got[[0, 2, 3]], clean[[0, 2, 3]]) and bool(got[1].isnan().any())
+    # and with the check on, clean inputs give the same result
+    checked = BF16MoE(layer.weights, dataclasses.replace(layer.config, check_values=True),
+                      correction_bias=layer.correction_bias)
+    clean_logits = logits.nan_to_num(0.0)
+    assert torch.equal(checked.forward(hidden, clean_logits), layer.forward(hidden, clean_logits))
+
+
+@pytest.mark.parametrize("precision", list(LAYER_TYPES))
+def test_empty_batches_give_empty_outputs(precision):
+    layer = _layer(LAYER_TYPES[precision], check_values=True)
+    hidden, logits = _inputs(0)
+    replay = torch.full((2, K), -4, dtype=torch.int16)
+    assert layer.forward(hidden, logits, routing_replay_out=replay).shape == (0, H)
+    ids, w = torch.zeros(0, K, dtype=torch.int32), torch.zeros(0, K)
+    assert layer.forward_routed(hidden, (ids, w), routing_replay_out=replay).shape == (0, H)
+    assert layer.experts(hidden, ids, w, out=torch.zeros(2, H, dtype=torch.bfloat16)).shape == (0, H)
+    assert bool((replay == -4).all())
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"cache": "/tmp/cache"}, TypeError, "cache: expected a TuningCache or None, got str"),
+    ({"force": "yes"}, TypeError, "force: expected a bool"),
+    ({"progress": None}, TypeError, "progress: expected a bool"),
+])
+def test_bad_warmup_arguments_are_named(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        _layer(FP8BlockMoE).warmup(64, **kwargs)

@@ -6,24 +6,31 @@ A directory holds ``config.json``, ``model.safetensors.index.json`` and its shar
 
 from __future__ import annotations
 
-import json
+import os
 from pathlib import Path
 from typing import Any, Dict, Tuple, Union
 
 from .linear import CheckpointLinear, read_linear
 from .model_config import DeepSeekV3Spec
 from .quant_config import QuantSpec
-from .reader import DEFAULT_RELEASE_BYTES, ShardedReader
+from .reader import DEFAULT_RELEASE_BYTES, ShardedReader, read_json
 
 CONFIG_FILE = "config.json"
 
 
-def read_config(path: Union[str, Path]) -> Dict[str, Any]:
-    """The parsed ``config.json`` of checkpoint directory ``path``."""
-    config_file = Path(path) / CONFIG_FILE
+def _check_path(path: object) -> Path:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path: expected a str or os.PathLike directory, got {type(path).__name__} {path!r}")
+    return Path(path)
+
+
+def read_config(path: Union[str, os.PathLike]) -> Dict[str, Any]:
+    """The parsed ``config.json`` of checkpoint directory ``path`` (``ValueError`` naming the file
+    when it is missing, not JSON, or not a JSON object)."""
+    config_file = _check_path(path) / CONFIG_FILE
     if not config_file.is_file():
         raise ValueError(f"{path}: no {CONFIG_FILE} (not a Hugging Face checkpoint directory)")
-    config = json.loads(config_file.read_text())
+    config = read_json(config_file)
     if not isinstance(config, dict):
         raise ValueError(f"{config_file}: expected a JSON object")
     return config
@@ -35,10 +42,10 @@ class Checkpoint:
     Close it (or use it as a context manager) to release the shards it has open.
     """
 
-    def __init__(self, path: Union[str, Path], release_bytes: int = DEFAULT_RELEASE_BYTES) -> None:
-        self.path = Path(path)
+    def __init__(self, path: Union[str, os.PathLike], release_bytes: int = DEFAULT_RELEASE_BYTES) -> None:
+        self.path = _check_path(path)
         self.config = read_config(self.path)
-        self.spec = DeepSeekV3Spec.from_config(self.config)
+        self.spec = DeepSeekV3Spec.from_config(self.config, source=str(self.path / CONFIG_FILE))
         self.quant = QuantSpec.from_checkpoint(self.path, self.config)
         self.reader = ShardedReader(self.path, release_bytes)
 

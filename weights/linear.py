@@ -13,10 +13,14 @@ Per format (``<module>`` is e.g. ``model.layers.3.mlp.experts.0.gate_proj``):
   ``<module>.weight_scale`` fp32 scalar (one multiplier for the whole matrix) and
   ``<module>.input_scale`` fp32 scalar (the calibrated static activation scale, read
   when present; without it the activations are quantized dynamically). Scalars may be
-  0-d (as ModelOpt writes them) or shape ``[1]``; both scales must be finite and positive.
+  0-d (as ModelOpt writes them) or shape ``[1]``.
 
-Errors name the tensor: ``ValueError`` for a missing tensor or a wrong shape,
-``TypeError`` for a wrong dtype.
+Scales follow the containers' rule (``moe_backend.expert_weights``): a per-matrix scale
+(``weight_scale_2``, fp8_tensor's ``weight_scale`` and ``input_scale``) must be finite and
+> 0, a block scale (``weight_scale_inv``, nvfp4's ``weight_scale``) finite and >= 0.
+
+Errors name the shard file and the tensor: ``ValueError`` for a missing tensor, a wrong
+shape or a bad scale value, ``TypeError`` for a wrong dtype.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from moe_backend._checks import check_tensor
+from moe_backend._checks import check_finite, check_scale_values, check_tensor
 from moe_backend.quant import (BLOCK, FP8_DTYPE, NVFP4_GROUP, dequantize_fp8_block, dequantize_fp8_per_tensor,
                                dequantize_nvfp4)
 
@@ -68,15 +72,31 @@ class CheckpointLinear:
         return self.weight.float()
 
 
-def _scalar(reader: ShardedReader, key: str, positive: bool = False) -> torch.Tensor:
-    """The fp32 scalar ``key`` as a 0-d tensor (stored 0-d or ``[1]``); with ``positive``, refuse a
-    scale that is not finite and positive (it would dequantize to inf/NaN or zero)."""
-    value = check_tensor(key, reader.get(key), dtype=torch.float32)
+def read_tensor(reader: ShardedReader, key: str, *, block_scale: bool = False, finite: bool = False,
+                **check: object) -> torch.Tensor:
+    """Tensor ``key`` validated with ``check_tensor(**check)`` and, when asked, the block scale rule or
+    finiteness; an error is re-raised, of the same type, naming the shard file (cause chained)."""
+    value = reader.get(key)
+    try:
+        check_tensor(key, value, **check)
+        if block_scale:
+            check_scale_values(key, value, allow_zero=True)
+        if finite:
+            check_finite(key, value)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"{reader.file_of(key)}: {exc}") from exc
+    return value
+
+
+def _scalar(reader: ShardedReader, key: str) -> torch.Tensor:
+    """The per-matrix fp32 scale ``key`` as a 0-d tensor (stored 0-d or ``[1]``); a scale that is not
+    finite and positive (it would dequantize to inf/NaN, zero or flipped signs) is refused."""
+    value = read_tensor(reader, key, dtype=torch.float32)
     if value.numel() != 1:
-        raise ValueError(f"{key}: expected a scalar, got shape {tuple(value.shape)}")
+        raise ValueError(f"{reader.file_of(key)}: {key}: expected a scalar, got shape {tuple(value.shape)}")
     value = value.reshape(())
-    if positive and not (torch.isfinite(value) and value > 0):
-        raise ValueError(f"{key}: expected a finite positive scale, got {float(value)}")
+    if not (torch.isfinite(value) and value > 0):
+        raise ValueError(f"{reader.file_of(key)}: {key}: expected a finite positive scale, got {float(value)}")
     return value
 
 
@@ -85,24 +105,24 @@ def read_linear(reader: ShardedReader, module: str, fmt: str, shape: Tuple[int, 
     n, k = shape
     key = f"{module}.weight"
     if fmt == BF16:
-        return CheckpointLinear(BF16, check_tensor(key, reader.get(key), dtype=UNQUANTIZED_DTYPES, shape=(n, k)))
+        return CheckpointLinear(BF16, read_tensor(reader, key, dtype=UNQUANTIZED_DTYPES, shape=(n, k)))
     if fmt == FP8_BLOCK:
-        weight = check_tensor(key, reader.get(key), dtype=FP8_DTYPE, shape=(n, k))
-        scale = check_tensor(f"{module}.weight_scale_inv", reader.get(f"{module}.weight_scale_inv"),
-                             dtype=torch.float32, shape=(_cdiv(n, BLOCK), _cdiv(k, BLOCK)))
+        weight = read_tensor(reader, key, dtype=FP8_DTYPE, shape=(n, k))
+        scale = read_tensor(reader, f"{module}.weight_scale_inv", block_scale=True, dtype=torch.float32,
+                        shape=(_cdiv(n, BLOCK), _cdiv(k, BLOCK)))
         return CheckpointLinear(FP8_BLOCK, weight, scale)
     if fmt == NVFP4:
         if k % NVFP4_GROUP:
             raise ValueError(f"{key}: NVFP4 needs in_features to be a multiple of {NVFP4_GROUP}, got {k}")
-        weight = check_tensor(key, reader.get(key), dtype=torch.uint8, shape=(n, k // 2))
-        scale = check_tensor(f"{module}.weight_scale", reader.get(f"{module}.weight_scale"),
-                             dtype=FP8_DTYPE, shape=(n, k // NVFP4_GROUP))
+        weight = read_tensor(reader, key, dtype=torch.uint8, shape=(n, k // 2))
+        scale = read_tensor(reader, f"{module}.weight_scale", block_scale=True, dtype=FP8_DTYPE,
+                        shape=(n, k // NVFP4_GROUP))
         # ModelOpt writes a 0-d scalar; some exporters write shape [1]
         return CheckpointLinear(NVFP4, weight, scale, _scalar(reader, f"{module}.weight_scale_2"))
     if fmt == FP8_TENSOR:
-        weight = check_tensor(key, reader.get(key), dtype=FP8_DTYPE, shape=(n, k))
-        scale = _scalar(reader, f"{module}.weight_scale", positive=True)
+        weight = read_tensor(reader, key, dtype=FP8_DTYPE, shape=(n, k))
+        scale = _scalar(reader, f"{module}.weight_scale")
         input_key = f"{module}.input_scale"
-        input_scale = _scalar(reader, input_key, positive=True) if input_key in reader else None
+        input_scale = _scalar(reader, input_key) if input_key in reader else None
         return CheckpointLinear(FP8_TENSOR, weight, scale, input_scale=input_scale)
     raise ValueError(f"fmt: expected one of {FORMATS}, got {fmt!r}")

@@ -30,13 +30,13 @@ from typing import Dict, Iterator, Optional, Sequence, Tuple, Union
 import torch
 from tqdm.auto import tqdm
 
-from moe_backend._checks import check_int, check_tensor
+from moe_backend._checks import check_device, check_int
 from moe_backend.expert_weights import WEIGHT_TYPES, ExpertWeights
 from moe_backend.layer import LAYER_TYPES, MoEConfig, MoELayer
 from moe_backend.quant import BLOCK, dequantize_fp8_per_tensor, quantize_fp8_per_tensor
 
 from .checkpoint import Checkpoint
-from .linear import CheckpointLinear
+from .linear import CheckpointLinear, read_tensor
 from .model_config import DeepSeekV3Spec
 from .quant_config import BF16, FP8_BLOCK, FP8_TENSOR
 
@@ -210,6 +210,10 @@ def _read_experts(ckpt: Checkpoint, prefix: str, experts: range, device: Device)
 def read_moe_layer(ckpt: Checkpoint, layer: int, *, ep_rank: int = 0, ep_size: int = 1,
                    device: Device = "cpu") -> MoELayerWeights:
     """Read MoE layer ``layer`` of ``ckpt`` for expert-parallel rank ``ep_rank`` of ``ep_size``."""
+    if not isinstance(ckpt, Checkpoint):
+        raise TypeError(f"ckpt: expected a Checkpoint, got {type(ckpt).__name__}")
+    check_int("layer", layer)
+    device = check_device("device", device)
     spec = ckpt.spec
     if layer not in spec.moe_layers:
         raise ValueError(f"layer: {layer} is not an MoE layer of this checkpoint (MoE layers: "
@@ -220,8 +224,8 @@ def read_moe_layer(ckpt: Checkpoint, layer: int, *, ep_rank: int = 0, ep_size: i
     e, h = spec.n_routed_experts, spec.hidden_size
     router = _owned(ckpt.linear(f"{prefix}.gate", (e, h)), device).weight
     bias_key = f"{prefix}.gate.e_score_correction_bias"
-    bias = check_tensor(bias_key, ckpt.reader.get(bias_key),
-                        dtype=(torch.float32, torch.bfloat16, torch.float16), shape=(e,))
+    bias = read_tensor(ckpt.reader, bias_key, finite=True,
+                       dtype=(torch.float32, torch.bfloat16, torch.float16), shape=(e,))
     shared = None
     if spec.n_shared_experts:
         i_s = spec.shared_intermediate_size

@@ -11,25 +11,27 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping, Tuple
 
-from moe_backend.routing import RoutingConfig
+from moe_backend.routing import MAX_PACKED_ID, RoutingConfig
 
 #: ``model_type`` values whose MoE blocks follow DeepSeek-V3 (Kimi K2 reuses the architecture).
 SUPPORTED_MODEL_TYPES = ("deepseek_v3", "kimi_k2")
 
 _REQUIRED = object()
+CONFIG_FILE = "config.json"
 
 
-def _field(config: Mapping[str, Any], name: str, kinds: Tuple[type, ...], default: Any = _REQUIRED) -> Any:
+def _field(config: Mapping[str, Any], name: str, kinds: Tuple[type, ...], default: Any = _REQUIRED,
+           source: str = CONFIG_FILE) -> Any:
     """``config[name]`` checked against ``kinds``; ``default`` when absent or null (required if none)."""
     value = config.get(name)
     if value is None:
         if default is _REQUIRED:
-            raise ValueError(f"config.json: missing field {name!r} (needed for the MoE layers)")
+            raise ValueError(f"{source}: missing field {name!r} (needed for the MoE layers)")
         return default
     # bool is an int subclass: a flag where a count is expected is an error, not 0/1
     if isinstance(value, bool) != (bool in kinds) or not isinstance(value, kinds):
         expected = " or ".join(k.__name__ for k in kinds)
-        raise TypeError(f"config.json: field {name!r} expected {expected}, got {value!r}")
+        raise TypeError(f"{source}: field {name!r} expected {expected}, got {value!r}")
     return value
 
 
@@ -57,39 +59,55 @@ class DeepSeekV3Spec:
     norm_topk_prob: bool = True
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> "DeepSeekV3Spec":
-        """Read and validate the fields of a parsed ``config.json``."""
+    def from_config(cls, config: Mapping[str, Any], *, source: str = CONFIG_FILE) -> "DeepSeekV3Spec":
+        """Read and validate the fields of a parsed ``config.json`` (``source`` names the file in errors)."""
+        if not isinstance(config, Mapping):
+            raise TypeError(f"{source}: expected a JSON object, got {type(config).__name__}")
         model_type = config.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(
-                f"config.json: model_type {model_type!r} is not supported, expected one of {SUPPORTED_MODEL_TYPES}"
+                f"{source}: model_type {model_type!r} is not supported, expected one of {SUPPORTED_MODEL_TYPES}"
             )
         scoring = config.get("scoring_func", "sigmoid")
         if scoring != "sigmoid":
-            raise ValueError(f"config.json: scoring_func {scoring!r} is not supported, expected 'sigmoid'")
+            raise ValueError(f"{source}: scoring_func {scoring!r} is not supported, expected 'sigmoid'")
         method = config.get("topk_method", "noaux_tc")
         if method != "noaux_tc":
-            raise ValueError(f"config.json: topk_method {method!r} is not supported, expected 'noaux_tc'")
+            raise ValueError(f"{source}: topk_method {method!r} is not supported, expected 'noaux_tc'")
+
+        def field(name: str, kinds: Tuple[type, ...], default: Any = _REQUIRED) -> Any:
+            return _field(config, name, kinds, default, source)
+
         spec = cls(
-            hidden_size=_field(config, "hidden_size", (int,)),
-            moe_intermediate_size=_field(config, "moe_intermediate_size", (int,)),
-            n_routed_experts=_field(config, "n_routed_experts", (int,)),
-            num_experts_per_tok=_field(config, "num_experts_per_tok", (int,)),
-            n_group=_field(config, "n_group", (int,)),
-            topk_group=_field(config, "topk_group", (int,)),
-            num_hidden_layers=_field(config, "num_hidden_layers", (int,)),
-            first_k_dense_replace=_field(config, "first_k_dense_replace", (int,), 0),
-            n_shared_experts=_field(config, "n_shared_experts", (int,), 0),
-            moe_layer_freq=_field(config, "moe_layer_freq", (int,), 1),
-            routed_scaling_factor=float(_field(config, "routed_scaling_factor", (int, float), 1.0)),
-            norm_topk_prob=_field(config, "norm_topk_prob", (bool,), True),
+            hidden_size=field("hidden_size", (int,)),
+            moe_intermediate_size=field("moe_intermediate_size", (int,)),
+            n_routed_experts=field("n_routed_experts", (int,)),
+            num_experts_per_tok=field("num_experts_per_tok", (int,)),
+            n_group=field("n_group", (int,)),
+            topk_group=field("topk_group", (int,)),
+            num_hidden_layers=field("num_hidden_layers", (int,)),
+            first_k_dense_replace=field("first_k_dense_replace", (int,), 0),
+            n_shared_experts=field("n_shared_experts", (int,), 0),
+            moe_layer_freq=field("moe_layer_freq", (int,), 1),
+            routed_scaling_factor=float(field("routed_scaling_factor", (int, float), 1.0)),
+            norm_topk_prob=field("norm_topk_prob", (bool,), True),
         )
         for name in ("hidden_size", "moe_intermediate_size", "n_routed_experts", "num_experts_per_tok",
                      "num_hidden_layers", "moe_layer_freq"):
             if getattr(spec, name) < 1:
-                raise ValueError(f"config.json: field {name!r} expected a positive int, got {getattr(spec, name)}")
-        # the grouping rules live with the routing; check them now so a bad config fails at load
-        spec.routing_config().check(spec.n_routed_experts, spec.num_experts_per_tok, True)
+                raise ValueError(f"{source}: field {name!r} expected a positive int, got {getattr(spec, name)}")
+        if spec.n_routed_experts > MAX_PACKED_ID:
+            raise ValueError(f"{source}: field 'n_routed_experts' expected at most {MAX_PACKED_ID}, "
+                             f"got {spec.n_routed_experts}")
+        for name in ("first_k_dense_replace", "n_shared_experts"):
+            if getattr(spec, name) < 0:
+                raise ValueError(f"{source}: field {name!r} expected an int >= 0, got {getattr(spec, name)}")
+        # the routing rules (grouping, a finite positive scaling factor) live with the routing; check
+        # them now so a bad config fails at load, naming the file
+        try:
+            spec.routing_config().check(spec.n_routed_experts, spec.num_experts_per_tok, True)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{source}: {exc}") from exc
         return spec
 
     @property

@@ -27,13 +27,15 @@ Anything else is refused with a ``ValueError`` naming the unsupported field.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
+from moe_backend._checks import check_bool, check_str
 from moe_backend.quant import BLOCK, NVFP4_GROUP
+
+from .reader import read_json
 
 BF16, FP8_BLOCK, FP8_TENSOR, NVFP4 = "bf16", "fp8_block", "fp8_tensor", "nvfp4"
 FORMATS = (BF16, FP8_BLOCK, FP8_TENSOR, NVFP4)
@@ -82,28 +84,34 @@ class QuantSpec:
     def __post_init__(self) -> None:
         if self.method not in FORMATS:
             raise ValueError(f"method: expected one of {FORMATS}, got {self.method!r}")
+        _patterns("exclude_modules", self.exclude_modules)
+        check_bool("ue8m0", self.ue8m0)
 
     # -- reading --------------------------------------------------------------------------
     @classmethod
     def from_checkpoint(cls, path: Path, config: Mapping[str, Any]) -> "QuantSpec":
-        """Parse ``config['quantization_config']``, else ``path/hf_quant_config.json``, else bf16."""
+        """Parse ``config['quantization_config']``, else ``path/hf_quant_config.json``, else bf16.
+        Errors name the file (``path/config.json`` or ``path/hf_quant_config.json``)."""
         if config.get("quantization_config") is not None:
-            return cls.from_quantization_config(config["quantization_config"])
+            return cls.from_quantization_config(config["quantization_config"],
+                                                source=f"{Path(path) / 'config.json'}:quantization_config")
         hf_quant = Path(path) / HF_QUANT_CONFIG
         if hf_quant.is_file():
-            return cls.from_hf_quant_config(json.loads(hf_quant.read_text()))
+            return cls.from_hf_quant_config(read_json(hf_quant), source=str(hf_quant))
         return cls()
 
     @classmethod
-    def from_quantization_config(cls, qc: Mapping[str, Any]) -> "QuantSpec":
+    def from_quantization_config(cls, qc: Mapping[str, Any], *,
+                                 source: str = "config.json:quantization_config") -> "QuantSpec":
         """Parse ``config.json:quantization_config`` (``fp8`` block, ``modelopt`` FP8 or NVFP4)."""
-        source = "config.json:quantization_config"
         if not isinstance(qc, Mapping):
             raise TypeError(f"{source}: expected a JSON object, got {qc!r}")
         method = qc.get("quant_method")
         if method == "fp8":
             _require(source, "fmt", qc.get("fmt", "e4m3"), "e4m3")
-            _require(source, "weight_block_size", list(qc.get("weight_block_size") or []), [BLOCK, BLOCK])
+            block_size = qc.get("weight_block_size")
+            _require(source, "weight_block_size",
+                     list(block_size) if isinstance(block_size, (list, tuple)) else block_size, [BLOCK, BLOCK])
             _require(source, "activation_scheme", qc.get("activation_scheme", "dynamic"), "dynamic")
             scale_fmt = qc.get("scale_fmt")
             if scale_fmt not in (None, "ue8m0"):
@@ -120,12 +128,12 @@ class QuantSpec:
         )
 
     @classmethod
-    def from_hf_quant_config(cls, hf_quant: Mapping[str, Any]) -> "QuantSpec":
-        """Parse ModelOpt's ``hf_quant_config.json``."""
+    def from_hf_quant_config(cls, hf_quant: Mapping[str, Any], *, source: str = HF_QUANT_CONFIG) -> "QuantSpec":
+        """Parse ModelOpt's ``hf_quant_config.json`` (``source`` names the file in errors)."""
         section = hf_quant.get("quantization") if isinstance(hf_quant, Mapping) else None
         if not isinstance(section, Mapping):
-            raise ValueError(f"{HF_QUANT_CONFIG}: expected a 'quantization' object, got {hf_quant!r}")
-        return cls._modelopt(f"{HF_QUANT_CONFIG}:quantization", section)
+            raise ValueError(f"{source}: expected a 'quantization' object, got {hf_quant!r}")
+        return cls._modelopt(f"{source}:quantization", section)
 
     @classmethod
     def _modelopt(cls, source: str, section: Mapping[str, Any]) -> "QuantSpec":
@@ -167,6 +175,7 @@ class QuantSpec:
     # -- per module -------------------------------------------------------------------------
     def format_of(self, module: str) -> str:
         """Storage format of the linear ``module`` (e.g. ``model.layers.3.mlp.experts.0.up_proj``)."""
+        check_str("module", module)
         if self.method == BF16 or matches_any(module, ALWAYS_UNQUANTIZED + self.exclude_modules):
             return BF16
         return self.method

@@ -7,17 +7,24 @@ every page read stays resident (and counts in the RSS) while the shard is open.
 So the reader closes its shards once ``release_bytes`` have been read through
 them: the resident set stays near what the caller keeps plus that budget, however
 large the shards are.
+
+A damaged checkpoint (an index that is not JSON or names shards outside the directory, a
+truncated or empty shard, a tensor the index lists but its shard lacks) raises ``ValueError``
+naming the file and the tensor, with the underlying error chained.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
-from typing import Dict, FrozenSet, Union
+import os
+from pathlib import Path, PurePosixPath
+from typing import Any, Dict, FrozenSet, Union
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
+
+from moe_backend._checks import check_int
 
 logger = logging.getLogger(__name__)
 
@@ -27,15 +34,44 @@ SINGLE_FILE = "model.safetensors"
 DEFAULT_RELEASE_BYTES = 32 << 20
 
 
+def read_json(path: Path) -> Any:
+    """The parsed JSON file ``path``; ``ValueError`` naming the file (cause chained) when it cannot be
+    read or parsed."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not a readable JSON file ({exc})") from exc
+
+
+def _open_shard(path: Path) -> Any:
+    """``safe_open`` on ``path``; ``ValueError`` naming the file for a damaged or unreadable shard."""
+    try:
+        return safe_open(str(path), framework="pt")
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(f"{path}: not a readable safetensors file ({exc})") from exc
+
+
+def _check_shard_name(index: Path, key: object, shard: object) -> None:
+    if not isinstance(key, str) or not isinstance(shard, str):
+        raise ValueError(f"{index}: expected 'weight_map' to map tensor names to shard file names, "
+                         f"got {key!r}: {shard!r}")
+    parts = PurePosixPath(shard).parts
+    if not parts or PurePosixPath(shard).is_absolute() or ".." in parts or os.path.isabs(shard):
+        raise ValueError(f"{index}: shard {shard!r} of tensor {key!r} is not a file inside the checkpoint directory")
+
+
 def _weight_map(root: Path) -> Dict[str, str]:
     index = root / INDEX_FILE
     if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map")
+        data = read_json(index)
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
         if not isinstance(weight_map, dict):
             raise ValueError(f"{index}: expected a 'weight_map' object mapping tensor names to shard files")
+        for key, shard in weight_map.items():
+            _check_shard_name(index, key, shard)
         return weight_map
     if (root / SINGLE_FILE).is_file():
-        with safe_open(str(root / SINGLE_FILE), framework="pt") as f:
+        with _open_shard(root / SINGLE_FILE) as f:
             return {key: SINGLE_FILE for key in f.keys()}
     raise ValueError(f"{root}: no {INDEX_FILE} or {SINGLE_FILE} (not a safetensors checkpoint directory)")
 
@@ -43,9 +79,11 @@ def _weight_map(root: Path) -> Dict[str, str]:
 class ShardedReader:
     """Reads single tensors by name; close it (or use it as a context manager) when done."""
 
-    def __init__(self, path: Union[str, Path], release_bytes: int = DEFAULT_RELEASE_BYTES) -> None:
+    def __init__(self, path: Union[str, os.PathLike], release_bytes: int = DEFAULT_RELEASE_BYTES) -> None:
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"path: expected a str or os.PathLike directory, got {type(path).__name__} {path!r}")
         self.root = Path(path)
-        self.release_bytes = release_bytes
+        self.release_bytes = check_int("release_bytes", release_bytes, minimum=0)
         self._weight_map = _weight_map(self.root)
         for shard in set(self._weight_map.values()):
             if not (self.root / shard).is_file():
@@ -60,6 +98,10 @@ class ShardedReader:
     def __contains__(self, key: str) -> bool:
         return key in self._weight_map
 
+    def file_of(self, key: str) -> Path:
+        """The shard file holding tensor ``key`` (which must be listed)."""
+        return self.root / self._weight_map[key]
+
     def get(self, key: str) -> torch.Tensor:
         """The tensor ``key`` as stored (dtype and shape of the file), backed by the shard's
         mapping: copy what you keep. Raises ``ValueError`` naming a missing key."""
@@ -71,8 +113,12 @@ class ShardedReader:
         handle = self._open.get(shard)
         if handle is None:
             logger.debug("opening shard %s", shard)
-            handle = self._open[shard] = safe_open(str(self.root / shard), framework="pt")
-        tensor = handle.get_tensor(key)
+            handle = self._open[shard] = _open_shard(self.root / shard)
+        try:
+            tensor = handle.get_tensor(key)
+        except SafetensorError as exc:
+            raise ValueError(f"{self.root / shard}: cannot read tensor {key!r} listed in {INDEX_FILE} "
+                             f"({exc})") from exc
         self._bytes_since_release += tensor.numel() * tensor.element_size()
         return tensor
 

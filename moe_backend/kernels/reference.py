@@ -17,7 +17,7 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
-from .._checks import check_int, check_out, check_tensor
+from .._checks import check_bool, check_int, check_out, check_tensor
 from ..expert_weights import ExpertWeights, FP8BlockWeights, FP8TensorWeights
 from ..quant.fp8 import fake_quant_activation
 
@@ -122,7 +122,11 @@ def reference_fused_experts(
     Returns:
         ``out[:T]`` (a new ``[T, H]`` tensor of ``hidden``'s dtype when ``out`` is None).
     """
+    if not isinstance(weights, ExpertWeights):
+        raise TypeError(f"weights: expected an ExpertWeights container, got {type(weights).__name__}")
     _check_inputs(hidden, weights.hidden_size, topk_ids, topk_weights, local_expert_offset)
+    check_bool("apply_router_weight_on_input", apply_router_weight_on_input)
+    check_bool("quantize_activations", quantize_activations)
     check_out("out", out, rows=hidden.shape[0], cols=hidden.shape[1], dtype=hidden.dtype, device=hidden.device)
     round_in, round_mid = _activation_rounding(weights, quantize_activations)
     acc = _expert_loop(hidden, weights.num_experts, weights.dequantize_expert, topk_ids, topk_weights,

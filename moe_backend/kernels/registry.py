@@ -19,6 +19,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
+from .._checks import check_bool, check_device, check_str
 from ..expert_weights import PRECISIONS, ExpertWeights, FP8BlockWeights, FP8TensorWeights, NVFP4Weights
 from ..routing import RoutingConfig
 from .interpret import INTERPRETING
@@ -230,8 +231,12 @@ def select_kernel(precision: str, device: torch.device, routed: bool, requested:
                   weight_on_input: bool = False) -> Kernel:
     """The kernel that serves ``precision`` on ``device`` (routed or computed entry point;
     ``weight_on_input``: the layer scales the GEMM1 input by the router weight)."""
-    if precision not in PRECISIONS:
+    if not isinstance(precision, str) or precision not in PRECISIONS:
         raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
+    device = check_device("device", device)
+    check_bool("routed", routed)
+    check_str("kernel", requested)
+    check_bool("weight_on_input", weight_on_input)
     if requested != "auto":
         if requested not in KERNELS:
             raise ValueError(f"kernel: expected 'auto' or one of {sorted(KERNELS)}, got {requested!r}")
@@ -250,4 +255,5 @@ def select_kernel(precision: str, device: torch.device, routed: bool, requested:
 
 def available_kernels(device: torch.device) -> Dict[str, Dict[str, Optional[str]]]:
     """kernel name -> precision -> None (runs here) or the reason it does not."""
+    device = check_device("device", device)
     return {name: {p: k.unavailable_reason(p, device) for p in k.precisions} for name, k in KERNELS.items()}

@@ -9,6 +9,10 @@ Conventions (docs/design.md §5.1, §5.2):
   ``s = max(amax, eps) / 448``, ``q = clamp(x / s, -448, 448)`` cast to e4m3.
   With ``ue8m0`` the scale is rounded up to a power of two (DeepSeek V3.1).
 * Per-tensor weights carry one fp32 scale per matrix (``scale [...]``).
+
+An explicit scale given to a quantizer must be finite and > 0 (``ValueError`` naming it and
+its first bad index). Dequantizers do plain arithmetic on what they are given. Empty inputs
+give empty outputs.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .._checks import check_int, check_tensor
+from .._checks import check_bool, check_int, check_scale_values, check_tensor
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -44,6 +48,13 @@ def _cast_fp8(x: torch.Tensor) -> torch.Tensor:
     return x.clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
 
 
+def matrix_amax(w: torch.Tensor) -> torch.Tensor:
+    """``max |w|`` of each matrix of ``w [..., N, K]``: fp32 ``[...]`` (0 for an empty matrix)."""
+    if w.numel() == 0:  # amax refuses to reduce over an empty dimension
+        return torch.zeros(w.shape[:-2], dtype=torch.float32, device=w.device)
+    return w.float().abs().amax(dim=(-2, -1))
+
+
 def quantize_fp8_block(w: torch.Tensor, block: int = BLOCK) -> Tuple[torch.Tensor, torch.Tensor]:
     """Quantize weights ``w [..., N, K]`` (float) to e4m3 with one fp32 scale per block.
 
@@ -64,6 +75,9 @@ def quantize_fp8_block(w: torch.Tensor, block: int = BLOCK) -> Tuple[torch.Tenso
 def dequantize_fp8_block(q: torch.Tensor, scale: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
     """Dequantize ``q [..., N, K]`` e4m3 with ``scale [..., ceil(N/block), ceil(K/block)]`` to fp32."""
     check_tensor("q", q, dtype=FP8_DTYPE, contiguous=False)
+    check_int("block", block, minimum=1)
+    if q.dim() < 2:
+        raise ValueError(f"q: expected a tensor of at least 2 dims [..., N, K], got shape {tuple(q.shape)}")
     n, k = q.shape[-2:]
     want = (*q.shape[:-2], _cdiv(n, block), _cdiv(k, block))
     check_tensor("scale", scale, dtype=torch.float32, shape=want, contiguous=False)
@@ -89,6 +103,7 @@ def quantize_fp8_per_token_group(
     """
     check_tensor("x", x, dtype=_FLOATS, ndim=2, contiguous=False)
     check_int("group", group, minimum=1)
+    check_bool("ue8m0", ue8m0)
     t, k = x.shape
     g = _cdiv(k, group)
     padded = torch.nn.functional.pad(x.float(), (0, g * group - k)).view(t, g, group)
@@ -100,6 +115,7 @@ def quantize_fp8_per_token_group(
 def dequantize_fp8_per_token_group(q: torch.Tensor, s: torch.Tensor, group: int = BLOCK) -> torch.Tensor:
     """Inverse of :func:`quantize_fp8_per_token_group`: fp32 ``[T, K]``."""
     check_tensor("q", q, dtype=FP8_DTYPE, ndim=2, contiguous=False)
+    check_int("group", group, minimum=1)
     t, k = q.shape
     check_tensor("s", s, dtype=torch.float32, shape=(t, _cdiv(k, group)), contiguous=False)
     return q.float() * s.repeat_interleave(group, dim=-1)[:, :k]
@@ -110,16 +126,17 @@ def quantize_fp8_per_tensor(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Quantize ``w [..., N, K]`` with one fp32 scale per matrix (``scale [...]``).
 
-    With ``scale`` given (static, e.g. a checkpoint's ``input_scale``) it is used as is;
-    otherwise ``scale = max(amax, eps) / 448`` per matrix.
+    With ``scale`` given (static, e.g. a checkpoint's ``input_scale``; finite and > 0) it is used
+    as is; otherwise ``scale = max(amax, eps) / 448`` per matrix.
     """
     check_tensor("w", w, dtype=_FLOATS, contiguous=False)
     if w.dim() < 2:
         raise ValueError(f"w: expected a tensor of at least 2 dims [..., N, K], got shape {tuple(w.shape)}")
     if scale is None:
-        scale = w.float().abs().amax(dim=(-2, -1)).clamp_min(FP8_EPS) / FP8_MAX
+        scale = matrix_amax(w).clamp_min(FP8_EPS) / FP8_MAX
     else:
         check_tensor("scale", scale, dtype=torch.float32, shape=tuple(w.shape[:-2]), contiguous=False)
+        check_scale_values("scale", scale, allow_zero=False)
     q = _cast_fp8(w.float() / scale[..., None, None])
     return q.contiguous(), scale.contiguous()
 
@@ -136,9 +153,13 @@ def fake_quant_activation(
 ) -> torch.Tensor:
     """Round activations ``x [T, K]`` through e4m3 and back (fp32), as the FP8 kernels do.
 
-    Dynamic per token per 128 channels, or with one static fp32 scale (shape ``[1]``).
+    Dynamic per token per 128 channels, or with one static fp32 scale (shape ``[1]``; its value
+    is not read here: the containers holding static scales check them once).
     """
+    check_tensor("x", x, dtype=_FLOATS, ndim=2, contiguous=False)
     if static_scale is not None:
+        check_tensor("static_scale", static_scale, dtype=torch.float32, shape=(1,), device=x.device,
+                     contiguous=False)
         return _cast_fp8(x.float() / static_scale).float() * static_scale
     q, s = quantize_fp8_per_token_group(x, BLOCK, ue8m0)
     return dequantize_fp8_per_token_group(q, s, BLOCK)

@@ -9,7 +9,9 @@ Layout (docs/design.md §5.3):
 
 Dequant: ``value(code) * float(block_scale) * global_scale``.
 Quantization: ``global = amax / (6 * 448)``, ``block_scale = e4m3(block_amax / (6 * global))``,
-codes rounded to the nearest e2m1 value, ties to the even code.
+codes rounded to the nearest e2m1 value, ties to the even code. An explicit global scale
+must be finite and > 0 (``ValueError`` naming it and its first bad index); empty inputs give
+empty outputs.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from .._checks import check_tensor
-from .fp8 import FP8_DTYPE, FP8_MAX
+from .._checks import check_scale_values, check_tensor
+from .fp8 import FP8_DTYPE, FP8_MAX, matrix_amax
 
 GROUP = 16
 E2M1_MAX = 6.0
@@ -75,7 +77,7 @@ def unpack_e2m1(packed: torch.Tensor) -> torch.Tensor:
 
 def nvfp4_global_scale(w: torch.Tensor) -> torch.Tensor:
     """``amax / (6 * 448)`` per matrix of ``w [..., N, K]``: fp32 ``[...]``."""
-    return (w.float().abs().amax(dim=(-2, -1)) / (E2M1_MAX * FP8_MAX)).clamp_min(_MIN_GLOBAL)
+    return (matrix_amax(w) / (E2M1_MAX * FP8_MAX)).clamp_min(_MIN_GLOBAL)
 
 
 def quantize_nvfp4(
@@ -96,6 +98,7 @@ def quantize_nvfp4(
     else:
         check_tensor("global_scale", global_scale, dtype=torch.float32,
                      shape=tuple(w.shape[:-2]), contiguous=False)
+        check_scale_values("global_scale", global_scale, allow_zero=False)
     wf = w.float()
     g = global_scale[..., None, None]
     blocks = wf.reshape(*w.shape[:-1], w.shape[-1] // GROUP, GROUP)

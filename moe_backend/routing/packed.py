@@ -17,6 +17,20 @@ from .._checks import capturing, check_tensor
 MAX_PACKED_ID = 1 << 15  # ids must be < 32768 to fit the signed high half
 
 
+def check_id_range(name: str, ids: torch.Tensor) -> None:
+    """Refuse ids outside ``[-1, 32768)``: they do not fit the packed format's signed 16 bits
+    (nor an int16 replay buffer), so they would be recorded wrapped.
+
+    Reads the values (one device sync) except while a CUDA graph is being captured, where the
+    caller guarantees the range.
+    """
+    if capturing() or not ids.numel():
+        return
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < -1 or hi >= MAX_PACKED_ID:
+        raise ValueError(f"{name}: expected expert ids in [-1, {MAX_PACKED_ID}), got values in [{lo}, {hi}]")
+
+
 def pack_topk(ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Pack ``ids [T, k]`` (int32, in ``[-1, 32768)``) and ``weights [T, k]`` (fp32 or
     bf16; rounded to bf16) into ``[T, k]`` int32.
@@ -27,12 +41,7 @@ def pack_topk(ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     check_tensor("ids", ids, dtype=torch.int32, ndim=2)
     check_tensor("weights", weights, dtype=(torch.float32, torch.bfloat16),
                  shape=tuple(ids.shape), device=ids.device)
-    if not capturing() and ids.numel():
-        lo, hi = int(ids.min()), int(ids.max())
-        if lo < -1 or hi >= MAX_PACKED_ID:
-            raise ValueError(
-                f"ids: expected expert ids in [-1, {MAX_PACKED_ID}) to pack, got values in [{lo}, {hi}]"
-            )
+    check_id_range("ids", ids)
     bits = weights.to(torch.bfloat16).view(torch.int16).to(torch.int32) & 0xFFFF
     return (ids << 16) | bits
 

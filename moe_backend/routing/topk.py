@@ -13,7 +13,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .._checks import check_int, check_tensor
+from .._checks import check_bool, check_int, check_real, check_tensor
 
 METHODS = ("noaux_tc", "renormalize", "softmax", "sigmoid")
 
@@ -79,6 +79,9 @@ def noaux_tc_topk(
     check_tensor("correction_bias", correction_bias, dtype=torch.float32, shape=(e,),
                  device=router_logits.device)
     check_grouping(e, top_k, n_group, topk_group)
+    check_bool("norm_topk_prob", norm_topk_prob)
+    check_real("routed_scaling_factor", routed_scaling_factor, positive=True)
+    check_bool("apply_routed_scaling", apply_routed_scaling)
     per_group = e // n_group
     scores = torch.sigmoid(router_logits)
     biased = scores + correction_bias
@@ -126,8 +129,9 @@ class RoutingConfig:
 
     ``method`` is one of ``noaux_tc`` (DeepSeek-V3; needs ``n_group``, ``topk_group``
     and a correction bias), ``renormalize``, ``softmax`` or ``sigmoid``.
-    ``routed_scaling_factor`` applies to ``noaux_tc`` only, and only when
-    ``apply_routed_scaling`` (otherwise the caller scales the layer output).
+    ``routed_scaling_factor`` (a finite float > 0) applies to ``noaux_tc`` only, and only when
+    ``apply_routed_scaling`` (otherwise the caller scales the layer output). Every field is
+    type-checked here: flags must be bools, counts ints.
     """
 
     method: str = "renormalize"
@@ -138,12 +142,17 @@ class RoutingConfig:
     apply_routed_scaling: bool = True
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
+        if not isinstance(self.method, str) or self.method not in METHODS:
             raise ValueError(f"method: expected one of {METHODS}, got {self.method!r}")
         check_int("n_group", self.n_group, minimum=1)
         check_int("topk_group", self.topk_group, minimum=1)
         if self.topk_group > self.n_group:
             raise ValueError(f"topk_group: expected at most n_group ({self.n_group}), got {self.topk_group}")
+        check_bool("norm_topk_prob", self.norm_topk_prob)
+        # stored as a float: an int factor (DeepSeek configs write 1) is the same value
+        object.__setattr__(self, "routed_scaling_factor",
+                           check_real("routed_scaling_factor", self.routed_scaling_factor, positive=True))
+        check_bool("apply_routed_scaling", self.apply_routed_scaling)
 
     @classmethod
     def deepseek_v3(cls, n_group: int = 8, topk_group: int = 4,

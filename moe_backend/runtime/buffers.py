@@ -21,7 +21,7 @@ from typing import Dict, Tuple
 
 import torch
 
-from .._checks import capturing, check_int
+from .._checks import capturing, check_device, check_int, check_str
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +69,10 @@ class BufferPool:
         """A ``[rows, width]`` view of the (device, dtype, width, role) buffer; contents undefined."""
         check_int("rows", rows, minimum=0)
         check_int("width", width, minimum=1)
+        if not isinstance(dtype, torch.dtype):
+            raise TypeError(f"dtype: expected a torch.dtype, got {type(dtype).__name__} {dtype!r}")
+        device = check_device("device", device)
+        check_str("role", role)
         key = (_device_key(device), dtype, width, role)
         with self._lock:
             buf = self._buffers.get(key)

@@ -26,7 +26,6 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import logging
-import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ from typing import Any, Dict, Optional, Union
 
 import torch
 
-from .._checks import check_int
+from .._checks import check_int, check_real
 from ..expert_weights import PRECISIONS
 
 logger = logging.getLogger(__name__)
@@ -85,11 +84,17 @@ class ProblemSignature:
 
 @dataclass(frozen=True)
 class CacheEntry:
-    """A tuned bucket: the chosen ``config`` and the median times (µs) of it and of the default."""
+    """A tuned bucket: the chosen ``config`` and the median times (µs, finite and > 0) of it and
+    of the default."""
 
     config: Config
     best_us: float
     default_us: float
+
+    def __post_init__(self) -> None:
+        check_config(self.config)
+        for name in ("best_us", "default_us"):
+            object.__setattr__(self, name, check_real(name, getattr(self, name), positive=True))
 
 
 def _version(package: str) -> str:
@@ -141,17 +146,27 @@ class TuningCache:
 
     def __init__(self, cache_dir: Optional[PathLike] = None, *,
                  environment: Optional[Dict[str, str]] = None) -> None:
+        if cache_dir is not None and not isinstance(cache_dir, (str, os.PathLike)):
+            raise TypeError(f"cache_dir: expected a str or os.PathLike directory, got {type(cache_dir).__name__} "
+                            f"{cache_dir!r}")
+        if environment is not None and not (
+                isinstance(environment, dict)
+                and all(isinstance(k, str) and isinstance(v, str) for k, v in environment.items())):
+            raise TypeError(f"environment: expected a dict of str to str, got {environment!r}")
         self.path = Path(cache_dir if cache_dir is not None else default_cache_dir()) / CACHE_FILE
         self.environment = dict(environment) if environment is not None else current_environment()
         self._entries: Optional[Dict[str, CacheEntry]] = None  # None: not read yet
 
     def get(self, signature: ProblemSignature, bucket: int) -> Optional[CacheEntry]:
         """The entry for ``signature`` at ``bucket``, or None."""
+        _check_key(signature, bucket)
         return self._loaded().get(signature.key(bucket))
 
     def put(self, signature: ProblemSignature, bucket: int, entry: CacheEntry) -> None:
         """Record ``entry`` in memory (call :meth:`save` to persist)."""
-        check_config(entry.config)
+        _check_key(signature, bucket)
+        if not isinstance(entry, CacheEntry):
+            raise TypeError(f"entry: expected a CacheEntry, got {type(entry).__name__}")
         self._loaded()[signature.key(bucket)] = entry
 
     def save(self) -> None:
@@ -204,8 +219,12 @@ class TuningCache:
         return None
 
 
+def _check_key(signature: object, bucket: object) -> None:
+    if not isinstance(signature, ProblemSignature):
+        raise TypeError(f"signature: expected a ProblemSignature, got {type(signature).__name__}")
+    check_int("bucket", bucket, minimum=1)
+
+
 def _entry(value: Dict[str, Any]) -> CacheEntry:
-    entry = CacheEntry(check_config(value["config"]), float(value["best_us"]), float(value["default_us"]))
-    if not (math.isfinite(entry.best_us) and math.isfinite(entry.default_us)):
-        raise ValueError(f"non-finite time in {value}")
-    return entry
+    """A cached entry (times must be JSON numbers; CacheEntry checks they are finite and > 0)."""
+    return CacheEntry(value["config"], value["best_us"], value["default_us"])

@@ -27,7 +27,7 @@ from typing import List, Tuple, Union
 
 import torch
 
-from .._checks import check_int
+from .._checks import check_device, check_int
 
 Device = Union[str, torch.device]
 
@@ -82,6 +82,7 @@ def profiling_topk(num_tokens: int, top_k: int, num_experts: int, num_local_expe
     """
     _check_topk_args(num_tokens, top_k, num_experts, num_local_experts, local_expert_offset)
     check_int("seed", seed, minimum=0)
+    device = check_device("device", device)
     t, k = num_tokens, top_k
     gen = torch.Generator().manual_seed(seed)  # CPU: the integer algorithm is exact and cheap there
     ids = torch.full((t, k), -1, dtype=torch.int32)
@@ -133,6 +134,9 @@ def profiling_hidden(num_tokens: int, hidden_size: int, *, seed: int = 0,
     check_int("num_tokens", num_tokens, minimum=0)
     check_int("hidden_size", hidden_size, minimum=1)
     check_int("seed", seed, minimum=0)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype: expected a floating torch.dtype, got {dtype!r}")
+    device = check_device("device", device)
     gen = torch.Generator(device=device).manual_seed(seed)
     return torch.randn(num_tokens, hidden_size, generator=gen, device=device).to(dtype)
 
@@ -143,6 +147,7 @@ def profiling_router_logits(num_tokens: int, num_experts: int, *, seed: int = 0,
     check_int("num_tokens", num_tokens, minimum=0)
     check_int("num_experts", num_experts, minimum=1)
     check_int("seed", seed, minimum=0)
+    device = check_device("device", device)
     gen = torch.Generator(device=device).manual_seed(seed)
     return torch.randn(num_tokens, num_experts, generator=gen, device=device)
 

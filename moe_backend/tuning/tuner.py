@@ -26,7 +26,7 @@ from typing import Any, Callable, Dict, Optional, Sequence
 import torch
 from tqdm import tqdm
 
-from .._checks import capturing, check_int
+from .._checks import capturing, check_bool, check_int
 from .buckets import buckets, map_to_bucket_uncapped
 from .cache import CacheEntry, Config, ProblemSignature, TuningCache, check_config
 
@@ -163,6 +163,9 @@ class Tuner:
             if _config_id(check_config(config)) not in seen:
                 seen.add(_config_id(config))
                 self.candidates.append(config)
+        self._known = seen
+        if timer is not None and not callable(timer):
+            raise TypeError(f"timer: expected a callable timer(fn) -> µs, got {type(timer).__name__}")
         self.timer: Timer = timer if timer is not None else CudaTimer()
 
     def tune(self, signature: ProblemSignature, max_num_tokens: int, make_inputs: InputFactory,
@@ -171,7 +174,9 @@ class Tuner:
         """Tune every bucket of ``buckets(max_num_tokens, min_num_tokens)``.
 
         Buckets found in ``cache`` are not timed unless ``force``; new results are saved
-        to ``cache`` after each bucket (a crash keeps the buckets already done).
+        to ``cache`` after each bucket (a crash keeps the buckets already done). A cached
+        configuration that is neither the default nor a candidate (a cache edited by hand, or
+        written by a kernel of another version) is tuned anew, with a warning.
         Raises RuntimeError inside a CUDA-graph capture.
         """
         if capturing():
@@ -180,6 +185,10 @@ class Tuner:
             )
         if not isinstance(signature, ProblemSignature):
             raise TypeError(f"signature: expected a ProblemSignature, got {type(signature).__name__}")
+        if cache is not None and not isinstance(cache, TuningCache):
+            raise TypeError(f"cache: expected a TuningCache or None, got {type(cache).__name__}")
+        check_bool("force", force)
+        check_bool("progress", progress)
         if not callable(make_inputs):
             raise TypeError(f"make_inputs: expected a callable make_inputs(num_tokens), "
                             f"got {type(make_inputs).__name__}")
@@ -190,6 +199,10 @@ class Tuner:
         for bucket in bar:
             bar.set_postfix(T=bucket)
             hit = None if force or cache is None else cache.get(signature, bucket)
+            if hit is not None and _config_id(hit.config) not in self._known:
+                logger.warning("%s at %d tokens: the cached config %s is not one of this kernel's; tuning anew",
+                               signature.name, bucket, _config_text(hit.config))
+                hit = None
             if hit is not None:
                 entries[bucket] = hit
                 cached.append(bucket)

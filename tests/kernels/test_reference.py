@@ -170,3 +170,28 @@ def test_bad_input(call, match):
     weights, _, _ = _make(BF16Weights, e=2)
     with pytest.raises((ValueError, TypeError), match=match):
         call(weights)
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda w, x, i, g: reference_fused_experts(x, w.tensors(), i, g), TypeError,
+     "weights: expected an ExpertWeights container, got dict"),
+    (lambda w, x, i, g: reference_fused_experts(x, w, i, g, quantize_activations="no"), TypeError,
+     "quantize_activations: expected a bool"),
+    (lambda w, x, i, g: reference_fused_experts(x, w, i, g, apply_router_weight_on_input=None), TypeError,
+     "apply_router_weight_on_input: expected a bool"),
+    (lambda w, x, i, g: reference_fused_experts(x, w, i.long(), g), TypeError, "topk_ids: expected dtype torch.int32"),
+    (lambda w, x, i, g: reference_fused_experts(x, w, i, g, local_expert_offset=-1), ValueError,
+     "local_expert_offset: expected an int >= 0"),
+])
+def test_bad_arguments_are_named(call, error, match):
+    weights = BF16Weights.quantize(torch.randn(2, 32, 16), torch.randn(2, 16, 16))
+    with pytest.raises(error, match=match):
+        call(weights, torch.randn(3, 16), torch.zeros(3, 2, dtype=torch.int32), torch.ones(3, 2))
+
+
+@pytest.mark.parametrize("weight_type", WEIGHT_TYPES)
+def test_empty_batch_gives_an_empty_output(weight_type):
+    weights = weight_type.quantize(torch.randn(2, 256, 128), torch.randn(2, 128, 128))
+    out = reference_fused_experts(torch.zeros(0, 128, dtype=torch.bfloat16), weights,
+                                  torch.zeros(0, 2, dtype=torch.int32), torch.zeros(0, 2))
+    assert out.shape == (0, 128) and out.dtype == torch.bfloat16

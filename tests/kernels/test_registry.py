@@ -104,3 +104,19 @@ def test_contract_extension_leaves_hopper_kernels_alone():
     for kernel in (registry.SM100_FP8_BLOCK, registry.SM100_FP8_TENSOR, registry.SM100_NVFP4):
         assert kernel.takes_context and kernel.routes(ctx) and kernel.capabilities == registry.BLACKWELL
         assert not kernel.routes(registry.LayerContext(256, 8, registry.RoutingConfig("softmax")))
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: registry.select_kernel("fp8_block", 0, True), TypeError, "device: expected a torch.device or str"),
+    (lambda: registry.select_kernel("fp8_block", "quantum", True), ValueError, "device: expected a device"),
+    (lambda: registry.select_kernel("fp8_block", torch.device("cpu"), "yes"), TypeError, "routed: expected a bool"),
+    (lambda: registry.select_kernel("fp8_block", torch.device("cpu"), True, None), TypeError, "kernel: expected a str"),
+    (lambda: registry.select_kernel(["fp8_block"], torch.device("cpu"), True), ValueError,
+     "precision: expected one of"),
+    (lambda: registry.select_kernel("fp8_block", torch.device("cpu"), True, weight_on_input=1), TypeError,
+     "weight_on_input: expected a bool"),
+    (lambda: registry.available_kernels(None), TypeError, "device: expected a torch.device or str"),
+])
+def test_bad_arguments_are_named(call, error, match):
+    with pytest.raises(error, match=match):
+        call()

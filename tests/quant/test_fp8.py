@@ -112,3 +112,50 @@ def test_fake_quant_static_scale():
 def test_bad_input(call, match):
     with pytest.raises((ValueError, TypeError), match=match):
         call()
+
+
+# -- empty in, empty out; explicit scales refused outside the rule ---------------------------------
+@pytest.mark.parametrize("shape", [(0, 16), (3, 0, 16), (4, 0)])
+def test_empty_inputs_give_empty_outputs(shape):
+    w = torch.zeros(shape)
+    q, s = fp8.quantize_fp8_per_tensor(w)
+    assert q.shape == shape and s.shape == shape[:-2] and torch.equal(fp8.dequantize_fp8_per_tensor(q, s), w)
+    q, s = fp8.quantize_fp8_block(w)
+    assert q.shape == shape and torch.equal(fp8.dequantize_fp8_block(q, s), w)
+
+
+@pytest.mark.parametrize("shape", [(0, 256), (3, 0)])
+def test_empty_activations_give_empty_outputs(shape):
+    x = torch.zeros(shape)
+    q, s = fp8.quantize_fp8_per_token_group(x)
+    assert torch.equal(fp8.dequantize_fp8_per_token_group(q, s), x)
+    assert fp8.fake_quant_activation(x).shape == shape
+    assert fp8.fake_quant_activation(x, torch.ones(1)).shape == shape
+
+
+@pytest.mark.parametrize("value, index", [(0.0, 1), (float("nan"), 0), (float("inf"), 2), (-1.0, 1),
+                                          (float("-inf"), 0)])
+def test_explicit_per_tensor_scale_outside_the_rule_is_refused(value, index):
+    scale = torch.ones(3)
+    scale[index] = value
+    with pytest.raises(ValueError, match=rf"^scale: expected scales finite and > 0, got .* at index \[{index}\]"):
+        fp8.quantize_fp8_per_tensor(torch.randn(3, 4, 16), scale)
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: fp8.dequantize_fp8_block(torch.zeros(4, 4).to(fp8.FP8_DTYPE), torch.ones(1, 1), block=0), ValueError,
+     "block: expected an int >= 1"),
+    (lambda: fp8.dequantize_fp8_block(torch.zeros(4).to(fp8.FP8_DTYPE), torch.ones(1)), ValueError,
+     "q: expected a tensor of at least 2 dims"),
+    (lambda: fp8.dequantize_fp8_per_token_group(torch.zeros(2, 4).to(fp8.FP8_DTYPE), torch.ones(2, 1), group=0),
+     ValueError, "group: expected an int >= 1"),
+    (lambda: fp8.quantize_fp8_per_token_group(torch.zeros(2, 4), ue8m0="no"), TypeError, "ue8m0: expected a bool"),
+    (lambda: fp8.fake_quant_activation(torch.zeros(2, 4), torch.ones(2)), ValueError,
+     r"static_scale: expected shape \(1,\)"),
+    (lambda: fp8.fake_quant_activation(torch.zeros(2, 4), 0.5), TypeError, "static_scale: expected a torch.Tensor"),
+    (lambda: fp8.fake_quant_activation(torch.zeros(4)), ValueError, "x: expected a 2-D tensor"),
+    (lambda: fp8.quantize_fp8_per_tensor(torch.zeros(2, 4), torch.ones(1)), ValueError, r"scale: expected shape \(\)"),
+])
+def test_bad_arguments_are_named(call, error, match):
+    with pytest.raises(error, match=match):
+        call()

@@ -105,3 +105,33 @@ def test_given_global_scale_is_used():
 def test_bad_input(call, match):
     with pytest.raises((ValueError, TypeError), match=match):
         call()
+
+
+# -- empty in, empty out; explicit global scales refused outside the rule --------------------------
+@pytest.mark.parametrize("shape", [(0, 32), (3, 0, 32), (2, 4, 0)])
+def test_empty_inputs_give_empty_outputs(shape):
+    w = torch.zeros(shape)
+    packed, block, g = nvfp4.quantize_nvfp4(w)
+    assert packed.shape == (*shape[:-1], shape[-1] // 2) and g.shape == shape[:-2]
+    assert torch.equal(nvfp4.dequantize_nvfp4(packed, block, g), w)
+
+
+@pytest.mark.parametrize("value, index", [(0.0, 0), (float("nan"), 1), (float("inf"), 1), (-0.5, 0)])
+def test_explicit_global_scale_outside_the_rule_is_refused(value, index):
+    g = torch.ones(2)
+    g[index] = value
+    with pytest.raises(ValueError, match=rf"^global_scale: expected scales finite and > 0, got .* at index "
+                                         rf"\[{index}\]"):
+        nvfp4.quantize_nvfp4(torch.randn(2, 4, 32), g)
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: nvfp4.quantize_nvfp4(torch.randn(4, 32), torch.ones(1)), ValueError, r"global_scale: expected shape \(\)"),
+    (lambda: nvfp4.quantize_nvfp4(torch.randn(4, 24)), ValueError, "w: expected .* K a multiple of 16"),
+    (lambda: nvfp4.dequantize_nvfp4(torch.zeros(4, 16, dtype=torch.uint8), torch.zeros(4, 2).to(fp8.FP8_DTYPE),
+                                    torch.ones(2)), ValueError, r"global_scale: expected shape \(\)"),
+    (lambda: nvfp4.pack_e2m1(torch.zeros(3, dtype=torch.uint8)), ValueError, "codes: expected an even last dimension"),
+])
+def test_bad_arguments_are_named(call, error, match):
+    with pytest.raises(error, match=match):
+        call()

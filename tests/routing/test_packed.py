@@ -48,3 +48,19 @@ def test_bf16_weights_accepted_and_empty():
 def test_bad_input(call, match):
     with pytest.raises((ValueError, TypeError), match=match):
         call()
+
+
+@pytest.mark.parametrize("ids, match", [
+    ([[40008]], r"ids: expected expert ids in \[-1, 32768\), got values in \[40008, 40008\]"),
+    ([[3, -2]], r"ids: expected expert ids in \[-1, 32768\), got values in \[-2, 3\]"),
+    ([[-40000, 1]], r"got values in \[-40000, 1\]"),
+])
+def test_ids_outside_the_packed_range_are_refused(ids, match):
+    ids = torch.tensor(ids, dtype=torch.int32)
+    with pytest.raises(ValueError, match=match):
+        pack_topk(ids, torch.ones(ids.shape))
+
+
+def test_empty_round_trip():
+    ids, w = unpack_topk(pack_topk(torch.zeros(0, 4, dtype=torch.int32), torch.zeros(0, 4)))
+    assert ids.shape == w.shape == (0, 4)

@@ -146,3 +146,63 @@ def test_config_dispatch_and_checks():
 def test_bad_input(call, match):
     with pytest.raises((ValueError, TypeError), match=match):
         call()
+
+
+# -- config values: type-checked at construction, the field named -----------------------------------
+@pytest.mark.parametrize("build, error, match", [
+    (lambda: RoutingConfig(norm_topk_prob="no"), TypeError, "norm_topk_prob: expected a bool, got str 'no'"),
+    (lambda: RoutingConfig(norm_topk_prob=1), TypeError, "norm_topk_prob: expected a bool"),
+    (lambda: RoutingConfig(apply_routed_scaling=None), TypeError, "apply_routed_scaling: expected a bool"),
+    (lambda: RoutingConfig.deepseek_v3(4, 2, "2.5"), TypeError, "routed_scaling_factor: expected a float, got str"),
+    (lambda: RoutingConfig.deepseek_v3(4, 2, True), TypeError, "routed_scaling_factor: expected a float, got bool"),
+    (lambda: RoutingConfig.deepseek_v3(4, 2, float("nan")), ValueError,
+     "routed_scaling_factor: expected a finite positive float, got nan"),
+    (lambda: RoutingConfig.deepseek_v3(4, 2, float("inf")), ValueError, "routed_scaling_factor: expected a finite"),
+    (lambda: RoutingConfig.deepseek_v3(4, 2, 0.0), ValueError, "routed_scaling_factor: expected a finite positive"),
+    (lambda: RoutingConfig.deepseek_v3(4, 2, -2.5), ValueError, "routed_scaling_factor: expected a finite positive"),
+    (lambda: RoutingConfig.deepseek_v3(4.0, 2), TypeError, "n_group: expected an int"),
+    (lambda: RoutingConfig.deepseek_v3(4, "2"), TypeError, "topk_group: expected an int"),
+    (lambda: RoutingConfig(method=["softmax"]), ValueError, "method: expected one of"),
+    (lambda: RoutingConfig(method="topk"), ValueError, "method: expected one of"),
+])
+def test_bad_config_fields_are_named(build, error, match):
+    with pytest.raises(error, match=match):
+        build()
+
+
+def test_an_int_scaling_factor_is_the_same_float():
+    cfg = RoutingConfig.deepseek_v3(4, 2, 3)
+    assert isinstance(cfg.routed_scaling_factor, float) and cfg == RoutingConfig.deepseek_v3(4, 2, 3.0)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"norm_topk_prob": "no"}, TypeError, "norm_topk_prob: expected a bool"),
+    ({"routed_scaling_factor": float("nan")}, ValueError, "routed_scaling_factor: expected a finite positive"),
+    ({"routed_scaling_factor": "2.5"}, TypeError, "routed_scaling_factor: expected a float"),
+    ({"apply_routed_scaling": 0}, TypeError, "apply_routed_scaling: expected a bool"),
+])
+def test_noaux_tc_refuses_bad_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        noaux_tc_topk(torch.randn(3, 16), torch.zeros(16), 4, 4, 2, **kwargs)
+
+
+@pytest.mark.parametrize("method", ["noaux_tc", "renormalize", "softmax", "sigmoid"])
+def test_empty_logits_give_empty_top_k(method):
+    cfg = RoutingConfig(method, 4, 2) if method == "noaux_tc" else RoutingConfig(method)
+    ids, w = cfg.select(torch.zeros(0, 16), 4, torch.zeros(16) if method == "noaux_tc" else None)
+    assert ids.shape == w.shape == (0, 4) and ids.dtype == torch.int32 and w.dtype == torch.float32
+
+
+@pytest.mark.parametrize("method", ["noaux_tc", "renormalize", "softmax", "sigmoid"])
+def test_nan_logits_reach_only_their_token(method):
+    """The documented pass-through: routing reads no values, a NaN row gives NaN weights in that row
+    and leaves every other token's selection as it was."""
+    cfg = RoutingConfig(method, 4, 2) if method == "noaux_tc" else RoutingConfig(method)
+    bias = torch.zeros(16) if method == "noaux_tc" else None
+    logits = torch.randn(5, 16)
+    clean = cfg.select(logits, 4, bias)
+    logits[2, 3] = float("nan")
+    ids, w = cfg.select(logits, 4, bias)
+    rows = [0, 1, 3, 4]
+    assert torch.equal(ids[rows], clean[0][rows]) and torch.equal(w[rows], clean[1][rows])
+    assert bool(w[2].isnan().any())

@@ -69,3 +69,24 @@ def test_growth_inside_capture_is_an_error_that_says_so():
     with torch.cuda.graph(torch.cuda.CUDAGraph()):
         view = pool.get(16, 128, torch.float32, dev, "acc")  # within capacity: fine
         view.zero_()
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"dtype": "bfloat16"}, TypeError, "dtype: expected a torch.dtype, got str"),
+    ({"device": 0}, TypeError, "device: expected a torch.device or str, got int"),
+    ({"device": "tpu9"}, ValueError, "device: expected a device such as 'cpu'"),
+    ({"role": None}, TypeError, "role: expected a str"),
+    ({"rows": -1}, ValueError, "rows: expected an int >= 0"),
+    ({"width": 0}, ValueError, "width: expected an int >= 1"),
+])
+def test_bad_arguments_are_named(kwargs, error, match):
+    args = {"rows": 4, "width": 8, "dtype": torch.bfloat16, "device": CPU, "role": "acc", **kwargs}
+    with pytest.raises(error, match=match):
+        BufferPool().get(**args)
+
+
+def test_a_device_string_is_the_same_buffer():
+    pool = BufferPool()
+    a = pool.get(4, 8, torch.float32, "cpu", "acc")
+    assert pool.get(2, 8, torch.float32, CPU, "acc").data_ptr() == a.data_ptr()
+    assert pool.get(0, 8, torch.float32, CPU, "acc").shape == (0, 8)

@@ -182,3 +182,39 @@ def test_signature():
         ProblemSignature("bf16", 8, 2, 64, 32, num_global_experts=4)
     with pytest.raises(TypeError, match="hidden_size"):
         ProblemSignature("bf16", 8, 2, 64.0, 32)
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda p: TuningCache(123), TypeError, "cache_dir: expected a str or os.PathLike directory, got int 123"),
+    (lambda p: TuningCache([p]), TypeError, "cache_dir: expected a str or os.PathLike"),
+    (lambda p: TuningCache(p, environment={"gpu": 1}), TypeError, "environment: expected a dict of str to str"),
+    (lambda p: TuningCache(p, environment=[("gpu", "x")]), TypeError, "environment: expected a dict"),
+    (lambda p: make(p).get("fp8_block", 8), TypeError, "signature: expected a ProblemSignature, got str"),
+    (lambda p: make(p).get(SIG, 0), ValueError, "bucket: expected an int >= 1"),
+    (lambda p: make(p).get(SIG, "8"), TypeError, "bucket: expected an int"),
+    (lambda p: make(p).put(SIG, 8, {"config": {}, "best_us": 1.0, "default_us": 1.0}), TypeError,
+     "entry: expected a CacheEntry, got dict"),
+    (lambda p: CacheEntry({}, 0.0, 1.0), ValueError, "best_us: expected a finite positive float"),
+    (lambda p: CacheEntry({}, 1.0, float("nan")), ValueError, "default_us: expected a finite positive float"),
+    (lambda p: CacheEntry({}, "1", 1.0), TypeError, "best_us: expected a float"),
+    (lambda p: CacheEntry([], 1.0, 1.0), TypeError, "config: expected a dict"),
+])
+def test_bad_arguments_are_named(tmp_path, call, error, match):
+    with pytest.raises(error, match=match):
+        call(tmp_path)
+
+
+@pytest.mark.parametrize("entry", [
+    {"config": {}, "best_us": 0, "default_us": 1.0},
+    {"config": {}, "best_us": -3.0, "default_us": 1.0},
+    {"config": {}, "best_us": "fast", "default_us": 1.0},
+    {"config": "BLOCK_M=64", "best_us": 1.0, "default_us": 1.0},
+    {"best_us": 1.0, "default_us": 1.0},
+])
+def test_a_file_with_a_bad_entry_is_ignored_with_one_warning(tmp_path, caplog, entry):
+    (tmp_path / "tuning.json").write_text(json.dumps(
+        {"format": 1, "environment": ENV, "entries": {SIG.key(8): entry}}))
+    cache = make(tmp_path)
+    with caplog.at_level(logging.WARNING, logger=cache_mod.__name__):
+        assert cache.get(SIG, 8) is None and cache.get(SIG, 16) is None
+    assert len(warnings_of(caplog)) == 1 and "malformed entry" in warnings_of(caplog)[0].getMessage()

@@ -172,3 +172,22 @@ def test_on_gpu_deterministic_and_same_topk_as_cpu():
     assert torch.equal(a.topk_ids.cpu(), cpu.topk_ids) and torch.equal(a.topk_weights.cpu(), cpu.topk_weights)
     logits = profiling_router_logits(8, 256, seed=1, device="cuda")
     assert torch.equal(logits, profiling_router_logits(8, 256, seed=1, device="cuda"))
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: profiling_hidden(4, 16, dtype="bf16"), TypeError, "dtype: expected a floating torch.dtype"),
+    (lambda: profiling_hidden(4, 16, dtype=torch.int32), TypeError, "dtype: expected a floating torch.dtype"),
+    (lambda: profiling_hidden(4, 16, device=1), TypeError, "device: expected a torch.device or str"),
+    (lambda: profiling_router_logits(4, 16, device="nowhere"), ValueError, "device: expected a device"),
+    (lambda: profiling_topk(4, 2, 16, 4, device=None), TypeError, "device: expected a torch.device or str"),
+    (lambda: profiling_topk(4, 2, 16, 4, seed=-1), ValueError, "seed: expected an int >= 0"),
+    (lambda: moe_inputs(4, 16, 2, 16, 4, 14), ValueError, r"local_expert_offset: experts \[14, 18\) exceed"),
+])
+def test_bad_arguments_are_named(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_empty_bucket_gives_empty_inputs():
+    x = moe_inputs(0, 16, 2, 16, 4)
+    assert x.hidden.shape == (0, 16) and x.topk_ids.shape == x.topk_weights.shape == (0, 2)

@@ -278,3 +278,33 @@ def test_refuses_inside_a_real_capture():
             run_tune(64, kernel=kernel)
         torch.zeros(1, device="cuda").add_(1)  # keep the captured graph non-empty
     assert kernel.calls == []
+
+
+def test_a_cached_config_that_is_not_a_candidate_is_tuned_anew(tmp_path, caplog):
+    cache = TuningCache(tmp_path, environment=ENV)
+    cache.put(SIG, 8, CacheEntry({"BLOCK_M": 999}, 1.0, 2.0))  # e.g. edited by hand
+    cache.put(SIG, 16, CacheEntry({"BLOCK_M": 16}, 1.0, 2.0))
+    cache.save()
+    with caplog.at_level(logging.WARNING, logger=tuner_mod.__name__):
+        result, kernel, _, _ = run_tune(16, TuningCache(tmp_path, environment=ENV))
+    assert result.entries[8].config == {"BLOCK_M": best_block_m(8)} and 8 not in result.cached
+    assert 16 in result.cached
+    assert any("BLOCK_M\":999" in r.getMessage() and "tuning anew" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda k: Tuner(k, CANDIDATES, timer=3), TypeError, "timer: expected a callable"),
+    (lambda k: Tuner(k, CANDIDATES, timer=FakeTimer(k)).tune(SIG, 8, InputFactory(), "cache_dir"), TypeError,
+     "cache: expected a TuningCache or None, got str"),
+    (lambda k: Tuner(k, CANDIDATES, timer=FakeTimer(k)).tune(SIG, 8, InputFactory(), force="no"), TypeError,
+     "force: expected a bool"),
+    (lambda k: Tuner(k, CANDIDATES, timer=FakeTimer(k)).tune(SIG, 8, InputFactory(), progress=1), TypeError,
+     "progress: expected a bool"),
+    (lambda k: Tuner(k, CANDIDATES, timer=FakeTimer(k)).tune(SIG, 8.0, InputFactory()), TypeError,
+     "max_num_tokens: expected an int"),
+    (lambda k: Tuner(k, CANDIDATES, timer=FakeTimer(k)).tune(SIG, 8, InputFactory(), min_num_tokens=9), ValueError,
+     r"min_num_tokens: expected at most max_num_tokens \(8\)"),
+])
+def test_bad_tuner_arguments_are_named(call, error, match):
+    with pytest.raises(error, match=match):
+        call(FakeKernel())

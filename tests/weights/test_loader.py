@@ -18,6 +18,8 @@ from moe_backend.weights.loader import (load_moe_layer, load_moe_layers, local_e
 from moe_backend.weights.linear import CheckpointLinear
 from moe_backend.weights.reader import INDEX_FILE
 
+from checkpoint_edits import edited_copy
+
 LAYER = 2  # an MoE layer of TINY (layers 1..3)
 PREFIX = f"model.layers.{LAYER}.mlp"
 
@@ -25,21 +27,6 @@ PREFIX = f"model.layers.{LAYER}.mlp"
 def _tensor(ckpt_dir: Path, key: str) -> torch.Tensor:
     shard = json.loads((ckpt_dir / INDEX_FILE).read_text())["weight_map"][key]
     return load_file(str(ckpt_dir / shard))[key]
-
-
-def _edited_copy(src: Path, dst: Path, key: str, value) -> Path:
-    """A copy of checkpoint ``src`` with tensor ``key`` replaced by ``value`` (None: dropped)."""
-    shutil.copytree(src, dst)
-    index = json.loads((dst / INDEX_FILE).read_text())
-    shard = index["weight_map"][key]
-    tensors = load_file(str(dst / shard))
-    if value is None:
-        del tensors[key], index["weight_map"][key]
-        (dst / INDEX_FILE).write_text(json.dumps(index))
-    else:
-        tensors[key] = value
-    save_file(tensors, str(dst / shard))
-    return dst
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -187,7 +174,7 @@ def test_fp8_tensor_expert_parallel_ranks(tiny_checkpoints):
 def test_fp8_tensor_static_scale_is_the_max_and_absent_means_dynamic(tiny_checkpoints, tmp_path):
     src = tiny_checkpoints["fp8_tensor"]
     key = f"{PREFIX}.experts.5.up_proj.input_scale"
-    path = _edited_copy(src, tmp_path / "larger", key, torch.tensor(0.5))
+    path = edited_copy(src, tmp_path / "larger", key, torch.tensor(0.5))
     w = load_moe_layer(path, LAYER).weights
     assert torch.equal(w.a13_scale, torch.tensor([0.5]))
     assert torch.equal(w.a2_scale, torch.tensor([NOMINAL_ACTIVATION_AMAX / 448.0]))
@@ -216,7 +203,7 @@ def test_fp8_tensor_static_scale_is_the_max_and_absent_means_dynamic(tiny_checkp
     ("experts.6.gate_proj.weight_scale", None, ValueError, "is missing from the checkpoint"),
 ])
 def test_fp8_tensor_bad_tensors_are_named(tiny_checkpoints, tmp_path, key, value, error, match):
-    path = _edited_copy(tiny_checkpoints["fp8_tensor"], tmp_path / "ckpt", f"{PREFIX}.{key}", value)
+    path = edited_copy(tiny_checkpoints["fp8_tensor"], tmp_path / "ckpt", f"{PREFIX}.{key}", value)
     with pytest.raises(error, match=match):
         load_moe_layer(path, LAYER)
 
@@ -224,7 +211,7 @@ def test_fp8_tensor_bad_tensors_are_named(tiny_checkpoints, tmp_path, key, value
 def test_fp8_tensor_scale_stored_as_shape_1_is_accepted(tiny_checkpoints, tmp_path):
     key = f"{PREFIX}.experts.6.gate_proj.weight_scale"
     value = _tensor(tiny_checkpoints["fp8_tensor"], key)
-    path = _edited_copy(tiny_checkpoints["fp8_tensor"], tmp_path / "ckpt", key, value.reshape(1))
+    path = edited_copy(tiny_checkpoints["fp8_tensor"], tmp_path / "ckpt", key, value.reshape(1))
     assert torch.equal(load_moe_layer(path, LAYER).weights.w13,
                        load_moe_layer(tiny_checkpoints["fp8_tensor"], LAYER).weights.w13)
 
@@ -287,7 +274,7 @@ def test_experts_in_mixed_formats_are_refused(tmp_path):
 
 def test_missing_tensor_is_named(tiny_checkpoints, tmp_path):
     key = f"{PREFIX}.experts.6.up_proj.weight_scale_inv"
-    path = _edited_copy(tiny_checkpoints["fp8"], tmp_path / "ckpt", key, None)
+    path = edited_copy(tiny_checkpoints["fp8"], tmp_path / "ckpt", key, None)
     with pytest.raises(ValueError, match=f"tensor '{key}' is missing"):
         load_moe_layer(path, LAYER)
 
@@ -295,7 +282,7 @@ def test_missing_tensor_is_named(tiny_checkpoints, tmp_path):
 def test_wrong_dtype_is_named(tiny_checkpoints, tmp_path):
     key = f"{PREFIX}.experts.6.down_proj.weight"
     bf16 = _tensor(tiny_checkpoints["bf16"], key)
-    path = _edited_copy(tiny_checkpoints["fp8"], tmp_path / "ckpt", key, bf16)
+    path = edited_copy(tiny_checkpoints["fp8"], tmp_path / "ckpt", key, bf16)
     with pytest.raises(TypeError, match=f"{key}: expected dtype torch.float8_e4m3fn, got torch.bfloat16"):
         load_moe_layer(path, LAYER)
 
@@ -303,14 +290,14 @@ def test_wrong_dtype_is_named(tiny_checkpoints, tmp_path):
 def test_wrong_shape_is_named(tiny_checkpoints, tmp_path):
     key = f"{PREFIX}.experts.0.gate_proj.weight_scale"
     value = _tensor(tiny_checkpoints["nvfp4"], key)[:, :8].contiguous()
-    path = _edited_copy(tiny_checkpoints["nvfp4"], tmp_path / "ckpt", key, value)
+    path = edited_copy(tiny_checkpoints["nvfp4"], tmp_path / "ckpt", key, value)
     with pytest.raises(ValueError, match=rf"{key}: expected shape \(128, 16\), got \(128, 8\)"):
         load_moe_layer(path, LAYER)
 
 
 def test_non_scalar_global_scale_is_refused(tiny_checkpoints, tmp_path):
     key = f"{PREFIX}.experts.0.down_proj.weight_scale_2"
-    path = _edited_copy(tiny_checkpoints["nvfp4"], tmp_path / "ckpt", key, torch.ones(2))
+    path = edited_copy(tiny_checkpoints["nvfp4"], tmp_path / "ckpt", key, torch.ones(2))
     with pytest.raises(ValueError, match=f"{key}: expected a scalar, got shape"):
         load_moe_layer(path, LAYER)
 
@@ -341,3 +328,26 @@ def test_fp8_experts_need_whole_blocks(tmp_path):
     with pytest.raises(ValueError, match="FP8 block experts need hidden_size and moe_intermediate_size "
                                          "that are multiples of 128, got H=256, I=96"):
         load_moe_layer(dirs["fp8"], 1)
+
+
+def test_non_finite_correction_bias_names_the_file(tiny_checkpoints, tmp_path):
+    key = f"{PREFIX}.gate.e_score_correction_bias"
+    bias = _tensor(tiny_checkpoints["fp8"], key).clone()
+    bias[5] = float("nan")
+    path = edited_copy(tiny_checkpoints["fp8"], tmp_path / "ckpt", key, bias)
+    with pytest.raises(ValueError, match=rf"\.safetensors: {key}: expected finite values, got nan at index \[5\]"):
+        load_moe_layer(path, LAYER)
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda p: load_moe_layer(123, LAYER), TypeError, "path: expected a str or os.PathLike"),
+    (lambda p: load_moe_layer(p, "2"), TypeError, "layer: expected an int"),
+    (lambda p: load_moe_layer(p, LAYER, device=3), TypeError, "device: expected a torch.device or str"),
+    (lambda p: load_moe_layer(p, LAYER, device="gpu7"), ValueError, "device: expected a device"),
+    (lambda p: load_moe_layer(p, LAYER, kernel=None), TypeError, "kernel: expected a str"),
+    (lambda p: load_moe_layer(p, LAYER, ep_size=2.0), TypeError, "ep_size: expected an int"),
+    (lambda p: read_moe_layer(str(p), LAYER), TypeError, "ckpt: expected a Checkpoint"),
+])
+def test_bad_loader_arguments_are_named(tiny_checkpoints, call, error, match):
+    with pytest.raises(error, match=match):
+        call(tiny_checkpoints["bf16"])

@@ -38,3 +38,26 @@ def test_moe_layer_freq_and_norm_topk_prob():
 def test_rejects_bad_configs(change, error, match):
     with pytest.raises(error, match=match):
         DeepSeekV3Spec.from_config({**TINY.config(), **change})
+
+
+@pytest.mark.parametrize("change, error, match", [
+    ({"routed_scaling_factor": float("nan")}, ValueError, "routed_scaling_factor: expected a finite positive float"),
+    ({"routed_scaling_factor": float("inf")}, ValueError, "routed_scaling_factor: expected a finite positive float"),
+    ({"routed_scaling_factor": -2.5}, ValueError, "routed_scaling_factor: expected a finite positive float"),
+    ({"routed_scaling_factor": "2.5"}, TypeError, "'routed_scaling_factor' expected int or float"),
+    ({"first_k_dense_replace": -1}, ValueError, "'first_k_dense_replace' expected an int >= 0"),
+    ({"n_shared_experts": -1}, ValueError, "'n_shared_experts' expected an int >= 0"),
+    ({"n_routed_experts": 40000, "n_group": 1, "topk_group": 1}, ValueError,
+     "'n_routed_experts' expected at most 32768"),
+    ({"topk_group": 8}, ValueError, r"topk_group: expected at most n_group \(4\)"),
+])
+def test_bad_values_name_the_file(change, error, match):
+    with pytest.raises(error, match=match) as info:
+        DeepSeekV3Spec.from_config({**TINY.config(), **change}, source="/ckpt/config.json")
+    assert str(info.value).startswith("/ckpt/config.json: ")
+
+
+@pytest.mark.parametrize("config", [[1, 2], "deepseek_v3", None])
+def test_a_config_that_is_not_an_object_is_named(config):
+    with pytest.raises(TypeError, match="config.json: expected a JSON object"):
+        DeepSeekV3Spec.from_config(config)

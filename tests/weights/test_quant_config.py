@@ -141,3 +141,32 @@ def test_modelopt_fp8_config_entries_are_modelopts():
     assert hf_quant == {"producer": {"name": "modelopt"},
                         "quantization": {"quant_algo": "FP8", "kv_cache_quant_algo": None,
                                          "exclude_modules": ["lm_head"]}}
+
+
+@pytest.mark.parametrize("text", ["{not json", "\udcff"])
+def test_unreadable_hf_quant_config_names_the_file(tmp_path, text):
+    path = tmp_path / HF_QUANT_CONFIG
+    path.write_bytes(text.encode("utf-8", "surrogateescape"))
+    with pytest.raises(ValueError, match=f"{path}: not a readable JSON file") as info:
+        QuantSpec.from_checkpoint(tmp_path, {})
+    assert info.value.__cause__ is not None
+
+
+def test_errors_name_the_checkpoint_files(tmp_path):
+    with pytest.raises(ValueError, match=f"{tmp_path / 'config.json'}:quantization_config: quant_method 'awq'"):
+        QuantSpec.from_checkpoint(tmp_path, {"quantization_config": {"quant_method": "awq"}})
+    (tmp_path / HF_QUANT_CONFIG).write_text(json.dumps({"quantization": {"quant_algo": "W8A8"}}))
+    with pytest.raises(ValueError, match=f"{tmp_path / HF_QUANT_CONFIG}:quantization: quant_algo 'W8A8'"):
+        QuantSpec.from_checkpoint(tmp_path, {})
+
+
+@pytest.mark.parametrize("build, error, match", [
+    (lambda: QuantSpec.from_quantization_config({**OFFICIAL_FP8, "weight_block_size": 128}), ValueError,
+     "weight_block_size 128 is not supported"),
+    (lambda: QuantSpec(FP8_BLOCK, ue8m0="yes"), TypeError, "ue8m0: expected a bool"),
+    (lambda: QuantSpec(FP8_BLOCK, exclude_modules="lm_head"), TypeError, "exclude_modules: expected a list"),
+    (lambda: QuantSpec(FP8_BLOCK).format_of(3), TypeError, "module: expected a str"),
+])
+def test_bad_fields_are_named(build, error, match):
+    with pytest.raises(error, match=match):
+        build()
