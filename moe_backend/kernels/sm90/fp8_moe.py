@@ -63,6 +63,11 @@ PREFILL_CONFIG: Dict[str, Any] = dict(
 )
 
 
+#: Version of this kernel's tuned configurations: the tuning cache keeps a configuration only
+#: for the version it was tuned for. Bump it when the kernels, their weight or activation
+#: layout, or the configuration schema (CONFIG_KEYS, their meaning) change.
+KERNEL_VERSION = 1
+
 #: What the tuner times per token bucket (each overrides the heuristic default of that size):
 #: the decode path, skinny atomic-combine tiles, and prefill tiles up to 128 rows.
 _SKINNY = dict(PREFILL_CONFIG, COMBINE="atomic", BLOCK_M=16, BLOCK_N2=64, num_warps1=4, num_warps2=4,

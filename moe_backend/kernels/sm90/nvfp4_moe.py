@@ -60,6 +60,11 @@ PREFILL_CONFIG: Dict[str, Any] = dict(
 )
 
 
+#: Version of this kernel's tuned configurations: the tuning cache keeps a configuration only
+#: for the version it was tuned for. Bump it when the kernels, their weight layout
+#: (``NVFP4KernelWeights``) or the configuration schema (CONFIG_KEYS, their meaning) change.
+KERNEL_VERSION = 1
+
 #: What the tuner times per token bucket (each overrides the heuristic default of that size):
 #: the decode path, and prefill tilings from skinny to square.
 CANDIDATE_CONFIGS = (
