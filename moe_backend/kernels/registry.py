@@ -83,11 +83,6 @@ class Kernel:
         """The kernel's configurations and their version, or None when it is not tunable."""
         return self.tuning() if self.tuning is not None else None
 
-    def candidate_configs(self) -> Tuple[dict, ...]:
-        """The configurations the tuner times (each overrides the kernel's heuristic default)."""
-        space = self.tuning_space()
-        return space.candidates if space is not None else ()
-
     def deterministic_config(self) -> Optional[dict]:
         """A configuration without atomics and with one tiling for every T, or None if it has none."""
         space = self.tuning_space()

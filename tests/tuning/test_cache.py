@@ -82,7 +82,9 @@ def test_registered_kernel_versions_come_from_the_launchers():
 
     assert registry.SM90_FP8.tuning_space().version == fp8_moe.KERNEL_VERSION
     assert registry.SM90_NVFP4.tuning_space().version == nvfp4_moe.KERNEL_VERSION
-    assert registry.SM90_FP8.candidate_configs() == fp8_moe.CANDIDATE_CONFIGS
+    assert registry.SM90_FP8.tuning_space().candidates == fp8_moe.CANDIDATE_CONFIGS
+    assert registry.SM90_FP8.numerics_config("vllm_triton") == fp8_moe.NUMERICS_CONFIGS["vllm_triton"]
+    assert registry.SM90_NVFP4.deterministic_config() is None
     assert registry.REFERENCE.tuning_space() is None and not registry.REFERENCE.tunable
 
 
