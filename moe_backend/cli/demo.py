@@ -18,8 +18,8 @@ precision, runs computed routing (``forward``) and packed routed top-k
   kernel) there is no kernel to check and the row says so.
 
 On a CPU the Triton kernels could run under the interpreter, but at the demo's size one
-call takes ~30 s (FP8) to ~3 min (NVFP4) there, so the demo runs the reference only
-and says so.
+call took 30 s (FP8) to 3 min (NVFP4) on a busy 2-core machine, so the demo runs the
+reference only and says so (``tests/kernels/`` run the kernels under the interpreter).
 """
 
 from __future__ import annotations
