@@ -14,6 +14,7 @@ from .kernels.registry import KernelUnavailableError, available_kernels, select_
 from .layer import LAYER_TYPES, BF16MoE, FP8BlockMoE, FP8TensorMoE, MoEConfig, MoELayer, NVFP4MoE
 from .routing import RoutingConfig, pack_topk, unpack_topk
 
+# The one place the version is written: pyproject.toml reads it from here (dynamic version).
 __version__ = "0.1.0"
 
 __all__ = [

@@ -240,12 +240,14 @@ class MoELayer:
             return {}
         cache = cache if cache is not None else TuningCache()
         hidden_size, inter, num_local = self._shape
-        signature = ProblemSignature(self.precision, num_local, self.config.top_k, hidden_size, inter,
-                                     self.config.num_experts)
         for name, kernel in kernels.items():
             started = time.perf_counter()
+            space = kernel.tuning_space()
+            assert space is not None  # ``kernels`` holds tunable kernels only
+            signature = ProblemSignature(self.precision, num_local, self.config.top_k, hidden_size, inter,
+                                         self.config.num_experts, kernel=name, kernel_version=space.version)
             self._tuned[name] = tune(
-                _kernel_runner(kernel, self._prepared[name], self.config), kernel.candidate_configs(),
+                _kernel_runner(kernel, self._prepared[name], self.config), space.candidates,
                 max_num_tokens, signature, cache, _input_factory(self), force=force, progress=progress)
             logger.info("%s: tuned %s up to %d tokens in %.1f s", type(self).__name__, name, max_num_tokens,
                         time.perf_counter() - started)

@@ -218,7 +218,8 @@ def test_warmup_on_cpu_tunes_nothing(tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["fp8_block", "nvfp4"])
-def test_warmup_tunes_buckets_and_forward_uses_them(tmp_path, precision):
+def test_warmup_tunes_buckets_and_forward_uses_them(tmp_path, monkeypatch, precision):
+    from moe_backend.kernels.sm90 import fp8_moe, nvfp4_moe
     from moe_backend.tuning import TuningCache
 
     cfg = MoEConfig(num_experts=E_GLOBAL, top_k=K, routing=RoutingConfig.deepseek_v3(4, 2, 2.5))
@@ -236,6 +237,11 @@ def test_warmup_tunes_buckets_and_forward_uses_them(tmp_path, precision):
     again = LAYER_TYPES[precision](layer.weights, cfg, correction_bias=layer.correction_bias)
     (cached,) = again.warmup(24, cache=TuningCache(tmp_path), progress=False).values()
     assert sorted(cached.cached) == [1, 2, 4, 8, 16, 24]  # read from the cache, nothing re-timed
+    launcher = fp8_moe if precision == "fp8_block" else nvfp4_moe
+    monkeypatch.setattr(launcher, "KERNEL_VERSION", launcher.KERNEL_VERSION + 1)
+    bumped = LAYER_TYPES[precision](layer.weights, cfg, correction_bias=layer.correction_bias)
+    (retuned,) = bumped.warmup(24, cache=TuningCache(tmp_path), progress=False).values()
+    assert retuned.cached == []  # a new kernel version trusts none of the old configurations
 
 
 def test_deterministic_mode_needs_a_kernel_that_has_it():

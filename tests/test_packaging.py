@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+import moe_backend
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -17,8 +19,11 @@ def test_wheel_namespace(tmp_path):
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path),
          str(ROOT)], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
-    (wheel,) = tmp_path.glob("moe_backend-*.whl")
+    # The version is written once, in moe_backend/__init__.py; the wheel takes it from there.
+    (wheel,) = tmp_path.glob(f"moe_backend-{moe_backend.__version__}-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
+    metadata = next(n for n in names if n.endswith(".dist-info/METADATA"))
+    assert f"\nVersion: {moe_backend.__version__}\n" in zipfile.ZipFile(wheel).read(metadata).decode()
     tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert tops == {"moe_backend"}
     for module in ("moe_backend/weights/__init__.py", "moe_backend/integrations/vllm/__init__.py",

@@ -7,7 +7,8 @@ every MoE layer of an FP8 block-scale, FP8 per-tensor or ModelOpt NVFP4
 checkpoint served with it runs :class:`~moe_backend.MoELayer` through vLLM's
 modular-kernel experts interface. See ``docs/vllm.md``.
 
-Module map: ``compat`` (the one place that knows vLLM versions), ``names``
+Module map: ``surface`` (every vLLM symbol the plugin patches, checked at start-up),
+``compat`` (the one place that knows vLLM versions), ``names``
 (accept the name in the CLI and configs), ``support`` (start-up refusals),
 ``convert`` (vLLM layer -> our weights, once after loading), ``experts`` (the
 ``FusedMoEExpertsModular`` subclass), ``oracle`` (route the layers),
@@ -60,7 +61,9 @@ def register() -> None:
         return
     from . import capture, names, oracle, support, warmup
     from .compat import vllm_version
+    from .surface import check_surface
 
+    check_surface(vllm_version())  # before patching anything: all or nothing
     _log_through_vllm()
     names.accept_backend_name()
     support.install_config_check()

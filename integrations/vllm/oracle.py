@@ -12,21 +12,29 @@ W4A16 like us) with our experts class, and our convert builds the
 The wrappers replace the oracle functions in the oracle modules (so later
 imports get them) and in every already-imported vLLM module that imported
 them by name (``quantization.fp8``, ``modelopt``, the online and
-compressed-tensors MoE methods).
+compressed-tensors MoE methods). Every symbol patched here is listed in
+:data:`~.surface.SURFACE`. Where vLLM has its out-of-tree FP8 MoE backend registry
+(main branch; no release yet), our experts class is also registered through it.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import logging
 import sys
 from typing import Any, Callable
 
 from . import convert
-from .support import check_layer, is_ours
+from .support import BACKEND_NAME, check_layer, is_ours
 
 logger = logging.getLogger(__name__)
+
+#: vLLM's out-of-tree FP8 MoE backend registry (``register_fp8_moe_backend``), detected by feature.
+FP8_REGISTRY = "vllm.model_executor.layers.fused_moe.oracle.fp8_registry"
+#: Our experts class, by the qualified name the registry imports lazily.
+EXPERTS_CLASS_PATH = "moe_backend.integrations.vllm.experts.MoEBackendExperts"
 
 #: Modules that import the oracle functions by name; imported now so the sweep rebinds them.
 _CALLERS = (
@@ -92,9 +100,20 @@ def _convert_nvfp4(original: Callable) -> Callable:
     return convert_nvfp4
 
 
+def register_fp8_backend() -> bool:
+    """Register our experts class in vLLM's FP8 MoE backend registry; False where vLLM has none."""
+    if importlib.util.find_spec(FP8_REGISTRY) is None:
+        return False
+    importlib.import_module(FP8_REGISTRY).register_fp8_moe_backend(BACKEND_NAME, (EXPERTS_CLASS_PATH,))
+    logger.info("moe_backend: registered %s in vLLM's FP8 MoE backend registry", EXPERTS_CLASS_PATH)
+    return True
+
+
 def route_layers() -> None:
     """Install the oracle wrappers (once per process; ``register`` guards repeats)."""
     from vllm.model_executor.layers.fused_moe.oracle import fp8, nvfp4
+
+    register_fp8_backend()
 
     for name in _CALLERS:
         try:

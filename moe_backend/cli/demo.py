@@ -2,11 +2,24 @@
 
 Builds seeded float master weights in memory, quantizes them into each
 precision, runs computed routing (``forward``) and packed routed top-k
-(``forward_routed``), and reports for each: the kernel that ran, the relative
-error against the float64 MoE on the unquantized master weights (the cost of the
-format, flagged against the targets below), the relative error against the torch
-reference with the same quantized weights and activation numerics (the kernel's
-own error: the demo fails when it exceeds ``KERNEL_TOLERANCE``), and the time per call.
+(``forward_routed``), and reports for each row:
+
+* ``err vs fp64``: the output against the float64 MoE on the unquantized master
+  weights: what the format costs, information only;
+* ``format alone``: the bound that cost is read against: the same quantization of
+  weights and activations computed without the kernel (the torch reference with
+  fp32 products and no bf16 rounding of the output) against that float64 MoE. The
+  output's error exceeds it by at most the kernel's own error and the bf16 output
+  rounding (~2e-3); on Gaussian weights it is ~4e-3 (bf16), ~6.4e-2 (FP8) and
+  ~1.7e-1 (NVFP4), since ``silu(gate) * up`` adds the errors of two quantized GEMMs;
+* ``err vs ref``: the kernel against the torch reference with the same quantized
+  weights and activation numerics: the pass/fail check (``<= KERNEL_TOLERANCE``).
+  Where the reference itself serves the row (a CPU, or bf16, which has no fused
+  kernel) there is no kernel to check and the row says so.
+
+On a CPU the Triton kernels could run under the interpreter, but at the demo's size one
+call took 30 s (FP8) to 3 min (NVFP4) on a busy 2-core machine, so the demo runs the
+reference only and says so (``tests/kernels/`` run the kernels under the interpreter).
 """
 
 from __future__ import annotations
@@ -15,7 +28,7 @@ import argparse
 import logging
 import time
 from dataclasses import dataclass
-from typing import Callable, List
+from typing import Callable, List, Optional
 
 import torch
 
@@ -25,12 +38,10 @@ from ..routing import RoutingConfig, pack_topk, unpack_topk
 
 logger = logging.getLogger(__name__)
 
-#: Targets for the relative error against the unquantized float64 MoE (the format's cost).
-#: On Gaussian weights the FP8 and NVFP4 formats land near 6.3e-2 and 1.65e-1: the gated
-#: product silu(gate) * up adds the errors of two quantized GEMM outputs before GEMM2.
-FORMAT_TARGETS = {"bf16": 1e-2, "fp8_block": 6e-2, "fp8_tensor": 6e-2, "nvfp4": 1.5e-1}
 #: Largest relative error of a kernel against the reference with the same numerics.
 KERNEL_TOLERANCE = 1e-2
+#: The kernel name of rows served by the torch reference (nothing to check there).
+REFERENCE = "reference"
 
 
 @dataclass(frozen=True)
@@ -52,20 +63,28 @@ FULL = DemoShape(num_experts=256, top_k=8, hidden=7168, inter=2048, tokens=256)
 
 @dataclass
 class DemoRow:
+    """One (precision, entry point): relative errors (see the module doc) and the time per call.
+
+    ``kernel_err`` is None when the reference served the row (no kernel to check).
+    """
+
     precision: str
     entry: str
     kernel: str
     format_err: float
-    kernel_err: float
+    format_cost: float
+    kernel_err: Optional[float]
     ms_per_call: float
 
     @property
     def kernel_ok(self) -> bool:
-        return self.kernel_err <= KERNEL_TOLERANCE
+        return self.kernel_err is None or self.kernel_err <= KERNEL_TOLERANCE
 
     @property
-    def within_target(self) -> bool:
-        return self.format_err <= FORMAT_TARGETS[self.precision]
+    def status(self) -> str:
+        if self.kernel_err is None:
+            return "reference only"
+        return "ok" if self.kernel_ok else "KERNEL WRONG"
 
 
 def _time_ms(fn: Callable[[], torch.Tensor], device: torch.device, iters: int) -> float:
@@ -110,29 +129,41 @@ def run_demo(shape: DemoShape, device: torch.device, seed: int = 0, iters: int =
             "forward": lambda: layer.forward(hidden, logits),
             "forward_routed": lambda: layer.forward_routed(hidden, packed),
         }
-        same_numerics = {
-            "forward": reference_fused_experts(hidden, layer.weights, ids, weights).double(),
-            "forward_routed": reference_fused_experts(hidden, layer.weights, *unpack_topk(packed)).double(),
-        }
+        topk = {"forward": (ids, weights), "forward_routed": unpack_topk(packed)}
         for entry, call in calls.items():
             out = call()
-            rows.append(DemoRow(precision, entry, layer.kernel_name(entry == "forward_routed"),
-                                _rel_err(out, truth[entry]), _rel_err(out, same_numerics[entry]),
+            kernel = layer.kernel_name(entry == "forward_routed")
+            # float64 hidden: the reference's output stays unrounded (the format's cost alone)
+            unrounded = reference_fused_experts(hidden.double(), layer.weights, *topk[entry])
+            same_numerics = reference_fused_experts(hidden, layer.weights, *topk[entry]).double()
+            rows.append(DemoRow(precision, entry, kernel, _rel_err(out, truth[entry]),
+                                _rel_err(unrounded, truth[entry]),
+                                None if kernel == REFERENCE else _rel_err(out, same_numerics),
                                 _time_ms(call, device, iters)))
             logger.info("%s %s: %s", precision, entry, rows[-1])
     return rows
 
 
 def format_table(rows: List[DemoRow]) -> str:
-    header = (f"{'precision':<11} {'entry point':<15} {'kernel':<18} {'err vs fp64':>11} {'target':>7} "
-              f"{'err vs ref':>10} {'ms/call':>9}")
+    """The rows as a table, with a footer that says what each column means and what ran."""
+    header = (f"{'precision':<11} {'entry point':<15} {'kernel':<18} {'err vs fp64':>11} {'format alone':>12} "
+              f"{'err vs ref':>10} {'ms/call':>9}  status")
     lines = [header, "-" * len(header)]
     for r in rows:
-        flags = ("" if r.within_target else "  above target") + ("" if r.kernel_ok else "  KERNEL WRONG")
+        kernel_err = "-" if r.kernel_err is None else f"{r.kernel_err:.1e}"
         lines.append(f"{r.precision:<11} {r.entry:<15} {r.kernel:<18} {r.format_err:>11.3e} "
-                     f"{FORMAT_TARGETS[r.precision]:>7.1e} {r.kernel_err:>10.1e} {r.ms_per_call:>9.2f}{flags}")
-    lines.append("err vs fp64: against float64 on the unquantized master weights (the format's cost); "
-                 f"err vs ref: against the torch reference with the same numerics (must be <= {KERNEL_TOLERANCE:.0e})")
+                     f"{r.format_cost:>12.3e} {kernel_err:>10} {r.ms_per_call:>9.2f}  {r.status}")
+    lines.append("err vs fp64: the output against float64 on the unquantized master weights (what the format "
+                 "costs: information); format alone: the same quantization computed exactly, the bound that "
+                 "cost is read against (the output adds bf16 rounding, ~2e-3, and the kernel's error)")
+    lines.append(f"err vs ref: the kernel against the torch reference with the same quantization "
+                 f"(pass: <= {KERNEL_TOLERANCE:.0e})")
+    by_reference = list(dict.fromkeys(r.precision for r in rows if r.kernel_err is None))
+    if all(r.kernel_err is None for r in rows):
+        lines.append("only the torch reference runs on this machine (the Triton kernels need an sm_90 GPU): "
+                     "no kernel was checked")
+    elif by_reference:
+        lines.append(f"the torch reference serves {', '.join(by_reference)} (no fused kernel): nothing to check")
     return "\n".join(lines)
 
 

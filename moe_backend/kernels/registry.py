@@ -14,8 +14,8 @@ for by name that cannot run raises :class:`KernelUnavailableError`.
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import torch
 
@@ -54,6 +54,23 @@ def _reference_run(prepared: ExpertWeights, hidden: torch.Tensor, ids: torch.Ten
 
 
 @dataclass(frozen=True)
+class TuningSpace:
+    """What the tuner may choose from for one kernel, and the version its choices are valid for.
+
+    ``version`` is the kernel module's ``KERNEL_VERSION`` (the tuning cache discards
+    configurations tuned for another); ``candidates`` the configurations the tuner times
+    (each overrides the kernel's heuristic default); ``deterministic`` a configuration
+    without atomics and with one tiling for every T (None: none); ``numerics`` the fixed
+    configuration of each non-default numerics mode (e.g. ``vllm_triton``).
+    """
+
+    version: int
+    candidates: Tuple[dict, ...]
+    deterministic: Optional[dict] = None
+    numerics: Mapping[str, dict] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Kernel:
     """One fused-experts implementation.
 
@@ -74,8 +91,9 @@ class Kernel:
     capturable: bool = False
     #: Why it cannot scale the GEMM1 input by the router weight, or None when it can.
     weight_on_input_defect: Optional[str] = None
-    #: Module (under moe_backend.kernels) whose ``CANDIDATE_CONFIGS`` the tuner times; None: not tunable.
-    tuning_module: Optional[str] = None
+    #: Returns the kernel's :class:`TuningSpace` (called on first use: it imports the launcher,
+    #: hence Triton); None: not tunable.
+    tuning: Optional[Callable[[], TuningSpace]] = None
     #: ``run`` also takes ``context=`` (:class:`LayerContext`) and ``routing_replay_out=``, and fills the
     #: replay itself (the layer does for the other kernels).
     takes_context: bool = False
@@ -96,24 +114,21 @@ class Kernel:
 
     @property
     def tunable(self) -> bool:
-        return self.tuning_module is not None
+        return self.tuning is not None
 
-    def _tuning_attr(self, name: str) -> Any:
-        if self.tuning_module is None:
-            return None
-        return getattr(importlib.import_module(f"moe_backend.kernels.{self.tuning_module}"), name, None)
-
-    def candidate_configs(self) -> Tuple[dict, ...]:
-        """The configurations the tuner times (each overrides the kernel's heuristic default)."""
-        return tuple(self._tuning_attr("CANDIDATE_CONFIGS") or ())
+    def tuning_space(self) -> Optional[TuningSpace]:
+        """The kernel's configurations and their version, or None when it is not tunable."""
+        return self.tuning() if self.tuning is not None else None
 
     def deterministic_config(self) -> Optional[dict]:
         """A configuration without atomics and with one tiling for every T, or None if it has none."""
-        return self._tuning_attr("DETERMINISTIC_CONFIG")
+        space = self.tuning_space()
+        return space.deterministic if space is not None else None
 
     def numerics_config(self, numerics: str) -> Optional[dict]:
         """The fixed configuration of ``numerics`` (e.g. ``vllm_triton``), or None if it has none."""
-        return (self._tuning_attr("NUMERICS_CONFIGS") or {}).get(numerics)
+        space = self.tuning_space()
+        return space.numerics.get(numerics) if space is not None else None
 
     def unavailable_reason(self, precision: str, device: torch.device,
                            weight_on_input: bool = False) -> Optional[str]:
@@ -152,6 +167,19 @@ def _sm90_fp8_run(prepared: ExpertWeights, hidden: torch.Tensor, ids: torch.Tens
         a13_scale=static.a13_scale if static else None, a2_scale=static.a2_scale if static else None,
         ue8m0=block and prepared.ue8m0, apply_router_weight_on_input=apply_router_weight_on_input,
         out=out, config=config)
+
+
+def _sm90_fp8_tuning() -> TuningSpace:
+    from .sm90 import fp8_moe
+
+    return TuningSpace(fp8_moe.KERNEL_VERSION, fp8_moe.CANDIDATE_CONFIGS, fp8_moe.DETERMINISTIC_CONFIG,
+                       fp8_moe.NUMERICS_CONFIGS)
+
+
+def _sm90_nvfp4_tuning() -> TuningSpace:
+    from .sm90 import nvfp4_moe
+
+    return TuningSpace(nvfp4_moe.KERNEL_VERSION, nvfp4_moe.CANDIDATE_CONFIGS)
 
 
 def _sm90_nvfp4_prepare(weights: NVFP4Weights) -> Any:
@@ -200,12 +228,12 @@ BLACKWELL: Tuple[Capability, ...] = ((10, 0), (10, 3))
 REFERENCE = Kernel("reference", PRECISIONS, None, prepare=lambda w: w, run=_reference_run)
 SM90_FP8 = Kernel("sm90_triton_fp8", ("fp8_block", "fp8_tensor"), HOPPER, prepare=lambda w: w,
                   run=_sm90_fp8_run, requires=("triton",), interpretable=True, capturable=True,
-                  tuning_module="sm90.fp8_moe",
+                  tuning=_sm90_fp8_tuning,
                   weight_on_input_defect="at H=7168 its output differs from the reference by ~1.7e-2 "
                                          "(open defect), so the reference serves such layers")
 SM90_NVFP4 = Kernel("sm90_triton_nvfp4", ("nvfp4",), HOPPER, prepare=_sm90_nvfp4_prepare,
                     run=_sm90_nvfp4_run, requires=("triton",), restore=_sm90_nvfp4_restore, interpretable=True, capturable=True,
-                    tuning_module="sm90.nvfp4_moe")
+                    tuning=_sm90_nvfp4_tuning)
 
 SM100_FP8_BLOCK = _sm100_kernel("fp8_block")
 SM100_FP8_TENSOR = _sm100_kernel("fp8_tensor")

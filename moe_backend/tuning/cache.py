@@ -1,17 +1,26 @@
 """Persistent JSON cache of tuned configurations (docs/design.md §8.4).
 
 One file holds the results of one *environment* (GPU name and the versions of
-moe_backend, torch, Triton and CUDA), as entries keyed by the problem signature
-and bucket::
+torch, Triton and CUDA), grouped by kernel; each kernel's group records the
+kernel version it was tuned for (the ``KERNEL_VERSION`` of its launcher module)
+and holds entries keyed by the problem signature and bucket::
 
-    {"format": 1,
-     "environment": {"gpu": "NVIDIA H100 80GB HBM3", "moe_backend": "0.1.0", ...},
-     "entries": {"fp8_block,E=32/256,k=8,H=7168,I=2048,T=512":
-                     {"config": {...}, "best_us": 412.0, "default_us": 455.5}}}
+    {"format": 2,
+     "environment": {"gpu": "NVIDIA H100 80GB HBM3", "torch": "2.11.0", "triton": "3.6.0", "cuda": "13.0"},
+     "kernels": {"sm90_triton_fp8": {"version": 1, "entries": {
+         "fp8_block,E=32/256,k=8,H=7168,I=2048,T=512":
+             {"config": {...}, "best_us": 412.0, "default_us": 455.5}}}}}
 
 A file that is missing, corrupt or written by another environment is ignored
 with one warning and replaced at the next save (tactics tuned on another GPU or
-compiler are not trusted). Location: the ``cache_dir`` argument, else
+compiler are not trusted). A kernel whose version changed finds none of its old
+entries; its group is replaced when it saves its first entry of the new version.
+The other kernels' entries stay valid.
+
+Format history: 1 keyed the whole file on the moe_backend package version (which did
+not change with the kernels) and had one flat ``entries`` table; format 2 (this one)
+keys each kernel's entries on its ``KERNEL_VERSION``. A format-1 file is ignored with
+one warning and rewritten. Location: the ``cache_dir`` argument, else
 ``$MOE_BACKEND_CACHE_DIR``, else ``$XDG_CACHE_HOME/moe_backend``, else
 ``~/.cache/moe_backend``; the file is ``tuning.json`` there. Machines of
 different GPUs sharing a home directory should point ``MOE_BACKEND_CACHE_DIR``
@@ -28,9 +37,9 @@ import json
 import logging
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 
@@ -39,7 +48,7 @@ from ..expert_weights import PRECISIONS
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 CACHE_FILE = "tuning.json"
 CACHE_DIR_ENV = "MOE_BACKEND_CACHE_DIR"
 
@@ -51,8 +60,10 @@ PathLike = Union[str, os.PathLike]
 class ProblemSignature:
     """What a tuned configuration depends on besides the bucket.
 
-    ``num_experts`` is E_local (the experts this rank computes); ``num_global_experts``
-    (default: E_local) sets the EP degree and so the profiled load per expert.
+    ``kernel`` and ``kernel_version`` name the tuned kernel (its registry name and its
+    launcher's ``KERNEL_VERSION``). ``num_experts`` is E_local (the experts this rank
+    computes); ``num_global_experts`` (default: E_local) sets the EP degree and so the
+    profiled load per expert.
     """
 
     precision: str
@@ -61,10 +72,16 @@ class ProblemSignature:
     hidden_size: int
     intermediate_size: int
     num_global_experts: Optional[int] = None
+    _: KW_ONLY
+    kernel: str
+    kernel_version: int
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision: expected one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if not isinstance(self.kernel, str) or not self.kernel:
+            raise TypeError(f"kernel: expected a non-empty kernel name, got {self.kernel!r}")
+        check_int("kernel_version", self.kernel_version, minimum=1)
         for name in ("num_experts", "top_k", "hidden_size", "intermediate_size"):
             check_int(name, getattr(self, name), minimum=1)
         if self.num_global_experts is None:
@@ -78,7 +95,7 @@ class ProblemSignature:
                 f"H={self.hidden_size},I={self.intermediate_size}")
 
     def key(self, bucket: int) -> str:
-        """The cache key of this problem at ``bucket`` tokens."""
+        """The cache key of this problem at ``bucket`` tokens (within its kernel's group)."""
         return f"{self.name},T={bucket}"
 
 
@@ -105,17 +122,17 @@ def _version(package: str) -> str:
 
 
 def current_environment(device: Optional[torch.device] = None) -> Dict[str, str]:
-    """The environment a tuned configuration is valid for (GPU name and software versions)."""
-    # Imported here, not at module level: moe_backend/__init__ defines __version__ after
-    # importing the layer, which may import this module.
-    from .. import __version__
+    """The environment a tuned configuration is valid for (GPU name and the compiler stack's versions).
 
+    The moe_backend version is not part of it: each kernel's ``KERNEL_VERSION`` says when
+    its configurations go stale, so a release that leaves a kernel alone keeps its tuning.
+    """
     if torch.cuda.is_available():
         gpu = torch.cuda.get_device_name(device)
     else:
         gpu = "cpu"
-    return {"gpu": gpu, "moe_backend": __version__, "torch": torch.__version__,
-            "triton": _version("triton"), "cuda": torch.version.cuda or "-"}
+    return {"gpu": gpu, "torch": torch.__version__, "triton": _version("triton"),
+            "cuda": torch.version.cuda or "-"}
 
 
 def default_cache_dir() -> Path:
@@ -137,6 +154,10 @@ def check_config(config: object) -> Config:
     return config
 
 
+#: One kernel's group: the kernel version it was tuned for and its entries by key.
+KernelEntries = Tuple[int, Dict[str, CacheEntry]]
+
+
 class TuningCache:
     """The tuned configurations of the current environment, backed by ``<cache_dir>/tuning.json``.
 
@@ -155,27 +176,44 @@ class TuningCache:
             raise TypeError(f"environment: expected a dict of str to str, got {environment!r}")
         self.path = Path(cache_dir if cache_dir is not None else default_cache_dir()) / CACHE_FILE
         self.environment = dict(environment) if environment is not None else current_environment()
-        self._entries: Optional[Dict[str, CacheEntry]] = None  # None: not read yet
+        self._kernels: Optional[Dict[str, KernelEntries]] = None  # None: not read yet
 
     def get(self, signature: ProblemSignature, bucket: int) -> Optional[CacheEntry]:
-        """The entry for ``signature`` at ``bucket``, or None."""
+        """The entry for ``signature`` at ``bucket``, or None (also when it was tuned for
+        another version of the kernel)."""
         _check_key(signature, bucket)
-        return self._loaded().get(signature.key(bucket))
+        version, entries = self._loaded().get(signature.kernel, (None, {}))
+        if version != signature.kernel_version:
+            return None
+        return entries.get(signature.key(bucket))
 
     def put(self, signature: ProblemSignature, bucket: int, entry: CacheEntry) -> None:
-        """Record ``entry`` in memory (call :meth:`save` to persist)."""
+        """Record ``entry`` in memory (call :meth:`save` to persist). The first entry of a new
+        kernel version drops the entries of the old one."""
         _check_key(signature, bucket)
         if not isinstance(entry, CacheEntry):
             raise TypeError(f"entry: expected a CacheEntry, got {type(entry).__name__}")
-        self._loaded()[signature.key(bucket)] = entry
+        check_config(entry.config)
+        kernels = self._loaded()
+        version, entries = kernels.get(signature.kernel, (signature.kernel_version, {}))
+        if version != signature.kernel_version:
+            logger.info("kernel %s is now version %d: dropping its %d configurations tuned for version %d",
+                        signature.kernel, signature.kernel_version, len(entries), version)
+            entries = {}
+        entries[signature.key(bucket)] = entry
+        kernels[signature.kernel] = (signature.kernel_version, entries)
 
     def save(self) -> None:
-        """Write the entries atomically, merged over those saved meanwhile by other processes."""
-        entries = self._loaded()
-        on_disk = self._read(warn=False) or {}
-        merged = {**on_disk, **entries}
+        """Write the entries atomically, merged over those saved meanwhile by other processes
+        (per kernel; where the versions differ, this process's group wins)."""
+        merged = self._read(warn=False) or {}
+        for kernel, (version, entries) in self._loaded().items():
+            disk_version, disk_entries = merged.get(kernel, (version, {}))
+            merged[kernel] = (version, {**disk_entries, **entries} if disk_version == version else dict(entries))
         payload = {"format": FORMAT_VERSION, "environment": self.environment,
-                   "entries": {key: vars(e) for key, e in sorted(merged.items())}}
+                   "kernels": {kernel: {"version": version,
+                                        "entries": {key: vars(e) for key, e in sorted(entries.items())}}
+                               for kernel, (version, entries) in sorted(merged.items())}}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{CACHE_FILE}.", suffix=".tmp", dir=self.path.parent)
         try:
@@ -187,15 +225,15 @@ class TuningCache:
         except BaseException:
             os.unlink(tmp)
             raise
-        self._entries = merged
+        self._kernels = merged
 
-    def _loaded(self) -> Dict[str, CacheEntry]:
-        if self._entries is None:
-            self._entries = self._read(warn=True) or {}
-        return self._entries
+    def _loaded(self) -> Dict[str, KernelEntries]:
+        if self._kernels is None:
+            self._kernels = self._read(warn=True) or {}
+        return self._kernels
 
-    def _read(self, *, warn: bool) -> Optional[Dict[str, CacheEntry]]:
-        """The file's entries, or None (with one warning when ``warn``) if unusable."""
+    def _read(self, *, warn: bool) -> Optional[Dict[str, KernelEntries]]:
+        """The file's kernel groups, or None (with one warning when ``warn``) if unusable."""
         try:
             with open(self.path) as f:
                 data = json.load(f)
@@ -209,7 +247,7 @@ class TuningCache:
             return self._unusable(warn, f"the tuning cache was written for {data.get('environment')}, "
                                         f"not {self.environment}")
         try:
-            return {key: _entry(value) for key, value in data["entries"].items()}
+            return {kernel: _kernel_entries(group) for kernel, group in data["kernels"].items()}
         except (KeyError, TypeError, AttributeError, ValueError) as exc:
             return self._unusable(warn, f"the tuning cache has a malformed entry ({exc!r})")
 
@@ -223,6 +261,11 @@ def _check_key(signature: object, bucket: object) -> None:
     if not isinstance(signature, ProblemSignature):
         raise TypeError(f"signature: expected a ProblemSignature, got {type(signature).__name__}")
     check_int("bucket", bucket, minimum=1)
+
+
+def _kernel_entries(group: Dict[str, Any]) -> KernelEntries:
+    version = check_int("kernel version", group["version"], minimum=1)
+    return version, {key: _entry(value) for key, value in group["entries"].items()}
 
 
 def _entry(value: Dict[str, Any]) -> CacheEntry:

@@ -1,5 +1,8 @@
 """The selection table: auto picks table rows that can run, else the reference; names are checked."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -120,3 +123,14 @@ def test_contract_extension_leaves_hopper_kernels_alone():
 def test_bad_arguments_are_named(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+def test_tuning_spaces_resolve_lazily_without_importing_triton_at_package_import():
+    code = ("import sys, moe_backend\n"
+            "from moe_backend.kernels import registry\n"
+            "assert registry.SM90_FP8.tunable and registry.SM90_NVFP4.tunable and not registry.REFERENCE.tunable\n"
+            "assert 'triton' not in sys.modules, 'importing moe_backend imported Triton'\n"
+            "assert registry.SM90_NVFP4.tuning_space().version >= 1\n"
+            "assert 'triton' in sys.modules\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr

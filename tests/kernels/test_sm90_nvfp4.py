@@ -15,7 +15,7 @@ from typing import Optional
 import pytest
 import torch
 from moe_checks import (
-    CUDA, DEVICE, INTERPRET, REL_TOL, Problem, assert_matches_reference, gpu, random_ids, run_poisoned, runs_here,
+    DEVICE, INTERPRET, REL_TOL, Problem, assert_matches_reference, random_ids, run_poisoned, runs_here,
 )
 import triton
 import triton.language as tl
@@ -146,14 +146,12 @@ GPU_CASES = [
 ]
 
 
-@gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("t,h,i,e,k,offset", GPU_CASES)
 def test_gpu_matches_reference(t, h, i, e, k, offset):
     check(make_problem(t, h, i, e, k, offset=offset, invalid=t % 2 == 1, seed=t))
 
 
-@gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("path", ["decode", "prefill"])
 @pytest.mark.parametrize("t,e,k", [(64, 32, 8), (300, 8, 2)])
@@ -193,10 +191,9 @@ def test_dequant_group_is_exact_in_kernel_order():
     assert torch.equal(out.cpu().float(), want.float())  # exact (-0 and +0 compare equal)
 
 
+@runs_here
 def test_permute_activations_matches_kernel_order():
     """GEMM1's input pass puts each 256-group in ``kernel_k_order`` and zero-pads to Hp."""
-    if not (CUDA or INTERPRET):
-        pytest.skip("needs a CUDA GPU or TRITON_INTERPRET=1")
     x = torch.randn(3, 300).to(torch.bfloat16).to(DEVICE)
     out = permute_activations(x, 512).cpu()
     padded = torch.zeros(3, 512, dtype=torch.bfloat16)
@@ -205,7 +202,6 @@ def test_permute_activations_matches_kernel_order():
     assert torch.equal(out, padded[:, order])
 
 
-@gpu
 @pytest.mark.gpu
 def test_gpu_cuda_graph_replay():
     p = make_problem(16, 7168, 512, 32, 8)
@@ -228,7 +224,6 @@ def test_gpu_cuda_graph_replay():
     assert torch.isnan(out[16:].float()).all()
 
 
-@gpu
 @pytest.mark.gpu
 def test_gpu_loaded_layer_size():
     """A loaded NVFP4 layer occupies <= 0.57 bytes a weight on the GPU (DeepSeek-V3 expert shapes)."""

@@ -15,7 +15,8 @@ CUDA = torch.cuda.is_available()
 #: Set by tests/conftest.py without CUDA: the Triton kernels run under the interpreter.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if CUDA else "cpu"
-gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+#: GPU-only tests carry ``@pytest.mark.gpu`` (tests/conftest.py skips them without CUDA); this
+#: marks the kernel tests that also run on a CPU, under the interpreter.
 runs_here = pytest.mark.skipif(not (CUDA or INTERPRET), reason="needs a CUDA GPU or TRITON_INTERPRET=1")
 #: Relative error the kernels may show against ``reference_fused_experts``.
 REL_TOL = 1e-2

@@ -16,8 +16,8 @@ from moe_backend.tuning.buckets import buckets, map_to_bucket
 from moe_backend.tuning.cache import CacheEntry, ProblemSignature, TuningCache
 from moe_backend.tuning.tuner import CudaTimer, Tuner, TuningResult, tune
 
-ENV = {"gpu": "fake", "moe_backend": "0", "torch": "0", "triton": "0", "cuda": "0"}
-SIG = ProblemSignature("fp8_block", 32, 8, 64, 32, num_global_experts=256)
+ENV = {"gpu": "fake", "torch": "0", "triton": "0", "cuda": "0"}
+SIG = ProblemSignature("fp8_block", 32, 8, 64, 32, num_global_experts=256, kernel="fake", kernel_version=1)
 CANDIDATES = [{"BLOCK_M": 16}, {"BLOCK_M": 64}, {"BLOCK_M": 128}]
 
 

@@ -103,6 +103,11 @@ PREFILL_64_CONFIG: Dict[str, Any] = dict(PREFILL_32_CONFIG, BLOCK_M=64)
 DEFAULT_TIERS = ((1, DECODE_CONFIG), (16, SKINNY_CONFIG), (32, PREFILL_32_CONFIG), (96, PREFILL_64_CONFIG),
                  (float("inf"), PREFILL_CONFIG))
 
+#: Version of this kernel's tuned configurations: the tuning cache keeps a configuration only
+#: for the version it was tuned for. Bump it when the kernels, their weight or activation
+#: layout, or the configuration schema (CONFIG_KEYS, their meaning) change.
+KERNEL_VERSION = 1
+
 #: What the tuner times per token bucket (each overrides the heuristic default of that size):
 #: the swap-AB and aligned decode paths, skinny atomic-combine tiles, and prefill tiles up to 128 rows.
 CANDIDATE_CONFIGS = (

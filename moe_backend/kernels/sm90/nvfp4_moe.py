@@ -67,6 +67,11 @@ PREFILL_32_CONFIG: Dict[str, Any] = dict(PREFILL_CONFIG, BLOCK_M=32, BLOCK_N1=32
 #: The heuristic default: (most expected rows per local expert, configuration), first match.
 DEFAULT_TIERS = ((16, DECODE_CONFIG), (64, PREFILL_32_CONFIG), (float("inf"), PREFILL_CONFIG))
 
+#: Version of this kernel's tuned configurations: the tuning cache keeps a configuration only
+#: for the version it was tuned for. Bump it when the kernels, their weight layout
+#: (``NVFP4KernelWeights``) or the configuration schema (CONFIG_KEYS, their meaning) change.
+KERNEL_VERSION = 1
+
 #: What the tuner times per token bucket (each overrides the heuristic default of that size):
 #: the decode path, and prefill tilings from skinny to square.
 CANDIDATE_CONFIGS = (
