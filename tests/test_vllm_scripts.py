@@ -17,6 +17,7 @@ def _script(name: str):
         sys.path.insert(0, str(SCRIPTS))
     spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -169,3 +170,65 @@ def test_bundle_prunes_only_what_sm90_cannot_load(tmp_path):
     kept = {(k, a): data[o:o + s] for k, a, o, s in bundle.fatbin_entries(data)}
     assert kept[(2, 90)] == b"B" * 32 and kept[(1, 80)] == b"C" * 32  # sm_90 SASS, PTX a sm_90 can JIT
     assert kept[(2, 80)] == kept[(1, 100)] == kept[(2, 100)] == bytes(32)
+
+
+def test_ep2_options_and_checkpoint_split(tmp_path):
+    ep2 = _script("vllm_ep2")
+    args = ep2.build_parser().parse_args([str(tmp_path), "--prompts", "4"])
+    assert (args.work, args.prompts, args.max_tokens, args.eager, args.child) == (tmp_path, 4, 32, False, None)
+    spec = ep2.run_spec(tmp_path / "fp8", "moe_backend", [[3, 4]], args, tmp_path / "run.json")
+    assert spec["engine_args"] == {"tensor_parallel_size": 2, "enable_expert_parallel": True,
+                                   "disable_custom_all_reduce": True}
+    assert ep2.MULTICAST_OFF["NCCL_NVLS_ENABLE"] == "0"
+    # the EP checkpoint splits into whole FP8 blocks on two ranks; the single-GPU one does not
+    (ckpt,) = ep2.make_checkpoints(tmp_path, ["fp8"], ep2.EP_DIMS).values()
+    config = json.loads((ckpt / "config.json").read_text())
+    assert config["moe_intermediate_size"] == 256 and config["num_attention_heads"] == 8
+    assert ep2.tp_block_problems(config, 2) == []
+    single = dict(config, moe_intermediate_size=128, num_attention_heads=4)
+    assert ep2.tp_block_problems(single, 2) == ["shared expert intermediate: 128 over 2 ranks is not whole 128-blocks"]
+    assert ep2.tp_block_problems(dict(config, num_attention_heads=2), 2) == [
+        "q_b_proj rows: 384 over 2 ranks is not whole 128-blocks"]
+
+
+def _warmup_line(rank, first, end, tokens=512, layers=3):
+    return (f"moe_backend: tuning warm-up of {layers} MoE layers for up to {tokens} tokens took 1.25 s "
+            f"(rank {rank}, experts [{first}, {end}) of 16)")
+
+
+def test_ep2_rank_warmups():
+    ep2 = _script("vllm_ep2")
+    lines = [_warmup_line(1, 8, 16), _warmup_line(0, 0, 8)]
+    warmups = ep2.rank_warmups(lines)
+    assert warmups == {0: {"layers": 3, "max_tokens": 512, "seconds": 1.25, "experts": "[0, 8) of 16"},
+                       1: {"layers": 3, "max_tokens": 512, "seconds": 1.25, "experts": "[8, 16) of 16"}}
+    assert ep2.warmup_problems(warmups, 16, 3, 512) == []
+    assert ep2.warmup_problems(ep2.rank_warmups(lines[:1]), 16, 3, 512) == ["rank 0: no tuning warm-up logged"]
+    # a rank that tuned every expert, or for another token count, is reported
+    bad = ep2.rank_warmups([_warmup_line(0, 0, 16, tokens=1024), lines[0]])
+    assert ep2.warmup_problems(bad, 16, 3, 512) == ["rank 0: max_tokens 1024, expected 512",
+                                                     "rank 0: experts '[0, 16) of 16', expected '[0, 8) of 16'"]
+
+
+def test_ep2_compare_and_checks():
+    ep2 = _script("vllm_ep2")
+    config = dict(CONFIG, n_routed_experts=16)
+    prompts = [[5] * 4, [6] * 3]
+    ref = {"outputs": [_output(4, [1, 2, 3], (1, 9)), _output(3, [4, 5], (3, 12))], "served_by_moe_backend": [],
+           "tuning_warmup": []}
+    ours = {"outputs": [_output(4, [1, 2, 3], (1, 9)), _output(3, [4, 5], (3, 12))],
+            "served_by_moe_backend": ["serving MoE layers with MoEBackendExperts"],
+            "tuning_warmup": [_warmup_line(0, 0, 8, layers=2), _warmup_line(1, 8, 16, layers=2)]}
+    entry = ep2.compare(ours, ref, prompts, config)
+    assert entry["identical_sequences"] == entry["routed_experts_equal"] == 2 and entry["token_agreement"] == 1.0
+    assert ep2.checks(entry, True, 2) == {"served": True, "routed_shape": True, "rank_warmups": True,
+                                          "identical_sequences": True, "routed_experts_equal": True}
+    # one routed row differs (same tokens): the capture check fails, the token check holds
+    ours["outputs"][1]["routed_experts"][2][2] = [3, 11]
+    entry = ep2.compare(ours, ref, prompts, config)
+    result = ep2.checks(entry, True, 2)
+    assert result["identical_sequences"] and not result["routed_experts_equal"]
+    # the accurate run checks no equality, only what must hold for any numerics
+    assert set(ep2.checks(entry, False, 2)) == {"served", "routed_shape", "rank_warmups"}
+    ours["tuning_warmup"] = []
+    assert not ep2.checks(ep2.compare(ours, ref, prompts, config), False, 2)["rank_warmups"]
