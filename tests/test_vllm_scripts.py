@@ -232,3 +232,90 @@ def test_ep2_compare_and_checks():
     assert set(ep2.checks(entry, False, 2)) == {"served", "routed_shape", "rank_warmups"}
     ours["tuning_warmup"] = []
     assert not ep2.checks(ep2.compare(ours, ref, prompts, config), False, 2)["rank_warmups"]
+
+
+class _Index:
+    """A package index in memory for the bundle's resolver: name -> version -> Requires-Dist lines."""
+
+    def __init__(self, packages):
+        self.packages = packages
+        self.fetched = []
+
+    def __call__(self, name, spec, extras):
+        bundle = _script("vllm_offline_bundle")
+        self.fetched.append((name, str(spec), sorted(extras)))
+        versions = [v for v in self.packages[name] if spec.contains(v)]
+        if not versions:
+            raise SystemExit(f"no {name}{spec}")
+        best = max(versions, key=lambda v: tuple(map(int, v.split("."))))
+        return bundle.Dist(name, best, tuple(self.packages[name][best]))
+
+
+def test_bundle_resolves_the_closure_against_the_target():
+    bundle = _script("vllm_offline_bundle")
+    index = _Index({
+        "llguidance": {"1.7.6": [], "1.8.0": []},
+        "mistral-common": {"1.13.1": ["pydantic>=2.12", "numpy<2.4,>=1.25; python_version <= '3.12'",
+                                      "opencv-python-headless>=4; extra == 'opencv'",
+                                      "mistral_common[opencv]; extra == 'image'",
+                                      "soundfile; extra == 'audio'",
+                                      "pydantic-extra-types[pycountry]>=2.10.5"]},
+        "pydantic": {"2.11.0": [], "2.14.4": ["pydantic-core==2.50.5", "typing-extensions>=4.14"]},
+        "pydantic-core": {"2.50.5": ["typing-extensions>=4.14"]},
+        "pydantic-extra-types": {"2.11.1": ["pydantic>=2.5", "pycountry>=23; extra == 'pycountry'"]},
+        "pycountry": {"26.2.16": []},
+        "fastapi": {"0.136.3": ["starlette>=0.40", "pydantic>=2.7"]},
+        "starlette": {"0.50.0": [], "1.10.0": []},
+        "transformers": {"5.20.0": []},
+        "winreg-helper": {"1.0.0": []},
+    })
+    roots = ["llguidance<1.8.0,>=1.7.0; platform_machine == 'x86_64'", "mistral_common[image]>=1.11.5",
+             "fastapi<0.137", "starlette>=1.0.1", "torch==2.11.0", "flashinfer-python==0.6.14",
+             "transformers>=5.18", "numpy", "winreg-helper; sys_platform == 'win32'", "zentorch; extra == 'zen'"]
+    present = {"torch": "2.11.0", "numpy": "2.5.2", "opencv-python-headless": None, "typing-extensions": None,
+               "transformers": "5.17.0"}
+    result = bundle.resolve(roots, index, present, {"flashinfer-python": "not on Hopper"},
+                            {"numpy": "the image's numpy"}, bundle.TARGET_ENV)
+    assert {n: d.version for n, d in result.carried.items()} == {
+        "llguidance": "1.7.6", "mistral-common": "1.13.1", "fastapi": "0.136.3", "starlette": "1.10.0",
+        "transformers": "5.20.0",  # the target's 5.17.0 is too old: carried, and said so
+        "pydantic": "2.14.4", "pydantic-core": "2.50.5", "pydantic-extra-types": "2.11.1", "pycountry": "26.2.16"}
+    assert result.skipped == {"flashinfer-python": "not on Hopper"}
+    assert set(result.replaced) == {"transformers"} and result.kept == {"numpy": "the image's numpy"}
+    assert result.present["opencv-python-headless"]["required"] == ["mistral-common 1.13.1: >=4"]
+    assert result.present["torch"] == {"version": "2.11.0", "required": ["the root: ==2.11.0"]}
+    # starlette: fetched once, within both requirements; soundfile (extra 'audio') and win32 never asked for
+    assert [f for f in index.fetched if f[0] == "starlette"] == [("starlette", ">=1.0.1", [])]
+    assert not any(f[0] in ("soundfile", "winreg-helper", "zentorch") for f in index.fetched)
+    assert ("mistral-common", ">=1.11.5", ["image"]) in index.fetched
+
+
+def test_bundle_refetches_a_package_asked_for_more_narrowly():
+    bundle = _script("vllm_offline_bundle")
+    index = _Index({"a": {"1.0.0": ["c<2"]}, "c": {"1.0.0": [], "1.5.0": []}})
+    result = bundle.resolve(["c", "a"], index, {}, {}, {}, bundle.TARGET_ENV)
+    assert result.carried["c"].version == "1.5.0"
+    assert [f for f in index.fetched if f[0] == "c"] == [("c", "", [])]  # 1.5.0 already satisfies <2
+    index = _Index({"a": {"1.0.0": ["c<1.5"]}, "c": {"1.0.0": [], "1.5.0": []}})
+    result = bundle.resolve(["c", "a"], index, {}, {}, {}, bundle.TARGET_ENV)
+    assert result.carried["c"].version == "1.0.0"
+    assert [f[1] for f in index.fetched if f[0] == "c"] == ["", "<1.5"]
+
+
+def test_bundle_reads_the_target_list_and_wheel_metadata(tmp_path):
+    bundle = _script("vllm_offline_bundle")
+    listing = tmp_path / "present.txt"
+    listing.write_text("# the image\nNumPy==2.5.2\ntyping_extensions\n\nprometheus-client  # no version\n")
+    assert bundle.read_present(listing) == {"numpy": "2.5.2", "typing-extensions": None, "prometheus-client": None}
+    shipped = bundle.read_present(Path(bundle.__file__).with_name("h200_image_packages.txt"))
+    assert shipped["torch"] == "2.11.0" and shipped["triton"] == "3.6.0" and "pydantic" not in shipped
+    wheel = tmp_path / "demo_pkg-1.2.0-py3-none-any.whl"
+    import zipfile
+
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr("demo_pkg-1.2.0.dist-info/METADATA",
+                    "Metadata-Version: 2.1\nName: demo-pkg\nVersion: 1.2.0\nRequires-Dist: numpy>=1\n"
+                    "Requires-Dist: rich; extra == 'cli'\n\nA description.\n")
+    dist = bundle.wheel_dist(wheel)
+    assert (dist.name, dist.version, dist.requires, dist.path) == ("demo-pkg", "1.2.0",
+                                                                   ("numpy>=1", "rich; extra == 'cli'"), wheel)
