@@ -2,7 +2,7 @@
 without internet, in parts of at most ``--part-mib`` (xz-compressed tar files). One command::
 
     python scripts/vllm_offline_bundle.py OUT_PREFIX --prune-sm90 [--vllm 0.26.0]
-        [--present scripts/h200_image_packages.txt] [--part-mib 55]
+        [--present scripts/h200_image_packages.txt] [--part-mib 55] [--xz-level 9e]
 
 downloads the vLLM wheel, resolves the wheels it needs on the target and writes
 ``OUT_PREFIX-part1.tar``, ``-part2.tar``, ... (large binaries first, then the rest) and
@@ -52,7 +52,6 @@ from email.parser import HeaderParser
 from pathlib import Path
 from typing import Callable, Dict, FrozenSet, Iterator, List, Optional, Tuple
 
-from packaging.markers import Marker
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name, parse_wheel_filename
@@ -62,6 +61,8 @@ DROP = ("vllm_flash_attn/_vllm_fa2_C.abi3.so", "vllm-rs", "third_party/deep_gemm
 #: Files at least this large go into the first parts, one part each while they fit.
 LARGE = 8 << 20
 FATBIN_MAGIC = 0xBA55ED50
+#: xz level whose sizes place the large files into parts.
+ESTIMATE_LEVEL = "1"
 #: The GPU machines' interpreter, for environment markers and wheel tags.
 TARGET_ENV = {"python_version": "3.12", "python_full_version": "3.12.3", "implementation_name": "cpython",
               "platform_python_implementation": "CPython", "platform_machine": "x86_64", "sys_platform": "linux",
@@ -70,9 +71,11 @@ TARGET_ENV = {"python_version": "3.12", "python_full_version": "3.12.3", "implem
 TARGET_TAGS = ("--only-binary=:all:", "--python-version", "3.12", "--implementation", "cp",
                *(a for n in range(39, 16, -1) for a in ("--platform", f"manylinux_2_{n}_x86_64")),
                "--platform", "manylinux2014_x86_64", "--platform", "manylinux1_x86_64")
-#: vLLM requirements not carried, with the reason: nothing a DeepSeek-V3 (MLA) model on Hopper
-#: imports through the offline ``LLM`` path (the runs recorded in docs/performance.md had none of
-#: them), and together gigabytes.
+#: vLLM requirements not carried, with the reason; together gigabytes. vLLM 0.26 imports each only
+#: inside the backend that uses it (FlashInfer's attention and sampler, FlashAttention 4 and SM100
+#: kernels for the CuTe DSL packages, TileLang's mHC kernels, video decoding, its loaders), none of
+#: which a DeepSeek-V3 (MLA) model on Hopper selects; the single-GPU runs in docs/performance.md ran
+#: without FlashInfer.
 SKIP = {
     "torchcodec": "video decoding (multimodal models)",
     "pynvvideocodec": "video decoding (multimodal models)",
@@ -278,11 +281,11 @@ def stage(wheel: Path, wheels: List[Path], site: Path, prune: bool) -> None:
                         *TARGET_TAGS, "--target", str(site), *map(str, wheels)], check=True)
 
 
-def _xz(paths: List[Path], root: Path, out=None) -> int:
-    """xz -9e of a tar of ``paths`` (relative to ``root``) into ``out``; returns its size."""
+def _xz(paths: List[Path], root: Path, level: str, out=None) -> int:
+    """``xz -LEVEL`` of a tar of ``paths`` (relative to ``root``) into ``out``; returns its size."""
     tar = subprocess.Popen(["tar", "-C", str(root), "--no-recursion", "-cf", "-", "-T", "-"],
                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    xz = subprocess.Popen(["xz", "-9e", "-T2", "-c"], stdin=tar.stdout,
+    xz = subprocess.Popen(["xz", f"-{level}", "-T2", "-c"], stdin=tar.stdout,
                           stdout=subprocess.PIPE if out is None else out)
     tar.stdout.close()
     tar.stdin.write("".join(f"{p.relative_to(root)}\n" for p in paths).encode())
@@ -293,15 +296,18 @@ def _xz(paths: List[Path], root: Path, out=None) -> int:
     return size
 
 
-def write_parts(site: Path, prefix: Path, limit: int) -> List[Path]:
+def write_parts(site: Path, prefix: Path, limit: int, level: str) -> List[Path]:
+    """``PREFIX-partN.tar`` (xz ``level``) of every file under ``site``, each at most ``limit`` bytes: the
+    large files first fit into parts by their size at :data:`ESTIMATE_LEVEL` (an upper bound of the size
+    at any stronger level, found in a fraction of the time), then one part of all the small files."""
     files = sorted((p for p in site.rglob("*") if p.is_file() or p.is_symlink()),
                    key=lambda p: -p.lstat().st_size)
     large = [p for p in files if p.lstat().st_size >= LARGE]
     small = [p for p in files if p.lstat().st_size < LARGE]
     with ThreadPoolExecutor(2) as pool:
-        sizes = list(pool.map(lambda p: _xz([p], site), large))
+        sizes = list(pool.map(lambda p: _xz([p], site, ESTIMATE_LEVEL), large))
     groups: List[list] = []
-    for p, size in zip(large, sizes):  # first fit by compressed size
+    for p, size in zip(large, sizes):  # first fit by the estimated compressed size
         for g in groups:
             if g[0] + size <= limit:
                 g[0] += size
@@ -314,7 +320,7 @@ def write_parts(site: Path, prefix: Path, limit: int) -> List[Path]:
     for i, (_, members) in enumerate(groups, 1):
         out = Path(f"{prefix}-part{i}.tar")
         with open(out, "wb") as f:
-            _xz(members, site, f)
+            _xz(members, site, level, f)
         size = out.stat().st_size
         print(f"{out}: {size / 2**20:.1f} MiB, {len(members)} files")
         if size > limit:
@@ -323,7 +329,7 @@ def write_parts(site: Path, prefix: Path, limit: int) -> List[Path]:
     return parts
 
 
-def manifest(vllm: Dist, resolution: Resolution, parts: List[Path]) -> dict:
+def manifest(vllm: Dist, resolution: Resolution, parts: List[Path], level: str) -> dict:
     """The bundle's record: vLLM, the wheels carried, skipped and found on the target, the parts."""
     return {
         "vllm": vllm.version,
@@ -334,6 +340,7 @@ def manifest(vllm: Dist, resolution: Resolution, parts: List[Path]) -> dict:
         "replaced_on_target": dict(sorted(resolution.replaced.items())),
         "kept_on_target": dict(sorted(resolution.kept.items())),
         "parts": {p.name: p.stat().st_size for p in parts},
+        "xz_level": level,
     }
 
 
@@ -349,6 +356,7 @@ def main() -> int:
                         help="where downloaded wheels are kept and reused (default PREFIX's folder/wheels)")
     parser.add_argument("--prune-sm90", action="store_true", help="zero fatbin payloads an SM90 GPU cannot load")
     parser.add_argument("--part-mib", type=int, default=55)
+    parser.add_argument("--xz-level", default="9e", help="xz preset of the parts (default 9e: smallest, slowest)")
     args = parser.parse_args()
     downloads = args.downloads or args.prefix.parent / "wheels"
     downloads.mkdir(parents=True, exist_ok=True)
@@ -360,8 +368,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="vllm_bundle_") as tmp:
         site = Path(tmp) / "site"
         stage(vllm.path, [d.path for d in resolution.carried.values()], site, args.prune_sm90)
-        parts = write_parts(site, args.prefix, args.part_mib << 20)
-    record = manifest(vllm, resolution, parts)
+        parts = write_parts(site, args.prefix, args.part_mib << 20, args.xz_level)
+    record = manifest(vllm, resolution, parts, args.xz_level)
     Path(f"{args.prefix}-manifest.json").write_text(json.dumps(record, indent=2))
     print(json.dumps({k: record[k] for k in ("carried", "skipped", "replaced_on_target", "kept_on_target", "parts")}, indent=2))
     return 0
