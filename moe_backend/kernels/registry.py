@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -56,6 +56,11 @@ class Kernel:
     weight_on_input_defect: Optional[str] = None
     #: Module (under moe_backend.kernels) whose ``CANDIDATE_CONFIGS`` the tuner times; None: not tunable.
     tuning_module: Optional[str] = None
+    #: Why optional packages it needs are missing or broken, or None; asked last (it may import them).
+    probe: Optional[Callable[[], Optional[str]]] = None
+    #: ``precompile(prepared, configs)``: build every kernel the configurations use, at warm-up
+    #: (JIT-compiled kernels; never inside a CUDA-graph capture). None: nothing to build.
+    precompile: Optional[Callable[[Any, Sequence[dict]], int]] = None
 
     @property
     def tunable(self) -> bool:
@@ -88,6 +93,12 @@ class Kernel:
         missing = [m for m in self.requires if importlib.util.find_spec(m) is None]
         if missing:
             return f"the package(s) {', '.join(missing)} are not installed"
+        reason = self._device_reason(device)
+        if reason is None and self.probe is not None:
+            reason = self.probe()  # last: it may import large packages
+        return reason
+
+    def _device_reason(self, device: torch.device) -> Optional[str]:
         if self.capabilities is None:
             return None
         if device.type == "cuda":
@@ -135,6 +146,25 @@ def _sm90_nvfp4_run(prepared: Any, hidden: torch.Tensor, ids: torch.Tensor, weig
     return fused_experts_nvfp4(hidden, prepared, ids, weights, **kw)
 
 
+def _sm90_grouped_run(prepared: ExpertWeights, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                      **kw: Any) -> torch.Tensor:
+    from .sm90.bf16_moe import fused_experts_grouped
+
+    return fused_experts_grouped(hidden, prepared, ids, weights, **kw)
+
+
+def _sm90_grouped_precompile(prepared: ExpertWeights, configs: Sequence[dict]) -> int:
+    from .sm90.bf16_moe import precompile
+
+    return precompile(prepared, configs)
+
+
+def _quack_probe() -> Optional[str]:
+    from .sm90.cute_env import quack_unavailable_reason
+
+    return quack_unavailable_reason()
+
+
 HOPPER: Tuple[Capability, ...] = ((9, 0),)
 
 REFERENCE = Kernel("reference", PRECISIONS, None, prepare=lambda w: w, run=_reference_run)
@@ -147,7 +177,14 @@ SM90_NVFP4 = Kernel("sm90_triton_nvfp4", ("nvfp4",), HOPPER, prepare=_sm90_nvfp4
                     run=_sm90_nvfp4_run, requires=("triton",), restore=_sm90_nvfp4_restore, interpretable=True, capturable=True,
                     tuning_module="sm90.nvfp4_moe")
 
-KERNELS: Dict[str, Kernel] = {k.name: k for k in (REFERENCE, SM90_FP8, SM90_NVFP4)}
+# bf16 grouped GEMMs (QuACK, CuTe DSL) for bf16 experts and for NVFP4 dequantized to bf16 (prefill).
+SM90_GROUPED_BF16 = Kernel("sm90_quack_grouped_bf16", ("bf16", "nvfp4"), HOPPER, prepare=lambda w: w,
+                           run=_sm90_grouped_run, requires=("triton",), capturable=True,
+                           tuning_module="sm90.bf16_moe", probe=_quack_probe,
+                           precompile=_sm90_grouped_precompile,
+                           weight_on_input_defect="its router weight scales the output only")
+
+KERNELS: Dict[str, Kernel] = {k.name: k for k in (REFERENCE, SM90_FP8, SM90_NVFP4, SM90_GROUPED_BF16)}
 
 #: (precision, compute capability, routed?) -> kernels to try in order before the reference.
 SELECTION_TABLE: Dict[Tuple[str, Capability, bool], Tuple[str, ...]] = {
@@ -157,6 +194,8 @@ SELECTION_TABLE: Dict[Tuple[str, Capability, bool], Tuple[str, ...]] = {
     ("fp8_tensor", (9, 0), True): ("sm90_triton_fp8",),
     ("nvfp4", (9, 0), False): ("sm90_triton_nvfp4",),
     ("nvfp4", (9, 0), True): ("sm90_triton_nvfp4",),
+    ("bf16", (9, 0), False): ("sm90_quack_grouped_bf16",),
+    ("bf16", (9, 0), True): ("sm90_quack_grouped_bf16",),
 }
 
 

@@ -52,3 +52,26 @@ def test_weight_on_input_defect_keeps_fp8_layers_off_the_triton_kernel(monkeypat
         registry.select_kernel("fp8_block", cpu, True, "sm90_triton_fp8", weight_on_input=True)
     assert registry.select_kernel("nvfp4", cpu, True, "sm90_triton_nvfp4", weight_on_input=True).name \
         == "sm90_triton_nvfp4"
+
+
+def test_probe_is_asked_last_and_its_reason_reported():
+    asked = []
+
+    def probe():
+        asked.append(True)
+        return "the package 'quack' is broken"
+
+    k = registry.Kernel("k", ("bf16",), ((9, 0),), prepare=lambda w: w, run=None, probe=probe)
+    assert "needs a CUDA GPU" in k.unavailable_reason("bf16", torch.device("cpu"))
+    assert not asked, "the probe ran although the device already rules the kernel out"
+    k = registry.Kernel("k", ("bf16",), None, prepare=lambda w: w, run=None, probe=probe)
+    assert k.unavailable_reason("bf16", torch.device("cpu")) == "the package 'quack' is broken"
+
+
+def test_grouped_bf16_kernel_is_registered_and_refuses_cpu_and_weight_on_input():
+    kernel = registry.KERNELS["sm90_quack_grouped_bf16"]
+    assert kernel.precompile is not None and kernel.tunable
+    assert "needs a CUDA GPU" in kernel.unavailable_reason("nvfp4", torch.device("cpu"))
+    assert "apply_router_weight_on_input" in kernel.unavailable_reason("bf16", torch.device("cpu"), True)
+    with pytest.raises(registry.KernelUnavailableError, match="sm90_quack_grouped_bf16"):
+        registry.select_kernel("bf16", torch.device("cpu"), False, "sm90_quack_grouped_bf16")
