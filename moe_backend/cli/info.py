@@ -12,7 +12,8 @@ import torch
 from .. import __version__
 from ..kernels.registry import available_kernels
 
-_PACKAGES = ("torch", "triton", "safetensors", "numpy", "flashinfer-python", "vllm", "sglang")
+_PACKAGES = ("torch", "triton", "safetensors", "numpy", "flashinfer-python", "vllm", "sglang", "nvidia-cutlass-dsl",
+             "quack-kernels")
 
 
 def versions() -> Dict[str, str]:

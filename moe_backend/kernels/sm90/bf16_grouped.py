@@ -131,7 +131,7 @@ def gemm2(h: torch.Tensor, w2: torch.Tensor, cu_seqlens: torch.Tensor, out: torc
 
 def compile_plans(hidden_size: int, intermediate_size: int, tiles, device: torch.device) -> int:
     """Compile GEMM1 and GEMM2 of every tile in ``tiles`` for experts of ``hidden_size`` H and
-    ``intermediate_size`` I on ``device`` (``meta`` compiles offline, see :func:`cute_env.offline_arch`).
+    ``intermediate_size`` I on ``device`` (``meta`` compiles offline, after :func:`cute_env.pin_offline_arch`, inside :func:`cute_env.offline_compile`).
 
     Uses one-row stand-in tensors: the plans depend on dtypes, layouts and N, K only. Returns the
     number of plans compiled or loaded now (those already in this process are skipped).

@@ -5,7 +5,7 @@ kernels that need them report why they cannot run and the Triton kernels serve. 
 imports them at module import time; :func:`quack_unavailable_reason` imports them once, on
 first use, and remembers the outcome, so a broken install is a reason, never a crash.
 
-Compiling needs no GPU (see docs/cute_dsl.md): with :func:`offline_arch` set, QuACK traces
+Compiling needs no GPU (see docs/cute_dsl.md): after :func:`pin_offline_arch`, QuACK traces
 against fake tensors and CuTe DSL lowers for ``sm_90a`` on a CPU.
 """
 
@@ -17,6 +17,7 @@ import importlib
 import logging
 import os
 import platform
+import sys
 from typing import Iterator, Optional
 
 logger = logging.getLogger(__name__)
@@ -62,19 +63,34 @@ def installed_versions() -> dict:
     return out
 
 
-@contextlib.contextmanager
-def offline_arch(arch: str = "sm_90a") -> Iterator[None]:
-    """Compile for ``arch`` without a GPU: pins CuTe DSL's target (``CUTE_DSL_ARCH``) and QuACK's
-    kernel-class dispatch (``QUACK_ARCH``) for the duration, restoring them afterwards."""
-    digits = "".join(c for c in arch if c.isdigit())
-    saved = {k: os.environ.get(k) for k in ("CUTE_DSL_ARCH", "QUACK_ARCH")}
+#: SMs of the H200 / H100 SXM: what an offline plan assumes for its persistent grid.
+HOPPER_SMS = 132
+
+
+def pin_offline_arch(arch: str = "sm_90a") -> None:
+    """Target ``arch`` without a GPU: sets CuTe DSL's target (``CUTE_DSL_ARCH``) and QuACK's
+    kernel-class dispatch (``QUACK_ARCH``) for this process. CuTe DSL reads its target once, at
+    import: call this first, or after an import with the same target already set."""
+    if "cutlass" in sys.modules and os.environ.get("CUTE_DSL_ARCH") != arch:
+        raise RuntimeError(f"pin_offline_arch({arch!r}): CuTe DSL is already imported with target "
+                           f"{os.environ.get('CUTE_DSL_ARCH')!r}; pin the target before importing it")
     os.environ["CUTE_DSL_ARCH"] = arch
-    os.environ["QUACK_ARCH"] = digits
+    os.environ["QUACK_ARCH"] = "".join(c for c in arch if c.isdigit())
+
+
+@contextlib.contextmanager
+def offline_compile(sm_count: int = HOPPER_SMS) -> Iterator[None]:
+    """Build QuACK plans without a GPU (after :func:`pin_offline_arch`): answers QuACK's
+    launch-time query for the persistent grid size (it asks the CUDA driver) with ``sm_count``
+    divided by the cluster size. That number is a launch argument, not part of the compiled
+    kernel, so plans built here are for checking that kernels build, not for launching."""
+    if "QUACK_ARCH" not in os.environ:
+        raise RuntimeError("offline_compile: call pin_offline_arch() first (before importing CuTe DSL)")
+    import quack.gemm_runtime.host as host
+
+    query = host.get_max_active_clusters
+    host.get_max_active_clusters = lambda cluster_size, **_: sm_count // cluster_size
     try:
         yield
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        host.get_max_active_clusters = query
