@@ -96,7 +96,7 @@ def _breakdown(weights, hidden, ids, topk_w, cfg, timer) -> dict:
 def time_shape(e: int, t: int, quick: bool) -> list:
     from moe_backend.cli.bench import INPUT_SETS, _time, random_nvfp4_weights
     from moe_backend.kernels.registry import KERNELS
-    from moe_backend.kernels.sm90.bf16_moe import CANDIDATE_CONFIGS, fused_experts_grouped
+    from moe_backend.kernels.sm90.bf16_moe import CANDIDATE_CONFIGS, fused_experts_grouped, prepare_grouped
 
     dev = torch.device("cuda")
     sets = _inputs(t, e, INPUT_SETS, dev)
@@ -118,7 +118,7 @@ def time_shape(e: int, t: int, quick: bool) -> list:
     us, mode = timer(lambda s: triton_kernel.run(prepared, *sets[s], **kw))
     record("nvfp4", "sm90_triton_nvfp4 (default config)", us, mode)
     del prepared
-    bf16 = _bf16_weights(e, dev)
+    bf16 = prepare_grouped(_bf16_weights(e, dev))
     for precision, weights in (("nvfp4", nvfp4), ("bf16", bf16)):
         best = None
         for cfg in CANDIDATE_CONFIGS:

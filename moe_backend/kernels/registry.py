@@ -146,6 +146,18 @@ def _sm90_nvfp4_run(prepared: Any, hidden: torch.Tensor, ids: torch.Tensor, weig
     return fused_experts_nvfp4(hidden, prepared, ids, weights, **kw)
 
 
+def _sm90_grouped_prepare(weights: ExpertWeights) -> Any:
+    from .sm90.bf16_moe import prepare_grouped
+
+    return prepare_grouped(weights)
+
+
+def _sm90_grouped_restore(prepared: Any) -> ExpertWeights:
+    from .sm90.bf16_moe import restore_grouped
+
+    return restore_grouped(prepared)
+
+
 def _sm90_grouped_run(prepared: ExpertWeights, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                       **kw: Any) -> torch.Tensor:
     from .sm90.bf16_moe import fused_experts_grouped
@@ -178,10 +190,10 @@ SM90_NVFP4 = Kernel("sm90_triton_nvfp4", ("nvfp4",), HOPPER, prepare=_sm90_nvfp4
                     tuning_module="sm90.nvfp4_moe")
 
 # bf16 grouped GEMMs (QuACK, CuTe DSL) for bf16 experts and for NVFP4 dequantized to bf16 (prefill).
-SM90_GROUPED_BF16 = Kernel("sm90_quack_grouped_bf16", ("bf16", "nvfp4"), HOPPER, prepare=lambda w: w,
-                           run=_sm90_grouped_run, requires=("triton",), capturable=True,
-                           tuning_module="sm90.bf16_moe", probe=_quack_probe,
-                           precompile=_sm90_grouped_precompile,
+SM90_GROUPED_BF16 = Kernel("sm90_quack_grouped_bf16", ("bf16", "nvfp4"), HOPPER,
+                           prepare=_sm90_grouped_prepare, run=_sm90_grouped_run, restore=_sm90_grouped_restore,
+                           requires=("triton",), capturable=True, tuning_module="sm90.bf16_moe",
+                           probe=_quack_probe, precompile=_sm90_grouped_precompile,
                            weight_on_input_defect="its router weight scales the output only")
 
 KERNELS: Dict[str, Kernel] = {k.name: k for k in (REFERENCE, SM90_FP8, SM90_NVFP4, SM90_GROUPED_BF16)}

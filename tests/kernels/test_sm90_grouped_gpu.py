@@ -40,10 +40,10 @@ def make_problem(precision: str, t: int, h: int, i: int, e: int, k: int, *, offs
 
 
 def run_kernel(p: Problem, config: Optional[dict] = None) -> torch.Tensor:
-    from moe_backend.kernels.sm90.bf16_moe import fused_experts_grouped
+    from moe_backend.kernels.sm90.bf16_moe import fused_experts_grouped, prepare_grouped
 
     return run_poisoned(lambda out: fused_experts_grouped(
-        p.hidden, p.weights, p.ids, p.topk_w, local_expert_offset=p.offset,
+        p.hidden, prepare_grouped(p.weights), p.ids, p.topk_w, local_expert_offset=p.offset,
         apply_router_weight_on_input=False, out=out, config=config), p.hidden)
 
 
@@ -84,26 +84,27 @@ def test_edge_routing(precision):
 
 
 def test_weight_on_input_is_refused():
-    from moe_backend.kernels.sm90.bf16_moe import fused_experts_grouped
+    from moe_backend.kernels.sm90.bf16_moe import fused_experts_grouped, prepare_grouped
 
     p = make_problem("bf16", 4, 256, 128, 4, 2)
     out = torch.empty_like(p.hidden)
     with pytest.raises(ValueError, match="apply_router_weight_on_input"):
-        fused_experts_grouped(p.hidden, p.weights, p.ids, p.topk_w, local_expert_offset=0,
+        fused_experts_grouped(p.hidden, prepare_grouped(p.weights), p.ids, p.topk_w, local_expert_offset=0,
                               apply_router_weight_on_input=True, out=out)
 
 
 @pytest.mark.parametrize("precision", sorted(PRECISIONS))
 def test_cuda_graph_replay_equals_eager(precision):
-    from moe_backend.kernels.sm90.bf16_moe import fused_experts_grouped
+    from moe_backend.kernels.sm90.bf16_moe import fused_experts_grouped, prepare_grouped
 
     p = make_problem(precision, 256, 2048, 512, 16, 8)
+    prepared = prepare_grouped(p.weights)
     out = torch.full((300, 2048), float("nan"), dtype=torch.bfloat16, device="cuda")
     kw = dict(local_expert_offset=0, apply_router_weight_on_input=False, out=out)
-    fused_experts_grouped(p.hidden, p.weights, p.ids, p.topk_w, **kw)  # compile outside the capture
+    fused_experts_grouped(p.hidden, prepared, p.ids, p.topk_w, **kw)  # compile outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        fused_experts_grouped(p.hidden, p.weights, p.ids, p.topk_w, **kw)
+        fused_experts_grouped(p.hidden, prepared, p.ids, p.topk_w, **kw)
     q = make_problem(precision, 256, 2048, 512, 16, 8, seed=5)
     p.hidden.copy_(q.hidden)
     p.ids.copy_(q.ids)
@@ -111,7 +112,7 @@ def test_cuda_graph_replay_equals_eager(precision):
     graph.replay()
     torch.cuda.synchronize()
     replayed = out[:256].clone()
-    eager = fused_experts_grouped(q.hidden, p.weights, q.ids, q.topk_w, **kw)
+    eager = fused_experts_grouped(q.hidden, prepared, q.ids, q.topk_w, **kw)
     assert torch.equal(replayed, eager), "graph replay differs from eager"
     ref = reference_fused_experts(q.hidden, p.weights, q.ids, q.topk_w).float()
     assert ((replayed.float() - ref).norm() / ref.norm()).item() <= REL_TOL
@@ -139,6 +140,7 @@ def test_bf16_layer_selects_it_and_warmup_compiles(tmp_path):
     p = make_problem("bf16", 64, 1024, 256, 8, 4)
     layer = BF16MoE(p.weights, MoEConfig(num_experts=8, top_k=4))
     assert layer.kernel_name(True) == "sm90_quack_grouped_bf16"
+    assert torch.equal(layer.weights.w13, p.weights.w13), "restore must undo the gate/up interleave"
     layer.warmup(64, cache=TuningCache(tmp_path), progress=False)
     got = layer.experts(p.hidden, p.ids, p.topk_w)
     assert_matches_reference(got, p, False, REL_TOL)

@@ -8,7 +8,11 @@ import pytest
 import torch
 from moe_checks import DEVICE, random_ids, runs_here
 
-from moe_backend.kernels.sm90.bf16_moe import CANDIDATE_CONFIGS, config_tiles, resolve_config
+from moe_backend.expert_weights import BF16Weights, NVFP4Weights
+from moe_backend.kernels.sm90.bf16_grouped import deinterleave_gate_up, interleave_gate_up
+from moe_backend.kernels.sm90.bf16_moe import (
+    CANDIDATE_CONFIGS, GroupedBF16Weights, config_tiles, prepare_grouped, resolve_config, restore_grouped,
+)
 from moe_backend.kernels.sm90.nvfp4_dequant import dequantize_segments
 from moe_backend.kernels.sm90.pair_combine import weighted_sum_pairs
 from moe_backend.kernels.sm90.varlen_routing import num_segments, varlen_routing
@@ -66,16 +70,18 @@ def _random_nvfp4_part(e, n, k, g):
 
 
 @runs_here
-@pytest.mark.parametrize("e,n,k,groups,experts", [
-    (3, 40, 48, 2, [2, -1, 0]), (2, 33, 272, 1, [1]), (4, 64, 512, 2, [3, 1, -1, -1])])
-def test_dequantize_segments_matches_reference(e, n, k, groups, experts):
+@pytest.mark.parametrize("e,n,k,groups,experts,interleave", [
+    (3, 40, 48, 2, [2, -1, 0], True), (2, 33, 272, 1, [1], False), (4, 64, 512, 2, [3, 1, -1, -1], False),
+    (2, 96, 32, 2, [1, 0], True)])
+def test_dequantize_segments_matches_reference(e, n, k, groups, experts, interleave):
     g = torch.Generator().manual_seed(n + k)
     codes, scales = _random_nvfp4_part(e, n, k, g)
     glob = torch.rand(e, groups, generator=g) + 0.5
     eos = torch.tensor(experts, dtype=torch.int32)
     out = torch.full((len(experts), n, k), float("nan"), dtype=torch.bfloat16)
     dev = torch.device(DEVICE)
-    got = dequantize_segments(codes.to(dev), scales.to(dev), glob.to(dev), eos.to(dev), out.to(dev)).cpu()
+    got = dequantize_segments(codes.to(dev), scales.to(dev), glob.to(dev), eos.to(dev), out.to(dev),
+                              interleave=interleave).cpu()
     for s, ex in enumerate(experts):
         if ex < 0:
             assert torch.isnan(got[s].float()).all(), "a skipped segment was written"
@@ -84,6 +90,8 @@ def test_dequantize_segments_matches_reference(e, n, k, groups, experts):
         ref = torch.cat([dequantize_nvfp4(codes[ex, j * rows_per:(j + 1) * rows_per],
                                           scales[ex, j * rows_per:(j + 1) * rows_per], glob[ex, j])
                          for j in range(groups)])
+        if interleave:  # row 2c: first half's row c, row 2c + 1: second half's row c
+            ref = torch.stack([ref[:n // 2], ref[n // 2:]], 1).reshape(n, k)
         assert torch.equal(got[s], ref.to(torch.bfloat16)), f"segment {s} (expert {ex})"
 
 
@@ -119,3 +127,68 @@ def test_config_resolution_and_tiles():
     with pytest.raises(ValueError, match="unknown keys"):
         resolve_config({"BLOCK_M": 64})
     assert len(config_tiles(CANDIDATE_CONFIGS)) == len(CANDIDATE_CONFIGS)
+
+
+def test_gate_up_interleave_and_prepare_restore():
+    g = torch.Generator().manual_seed(3)
+    w13 = torch.randn(2, 6, 4, generator=g)
+    inter = interleave_gate_up(w13)
+    for c in range(3):
+        assert torch.equal(inter[:, 2 * c], w13[:, c]) and torch.equal(inter[:, 2 * c + 1], w13[:, 3 + c])
+    assert torch.equal(deinterleave_gate_up(inter), w13)
+    weights = BF16Weights.quantize(torch.randn(2, 32, 48, generator=g), torch.randn(2, 48, 16, generator=g))
+    prepared = prepare_grouped(weights)
+    assert isinstance(prepared, GroupedBF16Weights) and prepared.intermediate_size == 16
+    back = restore_grouped(prepared)
+    assert torch.equal(back.w13, weights.w13) and torch.equal(back.w2, weights.w2)
+    nvfp4 = NVFP4Weights.quantize(torch.randn(2, 32, 48, generator=g), torch.randn(2, 48, 16, generator=g))
+    assert prepare_grouped(nvfp4) is nvfp4 and restore_grouped(nvfp4) is nvfp4
+    with pytest.raises(TypeError, match="weights"):
+        prepare_grouped(prepared)
+
+
+def _gemm1_definition(x, w13, cu, idx, out, tile=None):
+    """``bf16_grouped.gemm1_gated``'s documented contract in torch (fp32 sums, one bf16 rounding)."""
+    for s in range(w13.shape[0]):
+        a, b = int(cu[s]), int(cu[s + 1])
+        y = x[idx[a:b].long()].float() @ w13[s].float().T
+        out[a:b] = (torch.nn.functional.silu(y[:, 0::2]) * y[:, 1::2]).to(torch.bfloat16)
+    return out
+
+
+def _gemm2_definition(h, w2, cu, out, tile=None):
+    """``bf16_grouped.gemm2``'s documented contract in torch."""
+    for s in range(w2.shape[0]):
+        a, b = int(cu[s]), int(cu[s + 1])
+        out[a:b] = (h[a:b].float() @ w2[s].float().T).to(torch.bfloat16)
+    return out
+
+
+@runs_here
+@pytest.mark.parametrize("cls", [BF16Weights, NVFP4Weights], ids=["bf16", "nvfp4"])
+@pytest.mark.parametrize("t,h,i,e,k,offset", [(1, 64, 32, 4, 1, 0), (9, 128, 48, 6, 3, 2), (0, 64, 32, 3, 2, 0)])
+def test_pipeline_around_the_gemm_contracts_matches_reference(monkeypatch, cls, t, h, i, e, k, offset):
+    """Routing, gate/up interleave, dequantization and combine agree with the reference when the
+    two QuACK GEMMs (GPU only; tested in test_sm90_grouped_gpu.py) compute their documented contract."""
+    from moe_backend.kernels.reference import reference_fused_experts
+    from moe_backend.kernels.sm90 import bf16_grouped
+    from moe_backend.kernels.sm90.bf16_moe import fused_experts_grouped
+
+    monkeypatch.setattr(bf16_grouped, "gemm1_gated", _gemm1_definition)
+    monkeypatch.setattr(bf16_grouped, "gemm2", _gemm2_definition)
+    g = torch.Generator().manual_seed(t + e)
+    dev = torch.device(DEVICE)
+    w = cls.quantize(torch.randn(e, 2 * i, h, generator=g) / h ** 0.5, torch.randn(e, h, i, generator=g) / i ** 0.5)
+    w = cls(**{n: x.to(dev) for n, x in w.tensors().items()})
+    x = torch.randn(t, h, generator=g).to(torch.bfloat16).to(dev)
+    ids = random_ids(t, k, e, offset, g).to(dev)
+    tw = (torch.rand(t, k, generator=g) + 0.1).to(dev)
+    out = torch.full((t + 2, h), float("nan"), dtype=torch.bfloat16, device=dev)
+    got = fused_experts_grouped(x, prepare_grouped(w), ids, tw, local_expert_offset=offset,
+                                apply_router_weight_on_input=False, out=out)
+    assert got.shape == (t, h) and torch.isnan(out[t:].float()).all()
+    ref = reference_fused_experts(x, w, ids, tw, local_expert_offset=offset).float()
+    none = ref.abs().sum(1) == 0
+    assert torch.equal(got.float()[none], ref[none])
+    if t:
+        assert ((got.float() - ref).norm() / ref.norm().clamp_min(1e-30)).item() <= 1e-2

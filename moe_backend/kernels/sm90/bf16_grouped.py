@@ -4,9 +4,12 @@ Rows of one expert are contiguous; ``cu_seqlens [S + 1]`` int32 (on the device) 
 ``s`` to rows ``[cu[s], cu[s + 1])`` and segment ``s`` multiplies by weight matrix ``s``. Empty
 segments cost nothing, so the segment count may be a static upper bound (CUDA graphs).
 
-* :func:`gemm1_gated`: ``h[r] = silu(g) * u`` with ``[g | u] = x[a_idx[r]] @ w13[s].T``: rows
+* :func:`gemm1_gated`: ``h[r, c] = silu(g_c) * u_c`` over ``x[a_idx[r]] @ w13[s].T``: rows
   gathered from the tokens by index (no permuted copy of the activations) and the SiLU-and-mul in
-  the epilogue; ``w13 [S, 2I, H]`` keeps the ``[gate; up]`` row halves (QuACK's ``concat_layout``).
+  the epilogue, which pairs adjacent output columns: ``w13 [S, 2I, H]`` holds gate and up rows
+  INTERLEAVED (row ``2c`` gate ``c``, row ``2c + 1`` up ``c``; :func:`interleave_gate_up`).
+  QuACK's ``concat_layout`` would read ``[gate; up]`` halves, but only through per-call views
+  that its launch-only plans (what a CUDA graph needs) do not take.
 * :func:`gemm2`: ``y[r] = h[r] @ w2[s].T``, ``w2 [S, H, I]``.
 
 Compiled kernels are cached per (GEMM, configuration, N, K, device): QuACK traces against
@@ -81,10 +84,8 @@ def _device_name(device: torch.device) -> str:
 def _build(key: PlanKey, a: torch.Tensor, b_kn: torch.Tensor, out: torch.Tensor, cu_seqlens: torch.Tensor,
            a_idx: Optional[torch.Tensor]):
     """Compile (or load from QuACK's disk cache) the plan of ``key`` for these tensors' metadata."""
-    kwargs = dict(config=_config(key.tile), cu_seqlens_m=cu_seqlens, A_idx=a_idx)
-    if key.gemm == GEMM1:
-        kwargs["concat_layout"] = ("B",)
-    return _mod(key.gemm).plan(a, b_kn, out={"mAuxOut": out}, **kwargs)
+    return _mod(key.gemm).plan(a, b_kn, out={"mAuxOut": out}, config=_config(key.tile), cu_seqlens_m=cu_seqlens,
+                               A_idx=a_idx)
 
 
 def _plan(key: PlanKey, *args) -> object:
@@ -103,9 +104,9 @@ def _plan(key: PlanKey, *args) -> object:
 
 def gemm1_gated(x: torch.Tensor, w13: torch.Tensor, cu_seqlens: torch.Tensor, a_idx: torch.Tensor,
                 out: torch.Tensor, tile: Tuple[int, int, int, bool] = DEFAULT_TILE) -> torch.Tensor:
-    """``out[r] = silu(g) * u``, ``[g | u] = x[a_idx[r]] @ w13[s].T`` for the rows r of segment s.
+    """``out[r, c] = silu(y[2c]) * y[2c + 1]``, ``y = x[a_idx[r]] @ w13[s].T``, rows r of segment s.
 
-    ``x [T, H]`` bf16 contiguous; ``w13 [S, 2I, H]`` bf16 contiguous (gate rows, then up rows);
+    ``x [T, H]`` bf16 contiguous; ``w13 [S, 2I, H]`` bf16 contiguous, gate/up rows interleaved;
     ``cu_seqlens [S + 1]`` int32; ``a_idx [P]`` int32 token of each row; ``out [P, I]`` bf16
     contiguous. Rows at or past ``cu_seqlens[S]`` are neither read nor written. Returns ``out``.
     """
@@ -127,6 +128,18 @@ def gemm2(h: torch.Tensor, w2: torch.Tensor, cu_seqlens: torch.Tensor, out: torc
     b_kn = w2.transpose(1, 2)
     _plan(key, h, b_kn, out, cu_seqlens, None).run(h, b_kn, out={"mAuxOut": out}, cu_seqlens_m=cu_seqlens)
     return out
+
+
+def interleave_gate_up(w13: torch.Tensor) -> torch.Tensor:
+    """``[..., 2I, K]`` with ``[gate; up]`` row halves -> rows ``gate 0, up 0, gate 1, ...`` (a copy)."""
+    i = w13.shape[-2] // 2
+    return w13.unflatten(-2, (2, i)).transpose(-3, -2).flatten(-3, -2).contiguous()
+
+
+def deinterleave_gate_up(w13: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`interleave_gate_up` (a copy)."""
+    i = w13.shape[-2] // 2
+    return w13.unflatten(-2, (i, 2)).transpose(-3, -2).flatten(-3, -2).contiguous()
 
 
 def compile_plans(hidden_size: int, intermediate_size: int, tiles, device: torch.device) -> int:

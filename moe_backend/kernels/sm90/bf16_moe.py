@@ -15,12 +15,13 @@ one bf16 rounding of each pair's GEMM2 output before the fp32 combine.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 
 from ..._checks import check_int, check_out, check_tensor
-from ...expert_weights import BF16Weights, NVFP4Weights
+from ...expert_weights import BF16Weights, ExpertShapes, NVFP4Weights
 from ...runtime import workspace
 from . import bf16_grouped
 from .config import merge_config
@@ -28,7 +29,36 @@ from .nvfp4_dequant import dequantize_segments
 from .pair_combine import weighted_sum_pairs
 from .varlen_routing import varlen_routing
 
-GroupedWeights = Union[BF16Weights, NVFP4Weights]
+
+
+@dataclass
+class GroupedBF16Weights(ExpertShapes):
+    """bf16 experts in this kernel's layout: ``w13 [E, 2I, H]`` with gate and up rows interleaved
+    (row ``2c`` gate ``c``, ``2c + 1`` up ``c``: the gated epilogue pairs adjacent columns),
+    ``w2 [E, H, I]``; both contiguous."""
+
+    w13: torch.Tensor
+    w2: torch.Tensor
+
+
+GroupedWeights = Union[GroupedBF16Weights, NVFP4Weights]
+
+
+def prepare_grouped(weights: Union[BF16Weights, NVFP4Weights]) -> GroupedWeights:
+    """bf16: interleave gate and up rows (a copy); NVFP4: the checkpoint layout as is (the
+    dequantization interleaves as it writes)."""
+    if isinstance(weights, BF16Weights):
+        return GroupedBF16Weights(bf16_grouped.interleave_gate_up(weights.w13), weights.w2.contiguous())
+    if isinstance(weights, NVFP4Weights):
+        return weights
+    raise TypeError(f"weights: expected BF16Weights or NVFP4Weights, got {type(weights).__name__}")
+
+
+def restore_grouped(prepared: GroupedWeights) -> Union[BF16Weights, NVFP4Weights]:
+    """Inverse of :func:`prepare_grouped`."""
+    if isinstance(prepared, GroupedBF16Weights):
+        return BF16Weights(bf16_grouped.deinterleave_gate_up(prepared.w13), prepared.w2)
+    return prepared
 
 #: Knobs: GEMM1's and GEMM2's tile, each ``(tile_m, tile_n, cluster_m, pingpong)`` from
 #: :data:`bf16_grouped.TILES` (JSON caches hand them back as lists).
@@ -71,8 +101,9 @@ def precompile(weights: GroupedWeights, configs) -> int:
 def _check_inputs(hidden: torch.Tensor, w: GroupedWeights, topk_ids: torch.Tensor,
                   topk_weights: torch.Tensor, local_expert_offset: int, out: Optional[torch.Tensor],
                   apply_router_weight_on_input: bool) -> None:
-    if not isinstance(w, (BF16Weights, NVFP4Weights)):
-        raise TypeError(f"prepared_weights: expected BF16Weights or NVFP4Weights, got {type(w).__name__}")
+    if not isinstance(w, (GroupedBF16Weights, NVFP4Weights)):
+        raise TypeError(f"prepared_weights: expected GroupedBF16Weights or NVFP4Weights (from prepare_grouped), "
+                        f"got {type(w).__name__}")
     dev = w.device
     check_tensor("hidden", hidden, dtype=torch.bfloat16, shape=(None, w.hidden_size), device=dev)
     t = hidden.shape[0]
@@ -87,15 +118,15 @@ def _check_inputs(hidden: torch.Tensor, w: GroupedWeights, topk_ids: torch.Tenso
 
 
 def _bf16_experts(w: GroupedWeights, expert_of_segment: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(w13 [S, 2I, H], w2 [S, H, I])`` bf16 of the segments: the weights themselves (bf16), or
-    the active experts dequantized into the shared pool (NVFP4)."""
-    if isinstance(w, BF16Weights):
+    """``(w13 [S, 2I, H] gate/up interleaved, w2 [S, H, I])`` bf16 of the segments: the weights
+    themselves (bf16), or the active experts dequantized into the shared pool (NVFP4)."""
+    if isinstance(w, GroupedBF16Weights):
         return w.w13, w.w2
     s = expert_of_segment.shape[0]
     h, i = w.hidden_size, w.intermediate_size
     w13 = workspace(s * 2 * i, h, torch.bfloat16, w.device, "moe_grouped_w13").view(s, 2 * i, h)
     w2 = workspace(s * h, i, torch.bfloat16, w.device, "moe_grouped_w2").view(s, h, i)
-    dequantize_segments(w.w13, w.w13_scale, w.w13_scale_2, expert_of_segment, w13)
+    dequantize_segments(w.w13, w.w13_scale, w.w13_scale_2, expert_of_segment, w13, interleave=True)
     dequantize_segments(w.w2, w.w2_scale, w.w2_scale_2.view(-1, 1), expert_of_segment, w2)
     return w13, w2
 
@@ -115,7 +146,7 @@ def fused_experts_grouped(
 
     Args:
         hidden: ``[T, H]`` bf16, contiguous; T may be 0.
-        prepared_weights: :class:`BF16Weights` or :class:`NVFP4Weights` (canonical layouts).
+        prepared_weights: from :func:`prepare_grouped` (bf16 or NVFP4 experts).
         topk_ids: ``[T, k]`` int32 global expert ids, contiguous; -1 or ids outside
             ``[local_expert_offset, local_expert_offset + E)`` contribute nothing.
         topk_weights: ``[T, k]`` fp32 router weights, contiguous.

@@ -5,7 +5,9 @@ Reads the checkpoint's linear layout (:class:`~moe_backend.expert_weights.NVFP4W
 ``global_scale [E, G]`` fp32 where rows ``[g * N/G, (g + 1) * N/G)`` take global ``g`` (``G = 2``
 for ``w13``'s gate and up halves, 1 for ``w2``). Writes ``out[s] = dequant(expert_of_segment[s])``
 in bf16 (``code * block_scale * global`` in fp32, rounded once, as the W4A16 kernels do); segments
-whose expert is -1 are skipped. ``out`` is a view of the shared workspace pool: one buffer of
+whose expert is -1 are skipped. With ``interleave``, source row ``n`` of half ``n // (N/2)`` lands
+in row ``2 * (n % (N/2)) + n // (N/2)`` (gate and up rows interleaved, as the gated grouped GEMM
+reads them). ``out`` is a view of the shared workspace pool: one buffer of
 ``min(E, T * k)`` matrices serves every layer.
 """
 
@@ -35,7 +37,8 @@ def _e2m1_value(code):
 
 @triton.jit
 def _dequant_kernel(packed_ptr, scale_ptr, global_ptr, expert_ptr, out_ptr, N, K, rows_per_global,
-                    num_globals, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr):
+                    num_globals, INTERLEAVE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    GROUP: tl.constexpr):
     s = tl.program_id(0)
     e = tl.load(expert_ptr + s).to(tl.int64)
     if e < 0:
@@ -57,13 +60,19 @@ def _dequant_kernel(packed_ptr, scale_ptr, global_ptr, expert_ptr, out_ptr, N, K
                    (BLOCK_N, BLOCK_K))
     cols = tl.program_id(2) * BLOCK_K + tl.arange(0, BLOCK_K)
     out_mask = row_ok[:, None] & (cols < K)[None, :]
-    tl.store(out_ptr + s.to(tl.int64) * N * K + rows[:, None] * K + cols[None, :], to_bf16(w),
+    if INTERLEAVE:
+        out_rows = 2 * (rows % (N // 2)) + rows // (N // 2)
+    else:
+        out_rows = rows
+    tl.store(out_ptr + s.to(tl.int64) * N * K + out_rows[:, None] * K + cols[None, :], to_bf16(w),
              mask=out_mask)
 
 
 def dequantize_segments(packed: torch.Tensor, block_scale: torch.Tensor, global_scale: torch.Tensor,
-                        expert_of_segment: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """Dequantize expert ``expert_of_segment[s]`` into ``out[s]`` for every segment ``s``.
+                        expert_of_segment: torch.Tensor, out: torch.Tensor, *, interleave: bool = False
+                        ) -> torch.Tensor:
+    """Dequantize expert ``expert_of_segment[s]`` into ``out[s]`` for every segment ``s``
+    (``interleave``: gate/up rows interleaved, see the module doc; N even).
 
     ``packed [E, N, K/2]`` uint8, ``block_scale [E, N, K/16]`` e4m3, ``global_scale [E, G]`` fp32
     (``G`` divides N), ``expert_of_segment [S]`` int32 (-1: skip), ``out [S, N, K]`` bf16; all
@@ -73,11 +82,12 @@ def dequantize_segments(packed: torch.Tensor, block_scale: torch.Tensor, global_
     k = 2 * k_half
     s = expert_of_segment.shape[0]
     assert k % GROUP == 0 and n % global_scale.shape[1] == 0 and out.shape == (s, n, k)
+    assert not interleave or n % 2 == 0
     assert all(t.is_contiguous() for t in (packed, block_scale, global_scale, expert_of_segment, out))
     if s == 0:
         return out
     grid = (s, triton.cdiv(n, BLOCK_N), triton.cdiv(k, BLOCK_K))
     _dequant_kernel[grid](packed, block_scale, global_scale, expert_of_segment, out, n, k,
-                          n // global_scale.shape[1], global_scale.shape[1],
+                          n // global_scale.shape[1], global_scale.shape[1], INTERLEAVE=interleave,
                           BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, GROUP=GROUP, num_warps=4)
     return out
