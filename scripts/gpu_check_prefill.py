@@ -78,7 +78,7 @@ def _breakdown(weights, hidden, ids, topk_w, cfg, timer) -> dict:
     nvfp4 = isinstance(weights, NVFP4Weights)
     e = weights.num_experts
     r = varlen_routing(ids, e, 0, compact=nvfp4)
-    w13, w2 = bf16_moe._bf16_experts(weights, r.expert_of_segment)
+    w13, w2 = bf16_moe.segment_weights(weights, r.expert_of_segment)
     mid = workspace(t * K, I, torch.bfloat16, hidden.device, "moe_grouped_mid")
     rows = workspace(t * K, H, torch.bfloat16, hidden.device, "moe_grouped_rows")
     out = torch.empty_like(hidden)
@@ -89,7 +89,7 @@ def _breakdown(weights, hidden, ids, topk_w, cfg, timer) -> dict:
         "combine": lambda s: weighted_sum_pairs(rows, r.row_of_pair, topk_w, out),
     }
     if nvfp4:
-        stages["dequant"] = lambda s: bf16_moe._bf16_experts(weights, r.expert_of_segment)
+        stages["dequant"] = lambda s: bf16_moe.segment_weights(weights, r.expert_of_segment)
     return {name: round(timer(fn)[0], 1) for name, fn in stages.items()}
 
 

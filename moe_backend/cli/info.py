@@ -46,5 +46,5 @@ def main(args: argparse.Namespace) -> int:
     print("\nkernels:")
     for kernel, per_precision in available_kernels(device).items():
         for precision, reason in per_precision.items():
-            print(f"  {kernel:<22} {precision:<11} {'available' if reason is None else 'no: ' + reason}")
+            print(f"  {kernel:<24} {precision:<11} {'available' if reason is None else 'no: ' + reason}")
     return 0

@@ -107,7 +107,9 @@ class Kernel:
                 return None
             wanted = ", ".join(f"sm_{a}{b}" for a, b in self.capabilities)
             return f"it needs a GPU of compute capability {wanted}, this one is sm_{cap[0]}{cap[1]}"
-        if self.interpretable and os.environ.get("TRITON_INTERPRET") == "1":
+        if not self.interpretable:
+            return f"it needs a CUDA GPU, got device {device}"
+        if os.environ.get("TRITON_INTERPRET") == "1":
             return None
         return f"it needs a CUDA GPU (or TRITON_INTERPRET=1 on a CPU), got device {device}"
 

@@ -192,3 +192,13 @@ def test_pipeline_around_the_gemm_contracts_matches_reference(monkeypatch, cls, 
     assert torch.equal(got.float()[none], ref[none])
     if t:
         assert ((got.float() - ref).norm() / ref.norm().clamp_min(1e-30)).item() <= 1e-2
+
+
+def test_candidate_configs_survive_the_json_tuning_cache():
+    import json
+
+    from moe_backend.tuning.cache import check_config
+
+    for cfg in CANDIDATE_CONFIGS:
+        check_config(cfg)
+        assert resolve_config(json.loads(json.dumps(cfg))) == resolve_config(cfg)

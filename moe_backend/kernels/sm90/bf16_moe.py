@@ -117,7 +117,7 @@ def _check_inputs(hidden: torch.Tensor, w: GroupedWeights, topk_ids: torch.Tenso
     check_out("out", out, rows=t, cols=w.hidden_size, dtype=torch.bfloat16, device=dev)
 
 
-def _bf16_experts(w: GroupedWeights, expert_of_segment: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def segment_weights(w: GroupedWeights, expert_of_segment: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(w13 [S, 2I, H] gate/up interleaved, w2 [S, H, I])`` bf16 of the segments: the weights
     themselves (bf16), or the active experts dequantized into the shared pool (NVFP4)."""
     if isinstance(w, GroupedBF16Weights):
@@ -171,7 +171,7 @@ def fused_experts_grouped(
     num_pairs = num_tokens * top_k
     routing = varlen_routing(topk_ids, w.num_experts, local_expert_offset,
                              compact=isinstance(w, NVFP4Weights))
-    w13, w2 = _bf16_experts(w, routing.expert_of_segment)
+    w13, w2 = segment_weights(w, routing.expert_of_segment)
     dev = hidden.device
     mid = workspace(num_pairs, w.intermediate_size, torch.bfloat16, dev, "moe_grouped_mid")
     rows = workspace(num_pairs, w.hidden_size, torch.bfloat16, dev, "moe_grouped_rows")
