@@ -137,43 +137,62 @@ def time_shape(e: int, t: int, quick: bool) -> list:
     return records
 
 
+def _summary(records: list) -> None:
+    print(f"\n{'precision':9s} {'E':>4s} {'T':>5s} {'triton us':>10s} {'grouped best us':>16s} {'TFLOP/s':>8s}")
+    for e, t in SHAPES:
+        for precision in ("nvfp4", "bf16"):
+            rows = [r for r in records if r["E"] == e and r["T"] == t and r["precision"] == precision]
+            grouped = [r for r in rows if r["impl"].startswith("quack")]
+            if not grouped:
+                continue
+            best = min(grouped, key=lambda r: r["median_us"])
+            tri = [r["median_us"] for r in rows if r["impl"].startswith("sm90_triton")]
+            print(f"{precision:9s} {e:4d} {t:5d} {tri[0] if tri else '-':>10} {best['median_us']:16.1f} "
+                  f"{best['tflops']:8.1f}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="shorter timing")
     parser.add_argument("--skip-tests", action="store_true", help="timing only")
+    parser.add_argument("--budget-s", type=float, default=0.0,
+                        help="start no new timed shape after this many seconds (0: no limit)")
     parser.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for the JSON (default $OUT)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("gpu_check_prefill: needs a CUDA GPU")
         return 2
+    started = time.perf_counter()
     from moe_backend.cli.info import versions
     from moe_backend.kernels.sm90.cute_env import quack_unavailable_reason
 
     reason = quack_unavailable_reason()
     result = {"device": torch.cuda.get_device_name(), "versions": versions(), "cute_unavailable": reason}
     print(json.dumps(result, indent=1), flush=True)
+    path = Path(args.out) / "gpu_check_prefill.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
     if reason is not None:
         return 1
     if not args.skip_tests:
         result["tests"] = run_tests()
         print(f"tests: {result['tests']}", flush=True)
-    records = []
+    records, errors = [], {}
     for e, t in SHAPES:
-        records += time_shape(e, t, args.quick)
-    result["timings"] = records
-    path = Path(args.out) / "gpu_check_prefill.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1))
-    print(f"\n{'precision':9s} {'E':>4s} {'T':>5s} {'triton us':>10s} {'grouped best us':>16s} {'TFLOP/s':>8s}")
-    for e, t in SHAPES:
-        for precision in ("nvfp4", "bf16"):
-            rows = [r for r in records if r["E"] == e and r["T"] == t and r["precision"] == precision]
-            grouped = min((r for r in rows if r["impl"].startswith("quack")), key=lambda r: r["median_us"])
-            tri = [r["median_us"] for r in rows if r["impl"].startswith("sm90_triton")]
-            print(f"{precision:9s} {e:4d} {t:5d} {tri[0] if tri else '-':>10} {grouped['median_us']:16.1f} "
-                  f"{grouped['tflops']:8.1f}")
+        if args.budget_s and time.perf_counter() - started > args.budget_s:
+            errors[f"E={e} T={t}"] = "skipped: time budget spent"
+            continue
+        try:
+            records += time_shape(e, t, args.quick)
+        except Exception as exc:  # keep the other shapes' numbers
+            errors[f"E={e} T={t}"] = f"{type(exc).__name__}: {exc}"
+            print(f"E={e} T={t} failed: {errors[f'E={e} T={t}']}", flush=True)
+            torch.cuda.empty_cache()
+        result.update(timings=records, timing_errors=errors)
+        path.write_text(json.dumps(result, indent=1))
+    _summary(records)
     print(f"wrote {path}")
-    return 0 if result.get("tests", {"passed": True})["passed"] else 1
+    return 0 if result.get("tests", {"passed": True})["passed"] and not errors else 1
 
 
 if __name__ == "__main__":
