@@ -38,12 +38,12 @@ def _tflops(pairs: int, us: float) -> float:
     return 2.0 * pairs * 3 * H * I / (us * 1e-6) / 1e12
 
 
-def run_tests() -> dict:
+def run_tests(out: Path) -> dict:
     import pytest
 
     started = time.perf_counter()
-    code = pytest.main(["-q", "-p", "no:cacheprovider", str(ROOT / "tests/kernels/test_sm90_grouped_gpu.py"),
-                        str(ROOT / "tests/kernels/test_cute_env.py")])
+    code = pytest.main(["-q", "-p", "no:cacheprovider", "--tb=short", "-rfE", f"--junitxml={out / 'tests.xml'}",
+                        str(ROOT / "tests/kernels/test_sm90_grouped_gpu.py"), str(ROOT / "tests/kernels/test_cute_env.py")])
     return {"exit_code": int(code), "passed": int(code) == 0, "seconds": round(time.perf_counter() - started, 1)}
 
 
@@ -175,7 +175,7 @@ def main() -> int:
     if reason is not None:
         return 1
     if not args.skip_tests:
-        result["tests"] = run_tests()
+        result["tests"] = run_tests(path.parent)
         print(f"tests: {result['tests']}", flush=True)
     records, errors = [], {}
     for e, t in SHAPES:
