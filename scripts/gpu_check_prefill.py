@@ -157,8 +157,11 @@ def main() -> int:
     parser.add_argument("--skip-tests", action="store_true", help="timing only")
     parser.add_argument("--budget-s", type=float, default=0.0,
                         help="start no new timed shape after this many seconds (0: no limit)")
+    parser.add_argument("--shape", action="append", default=None, metavar="E,T",
+                        help="time only these (repeatable; default: E 32/256 x T 1024/8192)")
     parser.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for the JSON (default $OUT)")
     args = parser.parse_args()
+    shapes = [tuple(int(v) for v in sh.split(",")) for sh in args.shape] if args.shape else SHAPES
     if not torch.cuda.is_available():
         print("gpu_check_prefill: needs a CUDA GPU")
         return 2
@@ -178,7 +181,7 @@ def main() -> int:
         result["tests"] = run_tests(path.parent)
         print(f"tests: {result['tests']}", flush=True)
     records, errors = [], {}
-    for e, t in SHAPES:
+    for e, t in shapes:
         if args.budget_s and time.perf_counter() - started > args.budget_s:
             errors[f"E={e} T={t}"] = "skipped: time budget spent"
             continue
