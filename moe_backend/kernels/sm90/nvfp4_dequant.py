@@ -18,10 +18,10 @@ import triton
 import triton.language as tl
 
 from ...quant.nvfp4 import GROUP
+from .fp8_tile import to_bf16
 
 BLOCK_N = 32
-#: Packed bytes (element pairs) per program along K.
-BLOCK_B = 256
+BLOCK_K = 256
 
 
 @triton.jit
@@ -36,43 +36,36 @@ def _e2m1_value(code):
 
 
 @triton.jit
-def _bf16_bits(x):
-    """Round finite fp32 ``x`` to bf16 (nearest even); its 16 bits in the low half of an int32."""
-    bits = x.to(tl.int32, bitcast=True)
-    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) & 0xFFFF
-
-
-@triton.jit
 def _dequant_kernel(packed_ptr, scale_ptr, global_ptr, expert_ptr, out_ptr, N, K, rows_per_global,
-                    num_globals, INTERLEAVE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
+                    num_globals, INTERLEAVE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     GROUP: tl.constexpr):
-    """One ``[BLOCK_N, 2 * BLOCK_B]`` tile: each packed byte becomes one int32 word holding its two
-    bf16 values (element ``2j`` in the low half, as memory order wants), so loads and stores stay
-    contiguous and no register shuffle is needed."""
     s = tl.program_id(0)
     e = tl.load(expert_ptr + s).to(tl.int64)
     if e < 0:
         return
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    pairs = tl.program_id(2) * BLOCK_B + tl.arange(0, BLOCK_B)
+    half = tl.program_id(2) * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
     row_ok = rows < N
-    mask = row_ok[:, None] & (pairs < K // 2)[None, :]
-    byte = tl.load(packed_ptr + e * N * (K // 2) + rows[:, None] * (K // 2) + pairs[None, :], mask=mask,
+    mask = row_ok[:, None] & (half < K // 2)[None, :]
+    byte = tl.load(packed_ptr + e * N * (K // 2) + rows[:, None] * (K // 2) + half[None, :], mask=mask,
                    other=0).to(tl.int32)
-    # Both elements of a byte share a block scale (GROUP is even): byte j belongs to group 2j / GROUP.
-    groups = pairs * 2 // GROUP
-    scale = tl.load(scale_ptr + e * N * (K // GROUP) + rows[:, None] * (K // GROUP) + groups[None, :], mask=mask,
-                    other=0.0).to(tl.float32)
+    values = tl.reshape(tl.join(_e2m1_value(byte & 15), _e2m1_value(byte >> 4)), (BLOCK_N, BLOCK_K))
+    groups = tl.program_id(2) * (BLOCK_K // GROUP) + tl.arange(0, BLOCK_K // GROUP)
+    smask = row_ok[:, None] & (groups < K // GROUP)[None, :]
+    scale = tl.load(scale_ptr + e * N * (K // GROUP) + rows[:, None] * (K // GROUP) + groups[None, :],
+                    mask=smask, other=0.0).to(tl.float32)
     glob = tl.load(global_ptr + e * num_globals + rows // rows_per_global, mask=row_ok, other=0.0)
     scale = scale * glob[:, None]
-    lo = _bf16_bits(_e2m1_value(byte & 15) * scale)
-    hi = _bf16_bits(_e2m1_value(byte >> 4) * scale)
+    w = tl.reshape(tl.reshape(values, (BLOCK_N, BLOCK_K // GROUP, GROUP)) * scale[:, :, None],
+                   (BLOCK_N, BLOCK_K))
+    cols = tl.program_id(2) * BLOCK_K + tl.arange(0, BLOCK_K)
+    out_mask = row_ok[:, None] & (cols < K)[None, :]
     if INTERLEAVE:
         out_rows = 2 * (rows % (N // 2)) + rows // (N // 2)
     else:
         out_rows = rows
-    tl.store(out_ptr + s.to(tl.int64) * N * (K // 2) + out_rows[:, None] * (K // 2) + pairs[None, :],
-             lo | (hi << 16), mask=mask)
+    tl.store(out_ptr + s.to(tl.int64) * N * K + out_rows[:, None] * K + cols[None, :], to_bf16(w),
+             mask=out_mask)
 
 
 def dequantize_segments(packed: torch.Tensor, block_scale: torch.Tensor, global_scale: torch.Tensor,
@@ -93,8 +86,8 @@ def dequantize_segments(packed: torch.Tensor, block_scale: torch.Tensor, global_
     assert all(t.is_contiguous() for t in (packed, block_scale, global_scale, expert_of_segment, out))
     if s == 0:
         return out
-    grid = (s, triton.cdiv(n, BLOCK_N), triton.cdiv(k // 2, BLOCK_B))
-    _dequant_kernel[grid](packed, block_scale, global_scale, expert_of_segment, out.view(torch.int32), n, k,
+    grid = (s, triton.cdiv(n, BLOCK_N), triton.cdiv(k, BLOCK_K))
+    _dequant_kernel[grid](packed, block_scale, global_scale, expert_of_segment, out, n, k,
                           n // global_scale.shape[1], global_scale.shape[1], INTERLEAVE=interleave,
-                          BLOCK_N=BLOCK_N, BLOCK_B=BLOCK_B, GROUP=GROUP, num_warps=4)
+                          BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, GROUP=GROUP, num_warps=4)
     return out
