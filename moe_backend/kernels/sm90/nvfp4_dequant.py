@@ -22,6 +22,7 @@ from .fp8_tile import to_bf16
 
 BLOCK_N = 32
 BLOCK_K = 256
+NUM_WARPS = 4
 
 
 @triton.jit
@@ -89,5 +90,5 @@ def dequantize_segments(packed: torch.Tensor, block_scale: torch.Tensor, global_
     grid = (s, triton.cdiv(n, BLOCK_N), triton.cdiv(k, BLOCK_K))
     _dequant_kernel[grid](packed, block_scale, global_scale, expert_of_segment, out, n, k,
                           n // global_scale.shape[1], global_scale.shape[1], INTERLEAVE=interleave,
-                          BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, GROUP=GROUP, num_warps=4)
+                          BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, GROUP=GROUP, num_warps=NUM_WARPS)
     return out
