@@ -30,7 +30,6 @@ from .pair_combine import weighted_sum_pairs
 from .varlen_routing import varlen_routing
 
 
-
 @dataclass
 class GroupedBF16Weights(ExpertShapes):
     """bf16 experts in this kernel's layout: ``w13 [E, 2I, H]`` with gate and up rows interleaved
@@ -59,6 +58,7 @@ def restore_grouped(prepared: GroupedWeights) -> Union[BF16Weights, NVFP4Weights
     if isinstance(prepared, GroupedBF16Weights):
         return BF16Weights(bf16_grouped.deinterleave_gate_up(prepared.w13), prepared.w2)
     return prepared
+
 
 #: Knobs: GEMM1's and GEMM2's tile, each ``(tile_m, tile_n, cluster_m, pingpong)`` from
 #: :data:`bf16_grouped.TILES` (JSON caches hand them back as lists).
