@@ -1,8 +1,8 @@
 """Build one real SGLang MoE layer on the CPU with ``--moe-runner-backend moe_backend`` and check it.
 
-Run as a script (one process per precision: SGLang plugins load once per process)::
+Run as a script (one process per check: SGLang plugins load once per process)::
 
-    python layer_check.py {fp8_block,nvfp4}
+    python layer_check.py {fp8_block,nvfp4,refusals}
 
 It loads the plugins, publishes SGLang's runtime config for a tiny DeepSeek-V3
 (``ServerArgs`` over a config.json, a world of one gloo rank), builds SGLang's
@@ -13,7 +13,8 @@ runs ``process_weights_after_loading`` and the layer's forward on a top-k with
 ``-1`` ids (what the dispatcher hands a rank under expert parallelism), and prints
 one JSON line: the quantization method, the runner backend, and whether the
 output equals ``moe_backend.reference_fused_experts`` on the same weights with
-the router weights times ``routed_scaling_factor`` (bit for bit).
+the router weights times ``routed_scaling_factor`` (bit for bit). ``refusals``
+builds layers the backend cannot serve and prints the start-up error of each.
 """
 
 import json
@@ -148,5 +149,36 @@ def main(precision):
     }))
 
 
+def refusals():
+    """The start-up error (or None) for each MoE layer SGLang would build that we cannot serve."""
+    _init_sglang("fp8_block")
+    from sglang.srt.layers.moe.fused_moe_triton.layer import FusedMoE
+    from sglang.srt.layers.quantization.fp8 import Fp8Config
+
+    from moe_backend.integrations.sglang import UnsupportedByMoEBackend
+
+    cases = {
+        "served": {},
+        "unquantized": {"quant_config": None},
+        "gelu": {"activation": "gelu"},
+        "float16": {"params_dtype": torch.float16},
+        "online_fp8": {"quant_config": Fp8Config(is_checkpoint_fp8_serialized=False)},
+        "block_64": {"quant_config": Fp8Config(is_checkpoint_fp8_serialized=True, weight_block_size=[64, 64])},
+    }
+    errors = {}
+    for name, overrides in cases.items():
+        kwargs = dict(num_experts=E, hidden_size=H, intermediate_size=I, layer_id=1, top_k=K,
+                      params_dtype=torch.bfloat16, quant_config=_quant_config("fp8_block"),
+                      prefix="model.layers.1.mlp.experts", routed_scaling_factor=SCALING)
+        kwargs.update(overrides)
+        try:
+            FusedMoE(**kwargs)
+        except UnsupportedByMoEBackend as err:
+            errors[name] = str(err)
+        else:
+            errors[name] = None
+    print(json.dumps(errors))
+
+
 if __name__ == "__main__":
-    main(sys.argv[1])
+    refusals() if sys.argv[1] == "refusals" else main(sys.argv[1])
