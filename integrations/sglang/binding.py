@@ -121,3 +121,20 @@ def bind(layer: Any, weights: ExpertWeights) -> MoELayer:
     logger.debug("moe_backend: layer %s bound (%s, %d local experts, top-%d, kernel %s)", config.layer_id,
                  moe.precision, weights.num_experts, config.top_k, moe.kernel_name(routed=True))
     return moe
+
+
+def run(binding: Binding, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+    """Our experts for ``hidden [T, H]`` bf16 and SGLang's top-k (local ids ``[T, k]``, ``-1`` = elsewhere;
+    weights ``[T, k]``): ``[T, H]`` bf16, router-weighted, reduced, ``routed_scaling_factor`` applied once.
+
+    With routed-experts capture on, the ids go through our routing-replay buffer to SGLang's capturer.
+    """
+    ids = topk_ids if topk_ids.dtype == torch.int32 else topk_ids.to(torch.int32)
+    weights = topk_weights if topk_weights.dtype == torch.float32 else topk_weights.float()
+    if binding.routed_scaling_factor is not None:
+        weights = weights * binding.routed_scaling_factor
+    if binding.capturer is None:
+        return binding.layer.experts(hidden, ids, weights)
+    out = binding.layer.forward_routed(hidden, (ids, weights), routing_replay_out=binding.replay)
+    binding.capturer.capture(layer_id=binding.layer_id, topk_indices=binding.replay[: hidden.shape[0]])
+    return out

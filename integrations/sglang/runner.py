@@ -13,11 +13,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from sglang.srt.layers.moe.moe_runner.base import DispatchMoeRunnerCore, MoeRunnerConfig
 from sglang.srt.layers.moe.token_dispatcher import StandardCombineInput
 
-from .binding import binding_of
+from .binding import binding_of, run
 from .support import BACKEND_NAME
 
 
@@ -41,18 +40,8 @@ class MoEBackendRunnerCore(DispatchMoeRunnerCore):
             raise RuntimeError("moe_backend: LoRA hooks reached the runner (refused at start-up)")
         if getattr(dispatch_output, "hidden_states_scale", None) is not None:
             raise RuntimeError("moe_backend: the dispatcher quantized the activations; ours quantize themselves")
-        binding = binding_of(runner_config.layer)
-        hidden = dispatch_output.hidden_states
         topk = dispatch_output.topk_output
-        ids = topk.topk_ids if topk.topk_ids.dtype == torch.int32 else topk.topk_ids.to(torch.int32)
-        weights = topk.topk_weights if topk.topk_weights.dtype == torch.float32 else topk.topk_weights.float()
-        if binding.routed_scaling_factor is not None:
-            weights = weights * binding.routed_scaling_factor
-        if binding.capturer is None:
-            out = binding.layer.experts(hidden, ids, weights)
-        else:
-            out = binding.layer.forward_routed(hidden, (ids, weights), routing_replay_out=binding.replay)
-            binding.capturer.capture(layer_id=binding.layer_id, topk_indices=binding.replay[: hidden.shape[0]])
+        out = run(binding_of(runner_config.layer), dispatch_output.hidden_states, topk.topk_ids, topk.topk_weights)
         return StandardCombineInput(hidden_states=out)
 
 
