@@ -162,6 +162,12 @@ def routing(tokens: int, num_experts: int, fused_in_topk: bool):
     return ids, w
 
 
+def runner_name(layer: Any) -> str:
+    """The runner SGLang's quantization method chose (0.5.15 keeps it only on the method)."""
+    backend = getattr(getattr(layer.quant_method, "runner", None), "runner_backend", None)
+    return getattr(backend, "value", None) or type(layer.quant_method).__name__
+
+
 def median_ms(fn, iters: int = 20) -> float:
     for _ in range(3):
         fn()
@@ -198,7 +204,7 @@ def compare(precision: str, num_experts: int, token_counts: List[int], tune: boo
         topk = StandardTopKOutput(w, ids, torch.zeros(tokens, num_experts, device="cuda"))
         theirs = layer(x.clone(), topk)  # SGLang's runner may work in place
         mine = binding.run(ours, x, ids, w)
-        row = dict(precision=precision, sglang_runner=str(layer.runner_backend), E=num_experts, H=H, I=I,
+        row = dict(precision=precision, sglang_runner=runner_name(layer), E=num_experts, H=H, I=I,
                    k=TOP_K, T=tokens, kernel=ours.layer.kernel_name(True), ours_vs_sglang=relative(mine, theirs),
                    routed_scaling_in_runner=ours.routed_scaling_factor)
         if tokens <= 256:

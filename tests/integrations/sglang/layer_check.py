@@ -141,12 +141,38 @@ def main(precision):
     scaled = None if layer.should_fuse_routed_scaling_factor_in_topk else SCALING
     ref = reference_fused_experts(x, weights, ids, topk_weights * scaled if scaled else topk_weights)
     print(json.dumps({
+        "capture": _capture_check(layer, x, ids, topk_weights, out),
         "method": type(layer.quant_method).__name__,
         "runner": layer.runner_backend.value,
         "scaling_in_runner": scaled,
         "equal": bool(torch.equal(out, ref)),
         "max_abs_diff": (out.float() - ref.float()).abs().max().item(),
     }))
+
+
+def _capture_check(layer, x, ids, topk_weights, expected):
+    """Hand SGLang's real routed-experts capturer to the layer's binding; run again; return what it recorded."""
+    from sglang.srt.layers.moe.topk import StandardTopKOutput, TopK
+    from sglang.srt.state_capturer.base import BaseDeviceCache
+    from sglang.srt.state_capturer.routed_experts import RoutedExpertsCapturer, set_global_experts_capturer
+
+    from moe_backend.integrations.sglang.capture import move_capture_to_experts
+
+    # The capturer's __init__ also pins a host cache through CUDA; the device side is what the
+    # forward pass writes, so build the capturer with its real device cache only.
+    capturer = RoutedExpertsCapturer.__new__(RoutedExpertsCapturer)
+    capturer.num_fused_shared_experts = 1
+    capturer.device_cache = BaseDeviceCache(64, 2, K, "cpu", name="routed_experts")
+    set_global_experts_capturer(capturer)
+    block = torch.nn.Module()  # a DeepSeek MoE block: its TopK and its experts
+    block.topk = TopK(K - 1, layer_id=1)
+    block.experts = layer
+    moved = move_capture_to_experts(block)
+    out = layer(x, StandardTopKOutput(topk_weights, ids, torch.zeros(T, E)))
+    recorded = capturer.device_cache.buffer[:T, 1, :]
+    return {"moved": moved, "topk_capture_off": not block.topk.topk_config.allow_routed_experts_capture,
+            "recorded_equal_ids": bool(torch.equal(recorded.long(), ids.long())),
+            "output_unchanged": bool(torch.equal(out, expected))}
 
 
 def refusals():

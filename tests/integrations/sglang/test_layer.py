@@ -19,3 +19,6 @@ def test_sglang_layer_runs_our_runner(python, precision, method, scaling_in_runn
     assert result["scaling_in_runner"] == scaling_in_runner
     # Same weights, same reference kernel on the CPU: the path through SGLang adds nothing.
     assert result["equal"], result
+    # SGLang's routed-experts capturer, fed from our routing replay, records the ids our kernel used.
+    assert result["capture"] == {"moved": 1, "topk_capture_off": True, "recorded_equal_ids": True,
+                                 "output_unchanged": True}, result
