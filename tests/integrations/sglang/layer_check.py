@@ -2,7 +2,7 @@
 
 Run as a script (one process per check: SGLang plugins load once per process)::
 
-    python layer_check.py {fp8_block,nvfp4,refusals}
+    python layer_check.py {fp8_block,fp8_tensor,nvfp4,refusals}
 
 It loads the plugins, publishes SGLang's runtime config for a tiny DeepSeek-V3
 (``ServerArgs`` over a config.json, a world of one gloo rank), builds SGLang's
@@ -31,8 +31,9 @@ SCALING = 2.5
 
 def _model_dir(precision):
     """A config.json for SGLang's ServerArgs (no weights: the layer is built by hand)."""
-    quant = ({"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128], "activation_scheme": "dynamic"}
-             if precision == "fp8_block" else
+    quant = ({"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+              **({"weight_block_size": [128, 128]} if precision == "fp8_block" else {})}
+             if precision.startswith("fp8") else
              {"quant_method": "modelopt", "quant_algo": "NVFP4", "group_size": 16})
     path = tempfile.mkdtemp()
     with open(os.path.join(path, "config.json"), "w") as f:
@@ -75,7 +76,8 @@ def _quant_config(precision):
         return ModelOptFp4Config(is_checkpoint_nvfp4_serialized=True, group_size=16, exclude_modules=[])
     from sglang.srt.layers.quantization.fp8 import Fp8Config
 
-    return Fp8Config(is_checkpoint_fp8_serialized=True, activation_scheme="dynamic", weight_block_size=[128, 128])
+    block = [128, 128] if precision == "fp8_block" else None
+    return Fp8Config(is_checkpoint_fp8_serialized=True, activation_scheme="dynamic", weight_block_size=block)
 
 
 def _checkpoint_tensors(precision, weights, e):
@@ -88,6 +90,15 @@ def _checkpoint_tensors(precision, weights, e):
         yield "weight_scale_inv", "w1", weights.w13_scale[e, :s]
         yield "weight_scale_inv", "w3", weights.w13_scale[e, s:]
         yield "weight_scale_inv", "w2", weights.w2_scale[e]
+        return
+    if precision == "fp8_tensor":
+        # Gate and up each carry the expert's scale, as a per-projection checkpoint stores them.
+        yield "weight", "w1", weights.w13[e, :I]
+        yield "weight", "w3", weights.w13[e, I:]
+        yield "weight", "w2", weights.w2[e]
+        for shard in ("w1", "w3"):
+            yield "weight_scale", shard, weights.w13_scale[e]
+        yield "weight_scale", "w2", weights.w2_scale[e]
         return
     yield "weight", "w1", weights.w13[e, :I]
     yield "weight", "w3", weights.w13[e, I:]

@@ -7,6 +7,7 @@ import pytest
 
 @pytest.mark.parametrize("precision,method,scaling_in_runner", [
     ("fp8_block", "MoEBackendFp8MoEMethod", 2.5),
+    ("fp8_tensor", "MoEBackendFp8MoEMethod", 2.5),
     # SGLang folds routed_scaling_factor into the top-k weights for ModelOpt NVFP4 methods.
     ("nvfp4", "MoEBackendModelOptNvFp4MoEMethod", None),
 ])
