@@ -215,8 +215,6 @@ def compare(precision: str, num_experts: int, token_counts: List[int], tune: boo
                    ours_ms=median_ms(lambda: binding.run(ours, x, ids, w)))
         print(json.dumps(row), flush=True)
         rows.append(row)
-    del layer, ours, weights
-    torch.cuda.empty_cache()
     return rows
 
 
@@ -238,6 +236,7 @@ def main() -> int:
         try:
             rows += compare(precision, args.experts, [int(t) for t in args.tokens.split(",")], args.tune,
                             model_dir)
+            torch.cuda.empty_cache()  # the layers of one precision are gone once compare returns
         except Exception as err:  # one precision's failure (e.g. a missing compiled kernel) is a result too
             rows.append(dict(precision=precision, error=f"{type(err).__name__}: {err}"))
             print(json.dumps(rows[-1]), flush=True)

@@ -13,8 +13,6 @@ global record, so SGLang's own capture of the global top-k stays in place.
 from __future__ import annotations
 
 import logging
-from typing import Any
-
 import torch
 
 from .binding import ATTR

@@ -13,16 +13,13 @@ accept Hopper.
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from sglang.srt.layers.quantization.fp8 import Fp8MoEMethod
 from sglang.srt.layers.quantization.modelopt_quant import ModelOptNvFp4FusedMoEMethod
 
 from . import binding, runner
-from .support import unsupported
-
-logger = logging.getLogger(__name__)
+from .support import check_layer, selected, unsupported
 
 
 class _MoEBackendMethod:
@@ -93,8 +90,6 @@ OUR_METHODS = (MoEBackendFp8MoEMethod, MoEBackendModelOptNvFp4MoEMethod)
 def _fp8_get_quant_method(original, config, layer, prefix):
     from sglang.srt.layers.moe.fused_moe_triton import FusedMoE
 
-    from .support import selected
-
     method = original(config, layer, prefix)
     if selected() and isinstance(layer, FusedMoE) and type(method) is Fp8MoEMethod:
         return MoEBackendFp8MoEMethod(config)
@@ -104,20 +99,15 @@ def _fp8_get_quant_method(original, config, layer, prefix):
 def _nvfp4_get_quant_method(original, config, layer, prefix):
     from sglang.srt.layers.moe.fused_moe_triton import FusedMoE
 
-    from .support import selected
-
-    if not (selected() and isinstance(layer, FusedMoE)):
-        return original(config, layer, prefix)
-    if config.is_layer_excluded(prefix):
-        # An excluded MoE layer is unquantized: the start-up check refuses it by name.
-        return original(config, layer, prefix)
-    return MoEBackendModelOptNvFp4MoEMethod(config)
+    # SGLang's own method refuses Hopper in its __init__, so ours replaces it before it is built.
+    # An excluded MoE layer stays unquantized: the start-up check then refuses it by name.
+    if selected() and isinstance(layer, FusedMoE) and not config.is_layer_excluded(prefix):
+        return MoEBackendModelOptNvFp4MoEMethod(config)
+    return original(config, layer, prefix)
 
 
 def _check_layer_after_init(result, layer, *args, **kwargs):
     """AFTER hook on ``FusedMoE.__init__``: refuse, while the model is built, a layer we cannot serve."""
-    from .support import check_layer, selected
-
     if selected():
         check_layer(layer, OUR_METHODS)
 
