@@ -30,7 +30,7 @@ trap 'rm -f "$constraints"' EXIT
 # What `launch_server --help`, the plugin's start-up symbol check and a CPU FusedMoE layer import.
 "$PY" -m pip install -q -c "$constraints" \
     "pydantic>=2.12" fastapi uvicorn uvloop orjson pybase64 psutil pyzmq msgspec requests aiohttp \
-    einops pillow dill sentencepiece gguf "compressed-tensors>=0.18"
+    einops pillow dill sentencepiece gguf "compressed-tensors>=0.18" ipython
 
 torch_version="$("$PY" -c 'import torch; print(torch.__version__.split("+")[0])')"
 if [ "$("$PY" -c 'import torch; print(torch.version.cuda is None)')" = True ]; then
