@@ -5,16 +5,18 @@ Every kernel runs the same contract as :func:`reference_fused_experts`
 apply_router_weight_on_input, out)``, plus ``config=`` for tunable kernels) after a
 one-time ``prepare(weights)`` that puts the weights in the layout it reads. Kernel
 modules are imported on first use: Triton is not needed to import this package. ``auto`` takes the first available
-kernel of the table's row and falls back to the torch reference; a kernel asked
+kernel of the table's row and falls back to the torch reference (on a GPU with one
+warning per reason and process: the reference is far slower); a kernel asked
 for by name that cannot run raises :class:`KernelUnavailableError`.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Set, Tuple
 
 import torch
 
@@ -22,6 +24,8 @@ from ..expert_weights import PRECISIONS, ExpertWeights, FP8BlockWeights, FP8Tens
 from .reference import reference_fused_experts
 
 Capability = Tuple[int, int]
+
+logger = logging.getLogger(__name__)
 
 
 class KernelUnavailableError(RuntimeError):
@@ -176,10 +180,28 @@ def select_kernel(precision: str, device: torch.device, routed: bool, requested:
         return kernel
     if device.type == "cuda":
         cap = torch.cuda.get_device_capability(device)
-        for name in SELECTION_TABLE.get((precision, cap, routed), ()):
-            if KERNELS[name].unavailable_reason(precision, device, weight_on_input) is None:
+        names = SELECTION_TABLE.get((precision, cap, routed), ())
+        reasons = []
+        for name in names:
+            reason = KERNELS[name].unavailable_reason(precision, device, weight_on_input)
+            if reason is None:
                 return KERNELS[name]
+            reasons.append(f"{name}: {reason}")
+        _warn_fallback(precision, cap, "; ".join(reasons) if names else
+                       f"no fused kernel serves {precision} on sm_{cap[0]}{cap[1]}")
     return REFERENCE
+
+
+#: Fallback messages already logged by this process.
+_WARNED_FALLBACKS: Set[str] = set()
+
+
+def _warn_fallback(precision: str, cap: Capability, reason: str) -> None:
+    """Log once per process and reason that a GPU layer runs the (slow) torch reference."""
+    message = f"{precision} MoE on sm_{cap[0]}{cap[1]} runs the torch reference, not a fused kernel: {reason}"
+    if message not in _WARNED_FALLBACKS:
+        _WARNED_FALLBACKS.add(message)
+        logger.warning(message)
 
 
 def available_kernels(device: torch.device) -> Dict[str, Dict[str, Optional[str]]]:
