@@ -316,9 +316,13 @@ def compile_specialization(data: str) -> Dict[str, Any]:
 
 
 def compile_all(specializations: List[str], jobs: int) -> Iterator[Dict[str, Any]]:
-    """Compile each specialization in ``jobs`` worker processes; yield results as they finish."""
+    """Compile each specialization in ``jobs`` worker processes; yield results as they finish.
+
+    The GEMMs, the longest builds, are submitted first.
+    """
+    ordered = sorted(specializations, key=lambda data: "_gemm" not in json.loads(data)["name"])
     with ProcessPoolExecutor(max_workers=jobs) as pool:
-        futures = [pool.submit(compile_specialization, data) for data in specializations]
+        futures = [pool.submit(compile_specialization, data) for data in ordered]
         for future in as_completed(futures):
             yield future.result()
 
@@ -359,10 +363,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     # A fresh cache: every kernel is compiled by this Triton now, none is read from an earlier run.
     with tempfile.TemporaryDirectory(prefix="triton-cache-") as cache:
         os.environ["TRITON_CACHE_DIR"] = cache
-        results = list(tqdm(compile_all(specs, args.jobs), total=len(specs), desc="compiling", unit="kernel"))
+        results = []
+        for result in tqdm(compile_all(specs, args.jobs), total=len(specs), desc="compiling", unit="kernel"):
+            results.append(result)
+            if result["error"]:
+                tqdm.write(f"FAILED {_describe(result['data'])}\n{result['error']}", file=sys.stderr)
     failures = [r for r in results if r["error"]]
-    for r in failures:
-        logger.error("FAILED %s\n%s", _describe(r["data"]), r["error"])
+    if failures:
+        logger.error("FAILED: %s", ", ".join(_describe(r["data"]) for r in failures))
     slowest = max(results, key=lambda r: r["seconds"], default=None)
     logger.info("Triton %s: %d of %d kernel specializations compiled for sm_90a in %.0f s%s",
                 triton.__version__, len(results) - len(failures), len(results), time.perf_counter() - start,
