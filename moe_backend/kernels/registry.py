@@ -7,25 +7,35 @@ one-time ``prepare(weights)`` that puts the weights in the layout it reads. Kern
 route themselves (FlashInfer's on Blackwell) also take the layer's :class:`LayerContext` and
 offer ``run_computed`` from router logits. Kernel
 modules are imported on first use: Triton is not needed to import this package. ``auto`` takes the first available
-kernel of the table's row and falls back to the torch reference; a kernel asked
+kernel of the table's row and falls back to the torch reference (on a GPU with one
+warning per reason and process: the reference is far slower); a kernel asked
 for by name that cannot run raises :class:`KernelUnavailableError`.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Set, Tuple
 
 import torch
 
 from .._checks import check_bool, check_device, check_str
-from ..expert_weights import PRECISIONS, ExpertWeights, FP8BlockWeights, FP8TensorWeights, NVFP4Weights
+from ..expert_weights import (
+    PRECISIONS,
+    ExpertWeights,
+    FP8BlockWeights,
+    FP8TensorWeights,
+    NVFP4Weights,
+)
 from ..routing import RoutingConfig
 from .interpret import INTERPRETING
 from .reference import reference_fused_experts
 
 Capability = Tuple[int, int]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -333,10 +343,28 @@ def select_kernel(precision: str, device: torch.device, routed: bool, requested:
         return kernel
     if device.type == "cuda":
         cap = torch.cuda.get_device_capability(device)
-        for name in SELECTION_TABLE.get((precision, cap, routed), ()):
-            if KERNELS[name].unavailable_reason(precision, device, weight_on_input) is None:
+        names = SELECTION_TABLE.get((precision, cap, routed), ())
+        reasons = []
+        for name in names:
+            reason = KERNELS[name].unavailable_reason(precision, device, weight_on_input)
+            if reason is None:
                 return KERNELS[name]
+            reasons.append(f"{name}: {reason}")
+        _warn_fallback(precision, cap, "; ".join(reasons) if names else
+                       f"no fused kernel serves {precision} on sm_{cap[0]}{cap[1]}")
     return REFERENCE
+
+
+#: Fallback messages already logged by this process.
+_WARNED_FALLBACKS: Set[str] = set()
+
+
+def _warn_fallback(precision: str, cap: Capability, reason: str) -> None:
+    """Log once per process and reason that a GPU layer runs the (slow) torch reference."""
+    message = f"{precision} MoE on sm_{cap[0]}{cap[1]} runs the torch reference, not a fused kernel: {reason}"
+    if message not in _WARNED_FALLBACKS:
+        _WARNED_FALLBACKS.add(message)
+        logger.warning(message)
 
 
 def available_kernels(device: torch.device) -> Dict[str, Dict[str, Optional[str]]]:

@@ -1,5 +1,6 @@
 """The selection table: auto picks table rows that can run, else the reference; names are checked."""
 
+import dataclasses
 import subprocess
 import sys
 
@@ -157,3 +158,41 @@ def test_grouped_bf16_kernel_is_registered_and_refuses_cpu_and_weight_on_input()
     assert "apply_router_weight_on_input" in kernel.unavailable_reason("bf16", torch.device("cpu"), True)
     with pytest.raises(registry.KernelUnavailableError, match="sm90_quack_grouped_bf16"):
         registry.select_kernel("bf16", torch.device("cpu"), False, "sm90_quack_grouped_bf16")
+
+
+def _fake_gpu(monkeypatch, capability):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(registry, "_WARNED_FALLBACKS", set())
+    return torch.device("cuda", 0)
+
+
+def _fallback_warnings(caplog):
+    return [r.getMessage() for r in caplog.records
+            if r.name == registry.__name__ and r.levelname == "WARNING"]
+
+
+def test_gpu_without_a_kernel_for_its_capability_warns_once(monkeypatch, caplog):
+    gpu = _fake_gpu(monkeypatch, (8, 0))
+    for routed in (False, True, False):
+        assert registry.select_kernel("fp8_block", gpu, routed).name == "reference"
+    assert _fallback_warnings(caplog) == [
+        "fp8_block MoE on sm_80 runs the torch reference, not a fused kernel: "
+        "no fused kernel serves fp8_block on sm_80"]
+
+
+def test_gpu_fallback_names_each_reason_once(monkeypatch, caplog):
+    gpu = _fake_gpu(monkeypatch, (9, 0))
+    no_triton = dataclasses.replace(registry.SM90_NVFP4, requires=("no_such_triton_xyz",))
+    monkeypatch.setitem(registry.KERNELS, "sm90_triton_nvfp4", no_triton)
+    for _ in range(2):
+        assert registry.select_kernel("nvfp4", gpu, True).name == "reference"
+        assert registry.select_kernel("fp8_block", gpu, True, weight_on_input=True).name == "reference"
+    warnings = _fallback_warnings(caplog)
+    assert len(warnings) == 2
+    assert "sm90_triton_nvfp4: the package(s) no_such_triton_xyz are not installed" in warnings[0]
+    assert "sm90_triton_fp8: apply_router_weight_on_input is not supported" in warnings[1]
+
+
+def test_cpu_reference_is_silent(caplog):
+    registry.select_kernel("fp8_block", torch.device("cpu"), True)
+    assert _fallback_warnings(caplog) == []
