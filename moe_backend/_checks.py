@@ -51,7 +51,7 @@ def check_tensor(
         want = f"shape {expected}" if expected else f"a {ndim}-D tensor"
         raise ValueError(f"{name}: expected {want}, got shape {tuple(t.shape)}")
     if shape is not None:
-        for axis, (want, got) in enumerate(zip(shape, t.shape)):
+        for axis, (want, got) in enumerate(zip(shape, t.shape, strict=True)):
             if want is not None and want != got:
                 raise ValueError(
                     f"{name}: expected shape {expected}, got {tuple(t.shape)} (axis {axis})"
@@ -192,5 +192,5 @@ def overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def _span_bytes(t: torch.Tensor) -> int:
-    last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()) if size > 0)
+    last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride(), strict=True) if size > 0)
     return (last + 1) * t.element_size()

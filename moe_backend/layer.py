@@ -22,8 +22,7 @@ from typing import Callable, ClassVar, Dict, Optional, Tuple, Type, Union
 
 import torch
 
-from ._checks import (capturing, check_bool, check_finite, check_int, check_out, check_str, check_tensor,
-                      overlaps)
+from ._checks import capturing, check_bool, check_finite, check_int, check_out, check_str, check_tensor, overlaps
 from .expert_weights import (
     BF16Weights,
     ExpertWeights,

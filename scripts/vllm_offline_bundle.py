@@ -139,7 +139,7 @@ def write_parts(site: Path, prefix: Path, limit: int) -> List[Path]:
     with ThreadPoolExecutor(2) as pool:
         sizes = list(pool.map(lambda p: _xz([p], site), large))
     groups: List[list] = []
-    for p, size in zip(large, sizes):  # first fit by compressed size
+    for p, size in zip(large, sizes, strict=True):  # first fit by compressed size
         for g in groups:
             if g[0] + size <= limit:
                 g[0] += size

@@ -31,8 +31,14 @@ from typing import Optional, Tuple
 import torch
 
 from moe_backend._checks import check_finite, check_scale_values, check_tensor
-from moe_backend.quant import (BLOCK, FP8_DTYPE, NVFP4_GROUP, dequantize_fp8_block, dequantize_fp8_per_tensor,
-                               dequantize_nvfp4)
+from moe_backend.quant import (
+    BLOCK,
+    FP8_DTYPE,
+    NVFP4_GROUP,
+    dequantize_fp8_block,
+    dequantize_fp8_per_tensor,
+    dequantize_nvfp4,
+)
 
 from .quant_config import BF16, FORMATS, FP8_BLOCK, FP8_TENSOR, NVFP4
 from .reader import ShardedReader

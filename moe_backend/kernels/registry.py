@@ -232,7 +232,8 @@ SM90_FP8 = Kernel("sm90_triton_fp8", ("fp8_block", "fp8_tensor"), HOPPER, prepar
                   weight_on_input_defect="at H=7168 its output differs from the reference by ~1.7e-2 "
                                          "(open defect), so the reference serves such layers")
 SM90_NVFP4 = Kernel("sm90_triton_nvfp4", ("nvfp4",), HOPPER, prepare=_sm90_nvfp4_prepare,
-                    run=_sm90_nvfp4_run, requires=("triton",), restore=_sm90_nvfp4_restore, interpretable=True, capturable=True,
+                    run=_sm90_nvfp4_run, requires=("triton",), restore=_sm90_nvfp4_restore, interpretable=True,
+                    capturable=True,
                     tuning=_sm90_nvfp4_tuning)
 
 SM100_FP8_BLOCK = _sm100_kernel("fp8_block")

@@ -159,8 +159,8 @@ def run_computed_fp8_tensor(p: FP8TensorLayout, hidden: torch.Tensor, router_log
 
 # -- NVFP4 --------------------------------------------------------------------------------------
 def _nvfp4_args(p: NVFP4Layout, hidden: torch.Tensor) -> Dict[str, Any]:
-    from flashinfer.fused_moe.prepare import prepare_trtllm_fp4_activations
     from flashinfer.fused_moe.api import QuantConfig, QuantFormat
+    from flashinfer.fused_moe.prepare import prepare_trtllm_fp4_activations
     from flashinfer.tllm_enums import SfLayout
 
     # NVFP4 x NVFP4 with FlashInfer's unit global scale (its weight view assumes the same).

@@ -29,13 +29,13 @@ import torch
 from ..._checks import check_int, check_out, check_tensor
 from ...expert_weights import NVFP4Weights
 from ...runtime import workspace
-from .nvfp4_layout import NVFP4KernelWeights, nvfp4_to_kernel_layout
 from .align import align_block_size
-from .config import merge_config
 from .combine import cast_out
+from .config import merge_config
 from .nvfp4_act import permute_activations
 from .nvfp4_gemm1 import gemm1_nvfp4
 from .nvfp4_gemm2 import gemm2_nvfp4
+from .nvfp4_layout import NVFP4KernelWeights, nvfp4_to_kernel_layout
 
 #: Every knob (``config=`` may give any subset; the rest come from the heuristic).
 #: ``*1`` are GEMM1's, ``*2`` GEMM2's; ``BLOCK_N*`` divide 256 (GEMM1) or are powers of two >= 16.
