@@ -48,8 +48,8 @@ def check_tensor(
         expected = f"({dims},)" if len(shape) == 1 else f"({dims})"
         ndim = len(shape) if ndim is None else ndim
     if ndim is not None and t.dim() != ndim:
-        want = f"shape {expected}" if expected else f"a {ndim}-D tensor"
-        raise ValueError(f"{name}: expected {want}, got shape {tuple(t.shape)}")
+        wanted = f"shape {expected}" if expected else f"a {ndim}-D tensor"
+        raise ValueError(f"{name}: expected {wanted}, got shape {tuple(t.shape)}")
     if shape is not None:
         for axis, (want, got) in enumerate(zip(shape, t.shape, strict=True)):
             if want is not None and want != got:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import logging
 import math
@@ -205,6 +206,7 @@ def _time(fn: Callable[[int], object], quick: bool) -> Tuple[float, str]:
     for s in range(INPUT_SETS):
         fn(s)  # compile and warm up outside any capture
     torch.cuda.synchronize()
+    calls: List[Callable[[], object]]
     try:
         graphs = []
         for s in range(INPUT_SETS):
@@ -215,7 +217,7 @@ def _time(fn: Callable[[int], object], quick: bool) -> Tuple[float, str]:
         calls, mode = [g.replay for g in graphs], "cuda_graph"
     except RuntimeError as exc:
         logger.warning("CUDA-graph capture failed (%s): timing eager launches", exc)
-        calls, mode = [lambda s=s: fn(s) for s in range(INPUT_SETS)], "eager"
+        calls, mode = [functools.partial(fn, s) for s in range(INPUT_SETS)], "eager"
     state = {"i": 0}
 
     def call():
@@ -266,11 +268,12 @@ def run_bench(args: argparse.Namespace, device: torch.device, peaks: Dict[str, f
                     for _ in range(INPUT_SETS)]
             out = torch.empty(t, args.hidden, dtype=torch.bfloat16, device=device)
             streams = [expert_stream(layer.w13, layer.w2, torch.unique(ids).to(torch.int32)) for _, ids, _ in sets]
-            stream_us, _ = _time(lambda s, streams=streams: streams[s](), args.quick)
+            stream_us, _ = _time(lambda s: streams[s](), args.quick)  # noqa: B023 (called in this iteration)
             base = dict(device=name, E=e, T=t, topk=args.topk, hidden=args.hidden, inter=args.inter)
             for (precision, impl), run in runs.items():
                 try:
-                    us, mode = _time(lambda s, run=run, sets=sets, out=out: run(*sets[s], out), args.quick)
+                    # called in this iteration: the loop values are the ones meant
+                    us, mode = _time(lambda s: run(*sets[s], out), args.quick)  # noqa: B023
                 except RuntimeError as exc:  # e.g. an unsupported torch build: report, keep going
                     logger.warning("%s (%s) failed at E=%d T=%d: %s", impl, precision, e, t, exc)
                     us, mode = None, None

@@ -154,9 +154,9 @@ class Kernel:
         return f"it needs a CUDA GPU{interpreter}, got device {device}"
 
 
-def _sm90_fp8_run(prepared: ExpertWeights, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, *,
-                  local_expert_offset: int, apply_router_weight_on_input: bool, out: torch.Tensor,
-                  config: Optional[dict] = None) -> torch.Tensor:
+def _sm90_fp8_run(prepared: FP8BlockWeights | FP8TensorWeights, hidden: torch.Tensor, ids: torch.Tensor,
+                  weights: torch.Tensor, *, local_expert_offset: int, apply_router_weight_on_input: bool,
+                  out: torch.Tensor, config: Optional[dict] = None) -> torch.Tensor:
     from .sm90.fp8_moe import fused_experts_fp8
 
     block = isinstance(prepared, FP8BlockWeights)
@@ -165,7 +165,8 @@ def _sm90_fp8_run(prepared: ExpertWeights, hidden: torch.Tensor, ids: torch.Tens
         hidden, prepared.w13, prepared.w13_scale, prepared.w2, prepared.w2_scale, ids, weights,
         block_scaled=block, local_expert_offset=local_expert_offset,
         a13_scale=static.a13_scale if static else None, a2_scale=static.a2_scale if static else None,
-        ue8m0=block and prepared.ue8m0, apply_router_weight_on_input=apply_router_weight_on_input,
+        ue8m0=isinstance(prepared, FP8BlockWeights) and prepared.ue8m0,
+        apply_router_weight_on_input=apply_router_weight_on_input,
         out=out, config=config)
 
 
@@ -182,8 +183,10 @@ def _sm90_nvfp4_tuning() -> TuningSpace:
     return TuningSpace(nvfp4_moe.KERNEL_VERSION, nvfp4_moe.CANDIDATE_CONFIGS)
 
 
-def _sm90_nvfp4_prepare(weights: NVFP4Weights) -> Any:
+def _sm90_nvfp4_prepare(weights: ExpertWeights) -> Any:
     from .sm90.nvfp4_moe import prepare_nvfp4
+
+    assert isinstance(weights, NVFP4Weights)  # select_kernel matched the precision
 
     return prepare_nvfp4(weights)
 

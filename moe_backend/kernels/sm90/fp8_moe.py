@@ -303,8 +303,8 @@ def fused_experts_fp8(
                         "moe_pair_rows")
     # vLLM's scaling order: 0 not vLLM's numerics, 1 activation scale first, 2 weight scale first.
     vllm_order = 0 if not vllm else 2 if num_tokens <= VLLM_SWAP_AB_MAX_TOKENS else 1
-    common = dict(num_pairs=num_pairs, top_k=top_k, block_scaled=block_scaled, ue8m0=ue8m0,
-                  weight_on_input=apply_router_weight_on_input, vllm_order=vllm_order)
+    common: Dict[str, Any] = dict(num_pairs=num_pairs, top_k=top_k, block_scaled=block_scaled, ue8m0=ue8m0,
+                                  weight_on_input=apply_router_weight_on_input, vllm_order=vllm_order)
     y, y_scale = gemm1_fp8(
         a, a_scale, w13, w13_scale, routing, topk_weights, acc if atomic and cfg["ZERO"] == "fused" else acc[:0],
         quant_on_load=quant_on_load, a13_static=a13_scale, quant_out=cfg["QUANT_OUT1"], a2_static=a2_scale,

@@ -159,7 +159,7 @@ def fused_experts_nvfp4(
     routing = align_block_size(topk_ids, w.num_experts, local_expert_offset, cfg["BLOCK_M"])
     x = permute_activations(hidden, w.w13.shape[2] * 8)
     acc = workspace(num_tokens, w.hidden_size, torch.float32, hidden.device, "moe_combine")
-    common = dict(num_pairs=num_pairs, top_k=top_k, weight_on_input=apply_router_weight_on_input)
+    common: Dict[str, Any] = dict(num_pairs=num_pairs, top_k=top_k, weight_on_input=apply_router_weight_on_input)
     y = gemm1_nvfp4(
         x, w.w13, w.w13_scale, w.w13_scale_2, routing, topk_weights, acc,
         BLOCK_N=cfg["BLOCK_N1"], GROUP_M=cfg["GROUP_M1"],
