@@ -166,7 +166,7 @@ def load_dense_linears(model: nn.Module, ckpt: Checkpoint) -> int:
     count = 0
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear):
-            module.weight.copy_(ckpt.linear(name, tuple(module.weight.shape)).dequantize())
+            module.weight.copy_(ckpt.linear(name, (module.out_features, module.in_features)).dequantize())
             count += 1
     ckpt.reader.close()
     return count
