@@ -240,6 +240,7 @@ class MoELayer:
         if not kernels:
             logger.info("%s: nothing to tune (kernels %s on %s)", type(self).__name__,
                         sorted({k.name for k in self._kernels.values()}), self.device)
+            self._precompile()
             return {}
         cache = cache if cache is not None else TuningCache()
         hidden_size, inter, num_local = self._shape
@@ -254,7 +255,23 @@ class MoELayer:
                 max_num_tokens, signature, cache, _input_factory(self), force=force, progress=progress)
             logger.info("%s: tuned %s up to %d tokens in %.1f s", type(self).__name__, name, max_num_tokens,
                         time.perf_counter() - started)
+        self._precompile()
         return dict(self._tuned)
+
+    def _precompile(self) -> None:
+        """Build every JIT kernel a bucket can use now, before any CUDA-graph capture (a cached
+        tuning result times nothing, so its kernels would otherwise compile on first use)."""
+        for kernel in {k.name: k for k in self._kernels.values()}.values():
+            if kernel.precompile is None or self.device.type != "cuda":
+                continue
+            if kernel.name in self._fixed_configs:
+                configs = [self._fixed_configs[kernel.name]]
+            elif kernel.name in self._tuned:
+                configs = [e.config for e in self._tuned[kernel.name].entries.values()]
+            else:
+                configs = [{}]
+            built = kernel.precompile(self._prepared[kernel.name], configs)
+            logger.info("%s: %s compiled %d kernel(s)", type(self).__name__, kernel.name, built)
 
     # -- entry points -------------------------------------------------------------------
     def forward(self, hidden: torch.Tensor, router_logits: torch.Tensor, *,

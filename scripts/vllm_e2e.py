@@ -62,7 +62,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional, Sequence
 
 from vllm_runs import REFERENCE_BACKEND, RunBudget, add_run_options, run_child as run_vllm_child
 
@@ -77,12 +77,19 @@ MAX_WORSE_Z = 3.0
 MLA_DIMS = {"kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128}
 #: Decode batch sizes captured as CUDA graphs (the prompts run as one batch of --prompts).
 GRAPH_SIZES = [1, 2, 4, 8, 16]
-def make_checkpoints(work: Path) -> Dict[str, Path]:
-    """bf16 (the recomputation's base), FP8 block, NVFP4 and ModelOpt FP8 per-tensor tiny DeepSeek-V3 checkpoints."""
-    sizes = [a for name, value in MLA_DIMS.items() for a in (f"--{name.replace('_', '-')}", str(value))]
+#: The engine's ``max_num_batched_tokens``: what our tuning warm-up is keyed on.
+MAX_NUM_BATCHED_TOKENS = 512
+
+
+def make_checkpoints(work: Path, formats: Sequence[str] = ("bf16", *REFERENCE_BACKEND),
+                     dims: Optional[Dict[str, int]] = None) -> Dict[str, Path]:
+    """Tiny DeepSeek-V3 checkpoints under ``work/ckpt`` (default: bf16, the recomputation's base, FP8 block,
+    NVFP4 and ModelOpt FP8 per-tensor) with :data:`MLA_DIMS` and ``dims`` (config.json sizes) set."""
+    sizes = [a for name, value in {**MLA_DIMS, **(dims or {})}.items()
+             for a in (f"--{name.replace('_', '-')}", str(value))]
     subprocess.run([sys.executable, "-m", "moe_backend.cli", "make-checkpoint", str(work / "ckpt"),
-                    "--formats", "bf16", *REFERENCE_BACKEND, *sizes], check=True)
-    return {f: work / "ckpt" / f for f in ("bf16", *REFERENCE_BACKEND)}
+                    "--formats", *formats, *sizes], check=True)
+    return {f: work / "ckpt" / f for f in formats}
 
 
 def prompts(n: int, vocab: int, seed: int = 0) -> List[List[int]]:
@@ -94,7 +101,8 @@ def prompts(n: int, vocab: int, seed: int = 0) -> List[List[int]]:
 
 
 def generate(spec: dict) -> None:
-    """One vLLM run (in a child process): greedy token ids and routed experts of every prompt."""
+    """One vLLM run (in a child process): greedy token ids and routed experts of every prompt
+    (``spec["engine_args"]``: more ``LLM`` arguments, e.g. the parallel layout)."""
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -103,9 +111,9 @@ def generate(spec: dict) -> None:
     started = time.perf_counter()
     # moe_backend= (not kernel_config={...}): vLLM validates kernel_config before plugins load.
     llm = LLM(model=spec["model"], moe_backend=spec["backend"], skip_tokenizer_init=True, max_model_len=256,
-              max_num_seqs=max(GRAPH_SIZES), max_num_batched_tokens=512, kv_cache_memory_bytes=2 << 30,
-              enable_return_routed_experts=True, seed=0, enforce_eager=spec["eager"],
-              compilation_config=compilation)
+              max_num_seqs=max(GRAPH_SIZES), max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS,
+              kv_cache_memory_bytes=2 << 30, enable_return_routed_experts=True, seed=0, enforce_eager=spec["eager"],
+              compilation_config=compilation, **spec.get("engine_args", {}))
     startup = time.perf_counter() - started
     started = time.perf_counter()
     results = llm.generate([TokensPrompt(prompt_token_ids=p) for p in spec["prompts"]],

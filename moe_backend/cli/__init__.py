@@ -15,6 +15,7 @@ SUBCOMMANDS = {
     "tune": ("tune", "tune the kernels of one layer shape for every token bucket up to --max-tokens"),
     "make-checkpoint": ("make_checkpoint", "write tiny DeepSeek-V3 checkpoints: bf16, FP8 block, ModelOpt FP8, NVFP4"),
     "accuracy": ("accuracy", "a DeepSeek-V3 model end to end: our MoE layers against transformers"),
+    "compile-cute": ("compile_cute", "build every CuTe DSL kernel configuration (offline for sm_90a without a GPU)"),
 }
 
 

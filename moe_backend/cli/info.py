@@ -12,7 +12,8 @@ import torch
 from .. import __version__
 from ..kernels.registry import available_kernels
 
-_PACKAGES = ("torch", "triton", "safetensors", "numpy", "flashinfer-python", "vllm", "sglang")
+_PACKAGES = ("torch", "triton", "safetensors", "numpy", "flashinfer-python", "vllm", "sglang", "nvidia-cutlass-dsl",
+             "quack-kernels")
 
 
 def versions() -> Dict[str, str]:
@@ -45,7 +46,7 @@ def main(args: argparse.Namespace) -> int:
     print("\nkernels:")
     for kernel, per_precision in available_kernels(device).items():
         for precision, reason in per_precision.items():
-            print(f"  {kernel:<22} {precision:<11} {'available' if reason is None else 'no: ' + reason}")
+            print(f"  {kernel:<24} {precision:<11} {'available' if reason is None else 'no: ' + reason}")
     print("\nThe sm100_flashinfer_* kernels (FlashInfer's TRT-LLM-gen MoE for sm_100/sm_103) are checked on a CPU "
           "against FlashInfer 0.7.2.post1 but have never run on a Blackwell GPU (docs/blackwell.md).")
     return 0

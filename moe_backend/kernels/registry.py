@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -111,6 +111,11 @@ class Kernel:
         """Whether the computed entry point hands router logits to ``run_computed``."""
         return self.run_computed is not None and (
             self.computed_routing_defect is None or self.computed_routing_defect(context) is None)
+    #: Why optional packages it needs are missing or broken, or None; asked last (it may import them).
+    probe: Optional[Callable[[], Optional[str]]] = None
+    #: ``precompile(prepared, configs)``: build every kernel the configurations use, at warm-up
+    #: (JIT-compiled kernels; never inside a CUDA-graph capture). None: nothing to build.
+    precompile: Optional[Callable[[Any, Sequence[dict]], int]] = None
 
     @property
     def tunable(self) -> bool:
@@ -140,6 +145,12 @@ class Kernel:
         missing = [m for m in self.requires if importlib.util.find_spec(m) is None]
         if missing:
             return f"the package(s) {', '.join(missing)} are not installed"
+        reason = self._device_reason(device)
+        if reason is None and self.probe is not None:
+            reason = self.probe()  # last: it may import large packages
+        return reason
+
+    def _device_reason(self, device: torch.device) -> Optional[str]:
         if self.capabilities is None:
             return None
         if device.type == "cuda":
@@ -224,6 +235,43 @@ def _sm100_kernel(precision: str) -> Kernel:
         computed_routing_defect=_sm100("moe", "computed_routing_defect"), warmup=_sm100("moe", "warmup"))
 
 
+def _sm90_grouped_prepare(weights: ExpertWeights) -> Any:
+    from .sm90.bf16_moe import prepare_grouped
+
+    return prepare_grouped(weights)
+
+
+def _sm90_grouped_restore(prepared: Any) -> ExpertWeights:
+    from .sm90.bf16_moe import restore_grouped
+
+    return restore_grouped(prepared)
+
+
+def _sm90_grouped_run(prepared: ExpertWeights, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                      **kw: Any) -> torch.Tensor:
+    from .sm90.bf16_moe import fused_experts_grouped
+
+    return fused_experts_grouped(hidden, prepared, ids, weights, **kw)
+
+
+def _sm90_grouped_precompile(prepared: ExpertWeights, configs: Sequence[dict]) -> int:
+    from .sm90.bf16_moe import precompile
+
+    return precompile(prepared, configs)
+
+
+def _sm90_grouped_tuning() -> TuningSpace:
+    from .sm90 import bf16_moe
+
+    return TuningSpace(bf16_moe.KERNEL_VERSION, bf16_moe.CANDIDATE_CONFIGS, bf16_moe.DETERMINISTIC_CONFIG)
+
+
+def _quack_probe() -> Optional[str]:
+    from .sm90.cute_env import quack_unavailable_reason
+
+    return quack_unavailable_reason()
+
+
 HOPPER: Tuple[Capability, ...] = ((9, 0),)
 #: B200/GB200 (10.0) and B300/GB300 (10.3). Never run on one (docs/blackwell.md).
 BLACKWELL: Tuple[Capability, ...] = ((10, 0), (10, 3))
@@ -239,12 +287,20 @@ SM90_NVFP4 = Kernel("sm90_triton_nvfp4", ("nvfp4",), HOPPER, prepare=_sm90_nvfp4
                     capturable=True,
                     tuning=_sm90_nvfp4_tuning)
 
+# bf16 grouped GEMMs (QuACK, CuTe DSL) for bf16 experts and for NVFP4 dequantized to bf16 (prefill).
+SM90_GROUPED_BF16 = Kernel("sm90_quack_grouped_bf16", ("bf16", "nvfp4"), HOPPER,
+                           prepare=_sm90_grouped_prepare, run=_sm90_grouped_run, restore=_sm90_grouped_restore,
+                           requires=("triton",), capturable=True, tuning=_sm90_grouped_tuning,
+                           probe=_quack_probe, precompile=_sm90_grouped_precompile,
+                           weight_on_input_defect="its router weight scales the output only")
+
+
 SM100_FP8_BLOCK = _sm100_kernel("fp8_block")
 SM100_FP8_TENSOR = _sm100_kernel("fp8_tensor")
 SM100_NVFP4 = _sm100_kernel("nvfp4")
 
-KERNELS: Dict[str, Kernel] = {k.name: k for k in (REFERENCE, SM90_FP8, SM90_NVFP4, SM100_FP8_BLOCK,
-                                                  SM100_FP8_TENSOR, SM100_NVFP4)}
+KERNELS: Dict[str, Kernel] = {k.name: k for k in (REFERENCE, SM90_FP8, SM90_NVFP4, SM90_GROUPED_BF16,
+                                                  SM100_FP8_BLOCK, SM100_FP8_TENSOR, SM100_NVFP4)}
 
 #: (precision, compute capability, routed?) -> kernels to try in order before the reference.
 SELECTION_TABLE: Dict[Tuple[str, Capability, bool], Tuple[str, ...]] = {
@@ -256,6 +312,8 @@ SELECTION_TABLE: Dict[Tuple[str, Capability, bool], Tuple[str, ...]] = {
     ("nvfp4", (9, 0), True): ("sm90_triton_nvfp4",),
     **{(precision, cap, routed): (f"sm100_flashinfer_{precision}",)
        for precision in ("fp8_block", "fp8_tensor", "nvfp4") for cap in BLACKWELL for routed in (False, True)},
+    ("bf16", (9, 0), False): ("sm90_quack_grouped_bf16",),
+    ("bf16", (9, 0), True): ("sm90_quack_grouped_bf16",),
 }
 
 

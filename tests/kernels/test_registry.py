@@ -134,3 +134,26 @@ def test_tuning_spaces_resolve_lazily_without_importing_triton_at_package_import
             "assert 'triton' in sys.modules\n")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
+
+
+def test_probe_is_asked_last_and_its_reason_reported():
+    asked = []
+
+    def probe():
+        asked.append(True)
+        return "the package 'quack' is broken"
+
+    k = registry.Kernel("k", ("bf16",), ((9, 0),), prepare=lambda w: w, run=None, probe=probe)
+    assert "needs a CUDA GPU" in k.unavailable_reason("bf16", torch.device("cpu"))
+    assert not asked, "the probe ran although the device already rules the kernel out"
+    k = registry.Kernel("k", ("bf16",), None, prepare=lambda w: w, run=None, probe=probe)
+    assert k.unavailable_reason("bf16", torch.device("cpu")) == "the package 'quack' is broken"
+
+
+def test_grouped_bf16_kernel_is_registered_and_refuses_cpu_and_weight_on_input():
+    kernel = registry.KERNELS["sm90_quack_grouped_bf16"]
+    assert kernel.precompile is not None and kernel.tunable
+    assert "needs a CUDA GPU" in kernel.unavailable_reason("nvfp4", torch.device("cpu"))
+    assert "apply_router_weight_on_input" in kernel.unavailable_reason("bf16", torch.device("cpu"), True)
+    with pytest.raises(registry.KernelUnavailableError, match="sm90_quack_grouped_bf16"):
+        registry.select_kernel("bf16", torch.device("cpu"), False, "sm90_quack_grouped_bf16")

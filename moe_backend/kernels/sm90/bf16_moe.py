@@ -1,0 +1,184 @@
+"""bf16 and NVFP4 fused experts through bf16 grouped GEMMs (QuACK, CuTe DSL): the prefill path.
+
+One call, all on the GPU with no host sync (CUDA-graph capturable once warmed up):
+
+1. ``varlen_routing``: pairs sorted by local expert into unpadded segments;
+2. NVFP4 only: ``dequantize_segments`` writes the ACTIVE experts' matrices as bf16 into the
+   shared workspace pool (``min(E, T * k)`` matrices, one buffer for every layer);
+3. ``gemm1_gated``: gathered token rows times ``w13``, SiLU-and-mul in the epilogue: ``[P, I]`` bf16;
+4. ``gemm2``: times ``w2``: one bf16 row ``[P, H]`` per (token, expert) pair;
+5. ``weighted_sum_pairs``: ``out[t] = sum_j w[t, j] * row(t, j)`` in slot order (deterministic).
+
+Numerics: the W4A16 Triton kernels' (bf16 weights, fp32 accumulation, bf16 intermediate), plus
+one bf16 rounding of each pair's GEMM2 output before the fp32 combine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Tuple, Union
+
+import torch
+
+from ..._checks import check_int, check_out, check_tensor
+from ...expert_weights import BF16Weights, ExpertShapes, NVFP4Weights
+from ...runtime import workspace
+from . import bf16_grouped
+from .config import merge_config
+from .nvfp4_dequant import dequantize_segments
+from .pair_combine import weighted_sum_pairs
+from .varlen_routing import varlen_routing
+
+
+@dataclass
+class GroupedBF16Weights(ExpertShapes):
+    """bf16 experts in this kernel's layout: ``w13 [E, 2I, H]`` with gate and up rows interleaved
+    (row ``2c`` gate ``c``, ``2c + 1`` up ``c``: the gated epilogue pairs adjacent columns),
+    ``w2 [E, H, I]``; both contiguous."""
+
+    w13: torch.Tensor
+    w2: torch.Tensor
+
+
+GroupedWeights = Union[GroupedBF16Weights, NVFP4Weights]
+
+
+def prepare_grouped(weights: Union[BF16Weights, NVFP4Weights]) -> GroupedWeights:
+    """bf16: interleave gate and up rows (a copy); NVFP4: the checkpoint layout as is (the
+    dequantization interleaves as it writes)."""
+    if isinstance(weights, BF16Weights):
+        return GroupedBF16Weights(bf16_grouped.interleave_gate_up(weights.w13), weights.w2.contiguous())
+    if isinstance(weights, NVFP4Weights):
+        return weights
+    raise TypeError(f"weights: expected BF16Weights or NVFP4Weights, got {type(weights).__name__}")
+
+
+def restore_grouped(prepared: GroupedWeights) -> Union[BF16Weights, NVFP4Weights]:
+    """Inverse of :func:`prepare_grouped`."""
+    if isinstance(prepared, GroupedBF16Weights):
+        return BF16Weights(bf16_grouped.deinterleave_gate_up(prepared.w13), prepared.w2)
+    return prepared
+
+
+#: Knobs: GEMM1's and GEMM2's tile, each ``(tile_m, tile_n, cluster_m, pingpong)`` from
+#: :data:`bf16_grouped.TILES` (JSON caches hand them back as lists).
+CONFIG_KEYS = ("tile1", "tile2")
+DEFAULT_CONFIG: Dict[str, Any] = dict(tile1=bf16_grouped.DEFAULT_TILE, tile2=bf16_grouped.DEFAULT_TILE)
+#: What the tuner times per token bucket.
+#: Version of this kernel's tuned configurations (the tuning cache keeps a configuration only for
+#: the version it was tuned for). Bump it when the kernels, the interleaved ``w13`` layout or the
+#: configuration schema change.
+KERNEL_VERSION = 1
+CANDIDATE_CONFIGS = tuple(dict(tile1=t, tile2=t) for t in bf16_grouped.TILES)
+#: No atomics and one configuration for every T: bitwise reproducible.
+DETERMINISTIC_CONFIG: Dict[str, Any] = dict(DEFAULT_CONFIG)
+
+
+def resolve_config(config: Optional[dict]) -> Dict[str, Tuple[int, int, int, bool]]:
+    """The default overridden by ``config``; every tile must be one of :data:`bf16_grouped.TILES`."""
+    merged = merge_config(DEFAULT_CONFIG, config, CONFIG_KEYS)
+    out = {}
+    for key in CONFIG_KEYS:
+        tile = tuple(merged[key])
+        if tile not in bf16_grouped.TILES:
+            raise ValueError(f"config: {key} must be one of {bf16_grouped.TILES}, got {merged[key]!r}")
+        out[key] = tile
+    return out
+
+
+def config_tiles(configs) -> Tuple[Tuple[int, int, int, bool], ...]:
+    """Every tile the configurations ``configs`` (None: the default) use, each once."""
+    tiles = []
+    for cfg in configs:
+        resolved = resolve_config(cfg)
+        tiles += [resolved[k] for k in CONFIG_KEYS]
+    return tuple(dict.fromkeys(tiles))
+
+
+def precompile(weights: GroupedWeights, configs) -> int:
+    """Compile every grouped GEMM ``configs`` can use for these experts (layer warm-up; never
+    inside a CUDA-graph capture). Returns the number of kernels compiled or loaded now."""
+    return bf16_grouped.compile_plans(weights.hidden_size, weights.intermediate_size,
+                                      config_tiles(list(configs) or [None]), weights.device)
+
+
+def _check_inputs(hidden: torch.Tensor, w: GroupedWeights, topk_ids: torch.Tensor,
+                  topk_weights: torch.Tensor, local_expert_offset: int, out: Optional[torch.Tensor],
+                  apply_router_weight_on_input: bool) -> None:
+    if not isinstance(w, (GroupedBF16Weights, NVFP4Weights)):
+        raise TypeError(f"prepared_weights: expected GroupedBF16Weights or NVFP4Weights (from prepare_grouped), "
+                        f"got {type(w).__name__}")
+    dev = w.device
+    check_tensor("hidden", hidden, dtype=torch.bfloat16, shape=(None, w.hidden_size), device=dev)
+    t = hidden.shape[0]
+    check_tensor("topk_ids", topk_ids, dtype=torch.int32, shape=(t, None), device=dev)
+    check_tensor("topk_weights", topk_weights, dtype=torch.float32, shape=(t, topk_ids.shape[1]), device=dev)
+    check_int("local_expert_offset", local_expert_offset, minimum=0)
+    if apply_router_weight_on_input:
+        raise ValueError("apply_router_weight_on_input: the grouped-GEMM kernel scales the output only, got True")
+    if out is None:
+        raise ValueError("out: expected a [R >= T, H] bf16 buffer, got None")
+    check_out("out", out, rows=t, cols=w.hidden_size, dtype=torch.bfloat16, device=dev)
+
+
+def segment_weights(w: GroupedWeights, expert_of_segment: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(w13 [S, 2I, H] gate/up interleaved, w2 [S, H, I])`` bf16 of the segments: the weights
+    themselves (bf16), or the active experts dequantized into the shared pool (NVFP4)."""
+    if isinstance(w, GroupedBF16Weights):
+        return w.w13, w.w2
+    s = expert_of_segment.shape[0]
+    h, i = w.hidden_size, w.intermediate_size
+    w13 = workspace(s * 2 * i, h, torch.bfloat16, w.device, "moe_grouped_w13").view(s, 2 * i, h)
+    w2 = workspace(s * h, i, torch.bfloat16, w.device, "moe_grouped_w2").view(s, h, i)
+    dequantize_segments(w.w13, w.w13_scale, w.w13_scale_2, expert_of_segment, w13, interleave=True)
+    dequantize_segments(w.w2, w.w2_scale, w.w2_scale_2.view(-1, 1), expert_of_segment, w2)
+    return w13, w2
+
+
+def fused_experts_grouped(
+    hidden: torch.Tensor,
+    prepared_weights: GroupedWeights,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    *,
+    local_expert_offset: int,
+    apply_router_weight_on_input: bool,
+    out: torch.Tensor,
+    config: Optional[dict] = None,
+) -> torch.Tensor:
+    """``out[t] = sum_j w[t, j] * expert(ids[t, j])(hidden[t])`` over the local experts.
+
+    Args:
+        hidden: ``[T, H]`` bf16, contiguous; T may be 0.
+        prepared_weights: from :func:`prepare_grouped` (bf16 or NVFP4 experts).
+        topk_ids: ``[T, k]`` int32 global expert ids, contiguous; -1 or ids outside
+            ``[local_expert_offset, local_expert_offset + E)`` contribute nothing.
+        topk_weights: ``[T, k]`` fp32 router weights, contiguous.
+        local_expert_offset: global id of local expert 0.
+        apply_router_weight_on_input: must be False (the weight scales the output).
+        out: ``[R >= T, H]`` bf16 contiguous; rows ``[:T]`` are all written, rows ``>= T`` untouched.
+        config: ``tile1`` / ``tile2`` (see :data:`CONFIG_KEYS`); None: :data:`DEFAULT_CONFIG`.
+
+    Returns:
+        ``out[:T]``.
+    """
+    _check_inputs(hidden, prepared_weights, topk_ids, topk_weights, local_expert_offset, out,
+                  apply_router_weight_on_input)
+    w = prepared_weights
+    cfg = resolve_config(config)
+    num_tokens, top_k = topk_ids.shape
+    result = out[:num_tokens]
+    if num_tokens == 0:
+        return result
+    if top_k == 0:
+        return result.zero_()
+    num_pairs = num_tokens * top_k
+    routing = varlen_routing(topk_ids, w.num_experts, local_expert_offset,
+                             compact=isinstance(w, NVFP4Weights))
+    w13, w2 = segment_weights(w, routing.expert_of_segment)
+    dev = hidden.device
+    mid = workspace(num_pairs, w.intermediate_size, torch.bfloat16, dev, "moe_grouped_mid")
+    rows = workspace(num_pairs, w.hidden_size, torch.bfloat16, dev, "moe_grouped_rows")
+    bf16_grouped.gemm1_gated(hidden, w13, routing.cu_seqlens, routing.token_of_row, mid, cfg["tile1"])
+    bf16_grouped.gemm2(mid, w2, routing.cu_seqlens, rows, cfg["tile2"])
+    return weighted_sum_pairs(rows, routing.row_of_pair, topk_weights, result)

@@ -1,0 +1,42 @@
+"""The optional CuTe DSL / QuACK dependency: a missing package is a reason, never an import error."""
+
+import importlib.util
+import os
+
+import pytest
+
+from moe_backend.kernels.sm90 import cute_env
+
+
+def test_missing_package_gives_install_hint(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "quack" else real(name, *a))
+    cute_env.quack_unavailable_reason.cache_clear()
+    try:
+        reason = cute_env.quack_unavailable_reason()
+    finally:
+        cute_env.quack_unavailable_reason.cache_clear()
+    assert reason is not None and "'quack' is not installed" in reason and "quack-kernels==0.6.5" in reason
+
+
+@pytest.mark.skipif(cute_env.quack_unavailable_reason() is not None, reason="needs nvidia-cutlass-dsl and quack")
+def test_offline_compile_answers_the_grid_query_and_restores(monkeypatch):
+    import quack.gemm_runtime.host as host
+
+    monkeypatch.setenv("QUACK_ARCH", "90")
+    query = host.get_max_active_clusters
+    with cute_env.offline_compile(sm_count=132):
+        assert host.get_max_active_clusters(2) == 66
+    assert host.get_max_active_clusters is query
+
+
+def test_pin_offline_arch_refuses_a_late_change(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "cutlass", object())
+    monkeypatch.setenv("CUTE_DSL_ARCH", "sm_100a")
+    with pytest.raises(RuntimeError, match="already imported"):
+        cute_env.pin_offline_arch("sm_90a")
+    monkeypatch.setenv("CUTE_DSL_ARCH", "sm_90a")
+    cute_env.pin_offline_arch("sm_90a")
+    assert os.environ["QUACK_ARCH"] == "90"
