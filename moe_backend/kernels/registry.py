@@ -20,7 +20,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 import torch
 
 from .._checks import check_bool, check_device, check_str
-from ..expert_weights import PRECISIONS, ExpertWeights, FP8BlockWeights, FP8TensorWeights, NVFP4Weights
+from ..expert_weights import PRECISIONS, BF16Weights, ExpertWeights, FP8BlockWeights, FP8TensorWeights, NVFP4Weights
 from ..routing import RoutingConfig
 from .interpret import INTERPRETING
 from .reference import reference_fused_experts
@@ -238,6 +238,7 @@ def _sm100_kernel(precision: str) -> Kernel:
 def _sm90_grouped_prepare(weights: ExpertWeights) -> Any:
     from .sm90.bf16_moe import prepare_grouped
 
+    assert isinstance(weights, (BF16Weights, NVFP4Weights))  # select_kernel matched the precision
     return prepare_grouped(weights)
 
 
@@ -247,14 +248,14 @@ def _sm90_grouped_restore(prepared: Any) -> ExpertWeights:
     return restore_grouped(prepared)
 
 
-def _sm90_grouped_run(prepared: ExpertWeights, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+def _sm90_grouped_run(prepared: Any, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                       **kw: Any) -> torch.Tensor:
     from .sm90.bf16_moe import fused_experts_grouped
 
     return fused_experts_grouped(hidden, prepared, ids, weights, **kw)
 
 
-def _sm90_grouped_precompile(prepared: ExpertWeights, configs: Sequence[dict]) -> int:
+def _sm90_grouped_precompile(prepared: Any, configs: Sequence[dict]) -> int:
     from .sm90.bf16_moe import precompile
 
     return precompile(prepared, configs)
