@@ -48,10 +48,10 @@ def check_tensor(
         expected = f"({dims},)" if len(shape) == 1 else f"({dims})"
         ndim = len(shape) if ndim is None else ndim
     if ndim is not None and t.dim() != ndim:
-        want = f"shape {expected}" if expected else f"a {ndim}-D tensor"
-        raise ValueError(f"{name}: expected {want}, got shape {tuple(t.shape)}")
+        wanted = f"shape {expected}" if expected else f"a {ndim}-D tensor"
+        raise ValueError(f"{name}: expected {wanted}, got shape {tuple(t.shape)}")
     if shape is not None:
-        for axis, (want, got) in enumerate(zip(shape, t.shape)):
+        for axis, (want, got) in enumerate(zip(shape, t.shape, strict=True)):
             if want is not None and want != got:
                 raise ValueError(
                     f"{name}: expected shape {expected}, got {tuple(t.shape)} (axis {axis})"
@@ -192,5 +192,5 @@ def overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def _span_bytes(t: torch.Tensor) -> int:
-    last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()) if size > 0)
+    last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride(), strict=True) if size > 0)
     return (last + 1) * t.element_size()

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, fields
-from typing import Callable, ClassVar, Optional, Tuple
+from typing import Any, Callable, ClassVar, Dict, Optional, Tuple
 
 import torch
 
@@ -45,12 +45,18 @@ def _check_master(w13: object, w2: object) -> None:
     """Float master weights for ``quantize``: ``w13 [E, 2I, H]``, ``w2 [E, H, I]`` (the sizes are
     checked by the container built from them)."""
     check_tensor("w13", w13, dtype=_FLOATS, ndim=3, contiguous=False)
+    assert isinstance(w13, torch.Tensor)  # check_tensor refused anything else
     check_tensor("w2", w2, dtype=_FLOATS, ndim=3, device=w13.device, contiguous=False)
 
 
 class ExpertShapes:
     """Shapes read off ``w13 [E, 2I, *]`` and ``w2 [E, H, *]`` of a dataclass of tensors, and its size;
     shared by the canonical containers and kernel layouts."""
+
+    # Declared for the type checker only: the @dataclass subclasses define these fields.
+    __dataclass_fields__: ClassVar[Dict[str, Any]]
+    w13: torch.Tensor
+    w2: torch.Tensor
 
     @property
     def num_experts(self) -> int:

@@ -22,8 +22,7 @@ from typing import Callable, ClassVar, Dict, Optional, Tuple, Type, Union
 
 import torch
 
-from ._checks import (capturing, check_bool, check_finite, check_int, check_out, check_str, check_tensor,
-                      overlaps)
+from ._checks import capturing, check_bool, check_finite, check_int, check_out, check_str, check_tensor, overlaps
 from .expert_weights import (
     BF16Weights,
     ExpertWeights,
@@ -143,10 +142,12 @@ class MoELayer:
                          for routed in (False, True)}
         if numerics not in NUMERICS:
             raise ValueError(f"numerics: expected one of {sorted(NUMERICS)}, got {numerics!r}")
-        if numerics != "accurate" and weights.precision not in NUMERICS[numerics]:
-            raise ValueError(f"numerics: {numerics!r} is available for {', '.join(NUMERICS[numerics])} "
+        allowed = NUMERICS[numerics]
+        if allowed is not None and weights.precision not in allowed:
+            raise ValueError(f"numerics: {numerics!r} is available for {', '.join(allowed)} "
                              f"weights, got {weights.precision}")
-        if numerics == "vllm_triton" and (weights.ue8m0 or config.apply_router_weight_on_input):
+        ue8m0 = isinstance(weights, FP8BlockWeights) and weights.ue8m0
+        if numerics == "vllm_triton" and (ue8m0 or config.apply_router_weight_on_input):
             raise ValueError("numerics: 'vllm_triton' needs scales that are not ue8m0 and the router weight "
                              "on the output (apply_router_weight_on_input=False)")
         self.deterministic = deterministic
@@ -191,6 +192,7 @@ class MoELayer:
         if self._weights is not None:
             return self._weights
         kernel = self._kernels[True]
+        assert kernel.restore is not None  # no held container: the kernel transformed the layout
         return kernel.restore(self._prepared[kernel.name])
 
     @property
@@ -229,6 +231,7 @@ class MoELayer:
         self._context = replace(self._context, max_num_tokens=max_num_tokens)
         for name, kernel in {k.name: k for k in self._kernels.values() if k.warmup is not None}.items():
             computed = self._kernels[False] is kernel and kernel.routes(self._context)
+            assert kernel.warmup is not None  # filtered above
             kernel.warmup(self._prepared[name], self._context, _input_factory(self)(max_num_tokens), computed,
                           local_expert_offset=self.config.local_expert_offset,
                           apply_router_weight_on_input=self.config.apply_router_weight_on_input)
@@ -288,6 +291,7 @@ class MoELayer:
             check_finite("router_logits", router_logits)
         kernel = self._kernels[False]
         if kernel.routes(self._context):
+            assert kernel.run_computed is not None  # routes() requires it
             return kernel.run_computed(self._prepared[kernel.name], hidden, router_logits,
                                        routing_replay_out=routing_replay_out, **self._run_kwargs(kernel, hidden, out))
         ids, weights = self.config.routing.select(router_logits, self.config.top_k, self.correction_bias)

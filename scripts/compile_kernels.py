@@ -183,15 +183,16 @@ def variants() -> List[Variant]:
 
 def launcher_configs(kernel_name: str) -> List[Optional[dict]]:
     """The configurations a kernel's launcher can be given: the size heuristic (None) and every
-    named one of its module (decode, prefill, tuner candidates, deterministic, numerics)."""
+    named one of its tuning space (the tuner's candidates, which include each path's base
+    configuration, the deterministic one and those of the numerics modes)."""
     from moe_backend.kernels.registry import KERNELS
 
-    module = importlib.import_module(f"moe_backend.kernels.{KERNELS[kernel_name].tuning_module}")
-    configs: List[Optional[dict]] = [None, module.DECODE_CONFIG, module.PREFILL_CONFIG,
-                                     *module.CANDIDATE_CONFIGS]
-    if getattr(module, "DETERMINISTIC_CONFIG", None) is not None:
-        configs.append(module.DETERMINISTIC_CONFIG)
-    configs.extend(getattr(module, "NUMERICS_CONFIGS", {}).values())
+    space = KERNELS[kernel_name].tuning_space()
+    assert space is not None, f"{kernel_name} has no tuning space"
+    configs: List[Optional[dict]] = [None, *space.candidates]
+    if space.deterministic is not None:
+        configs.append(space.deterministic)
+    configs.extend(space.numerics.values())
     unique: List[Optional[dict]] = []
     for cfg in configs:
         if cfg not in unique:
@@ -330,7 +331,7 @@ def compile_all(specializations: List[str], jobs: int) -> Iterator[Dict[str, Any
 def _describe(data: str) -> str:
     spec = json.loads(data)
     names = list(spec["signature"])
-    constants = {names[k[0]]: v for k, v in zip(spec["constant_keys"], spec["constant_vals"]) if len(k) == 1}
+    constants = {names[k[0]]: v for k, v in zip(spec["constant_keys"], spec["constant_vals"], strict=True) if len(k) == 1}
     opts = spec["options"]
     return (f"{spec['name'].rpartition('.')[2]} num_warps={opts.get('num_warps')} "
             f"num_stages={opts.get('num_stages')} {constants}")

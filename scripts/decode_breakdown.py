@@ -155,7 +155,7 @@ def main() -> None:
             row["active_experts"] = n_active
             row["stream_us"] = timed([expert_stream(layer.w13, layer.w2, a) for a in active])
             row["stream_tbs"] = fp8_bytes / (row["stream_us"] * 1e-6) / 1e12
-            row["fp8_layer_us"] = timed([lambda s=s: fp8(*s, res) for s in sets])
+            row["fp8_layer_us"] = timed([lambda s=s, fp8=fp8, res=res: fp8(*s, res) for s in sets])
             row["fp8_tbs"] = fp8_bytes / (row["fp8_layer_us"] * 1e-6) / 1e12
             cfg = fp8_moe.resolve_config(None, t, k, e)
             if args.stages and cfg["path"] == "decode":
@@ -165,12 +165,13 @@ def main() -> None:
             for name, c in FP8_SCAN.items():
                 try:
                     row[f"fp8_scan_{name}_us"] = timed([
-                        lambda s=s, c=c: run(kernel, s[0], s[1], s[2], local_expert_offset=0,
-                                             apply_router_weight_on_input=False, out=res, config=c) for s in sets])
+                        lambda s=s, c=c, run=run, kernel=kernel, res=res: run(
+                            kernel, s[0], s[1], s[2], local_expert_offset=0, apply_router_weight_on_input=False,
+                            out=res, config=c) for s in sets])
                 except Exception as exc:  # a configuration that does not compile: record, go on
                     row[f"fp8_scan_{name}_us"] = f"failed: {type(exc).__name__}: {str(exc)[:200]}"
             if not args.no_nvfp4:
-                row["nvfp4_layer_us"] = timed([lambda s=s: nv(*s, res) for s in sets])
+                row["nvfp4_layer_us"] = timed([lambda s=s, nv=nv, res=res: nv(*s, res) for s in sets])
                 row["nvfp4_tbs"] = fp8_bytes * 0.5625 / (row["nvfp4_layer_us"] * 1e-6) / 1e12
             if args.stages and not args.no_nvfp4:
                 ncfg = nvfp4_moe.resolve_config(None, t, k, e)

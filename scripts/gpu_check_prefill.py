@@ -43,7 +43,8 @@ def run_tests(out: Path) -> dict:
 
     started = time.perf_counter()
     code = pytest.main(["-q", "-p", "no:cacheprovider", "--tb=short", "-rfE", f"--junitxml={out / 'tests.xml'}",
-                        str(ROOT / "tests/kernels/test_sm90_grouped_gpu.py"), str(ROOT / "tests/kernels/test_cute_env.py")])
+                        str(ROOT / "tests/kernels/test_sm90_grouped_gpu.py"),
+                        str(ROOT / "tests/kernels/test_cute_env.py")])
     return {"exit_code": int(code), "passed": int(code) == 0, "seconds": round(time.perf_counter() - started, 1)}
 
 

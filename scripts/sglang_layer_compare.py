@@ -211,8 +211,8 @@ def compare(precision: str, num_experts: int, token_counts: List[int], tune: boo
             scaled = w * ours.routed_scaling_factor if ours.routed_scaling_factor else w
             ref = reference_fused_experts(x, weights, ids, scaled)
             row.update(ours_vs_ref=relative(mine, ref), sglang_vs_ref=relative(theirs, ref))
-        row.update(sglang_ms=median_ms(lambda: layer(x.clone(), topk)),
-                   ours_ms=median_ms(lambda: binding.run(ours, x, ids, w)))
+        row.update(sglang_ms=median_ms(lambda x=x, topk=topk: layer(x.clone(), topk)),
+                   ours_ms=median_ms(lambda x=x, ids=ids, w=w: binding.run(ours, x, ids, w)))
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows

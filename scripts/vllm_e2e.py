@@ -149,7 +149,7 @@ def run_child(spec: dict, log_path: Path, budget: RunBudget, extra_env: dict = N
 def token_agreement(ours: list, ref: list) -> float:
     """Fraction of generated positions equal up to each sequence's first difference."""
     same = total = 0
-    for a, b in zip(ours, ref):
+    for a, b in zip(ours, ref, strict=True):
         n = min(len(a["tokens"]), len(b["tokens"]))
         same += _first_difference(a["tokens"], b["tokens"])
         total += n
@@ -171,7 +171,7 @@ def routed_shape_problems(outputs: list, token_prompts: List[List[int]], config:
     problems = []
     layers, top_k, experts = config["num_hidden_layers"], config["num_experts_per_tok"], config["n_routed_experts"]
     dense = config["first_k_dense_replace"]
-    for i, (out, prompt) in enumerate(zip(outputs, token_prompts)):
+    for i, (out, prompt) in enumerate(zip(outputs, token_prompts, strict=True)):
         rows = out["routed_experts"]
         if rows is None:
             problems.append(f"prompt {i}: no routed experts returned")
@@ -203,7 +203,7 @@ def teacher_forced_agreement(top1: List[List[int]], ref: list, token_prompts: Li
 def _shared_rows(ours: list, ref: list, token_prompts: List[List[int]]):
     """``(prompt index, row, our row, ref's row)`` of every routed row both runs computed on the same
     inputs: row t routes input token t, and inputs agree up to the first differing generated token."""
-    for i, (a, b, prompt) in enumerate(zip(ours, ref, token_prompts)):
+    for i, (a, b, prompt) in enumerate(zip(ours, ref, token_prompts, strict=True)):
         if a["routed_experts"] is None or b["routed_experts"] is None:
             continue
         shared = len(prompt) + _first_difference(a["tokens"], b["tokens"])
@@ -267,13 +267,15 @@ def top1_hits(outputs: list, top1: List[List[int]], token_prompts: List[List[int
     """Per generated position of ``prompt + outputs' tokens``: is the token the top-1 predicted there?
     (``top1[j]`` is the prediction for position j + 1 of the sequence.)"""
     return [predicted[len(prompt) + i - 1] == token
-            for out, predicted, prompt in zip(outputs, top1, token_prompts) for i, token in enumerate(out["tokens"])]
+            for out, predicted, prompt in zip(outputs, top1, token_prompts, strict=True)
+            for i, token in enumerate(out["tokens"])]
 
 
 def routing_hits(routed: list, recomputed: List[Dict[int, list]], rows: List[int]) -> List[bool]:
     """Per (sequence, MoE layer, token < rows[sequence]): does the expert set match the recomputation?"""
     return [set(seq_rows[t][layer]) == set(ids[t])
-            for seq_rows, ref, n in zip(routed, recomputed, rows) for layer, ids in ref.items() for t in range(n)]
+            for seq_rows, ref, n in zip(routed, recomputed, rows, strict=True)
+            for layer, ids in ref.items() for t in range(n)]
 
 
 def paired(ours: List[bool], reference: List[bool]) -> dict:
@@ -281,7 +283,7 @@ def paired(ours: List[bool], reference: List[bool]) -> dict:
     ours minus the reference (about N(0, 1) when both are equally accurate)."""
     n = len(ours)
     diff = sum(ours) - sum(reference)
-    discordant = sum(a != b for a, b in zip(ours, reference))
+    discordant = sum(a != b for a, b in zip(ours, reference, strict=True))
     return {"moe_backend": sum(ours) / max(n, 1), "reference": sum(reference) / max(n, 1), "items": n,
             "discordant": discordant, "z": diff / discordant ** 0.5 if discordant else 0.0}
 
@@ -306,10 +308,11 @@ def check_parity(flavour: str, ckpts: Dict[str, Path], token_prompts, args, work
     if "error" in run:
         return False
     outputs = run["outputs"]
-    result["identical_sequences"] = sum(a["tokens"] == b["tokens"] for a, b in zip(outputs, ref["outputs"]))
+    result["identical_sequences"] = sum(a["tokens"] == b["tokens"]
+                                        for a, b in zip(outputs, ref["outputs"], strict=True))
     result["token_agreement"] = token_agreement(outputs, ref["outputs"])
     result["routed_experts_equal"] = sum(a["routed_experts"] == b["routed_experts"]
-                                         for a, b in zip(outputs, ref["outputs"]))
+                                         for a, b in zip(outputs, ref["outputs"], strict=True))
     return bool(run["served_by_moe_backend"]) and result["identical_sequences"] == len(token_prompts)
 
 
@@ -324,7 +327,7 @@ def check_flavour(flavour: str, ckpts: Dict[str, Path], token_prompts, args, wor
         spec = run_spec(flavour, backend, ckpts, token_prompts, args, work / f"{flavour}-{backend}.json")
         ref_run = runs.get(REFERENCE_BACKEND[flavour], {})
         if backend == "moe_backend" and "outputs" in ref_run:
-            spec["score"] = [p + o["tokens"] for p, o in zip(token_prompts, ref_run["outputs"])]
+            spec["score"] = [p + o["tokens"] for p, o in zip(token_prompts, ref_run["outputs"], strict=True)]
         runs[backend] = run_child(spec, work / f"{flavour}-{backend}.log", args.budget)
         entry[backend] = {k: v for k, v in runs[backend].items()
                           if k not in ("outputs", "teacher_forced_top1", "teacher_forced_routed")}
@@ -336,8 +339,10 @@ def check_flavour(flavour: str, ckpts: Dict[str, Path], token_prompts, args, wor
     entry["teacher_forced_agreement"] = teacher_forced_agreement(ours["teacher_forced_top1"], ref["outputs"],
                                                                  token_prompts)
     entry["token_agreement"] = token_agreement(ours["outputs"], ref["outputs"])
-    entry["first_token_equal"] = sum(a["tokens"][:1] == b["tokens"][:1] for a, b in zip(ours["outputs"], ref["outputs"]))
-    entry["identical_sequences"] = sum(a["tokens"] == b["tokens"] for a, b in zip(ours["outputs"], ref["outputs"]))
+    entry["first_token_equal"] = sum(a["tokens"][:1] == b["tokens"][:1]
+                                     for a, b in zip(ours["outputs"], ref["outputs"], strict=True))
+    entry["identical_sequences"] = sum(a["tokens"] == b["tokens"]
+                                       for a, b in zip(ours["outputs"], ref["outputs"], strict=True))
     entry["routed_shape_problems"] = routed_shape_problems(ours["outputs"], token_prompts, config, ref["outputs"])
     entry["routed_rows"] = [None if o["routed_experts"] is None else len(o["routed_experts"]) for o in ours["outputs"]]
     entry["capture_agreement_by_layer"] = {
@@ -348,14 +353,14 @@ def check_flavour(flavour: str, ckpts: Dict[str, Path], token_prompts, args, wor
     entry["capture_mismatches"] = capture_mismatches(ours["outputs"], ref["outputs"], token_prompts, moe_layers[0])
     try:
         routing, top1 = recompute(ckpts["bf16"], ckpts[flavour], [p + o["tokens"] for p, o in
-                                                                   zip(token_prompts, ref["outputs"])])
+                                                                   zip(token_prompts, ref["outputs"], strict=True)])
         ours_rows, ref_rows = ours["teacher_forced_routed"], [o["routed_experts"] for o in ref["outputs"]]
         rows = [min(len(a or []), len(b or []), len(p) + len(o["tokens"]))
-                for a, b, p, o in zip(ours_rows, ref_rows, token_prompts, ref["outputs"])]
+                for a, b, p, o in zip(ours_rows, ref_rows, token_prompts, ref["outputs"], strict=True)]
         entry["routing_agreement"] = paired(routing_hits(ours_rows, routing, rows),
                                             routing_hits(ref_rows, routing, rows))
         forced = [{"tokens": [predicted[len(p) + i - 1] for i in range(len(o["tokens"]))]}
-                  for predicted, p, o in zip(ours["teacher_forced_top1"], token_prompts, ref["outputs"])]
+                  for predicted, p, o in zip(ours["teacher_forced_top1"], token_prompts, ref["outputs"], strict=True)]
         entry["exact_agreement"] = paired(top1_hits(forced, top1, token_prompts),
                                           top1_hits(ref["outputs"], top1, token_prompts))
     except Exception as err:  # noqa: BLE001  the vLLM checks above stand on their own

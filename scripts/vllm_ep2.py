@@ -132,9 +132,9 @@ def compare(ours: dict, ref: dict, token_prompts: List[List[int]], config: dict)
     a, b = ours["outputs"], ref["outputs"]
     return {
         "served_by_moe_backend": bool(ours["served_by_moe_backend"]) and not ref["served_by_moe_backend"],
-        "identical_sequences": sum(x["tokens"] == y["tokens"] for x, y in zip(a, b)),
+        "identical_sequences": sum(x["tokens"] == y["tokens"] for x, y in zip(a, b, strict=True)),
         "token_agreement": token_agreement(a, b),
-        "routed_experts_equal": sum(x["routed_experts"] == y["routed_experts"] for x, y in zip(a, b)),
+        "routed_experts_equal": sum(x["routed_experts"] == y["routed_experts"] for x, y in zip(a, b, strict=True)),
         "routed_shape_problems": routed_shape_problems(a, token_prompts, config, b),
         "rank_warmups": rank_warmups(ours["tuning_warmup"]),
         "warmup_problems": warmup_problems(rank_warmups(ours["tuning_warmup"]), config["n_routed_experts"],

@@ -35,7 +35,10 @@ def vllm_modular(x: torch.Tensor, w, ids: torch.Tensor, topk_w: torch.Tensor) ->
     import triton.language as tl
     from vllm import _custom_ops as ops
     from vllm.model_executor.layers.fused_moe.fused_moe import (
-        _prepare_expert_assignment, invoke_fused_moe_triton_kernel, try_get_optimal_moe_config)
+        _prepare_expert_assignment,
+        invoke_fused_moe_triton_kernel,
+        try_get_optimal_moe_config,
+    )
     from vllm.model_executor.layers.quantization.utils.fp8_utils import per_token_group_quant_fp8
 
     t, h = x.shape

@@ -31,7 +31,9 @@ driver picks the same image on an H100 or H200 as from the original file.
 
 On the target machine every part unpacks into one directory that goes on ``PYTHONPATH``::
 
-    for p in PREFIX-part*.tar; do python3 -c "import sys,tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter='fully_trusted')" "$p" /tmp/site; done
+    for p in PREFIX-part*.tar; do python3 -c \
+        "import sys,tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter='fully_trusted')" \
+        "$p" /tmp/site; done
     export PYTHONPATH=/tmp/site
 """
 
@@ -189,7 +191,8 @@ def resolve(roots: List[str], fetch: Fetch, present: Dict[str, Optional[str]], s
     Breadth first; a name asked for again with a narrower specifier or more extras is fetched again
     within every specifier seen so far. ``present`` (canonical name -> version or None) and ``skip``
     (canonical name -> reason) end the walk at a name; a present version that a specifier excludes
-    is carried and listed in ``replaced``, unless ``keep`` (canonical name -> reason) names it. A requirement pip cannot meet stops with pip's error.
+    is carried and listed in ``replaced``, unless ``keep`` (canonical name -> reason) names it. A requirement
+    pip cannot meet stops with pip's error.
     """
     result = Resolution()
     specs: Dict[str, SpecifierSet] = {}
@@ -307,7 +310,7 @@ def write_parts(site: Path, prefix: Path, limit: int, level: str) -> List[Path]:
     with ThreadPoolExecutor(2) as pool:
         sizes = list(pool.map(lambda p: _xz([p], site, ESTIMATE_LEVEL), large))
     groups: List[list] = []
-    for p, size in zip(large, sizes):  # first fit by the estimated compressed size
+    for p, size in zip(large, sizes, strict=True):  # first fit by the estimated compressed size
         for g in groups:
             if g[0] + size <= limit:
                 g[0] += size
@@ -371,7 +374,8 @@ def main() -> int:
         parts = write_parts(site, args.prefix, args.part_mib << 20, args.xz_level)
     record = manifest(vllm, resolution, parts, args.xz_level)
     Path(f"{args.prefix}-manifest.json").write_text(json.dumps(record, indent=2))
-    print(json.dumps({k: record[k] for k in ("carried", "skipped", "replaced_on_target", "kept_on_target", "parts")}, indent=2))
+    shown = ("carried", "skipped", "replaced_on_target", "kept_on_target", "parts")
+    print(json.dumps({k: record[k] for k in shown}, indent=2))
     return 0
 
 

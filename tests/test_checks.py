@@ -6,8 +6,15 @@ import pytest
 import torch
 
 from moe_backend import _checks
-from moe_backend._checks import (check_bool, check_device, check_finite, check_real, check_scale_values, check_str,
-                                 overlaps)
+from moe_backend._checks import (
+    check_bool,
+    check_device,
+    check_finite,
+    check_real,
+    check_scale_values,
+    check_str,
+    overlaps,
+)
 
 
 def test_first_bad_scale_is_found_beyond_the_first_chunk(monkeypatch):

@@ -100,7 +100,7 @@ def test_two_ranks_sum_to_the_single_rank_reference(precision, t):
         return
     _check_sum(outs, want, ids, exact_single_rank=True)
     # the engine-level entry point (vLLM's apply) is the same computation
-    assert all(torch.equal(r.experts(hidden, ids, weights), o) for r, o in zip(ranks, outs))
+    assert all(torch.equal(r.experts(hidden, ids, weights), o) for r, o in zip(ranks, outs, strict=True))
 
 
 @pytest.mark.parametrize("precision", list(LAYER_TYPES))
@@ -110,7 +110,7 @@ def test_each_rank_replays_the_single_ranks_routing(precision):
     hidden, logits, _, _ = _inputs(37, "cpu", full)
     replays = [torch.full((40, K), -7, dtype=torch.int16) for _ in range(3)]
     want = full.forward(hidden, logits, routing_replay_out=replays[2])
-    outs = [r.forward(hidden, logits, routing_replay_out=replay) for r, replay in zip(ranks, replays)]
+    outs = [r.forward(hidden, logits, routing_replay_out=replay) for r, replay in zip(ranks, replays[:2], strict=True)]
     ids, _ = full.config.routing.select(logits, K, full.correction_bias)
     for replay in replays:
         assert torch.equal(replay[:37].int(), ids) and bool((replay[37:] == -7).all())
@@ -131,10 +131,11 @@ def test_two_ranks_on_the_triton_kernels(precision):
     full, ranks = _rank_layers(precision, TRITON_KERNELS[precision], DEVICE, deterministic=True)
     hidden, logits, ids, weights = _inputs(T_KERNEL, DEVICE, full)
     replays = [torch.empty(T_KERNEL, K, dtype=torch.int16, device=DEVICE) for _ in ranks]
-    outs = [r.forward_routed(hidden, (ids, weights), routing_replay_out=rep) for r, rep in zip(ranks, replays)]
+    outs = [r.forward_routed(hidden, (ids, weights), routing_replay_out=rep)
+            for r, rep in zip(ranks, replays, strict=True)]
     assert all(torch.equal(rep.int(), ids) for rep in replays)
     _check_sum(outs, full.forward_routed(hidden, (ids, weights)), ids, exact_single_rank=False)
-    for rank, out in zip(ranks, outs):
+    for rank, out in zip(ranks, outs, strict=True):
         from moe_backend import reference_fused_experts
 
         ref = reference_fused_experts(hidden, rank.weights, ids, weights,
@@ -172,8 +173,8 @@ def test_two_ranks_on_the_nvfp4_kernel():
         return fused_experts_nvfp4(hidden, prepare_nvfp4(w), ids, topk_w, local_expert_offset=offset,
                                    apply_router_weight_on_input=False, out=torch.empty_like(hidden), config=config)
 
-    outs = [run(w, lo) for w, lo in zip(parts, (0, e // 2))]
+    outs = [run(w, lo) for w, lo in zip(parts, (0, e // 2), strict=True)]
     _check_sum(outs, run(weights, 0), ids, exact_single_rank=False, half=e // 2)
-    for w, lo, out in zip(parts, (0, e // 2), outs):
+    for w, lo, out in zip(parts, (0, e // 2), outs, strict=True):
         ref = reference_fused_experts(hidden, w, ids, topk_w, local_expert_offset=lo).double()
         assert float((out.double() - ref).norm() / ref.norm()) < 1e-2

@@ -26,13 +26,19 @@ shape or a bad scale value, ``TypeError`` for a wrong dtype.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import torch
 
 from moe_backend._checks import check_finite, check_scale_values, check_tensor
-from moe_backend.quant import (BLOCK, FP8_DTYPE, NVFP4_GROUP, dequantize_fp8_block, dequantize_fp8_per_tensor,
-                               dequantize_nvfp4)
+from moe_backend.quant import (
+    BLOCK,
+    FP8_DTYPE,
+    NVFP4_GROUP,
+    dequantize_fp8_block,
+    dequantize_fp8_per_tensor,
+    dequantize_nvfp4,
+)
 
 from .quant_config import BF16, FORMATS, FP8_BLOCK, FP8_TENSOR, NVFP4
 from .reader import ShardedReader
@@ -63,17 +69,21 @@ class CheckpointLinear:
 
     def dequantize(self) -> torch.Tensor:
         """The weight as fp32 ``[N, K]``."""
+        # every quantized format carries a scale, NVFP4 a second one (read_linear)
         if self.format == FP8_BLOCK:
+            assert self.scale is not None
             return dequantize_fp8_block(self.weight, self.scale)
         if self.format == NVFP4:
+            assert self.scale is not None and self.scale_2 is not None
             return dequantize_nvfp4(self.weight, self.scale, self.scale_2)
         if self.format == FP8_TENSOR:
+            assert self.scale is not None
             return dequantize_fp8_per_tensor(self.weight, self.scale)
         return self.weight.float()
 
 
 def read_tensor(reader: ShardedReader, key: str, *, block_scale: bool = False, finite: bool = False,
-                **check: object) -> torch.Tensor:
+                **check: Any) -> torch.Tensor:
     """Tensor ``key`` validated with ``check_tensor(**check)`` and, when asked, the block scale rule or
     finiteness; an error is re-raised, of the same type, naming the shard file (cause chained)."""
     value = reader.get(key)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Dict, Iterator, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, Optional, Sequence, Tuple, Union
 
 import torch
 from tqdm.auto import tqdm
@@ -89,8 +89,8 @@ def _owned(linear: CheckpointLinear, device: Device) -> CheckpointLinear:
     """Copy a linear's tensors out of the shard mapping onto ``device``."""
     def copy(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         return None if t is None else t.to(device, copy=True)
-    return CheckpointLinear(linear.format, copy(linear.weight), copy(linear.scale), copy(linear.scale_2),
-                            copy(linear.input_scale))
+    return CheckpointLinear(linear.format, linear.weight.to(device, copy=True), copy(linear.scale),
+                            copy(linear.scale_2), copy(linear.input_scale))
 
 
 def merge_w13_scales(gate: CheckpointLinear, up: CheckpointLinear) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -104,8 +104,10 @@ def merge_w13_scales(gate: CheckpointLinear, up: CheckpointLinear) -> Tuple[torc
     half that holds the larger scale comes back bit for bit; the other loses at most the bits its
     smaller scale gave it (none when both scales are equal).
     """
+    assert gate.scale is not None and up.scale is not None  # FP8 per-tensor linears carry one (read_linear)
     scale = torch.maximum(gate.scale, up.scale)
-    halves = [quantize_fp8_per_tensor(dequantize_fp8_per_tensor(p.weight, p.scale), scale)[0] for p in (gate, up)]
+    halves = [quantize_fp8_per_tensor(dequantize_fp8_per_tensor(w, s), scale)[0]
+              for w, s in ((gate.weight, gate.scale), (up.weight, up.scale))]
     return torch.cat(halves), scale
 
 
@@ -115,13 +117,17 @@ def _expert_parts(gate: CheckpointLinear, up: CheckpointLinear,
     slot's first dim: the w13 fields take ``(gate, up)`` (rows ``[gate; up]``, and NVFP4's two
     global scales side by side), the w2 fields take ``(down,)``. FP8 per-tensor experts get their
     w13 requantized to one scale (:func:`merge_w13_scales`)."""
+    # the three linears share one format, so the scales one holds the others hold (read_linear)
     if gate.format == FP8_TENSOR:
         w13, w13_scale = merge_w13_scales(gate, up)
+        assert down.scale is not None
         return {"w13": (w13,), "w13_scale": (w13_scale,), "w2": (down.weight,), "w2_scale": (down.scale,)}
-    parts = {"w13": (gate.weight, up.weight), "w2": (down.weight,)}
+    parts: Dict[str, Tuple[torch.Tensor, ...]] = {"w13": (gate.weight, up.weight), "w2": (down.weight,)}
     if gate.scale is not None:
+        assert up.scale is not None and down.scale is not None
         parts.update(w13_scale=(gate.scale, up.scale), w2_scale=(down.scale,))
     if gate.scale_2 is not None:
+        assert up.scale_2 is not None and down.scale_2 is not None
         # 0-d scalars: gate's and up's become the two entries of w13_scale_2's [2] slot
         parts.update(w13_scale_2=(gate.scale_2.reshape(1), up.scale_2.reshape(1)), w2_scale_2=(down.scale_2,))
     return parts
@@ -184,7 +190,7 @@ def _read_experts(ckpt: Checkpoint, prefix: str, experts: range, device: Device)
     container = WEIGHT_TYPES[fmt]
     # bf16 containers hold bf16 whatever float the file stores; quantized ones keep the stored dtypes
     cast = torch.bfloat16 if fmt == BF16 else None
-    buffers: Dict[str, torch.Tensor] = {}
+    buffers: Dict[str, Any] = {}  # container field -> [E_local, *slot] tensor
     input_scales: Dict[str, list] = {"a13_scale": [], "a2_scale": []}
     for slot, e in enumerate(experts):
         names = modules[e]
@@ -199,7 +205,7 @@ def _read_experts(ckpt: Checkpoint, prefix: str, experts: range, device: Device)
         if fmt == FP8_TENSOR:  # scalars, copied out of the shard mapping
             input_scales["a13_scale"] += [None if p.input_scale is None else p.input_scale.clone() for p in (gate, up)]
             input_scales["a2_scale"].append(None if down.input_scale is None else down.input_scale.clone())
-    extra: Dict[str, object] = {"ue8m0": ckpt.quant.ue8m0} if fmt == FP8_BLOCK else {}
+    extra: Dict[str, Any] = {"ue8m0": ckpt.quant.ue8m0} if fmt == FP8_BLOCK else {}
     if fmt == FP8_TENSOR:
         extra.update(a13_scale=_static_input_scale(prefix, "a13_scale", "gate_proj/up_proj",
                                                    input_scales["a13_scale"], device),

@@ -88,7 +88,7 @@ class ShardedReader:
         for shard in set(self._weight_map.values()):
             if not (self.root / shard).is_file():
                 raise ValueError(f"{self.root}: shard {shard!r} listed in {INDEX_FILE} does not exist")
-        self._open: Dict[str, object] = {}
+        self._open: Dict[str, Any] = {}  # shard file -> safetensors handle
         self._bytes_since_release = 0
 
     def keys(self) -> FrozenSet[str]:

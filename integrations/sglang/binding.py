@@ -23,7 +23,7 @@ from typing import Any, Optional
 
 import torch
 
-from moe_backend import FP8BlockWeights, FP8TensorWeights, LAYER_TYPES, MoEConfig, MoELayer, NVFP4Weights
+from moe_backend import LAYER_TYPES, FP8BlockWeights, FP8TensorWeights, MoEConfig, MoELayer, NVFP4Weights
 from moe_backend.expert_weights import ExpertWeights
 from moe_backend.quant.fp8 import dequantize_fp8_per_tensor, quantize_fp8_per_tensor
 
@@ -136,5 +136,6 @@ def run(binding: Binding, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_wei
     if binding.capturer is None:
         return binding.layer.experts(hidden, ids, weights)
     out = binding.layer.forward_routed(hidden, (ids, weights), routing_replay_out=binding.replay)
+    assert binding.replay is not None  # set together with the capturer
     binding.capturer.capture(layer_id=binding.layer_id, topk_indices=binding.replay[: hidden.shape[0]])
     return out

@@ -13,6 +13,7 @@ global record, so SGLang's own capture of the global top-k stays in place.
 from __future__ import annotations
 
 import logging
+
 import torch
 
 from .binding import ATTR

@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import re
-from typing import Dict, List, Tuple
+from typing import Any, Dict, List, Tuple
 
 #: SGLang versions the plugin is tested with, [min, max) as (major, minor, patch).
 SUPPORTED = ((0, 5, 23), (0, 6, 0))
@@ -59,7 +59,7 @@ def missing_symbols() -> List[str]:
             missing.append(f"{module_name} (cannot import: {err})")
             continue
         for name in names:
-            obj = module
+            obj: Any = module
             for part in name.split("."):
                 obj = getattr(obj, part, None)
                 if obj is None:

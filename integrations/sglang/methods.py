@@ -13,10 +13,12 @@ accept Hopper.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Dict
 
 from sglang.srt.layers.quantization.fp8 import Fp8MoEMethod
 from sglang.srt.layers.quantization.modelopt_quant import ModelOptNvFp4FusedMoEMethod
+
+from moe_backend.expert_weights import ExpertWeights
 
 from . import binding, runner
 from .support import check_layer, selected, unsupported
@@ -53,6 +55,7 @@ class MoEBackendFp8MoEMethod(_MoEBackendMethod, Fp8MoEMethod):
         self.runner = None
 
     def process_weights_after_loading(self, layer: Any) -> None:
+        weights: ExpertWeights
         if self.block_quant:
             weights = binding.fp8_block_weights(layer, ue8m0=self.quant_config.scale_fmt == "ue8m0")
         else:
@@ -74,7 +77,7 @@ class MoEBackendModelOptNvFp4MoEMethod(_MoEBackendMethod, ModelOptNvFp4FusedMoEM
         self._lora_marlin = False
         self.enable_flashinfer_trtllm_moe = False
         self.use_flashinfer_trtllm_weight_layout = False
-        self._cache_permute_indices = {}
+        self._cache_permute_indices: Dict[Any, Any] = {}
         self.runner = None
         if not quant_config.is_checkpoint_nvfp4_serialized:
             raise unsupported("on-line NVFP4 quantization of a bf16 checkpoint")

@@ -34,7 +34,7 @@ def move_capture_to_experts(model: torch.nn.Module) -> int:
     for module in model.modules():
         router = getattr(module, "router", None)
         capture_fn = getattr(router, "capture_fn", None)
-        if capture_fn is None:
+        if router is None or capture_fn is None:
             continue
         binding = next((getattr(m, ATTR) for m in module.modules() if hasattr(m, ATTR)), None)
         if binding is None:

@@ -33,7 +33,7 @@ def vllm_version() -> Tuple[int, int, int]:
     return version  # type: ignore[return-value]
 
 
-def after_capture_binding(hook: Callable[[torch.nn.Module], None]) -> None:
+def after_capture_binding(hook: Callable[[torch.nn.Module], object]) -> None:
     """Run ``hook(model)`` right after vLLM binds its routed-experts capturer to the routers.
 
     vLLM 0.33 binds in ``routed_experts_capturer.bind_routed_experts_capturer``
@@ -56,11 +56,11 @@ def after_capture_binding(hook: Callable[[torch.nn.Module], None]) -> None:
     else:
         from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-        original = GPUModelRunner._bind_routed_experts_capturer
+        original = GPUModelRunner._bind_routed_experts_capturer  # type: ignore[attr-defined]  # vLLM < 0.33
 
         @functools.wraps(original)
         def bind_method(self, capturer):
             original(self, capturer)
             hook(self.model)
 
-        GPUModelRunner._bind_routed_experts_capturer = bind_method
+        GPUModelRunner._bind_routed_experts_capturer = bind_method  # type: ignore[attr-defined]  # vLLM < 0.33

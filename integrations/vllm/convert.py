@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, Optional
 
 import torch
 
-from moe_backend import FP8BlockWeights, FP8TensorWeights, MoEConfig, NVFP4Weights, LAYER_TYPES, MoELayer
+from moe_backend import LAYER_TYPES, FP8BlockWeights, FP8TensorWeights, MoEConfig, MoELayer, NVFP4Weights
 from moe_backend.expert_weights import ExpertWeights
 from moe_backend.kernels.registry import KERNELS
 

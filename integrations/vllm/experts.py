@@ -98,5 +98,6 @@ class MoEBackendExperts(mk.FusedMoEExpertsModular):
             return None
         binding.layer.forward_routed(hidden_states, (ids, weights), routing_replay_out=binding.replay,
                                      out=output)
+        assert binding.replay is not None  # set together with capture_fn (capture.py)
         binding.capture_fn(binding.replay[: hidden_states.shape[0]])
         return None

@@ -12,12 +12,12 @@ validation accept the name while any other unknown name is still rejected.
 
 from __future__ import annotations
 
-from typing import Literal, Optional, get_args
+from typing import Any, Literal, Optional, get_args
 
 from .support import BACKEND_NAME
 
 
-def _retype_field(cls: type, field_type: object) -> None:
+def _retype_field(cls: Any, field_type: object) -> None:
     """Point the ``moe_backend`` field of the pydantic dataclass ``cls`` at ``field_type``."""
     from pydantic.dataclasses import rebuild_dataclass
 

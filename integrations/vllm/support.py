@@ -110,10 +110,10 @@ def install_config_check() -> None:
         check_vllm_config(vllm_config)
         return original(self, vllm_config)
 
-    KernelConfig.set_platform_defaults = set_platform_defaults
+    KernelConfig.set_platform_defaults = set_platform_defaults  # type: ignore[method-assign]  # patching vLLM
 
 
-def check_layer(experts_cls: type, moe_config: Any, weight_key: Any, activation_key: Any) -> None:
+def check_layer(experts_cls: Any, moe_config: Any, weight_key: Any, activation_key: Any) -> None:
     """Refuse an MoE layer our experts class does not support (vLLM's own predicates)."""
     import vllm.model_executor.layers.fused_moe.modular_kernel as mk
 

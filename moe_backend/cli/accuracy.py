@@ -32,7 +32,7 @@ import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -126,6 +126,8 @@ class BackendMoE(nn.Module):
     ``shared_experts``: the model's own shared-expert MLP, added on top.
     """
 
+    router_weight: torch.Tensor  # a registered buffer
+
     def __init__(self, layer: MoELayer, router_weight: torch.Tensor, shared_experts: Optional[nn.Module]) -> None:
         super().__init__()
         self.layer = layer
@@ -143,7 +145,9 @@ class BackendMoE(nn.Module):
         return out
 
 
-def load_reference_model(bf16_dir: Path, device: torch.device, dtype: torch.dtype = torch.float64) -> nn.Module:
+# The transformers model is typed Any below: its submodules (``model.model.layers[i].mlp``) are
+# nn.Module attributes, which a type checker cannot follow.
+def load_reference_model(bf16_dir: Path, device: torch.device, dtype: torch.dtype = torch.float64) -> Any:
     """transformers' ``DeepseekV3ForCausalLM`` from a bf16 checkpoint, in ``dtype`` with eager kernels."""
     try:
         from transformers import DeepseekV3ForCausalLM
@@ -152,7 +156,7 @@ def load_reference_model(bf16_dir: Path, device: torch.device, dtype: torch.dtyp
     # eager experts and attention: the grouped-mm and SDPA paths do not all take float64
     model = DeepseekV3ForCausalLM.from_pretrained(str(bf16_dir), dtype=dtype, experts_implementation="eager",
                                                   attn_implementation="eager")
-    return model.to(device).eval()
+    return model.to(device).eval()  # type: ignore[arg-type]  # transformers types .to()'s self wrongly
 
 
 @torch.no_grad()
@@ -162,14 +166,14 @@ def load_dense_linears(model: nn.Module, ckpt: Checkpoint) -> int:
     count = 0
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear):
-            module.weight.copy_(ckpt.linear(name, tuple(module.weight.shape)).dequantize())
+            module.weight.copy_(ckpt.linear(name, (module.out_features, module.in_features)).dequantize())
             count += 1
     ckpt.reader.close()
     return count
 
 
 @torch.no_grad()
-def load_dequantized_experts(model: nn.Module, ckpt: Checkpoint) -> None:
+def load_dequantized_experts(model: Any, ckpt: Checkpoint) -> None:
     """Overwrite the routed experts of ``model`` (transformers' stacked ``gate_up_proj [E, 2I, H]``,
     ``down_proj [E, H, I]``) with ``ckpt``'s experts dequantized by our weight containers."""
     for weights in iter_moe_layers(ckpt, progress=False):
@@ -180,7 +184,7 @@ def load_dequantized_experts(model: nn.Module, ckpt: Checkpoint) -> None:
             experts.down_proj[e].copy_(w2)
 
 
-def serve_moe_with_backend(model: nn.Module, ckpt: Checkpoint, *, kernel: str = "auto") -> Dict[int, MoELayer]:
+def serve_moe_with_backend(model: Any, ckpt: Checkpoint, *, kernel: str = "auto") -> Dict[int, MoELayer]:
     """Replace each MoE block of ``model`` by a :class:`BackendMoE` whose ``MoELayer`` is loaded from
     ``ckpt`` onto the model's device. Returns layer index -> ``MoELayer``."""
     device = next(model.parameters()).device

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import logging
 import math
@@ -36,11 +37,11 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ..expert_weights import FP8BlockWeights, FP8TensorWeights, NVFP4Weights
-from .bench_ceilings import expert_stream, measure_peaks
-from .bench_peers import vllm_peers, vllm_version
 from ..kernels.registry import KERNELS
 from ..layer import LAYER_TYPES, MoEConfig
 from ..runtime import DEFAULT_POOL
+from .bench_ceilings import expert_stream, measure_peaks
+from .bench_peers import vllm_peers, vllm_version
 
 logger = logging.getLogger(__name__)
 
@@ -205,6 +206,7 @@ def _time(fn: Callable[[int], object], quick: bool) -> Tuple[float, str]:
     for s in range(INPUT_SETS):
         fn(s)  # compile and warm up outside any capture
     torch.cuda.synchronize()
+    calls: List[Callable[[], object]]
     try:
         graphs = []
         for s in range(INPUT_SETS):
@@ -215,7 +217,7 @@ def _time(fn: Callable[[int], object], quick: bool) -> Tuple[float, str]:
         calls, mode = [g.replay for g in graphs], "cuda_graph"
     except RuntimeError as exc:
         logger.warning("CUDA-graph capture failed (%s): timing eager launches", exc)
-        calls, mode = [lambda s=s: fn(s) for s in range(INPUT_SETS)], "eager"
+        calls, mode = [functools.partial(fn, s) for s in range(INPUT_SETS)], "eager"
     state = {"i": 0}
 
     def call():
@@ -266,11 +268,12 @@ def run_bench(args: argparse.Namespace, device: torch.device, peaks: Dict[str, f
                     for _ in range(INPUT_SETS)]
             out = torch.empty(t, args.hidden, dtype=torch.bfloat16, device=device)
             streams = [expert_stream(layer.w13, layer.w2, torch.unique(ids).to(torch.int32)) for _, ids, _ in sets]
-            stream_us, _ = _time(lambda s: streams[s](), args.quick)
+            stream_us, _ = _time(lambda s: streams[s](), args.quick)  # noqa: B023 (called in this iteration)
             base = dict(device=name, E=e, T=t, topk=args.topk, hidden=args.hidden, inter=args.inter)
             for (precision, impl), run in runs.items():
                 try:
-                    us, mode = _time(lambda s: run(*sets[s], out), args.quick)
+                    # called in this iteration: the loop values are the ones meant
+                    us, mode = _time(lambda s: run(*sets[s], out), args.quick)  # noqa: B023
                 except RuntimeError as exc:  # e.g. an unsupported torch build: report, keep going
                     logger.warning("%s (%s) failed at E=%d T=%d: %s", impl, precision, e, t, exc)
                     us, mode = None, None
@@ -319,18 +322,18 @@ def plot(records: List[dict], path: str) -> Optional[str]:
         return None
     experts = sorted({r["E"] for r in records})
     fig, axes = plt.subplots(1, len(experts), figsize=(6 * len(experts), 4.5), squeeze=False)
-    for ax, e in zip(axes[0], experts):
+    for ax, e in zip(axes[0], experts, strict=True):
         rs = [r for r in records if r["E"] == e]
         for key in sorted({(r["impl"], r["precision"]) for r in rs}):
             pts = [(r["T"], r["median_us"]) for r in rs
                    if (r["impl"], r["precision"]) == key and r["median_us"] is not None]
             if pts:
-                ax.plot(*zip(*pts), marker="o", label=f"{key[0]} ({key[1]})")
+                ax.plot(*zip(*pts, strict=True), marker="o", label=f"{key[0]} ({key[1]})")
         for fmt, style in (("fp8_block", "k--"), ("nvfp4", "k:")):
             ceilings = sorted({(r["T"], r["ceiling_us"]) for r in rs
                                if r["impl"] == "moe_backend" and r["precision"] == fmt})
             if ceilings:
-                ax.plot(*zip(*ceilings), style, label=f"{fmt} ceiling (this run)")
+                ax.plot(*zip(*ceilings, strict=True), style, label=f"{fmt} ceiling (this run)")
         ax.set(xscale="log", yscale="log", xlabel="tokens T", ylabel="µs", title=f"E={e}")
         ax.legend(fontsize=7)
     fig.tight_layout()

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import importlib
 import types
-from typing import Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
 import torch
 
@@ -66,7 +66,9 @@ def vllm_marlin(weights: NVFP4Weights) -> Run:
                                  intermediate_size_per_partition=weights.intermediate_size,
                                  params_dtype=torch.bfloat16)
     w13, s13, g13, w2, s2, g2 = prepare_nvfp4_moe_layer_for_marlin(
-        shim, weights.w13, weights.w13_scale, weights.w13_scale_2[:, 0].contiguous(), weights.w2,
+        # vLLM reads only the shim's attributes of the layer it types as RoutedExperts
+        shim,  # type: ignore[arg-type]
+        weights.w13, weights.w13_scale, weights.w13_scale_2[:, 0].contiguous(), weights.w2,
         weights.w2_scale, weights.w2_scale_2, is_act_and_mul=True)
     fused_marlin_moe = _fused_marlin_moe()
     quant_type = scalar_types.float4_e2m1f.id
@@ -76,7 +78,7 @@ def vllm_marlin(weights: NVFP4Weights) -> Run:
         global_num_experts=experts, global_scale1=g13, global_scale2=g2, workspace=shim.workspace)
 
 
-def vllm_peers(weights: Dict[str, Callable[[], object]], precisions: Sequence[str]) -> Dict[str, Run]:
+def vllm_peers(weights: Mapping[str, Callable[[], object]], precisions: Sequence[str]) -> Dict[str, Run]:
     """``impl`` -> run for each precision of ``precisions`` that vLLM serves on Hopper.
 
     ``weights``: precision -> a builder of the bench's weights in that precision.
@@ -84,7 +86,7 @@ def vllm_peers(weights: Dict[str, Callable[[], object]], precisions: Sequence[st
     """
     if vllm_version() is None:
         raise ImportError("--peers vllm: vllm does not import in this environment")
-    builders = {"fp8_block": vllm_triton, "nvfp4": vllm_marlin}
+    builders: Dict[str, Callable[[Any], Run]] = {"fp8_block": vllm_triton, "nvfp4": vllm_marlin}
     return {PEER_IMPLS[p]: builders[p](weights[p]()) for p in precisions if p in builders}
 
 

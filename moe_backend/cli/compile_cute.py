@@ -13,7 +13,6 @@ import time
 
 import torch
 
-
 #: DeepSeek-V3's expert shapes (H, I): full I, and the TP8 shard.
 DEFAULT_SHAPES = ((7168, 2048), (7168, 256))
 

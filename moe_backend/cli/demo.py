@@ -126,8 +126,8 @@ def run_demo(shape: DemoShape, device: torch.device, seed: int = 0, iters: int =
     for precision, layer_type in LAYER_TYPES.items():
         layer: MoELayer = layer_type.from_float(w13, w2, config, correction_bias=bias)
         calls = {
-            "forward": lambda: layer.forward(hidden, logits),
-            "forward_routed": lambda: layer.forward_routed(hidden, packed),
+            "forward": lambda layer=layer: layer.forward(hidden, logits),
+            "forward_routed": lambda layer=layer: layer.forward_routed(hidden, packed),
         }
         topk = {"forward": (ids, weights), "forward_routed": unpack_topk(packed)}
         for entry, call in calls.items():

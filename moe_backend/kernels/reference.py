@@ -21,7 +21,6 @@ from .._checks import check_bool, check_int, check_out, check_tensor
 from ..expert_weights import ExpertWeights, FP8BlockWeights, FP8TensorWeights
 from ..quant.fp8 import fake_quant_activation
 
-
 Rounding = Callable[[torch.Tensor], torch.Tensor]
 
 

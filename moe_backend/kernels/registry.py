@@ -22,13 +22,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Set, Tuple
 import torch
 
 from .._checks import check_bool, check_device, check_str
-from ..expert_weights import (
-    PRECISIONS,
-    ExpertWeights,
-    FP8BlockWeights,
-    FP8TensorWeights,
-    NVFP4Weights,
-)
+from ..expert_weights import PRECISIONS, BF16Weights, ExpertWeights, FP8BlockWeights, FP8TensorWeights, NVFP4Weights
 from ..routing import RoutingConfig
 from .interpret import INTERPRETING
 from .reference import reference_fused_experts
@@ -175,9 +169,9 @@ class Kernel:
         return f"it needs a CUDA GPU{interpreter}, got device {device}"
 
 
-def _sm90_fp8_run(prepared: ExpertWeights, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, *,
-                  local_expert_offset: int, apply_router_weight_on_input: bool, out: torch.Tensor,
-                  config: Optional[dict] = None) -> torch.Tensor:
+def _sm90_fp8_run(prepared: FP8BlockWeights | FP8TensorWeights, hidden: torch.Tensor, ids: torch.Tensor,
+                  weights: torch.Tensor, *, local_expert_offset: int, apply_router_weight_on_input: bool,
+                  out: torch.Tensor, config: Optional[dict] = None) -> torch.Tensor:
     from .sm90.fp8_moe import fused_experts_fp8
 
     block = isinstance(prepared, FP8BlockWeights)
@@ -186,7 +180,8 @@ def _sm90_fp8_run(prepared: ExpertWeights, hidden: torch.Tensor, ids: torch.Tens
         hidden, prepared.w13, prepared.w13_scale, prepared.w2, prepared.w2_scale, ids, weights,
         block_scaled=block, local_expert_offset=local_expert_offset,
         a13_scale=static.a13_scale if static else None, a2_scale=static.a2_scale if static else None,
-        ue8m0=block and prepared.ue8m0, apply_router_weight_on_input=apply_router_weight_on_input,
+        ue8m0=isinstance(prepared, FP8BlockWeights) and prepared.ue8m0,
+        apply_router_weight_on_input=apply_router_weight_on_input,
         out=out, config=config)
 
 
@@ -203,8 +198,10 @@ def _sm90_nvfp4_tuning() -> TuningSpace:
     return TuningSpace(nvfp4_moe.KERNEL_VERSION, nvfp4_moe.CANDIDATE_CONFIGS)
 
 
-def _sm90_nvfp4_prepare(weights: NVFP4Weights) -> Any:
+def _sm90_nvfp4_prepare(weights: ExpertWeights) -> Any:
     from .sm90.nvfp4_moe import prepare_nvfp4
+
+    assert isinstance(weights, NVFP4Weights)  # select_kernel matched the precision
 
     return prepare_nvfp4(weights)
 
@@ -245,6 +242,7 @@ def _sm100_kernel(precision: str) -> Kernel:
 def _sm90_grouped_prepare(weights: ExpertWeights) -> Any:
     from .sm90.bf16_moe import prepare_grouped
 
+    assert isinstance(weights, (BF16Weights, NVFP4Weights))  # select_kernel matched the precision
     return prepare_grouped(weights)
 
 
@@ -254,14 +252,14 @@ def _sm90_grouped_restore(prepared: Any) -> ExpertWeights:
     return restore_grouped(prepared)
 
 
-def _sm90_grouped_run(prepared: ExpertWeights, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+def _sm90_grouped_run(prepared: Any, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                       **kw: Any) -> torch.Tensor:
     from .sm90.bf16_moe import fused_experts_grouped
 
     return fused_experts_grouped(hidden, prepared, ids, weights, **kw)
 
 
-def _sm90_grouped_precompile(prepared: ExpertWeights, configs: Sequence[dict]) -> int:
+def _sm90_grouped_precompile(prepared: Any, configs: Sequence[dict]) -> int:
     from .sm90.bf16_moe import precompile
 
     return precompile(prepared, configs)
@@ -290,7 +288,8 @@ SM90_FP8 = Kernel("sm90_triton_fp8", ("fp8_block", "fp8_tensor"), HOPPER, prepar
                   weight_on_input_defect="at H=7168 its output differs from the reference by ~1.7e-2 "
                                          "(open defect), so the reference serves such layers")
 SM90_NVFP4 = Kernel("sm90_triton_nvfp4", ("nvfp4",), HOPPER, prepare=_sm90_nvfp4_prepare,
-                    run=_sm90_nvfp4_run, requires=("triton",), restore=_sm90_nvfp4_restore, interpretable=True, capturable=True,
+                    run=_sm90_nvfp4_run, requires=("triton",), restore=_sm90_nvfp4_restore, interpretable=True,
+                    capturable=True,
                     tuning=_sm90_nvfp4_tuning)
 
 # bf16 grouped GEMMs (QuACK, CuTe DSL) for bf16 experts and for NVFP4 dequantized to bf16 (prefill).

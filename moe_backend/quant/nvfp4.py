@@ -49,7 +49,7 @@ def encode_e2m1(x: torch.Tensor) -> torch.Tensor:
     """
     mag = x.abs().float()
     code = torch.zeros(x.shape, dtype=torch.uint8, device=x.device)
-    for mid, up in zip(_MIDPOINTS, _TIE_ROUNDS_UP):
+    for mid, up in zip(_MIDPOINTS, _TIE_ROUNDS_UP, strict=True):
         code += (mag >= mid if up else mag > mid).to(torch.uint8)
     return code | ((x < 0).to(torch.uint8) << 3)
 

@@ -177,6 +177,7 @@ class RoutingConfig:
         """Top-k ids ``[T, k]`` int32 (global) and weights ``[T, k]`` fp32 for ``router_logits [T, E]``."""
         self.check(router_logits.shape[-1], top_k, correction_bias is not None)
         if self.method == "noaux_tc":
+            assert correction_bias is not None  # check() refused noaux_tc without one
             return noaux_tc_topk(
                 router_logits, correction_bias, top_k, self.n_group, self.topk_group,
                 norm_topk_prob=self.norm_topk_prob,

@@ -238,23 +238,27 @@ class TuningCache:
             with open(self.path) as f:
                 data = json.load(f)
         except FileNotFoundError:
-            return self._unusable(warn, "no tuning cache yet")
+            self._unusable(warn, "no tuning cache yet")
+            return None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            return self._unusable(warn, f"the tuning cache is unreadable ({exc})")
+            self._unusable(warn, f"the tuning cache is unreadable ({exc})")
+            return None
         if not isinstance(data, dict) or data.get("format") != FORMAT_VERSION:
-            return self._unusable(warn, "the tuning cache has an unknown format")
+            self._unusable(warn, "the tuning cache has an unknown format")
+            return None
         if data.get("environment") != self.environment:
-            return self._unusable(warn, f"the tuning cache was written for {data.get('environment')}, "
-                                        f"not {self.environment}")
+            self._unusable(warn, f"the tuning cache was written for {data.get('environment')}, "
+                                 f"not {self.environment}")
+            return None
         try:
             return {kernel: _kernel_entries(group) for kernel, group in data["kernels"].items()}
         except (KeyError, TypeError, AttributeError, ValueError) as exc:
-            return self._unusable(warn, f"the tuning cache has a malformed entry ({exc!r})")
+            self._unusable(warn, f"the tuning cache has a malformed entry ({exc!r})")
+            return None
 
     def _unusable(self, warn: bool, why: str) -> None:
         if warn:
             logger.warning("%s at %s: ignoring it; tuned results will be written there anew", why, self.path)
-        return None
 
 
 def _check_key(signature: object, bucket: object) -> None:

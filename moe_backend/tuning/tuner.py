@@ -62,13 +62,13 @@ class CudaTimer:
             fn()
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(self.rep)]
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(self.rep)]
-        for start, end in zip(starts, ends):
+        for start, end in zip(starts, ends, strict=True):
             flush.zero_()
             start.record()
             fn()
             end.record()
         torch.cuda.synchronize()
-        return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends)) * 1e3
+        return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends, strict=True)) * 1e3
 
     def _flush_buffer(self, device: int) -> torch.Tensor:
         if device not in self._flush:
@@ -135,7 +135,7 @@ class TuningResult:
                 for b, e in sorted(self.entries.items())]
         header = ("bucket", "best config", "best µs", "default µs", "speedup")
         widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
-        lines = ["  ".join(c.ljust(w) if i == 1 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+        lines = ["  ".join(c.ljust(w) if i == 1 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
                  for r in [header] + rows]
         return "\n".join([f"tuned {self.signature.name}"] + lines)
 

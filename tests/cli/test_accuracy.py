@@ -23,8 +23,18 @@ import pytest
 import torch
 
 from moe_backend import cli
-from moe_backend.cli.accuracy import (MEASURED, THRESHOLDS, AccuracyMetrics, BackendMoE, Thresholds, compare_logits,
-                                  format_report, load_reference_model, run_accuracy, worst)
+from moe_backend.cli.accuracy import (
+    MEASURED,
+    THRESHOLDS,
+    AccuracyMetrics,
+    BackendMoE,
+    Thresholds,
+    compare_logits,
+    format_report,
+    load_reference_model,
+    run_accuracy,
+    worst,
+)
 from moe_backend.weights.checkpoint import Checkpoint
 from moe_backend.weights.checkpoint_maker import TINY, make_checkpoints
 from moe_backend.weights.loader import build_moe_layer, read_moe_layer

@@ -34,7 +34,7 @@ def tensors(checkpoints):
 
 
 def test_files_and_index(checkpoints):
-    for flavour, path in checkpoints.items():
+    for path in checkpoints.values():
         index = json.loads((path / "model.safetensors.index.json").read_text())
         shards = sorted(p.name for p in path.glob("*.safetensors"))
         assert shards == [f"model-{i:05d}-of-00004.safetensors" for i in range(1, 5)]
@@ -67,7 +67,8 @@ def test_config_has_what_deepseek_v3_needs(checkpoints):
     assert fp8_tensor == {"quant_method": "modelopt", "quant_algo": "FP8", "ignore": ["lm_head"]}
     hf_quant = json.loads((checkpoints["fp8_tensor"] / "hf_quant_config.json").read_text())
     assert hf_quant["producer"]["name"] == "modelopt"
-    assert hf_quant["quantization"] == {"quant_algo": "FP8", "kv_cache_quant_algo": None, "exclude_modules": ["lm_head"]}
+    assert hf_quant["quantization"] == {"quant_algo": "FP8", "kv_cache_quant_algo": None,
+                                        "exclude_modules": ["lm_head"]}
 
 
 def test_real_tensor_names(tensors):

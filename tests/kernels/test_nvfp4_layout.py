@@ -77,7 +77,8 @@ def test_kernel_layout_against_its_definition():
         for base in (0, i):  # gate, up
             # stored word 3 of group 0 (half 0, w = 3) holds natural elements 48 .. 55
             assert torch.equal(got13[:, base + q, 3, :], codes13[:, base + order[q], 48:56])
-            assert torch.equal(k.w13_scale[:, base + q].view(torch.uint8), nv.w13_scale[:, base + order[q]].view(torch.uint8))
+            assert torch.equal(k.w13_scale[:, base + q].view(torch.uint8),
+                               nv.w13_scale[:, base + order[q]].view(torch.uint8))
     assert torch.equal(k.w2_scale.view(torch.uint8), nv.w2_scale.view(torch.uint8))
     assert k.nbytes() == nv.nbytes() and k.nbytes() / (3 * e * h * i) <= 0.57
     assert (k.hidden_size, k.intermediate_size, k.num_experts) == (h, i, e)

@@ -7,8 +7,10 @@ import pytest
 
 pytest.importorskip("flashinfer")
 
-from flashinfer.jit import cubin_loader  # noqa: E402
-from flashinfer.jit import env as jit_env  # noqa: E402
+from flashinfer.jit import (
+    cubin_loader,  # noqa: E402
+    env as jit_env,  # noqa: E402
+)
 
 from moe_backend.kernels.sm100 import TESTED_FLASHINFER, readiness  # noqa: E402
 from moe_backend.kernels.sm100.readiness import (  # noqa: E402

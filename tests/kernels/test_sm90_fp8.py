@@ -14,9 +14,15 @@ from typing import Optional
 import pytest
 import torch
 from moe_checks import (
-    DEVICE, INTERPRET, REL_TOL, Problem, assert_matches_reference, random_ids, run_poisoned, runs_here,
+    DEVICE,
+    INTERPRET,
+    REL_TOL,
+    Problem,
+    assert_matches_reference,
+    random_ids,
+    run_poisoned,
+    runs_here,
 )
-
 from vllm_numerics import vllm_triton_fused_experts
 
 from moe_backend.expert_weights import FP8BlockWeights, FP8TensorWeights

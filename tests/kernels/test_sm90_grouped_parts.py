@@ -11,7 +11,12 @@ from moe_checks import DEVICE, random_ids, runs_here
 from moe_backend.expert_weights import BF16Weights, NVFP4Weights
 from moe_backend.kernels.sm90.bf16_grouped import deinterleave_gate_up, interleave_gate_up
 from moe_backend.kernels.sm90.bf16_moe import (
-    CANDIDATE_CONFIGS, GroupedBF16Weights, config_tiles, prepare_grouped, resolve_config, restore_grouped,
+    CANDIDATE_CONFIGS,
+    GroupedBF16Weights,
+    config_tiles,
+    prepare_grouped,
+    resolve_config,
+    restore_grouped,
 )
 from moe_backend.kernels.sm90.nvfp4_dequant import dequantize_segments
 from moe_backend.kernels.sm90.pair_combine import weighted_sum_pairs

@@ -14,20 +14,27 @@ from typing import Optional
 
 import pytest
 import torch
-from moe_checks import (
-    DEVICE, INTERPRET, REL_TOL, Problem, assert_matches_reference, random_ids, run_poisoned, runs_here,
-)
 import triton
 import triton.language as tl
+from moe_checks import (
+    DEVICE,
+    INTERPRET,
+    REL_TOL,
+    Problem,
+    assert_matches_reference,
+    random_ids,
+    run_poisoned,
+    runs_here,
+)
 
 from moe_backend.expert_weights import NVFP4Weights
 from moe_backend.kernels.reference import reference_fused_experts
-from moe_backend.kernels.sm90.nvfp4_moe import default_config, fused_experts_nvfp4, prepare_nvfp4
 from moe_backend.kernels.sm90.nvfp4_act import permute_activations
+from moe_backend.kernels.sm90.nvfp4_layout import kernel_k_order, nvfp4_to_kernel_layout
+from moe_backend.kernels.sm90.nvfp4_moe import default_config, fused_experts_nvfp4, prepare_nvfp4
 from moe_backend.kernels.sm90.nvfp4_tile import dequant_group
 from moe_backend.quant.fp8 import FP8_DTYPE
 from moe_backend.quant.nvfp4 import dequantize_nvfp4
-from moe_backend.kernels.sm90.nvfp4_layout import kernel_k_order, nvfp4_to_kernel_layout
 
 #: Forced paths with tiny tiles for the interpreter (H, I padded to 256-groups, split-K, GROUP_M).
 DECODE_SMALL = dict(path="decode", BLOCK_M=16, BLOCK_N1=16, BLOCK_N2=32, SPLIT_K2=2)

@@ -37,7 +37,8 @@ def test_bf16_weights_accepted_and_empty():
 
 
 @pytest.mark.parametrize("call, match", [
-    (lambda: pack_topk(torch.tensor([[32768]], dtype=torch.int32), torch.ones(1, 1)), r"ids: expected expert ids in \[-1, 32768\)"),
+    (lambda: pack_topk(torch.tensor([[32768]], dtype=torch.int32), torch.ones(1, 1)),
+     r"ids: expected expert ids in \[-1, 32768\)"),
     (lambda: pack_topk(torch.tensor([[-2]], dtype=torch.int32), torch.ones(1, 1)), r"got values in \[-2, -2\]"),
     (lambda: pack_topk(torch.tensor([[1]], dtype=torch.int64), torch.ones(1, 1)), "ids: expected dtype torch.int32"),
     (lambda: pack_topk(torch.ones(2, 2, dtype=torch.int32), torch.ones(2, 3)), r"weights: expected shape \(2, 2\)"),

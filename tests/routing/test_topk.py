@@ -27,7 +27,7 @@ def _loop_noaux_tc(logits, bias, k, n_group, topk_group, norm, scale):
     two-member group sums rounded as fp32), so ties and near-ties are the implementation's."""
     ids_all, w_all = [], []
     scores = torch.sigmoid(logits)
-    for s_row, b_row in zip(scores.tolist(), (scores + bias).tolist()):
+    for s_row, b_row in zip(scores.tolist(), (scores + bias).tolist(), strict=True):
         s, b = s_row, b_row
         per = len(s) // n_group
         gscore = []

@@ -1,8 +1,7 @@
 """Hybrid token buckets: exact lists, the three published defects, and properties."""
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from moe_backend.tuning.buckets import buckets, map_to_bucket, map_to_bucket_uncapped
 

@@ -5,11 +5,10 @@ import re
 
 import pytest
 import torch
+from checkpoint_edits import edited_copy, shard_of
 
 from moe_backend.quant import FP8_DTYPE
 from moe_backend.weights.checkpoint import Checkpoint
-
-from checkpoint_edits import edited_copy, shard_of
 
 EXPERT = "model.layers.2.mlp.experts.6.gate_proj"
 SHARED = "model.layers.2.mlp.shared_experts.down_proj"

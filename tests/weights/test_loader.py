@@ -7,18 +7,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from checkpoint_edits import edited_copy
 from safetensors.torch import load_file, save_file
 
 from moe_backend import BF16MoE, FP8BlockMoE, FP8TensorMoE, NVFP4MoE, RoutingConfig
 from moe_backend.quant import FP8_DTYPE, dequantize_fp8_block, dequantize_nvfp4
 from moe_backend.weights.checkpoint import Checkpoint
 from moe_backend.weights.checkpoint_maker import LINEAR, NOMINAL_ACTIVATION_AMAX, TINY, make_checkpoints, master_tensor
-from moe_backend.weights.loader import (load_moe_layer, load_moe_layers, local_experts, merge_w13_scales,
-                                        read_moe_layer)
 from moe_backend.weights.linear import CheckpointLinear
+from moe_backend.weights.loader import load_moe_layer, load_moe_layers, local_experts, merge_w13_scales, read_moe_layer
 from moe_backend.weights.reader import INDEX_FILE
-
-from checkpoint_edits import edited_copy
 
 LAYER = 2  # an MoE layer of TINY (layers 1..3)
 PREFIX = f"model.layers.{LAYER}.mlp"

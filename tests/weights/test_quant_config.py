@@ -4,8 +4,7 @@ import json
 
 import pytest
 
-from moe_backend.weights.quant_config import (BF16, FP8_BLOCK, FP8_TENSOR, HF_QUANT_CONFIG, NVFP4, QuantSpec,
-                                             matches_any)
+from moe_backend.weights.quant_config import BF16, FP8_BLOCK, FP8_TENSOR, HF_QUANT_CONFIG, NVFP4, QuantSpec, matches_any
 
 OFFICIAL_FP8 = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128], "activation_scheme": "dynamic"}
 EXPERT = "model.layers.3.mlp.experts.7.gate_proj"

@@ -5,12 +5,11 @@ import shutil
 
 import pytest
 import torch
+from checkpoint_edits import edited_copy, shard_of
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from moe_backend.weights.reader import INDEX_FILE, SINGLE_FILE, ShardedReader
-
-from checkpoint_edits import edited_copy, shard_of
 
 KEY = "model.layers.2.mlp.experts.3.up_proj.weight"
 

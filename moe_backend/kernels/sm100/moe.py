@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -159,8 +159,8 @@ def run_computed_fp8_tensor(p: FP8TensorLayout, hidden: torch.Tensor, router_log
 
 # -- NVFP4 --------------------------------------------------------------------------------------
 def _nvfp4_args(p: NVFP4Layout, hidden: torch.Tensor) -> Dict[str, Any]:
-    from flashinfer.fused_moe.prepare import prepare_trtllm_fp4_activations
     from flashinfer.fused_moe.api import QuantConfig, QuantFormat
+    from flashinfer.fused_moe.prepare import prepare_trtllm_fp4_activations
     from flashinfer.tllm_enums import SfLayout
 
     # NVFP4 x NVFP4 with FlashInfer's unit global scale (its weight view assumes the same).
@@ -195,9 +195,11 @@ def run_computed_nvfp4(p: NVFP4Layout, hidden: torch.Tensor, router_logits: torc
     return out[: hidden.shape[0]]
 
 
-_RUNS = {FP8BlockLayout: (run_fp8_block, run_computed_fp8_block),
-         FP8TensorLayout: (run_fp8_tensor, run_computed_fp8_tensor),
-         NVFP4Layout: (run_nvfp4, run_computed_nvfp4)}
+#: Layout type -> (run, run_computed).
+_RUNS: Dict[type, Tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor]]] = {
+    FP8BlockLayout: (run_fp8_block, run_computed_fp8_block),
+    FP8TensorLayout: (run_fp8_tensor, run_computed_fp8_tensor),
+    NVFP4Layout: (run_nvfp4, run_computed_nvfp4)}
 
 
 # -- warm-up ------------------------------------------------------------------------------------

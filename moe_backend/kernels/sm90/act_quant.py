@@ -55,7 +55,7 @@ def act_quant_fp8(hidden: torch.Tensor, static_scale: Optional[torch.Tensor],
     q = workspace(t, h, torch.float8_e4m3fn, hidden.device, "moe_input_fp8")
     static = static_scale is not None
     assert not (vllm and (static or ue8m0))
-    s = static_scale if static else torch.empty(t, groups, dtype=torch.float32, device=hidden.device)
+    s = static_scale if static_scale is not None else torch.empty(t, groups, dtype=torch.float32, device=hidden.device)
     grid = (t, triton.cdiv(groups, GROUPS_PER_PROGRAM))
     _act_quant_kernel[grid](hidden, q, s, s, h, hidden.stride(0), q.stride(0), s.stride(0),
                             GROUP=GROUP, NUM_GROUPS=GROUPS_PER_PROGRAM, STATIC=static,

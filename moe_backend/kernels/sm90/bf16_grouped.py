@@ -22,7 +22,7 @@ exported object files (``quack.cache``), so a second process loads them in milli
 from __future__ import annotations
 
 import threading
-from typing import Dict, NamedTuple, Optional, Tuple
+from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -88,7 +88,7 @@ def _build(key: PlanKey, a: torch.Tensor, b_kn: torch.Tensor, out: torch.Tensor,
                                A_idx=a_idx)
 
 
-def _plan(key: PlanKey, *args) -> object:
+def _plan(key: PlanKey, *args) -> Any:
     plan = _PLANS.get(key)
     if plan is not None:
         return plan
@@ -144,7 +144,8 @@ def deinterleave_gate_up(w13: torch.Tensor) -> torch.Tensor:
 
 def compile_plans(hidden_size: int, intermediate_size: int, tiles, device: torch.device) -> int:
     """Compile GEMM1 and GEMM2 of every tile in ``tiles`` for experts of ``hidden_size`` H and
-    ``intermediate_size`` I on ``device`` (``meta`` compiles offline, after :func:`cute_env.pin_offline_arch`, inside :func:`cute_env.offline_compile`).
+    ``intermediate_size`` I on ``device`` (``meta`` compiles offline, after
+    :func:`cute_env.pin_offline_arch`, inside :func:`cute_env.offline_compile`).
 
     Uses one-row stand-in tensors: the plans depend on dtypes, layouts and N, K only. Returns the
     number of plans compiled or loaded now (those already in this process are skipped).

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib
+import importlib.util
 import logging
 import os
 import platform
 import sys
-from typing import Iterator, Optional
+from typing import Dict, Iterator, Optional
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def installed_versions() -> dict:
     """Distribution name -> installed version (or None) for the pinned packages."""
     from importlib import metadata
 
-    out = {}
+    out: Dict[str, Optional[str]] = {}
     for dist in PINNED:
         try:
             out[dist] = metadata.version(dist)

@@ -34,8 +34,8 @@ import triton
 import triton.language as tl
 
 from ...quant.fp8 import BLOCK as SCALE_BLOCK
-from .align import AlignedRouting
 from ...runtime import workspace
+from .align import AlignedRouting
 from .fp8_tile import quantize_tile, quantize_tile_vllm, scale_block, silu_vllm, to_bf16
 from .tiles import aligned_rows, tile_coords, zero_fill
 

@@ -31,8 +31,8 @@ import triton.language as tl
 
 from ...quant.fp8 import BLOCK as SCALE_BLOCK
 from .align import AlignedRouting
-from .tiles import aligned_rows, tile_coords
 from .fp8_tile import quantize_tile, scale_block, to_bf16
+from .tiles import aligned_rows, tile_coords
 
 
 @triton.jit

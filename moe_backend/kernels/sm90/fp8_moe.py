@@ -46,19 +46,20 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from .act_quant import act_quant_fp8
 from ...quant.fp8 import BLOCK as SCALE_BLOCK
 from ...runtime import workspace
+from .act_quant import act_quant_fp8
 from .align import align_block_size
-from .config import merge_config
 from .combine import cast_out, sum_pairs
+from .config import merge_config
 from .fp8_gemm1 import gemm1_fp8
 from .fp8_gemm2 import gemm2_fp8
 from .fp8_swapab import swapab_fp8
 
 #: Every knob of a configuration (``config=`` may give any subset; the rest come from the heuristic).
 #: ``*1`` are GEMM1's, ``*2`` GEMM2's; ``BLOCK_K`` must be 128 with dynamic scales or block weights.
-CONFIG_KEYS = ("path", "NUMERICS", "COMBINE", "ZERO", "QUANT_ON_LOAD1", "BLOCK_M", "BLOCK_N1", "BLOCK_K1", "GROUP_M1", "num_warps1", "num_stages1",
+CONFIG_KEYS = ("path", "NUMERICS", "COMBINE", "ZERO", "QUANT_ON_LOAD1", "BLOCK_M", "BLOCK_N1", "BLOCK_K1", "GROUP_M1",
+               "num_warps1", "num_stages1",
                "BLOCK_N2", "BLOCK_K2", "SPLIT_K2", "GROUP_M2", "num_warps2", "num_stages2", "PDL",
                "QUANT_OUT1")
 
@@ -302,8 +303,8 @@ def fused_experts_fp8(
                         "moe_pair_rows")
     # vLLM's scaling order: 0 not vLLM's numerics, 1 activation scale first, 2 weight scale first.
     vllm_order = 0 if not vllm else 2 if num_tokens <= VLLM_SWAP_AB_MAX_TOKENS else 1
-    common = dict(num_pairs=num_pairs, top_k=top_k, block_scaled=block_scaled, ue8m0=ue8m0,
-                  weight_on_input=apply_router_weight_on_input, vllm_order=vllm_order)
+    common: Dict[str, Any] = dict(num_pairs=num_pairs, top_k=top_k, block_scaled=block_scaled, ue8m0=ue8m0,
+                                  weight_on_input=apply_router_weight_on_input, vllm_order=vllm_order)
     y, y_scale = gemm1_fp8(
         a, a_scale, w13, w13_scale, routing, topk_weights, acc if atomic and cfg["ZERO"] == "fused" else acc[:0],
         quant_on_load=quant_on_load, a13_static=a13_scale, quant_out=cfg["QUANT_OUT1"], a2_static=a2_scale,

@@ -21,8 +21,8 @@ import triton.language as tl
 
 from ...runtime import workspace
 from ..interpret import INTERPRETING
-from .nvfp4_layout import K_GROUP
 from .align import AlignedRouting
+from .nvfp4_layout import K_GROUP
 from .nvfp4_tile import WEIGHT_SHIFT, dequant_group, mma
 from .tiles import aligned_rows, tile_coords, zero_fill
 

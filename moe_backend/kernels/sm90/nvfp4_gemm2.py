@@ -15,11 +15,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .nvfp4_layout import K_GROUP
 from ..interpret import INTERPRETING
 from .align import AlignedRouting
-from .tiles import aligned_rows, tile_coords
+from .nvfp4_layout import K_GROUP
 from .nvfp4_tile import WEIGHT_SHIFT, dequant_group, mma
+from .tiles import aligned_rows, tile_coords
 
 
 @triton.jit

@@ -71,7 +71,8 @@ def unpack_kernel_words(words: torch.Tensor) -> torch.Tensor:
     out = torch.empty(rows.shape[0], rows.shape[1] * 4, dtype=torch.uint8, device=words.device)
     for r in range(0, rows.shape[0], _chunk_rows(rows.shape[1] * 8)):
         w = rows[r:r + _chunk_rows(rows.shape[1] * 8)].long() & 0xFFFFFFFF
-        codes = torch.stack([sum(((w >> bit) & 1) << k for k, bit in enumerate(bits)) for bits in CODE_BITS], -1)
+        codes = torch.stack([sum((((w >> bit) & 1) << k for k, bit in enumerate(bits)), torch.zeros_like(w))
+                             for bits in CODE_BITS], -1)
         out[r:r + w.shape[0]] = pack_e2m1(codes.reshape(w.shape[0], -1).to(torch.uint8))
     return out.reshape(*words.shape[:-1], -1)
 

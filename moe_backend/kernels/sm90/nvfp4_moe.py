@@ -29,13 +29,13 @@ import torch
 from ..._checks import check_int, check_out, check_tensor
 from ...expert_weights import NVFP4Weights
 from ...runtime import workspace
-from .nvfp4_layout import NVFP4KernelWeights, nvfp4_to_kernel_layout
 from .align import align_block_size
-from .config import merge_config
 from .combine import cast_out
+from .config import merge_config
 from .nvfp4_act import permute_activations
 from .nvfp4_gemm1 import gemm1_nvfp4
 from .nvfp4_gemm2 import gemm2_nvfp4
+from .nvfp4_layout import NVFP4KernelWeights, nvfp4_to_kernel_layout
 
 #: Every knob (``config=`` may give any subset; the rest come from the heuristic).
 #: ``*1`` are GEMM1's, ``*2`` GEMM2's; ``BLOCK_N*`` divide 256 (GEMM1) or are powers of two >= 16.
@@ -159,7 +159,7 @@ def fused_experts_nvfp4(
     routing = align_block_size(topk_ids, w.num_experts, local_expert_offset, cfg["BLOCK_M"])
     x = permute_activations(hidden, w.w13.shape[2] * 8)
     acc = workspace(num_tokens, w.hidden_size, torch.float32, hidden.device, "moe_combine")
-    common = dict(num_pairs=num_pairs, top_k=top_k, weight_on_input=apply_router_weight_on_input)
+    common: Dict[str, Any] = dict(num_pairs=num_pairs, top_k=top_k, weight_on_input=apply_router_weight_on_input)
     y = gemm1_nvfp4(
         x, w.w13, w.w13_scale, w.w13_scale_2, routing, topk_weights, acc,
         BLOCK_N=cfg["BLOCK_N1"], GROUP_M=cfg["GROUP_M1"],

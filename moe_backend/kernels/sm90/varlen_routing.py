@@ -2,8 +2,8 @@
 
 The (token, slot) pairs ``p = t * k + j`` of ``topk_ids [T, k]`` are sorted by local expert
 (stable: within an expert, pairs keep their order, so results are deterministic); pairs whose id
-is -1 or outside ``[offset, offset + E)`` sort last and get no row. With ``compact``, experts that receive no pair get no
-segment: segment ``s`` belongs to the ``s``-th active expert, so a kernel that stages weights per
+is -1 or outside ``[offset, offset + E)`` sort last and get no row. With ``compact``, experts that receive no
+pair get no segment: segment ``s`` belongs to the ``s``-th active expert, so a kernel that stages weights per
 segment (NVFP4 dequantized to bf16) touches only the active experts; without it segment ``s`` is
 local expert ``s`` (weights read in place, bf16). Every size is
 static in ``(T, k, E)`` and nothing synchronizes with the host (CUDA-graph capturable).
