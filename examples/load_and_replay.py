@@ -40,8 +40,10 @@ def run(checkpoint_dir: Path, layer_idx: int, num_tokens: int, device: torch.dev
     hidden = torch.randn(num_tokens, layer.hidden_size, generator=gen).to(device, torch.bfloat16)
     logits = hidden.float() @ weights.router_weight.float().T  # the router, in fp32
     k = layer.config.top_k
-    print(f"layer {layer_idx}: {type(layer).__name__}, {weights.experts.num_experts} experts, top-{k}, "
-          f"kernels: computed={layer.kernel_name(False)} routed={layer.kernel_name(True)}")
+    print(
+        f"layer {layer_idx}: {type(layer).__name__}, {weights.experts.num_experts} experts, top-{k}, "
+        f"kernels: computed={layer.kernel_name(False)} routed={layer.kernel_name(True)}"
+    )
 
     # serve: computed routing, recording the selected ids
     recorded = torch.full((num_tokens, k), -1, dtype=torch.int16, device=device)
@@ -50,8 +52,7 @@ def run(checkpoint_dir: Path, layer_idx: int, num_tokens: int, device: torch.dev
     # replay: the recorded ids through the routed entry point (which records them again)
     ids = recorded.to(torch.int32)
     rerecorded = torch.full_like(recorded, -1)
-    replayed = layer.forward_routed(hidden, (ids, replay_weights(logits, ids, scaling)),
-                                    routing_replay_out=rerecorded)
+    replayed = layer.forward_routed(hidden, (ids, replay_weights(logits, ids, scaling)), routing_replay_out=rerecorded)
 
     same_ids = torch.equal(recorded, rerecorded)
     # one kernel serving both entry points gives bitwise equal outputs; two may round differently
@@ -59,9 +60,11 @@ def run(checkpoint_dir: Path, layer_idx: int, num_tokens: int, device: torch.dev
         same_out = torch.equal(served, replayed)
     else:
         same_out = torch.allclose(served.float(), replayed.float(), rtol=1e-2, atol=1e-2)
-    print(f"recorded ids [{num_tokens}, {k}] (first token: {recorded[0].tolist()}); "
-          f"replayed ids equal: {same_ids}; outputs equal: {same_out} "
-          f"(max |diff| {(served.float() - replayed.float()).abs().max().item():.3e})")
+    print(
+        f"recorded ids [{num_tokens}, {k}] (first token: {recorded[0].tolist()}); "
+        f"replayed ids equal: {same_ids}; outputs equal: {same_out} "
+        f"(max |diff| {(served.float() - replayed.float()).abs().max().item():.3e})"
+    )
     return same_ids and same_out
 
 

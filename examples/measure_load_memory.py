@@ -56,9 +56,11 @@ def main() -> int:
             streamed, layer, total = in_fresh_process(path, False)
             kept, _, _ = in_fresh_process(path, True)
             files = sum(f.stat().st_size for f in path.glob("*.safetensors"))
-            print(f"{path.name:<10} files {files / mb:6.1f} MB; MoE experts: one layer {layer / mb:6.1f} MB, "
-                  f"all {total / mb:6.1f} MB; peak RSS growth: streaming {streamed / mb:6.1f} MB, "
-                  f"keeping all {kept / mb:6.1f} MB")
+            print(
+                f"{path.name:<10} files {files / mb:6.1f} MB; MoE experts: one layer {layer / mb:6.1f} MB, "
+                f"all {total / mb:6.1f} MB; peak RSS growth: streaming {streamed / mb:6.1f} MB, "
+                f"keeping all {kept / mb:6.1f} MB"
+            )
     return 0
 
 

@@ -53,15 +53,11 @@ def check_tensor(
     if shape is not None:
         for axis, (want, got) in enumerate(zip(shape, t.shape, strict=True)):
             if want is not None and want != got:
-                raise ValueError(
-                    f"{name}: expected shape {expected}, got {tuple(t.shape)} (axis {axis})"
-                )
+                raise ValueError(f"{name}: expected shape {expected}, got {tuple(t.shape)} (axis {axis})")
     if device is not None and not same_device(t.device, device):
         raise ValueError(f"{name}: expected a tensor on {device}, got one on {t.device}")
     if contiguous and not t.is_contiguous():
-        raise ValueError(
-            f"{name}: expected a contiguous tensor, got strides {tuple(t.stride())}"
-        )
+        raise ValueError(f"{name}: expected a contiguous tensor, got strides {tuple(t.stride())}")
     return t
 
 
@@ -85,16 +81,15 @@ def check_int(name: str, value: object, *, minimum: Optional[int] = None) -> int
     return value
 
 
-def check_out(name: str, out: Optional[torch.Tensor], *, rows: int, cols: int,
-              dtype: torch.dtype, device: torch.device) -> Optional[torch.Tensor]:
+def check_out(
+    name: str, out: Optional[torch.Tensor], *, rows: int, cols: int, dtype: torch.dtype, device: torch.device
+) -> Optional[torch.Tensor]:
     """Validate an ``out=`` buffer: 2-D ``[R, cols]`` with ``R >= rows``, contiguous."""
     if out is None:
         return None
     check_tensor(name, out, dtype=dtype, shape=(None, cols), device=device)
     if out.shape[0] < rows:
-        raise ValueError(
-            f"{name}: expected at least {rows} rows (one per token), got shape {tuple(out.shape)}"
-        )
+        raise ValueError(f"{name}: expected at least {rows} rows (one per token), got shape {tuple(out.shape)}")
     return out
 
 
@@ -156,14 +151,16 @@ def check_scale_values(name: str, scale: torch.Tensor, *, allow_zero: bool) -> t
         return scale
     flat = scale.reshape(-1)
     for start in range(0, flat.numel(), _SCALE_CHUNK):
-        chunk = flat[start: start + _SCALE_CHUNK].float()
+        chunk = flat[start : start + _SCALE_CHUNK].float()
         bad = ~torch.isfinite(chunk) | (chunk < 0 if allow_zero else chunk <= 0)
         if bool(bad.any()):
             flat_index = start + int(bad.nonzero()[0, 0])
             index = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat_index), scale.shape))
             want = "finite and >= 0" if allow_zero else "finite and > 0"
-            raise ValueError(f"{name}: expected scales {want}, got {_value_text(flat[flat_index])} at index "
-                             f"{list(index)} (shape {tuple(scale.shape)})")
+            raise ValueError(
+                f"{name}: expected scales {want}, got {_value_text(flat[flat_index])} at index "
+                f"{list(index)} (shape {tuple(scale.shape)})"
+            )
     return scale
 
 

@@ -76,8 +76,7 @@ class ExpertShapes:
 
     def tensors(self) -> dict:
         """Name -> tensor for every tensor field (None fields omitted)."""
-        return {f.name: getattr(self, f.name) for f in fields(self)
-                if isinstance(getattr(self, f.name), torch.Tensor)}
+        return {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)}
 
     def nbytes(self) -> int:
         """Bytes the weights and scales occupy."""
@@ -118,8 +117,9 @@ class ExpertWeights(ExpertShapes):
                 if getattr(self, name) is not None:
                     check_scale_values(name, getattr(self, name), allow_zero=allow_zero)
 
-    def _check_pair(self, w13_cols: Callable[[int], int], w2_cols: Callable[[int], int],
-                    dtype: torch.dtype) -> Tuple[int, int, int]:
+    def _check_pair(
+        self, w13_cols: Callable[[int], int], w2_cols: Callable[[int], int], dtype: torch.dtype
+    ) -> Tuple[int, int, int]:
         """Validate ``w13 [E, 2I, w13_cols(H)]`` and ``w2 [E, H, w2_cols(I)]``; return (E, H, I)."""
         check_tensor("w13", self.w13, dtype=dtype, ndim=3)
         e, two_i = self.w13.shape[:2]
@@ -195,17 +195,25 @@ class FP8BlockWeights(ExpertWeights):
     def validate(self) -> None:
         e, h, i = self._check_pair(lambda h: h, lambda i: i, fp8.FP8_DTYPE)
         b = fp8.BLOCK
-        check_tensor("w13_scale", self.w13_scale, dtype=torch.float32,
-                     shape=(e, _cdiv(2 * i, b), _cdiv(h, b)), device=self.device)
-        check_tensor("w2_scale", self.w2_scale, dtype=torch.float32,
-                     shape=(e, _cdiv(h, b), _cdiv(i, b)), device=self.device)
+        check_tensor(
+            "w13_scale",
+            self.w13_scale,
+            dtype=torch.float32,
+            shape=(e, _cdiv(2 * i, b), _cdiv(h, b)),
+            device=self.device,
+        )
+        check_tensor(
+            "w2_scale", self.w2_scale, dtype=torch.float32, shape=(e, _cdiv(h, b), _cdiv(i, b)), device=self.device
+        )
         check_bool("ue8m0", self.ue8m0)
         self._check_scales(block=("w13_scale", "w2_scale"))
 
     def dequantize_expert(self, e: int) -> Tuple[torch.Tensor, torch.Tensor]:
         self._check_expert(e)
-        return (fp8.dequantize_fp8_block(self.w13[e], self.w13_scale[e]),
-                fp8.dequantize_fp8_block(self.w2[e], self.w2_scale[e]))
+        return (
+            fp8.dequantize_fp8_block(self.w13[e], self.w13_scale[e]),
+            fp8.dequantize_fp8_block(self.w2[e], self.w2_scale[e]),
+        )
 
     @classmethod
     def quantize(cls, w13: torch.Tensor, w2: torch.Tensor, ue8m0: bool = False) -> "FP8BlockWeights":
@@ -248,8 +256,10 @@ class FP8TensorWeights(ExpertWeights):
 
     def dequantize_expert(self, e: int) -> Tuple[torch.Tensor, torch.Tensor]:
         self._check_expert(e)
-        return (fp8.dequantize_fp8_per_tensor(self.w13[e], self.w13_scale[e]),
-                fp8.dequantize_fp8_per_tensor(self.w2[e], self.w2_scale[e]))
+        return (
+            fp8.dequantize_fp8_per_tensor(self.w13[e], self.w13_scale[e]),
+            fp8.dequantize_fp8_per_tensor(self.w2[e], self.w2_scale[e]),
+        )
 
     @classmethod
     def quantize(cls, w13: torch.Tensor, w2: torch.Tensor) -> "FP8TensorWeights":
@@ -281,8 +291,7 @@ class NVFP4Weights(ExpertWeights):
     def validate(self) -> None:
         e, h, i = self._check_pair(lambda h: h // 2, lambda i: i // 2, torch.uint8)
         g = nvfp4.GROUP
-        check_tensor("w13_scale", self.w13_scale, dtype=fp8.FP8_DTYPE, shape=(e, 2 * i, h // g),
-                     device=self.device)
+        check_tensor("w13_scale", self.w13_scale, dtype=fp8.FP8_DTYPE, shape=(e, 2 * i, h // g), device=self.device)
         check_tensor("w13_scale_2", self.w13_scale_2, dtype=torch.float32, shape=(e, 2), device=self.device)
         check_tensor("w2_scale", self.w2_scale, dtype=fp8.FP8_DTYPE, shape=(e, h, i // g), device=self.device)
         check_tensor("w2_scale_2", self.w2_scale_2, dtype=torch.float32, shape=(e,), device=self.device)
@@ -303,8 +312,9 @@ class NVFP4Weights(ExpertWeights):
         gate_q, gate_s, gate_g = nvfp4.quantize_nvfp4(w13[:, :i])
         up_q, up_s, up_g = nvfp4.quantize_nvfp4(w13[:, i:])
         q2, s2, g2 = nvfp4.quantize_nvfp4(w2)
-        return cls(torch.cat([gate_q, up_q], 1), torch.cat([gate_s, up_s], 1),
-                   torch.stack([gate_g, up_g], 1), q2, s2, g2)
+        return cls(
+            torch.cat([gate_q, up_q], 1), torch.cat([gate_s, up_s], 1), torch.stack([gate_g, up_g], 1), q2, s2, g2
+        )
 
 
 WEIGHT_TYPES = {cls.precision: cls for cls in (BF16Weights, FP8BlockWeights, FP8TensorWeights, NVFP4Weights)}

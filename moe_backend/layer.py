@@ -79,8 +79,10 @@ class MoEConfig:
     def __post_init__(self) -> None:
         check_int("num_experts", self.num_experts, minimum=1)
         if self.num_experts > MAX_PACKED_ID:
-            raise ValueError(f"num_experts: expected at most {MAX_PACKED_ID} (ids are 16-bit in the packed "
-                             f"format and the replay buffer), got {self.num_experts}")
+            raise ValueError(
+                f"num_experts: expected at most {MAX_PACKED_ID} (ids are 16-bit in the packed "
+                f"format and the replay buffer), got {self.num_experts}"
+            )
         check_int("top_k", self.top_k, minimum=1)
         check_int("local_expert_offset", self.local_expert_offset, minimum=0)
         if self.top_k > self.num_experts:
@@ -100,9 +102,16 @@ class MoELayer:
 
     weights_type: ClassVar[Type[ExpertWeights]] = ExpertWeights
 
-    def __init__(self, weights: ExpertWeights, config: MoEConfig, *,
-                 correction_bias: Optional[torch.Tensor] = None, kernel: str = "auto",
-                 deterministic: bool = False, numerics: str = "accurate") -> None:
+    def __init__(
+        self,
+        weights: ExpertWeights,
+        config: MoEConfig,
+        *,
+        correction_bias: Optional[torch.Tensor] = None,
+        kernel: str = "auto",
+        deterministic: bool = False,
+        numerics: str = "accurate",
+    ) -> None:
         """``deterministic``: combine the top-k without atomics in a fixed order and use one kernel
         configuration for every batch size, so outputs are bitwise reproducible across runs and
         batch compositions (for RL rollouts and debugging; slower at large T).
@@ -113,9 +122,7 @@ class MoELayer:
         one configuration for every T, less accurate).
         """
         if not isinstance(weights, self.weights_type):
-            raise TypeError(
-                f"weights: expected {self.weights_type.__name__}, got {type(weights).__name__}"
-            )
+            raise TypeError(f"weights: expected {self.weights_type.__name__}, got {type(weights).__name__}")
         if not isinstance(config, MoEConfig):
             raise TypeError(f"config: expected MoEConfig, got {type(config).__name__}")
         check_str("kernel", kernel)
@@ -128,8 +135,13 @@ class MoELayer:
             )
         config.routing.check(config.num_experts, config.top_k, correction_bias is not None)
         if correction_bias is not None:
-            check_tensor("correction_bias", correction_bias, dtype=torch.float32,
-                         shape=(config.num_experts,), device=weights.device)
+            check_tensor(
+                "correction_bias",
+                correction_bias,
+                dtype=torch.float32,
+                shape=(config.num_experts,),
+                device=weights.device,
+            )
             check_finite("correction_bias", correction_bias)  # a configuration value: read once, here
         self.config = config
         self._shape = (weights.hidden_size, weights.intermediate_size, weights.num_experts)
@@ -137,19 +149,25 @@ class MoELayer:
         self.correction_bias = correction_bias
         self._context = LayerContext(config.num_experts, config.top_k, config.routing, correction_bias)
         self.requested_kernel = kernel
-        self._kernels = {routed: select_kernel(weights.precision, weights.device, routed, kernel,
-                                               weight_on_input=config.apply_router_weight_on_input)
-                         for routed in (False, True)}
+        self._kernels = {
+            routed: select_kernel(
+                weights.precision, weights.device, routed, kernel, weight_on_input=config.apply_router_weight_on_input
+            )
+            for routed in (False, True)
+        }
         if numerics not in NUMERICS:
             raise ValueError(f"numerics: expected one of {sorted(NUMERICS)}, got {numerics!r}")
         allowed = NUMERICS[numerics]
         if allowed is not None and weights.precision not in allowed:
-            raise ValueError(f"numerics: {numerics!r} is available for {', '.join(allowed)} "
-                             f"weights, got {weights.precision}")
+            raise ValueError(
+                f"numerics: {numerics!r} is available for {', '.join(allowed)} weights, got {weights.precision}"
+            )
         ue8m0 = isinstance(weights, FP8BlockWeights) and weights.ue8m0
         if numerics == "vllm_triton" and (ue8m0 or config.apply_router_weight_on_input):
-            raise ValueError("numerics: 'vllm_triton' needs scales that are not ue8m0 and the router weight "
-                             "on the output (apply_router_weight_on_input=False)")
+            raise ValueError(
+                "numerics: 'vllm_triton' needs scales that are not ue8m0 and the router weight "
+                "on the output (apply_router_weight_on_input=False)"
+            )
         self.deterministic = deterministic
         self.numerics = numerics
         self._fixed_configs: Dict[str, dict] = {}
@@ -163,26 +181,45 @@ class MoELayer:
             if fixed is None:
                 raise ValueError(
                     f"{wanted}: kernel {k.name!r} ({weights.precision} on {weights.device}) does not offer it; "
-                    f"it is available with the sm90_triton_fp8 kernel (FP8 on Hopper)")
+                    f"it is available with the sm90_triton_fp8 kernel (FP8 on Hopper)"
+                )
             self._fixed_configs[k.name] = fixed
         self._prepared = {k.name: k.prepare(weights) for k in self._kernels.values()}
         # Keep the checkpoint layout only if a kernel reads it: a transformed copy beside it would
         # double the layer's memory (NVFP4 must stay at 0.5625 bytes a weight).
-        self._weights: Optional[ExpertWeights] = (
-            weights if any(p is weights for p in self._prepared.values()) else None)
+        self._weights: Optional[ExpertWeights] = weights if any(p is weights for p in self._prepared.values()) else None
         self._tuned: Dict[str, TuningResult] = {}
-        logger.debug("%s: kernels computed=%s routed=%s", type(self).__name__,
-                     self._kernels[False].name, self._kernels[True].name)
+        logger.debug(
+            "%s: kernels computed=%s routed=%s",
+            type(self).__name__,
+            self._kernels[False].name,
+            self._kernels[True].name,
+        )
 
     @classmethod
-    def from_float(cls, w13: torch.Tensor, w2: torch.Tensor, config: MoEConfig, *,
-                   correction_bias: Optional[torch.Tensor] = None, kernel: str = "auto",
-                   deterministic: bool = False, numerics: str = "accurate", **quantize_options) -> "MoELayer":
+    def from_float(
+        cls,
+        w13: torch.Tensor,
+        w2: torch.Tensor,
+        config: MoEConfig,
+        *,
+        correction_bias: Optional[torch.Tensor] = None,
+        kernel: str = "auto",
+        deterministic: bool = False,
+        numerics: str = "accurate",
+        **quantize_options,
+    ) -> "MoELayer":
         """Quantize float master weights ``w13 [E, 2I, H]``, ``w2 [E, H, I]`` into this precision
         (``quantize_options`` go to the weight container, e.g. ``ue8m0=True`` for FP8 block)."""
         weights = cls.weights_type.quantize(w13, w2, **quantize_options)
-        return cls(weights, config, correction_bias=correction_bias, kernel=kernel, deterministic=deterministic,
-                   numerics=numerics)
+        return cls(
+            weights,
+            config,
+            correction_bias=correction_bias,
+            kernel=kernel,
+            deterministic=deterministic,
+            numerics=numerics,
+        )
 
     # -- properties ---------------------------------------------------------------------
     @property
@@ -212,8 +249,9 @@ class MoELayer:
         return self._kernels[routed].name
 
     # -- tuning -------------------------------------------------------------------------
-    def warmup(self, max_num_tokens: int, *, cache: Optional[TuningCache] = None, force: bool = False,
-               progress: bool = True) -> Dict[str, TuningResult]:
+    def warmup(
+        self, max_num_tokens: int, *, cache: Optional[TuningCache] = None, force: bool = False, progress: bool = True
+    ) -> Dict[str, TuningResult]:
         """Tune the layer's kernels for every token bucket up to the engine's ``max_num_tokens``.
 
         Call it once before CUDA-graph capture (it refuses to run inside one). Results come
@@ -232,14 +270,26 @@ class MoELayer:
         for name, kernel in {k.name: k for k in self._kernels.values() if k.warmup is not None}.items():
             computed = self._kernels[False] is kernel and kernel.routes(self._context)
             assert kernel.warmup is not None  # filtered above
-            kernel.warmup(self._prepared[name], self._context, _input_factory(self)(max_num_tokens), computed,
-                          local_expert_offset=self.config.local_expert_offset,
-                          apply_router_weight_on_input=self.config.apply_router_weight_on_input)
-        kernels = {k.name: k for k in self._kernels.values()
-                   if k.tunable and self.device.type == "cuda" and k.name not in self._fixed_configs}
+            kernel.warmup(
+                self._prepared[name],
+                self._context,
+                _input_factory(self)(max_num_tokens),
+                computed,
+                local_expert_offset=self.config.local_expert_offset,
+                apply_router_weight_on_input=self.config.apply_router_weight_on_input,
+            )
+        kernels = {
+            k.name: k
+            for k in self._kernels.values()
+            if k.tunable and self.device.type == "cuda" and k.name not in self._fixed_configs
+        }
         if not kernels:
-            logger.info("%s: nothing to tune (kernels %s on %s)", type(self).__name__,
-                        sorted({k.name for k in self._kernels.values()}), self.device)
+            logger.info(
+                "%s: nothing to tune (kernels %s on %s)",
+                type(self).__name__,
+                sorted({k.name for k in self._kernels.values()}),
+                self.device,
+            )
             self._precompile()
             return {}
         cache = cache if cache is not None else TuningCache()
@@ -248,13 +298,33 @@ class MoELayer:
             started = time.perf_counter()
             space = kernel.tuning_space()
             assert space is not None  # ``kernels`` holds tunable kernels only
-            signature = ProblemSignature(self.precision, num_local, self.config.top_k, hidden_size, inter,
-                                         self.config.num_experts, kernel=name, kernel_version=space.version)
+            signature = ProblemSignature(
+                self.precision,
+                num_local,
+                self.config.top_k,
+                hidden_size,
+                inter,
+                self.config.num_experts,
+                kernel=name,
+                kernel_version=space.version,
+            )
             self._tuned[name] = tune(
-                _kernel_runner(kernel, self._prepared[name], self.config), space.candidates,
-                max_num_tokens, signature, cache, _input_factory(self), force=force, progress=progress)
-            logger.info("%s: tuned %s up to %d tokens in %.1f s", type(self).__name__, name, max_num_tokens,
-                        time.perf_counter() - started)
+                _kernel_runner(kernel, self._prepared[name], self.config),
+                space.candidates,
+                max_num_tokens,
+                signature,
+                cache,
+                _input_factory(self),
+                force=force,
+                progress=progress,
+            )
+            logger.info(
+                "%s: tuned %s up to %d tokens in %.1f s",
+                type(self).__name__,
+                name,
+                max_num_tokens,
+                time.perf_counter() - started,
+            )
         self._precompile()
         return dict(self._tuned)
 
@@ -274,16 +344,26 @@ class MoELayer:
             logger.info("%s: %s compiled %d kernel(s)", type(self).__name__, kernel.name, built)
 
     # -- entry points -------------------------------------------------------------------
-    def forward(self, hidden: torch.Tensor, router_logits: torch.Tensor, *,
-                routing_replay_out: Optional[torch.Tensor] = None,
-                out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        router_logits: torch.Tensor,
+        *,
+        routing_replay_out: Optional[torch.Tensor] = None,
+        out: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
         """Route ``hidden [T, H]`` bf16 with ``router_logits [T, num_experts]`` fp32 and run the experts.
 
         Returns ``[T, H]`` bf16 (``out[:T]`` when ``out`` is given).
         """
         t = self._check_hidden(hidden)
-        check_tensor("router_logits", router_logits, dtype=torch.float32,
-                     shape=(t, self.config.num_experts), device=hidden.device)
+        check_tensor(
+            "router_logits",
+            router_logits,
+            dtype=torch.float32,
+            shape=(t, self.config.num_experts),
+            device=hidden.device,
+        )
         check_replay_out(routing_replay_out, t, self.config.top_k, hidden.device)
         self._check_out(out, hidden)
         if self.config.check_values and not capturing():
@@ -292,14 +372,24 @@ class MoELayer:
         kernel = self._kernels[False]
         if kernel.routes(self._context):
             assert kernel.run_computed is not None  # routes() requires it
-            return kernel.run_computed(self._prepared[kernel.name], hidden, router_logits,
-                                       routing_replay_out=routing_replay_out, **self._run_kwargs(kernel, hidden, out))
+            return kernel.run_computed(
+                self._prepared[kernel.name],
+                hidden,
+                router_logits,
+                routing_replay_out=routing_replay_out,
+                **self._run_kwargs(kernel, hidden, out),
+            )
         ids, weights = self.config.routing.select(router_logits, self.config.top_k, self.correction_bias)
         return self._run(kernel, hidden, ids, weights, out, routing_replay_out)
 
-    def forward_routed(self, hidden: torch.Tensor, topk: TopK, *,
-                       routing_replay_out: Optional[torch.Tensor] = None,
-                       out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward_routed(
+        self,
+        hidden: torch.Tensor,
+        topk: TopK,
+        *,
+        routing_replay_out: Optional[torch.Tensor] = None,
+        out: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
         """Run the experts on precomputed top-k.
 
         ``topk`` is packed int32 ``[T, k]`` (see :mod:`moe_backend.routing.packed`) or
@@ -316,8 +406,14 @@ class MoELayer:
         self._check_routed_values(hidden, ids, weights)
         return self._run(self._kernels[True], hidden, ids, weights, out, routing_replay_out)
 
-    def experts(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, *,
-                out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def experts(
+        self,
+        hidden: torch.Tensor,
+        topk_ids: torch.Tensor,
+        topk_weights: torch.Tensor,
+        *,
+        out: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
         """Engine-level call: ``hidden [T, H]`` bf16, ``topk_ids [T, k]`` int32 global,
         ``topk_weights [T, k]`` fp32, optional ``out [R >= T, H]``; returns ``out[:T]``."""
         t = self._check_hidden(hidden)
@@ -330,8 +426,7 @@ class MoELayer:
 
     # -- internals ------------------------------------------------------------------------
     def _check_hidden(self, hidden: torch.Tensor) -> int:
-        check_tensor("hidden", hidden, dtype=torch.bfloat16, shape=(None, self.hidden_size),
-                     device=self.device)
+        check_tensor("hidden", hidden, dtype=torch.bfloat16, shape=(None, self.hidden_size), device=self.device)
         return hidden.shape[0]
 
     def _check_out(self, out: Optional[torch.Tensor], hidden: torch.Tensor) -> None:
@@ -350,8 +445,10 @@ class MoELayer:
         if ids.numel():
             lo, hi = int(ids.min()), int(ids.max())
             if lo < -1 or hi >= self.config.num_experts:
-                raise ValueError(f"topk_ids: expected global expert ids in [-1, {self.config.num_experts}), "
-                                 f"got values in [{lo}, {hi}]")
+                raise ValueError(
+                    f"topk_ids: expected global expert ids in [-1, {self.config.num_experts}), "
+                    f"got values in [{lo}, {hi}]"
+                )
 
     def _unpack(self, topk: TopK, t: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
         k = self.config.top_k
@@ -367,8 +464,15 @@ class MoELayer:
         check_tensor("topk_weights", weights, dtype=torch.float32, shape=(t, k), device=device)
         return ids, weights
 
-    def _run(self, kernel: Kernel, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
-             out: Optional[torch.Tensor], routing_replay_out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def _run(
+        self,
+        kernel: Kernel,
+        hidden: torch.Tensor,
+        ids: torch.Tensor,
+        weights: torch.Tensor,
+        out: Optional[torch.Tensor],
+        routing_replay_out: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
         kw = self._run_kwargs(kernel, hidden, out)
         if kernel.takes_context:
             kw["routing_replay_out"] = routing_replay_out
@@ -378,9 +482,11 @@ class MoELayer:
 
     def _run_kwargs(self, kernel: Kernel, hidden: torch.Tensor, out: Optional[torch.Tensor]) -> dict:
         """Keyword arguments of ``kernel.run`` / ``run_computed`` besides the replay buffer."""
-        kw = dict(local_expert_offset=self.config.local_expert_offset,
-                  apply_router_weight_on_input=self.config.apply_router_weight_on_input,
-                  out=torch.empty_like(hidden) if out is None else out)
+        kw = dict(
+            local_expert_offset=self.config.local_expert_offset,
+            apply_router_weight_on_input=self.config.apply_router_weight_on_input,
+            out=torch.empty_like(hidden) if out is None else out,
+        )
         if kernel.takes_context:
             kw["context"] = self._context
         if kernel.name in self._fixed_configs:
@@ -392,12 +498,20 @@ class MoELayer:
 
 def _kernel_runner(kernel: Kernel, prepared: object, config: MoEConfig) -> Callable[[dict, MoEInputs], None]:
     """``run(config, inputs)`` for the tuner; holds the prepared weights, not the layer."""
+
     def run(tuning_config: dict, inputs: MoEInputs) -> None:
         out = torch.empty_like(inputs.hidden)
-        kernel.run(prepared, inputs.hidden, inputs.topk_ids, inputs.topk_weights,
-                   local_expert_offset=config.local_expert_offset,
-                   apply_router_weight_on_input=config.apply_router_weight_on_input,
-                   out=out, config=tuning_config)
+        kernel.run(
+            prepared,
+            inputs.hidden,
+            inputs.topk_ids,
+            inputs.topk_weights,
+            local_expert_offset=config.local_expert_offset,
+            apply_router_weight_on_input=config.apply_router_weight_on_input,
+            out=out,
+            config=tuning_config,
+        )
+
     return run
 
 
@@ -405,8 +519,9 @@ def _input_factory(layer: MoELayer) -> Callable[[int], MoEInputs]:
     """Seeded max-load profiling inputs for one bucket of this layer's shape (no layer reference kept)."""
     cfg, device = layer.config, layer.device
     hidden_size, _, num_local = layer._shape
-    return lambda bucket: moe_inputs(bucket, hidden_size, cfg.top_k, cfg.num_experts, num_local,
-                                     cfg.local_expert_offset, device=device)
+    return lambda bucket: moe_inputs(
+        bucket, hidden_size, cfg.top_k, cfg.num_experts, num_local, cfg.local_expert_offset, device=device
+    )
 
 
 class BF16MoE(MoELayer):

@@ -138,8 +138,9 @@ def _fp8_weights(shape: Shape, block: bool, **kw: Any) -> Any:
     w13, w2 = torch.empty(e, 2 * i, h, dtype=f8), torch.empty(e, h, i, dtype=f8)
     if block:
         cdiv = lambda a, b: -(-a // b)  # noqa: E731
-        return FP8BlockWeights(w13, torch.empty(e, cdiv(2 * i, 128), cdiv(h, 128)), w2,
-                               torch.empty(e, cdiv(h, 128), cdiv(i, 128)), **kw)
+        return FP8BlockWeights(
+            w13, torch.empty(e, cdiv(2 * i, 128), cdiv(h, 128)), w2, torch.empty(e, cdiv(h, 128), cdiv(i, 128)), **kw
+        )
     return FP8TensorWeights(w13, torch.empty(e), w2, torch.empty(e), **kw)
 
 
@@ -151,9 +152,14 @@ def _nvfp4_weights(shape: Shape) -> Any:
     e, h, i = shape.experts, shape.hidden, shape.inter
     f8 = torch.float8_e4m3fn
     # Zero codes and scales: the layout conversion reads them (uninitialized e4m3 may be NaN).
-    return NVFP4Weights(torch.zeros(e, 2 * i, h // 2, dtype=torch.uint8), torch.zeros(e, 2 * i, h // 16, dtype=f8),
-                        torch.ones(e, 2), torch.zeros(e, h, i // 2, dtype=torch.uint8),
-                        torch.zeros(e, h, i // 16, dtype=f8), torch.ones(e))
+    return NVFP4Weights(
+        torch.zeros(e, 2 * i, h // 2, dtype=torch.uint8),
+        torch.zeros(e, 2 * i, h // 16, dtype=f8),
+        torch.ones(e, 2),
+        torch.zeros(e, h, i // 2, dtype=torch.uint8),
+        torch.zeros(e, h, i // 16, dtype=f8),
+        torch.ones(e),
+    )
 
 
 def _static_scales() -> Dict[str, Any]:
@@ -176,8 +182,11 @@ def variants() -> List[Variant]:
     ]
     from moe_backend.kernels.registry import KERNELS
 
-    with_input = [Variant(v.name + "_weight_on_input", v.kernel, v.make_weights, True)
-                  for v in base if KERNELS[v.kernel].weight_on_input_defect is None]
+    with_input = [
+        Variant(v.name + "_weight_on_input", v.kernel, v.make_weights, True)
+        for v in base
+        if KERNELS[v.kernel].weight_on_input_defect is None
+    ]
     return base + with_input
 
 
@@ -222,9 +231,11 @@ def _prepare(kernel: Any, variant: Variant, shape: Shape) -> Any:
     prepared = kernel.prepare(one)
     if type(prepared) is type(one):
         return kernel.prepare(variant.make_weights(shape))
-    widened = {f.name: torch.empty((shape.experts, *v.shape[1:]), dtype=v.dtype)
-               for f in dataclasses.fields(prepared)
-               if isinstance(v := getattr(prepared, f.name), torch.Tensor)}
+    widened = {
+        f.name: torch.empty((shape.experts, *v.shape[1:]), dtype=v.dtype)
+        for f in dataclasses.fields(prepared)
+        if isinstance(v := getattr(prepared, f.name), torch.Tensor)
+    }
     return dataclasses.replace(prepared, **widened)
 
 
@@ -248,15 +259,24 @@ def _launch_all(capture: Capture, shapes: Tuple[Shape, ...], token_counts: Tuple
                     weights = torch.empty(t, shape.top_k, dtype=torch.float32)
                     out = torch.empty(t, shape.hidden, dtype=torch.bfloat16)
                     try:
-                        kernel.run(prepared, hidden, ids, weights, local_expert_offset=shape.expert_offset,
-                                   apply_router_weight_on_input=variant.weight_on_input, out=out, config=cfg)
+                        kernel.run(
+                            prepared,
+                            hidden,
+                            ids,
+                            weights,
+                            local_expert_offset=shape.expert_offset,
+                            apply_router_weight_on_input=variant.weight_on_input,
+                            out=out,
+                            config=cfg,
+                        )
                         capture.launches += 1
                     except ValueError:  # e.g. vLLM numerics on weights they do not hold for
                         capture.refused += 1
 
 
-def capture_specializations(shapes: Tuple[Shape, ...] = SHAPES,
-                            token_counts: Tuple[int, ...] = TOKEN_COUNTS) -> Capture:
+def capture_specializations(
+    shapes: Tuple[Shape, ...] = SHAPES, token_counts: Tuple[int, ...] = TOKEN_COUNTS
+) -> Capture:
     """Run every launch on CPU tensors; return each distinct specialization Triton would compile."""
     from triton import knobs
 
@@ -281,8 +301,9 @@ def configuration_key(data: str) -> str:
     """A specialization without the divisibility hints Triton derives from integer and pointer
     values (kernel, argument types, constexprs, compile options): what a configuration is."""
     spec = json.loads(data)
-    return json.dumps([spec["name"], spec["signature"], spec["constant_keys"], spec["constant_vals"],
-                       spec["options"]], sort_keys=True)
+    return json.dumps(
+        [spec["name"], spec["signature"], spec["constant_keys"], spec["constant_vals"], spec["options"]], sort_keys=True
+    )
 
 
 def distinct_configurations(specializations: List[str]) -> List[str]:
@@ -309,8 +330,11 @@ def compile_specialization(data: str) -> Dict[str, Any]:
     try:
         compiled = _jit_function(name).preload(data)
         shared = compiled.metadata.shared
-        error = None if shared <= MAX_SHARED_BYTES else (
-            f"needs {shared} bytes of shared memory, an sm_90 block has {MAX_SHARED_BYTES}")
+        error = (
+            None
+            if shared <= MAX_SHARED_BYTES
+            else (f"needs {shared} bytes of shared memory, an sm_90 block has {MAX_SHARED_BYTES}")
+        )
     except Exception:  # any compiler failure is this kernel's result, reported with the others
         shared, error = None, traceback.format_exc(limit=4)
     return dict(name=name, seconds=time.perf_counter() - start, shared=shared, error=error, data=data)
@@ -331,10 +355,14 @@ def compile_all(specializations: List[str], jobs: int) -> Iterator[Dict[str, Any
 def _describe(data: str) -> str:
     spec = json.loads(data)
     names = list(spec["signature"])
-    constants = {names[k[0]]: v for k, v in zip(spec["constant_keys"], spec["constant_vals"], strict=True) if len(k) == 1}
+    constants = {
+        names[k[0]]: v for k, v in zip(spec["constant_keys"], spec["constant_vals"], strict=True) if len(k) == 1
+    }
     opts = spec["options"]
-    return (f"{spec['name'].rpartition('.')[2]} num_warps={opts.get('num_warps')} "
-            f"num_stages={opts.get('num_stages')} {constants}")
+    return (
+        f"{spec['name'].rpartition('.')[2]} num_warps={opts.get('num_warps')} "
+        f"num_stages={opts.get('num_stages')} {constants}"
+    )
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -352,11 +380,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     start = time.perf_counter()
     shapes = tuple(s for s in SHAPES if not args.shapes or s.name in args.shapes)
     capture = capture_specializations(shapes, tuple(args.tokens or TOKEN_COUNTS))
-    specs = [data for data in distinct_configurations(list(capture.specializations))
-             if not args.kernels or json.loads(data)["name"].rpartition(".")[2] in args.kernels]
-    logger.info("Triton %s: %d launches (%d refused combinations) ask for %d kernel specializations, "
-                "%d distinct configurations (captured in %.1f s)", triton.__version__, capture.launches,
-                capture.refused, len(capture.specializations), len(specs), time.perf_counter() - start)
+    specs = [
+        data
+        for data in distinct_configurations(list(capture.specializations))
+        if not args.kernels or json.loads(data)["name"].rpartition(".")[2] in args.kernels
+    ]
+    logger.info(
+        "Triton %s: %d launches (%d refused combinations) ask for %d kernel specializations, "
+        "%d distinct configurations (captured in %.1f s)",
+        triton.__version__,
+        capture.launches,
+        capture.refused,
+        len(capture.specializations),
+        len(specs),
+        time.perf_counter() - start,
+    )
     if args.list:
         for data in specs:
             print(_describe(data))
@@ -373,9 +411,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     if failures:
         logger.error("FAILED: %s", ", ".join(_describe(r["data"]) for r in failures))
     slowest = max(results, key=lambda r: r["seconds"], default=None)
-    logger.info("Triton %s: %d of %d kernel specializations compiled for sm_90a in %.0f s%s",
-                triton.__version__, len(results) - len(failures), len(results), time.perf_counter() - start,
-                f" (slowest {slowest['seconds']:.1f} s: {_describe(slowest['data'])})" if slowest else "")
+    logger.info(
+        "Triton %s: %d of %d kernel specializations compiled for sm_90a in %.0f s%s",
+        triton.__version__,
+        len(results) - len(failures),
+        len(results),
+        time.perf_counter() - start,
+        f" (slowest {slowest['seconds']:.1f} s: {_describe(slowest['data'])})" if slowest else "",
+    )
     return 1 if failures else 0
 
 

@@ -51,6 +51,7 @@ def timed(calls: List[Callable[[], object]]) -> float:
     def step():
         graphs[state["i"] % len(graphs)].replay()
         state["i"] += 1
+
     return triton.testing.do_bench(step, warmup=10, rep=60, return_mode="median") * 1e3
 
 
@@ -64,22 +65,42 @@ def fp8_stages(layer: Layer, sets, cfg: Dict) -> Dict[str, float]:
         t, k = ids.shape
         r = align_block_size(ids, e, 0, cfg["BLOCK_M"])
         acc = torch.zeros(t, layer.h, dtype=torch.float32, device=hidden.device)
-        common = dict(num_pairs=t * k, top_k=k, block_scaled=True, ue8m0=False, weight_on_input=False,
-                      vllm_order=0)
-        g1 = dict(quant_on_load=True, a13_static=None, quant_out=False, a2_static=None, BLOCK_N=cfg["BLOCK_N1"],
-                  BLOCK_K=128, GROUP_M=1, num_warps=cfg["num_warps1"], num_stages=cfg["num_stages1"], **common)
+        common = dict(num_pairs=t * k, top_k=k, block_scaled=True, ue8m0=False, weight_on_input=False, vllm_order=0)
+        g1 = dict(
+            quant_on_load=True,
+            a13_static=None,
+            quant_out=False,
+            a2_static=None,
+            BLOCK_N=cfg["BLOCK_N1"],
+            BLOCK_K=128,
+            GROUP_M=1,
+            num_warps=cfg["num_warps1"],
+            num_stages=cfg["num_stages1"],
+            **common,
+        )
         y, ys = gemm1_fp8(hidden, None, w.w13, w.w13_scale, r, tw, acc, **g1)
         y = y.clone()
-        g2 = dict(quant_on_load=True, a2_static=None, atomic=True, BLOCK_N=cfg["BLOCK_N2"], BLOCK_K=128,
-                  SPLIT_K=cfg["SPLIT_K2"], GROUP_M=1, num_warps=cfg["num_warps2"], num_stages=cfg["num_stages2"],
-                  **common)
+        g2 = dict(
+            quant_on_load=True,
+            a2_static=None,
+            atomic=True,
+            BLOCK_N=cfg["BLOCK_N2"],
+            BLOCK_K=128,
+            SPLIT_K=cfg["SPLIT_K2"],
+            GROUP_M=1,
+            num_warps=cfg["num_warps2"],
+            num_stages=cfg["num_stages2"],
+            **common,
+        )
         res = torch.empty(t, layer.h, dtype=torch.bfloat16, device=hidden.device)
         prepared.append((hidden, ids, tw, r, acc, y, g1, g2, res))
     out["align"] = timed([lambda p=p: align_block_size(p[1], e, 0, cfg["BLOCK_M"]) for p in prepared])
-    out["gemm1"] = timed([lambda p=p: gemm1_fp8(p[0], None, w.w13, w.w13_scale, p[3], p[2], p[4], **p[6])
-                          for p in prepared])
-    out["gemm2"] = timed([lambda p=p: gemm2_fp8(p[5], None, w.w2, w.w2_scale, p[3], p[2], p[4], **p[7])
-                          for p in prepared])
+    out["gemm1"] = timed(
+        [lambda p=p: gemm1_fp8(p[0], None, w.w13, w.w13_scale, p[3], p[2], p[4], **p[6]) for p in prepared]
+    )
+    out["gemm2"] = timed(
+        [lambda p=p: gemm2_fp8(p[5], None, w.w2, w.w2_scale, p[3], p[2], p[4], **p[7]) for p in prepared]
+    )
     out["cast"] = timed([lambda p=p: cast_out(p[4], p[8]) for p in prepared])
     return out
 
@@ -95,17 +116,61 @@ def nvfp4_stages(layer: Layer, sets, cfg: Dict) -> Dict[str, float]:
         x = permute_activations(hidden, kw.w13.shape[2] * 8).clone()
         acc = torch.zeros(t, layer.h, dtype=torch.float32, device=hidden.device)
         common = dict(num_pairs=t * k, top_k=k, weight_on_input=False)
-        y = gemm1_nvfp4(x, kw.w13, kw.w13_scale, kw.w13_scale_2, r, tw, acc, BLOCK_N=cfg["BLOCK_N1"],
-                        GROUP_M=1, num_warps=cfg["num_warps1"], num_stages=cfg["num_stages1"], **common).clone()
+        y = gemm1_nvfp4(
+            x,
+            kw.w13,
+            kw.w13_scale,
+            kw.w13_scale_2,
+            r,
+            tw,
+            acc,
+            BLOCK_N=cfg["BLOCK_N1"],
+            GROUP_M=1,
+            num_warps=cfg["num_warps1"],
+            num_stages=cfg["num_stages1"],
+            **common,
+        ).clone()
         prepared.append((hidden, r, tw, x, acc, y, common))
     out["permute"] = timed([lambda p=p: permute_activations(p[0], kw.w13.shape[2] * 8) for p in prepared])
-    out["gemm1"] = timed([lambda p=p: gemm1_nvfp4(p[3], kw.w13, kw.w13_scale, kw.w13_scale_2, p[1], p[2], p[4],
-                                                  BLOCK_N=cfg["BLOCK_N1"], GROUP_M=1, num_warps=cfg["num_warps1"],
-                                                  num_stages=cfg["num_stages1"], **p[6]) for p in prepared])
-    out["gemm2"] = timed([lambda p=p: gemm2_nvfp4(p[5], kw.w2, kw.w2_scale, kw.w2_scale_2, p[1], p[2], p[4],
-                                                  BLOCK_N=cfg["BLOCK_N2"], SPLIT_K=cfg["SPLIT_K2"], GROUP_M=1,
-                                                  num_warps=cfg["num_warps2"], num_stages=cfg["num_stages2"],
-                                                  **p[6]) for p in prepared])
+    out["gemm1"] = timed(
+        [
+            lambda p=p: gemm1_nvfp4(
+                p[3],
+                kw.w13,
+                kw.w13_scale,
+                kw.w13_scale_2,
+                p[1],
+                p[2],
+                p[4],
+                BLOCK_N=cfg["BLOCK_N1"],
+                GROUP_M=1,
+                num_warps=cfg["num_warps1"],
+                num_stages=cfg["num_stages1"],
+                **p[6],
+            )
+            for p in prepared
+        ]
+    )
+    out["gemm2"] = timed(
+        [
+            lambda p=p: gemm2_nvfp4(
+                p[5],
+                kw.w2,
+                kw.w2_scale,
+                kw.w2_scale_2,
+                p[1],
+                p[2],
+                p[4],
+                BLOCK_N=cfg["BLOCK_N2"],
+                SPLIT_K=cfg["SPLIT_K2"],
+                GROUP_M=1,
+                num_warps=cfg["num_warps2"],
+                num_stages=cfg["num_stages2"],
+                **p[6],
+            )
+            for p in prepared
+        ]
+    )
     return out
 
 
@@ -145,8 +210,14 @@ def main() -> None:
         nv = layer.ours("nvfp4")
         for t in args.T:
             gen = torch.Generator().manual_seed(t)
-            sets = [(torch.randn(t, h, device=dev).to(torch.bfloat16), balanced_ids(t, k, e, gen, dev),
-                     torch.rand(t, k, generator=gen).to(dev)) for _ in range(INPUT_SETS)]
+            sets = [
+                (
+                    torch.randn(t, h, device=dev).to(torch.bfloat16),
+                    balanced_ids(t, k, e, gen, dev),
+                    torch.rand(t, k, generator=gen).to(dev),
+                )
+                for _ in range(INPUT_SETS)
+            ]
             res = torch.empty(t, h, dtype=torch.bfloat16, device=dev)
             row = dict(E=e, T=t)
             active = [torch.unique(s[1]).to(torch.int32) for s in sets]
@@ -164,10 +235,21 @@ def main() -> None:
             run = KERNELS["sm90_triton_fp8"].run
             for name, c in FP8_SCAN.items():
                 try:
-                    row[f"fp8_scan_{name}_us"] = timed([
-                        lambda s=s, c=c, run=run, kernel=kernel, res=res: run(
-                            kernel, s[0], s[1], s[2], local_expert_offset=0, apply_router_weight_on_input=False,
-                            out=res, config=c) for s in sets])
+                    row[f"fp8_scan_{name}_us"] = timed(
+                        [
+                            lambda s=s, c=c, run=run, kernel=kernel, res=res: run(
+                                kernel,
+                                s[0],
+                                s[1],
+                                s[2],
+                                local_expert_offset=0,
+                                apply_router_weight_on_input=False,
+                                out=res,
+                                config=c,
+                            )
+                            for s in sets
+                        ]
+                    )
                 except Exception as exc:  # a configuration that does not compile: record, go on
                     row[f"fp8_scan_{name}_us"] = f"failed: {type(exc).__name__}: {str(exc)[:200]}"
             if not args.no_nvfp4:
@@ -177,8 +259,7 @@ def main() -> None:
                 ncfg = nvfp4_moe.resolve_config(None, t, k, e)
                 row.update({f"nvfp4_{kk}_us": v for kk, v in nvfp4_stages(layer, sets, ncfg).items()})
             results.append(row)
-            print(json.dumps({kk: (round(v, 2) if isinstance(v, float) else v) for kk, v in row.items()}),
-                  flush=True)
+            print(json.dumps({kk: (round(v, 2) if isinstance(v, float) else v) for kk, v in row.items()}), flush=True)
     with open(args.out, "w") as f:
         json.dump(dict(device=torch.cuda.get_device_name(dev), rows=results), f, indent=1)
 

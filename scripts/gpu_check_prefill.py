@@ -42,9 +42,18 @@ def run_tests(out: Path) -> dict:
     import pytest
 
     started = time.perf_counter()
-    code = pytest.main(["-q", "-p", "no:cacheprovider", "--tb=short", "-rfE", f"--junitxml={out / 'tests.xml'}",
-                        str(ROOT / "tests/kernels/test_sm90_grouped_gpu.py"),
-                        str(ROOT / "tests/kernels/test_cute_env.py")])
+    code = pytest.main(
+        [
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "--tb=short",
+            "-rfE",
+            f"--junitxml={out / 'tests.xml'}",
+            str(ROOT / "tests/kernels/test_sm90_grouped_gpu.py"),
+            str(ROOT / "tests/kernels/test_cute_env.py"),
+        ]
+    )
     return {"exit_code": int(code), "passed": int(code) == 0, "seconds": round(time.perf_counter() - started, 1)}
 
 
@@ -52,8 +61,14 @@ def _inputs(t: int, e: int, sets: int, device: torch.device):
     from moe_backend.cli.bench import balanced_ids
 
     gen = torch.Generator().manual_seed(t + e)
-    return [(torch.randn(t, H, generator=gen).to(torch.bfloat16).to(device), balanced_ids(t, K, e, gen, device),
-             (torch.rand(t, K, generator=gen) + 0.1).to(device)) for _ in range(sets)]
+    return [
+        (
+            torch.randn(t, H, generator=gen).to(torch.bfloat16).to(device),
+            balanced_ids(t, K, e, gen, device),
+            (torch.rand(t, K, generator=gen) + 0.1).to(device),
+        )
+        for _ in range(sets)
+    ]
 
 
 def _bf16_weights(e: int, device: torch.device):
@@ -62,8 +77,8 @@ def _bf16_weights(e: int, device: torch.device):
     w13 = torch.empty(e, 2 * I, H, dtype=torch.bfloat16, device=device)
     w2 = torch.empty(e, H, I, dtype=torch.bfloat16, device=device)
     for x in range(e):  # one expert at a time: no fp32 copy of the whole layer
-        w13[x].normal_(0, H ** -0.5)
-        w2[x].normal_(0, I ** -0.5)
+        w13[x].normal_(0, H**-0.5)
+        w2[x].normal_(0, I**-0.5)
     return BF16Weights(w13, w2)
 
 
@@ -107,11 +122,24 @@ def time_shape(e: int, t: int, quick: bool) -> list:
     records = []
 
     def record(precision, impl, us, mode, **extra):
-        rec = dict(precision=precision, impl=impl, E=e, T=t, topk=K, hidden=H, inter=I, median_us=round(us, 1),
-                   tflops=round(_tflops(t * K, us), 1), mode=mode, **extra)
+        rec = dict(
+            precision=precision,
+            impl=impl,
+            E=e,
+            T=t,
+            topk=K,
+            hidden=H,
+            inter=I,
+            median_us=round(us, 1),
+            tflops=round(_tflops(t * K, us), 1),
+            mode=mode,
+            **extra,
+        )
         records.append(rec)
-        print(f"  {precision:6s} {impl:40s} E={e:3d} T={t:5d} {us:9.1f} us {rec['tflops']:7.1f} TFLOP/s ({mode})",
-              flush=True)
+        print(
+            f"  {precision:6s} {impl:40s} E={e:3d} T={t:5d} {us:9.1f} us {rec['tflops']:7.1f} TFLOP/s ({mode})",
+            flush=True,
+        )
 
     nvfp4 = random_nvfp4_weights(e, H, I, dev)
     triton_kernel = KERNELS["sm90_triton_nvfp4"]
@@ -122,6 +150,7 @@ def time_shape(e: int, t: int, quick: bool) -> list:
     for precision, weights in (("nvfp4", nvfp4), ("bf16", bf16)):
         best = None
         for cfg in CANDIDATE_CONFIGS:
+
             def run(s, cfg=cfg, weights=weights):
                 hidden, ids, topk_w = sets[s]
                 return fused_experts_grouped(hidden, weights, ids, topk_w, config=cfg, **kw)
@@ -147,18 +176,26 @@ def _summary(records: list) -> None:
                 continue
             best = min(grouped, key=lambda r: r["median_us"])
             tri = [r["median_us"] for r in rows if r["impl"].startswith("sm90_triton")]
-            print(f"{precision:9s} {e:4d} {t:5d} {tri[0] if tri else '-':>10} {best['median_us']:16.1f} "
-                  f"{best['tflops']:8.1f}")
+            print(
+                f"{precision:9s} {e:4d} {t:5d} {tri[0] if tri else '-':>10} {best['median_us']:16.1f} "
+                f"{best['tflops']:8.1f}"
+            )
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="shorter timing")
     parser.add_argument("--skip-tests", action="store_true", help="timing only")
-    parser.add_argument("--budget-s", type=float, default=0.0,
-                        help="start no new timed shape after this many seconds (0: no limit)")
-    parser.add_argument("--shape", action="append", default=None, metavar="E,T",
-                        help="time only these (repeatable; default: E 32/256 x T 1024/8192)")
+    parser.add_argument(
+        "--budget-s", type=float, default=0.0, help="start no new timed shape after this many seconds (0: no limit)"
+    )
+    parser.add_argument(
+        "--shape",
+        action="append",
+        default=None,
+        metavar="E,T",
+        help="time only these (repeatable; default: E 32/256 x T 1024/8192)",
+    )
     parser.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for the JSON (default $OUT)")
     args = parser.parse_args()
     shapes = [tuple(int(v) for v in sh.split(",")) for sh in args.shape] if args.shape else SHAPES

@@ -44,15 +44,40 @@ def _model_dir(num_experts: int) -> str:
     """config.json of a DeepSeek-V3 with these MoE shapes (SGLang's ServerArgs reads it; no weights)."""
     path = tempfile.mkdtemp()
     with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump({"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "hidden_size": H,
-                   "intermediate_size": 18432, "moe_intermediate_size": I, "num_hidden_layers": 4,
-                   "num_attention_heads": 128, "num_key_value_heads": 128, "n_routed_experts": num_experts - 1,
-                   "num_experts_per_tok": TOP_K - 1, "n_shared_experts": 1, "n_group": 8, "topk_group": 4,
-                   "routed_scaling_factor": SCALING, "first_k_dense_replace": 3, "vocab_size": 129280,
-                   "q_lora_rank": 1536, "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
-                   "v_head_dim": 128, "max_position_embeddings": 4096, "torch_dtype": "bfloat16",
-                   "quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128],
-                                           "activation_scheme": "dynamic"}}, f)
+        json.dump(
+            {
+                "architectures": ["DeepseekV3ForCausalLM"],
+                "model_type": "deepseek_v3",
+                "hidden_size": H,
+                "intermediate_size": 18432,
+                "moe_intermediate_size": I,
+                "num_hidden_layers": 4,
+                "num_attention_heads": 128,
+                "num_key_value_heads": 128,
+                "n_routed_experts": num_experts - 1,
+                "num_experts_per_tok": TOP_K - 1,
+                "n_shared_experts": 1,
+                "n_group": 8,
+                "topk_group": 4,
+                "routed_scaling_factor": SCALING,
+                "first_k_dense_replace": 3,
+                "vocab_size": 129280,
+                "q_lora_rank": 1536,
+                "kv_lora_rank": 512,
+                "qk_nope_head_dim": 128,
+                "qk_rope_head_dim": 64,
+                "v_head_dim": 128,
+                "max_position_embeddings": 4096,
+                "torch_dtype": "bfloat16",
+                "quantization_config": {
+                    "quant_method": "fp8",
+                    "fmt": "e4m3",
+                    "weight_block_size": [128, 128],
+                    "activation_scheme": "dynamic",
+                },
+            },
+            f,
+        )
     return path
 
 
@@ -79,8 +104,9 @@ def init_distributed() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    init_distributed_environment(world_size=1, rank=0, local_rank=0, backend="nccl",
-                                 distributed_init_method=f"tcp://127.0.0.1:{port}")
+    init_distributed_environment(
+        world_size=1, rank=0, local_rank=0, backend="nccl", distributed_init_method=f"tcp://127.0.0.1:{port}"
+    )
     if "tensor_model_parallel_size" in inspect.signature(initialize_model_parallel).parameters:
         initialize_model_parallel(tensor_model_parallel_size=1)
     else:
@@ -94,8 +120,8 @@ def quantized_experts(precision: str, num_experts: int, chunk: int = 16):
     parts = []
     for start in range(0, num_experts, chunk):
         n = min(chunk, num_experts - start)
-        w13 = torch.randn(n, 2 * I, H, device="cuda") / H ** 0.5
-        w2 = torch.randn(n, H, I, device="cuda") / I ** 0.5
+        w13 = torch.randn(n, 2 * I, H, device="cuda") / H**0.5
+        w2 = torch.randn(n, H, I, device="cuda") / I**0.5
         parts.append(WEIGHT_TYPES[precision].quantize(w13, w2))
         del w13, w2
     fields = {name: torch.cat([getattr(p, name) for p in parts]) for name in parts[0].tensors()}
@@ -110,21 +136,38 @@ def sglang_layer(precision: str, num_experts: int, weights) -> Any:
     if precision == "fp8_block":
         from sglang.srt.layers.quantization.fp8 import Fp8Config
 
-        quant = Fp8Config(is_checkpoint_fp8_serialized=True, activation_scheme="dynamic",
-                          weight_block_size=[128, 128])
-        names = {"w13_weight": "w13", "w2_weight": "w2", "w13_weight_scale_inv": "w13_scale",
-                 "w2_weight_scale_inv": "w2_scale"}
+        quant = Fp8Config(is_checkpoint_fp8_serialized=True, activation_scheme="dynamic", weight_block_size=[128, 128])
+        names = {
+            "w13_weight": "w13",
+            "w2_weight": "w2",
+            "w13_weight_scale_inv": "w13_scale",
+            "w2_weight_scale_inv": "w2_scale",
+        }
     else:
         from sglang.srt.layers.quantization.modelopt_quant import ModelOptFp4Config
 
         quant = ModelOptFp4Config(is_checkpoint_nvfp4_serialized=True, group_size=16, exclude_modules=[])
-        names = {"w13_weight": "w13", "w2_weight": "w2", "w13_weight_scale": "w13_scale",
-                 "w2_weight_scale": "w2_scale", "w13_weight_scale_2": "w13_scale_2",
-                 "w2_weight_scale_2": "w2_scale_2"}
+        names = {
+            "w13_weight": "w13",
+            "w2_weight": "w2",
+            "w13_weight_scale": "w13_scale",
+            "w2_weight_scale": "w2_scale",
+            "w13_weight_scale_2": "w13_scale_2",
+            "w2_weight_scale_2": "w2_scale_2",
+        }
     with torch.device("cuda"):
-        layer = FusedMoE(num_experts=num_experts, hidden_size=H, intermediate_size=I, layer_id=3, top_k=TOP_K,
-                         num_fused_shared_experts=1, params_dtype=torch.bfloat16, quant_config=quant,
-                         prefix="model.layers.3.mlp.experts", routed_scaling_factor=SCALING)
+        layer = FusedMoE(
+            num_experts=num_experts,
+            hidden_size=H,
+            intermediate_size=I,
+            layer_id=3,
+            top_k=TOP_K,
+            num_fused_shared_experts=1,
+            params_dtype=torch.bfloat16,
+            quant_config=quant,
+            prefix="model.layers.3.mlp.experts",
+            routed_scaling_factor=SCALING,
+        )
     params = dict(layer.named_parameters())
     for param, field in names.items():
         params[param].data.copy_(getattr(weights, field).reshape(params[param].shape))
@@ -142,8 +185,11 @@ def bind_ours(precision: str, layer: Any):
 
     # Marlin repacks NVFP4 in place: ours keeps the checkpoint layout, so it reads a copy.
     snapshot = SimpleNamespace(**{n: p.data.clone() for n, p in layer.named_parameters()})
-    weights = (binding.fp8_block_weights(snapshot, ue8m0=False) if precision == "fp8_block"
-               else binding.nvfp4_weights(snapshot))
+    weights = (
+        binding.fp8_block_weights(snapshot, ue8m0=False)
+        if precision == "fp8_block"
+        else binding.nvfp4_weights(snapshot)
+    )
     binding.bind(layer, weights)
     return binding.binding_of(layer)
 
@@ -153,7 +199,7 @@ def routing(tokens: int, num_experts: int, fused_in_topk: bool):
     scaling factor when SGLang folds it in), then the shared expert with the weight that cancels any
     later scaling (``fused_shared_expert_weight``)."""
     routed = num_experts - 1
-    ids = torch.stack([torch.randperm(routed, device="cuda")[:TOP_K - 1] for _ in range(tokens)]).to(torch.int32)
+    ids = torch.stack([torch.randperm(routed, device="cuda")[: TOP_K - 1] for _ in range(tokens)]).to(torch.int32)
     w = torch.rand(tokens, TOP_K - 1, device="cuda")
     w = w / w.sum(-1, keepdim=True) * (SCALING if fused_in_topk else 1.0)
     shared_w = 1.0 if fused_in_topk else 1.0 / SCALING
@@ -204,15 +250,26 @@ def compare(precision: str, num_experts: int, token_counts: List[int], tune: boo
         topk = StandardTopKOutput(w, ids, torch.zeros(tokens, num_experts, device="cuda"))
         theirs = layer(x.clone(), topk)  # SGLang's runner may work in place
         mine = binding.run(ours, x, ids, w)
-        row = dict(precision=precision, sglang_runner=runner_name(layer), E=num_experts, H=H, I=I,
-                   k=TOP_K, T=tokens, kernel=ours.layer.kernel_name(True), ours_vs_sglang=relative(mine, theirs),
-                   routed_scaling_in_runner=ours.routed_scaling_factor)
+        row = dict(
+            precision=precision,
+            sglang_runner=runner_name(layer),
+            E=num_experts,
+            H=H,
+            I=I,
+            k=TOP_K,
+            T=tokens,
+            kernel=ours.layer.kernel_name(True),
+            ours_vs_sglang=relative(mine, theirs),
+            routed_scaling_in_runner=ours.routed_scaling_factor,
+        )
         if tokens <= 256:
             scaled = w * ours.routed_scaling_factor if ours.routed_scaling_factor else w
             ref = reference_fused_experts(x, weights, ids, scaled)
             row.update(ours_vs_ref=relative(mine, ref), sglang_vs_ref=relative(theirs, ref))
-        row.update(sglang_ms=median_ms(lambda x=x, topk=topk: layer(x.clone(), topk)),
-                   ours_ms=median_ms(lambda x=x, ids=ids, w=w: binding.run(ours, x, ids, w)))
+        row.update(
+            sglang_ms=median_ms(lambda x=x, topk=topk: layer(x.clone(), topk)),
+            ours_ms=median_ms(lambda x=x, ids=ids, w=w: binding.run(ours, x, ids, w)),
+        )
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows
@@ -234,15 +291,22 @@ def main() -> int:
     rows: List[Dict] = []
     for precision in args.precisions.split(","):
         try:
-            rows += compare(precision, args.experts, [int(t) for t in args.tokens.split(",")], args.tune,
-                            model_dir)
+            rows += compare(precision, args.experts, [int(t) for t in args.tokens.split(",")], args.tune, model_dir)
             torch.cuda.empty_cache()  # the layers of one precision are gone once compare returns
         except Exception as err:  # one precision's failure (e.g. a missing compiled kernel) is a result too
             rows.append(dict(precision=precision, error=f"{type(err).__name__}: {err}"))
             print(json.dumps(rows[-1]), flush=True)
     with open(args.report, "w") as f:
-        json.dump({"sglang": sglang.__version__, "torch": torch.__version__,
-                   "gpu": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
+        json.dump(
+            {
+                "sglang": sglang.__version__,
+                "torch": torch.__version__,
+                "gpu": torch.cuda.get_device_name(),
+                "rows": rows,
+            },
+            f,
+            indent=1,
+        )
     return 0 if all("error" not in r for r in rows) else 1
 
 

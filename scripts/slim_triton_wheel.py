@@ -42,17 +42,38 @@ logger = logging.getLogger("slim_triton_wheel")
 
 #: Path prefixes inside the wheel that are dropped: the CUDA tools, the CUPTI libraries and
 #: Triton's own test tools (FileCheck, the instrumentation and plugin test libraries).
-DROPPED_PREFIXES = ("triton/backends/nvidia/bin/", "triton/backends/nvidia/lib/cupti", "triton/FileCheck",
-                    "triton/instrumentation/libGPUInstrumentationTestLib.so",
-                    "triton/plugins/libTritonPluginsTestLib.so")
+DROPPED_PREFIXES = (
+    "triton/backends/nvidia/bin/",
+    "triton/backends/nvidia/lib/cupti",
+    "triton/FileCheck",
+    "triton/instrumentation/libGPUInstrumentationTestLib.so",
+    "triton/plugins/libTritonPluginsTestLib.so",
+)
 ELF_MAGIC = b"\x7fELF"
 
 
 def download_wheel(version: str, python: str, dest: Path) -> Path:
     """``pip download`` the manylinux x86_64 CPython wheel of Triton ``version`` for ``python``."""
-    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                    "--python-version", python, "--platform", "manylinux_2_28_x86_64",
-                    "--implementation", "cp", f"triton=={version}", "-d", str(dest)], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--python-version",
+            python,
+            "--platform",
+            "manylinux_2_28_x86_64",
+            "--implementation",
+            "cp",
+            f"triton=={version}",
+            "-d",
+            str(dest),
+        ],
+        check=True,
+    )
     wheels = sorted(dest.glob(f"triton-{version}-*.whl"))
     if len(wheels) != 1:
         raise RuntimeError(f"expected one triton {version} wheel in {dest}, found {[w.name for w in wheels]}")
@@ -82,8 +103,11 @@ def slim_wheel(source: Path, out_dir: Path) -> Path:
         raise ValueError(f"out: must differ from the source wheel's folder, got {out_dir}")
     records: List[str] = []
     record_name = None
-    with tempfile.TemporaryDirectory() as tmp, zipfile.ZipFile(source) as src, \
-            zipfile.ZipFile(target, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as dst:
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        zipfile.ZipFile(source) as src,
+        zipfile.ZipFile(target, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as dst,
+    ):
         for info in src.infolist():
             name = info.filename
             if name.endswith(".dist-info/RECORD"):
@@ -103,8 +127,7 @@ def slim_wheel(source: Path, out_dir: Path) -> Path:
             raise ValueError(f"wheel: {source} has no .dist-info/RECORD")
         records.append(f"{record_name},,")
         dst.writestr(record_name, "\n".join(records) + "\n")
-    logger.info("%s: %.1f MiB -> %.1f MiB", source.name, source.stat().st_size / 2**20,
-                target.stat().st_size / 2**20)
+    logger.info("%s: %.1f MiB -> %.1f MiB", source.name, source.stat().st_size / 2**20, target.stat().st_size / 2**20)
     return target
 
 

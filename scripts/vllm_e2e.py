@@ -81,14 +81,18 @@ GRAPH_SIZES = [1, 2, 4, 8, 16]
 MAX_NUM_BATCHED_TOKENS = 512
 
 
-def make_checkpoints(work: Path, formats: Sequence[str] = ("bf16", *REFERENCE_BACKEND),
-                     dims: Optional[Dict[str, int]] = None) -> Dict[str, Path]:
+def make_checkpoints(
+    work: Path, formats: Sequence[str] = ("bf16", *REFERENCE_BACKEND), dims: Optional[Dict[str, int]] = None
+) -> Dict[str, Path]:
     """Tiny DeepSeek-V3 checkpoints under ``work/ckpt`` (default: bf16, the recomputation's base, FP8 block,
     NVFP4 and ModelOpt FP8 per-tensor) with :data:`MLA_DIMS` and ``dims`` (config.json sizes) set."""
-    sizes = [a for name, value in {**MLA_DIMS, **(dims or {})}.items()
-             for a in (f"--{name.replace('_', '-')}", str(value))]
-    subprocess.run([sys.executable, "-m", "moe_backend.cli", "make-checkpoint", str(work / "ckpt"),
-                    "--formats", *formats, *sizes], check=True)
+    sizes = [
+        a for name, value in {**MLA_DIMS, **(dims or {})}.items() for a in (f"--{name.replace('_', '-')}", str(value))
+    ]
+    subprocess.run(
+        [sys.executable, "-m", "moe_backend.cli", "make-checkpoint", str(work / "ckpt"), "--formats", *formats, *sizes],
+        check=True,
+    )
     return {f: work / "ckpt" / f for f in formats}
 
 
@@ -106,29 +110,45 @@ def generate(spec: dict) -> None:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    compilation = {"mode": 0, "cudagraph_mode": "NONE" if spec["eager"] else "FULL_DECODE_ONLY",
-                   "cudagraph_capture_sizes": GRAPH_SIZES}
+    compilation = {
+        "mode": 0,
+        "cudagraph_mode": "NONE" if spec["eager"] else "FULL_DECODE_ONLY",
+        "cudagraph_capture_sizes": GRAPH_SIZES,
+    }
     started = time.perf_counter()
     # moe_backend= (not kernel_config={...}): vLLM validates kernel_config before plugins load.
-    llm = LLM(model=spec["model"], moe_backend=spec["backend"], skip_tokenizer_init=True, max_model_len=256,
-              max_num_seqs=max(GRAPH_SIZES), max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS,
-              kv_cache_memory_bytes=2 << 30, enable_return_routed_experts=True, seed=0, enforce_eager=spec["eager"],
-              compilation_config=compilation, **spec.get("engine_args", {}))
+    llm = LLM(
+        model=spec["model"],
+        moe_backend=spec["backend"],
+        skip_tokenizer_init=True,
+        max_model_len=256,
+        max_num_seqs=max(GRAPH_SIZES),
+        max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS,
+        kv_cache_memory_bytes=2 << 30,
+        enable_return_routed_experts=True,
+        seed=0,
+        enforce_eager=spec["eager"],
+        compilation_config=compilation,
+        **spec.get("engine_args", {}),
+    )
     startup = time.perf_counter() - started
     started = time.perf_counter()
-    results = llm.generate([TokensPrompt(prompt_token_ids=p) for p in spec["prompts"]],
-                           SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"], ignore_eos=True,
-                                          detokenize=False))
-    record = {"startup_s": round(startup, 1), "generate_s": round(time.perf_counter() - started, 2),
-              "outputs": []}
+    results = llm.generate(
+        [TokensPrompt(prompt_token_ids=p) for p in spec["prompts"]],
+        SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"], ignore_eos=True, detokenize=False),
+    )
+    record = {"startup_s": round(startup, 1), "generate_s": round(time.perf_counter() - started, 2), "outputs": []}
     for r in results:
         c = r.outputs[0]
         routed = getattr(c, "routed_experts", None)
-        record["outputs"].append({"tokens": list(c.token_ids),
-                                  "routed_experts": None if routed is None else routed.tolist()})
+        record["outputs"].append(
+            {"tokens": list(c.token_ids), "routed_experts": None if routed is None else routed.tolist()}
+        )
     if spec.get("score"):
-        scored = llm.generate([TokensPrompt(prompt_token_ids=q) for q in spec["score"]],
-                              SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=1, detokenize=False))
+        scored = llm.generate(
+            [TokensPrompt(prompt_token_ids=q) for q in spec["score"]],
+            SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=1, detokenize=False),
+        )
         record["teacher_forced_top1"] = [top1_of_prompt(r.prompt_logprobs) for r in scored]
         routed = [getattr(r.outputs[0], "routed_experts", None) for r in scored]
         record["teacher_forced_routed"] = [None if x is None else x.tolist() for x in routed]
@@ -161,8 +181,9 @@ def _first_difference(a: List[int], b: List[int]) -> int:
     return next((i for i in range(n) if a[i] != b[i]), n)
 
 
-def routed_shape_problems(outputs: list, token_prompts: List[List[int]], config: dict,
-                          reference: list = None) -> List[str]:
+def routed_shape_problems(
+    outputs: list, token_prompts: List[List[int]], config: dict, reference: list = None
+) -> List[str]:
     """What is wrong with the shape and contents of the returned routed experts (empty: nothing).
 
     Rows: vLLM documents ``prompt + generated - 1``; where vLLM's own capture (``reference``)
@@ -213,15 +234,19 @@ def _shared_rows(ours: list, ref: list, token_prompts: List[List[int]]):
 
 def capture_agreement(ours: list, ref: list, token_prompts: List[List[int]], moe_layers: List[int]) -> float:
     """Expert sets equal between the two runs over each sequence's shared prefix, in ``moe_layers``."""
-    hits = [set(a[layer]) == set(b[layer]) for _, _, a, b in _shared_rows(ours, ref, token_prompts)
-            for layer in moe_layers]
+    hits = [
+        set(a[layer]) == set(b[layer]) for _, _, a, b in _shared_rows(ours, ref, token_prompts) for layer in moe_layers
+    ]
     return sum(hits) / max(len(hits), 1)
 
 
 def capture_mismatches(ours: list, ref: list, token_prompts: List[List[int]], layer: int) -> List[dict]:
     """The (prompt, row) of the shared prefix whose expert sets differ in ``layer`` (at most 8)."""
-    return [{"prompt": i, "row": t, "in_prompt": t < len(token_prompts[i]), "ours": a[layer], "reference": b[layer]}
-            for i, t, a, b in _shared_rows(ours, ref, token_prompts) if set(a[layer]) != set(b[layer])][:8]
+    return [
+        {"prompt": i, "row": t, "in_prompt": t < len(token_prompts[i]), "ours": a[layer], "reference": b[layer]}
+        for i, t, a, b in _shared_rows(ours, ref, token_prompts)
+        if set(a[layer]) != set(b[layer])
+    ][:8]
 
 
 def recompute(bf16: Path, ckpt: Path, sequences: List[List[int]]) -> "tuple[List[Dict[int, list]], List[List[int]]]":
@@ -266,16 +291,21 @@ def recompute(bf16: Path, ckpt: Path, sequences: List[List[int]]) -> "tuple[List
 def top1_hits(outputs: list, top1: List[List[int]], token_prompts: List[List[int]]) -> List[bool]:
     """Per generated position of ``prompt + outputs' tokens``: is the token the top-1 predicted there?
     (``top1[j]`` is the prediction for position j + 1 of the sequence.)"""
-    return [predicted[len(prompt) + i - 1] == token
-            for out, predicted, prompt in zip(outputs, top1, token_prompts, strict=True)
-            for i, token in enumerate(out["tokens"])]
+    return [
+        predicted[len(prompt) + i - 1] == token
+        for out, predicted, prompt in zip(outputs, top1, token_prompts, strict=True)
+        for i, token in enumerate(out["tokens"])
+    ]
 
 
 def routing_hits(routed: list, recomputed: List[Dict[int, list]], rows: List[int]) -> List[bool]:
     """Per (sequence, MoE layer, token < rows[sequence]): does the expert set match the recomputation?"""
-    return [set(seq_rows[t][layer]) == set(ids[t])
-            for seq_rows, ref, n in zip(routed, recomputed, rows, strict=True)
-            for layer, ids in ref.items() for t in range(n)]
+    return [
+        set(seq_rows[t][layer]) == set(ids[t])
+        for seq_rows, ref, n in zip(routed, recomputed, rows, strict=True)
+        for layer, ids in ref.items()
+        for t in range(n)
+    ]
 
 
 def paired(ours: List[bool], reference: List[bool]) -> dict:
@@ -284,18 +314,28 @@ def paired(ours: List[bool], reference: List[bool]) -> dict:
     n = len(ours)
     diff = sum(ours) - sum(reference)
     discordant = sum(a != b for a, b in zip(ours, reference, strict=True))
-    return {"moe_backend": sum(ours) / max(n, 1), "reference": sum(reference) / max(n, 1), "items": n,
-            "discordant": discordant, "z": diff / discordant ** 0.5 if discordant else 0.0}
+    return {
+        "moe_backend": sum(ours) / max(n, 1),
+        "reference": sum(reference) / max(n, 1),
+        "items": n,
+        "discordant": discordant,
+        "z": diff / discordant**0.5 if discordant else 0.0,
+    }
 
 
 def run_spec(flavour: str, backend: str, ckpts: Dict[str, Path], token_prompts, args, out: Path) -> dict:
     """The :func:`generate` spec of one run of ``flavour``'s checkpoint with ``backend``."""
-    return {"model": str(ckpts[flavour]), "backend": backend, "prompts": token_prompts,
-            "max_tokens": args.max_tokens, "eager": args.eager, "out": str(out)}
+    return {
+        "model": str(ckpts[flavour]),
+        "backend": backend,
+        "prompts": token_prompts,
+        "max_tokens": args.max_tokens,
+        "eager": args.eager,
+        "out": str(out),
+    }
 
 
-def check_parity(flavour: str, ckpts: Dict[str, Path], token_prompts, args, work: Path, entry: dict,
-                 ref: dict) -> bool:
+def check_parity(flavour: str, ckpts: Dict[str, Path], token_prompts, args, work: Path, entry: dict, ref: dict) -> bool:
     """Run ours with the flavour's :data:`PARITY_NUMERICS`; its greedy tokens must equal ``ref``'s
     in every sequence (True where the flavour has no such numerics)."""
     numerics = PARITY_NUMERICS.get(flavour)
@@ -308,16 +348,17 @@ def check_parity(flavour: str, ckpts: Dict[str, Path], token_prompts, args, work
     if "error" in run:
         return False
     outputs = run["outputs"]
-    result["identical_sequences"] = sum(a["tokens"] == b["tokens"]
-                                        for a, b in zip(outputs, ref["outputs"], strict=True))
+    result["identical_sequences"] = sum(
+        a["tokens"] == b["tokens"] for a, b in zip(outputs, ref["outputs"], strict=True)
+    )
     result["token_agreement"] = token_agreement(outputs, ref["outputs"])
-    result["routed_experts_equal"] = sum(a["routed_experts"] == b["routed_experts"]
-                                         for a, b in zip(outputs, ref["outputs"], strict=True))
+    result["routed_experts_equal"] = sum(
+        a["routed_experts"] == b["routed_experts"] for a, b in zip(outputs, ref["outputs"], strict=True)
+    )
     return bool(run["served_by_moe_backend"]) and result["identical_sequences"] == len(token_prompts)
 
 
-def check_flavour(flavour: str, ckpts: Dict[str, Path], token_prompts, args, work: Path, report: dict,
-                  save) -> bool:
+def check_flavour(flavour: str, ckpts: Dict[str, Path], token_prompts, args, work: Path, report: dict, save) -> bool:
     config = json.loads((ckpts[flavour] / "config.json").read_text())
     moe_layers = list(range(config["first_k_dense_replace"], config["num_hidden_layers"]))
     entry: dict = {"reference": REFERENCE_BACKEND[flavour]}
@@ -329,40 +370,54 @@ def check_flavour(flavour: str, ckpts: Dict[str, Path], token_prompts, args, wor
         if backend == "moe_backend" and "outputs" in ref_run:
             spec["score"] = [p + o["tokens"] for p, o in zip(token_prompts, ref_run["outputs"], strict=True)]
         runs[backend] = run_child(spec, work / f"{flavour}-{backend}.log", args.budget)
-        entry[backend] = {k: v for k, v in runs[backend].items()
-                          if k not in ("outputs", "teacher_forced_top1", "teacher_forced_routed")}
+        entry[backend] = {
+            k: v
+            for k, v in runs[backend].items()
+            if k not in ("outputs", "teacher_forced_top1", "teacher_forced_routed")
+        }
         save()
     ours, ref = runs["moe_backend"], runs[REFERENCE_BACKEND[flavour]]
     if "error" in ours or "error" in ref:
         return False
     entry["served_by_moe_backend"] = bool(ours["served_by_moe_backend"]) and not ref["served_by_moe_backend"]
-    entry["teacher_forced_agreement"] = teacher_forced_agreement(ours["teacher_forced_top1"], ref["outputs"],
-                                                                 token_prompts)
+    entry["teacher_forced_agreement"] = teacher_forced_agreement(
+        ours["teacher_forced_top1"], ref["outputs"], token_prompts
+    )
     entry["token_agreement"] = token_agreement(ours["outputs"], ref["outputs"])
-    entry["first_token_equal"] = sum(a["tokens"][:1] == b["tokens"][:1]
-                                     for a, b in zip(ours["outputs"], ref["outputs"], strict=True))
-    entry["identical_sequences"] = sum(a["tokens"] == b["tokens"]
-                                       for a, b in zip(ours["outputs"], ref["outputs"], strict=True))
+    entry["first_token_equal"] = sum(
+        a["tokens"][:1] == b["tokens"][:1] for a, b in zip(ours["outputs"], ref["outputs"], strict=True)
+    )
+    entry["identical_sequences"] = sum(
+        a["tokens"] == b["tokens"] for a, b in zip(ours["outputs"], ref["outputs"], strict=True)
+    )
     entry["routed_shape_problems"] = routed_shape_problems(ours["outputs"], token_prompts, config, ref["outputs"])
     entry["routed_rows"] = [None if o["routed_experts"] is None else len(o["routed_experts"]) for o in ours["outputs"]]
     entry["capture_agreement_by_layer"] = {
-        layer: capture_agreement(ours["outputs"], ref["outputs"], token_prompts, [layer]) for layer in moe_layers}
+        layer: capture_agreement(ours["outputs"], ref["outputs"], token_prompts, [layer]) for layer in moe_layers
+    }
     save()
     parity_ok = check_parity(flavour, ckpts, token_prompts, args, work, entry, ref)
     save()
     entry["capture_mismatches"] = capture_mismatches(ours["outputs"], ref["outputs"], token_prompts, moe_layers[0])
     try:
-        routing, top1 = recompute(ckpts["bf16"], ckpts[flavour], [p + o["tokens"] for p, o in
-                                                                   zip(token_prompts, ref["outputs"], strict=True)])
+        routing, top1 = recompute(
+            ckpts["bf16"], ckpts[flavour], [p + o["tokens"] for p, o in zip(token_prompts, ref["outputs"], strict=True)]
+        )
         ours_rows, ref_rows = ours["teacher_forced_routed"], [o["routed_experts"] for o in ref["outputs"]]
-        rows = [min(len(a or []), len(b or []), len(p) + len(o["tokens"]))
-                for a, b, p, o in zip(ours_rows, ref_rows, token_prompts, ref["outputs"], strict=True)]
-        entry["routing_agreement"] = paired(routing_hits(ours_rows, routing, rows),
-                                            routing_hits(ref_rows, routing, rows))
-        forced = [{"tokens": [predicted[len(p) + i - 1] for i in range(len(o["tokens"]))]}
-                  for predicted, p, o in zip(ours["teacher_forced_top1"], token_prompts, ref["outputs"], strict=True)]
-        entry["exact_agreement"] = paired(top1_hits(forced, top1, token_prompts),
-                                          top1_hits(ref["outputs"], top1, token_prompts))
+        rows = [
+            min(len(a or []), len(b or []), len(p) + len(o["tokens"]))
+            for a, b, p, o in zip(ours_rows, ref_rows, token_prompts, ref["outputs"], strict=True)
+        ]
+        entry["routing_agreement"] = paired(
+            routing_hits(ours_rows, routing, rows), routing_hits(ref_rows, routing, rows)
+        )
+        forced = [
+            {"tokens": [predicted[len(p) + i - 1] for i in range(len(o["tokens"]))]}
+            for predicted, p, o in zip(ours["teacher_forced_top1"], token_prompts, ref["outputs"], strict=True)
+        ]
+        entry["exact_agreement"] = paired(
+            top1_hits(forced, top1, token_prompts), top1_hits(ref["outputs"], top1, token_prompts)
+        )
     except Exception as err:  # noqa: BLE001  the vLLM checks above stand on their own
         entry["routing_agreement"] = entry["exact_agreement"] = None
         entry["recompute_error"] = f"{type(err).__name__}: {err}"
@@ -376,11 +431,13 @@ def check_flavour(flavour: str, ckpts: Dict[str, Path], token_prompts, args, wor
     }
     if routing is not None:
         entry["predicted_floor"] = exact["moe_backend"] + exact["reference"] - 1
-        checks.update({
-            "routing": routing["z"] >= -MAX_WORSE_Z,
-            "exact_agreement": exact["z"] >= -MAX_WORSE_Z,
-            "teacher_forced": entry["teacher_forced_agreement"] >= entry["predicted_floor"] - SLACK,
-        })
+        checks.update(
+            {
+                "routing": routing["z"] >= -MAX_WORSE_Z,
+                "exact_agreement": exact["z"] >= -MAX_WORSE_Z,
+                "teacher_forced": entry["teacher_forced_agreement"] >= entry["predicted_floor"] - SLACK,
+            }
+        )
     entry["checks"] = checks
     entry["ok"] = all(checks.values())
     save()
@@ -409,11 +466,22 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     report_path = args.report or work / "report.json"
     report_path.parent.mkdir(parents=True, exist_ok=True)
-    report: dict = {"thresholds": {"first_moe_layer_capture": 1.0,
-                                   "slack": SLACK, "max_worse_z": MAX_WORSE_Z, "parity_numerics": PARITY_NUMERICS},
-                    "settings": {"prompts": args.prompts, "max_tokens": args.max_tokens, "eager": args.eager,
-                                 "graph_sizes": [] if args.eager else GRAPH_SIZES, "mla_dims": MLA_DIMS},
-                    "flavours": {}}
+    report: dict = {
+        "thresholds": {
+            "first_moe_layer_capture": 1.0,
+            "slack": SLACK,
+            "max_worse_z": MAX_WORSE_Z,
+            "parity_numerics": PARITY_NUMERICS,
+        },
+        "settings": {
+            "prompts": args.prompts,
+            "max_tokens": args.max_tokens,
+            "eager": args.eager,
+            "graph_sizes": [] if args.eager else GRAPH_SIZES,
+            "mla_dims": MLA_DIMS,
+        },
+        "flavours": {},
+    }
     started = time.perf_counter()
 
     def save() -> None:
@@ -424,8 +492,11 @@ def main() -> int:
         import torch
         import vllm
 
-        report["versions"] = {"vllm": vllm.__version__, "torch": torch.__version__,
-                              "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+        report["versions"] = {
+            "vllm": vllm.__version__,
+            "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        }
     except Exception as err:  # noqa: BLE001
         report["versions"] = {"error": f"{type(err).__name__}: {err}"}
     ckpts = make_checkpoints(work)

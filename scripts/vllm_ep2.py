@@ -53,8 +53,12 @@ EP_SIZE = 2
 #: ``LLM`` arguments of every run: two GPUs, experts split between them, NCCL for the all-reduce.
 ENGINE_ARGS = {"tensor_parallel_size": EP_SIZE, "enable_expert_parallel": True, "disable_custom_all_reduce": True}
 #: The GPU machines require NVLink multicast off (also in a child's own environment).
-MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1",
-                 "VLLM_ALLREDUCE_USE_SYMM_MEM": "0"}
+MULTICAST_OFF = {
+    "NCCL_NVLS_ENABLE": "0",
+    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+    "NVSHMEM_DISABLE_NVLS": "1",
+    "VLLM_ALLREDUCE_USE_SYMM_MEM": "0",
+}
 #: On top of vllm_e2e's MLA dims: the shared expert's 256 rows split over two ranks in whole 128-row
 #: FP8 blocks, and each rank keeps the 4 attention heads the single-GPU runs had.
 EP_DIMS = {"moe_intermediate_size": 256, "num_attention_heads": 8}
@@ -67,8 +71,10 @@ RUNS = {
     "moe_backend_accurate": ("moe_backend", {}),
 }
 #: The plugin's per-rank warm-up line (``integrations/vllm/warmup.py``).
-WARMUP_LINE = re.compile(r"tuning warm-up of (\d+) MoE layers for up to (\d+) tokens took ([\d.]+) s "
-                         r"\(rank (\d+), experts (.+)\)$")
+WARMUP_LINE = re.compile(
+    r"tuning warm-up of (\d+) MoE layers for up to (\d+) tokens took ([\d.]+) s "
+    r"\(rank (\d+), experts (.+)\)$"
+)
 
 
 def tp_block_problems(config: dict, tp: int) -> List[str]:
@@ -81,8 +87,11 @@ def tp_block_problems(config: dict, tp: int) -> List[str]:
         "dense MLP intermediate": config["intermediate_size"],
         "shared expert intermediate": config["moe_intermediate_size"] * config["n_shared_experts"],
     }
-    return [f"{name}: {size} over {tp} ranks is not whole {FP8_BLOCK}-blocks" for name, size in split.items()
-            if size % (tp * FP8_BLOCK)]
+    return [
+        f"{name}: {size} over {tp} ranks is not whole {FP8_BLOCK}-blocks"
+        for name, size in split.items()
+        if size % (tp * FP8_BLOCK)
+    ]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,8 +112,12 @@ def rank_warmups(lines: List[str]) -> Dict[int, dict]:
         m = WARMUP_LINE.search(line)
         if m:
             layers, tokens, seconds, rank, experts = m.groups()
-            out[int(rank)] = {"layers": int(layers), "max_tokens": int(tokens), "seconds": float(seconds),
-                              "experts": experts}
+            out[int(rank)] = {
+                "layers": int(layers),
+                "max_tokens": int(tokens),
+                "seconds": float(seconds),
+                "experts": experts,
+            }
     return out
 
 
@@ -118,10 +131,14 @@ def warmup_problems(warmups: Dict[int, dict], num_experts: int, moe_layers: int,
         if got is None:
             problems.append(f"rank {rank}: no tuning warm-up logged")
             continue
-        want = {"layers": moe_layers, "max_tokens": max_tokens,
-                "experts": f"[{rank * share}, {(rank + 1) * share}) of {num_experts}"}
-        problems += [f"rank {rank}: {key} {got[key]!r}, expected {value!r}" for key, value in want.items()
-                     if got[key] != value]
+        want = {
+            "layers": moe_layers,
+            "max_tokens": max_tokens,
+            "experts": f"[{rank * share}, {(rank + 1) * share}) of {num_experts}",
+        }
+        problems += [
+            f"rank {rank}: {key} {got[key]!r}, expected {value!r}" for key, value in want.items() if got[key] != value
+        ]
     problems += [f"rank {rank}: not an EP rank" for rank in warmups if rank >= EP_SIZE]
     return problems
 
@@ -137,26 +154,36 @@ def compare(ours: dict, ref: dict, token_prompts: List[List[int]], config: dict)
         "routed_experts_equal": sum(x["routed_experts"] == y["routed_experts"] for x, y in zip(a, b, strict=True)),
         "routed_shape_problems": routed_shape_problems(a, token_prompts, config, b),
         "rank_warmups": rank_warmups(ours["tuning_warmup"]),
-        "warmup_problems": warmup_problems(rank_warmups(ours["tuning_warmup"]), config["n_routed_experts"],
-                                           moe_layers, MAX_NUM_BATCHED_TOKENS),
+        "warmup_problems": warmup_problems(
+            rank_warmups(ours["tuning_warmup"]), config["n_routed_experts"], moe_layers, MAX_NUM_BATCHED_TOKENS
+        ),
     }
 
 
 def checks(entry: dict, parity: bool, prompts_count: int) -> Dict[str, bool]:
     """The pass/fail checks of one of our runs' :func:`compare` entry (``parity``: the vllm_triton run)."""
-    out = {"served": entry["served_by_moe_backend"], "routed_shape": not entry["routed_shape_problems"],
-           "rank_warmups": not entry["warmup_problems"]}
+    out = {
+        "served": entry["served_by_moe_backend"],
+        "routed_shape": not entry["routed_shape_problems"],
+        "rank_warmups": not entry["warmup_problems"],
+    }
     if parity:
         out["identical_sequences"] = entry["identical_sequences"] == prompts_count
         out["routed_experts_equal"] = entry["routed_experts_equal"] == prompts_count
     return out
 
 
-def run_spec(model: Path, backend: str, token_prompts: List[List[int]], args: argparse.Namespace,
-             out: Path) -> dict:
+def run_spec(model: Path, backend: str, token_prompts: List[List[int]], args: argparse.Namespace, out: Path) -> dict:
     """The ``vllm_e2e.generate`` spec of one run, with the EP engine arguments."""
-    return {"model": str(model), "backend": backend, "prompts": token_prompts, "max_tokens": args.max_tokens,
-            "eager": args.eager, "out": str(out), "engine_args": ENGINE_ARGS}
+    return {
+        "model": str(model),
+        "backend": backend,
+        "prompts": token_prompts,
+        "max_tokens": args.max_tokens,
+        "eager": args.eager,
+        "out": str(out),
+        "engine_args": ENGINE_ARGS,
+    }
 
 
 def versions() -> dict:
@@ -164,8 +191,12 @@ def versions() -> dict:
         import torch
         import vllm
 
-        return {"vllm": vllm.__version__, "torch": torch.__version__, "gpus": torch.cuda.device_count(),
-                "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+        return {
+            "vllm": vllm.__version__,
+            "torch": torch.__version__,
+            "gpus": torch.cuda.device_count(),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        }
     except Exception as err:  # noqa: BLE001  the report says why
         return {"error": f"{type(err).__name__}: {err}"}
 
@@ -183,10 +214,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     report_path = args.report or work / "ep2.json"
     report_path.parent.mkdir(parents=True, exist_ok=True)
-    report: dict = {"settings": {"prompts": args.prompts, "max_tokens": args.max_tokens, "eager": args.eager,
-                                 "engine_args": ENGINE_ARGS, "env": MULTICAST_OFF, "dims": EP_DIMS,
-                                 "max_num_batched_tokens": MAX_NUM_BATCHED_TOKENS},
-                    "versions": versions(), "runs": {}, "checks": {}}
+    report: dict = {
+        "settings": {
+            "prompts": args.prompts,
+            "max_tokens": args.max_tokens,
+            "eager": args.eager,
+            "engine_args": ENGINE_ARGS,
+            "env": MULTICAST_OFF,
+            "dims": EP_DIMS,
+            "max_num_batched_tokens": MAX_NUM_BATCHED_TOKENS,
+        },
+        "versions": versions(),
+        "runs": {},
+        "checks": {},
+    }
     started = time.perf_counter()
 
     def save() -> None:
@@ -203,10 +244,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     token_prompts = prompts(args.prompts, config["vocab_size"])
     runs = {}
     for name, (backend, env) in RUNS.items():
-        runs[name] = run_child(__file__, run_spec(model, backend, token_prompts, args, work / f"{name}.json"),
-                               work / f"{name}.log", budget, {**MULTICAST_OFF, **env})
-        report["runs"][name] = {"backend": backend, "env": env,
-                                **{k: v for k, v in runs[name].items() if k != "outputs"}}
+        runs[name] = run_child(
+            __file__,
+            run_spec(model, backend, token_prompts, args, work / f"{name}.json"),
+            work / f"{name}.log",
+            budget,
+            {**MULTICAST_OFF, **env},
+        )
+        report["runs"][name] = {
+            "backend": backend,
+            "env": env,
+            **{k: v for k, v in runs[name].items() if k != "outputs"},
+        }
         save()
     ref = runs["triton"]
     for name in ("moe_backend", "moe_backend_accurate"):

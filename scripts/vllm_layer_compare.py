@@ -47,18 +47,29 @@ def vllm_modular(x: torch.Tensor, w, ids: torch.Tensor, topk_w: torch.Tensor) ->
     block = [128, 128]
     config = try_get_optimal_moe_config(w.w13.shape, w.w2.shape, top_k, "fp8_w8a8", t, block_shape=block)
     qx, qx_scale = per_token_group_quant_fp8(x, 128)
-    sorted_ids, expert_ids, padded = _prepare_expert_assignment(ids, config, t, top_k, num_experts, None,
-                                                                block_shape=block)
-    kinds = dict(compute_type=tl.bfloat16, use_fp8_w8a8=True, use_int8_w8a8=False, use_int8_w8a16=False,
-                 use_int4_w4a16=False, per_channel_quant=False, block_shape=block)
+    sorted_ids, expert_ids, padded = _prepare_expert_assignment(
+        ids, config, t, top_k, num_experts, None, block_shape=block
+    )
+    kinds = dict(
+        compute_type=tl.bfloat16,
+        use_fp8_w8a8=True,
+        use_int8_w8a8=False,
+        use_int8_w8a16=False,
+        use_int4_w4a16=False,
+        per_channel_quant=False,
+        block_shape=block,
+    )
     cache1 = torch.empty(t, top_k, two_i, dtype=torch.bfloat16, device=x.device)
-    invoke_fused_moe_triton_kernel(qx, w.w13, cache1, qx_scale, w.w13_scale, None, sorted_ids, expert_ids, padded,
-                                   False, top_k, config, **kinds)
-    q2, q2_scale = ops.silu_and_mul_per_block_quant(cache1.view(-1, two_i), group_size=128,
-                                                     quant_dtype=torch.float8_e4m3fn)
+    invoke_fused_moe_triton_kernel(
+        qx, w.w13, cache1, qx_scale, w.w13_scale, None, sorted_ids, expert_ids, padded, False, top_k, config, **kinds
+    )
+    q2, q2_scale = ops.silu_and_mul_per_block_quant(
+        cache1.view(-1, two_i), group_size=128, quant_dtype=torch.float8_e4m3fn
+    )
     cache3 = torch.empty(t, top_k, h, dtype=torch.bfloat16, device=x.device)
-    invoke_fused_moe_triton_kernel(q2, w.w2, cache3, q2_scale, w.w2_scale, topk_w, sorted_ids, expert_ids, padded,
-                                   True, 1, config, **kinds)
+    invoke_fused_moe_triton_kernel(
+        q2, w.w2, cache3, q2_scale, w.w2_scale, topk_w, sorted_ids, expert_ids, padded, True, 1, config, **kinds
+    )
     out = torch.empty(t, h, dtype=torch.bfloat16, device=x.device)
     ops.moe_sum(cache3, out)
     return out
@@ -68,8 +79,10 @@ def problem(weights_type, num_experts: int, hidden: int, inter: int, tokens: int
     """Random experts quantized as ``weights_type``, bf16 inputs ``[T, H]``, distinct expert ids
     ``[T, k]`` int32 and softmaxed router weights, on the GPU."""
     dev = "cuda"
-    w = weights_type.quantize(torch.randn(num_experts, 2 * inter, hidden, device=dev) / hidden ** 0.5,
-                              torch.randn(num_experts, hidden, inter, device=dev) / inter ** 0.5)
+    w = weights_type.quantize(
+        torch.randn(num_experts, 2 * inter, hidden, device=dev) / hidden**0.5,
+        torch.randn(num_experts, hidden, inter, device=dev) / inter**0.5,
+    )
     x = torch.randn(tokens, hidden, device=dev).to(torch.bfloat16)
     ids = torch.stack([torch.randperm(num_experts, device=dev)[:top_k] for _ in range(tokens)]).to(torch.int32)
     topk_w = torch.rand(tokens, top_k, device=dev).softmax(-1)
@@ -102,14 +115,26 @@ def compare(num_experts: int, hidden: int, inter: int, tokens: int, top_k: int) 
     theirs = fused_experts(x, w.w13, w.w2, topk_w, ids, quant_config=quant)
     ref = reference_fused_experts(x, w, ids, topk_w)
     exact = exact_output(w, x, ids, topk_w)
-    return dict(E=num_experts, H=hidden, I=inter, T=tokens, k=top_k, kernel=layer.kernel_name(True),
-                parity_equal=(ours_vllm == modular).float().mean().item(),
-                parity_rel=relative(ours_vllm, modular), accurate_equal=(ours == modular).float().mean().item(),
-                ours_vs_vllm_modular=relative(ours, modular), vllm_modular_vs_impl=relative(modular, theirs),
-                ours_vllm_vs_exact=relative(ours_vllm, exact),
-                ours_vs_vllm=relative(ours, theirs), ours_vs_ref=relative(ours, ref), vllm_vs_ref=relative(theirs, ref),
-                ours_vs_exact=relative(ours, exact), vllm_vs_exact=relative(theirs, exact),
-                ref_vs_exact=relative(ref, exact))
+    return dict(
+        E=num_experts,
+        H=hidden,
+        I=inter,
+        T=tokens,
+        k=top_k,
+        kernel=layer.kernel_name(True),
+        parity_equal=(ours_vllm == modular).float().mean().item(),
+        parity_rel=relative(ours_vllm, modular),
+        accurate_equal=(ours == modular).float().mean().item(),
+        ours_vs_vllm_modular=relative(ours, modular),
+        vllm_modular_vs_impl=relative(modular, theirs),
+        ours_vllm_vs_exact=relative(ours_vllm, exact),
+        ours_vs_vllm=relative(ours, theirs),
+        ours_vs_ref=relative(ours, ref),
+        vllm_vs_ref=relative(theirs, ref),
+        ours_vs_exact=relative(ours, exact),
+        vllm_vs_exact=relative(theirs, exact),
+        ref_vs_exact=relative(ref, exact),
+    )
 
 
 def compare_per_tensor(num_experts: int, hidden: int, inter: int, tokens: int, top_k: int) -> dict:
@@ -125,13 +150,22 @@ def compare_per_tensor(num_experts: int, hidden: int, inter: int, tokens: int, t
     w.a13_scale = (x.float().abs().amax() / 448.0).reshape(1)
     w.a2_scale = torch.tensor([0.5 / 448.0], device=x.device)
     ours = FP8TensorMoE(w, MoEConfig(num_experts=num_experts, top_k=top_k)).experts(x, ids, topk_w)
-    quant = fp8_w8a8_moe_quant_config(w1_scale=w.w13_scale, w2_scale=w.w2_scale, a1_scale=w.a13_scale,
-                                      a2_scale=w.a2_scale)
+    quant = fp8_w8a8_moe_quant_config(
+        w1_scale=w.w13_scale, w2_scale=w.w2_scale, a1_scale=w.a13_scale, a2_scale=w.a2_scale
+    )
     theirs = fused_experts(x, w.w13, w.w2, topk_w, ids, quant_config=quant)
     exact = exact_output(w, x, ids, topk_w)
-    return dict(precision="fp8_tensor", E=num_experts, H=hidden, I=inter, T=tokens, k=top_k,
-                ours_vs_vllm=relative(ours, theirs), ours_vs_exact=relative(ours, exact),
-                vllm_vs_exact=relative(theirs, exact))
+    return dict(
+        precision="fp8_tensor",
+        E=num_experts,
+        H=hidden,
+        I=inter,
+        T=tokens,
+        k=top_k,
+        ours_vs_vllm=relative(ours, theirs),
+        ours_vs_exact=relative(ours, exact),
+        vllm_vs_exact=relative(theirs, exact),
+    )
 
 
 def main() -> int:
@@ -140,8 +174,13 @@ def main() -> int:
         return 2
     torch.manual_seed(0)
     rows = []
-    for shape in ((16, 1024, 256, 64, 4), (16, 256, 128, 3, 4), (32, 7168, 2048, 1, 8), (32, 7168, 2048, 16, 8),
-                  (32, 7168, 2048, 256, 8)):
+    for shape in (
+        (16, 1024, 256, 64, 4),
+        (16, 256, 128, 3, 4),
+        (32, 7168, 2048, 1, 8),
+        (32, 7168, 2048, 16, 8),
+        (32, 7168, 2048, 256, 8),
+    ):
         rows.append(compare(*shape))
         print(json.dumps(rows[-1]), flush=True)
     for shape in ((16, 256, 128, 64, 4), (32, 7168, 2048, 16, 8), (32, 7168, 2048, 256, 8)):

@@ -66,13 +66,29 @@ FATBIN_MAGIC = 0xBA55ED50
 #: xz level whose sizes place the large files into parts.
 ESTIMATE_LEVEL = "1"
 #: The GPU machines' interpreter, for environment markers and wheel tags.
-TARGET_ENV = {"python_version": "3.12", "python_full_version": "3.12.3", "implementation_name": "cpython",
-              "platform_python_implementation": "CPython", "platform_machine": "x86_64", "sys_platform": "linux",
-              "platform_system": "Linux", "os_name": "posix"}
+TARGET_ENV = {
+    "python_version": "3.12",
+    "python_full_version": "3.12.3",
+    "implementation_name": "cpython",
+    "platform_python_implementation": "CPython",
+    "platform_machine": "x86_64",
+    "sys_platform": "linux",
+    "platform_system": "Linux",
+    "os_name": "posix",
+}
 #: pip's options for wheels that install on the target (pip matches manylinux tags exactly).
-TARGET_TAGS = ("--only-binary=:all:", "--python-version", "3.12", "--implementation", "cp",
-               *(a for n in range(39, 16, -1) for a in ("--platform", f"manylinux_2_{n}_x86_64")),
-               "--platform", "manylinux2014_x86_64", "--platform", "manylinux1_x86_64")
+TARGET_TAGS = (
+    "--only-binary=:all:",
+    "--python-version",
+    "3.12",
+    "--implementation",
+    "cp",
+    *(a for n in range(39, 16, -1) for a in ("--platform", f"manylinux_2_{n}_x86_64")),
+    "--platform",
+    "manylinux2014_x86_64",
+    "--platform",
+    "manylinux1_x86_64",
+)
 #: vLLM requirements not carried, with the reason; together gigabytes. vLLM 0.26 imports each only
 #: inside the backend that uses it (FlashInfer's attention and sampler, FlashAttention 4 and SM100
 #: kernels for the CuTe DSL packages, TileLang's mHC kernels, video decoding, its loaders), none of
@@ -94,20 +110,20 @@ SKIP = {
 #: Packages of the target kept even where a requirement excludes their version, with the reason.
 KEEP = {
     "numpy": "the image's torch, OpenCV and Numba use it; mistral_common caps numpy<2.4 on Python <= 3.12 "
-             "only, in its metadata (no cap on 3.13), and nothing checks it at import",
+    "only, in its metadata (no cap on 3.13), and nothing checks it at import",
 }
 
 
 def _sections(data: bytes) -> dict:
     """ELF64 section name -> (file offset, size)."""
-    shoff, = struct.unpack_from("<Q", data, 0x28)
+    (shoff,) = struct.unpack_from("<Q", data, 0x28)
     shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x3A)
     headers = [struct.unpack_from("<IIQQQQ", data, shoff + i * shentsize) for i in range(shnum)]
     strtab = headers[shstrndx][4]
     out = {}
     for name, _, _, _, offset, size in headers:
         end = data.index(b"\0", strtab + name)
-        out[data[strtab + name:end].decode()] = (offset, size)
+        out[data[strtab + name : end].decode()] = (offset, size)
     return out
 
 
@@ -129,7 +145,7 @@ def fatbin_entries(data: bytes) -> Iterator[Tuple[int, int, int, int]]:
             kind, _, entry_header, payload = struct.unpack_from("<HHIQ", data, entry)
             if entry_header == 0:
                 break
-            arch, = struct.unpack_from("<I", data, entry + 28)
+            (arch,) = struct.unpack_from("<I", data, entry + 28)
             yield kind, arch, entry + entry_header, payload
             entry += entry_header + payload
         pos = container_end
@@ -142,7 +158,7 @@ def prune_for_sm90(path: Path) -> int:
     for kind, arch, offset, size in list(fatbin_entries(bytes(data))):
         usable = arch == 90 if kind == 2 else arch <= 90
         if not usable:
-            data[offset:offset + size] = bytes(size)
+            data[offset : offset + size] = bytes(size)
             zeroed += size
     path.write_bytes(bytes(data))
     return zeroed
@@ -183,8 +199,14 @@ def applies(requirement: Requirement, extras: FrozenSet[str], env: Dict[str, str
     return any(requirement.marker.evaluate({**env, "extra": e}) for e in ("", *extras))
 
 
-def resolve(roots: List[str], fetch: Fetch, present: Dict[str, Optional[str]], skip: Dict[str, str],
-            keep: Dict[str, str], env: Dict[str, str]) -> Resolution:
+def resolve(
+    roots: List[str],
+    fetch: Fetch,
+    present: Dict[str, Optional[str]],
+    skip: Dict[str, str],
+    keep: Dict[str, str],
+    env: Dict[str, str],
+) -> Resolution:
     """The wheels to carry for the requirement lines ``roots`` (a package's ``Requires-Dist``), and why
     the others are not carried.
 
@@ -222,8 +244,9 @@ def resolve(roots: List[str], fetch: Fetch, present: Dict[str, Optional[str]], s
         specs[name], extras[name] = spec, wanted
         dist = fetch(name, spec, wanted)
         result.carried[name] = dist
-        queue.extend((sub, f"{name} {dist.version}") for sub in map(Requirement, dist.requires)
-                     if applies(sub, wanted, env))
+        queue.extend(
+            (sub, f"{name} {dist.version}") for sub in map(Requirement, dist.requires) if applies(sub, wanted, env)
+        )
     return result
 
 
@@ -251,16 +274,32 @@ def wheel_dist(path: Path) -> Dist:
 
 def pip_fetch(dest: Path) -> Fetch:
     """A :data:`Fetch` through ``pip download --no-deps`` of wheels for the target into ``dest``."""
+
     def fetch(name: str, spec: SpecifierSet, extras: FrozenSet[str]) -> Dist:
         print(f"fetch {name}{spec}")
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", *TARGET_TAGS, "-d", str(dest),
-                        f"{name}{spec}"], check=True)
-        found = [wheel_dist(w) for w in dest.glob("*.whl")
-                 if canonicalize_name(parse_wheel_filename(w.name)[0]) == name]
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "-q",
+                "--no-deps",
+                *TARGET_TAGS,
+                "-d",
+                str(dest),
+                f"{name}{spec}",
+            ],
+            check=True,
+        )
+        found = [
+            wheel_dist(w) for w in dest.glob("*.whl") if canonicalize_name(parse_wheel_filename(w.name)[0]) == name
+        ]
         fits = [d for d in found if spec.contains(d.version, prereleases=True)]
         if not fits:
             raise SystemExit(f"pip downloaded no wheel of {name}{spec} into {dest}")
         return max(fits, key=lambda d: parse_wheel_filename(d.path.name)[1])
+
     return fetch
 
 
@@ -280,16 +319,33 @@ def stage(wheel: Path, wheels: List[Path], site: Path, prune: bool) -> None:
             if zeroed:
                 print(f"pruned {so.relative_to(site)}: {zeroed / 2**20:.1f} MiB of non-SM90 code zeroed")
     if wheels:
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
-                        *TARGET_TAGS, "--target", str(site), *map(str, wheels)], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--no-index",
+                "--no-deps",
+                "--no-compile",
+                *TARGET_TAGS,
+                "--target",
+                str(site),
+                *map(str, wheels),
+            ],
+            check=True,
+        )
 
 
 def _xz(paths: List[Path], root: Path, level: str, out=None) -> int:
     """``xz -LEVEL`` of a tar of ``paths`` (relative to ``root``) into ``out``; returns its size."""
-    tar = subprocess.Popen(["tar", "-C", str(root), "--no-recursion", "-cf", "-", "-T", "-"],
-                           stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    xz = subprocess.Popen(["xz", f"-{level}", "-T2", "-c"], stdin=tar.stdout,
-                          stdout=subprocess.PIPE if out is None else out)
+    tar = subprocess.Popen(
+        ["tar", "-C", str(root), "--no-recursion", "-cf", "-", "-T", "-"], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    xz = subprocess.Popen(
+        ["xz", f"-{level}", "-T2", "-c"], stdin=tar.stdout, stdout=subprocess.PIPE if out is None else out
+    )
     tar.stdout.close()
     tar.stdin.write("".join(f"{p.relative_to(root)}\n" for p in paths).encode())
     tar.stdin.close()
@@ -303,8 +359,7 @@ def write_parts(site: Path, prefix: Path, limit: int, level: str) -> List[Path]:
     """``PREFIX-partN.tar`` (xz ``level``) of every file under ``site``, each at most ``limit`` bytes: the
     large files first fit into parts by their size at :data:`ESTIMATE_LEVEL` (an upper bound of the size
     at any stronger level, found in a fraction of the time), then one part of all the small files."""
-    files = sorted((p for p in site.rglob("*") if p.is_file() or p.is_symlink()),
-                   key=lambda p: -p.lstat().st_size)
+    files = sorted((p for p in site.rglob("*") if p.is_file() or p.is_symlink()), key=lambda p: -p.lstat().st_size)
     large = [p for p in files if p.lstat().st_size >= LARGE]
     small = [p for p in files if p.lstat().st_size < LARGE]
     with ThreadPoolExecutor(2) as pool:
@@ -353,10 +408,15 @@ def main() -> int:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--vllm", default="0.26.0", help="the vLLM version to download (default 0.26.0)")
     source.add_argument("--vllm-wheel", type=Path, help="a vLLM wheel already here (instead of --vllm)")
-    parser.add_argument("--present", type=Path, default=Path(__file__).with_name("h200_image_packages.txt"),
-                        help="the target's packages, 'name' or 'name==version' a line (default: the H200 image's)")
-    parser.add_argument("--downloads", type=Path,
-                        help="where downloaded wheels are kept and reused (default PREFIX's folder/wheels)")
+    parser.add_argument(
+        "--present",
+        type=Path,
+        default=Path(__file__).with_name("h200_image_packages.txt"),
+        help="the target's packages, 'name' or 'name==version' a line (default: the H200 image's)",
+    )
+    parser.add_argument(
+        "--downloads", type=Path, help="where downloaded wheels are kept and reused (default PREFIX's folder/wheels)"
+    )
     parser.add_argument("--prune-sm90", action="store_true", help="zero fatbin payloads an SM90 GPU cannot load")
     parser.add_argument("--part-mib", type=int, default=55)
     parser.add_argument("--xz-level", default="9e", help="xz preset of the parts (default 9e: smallest, slowest)")
@@ -365,8 +425,9 @@ def main() -> int:
     downloads.mkdir(parents=True, exist_ok=True)
     args.prefix.parent.mkdir(parents=True, exist_ok=True)
     fetch = pip_fetch(downloads)
-    vllm = wheel_dist(args.vllm_wheel) if args.vllm_wheel else fetch("vllm", SpecifierSet(f"=={args.vllm}"),
-                                                                         frozenset())
+    vllm = (
+        wheel_dist(args.vllm_wheel) if args.vllm_wheel else fetch("vllm", SpecifierSet(f"=={args.vllm}"), frozenset())
+    )
     resolution = resolve(list(vllm.requires), fetch, read_present(args.present), SKIP, KEEP, TARGET_ENV)
     with tempfile.TemporaryDirectory(prefix="vllm_bundle_") as tmp:
         site = Path(tmp) / "site"

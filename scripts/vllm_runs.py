@@ -24,11 +24,17 @@ from typing import Optional
 REFERENCE_BACKEND = {"fp8": "triton", "nvfp4": "marlin", "fp8_tensor": "triton"}
 #: For every vLLM run: offline, no usage report, no DeepGEMM (its JIT needs headers and time),
 #: no FlashInfer sampler (FlashInfer is optional and absent on our GPU machine).
-CHILD_ENV = {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1",
-             "TRANSFORMERS_OFFLINE": "1", "VLLM_USE_DEEP_GEMM": "0", "VLLM_USE_FLASHINFER_SAMPLER": "0",
-             "PYTHONUNBUFFERED": "1",
-             # vLLM 0.26 ships Marlin MoE as compute_80 PTX only: keep what the driver JIT-compiles.
-             "CUDA_CACHE_MAXSIZE": str(4 << 30)}
+CHILD_ENV = {
+    "VLLM_NO_USAGE_STATS": "1",
+    "DO_NOT_TRACK": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "VLLM_USE_DEEP_GEMM": "0",
+    "VLLM_USE_FLASHINFER_SAMPLER": "0",
+    "PYTHONUNBUFFERED": "1",
+    # vLLM 0.26 ships Marlin MoE as compute_80 PTX only: keep what the driver JIT-compiles.
+    "CUDA_CACHE_MAXSIZE": str(4 << 30),
+}
 #: The record of a run the time budget left no room for.
 SKIPPED = "skipped: the time budget (--budget-s) is spent"
 #: Log lines worth keeping in a report: which kernels vLLM and the plugin chose, memory.
@@ -47,8 +53,10 @@ LOG_FACTS = {
 
 def log_facts(log: str) -> dict:
     """``LOG_FACTS`` key -> the distinct matching lines of ``log`` (at most 4)."""
-    return {key: sorted(set(m.group(0).strip() for m in re.finditer(pattern, log)))[:4]
-            for key, pattern in LOG_FACTS.items()}
+    return {
+        key: sorted(set(m.group(0).strip() for m in re.finditer(pattern, log)))[:4]
+        for key, pattern in LOG_FACTS.items()
+    }
 
 
 def run_process_group(cmd: list, env: dict, log, timeout: float):
@@ -65,10 +73,18 @@ def run_process_group(cmd: list, env: dict, log, timeout: float):
 def add_run_options(parser: argparse.ArgumentParser, *, child_timeout: int, budget_s: int) -> None:
     """``--child-timeout`` and ``--budget-s`` (read by :class:`RunBudget`), and the hidden ``--child SPEC``
     (parsed to a dict) through which :func:`run_child` starts the script itself."""
-    parser.add_argument("--child-timeout", type=int, default=child_timeout,
-                        help=f"seconds for each vLLM run at most (default {child_timeout})")
-    parser.add_argument("--budget-s", type=int, default=budget_s,
-                        help=f"no vLLM run starts or goes on after this many seconds (default {budget_s})")
+    parser.add_argument(
+        "--child-timeout",
+        type=int,
+        default=child_timeout,
+        help=f"seconds for each vLLM run at most (default {child_timeout})",
+    )
+    parser.add_argument(
+        "--budget-s",
+        type=int,
+        default=budget_s,
+        help=f"no vLLM run starts or goes on after this many seconds (default {budget_s})",
+    )
     parser.add_argument("--child", type=json.loads, help=argparse.SUPPRESS)
 
 

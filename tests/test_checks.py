@@ -22,20 +22,32 @@ def test_first_bad_scale_is_found_beyond_the_first_chunk(monkeypatch):
     s = torch.ones(4, 5, 3)
     s[2, 4, 1] = -1.0
     s[3, 0, 0] = float("nan")  # a later bad value: the first one is reported
-    with pytest.raises(ValueError, match=r"^s: expected scales finite and > 0, got -1.0 at index \[2, 4, 1\] "
-                                         r"\(shape \(4, 5, 3\)\)$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^s: expected scales finite and > 0, got -1.0 at index \[2, 4, 1\] "
+        r"\(shape \(4, 5, 3\)\)$",
+    ):
         check_scale_values("s", s, allow_zero=False)
 
 
-@pytest.mark.parametrize("value, allow_zero, ok", [
-    (0.0, True, True), (0.0, False, False), (-0.0, True, True), (1e-30, False, True), (float("nan"), True, False),
-    (float("inf"), True, False), (-1e-30, True, False), (448.0, False, True),
-])
+@pytest.mark.parametrize(
+    "value, allow_zero, ok",
+    [
+        (0.0, True, True),
+        (0.0, False, False),
+        (-0.0, True, True),
+        (1e-30, False, True),
+        (float("nan"), True, False),
+        (float("inf"), True, False),
+        (-1e-30, True, False),
+        (448.0, False, True),
+    ],
+)
 def test_the_scale_rule_on_one_value(value, allow_zero, ok):
     for dtype in (torch.float32, torch.float8_e4m3fn):
         t = torch.full((3,), 1.0).to(dtype)
         t[1] = torch.tensor(value).to(dtype)
-        if dtype == torch.float8_e4m3fn and (math.isinf(value) or 0 < abs(value) < 2 ** -9):
+        if dtype == torch.float8_e4m3fn and (math.isinf(value) or 0 < abs(value) < 2**-9):
             continue  # not representable in e4m3 (inf becomes NaN, tiny values 0)
         if ok:
             assert check_scale_values("s", t, allow_zero=allow_zero) is t
@@ -56,17 +68,20 @@ def test_check_finite_names_the_first_bad_index():
     check_finite("t", torch.zeros(0, 3))
 
 
-@pytest.mark.parametrize("call, error, match", [
-    (lambda: check_bool("flag", "no"), TypeError, "flag: expected a bool, got str 'no'"),
-    (lambda: check_bool("flag", 0), TypeError, "flag: expected a bool, got int 0"),
-    (lambda: check_str("name", 1), TypeError, "name: expected a str, got int 1"),
-    (lambda: check_real("x", True), TypeError, "x: expected a float, got bool"),
-    (lambda: check_real("x", "1.0"), TypeError, "x: expected a float, got str"),
-    (lambda: check_real("x", float("nan")), ValueError, "x: expected a finite float, got nan"),
-    (lambda: check_real("x", 0, positive=True), ValueError, "x: expected a finite positive float, got 0.0"),
-    (lambda: check_device("d", 3), TypeError, "d: expected a torch.device or str"),
-    (lambda: check_device("d", "gpu"), ValueError, "d: expected a device such as"),
-])
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda: check_bool("flag", "no"), TypeError, "flag: expected a bool, got str 'no'"),
+        (lambda: check_bool("flag", 0), TypeError, "flag: expected a bool, got int 0"),
+        (lambda: check_str("name", 1), TypeError, "name: expected a str, got int 1"),
+        (lambda: check_real("x", True), TypeError, "x: expected a float, got bool"),
+        (lambda: check_real("x", "1.0"), TypeError, "x: expected a float, got str"),
+        (lambda: check_real("x", float("nan")), ValueError, "x: expected a finite float, got nan"),
+        (lambda: check_real("x", 0, positive=True), ValueError, "x: expected a finite positive float, got 0.0"),
+        (lambda: check_device("d", 3), TypeError, "d: expected a torch.device or str"),
+        (lambda: check_device("d", "gpu"), ValueError, "d: expected a device such as"),
+    ],
+)
 def test_scalar_checks_name_the_argument(call, error, match):
     with pytest.raises(error, match=match):
         call()

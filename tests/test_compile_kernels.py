@@ -14,8 +14,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "compile_kernels.py"
 def _run(*args: str) -> subprocess.CompletedProcess:
     # Its own process: the interpreter (on in this one) compiles nothing.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    return subprocess.run([sys.executable, str(SCRIPT), *args], env=env, capture_output=True, text=True,
-                          timeout=600)
+    return subprocess.run([sys.executable, str(SCRIPT), *args], env=env, capture_output=True, text=True, timeout=600)
 
 
 def test_capture_reaches_every_kernel_and_configuration():
@@ -25,13 +24,25 @@ def test_capture_reaches_every_kernel_and_configuration():
     assert run.returncode == 0, run.stderr
     lines = run.stdout.splitlines()
     names = {line.split()[0] for line in lines}
-    assert names == {"_align_fused_kernel", "_count_kernel", "_scan_kernel", "_scatter_kernel", "_act_quant_kernel",
-                     "_gemm1_kernel", "_gemm2_kernel", "_cast_kernel", "_sum_pairs_kernel", "_permute_kernel"}
+    assert names == {
+        "_align_fused_kernel",
+        "_count_kernel",
+        "_scan_kernel",
+        "_scatter_kernel",
+        "_act_quant_kernel",
+        "_gemm1_kernel",
+        "_gemm2_kernel",
+        "_cast_kernel",
+        "_sum_pairs_kernel",
+        "_permute_kernel",
+    }
     gemm2 = [line for line in lines if line.startswith("_gemm2_kernel")]
     for cfg in (*fp8_moe.CANDIDATE_CONFIGS, *nvfp4_moe.CANDIDATE_CONFIGS):
         launched = f"num_warps={cfg['num_warps2']} num_stages={cfg['num_stages2']}"
-        assert any(launched in line and f"'BLOCK_M': {cfg['BLOCK_M']}" in line
-                   and f"'BLOCK_N': {cfg['BLOCK_N2']}" in line for line in gemm2), cfg
+        assert any(
+            launched in line and f"'BLOCK_M': {cfg['BLOCK_M']}" in line and f"'BLOCK_N': {cfg['BLOCK_N2']}" in line
+            for line in gemm2
+        ), cfg
     vllm = fp8_moe.NUMERICS_CONFIGS["vllm_triton"]
     assert any(f"'BLOCK_M': {vllm['BLOCK_M']}" in line and "'VLLM_ORDER': 1" in line for line in lines)
     assert any("'VLLM_ORDER': 2" in line for line in lines)

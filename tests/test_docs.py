@@ -45,8 +45,7 @@ def _cited_sections(text: str) -> list:
 
 
 def test_citation_pattern_reads_every_form():
-    assert _cited_sections("see docs/design.md §3.5 and (design §11.2); design.md §1, §3.") == \
-        ["3.5", "11.2", "1", "3"]
+    assert _cited_sections("see docs/design.md §3.5 and (design §11.2); design.md §1, §3.") == ["3.5", "11.2", "1", "3"]
 
 
 def test_design_citations_resolve():
@@ -63,6 +62,9 @@ def test_design_citations_resolve():
 
 def test_no_citation_of_a_design_file_outside_the_repository():
     outside = "DESIGN" + ".md"  # spelled in two parts so this file does not match itself
-    offenders = [str(p.relative_to(ROOT)) for p in _text_files()
-                 if outside in p.read_text(encoding="utf-8") and p.name != Path(__file__).name]
+    offenders = [
+        str(p.relative_to(ROOT))
+        for p in _text_files()
+        if outside in p.read_text(encoding="utf-8") and p.name != Path(__file__).name
+    ]
     assert not offenders, f"cite docs/design.md instead of {outside}: {offenders}"

@@ -19,7 +19,7 @@ from moe_backend import LAYER_TYPES, MoEConfig, MoELayer, RoutingConfig
 E, K, H, I = 16, 4, 128, 128
 HALF = E // 2
 #: bf16's unit roundoff: each rank's output and the single-rank output are rounded once to bf16.
-BF16_U = 2.0 ** -8
+BF16_U = 2.0**-8
 #: The kernels the selection table serves each precision with on Hopper (CPU: Triton's interpreter).
 TRITON_KERNELS = {"fp8_block": "sm90_triton_fp8", "fp8_tensor": "sm90_triton_fp8"}
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -36,16 +36,22 @@ def _rank_layers(precision: str, kernel: str, device: str, **options):
     torch.manual_seed(0)
     cls = LAYER_TYPES[precision]
     bias = (0.1 * torch.randn(E)).to(device)
-    full = cls.from_float((torch.randn(E, 2 * I, H) / 16).to(device), (torch.randn(E, H, I) / 11).to(device),
-                          _config(0), correction_bias=bias, kernel=kernel, **options)
+    full = cls.from_float(
+        (torch.randn(E, 2 * I, H) / 16).to(device),
+        (torch.randn(E, H, I) / 11).to(device),
+        _config(0),
+        correction_bias=bias,
+        kernel=kernel,
+        **options,
+    )
     weights = full.weights
 
     def part(lo: int, hi: int):
-        return dataclasses.replace(weights, **{name: t[lo:hi] for name, t in weights.tensors().items()
-                                               if t.dim() and t.shape[0] == E})
+        return dataclasses.replace(
+            weights, **{name: t[lo:hi] for name, t in weights.tensors().items() if t.dim() and t.shape[0] == E}
+        )
 
-    ranks = [cls(part(lo, lo + HALF), _config(lo), correction_bias=bias, kernel=kernel, **options)
-             for lo in (0, HALF)]
+    ranks = [cls(part(lo, lo + HALF), _config(lo), correction_bias=bias, kernel=kernel, **options) for lo in (0, HALF)]
     return full, ranks
 
 
@@ -131,15 +137,17 @@ def test_two_ranks_on_the_triton_kernels(precision):
     full, ranks = _rank_layers(precision, TRITON_KERNELS[precision], DEVICE, deterministic=True)
     hidden, logits, ids, weights = _inputs(T_KERNEL, DEVICE, full)
     replays = [torch.empty(T_KERNEL, K, dtype=torch.int16, device=DEVICE) for _ in ranks]
-    outs = [r.forward_routed(hidden, (ids, weights), routing_replay_out=rep)
-            for r, rep in zip(ranks, replays, strict=True)]
+    outs = [
+        r.forward_routed(hidden, (ids, weights), routing_replay_out=rep) for r, rep in zip(ranks, replays, strict=True)
+    ]
     assert all(torch.equal(rep.int(), ids) for rep in replays)
     _check_sum(outs, full.forward_routed(hidden, (ids, weights)), ids, exact_single_rank=False)
     for rank, out in zip(ranks, outs, strict=True):
         from moe_backend import reference_fused_experts
 
-        ref = reference_fused_experts(hidden, rank.weights, ids, weights,
-                                      local_expert_offset=rank.config.local_expert_offset).double()
+        ref = reference_fused_experts(
+            hidden, rank.weights, ids, weights, local_expert_offset=rank.config.local_expert_offset
+        ).double()
         assert float((out.double() - ref).norm() / ref.norm()) < 1e-2
 
 
@@ -163,15 +171,23 @@ def test_two_ranks_on_the_nvfp4_kernel():
     torch.manual_seed(0)
     weights = NVFP4Weights.quantize(torch.randn(e, 2 * i, h) / 8, torch.randn(e, h, i) / 6)
     weights = NVFP4Weights(**{n: x.to(DEVICE) for n, x in weights.tensors().items()})
-    parts = [NVFP4Weights(**{n: x[lo:lo + e // 2] for n, x in weights.tensors().items()}) for lo in (0, e // 2)]
+    parts = [NVFP4Weights(**{n: x[lo : lo + e // 2] for n, x in weights.tensors().items()}) for lo in (0, e // 2)]
     hidden = torch.randn(t, h).to(DEVICE, torch.bfloat16)
     ids = torch.stack([torch.randperm(e + 1)[:k] - 1 for _ in range(t)]).to(DEVICE, torch.int32)  # -1 included
     topk_w = (torch.rand(t, k) + 0.1).to(DEVICE)
     config = dict(path="decode", BLOCK_M=16, BLOCK_N1=16, BLOCK_N2=32, SPLIT_K2=2)
 
     def run(w, offset):
-        return fused_experts_nvfp4(hidden, prepare_nvfp4(w), ids, topk_w, local_expert_offset=offset,
-                                   apply_router_weight_on_input=False, out=torch.empty_like(hidden), config=config)
+        return fused_experts_nvfp4(
+            hidden,
+            prepare_nvfp4(w),
+            ids,
+            topk_w,
+            local_expert_offset=offset,
+            apply_router_weight_on_input=False,
+            out=torch.empty_like(hidden),
+            config=config,
+        )
 
     outs = [run(w, lo) for w, lo in zip(parts, (0, e // 2), strict=True)]
     _check_sum(outs, run(weights, 0), ids, exact_single_rank=False, half=e // 2)

@@ -59,29 +59,73 @@ def _fp8(*shape):
     return torch.zeros(*shape, dtype=FP8_DTYPE)
 
 
-@pytest.mark.parametrize("build, match", [
-    (lambda: BF16Weights(torch.zeros(2, 8, 16), torch.zeros(2, 16, 4, dtype=torch.bfloat16)), "w13: expected dtype"),
-    (lambda: BF16Weights(torch.zeros(2, 7, 16, dtype=torch.bfloat16), torch.zeros(2, 16, 4, dtype=torch.bfloat16)),
-     "w13: expected an even row count"),
-    (lambda: BF16Weights(torch.zeros(2, 32, 32, dtype=torch.bfloat16), torch.zeros(3, 32, 16, dtype=torch.bfloat16)),
-     r"w2: expected shape \(2, 32, 16\)"),
-    (lambda: BF16Weights(torch.zeros(2, 16, 24, dtype=torch.bfloat16), torch.zeros(2, 24, 8, dtype=torch.bfloat16)),
-     "multiples of 16"),
-    (lambda: FP8BlockWeights(_fp8(2, 256, 256), torch.ones(2, 2, 2), _fp8(2, 256, 128), torch.ones(2, 2, 2)),
-     r"w2_scale: expected shape \(2, 2, 1\)"),
-    (lambda: FP8BlockWeights(_fp8(2, 64, 256), torch.ones(2, 1, 2), _fp8(2, 256, 32), torch.ones(2, 2, 1)),
-     "multiples of 128"),
-    (lambda: FP8TensorWeights(_fp8(2, 32, 16), torch.ones(2), _fp8(2, 16, 16), torch.ones(2),
-                              a13_scale=torch.ones(2)), r"a13_scale: expected shape \(1,\)"),
-    (lambda: FP8TensorWeights(_fp8(2, 32, 16), torch.ones(2, 1), _fp8(2, 16, 16), torch.ones(2)),
-     r"w13_scale: expected shape \(2,\)"),
-    (lambda: NVFP4Weights(torch.zeros(1, 32, 8, dtype=torch.uint8), _fp8(1, 32, 1), torch.ones(1, 2),
-                          torch.zeros(1, 16, 8, dtype=torch.uint8), _fp8(1, 16, 1), torch.ones(1, 1)),
-     r"w2_scale_2: expected shape \(1,\)"),
-    (lambda: NVFP4Weights(torch.zeros(1, 32, 8, dtype=torch.uint8), _fp8(1, 32, 1), torch.ones(1),
-                          torch.zeros(1, 16, 8, dtype=torch.uint8), _fp8(1, 16, 1), torch.ones(1)),
-     r"w13_scale_2: expected shape \(1, 2\)"),
-])
+@pytest.mark.parametrize(
+    "build, match",
+    [
+        (
+            lambda: BF16Weights(torch.zeros(2, 8, 16), torch.zeros(2, 16, 4, dtype=torch.bfloat16)),
+            "w13: expected dtype",
+        ),
+        (
+            lambda: BF16Weights(
+                torch.zeros(2, 7, 16, dtype=torch.bfloat16), torch.zeros(2, 16, 4, dtype=torch.bfloat16)
+            ),
+            "w13: expected an even row count",
+        ),
+        (
+            lambda: BF16Weights(
+                torch.zeros(2, 32, 32, dtype=torch.bfloat16), torch.zeros(3, 32, 16, dtype=torch.bfloat16)
+            ),
+            r"w2: expected shape \(2, 32, 16\)",
+        ),
+        (
+            lambda: BF16Weights(
+                torch.zeros(2, 16, 24, dtype=torch.bfloat16), torch.zeros(2, 24, 8, dtype=torch.bfloat16)
+            ),
+            "multiples of 16",
+        ),
+        (
+            lambda: FP8BlockWeights(_fp8(2, 256, 256), torch.ones(2, 2, 2), _fp8(2, 256, 128), torch.ones(2, 2, 2)),
+            r"w2_scale: expected shape \(2, 2, 1\)",
+        ),
+        (
+            lambda: FP8BlockWeights(_fp8(2, 64, 256), torch.ones(2, 1, 2), _fp8(2, 256, 32), torch.ones(2, 2, 1)),
+            "multiples of 128",
+        ),
+        (
+            lambda: FP8TensorWeights(
+                _fp8(2, 32, 16), torch.ones(2), _fp8(2, 16, 16), torch.ones(2), a13_scale=torch.ones(2)
+            ),
+            r"a13_scale: expected shape \(1,\)",
+        ),
+        (
+            lambda: FP8TensorWeights(_fp8(2, 32, 16), torch.ones(2, 1), _fp8(2, 16, 16), torch.ones(2)),
+            r"w13_scale: expected shape \(2,\)",
+        ),
+        (
+            lambda: NVFP4Weights(
+                torch.zeros(1, 32, 8, dtype=torch.uint8),
+                _fp8(1, 32, 1),
+                torch.ones(1, 2),
+                torch.zeros(1, 16, 8, dtype=torch.uint8),
+                _fp8(1, 16, 1),
+                torch.ones(1, 1),
+            ),
+            r"w2_scale_2: expected shape \(1,\)",
+        ),
+        (
+            lambda: NVFP4Weights(
+                torch.zeros(1, 32, 8, dtype=torch.uint8),
+                _fp8(1, 32, 1),
+                torch.ones(1),
+                torch.zeros(1, 16, 8, dtype=torch.uint8),
+                _fp8(1, 16, 1),
+                torch.ones(1),
+            ),
+            r"w13_scale_2: expected shape \(1, 2\)",
+        ),
+    ],
+)
 def test_bad_weights(build, match):
     with pytest.raises((ValueError, TypeError), match=match):
         build()
@@ -97,8 +141,9 @@ def _replaced(weights, field, index, value):
 
 _QUANTIZED = {
     "fp8_block": lambda w13, w2: FP8BlockWeights.quantize(w13, w2),
-    "fp8_tensor": lambda w13, w2: dataclasses.replace(FP8TensorWeights.quantize(w13, w2), a13_scale=torch.ones(1),
-                                                      a2_scale=torch.ones(1)),
+    "fp8_tensor": lambda w13, w2: dataclasses.replace(
+        FP8TensorWeights.quantize(w13, w2), a13_scale=torch.ones(1), a2_scale=torch.ones(1)
+    ),
     "nvfp4": lambda w13, w2: NVFP4Weights.quantize(w13, w2),
 }
 BAD_SCALES = [
@@ -153,17 +198,30 @@ def test_nan_master_weights_are_refused_as_their_scales(master):
         NVFP4Weights.quantize(w13, w2)
 
 
-@pytest.mark.parametrize("call, error, match", [
-    (lambda w13, w2: FP8BlockWeights(*dataclasses.astuple(FP8BlockWeights.quantize(w13, w2))[:4], ue8m0="no"),
-     TypeError, "ue8m0: expected a bool"),
-    (lambda w13, w2: BF16Weights.quantize(w13, w2).dequantize_expert(E), ValueError,
-     r"e: expected a local expert in \[0, 3\), got 3"),
-    (lambda w13, w2: FP8TensorWeights.quantize(w13, w2).dequantize_expert(-1), ValueError, "e: expected an int >= 0"),
-    (lambda w13, w2: NVFP4Weights.quantize(w13, w2).dequantize_expert(1.0), TypeError, "e: expected an int"),
-    (lambda w13, w2: NVFP4Weights.quantize(w13[0], w2), ValueError, "w13: expected a 3-D tensor"),
-    (lambda w13, w2: FP8BlockWeights.quantize(w13, w2.int()), TypeError, "w2: expected dtype"),
-    (lambda w13, w2: FP8TensorWeights.quantize(w13.numpy(), w2), TypeError, "w13: expected a torch.Tensor"),
-])
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (
+            lambda w13, w2: FP8BlockWeights(*dataclasses.astuple(FP8BlockWeights.quantize(w13, w2))[:4], ue8m0="no"),
+            TypeError,
+            "ue8m0: expected a bool",
+        ),
+        (
+            lambda w13, w2: BF16Weights.quantize(w13, w2).dequantize_expert(E),
+            ValueError,
+            r"e: expected a local expert in \[0, 3\), got 3",
+        ),
+        (
+            lambda w13, w2: FP8TensorWeights.quantize(w13, w2).dequantize_expert(-1),
+            ValueError,
+            "e: expected an int >= 0",
+        ),
+        (lambda w13, w2: NVFP4Weights.quantize(w13, w2).dequantize_expert(1.0), TypeError, "e: expected an int"),
+        (lambda w13, w2: NVFP4Weights.quantize(w13[0], w2), ValueError, "w13: expected a 3-D tensor"),
+        (lambda w13, w2: FP8BlockWeights.quantize(w13, w2.int()), TypeError, "w2: expected dtype"),
+        (lambda w13, w2: FP8TensorWeights.quantize(w13.numpy(), w2), TypeError, "w13: expected a torch.Tensor"),
+    ],
+)
 def test_bad_arguments_are_named(master, call, error, match):
     with pytest.raises(error, match=match):
         call(*master)

@@ -30,8 +30,13 @@ KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _layer(cls=BF16MoE, offset=8, device="cpu", check_values=False, correction_bias_value=None, **kw):
-    cfg = MoEConfig(num_experts=E_GLOBAL, top_k=K, routing=RoutingConfig.deepseek_v3(4, 2, 2.5),
-                    local_expert_offset=offset, check_values=check_values)
+    cfg = MoEConfig(
+        num_experts=E_GLOBAL,
+        top_k=K,
+        routing=RoutingConfig.deepseek_v3(4, 2, 2.5),
+        local_expert_offset=offset,
+        check_values=check_values,
+    )
     w13 = torch.randn(E_LOCAL, 2 * I, H) / 16
     w2 = torch.randn(E_LOCAL, H, I) / 11
     bias = 0.1 * torch.randn(E_GLOBAL)
@@ -122,23 +127,35 @@ BAD_CALLS = [
     (lambda l, h, g: l.forward(torch.randn(H, 3).to(torch.bfloat16).t(), g[:3]), "hidden: expected a contiguous"),
     (lambda l, h, g: l.forward(h, g[:, :8]), r"router_logits: expected shape \(3, 16\)"),
     (lambda l, h, g: l.forward(h, g.half()), "router_logits: expected dtype torch.float32"),
-    (lambda l, h, g: l.forward(h, g, routing_replay_out=torch.zeros(3, K, dtype=torch.int32)),
-     "routing_replay_out: expected dtype torch.int16"),
-    (lambda l, h, g: l.forward(h, g, routing_replay_out=torch.zeros(2, K, dtype=torch.int16)),
-     "routing_replay_out: expected at least 3 rows"),
-    (lambda l, h, g: l.forward(h, g, routing_replay_out=torch.zeros(3, K + 1, dtype=torch.int16)),
-     r"routing_replay_out: expected shape \(\*, 4\)"),
+    (
+        lambda l, h, g: l.forward(h, g, routing_replay_out=torch.zeros(3, K, dtype=torch.int32)),
+        "routing_replay_out: expected dtype torch.int16",
+    ),
+    (
+        lambda l, h, g: l.forward(h, g, routing_replay_out=torch.zeros(2, K, dtype=torch.int16)),
+        "routing_replay_out: expected at least 3 rows",
+    ),
+    (
+        lambda l, h, g: l.forward(h, g, routing_replay_out=torch.zeros(3, K + 1, dtype=torch.int16)),
+        r"routing_replay_out: expected shape \(\*, 4\)",
+    ),
     (lambda l, h, g: l.forward(h, g, out=torch.zeros(2, H, dtype=torch.bfloat16)), "out: expected at least 3 rows"),
     (lambda l, h, g: l.forward(h, g, out=torch.zeros(3, H)), "out: expected dtype torch.bfloat16"),
     (lambda l, h, g: l.forward_routed(h, torch.zeros(3, K)), "topk: expected dtype torch.int32"),
     (lambda l, h, g: l.forward_routed(h, torch.zeros(3, K + 1, dtype=torch.int32)), r"topk: expected shape \(3, 4\)"),
     (lambda l, h, g: l.forward_routed(h, [torch.zeros(3, K, dtype=torch.int32)]), "topk: expected a packed int32"),
-    (lambda l, h, g: l.forward_routed(h, (torch.zeros(3, K, dtype=torch.int64), torch.zeros(3, K))),
-     "topk_ids: expected dtype torch.int32"),
-    (lambda l, h, g: l.forward_routed(h, (torch.zeros(3, K, dtype=torch.int32), torch.zeros(3, 2))),
-     r"topk_weights: expected shape \(3, 4\)"),
-    (lambda l, h, g: l.experts(h, torch.zeros(2, K, dtype=torch.int32), torch.zeros(2, K)),
-     r"topk_ids: expected shape \(3, 4\)"),
+    (
+        lambda l, h, g: l.forward_routed(h, (torch.zeros(3, K, dtype=torch.int64), torch.zeros(3, K))),
+        "topk_ids: expected dtype torch.int32",
+    ),
+    (
+        lambda l, h, g: l.forward_routed(h, (torch.zeros(3, K, dtype=torch.int32), torch.zeros(3, 2))),
+        r"topk_weights: expected shape \(3, 4\)",
+    ),
+    (
+        lambda l, h, g: l.experts(h, torch.zeros(2, K, dtype=torch.int32), torch.zeros(2, K)),
+        r"topk_ids: expected shape \(3, 4\)",
+    ),
 ]
 
 
@@ -150,22 +167,47 @@ def test_bad_input(call, match):
         call(layer, hidden, logits)
 
 
-@pytest.mark.parametrize("build, match", [
-    (lambda: MoEConfig(num_experts=4, top_k=5), "top_k: expected at most num_experts"),
-    (lambda: MoEConfig(num_experts=4, top_k=0), "top_k: expected an int >= 1"),
-    (lambda: MoEConfig(num_experts=4, top_k=2, local_expert_offset=-1), "local_expert_offset: expected an int >= 0"),
-    (lambda: MoEConfig(num_experts=4, top_k=2, routing="noaux_tc"), "routing: expected a RoutingConfig"),
-    (lambda: _layer(offset=9), "local_expert_offset: experts \\[9, 17\\) exceed num_experts=16"),
-    (lambda: BF16MoE(FP8BlockWeights.quantize(torch.randn(2, 256, 128), torch.randn(2, 128, 128)),
-                     MoEConfig(num_experts=2, top_k=1)), "weights: expected BF16Weights, got FP8BlockWeights"),
-    (lambda: BF16MoE.from_float(torch.randn(2, 32, 16), torch.randn(2, 16, 16),
-                                MoEConfig(2, 1, RoutingConfig.deepseek_v3(1, 1))), "correction_bias: expected an fp32"),
-    (lambda: BF16MoE.from_float(torch.randn(2, 32, 16), torch.randn(2, 16, 16), MoEConfig(2, 1),
-                                correction_bias=torch.zeros(2)), "correction_bias: only noaux_tc"),
-    (lambda: BF16MoE.from_float(torch.randn(2, 32, 16), torch.randn(2, 16, 16),
-                                MoEConfig(2, 1, RoutingConfig.deepseek_v3(1, 1)), correction_bias=torch.zeros(3)),
-     r"correction_bias: expected shape \(2,\)"),
-])
+@pytest.mark.parametrize(
+    "build, match",
+    [
+        (lambda: MoEConfig(num_experts=4, top_k=5), "top_k: expected at most num_experts"),
+        (lambda: MoEConfig(num_experts=4, top_k=0), "top_k: expected an int >= 1"),
+        (
+            lambda: MoEConfig(num_experts=4, top_k=2, local_expert_offset=-1),
+            "local_expert_offset: expected an int >= 0",
+        ),
+        (lambda: MoEConfig(num_experts=4, top_k=2, routing="noaux_tc"), "routing: expected a RoutingConfig"),
+        (lambda: _layer(offset=9), "local_expert_offset: experts \\[9, 17\\) exceed num_experts=16"),
+        (
+            lambda: BF16MoE(
+                FP8BlockWeights.quantize(torch.randn(2, 256, 128), torch.randn(2, 128, 128)),
+                MoEConfig(num_experts=2, top_k=1),
+            ),
+            "weights: expected BF16Weights, got FP8BlockWeights",
+        ),
+        (
+            lambda: BF16MoE.from_float(
+                torch.randn(2, 32, 16), torch.randn(2, 16, 16), MoEConfig(2, 1, RoutingConfig.deepseek_v3(1, 1))
+            ),
+            "correction_bias: expected an fp32",
+        ),
+        (
+            lambda: BF16MoE.from_float(
+                torch.randn(2, 32, 16), torch.randn(2, 16, 16), MoEConfig(2, 1), correction_bias=torch.zeros(2)
+            ),
+            "correction_bias: only noaux_tc",
+        ),
+        (
+            lambda: BF16MoE.from_float(
+                torch.randn(2, 32, 16),
+                torch.randn(2, 16, 16),
+                MoEConfig(2, 1, RoutingConfig.deepseek_v3(1, 1)),
+                correction_bias=torch.zeros(3),
+            ),
+            r"correction_bias: expected shape \(2,\)",
+        ),
+    ],
+)
 def test_bad_construction(build, match):
     with pytest.raises((ValueError, TypeError), match=match):
         build()
@@ -183,17 +225,22 @@ def test_unavailable_kernel_error_names_reason(monkeypatch):
         _layer(FP8BlockMoE, kernel="gpu_only")
 
 
-@pytest.mark.parametrize("precision, kernel", [("fp8_block", "sm90_triton_fp8"), ("fp8_tensor", "sm90_triton_fp8"),
-                                               ("nvfp4", "sm90_triton_nvfp4")])
+@pytest.mark.parametrize(
+    "precision, kernel",
+    [("fp8_block", "sm90_triton_fp8"), ("fp8_tensor", "sm90_triton_fp8"), ("nvfp4", "sm90_triton_nvfp4")],
+)
 def test_triton_kernels_through_the_layer(precision, kernel):
     """The selection table's Triton kernels behind both entry points (CPU: Triton's interpreter)."""
     pytest.importorskip("triton")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    cfg = MoEConfig(num_experts=E_GLOBAL, top_k=K, routing=RoutingConfig.deepseek_v3(4, 2, 2.5),
-                    local_expert_offset=8)
+    cfg = MoEConfig(num_experts=E_GLOBAL, top_k=K, routing=RoutingConfig.deepseek_v3(4, 2, 2.5), local_expert_offset=8)
     layer = LAYER_TYPES[precision].from_float(
-        (torch.randn(E_LOCAL, 2 * I, H) / 16).to(device), (torch.randn(E_LOCAL, H, I) / 11).to(device), cfg,
-        correction_bias=(0.1 * torch.randn(E_GLOBAL)).to(device), kernel=kernel)
+        (torch.randn(E_LOCAL, 2 * I, H) / 16).to(device),
+        (torch.randn(E_LOCAL, H, I) / 11).to(device),
+        cfg,
+        correction_bias=(0.1 * torch.randn(E_GLOBAL)).to(device),
+        kernel=kernel,
+    )
     assert layer.kernel_name(False) == layer.kernel_name(True) == kernel
     hidden, logits = (x.to(device) for x in _inputs(7))
     replay = torch.full((9, K), -3, dtype=torch.int16, device=device)
@@ -223,9 +270,12 @@ def test_warmup_tunes_buckets_and_forward_uses_them(tmp_path, monkeypatch, preci
     from moe_backend.tuning import TuningCache
 
     cfg = MoEConfig(num_experts=E_GLOBAL, top_k=K, routing=RoutingConfig.deepseek_v3(4, 2, 2.5))
-    layer = LAYER_TYPES[precision].from_float(torch.randn(E_GLOBAL, 2 * I, H, device="cuda") / 16,
-                                              torch.randn(E_GLOBAL, H, I, device="cuda") / 11, cfg,
-                                              correction_bias=torch.zeros(E_GLOBAL, device="cuda"))
+    layer = LAYER_TYPES[precision].from_float(
+        torch.randn(E_GLOBAL, 2 * I, H, device="cuda") / 16,
+        torch.randn(E_GLOBAL, H, I, device="cuda") / 11,
+        cfg,
+        correction_bias=torch.zeros(E_GLOBAL, device="cuda"),
+    )
     results = layer.warmup(24, cache=TuningCache(tmp_path), progress=False)
     (result,) = results.values()
     assert sorted(result.entries) == [1, 2, 4, 8, 16, 24]
@@ -274,8 +324,9 @@ def test_vllm_triton_numerics_fp8_layer_uses_its_fixed_configuration():
 
     cfg = MoEConfig(num_experts=E_LOCAL, top_k=2, routing=RoutingConfig("softmax"))
     w13, w2 = torch.randn(E_LOCAL, 2 * I, H) / 16, torch.randn(E_LOCAL, H, I) / 11
-    layer = FP8BlockMoE.from_float(w13.to(KERNEL_DEVICE), w2.to(KERNEL_DEVICE), cfg, kernel="sm90_triton_fp8",
-                                   numerics="vllm_triton")
+    layer = FP8BlockMoE.from_float(
+        w13.to(KERNEL_DEVICE), w2.to(KERNEL_DEVICE), cfg, kernel="sm90_triton_fp8", numerics="vllm_triton"
+    )
     assert layer.numerics == "vllm_triton"
     hidden = torch.randn(5, H).to(KERNEL_DEVICE, torch.bfloat16)
     logits = torch.randn(5, E_LOCAL).to(KERNEL_DEVICE)
@@ -284,10 +335,23 @@ def test_vllm_triton_numerics_fp8_layer_uses_its_fixed_configuration():
     ids, weights = cfg.routing.select(logits, 2, None)
     assert torch.equal(replay.int(), ids)
     w = layer.weights
-    direct = fused_experts_fp8(hidden, w.w13, w.w13_scale, w.w2, w.w2_scale, ids, weights, block_scaled=True,
-                               local_expert_offset=0, a13_scale=None, a2_scale=None, ue8m0=False,
-                               apply_router_weight_on_input=False, out=torch.empty_like(hidden),
-                               config=NUMERICS_CONFIGS["vllm_triton"])
+    direct = fused_experts_fp8(
+        hidden,
+        w.w13,
+        w.w13_scale,
+        w.w2,
+        w.w2_scale,
+        ids,
+        weights,
+        block_scaled=True,
+        local_expert_offset=0,
+        a13_scale=None,
+        a2_scale=None,
+        ue8m0=False,
+        apply_router_weight_on_input=False,
+        out=torch.empty_like(hidden),
+        config=NUMERICS_CONFIGS["vllm_triton"],
+    )
     assert torch.equal(got, direct)
     if KERNEL_DEVICE == "cpu":
         assert torch.equal(got, vllm_triton_fused_experts(hidden, w, ids, weights))
@@ -298,9 +362,13 @@ def test_deterministic_fp8_is_batch_invariant():
     pytest.importorskip("triton")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cfg = MoEConfig(num_experts=E_LOCAL, top_k=2, routing=RoutingConfig("softmax"))
-    layer = FP8BlockMoE.from_float((torch.randn(E_LOCAL, 2 * I, H) / 16).to(device),
-                                   (torch.randn(E_LOCAL, H, I) / 11).to(device), cfg,
-                                   kernel="sm90_triton_fp8", deterministic=True)
+    layer = FP8BlockMoE.from_float(
+        (torch.randn(E_LOCAL, 2 * I, H) / 16).to(device),
+        (torch.randn(E_LOCAL, H, I) / 11).to(device),
+        cfg,
+        kernel="sm90_triton_fp8",
+        deterministic=True,
+    )
     hidden, logits = torch.randn(12, H).to(device, torch.bfloat16), torch.randn(12, E_LOCAL).to(device)
     full = layer.forward(hidden, logits)
     assert torch.equal(full, layer.forward(hidden, logits))
@@ -311,21 +379,34 @@ def test_deterministic_fp8_is_batch_invariant():
 
 
 # -- issue 17: config types, pair ids, out aliasing, the opt-in value checks ---------------------------
-@pytest.mark.parametrize("build, error, match", [
-    (lambda: MoEConfig(4, 2, apply_router_weight_on_input="no"), TypeError,
-     "apply_router_weight_on_input: expected a bool, got str 'no'"),
-    (lambda: MoEConfig(4, 2, check_values=1), TypeError, "check_values: expected a bool"),
-    (lambda: MoEConfig(4, 2.0), TypeError, "top_k: expected an int"),
-    (lambda: MoEConfig("4", 2), TypeError, "num_experts: expected an int"),
-    (lambda: MoEConfig(40000, 8), ValueError, "num_experts: expected at most 32768"),
-    (lambda: _layer(kernel=None), TypeError, "kernel: expected a str"),
-    (lambda: _layer(kernel=["reference"]), TypeError, "kernel: expected a str"),
-    (lambda: _layer(deterministic="no"), TypeError, "deterministic: expected a bool"),
-    (lambda: _layer(numerics=None), TypeError, "numerics: expected a str"),
-    (lambda: _layer(correction_bias_value=float("nan")), ValueError,
-     r"correction_bias: expected finite values, got nan at index \[3\]"),
-    (lambda: _layer(correction_bias_value=float("-inf")), ValueError, r"correction_bias: .* got -inf at index \[3\]"),
-])
+@pytest.mark.parametrize(
+    "build, error, match",
+    [
+        (
+            lambda: MoEConfig(4, 2, apply_router_weight_on_input="no"),
+            TypeError,
+            "apply_router_weight_on_input: expected a bool, got str 'no'",
+        ),
+        (lambda: MoEConfig(4, 2, check_values=1), TypeError, "check_values: expected a bool"),
+        (lambda: MoEConfig(4, 2.0), TypeError, "top_k: expected an int"),
+        (lambda: MoEConfig("4", 2), TypeError, "num_experts: expected an int"),
+        (lambda: MoEConfig(40000, 8), ValueError, "num_experts: expected at most 32768"),
+        (lambda: _layer(kernel=None), TypeError, "kernel: expected a str"),
+        (lambda: _layer(kernel=["reference"]), TypeError, "kernel: expected a str"),
+        (lambda: _layer(deterministic="no"), TypeError, "deterministic: expected a bool"),
+        (lambda: _layer(numerics=None), TypeError, "numerics: expected a str"),
+        (
+            lambda: _layer(correction_bias_value=float("nan")),
+            ValueError,
+            r"correction_bias: expected finite values, got nan at index \[3\]",
+        ),
+        (
+            lambda: _layer(correction_bias_value=float("-inf")),
+            ValueError,
+            r"correction_bias: .* got -inf at index \[3\]",
+        ),
+    ],
+)
 def test_bad_configuration_values_are_named(build, error, match):
     with pytest.raises(error, match=match):
         build()
@@ -347,8 +428,9 @@ def test_pair_ids_outside_the_packed_range_are_refused_and_nothing_is_recorded(b
     hidden, _ = _inputs(1)
     replay = torch.full((2, K), -7, dtype=torch.int16)
     with pytest.raises(ValueError, match=r"topk_ids: expected expert ids in \[-1, 32768\)"):
-        layer.forward_routed(hidden, (torch.tensor(bad, dtype=torch.int32), torch.ones(1, K)),
-                             routing_replay_out=replay)
+        layer.forward_routed(
+            hidden, (torch.tensor(bad, dtype=torch.int32), torch.ones(1, K)), routing_replay_out=replay
+        )
     assert bool((replay == -7).all())
 
 
@@ -361,11 +443,14 @@ def test_pair_ids_at_the_packed_limits_are_recorded_exactly():
     assert replay.tolist() == ids.tolist() and out.shape == (1, H)
 
 
-@pytest.mark.parametrize("call", [
-    lambda l, h, g, buf: l.forward(buf[:3], g, out=buf),
-    lambda l, h, g, buf: l.forward_routed(buf[1:4], l.config.routing.select(g, K, l.correction_bias), out=buf),
-    lambda l, h, g, buf: l.experts(buf[2:5], *l.config.routing.select(g, K, l.correction_bias), out=buf),
-])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda l, h, g, buf: l.forward(buf[:3], g, out=buf),
+        lambda l, h, g, buf: l.forward_routed(buf[1:4], l.config.routing.select(g, K, l.correction_bias), out=buf),
+        lambda l, h, g, buf: l.experts(buf[2:5], *l.config.routing.select(g, K, l.correction_bias), out=buf),
+    ],
+)
 def test_out_sharing_memory_with_hidden_is_refused(call):
     layer = _layer()
     _, logits = _inputs(3)
@@ -383,25 +468,56 @@ def test_out_rows_beyond_the_tokens_may_hold_the_hidden_states():
     assert torch.equal(got, layer.forward(hidden, logits))
 
 
-@pytest.mark.parametrize("call, match", [
-    (lambda l, h, g: l.forward(h.index_fill(0, torch.tensor([1]), float("nan")), g),
-     r"hidden: expected finite values, got nan at index \[1, 0\]"),
-    (lambda l, h, g: l.forward(h, g.index_fill(1, torch.tensor([5]), float("inf"))),
-     r"router_logits: expected finite values, got inf at index \[0, 5\]"),
-    (lambda l, h, g: l.forward_routed(h, (torch.full((3, K), 8, dtype=torch.int32),
-                                          torch.ones(3, K).index_fill(0, torch.tensor([2]), float("nan")))),
-     r"topk_weights: expected finite values, got nan at index \[2, 0\]"),
-    (lambda l, h, g: l.forward_routed(h, pack_topk(torch.full((3, K), 8, dtype=torch.int32),
-                                                   torch.full((3, K), float("-inf")))),
-     r"topk_weights: expected finite values, got -inf at index \[0, 0\]"),
-    (lambda l, h, g: l.experts(h, torch.full((3, K), E_GLOBAL, dtype=torch.int32), torch.ones(3, K)),
-     r"topk_ids: expected global expert ids in \[-1, 16\), got values in \[16, 16\]"),
-    (lambda l, h, g: l.forward_routed(h, pack_topk(torch.full((3, K), -1, dtype=torch.int32).index_fill(
-        1, torch.tensor([0]), 300), torch.ones(3, K))), r"topk_ids: expected global expert ids in \[-1, 16\)"),
-    (lambda l, h, g: l.experts(h.index_fill(0, torch.tensor([2]), float("-inf")),
-                               torch.full((3, K), 8, dtype=torch.int32), torch.ones(3, K)),
-     r"hidden: expected finite values, got -inf at index \[2, 0\]"),
-])
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (
+            lambda l, h, g: l.forward(h.index_fill(0, torch.tensor([1]), float("nan")), g),
+            r"hidden: expected finite values, got nan at index \[1, 0\]",
+        ),
+        (
+            lambda l, h, g: l.forward(h, g.index_fill(1, torch.tensor([5]), float("inf"))),
+            r"router_logits: expected finite values, got inf at index \[0, 5\]",
+        ),
+        (
+            lambda l, h, g: l.forward_routed(
+                h,
+                (
+                    torch.full((3, K), 8, dtype=torch.int32),
+                    torch.ones(3, K).index_fill(0, torch.tensor([2]), float("nan")),
+                ),
+            ),
+            r"topk_weights: expected finite values, got nan at index \[2, 0\]",
+        ),
+        (
+            lambda l, h, g: l.forward_routed(
+                h, pack_topk(torch.full((3, K), 8, dtype=torch.int32), torch.full((3, K), float("-inf")))
+            ),
+            r"topk_weights: expected finite values, got -inf at index \[0, 0\]",
+        ),
+        (
+            lambda l, h, g: l.experts(h, torch.full((3, K), E_GLOBAL, dtype=torch.int32), torch.ones(3, K)),
+            r"topk_ids: expected global expert ids in \[-1, 16\), got values in \[16, 16\]",
+        ),
+        (
+            lambda l, h, g: l.forward_routed(
+                h,
+                pack_topk(
+                    torch.full((3, K), -1, dtype=torch.int32).index_fill(1, torch.tensor([0]), 300), torch.ones(3, K)
+                ),
+            ),
+            r"topk_ids: expected global expert ids in \[-1, 16\)",
+        ),
+        (
+            lambda l, h, g: l.experts(
+                h.index_fill(0, torch.tensor([2]), float("-inf")),
+                torch.full((3, K), 8, dtype=torch.int32),
+                torch.ones(3, K),
+            ),
+            r"hidden: expected finite values, got -inf at index \[2, 0\]",
+        ),
+    ],
+)
 def test_check_values_refuses_non_finite_inputs_and_foreign_ids(call, match):
     layer = _layer(check_values=True)
     hidden, logits = _inputs(3)
@@ -419,8 +535,9 @@ def test_without_check_values_nan_logits_reach_only_their_token():
     got = layer.forward(hidden, logits)
     assert torch.equal(got[[0, 2, 3]], clean[[0, 2, 3]]) and bool(got[1].isnan().any())
     # and with the check on, clean inputs give the same result
-    checked = BF16MoE(layer.weights, dataclasses.replace(layer.config, check_values=True),
-                      correction_bias=layer.correction_bias)
+    checked = BF16MoE(
+        layer.weights, dataclasses.replace(layer.config, check_values=True), correction_bias=layer.correction_bias
+    )
     clean_logits = logits.nan_to_num(0.0)
     assert torch.equal(checked.forward(hidden, clean_logits), layer.forward(hidden, clean_logits))
 
@@ -437,11 +554,14 @@ def test_empty_batches_give_empty_outputs(precision):
     assert bool((replay == -4).all())
 
 
-@pytest.mark.parametrize("kwargs, error, match", [
-    ({"cache": "/tmp/cache"}, TypeError, "cache: expected a TuningCache or None, got str"),
-    ({"force": "yes"}, TypeError, "force: expected a bool"),
-    ({"progress": None}, TypeError, "progress: expected a bool"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"cache": "/tmp/cache"}, TypeError, "cache: expected a TuningCache or None, got str"),
+        ({"force": "yes"}, TypeError, "force: expected a bool"),
+        ({"progress": None}, TypeError, "progress: expected a bool"),
+    ],
+)
 def test_bad_warmup_arguments_are_named(kwargs, error, match):
     with pytest.raises(error, match=match):
         _layer(FP8BlockMoE).warmup(64, **kwargs)

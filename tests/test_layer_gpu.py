@@ -14,9 +14,13 @@ E, H, I, K = 32, 1024, 256, 8
 
 def _layer(precision, **kw):
     cfg = MoEConfig(num_experts=E, top_k=K, routing=RoutingConfig.deepseek_v3(8, 4, 2.5))
-    return LAYER_TYPES[precision].from_float(torch.randn(E, 2 * I, H, device="cuda") / H ** 0.5,
-                                             torch.randn(E, H, I, device="cuda") / I ** 0.5, cfg,
-                                             correction_bias=0.1 * torch.randn(E, device="cuda"), **kw)
+    return LAYER_TYPES[precision].from_float(
+        torch.randn(E, 2 * I, H, device="cuda") / H**0.5,
+        torch.randn(E, H, I, device="cuda") / I**0.5,
+        cfg,
+        correction_bias=0.1 * torch.randn(E, device="cuda"),
+        **kw,
+    )
 
 
 def _rel(a, b):

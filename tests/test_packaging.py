@@ -16,8 +16,21 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.skipif(importlib.util.find_spec("setuptools") is None, reason="needs setuptools to build")
 def test_wheel_namespace(tmp_path):
     res = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path),
-         str(ROOT)], capture_output=True, text=True)
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode == 0, res.stderr
     # The version is written once, in moe_backend/__init__.py; the wheel takes it from there.
     (wheel,) = tmp_path.glob(f"moe_backend-{moe_backend.__version__}-*.whl")
@@ -26,11 +39,18 @@ def test_wheel_namespace(tmp_path):
     assert f"\nVersion: {moe_backend.__version__}\n" in zipfile.ZipFile(wheel).read(metadata).decode()
     tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert tops == {"moe_backend"}
-    for module in ("moe_backend/weights/__init__.py", "moe_backend/integrations/vllm/__init__.py",
-                   "moe_backend/integrations/sglang/__init__.py", "moe_backend/quant/nvfp4.py"):
+    for module in (
+        "moe_backend/weights/__init__.py",
+        "moe_backend/integrations/vllm/__init__.py",
+        "moe_backend/integrations/sglang/__init__.py",
+        "moe_backend/quant/nvfp4.py",
+    ):
         assert module in names
-    for init in list(ROOT.glob("moe_backend/**/__init__.py")) + list(ROOT.glob("weights/**/__init__.py")) \
-            + list(ROOT.glob("integrations/**/__init__.py")):
+    for init in (
+        list(ROOT.glob("moe_backend/**/__init__.py"))
+        + list(ROOT.glob("weights/**/__init__.py"))
+        + list(ROOT.glob("integrations/**/__init__.py"))
+    ):
         rel = init.relative_to(ROOT).as_posix()
         installed = rel if rel.startswith("moe_backend/") else f"moe_backend/{rel}"
         assert installed in names, f"{rel} is missing from pyproject's packages list"

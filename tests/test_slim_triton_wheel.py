@@ -43,8 +43,12 @@ def test_drops_tools_strips_libraries_and_rewrites_record(tmp_path):
     slim = _slim().slim_wheel(_wheel(tmp_path / "in", library), tmp_path / "out")
     with zipfile.ZipFile(slim) as zf:
         names = set(zf.namelist())
-        assert names == {"triton/backends/nvidia/lib/libdevice.10.bc", "triton/_C/libtriton.so",
-                         "triton/__init__.py", "triton-3.8.0.dist-info/RECORD"}
+        assert names == {
+            "triton/backends/nvidia/lib/libdevice.10.bc",
+            "triton/_C/libtriton.so",
+            "triton/__init__.py",
+            "triton-3.8.0.dist-info/RECORD",
+        }
         stripped = zf.read("triton/_C/libtriton.so")
         assert stripped.startswith(b"\x7fELF") and len(stripped) <= len(library)
         assert zf.getinfo("triton/_C/libtriton.so").external_attr >> 16 & 0o111

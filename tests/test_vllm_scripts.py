@@ -54,7 +54,8 @@ def test_e2e_checks_of_routed_experts():
     assert e2e.capture_agreement(ours, ref, prompts, [1, 2]) == pytest.approx(1 - 1 / 18)
     assert e2e.capture_mismatches(ours, ref, prompts, 1) == []
     assert e2e.capture_mismatches(ours, ref, prompts, 2) == [
-        {"prompt": 1, "row": 0, "in_prompt": True, "ours": [3, 4], "reference": [3, 5]}]
+        {"prompt": 1, "row": 0, "in_prompt": True, "ours": [3, 4], "reference": [3, 5]}
+    ]
 
 
 def test_e2e_paired_agreements():
@@ -69,7 +70,7 @@ def test_e2e_paired_agreements():
     assert e2e.routing_hits(routed, recomputed, [2]) == [True, False]
     result = e2e.paired([True] * 60 + [False] * 40, [True] * 50 + [False] * 10 + [True] * 20 + [False] * 20)
     assert result["moe_backend"] == 0.6 and result["reference"] == 0.7 and result["discordant"] == 30
-    assert result["z"] == pytest.approx(-10 / 30 ** 0.5)
+    assert result["z"] == pytest.approx(-10 / 30**0.5)
     assert e2e.paired([True, False], [True, False])["z"] == 0.0
 
 
@@ -167,7 +168,7 @@ def test_bundle_prunes_only_what_sm90_cannot_load(tmp_path):
     assert [(k, a, s) for k, a, _, s in bundle.fatbin_entries(path.read_bytes())] == [(k, a, 32) for k, a, _ in entries]
     assert bundle.prune_for_sm90(path) == 3 * 32
     data = path.read_bytes()
-    kept = {(k, a): data[o:o + s] for k, a, o, s in bundle.fatbin_entries(data)}
+    kept = {(k, a): data[o : o + s] for k, a, o, s in bundle.fatbin_entries(data)}
     assert kept[(2, 90)] == b"B" * 32 and kept[(1, 80)] == b"C" * 32  # sm_90 SASS, PTX a sm_90 can JIT
     assert kept[(2, 80)] == kept[(1, 100)] == kept[(2, 100)] == bytes(32)
 
@@ -177,8 +178,11 @@ def test_ep2_options_and_checkpoint_split(tmp_path):
     args = ep2.build_parser().parse_args([str(tmp_path), "--prompts", "4"])
     assert (args.work, args.prompts, args.max_tokens, args.eager, args.child) == (tmp_path, 4, 32, False, None)
     spec = ep2.run_spec(tmp_path / "fp8", "moe_backend", [[3, 4]], args, tmp_path / "run.json")
-    assert spec["engine_args"] == {"tensor_parallel_size": 2, "enable_expert_parallel": True,
-                                   "disable_custom_all_reduce": True}
+    assert spec["engine_args"] == {
+        "tensor_parallel_size": 2,
+        "enable_expert_parallel": True,
+        "disable_custom_all_reduce": True,
+    }
     assert ep2.MULTICAST_OFF["NCCL_NVLS_ENABLE"] == "0"
     # the EP checkpoint splits into whole FP8 blocks on two ranks; the single-GPU one does not
     (ckpt,) = ep2.make_checkpoints(tmp_path, ["fp8"], ep2.EP_DIMS).values()
@@ -188,41 +192,58 @@ def test_ep2_options_and_checkpoint_split(tmp_path):
     single = dict(config, moe_intermediate_size=128, num_attention_heads=4)
     assert ep2.tp_block_problems(single, 2) == ["shared expert intermediate: 128 over 2 ranks is not whole 128-blocks"]
     assert ep2.tp_block_problems(dict(config, num_attention_heads=2), 2) == [
-        "q_b_proj rows: 384 over 2 ranks is not whole 128-blocks"]
+        "q_b_proj rows: 384 over 2 ranks is not whole 128-blocks"
+    ]
 
 
 def _warmup_line(rank, first, end, tokens=512, layers=3):
-    return (f"moe_backend: tuning warm-up of {layers} MoE layers for up to {tokens} tokens took 1.25 s "
-            f"(rank {rank}, experts [{first}, {end}) of 16)")
+    return (
+        f"moe_backend: tuning warm-up of {layers} MoE layers for up to {tokens} tokens took 1.25 s "
+        f"(rank {rank}, experts [{first}, {end}) of 16)"
+    )
 
 
 def test_ep2_rank_warmups():
     ep2 = _script("vllm_ep2")
     lines = [_warmup_line(1, 8, 16), _warmup_line(0, 0, 8)]
     warmups = ep2.rank_warmups(lines)
-    assert warmups == {0: {"layers": 3, "max_tokens": 512, "seconds": 1.25, "experts": "[0, 8) of 16"},
-                       1: {"layers": 3, "max_tokens": 512, "seconds": 1.25, "experts": "[8, 16) of 16"}}
+    assert warmups == {
+        0: {"layers": 3, "max_tokens": 512, "seconds": 1.25, "experts": "[0, 8) of 16"},
+        1: {"layers": 3, "max_tokens": 512, "seconds": 1.25, "experts": "[8, 16) of 16"},
+    }
     assert ep2.warmup_problems(warmups, 16, 3, 512) == []
     assert ep2.warmup_problems(ep2.rank_warmups(lines[:1]), 16, 3, 512) == ["rank 0: no tuning warm-up logged"]
     # a rank that tuned every expert, or for another token count, is reported
     bad = ep2.rank_warmups([_warmup_line(0, 0, 16, tokens=1024), lines[0]])
-    assert ep2.warmup_problems(bad, 16, 3, 512) == ["rank 0: max_tokens 1024, expected 512",
-                                                     "rank 0: experts '[0, 16) of 16', expected '[0, 8) of 16'"]
+    assert ep2.warmup_problems(bad, 16, 3, 512) == [
+        "rank 0: max_tokens 1024, expected 512",
+        "rank 0: experts '[0, 16) of 16', expected '[0, 8) of 16'",
+    ]
 
 
 def test_ep2_compare_and_checks():
     ep2 = _script("vllm_ep2")
     config = dict(CONFIG, n_routed_experts=16)
     prompts = [[5] * 4, [6] * 3]
-    ref = {"outputs": [_output(4, [1, 2, 3], (1, 9)), _output(3, [4, 5], (3, 12))], "served_by_moe_backend": [],
-           "tuning_warmup": []}
-    ours = {"outputs": [_output(4, [1, 2, 3], (1, 9)), _output(3, [4, 5], (3, 12))],
-            "served_by_moe_backend": ["serving MoE layers with MoEBackendExperts"],
-            "tuning_warmup": [_warmup_line(0, 0, 8, layers=2), _warmup_line(1, 8, 16, layers=2)]}
+    ref = {
+        "outputs": [_output(4, [1, 2, 3], (1, 9)), _output(3, [4, 5], (3, 12))],
+        "served_by_moe_backend": [],
+        "tuning_warmup": [],
+    }
+    ours = {
+        "outputs": [_output(4, [1, 2, 3], (1, 9)), _output(3, [4, 5], (3, 12))],
+        "served_by_moe_backend": ["serving MoE layers with MoEBackendExperts"],
+        "tuning_warmup": [_warmup_line(0, 0, 8, layers=2), _warmup_line(1, 8, 16, layers=2)],
+    }
     entry = ep2.compare(ours, ref, prompts, config)
     assert entry["identical_sequences"] == entry["routed_experts_equal"] == 2 and entry["token_agreement"] == 1.0
-    assert ep2.checks(entry, True, 2) == {"served": True, "routed_shape": True, "rank_warmups": True,
-                                          "identical_sequences": True, "routed_experts_equal": True}
+    assert ep2.checks(entry, True, 2) == {
+        "served": True,
+        "routed_shape": True,
+        "rank_warmups": True,
+        "identical_sequences": True,
+        "routed_experts_equal": True,
+    }
     # one routed row differs (same tokens): the capture check fails, the token check holds
     ours["outputs"][1]["routed_experts"][2][2] = [3, 11]
     entry = ep2.compare(ours, ref, prompts, config)
@@ -253,33 +274,62 @@ class _Index:
 
 def test_bundle_resolves_the_closure_against_the_target():
     bundle = _script("vllm_offline_bundle")
-    index = _Index({
-        "llguidance": {"1.7.6": [], "1.8.0": []},
-        "mistral-common": {"1.13.1": ["pydantic>=2.12", "numpy<2.4,>=1.25; python_version <= '3.12'",
-                                      "opencv-python-headless>=4; extra == 'opencv'",
-                                      "mistral_common[opencv]; extra == 'image'",
-                                      "soundfile; extra == 'audio'",
-                                      "pydantic-extra-types[pycountry]>=2.10.5"]},
-        "pydantic": {"2.11.0": [], "2.14.4": ["pydantic-core==2.50.5", "typing-extensions>=4.14"]},
-        "pydantic-core": {"2.50.5": ["typing-extensions>=4.14"]},
-        "pydantic-extra-types": {"2.11.1": ["pydantic>=2.5", "pycountry>=23; extra == 'pycountry'"]},
-        "pycountry": {"26.2.16": []},
-        "fastapi": {"0.136.3": ["starlette>=0.40", "pydantic>=2.7"]},
-        "starlette": {"0.50.0": [], "1.10.0": []},
-        "transformers": {"5.20.0": []},
-        "winreg-helper": {"1.0.0": []},
-    })
-    roots = ["llguidance<1.8.0,>=1.7.0; platform_machine == 'x86_64'", "mistral_common[image]>=1.11.5",
-             "fastapi<0.137", "starlette>=1.0.1", "torch==2.11.0", "flashinfer-python==0.6.14",
-             "transformers>=5.18", "numpy", "winreg-helper; sys_platform == 'win32'", "zentorch; extra == 'zen'"]
-    present = {"torch": "2.11.0", "numpy": "2.5.2", "opencv-python-headless": None, "typing-extensions": None,
-               "transformers": "5.17.0"}
-    result = bundle.resolve(roots, index, present, {"flashinfer-python": "not on Hopper"},
-                            {"numpy": "the image's numpy"}, bundle.TARGET_ENV)
+    index = _Index(
+        {
+            "llguidance": {"1.7.6": [], "1.8.0": []},
+            "mistral-common": {
+                "1.13.1": [
+                    "pydantic>=2.12",
+                    "numpy<2.4,>=1.25; python_version <= '3.12'",
+                    "opencv-python-headless>=4; extra == 'opencv'",
+                    "mistral_common[opencv]; extra == 'image'",
+                    "soundfile; extra == 'audio'",
+                    "pydantic-extra-types[pycountry]>=2.10.5",
+                ]
+            },
+            "pydantic": {"2.11.0": [], "2.14.4": ["pydantic-core==2.50.5", "typing-extensions>=4.14"]},
+            "pydantic-core": {"2.50.5": ["typing-extensions>=4.14"]},
+            "pydantic-extra-types": {"2.11.1": ["pydantic>=2.5", "pycountry>=23; extra == 'pycountry'"]},
+            "pycountry": {"26.2.16": []},
+            "fastapi": {"0.136.3": ["starlette>=0.40", "pydantic>=2.7"]},
+            "starlette": {"0.50.0": [], "1.10.0": []},
+            "transformers": {"5.20.0": []},
+            "winreg-helper": {"1.0.0": []},
+        }
+    )
+    roots = [
+        "llguidance<1.8.0,>=1.7.0; platform_machine == 'x86_64'",
+        "mistral_common[image]>=1.11.5",
+        "fastapi<0.137",
+        "starlette>=1.0.1",
+        "torch==2.11.0",
+        "flashinfer-python==0.6.14",
+        "transformers>=5.18",
+        "numpy",
+        "winreg-helper; sys_platform == 'win32'",
+        "zentorch; extra == 'zen'",
+    ]
+    present = {
+        "torch": "2.11.0",
+        "numpy": "2.5.2",
+        "opencv-python-headless": None,
+        "typing-extensions": None,
+        "transformers": "5.17.0",
+    }
+    result = bundle.resolve(
+        roots, index, present, {"flashinfer-python": "not on Hopper"}, {"numpy": "the image's numpy"}, bundle.TARGET_ENV
+    )
     assert {n: d.version for n, d in result.carried.items()} == {
-        "llguidance": "1.7.6", "mistral-common": "1.13.1", "fastapi": "0.136.3", "starlette": "1.10.0",
+        "llguidance": "1.7.6",
+        "mistral-common": "1.13.1",
+        "fastapi": "0.136.3",
+        "starlette": "1.10.0",
         "transformers": "5.20.0",  # the target's 5.17.0 is too old: carried, and said so
-        "pydantic": "2.14.4", "pydantic-core": "2.50.5", "pydantic-extra-types": "2.11.1", "pycountry": "26.2.16"}
+        "pydantic": "2.14.4",
+        "pydantic-core": "2.50.5",
+        "pydantic-extra-types": "2.11.1",
+        "pycountry": "26.2.16",
+    }
     assert result.skipped == {"flashinfer-python": "not on Hopper"}
     assert set(result.replaced) == {"transformers"} and result.kept == {"numpy": "the image's numpy"}
     assert result.present["opencv-python-headless"]["required"] == ["mistral-common 1.13.1: >=4"]
@@ -313,9 +363,15 @@ def test_bundle_reads_the_target_list_and_wheel_metadata(tmp_path):
     import zipfile
 
     with zipfile.ZipFile(wheel, "w") as zf:
-        zf.writestr("demo_pkg-1.2.0.dist-info/METADATA",
-                    "Metadata-Version: 2.1\nName: demo-pkg\nVersion: 1.2.0\nRequires-Dist: numpy>=1\n"
-                    "Requires-Dist: rich; extra == 'cli'\n\nA description.\n")
+        zf.writestr(
+            "demo_pkg-1.2.0.dist-info/METADATA",
+            "Metadata-Version: 2.1\nName: demo-pkg\nVersion: 1.2.0\nRequires-Dist: numpy>=1\n"
+            "Requires-Dist: rich; extra == 'cli'\n\nA description.\n",
+        )
     dist = bundle.wheel_dist(wheel)
-    assert (dist.name, dist.version, dist.requires, dist.path) == ("demo-pkg", "1.2.0",
-                                                                   ("numpy>=1", "rich; extra == 'cli'"), wheel)
+    assert (dist.name, dist.version, dist.requires, dist.path) == (
+        "demo-pkg",
+        "1.2.0",
+        ("numpy>=1", "rich; extra == 'cli'"),
+        wheel,
+    )

@@ -119,8 +119,17 @@ class ModelShape:
 #: The default test model: runs through transformers on a CPU in well under a second.
 TINY = ModelShape()
 #: A medium model for memory measurements: 4 MoE layers of 64 experts, H 1024, I 512 (~0.8 GB in bf16).
-MEDIUM = ModelShape(vocab_size=2048, hidden_size=1024, intermediate_size=2048, moe_intermediate_size=512,
-                    num_hidden_layers=5, n_routed_experts=64, num_experts_per_tok=8, n_group=8, topk_group=4)
+MEDIUM = ModelShape(
+    vocab_size=2048,
+    hidden_size=1024,
+    intermediate_size=2048,
+    moe_intermediate_size=512,
+    num_hidden_layers=5,
+    n_routed_experts=64,
+    num_experts_per_tok=8,
+    n_group=8,
+    topk_group=4,
+)
 
 # kinds of tensors: how the master is drawn and whether the formats may quantize it
 LINEAR, EMBED, NORM, ROUTER, BIAS, HEAD = "linear", "embed", "norm", "router", "bias", "head"
@@ -141,8 +150,11 @@ def _layer_tensors(shape: ModelShape, layer: int) -> Iterator[Tuple[str, Tuple[i
         yield f"{p}.self_attn.q_b_proj.weight", (s.num_attention_heads * qk_head, s.q_lora_rank), LINEAR
     yield f"{p}.self_attn.kv_a_proj_with_mqa.weight", (s.kv_lora_rank + s.qk_rope_head_dim, h), LINEAR
     yield f"{p}.self_attn.kv_a_layernorm.weight", (s.kv_lora_rank,), NORM
-    yield (f"{p}.self_attn.kv_b_proj.weight",
-           (s.num_attention_heads * (s.qk_nope_head_dim + s.v_head_dim), s.kv_lora_rank), LINEAR)
+    yield (
+        f"{p}.self_attn.kv_b_proj.weight",
+        (s.num_attention_heads * (s.qk_nope_head_dim + s.v_head_dim), s.kv_lora_rank),
+        LINEAR,
+    )
     yield f"{p}.self_attn.o_proj.weight", (h, s.num_attention_heads * s.v_head_dim), LINEAR
     mlps: List[Tuple[str, int]]
     if layer < s.first_k_dense_replace:
@@ -164,8 +176,10 @@ def shard_tensors(shape: ModelShape) -> List[List[Tuple[str, Tuple[int, ...], st
     the final norm and ``lm_head`` with the last."""
     shards = [list(_layer_tensors(shape, layer)) for layer in range(shape.num_hidden_layers)]
     shards[0].insert(0, ("model.embed_tokens.weight", (shape.vocab_size, shape.hidden_size), EMBED))
-    shards[-1] += [("model.norm.weight", (shape.hidden_size,), NORM),
-                   ("lm_head.weight", (shape.vocab_size, shape.hidden_size), HEAD)]
+    shards[-1] += [
+        ("model.norm.weight", (shape.hidden_size,), NORM),
+        ("lm_head.weight", (shape.vocab_size, shape.hidden_size), HEAD),
+    ]
     return shards
 
 
@@ -202,15 +216,24 @@ def _stored(name: str, master: torch.Tensor, kind: str, quant: QuantSpec) -> Dic
         return {name: q, f"{module}.weight_scale_inv": scale}
     if fmt == FP8_TENSOR:
         q, scale = quantize_fp8_per_tensor(weight)  # scale: 0-d, as ModelOpt writes it
-        return {name: q, f"{module}.weight_scale": scale,
-                f"{module}.input_scale": torch.tensor(NOMINAL_ACTIVATION_AMAX / FP8_MAX)}
+        return {
+            name: q,
+            f"{module}.weight_scale": scale,
+            f"{module}.input_scale": torch.tensor(NOMINAL_ACTIVATION_AMAX / FP8_MAX),
+        }
     if fmt == NVFP4:
         if weight.shape[-1] % NVFP4_GROUP:
-            raise ValueError(f"{name}: NVFP4 needs in_features to be a multiple of {NVFP4_GROUP}, "
-                             f"got {weight.shape[-1]} (exclude the module or change the size)")
+            raise ValueError(
+                f"{name}: NVFP4 needs in_features to be a multiple of {NVFP4_GROUP}, "
+                f"got {weight.shape[-1]} (exclude the module or change the size)"
+            )
         packed, block_scale, global_scale = quantize_nvfp4(weight)
-        return {name: packed, f"{module}.weight_scale": block_scale, f"{module}.weight_scale_2": global_scale,
-                f"{module}.input_scale": torch.tensor(NOMINAL_ACTIVATION_AMAX / (6.0 * 448.0))}
+        return {
+            name: packed,
+            f"{module}.weight_scale": block_scale,
+            f"{module}.weight_scale_2": global_scale,
+            f"{module}.input_scale": torch.tensor(NOMINAL_ACTIVATION_AMAX / (6.0 * 448.0)),
+        }
     return {name: weight}
 
 
@@ -229,8 +252,9 @@ def quant_spec_for(flavour: str, shape: ModelShape, extra_exclusions: Sequence[s
     return QuantSpec(method, tuple(extra_exclusions) if method == FP8_BLOCK else ())
 
 
-def _write_metadata(out: Path, shape: ModelShape, quant: QuantSpec, weight_map: Dict[str, str],
-                    total_size: int) -> None:
+def _write_metadata(
+    out: Path, shape: ModelShape, quant: QuantSpec, weight_map: Dict[str, str], total_size: int
+) -> None:
     config = shape.config()
     quantization_config, hf_quant = quant.config_entries()
     if quantization_config is not None:
@@ -242,8 +266,13 @@ def _write_metadata(out: Path, shape: ModelShape, quant: QuantSpec, weight_map: 
     (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
 
 
-def make_checkpoints(out_dir: Path, shape: ModelShape = TINY, flavours: Sequence[str] = tuple(CHECKPOINT_FORMATS),
-                     seed: int = 0, extra_exclusions: Sequence[str] = ()) -> Dict[str, Path]:
+def make_checkpoints(
+    out_dir: Path,
+    shape: ModelShape = TINY,
+    flavours: Sequence[str] = tuple(CHECKPOINT_FORMATS),
+    seed: int = 0,
+    extra_exclusions: Sequence[str] = (),
+) -> Dict[str, Path]:
     """Write one checkpoint per flavour into ``out_dir/<flavour>`` from the same seeded weights.
 
     ``extra_exclusions`` are module patterns the quantized flavours leave unquantized

@@ -77,7 +77,7 @@ def interleave_gated_rows(w: torch.Tensor, group: int = 1, dim: int = -2) -> tor
     d, half = _check_stacked("w", w, dim, group)
     shape = w.shape
     # [.., 2, I/g, g, ..] -> [.., I/g, 2, g, ..]
-    v = w.reshape(*shape[:d], 2, half // group, group, *shape[d + 1:])
+    v = w.reshape(*shape[:d], 2, half // group, group, *shape[d + 1 :])
     return v.transpose(d, d + 1).reshape(shape).contiguous()
 
 
@@ -86,5 +86,5 @@ def deinterleave_gated_rows(w: torch.Tensor, group: int = 1, dim: int = -2) -> t
     check_int("group", group, minimum=1)
     d, half = _check_stacked("w", w, dim, group)
     shape = w.shape
-    v = w.reshape(*shape[:d], half // group, 2, group, *shape[d + 1:])
+    v = w.reshape(*shape[:d], half // group, 2, group, *shape[d + 1 :])
     return v.transpose(d, d + 1).reshape(shape).contiguous()

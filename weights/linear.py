@@ -82,8 +82,9 @@ class CheckpointLinear:
         return self.weight.float()
 
 
-def read_tensor(reader: ShardedReader, key: str, *, block_scale: bool = False, finite: bool = False,
-                **check: Any) -> torch.Tensor:
+def read_tensor(
+    reader: ShardedReader, key: str, *, block_scale: bool = False, finite: bool = False, **check: Any
+) -> torch.Tensor:
     """Tensor ``key`` validated with ``check_tensor(**check)`` and, when asked, the block scale rule or
     finiteness; an error is re-raised, of the same type, naming the shard file (cause chained)."""
     value = reader.get(key)
@@ -118,15 +119,21 @@ def read_linear(reader: ShardedReader, module: str, fmt: str, shape: Tuple[int, 
         return CheckpointLinear(BF16, read_tensor(reader, key, dtype=UNQUANTIZED_DTYPES, shape=(n, k)))
     if fmt == FP8_BLOCK:
         weight = read_tensor(reader, key, dtype=FP8_DTYPE, shape=(n, k))
-        scale = read_tensor(reader, f"{module}.weight_scale_inv", block_scale=True, dtype=torch.float32,
-                        shape=(_cdiv(n, BLOCK), _cdiv(k, BLOCK)))
+        scale = read_tensor(
+            reader,
+            f"{module}.weight_scale_inv",
+            block_scale=True,
+            dtype=torch.float32,
+            shape=(_cdiv(n, BLOCK), _cdiv(k, BLOCK)),
+        )
         return CheckpointLinear(FP8_BLOCK, weight, scale)
     if fmt == NVFP4:
         if k % NVFP4_GROUP:
             raise ValueError(f"{key}: NVFP4 needs in_features to be a multiple of {NVFP4_GROUP}, got {k}")
         weight = read_tensor(reader, key, dtype=torch.uint8, shape=(n, k // 2))
-        scale = read_tensor(reader, f"{module}.weight_scale", block_scale=True, dtype=FP8_DTYPE,
-                        shape=(n, k // NVFP4_GROUP))
+        scale = read_tensor(
+            reader, f"{module}.weight_scale", block_scale=True, dtype=FP8_DTYPE, shape=(n, k // NVFP4_GROUP)
+        )
         # ModelOpt writes a 0-d scalar; some exporters write shape [1]
         return CheckpointLinear(NVFP4, weight, scale, _scalar(reader, f"{module}.weight_scale_2"))
     if fmt == FP8_TENSOR:

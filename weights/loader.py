@@ -87,10 +87,17 @@ def local_experts(num_experts: int, ep_rank: int, ep_size: int) -> range:
 
 def _owned(linear: CheckpointLinear, device: Device) -> CheckpointLinear:
     """Copy a linear's tensors out of the shard mapping onto ``device``."""
+
     def copy(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         return None if t is None else t.to(device, copy=True)
-    return CheckpointLinear(linear.format, linear.weight.to(device, copy=True), copy(linear.scale),
-                            copy(linear.scale_2), copy(linear.input_scale))
+
+    return CheckpointLinear(
+        linear.format,
+        linear.weight.to(device, copy=True),
+        copy(linear.scale),
+        copy(linear.scale_2),
+        copy(linear.input_scale),
+    )
 
 
 def merge_w13_scales(gate: CheckpointLinear, up: CheckpointLinear) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -106,13 +113,16 @@ def merge_w13_scales(gate: CheckpointLinear, up: CheckpointLinear) -> Tuple[torc
     """
     assert gate.scale is not None and up.scale is not None  # FP8 per-tensor linears carry one (read_linear)
     scale = torch.maximum(gate.scale, up.scale)
-    halves = [quantize_fp8_per_tensor(dequantize_fp8_per_tensor(w, s), scale)[0]
-              for w, s in ((gate.weight, gate.scale), (up.weight, up.scale))]
+    halves = [
+        quantize_fp8_per_tensor(dequantize_fp8_per_tensor(w, s), scale)[0]
+        for w, s in ((gate.weight, gate.scale), (up.weight, up.scale))
+    ]
     return torch.cat(halves), scale
 
 
-def _expert_parts(gate: CheckpointLinear, up: CheckpointLinear,
-                  down: CheckpointLinear) -> Dict[str, Tuple[torch.Tensor, ...]]:
+def _expert_parts(
+    gate: CheckpointLinear, up: CheckpointLinear, down: CheckpointLinear
+) -> Dict[str, Tuple[torch.Tensor, ...]]:
     """Container field -> the stored tensors making up one expert's slot of it, stacked along the
     slot's first dim: the w13 fields take ``(gate, up)`` (rows ``[gate; up]``, and NVFP4's two
     global scales side by side), the w2 fields take ``(down,)``. FP8 per-tensor experts get their
@@ -147,20 +157,23 @@ def _copy_slot(slot: torch.Tensor, parts: Tuple[torch.Tensor, ...]) -> None:
         return
     row = 0
     for part in parts:
-        slot[row: row + part.shape[0]].copy_(part)
+        slot[row : row + part.shape[0]].copy_(part)
         row += part.shape[0]
 
 
-def _static_input_scale(prefix: str, field: str, projs: str, scales: Sequence[Optional[torch.Tensor]],
-                        device: Device) -> Optional[torch.Tensor]:
+def _static_input_scale(
+    prefix: str, field: str, projs: str, scales: Sequence[Optional[torch.Tensor]], device: Device
+) -> Optional[torch.Tensor]:
     """The layer's one static activation scale ``[1]`` from the local experts' ``input_scale``s: their
     maximum (vLLM does the same, so no calibrated activation clips); None when none is stored."""
     present = [s for s in scales if s is not None]
     if not present:
         return None
     if len(present) != len(scales):
-        raise ValueError(f"{prefix}.experts: {len(scales) - len(present)} of the local experts' {projs} have no "
-                         f"input_scale and {len(present)} have one; {field} needs all or none")
+        raise ValueError(
+            f"{prefix}.experts: {len(scales) - len(present)} of the local experts' {projs} have no "
+            f"input_scale and {len(present)} have one; {field} needs all or none"
+        )
     return torch.stack(present).max().reshape(1).to(device)
 
 
@@ -175,8 +188,9 @@ def _read_experts(ckpt: Checkpoint, prefix: str, experts: range, device: Device)
     """
     spec = ckpt.spec
     h, i = spec.hidden_size, spec.moe_intermediate_size
-    modules = {e: {proj: f"{prefix}.experts.{e}.{proj}" for proj in ("gate_proj", "up_proj", "down_proj")}
-               for e in experts}
+    modules = {
+        e: {proj: f"{prefix}.experts.{e}.{proj}" for proj in ("gate_proj", "up_proj", "down_proj")} for e in experts
+    }
     formats = {ckpt.quant.format_of(m) for names in modules.values() for m in names.values()}
     if len(formats) != 1:
         raise ValueError(
@@ -185,8 +199,10 @@ def _read_experts(ckpt: Checkpoint, prefix: str, experts: range, device: Device)
         )
     fmt = formats.pop()
     if fmt == FP8_BLOCK and (h % BLOCK or i % BLOCK):
-        raise ValueError(f"{prefix}.experts: FP8 block experts need hidden_size and moe_intermediate_size "
-                         f"that are multiples of {BLOCK}, got H={h}, I={i}")
+        raise ValueError(
+            f"{prefix}.experts: FP8 block experts need hidden_size and moe_intermediate_size "
+            f"that are multiples of {BLOCK}, got H={h}, I={i}"
+        )
     container = WEIGHT_TYPES[fmt]
     # bf16 containers hold bf16 whatever float the file stores; quantized ones keep the stored dtypes
     cast = torch.bfloat16 if fmt == BF16 else None
@@ -199,22 +215,25 @@ def _read_experts(ckpt: Checkpoint, prefix: str, experts: range, device: Device)
         down = ckpt.linear(names["down_proj"], (h, i))
         for field, parts in _expert_parts(gate, up, down).items():
             if field not in buffers:
-                buffers[field] = torch.empty((len(experts), *_slot_shape(parts)), dtype=cast or parts[0].dtype,
-                                             device=device)
+                buffers[field] = torch.empty(
+                    (len(experts), *_slot_shape(parts)), dtype=cast or parts[0].dtype, device=device
+                )
             _copy_slot(buffers[field][slot], parts)
         if fmt == FP8_TENSOR:  # scalars, copied out of the shard mapping
             input_scales["a13_scale"] += [None if p.input_scale is None else p.input_scale.clone() for p in (gate, up)]
             input_scales["a2_scale"].append(None if down.input_scale is None else down.input_scale.clone())
     extra: Dict[str, Any] = {"ue8m0": ckpt.quant.ue8m0} if fmt == FP8_BLOCK else {}
     if fmt == FP8_TENSOR:
-        extra.update(a13_scale=_static_input_scale(prefix, "a13_scale", "gate_proj/up_proj",
-                                                   input_scales["a13_scale"], device),
-                     a2_scale=_static_input_scale(prefix, "a2_scale", "down_proj", input_scales["a2_scale"], device))
+        extra.update(
+            a13_scale=_static_input_scale(prefix, "a13_scale", "gate_proj/up_proj", input_scales["a13_scale"], device),
+            a2_scale=_static_input_scale(prefix, "a2_scale", "down_proj", input_scales["a2_scale"], device),
+        )
     return container(**buffers, **extra)
 
 
-def read_moe_layer(ckpt: Checkpoint, layer: int, *, ep_rank: int = 0, ep_size: int = 1,
-                   device: Device = "cpu") -> MoELayerWeights:
+def read_moe_layer(
+    ckpt: Checkpoint, layer: int, *, ep_rank: int = 0, ep_size: int = 1, device: Device = "cpu"
+) -> MoELayerWeights:
     """Read MoE layer ``layer`` of ``ckpt`` for expert-parallel rank ``ep_rank`` of ``ep_size``."""
     if not isinstance(ckpt, Checkpoint):
         raise TypeError(f"ckpt: expected a Checkpoint, got {type(ckpt).__name__}")
@@ -222,28 +241,47 @@ def read_moe_layer(ckpt: Checkpoint, layer: int, *, ep_rank: int = 0, ep_size: i
     device = check_device("device", device)
     spec = ckpt.spec
     if layer not in spec.moe_layers:
-        raise ValueError(f"layer: {layer} is not an MoE layer of this checkpoint (MoE layers: "
-                         f"{spec.moe_layers[0] if spec.moe_layers else '-'}..{spec.num_hidden_layers - 1}, "
-                         f"every {spec.moe_layer_freq})")
+        raise ValueError(
+            f"layer: {layer} is not an MoE layer of this checkpoint (MoE layers: "
+            f"{spec.moe_layers[0] if spec.moe_layers else '-'}..{spec.num_hidden_layers - 1}, "
+            f"every {spec.moe_layer_freq})"
+        )
     experts = local_experts(spec.n_routed_experts, ep_rank, ep_size)
     prefix = f"model.layers.{layer}.mlp"
     e, h = spec.n_routed_experts, spec.hidden_size
     router = _owned(ckpt.linear(f"{prefix}.gate", (e, h)), device).weight
     bias_key = f"{prefix}.gate.e_score_correction_bias"
-    bias = read_tensor(ckpt.reader, bias_key, finite=True,
-                       dtype=(torch.float32, torch.bfloat16, torch.float16), shape=(e,))
+    bias = read_tensor(
+        ckpt.reader, bias_key, finite=True, dtype=(torch.float32, torch.bfloat16, torch.float16), shape=(e,)
+    )
     shared = None
     if spec.n_shared_experts:
         i_s = spec.shared_intermediate_size
-        shared = SharedExperts(*(_owned(ckpt.linear(f"{prefix}.shared_experts.{proj}", shape), device)
-                                 for proj, shape in (("gate_proj", (i_s, h)), ("up_proj", (i_s, h)),
-                                                     ("down_proj", (h, i_s)))))
-    return MoELayerWeights(layer, _read_experts(ckpt, prefix, experts, device), experts.start, router,
-                           bias.to(device, torch.float32, copy=True), shared)
+        shared = SharedExperts(
+            *(
+                _owned(ckpt.linear(f"{prefix}.shared_experts.{proj}", shape), device)
+                for proj, shape in (("gate_proj", (i_s, h)), ("up_proj", (i_s, h)), ("down_proj", (h, i_s)))
+            )
+        )
+    return MoELayerWeights(
+        layer,
+        _read_experts(ckpt, prefix, experts, device),
+        experts.start,
+        router,
+        bias.to(device, torch.float32, copy=True),
+        shared,
+    )
 
 
-def iter_moe_layers(ckpt: Checkpoint, *, layers: Optional[Sequence[int]] = None, ep_rank: int = 0,
-                    ep_size: int = 1, device: Device = "cpu", progress: bool = True) -> Iterator[MoELayerWeights]:
+def iter_moe_layers(
+    ckpt: Checkpoint,
+    *,
+    layers: Optional[Sequence[int]] = None,
+    ep_rank: int = 0,
+    ep_size: int = 1,
+    device: Device = "cpu",
+    progress: bool = True,
+) -> Iterator[MoELayerWeights]:
     """Yield the MoE layers (default: all, ascending) one at a time, releasing the shards
     after each, so a caller that drops each layer holds about one layer of host memory."""
     layers = ckpt.spec.moe_layers if layers is None else tuple(layers)
@@ -252,8 +290,14 @@ def iter_moe_layers(ckpt: Checkpoint, *, layers: Optional[Sequence[int]] = None,
             weights = read_moe_layer(ckpt, layer, ep_rank=ep_rank, ep_size=ep_size, device=device)
         finally:
             ckpt.reader.close()
-        logger.info("layer %d: %d experts from %d, %s, %.1f MB", layer, weights.experts.num_experts,
-                    weights.local_expert_offset, weights.experts.precision, weights.experts.nbytes() / 1e6)
+        logger.info(
+            "layer %d: %d experts from %d, %s, %.1f MB",
+            layer,
+            weights.experts.num_experts,
+            weights.local_expert_offset,
+            weights.experts.precision,
+            weights.experts.nbytes() / 1e6,
+        )
         yield weights
         del weights  # or the previous layer stays alive while the next one is read
 
@@ -261,23 +305,41 @@ def iter_moe_layers(ckpt: Checkpoint, *, layers: Optional[Sequence[int]] = None,
 def build_moe_layer(weights: MoELayerWeights, spec: DeepSeekV3Spec, *, kernel: str = "auto") -> MoELayer:
     """The ``MoELayer`` of ``weights``' precision: DeepSeek-V3 routing (scaling applied inside),
     ``top_k = num_experts_per_tok``, the rank's ``local_expert_offset`` and correction bias."""
-    config = MoEConfig(num_experts=spec.n_routed_experts, top_k=spec.num_experts_per_tok,
-                       routing=spec.routing_config(), local_expert_offset=weights.local_expert_offset)
-    return LAYER_TYPES[weights.experts.precision](weights.experts, config,
-                                                  correction_bias=weights.correction_bias, kernel=kernel)
+    config = MoEConfig(
+        num_experts=spec.n_routed_experts,
+        top_k=spec.num_experts_per_tok,
+        routing=spec.routing_config(),
+        local_expert_offset=weights.local_expert_offset,
+    )
+    return LAYER_TYPES[weights.experts.precision](
+        weights.experts, config, correction_bias=weights.correction_bias, kernel=kernel
+    )
 
 
-def load_moe_layers(path: PathLike, *, layers: Optional[Sequence[int]] = None, ep_rank: int = 0, ep_size: int = 1,
-                    device: Device = "cpu", kernel: str = "auto", progress: bool = True) -> Dict[int, MoELayer]:
+def load_moe_layers(
+    path: PathLike,
+    *,
+    layers: Optional[Sequence[int]] = None,
+    ep_rank: int = 0,
+    ep_size: int = 1,
+    device: Device = "cpu",
+    kernel: str = "auto",
+    progress: bool = True,
+) -> Dict[int, MoELayer]:
     """Layer index -> ready ``MoELayer`` for the MoE layers of checkpoint directory ``path``."""
     with Checkpoint(path) as ckpt:
-        return {w.layer: build_moe_layer(w, ckpt.spec, kernel=kernel)
-                for w in iter_moe_layers(ckpt, layers=layers, ep_rank=ep_rank, ep_size=ep_size,
-                                         device=device, progress=progress)}
+        return {
+            w.layer: build_moe_layer(w, ckpt.spec, kernel=kernel)
+            for w in iter_moe_layers(
+                ckpt, layers=layers, ep_rank=ep_rank, ep_size=ep_size, device=device, progress=progress
+            )
+        }
 
 
-def load_moe_layer(path: PathLike, layer: int, *, ep_rank: int = 0, ep_size: int = 1, device: Device = "cpu",
-                   kernel: str = "auto") -> MoELayer:
+def load_moe_layer(
+    path: PathLike, layer: int, *, ep_rank: int = 0, ep_size: int = 1, device: Device = "cpu", kernel: str = "auto"
+) -> MoELayer:
     """The ready ``MoELayer`` of MoE layer ``layer`` of checkpoint directory ``path``."""
-    return load_moe_layers(path, layers=[layer], ep_rank=ep_rank, ep_size=ep_size, device=device,
-                           kernel=kernel, progress=False)[layer]
+    return load_moe_layers(
+        path, layers=[layer], ep_rank=ep_rank, ep_size=ep_size, device=device, kernel=kernel, progress=False
+    )[layer]

@@ -20,8 +20,9 @@ _REQUIRED = object()
 CONFIG_FILE = "config.json"
 
 
-def _field(config: Mapping[str, Any], name: str, kinds: Tuple[type, ...], default: Any = _REQUIRED,
-           source: str = CONFIG_FILE) -> Any:
+def _field(
+    config: Mapping[str, Any], name: str, kinds: Tuple[type, ...], default: Any = _REQUIRED, source: str = CONFIG_FILE
+) -> Any:
     """``config[name]`` checked against ``kinds``; ``default`` when absent or null (required if none)."""
     value = config.get(name)
     if value is None:
@@ -92,13 +93,20 @@ class DeepSeekV3Spec:
             routed_scaling_factor=float(field("routed_scaling_factor", (int, float), 1.0)),
             norm_topk_prob=field("norm_topk_prob", (bool,), True),
         )
-        for name in ("hidden_size", "moe_intermediate_size", "n_routed_experts", "num_experts_per_tok",
-                     "num_hidden_layers", "moe_layer_freq"):
+        for name in (
+            "hidden_size",
+            "moe_intermediate_size",
+            "n_routed_experts",
+            "num_experts_per_tok",
+            "num_hidden_layers",
+            "moe_layer_freq",
+        ):
             if getattr(spec, name) < 1:
                 raise ValueError(f"{source}: field {name!r} expected a positive int, got {getattr(spec, name)}")
         if spec.n_routed_experts > MAX_PACKED_ID:
-            raise ValueError(f"{source}: field 'n_routed_experts' expected at most {MAX_PACKED_ID}, "
-                             f"got {spec.n_routed_experts}")
+            raise ValueError(
+                f"{source}: field 'n_routed_experts' expected at most {MAX_PACKED_ID}, got {spec.n_routed_experts}"
+            )
         for name in ("first_k_dense_replace", "n_shared_experts"):
             if getattr(spec, name) < 0:
                 raise ValueError(f"{source}: field {name!r} expected an int >= 0, got {getattr(spec, name)}")
@@ -113,8 +121,11 @@ class DeepSeekV3Spec:
     @property
     def moe_layers(self) -> Tuple[int, ...]:
         """Indices of the decoder layers whose MLP is an MoE block, ascending."""
-        return tuple(layer for layer in range(self.first_k_dense_replace, self.num_hidden_layers)
-                     if layer % self.moe_layer_freq == 0)
+        return tuple(
+            layer
+            for layer in range(self.first_k_dense_replace, self.num_hidden_layers)
+            if layer % self.moe_layer_freq == 0
+        )
 
     @property
     def shared_intermediate_size(self) -> int:
@@ -123,6 +134,7 @@ class DeepSeekV3Spec:
 
     def routing_config(self) -> RoutingConfig:
         """DeepSeek-V3 ``noaux_tc`` routing with the routed scaling applied inside the layer."""
-        routing = RoutingConfig.deepseek_v3(self.n_group, self.topk_group, self.routed_scaling_factor,
-                                            apply_routed_scaling=True)
+        routing = RoutingConfig.deepseek_v3(
+            self.n_group, self.topk_group, self.routed_scaling_factor, apply_routed_scaling=True
+        )
         return dataclasses.replace(routing, norm_topk_prob=self.norm_topk_prob)

@@ -93,16 +93,18 @@ class QuantSpec:
         """Parse ``config['quantization_config']``, else ``path/hf_quant_config.json``, else bf16.
         Errors name the file (``path/config.json`` or ``path/hf_quant_config.json``)."""
         if config.get("quantization_config") is not None:
-            return cls.from_quantization_config(config["quantization_config"],
-                                                source=f"{Path(path) / 'config.json'}:quantization_config")
+            return cls.from_quantization_config(
+                config["quantization_config"], source=f"{Path(path) / 'config.json'}:quantization_config"
+            )
         hf_quant = Path(path) / HF_QUANT_CONFIG
         if hf_quant.is_file():
             return cls.from_hf_quant_config(read_json(hf_quant), source=str(hf_quant))
         return cls()
 
     @classmethod
-    def from_quantization_config(cls, qc: Mapping[str, Any], *,
-                                 source: str = "config.json:quantization_config") -> "QuantSpec":
+    def from_quantization_config(
+        cls, qc: Mapping[str, Any], *, source: str = "config.json:quantization_config"
+    ) -> "QuantSpec":
         """Parse ``config.json:quantization_config`` (``fp8`` block, ``modelopt`` FP8 or NVFP4)."""
         if not isinstance(qc, Mapping):
             raise TypeError(f"{source}: expected a JSON object, got {qc!r}")
@@ -110,14 +112,19 @@ class QuantSpec:
         if method == "fp8":
             _require(source, "fmt", qc.get("fmt", "e4m3"), "e4m3")
             block_size = qc.get("weight_block_size")
-            _require(source, "weight_block_size",
-                     list(block_size) if isinstance(block_size, (list, tuple)) else block_size, [BLOCK, BLOCK])
+            _require(
+                source,
+                "weight_block_size",
+                list(block_size) if isinstance(block_size, (list, tuple)) else block_size,
+                [BLOCK, BLOCK],
+            )
             _require(source, "activation_scheme", qc.get("activation_scheme", "dynamic"), "dynamic")
             scale_fmt = qc.get("scale_fmt")
             if scale_fmt not in (None, "ue8m0"):
                 raise ValueError(f"{source}: scale_fmt {scale_fmt!r} is not supported (supported: None, 'ue8m0')")
-            exclude = (_patterns(f"{source}.modules_to_not_convert", qc.get("modules_to_not_convert"))
-                       + _patterns(f"{source}.ignored_layers", qc.get("ignored_layers")))
+            exclude = _patterns(f"{source}.modules_to_not_convert", qc.get("modules_to_not_convert")) + _patterns(
+                f"{source}.ignored_layers", qc.get("ignored_layers")
+            )
             return cls(FP8_BLOCK, exclude, ue8m0=scale_fmt == "ue8m0")
         if method == "modelopt":
             nested = qc.get("quantization")
@@ -145,8 +152,9 @@ class QuantSpec:
             _require(source, "group_size", section.get("group_size", NVFP4_GROUP), NVFP4_GROUP)
         else:  # per-tensor FP8 has no groups: a group size would mean another (block) layout
             _require(source, "group_size", section.get("group_size"), None)
-        exclude = (_patterns(f"{source}.exclude_modules", section.get("exclude_modules"))
-                   + _patterns(f"{source}.ignore", section.get("ignore")))
+        exclude = _patterns(f"{source}.exclude_modules", section.get("exclude_modules")) + _patterns(
+            f"{source}.ignore", section.get("ignore")
+        )
         return cls(method, exclude)
 
     # -- writing (the checkpoint maker) -----------------------------------------------------
@@ -157,8 +165,12 @@ class QuantSpec:
         if self.method == BF16:
             return None, None
         if self.method == FP8_BLOCK:
-            qc: Dict[str, Any] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [BLOCK, BLOCK],
-                                  "activation_scheme": "dynamic"}
+            qc: Dict[str, Any] = {
+                "quant_method": "fp8",
+                "fmt": "e4m3",
+                "weight_block_size": [BLOCK, BLOCK],
+                "activation_scheme": "dynamic",
+            }
             if self.ue8m0:
                 qc["scale_fmt"] = "ue8m0"
             if self.exclude_modules:
@@ -167,10 +179,13 @@ class QuantSpec:
         exclude = list(self.exclude_modules)
         algo = {v: k for k, v in MODELOPT_ALGOS.items()}[self.method]
         group = {"group_size": NVFP4_GROUP} if self.method == NVFP4 else {}
-        return ({"quant_method": "modelopt", "quant_algo": algo, **group, "ignore": exclude},
-                {"producer": {"name": "modelopt"},
-                 "quantization": {"quant_algo": algo, "kv_cache_quant_algo": None, **group,
-                                  "exclude_modules": exclude}})
+        return (
+            {"quant_method": "modelopt", "quant_algo": algo, **group, "ignore": exclude},
+            {
+                "producer": {"name": "modelopt"},
+                "quantization": {"quant_algo": algo, "kv_cache_quant_algo": None, **group, "exclude_modules": exclude},
+            },
+        )
 
     # -- per module -------------------------------------------------------------------------
     def format_of(self, module: str) -> str:

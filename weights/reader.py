@@ -53,8 +53,9 @@ def _open_shard(path: Path) -> Any:
 
 def _check_shard_name(index: Path, key: object, shard: object) -> None:
     if not isinstance(key, str) or not isinstance(shard, str):
-        raise ValueError(f"{index}: expected 'weight_map' to map tensor names to shard file names, "
-                         f"got {key!r}: {shard!r}")
+        raise ValueError(
+            f"{index}: expected 'weight_map' to map tensor names to shard file names, got {key!r}: {shard!r}"
+        )
     parts = PurePosixPath(shard).parts
     if not parts or PurePosixPath(shard).is_absolute() or ".." in parts or os.path.isabs(shard):
         raise ValueError(f"{index}: shard {shard!r} of tensor {key!r} is not a file inside the checkpoint directory")
@@ -117,8 +118,7 @@ class ShardedReader:
         try:
             tensor = handle.get_tensor(key)
         except SafetensorError as exc:
-            raise ValueError(f"{self.root / shard}: cannot read tensor {key!r} listed in {INDEX_FILE} "
-                             f"({exc})") from exc
+            raise ValueError(f"{self.root / shard}: cannot read tensor {key!r} listed in {INDEX_FILE} ({exc})") from exc
         self._bytes_since_release += tensor.numel() * tensor.element_size()
         return tensor
 

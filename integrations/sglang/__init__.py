@@ -45,13 +45,19 @@ def register() -> None:
     compat.check_symbols()
     names.accept_backend_name()
     runner.register_core()
-    for hooks, kind in ((methods.AROUND_HOOKS, HookType.AROUND), (warmup.AROUND_HOOKS, HookType.AROUND),
-                        (methods.AFTER_HOOKS, HookType.AFTER)):
+    for hooks, kind in (
+        (methods.AROUND_HOOKS, HookType.AROUND),
+        (warmup.AROUND_HOOKS, HookType.AROUND),
+        (methods.AFTER_HOOKS, HookType.AFTER),
+    ):
         for target, hook in hooks.items():
             HookRegistry.register(target, hook, kind)
     _registered = True
-    logger.info("moe_backend: registered with SGLang %s as --moe-runner-backend %s",
-                ".".join(map(str, compat.sglang_version())), BACKEND_NAME)
+    logger.info(
+        "moe_backend: registered with SGLang %s as --moe-runner-backend %s",
+        ".".join(map(str, compat.sglang_version())),
+        BACKEND_NAME,
+    )
 
 
 __all__ = ["BACKEND_NAME", "UnsupportedByMoEBackend", "register"]

@@ -65,8 +65,13 @@ def binding_of(layer: Any) -> Binding:
 
 def fp8_block_weights(layer: Any, ue8m0: bool) -> FP8BlockWeights:
     """FP8 block-scale container over the layer's loaded tensors."""
-    return FP8BlockWeights(layer.w13_weight.data, layer.w13_weight_scale_inv.data, layer.w2_weight.data,
-                           layer.w2_weight_scale_inv.data, ue8m0=ue8m0)
+    return FP8BlockWeights(
+        layer.w13_weight.data,
+        layer.w13_weight_scale_inv.data,
+        layer.w2_weight.data,
+        layer.w2_weight_scale_inv.data,
+        ue8m0=ue8m0,
+    )
 
 
 def _one_w13_scale(w13: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -80,7 +85,7 @@ def _one_w13_scale(w13: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     merged = scales.max(dim=1).values
     half = w13.shape[1] // 2
     for h in range(scales.shape[1]):
-        rows = w13[:, h * half:(h + 1) * half]
+        rows = w13[:, h * half : (h + 1) * half]
         rows.copy_(quantize_fp8_per_tensor(dequantize_fp8_per_tensor(rows, scales[:, h].contiguous()), merged)[0])
     return merged
 
@@ -94,8 +99,14 @@ def fp8_tensor_weights(layer: Any, static_inputs: bool) -> FP8TensorWeights:
             raise unsupported("a static-activation FP8 checkpoint without input scales")
         a13 = layer.w13_input_scale.data.max().reshape(1).float()
         a2 = layer.w2_input_scale.data.max().reshape(1).float()
-    return FP8TensorWeights(layer.w13_weight.data, w13_scale.float().contiguous(), layer.w2_weight.data,
-                            layer.w2_weight_scale.data.reshape(-1), a13, a2)
+    return FP8TensorWeights(
+        layer.w13_weight.data,
+        w13_scale.float().contiguous(),
+        layer.w2_weight.data,
+        layer.w2_weight_scale.data.reshape(-1),
+        a13,
+        a2,
+    )
 
 
 def nvfp4_weights(layer: Any) -> NVFP4Weights:
@@ -103,23 +114,38 @@ def nvfp4_weights(layer: Any) -> NVFP4Weights:
     scale_2 = layer.w13_weight_scale_2.data
     if scale_2.dim() != 2:
         raise unsupported("an NVFP4 layout other than ModelOpt's gated one (w13_weight_scale_2 [E, 2])")
-    return NVFP4Weights(layer.w13_weight.data, layer.w13_weight_scale.data, scale_2, layer.w2_weight.data,
-                        layer.w2_weight_scale.data, layer.w2_weight_scale_2.data)
+    return NVFP4Weights(
+        layer.w13_weight.data,
+        layer.w13_weight_scale.data,
+        scale_2,
+        layer.w2_weight.data,
+        layer.w2_weight_scale.data,
+        layer.w2_weight_scale_2.data,
+    )
 
 
 def bind(layer: Any, weights: ExpertWeights) -> MoELayer:
     """Build our layer for the SGLang MoE ``layer`` over ``weights`` and attach its binding."""
     config = layer.moe_runner_config
-    moe_config = MoEConfig(num_experts=weights.num_experts, top_k=config.top_k,
-                           apply_router_weight_on_input=bool(config.apply_router_weight_on_input))
+    moe_config = MoEConfig(
+        num_experts=weights.num_experts,
+        top_k=config.top_k,
+        apply_router_weight_on_input=bool(config.apply_router_weight_on_input),
+    )
     try:
         moe = LAYER_TYPES[weights.precision](weights, moe_config)
     except (TypeError, ValueError) as err:
         raise unsupported(f"MoE layer {config.layer_id} ({err})") from err
     scale = None if layer.should_fuse_routed_scaling_factor_in_topk else config.routed_scaling_factor
     setattr(layer, ATTR, Binding(moe, config.layer_id, scale if scale not in (None, 1.0) else None))
-    logger.debug("moe_backend: layer %s bound (%s, %d local experts, top-%d, kernel %s)", config.layer_id,
-                 moe.precision, weights.num_experts, config.top_k, moe.kernel_name(routed=True))
+    logger.debug(
+        "moe_backend: layer %s bound (%s, %d local experts, top-%d, kernel %s)",
+        config.layer_id,
+        moe.precision,
+        weights.num_experts,
+        config.top_k,
+        moe.kernel_name(routed=True),
+    )
     return moe
 
 

@@ -33,8 +33,9 @@ class MoEBackendRunnerCore(DispatchMoeRunnerCore):
     def runner_backend(self):
         return _backend()
 
-    def run_from_dispatch(self, dispatch_output: Any, quant_info: Any, runner_config: MoeRunnerConfig,
-                          hooks: Any = None) -> StandardCombineInput:
+    def run_from_dispatch(
+        self, dispatch_output: Any, quant_info: Any, runner_config: MoeRunnerConfig, hooks: Any = None
+    ) -> StandardCombineInput:
         """``hidden_states [T, H]`` bf16 and its top-k -> ``StandardCombineInput(out [T, H] bf16)``."""
         if hooks is not None:
             raise RuntimeError("moe_backend: LoRA hooks reached the runner (refused at start-up)")

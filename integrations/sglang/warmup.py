@@ -31,8 +31,11 @@ def max_num_tokens() -> int:
     if prefill is None or prefill <= 0:
         prefill = schedule.max_prefill_tokens
     graphs = get_exec().graph.cuda_graph_config
-    graph_bs = max((getattr(getattr(graphs, phase, None), "max_bs", 0) or 0 for phase in ("decode", "prefill")),
-                   default=0) if graphs is not None else 0
+    graph_bs = (
+        max((getattr(getattr(graphs, phase, None), "max_bs", 0) or 0 for phase in ("decode", "prefill")), default=0)
+        if graphs is not None
+        else 0
+    )
     dp = get_parallel().num_dp_ranks if is_dp_attention_enabled() else 1
     return max(prefill, graph_bs) * dp
 
@@ -46,8 +49,12 @@ def warm_up(model: Any, tokens: int) -> int:
     start = time.perf_counter()
     for layer in tunable:
         layer.warmup(tokens)
-    logger.info("moe_backend: tuning warm-up of %d MoE layers for up to %d tokens took %.2f s",
-                len(tunable), tokens, time.perf_counter() - start)
+    logger.info(
+        "moe_backend: tuning warm-up of %d MoE layers for up to %d tokens took %.2f s",
+        len(tunable),
+        tokens,
+        time.perf_counter() - start,
+    )
     return len(tunable)
 
 

@@ -71,8 +71,9 @@ def register() -> None:
     capture.install()
     warmup.install()
     _registered = True
-    logger.info("moe_backend: registered with vLLM %s as --moe-backend %s",
-                ".".join(map(str, vllm_version())), BACKEND_NAME)
+    logger.info(
+        "moe_backend: registered with vLLM %s as --moe-backend %s", ".".join(map(str, vllm_version())), BACKEND_NAME
+    )
 
 
 __all__ = ["BACKEND_NAME", "UnsupportedByMoEBackend", "register"]

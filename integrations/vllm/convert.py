@@ -79,8 +79,11 @@ def expert_offset(expert_map: Optional[torch.Tensor], local_num_experts: int) ->
     owned = torch.nonzero(emap >= 0).flatten()
     offset = int(owned[0]) if owned.numel() else 0
     expected = torch.arange(local_num_experts)
-    if owned.numel() != local_num_experts or not torch.equal(emap[owned].long(), expected) \
-            or not torch.equal(owned, expected + offset):
+    if (
+        owned.numel() != local_num_experts
+        or not torch.equal(emap[owned].long(), expected)
+        or not torch.equal(owned, expected + offset)
+    ):
         raise unsupported(
             f"an expert placement that is not contiguous (this rank owns global experts "
             f"{owned.tolist()[:8]}{'...' if owned.numel() > 8 else ''})"
@@ -97,18 +100,31 @@ def _ue8m0() -> bool:
     return isinstance(quant, dict) and quant.get("scale_fmt") == "ue8m0"
 
 
-def fp8_weights(w13: torch.Tensor, w2: torch.Tensor, w13_scale: torch.Tensor, w2_scale: torch.Tensor,
-                a13_scale: Optional[torch.Tensor], a2_scale: Optional[torch.Tensor]) -> ExpertWeights:
+def fp8_weights(
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    w13_scale: torch.Tensor,
+    w2_scale: torch.Tensor,
+    a13_scale: Optional[torch.Tensor],
+    a2_scale: Optional[torch.Tensor],
+) -> ExpertWeights:
     """FP8 block (3-D scales) or per-tensor (one scale per expert) container over vLLM's tensors."""
     if w13_scale.dim() == 3:
         return FP8BlockWeights(w13.data, w13_scale.data, w2.data, w2_scale.data, ue8m0=_ue8m0())
     scalar = lambda s: None if s is None else s.data.reshape(1)  # noqa: E731  vLLM keeps one max scale
-    return FP8TensorWeights(w13.data, w13_scale.data.reshape(-1), w2.data, w2_scale.data.reshape(-1),
-                            scalar(a13_scale), scalar(a2_scale))
+    return FP8TensorWeights(
+        w13.data, w13_scale.data.reshape(-1), w2.data, w2_scale.data.reshape(-1), scalar(a13_scale), scalar(a2_scale)
+    )
 
 
-def nvfp4_weights(layer: Any, w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch.Tensor,
-                  w2_scale: torch.Tensor, w2_scale_2: torch.Tensor) -> NVFP4Weights:
+def nvfp4_weights(
+    layer: Any,
+    w13: torch.Tensor,
+    w13_scale: torch.Tensor,
+    w2: torch.Tensor,
+    w2_scale: torch.Tensor,
+    w2_scale_2: torch.Tensor,
+) -> NVFP4Weights:
     """ModelOpt NVFP4 container; reads ``layer.w13_weight_scale_2 [E, 2]`` before vLLM narrows it."""
     scale_2 = getattr(layer, "w13_weight_scale_2", None)
     if scale_2 is None or scale_2.dim() != 2:
@@ -135,8 +151,12 @@ def _check_graph_safe(moe: MoELayer) -> None:
 def bind(layer: Any, weights: ExpertWeights) -> MoELayer:
     """Build our layer for the vLLM MoE ``layer`` over ``weights`` and register its binding."""
     offset = expert_offset(layer.expert_map, layer.local_num_experts)
-    config = MoEConfig(num_experts=layer.global_num_experts, top_k=layer.top_k, local_expert_offset=offset,
-                       apply_router_weight_on_input=bool(layer.apply_router_weight_on_input))
+    config = MoEConfig(
+        num_experts=layer.global_num_experts,
+        top_k=layer.top_k,
+        local_expert_offset=offset,
+        apply_router_weight_on_input=bool(layer.apply_router_weight_on_input),
+    )
     numerics = requested_numerics()
     try:
         moe = LAYER_TYPES[weights.precision](weights, config, numerics=numerics)
@@ -146,7 +166,13 @@ def bind(layer: Any, weights: ExpertWeights) -> MoELayer:
     binding = Binding(moe)
     setattr(layer, ATTR, binding)
     _BINDINGS[weights.w13.data_ptr()] = weakref.ref(binding)
-    logger.debug("moe_backend: %s bound (%s, E=%d from %d, kernel %s, numerics %s)",
-                 getattr(layer, "layer_name", "?"), moe.precision, weights.num_experts, offset,
-                 moe.kernel_name(routed=True), numerics)
+    logger.debug(
+        "moe_backend: %s bound (%s, E=%d from %d, kernel %s, numerics %s)",
+        getattr(layer, "layer_name", "?"),
+        moe.precision,
+        weights.num_experts,
+        offset,
+        moe.kernel_name(routed=True),
+        numerics,
+    )
     return moe

@@ -66,25 +66,41 @@ class MoEBackendExperts(mk.FusedMoEExpertsModular):
         from .support import ALL2ALL_BACKENDS
 
         p = moe_parallel_config
-        return (not p.enable_eplb and p.pcp_size == 1
-                and (not p.use_all2all_kernels or p.all2all_backend in ALL2ALL_BACKENDS))
+        return (
+            not p.enable_eplb
+            and p.pcp_size == 1
+            and (not p.use_all2all_kernels or p.all2all_backend in ALL2ALL_BACKENDS)
+        )
 
     @property
     def expects_unquantized_inputs(self) -> bool:
         return True
 
-    def workspace_shapes(self, M, N, K, topk, global_num_experts, local_num_experts,
-                         expert_tokens_meta, activation):
+    def workspace_shapes(self, M, N, K, topk, global_num_experts, local_num_experts, expert_tokens_meta, activation):
         """No vLLM workspace; the output is ``[M, K]`` (tokens x hidden)."""
         return (0,), (0,), (M, K)
 
     def finalize_weight_and_reduce_impl(self) -> mk.TopKWeightAndReduce:
         return TopKWeightAndReduceNoOP()
 
-    def apply(self, output: torch.Tensor, hidden_states: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
-              topk_weights: torch.Tensor, topk_ids: torch.Tensor, activation, global_num_experts: int,
-              expert_map, a1q_scale, a2_scale, workspace13, workspace2, expert_tokens_meta,
-              apply_router_weight_on_input: bool) -> None:
+    def apply(
+        self,
+        output: torch.Tensor,
+        hidden_states: torch.Tensor,
+        w1: torch.Tensor,
+        w2: torch.Tensor,
+        topk_weights: torch.Tensor,
+        topk_ids: torch.Tensor,
+        activation,
+        global_num_experts: int,
+        expert_map,
+        a1q_scale,
+        a2_scale,
+        workspace13,
+        workspace2,
+        expert_tokens_meta,
+        apply_router_weight_on_input: bool,
+    ) -> None:
         """Write ``output [T, H]`` bf16 for ``hidden_states [T, H]`` bf16 and the global top-k ``[T, k]``.
 
         With routed-experts capture on, the ids come back through our routing-replay
@@ -96,8 +112,7 @@ class MoEBackendExperts(mk.FusedMoEExpertsModular):
         if binding.capture_fn is None:
             binding.layer.experts(hidden_states, ids, weights, out=output)
             return None
-        binding.layer.forward_routed(hidden_states, (ids, weights), routing_replay_out=binding.replay,
-                                     out=output)
+        binding.layer.forward_routed(hidden_states, (ids, weights), routing_replay_out=binding.replay, out=output)
         assert binding.replay is not None  # set together with capture_fn (capture.py)
         binding.capture_fn(binding.replay[: hidden_states.shape[0]])
         return None

@@ -42,8 +42,7 @@ _CALLERS = (
     "vllm.model_executor.layers.quantization.modelopt",
     "vllm.model_executor.layers.quantization.online.fp8",
     "vllm.model_executor.layers.quantization.online.nvfp4",
-    "vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors_moe"
-    ".compressed_tensors_moe_w8a8_fp8",
+    "vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors_moe.compressed_tensors_moe_w8a8_fp8",
     "vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors_moe"
     ".compressed_tensors_moe_w4a4_nvfp4",
 )
@@ -62,7 +61,9 @@ def _map(tag: Any) -> Callable[[Callable], Callable]:
     def make(original: Callable) -> Callable:
         def map_backend(runner_backend):
             return tag if is_ours(runner_backend) else original(runner_backend)
+
         return map_backend
+
     return make
 
 
@@ -76,7 +77,9 @@ def _select(tag: Any) -> Callable[[Callable], Callable]:
             check_layer(MoEBackendExperts, config, weight_key, activation_key)
             logger.info("moe_backend: serving MoE layers with MoEBackendExperts (vLLM tag %s)", tag.value)
             return tag, MoEBackendExperts
+
         return select_backend
+
     return make
 
 
@@ -86,17 +89,43 @@ def _convert_fp8(original: Callable) -> Callable:
             return original(fp8_backend, layer, w13, w2, w13_scale, w2_scale, w13_input_scale, w2_input_scale)
         convert.bind(layer, convert.fp8_weights(w13, w2, w13_scale, w2_scale, w13_input_scale, w2_input_scale))
         return w13, w2, w13_scale, w2_scale
+
     return convert_fp8
 
 
 def _convert_nvfp4(original: Callable) -> Callable:
-    def convert_nvfp4(nvfp4_backend, layer, w13, w13_scale, w13_scale_2, a13_scale, w2, w2_scale, w2_scale_2,
-                      a2_scale, *args, **kwargs):
+    def convert_nvfp4(
+        nvfp4_backend,
+        layer,
+        w13,
+        w13_scale,
+        w13_scale_2,
+        a13_scale,
+        w2,
+        w2_scale,
+        w2_scale_2,
+        a2_scale,
+        *args,
+        **kwargs,
+    ):
         if not is_ours(layer.moe_config.moe_backend):
-            return original(nvfp4_backend, layer, w13, w13_scale, w13_scale_2, a13_scale, w2, w2_scale,
-                            w2_scale_2, a2_scale, *args, **kwargs)
+            return original(
+                nvfp4_backend,
+                layer,
+                w13,
+                w13_scale,
+                w13_scale_2,
+                a13_scale,
+                w2,
+                w2_scale,
+                w2_scale_2,
+                a2_scale,
+                *args,
+                **kwargs,
+            )
         convert.bind(layer, convert.nvfp4_weights(layer, w13, w13_scale, w2, w2_scale, w2_scale_2))
         return w13, w13_scale, w13_scale_2, a13_scale, w2, w2_scale, w2_scale_2, a2_scale
+
     return convert_nvfp4
 
 

@@ -28,6 +28,7 @@ def numerics() -> str:
     """The numerics ``MOE_BACKEND_NUMERICS`` asks for (``accurate`` when unset)."""
     return os.environ.get(NUMERICS_ENV, "accurate")
 
+
 #: ``--quantization`` methods whose MoE layers we run (see ``oracle``).
 QUANTIZATIONS = ("fp8", "modelopt", "modelopt_fp4")
 
@@ -117,9 +118,11 @@ def check_layer(experts_cls: Any, moe_config: Any, weight_key: Any, activation_k
     """Refuse an MoE layer our experts class does not support (vLLM's own predicates)."""
     import vllm.model_executor.layers.fused_moe.modular_kernel as mk
 
-    fmt = (mk.FusedMoEActivationFormat.BatchedExperts
-           if moe_config.moe_parallel_config.use_batched_activation_format
-           else mk.FusedMoEActivationFormat.Standard)
+    fmt = (
+        mk.FusedMoEActivationFormat.BatchedExperts
+        if moe_config.moe_parallel_config.use_batched_activation_format
+        else mk.FusedMoEActivationFormat.Standard
+    )
     ok, reason = experts_cls.is_supported_config(experts_cls, moe_config, weight_key, activation_key, fmt)
     if not ok:
         raise unsupported(f"this MoE layer ({reason})")

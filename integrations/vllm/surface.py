@@ -48,52 +48,116 @@ class PatchTarget:
 _FUSED_MOE = "vllm.model_executor.layers.fused_moe"
 _FP8_ORACLE = f"{_FUSED_MOE}.oracle.fp8"
 _NVFP4_ORACLE = f"{_FUSED_MOE}.oracle.nvfp4"
-_ORACLE_WHY = ("vLLM picks the MoE kernel per quantization here; a name it does not know would fall "
-               "through to its own backends")
+_ORACLE_WHY = (
+    "vLLM picks the MoE kernel per quantization here; a name it does not know would fall through to its own backends"
+)
 
 #: The patch surface (module ``names``: the CLI name; ``support``: refusals; ``oracle``:
 #: routing; ``warmup``: tuning; ``compat``/``capture``: routed-experts capture; ``experts``).
 SURFACE: Tuple[PatchTarget, ...] = (
-    PatchTarget("vllm.config.kernel", "MoEBackend", "extended with 'moe_backend' (names)",
-                "--moe-backend's choices and config validation come from this Literal"),
-    PatchTarget("vllm.config.kernel", "KernelConfig", "moe_backend field re-annotated, pydantic "
-                "validator rebuilt (names)", "it validates --moe-backend against the old Literal"),
-    PatchTarget("vllm.config.speculative", "SpeculativeConfig", "moe_backend field re-annotated, "
-                "validator rebuilt (names)", "a draft model's moe_backend is validated the same way"),
-    PatchTarget("vllm.engine.arg_utils", "EngineArgs", "moe_backend field annotation updated (names)",
-                "keeps the documented type in step with the Literal"),
-    PatchTarget("vllm.engine.arg_utils", "_compute_kwargs", "cache cleared (names)",
-                "argparse's choices are derived from the Literal once and cached"),
-    PatchTarget("vllm.config.kernel", "KernelConfig.set_platform_defaults", "wrapped: start-up refusals "
-                "run first (support)", "every process that finalises a vLLM config passes here"),
+    PatchTarget(
+        "vllm.config.kernel",
+        "MoEBackend",
+        "extended with 'moe_backend' (names)",
+        "--moe-backend's choices and config validation come from this Literal",
+    ),
+    PatchTarget(
+        "vllm.config.kernel",
+        "KernelConfig",
+        "moe_backend field re-annotated, pydantic validator rebuilt (names)",
+        "it validates --moe-backend against the old Literal",
+    ),
+    PatchTarget(
+        "vllm.config.speculative",
+        "SpeculativeConfig",
+        "moe_backend field re-annotated, validator rebuilt (names)",
+        "a draft model's moe_backend is validated the same way",
+    ),
+    PatchTarget(
+        "vllm.engine.arg_utils",
+        "EngineArgs",
+        "moe_backend field annotation updated (names)",
+        "keeps the documented type in step with the Literal",
+    ),
+    PatchTarget(
+        "vllm.engine.arg_utils",
+        "_compute_kwargs",
+        "cache cleared (names)",
+        "argparse's choices are derived from the Literal once and cached",
+    ),
+    PatchTarget(
+        "vllm.config.kernel",
+        "KernelConfig.set_platform_defaults",
+        "wrapped: start-up refusals run first (support)",
+        "every process that finalises a vLLM config passes here",
+    ),
     PatchTarget(_FP8_ORACLE, "map_fp8_backend", "wrapped: our name maps to TRITON (oracle)", _ORACLE_WHY),
-    PatchTarget(_FP8_ORACLE, "select_fp8_moe_backend", "wrapped: returns our experts class (oracle)",
-                _ORACLE_WHY),
-    PatchTarget(_FP8_ORACLE, "convert_to_fp8_moe_kernel_format", "wrapped: binds an MoELayer over "
-                "vLLM's tensors instead of converting them (oracle)", _ORACLE_WHY),
-    PatchTarget(_FP8_ORACLE, "Fp8MoeBackend.TRITON", "the tag our FP8 layers get (oracle)",
-                "its quant config and kernel construction convert no weights"),
+    PatchTarget(_FP8_ORACLE, "select_fp8_moe_backend", "wrapped: returns our experts class (oracle)", _ORACLE_WHY),
+    PatchTarget(
+        _FP8_ORACLE,
+        "convert_to_fp8_moe_kernel_format",
+        "wrapped: binds an MoELayer over vLLM's tensors instead of converting them (oracle)",
+        _ORACLE_WHY,
+    ),
+    PatchTarget(
+        _FP8_ORACLE,
+        "Fp8MoeBackend.TRITON",
+        "the tag our FP8 layers get (oracle)",
+        "its quant config and kernel construction convert no weights",
+    ),
     PatchTarget(_NVFP4_ORACLE, "map_nvfp4_backend", "wrapped: our name maps to MARLIN (oracle)", _ORACLE_WHY),
-    PatchTarget(_NVFP4_ORACLE, "select_nvfp4_moe_backend", "wrapped: returns our experts class (oracle)",
-                _ORACLE_WHY),
-    PatchTarget(_NVFP4_ORACLE, "convert_to_nvfp4_moe_kernel_format", "wrapped: binds an MoELayer over "
-                "vLLM's tensors instead of converting them (oracle)", _ORACLE_WHY),
-    PatchTarget(_NVFP4_ORACLE, "NvFp4MoeBackend.MARLIN", "the tag our NVFP4 layers get (oracle)",
-                "W4A16 like us; its construction converts no weights"),
-    PatchTarget("vllm.v1.worker.gpu_worker", "kernel_warmup", "wrapped: tunes our layers first (warmup)",
-                "the worker's last step before CUDA-graph capture"),
-    PatchTarget(f"{_FUSED_MOE}.routed_experts_capturer", "bind_routed_experts_capturer",
-                "wrapped: hands the capturer to our layers (compat, capture)",
-                "our routing runs inside the layer, where vLLM's router would record it", since=(0, 33)),
-    PatchTarget("vllm.distributed.aux_output_connector.worker", "bind_routed_experts_capturer",
-                "rebound to the wrapper (compat, capture)", "the connector imported it by name", since=(0, 33)),
-    PatchTarget("vllm.v1.worker.gpu_model_runner", "GPUModelRunner._bind_routed_experts_capturer",
-                "wrapped: hands the capturer to our layers (compat, capture)",
-                "where vLLM before 0.33 binds the capturer", until=(0, 33)),
-    PatchTarget(f"{_FUSED_MOE}.modular_kernel", "FusedMoEExpertsModular", "subclassed by MoEBackendExperts "
-                "(experts)", "vLLM's modular-kernel experts interface, which our layers serve"),
-    PatchTarget(f"{_FUSED_MOE}.modular_kernel", "FusedMoEActivationFormat", "read by the layer check "
-                "(support)", "vLLM's own support predicate takes it"),
+    PatchTarget(_NVFP4_ORACLE, "select_nvfp4_moe_backend", "wrapped: returns our experts class (oracle)", _ORACLE_WHY),
+    PatchTarget(
+        _NVFP4_ORACLE,
+        "convert_to_nvfp4_moe_kernel_format",
+        "wrapped: binds an MoELayer over vLLM's tensors instead of converting them (oracle)",
+        _ORACLE_WHY,
+    ),
+    PatchTarget(
+        _NVFP4_ORACLE,
+        "NvFp4MoeBackend.MARLIN",
+        "the tag our NVFP4 layers get (oracle)",
+        "W4A16 like us; its construction converts no weights",
+    ),
+    PatchTarget(
+        "vllm.v1.worker.gpu_worker",
+        "kernel_warmup",
+        "wrapped: tunes our layers first (warmup)",
+        "the worker's last step before CUDA-graph capture",
+    ),
+    PatchTarget(
+        f"{_FUSED_MOE}.routed_experts_capturer",
+        "bind_routed_experts_capturer",
+        "wrapped: hands the capturer to our layers (compat, capture)",
+        "our routing runs inside the layer, where vLLM's router would record it",
+        since=(0, 33),
+    ),
+    PatchTarget(
+        "vllm.distributed.aux_output_connector.worker",
+        "bind_routed_experts_capturer",
+        "rebound to the wrapper (compat, capture)",
+        "the connector imported it by name",
+        since=(0, 33),
+    ),
+    PatchTarget(
+        "vllm.v1.worker.gpu_model_runner",
+        "GPUModelRunner._bind_routed_experts_capturer",
+        "wrapped: hands the capturer to our layers (compat, capture)",
+        "where vLLM before 0.33 binds the capturer",
+        until=(0, 33),
+    ),
+    PatchTarget(
+        f"{_FUSED_MOE}.modular_kernel",
+        "FusedMoEExpertsModular",
+        "subclassed by MoEBackendExperts (experts)",
+        "vLLM's modular-kernel experts interface, which our layers serve",
+    ),
+    PatchTarget(
+        f"{_FUSED_MOE}.modular_kernel",
+        "FusedMoEActivationFormat",
+        "read by the layer check (support)",
+        "vLLM's own support predicate takes it",
+    ),
 )
 
 
@@ -125,7 +189,8 @@ def check_surface(version: Version) -> None:
         lines = "\n".join(f"  - {t.name}: {t.action}" for t in missing)
         raise UnsupportedVllmError(
             f"moe_backend: vLLM {'.'.join(map(str, version))} lacks {len(missing)} symbol(s) the plugin "
-            f"patches (moved or renamed in this version); it cannot serve with it:\n{lines}")
+            f"patches (moved or renamed in this version); it cannot serve with it:\n{lines}"
+        )
 
 
 __all__ = ["SURFACE", "PatchTarget", "UnsupportedVllmError", "check_surface", "missing_targets"]

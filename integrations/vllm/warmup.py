@@ -31,9 +31,14 @@ def warm_up(model: Any, max_num_tokens: int, rank: int = 0) -> int:
     start = time.perf_counter()
     for module in tunable:
         getattr(module, ATTR).layer.warmup(max_num_tokens)
-    logger.info("moe_backend: tuning warm-up of %d MoE layers for up to %d tokens took %.2f s (rank %d, experts %s)",
-                len(tunable), max_num_tokens, time.perf_counter() - start, rank,
-                ", ".join(sorted({_expert_range(m) for m in tunable})))
+    logger.info(
+        "moe_backend: tuning warm-up of %d MoE layers for up to %d tokens took %.2f s (rank %d, experts %s)",
+        len(tunable),
+        max_num_tokens,
+        time.perf_counter() - start,
+        rank,
+        ", ".join(sorted({_expert_range(m) for m in tunable})),
+    )
     return len(tunable)
 
 
@@ -46,9 +51,11 @@ def _expert_range(module: Any) -> str:
 
 def _run(worker: Any) -> None:
     config = worker.vllm_config
-    warm_up(worker.model_runner.get_model(),
-            config.scheduler_config.max_num_batched_tokens * config.parallel_config.data_parallel_size,
-            getattr(worker, "rank", 0))
+    warm_up(
+        worker.model_runner.get_model(),
+        config.scheduler_config.max_num_batched_tokens * config.parallel_config.data_parallel_size,
+        getattr(worker, "rank", 0),
+    )
 
 
 def install() -> None:

@@ -154,8 +154,9 @@ def load_reference_model(bf16_dir: Path, device: torch.device, dtype: torch.dtyp
     except ImportError as exc:  # an optional dependency: only this harness needs it
         raise ImportError("the accuracy harness needs transformers>=5 (pip install 'moe-backend[accuracy]')") from exc
     # eager experts and attention: the grouped-mm and SDPA paths do not all take float64
-    model = DeepseekV3ForCausalLM.from_pretrained(str(bf16_dir), dtype=dtype, experts_implementation="eager",
-                                                  attn_implementation="eager")
+    model = DeepseekV3ForCausalLM.from_pretrained(
+        str(bf16_dir), dtype=dtype, experts_implementation="eager", attn_implementation="eager"
+    )
     return model.to(device).eval()  # type: ignore[arg-type]  # transformers types .to()'s self wrongly
 
 
@@ -197,8 +198,15 @@ def serve_moe_with_backend(model: Any, ckpt: Checkpoint, *, kernel: str = "auto"
     return layers
 
 
-def checkpoint_model(bf16_dir: Path, checkpoint_dir: Path, device: torch.device, *, dense: str = "checkpoint",
-                     serve: bool, kernel: str = "auto") -> nn.Module:
+def checkpoint_model(
+    bf16_dir: Path,
+    checkpoint_dir: Path,
+    device: torch.device,
+    *,
+    dense: str = "checkpoint",
+    serve: bool,
+    kernel: str = "auto",
+) -> nn.Module:
     """transformers' model with ``checkpoint_dir``'s weights: its other linears dequantized when
     ``dense='checkpoint'``, and its routed experts served by our layers (``serve``, the candidate)
     or dequantized into transformers' own experts (the ``dequantized`` reference)."""
@@ -238,9 +246,16 @@ def compare_logits(ref: torch.Tensor, test: torch.Tensor) -> AccuracyMetrics:
 
 
 @torch.no_grad()
-def run_accuracy(checkpoints: Dict[str, Path], *, device: torch.device, sequences: int = SEQUENCES,
-                 seq_len: int = SEQ_LEN, seed: int = 0, dense: str = "checkpoint",
-                 kernel: str = "auto") -> Dict[Key, AccuracyMetrics]:
+def run_accuracy(
+    checkpoints: Dict[str, Path],
+    *,
+    device: torch.device,
+    sequences: int = SEQUENCES,
+    seq_len: int = SEQ_LEN,
+    seed: int = 0,
+    dense: str = "checkpoint",
+    kernel: str = "auto",
+) -> Dict[Key, AccuracyMetrics]:
     """Metrics per (flavour, reference) for ``checkpoints`` (flavour -> directory; ``bf16`` is
     required: it is the reference's source, and is itself served by our bf16 layer as a baseline).
 
@@ -259,45 +274,68 @@ def run_accuracy(checkpoints: Dict[str, Path], *, device: torch.device, sequence
         dequantized = _logits(checkpoint_model(bf16_dir, path, device, dense=dense, serve=False), tokens)
         results[flavour, "bf16"] = compare_logits(bf16_logits, ours)
         results[flavour, "dequantized"] = compare_logits(dequantized, ours)
-        logger.info("%s: vs bf16 %s, vs dequantized %s", flavour, results[flavour, "bf16"],
-                    results[flavour, "dequantized"])
+        logger.info(
+            "%s: vs bf16 %s, vs dequantized %s", flavour, results[flavour, "bf16"], results[flavour, "dequantized"]
+        )
     return results
 
 
 def worst(runs: Sequence[Dict[Key, AccuracyMetrics]]) -> Dict[Key, AccuracyMetrics]:
     """Per key, the worst of several runs: the largest KL and error, the lowest top-1 agreement."""
-    return {key: AccuracyMetrics(max(r[key].kl for r in runs), min(r[key].top1 for r in runs),
-                                 max(r[key].rel_err for r in runs)) for key in runs[0]}
+    return {
+        key: AccuracyMetrics(
+            max(r[key].kl for r in runs), min(r[key].top1 for r in runs), max(r[key].rel_err for r in runs)
+        )
+        for key in runs[0]
+    }
 
 
 def format_report(results: Dict[Key, AccuracyMetrics], thresholds: Dict[Key, Thresholds]) -> str:
     """A table of ``results`` with their thresholds (``-`` where none) and the failures."""
-    header = (f"{'checkpoint':<11} {'reference':<12} {'KL(ref||ours)':>13} {'max':>9} {'top-1':>6} {'min':>6} "
-              f"{'rel err':>9} {'max':>9}")
+    header = (
+        f"{'checkpoint':<11} {'reference':<12} {'KL(ref||ours)':>13} {'max':>9} {'top-1':>6} {'min':>6} "
+        f"{'rel err':>9} {'max':>9}"
+    )
     lines = [header, "-" * len(header)]
     for (flavour, reference), m in results.items():
         t = thresholds.get((flavour, reference))
         limits = (f"{t.max_kl:.2e}", f"{t.min_top1:.3f}", f"{t.max_rel_err:.2e}") if t else ("-", "-", "-")
         flag = "  FAIL: " + "; ".join(t.failures(m)) if t and t.failures(m) else ""
-        lines.append(f"{flavour:<11} {reference:<12} {m.kl:>13.3e} {limits[0]:>9} {m.top1:>6.3f} {limits[1]:>6} "
-                     f"{m.rel_err:>9.3e} {limits[2]:>9}{flag}")
-    lines.append("reference bf16: transformers on the bf16 checkpoint (the cost of serving this checkpoint); "
-                 "dequantized: transformers on this checkpoint's weights (our serving path's own error)")
+        lines.append(
+            f"{flavour:<11} {reference:<12} {m.kl:>13.3e} {limits[0]:>9} {m.top1:>6.3f} {limits[1]:>6} "
+            f"{m.rel_err:>9.3e} {limits[2]:>9}{flag}"
+        )
+    lines.append(
+        "reference bf16: transformers on the bf16 checkpoint (the cost of serving this checkpoint); "
+        "dequantized: transformers on this checkpoint's weights (our serving path's own error)"
+    )
     return "\n".join(lines)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoints", type=Path, default=None,
-                        help="directory with bf16/ (required), fp8/, fp8_tensor/ and nvfp4/ checkpoints as written "
-                             "by make-checkpoint (default: make the tiny ones in a temporary directory)")
+    parser.add_argument(
+        "--checkpoints",
+        type=Path,
+        default=None,
+        help="directory with bf16/ (required), fp8/, fp8_tensor/ and nvfp4/ checkpoints as written "
+        "by make-checkpoint (default: make the tiny ones in a temporary directory)",
+    )
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--sequences", type=int, default=SEQUENCES, help="sequences in the token stream")
     parser.add_argument("--seq-len", type=int, default=SEQ_LEN, help="tokens per sequence")
     parser.add_argument("--seed", type=int, default=0, help="seed of the token stream")
-    parser.add_argument("--seeds", type=int, default=1,
-                        help="run token streams of seeds SEED .. SEED+SEEDS-1 and report the worst of each metric")
-    parser.add_argument("--dense", choices=DENSE_MODES, default="checkpoint",
-                        help="other linears: dequantized from each checkpoint, or kept from the bf16 one")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="run token streams of seeds SEED .. SEED+SEEDS-1 and report the worst of each metric",
+    )
+    parser.add_argument(
+        "--dense",
+        choices=DENSE_MODES,
+        default="checkpoint",
+        help="other linears: dequantized from each checkpoint, or kept from the bf16 one",
+    )
     parser.add_argument("--kernel", default="auto", help="kernel for our MoE layers (default: auto)")
 
 
@@ -314,19 +352,37 @@ def main(args: argparse.Namespace) -> int:
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')}: expected a positive int, got {getattr(args, name)}")
     with tempfile.TemporaryDirectory() as tmp:
-        checkpoints = (_found_checkpoints(args.checkpoints) if args.checkpoints
-                       else make_checkpoints(Path(tmp), TINY))
-        results = worst([run_accuracy(checkpoints, device=device, sequences=args.sequences, seq_len=args.seq_len,
-                                      seed=seed, dense=args.dense, kernel=args.kernel)
-                         for seed in range(args.seed, args.seed + args.seeds)])
+        checkpoints = _found_checkpoints(args.checkpoints) if args.checkpoints else make_checkpoints(Path(tmp), TINY)
+        results = worst(
+            [
+                run_accuracy(
+                    checkpoints,
+                    device=device,
+                    sequences=args.sequences,
+                    seq_len=args.seq_len,
+                    seed=seed,
+                    dense=args.dense,
+                    kernel=args.kernel,
+                )
+                for seed in range(args.seed, args.seed + args.seeds)
+            ]
+        )
     # the thresholds hold for the set-up they were measured on; other set-ups are reported unchecked
-    default_setup = (args.checkpoints is None and (args.sequences, args.seq_len) == (SEQUENCES, SEQ_LEN)
-                     and args.dense == "checkpoint")
+    default_setup = (
+        args.checkpoints is None
+        and (args.sequences, args.seq_len) == (SEQUENCES, SEQ_LEN)
+        and args.dense == "checkpoint"
+    )
     thresholds = THRESHOLDS if default_setup else {}
-    seeds = (f"seed {args.seed}" if args.seeds == 1
-             else f"seeds {args.seed}..{args.seed + args.seeds - 1} (worst of each metric)")
-    print(f"DeepSeek-V3 end to end on {device}: transformers (float64) vs our MoE layers, "
-          f"{args.sequences} x {args.seq_len} tokens, {seeds}, dense weights: {args.dense}"
-          + ("" if default_setup else " (not the set-up the thresholds were measured on: unchecked)"))
+    seeds = (
+        f"seed {args.seed}"
+        if args.seeds == 1
+        else f"seeds {args.seed}..{args.seed + args.seeds - 1} (worst of each metric)"
+    )
+    print(
+        f"DeepSeek-V3 end to end on {device}: transformers (float64) vs our MoE layers, "
+        f"{args.sequences} x {args.seq_len} tokens, {seeds}, dense weights: {args.dense}"
+        + ("" if default_setup else " (not the set-up the thresholds were measured on: unchecked)")
+    )
     print(format_report(results, thresholds))
     return 1 if any(thresholds[key].failures(m) for key, m in results.items() if key in thresholds) else 0

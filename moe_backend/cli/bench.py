@@ -47,8 +47,7 @@ logger = logging.getLogger(__name__)
 
 #: Weight bytes per element and the measured peak (``bench_ceilings.measure_peaks`` key) its
 #: MMA runs at, per precision (NVFP4 is W4A16 on Hopper: bf16 MMA).
-PRECISION_COST = {"fp8_block": (1.0, "fp8_tflops"), "fp8_tensor": (1.0, "fp8_tflops"),
-                  "nvfp4": (0.5625, "bf16_tflops")}
+PRECISION_COST = {"fp8_block": (1.0, "fp8_tflops"), "fp8_tensor": (1.0, "fp8_tflops"), "nvfp4": (0.5625, "bf16_tflops")}
 PEERS = ("vllm",)
 DEFAULT_T = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 QUICK_T = (1, 16, 128, 1024, 8192)
@@ -75,26 +74,42 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-dir", default=os.path.join("docs", "results"))
     parser.add_argument("--quick", action="store_true", help=f"T in {QUICK_T}, fewer repetitions")
     parser.add_argument("--no-baseline", action="store_true", help="skip torch._scaled_grouped_mm")
-    parser.add_argument("--peers", nargs="+", choices=PEERS, default=[],
-                        help="also time these engines' own MoE kernels on the same weights (vllm: its "
-                             "Triton fused MoE for fp8_block, its Marlin MoE for nvfp4)")
-    parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=[],
-                        help="also time fp8_block in these runtime variants (deterministic mode, zeroing "
-                             "of the atomic combine: fused in GEMM1, sync memset, auxiliary stream)")
+    parser.add_argument(
+        "--peers",
+        nargs="+",
+        choices=PEERS,
+        default=[],
+        help="also time these engines' own MoE kernels on the same weights (vllm: its "
+        "Triton fused MoE for fp8_block, its Marlin MoE for nvfp4)",
+    )
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=sorted(VARIANTS),
+        default=[],
+        help="also time fp8_block in these runtime variants (deterministic mode, zeroing "
+        "of the atomic combine: fused in GEMM1, sync memset, auxiliary stream)",
+    )
 
 
 # ----------------------------------------------------------------------------- inputs
 def random_nvfp4_weights(e: int, h: int, i: int, device: torch.device) -> NVFP4Weights:
     """Random NVFP4 experts of roughly unit output scale, in the checkpoint layout."""
+
     def codes(n: int, k: int) -> torch.Tensor:
         return torch.randint(0, 256, (e, n, k // 2), dtype=torch.uint8, device=device)
 
     def scales(n: int, k: int) -> torch.Tensor:
         return (torch.rand(e, n, k // 16, device=device) * 447 + 1).to(FP8)
 
-    return NVFP4Weights(codes(2 * i, h), scales(2 * i, h),
-                        torch.full((e, 2), 1.0 / (448 * 6 * math.sqrt(h)), device=device),
-                        codes(h, i), scales(h, i), torch.full((e,), 1.0 / (448 * 6 * math.sqrt(i)), device=device))
+    return NVFP4Weights(
+        codes(2 * i, h),
+        scales(2 * i, h),
+        torch.full((e, 2), 1.0 / (448 * 6 * math.sqrt(h)), device=device),
+        codes(h, i),
+        scales(h, i),
+        torch.full((e,), 1.0 / (448 * 6 * math.sqrt(i)), device=device),
+    )
 
 
 def _random_fp8(shape: Sequence[int], device: torch.device) -> torch.Tensor:
@@ -124,12 +139,19 @@ class Layer:
         s13, s2 = 1.0 / (16 * math.sqrt(h)), 1.0 / (16 * math.sqrt(i))
         self.weights = {
             "fp8_block": lambda: FP8BlockWeights(
-                self.w13, torch.full((e, 2 * i // 128, h // 128), s13, device=device),
-                self.w2, torch.full((e, h // 128, i // 128), s2, device=device)),
+                self.w13,
+                torch.full((e, 2 * i // 128, h // 128), s13, device=device),
+                self.w2,
+                torch.full((e, h // 128, i // 128), s2, device=device),
+            ),
             "fp8_tensor": lambda: FP8TensorWeights(
-                self.w13, torch.full((e,), s13, device=device), self.w2, torch.full((e,), s2, device=device),
+                self.w13,
+                torch.full((e,), s13, device=device),
+                self.w2,
+                torch.full((e,), s2, device=device),
                 a13_scale=torch.full((1,), 4.0 / 448, device=device),
-                a2_scale=torch.full((1,), 2.0 / 448, device=device)),
+                a2_scale=torch.full((1,), 2.0 / 448, device=device),
+            ),
             "nvfp4": lambda: random_nvfp4_weights(e, h, i, device),
         }
         # Rowwise scales of the baseline ([E, N]).
@@ -149,12 +171,22 @@ class Layer:
         weights = self.weights["fp8_block"]()
 
         def run(hidden, ids, topk_weights, out):
-            return kernel.run(weights, hidden, ids, topk_weights, local_expert_offset=0,
-                              apply_router_weight_on_input=False, out=out, config=override)
+            return kernel.run(
+                weights,
+                hidden,
+                ids,
+                topk_weights,
+                local_expert_offset=0,
+                apply_router_weight_on_input=False,
+                out=out,
+                config=override,
+            )
+
         return run
 
-    def baseline(self, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
-                 out: torch.Tensor) -> torch.Tensor:
+    def baseline(
+        self, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, out: torch.Tensor
+    ) -> torch.Tensor:
         """``torch._scaled_grouped_mm`` layer: permute, rowwise FP8 GEMM1, SiLU-and-mul, GEMM2, combine.
 
         Groups are padded to 16 rows (the grouped GEMM's alignment); no host sync.
@@ -162,13 +194,15 @@ class Layer:
         t, k = ids.shape
         flat = ids.flatten().long()
         order = torch.argsort(flat, stable=True)
-        counts = torch.zeros(self.e, dtype=torch.long, device=flat.device).scatter_add_(
-            0, flat, torch.ones_like(flat))
+        counts = torch.zeros(self.e, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
         padded = (counts + 15) // 16 * 16
         ends = torch.cumsum(padded, 0)
         e_sorted = flat[order]
-        dest = (ends - padded)[e_sorted] + torch.arange(flat.numel(), device=flat.device) \
+        dest = (
+            (ends - padded)[e_sorted]
+            + torch.arange(flat.numel(), device=flat.device)
             - (torch.cumsum(counts, 0) - counts)[e_sorted]
+        )
         rows = flat.numel() + min(flat.numel(), self.e) * 15
         xq, xs = _rowwise_quant(hidden)
         a = torch.zeros(rows, self.h, dtype=FP8, device=hidden.device)
@@ -176,12 +210,14 @@ class Layer:
         a[dest] = xq[order // k]
         a_s[dest] = xs[order // k]
         offs = ends.to(torch.int32)
-        gu = torch._scaled_grouped_mm(a, self.w13.transpose(1, 2), a_s, self.w13_row_scale, offs=offs,
-                                      out_dtype=torch.bfloat16)
-        act = torch.nn.functional.silu(gu[:, :self.i]) * gu[:, self.i:]
+        gu = torch._scaled_grouped_mm(
+            a, self.w13.transpose(1, 2), a_s, self.w13_row_scale, offs=offs, out_dtype=torch.bfloat16
+        )
+        act = torch.nn.functional.silu(gu[:, : self.i]) * gu[:, self.i :]
         aq, as_ = _rowwise_quant(act)
-        y = torch._scaled_grouped_mm(aq, self.w2.transpose(1, 2), as_, self.w2_row_scale, offs=offs,
-                                     out_dtype=torch.bfloat16)
+        y = torch._scaled_grouped_mm(
+            aq, self.w2.transpose(1, 2), as_, self.w2_row_scale, offs=offs, out_dtype=torch.bfloat16
+        )
         row_of_pair = torch.empty_like(dest)
         row_of_pair[order] = dest
         out[:t] = torch.bmm(weights.to(torch.bfloat16)[:, None, :], y[row_of_pair].view(t, k, self.h))[:, 0]
@@ -233,8 +269,9 @@ def compute_floor_us(t: int, k: int, h: int, i: int, precision: str, peaks: Dict
     return 2 * t * k * 3 * h * i / (peaks[PRECISION_COST[precision][1]] * 1e12) * 1e6
 
 
-def ceiling_fields(stream_us: float, t: int, k: int, h: int, i: int, precision: str,
-                   peaks: Dict[str, float]) -> Dict[str, float]:
+def ceiling_fields(
+    stream_us: float, t: int, k: int, h: int, i: int, precision: str, peaks: Dict[str, float]
+) -> Dict[str, float]:
     """``stream_us`` (reading the active experts' FP8 bytes, scaled to ``precision``'s bytes),
     the compute floor and their maximum, the ceiling no implementation can beat."""
     stream = stream_us * PRECISION_COST[precision][0]
@@ -262,10 +299,14 @@ def run_bench(args: argparse.Namespace, device: torch.device, peaks: Dict[str, f
             runs[("fp8_rowwise", "torch_scaled_grouped_mm")] = layer.baseline
         for t in ts:
             gen = torch.Generator().manual_seed(t)
-            sets = [(torch.randn(t, args.hidden, device=device).to(torch.bfloat16),
-                     balanced_ids(t, args.topk, e, gen, device),
-                     torch.rand(t, args.topk, generator=gen).to(device))
-                    for _ in range(INPUT_SETS)]
+            sets = [
+                (
+                    torch.randn(t, args.hidden, device=device).to(torch.bfloat16),
+                    balanced_ids(t, args.topk, e, gen, device),
+                    torch.rand(t, args.topk, generator=gen).to(device),
+                )
+                for _ in range(INPUT_SETS)
+            ]
             out = torch.empty(t, args.hidden, dtype=torch.bfloat16, device=device)
             streams = [expert_stream(layer.w13, layer.w2, torch.unique(ids).to(torch.int32)) for _, ids, _ in sets]
             stream_us, _ = _time(lambda s: streams[s](), args.quick)  # noqa: B023 (called in this iteration)
@@ -278,8 +319,16 @@ def run_bench(args: argparse.Namespace, device: torch.device, peaks: Dict[str, f
                     logger.warning("%s (%s) failed at E=%d T=%d: %s", impl, precision, e, t, exc)
                     us, mode = None, None
                 fmt = "fp8_block" if precision == "fp8_rowwise" else precision
-                records.append(dict(base, precision=precision, impl=impl, median_us=us, timing=mode,
-                                    **ceiling_fields(stream_us, t, args.topk, args.hidden, args.inter, fmt, peaks)))
+                records.append(
+                    dict(
+                        base,
+                        precision=precision,
+                        impl=impl,
+                        median_us=us,
+                        timing=mode,
+                        **ceiling_fields(stream_us, t, args.topk, args.hidden, args.inter, fmt, peaks),
+                    )
+                )
             logger.info("E=%d T=%d done", e, t)
     return records
 
@@ -294,7 +343,7 @@ def format_table(records: List[dict]) -> str:
     head += "".join(f" {impl + ' x':>{max(10, len(impl) + 2)}}" for impl in others)
     lines = [head]
     for r in ours:
-        name = r["precision"] + r["impl"][len("moe_backend"):]
+        name = r["precision"] + r["impl"][len("moe_backend") :]
         us = r["median_us"]
         fraction = f"{r['ceiling_us'] / us:.2f}" if us else "-"
         row = f"{r['E']:>4} {r['T']:>5} {name:<22} {_fmt(us):>9} {r['ceiling_us']:>8.1f} {fraction:>9}"
@@ -315,6 +364,7 @@ def plot(records: List[dict], path: str) -> Optional[str]:
     """Latency vs T per E with each weight format's ceiling; None when matplotlib is missing."""
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -325,13 +375,17 @@ def plot(records: List[dict], path: str) -> Optional[str]:
     for ax, e in zip(axes[0], experts, strict=True):
         rs = [r for r in records if r["E"] == e]
         for key in sorted({(r["impl"], r["precision"]) for r in rs}):
-            pts = [(r["T"], r["median_us"]) for r in rs
-                   if (r["impl"], r["precision"]) == key and r["median_us"] is not None]
+            pts = [
+                (r["T"], r["median_us"])
+                for r in rs
+                if (r["impl"], r["precision"]) == key and r["median_us"] is not None
+            ]
             if pts:
                 ax.plot(*zip(*pts, strict=True), marker="o", label=f"{key[0]} ({key[1]})")
         for fmt, style in (("fp8_block", "k--"), ("nvfp4", "k:")):
-            ceilings = sorted({(r["T"], r["ceiling_us"]) for r in rs
-                               if r["impl"] == "moe_backend" and r["precision"] == fmt})
+            ceilings = sorted(
+                {(r["T"], r["ceiling_us"]) for r in rs if r["impl"] == "moe_backend" and r["precision"] == fmt}
+            )
             if ceilings:
                 ax.plot(*zip(*ceilings, strict=True), style, label=f"{fmt} ceiling (this run)")
         ax.set(xscale="log", yscale="log", xlabel="tokens T", ylabel="µs", title=f"E={e}")
@@ -353,18 +407,31 @@ def main(args: argparse.Namespace) -> int:
         print("moe-backend bench: --peers vllm needs vllm importable in this environment")
         return 2
     peaks = measure_peaks(device)
-    print(f"device {name}: read {peaks['read_gbs']:.0f} GB/s, copy {peaks['copy_gbs']:.0f} GB/s (read + written), "
-          f"FP8 GEMM {peaks['fp8_tflops']:.0f} TFLOP/s, bf16 GEMM {peaks['bf16_tflops']:.0f} TFLOP/s"
-          + (f"; vLLM {version}" if "vllm" in args.peers else ""))
+    print(
+        f"device {name}: read {peaks['read_gbs']:.0f} GB/s, copy {peaks['copy_gbs']:.0f} GB/s (read + written), "
+        f"FP8 GEMM {peaks['fp8_tflops']:.0f} TFLOP/s, bf16 GEMM {peaks['bf16_tflops']:.0f} TFLOP/s"
+        + (f"; vLLM {version}" if "vllm" in args.peers else "")
+    )
     records = run_bench(args, device, peaks)
     print(format_table(records))
-    print(f"shared workspace pool after the sweep: {DEFAULT_POOL.nbytes() / 2**20:.0f} MiB "
-          f"(one set of buffers for every layer of a model)")
+    print(
+        f"shared workspace pool after the sweep: {DEFAULT_POOL.nbytes() / 2**20:.0f} MiB "
+        f"(one set of buffers for every layer of a model)"
+    )
     os.makedirs(args.output_dir, exist_ok=True)
     stem = os.path.join(args.output_dir, f"{_device_slug(name)}-{datetime.date.today().isoformat()}")
     with open(stem + ".json", "w") as f:
-        json.dump({"device": name, "date": datetime.date.today().isoformat(), "peaks": peaks,
-                   "vllm": version if "vllm" in args.peers else None, "records": records}, f, indent=1)
+        json.dump(
+            {
+                "device": name,
+                "date": datetime.date.today().isoformat(),
+                "peaks": peaks,
+                "vllm": version if "vllm" in args.peers else None,
+                "records": records,
+            },
+            f,
+            indent=1,
+        )
     png = plot(records, stem + ".png")
     print(f"wrote {stem}.json" + (f" and {png}" if png else ""))
     return 0

@@ -22,8 +22,9 @@ STREAM_CHUNKS = 8
 
 
 @triton.jit
-def _stream_kernel(a_ptr, b_ptr, expert_ptr, a_words, b_words, num_active, out_ptr,
-                   BLOCK: tl.constexpr, CHUNKS: tl.constexpr):
+def _stream_kernel(
+    a_ptr, b_ptr, expert_ptr, a_words, b_words, num_active, out_ptr, BLOCK: tl.constexpr, CHUNKS: tl.constexpr
+):
     """Program ``(c, j)``: chunk ``c`` of ``a[e]`` (``j < num_active``) or of ``b[e]`` (else),
     ``e = expert_ptr[j % num_active]``; XORs the int32 words so the loads cannot be dropped."""
     j = tl.program_id(1)
@@ -52,8 +53,9 @@ def expert_stream(w13: torch.Tensor, w2: torch.Tensor, experts: torch.Tensor) ->
     n = experts.numel()
     out = torch.empty(2 * n * grid0, dtype=torch.int32, device=w13.device)
     a, b = w13.view(torch.int32), w2.view(torch.int32)
-    return lambda: _stream_kernel[(grid0, 2 * n)](a, b, experts, a_words, b_words, n, out, BLOCK=STREAM_BLOCK,
-                                                  CHUNKS=STREAM_CHUNKS, num_warps=8)
+    return lambda: _stream_kernel[(grid0, 2 * n)](
+        a, b, experts, a_words, b_words, n, out, BLOCK=STREAM_BLOCK, CHUNKS=STREAM_CHUNKS, num_warps=8
+    )
 
 
 def measure_peaks(device: torch.device) -> Dict[str, float]:
@@ -73,10 +75,11 @@ def measure_peaks(device: torch.device) -> Dict[str, float]:
     a = torch.randn(n, n, device=device).to(torch.float8_e4m3fn)
     b = torch.randn(n, n, device=device).to(torch.float8_e4m3fn).t()
     scale = torch.ones((), device=device)
-    ms = triton.testing.do_bench(lambda: torch._scaled_mm(a, b, scale, scale, out_dtype=torch.bfloat16),
-                                 return_mode="median")
-    peaks["fp8_tflops"] = 2 * n ** 3 / (ms * 1e-3) / 1e12
+    ms = triton.testing.do_bench(
+        lambda: torch._scaled_mm(a, b, scale, scale, out_dtype=torch.bfloat16), return_mode="median"
+    )
+    peaks["fp8_tflops"] = 2 * n**3 / (ms * 1e-3) / 1e12
     x = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     ms = triton.testing.do_bench(lambda: x @ x, return_mode="median")
-    peaks["bf16_tflops"] = 2 * n ** 3 / (ms * 1e-3) / 1e12
+    peaks["bf16_tflops"] = 2 * n**3 / (ms * 1e-3) / 1e12
     return peaks

@@ -37,8 +37,10 @@ def vllm_version() -> Optional[str]:
 
 def _fused_marlin_moe() -> Callable[..., torch.Tensor]:
     """vLLM's ``fused_marlin_moe`` (its module moved between releases)."""
-    for name in ("vllm.model_executor.layers.fused_moe.experts.marlin_moe",
-                 "vllm.model_executor.layers.fused_moe.fused_marlin_moe"):
+    for name in (
+        "vllm.model_executor.layers.fused_moe.experts.marlin_moe",
+        "vllm.model_executor.layers.fused_moe.fused_marlin_moe",
+    ):
         try:
             return importlib.import_module(name).fused_marlin_moe
         except ImportError:
@@ -51,10 +53,10 @@ def vllm_triton(weights: FP8BlockWeights) -> Run:
     from vllm.model_executor.layers.fused_moe import fused_experts
     from vllm.model_executor.layers.fused_moe.config import fp8_w8a8_moe_quant_config
 
-    quant = fp8_w8a8_moe_quant_config(w1_scale=weights.w13_scale, w2_scale=weights.w2_scale,
-                                      block_shape=[128, 128])
-    return lambda hidden, ids, topk_w, out: fused_experts(hidden, weights.w13, weights.w2, topk_w, ids,
-                                                          quant_config=quant)
+    quant = fp8_w8a8_moe_quant_config(w1_scale=weights.w13_scale, w2_scale=weights.w2_scale, block_shape=[128, 128])
+    return lambda hidden, ids, topk_w, out: fused_experts(
+        hidden, weights.w13, weights.w2, topk_w, ids, quant_config=quant
+    )
 
 
 def vllm_marlin(weights: NVFP4Weights) -> Run:
@@ -62,20 +64,42 @@ def vllm_marlin(weights: NVFP4Weights) -> Run:
     from vllm.model_executor.layers.quantization.utils.marlin_utils_fp4 import prepare_nvfp4_moe_layer_for_marlin
     from vllm.scalar_type import scalar_types
 
-    shim = types.SimpleNamespace(num_experts=weights.num_experts, hidden_size=weights.hidden_size,
-                                 intermediate_size_per_partition=weights.intermediate_size,
-                                 params_dtype=torch.bfloat16)
+    shim = types.SimpleNamespace(
+        num_experts=weights.num_experts,
+        hidden_size=weights.hidden_size,
+        intermediate_size_per_partition=weights.intermediate_size,
+        params_dtype=torch.bfloat16,
+    )
     w13, s13, g13, w2, s2, g2 = prepare_nvfp4_moe_layer_for_marlin(
         # vLLM reads only the shim's attributes of the layer it types as RoutedExperts
         shim,  # type: ignore[arg-type]
-        weights.w13, weights.w13_scale, weights.w13_scale_2[:, 0].contiguous(), weights.w2,
-        weights.w2_scale, weights.w2_scale_2, is_act_and_mul=True)
+        weights.w13,
+        weights.w13_scale,
+        weights.w13_scale_2[:, 0].contiguous(),
+        weights.w2,
+        weights.w2_scale,
+        weights.w2_scale_2,
+        is_act_and_mul=True,
+    )
     fused_marlin_moe = _fused_marlin_moe()
     quant_type = scalar_types.float4_e2m1f.id
     experts = weights.num_experts
     return lambda hidden, ids, topk_w, out: fused_marlin_moe(
-        hidden, w13, w2, None, None, s13, s2, topk_w, ids, quant_type_id=quant_type,
-        global_num_experts=experts, global_scale1=g13, global_scale2=g2, workspace=shim.workspace)
+        hidden,
+        w13,
+        w2,
+        None,
+        None,
+        s13,
+        s2,
+        topk_w,
+        ids,
+        quant_type_id=quant_type,
+        global_num_experts=experts,
+        global_scale1=g13,
+        global_scale2=g2,
+        workspace=shim.workspace,
+    )
 
 
 def vllm_peers(weights: Mapping[str, Callable[[], object]], precisions: Sequence[str]) -> Dict[str, Run]:
@@ -88,5 +112,3 @@ def vllm_peers(weights: Mapping[str, Callable[[], object]], precisions: Sequence
         raise ImportError("--peers vllm: vllm does not import in this environment")
     builders: Dict[str, Callable[[Any], Run]] = {"fp8_block": vllm_triton, "nvfp4": vllm_marlin}
     return {PEER_IMPLS[p]: builders[p](weights[p]()) for p in precisions if p in builders}
-
-

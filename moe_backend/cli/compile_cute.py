@@ -18,10 +18,14 @@ DEFAULT_SHAPES = ((7168, 2048), (7168, 256))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--shape", action="append", default=None, metavar="H,I",
-                        help="expert hidden and intermediate size (repeatable; default: 7168,2048 and 7168,256)")
-    parser.add_argument("--offline", action="store_true",
-                        help="compile for sm_90a on the CPU even if a GPU is present")
+    parser.add_argument(
+        "--shape",
+        action="append",
+        default=None,
+        metavar="H,I",
+        help="expert hidden and intermediate size (repeatable; default: 7168,2048 and 7168,256)",
+    )
+    parser.add_argument("--offline", action="store_true", help="compile for sm_90a on the CPU even if a GPU is present")
 
 
 def _shapes(values) -> list:

@@ -107,8 +107,8 @@ def run_demo(shape: DemoShape, device: torch.device, seed: int = 0, iters: int =
     """Run every precision through both entry points; return one row per (precision, entry)."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     e, h, i, t = shape.num_experts, shape.hidden, shape.inter, shape.tokens
-    w13 = (torch.randn(e, 2 * i, h, generator=gen) / h ** 0.5).to(device)
-    w2 = (torch.randn(e, h, i, generator=gen) / i ** 0.5).to(device)
+    w13 = (torch.randn(e, 2 * i, h, generator=gen) / h**0.5).to(device)
+    w2 = (torch.randn(e, h, i, generator=gen) / i**0.5).to(device)
     hidden = torch.randn(t, h, generator=gen).to(device, torch.bfloat16)
     logits = torch.randn(t, e, generator=gen).to(device)
     bias = (0.1 * torch.randn(e, generator=gen)).to(device)
@@ -136,40 +136,58 @@ def run_demo(shape: DemoShape, device: torch.device, seed: int = 0, iters: int =
             # float64 hidden: the reference's output stays unrounded (the format's cost alone)
             unrounded = reference_fused_experts(hidden.double(), layer.weights, *topk[entry])
             same_numerics = reference_fused_experts(hidden, layer.weights, *topk[entry]).double()
-            rows.append(DemoRow(precision, entry, kernel, _rel_err(out, truth[entry]),
-                                _rel_err(unrounded, truth[entry]),
-                                None if kernel == REFERENCE else _rel_err(out, same_numerics),
-                                _time_ms(call, device, iters)))
+            rows.append(
+                DemoRow(
+                    precision,
+                    entry,
+                    kernel,
+                    _rel_err(out, truth[entry]),
+                    _rel_err(unrounded, truth[entry]),
+                    None if kernel == REFERENCE else _rel_err(out, same_numerics),
+                    _time_ms(call, device, iters),
+                )
+            )
             logger.info("%s %s: %s", precision, entry, rows[-1])
     return rows
 
 
 def format_table(rows: List[DemoRow]) -> str:
     """The rows as a table, with a footer that says what each column means and what ran."""
-    header = (f"{'precision':<11} {'entry point':<15} {'kernel':<18} {'err vs fp64':>11} {'format alone':>12} "
-              f"{'err vs ref':>10} {'ms/call':>9}  status")
+    header = (
+        f"{'precision':<11} {'entry point':<15} {'kernel':<18} {'err vs fp64':>11} {'format alone':>12} "
+        f"{'err vs ref':>10} {'ms/call':>9}  status"
+    )
     lines = [header, "-" * len(header)]
     for r in rows:
         kernel_err = "-" if r.kernel_err is None else f"{r.kernel_err:.1e}"
-        lines.append(f"{r.precision:<11} {r.entry:<15} {r.kernel:<18} {r.format_err:>11.3e} "
-                     f"{r.format_cost:>12.3e} {kernel_err:>10} {r.ms_per_call:>9.2f}  {r.status}")
-    lines.append("err vs fp64: the output against float64 on the unquantized master weights (what the format "
-                 "costs: information); format alone: the same quantization computed exactly, the bound that "
-                 "cost is read against (the output adds bf16 rounding, ~2e-3, and the kernel's error)")
-    lines.append(f"err vs ref: the kernel against the torch reference with the same quantization "
-                 f"(pass: <= {KERNEL_TOLERANCE:.0e})")
+        lines.append(
+            f"{r.precision:<11} {r.entry:<15} {r.kernel:<18} {r.format_err:>11.3e} "
+            f"{r.format_cost:>12.3e} {kernel_err:>10} {r.ms_per_call:>9.2f}  {r.status}"
+        )
+    lines.append(
+        "err vs fp64: the output against float64 on the unquantized master weights (what the format "
+        "costs: information); format alone: the same quantization computed exactly, the bound that "
+        "cost is read against (the output adds bf16 rounding, ~2e-3, and the kernel's error)"
+    )
+    lines.append(
+        f"err vs ref: the kernel against the torch reference with the same quantization "
+        f"(pass: <= {KERNEL_TOLERANCE:.0e})"
+    )
     by_reference = list(dict.fromkeys(r.precision for r in rows if r.kernel_err is None))
     if all(r.kernel_err is None for r in rows):
-        lines.append("only the torch reference runs on this machine (the Triton kernels need an sm_90 GPU): "
-                     "no kernel was checked")
+        lines.append(
+            "only the torch reference runs on this machine (the Triton kernels need an sm_90 GPU): "
+            "no kernel was checked"
+        )
     elif by_reference:
         lines.append(f"the torch reference serves {', '.join(by_reference)} (no fused kernel): nothing to check")
     return "\n".join(lines)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--full", action="store_true",
-                        help="DeepSeek-V3 sizes (H 7168, I 2048, 256 experts, top-8); meant for a GPU")
+    parser.add_argument(
+        "--full", action="store_true", help="DeepSeek-V3 sizes (H 7168, I 2048, 256 experts, top-8); meant for a GPU"
+    )
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--tokens", type=int, default=None, help="batch size T (default 32, or 256 with --full)")
     parser.add_argument("--seed", type=int, default=0)
@@ -183,8 +201,10 @@ def main(args: argparse.Namespace) -> int:
         if args.tokens < 1:
             raise SystemExit(f"--tokens: expected a positive int, got {args.tokens}")
         shape = DemoShape(shape.num_experts, shape.top_k, shape.hidden, shape.inter, args.tokens)
-    print(f"DeepSeek-V3-shaped MoE layer on {device}: E={shape.num_experts} top-{shape.top_k} "
-          f"H={shape.hidden} I={shape.inter} T={shape.tokens}")
+    print(
+        f"DeepSeek-V3-shaped MoE layer on {device}: E={shape.num_experts} top-{shape.top_k} "
+        f"H={shape.hidden} I={shape.inter} T={shape.tokens}"
+    )
     rows = run_demo(shape, device, args.seed, args.iters)
     print(format_table(rows))
     return 0 if all(r.kernel_ok for r in rows) else 1

@@ -21,17 +21,27 @@ _OVERRIDES = {f.name: f.type for f in dataclasses.fields(ModelShape) if f.type i
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out_dir", type=Path, help="directory to write <flavour>/ checkpoints into")
-    parser.add_argument("--formats", nargs="+", choices=tuple(CHECKPOINT_FORMATS), default=list(CHECKPOINT_FORMATS),
-                        help="flavours to write (default: all)")
+    parser.add_argument(
+        "--formats",
+        nargs="+",
+        choices=tuple(CHECKPOINT_FORMATS),
+        default=list(CHECKPOINT_FORMATS),
+        help="flavours to write (default: all)",
+    )
     parser.add_argument("--size", choices=tuple(SIZES), default="tiny", help="preset sizes (default: tiny)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights")
-    parser.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
-                        help="module pattern the quantized flavours leave in bf16 (repeatable), "
-                             "e.g. 'model.layers.2.mlp.experts'")
+    parser.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="module pattern the quantized flavours leave in bf16 (repeatable), e.g. 'model.layers.2.mlp.experts'",
+    )
     sizes = parser.add_argument_group("size overrides (config.json fields)")
     for name, kind in _OVERRIDES.items():
-        sizes.add_argument(f"--{name.replace('_', '-')}", dest=name, type=int if kind == "int" else float,
-                           default=None, metavar="N")
+        sizes.add_argument(
+            f"--{name.replace('_', '-')}", dest=name, type=int if kind == "int" else float, default=None, metavar="N"
+        )
 
 
 def main(args: argparse.Namespace) -> int:

@@ -19,8 +19,9 @@ from ..tuning import TuningCache
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-tokens", type=int, required=True,
-                        help="the engine's max batched tokens (vLLM max_num_batched_tokens)")
+    parser.add_argument(
+        "--max-tokens", type=int, required=True, help="the engine's max batched tokens (vLLM max_num_batched_tokens)"
+    )
     parser.add_argument("--precision", choices=sorted(LAYER_TYPES), default="fp8_block")
     parser.add_argument("--experts", type=int, default=256, help="global experts")
     parser.add_argument("--local-experts", type=int, default=None, help="experts on this EP rank (default: all)")
@@ -40,8 +41,8 @@ def main(args: argparse.Namespace) -> int:
         raise SystemExit(f"--local-experts: expected 1..{args.experts}, got {local}")
     device = torch.device("cuda")
     gen = torch.Generator(device=device).manual_seed(0)
-    w13 = torch.randn(local, 2 * args.inter, args.hidden, generator=gen, device=device) / args.hidden ** 0.5
-    w2 = torch.randn(local, args.hidden, args.inter, generator=gen, device=device) / args.inter ** 0.5
+    w13 = torch.randn(local, 2 * args.inter, args.hidden, generator=gen, device=device) / args.hidden**0.5
+    w2 = torch.randn(local, args.hidden, args.inter, generator=gen, device=device) / args.inter**0.5
     config = MoEConfig(num_experts=args.experts, top_k=args.top_k, routing=RoutingConfig("softmax"))
     layer = LAYER_TYPES[args.precision].from_float(w13, w2, config)
     del w13, w2

@@ -36,19 +36,33 @@ def _activation_rounding(weights: ExpertWeights, quantize: bool) -> Tuple[Roundi
         q = lambda x: fake_quant_activation(x, None, weights.ue8m0)  # noqa: E731
         return q, q
     if isinstance(weights, FP8TensorWeights):
-        return (lambda x: fake_quant_activation(x, weights.a13_scale),
-                lambda x: fake_quant_activation(x, weights.a2_scale))
+        return (
+            lambda x: fake_quant_activation(x, weights.a13_scale),
+            lambda x: fake_quant_activation(x, weights.a2_scale),
+        )
     return _identity, lambda x: x.to(torch.bfloat16).float()
 
 
-def _check_inputs(hidden: torch.Tensor, hidden_size: int, topk_ids: torch.Tensor,
-                  topk_weights: torch.Tensor, local_expert_offset: int) -> None:
-    check_tensor("hidden", hidden, dtype=(torch.bfloat16, torch.float16, torch.float32, torch.float64),
-                 shape=(None, hidden_size), contiguous=False)
+def _check_inputs(
+    hidden: torch.Tensor, hidden_size: int, topk_ids: torch.Tensor, topk_weights: torch.Tensor, local_expert_offset: int
+) -> None:
+    check_tensor(
+        "hidden",
+        hidden,
+        dtype=(torch.bfloat16, torch.float16, torch.float32, torch.float64),
+        shape=(None, hidden_size),
+        contiguous=False,
+    )
     t = hidden.shape[0]
     check_tensor("topk_ids", topk_ids, dtype=torch.int32, ndim=2, device=hidden.device, contiguous=False)
-    check_tensor("topk_weights", topk_weights, dtype=torch.float32, shape=(t, topk_ids.shape[1]),
-                 device=hidden.device, contiguous=False)
+    check_tensor(
+        "topk_weights",
+        topk_weights,
+        dtype=torch.float32,
+        shape=(t, topk_ids.shape[1]),
+        device=hidden.device,
+        contiguous=False,
+    )
     check_tensor("topk_ids", topk_ids, shape=(t, None), contiguous=False)
     check_int("local_expert_offset", local_expert_offset, minimum=0)
 
@@ -128,8 +142,18 @@ def reference_fused_experts(
     check_bool("quantize_activations", quantize_activations)
     check_out("out", out, rows=hidden.shape[0], cols=hidden.shape[1], dtype=hidden.dtype, device=hidden.device)
     round_in, round_mid = _activation_rounding(weights, quantize_activations)
-    acc = _expert_loop(hidden, weights.num_experts, weights.dequantize_expert, topk_ids, topk_weights,
-                       local_expert_offset, apply_router_weight_on_input, round_in, round_mid, torch.float32)
+    acc = _expert_loop(
+        hidden,
+        weights.num_experts,
+        weights.dequantize_expert,
+        topk_ids,
+        topk_weights,
+        local_expert_offset,
+        apply_router_weight_on_input,
+        round_in,
+        round_mid,
+        torch.float32,
+    )
     return _write(acc, hidden, out)
 
 
@@ -149,6 +173,15 @@ def exact_fused_experts(
     Returns ``[T, H]`` float64.
     """
     _check_inputs(hidden, w2.shape[1], topk_ids, topk_weights, local_expert_offset)
-    return _expert_loop(hidden, w13.shape[0], lambda e: (w13[e], w2[e]), topk_ids, topk_weights,
-                        local_expert_offset, apply_router_weight_on_input, _identity, _identity,
-                        torch.float64)
+    return _expert_loop(
+        hidden,
+        w13.shape[0],
+        lambda e: (w13[e], w2[e]),
+        topk_ids,
+        topk_weights,
+        local_expert_offset,
+        apply_router_weight_on_input,
+        _identity,
+        _identity,
+        torch.float64,
+    )

@@ -52,8 +52,9 @@ class KernelUnavailableError(RuntimeError):
     """An explicitly requested kernel cannot run for this precision or device."""
 
 
-def _reference_run(prepared: ExpertWeights, hidden: torch.Tensor, ids: torch.Tensor,
-                   weights: torch.Tensor, **kw: Any) -> torch.Tensor:
+def _reference_run(
+    prepared: ExpertWeights, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, **kw: Any
+) -> torch.Tensor:
     return reference_fused_experts(hidden, prepared, ids, weights, **kw)
 
 
@@ -114,7 +115,9 @@ class Kernel:
     def routes(self, context: LayerContext) -> bool:
         """Whether the computed entry point hands router logits to ``run_computed``."""
         return self.run_computed is not None and (
-            self.computed_routing_defect is None or self.computed_routing_defect(context) is None)
+            self.computed_routing_defect is None or self.computed_routing_defect(context) is None
+        )
+
     #: Why optional packages it needs are missing or broken, or None; asked last (it may import them).
     probe: Optional[Callable[[], Optional[str]]] = None
     #: ``precompile(prepared, configs)``: build every kernel the configurations use, at warm-up
@@ -139,8 +142,7 @@ class Kernel:
         space = self.tuning_space()
         return space.numerics.get(numerics) if space is not None else None
 
-    def unavailable_reason(self, precision: str, device: torch.device,
-                           weight_on_input: bool = False) -> Optional[str]:
+    def unavailable_reason(self, precision: str, device: torch.device, weight_on_input: bool = False) -> Optional[str]:
         """Why this kernel cannot run here, or None when it can."""
         if precision not in self.precisions:
             return f"it supports {', '.join(self.precisions)}, not {precision}"
@@ -169,27 +171,46 @@ class Kernel:
         return f"it needs a CUDA GPU{interpreter}, got device {device}"
 
 
-def _sm90_fp8_run(prepared: FP8BlockWeights | FP8TensorWeights, hidden: torch.Tensor, ids: torch.Tensor,
-                  weights: torch.Tensor, *, local_expert_offset: int, apply_router_weight_on_input: bool,
-                  out: torch.Tensor, config: Optional[dict] = None) -> torch.Tensor:
+def _sm90_fp8_run(
+    prepared: FP8BlockWeights | FP8TensorWeights,
+    hidden: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    *,
+    local_expert_offset: int,
+    apply_router_weight_on_input: bool,
+    out: torch.Tensor,
+    config: Optional[dict] = None,
+) -> torch.Tensor:
     from .sm90.fp8_moe import fused_experts_fp8
 
     block = isinstance(prepared, FP8BlockWeights)
     static = prepared if isinstance(prepared, FP8TensorWeights) else None
     return fused_experts_fp8(
-        hidden, prepared.w13, prepared.w13_scale, prepared.w2, prepared.w2_scale, ids, weights,
-        block_scaled=block, local_expert_offset=local_expert_offset,
-        a13_scale=static.a13_scale if static else None, a2_scale=static.a2_scale if static else None,
+        hidden,
+        prepared.w13,
+        prepared.w13_scale,
+        prepared.w2,
+        prepared.w2_scale,
+        ids,
+        weights,
+        block_scaled=block,
+        local_expert_offset=local_expert_offset,
+        a13_scale=static.a13_scale if static else None,
+        a2_scale=static.a2_scale if static else None,
         ue8m0=isinstance(prepared, FP8BlockWeights) and prepared.ue8m0,
         apply_router_weight_on_input=apply_router_weight_on_input,
-        out=out, config=config)
+        out=out,
+        config=config,
+    )
 
 
 def _sm90_fp8_tuning() -> TuningSpace:
     from .sm90 import fp8_moe
 
-    return TuningSpace(fp8_moe.KERNEL_VERSION, fp8_moe.CANDIDATE_CONFIGS, fp8_moe.DETERMINISTIC_CONFIG,
-                       fp8_moe.NUMERICS_CONFIGS)
+    return TuningSpace(
+        fp8_moe.KERNEL_VERSION, fp8_moe.CANDIDATE_CONFIGS, fp8_moe.DETERMINISTIC_CONFIG, fp8_moe.NUMERICS_CONFIGS
+    )
 
 
 def _sm90_nvfp4_tuning() -> TuningSpace:
@@ -212,8 +233,9 @@ def _sm90_nvfp4_restore(prepared: Any) -> NVFP4Weights:
     return nvfp4_from_kernel_layout(prepared)
 
 
-def _sm90_nvfp4_run(prepared: Any, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
-                    **kw: Any) -> torch.Tensor:
+def _sm90_nvfp4_run(
+    prepared: Any, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, **kw: Any
+) -> torch.Tensor:
     from .sm90.nvfp4_moe import fused_experts_nvfp4
 
     return fused_experts_nvfp4(hidden, prepared, ids, weights, **kw)
@@ -221,8 +243,10 @@ def _sm90_nvfp4_run(prepared: Any, hidden: torch.Tensor, ids: torch.Tensor, weig
 
 def _sm100(module: str, name: str) -> Callable[..., Any]:
     """``moe_backend.kernels.sm100.<module>.<name>``, imported (with FlashInfer) on first call."""
+
     def call(*args: Any, **kw: Any) -> Any:
         return getattr(importlib.import_module(f"moe_backend.kernels.sm100.{module}"), name)(*args, **kw)
+
     call.__name__ = name
     return call
 
@@ -230,13 +254,22 @@ def _sm100(module: str, name: str) -> Callable[..., Any]:
 def _sm100_kernel(precision: str) -> Kernel:
     """FlashInfer's TRT-LLM-gen MoE for ``precision``: routed and (DeepSeek-V3 routing) computed."""
     return Kernel(
-        f"sm100_flashinfer_{precision}", (precision,), BLACKWELL, prepare=_sm100("layout", f"prepare_{precision}"),
-        run=_sm100("moe", f"run_{precision}"), requires=("flashinfer",),
-        restore=_sm100("layout", f"restore_{precision}"), capturable=True,
-        weight_on_input_defect=None if precision == "fp8_tensor" else
-        "FlashInfer's TRT-LLM-gen kernels scale the GEMM1 input by the router weight for FP8 per tensor only",
-        takes_context=True, run_computed=_sm100("moe", f"run_computed_{precision}"),
-        computed_routing_defect=_sm100("moe", "computed_routing_defect"), warmup=_sm100("moe", "warmup"))
+        f"sm100_flashinfer_{precision}",
+        (precision,),
+        BLACKWELL,
+        prepare=_sm100("layout", f"prepare_{precision}"),
+        run=_sm100("moe", f"run_{precision}"),
+        requires=("flashinfer",),
+        restore=_sm100("layout", f"restore_{precision}"),
+        capturable=True,
+        weight_on_input_defect=None
+        if precision == "fp8_tensor"
+        else "FlashInfer's TRT-LLM-gen kernels scale the GEMM1 input by the router weight for FP8 per tensor only",
+        takes_context=True,
+        run_computed=_sm100("moe", f"run_computed_{precision}"),
+        computed_routing_defect=_sm100("moe", "computed_routing_defect"),
+        warmup=_sm100("moe", "warmup"),
+    )
 
 
 def _sm90_grouped_prepare(weights: ExpertWeights) -> Any:
@@ -252,8 +285,9 @@ def _sm90_grouped_restore(prepared: Any) -> ExpertWeights:
     return restore_grouped(prepared)
 
 
-def _sm90_grouped_run(prepared: Any, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
-                      **kw: Any) -> torch.Tensor:
+def _sm90_grouped_run(
+    prepared: Any, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, **kw: Any
+) -> torch.Tensor:
     from .sm90.bf16_moe import fused_experts_grouped
 
     return fused_experts_grouped(hidden, prepared, ids, weights, **kw)
@@ -282,30 +316,57 @@ HOPPER: Tuple[Capability, ...] = ((9, 0),)
 BLACKWELL: Tuple[Capability, ...] = ((10, 0), (10, 3))
 
 REFERENCE = Kernel("reference", PRECISIONS, None, prepare=lambda w: w, run=_reference_run)
-SM90_FP8 = Kernel("sm90_triton_fp8", ("fp8_block", "fp8_tensor"), HOPPER, prepare=lambda w: w,
-                  run=_sm90_fp8_run, requires=("triton",), interpretable=True, capturable=True,
-                  tuning=_sm90_fp8_tuning,
-                  weight_on_input_defect="at H=7168 its output differs from the reference by ~1.7e-2 "
-                                         "(open defect), so the reference serves such layers")
-SM90_NVFP4 = Kernel("sm90_triton_nvfp4", ("nvfp4",), HOPPER, prepare=_sm90_nvfp4_prepare,
-                    run=_sm90_nvfp4_run, requires=("triton",), restore=_sm90_nvfp4_restore, interpretable=True,
-                    capturable=True,
-                    tuning=_sm90_nvfp4_tuning)
+SM90_FP8 = Kernel(
+    "sm90_triton_fp8",
+    ("fp8_block", "fp8_tensor"),
+    HOPPER,
+    prepare=lambda w: w,
+    run=_sm90_fp8_run,
+    requires=("triton",),
+    interpretable=True,
+    capturable=True,
+    tuning=_sm90_fp8_tuning,
+    weight_on_input_defect="at H=7168 its output differs from the reference by ~1.7e-2 "
+    "(open defect), so the reference serves such layers",
+)
+SM90_NVFP4 = Kernel(
+    "sm90_triton_nvfp4",
+    ("nvfp4",),
+    HOPPER,
+    prepare=_sm90_nvfp4_prepare,
+    run=_sm90_nvfp4_run,
+    requires=("triton",),
+    restore=_sm90_nvfp4_restore,
+    interpretable=True,
+    capturable=True,
+    tuning=_sm90_nvfp4_tuning,
+)
 
 # bf16 grouped GEMMs (QuACK, CuTe DSL) for bf16 experts and for NVFP4 dequantized to bf16 (prefill).
-SM90_GROUPED_BF16 = Kernel("sm90_quack_grouped_bf16", ("bf16", "nvfp4"), HOPPER,
-                           prepare=_sm90_grouped_prepare, run=_sm90_grouped_run, restore=_sm90_grouped_restore,
-                           requires=("triton",), capturable=True, tuning=_sm90_grouped_tuning,
-                           probe=_quack_probe, precompile=_sm90_grouped_precompile,
-                           weight_on_input_defect="its router weight scales the output only")
+SM90_GROUPED_BF16 = Kernel(
+    "sm90_quack_grouped_bf16",
+    ("bf16", "nvfp4"),
+    HOPPER,
+    prepare=_sm90_grouped_prepare,
+    run=_sm90_grouped_run,
+    restore=_sm90_grouped_restore,
+    requires=("triton",),
+    capturable=True,
+    tuning=_sm90_grouped_tuning,
+    probe=_quack_probe,
+    precompile=_sm90_grouped_precompile,
+    weight_on_input_defect="its router weight scales the output only",
+)
 
 
 SM100_FP8_BLOCK = _sm100_kernel("fp8_block")
 SM100_FP8_TENSOR = _sm100_kernel("fp8_tensor")
 SM100_NVFP4 = _sm100_kernel("nvfp4")
 
-KERNELS: Dict[str, Kernel] = {k.name: k for k in (REFERENCE, SM90_FP8, SM90_NVFP4, SM90_GROUPED_BF16,
-                                                  SM100_FP8_BLOCK, SM100_FP8_TENSOR, SM100_NVFP4)}
+KERNELS: Dict[str, Kernel] = {
+    k.name: k
+    for k in (REFERENCE, SM90_FP8, SM90_NVFP4, SM90_GROUPED_BF16, SM100_FP8_BLOCK, SM100_FP8_TENSOR, SM100_NVFP4)
+}
 
 #: (precision, compute capability, routed?) -> kernels to try in order before the reference.
 SELECTION_TABLE: Dict[Tuple[str, Capability, bool], Tuple[str, ...]] = {
@@ -315,15 +376,20 @@ SELECTION_TABLE: Dict[Tuple[str, Capability, bool], Tuple[str, ...]] = {
     ("fp8_tensor", (9, 0), True): ("sm90_triton_fp8",),
     ("nvfp4", (9, 0), False): ("sm90_triton_nvfp4",),
     ("nvfp4", (9, 0), True): ("sm90_triton_nvfp4",),
-    **{(precision, cap, routed): (f"sm100_flashinfer_{precision}",)
-       for precision in ("fp8_block", "fp8_tensor", "nvfp4") for cap in BLACKWELL for routed in (False, True)},
+    **{
+        (precision, cap, routed): (f"sm100_flashinfer_{precision}",)
+        for precision in ("fp8_block", "fp8_tensor", "nvfp4")
+        for cap in BLACKWELL
+        for routed in (False, True)
+    },
     ("bf16", (9, 0), False): ("sm90_quack_grouped_bf16",),
     ("bf16", (9, 0), True): ("sm90_quack_grouped_bf16",),
 }
 
 
-def select_kernel(precision: str, device: torch.device, routed: bool, requested: str = "auto", *,
-                  weight_on_input: bool = False) -> Kernel:
+def select_kernel(
+    precision: str, device: torch.device, routed: bool, requested: str = "auto", *, weight_on_input: bool = False
+) -> Kernel:
     """The kernel that serves ``precision`` on ``device`` (routed or computed entry point;
     ``weight_on_input``: the layer scales the GEMM1 input by the router weight)."""
     if not isinstance(precision, str) or precision not in PRECISIONS:
@@ -349,8 +415,11 @@ def select_kernel(precision: str, device: torch.device, routed: bool, requested:
             if reason is None:
                 return KERNELS[name]
             reasons.append(f"{name}: {reason}")
-        _warn_fallback(precision, cap, "; ".join(reasons) if names else
-                       f"no fused kernel serves {precision} on sm_{cap[0]}{cap[1]}")
+        _warn_fallback(
+            precision,
+            cap,
+            "; ".join(reasons) if names else f"no fused kernel serves {precision} on sm_{cap[0]}{cap[1]}",
+        )
     return REFERENCE
 
 

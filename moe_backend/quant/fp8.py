@@ -121,9 +121,7 @@ def dequantize_fp8_per_token_group(q: torch.Tensor, s: torch.Tensor, group: int 
     return q.float() * s.repeat_interleave(group, dim=-1)[:, :k]
 
 
-def quantize_fp8_per_tensor(
-    w: torch.Tensor, scale: Optional[torch.Tensor] = None
-) -> Tuple[torch.Tensor, torch.Tensor]:
+def quantize_fp8_per_tensor(w: torch.Tensor, scale: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Quantize ``w [..., N, K]`` with one fp32 scale per matrix (``scale [...]``).
 
     With ``scale`` given (static, e.g. a checkpoint's ``input_scale``; finite and > 0) it is used
@@ -158,8 +156,7 @@ def fake_quant_activation(
     """
     check_tensor("x", x, dtype=_FLOATS, ndim=2, contiguous=False)
     if static_scale is not None:
-        check_tensor("static_scale", static_scale, dtype=torch.float32, shape=(1,), device=x.device,
-                     contiguous=False)
+        check_tensor("static_scale", static_scale, dtype=torch.float32, shape=(1,), device=x.device, contiguous=False)
         return _cast_fp8(x.float() / static_scale).float() * static_scale
     q, s = quantize_fp8_per_token_group(x, BLOCK, ue8m0)
     return dequantize_fp8_per_token_group(q, s, BLOCK)

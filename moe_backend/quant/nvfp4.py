@@ -90,14 +90,11 @@ def quantize_nvfp4(
     """
     check_tensor("w", w, dtype=_FLOATS, contiguous=False)
     if w.dim() < 2 or w.shape[-1] % GROUP:
-        raise ValueError(
-            f"w: expected [..., N, K] with K a multiple of {GROUP}, got shape {tuple(w.shape)}"
-        )
+        raise ValueError(f"w: expected [..., N, K] with K a multiple of {GROUP}, got shape {tuple(w.shape)}")
     if global_scale is None:
         global_scale = nvfp4_global_scale(w)
     else:
-        check_tensor("global_scale", global_scale, dtype=torch.float32,
-                     shape=tuple(w.shape[:-2]), contiguous=False)
+        check_tensor("global_scale", global_scale, dtype=torch.float32, shape=tuple(w.shape[:-2]), contiguous=False)
         check_scale_values("global_scale", global_scale, allow_zero=False)
     wf = w.float()
     g = global_scale[..., None, None]
@@ -109,19 +106,15 @@ def quantize_nvfp4(
     return pack_e2m1(codes), block_scale.contiguous(), global_scale.contiguous()
 
 
-def dequantize_nvfp4(
-    packed: torch.Tensor, block_scale: torch.Tensor, global_scale: torch.Tensor
-) -> torch.Tensor:
+def dequantize_nvfp4(packed: torch.Tensor, block_scale: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
     """Dequantize ``packed [..., N, K/2]`` with ``block_scale [..., N, K/16]`` and
     ``global_scale [...]`` to fp32 ``[..., N, K]``."""
     check_tensor("packed", packed, dtype=torch.uint8, contiguous=False)
     k = packed.shape[-1] * 2
     if k % GROUP:
         raise ValueError(f"packed: expected K = 2 * last dim to be a multiple of {GROUP}, got K = {k}")
-    check_tensor("block_scale", block_scale, dtype=FP8_DTYPE,
-                 shape=(*packed.shape[:-1], k // GROUP), contiguous=False)
-    check_tensor("global_scale", global_scale, dtype=torch.float32,
-                 shape=tuple(packed.shape[:-2]), contiguous=False)
+    check_tensor("block_scale", block_scale, dtype=FP8_DTYPE, shape=(*packed.shape[:-1], k // GROUP), contiguous=False)
+    check_tensor("global_scale", global_scale, dtype=torch.float32, shape=tuple(packed.shape[:-2]), contiguous=False)
     values = decode_e2m1(unpack_e2m1(packed))
     scale = block_scale.float().repeat_interleave(GROUP, dim=-1) * global_scale[..., None, None]
     return values * scale

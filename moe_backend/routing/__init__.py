@@ -12,7 +12,15 @@ from .topk import (
 )
 
 __all__ = [
-    "MAX_PACKED_ID", "METHODS", "RoutingConfig", "check_replay_out", "noaux_tc_topk",
-    "pack_topk", "renormalize_topk", "sigmoid_topk", "softmax_topk", "unpack_topk",
+    "MAX_PACKED_ID",
+    "METHODS",
+    "RoutingConfig",
+    "check_replay_out",
+    "noaux_tc_topk",
+    "pack_topk",
+    "renormalize_topk",
+    "sigmoid_topk",
+    "softmax_topk",
+    "unpack_topk",
     "write_routing_replay",
 ]

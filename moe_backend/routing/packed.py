@@ -39,8 +39,7 @@ def pack_topk(ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     graph is being captured, where the caller guarantees it.
     """
     check_tensor("ids", ids, dtype=torch.int32, ndim=2)
-    check_tensor("weights", weights, dtype=(torch.float32, torch.bfloat16),
-                 shape=tuple(ids.shape), device=ids.device)
+    check_tensor("weights", weights, dtype=(torch.float32, torch.bfloat16), shape=tuple(ids.shape), device=ids.device)
     check_id_range("ids", ids)
     bits = weights.to(torch.bfloat16).view(torch.int16).to(torch.int32) & 0xFFFF
     return (ids << 16) | bits

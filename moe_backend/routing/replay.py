@@ -15,8 +15,7 @@ import torch
 from .._checks import check_tensor
 
 
-def check_replay_out(replay_out: Optional[torch.Tensor], num_tokens: int, top_k: int,
-                     device: torch.device) -> None:
+def check_replay_out(replay_out: Optional[torch.Tensor], num_tokens: int, top_k: int, device: torch.device) -> None:
     """Validate a replay buffer for ``num_tokens`` tokens and ``top_k`` slots (None is allowed)."""
     if replay_out is None:
         return

@@ -27,9 +27,7 @@ def _check_logits(logits: torch.Tensor, top_k: int) -> None:
     check_tensor("router_logits", logits, dtype=torch.float32, ndim=2)
     check_int("top_k", top_k, minimum=1)
     if top_k > logits.shape[1]:
-        raise ValueError(
-            f"top_k: expected at most the number of experts ({logits.shape[1]}), got {top_k}"
-        )
+        raise ValueError(f"top_k: expected at most the number of experts ({logits.shape[1]}), got {top_k}")
 
 
 def _gather(values: torch.Tensor, ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -76,8 +74,7 @@ def noaux_tc_topk(
     """
     _check_logits(router_logits, top_k)
     t, e = router_logits.shape
-    check_tensor("correction_bias", correction_bias, dtype=torch.float32, shape=(e,),
-                 device=router_logits.device)
+    check_tensor("correction_bias", correction_bias, dtype=torch.float32, shape=(e,), device=router_logits.device)
     check_grouping(e, top_k, n_group, topk_group)
     check_bool("norm_topk_prob", norm_topk_prob)
     check_real("routed_scaling_factor", routed_scaling_factor, positive=True)
@@ -150,13 +147,21 @@ class RoutingConfig:
             raise ValueError(f"topk_group: expected at most n_group ({self.n_group}), got {self.topk_group}")
         check_bool("norm_topk_prob", self.norm_topk_prob)
         # stored as a float: an int factor (DeepSeek configs write 1) is the same value
-        object.__setattr__(self, "routed_scaling_factor",
-                           check_real("routed_scaling_factor", self.routed_scaling_factor, positive=True))
+        object.__setattr__(
+            self,
+            "routed_scaling_factor",
+            check_real("routed_scaling_factor", self.routed_scaling_factor, positive=True),
+        )
         check_bool("apply_routed_scaling", self.apply_routed_scaling)
 
     @classmethod
-    def deepseek_v3(cls, n_group: int = 8, topk_group: int = 4,
-                    routed_scaling_factor: float = 2.5, apply_routed_scaling: bool = True) -> "RoutingConfig":
+    def deepseek_v3(
+        cls,
+        n_group: int = 8,
+        topk_group: int = 4,
+        routed_scaling_factor: float = 2.5,
+        apply_routed_scaling: bool = True,
+    ) -> "RoutingConfig":
         """The DeepSeek-V3 routing (sigmoid, grouped, normalized, scaled)."""
         return cls("noaux_tc", n_group, topk_group, True, routed_scaling_factor, apply_routed_scaling)
 
@@ -179,10 +184,15 @@ class RoutingConfig:
         if self.method == "noaux_tc":
             assert correction_bias is not None  # check() refused noaux_tc without one
             return noaux_tc_topk(
-                router_logits, correction_bias, top_k, self.n_group, self.topk_group,
+                router_logits,
+                correction_bias,
+                top_k,
+                self.n_group,
+                self.topk_group,
                 norm_topk_prob=self.norm_topk_prob,
                 routed_scaling_factor=self.routed_scaling_factor,
                 apply_routed_scaling=self.apply_routed_scaling,
             )
-        return {"renormalize": renormalize_topk, "softmax": softmax_topk,
-                "sigmoid": sigmoid_topk}[self.method](router_logits, top_k)
+        return {"renormalize": renormalize_topk, "softmax": softmax_topk, "sigmoid": sigmoid_topk}[self.method](
+            router_logits, top_k
+        )

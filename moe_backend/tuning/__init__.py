@@ -12,8 +12,22 @@ from .inputs import MoEInputs, expert_quotas, moe_inputs, profiling_hidden, prof
 from .tuner import CudaTimer, Tuner, TuningResult, tune
 
 __all__ = [
-    "CacheEntry", "CudaTimer", "MoEInputs", "ProblemSignature", "Tuner", "TuningCache", "TuningResult",
-    "buckets", "current_environment", "default_cache_dir", "expert_quotas", "map_to_bucket",
-    "map_to_bucket_uncapped", "moe_inputs", "profiling_hidden", "profiling_router_logits",
-    "profiling_topk", "tune",
+    "CacheEntry",
+    "CudaTimer",
+    "MoEInputs",
+    "ProblemSignature",
+    "Tuner",
+    "TuningCache",
+    "TuningResult",
+    "buckets",
+    "current_environment",
+    "default_cache_dir",
+    "expert_quotas",
+    "map_to_bucket",
+    "map_to_bucket_uncapped",
+    "moe_inputs",
+    "profiling_hidden",
+    "profiling_router_logits",
+    "profiling_topk",
+    "tune",
 ]

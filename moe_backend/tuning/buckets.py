@@ -21,7 +21,7 @@ from typing import List
 
 from .._checks import check_int
 
-_PHASE1_END = 256   # powers of two up to here
+_PHASE1_END = 256  # powers of two up to here
 _PHASE2_STEP, _PHASE2_END = 256, 2048
 _PHASE3_STEP, _PHASE3_END = 512, 4096
 
@@ -49,9 +49,7 @@ def _check_range(max_num_tokens: int, min_num_tokens: int) -> None:
     check_int("max_num_tokens", max_num_tokens, minimum=1)
     check_int("min_num_tokens", min_num_tokens, minimum=1)
     if min_num_tokens > max_num_tokens:
-        raise ValueError(
-            f"min_num_tokens: expected at most max_num_tokens ({max_num_tokens}), got {min_num_tokens}"
-        )
+        raise ValueError(f"min_num_tokens: expected at most max_num_tokens ({max_num_tokens}), got {min_num_tokens}")
 
 
 def buckets(max_num_tokens: int, min_num_tokens: int = 1) -> List[int]:

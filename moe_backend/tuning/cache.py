@@ -91,8 +91,10 @@ class ProblemSignature:
     @property
     def name(self) -> str:
         """``precision,E=E_local/E_global,k=..,H=..,I=..``."""
-        return (f"{self.precision},E={self.num_experts}/{self.num_global_experts},k={self.top_k},"
-                f"H={self.hidden_size},I={self.intermediate_size}")
+        return (
+            f"{self.precision},E={self.num_experts}/{self.num_global_experts},k={self.top_k},"
+            f"H={self.hidden_size},I={self.intermediate_size}"
+        )
 
     def key(self, bucket: int) -> str:
         """The cache key of this problem at ``bucket`` tokens (within its kernel's group)."""
@@ -131,8 +133,7 @@ def current_environment(device: Optional[torch.device] = None) -> Dict[str, str]
         gpu = torch.cuda.get_device_name(device)
     else:
         gpu = "cpu"
-    return {"gpu": gpu, "torch": torch.__version__, "triton": _version("triton"),
-            "cuda": torch.version.cuda or "-"}
+    return {"gpu": gpu, "torch": torch.__version__, "triton": _version("triton"), "cuda": torch.version.cuda or "-"}
 
 
 def default_cache_dir() -> Path:
@@ -165,14 +166,15 @@ class TuningCache:
     writes. ``environment`` defaults to :func:`current_environment`.
     """
 
-    def __init__(self, cache_dir: Optional[PathLike] = None, *,
-                 environment: Optional[Dict[str, str]] = None) -> None:
+    def __init__(self, cache_dir: Optional[PathLike] = None, *, environment: Optional[Dict[str, str]] = None) -> None:
         if cache_dir is not None and not isinstance(cache_dir, (str, os.PathLike)):
-            raise TypeError(f"cache_dir: expected a str or os.PathLike directory, got {type(cache_dir).__name__} "
-                            f"{cache_dir!r}")
+            raise TypeError(
+                f"cache_dir: expected a str or os.PathLike directory, got {type(cache_dir).__name__} {cache_dir!r}"
+            )
         if environment is not None and not (
-                isinstance(environment, dict)
-                and all(isinstance(k, str) and isinstance(v, str) for k, v in environment.items())):
+            isinstance(environment, dict)
+            and all(isinstance(k, str) and isinstance(v, str) for k, v in environment.items())
+        ):
             raise TypeError(f"environment: expected a dict of str to str, got {environment!r}")
         self.path = Path(cache_dir if cache_dir is not None else default_cache_dir()) / CACHE_FILE
         self.environment = dict(environment) if environment is not None else current_environment()
@@ -197,8 +199,13 @@ class TuningCache:
         kernels = self._loaded()
         version, entries = kernels.get(signature.kernel, (signature.kernel_version, {}))
         if version != signature.kernel_version:
-            logger.info("kernel %s is now version %d: dropping its %d configurations tuned for version %d",
-                        signature.kernel, signature.kernel_version, len(entries), version)
+            logger.info(
+                "kernel %s is now version %d: dropping its %d configurations tuned for version %d",
+                signature.kernel,
+                signature.kernel_version,
+                len(entries),
+                version,
+            )
             entries = {}
         entries[signature.key(bucket)] = entry
         kernels[signature.kernel] = (signature.kernel_version, entries)
@@ -210,10 +217,14 @@ class TuningCache:
         for kernel, (version, entries) in self._loaded().items():
             disk_version, disk_entries = merged.get(kernel, (version, {}))
             merged[kernel] = (version, {**disk_entries, **entries} if disk_version == version else dict(entries))
-        payload = {"format": FORMAT_VERSION, "environment": self.environment,
-                   "kernels": {kernel: {"version": version,
-                                        "entries": {key: vars(e) for key, e in sorted(entries.items())}}
-                               for kernel, (version, entries) in sorted(merged.items())}}
+        payload = {
+            "format": FORMAT_VERSION,
+            "environment": self.environment,
+            "kernels": {
+                kernel: {"version": version, "entries": {key: vars(e) for key, e in sorted(entries.items())}}
+                for kernel, (version, entries) in sorted(merged.items())
+            },
+        }
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{CACHE_FILE}.", suffix=".tmp", dir=self.path.parent)
         try:
@@ -247,8 +258,7 @@ class TuningCache:
             self._unusable(warn, "the tuning cache has an unknown format")
             return None
         if data.get("environment") != self.environment:
-            self._unusable(warn, f"the tuning cache was written for {data.get('environment')}, "
-                                 f"not {self.environment}")
+            self._unusable(warn, f"the tuning cache was written for {data.get('environment')}, not {self.environment}")
             return None
         try:
             return {kernel: _kernel_entries(group) for kernel, group in data["kernels"].items()}

@@ -54,8 +54,9 @@ def expert_quotas(num_tokens: int, top_k: int, num_experts: int, num_local_exper
     return [base + 1 if e < extra else base for e in range(num_local_experts)]
 
 
-def _check_topk_args(num_tokens: int, top_k: int, num_experts: int, num_local_experts: int,
-                     local_expert_offset: int) -> None:
+def _check_topk_args(
+    num_tokens: int, top_k: int, num_experts: int, num_local_experts: int, local_expert_offset: int
+) -> None:
     check_int("num_tokens", num_tokens, minimum=0)
     check_int("top_k", top_k, minimum=1)
     check_int("num_experts", num_experts, minimum=1)
@@ -70,9 +71,16 @@ def _check_topk_args(num_tokens: int, top_k: int, num_experts: int, num_local_ex
         )
 
 
-def profiling_topk(num_tokens: int, top_k: int, num_experts: int, num_local_experts: int,
-                   local_expert_offset: int = 0, *, seed: int = 0,
-                   device: Device = "cpu") -> Tuple[torch.Tensor, torch.Tensor]:
+def profiling_topk(
+    num_tokens: int,
+    top_k: int,
+    num_experts: int,
+    num_local_experts: int,
+    local_expert_offset: int = 0,
+    *,
+    seed: int = 0,
+    device: Device = "cpu",
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Seeded "approximate max load" top-k for the rank holding experts
     ``[local_expert_offset, local_expert_offset + num_local_experts)`` of ``num_experts``.
 
@@ -105,8 +113,14 @@ def profiling_topk(num_tokens: int, top_k: int, num_experts: int, num_local_expe
     return ids.to(device), weights.to(device)
 
 
-def _fill_remote(ids: torch.Tensor, used: torch.Tensor, num_experts: int, num_local_experts: int,
-                 local_expert_offset: int, gen: torch.Generator) -> None:
+def _fill_remote(
+    ids: torch.Tensor,
+    used: torch.Tensor,
+    num_experts: int,
+    num_local_experts: int,
+    local_expert_offset: int,
+    gen: torch.Generator,
+) -> None:
     """Fill slots ``[used[t], k)`` of each row of ``ids [T, k]`` with distinct experts of
     other ranks, in place.
 
@@ -128,8 +142,9 @@ def _fill_remote(ids: torch.Tensor, used: torch.Tensor, num_experts: int, num_lo
     ids[free] = fill[free].to(torch.int32)
 
 
-def profiling_hidden(num_tokens: int, hidden_size: int, *, seed: int = 0,
-                     dtype: torch.dtype = torch.bfloat16, device: Device = "cpu") -> torch.Tensor:
+def profiling_hidden(
+    num_tokens: int, hidden_size: int, *, seed: int = 0, dtype: torch.dtype = torch.bfloat16, device: Device = "cpu"
+) -> torch.Tensor:
     """Seeded hidden states ``[T, H]`` (default bf16), standard normal."""
     check_int("num_tokens", num_tokens, minimum=0)
     check_int("hidden_size", hidden_size, minimum=1)
@@ -141,8 +156,9 @@ def profiling_hidden(num_tokens: int, hidden_size: int, *, seed: int = 0,
     return torch.randn(num_tokens, hidden_size, generator=gen, device=device).to(dtype)
 
 
-def profiling_router_logits(num_tokens: int, num_experts: int, *, seed: int = 0,
-                            device: Device = "cpu") -> torch.Tensor:
+def profiling_router_logits(
+    num_tokens: int, num_experts: int, *, seed: int = 0, device: Device = "cpu"
+) -> torch.Tensor:
     """Seeded router logits ``[T, num_experts]`` fp32, standard normal."""
     check_int("num_tokens", num_tokens, minimum=0)
     check_int("num_experts", num_experts, minimum=1)
@@ -164,10 +180,20 @@ class MoEInputs:
     topk_weights: torch.Tensor
 
 
-def moe_inputs(num_tokens: int, hidden_size: int, top_k: int, num_experts: int, num_local_experts: int,
-               local_expert_offset: int = 0, *, seed: int = 0, device: Device = "cpu") -> MoEInputs:
+def moe_inputs(
+    num_tokens: int,
+    hidden_size: int,
+    top_k: int,
+    num_experts: int,
+    num_local_experts: int,
+    local_expert_offset: int = 0,
+    *,
+    seed: int = 0,
+    device: Device = "cpu",
+) -> MoEInputs:
     """Hidden states and approximate-max-load top-k for one bucket (the tuner's input factory)."""
-    ids, weights = profiling_topk(num_tokens, top_k, num_experts, num_local_experts,
-                                  local_expert_offset, seed=seed, device=device)
+    ids, weights = profiling_topk(
+        num_tokens, top_k, num_experts, num_local_experts, local_expert_offset, seed=seed, device=device
+    )
     hidden = profiling_hidden(num_tokens, hidden_size, seed=seed, device=device)
     return MoEInputs(hidden, ids, weights)

@@ -93,8 +93,14 @@ class TuningResult:
     buckets that came from the cache without timing.
     """
 
-    def __init__(self, signature: ProblemSignature, max_num_tokens: int, min_num_tokens: int,
-                 entries: Dict[int, CacheEntry], cached: Sequence[int] = ()) -> None:
+    def __init__(
+        self,
+        signature: ProblemSignature,
+        max_num_tokens: int,
+        min_num_tokens: int,
+        entries: Dict[int, CacheEntry],
+        cached: Sequence[int] = (),
+    ) -> None:
         expected = buckets(max_num_tokens, min_num_tokens)
         if sorted(entries) != expected:
             raise ValueError(f"entries: expected the buckets {expected}, got {sorted(entries)}")
@@ -123,20 +129,33 @@ class TuningResult:
             self._warned_beyond_max = True
             logger.warning(
                 "%d tokens exceed the tuned max_num_tokens=%d: serving with the config of bucket %d; "
-                "warm up with max_num_tokens >= %d to tune bucket %d", num_tokens, self.max_num_tokens,
-                self.max_num_tokens, num_tokens,
-                map_to_bucket_uncapped(num_tokens, self.max_num_tokens, self.min_num_tokens))
+                "warm up with max_num_tokens >= %d to tune bucket %d",
+                num_tokens,
+                self.max_num_tokens,
+                self.max_num_tokens,
+                num_tokens,
+                map_to_bucket_uncapped(num_tokens, self.max_num_tokens, self.min_num_tokens),
+            )
         return self._configs[-1]
 
     def summary(self) -> str:
         """A table: bucket, best config, best µs, default µs, speedup (``*``: from the cache)."""
-        rows = [(f"{b}{'*' if b in self.cached else ''}", _config_text(e.config),
-                 f"{e.best_us:.1f}", f"{e.default_us:.1f}", f"{e.default_us / e.best_us:.2f}x")
-                for b, e in sorted(self.entries.items())]
+        rows = [
+            (
+                f"{b}{'*' if b in self.cached else ''}",
+                _config_text(e.config),
+                f"{e.best_us:.1f}",
+                f"{e.default_us:.1f}",
+                f"{e.default_us / e.best_us:.2f}x",
+            )
+            for b, e in sorted(self.entries.items())
+        ]
         header = ("bucket", "best config", "best µs", "default µs", "speedup")
         widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
-        lines = ["  ".join(c.ljust(w) if i == 1 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
-                 for r in [header] + rows]
+        lines = [
+            "  ".join(c.ljust(w) if i == 1 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+            for r in [header] + rows
+        ]
         return "\n".join([f"tuned {self.signature.name}"] + lines)
 
 
@@ -148,8 +167,14 @@ class Tuner:
     The tuner is transient: keep only the :class:`TuningResult`.
     """
 
-    def __init__(self, run: Runner, candidates: Sequence[Config], *, default: Optional[Config] = None,
-                 timer: Optional[Timer] = None) -> None:
+    def __init__(
+        self,
+        run: Runner,
+        candidates: Sequence[Config],
+        *,
+        default: Optional[Config] = None,
+        timer: Optional[Timer] = None,
+    ) -> None:
         if not callable(run):
             raise TypeError(f"run: expected a callable run(config, inputs), got {type(run).__name__}")
         if isinstance(candidates, dict) or not isinstance(candidates, Sequence):
@@ -168,9 +193,17 @@ class Tuner:
             raise TypeError(f"timer: expected a callable timer(fn) -> µs, got {type(timer).__name__}")
         self.timer: Timer = timer if timer is not None else CudaTimer()
 
-    def tune(self, signature: ProblemSignature, max_num_tokens: int, make_inputs: InputFactory,
-             cache: Optional[TuningCache] = None, *, min_num_tokens: int = 1, force: bool = False,
-             progress: bool = True) -> TuningResult:
+    def tune(
+        self,
+        signature: ProblemSignature,
+        max_num_tokens: int,
+        make_inputs: InputFactory,
+        cache: Optional[TuningCache] = None,
+        *,
+        min_num_tokens: int = 1,
+        force: bool = False,
+        progress: bool = True,
+    ) -> TuningResult:
         """Tune every bucket of ``buckets(max_num_tokens, min_num_tokens)``.
 
         Buckets found in ``cache`` are not timed unless ``force``; new results are saved
@@ -180,9 +213,7 @@ class Tuner:
         Raises RuntimeError inside a CUDA-graph capture.
         """
         if capturing():
-            raise RuntimeError(
-                "autotuning cannot run inside a CUDA graph capture: warm up (tune) before capturing"
-            )
+            raise RuntimeError("autotuning cannot run inside a CUDA graph capture: warm up (tune) before capturing")
         if not isinstance(signature, ProblemSignature):
             raise TypeError(f"signature: expected a ProblemSignature, got {type(signature).__name__}")
         if cache is not None and not isinstance(cache, TuningCache):
@@ -190,18 +221,27 @@ class Tuner:
         check_bool("force", force)
         check_bool("progress", progress)
         if not callable(make_inputs):
-            raise TypeError(f"make_inputs: expected a callable make_inputs(num_tokens), "
-                            f"got {type(make_inputs).__name__}")
+            raise TypeError(
+                f"make_inputs: expected a callable make_inputs(num_tokens), got {type(make_inputs).__name__}"
+            )
         entries: Dict[int, CacheEntry] = {}
         cached = []
-        bar = tqdm(buckets(max_num_tokens, min_num_tokens), desc=f"tuning {signature.name}",
-                   unit="bucket", disable=not progress)
+        bar = tqdm(
+            buckets(max_num_tokens, min_num_tokens),
+            desc=f"tuning {signature.name}",
+            unit="bucket",
+            disable=not progress,
+        )
         for bucket in bar:
             bar.set_postfix(T=bucket)
             hit = None if force or cache is None else cache.get(signature, bucket)
             if hit is not None and _config_id(hit.config) not in self._known:
-                logger.warning("%s at %d tokens: the cached config %s is not one of this kernel's; tuning anew",
-                               signature.name, bucket, _config_text(hit.config))
+                logger.warning(
+                    "%s at %d tokens: the cached config %s is not one of this kernel's; tuning anew",
+                    signature.name,
+                    bucket,
+                    _config_text(hit.config),
+                )
                 hit = None
             if hit is not None:
                 entries[bucket] = hit
@@ -229,8 +269,7 @@ class Tuner:
                 continue
             if us < best_us:
                 best, best_us = config, us
-        logger.debug("bucket %d: best %s %.1f us (default %.1f us)", bucket, _config_text(best),
-                     best_us, default_us)
+        logger.debug("bucket %d: best %s %.1f us (default %.1f us)", bucket, _config_text(best), best_us, default_us)
         return CacheEntry(best, best_us, default_us)
 
     def _time(self, config: Config, inputs: Any) -> float:
@@ -240,15 +279,26 @@ class Tuner:
         return us
 
 
-def tune(kernel_runner: Runner, candidates: Sequence[Config], max_num_tokens: int,
-         signature: ProblemSignature, cache: Optional[TuningCache], make_inputs: InputFactory, *,
-         min_num_tokens: int = 1, default: Optional[Config] = None, timer: Optional[Timer] = None,
-         force: bool = False, progress: bool = True) -> TuningResult:
+def tune(
+    kernel_runner: Runner,
+    candidates: Sequence[Config],
+    max_num_tokens: int,
+    signature: ProblemSignature,
+    cache: Optional[TuningCache],
+    make_inputs: InputFactory,
+    *,
+    min_num_tokens: int = 1,
+    default: Optional[Config] = None,
+    timer: Optional[Timer] = None,
+    force: bool = False,
+    progress: bool = True,
+) -> TuningResult:
     """Tune ``kernel_runner`` over ``candidates`` for every bucket up to ``max_num_tokens``.
 
     ``kernel_runner(config, inputs)`` launches the kernel once; ``make_inputs(T)`` builds a
     bucket's inputs (e.g. :func:`moe_backend.tuning.inputs.moe_inputs`). See :class:`Tuner`.
     """
     tuner = Tuner(kernel_runner, candidates, default=default, timer=timer)
-    return tuner.tune(signature, max_num_tokens, make_inputs, cache, min_num_tokens=min_num_tokens,
-                      force=force, progress=progress)
+    return tuner.tune(
+        signature, max_num_tokens, make_inputs, cache, min_num_tokens=min_num_tokens, force=force, progress=progress
+    )

@@ -89,7 +89,7 @@ def test_compare_logits():
     m = compare_logits(ref, ref)
     assert (m.kl, m.top1, m.rel_err) == (0.0, 1.0, 0.0)
     m = compare_logits(ref, torch.tensor([[0.0, 2.0, -1.0], [0.0, 1.0, 0.0]]))
-    assert m.top1 == 0.5 and m.kl > 0 and m.rel_err == pytest.approx(2 ** 0.5 * 2 / 6 ** 0.5)
+    assert m.top1 == 0.5 and m.kl > 0 and m.rel_err == pytest.approx(2**0.5 * 2 / 6**0.5)
 
 
 def test_default_setup_within_thresholds(checkpoints):
@@ -104,8 +104,24 @@ def test_default_setup_within_thresholds(checkpoints):
 
 def test_cli_reports_unchecked_variants(checkpoints, capsys):
     root = checkpoints["bf16"].parent
-    assert cli.main(["accuracy", "--checkpoints", str(root), "--sequences", "2", "--seq-len", "16",
-                     "--seeds", "2", "--dense", "bf16"]) == 0
+    assert (
+        cli.main(
+            [
+                "accuracy",
+                "--checkpoints",
+                str(root),
+                "--sequences",
+                "2",
+                "--seq-len",
+                "16",
+                "--seeds",
+                "2",
+                "--dense",
+                "bf16",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "2 x 16 tokens, seeds 0..1 (worst of each metric), dense weights: bf16" in out and "unchecked" in out
     assert all(f"{flavour:<11} dequantized" in out for flavour in ("bf16", "fp8", "fp8_tensor", "nvfp4"))
@@ -115,8 +131,9 @@ def test_report_flags_failures():
     good = AccuracyMetrics(kl=1e-3, top1=0.99, rel_err=1e-2)
     bad = AccuracyMetrics(kl=1.0, top1=0.5, rel_err=0.5)
     limits = Thresholds(max_kl=1e-2, min_top1=0.9, max_rel_err=0.1)
-    report = format_report({("fp8", "bf16"): good, ("fp8", "dequantized"): bad},
-                           {("fp8", "bf16"): limits, ("fp8", "dequantized"): limits})
+    report = format_report(
+        {("fp8", "bf16"): good, ("fp8", "dequantized"): bad}, {("fp8", "bf16"): limits, ("fp8", "dequantized"): limits}
+    )
     lines = report.splitlines()
     assert "FAIL" not in lines[2]
     assert "FAIL: KL 1.000e+00 > 1.000e-02; top-1 agreement 0.500 < 0.900; relative logit error" in lines[3]

@@ -34,12 +34,14 @@ def test_ceiling_is_the_slower_of_stream_and_compute():
 
 def test_table_reports_speedups_over_each_peer_and_failures():
     base = dict(E=32, T=1, ceiling_us=80.0)
-    records = [dict(base, precision="fp8_block", impl="moe_backend", median_us=100.0),
-               dict(base, precision="fp8_block", impl="vllm_triton", median_us=110.0),
-               dict(base, precision="nvfp4", impl="moe_backend", median_us=50.0),
-               dict(base, precision="nvfp4", impl="vllm_marlin", median_us=100.0),
-               dict(base, precision="fp8_rowwise", impl="torch_scaled_grouped_mm", median_us=300.0),
-               dict(base, precision="fp8_block", impl="moe_backend[deterministic]", median_us=None)]
+    records = [
+        dict(base, precision="fp8_block", impl="moe_backend", median_us=100.0),
+        dict(base, precision="fp8_block", impl="vllm_triton", median_us=110.0),
+        dict(base, precision="nvfp4", impl="moe_backend", median_us=50.0),
+        dict(base, precision="nvfp4", impl="vllm_marlin", median_us=100.0),
+        dict(base, precision="fp8_rowwise", impl="torch_scaled_grouped_mm", median_us=300.0),
+        dict(base, precision="fp8_block", impl="moe_backend[deterministic]", median_us=None),
+    ]
     lines = bench.format_table(records).splitlines()
     assert "vllm_triton x" in lines[0] and "vllm_marlin x" in lines[0]
     fp8, nv, det = lines[1].split(), lines[2].split(), lines[3].split()

@@ -28,7 +28,7 @@ def test_demo_errors_are_the_format_cost():
     assert all(r.kernel == "reference" and r.kernel_err is None and r.status == "reference only" for r in rows)
     # The reference's output is the format alone rounded to bf16 (<= 2**-9 relative per element).
     for r in rows:
-        assert abs(r.format_err - r.format_cost) <= 2 ** -8, r
+        assert abs(r.format_err - r.format_cost) <= 2**-8, r
     assert by["bf16", "forward"].format_cost < 1e-2
     assert 0.05 < by["fp8_block", "forward"].format_cost < 0.08
     assert 0.05 < by["fp8_tensor", "forward"].format_cost < 0.08

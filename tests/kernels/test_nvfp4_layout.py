@@ -65,8 +65,8 @@ def test_kernel_layout_against_its_definition():
     k = nvfp4_to_kernel_layout(nv)
     order = kernel_k_order()
     codes13, codes2 = unpack_e2m1(nv.w13).long(), unpack_e2m1(nv.w2).long()
-    got2 = _word_codes(k.w2)                                    # [E, H, I/8, 8]
-    got13 = _word_codes(k.w13)                                  # [E, 2I, H/8, 8]
+    got2 = _word_codes(k.w2)  # [E, H, I/8, 8]
+    got13 = _word_codes(k.w13)  # [E, 2I, H/8, 8]
     for grp in range(i // K_GROUP):
         for half in range(2):
             for w in (0, 5, 15):
@@ -77,28 +77,33 @@ def test_kernel_layout_against_its_definition():
         for base in (0, i):  # gate, up
             # stored word 3 of group 0 (half 0, w = 3) holds natural elements 48 .. 55
             assert torch.equal(got13[:, base + q, 3, :], codes13[:, base + order[q], 48:56])
-            assert torch.equal(k.w13_scale[:, base + q].view(torch.uint8),
-                               nv.w13_scale[:, base + order[q]].view(torch.uint8))
+            assert torch.equal(
+                k.w13_scale[:, base + q].view(torch.uint8), nv.w13_scale[:, base + order[q]].view(torch.uint8)
+            )
     assert torch.equal(k.w2_scale.view(torch.uint8), nv.w2_scale.view(torch.uint8))
     assert k.nbytes() == nv.nbytes() and k.nbytes() / (3 * e * h * i) <= 0.57
     assert (k.hidden_size, k.intermediate_size, k.num_experts) == (h, i, e)
 
 
 def test_kernel_layout_round_trip_with_padding(nvfp4):
-    k = nvfp4_to_kernel_layout(nvfp4)   # H = 64, I = 32: both padded to 256
+    k = nvfp4_to_kernel_layout(nvfp4)  # H = 64, I = 32: both padded to 256
     assert k.w13.shape == (E, 512, 32) and k.w2.shape == (E, H, 32) and k.intermediate_size == I
     word_start = 16 * (torch.arange(32) % 16) + 8 * (torch.arange(32) // 16)  # natural K of each stored word
-    assert k.w2[..., word_start >= I].eq(0).all() and k.w2_scale[..., I // 16:].view(torch.uint8).eq(0).all()
-    pad_rows = torch.cat([kernel_k_order() >= I] * 2)   # stored w13 rows holding padding
+    assert k.w2[..., word_start >= I].eq(0).all() and k.w2_scale[..., I // 16 :].view(torch.uint8).eq(0).all()
+    pad_rows = torch.cat([kernel_k_order() >= I] * 2)  # stored w13 rows holding padding
     assert k.w13[:, pad_rows].eq(0).all() and k.w13[:, ~pad_rows][..., word_start >= H].eq(0).all()
     back = nvfp4_from_kernel_layout(k)
     for name, t in nvfp4.tensors().items():
         got = getattr(back, name)
-        assert torch.equal(got.view(torch.uint8) if t.dtype != torch.float32 else got,
-                           t.view(torch.uint8) if t.dtype != torch.float32 else t)
+        assert torch.equal(
+            got.view(torch.uint8) if t.dtype != torch.float32 else got,
+            t.view(torch.uint8) if t.dtype != torch.float32 else t,
+        )
     # Dequantization through the round trip is unchanged.
-    assert torch.equal(dequantize_nvfp4(back.w2, back.w2_scale, back.w2_scale_2),
-                       dequantize_nvfp4(nvfp4.w2, nvfp4.w2_scale, nvfp4.w2_scale_2))
+    assert torch.equal(
+        dequantize_nvfp4(back.w2, back.w2_scale, back.w2_scale_2),
+        dequantize_nvfp4(nvfp4.w2, nvfp4.w2_scale, nvfp4.w2_scale_2),
+    )
 
 
 def test_errors_name_the_argument(nvfp4):

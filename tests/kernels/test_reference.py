@@ -65,8 +65,8 @@ def loop_moe(hidden, weights, ids, topw, offset=0, on_input=False, quantize=True
 
 def _make(weight_type, e=6, h=256, i=128, seed=0):
     g = torch.Generator().manual_seed(seed)
-    w13 = torch.randn(e, 2 * i, h, generator=g) / h ** 0.5
-    w2 = torch.randn(e, h, i, generator=g) / i ** 0.5
+    w13 = torch.randn(e, 2 * i, h, generator=g) / h**0.5
+    w2 = torch.randn(e, h, i, generator=g) / i**0.5
     return weight_type.quantize(w13, w2), w13, w2
 
 
@@ -120,8 +120,13 @@ def test_out_buffer_rows_beyond_t_untouched_and_t0_t1():
     res = reference_fused_experts(hidden, weights, ids, torch.ones(1, 2), out=out)
     assert res.data_ptr() == out.data_ptr() and res.shape == (1, 256)
     assert not torch.isnan(out[0]).any() and torch.isnan(out[1:].float()).all()
-    empty = reference_fused_experts(torch.zeros(0, 256, dtype=torch.bfloat16), weights,
-                                    torch.zeros(0, 2, dtype=torch.int32), torch.zeros(0, 2), out=out)
+    empty = reference_fused_experts(
+        torch.zeros(0, 256, dtype=torch.bfloat16),
+        weights,
+        torch.zeros(0, 2, dtype=torch.int32),
+        torch.zeros(0, 2),
+        out=out,
+    )
     assert empty.shape == (0, 256)
 
 
@@ -154,35 +159,75 @@ def test_quantization_error_is_the_format_cost():
     assert 0.02 < err < 0.09  # e4m3 at four points of the pipeline, not zero and not broken
 
 
-@pytest.mark.parametrize("call, match", [
-    (lambda w: reference_fused_experts(torch.randn(2, 100), w, torch.zeros(2, 1, dtype=torch.int32), torch.ones(2, 1)),
-     r"hidden: expected shape \(\*, 256\)"),
-    (lambda w: reference_fused_experts(torch.randn(2, 256), w, torch.zeros(2, 1), torch.ones(2, 1)),
-     "topk_ids: expected dtype torch.int32"),
-    (lambda w: reference_fused_experts(torch.randn(2, 256), w, torch.zeros(3, 1, dtype=torch.int32), torch.ones(3, 1)),
-     r"topk_weights: expected shape \(2, 1\)"),
-    (lambda w: reference_fused_experts(torch.randn(2, 256), w, torch.zeros(2, 1, dtype=torch.int32), torch.ones(2, 1),
-                                       local_expert_offset=-1), "local_expert_offset: expected an int >= 0"),
-    (lambda w: reference_fused_experts(torch.randn(2, 256), w, torch.zeros(2, 1, dtype=torch.int32), torch.ones(2, 1),
-                                       out=torch.zeros(1, 256)), "out: expected at least 2 rows"),
-])
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (
+            lambda w: reference_fused_experts(
+                torch.randn(2, 100), w, torch.zeros(2, 1, dtype=torch.int32), torch.ones(2, 1)
+            ),
+            r"hidden: expected shape \(\*, 256\)",
+        ),
+        (
+            lambda w: reference_fused_experts(torch.randn(2, 256), w, torch.zeros(2, 1), torch.ones(2, 1)),
+            "topk_ids: expected dtype torch.int32",
+        ),
+        (
+            lambda w: reference_fused_experts(
+                torch.randn(2, 256), w, torch.zeros(3, 1, dtype=torch.int32), torch.ones(3, 1)
+            ),
+            r"topk_weights: expected shape \(2, 1\)",
+        ),
+        (
+            lambda w: reference_fused_experts(
+                torch.randn(2, 256), w, torch.zeros(2, 1, dtype=torch.int32), torch.ones(2, 1), local_expert_offset=-1
+            ),
+            "local_expert_offset: expected an int >= 0",
+        ),
+        (
+            lambda w: reference_fused_experts(
+                torch.randn(2, 256), w, torch.zeros(2, 1, dtype=torch.int32), torch.ones(2, 1), out=torch.zeros(1, 256)
+            ),
+            "out: expected at least 2 rows",
+        ),
+    ],
+)
 def test_bad_input(call, match):
     weights, _, _ = _make(BF16Weights, e=2)
     with pytest.raises((ValueError, TypeError), match=match):
         call(weights)
 
 
-@pytest.mark.parametrize("call, error, match", [
-    (lambda w, x, i, g: reference_fused_experts(x, w.tensors(), i, g), TypeError,
-     "weights: expected an ExpertWeights container, got dict"),
-    (lambda w, x, i, g: reference_fused_experts(x, w, i, g, quantize_activations="no"), TypeError,
-     "quantize_activations: expected a bool"),
-    (lambda w, x, i, g: reference_fused_experts(x, w, i, g, apply_router_weight_on_input=None), TypeError,
-     "apply_router_weight_on_input: expected a bool"),
-    (lambda w, x, i, g: reference_fused_experts(x, w, i.long(), g), TypeError, "topk_ids: expected dtype torch.int32"),
-    (lambda w, x, i, g: reference_fused_experts(x, w, i, g, local_expert_offset=-1), ValueError,
-     "local_expert_offset: expected an int >= 0"),
-])
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (
+            lambda w, x, i, g: reference_fused_experts(x, w.tensors(), i, g),
+            TypeError,
+            "weights: expected an ExpertWeights container, got dict",
+        ),
+        (
+            lambda w, x, i, g: reference_fused_experts(x, w, i, g, quantize_activations="no"),
+            TypeError,
+            "quantize_activations: expected a bool",
+        ),
+        (
+            lambda w, x, i, g: reference_fused_experts(x, w, i, g, apply_router_weight_on_input=None),
+            TypeError,
+            "apply_router_weight_on_input: expected a bool",
+        ),
+        (
+            lambda w, x, i, g: reference_fused_experts(x, w, i.long(), g),
+            TypeError,
+            "topk_ids: expected dtype torch.int32",
+        ),
+        (
+            lambda w, x, i, g: reference_fused_experts(x, w, i, g, local_expert_offset=-1),
+            ValueError,
+            "local_expert_offset: expected an int >= 0",
+        ),
+    ],
+)
 def test_bad_arguments_are_named(call, error, match):
     weights = BF16Weights.quantize(torch.randn(2, 32, 16), torch.randn(2, 16, 16))
     with pytest.raises(error, match=match):
@@ -192,6 +237,7 @@ def test_bad_arguments_are_named(call, error, match):
 @pytest.mark.parametrize("weight_type", WEIGHT_TYPES)
 def test_empty_batch_gives_an_empty_output(weight_type):
     weights = weight_type.quantize(torch.randn(2, 256, 128), torch.randn(2, 128, 128))
-    out = reference_fused_experts(torch.zeros(0, 128, dtype=torch.bfloat16), weights,
-                                  torch.zeros(0, 2, dtype=torch.int32), torch.zeros(0, 2))
+    out = reference_fused_experts(
+        torch.zeros(0, 128, dtype=torch.bfloat16), weights, torch.zeros(0, 2, dtype=torch.int32), torch.zeros(0, 2)
+    )
     assert out.shape == (0, 128) and out.dtype == torch.bfloat16

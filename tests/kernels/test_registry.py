@@ -54,8 +54,10 @@ def test_weight_on_input_defect_keeps_fp8_layers_off_the_triton_kernel(monkeypat
     assert kernel.name == "sm90_triton_fp8"
     with pytest.raises(registry.KernelUnavailableError, match="apply_router_weight_on_input is not supported"):
         registry.select_kernel("fp8_block", cpu, True, "sm90_triton_fp8", weight_on_input=True)
-    assert registry.select_kernel("nvfp4", cpu, True, "sm90_triton_nvfp4", weight_on_input=True).name \
+    assert (
+        registry.select_kernel("nvfp4", cpu, True, "sm90_triton_nvfp4", weight_on_input=True).name
         == "sm90_triton_nvfp4"
+    )
 
 
 @pytest.fixture
@@ -67,10 +69,13 @@ def blackwell(monkeypatch):
 
     def set_gpu(cap, flashinfer=True):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cap)
+
         def find_spec(name, *a):
             return (object() if flashinfer else None) if name == "flashinfer" else real(name, *a)
+
         monkeypatch.setattr(importlib.util, "find_spec", find_spec)
         return torch.device("cuda")
+
     return set_gpu
 
 
@@ -110,29 +115,44 @@ def test_contract_extension_leaves_hopper_kernels_alone():
         assert not kernel.routes(registry.LayerContext(256, 8, registry.RoutingConfig("softmax")))
 
 
-@pytest.mark.parametrize("call, error, match", [
-    (lambda: registry.select_kernel("fp8_block", 0, True), TypeError, "device: expected a torch.device or str"),
-    (lambda: registry.select_kernel("fp8_block", "quantum", True), ValueError, "device: expected a device"),
-    (lambda: registry.select_kernel("fp8_block", torch.device("cpu"), "yes"), TypeError, "routed: expected a bool"),
-    (lambda: registry.select_kernel("fp8_block", torch.device("cpu"), True, None), TypeError, "kernel: expected a str"),
-    (lambda: registry.select_kernel(["fp8_block"], torch.device("cpu"), True), ValueError,
-     "precision: expected one of"),
-    (lambda: registry.select_kernel("fp8_block", torch.device("cpu"), True, weight_on_input=1), TypeError,
-     "weight_on_input: expected a bool"),
-    (lambda: registry.available_kernels(None), TypeError, "device: expected a torch.device or str"),
-])
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda: registry.select_kernel("fp8_block", 0, True), TypeError, "device: expected a torch.device or str"),
+        (lambda: registry.select_kernel("fp8_block", "quantum", True), ValueError, "device: expected a device"),
+        (lambda: registry.select_kernel("fp8_block", torch.device("cpu"), "yes"), TypeError, "routed: expected a bool"),
+        (
+            lambda: registry.select_kernel("fp8_block", torch.device("cpu"), True, None),
+            TypeError,
+            "kernel: expected a str",
+        ),
+        (
+            lambda: registry.select_kernel(["fp8_block"], torch.device("cpu"), True),
+            ValueError,
+            "precision: expected one of",
+        ),
+        (
+            lambda: registry.select_kernel("fp8_block", torch.device("cpu"), True, weight_on_input=1),
+            TypeError,
+            "weight_on_input: expected a bool",
+        ),
+        (lambda: registry.available_kernels(None), TypeError, "device: expected a torch.device or str"),
+    ],
+)
 def test_bad_arguments_are_named(call, error, match):
     with pytest.raises(error, match=match):
         call()
 
 
 def test_tuning_spaces_resolve_lazily_without_importing_triton_at_package_import():
-    code = ("import sys, moe_backend\n"
-            "from moe_backend.kernels import registry\n"
-            "assert registry.SM90_FP8.tunable and registry.SM90_NVFP4.tunable and not registry.REFERENCE.tunable\n"
-            "assert 'triton' not in sys.modules, 'importing moe_backend imported Triton'\n"
-            "assert registry.SM90_NVFP4.tuning_space().version >= 1\n"
-            "assert 'triton' in sys.modules\n")
+    code = (
+        "import sys, moe_backend\n"
+        "from moe_backend.kernels import registry\n"
+        "assert registry.SM90_FP8.tunable and registry.SM90_NVFP4.tunable and not registry.REFERENCE.tunable\n"
+        "assert 'triton' not in sys.modules, 'importing moe_backend imported Triton'\n"
+        "assert registry.SM90_NVFP4.tuning_space().version >= 1\n"
+        "assert 'triton' in sys.modules\n"
+    )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
 
@@ -167,8 +187,7 @@ def _fake_gpu(monkeypatch, capability):
 
 
 def _fallback_warnings(caplog):
-    return [r.getMessage() for r in caplog.records
-            if r.name == registry.__name__ and r.levelname == "WARNING"]
+    return [r.getMessage() for r in caplog.records if r.name == registry.__name__ and r.levelname == "WARNING"]
 
 
 def test_gpu_without_a_kernel_for_its_capability_warns_once(monkeypatch, caplog):
@@ -176,8 +195,8 @@ def test_gpu_without_a_kernel_for_its_capability_warns_once(monkeypatch, caplog)
     for routed in (False, True, False):
         assert registry.select_kernel("fp8_block", gpu, routed).name == "reference"
     assert _fallback_warnings(caplog) == [
-        "fp8_block MoE on sm_80 runs the torch reference, not a fused kernel: "
-        "no fused kernel serves fp8_block on sm_80"]
+        "fp8_block MoE on sm_80 runs the torch reference, not a fused kernel: no fused kernel serves fp8_block on sm_80"
+    ]
 
 
 def test_gpu_fallback_names_each_reason_once(monkeypatch, caplog):

@@ -32,16 +32,30 @@ ROUTING = RoutingConfig.deepseek_v3(n_group=4, topk_group=2)
 ROUTING_KEYS = {"routing_logits", "topk_ids", "routing_bias", "norm_topk_prob", "routing_replay_out"}
 #: precision -> (routed function, computed function, native function of each)
 FUNCTIONS = {
-    "fp8_block": ("trtllm_fp8_block_scale_routed_moe", "trtllm_fp8_block_scale_moe",
-                  "trtllm_fp8_block_scale_moe", "trtllm_fp8_block_scale_moe"),
-    "fp8_tensor": ("trtllm_fp8_per_tensor_scale_routed_moe", "trtllm_fp8_per_tensor_scale_moe",
-                   "trtllm_fp8_per_tensor_scale_routed_moe", "trtllm_fp8_per_tensor_scale_moe"),
-    "nvfp4": ("trtllm_fp4_block_scale_routed_moe", "trtllm_fp4_block_scale_moe",
-              "trtllm_fp4_block_scale_moe", "trtllm_fp4_block_scale_moe"),
+    "fp8_block": (
+        "trtllm_fp8_block_scale_routed_moe",
+        "trtllm_fp8_block_scale_moe",
+        "trtllm_fp8_block_scale_moe",
+        "trtllm_fp8_block_scale_moe",
+    ),
+    "fp8_tensor": (
+        "trtllm_fp8_per_tensor_scale_routed_moe",
+        "trtllm_fp8_per_tensor_scale_moe",
+        "trtllm_fp8_per_tensor_scale_routed_moe",
+        "trtllm_fp8_per_tensor_scale_moe",
+    ),
+    "nvfp4": (
+        "trtllm_fp4_block_scale_routed_moe",
+        "trtllm_fp4_block_scale_moe",
+        "trtllm_fp4_block_scale_moe",
+        "trtllm_fp4_block_scale_moe",
+    ),
 }
-RUNS = {"fp8_block": (moe.run_fp8_block, moe.run_computed_fp8_block),
-        "fp8_tensor": (moe.run_fp8_tensor, moe.run_computed_fp8_tensor),
-        "nvfp4": (moe.run_nvfp4, moe.run_computed_nvfp4)}
+RUNS = {
+    "fp8_block": (moe.run_fp8_block, moe.run_computed_fp8_block),
+    "fp8_tensor": (moe.run_fp8_tensor, moe.run_computed_fp8_tensor),
+    "nvfp4": (moe.run_nvfp4, moe.run_computed_nvfp4),
+}
 
 
 @pytest.fixture
@@ -85,9 +99,16 @@ def _call(precision, computed, prepared, inputs, context, out, replay=None):
     run, run_computed = RUNS[precision]
     args = (logits,) if computed else (ids, weights)
     with pytest.raises(ReachedNative):
-        (run_computed if computed else run)(prepared, hidden, *args, local_expert_offset=OFFSET,
-                                            apply_router_weight_on_input=False, out=out, context=context,
-                                            routing_replay_out=replay)
+        (run_computed if computed else run)(
+            prepared,
+            hidden,
+            *args,
+            local_expert_offset=OFFSET,
+            apply_router_weight_on_input=False,
+            out=out,
+            context=context,
+            routing_replay_out=replay,
+        )
 
 
 def _prepared(precision):
@@ -118,8 +139,12 @@ def test_each_call_reaches_flashinfer_native_module(precision, computed, flashin
 def _same(a, b) -> bool:
     """Equal values; tensors byte for byte (NaN patterns of an unwritten buffer included)."""
     if isinstance(a, torch.Tensor):
-        return (isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape
-                and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)))
+        return (
+            isinstance(b, torch.Tensor)
+            and a.dtype == b.dtype
+            and a.shape == b.shape
+            and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+        )
     return a == b
 
 
@@ -160,16 +185,26 @@ def test_flashinfer_validation_is_live(flashinfer_cpu, inputs):
     """A replay buffer narrower than top-k gets past nothing: FlashInfer's own check refuses it."""
     native, _ = flashinfer_cpu
     with pytest.raises(ValueError, match="routing_replay_out dim1 must equal top_k"):
-        moe.run_computed_fp8_block(_prepared("fp8_block"), inputs[0], inputs[3], local_expert_offset=OFFSET,
-                                   apply_router_weight_on_input=False, out=torch.empty(T, H, dtype=torch.bfloat16),
-                                   context=_context(), routing_replay_out=torch.zeros(T, K - 1, dtype=torch.int16))
+        moe.run_computed_fp8_block(
+            _prepared("fp8_block"),
+            inputs[0],
+            inputs[3],
+            local_expert_offset=OFFSET,
+            apply_router_weight_on_input=False,
+            out=torch.empty(T, H, dtype=torch.bfloat16),
+            context=_context(),
+            routing_replay_out=torch.zeros(T, K - 1, dtype=torch.int16),
+        )
     assert not native
 
 
-@pytest.mark.parametrize("routing, defect", [
-    (RoutingConfig("renormalize"), "noaux_tc"),
-    (RoutingConfig.deepseek_v3(n_group=4, topk_group=4), None),
-])
+@pytest.mark.parametrize(
+    "routing, defect",
+    [
+        (RoutingConfig("renormalize"), "noaux_tc"),
+        (RoutingConfig.deepseek_v3(n_group=4, topk_group=4), None),
+    ],
+)
 def test_routing_method_follows_the_layer(routing, defect, flashinfer_cpu, inputs):
     _, public = flashinfer_cpu
     context = _context(routing)
@@ -186,7 +221,8 @@ def test_routing_method_follows_the_layer(routing, defect, flashinfer_cpu, input
 def test_deepseek_v3_launcher_limits():
     assert "top_k <= 8" in moe.computed_routing_defect(LayerContext(256, 9, RoutingConfig.deepseek_v3(), None))
     assert "topk_group <= 4" in moe.computed_routing_defect(
-        LayerContext(256, 8, RoutingConfig.deepseek_v3(n_group=8, topk_group=5), None))
+        LayerContext(256, 8, RoutingConfig.deepseek_v3(n_group=8, topk_group=5), None)
+    )
     assert moe.computed_routing_defect(LayerContext(256, 8, RoutingConfig.deepseek_v3(), None)) is None
 
 
@@ -206,11 +242,13 @@ def test_no_tokens_calls_nothing(precision, flashinfer_cpu):
 @pytest.fixture
 def blackwell_layer(monkeypatch, flashinfer_cpu):
     """A real layer whose table lookup lands on the sm100 kernel (this CPU is no Blackwell GPU)."""
+
     def make(precision):
         kernel = registry.KERNELS[f"sm100_flashinfer_{precision}"]
         monkeypatch.setattr(layer_module, "select_kernel", lambda *a, **kw: kernel)
         cfg = MoEConfig(E_GLOBAL, K, ROUTING, local_expert_offset=OFFSET)
         return LAYER_TYPES[precision](_weights(precision), cfg, correction_bias=torch.linspace(-0.1, 0.1, E_GLOBAL))
+
     return make
 
 

@@ -25,16 +25,18 @@ TOLERANCE = {"fp8_block": 0.03, "fp8_tensor": 0.05, "nvfp4": 0.25}
 
 def _layers(precision):
     g = torch.Generator(device="cuda").manual_seed(0)
-    w13 = torch.randn(E, 2 * I, H, device="cuda", generator=g) / H ** 0.5
-    w2 = torch.randn(E, H, I, device="cuda", generator=g) / I ** 0.5
+    w13 = torch.randn(E, 2 * I, H, device="cuda", generator=g) / H**0.5
+    w2 = torch.randn(E, H, I, device="cuda", generator=g) / I**0.5
     cfg = MoEConfig(num_experts=E, top_k=K, routing=RoutingConfig.deepseek_v3(8, 4, 2.5))
     bias = 0.1 * torch.randn(E, device="cuda", generator=g)
     weights = LAYER_TYPES[precision].weights_type.quantize(w13, w2)
     if precision == "fp8_tensor":  # static activation scales, as a ModelOpt checkpoint has them
         weights.a13_scale = torch.tensor([4.0 / 448], device="cuda")
         weights.a2_scale = torch.tensor([1.0 / 448], device="cuda")
-    return [LAYER_TYPES[precision](weights, cfg, correction_bias=bias, kernel=k)
-            for k in (f"sm100_flashinfer_{precision}", "reference")]
+    return [
+        LAYER_TYPES[precision](weights, cfg, correction_bias=bias, kernel=k)
+        for k in (f"sm100_flashinfer_{precision}", "reference")
+    ]
 
 
 def _rel(a, b):

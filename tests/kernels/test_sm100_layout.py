@@ -45,8 +45,10 @@ def _same_container(a, b) -> None:
 def masters():
     """bf16 ``w13 [E, 2I, H]`` rows [gate; up] and ``w2 [E, H, I]``."""
     g = torch.Generator().manual_seed(0)
-    return ((torch.randn(E, 2 * I, H, generator=g) * 0.05).bfloat16(),
-            (torch.randn(E, H, I, generator=g) * 0.05).bfloat16())
+    return (
+        (torch.randn(E, 2 * I, H, generator=g) * 0.05).bfloat16(),
+        (torch.randn(E, H, I, generator=g) * 0.05).bfloat16(),
+    )
 
 
 @pytest.fixture
@@ -69,10 +71,19 @@ def test_fp8_block_equals_flashinfer_prepare(masters):
     w13, w2 = masters
     ours = layout.prepare_fp8_block(FP8BlockWeights.quantize(w13, w2))
     theirs = prepare_trtllm_fp8_block_weights(
-        swap_gate_up(w13), w2, quant=QuantConfig(QuantFormat.DeepSeekFp8, QuantFormat.DeepSeekFp8),
-        num_local_experts=E, hidden_size=H, intermediate_size=I)
-    for field, key in (("w13", "gemm1_weights"), ("w13_scale", "gemm1_weights_scale"), ("w2", "gemm2_weights"),
-                       ("w2_scale", "gemm2_weights_scale")):
+        swap_gate_up(w13),
+        w2,
+        quant=QuantConfig(QuantFormat.DeepSeekFp8, QuantFormat.DeepSeekFp8),
+        num_local_experts=E,
+        hidden_size=H,
+        intermediate_size=I,
+    )
+    for field, key in (
+        ("w13", "gemm1_weights"),
+        ("w13_scale", "gemm1_weights_scale"),
+        ("w2", "gemm2_weights"),
+        ("w2_scale", "gemm2_weights_scale"),
+    ):
         assert _bytes_equal(getattr(ours, field), theirs[key]), field
 
 
@@ -87,7 +98,8 @@ def test_fp8_block_activations_equal_flashinfer(tokens):
     x = (torch.randn(tokens, H, generator=torch.Generator().manual_seed(1)) * 3).bfloat16()
     q, s = quantize_fp8_per_token_group(x, 128)
     fq, fs = prepare_trtllm_fp8_block_activations(
-        x, quant=QuantConfig(QuantFormat.DeepSeekFp8, QuantFormat.DeepSeekFp8))
+        x, quant=QuantConfig(QuantFormat.DeepSeekFp8, QuantFormat.DeepSeekFp8)
+    )
     assert _bytes_equal(q, fq) and _bytes_equal(s.t(), fs)  # FlashInfer reads [H/128, T]
 
 
@@ -98,8 +110,14 @@ def _fp8_tensor_pair(masters, a13=0.02, a2=0.05):
     q2, m2 = _quantize_fp8_per_expert(w2)
     ours = FP8TensorWeights(swap_gate_up(q13), 1.0 / m13, q2, 1.0 / m2, torch.tensor([a13]), torch.tensor([a2]))
     theirs = prepare_trtllm_fp8_per_tensor_weights(
-        swap_gate_up(w13), w2, hidden_states_scale_global=1.0 / a13, intermediate_scale_global=1.0 / a2,
-        num_local_experts=E, hidden_size=H, intermediate_size=I)
+        swap_gate_up(w13),
+        w2,
+        hidden_states_scale_global=1.0 / a13,
+        intermediate_scale_global=1.0 / a2,
+        num_local_experts=E,
+        hidden_size=H,
+        intermediate_size=I,
+    )
     return ours, theirs
 
 
@@ -125,14 +143,24 @@ def test_nvfp4_equals_flashinfer_prepare(masters, cpu_fp4):
     ones = torch.ones(E)
     gate, up = (quantize_nvfp4(h, ones) for h in w13.split(I, dim=1))
     down = quantize_nvfp4(w2, ones)
-    weights = NVFP4Weights(torch.cat([gate[0], up[0]], 1), torch.cat([gate[1], up[1]], 1), torch.ones(E, 2),
-                           down[0], down[1], ones)
+    weights = NVFP4Weights(
+        torch.cat([gate[0], up[0]], 1), torch.cat([gate[1], up[1]], 1), torch.ones(E, 2), down[0], down[1], ones
+    )
     ours = layout.prepare_nvfp4(weights)
     theirs = prepare_trtllm_fp4_weights(
-        swap_gate_up(w13), w2, quant=QuantConfig(QuantFormat.NVFP4, QuantFormat.NVFP4), num_local_experts=E,
-        hidden_size=H, intermediate_size=I)
-    for field, key in (("w13", "gemm1_weights"), ("w13_scale", "gemm1_weights_scale"), ("w2", "gemm2_weights"),
-                       ("w2_scale", "gemm2_weights_scale")):
+        swap_gate_up(w13),
+        w2,
+        quant=QuantConfig(QuantFormat.NVFP4, QuantFormat.NVFP4),
+        num_local_experts=E,
+        hidden_size=H,
+        intermediate_size=I,
+    )
+    for field, key in (
+        ("w13", "gemm1_weights"),
+        ("w13_scale", "gemm1_weights_scale"),
+        ("w2", "gemm2_weights"),
+        ("w2_scale", "gemm2_weights_scale"),
+    ):
         assert _bytes_equal(getattr(ours, field), theirs[key]), field
     _same_container(layout.restore_nvfp4(ours), weights)
 

@@ -32,10 +32,12 @@ from moe_backend.kernels.sm90.fp8_moe import NUMERICS_CONFIGS
 
 #: Forced paths for the interpreter (tiny tiles, both code paths).
 DECODE_SMALL = dict(path="decode", BLOCK_M=16, BLOCK_N1=64, BLOCK_N2=32, SPLIT_K2=2)
-PREFILL_SMALL = dict(path="prefill", BLOCK_M=16, BLOCK_N1=128, BLOCK_N2=64, GROUP_M1=2, GROUP_M2=2,
-                     num_warps1=4, num_warps2=4)
-SWAPAB_SMALL = dict(path="swapab", BLOCK_M=16, BLOCK_N1=32, BLOCK_N2=64, SPLIT_K2=2, QUANT_ON_LOAD1=True,
-                    QUANT_OUT1=False)
+PREFILL_SMALL = dict(
+    path="prefill", BLOCK_M=16, BLOCK_N1=128, BLOCK_N2=64, GROUP_M1=2, GROUP_M2=2, num_warps1=4, num_warps2=4
+)
+SWAPAB_SMALL = dict(
+    path="swapab", BLOCK_M=16, BLOCK_N1=32, BLOCK_N2=64, SPLIT_K2=2, QUANT_ON_LOAD1=True, QUANT_OUT1=False
+)
 #: Swap-AB with pre-quantized hidden states and an e4m3 intermediate from GEMM1's epilogue.
 SWAPAB_PREQ = dict(SWAPAB_SMALL, QUANT_ON_LOAD1=False, QUANT_OUT1=True, BLOCK_N1=128, SPLIT_K2=1)
 #: The other combine and GEMM1-input variants of each path.
@@ -47,6 +49,7 @@ def _quantized_experts(e: int, i: int, h: int, block: bool, ue8m0: bool, seed: i
     """Random experts drawn and quantized on the device a few at a time (the fp32 masters
     of 256 DeepSeek-V3 experts would not fit)."""
     from moe_backend.quant import fp8
+
     dev = torch.device(DEVICE)
     g = torch.Generator(device=dev).manual_seed(seed)
     q13 = torch.empty(e, 2 * i, h, dtype=fp8.FP8_DTYPE, device=dev)
@@ -56,17 +59,29 @@ def _quantized_experts(e: int, i: int, h: int, block: bool, ue8m0: bool, seed: i
     quant = fp8.quantize_fp8_block if block else fp8.quantize_fp8_per_tensor
     for lo in range(0, e, 8):
         hi = min(e, lo + 8)
-        w13 = torch.randn(hi - lo, 2 * i, h, generator=g, device=dev) / h ** 0.5
-        w2 = torch.randn(hi - lo, h, i, generator=g, device=dev) / i ** 0.5
+        w13 = torch.randn(hi - lo, 2 * i, h, generator=g, device=dev) / h**0.5
+        w2 = torch.randn(hi - lo, h, i, generator=g, device=dev) / i**0.5
         (q13[lo:hi], s13[lo:hi]), (q2[lo:hi], s2[lo:hi]) = quant(w13), quant(w2)
     if block:
         return FP8BlockWeights(q13, s13, q2, s2, ue8m0)
     return FP8TensorWeights(q13, s13, q2, s2)
 
 
-def make_problem(t: int, h: int, i: int, e: int, k: int, *, block: bool, offset: int = 0,
-                 static: bool = False, ue8m0: bool = False, invalid: bool = True,
-                 one_expert: bool = False, seed: int = 0) -> Problem:
+def make_problem(
+    t: int,
+    h: int,
+    i: int,
+    e: int,
+    k: int,
+    *,
+    block: bool,
+    offset: int = 0,
+    static: bool = False,
+    ue8m0: bool = False,
+    invalid: bool = True,
+    one_expert: bool = False,
+    seed: int = 0,
+) -> Problem:
     """Random non-zero inputs; ids drawn from a global range wider than the local experts."""
     g = torch.Generator().manual_seed(seed)
     dev = torch.device(DEVICE)
@@ -83,23 +98,39 @@ def make_problem(t: int, h: int, i: int, e: int, k: int, *, block: bool, offset:
 def run_kernel(p: Problem, *, weight_on_input: bool = False, config: Optional[dict] = None) -> torch.Tensor:
     w = p.weights
     block = isinstance(w, FP8BlockWeights)
-    return run_poisoned(lambda out: fused_experts_fp8(
-        p.hidden, w.w13, w.w13_scale, w.w2, w.w2_scale, p.ids, p.topk_w,
-        block_scaled=block, local_expert_offset=p.offset,
-        a13_scale=None if block else w.a13_scale, a2_scale=None if block else w.a2_scale,
-        ue8m0=block and w.ue8m0, apply_router_weight_on_input=weight_on_input, out=out, config=config),
-        p.hidden)
+    return run_poisoned(
+        lambda out: fused_experts_fp8(
+            p.hidden,
+            w.w13,
+            w.w13_scale,
+            w.w2,
+            w.w2_scale,
+            p.ids,
+            p.topk_w,
+            block_scaled=block,
+            local_expert_offset=p.offset,
+            a13_scale=None if block else w.a13_scale,
+            a2_scale=None if block else w.a2_scale,
+            ue8m0=block and w.ue8m0,
+            apply_router_weight_on_input=weight_on_input,
+            out=out,
+            config=config,
+        ),
+        p.hidden,
+    )
 
 
 def check(p: Problem, *, weight_on_input: bool = False, config: Optional[dict] = None) -> float:
-    return assert_matches_reference(run_kernel(p, weight_on_input=weight_on_input, config=config), p,
-                                    weight_on_input, REL_TOL)
+    return assert_matches_reference(
+        run_kernel(p, weight_on_input=weight_on_input, config=config), p, weight_on_input, REL_TOL
+    )
 
 
 # ----------------------------------------------------------------------------- alignment
 @runs_here
-@pytest.mark.parametrize("t,k,e,offset,bm", [(1, 8, 16, 0, 16), (7, 2, 4, 3, 16), (33, 3, 8, 0, 64),
-                                              (400, 4, 8, 5, 16)])
+@pytest.mark.parametrize(
+    "t,k,e,offset,bm", [(1, 8, 16, 0, 16), (7, 2, 4, 3, 16), (33, 3, 8, 0, 64), (400, 4, 8, 5, 16)]
+)
 def test_align_groups_pairs_by_expert(t, k, e, offset, bm):
     g = torch.Generator().manual_seed(t)
     ids = torch.randint(-1, offset + e + 2, (t, k), generator=g, dtype=torch.int32).to(DEVICE)
@@ -113,24 +144,29 @@ def test_align_groups_pairs_by_expert(t, k, e, offset, bm):
     assert sorted(rows[rows < t * k].tolist()) == torch.nonzero(valid).flatten().tolist()
     assert ((rows < t * k) | (rows == t * k)).all()
     for tile in range(n // bm):
-        tr = rows[tile * bm:(tile + 1) * bm]
+        tr = rows[tile * bm : (tile + 1) * bm]
         tr = tr[tr < t * k]
         assert len(tr) > 0 and (local[tr] == int(r.tile_expert[tile])).all()
 
 
 # ----------------------------------------------------------------------------- interpreter-sized
 @runs_here
-@pytest.mark.parametrize("config", [SWAPAB_SMALL, SWAPAB_PREQ, DECODE_SMALL, PREFILL_SMALL, DECODE_ALT, PREFILL_ALT],
-                         ids=["swapab", "swapab-preq", "decode", "prefill", "decode-alt", "prefill-alt"])
-@pytest.mark.parametrize("t,k,e,offset,ue8m0", [(1, 1, 4, 0, False), (7, 2, 4, 3, False),
-                                                (17, 3, 6, 0, True)])
+@pytest.mark.parametrize(
+    "config",
+    [SWAPAB_SMALL, SWAPAB_PREQ, DECODE_SMALL, PREFILL_SMALL, DECODE_ALT, PREFILL_ALT],
+    ids=["swapab", "swapab-preq", "decode", "prefill", "decode-alt", "prefill-alt"],
+)
+@pytest.mark.parametrize("t,k,e,offset,ue8m0", [(1, 1, 4, 0, False), (7, 2, 4, 3, False), (17, 3, 6, 0, True)])
 def test_block_scaled_small(config, t, k, e, offset, ue8m0):
     check(make_problem(t, 256, 128, e, k, block=True, offset=offset, ue8m0=ue8m0), config=config)
 
 
 @runs_here
-@pytest.mark.parametrize("config", [SWAPAB_SMALL, SWAPAB_PREQ, DECODE_SMALL, PREFILL_SMALL, PREFILL_ALT],
-                         ids=["swapab", "swapab-preq", "decode", "prefill", "prefill-alt"])
+@pytest.mark.parametrize(
+    "config",
+    [SWAPAB_SMALL, SWAPAB_PREQ, DECODE_SMALL, PREFILL_SMALL, PREFILL_ALT],
+    ids=["swapab", "swapab-preq", "decode", "prefill", "prefill-alt"],
+)
 @pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
 @pytest.mark.parametrize("h,i", [(64, 32), (160, 144)])
 def test_per_tensor_small(config, static, h, i):
@@ -138,12 +174,14 @@ def test_per_tensor_small(config, static, h, i):
 
 
 @runs_here
-@pytest.mark.parametrize("config", [SWAPAB_SMALL, SWAPAB_PREQ, DECODE_SMALL, PREFILL_SMALL],
-                         ids=["swapab", "swapab-preq", "decode", "prefill"])
+@pytest.mark.parametrize(
+    "config",
+    [SWAPAB_SMALL, SWAPAB_PREQ, DECODE_SMALL, PREFILL_SMALL],
+    ids=["swapab", "swapab-preq", "decode", "prefill"],
+)
 @pytest.mark.parametrize("block", [True, False], ids=["block", "tensor"])
 def test_weight_on_input(config, block):
-    check(make_problem(6, 256, 128, 4, 1, block=block, invalid=False), weight_on_input=True,
-          config=config)
+    check(make_problem(6, 256, 128, 4, 1, block=block, invalid=False), weight_on_input=True, config=config)
 
 
 @runs_here
@@ -159,6 +197,7 @@ def test_all_tokens_one_expert_and_no_local_expert(config):
 @runs_here
 def test_swapab_refuses_more_pairs_than_it_scans():
     from moe_backend.kernels.sm90.fp8_swapab import MAX_PAIRS
+
     p = make_problem(MAX_PAIRS // 2 + 1, 256, 128, 4, 2, block=True)
     with pytest.raises(ValueError, match="path='swapab' serves at most"):
         run_kernel(p, config=SWAPAB_SMALL)
@@ -177,6 +216,7 @@ def test_default_config_both_paths():
     """The heuristic picks swap-AB for few pairs, the aligned decode path for few rows per expert
     beyond, and prefill for many."""
     from moe_backend.kernels.sm90 import default_config
+
     assert default_config(1, 8, 256)["path"] == "swapab"
     assert default_config(16, 8, 32)["path"] == "swapab"
     assert default_config(24, 8, 256)["path"] == "decode"
@@ -199,8 +239,11 @@ def check_vllm_numerics(p: Problem) -> float:
     return (accurate.cpu() == want).float().mean().item()
 
 
-@pytest.mark.skipif(not INTERPRET, reason="the float64 model of vLLM's steps holds under the interpreter; on a GPU "
-                    "(fewer-bit FP8 wgmma accumulation) scripts/vllm_layer_compare.py checks against vLLM itself")
+@pytest.mark.skipif(
+    not INTERPRET,
+    reason="the float64 model of vLLM's steps holds under the interpreter; on a GPU "
+    "(fewer-bit FP8 wgmma accumulation) scripts/vllm_layer_compare.py checks against vLLM itself",
+)
 @pytest.mark.parametrize("t,k,e,offset", [(1, 1, 4, 0), (5, 4, 6, 2), (9, 8, 12, 0), (70, 3, 5, 1)])
 def test_vllm_triton_numerics_match_vllms_steps_bit_for_bit(t, k, e, offset):
     """Both scaling orders (T <= 64 and T > 64), EP offsets and ids outside the local range."""
@@ -228,25 +271,44 @@ def test_vllm_triton_numerics_refuse_what_vllm_does_not_compute():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", [dict(COMBINE="atomic", SPLIT_K2=2), dict(COMBINE="sum", SPLIT_K2=1),
-                                     dict(QUANT_ON_LOAD1=False)], ids=["atomic", "sum", "prequant"])
+@pytest.mark.parametrize(
+    "variant",
+    [dict(COMBINE="atomic", SPLIT_K2=2), dict(COMBINE="sum", SPLIT_K2=1), dict(QUANT_ON_LOAD1=False)],
+    ids=["atomic", "sum", "prequant"],
+)
 @pytest.mark.parametrize("t,e", [(3, 256), (700, 32)])
 def test_gpu_config_variants(variant, t, e):
     check(make_problem(t, 7168, 512, e, 8, block=True, offset=4), config=variant)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("config", [{}, dict(BLOCK_N1=64, BLOCK_N2=128, num_warps1=8, num_warps2=8),
-                                    dict(SPLIT_K2=2, PDL=True),
-                                    dict(QUANT_ON_LOAD1=False, QUANT_OUT1=True, BLOCK_N1=128, num_warps1=8, PDL=True)],
-                         ids=["default", "wide", "split-pdl", "prequant-pdl"])
-@pytest.mark.parametrize("t,e,offset,block", [(1, 256, 0, True), (3, 32, 64, True), (16, 256, 0, True),
-                                              (64, 32, 0, True), (100, 16, 8, True), (2, 32, 0, False),
-                                              (16, 32, 4, False)])
+@pytest.mark.parametrize(
+    "config",
+    [
+        {},
+        dict(BLOCK_N1=64, BLOCK_N2=128, num_warps1=8, num_warps2=8),
+        dict(SPLIT_K2=2, PDL=True),
+        dict(QUANT_ON_LOAD1=False, QUANT_OUT1=True, BLOCK_N1=128, num_warps1=8, PDL=True),
+    ],
+    ids=["default", "wide", "split-pdl", "prequant-pdl"],
+)
+@pytest.mark.parametrize(
+    "t,e,offset,block",
+    [
+        (1, 256, 0, True),
+        (3, 32, 64, True),
+        (16, 256, 0, True),
+        (64, 32, 0, True),
+        (100, 16, 8, True),
+        (2, 32, 0, False),
+        (16, 32, 4, False),
+    ],
+)
 def test_gpu_swapab(config, t, e, offset, block):
     """The swap-AB decode path at DeepSeek-V3 widths: EP offsets, foreign and -1 ids, several
     pairs per expert (T=64 E=32: 16 each; T=100 E=16: 50, three chunks)."""
     from moe_backend.kernels.sm90.fp8_moe import SWAPAB_CONFIG
+
     p = make_problem(t, 7168, 2048, e, 8, block=block, offset=offset, static=not block and t % 2 == 0)
     check(p, config=dict(SWAPAB_CONFIG, **config))
 
@@ -266,7 +328,7 @@ GPU_CASES = [
     (7, 7168, 2048, 8, 1, False, 0),
     (128, 7168, 512, 32, 8, False, 16),
     (4096, 7168, 256, 8, 2, False, 0),
-    (9, 384, 272, 5, 3, False, 1),      # odd per-tensor shapes: partial 128-groups
+    (9, 384, 272, 5, 3, False, 1),  # odd per-tensor shapes: partial 128-groups
     (37, 1152, 384, 7, 2, True, 3),
 ]
 
@@ -274,8 +336,9 @@ GPU_CASES = [
 @pytest.mark.gpu
 @pytest.mark.parametrize("t,h,i,e,k,block,offset", GPU_CASES)
 def test_gpu_matches_reference(t, h, i, e, k, block, offset):
-    p = make_problem(t, h, i, e, k, block=block, offset=offset, static=not block and t % 2 == 0,
-                     ue8m0=block and t % 2 == 1)
+    p = make_problem(
+        t, h, i, e, k, block=block, offset=offset, static=not block and t % 2 == 0, ue8m0=block and t % 2 == 1
+    )
     check(p)
 
 
@@ -286,9 +349,12 @@ def test_gpu_one_expert(t):
 
 
 @pytest.mark.gpu
-@pytest.mark.xfail(strict=True, reason="open defect: router weight on the input differs from the reference "
-                                       "by ~1.7e-2 at H=7168 (passes at small H); the registry keeps such "
-                                       "layers on the reference (Kernel.weight_on_input_defect)")
+@pytest.mark.xfail(
+    strict=True,
+    reason="open defect: router weight on the input differs from the reference "
+    "by ~1.7e-2 at H=7168 (passes at small H); the registry keeps such "
+    "layers on the reference (Kernel.weight_on_input_defect)",
+)
 @pytest.mark.parametrize("t", [4096, 16])
 def test_gpu_weight_on_input_at_deepseek_width(t):
     check(make_problem(t, 7168, 512, 32, 1, block=True, invalid=False), weight_on_input=True)
@@ -303,10 +369,22 @@ def test_gpu_cuda_graph_replay_and_no_sync(t):
     out = torch.empty(t, 7168, dtype=torch.bfloat16, device="cuda")
 
     def call():
-        return fused_experts_fp8(p.hidden, w.w13, w.w13_scale, w.w2, w.w2_scale, p.ids, p.topk_w,
-                                 block_scaled=True, local_expert_offset=0, a13_scale=None,
-                                 a2_scale=None, ue8m0=False, apply_router_weight_on_input=False,
-                                 out=out)
+        return fused_experts_fp8(
+            p.hidden,
+            w.w13,
+            w.w13_scale,
+            w.w2,
+            w.w2_scale,
+            p.ids,
+            p.topk_w,
+            block_scaled=True,
+            local_expert_offset=0,
+            a13_scale=None,
+            a2_scale=None,
+            ue8m0=False,
+            apply_router_weight_on_input=False,
+            out=out,
+        )
 
     call()  # compile outside the capture
     torch.cuda.synchronize()

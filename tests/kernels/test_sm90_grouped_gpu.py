@@ -27,12 +27,23 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_REASON is not None, reason=st
 PRECISIONS = {"bf16": BF16Weights, "nvfp4": NVFP4Weights}
 
 
-def make_problem(precision: str, t: int, h: int, i: int, e: int, k: int, *, offset: int = 0,
-                 invalid: bool = True, one_expert: bool = False, seed: int = 0) -> Problem:
+def make_problem(
+    precision: str,
+    t: int,
+    h: int,
+    i: int,
+    e: int,
+    k: int,
+    *,
+    offset: int = 0,
+    invalid: bool = True,
+    one_expert: bool = False,
+    seed: int = 0,
+) -> Problem:
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(t, h, generator=g).to(torch.bfloat16)
-    w13 = torch.randn(e, 2 * i, h, generator=g) / h ** 0.5
-    w2 = torch.randn(e, h, i, generator=g) / i ** 0.5
+    w13 = torch.randn(e, 2 * i, h, generator=g) / h**0.5
+    w2 = torch.randn(e, h, i, generator=g) / i**0.5
     weights = PRECISIONS[precision].quantize(w13.cuda(), w2.cuda())
     ids = random_ids(t, k, e, offset, g, invalid=invalid, one_expert=one_expert)
     topk_w = torch.rand(t, k, generator=g) + 0.1
@@ -42,9 +53,19 @@ def make_problem(precision: str, t: int, h: int, i: int, e: int, k: int, *, offs
 def run_kernel(p: Problem, config: Optional[dict] = None) -> torch.Tensor:
     from moe_backend.kernels.sm90.bf16_moe import fused_experts_grouped, prepare_grouped
 
-    return run_poisoned(lambda out: fused_experts_grouped(
-        p.hidden, prepare_grouped(p.weights), p.ids, p.topk_w, local_expert_offset=p.offset,
-        apply_router_weight_on_input=False, out=out, config=config), p.hidden)
+    return run_poisoned(
+        lambda out: fused_experts_grouped(
+            p.hidden,
+            prepare_grouped(p.weights),
+            p.ids,
+            p.topk_w,
+            local_expert_offset=p.offset,
+            apply_router_weight_on_input=False,
+            out=out,
+            config=config,
+        ),
+        p.hidden,
+    )
 
 
 CASES = [
@@ -89,8 +110,15 @@ def test_weight_on_input_is_refused():
     p = make_problem("bf16", 4, 256, 128, 4, 2)
     out = torch.empty_like(p.hidden)
     with pytest.raises(ValueError, match="apply_router_weight_on_input"):
-        fused_experts_grouped(p.hidden, prepare_grouped(p.weights), p.ids, p.topk_w, local_expert_offset=0,
-                              apply_router_weight_on_input=True, out=out)
+        fused_experts_grouped(
+            p.hidden,
+            prepare_grouped(p.weights),
+            p.ids,
+            p.topk_w,
+            local_expert_offset=0,
+            apply_router_weight_on_input=True,
+            out=out,
+        )
 
 
 @pytest.mark.parametrize("precision", sorted(PRECISIONS))

@@ -29,8 +29,9 @@ def _loop_routing(ids: torch.Tensor, e: int, offset: int, compact: bool):
     """Plain-loop expectation: rows per local expert in pair order; segments of active experts."""
     k = ids.shape[1]
     flat = ids.reshape(-1).tolist()
-    per_expert = [[p for p, x in enumerate(flat) if x >= 0 and offset <= x < offset + e and x - offset == le]
-                  for le in range(e)]
+    per_expert = [
+        [p for p, x in enumerate(flat) if x >= 0 and offset <= x < offset + e and x - offset == le] for le in range(e)
+    ]
     experts = [le for le in range(e) if per_expert[le]] if compact else list(range(e))
     rows = [p for le in experts for p in per_expert[le]]
     s = num_segments(len(flat), e, compact)
@@ -45,9 +46,17 @@ def _loop_routing(ids: torch.Tensor, e: int, offset: int, compact: bool):
     return cu, expert_of_segment, [p // k for p in rows], row_of_pair, len(rows)
 
 
-@pytest.mark.parametrize("t,k,e,offset,compact", [
-    (1, 1, 1, 0, True), (1, 4, 8, 0, False), (7, 3, 5, 2, True), (13, 4, 16, 8, True),
-    (13, 4, 16, 8, False), (40, 6, 3, 0, True)])
+@pytest.mark.parametrize(
+    "t,k,e,offset,compact",
+    [
+        (1, 1, 1, 0, True),
+        (1, 4, 8, 0, False),
+        (7, 3, 5, 2, True),
+        (13, 4, 16, 8, True),
+        (13, 4, 16, 8, False),
+        (40, 6, 3, 0, True),
+    ],
+)
 def test_varlen_routing_matches_loop(t, k, e, offset, compact):
     g = torch.Generator().manual_seed(t * 100 + e)
     ids = random_ids(t, k, e, offset, g)
@@ -75,9 +84,15 @@ def _random_nvfp4_part(e, n, k, g):
 
 
 @runs_here
-@pytest.mark.parametrize("e,n,k,groups,experts,interleave", [
-    (3, 40, 48, 2, [2, -1, 0], True), (2, 33, 272, 1, [1], False), (4, 64, 512, 2, [3, 1, -1, -1], False),
-    (2, 96, 32, 2, [1, 0], True)])
+@pytest.mark.parametrize(
+    "e,n,k,groups,experts,interleave",
+    [
+        (3, 40, 48, 2, [2, -1, 0], True),
+        (2, 33, 272, 1, [1], False),
+        (4, 64, 512, 2, [3, 1, -1, -1], False),
+        (2, 96, 32, 2, [1, 0], True),
+    ],
+)
 def test_dequantize_segments_matches_reference(e, n, k, groups, experts, interleave):
     g = torch.Generator().manual_seed(n + k)
     codes, scales = _random_nvfp4_part(e, n, k, g)
@@ -85,18 +100,26 @@ def test_dequantize_segments_matches_reference(e, n, k, groups, experts, interle
     eos = torch.tensor(experts, dtype=torch.int32)
     out = torch.full((len(experts), n, k), float("nan"), dtype=torch.bfloat16)
     dev = torch.device(DEVICE)
-    got = dequantize_segments(codes.to(dev), scales.to(dev), glob.to(dev), eos.to(dev), out.to(dev),
-                              interleave=interleave).cpu()
+    got = dequantize_segments(
+        codes.to(dev), scales.to(dev), glob.to(dev), eos.to(dev), out.to(dev), interleave=interleave
+    ).cpu()
     for s, ex in enumerate(experts):
         if ex < 0:
             assert torch.isnan(got[s].float()).all(), "a skipped segment was written"
             continue
         rows_per = n // groups
-        ref = torch.cat([dequantize_nvfp4(codes[ex, j * rows_per:(j + 1) * rows_per],
-                                          scales[ex, j * rows_per:(j + 1) * rows_per], glob[ex, j])
-                         for j in range(groups)])
+        ref = torch.cat(
+            [
+                dequantize_nvfp4(
+                    codes[ex, j * rows_per : (j + 1) * rows_per],
+                    scales[ex, j * rows_per : (j + 1) * rows_per],
+                    glob[ex, j],
+                )
+                for j in range(groups)
+            ]
+        )
         if interleave:  # row 2c: first half's row c, row 2c + 1: second half's row c
-            ref = torch.stack([ref[:n // 2], ref[n // 2:]], 1).reshape(n, k)
+            ref = torch.stack([ref[: n // 2], ref[n // 2 :]], 1).reshape(n, k)
         assert torch.equal(got[s], ref.to(torch.bfloat16)), f"segment {s} (expert {ex})"
 
 
@@ -183,14 +206,15 @@ def test_pipeline_around_the_gemm_contracts_matches_reference(monkeypatch, cls, 
     monkeypatch.setattr(bf16_grouped, "gemm2", _gemm2_definition)
     g = torch.Generator().manual_seed(t + e)
     dev = torch.device(DEVICE)
-    w = cls.quantize(torch.randn(e, 2 * i, h, generator=g) / h ** 0.5, torch.randn(e, h, i, generator=g) / i ** 0.5)
+    w = cls.quantize(torch.randn(e, 2 * i, h, generator=g) / h**0.5, torch.randn(e, h, i, generator=g) / i**0.5)
     w = cls(**{n: x.to(dev) for n, x in w.tensors().items()})
     x = torch.randn(t, h, generator=g).to(torch.bfloat16).to(dev)
     ids = random_ids(t, k, e, offset, g).to(dev)
     tw = (torch.rand(t, k, generator=g) + 0.1).to(dev)
     out = torch.full((t + 2, h), float("nan"), dtype=torch.bfloat16, device=dev)
-    got = fused_experts_grouped(x, prepare_grouped(w), ids, tw, local_expert_offset=offset,
-                                apply_router_weight_on_input=False, out=out)
+    got = fused_experts_grouped(
+        x, prepare_grouped(w), ids, tw, local_expert_offset=offset, apply_router_weight_on_input=False, out=out
+    )
     assert got.shape == (t, h) and torch.isnan(out[t:].float()).all()
     ref = reference_fused_experts(x, w, ids, tw, local_expert_offset=offset).float()
     none = ref.abs().sum(1) == 0

@@ -38,25 +38,38 @@ from moe_backend.quant.nvfp4 import dequantize_nvfp4
 
 #: Forced paths with tiny tiles for the interpreter (H, I padded to 256-groups, split-K, GROUP_M).
 DECODE_SMALL = dict(path="decode", BLOCK_M=16, BLOCK_N1=16, BLOCK_N2=32, SPLIT_K2=2)
-PREFILL_SMALL = dict(path="prefill", BLOCK_M=32, BLOCK_N1=32, GROUP_M1=2, BLOCK_N2=32, SPLIT_K2=1, GROUP_M2=2,
-                     num_warps1=4, num_warps2=4)
+PREFILL_SMALL = dict(
+    path="prefill", BLOCK_M=32, BLOCK_N1=32, GROUP_M1=2, BLOCK_N2=32, SPLIT_K2=1, GROUP_M2=2, num_warps1=4, num_warps2=4
+)
 
 
 def random_nvfp4(e: int, h: int, i: int, g: torch.Generator, *, up_scale: float = 1.0) -> NVFP4Weights:
     """Random codes and block scales (every code, scales over e4m3's range), distinct gate/up global scales."""
+
     def part(*shape):
         codes = torch.randint(0, 256, (*shape[:-1], shape[-1] // 2), generator=g, dtype=torch.uint8)
         scales = torch.exp2(torch.rand(*shape[:-1], shape[-1] // 16, generator=g) * 16 - 8).to(FP8_DTYPE)
         return codes, scales
+
     q13, s13 = part(e, 2 * i, h)
     q2, s2 = part(e, h, i)
-    g13 = torch.stack([torch.full((e,), 0.02 / h ** 0.5), torch.full((e,), up_scale * 0.05 / h ** 0.5)], 1)
-    g2 = torch.rand(e, generator=g) * 0.05 / i ** 0.5 + 0.01 / i ** 0.5
+    g13 = torch.stack([torch.full((e,), 0.02 / h**0.5), torch.full((e,), up_scale * 0.05 / h**0.5)], 1)
+    g2 = torch.rand(e, generator=g) * 0.05 / i**0.5 + 0.01 / i**0.5
     return NVFP4Weights(q13, s13, g13.float(), q2, s2, g2.float())
 
 
-def make_problem(t: int, h: int, i: int, e: int, k: int, *, offset: int = 0, invalid: bool = True,
-                 one_expert: bool = False, seed: int = 0) -> Problem:
+def make_problem(
+    t: int,
+    h: int,
+    i: int,
+    e: int,
+    k: int,
+    *,
+    offset: int = 0,
+    invalid: bool = True,
+    one_expert: bool = False,
+    seed: int = 0,
+) -> Problem:
     """Random non-zero inputs; ids drawn from a global range wider than the local experts."""
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(t, h, generator=g).to(torch.bfloat16)
@@ -68,23 +81,36 @@ def make_problem(t: int, h: int, i: int, e: int, k: int, *, offset: int = 0, inv
     return Problem(hidden.to(dev), weights, ids.to(dev), topk_w.to(dev), offset)
 
 
-def run_kernel(p: Problem, *, weight_on_input: bool = False, config: Optional[dict] = None,
-               prepared=None) -> torch.Tensor:
-    return run_poisoned(lambda out: fused_experts_nvfp4(
-        p.hidden, prepared or prepare_nvfp4(p.weights), p.ids, p.topk_w, local_expert_offset=p.offset,
-        apply_router_weight_on_input=weight_on_input, out=out, config=config), p.hidden)
+def run_kernel(
+    p: Problem, *, weight_on_input: bool = False, config: Optional[dict] = None, prepared=None
+) -> torch.Tensor:
+    return run_poisoned(
+        lambda out: fused_experts_nvfp4(
+            p.hidden,
+            prepared or prepare_nvfp4(p.weights),
+            p.ids,
+            p.topk_w,
+            local_expert_offset=p.offset,
+            apply_router_weight_on_input=weight_on_input,
+            out=out,
+            config=config,
+        ),
+        p.hidden,
+    )
 
 
 def check(p: Problem, *, weight_on_input: bool = False, config: Optional[dict] = None) -> float:
-    return assert_matches_reference(run_kernel(p, weight_on_input=weight_on_input, config=config), p,
-                                    weight_on_input, REL_TOL)
+    return assert_matches_reference(
+        run_kernel(p, weight_on_input=weight_on_input, config=config), p, weight_on_input, REL_TOL
+    )
 
 
 # ----------------------------------------------------------------------------- interpreter-sized
 @runs_here
 @pytest.mark.parametrize("config", [DECODE_SMALL, PREFILL_SMALL], ids=["decode", "prefill"])
-@pytest.mark.parametrize("t,h,i,e,k,offset", [(1, 128, 64, 4, 1, 0), (7, 96, 48, 4, 2, 3),
-                                              (33, 64, 32, 3, 3, 0), (3, 272, 272, 2, 2, 1)])
+@pytest.mark.parametrize(
+    "t,h,i,e,k,offset", [(1, 128, 64, 4, 1, 0), (7, 96, 48, 4, 2, 3), (33, 64, 32, 3, 3, 0), (3, 272, 272, 2, 2, 1)]
+)
 def test_small(config, t, h, i, e, k, offset):
     check(make_problem(t, h, i, e, k, offset=offset), config=config)
 
@@ -148,7 +174,7 @@ GPU_CASES = [
     (1000, 7168, 512, 32, 8, 0),
     (4096, 7168, 256, 8, 2, 0),
     (8192, 7168, 2048, 32, 8, 0),
-    (9, 400, 272, 5, 3, 1),      # odd shapes: K tails in both GEMMs
+    (9, 400, 272, 5, 3, 1),  # odd shapes: K tails in both GEMMs
     (37, 1168, 400, 7, 2, 3),
 ]
 
@@ -164,6 +190,7 @@ def test_gpu_matches_reference(t, h, i, e, k, offset):
 @pytest.mark.parametrize("t,e,k", [(64, 32, 8), (300, 8, 2)])
 def test_gpu_both_paths_and_weight_on_input(path, t, e, k):
     from moe_backend.kernels.sm90.nvfp4_moe import DECODE_CONFIG, PREFILL_CONFIG
+
     cfg = DECODE_CONFIG if path == "decode" else PREFILL_CONFIG
     check(make_problem(t, 7168, 512, e, k), config=cfg)
     check(make_problem(t, 7168, 512, e, k, one_expert=True, seed=1), config=cfg, weight_on_input=True)
@@ -173,8 +200,9 @@ def test_gpu_both_paths_and_weight_on_input(path, t, e, k):
 def _dequant_kernel(w_ptr, s_ptr, out_ptr, R: tl.constexpr, INTERPRET: tl.constexpr):
     r = tl.arange(0, R)[:, None]
     c = tl.arange(0, 16)[None, :]
-    w = dequant_group(tl.load(w_ptr + r * 32 + c), tl.load(w_ptr + r * 32 + 16 + c), tl.load(s_ptr + r * 16 + c),
-                      INTERPRET)
+    w = dequant_group(
+        tl.load(w_ptr + r * 32 + c), tl.load(w_ptr + r * 32 + 16 + c), tl.load(s_ptr + r * 16 + c), INTERPRET
+    )
     tl.store(out_ptr + r * 256 + tl.arange(0, 256)[None, :], w)
 
 
@@ -188,11 +216,18 @@ def test_dequant_group_is_exact_in_kernel_order():
     scales = torch.exp2(torch.rand(32, 16, generator=g) * 17 - 9)
     scales[0, 0] = 448.0
     scales = scales.to(FP8_DTYPE)
-    want = dequantize_nvfp4(codes, scales, torch.tensor(2.0 ** -8)).to(torch.bfloat16)[:, kernel_k_order()]
+    want = dequantize_nvfp4(codes, scales, torch.tensor(2.0**-8)).to(torch.bfloat16)[:, kernel_k_order()]
     # As w2 of a layer (H = 32 rows, I = 256): w2's rows keep their natural order.
-    k = nvfp4_to_kernel_layout(NVFP4Weights(torch.zeros(1, 512, 16, dtype=torch.uint8),
-                                            torch.zeros(1, 512, 2).to(FP8_DTYPE), torch.ones(1, 2),
-                                            codes[None], scales[None], torch.ones(1)))
+    k = nvfp4_to_kernel_layout(
+        NVFP4Weights(
+            torch.zeros(1, 512, 16, dtype=torch.uint8),
+            torch.zeros(1, 512, 2).to(FP8_DTYPE),
+            torch.ones(1, 2),
+            codes[None],
+            scales[None],
+            torch.ones(1),
+        )
+    )
     out = torch.empty(32, 256, dtype=torch.bfloat16, device=DEVICE)
     _dequant_kernel[(1,)](k.w2[0].to(DEVICE), k.w2_scale[0].to(DEVICE), out, R=32, INTERPRET=INTERPRET)
     assert torch.equal(out.cpu().float(), want.float())  # exact (-0 and +0 compare equal)

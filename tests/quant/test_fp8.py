@@ -16,10 +16,12 @@ def _loop_block_quant(w: torch.Tensor, block: int):
     s = torch.empty(nb, kb)
     for i in range(nb):
         for j in range(kb):
-            blk = w[i * block:(i + 1) * block, j * block:(j + 1) * block].float()
+            blk = w[i * block : (i + 1) * block, j * block : (j + 1) * block].float()
             scale = max(float(blk.abs().max()), fp8.FP8_EPS) / 448.0
             s[i, j] = scale
-            q[i * block:(i + 1) * block, j * block:(j + 1) * block] = (blk / scale).clamp(-448, 448).to(fp8.FP8_DTYPE)
+            q[i * block : (i + 1) * block, j * block : (j + 1) * block] = (
+                (blk / scale).clamp(-448, 448).to(fp8.FP8_DTYPE)
+            )
     return q, s
 
 
@@ -51,11 +53,11 @@ def test_per_token_group_matches_loop_and_partial_group():
     assert s.shape == (5, 3)
     for t in range(5):
         for g in range(3):
-            seg = x[t, g * 128:(g + 1) * 128]
+            seg = x[t, g * 128 : (g + 1) * 128]
             scale = max(float(seg.abs().max()), fp8.FP8_EPS) / 448.0
             assert s[t, g].item() == pytest.approx(scale, rel=1e-6)
             want = (seg / scale).clamp(-448, 448).to(fp8.FP8_DTYPE)
-            assert torch.equal(q[t, g * 128:(g + 1) * 128].view(torch.uint8), want.view(torch.uint8))
+            assert torch.equal(q[t, g * 128 : (g + 1) * 128].view(torch.uint8), want.view(torch.uint8))
 
 
 def test_ue8m0_scales_are_powers_of_two_and_cover_amax():
@@ -95,20 +97,29 @@ def test_fake_quant_static_scale():
     torch.testing.assert_close(y, want, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("call, match", [
-    (lambda: fp8.quantize_fp8_block(torch.randn(8, 8).int()), "w: expected dtype"),
-    (lambda: fp8.quantize_fp8_block(torch.randn(8)), "w: expected a tensor of at least 2 dims"),
-    (lambda: fp8.quantize_fp8_block(torch.randn(8, 8), block=0), "block: expected an int >= 1"),
-    (lambda: fp8.dequantize_fp8_block(torch.zeros(256, 256, dtype=fp8.FP8_DTYPE), torch.ones(2, 1)),
-     r"scale: expected shape \(2, 2\)"),
-    (lambda: fp8.dequantize_fp8_block(torch.zeros(4, 4), torch.ones(1, 1)), "q: expected dtype"),
-    (lambda: fp8.quantize_fp8_per_token_group(torch.randn(2, 3, 4)), "x: expected a 2-D tensor"),
-    (lambda: fp8.dequantize_fp8_per_token_group(torch.zeros(2, 256, dtype=fp8.FP8_DTYPE), torch.ones(2, 3)),
-     r"s: expected shape \(2, 2\)"),
-    (lambda: fp8.quantize_fp8_per_tensor(torch.randn(2, 4, 4), torch.ones(3)), r"scale: expected shape \(2,\)"),
-    (lambda: fp8.dequantize_fp8_per_tensor(torch.zeros(2, 4, 4, dtype=fp8.FP8_DTYPE), torch.ones(2).double()),
-     "scale: expected dtype torch.float32"),
-])
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: fp8.quantize_fp8_block(torch.randn(8, 8).int()), "w: expected dtype"),
+        (lambda: fp8.quantize_fp8_block(torch.randn(8)), "w: expected a tensor of at least 2 dims"),
+        (lambda: fp8.quantize_fp8_block(torch.randn(8, 8), block=0), "block: expected an int >= 1"),
+        (
+            lambda: fp8.dequantize_fp8_block(torch.zeros(256, 256, dtype=fp8.FP8_DTYPE), torch.ones(2, 1)),
+            r"scale: expected shape \(2, 2\)",
+        ),
+        (lambda: fp8.dequantize_fp8_block(torch.zeros(4, 4), torch.ones(1, 1)), "q: expected dtype"),
+        (lambda: fp8.quantize_fp8_per_token_group(torch.randn(2, 3, 4)), "x: expected a 2-D tensor"),
+        (
+            lambda: fp8.dequantize_fp8_per_token_group(torch.zeros(2, 256, dtype=fp8.FP8_DTYPE), torch.ones(2, 3)),
+            r"s: expected shape \(2, 2\)",
+        ),
+        (lambda: fp8.quantize_fp8_per_tensor(torch.randn(2, 4, 4), torch.ones(3)), r"scale: expected shape \(2,\)"),
+        (
+            lambda: fp8.dequantize_fp8_per_tensor(torch.zeros(2, 4, 4, dtype=fp8.FP8_DTYPE), torch.ones(2).double()),
+            "scale: expected dtype torch.float32",
+        ),
+    ],
+)
 def test_bad_input(call, match):
     with pytest.raises((ValueError, TypeError), match=match):
         call()
@@ -133,8 +144,9 @@ def test_empty_activations_give_empty_outputs(shape):
     assert fp8.fake_quant_activation(x, torch.ones(1)).shape == shape
 
 
-@pytest.mark.parametrize("value, index", [(0.0, 1), (float("nan"), 0), (float("inf"), 2), (-1.0, 1),
-                                          (float("-inf"), 0)])
+@pytest.mark.parametrize(
+    "value, index", [(0.0, 1), (float("nan"), 0), (float("inf"), 2), (-1.0, 1), (float("-inf"), 0)]
+)
 def test_explicit_per_tensor_scale_outside_the_rule_is_refused(value, index):
     scale = torch.ones(3)
     scale[index] = value
@@ -142,20 +154,39 @@ def test_explicit_per_tensor_scale_outside_the_rule_is_refused(value, index):
         fp8.quantize_fp8_per_tensor(torch.randn(3, 4, 16), scale)
 
 
-@pytest.mark.parametrize("call, error, match", [
-    (lambda: fp8.dequantize_fp8_block(torch.zeros(4, 4).to(fp8.FP8_DTYPE), torch.ones(1, 1), block=0), ValueError,
-     "block: expected an int >= 1"),
-    (lambda: fp8.dequantize_fp8_block(torch.zeros(4).to(fp8.FP8_DTYPE), torch.ones(1)), ValueError,
-     "q: expected a tensor of at least 2 dims"),
-    (lambda: fp8.dequantize_fp8_per_token_group(torch.zeros(2, 4).to(fp8.FP8_DTYPE), torch.ones(2, 1), group=0),
-     ValueError, "group: expected an int >= 1"),
-    (lambda: fp8.quantize_fp8_per_token_group(torch.zeros(2, 4), ue8m0="no"), TypeError, "ue8m0: expected a bool"),
-    (lambda: fp8.fake_quant_activation(torch.zeros(2, 4), torch.ones(2)), ValueError,
-     r"static_scale: expected shape \(1,\)"),
-    (lambda: fp8.fake_quant_activation(torch.zeros(2, 4), 0.5), TypeError, "static_scale: expected a torch.Tensor"),
-    (lambda: fp8.fake_quant_activation(torch.zeros(4)), ValueError, "x: expected a 2-D tensor"),
-    (lambda: fp8.quantize_fp8_per_tensor(torch.zeros(2, 4), torch.ones(1)), ValueError, r"scale: expected shape \(\)"),
-])
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (
+            lambda: fp8.dequantize_fp8_block(torch.zeros(4, 4).to(fp8.FP8_DTYPE), torch.ones(1, 1), block=0),
+            ValueError,
+            "block: expected an int >= 1",
+        ),
+        (
+            lambda: fp8.dequantize_fp8_block(torch.zeros(4).to(fp8.FP8_DTYPE), torch.ones(1)),
+            ValueError,
+            "q: expected a tensor of at least 2 dims",
+        ),
+        (
+            lambda: fp8.dequantize_fp8_per_token_group(torch.zeros(2, 4).to(fp8.FP8_DTYPE), torch.ones(2, 1), group=0),
+            ValueError,
+            "group: expected an int >= 1",
+        ),
+        (lambda: fp8.quantize_fp8_per_token_group(torch.zeros(2, 4), ue8m0="no"), TypeError, "ue8m0: expected a bool"),
+        (
+            lambda: fp8.fake_quant_activation(torch.zeros(2, 4), torch.ones(2)),
+            ValueError,
+            r"static_scale: expected shape \(1,\)",
+        ),
+        (lambda: fp8.fake_quant_activation(torch.zeros(2, 4), 0.5), TypeError, "static_scale: expected a torch.Tensor"),
+        (lambda: fp8.fake_quant_activation(torch.zeros(4)), ValueError, "x: expected a 2-D tensor"),
+        (
+            lambda: fp8.quantize_fp8_per_tensor(torch.zeros(2, 4), torch.ones(1)),
+            ValueError,
+            r"scale: expected shape \(\)",
+        ),
+    ],
+)
 def test_bad_arguments_are_named(call, error, match):
     with pytest.raises(error, match=match):
         call()

@@ -16,8 +16,30 @@ def _rne_code(v: float) -> int:
 
 
 def test_encode_matches_python_rne_on_grid_midpoints_and_beyond():
-    values = [0.0, 0.1, 0.25, 0.26, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 2.9, 3.0, 3.5, 4.0,
-              4.9, 5.0, 5.1, 6.0, 7.5, 100.0]
+    values = [
+        0.0,
+        0.1,
+        0.25,
+        0.26,
+        0.5,
+        0.75,
+        1.0,
+        1.25,
+        1.5,
+        1.75,
+        2.0,
+        2.5,
+        2.9,
+        3.0,
+        3.5,
+        4.0,
+        4.9,
+        5.0,
+        5.1,
+        6.0,
+        7.5,
+        100.0,
+    ]
     values += [-v for v in values if v]
     got = nvfp4.encode_e2m1(torch.tensor(values)).tolist()
     assert got == [_rne_code(v) for v in values]
@@ -49,7 +71,7 @@ def _loop_quant(w: torch.Tensor):
     scales = torch.zeros(n, k // 16, dtype=fp8.FP8_DTYPE)
     for r in range(n):
         for b in range(k // 16):
-            blk = w[r, b * 16:(b + 1) * 16]
+            blk = w[r, b * 16 : (b + 1) * 16]
             s = torch.tensor(float(blk.abs().max()) / (6 * gs)).to(fp8.FP8_DTYPE)
             scales[r, b] = s
             d = float(s.float()) * gs
@@ -90,18 +112,27 @@ def test_given_global_scale_is_used():
     assert gs.item() == pytest.approx(0.01)
 
 
-@pytest.mark.parametrize("call, match", [
-    (lambda: nvfp4.quantize_nvfp4(torch.randn(4, 24)), "K a multiple of 16"),
-    (lambda: nvfp4.quantize_nvfp4(torch.randn(4, 32).int()), "w: expected dtype"),
-    (lambda: nvfp4.quantize_nvfp4(torch.randn(2, 4, 32), torch.ones(3)), r"global_scale: expected shape \(2,\)"),
-    (lambda: nvfp4.pack_e2m1(torch.zeros(3, dtype=torch.uint8)), "codes: expected an even last dimension"),
-    (lambda: nvfp4.pack_e2m1(torch.zeros(4, dtype=torch.int32)), "codes: expected dtype torch.uint8"),
-    (lambda: nvfp4.unpack_e2m1(torch.zeros(4)), "packed: expected dtype torch.uint8"),
-    (lambda: nvfp4.dequantize_nvfp4(torch.zeros(4, 8, dtype=torch.uint8), torch.zeros(4, 2, dtype=fp8.FP8_DTYPE),
-                                    torch.ones(())), r"block_scale: expected shape \(4, 1\)"),
-    (lambda: nvfp4.dequantize_nvfp4(torch.zeros(4, 4, dtype=torch.uint8), torch.zeros(4, 1), torch.ones(())),
-     "packed: expected K = 2 \\* last dim to be a multiple of 16"),
-])
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: nvfp4.quantize_nvfp4(torch.randn(4, 24)), "K a multiple of 16"),
+        (lambda: nvfp4.quantize_nvfp4(torch.randn(4, 32).int()), "w: expected dtype"),
+        (lambda: nvfp4.quantize_nvfp4(torch.randn(2, 4, 32), torch.ones(3)), r"global_scale: expected shape \(2,\)"),
+        (lambda: nvfp4.pack_e2m1(torch.zeros(3, dtype=torch.uint8)), "codes: expected an even last dimension"),
+        (lambda: nvfp4.pack_e2m1(torch.zeros(4, dtype=torch.int32)), "codes: expected dtype torch.uint8"),
+        (lambda: nvfp4.unpack_e2m1(torch.zeros(4)), "packed: expected dtype torch.uint8"),
+        (
+            lambda: nvfp4.dequantize_nvfp4(
+                torch.zeros(4, 8, dtype=torch.uint8), torch.zeros(4, 2, dtype=fp8.FP8_DTYPE), torch.ones(())
+            ),
+            r"block_scale: expected shape \(4, 1\)",
+        ),
+        (
+            lambda: nvfp4.dequantize_nvfp4(torch.zeros(4, 4, dtype=torch.uint8), torch.zeros(4, 1), torch.ones(())),
+            "packed: expected K = 2 \\* last dim to be a multiple of 16",
+        ),
+    ],
+)
 def test_bad_input(call, match):
     with pytest.raises((ValueError, TypeError), match=match):
         call()
@@ -120,18 +151,37 @@ def test_empty_inputs_give_empty_outputs(shape):
 def test_explicit_global_scale_outside_the_rule_is_refused(value, index):
     g = torch.ones(2)
     g[index] = value
-    with pytest.raises(ValueError, match=rf"^global_scale: expected scales finite and > 0, got .* at index "
-                                         rf"\[{index}\]"):
+    with pytest.raises(
+        ValueError,
+        match=rf"^global_scale: expected scales finite and > 0, got .* at index "
+        rf"\[{index}\]",
+    ):
         nvfp4.quantize_nvfp4(torch.randn(2, 4, 32), g)
 
 
-@pytest.mark.parametrize("call, error, match", [
-    (lambda: nvfp4.quantize_nvfp4(torch.randn(4, 32), torch.ones(1)), ValueError, r"global_scale: expected shape \(\)"),
-    (lambda: nvfp4.quantize_nvfp4(torch.randn(4, 24)), ValueError, "w: expected .* K a multiple of 16"),
-    (lambda: nvfp4.dequantize_nvfp4(torch.zeros(4, 16, dtype=torch.uint8), torch.zeros(4, 2).to(fp8.FP8_DTYPE),
-                                    torch.ones(2)), ValueError, r"global_scale: expected shape \(\)"),
-    (lambda: nvfp4.pack_e2m1(torch.zeros(3, dtype=torch.uint8)), ValueError, "codes: expected an even last dimension"),
-])
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (
+            lambda: nvfp4.quantize_nvfp4(torch.randn(4, 32), torch.ones(1)),
+            ValueError,
+            r"global_scale: expected shape \(\)",
+        ),
+        (lambda: nvfp4.quantize_nvfp4(torch.randn(4, 24)), ValueError, "w: expected .* K a multiple of 16"),
+        (
+            lambda: nvfp4.dequantize_nvfp4(
+                torch.zeros(4, 16, dtype=torch.uint8), torch.zeros(4, 2).to(fp8.FP8_DTYPE), torch.ones(2)
+            ),
+            ValueError,
+            r"global_scale: expected shape \(\)",
+        ),
+        (
+            lambda: nvfp4.pack_e2m1(torch.zeros(3, dtype=torch.uint8)),
+            ValueError,
+            "codes: expected an even last dimension",
+        ),
+    ],
+)
 def test_bad_arguments_are_named(call, error, match):
     with pytest.raises(error, match=match):
         call()

@@ -13,7 +13,7 @@ def test_bit_layout_id_high_bf16_low():
     for j in range(2):
         v = packed[0, j].item() & 0xFFFFFFFF
         assert v >> 16 == ids[0, j].item()
-        bf16_bits = w[0, j:j + 1].to(torch.bfloat16).view(torch.int16).item() & 0xFFFF
+        bf16_bits = w[0, j : j + 1].to(torch.bfloat16).view(torch.int16).item() & 0xFFFF
         assert v & 0xFFFF == bf16_bits
     # little-endian struct {bf16 score; int16 idx}, as FlashInfer reads it
     as_pairs = packed.view(torch.int16).view(1, 2, 2)
@@ -36,26 +36,37 @@ def test_bf16_weights_accepted_and_empty():
     assert packed.shape == (0, 4) and packed.dtype == torch.int32
 
 
-@pytest.mark.parametrize("call, match", [
-    (lambda: pack_topk(torch.tensor([[32768]], dtype=torch.int32), torch.ones(1, 1)),
-     r"ids: expected expert ids in \[-1, 32768\)"),
-    (lambda: pack_topk(torch.tensor([[-2]], dtype=torch.int32), torch.ones(1, 1)), r"got values in \[-2, -2\]"),
-    (lambda: pack_topk(torch.tensor([[1]], dtype=torch.int64), torch.ones(1, 1)), "ids: expected dtype torch.int32"),
-    (lambda: pack_topk(torch.ones(2, 2, dtype=torch.int32), torch.ones(2, 3)), r"weights: expected shape \(2, 2\)"),
-    (lambda: pack_topk(torch.ones(2, 2, dtype=torch.int32), torch.ones(2, 2).half()), "weights: expected dtype"),
-    (lambda: unpack_topk(torch.ones(2, 2)), "topk: expected dtype torch.int32"),
-    (lambda: unpack_topk(torch.ones(4, dtype=torch.int32)), "topk: expected a 2-D tensor"),
-])
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (
+            lambda: pack_topk(torch.tensor([[32768]], dtype=torch.int32), torch.ones(1, 1)),
+            r"ids: expected expert ids in \[-1, 32768\)",
+        ),
+        (lambda: pack_topk(torch.tensor([[-2]], dtype=torch.int32), torch.ones(1, 1)), r"got values in \[-2, -2\]"),
+        (
+            lambda: pack_topk(torch.tensor([[1]], dtype=torch.int64), torch.ones(1, 1)),
+            "ids: expected dtype torch.int32",
+        ),
+        (lambda: pack_topk(torch.ones(2, 2, dtype=torch.int32), torch.ones(2, 3)), r"weights: expected shape \(2, 2\)"),
+        (lambda: pack_topk(torch.ones(2, 2, dtype=torch.int32), torch.ones(2, 2).half()), "weights: expected dtype"),
+        (lambda: unpack_topk(torch.ones(2, 2)), "topk: expected dtype torch.int32"),
+        (lambda: unpack_topk(torch.ones(4, dtype=torch.int32)), "topk: expected a 2-D tensor"),
+    ],
+)
 def test_bad_input(call, match):
     with pytest.raises((ValueError, TypeError), match=match):
         call()
 
 
-@pytest.mark.parametrize("ids, match", [
-    ([[40008]], r"ids: expected expert ids in \[-1, 32768\), got values in \[40008, 40008\]"),
-    ([[3, -2]], r"ids: expected expert ids in \[-1, 32768\), got values in \[-2, 3\]"),
-    ([[-40000, 1]], r"got values in \[-40000, 1\]"),
-])
+@pytest.mark.parametrize(
+    "ids, match",
+    [
+        ([[40008]], r"ids: expected expert ids in \[-1, 32768\), got values in \[40008, 40008\]"),
+        ([[3, -2]], r"ids: expected expert ids in \[-1, 32768\), got values in \[-2, 3\]"),
+        ([[-40000, 1]], r"got values in \[-40000, 1\]"),
+    ],
+)
 def test_ids_outside_the_packed_range_are_refused(ids, match):
     ids = torch.tensor(ids, dtype=torch.int32)
     with pytest.raises(ValueError, match=match):

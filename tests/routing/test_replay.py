@@ -21,13 +21,16 @@ def test_none_is_a_no_op_and_t0():
     assert bool((buf == 9).all())
 
 
-@pytest.mark.parametrize("buf, match", [
-    (torch.zeros(4, 2, dtype=torch.int32), "routing_replay_out: expected dtype torch.int16"),
-    (torch.zeros(4, 3, dtype=torch.int16), r"routing_replay_out: expected shape \(\*, 2\)"),
-    (torch.zeros(2, 2, dtype=torch.int16), "routing_replay_out: expected at least 3 rows"),
-    (torch.zeros(2, 4, dtype=torch.int16).t(), "routing_replay_out: expected a contiguous tensor"),
-    (torch.zeros(8, dtype=torch.int16), r"routing_replay_out: expected shape \(\*, 2\), got shape \(8,\)"),
-])
+@pytest.mark.parametrize(
+    "buf, match",
+    [
+        (torch.zeros(4, 2, dtype=torch.int32), "routing_replay_out: expected dtype torch.int16"),
+        (torch.zeros(4, 3, dtype=torch.int16), r"routing_replay_out: expected shape \(\*, 2\)"),
+        (torch.zeros(2, 2, dtype=torch.int16), "routing_replay_out: expected at least 3 rows"),
+        (torch.zeros(2, 4, dtype=torch.int16).t(), "routing_replay_out: expected a contiguous tensor"),
+        (torch.zeros(8, dtype=torch.int16), r"routing_replay_out: expected shape \(\*, 2\), got shape \(8,\)"),
+    ],
+)
 def test_bad_buffers(buf, match):
     with pytest.raises((ValueError, TypeError), match=match):
         check_replay_out(buf, 3, 2, torch.device("cpu"))

@@ -32,7 +32,7 @@ def _loop_noaux_tc(logits, bias, k, n_group, topk_group, norm, scale):
         per = len(s) // n_group
         gscore = []
         for g in range(n_group):
-            members = sorted(b[g * per:(g + 1) * per], reverse=True)
+            members = sorted(b[g * per : (g + 1) * per], reverse=True)
             gscore.append(_f32_add(members[0], members[1]))
         keep = set(_argsort_desc(gscore)[:topk_group])
         masked = [b[e] if e // per in keep else -math.inf for e in range(len(s))]
@@ -46,8 +46,9 @@ def _loop_noaux_tc(logits, bias, k, n_group, topk_group, norm, scale):
     return ids_all, w_all
 
 
-@pytest.mark.parametrize("t, e, k, n_group, topk_group", [(9, 16, 4, 4, 2), (5, 32, 8, 8, 4), (3, 8, 1, 1, 1),
-                                                          (4, 12, 6, 3, 3)])
+@pytest.mark.parametrize(
+    "t, e, k, n_group, topk_group", [(9, 16, 4, 4, 2), (5, 32, 8, 8, 4), (3, 8, 1, 1, 1), (4, 12, 6, 3, 3)]
+)
 def test_noaux_tc_matches_loop(t, e, k, n_group, topk_group):
     logits = torch.randn(t, e)
     bias = 0.1 * torch.randn(e)
@@ -75,8 +76,9 @@ def test_noaux_tc_ties_break_to_lower_index():
 
 def test_noaux_tc_scaling_left_to_caller_and_no_norm():
     logits, bias = torch.randn(4, 16), torch.randn(16)
-    ids, w = noaux_tc_topk(logits, bias, 4, 4, 2, norm_topk_prob=False, routed_scaling_factor=2.5,
-                           apply_routed_scaling=False)
+    ids, w = noaux_tc_topk(
+        logits, bias, 4, 4, 2, norm_topk_prob=False, routed_scaling_factor=2.5, apply_routed_scaling=False
+    )
     want_ids, want_w = _loop_noaux_tc(logits, bias, 4, 4, 2, False, 1.0)
     assert ids.tolist() == want_ids
     torch.testing.assert_close(w, torch.tensor(want_w))
@@ -98,8 +100,11 @@ def _loop_softmax(row):
 
 def test_renormalize_softmax_sigmoid_match_loops():
     logits = torch.randn(6, 10)
-    for fn, score, renorm in [(renormalize_topk, _loop_softmax, True), (softmax_topk, _loop_softmax, False),
-                              (sigmoid_topk, lambda r: [_sigmoid(x) for x in r], False)]:
+    for fn, score, renorm in [
+        (renormalize_topk, _loop_softmax, True),
+        (softmax_topk, _loop_softmax, False),
+        (sigmoid_topk, lambda r: [_sigmoid(x) for x in r], False),
+    ]:
         ids, w = fn(logits, 3)
         for r, row in enumerate(logits.tolist()):
             p = score(row)
@@ -129,42 +134,58 @@ def test_config_dispatch_and_checks():
         RoutingConfig("softmax").select(logits, 2, bias)
 
 
-@pytest.mark.parametrize("call, match", [
-    (lambda: softmax_topk(torch.randn(2, 4).double(), 2), "router_logits: expected dtype torch.float32"),
-    (lambda: softmax_topk(torch.randn(2, 4, 1), 2), "router_logits: expected a 2-D tensor"),
-    (lambda: softmax_topk(torch.randn(2, 4), 5), "top_k: expected at most the number of experts"),
-    (lambda: softmax_topk(torch.randn(2, 4), 0), "top_k: expected an int >= 1"),
-    (lambda: softmax_topk(torch.randn(4, 2).t(), 1), "router_logits: expected a contiguous tensor"),
-    (lambda: noaux_tc_topk(torch.randn(2, 16), torch.randn(8), 4, 4, 2), r"correction_bias: expected shape \(16,\)"),
-    (lambda: noaux_tc_topk(torch.randn(2, 16), torch.randn(16), 4, 5, 2), "n_group: expected a divisor"),
-    (lambda: noaux_tc_topk(torch.randn(2, 16), torch.randn(16), 4, 4, 5), "topk_group: expected at most n_group"),
-    (lambda: noaux_tc_topk(torch.randn(2, 16), torch.randn(16), 9, 4, 2), "top_k: expected at most topk_group"),
-    (lambda: noaux_tc_topk(torch.randn(2, 16), torch.randn(16), 1, 16, 2), "at least 2 experts per group"),
-    (lambda: RoutingConfig("topk"), "method: expected one of"),
-    (lambda: RoutingConfig("noaux_tc", 2, 3), "topk_group: expected at most n_group"),
-])
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: softmax_topk(torch.randn(2, 4).double(), 2), "router_logits: expected dtype torch.float32"),
+        (lambda: softmax_topk(torch.randn(2, 4, 1), 2), "router_logits: expected a 2-D tensor"),
+        (lambda: softmax_topk(torch.randn(2, 4), 5), "top_k: expected at most the number of experts"),
+        (lambda: softmax_topk(torch.randn(2, 4), 0), "top_k: expected an int >= 1"),
+        (lambda: softmax_topk(torch.randn(4, 2).t(), 1), "router_logits: expected a contiguous tensor"),
+        (
+            lambda: noaux_tc_topk(torch.randn(2, 16), torch.randn(8), 4, 4, 2),
+            r"correction_bias: expected shape \(16,\)",
+        ),
+        (lambda: noaux_tc_topk(torch.randn(2, 16), torch.randn(16), 4, 5, 2), "n_group: expected a divisor"),
+        (lambda: noaux_tc_topk(torch.randn(2, 16), torch.randn(16), 4, 4, 5), "topk_group: expected at most n_group"),
+        (lambda: noaux_tc_topk(torch.randn(2, 16), torch.randn(16), 9, 4, 2), "top_k: expected at most topk_group"),
+        (lambda: noaux_tc_topk(torch.randn(2, 16), torch.randn(16), 1, 16, 2), "at least 2 experts per group"),
+        (lambda: RoutingConfig("topk"), "method: expected one of"),
+        (lambda: RoutingConfig("noaux_tc", 2, 3), "topk_group: expected at most n_group"),
+    ],
+)
 def test_bad_input(call, match):
     with pytest.raises((ValueError, TypeError), match=match):
         call()
 
 
 # -- config values: type-checked at construction, the field named -----------------------------------
-@pytest.mark.parametrize("build, error, match", [
-    (lambda: RoutingConfig(norm_topk_prob="no"), TypeError, "norm_topk_prob: expected a bool, got str 'no'"),
-    (lambda: RoutingConfig(norm_topk_prob=1), TypeError, "norm_topk_prob: expected a bool"),
-    (lambda: RoutingConfig(apply_routed_scaling=None), TypeError, "apply_routed_scaling: expected a bool"),
-    (lambda: RoutingConfig.deepseek_v3(4, 2, "2.5"), TypeError, "routed_scaling_factor: expected a float, got str"),
-    (lambda: RoutingConfig.deepseek_v3(4, 2, True), TypeError, "routed_scaling_factor: expected a float, got bool"),
-    (lambda: RoutingConfig.deepseek_v3(4, 2, float("nan")), ValueError,
-     "routed_scaling_factor: expected a finite positive float, got nan"),
-    (lambda: RoutingConfig.deepseek_v3(4, 2, float("inf")), ValueError, "routed_scaling_factor: expected a finite"),
-    (lambda: RoutingConfig.deepseek_v3(4, 2, 0.0), ValueError, "routed_scaling_factor: expected a finite positive"),
-    (lambda: RoutingConfig.deepseek_v3(4, 2, -2.5), ValueError, "routed_scaling_factor: expected a finite positive"),
-    (lambda: RoutingConfig.deepseek_v3(4.0, 2), TypeError, "n_group: expected an int"),
-    (lambda: RoutingConfig.deepseek_v3(4, "2"), TypeError, "topk_group: expected an int"),
-    (lambda: RoutingConfig(method=["softmax"]), ValueError, "method: expected one of"),
-    (lambda: RoutingConfig(method="topk"), ValueError, "method: expected one of"),
-])
+@pytest.mark.parametrize(
+    "build, error, match",
+    [
+        (lambda: RoutingConfig(norm_topk_prob="no"), TypeError, "norm_topk_prob: expected a bool, got str 'no'"),
+        (lambda: RoutingConfig(norm_topk_prob=1), TypeError, "norm_topk_prob: expected a bool"),
+        (lambda: RoutingConfig(apply_routed_scaling=None), TypeError, "apply_routed_scaling: expected a bool"),
+        (lambda: RoutingConfig.deepseek_v3(4, 2, "2.5"), TypeError, "routed_scaling_factor: expected a float, got str"),
+        (lambda: RoutingConfig.deepseek_v3(4, 2, True), TypeError, "routed_scaling_factor: expected a float, got bool"),
+        (
+            lambda: RoutingConfig.deepseek_v3(4, 2, float("nan")),
+            ValueError,
+            "routed_scaling_factor: expected a finite positive float, got nan",
+        ),
+        (lambda: RoutingConfig.deepseek_v3(4, 2, float("inf")), ValueError, "routed_scaling_factor: expected a finite"),
+        (lambda: RoutingConfig.deepseek_v3(4, 2, 0.0), ValueError, "routed_scaling_factor: expected a finite positive"),
+        (
+            lambda: RoutingConfig.deepseek_v3(4, 2, -2.5),
+            ValueError,
+            "routed_scaling_factor: expected a finite positive",
+        ),
+        (lambda: RoutingConfig.deepseek_v3(4.0, 2), TypeError, "n_group: expected an int"),
+        (lambda: RoutingConfig.deepseek_v3(4, "2"), TypeError, "topk_group: expected an int"),
+        (lambda: RoutingConfig(method=["softmax"]), ValueError, "method: expected one of"),
+        (lambda: RoutingConfig(method="topk"), ValueError, "method: expected one of"),
+    ],
+)
 def test_bad_config_fields_are_named(build, error, match):
     with pytest.raises(error, match=match):
         build()
@@ -175,12 +196,15 @@ def test_an_int_scaling_factor_is_the_same_float():
     assert isinstance(cfg.routed_scaling_factor, float) and cfg == RoutingConfig.deepseek_v3(4, 2, 3.0)
 
 
-@pytest.mark.parametrize("kwargs, error, match", [
-    ({"norm_topk_prob": "no"}, TypeError, "norm_topk_prob: expected a bool"),
-    ({"routed_scaling_factor": float("nan")}, ValueError, "routed_scaling_factor: expected a finite positive"),
-    ({"routed_scaling_factor": "2.5"}, TypeError, "routed_scaling_factor: expected a float"),
-    ({"apply_routed_scaling": 0}, TypeError, "apply_routed_scaling: expected a bool"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"norm_topk_prob": "no"}, TypeError, "norm_topk_prob: expected a bool"),
+        ({"routed_scaling_factor": float("nan")}, ValueError, "routed_scaling_factor: expected a finite positive"),
+        ({"routed_scaling_factor": "2.5"}, TypeError, "routed_scaling_factor: expected a float"),
+        ({"apply_routed_scaling": 0}, TypeError, "apply_routed_scaling: expected a bool"),
+    ],
+)
 def test_noaux_tc_refuses_bad_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):
         noaux_tc_topk(torch.randn(3, 16), torch.zeros(16), 4, 4, 2, **kwargs)

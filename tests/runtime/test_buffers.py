@@ -46,12 +46,15 @@ def test_zero_rows_and_clear():
     assert pool.nbytes() == 0
 
 
-@pytest.mark.parametrize("call, match", [
-    (lambda p: p.get(-1, 4, torch.float32, CPU, "x"), "rows: expected an int >= 0"),
-    (lambda p: p.get(1, 0, torch.float32, CPU, "x"), "width: expected an int >= 1"),
-    (lambda p: p.reserve(-3), "max_rows: expected an int >= 0"),
-    (lambda p: BufferPool(max_rows=1.5), "max_rows: expected an int"),
-])
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda p: p.get(-1, 4, torch.float32, CPU, "x"), "rows: expected an int >= 0"),
+        (lambda p: p.get(1, 0, torch.float32, CPU, "x"), "width: expected an int >= 1"),
+        (lambda p: p.reserve(-3), "max_rows: expected an int >= 0"),
+        (lambda p: BufferPool(max_rows=1.5), "max_rows: expected an int"),
+    ],
+)
 def test_bad_input(call, match):
     with pytest.raises((ValueError, TypeError), match=match):
         call(BufferPool())
@@ -71,14 +74,17 @@ def test_growth_inside_capture_is_an_error_that_says_so():
         view.zero_()
 
 
-@pytest.mark.parametrize("kwargs, error, match", [
-    ({"dtype": "bfloat16"}, TypeError, "dtype: expected a torch.dtype, got str"),
-    ({"device": 0}, TypeError, "device: expected a torch.device or str, got int"),
-    ({"device": "tpu9"}, ValueError, "device: expected a device such as 'cpu'"),
-    ({"role": None}, TypeError, "role: expected a str"),
-    ({"rows": -1}, ValueError, "rows: expected an int >= 0"),
-    ({"width": 0}, ValueError, "width: expected an int >= 1"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"dtype": "bfloat16"}, TypeError, "dtype: expected a torch.dtype, got str"),
+        ({"device": 0}, TypeError, "device: expected a torch.device or str, got int"),
+        ({"device": "tpu9"}, ValueError, "device: expected a device such as 'cpu'"),
+        ({"role": None}, TypeError, "role: expected a str"),
+        ({"rows": -1}, ValueError, "rows: expected an int >= 0"),
+        ({"width": 0}, ValueError, "width: expected an int >= 1"),
+    ],
+)
 def test_bad_arguments_are_named(kwargs, error, match):
     args = {"rows": 4, "width": 8, "dtype": torch.bfloat16, "device": CPU, "role": "acc", **kwargs}
     with pytest.raises(error, match=match):

@@ -16,8 +16,7 @@ def shard_of(ckpt_dir: Path, key: str) -> Path:
     return ckpt_dir / json.loads((ckpt_dir / INDEX_FILE).read_text())["weight_map"][key]
 
 
-def edited_copy(src: Path, dst: Path, key: str, value: Optional[torch.Tensor], *,
-                keep_in_index: bool = False) -> Path:
+def edited_copy(src: Path, dst: Path, key: str, value: Optional[torch.Tensor], *, keep_in_index: bool = False) -> Path:
     """A copy of checkpoint ``src`` with tensor ``key`` replaced by ``value``. ``value`` None drops
     the tensor from its shard and (unless ``keep_in_index``) from the index."""
     shutil.copytree(src, dst)

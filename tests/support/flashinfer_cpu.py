@@ -18,9 +18,14 @@ import torch
 
 from moe_backend.quant.nvfp4 import quantize_nvfp4
 
-MOE_FUNCTIONS = ("trtllm_fp8_block_scale_moe", "trtllm_fp8_block_scale_routed_moe",
-                 "trtllm_fp8_per_tensor_scale_moe", "trtllm_fp8_per_tensor_scale_routed_moe",
-                 "trtllm_fp4_block_scale_moe", "trtllm_fp4_block_scale_routed_moe")
+MOE_FUNCTIONS = (
+    "trtllm_fp8_block_scale_moe",
+    "trtllm_fp8_block_scale_routed_moe",
+    "trtllm_fp8_per_tensor_scale_moe",
+    "trtllm_fp8_per_tensor_scale_routed_moe",
+    "trtllm_fp4_block_scale_moe",
+    "trtllm_fp4_block_scale_routed_moe",
+)
 
 
 class ReachedNative(Exception):
@@ -37,6 +42,7 @@ class _NativeModule:
             if name.startswith("trtllm_get_valid"):  # tactic enumeration: one (tile, config) pair
                 return [[8, 0]]
             raise ReachedNative(name)
+
         return call
 
 
@@ -65,8 +71,9 @@ def intercept_native_moe(monkeypatch) -> List[Tuple[str, tuple]]:
 
     calls: List[Tuple[str, tuple]] = []
     monkeypatch.setattr(core, "gen_trtllm_gen_fused_moe_sm100_module", lambda enable_rubin=False: _Spec(calls))
-    monkeypatch.setattr(core, "_get_trtllm_moe_sm100_module_impl",
-                        functools.cache(core._get_trtllm_moe_sm100_module_impl.__wrapped__))
+    monkeypatch.setattr(
+        core, "_get_trtllm_moe_sm100_module_impl", functools.cache(core._get_trtllm_moe_sm100_module_impl.__wrapped__)
+    )
     # Its device query (torch.cuda.current_device) needs a GPU; the rest of the loader is FlashInfer's.
     monkeypatch.setattr(core, "get_trtllm_moe_sm100_module", lambda: core._get_trtllm_moe_sm100_module_impl(False))
     return calls
@@ -84,6 +91,7 @@ def spy_public(monkeypatch) -> Dict[str, List[dict]]:
             assert not args, f"{_name} called with positional arguments"
             seen[_name].append(kwargs)
             return _original(**kwargs)
+
         monkeypatch.setattr(fused_moe, name, spy)
     return seen
 
@@ -103,8 +111,9 @@ def swizzle_128x4(sf: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def fp4_quantize_torch(x: torch.Tensor, global_scale=None, sf_vec_size=16, sf_use_ue8m0=False,
-                       is_sf_swizzled_layout=True, **_):
+def fp4_quantize_torch(
+    x: torch.Tensor, global_scale=None, sf_vec_size=16, sf_use_ue8m0=False, is_sf_swizzled_layout=True, **_
+):
     """``flashinfer.fp4_quantize`` for NVFP4 with linear scales, on any device: ``(codes uint8 [M, K/2],
     scales uint8 [M*K/16])``; FlashInfer's ``global_scale`` multiplies, ours divides."""
     assert sf_vec_size == 16 and not sf_use_ue8m0 and not is_sf_swizzled_layout

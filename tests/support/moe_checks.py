@@ -34,8 +34,9 @@ class Problem:
     offset: int
 
 
-def random_ids(t: int, k: int, e: int, offset: int, g: torch.Generator, *, invalid: bool = True,
-               one_expert: bool = False) -> torch.Tensor:
+def random_ids(
+    t: int, k: int, e: int, offset: int, g: torch.Generator, *, invalid: bool = True, one_expert: bool = False
+) -> torch.Tensor:
     """``[T, k]`` int32 (CPU) of distinct global ids per token.
 
     ``invalid``: drawn from ``[-1, offset + e + 3)``: -1, other ranks' experts and local ones;
@@ -51,8 +52,9 @@ def random_ids(t: int, k: int, e: int, offset: int, g: torch.Generator, *, inval
     return ids.to(torch.int32)
 
 
-def run_poisoned(launch: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor,
-                 extra_rows: int = 3) -> torch.Tensor:
+def run_poisoned(
+    launch: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, extra_rows: int = 3
+) -> torch.Tensor:
     """Call ``launch(out)`` with a NaN-filled ``out [T + extra_rows, H]``; check that every row
     ``[:T]`` and no other was written and that the result is ``out[:T]``."""
     t, h = hidden.shape
@@ -67,8 +69,9 @@ def run_poisoned(launch: Callable[[torch.Tensor], torch.Tensor], hidden: torch.T
 def assert_matches_reference(got: torch.Tensor, p: Problem, weight_on_input: bool, tol: float) -> float:
     """Relative error of ``got`` against the reference (same numerics); tokens without a local
     expert must come out exactly 0. Returns the error."""
-    ref = reference_fused_experts(p.hidden, p.weights, p.ids, p.topk_w, local_expert_offset=p.offset,
-                                  apply_router_weight_on_input=weight_on_input).float()
+    ref = reference_fused_experts(
+        p.hidden, p.weights, p.ids, p.topk_w, local_expert_offset=p.offset, apply_router_weight_on_input=weight_on_input
+    ).float()
     got = got.float()
     none = ref.abs().sum(1) == 0
     assert torch.equal(got[none], ref[none])

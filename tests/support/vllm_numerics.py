@@ -39,8 +39,9 @@ def quantize_groups(x: torch.Tensor, eps_on_scale: bool) -> "tuple[torch.Tensor,
     return q.view(rows, cols), scale
 
 
-def block_gemm(q: torch.Tensor, q_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
-               swapped: bool) -> torch.Tensor:
+def block_gemm(
+    q: torch.Tensor, q_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, swapped: bool
+) -> torch.Tensor:
     """``q [R, K]`` e4m3 with ``q_scale [R, K/128]`` times ``w [N, K]`` e4m3 with ``w_scale [N/128, K/128]``:
     ``[R, N]`` fp32, accumulated block by block in vLLM's order (``swapped``: weight scale first)."""
     acc = torch.zeros(q.shape[0], w.shape[0], dtype=torch.float32)
@@ -49,14 +50,19 @@ def block_gemm(q: torch.Tensor, q_scale: torch.Tensor, w: torch.Tensor, w_scale:
         blk = slice(kb * GROUP, (kb + 1) * GROUP)
         dot = (q[:, blk].double() @ w[:, blk].double().T).float()
         if swapped:
-            acc += dot * w_scale_cols[:, kb][None, :] * q_scale[:, kb:kb + 1]
+            acc += dot * w_scale_cols[:, kb][None, :] * q_scale[:, kb : kb + 1]
         else:
-            acc += dot * q_scale[:, kb:kb + 1] * w_scale_cols[:, kb][None, :]
+            acc += dot * q_scale[:, kb : kb + 1] * w_scale_cols[:, kb][None, :]
     return acc
 
 
-def vllm_triton_fused_experts(hidden: torch.Tensor, weights: FP8BlockWeights, ids: torch.Tensor,
-                              topk_w: torch.Tensor, local_expert_offset: int = 0) -> torch.Tensor:
+def vllm_triton_fused_experts(
+    hidden: torch.Tensor,
+    weights: FP8BlockWeights,
+    ids: torch.Tensor,
+    topk_w: torch.Tensor,
+    local_expert_offset: int = 0,
+) -> torch.Tensor:
     """``hidden [T, H]`` bf16, global ``ids [T, k]`` int32 (-1 or other ranks' ids contribute 0),
     ``topk_w [T, k]`` fp32 -> ``[T, H]`` bf16 as vLLM's Triton backend computes it (on the CPU)."""
     t, h = hidden.shape
@@ -72,7 +78,7 @@ def vllm_triton_fused_experts(hidden: torch.Tensor, weights: FP8BlockWeights, id
             e = int(ids[tok, slot]) - local_expert_offset
             if not 0 <= e < w13.shape[0]:
                 continue
-            gate_up = block_gemm(xq[tok:tok + 1], xs[tok:tok + 1], w13[e], s13[e], swapped).bfloat16().float()
+            gate_up = block_gemm(xq[tok : tok + 1], xs[tok : tok + 1], w13[e], s13[e], swapped).bfloat16().float()
             g, u = gate_up[:, :inter], gate_up[:, inter:]
             yq, ys = quantize_groups((g * (1.0 / (1.0 + torch.exp(-g)))) * u, eps_on_scale=True)
             down = block_gemm(yq, ys, w2[e], s2[e], swapped) * topk_w[tok, slot].cpu().float()

@@ -98,22 +98,38 @@ def test_missing_warns_once_and_is_written(tmp_path, caplog):
     assert make(tmp_path / "sub").get(SIG, 1) == ENTRY
 
 
-@pytest.mark.parametrize("content", [
-    "{not json",
-    "",
-    "[1, 2]",
-    '{"format": 99, "environment": {}, "kernels": {}}',
-    # format 1 (one flat table keyed on the package version) is not read
-    json.dumps({"format": 1, "environment": {**ENV, "moe_backend": "0.1.0"},
-                "entries": {SIG.key(512): vars(ENTRY)}}),
-    json.dumps({"format": 2, "environment": ENV,
-                "kernels": {"sm90_triton_fp8": {"version": 3, "entries": {"k": {"config": [1]}}}}}),
-    json.dumps({"format": 2, "environment": ENV, "kernels": {"sm90_triton_fp8": {"version": 3, "entries": {
-        "k": {"config": {}, "best_us": "x", "default_us": 1}}}}}),
-    json.dumps({"format": 2, "environment": ENV, "kernels": {"sm90_triton_fp8": {"version": "3", "entries": {}}}}),
-    json.dumps({"format": 2, "environment": ENV, "kernels": {"sm90_triton_fp8": {"entries": {}}}}),
-    json.dumps({"format": 2, "environment": ENV}),
-])
+@pytest.mark.parametrize(
+    "content",
+    [
+        "{not json",
+        "",
+        "[1, 2]",
+        '{"format": 99, "environment": {}, "kernels": {}}',
+        # format 1 (one flat table keyed on the package version) is not read
+        json.dumps(
+            {"format": 1, "environment": {**ENV, "moe_backend": "0.1.0"}, "entries": {SIG.key(512): vars(ENTRY)}}
+        ),
+        json.dumps(
+            {
+                "format": 2,
+                "environment": ENV,
+                "kernels": {"sm90_triton_fp8": {"version": 3, "entries": {"k": {"config": [1]}}}},
+            }
+        ),
+        json.dumps(
+            {
+                "format": 2,
+                "environment": ENV,
+                "kernels": {
+                    "sm90_triton_fp8": {"version": 3, "entries": {"k": {"config": {}, "best_us": "x", "default_us": 1}}}
+                },
+            }
+        ),
+        json.dumps({"format": 2, "environment": ENV, "kernels": {"sm90_triton_fp8": {"version": "3", "entries": {}}}}),
+        json.dumps({"format": 2, "environment": ENV, "kernels": {"sm90_triton_fp8": {"entries": {}}}}),
+        json.dumps({"format": 2, "environment": ENV}),
+    ],
+)
 def test_corrupt_is_ignored_with_one_warning_and_rebuilt(tmp_path, caplog, content):
     (tmp_path / "tuning.json").write_text(content)
     c = make(tmp_path)
@@ -128,8 +144,9 @@ def test_corrupt_is_ignored_with_one_warning_and_rebuilt(tmp_path, caplog, conte
     assert warnings_of(caplog) == []
 
 
-@pytest.mark.parametrize("field, value", [("gpu", "NVIDIA H200"), ("torch", "2.11.0"), ("triton", "3.5.0"),
-                                          ("cuda", "12.8")])
+@pytest.mark.parametrize(
+    "field, value", [("gpu", "NVIDIA H200"), ("torch", "2.11.0"), ("triton", "3.5.0"), ("cuda", "12.8")]
+)
 def test_other_environment_is_ignored_and_replaced(tmp_path, caplog, field, value):
     old = make(tmp_path, {**ENV, field: value})
     old.put(SIG, 512, ENTRY)
@@ -248,37 +265,52 @@ def test_signature():
         ProblemSignature("bf16", 8, 2, 64, 32)
 
 
-@pytest.mark.parametrize("call, error, match", [
-    (lambda p: TuningCache(123), TypeError, "cache_dir: expected a str or os.PathLike directory, got int 123"),
-    (lambda p: TuningCache([p]), TypeError, "cache_dir: expected a str or os.PathLike"),
-    (lambda p: TuningCache(p, environment={"gpu": 1}), TypeError, "environment: expected a dict of str to str"),
-    (lambda p: TuningCache(p, environment=[("gpu", "x")]), TypeError, "environment: expected a dict"),
-    (lambda p: make(p).get("fp8_block", 8), TypeError, "signature: expected a ProblemSignature, got str"),
-    (lambda p: make(p).get(SIG, 0), ValueError, "bucket: expected an int >= 1"),
-    (lambda p: make(p).get(SIG, "8"), TypeError, "bucket: expected an int"),
-    (lambda p: make(p).put(SIG, 8, {"config": {}, "best_us": 1.0, "default_us": 1.0}), TypeError,
-     "entry: expected a CacheEntry, got dict"),
-    (lambda p: CacheEntry({}, 0.0, 1.0), ValueError, "best_us: expected a finite positive float"),
-    (lambda p: CacheEntry({}, 1.0, float("nan")), ValueError, "default_us: expected a finite positive float"),
-    (lambda p: CacheEntry({}, "1", 1.0), TypeError, "best_us: expected a float"),
-    (lambda p: CacheEntry([], 1.0, 1.0), TypeError, "config: expected a dict"),
-])
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda p: TuningCache(123), TypeError, "cache_dir: expected a str or os.PathLike directory, got int 123"),
+        (lambda p: TuningCache([p]), TypeError, "cache_dir: expected a str or os.PathLike"),
+        (lambda p: TuningCache(p, environment={"gpu": 1}), TypeError, "environment: expected a dict of str to str"),
+        (lambda p: TuningCache(p, environment=[("gpu", "x")]), TypeError, "environment: expected a dict"),
+        (lambda p: make(p).get("fp8_block", 8), TypeError, "signature: expected a ProblemSignature, got str"),
+        (lambda p: make(p).get(SIG, 0), ValueError, "bucket: expected an int >= 1"),
+        (lambda p: make(p).get(SIG, "8"), TypeError, "bucket: expected an int"),
+        (
+            lambda p: make(p).put(SIG, 8, {"config": {}, "best_us": 1.0, "default_us": 1.0}),
+            TypeError,
+            "entry: expected a CacheEntry, got dict",
+        ),
+        (lambda p: CacheEntry({}, 0.0, 1.0), ValueError, "best_us: expected a finite positive float"),
+        (lambda p: CacheEntry({}, 1.0, float("nan")), ValueError, "default_us: expected a finite positive float"),
+        (lambda p: CacheEntry({}, "1", 1.0), TypeError, "best_us: expected a float"),
+        (lambda p: CacheEntry([], 1.0, 1.0), TypeError, "config: expected a dict"),
+    ],
+)
 def test_bad_arguments_are_named(tmp_path, call, error, match):
     with pytest.raises(error, match=match):
         call(tmp_path)
 
 
-@pytest.mark.parametrize("entry", [
-    {"config": {}, "best_us": 0, "default_us": 1.0},
-    {"config": {}, "best_us": -3.0, "default_us": 1.0},
-    {"config": {}, "best_us": "fast", "default_us": 1.0},
-    {"config": "BLOCK_M=64", "best_us": 1.0, "default_us": 1.0},
-    {"best_us": 1.0, "default_us": 1.0},
-])
+@pytest.mark.parametrize(
+    "entry",
+    [
+        {"config": {}, "best_us": 0, "default_us": 1.0},
+        {"config": {}, "best_us": -3.0, "default_us": 1.0},
+        {"config": {}, "best_us": "fast", "default_us": 1.0},
+        {"config": "BLOCK_M=64", "best_us": 1.0, "default_us": 1.0},
+        {"best_us": 1.0, "default_us": 1.0},
+    ],
+)
 def test_a_file_with_a_bad_entry_is_ignored_with_one_warning(tmp_path, caplog, entry):
-    (tmp_path / "tuning.json").write_text(json.dumps(
-        {"format": 2, "environment": ENV,
-         "kernels": {KERNEL["kernel"]: {"version": KERNEL["kernel_version"], "entries": {SIG.key(8): entry}}}}))
+    (tmp_path / "tuning.json").write_text(
+        json.dumps(
+            {
+                "format": 2,
+                "environment": ENV,
+                "kernels": {KERNEL["kernel"]: {"version": KERNEL["kernel_version"], "entries": {SIG.key(8): entry}}},
+            }
+        )
+    )
     cache = make(tmp_path)
     with caplog.at_level(logging.WARNING, logger=cache_mod.__name__):
         assert cache.get(SIG, 8) is None and cache.get(SIG, 16) is None

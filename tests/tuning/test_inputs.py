@@ -40,10 +40,10 @@ def check_assignment(ids, weights, t, k, num_experts, num_local, offset):
 def test_load_formula():
     # T=16, k=8, EP8 of 256 experts: avg = 16, load = ceil(16 + sqrt(16 ln 8)) = 22.
     assert rank_load(16, 8, 256, 32) == math.ceil(16 + math.sqrt(16 * math.log(8))) == 22
-    assert rank_load(16, 8, 256, 256) == 16 * 8            # ep = 1: every pair is local
-    assert rank_load(1, 8, 256, 32) == 3                    # ceil(1 + sqrt(ln 8)) = 3
-    assert rank_load(1, 1, 2, 1) == 1                       # ceil(1.09) = 2, capped at T*k
-    assert rank_load(10, 8, 8, 4) == 40                     # capped at T*E_local (E_local < k)
+    assert rank_load(16, 8, 256, 256) == 16 * 8  # ep = 1: every pair is local
+    assert rank_load(1, 8, 256, 32) == 3  # ceil(1 + sqrt(ln 8)) = 3
+    assert rank_load(1, 1, 2, 1) == 1  # ceil(1.09) = 2, capped at T*k
+    assert rank_load(10, 8, 8, 4) == 40  # capped at T*E_local (E_local < k)
     assert rank_load(0, 8, 256, 32) == 0
 
 
@@ -88,8 +88,9 @@ def test_balanced_over_tokens():
 
 
 @settings(max_examples=100, deadline=None)
-@given(t=st.integers(0, 64), num_local=st.integers(1, 16), ep=st.integers(1, 8),
-       extra=st.integers(0, 3), data=st.data())
+@given(
+    t=st.integers(0, 64), num_local=st.integers(1, 16), ep=st.integers(1, 8), extra=st.integers(0, 3), data=st.data()
+)
 def test_invariants_any_shape(t, num_local, ep, extra, data):
     # `extra` experts make E_global / E_local non-integral (e.g. a fused shared expert).
     num_experts = num_local * ep + extra
@@ -125,8 +126,9 @@ print(h.hexdigest())
 
 def test_identical_across_processes():
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    out = subprocess.run([sys.executable, "-c", _DIGEST], cwd=REPO, env=env, capture_output=True,
-                         text=True, check=True).stdout.strip()
+    out = subprocess.run(
+        [sys.executable, "-c", _DIGEST], cwd=REPO, env=env, capture_output=True, text=True, check=True
+    ).stdout.strip()
     here = {}
     exec(_DIGEST.replace("print(h.hexdigest())", "digest = h.hexdigest()"), here)
     assert out == here["digest"]
@@ -145,17 +147,20 @@ def test_generators_shapes_and_dtypes():
     check_assignment(x.topk_ids, x.topk_weights, 6, 2, 16, 4, 4)
 
 
-@pytest.mark.parametrize("call, exc, name", [
-    (lambda: profiling_topk(-1, 8, 256, 32), ValueError, "num_tokens"),
-    (lambda: profiling_topk(4, 0, 256, 32), ValueError, "top_k"),
-    (lambda: profiling_topk(4, 9, 8, 8), ValueError, "top_k"),
-    (lambda: profiling_topk(4, 8, 256, 0), ValueError, "num_local_experts"),
-    (lambda: profiling_topk(4, 8, 256, 32, 240), ValueError, "local_expert_offset"),
-    (lambda: profiling_topk(4, 8, 256.0, 32), TypeError, "num_experts"),
-    (lambda: profiling_topk(4, 8, 256, 32, seed=-1), ValueError, "seed"),
-    (lambda: profiling_hidden(4, 0), ValueError, "hidden_size"),
-    (lambda: profiling_router_logits(4, 0), ValueError, "num_experts"),
-])
+@pytest.mark.parametrize(
+    "call, exc, name",
+    [
+        (lambda: profiling_topk(-1, 8, 256, 32), ValueError, "num_tokens"),
+        (lambda: profiling_topk(4, 0, 256, 32), ValueError, "top_k"),
+        (lambda: profiling_topk(4, 9, 8, 8), ValueError, "top_k"),
+        (lambda: profiling_topk(4, 8, 256, 0), ValueError, "num_local_experts"),
+        (lambda: profiling_topk(4, 8, 256, 32, 240), ValueError, "local_expert_offset"),
+        (lambda: profiling_topk(4, 8, 256.0, 32), TypeError, "num_experts"),
+        (lambda: profiling_topk(4, 8, 256, 32, seed=-1), ValueError, "seed"),
+        (lambda: profiling_hidden(4, 0), ValueError, "hidden_size"),
+        (lambda: profiling_router_logits(4, 0), ValueError, "num_experts"),
+    ],
+)
 def test_validation_names_the_argument(call, exc, name):
     with pytest.raises(exc, match=name):
         call()
@@ -173,15 +178,18 @@ def test_on_gpu_deterministic_and_same_topk_as_cpu():
     assert torch.equal(logits, profiling_router_logits(8, 256, seed=1, device="cuda"))
 
 
-@pytest.mark.parametrize("call, error, match", [
-    (lambda: profiling_hidden(4, 16, dtype="bf16"), TypeError, "dtype: expected a floating torch.dtype"),
-    (lambda: profiling_hidden(4, 16, dtype=torch.int32), TypeError, "dtype: expected a floating torch.dtype"),
-    (lambda: profiling_hidden(4, 16, device=1), TypeError, "device: expected a torch.device or str"),
-    (lambda: profiling_router_logits(4, 16, device="nowhere"), ValueError, "device: expected a device"),
-    (lambda: profiling_topk(4, 2, 16, 4, device=None), TypeError, "device: expected a torch.device or str"),
-    (lambda: profiling_topk(4, 2, 16, 4, seed=-1), ValueError, "seed: expected an int >= 0"),
-    (lambda: moe_inputs(4, 16, 2, 16, 4, 14), ValueError, r"local_expert_offset: experts \[14, 18\) exceed"),
-])
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda: profiling_hidden(4, 16, dtype="bf16"), TypeError, "dtype: expected a floating torch.dtype"),
+        (lambda: profiling_hidden(4, 16, dtype=torch.int32), TypeError, "dtype: expected a floating torch.dtype"),
+        (lambda: profiling_hidden(4, 16, device=1), TypeError, "device: expected a torch.device or str"),
+        (lambda: profiling_router_logits(4, 16, device="nowhere"), ValueError, "device: expected a device"),
+        (lambda: profiling_topk(4, 2, 16, 4, device=None), TypeError, "device: expected a torch.device or str"),
+        (lambda: profiling_topk(4, 2, 16, 4, seed=-1), ValueError, "seed: expected an int >= 0"),
+        (lambda: moe_inputs(4, 16, 2, 16, 4, 14), ValueError, r"local_expert_offset: experts \[14, 18\) exceed"),
+    ],
+)
 def test_bad_arguments_are_named(call, error, match):
     with pytest.raises(error, match=match):
         call()

@@ -82,7 +82,8 @@ def test_the_fastest_candidate_wins_per_bucket():
     # Each bucket timed the default and the three candidates on that bucket's inputs.
     assert timer.timed == 4 * len(buckets(1024))
     assert {(tuple(c.items()), t) for c, t in kernel.calls} == {
-        (tuple(c.items()), t) for t in buckets(1024) for c in [{}] + CANDIDATES}
+        (tuple(c.items()), t) for t in buckets(1024) for c in [{}] + CANDIDATES
+    }
 
 
 def test_default_wins_when_nothing_beats_it():
@@ -151,8 +152,7 @@ def test_each_bucket_is_saved_as_it_finishes(tmp_path):
         return {"num_tokens": t}
 
     with pytest.raises(MemoryError):
-        tune(kernel, CANDIDATES, 256, SIG, TuningCache(tmp_path, environment=ENV), factory,
-             timer=timer, progress=False)
+        tune(kernel, CANDIDATES, 256, SIG, TuningCache(tmp_path, environment=ENV), factory, timer=timer, progress=False)
     saved = TuningCache(tmp_path, environment=ENV)
     assert [t for t in buckets(256) if saved.get(SIG, t) is not None] == [1, 2, 4, 8, 16, 32, 64]
 
@@ -258,10 +258,17 @@ def test_tune_on_gpu_picks_the_cheaper_config(tmp_path):
 
     def run(config, inputs):  # the default repeats the GEMM 4 times, the candidate once
         for _ in range(config.get("repeat", 4)):
-            inputs[:, :a.shape[0]] @ a
+            inputs[:, : a.shape[0]] @ a
 
-    result = tune(run, [{"repeat": 1}, {"repeat": 8}], 512, SIG, TuningCache(tmp_path), lambda t:
-                  torch.randn(t, 2048, device="cuda", dtype=torch.bfloat16), timer=CudaTimer(2, 10))
+    result = tune(
+        run,
+        [{"repeat": 1}, {"repeat": 8}],
+        512,
+        SIG,
+        TuningCache(tmp_path),
+        lambda t: torch.randn(t, 2048, device="cuda", dtype=torch.bfloat16),
+        timer=CudaTimer(2, 10),
+    )
     for t, entry in result.entries.items():
         assert entry.config == {"repeat": 1}, (t, entry)
         assert entry.default_us > 2 * entry.best_us
@@ -289,22 +296,40 @@ def test_a_cached_config_that_is_not_a_candidate_is_tuned_anew(tmp_path, caplog)
         result, kernel, _, _ = run_tune(16, TuningCache(tmp_path, environment=ENV))
     assert result.entries[8].config == {"BLOCK_M": best_block_m(8)} and 8 not in result.cached
     assert 16 in result.cached
-    assert any("BLOCK_M\":999" in r.getMessage() and "tuning anew" in r.getMessage() for r in caplog.records)
+    assert any('BLOCK_M":999' in r.getMessage() and "tuning anew" in r.getMessage() for r in caplog.records)
 
 
-@pytest.mark.parametrize("call, error, match", [
-    (lambda k: Tuner(k, CANDIDATES, timer=3), TypeError, "timer: expected a callable"),
-    (lambda k: Tuner(k, CANDIDATES, timer=FakeTimer(k)).tune(SIG, 8, InputFactory(), "cache_dir"), TypeError,
-     "cache: expected a TuningCache or None, got str"),
-    (lambda k: Tuner(k, CANDIDATES, timer=FakeTimer(k)).tune(SIG, 8, InputFactory(), force="no"), TypeError,
-     "force: expected a bool"),
-    (lambda k: Tuner(k, CANDIDATES, timer=FakeTimer(k)).tune(SIG, 8, InputFactory(), progress=1), TypeError,
-     "progress: expected a bool"),
-    (lambda k: Tuner(k, CANDIDATES, timer=FakeTimer(k)).tune(SIG, 8.0, InputFactory()), TypeError,
-     "max_num_tokens: expected an int"),
-    (lambda k: Tuner(k, CANDIDATES, timer=FakeTimer(k)).tune(SIG, 8, InputFactory(), min_num_tokens=9), ValueError,
-     r"min_num_tokens: expected at most max_num_tokens \(8\)"),
-])
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda k: Tuner(k, CANDIDATES, timer=3), TypeError, "timer: expected a callable"),
+        (
+            lambda k: Tuner(k, CANDIDATES, timer=FakeTimer(k)).tune(SIG, 8, InputFactory(), "cache_dir"),
+            TypeError,
+            "cache: expected a TuningCache or None, got str",
+        ),
+        (
+            lambda k: Tuner(k, CANDIDATES, timer=FakeTimer(k)).tune(SIG, 8, InputFactory(), force="no"),
+            TypeError,
+            "force: expected a bool",
+        ),
+        (
+            lambda k: Tuner(k, CANDIDATES, timer=FakeTimer(k)).tune(SIG, 8, InputFactory(), progress=1),
+            TypeError,
+            "progress: expected a bool",
+        ),
+        (
+            lambda k: Tuner(k, CANDIDATES, timer=FakeTimer(k)).tune(SIG, 8.0, InputFactory()),
+            TypeError,
+            "max_num_tokens: expected an int",
+        ),
+        (
+            lambda k: Tuner(k, CANDIDATES, timer=FakeTimer(k)).tune(SIG, 8, InputFactory(), min_num_tokens=9),
+            ValueError,
+            r"min_num_tokens: expected at most max_num_tokens \(8\)",
+        ),
+    ],
+)
 def test_bad_tuner_arguments_are_named(call, error, match):
     with pytest.raises(error, match=match):
         call(FakeKernel())

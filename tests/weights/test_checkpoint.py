@@ -9,7 +9,7 @@ import pytest
 from moe_backend.weights.checkpoint import Checkpoint, read_config
 
 
-@pytest.mark.parametrize("content", [b"{\"hidden_size\": 256,", b"\xff\xfe\x00", b""])
+@pytest.mark.parametrize("content", [b'{"hidden_size": 256,', b"\xff\xfe\x00", b""])
 def test_unreadable_config_names_the_file(tmp_path, content):
     (tmp_path / "config.json").write_bytes(content)
     with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'config.json'}: not a readable JSON file")) as info:

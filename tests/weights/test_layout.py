@@ -38,9 +38,9 @@ def test_interleave_groups_and_inverse(group, nvfp4):
     v = interleave_gated_rows(w, group)
     for blk in range(I // group):
         rows = slice(2 * blk * group, (2 * blk + 1) * group)
-        assert torch.equal(v[:, rows], w[:, blk * group:(blk + 1) * group])
+        assert torch.equal(v[:, rows], w[:, blk * group : (blk + 1) * group])
         rows = slice((2 * blk + 1) * group, (2 * blk + 2) * group)
-        assert torch.equal(v[:, rows], w[:, I + blk * group:I + (blk + 1) * group])
+        assert torch.equal(v[:, rows], w[:, I + blk * group : I + (blk + 1) * group])
     assert torch.equal(deinterleave_gated_rows(v, group), w)
 
 

@@ -36,17 +36,29 @@ CASES = [
     ("nvfp4", f"{EXPERT}.weight_scale_2", lambda p, k: torch.tensor(-1e-3), "finite positive scale, got -0.001"),
     ("nvfp4", f"{EXPERT}.weight_scale_2", lambda p, k: torch.tensor([float("inf")]), "finite positive scale, got inf"),
     ("nvfp4", f"{SHARED}.weight_scale_2", lambda p, k: torch.tensor(-1.0), "finite positive scale, got -1.0"),
-    ("nvfp4", f"{EXPERT}.weight_scale", lambda p, k: _with(p, k, 3 * 16 + 5, float("nan")),
-     r"expected scales finite and >= 0, got nan at index \[3, 5\]"),
-    ("nvfp4", f"{EXPERT}.weight_scale", lambda p, k: _with(p, k, 17, -2.0),
-     r"expected scales finite and >= 0, got -2.0 at index \[1, 1\]"),
+    (
+        "nvfp4",
+        f"{EXPERT}.weight_scale",
+        lambda p, k: _with(p, k, 3 * 16 + 5, float("nan")),
+        r"expected scales finite and >= 0, got nan at index \[3, 5\]",
+    ),
+    (
+        "nvfp4",
+        f"{EXPERT}.weight_scale",
+        lambda p, k: _with(p, k, 17, -2.0),
+        r"expected scales finite and >= 0, got -2.0 at index \[1, 1\]",
+    ),
     ("nvfp4", f"{SHARED}.weight_scale", lambda p, k: _with(p, k, 0, -1.0), r"got -1.0 at index \[0, 0\]"),
     ("fp8", f"{EXPERT}.weight_scale_inv", lambda p, k: _with(p, k, 1, float("nan")), r"got nan at index \[0, 1\]"),
     ("fp8", f"{EXPERT}.weight_scale_inv", lambda p, k: _with(p, k, 0, -0.5), r"got -0.5 at index \[0, 0\]"),
     ("fp8", f"{EXPERT}.weight_scale_inv", lambda p, k: _with(p, k, 1, float("inf")), r"got inf at index \[0, 1\]"),
     ("fp8", f"{SHARED}.weight_scale_inv", lambda p, k: _with(p, k, 0, float("-inf")), r"got -inf at index \[0, 0\]"),
-    ("fp8_tensor", f"{EXPERT}.weight_scale", lambda p, k: torch.tensor(float("-inf")),
-     "finite positive scale, got -inf"),
+    (
+        "fp8_tensor",
+        f"{EXPERT}.weight_scale",
+        lambda p, k: torch.tensor(float("-inf")),
+        "finite positive scale, got -inf",
+    ),
     ("fp8_tensor", f"{SHARED}.input_scale", lambda p, k: torch.tensor(0.0), "finite positive scale, got 0.0"),
 ]
 
@@ -61,17 +73,22 @@ def test_bad_scales_name_the_file_and_tensor(tiny_checkpoints, tmp_path, flavour
     assert str(info.value).startswith(f"{shard_of(path, key)}: {key}: ")
 
 
-@pytest.mark.parametrize("flavour, suffix, value", [
-    ("fp8", "weight", lambda t: t.to(torch.bfloat16)),
-    ("nvfp4", "weight_scale", lambda t: t.float()),
-    ("nvfp4", "weight_scale_2", lambda t: t.double()),
-])
+@pytest.mark.parametrize(
+    "flavour, suffix, value",
+    [
+        ("fp8", "weight", lambda t: t.to(torch.bfloat16)),
+        ("nvfp4", "weight_scale", lambda t: t.float()),
+        ("nvfp4", "weight_scale_2", lambda t: t.double()),
+    ],
+)
 def test_wrong_dtype_names_the_file(tiny_checkpoints, tmp_path, flavour, suffix, value):
     key = f"{EXPERT}.{suffix}"
     src = tiny_checkpoints[flavour]
     path = edited_copy(src, tmp_path / "ckpt", key, value(_stored(src, key)))
-    with Checkpoint(path) as ckpt, pytest.raises(TypeError, match=re.escape(f"{shard_of(path, key)}: {key}: "
-                                                                            "expected dtype")) as info:
+    with (
+        Checkpoint(path) as ckpt,
+        pytest.raises(TypeError, match=re.escape(f"{shard_of(path, key)}: {key}: expected dtype")) as info,
+    ):
         ckpt.linear(EXPERT, SHAPES[EXPERT])
     assert isinstance(info.value.__cause__, TypeError)
 

@@ -52,10 +52,14 @@ def test_fp8_layer_matches_the_checkpoint_blocks(tiny_checkpoints):
     layer = load_moe_layer(path, LAYER)
     assert isinstance(layer, FP8BlockMoE) and not layer.weights.ue8m0
     w13, w2 = layer.weights.dequantize_expert(5)
-    gate = dequantize_fp8_block(_tensor(path, f"{PREFIX}.experts.5.gate_proj.weight"),
-                                _tensor(path, f"{PREFIX}.experts.5.gate_proj.weight_scale_inv"))
-    up = dequantize_fp8_block(_tensor(path, f"{PREFIX}.experts.5.up_proj.weight"),
-                              _tensor(path, f"{PREFIX}.experts.5.up_proj.weight_scale_inv"))
+    gate = dequantize_fp8_block(
+        _tensor(path, f"{PREFIX}.experts.5.gate_proj.weight"),
+        _tensor(path, f"{PREFIX}.experts.5.gate_proj.weight_scale_inv"),
+    )
+    up = dequantize_fp8_block(
+        _tensor(path, f"{PREFIX}.experts.5.up_proj.weight"),
+        _tensor(path, f"{PREFIX}.experts.5.up_proj.weight_scale_inv"),
+    )
     assert torch.equal(w13, torch.cat([gate, up]))
     bf16 = load_moe_layer(tiny_checkpoints["bf16"], LAYER).weights
     # same seeded weights: FP8 e4m3 rounds each weight by at most 2^-4 relative
@@ -73,9 +77,12 @@ def test_nvfp4_layer_keeps_gate_and_up_global_scales_apart(tiny_checkpoints):
     assert gate_s2 != up_s2  # the test means something only if they differ
     assert torch.equal(w.w13_scale_2[e], torch.stack([gate_s2, up_s2]))
     assert torch.equal(w.w2_scale_2[e], _tensor(path, f"{PREFIX}.experts.{e}.down_proj.weight_scale_2"))
-    up = dequantize_nvfp4(_tensor(path, f"{PREFIX}.experts.{e}.up_proj.weight"),
-                          _tensor(path, f"{PREFIX}.experts.{e}.up_proj.weight_scale"), up_s2)
-    assert torch.equal(w.dequantize_expert(e)[0][w.intermediate_size:], up)
+    up = dequantize_nvfp4(
+        _tensor(path, f"{PREFIX}.experts.{e}.up_proj.weight"),
+        _tensor(path, f"{PREFIX}.experts.{e}.up_proj.weight_scale"),
+        up_s2,
+    )
+    assert torch.equal(w.dequantize_expert(e)[0][w.intermediate_size :], up)
     bf16 = load_moe_layer(tiny_checkpoints["bf16"], LAYER).weights
     assert _rel(w.dequantize_expert(e)[0], bf16.w13[e]) < 0.15
 
@@ -84,8 +91,13 @@ def _requantized_w13_loop(path: Path, e: int):
     """ModelOpt FP8 gate/up of expert ``e`` merged to one scale the plain way (vLLM's
     process_fp8_weight_tensor_strategy_moe): scale = max, each half dequantized with its own
     scale and requantized with that one."""
-    stored = {p: (_tensor(path, f"{PREFIX}.experts.{e}.{p}_proj.weight"),
-                  _tensor(path, f"{PREFIX}.experts.{e}.{p}_proj.weight_scale")) for p in ("gate", "up")}
+    stored = {
+        p: (
+            _tensor(path, f"{PREFIX}.experts.{e}.{p}_proj.weight"),
+            _tensor(path, f"{PREFIX}.experts.{e}.{p}_proj.weight_scale"),
+        )
+        for p in ("gate", "up")
+    }
     scale = max(float(s) for _, s in stored.values())
     halves = []
     for q, s in stored.values():
@@ -111,8 +123,9 @@ def test_fp8_tensor_layer_requantizes_gate_and_up_to_one_scale(tiny_checkpoints)
         # the half holding the larger scale comes back bit for bit
         larger = slice(0, 128) if gate_s > up_s else slice(128, 256)
         assert torch.equal(w.w13[e, larger].view(torch.uint8), (gate_q if gate_s > up_s else up_q).view(torch.uint8))
-        assert torch.equal(w.w2[e].view(torch.uint8),
-                           _tensor(path, f"{PREFIX}.experts.{e}.down_proj.weight").view(torch.uint8))
+        assert torch.equal(
+            w.w2[e].view(torch.uint8), _tensor(path, f"{PREFIX}.experts.{e}.down_proj.weight").view(torch.uint8)
+        )
         assert torch.equal(w.w2_scale[e], _tensor(path, f"{PREFIX}.experts.{e}.down_proj.weight_scale"))
     # static activation scales: the largest input_scale of the local experts, one per GEMM input
     nominal = torch.tensor([NOMINAL_ACTIVATION_AMAX / 448.0])
@@ -123,8 +136,10 @@ def test_fp8_tensor_layer_matches_the_float_master_weights(tiny_checkpoints):
     layer = load_moe_layer(tiny_checkpoints["fp8_tensor"], LAYER)
     for e in (0, 7, 15):
         w13, w2 = layer.weights.dequantize_expert(e)
-        master = {p: master_tensor(f"{PREFIX}.experts.{e}.{p}_proj.weight", shape, LINEAR, seed=0)
-                  for p, shape in (("gate", (128, 256)), ("up", (128, 256)), ("down", (256, 128)))}
+        master = {
+            p: master_tensor(f"{PREFIX}.experts.{e}.{p}_proj.weight", shape, LINEAR, seed=0)
+            for p, shape in (("gate", (128, 256)), ("up", (128, 256)), ("down", (256, 128)))
+        }
         # e4m3 rounds by at most 2^-4 relative (about 2.5% rms on Gaussian weights), requantization adds a little
         assert _rel(w13, torch.cat([master["gate"], master["up"]])) < 0.04
         assert _rel(w2, master["down"]) < 0.04
@@ -164,8 +179,9 @@ def test_fp8_tensor_expert_parallel_ranks(tiny_checkpoints):
     for rank in range(4):
         part = load_moe_layer(path, LAYER, ep_rank=rank, ep_size=4).weights
         for name in ("w13", "w13_scale", "w2", "w2_scale"):
-            assert torch.equal(getattr(part, name).view(torch.uint8),
-                               getattr(full, name)[4 * rank: 4 * rank + 4].view(torch.uint8)), name
+            assert torch.equal(
+                getattr(part, name).view(torch.uint8), getattr(full, name)[4 * rank : 4 * rank + 4].view(torch.uint8)
+            ), name
         assert torch.equal(part.a13_scale, full.a13_scale) and torch.equal(part.a2_scale, full.a2_scale)
 
 
@@ -189,17 +205,33 @@ def test_fp8_tensor_static_scale_is_the_max_and_absent_means_dynamic(tiny_checkp
     assert w.a13_scale is None and w.a2_scale is None
 
 
-@pytest.mark.parametrize("key, value, error, match", [
-    ("experts.6.up_proj.input_scale", None, ValueError,
-     r"experts: 1 of the local experts' gate_proj/up_proj have no input_scale and 31 have one"),
-    ("experts.6.down_proj.weight_scale", torch.tensor(0.0), ValueError, "expected a finite positive scale, got 0.0"),
-    ("experts.6.gate_proj.weight_scale", torch.tensor(float("nan")), ValueError, "finite positive scale, got nan"),
-    ("experts.6.gate_proj.input_scale", torch.tensor(-1.0), ValueError, "finite positive scale, got -1.0"),
-    ("experts.6.gate_proj.weight_scale", torch.ones(2), ValueError, r"expected a scalar, got shape \(2,\)"),
-    ("experts.6.gate_proj.weight_scale", torch.tensor(1.0, dtype=torch.float16), TypeError,
-     "expected dtype torch.float32, got torch.float16"),
-    ("experts.6.gate_proj.weight_scale", None, ValueError, "is missing from the checkpoint"),
-])
+@pytest.mark.parametrize(
+    "key, value, error, match",
+    [
+        (
+            "experts.6.up_proj.input_scale",
+            None,
+            ValueError,
+            r"experts: 1 of the local experts' gate_proj/up_proj have no input_scale and 31 have one",
+        ),
+        (
+            "experts.6.down_proj.weight_scale",
+            torch.tensor(0.0),
+            ValueError,
+            "expected a finite positive scale, got 0.0",
+        ),
+        ("experts.6.gate_proj.weight_scale", torch.tensor(float("nan")), ValueError, "finite positive scale, got nan"),
+        ("experts.6.gate_proj.input_scale", torch.tensor(-1.0), ValueError, "finite positive scale, got -1.0"),
+        ("experts.6.gate_proj.weight_scale", torch.ones(2), ValueError, r"expected a scalar, got shape \(2,\)"),
+        (
+            "experts.6.gate_proj.weight_scale",
+            torch.tensor(1.0, dtype=torch.float16),
+            TypeError,
+            "expected dtype torch.float32, got torch.float16",
+        ),
+        ("experts.6.gate_proj.weight_scale", None, ValueError, "is missing from the checkpoint"),
+    ],
+)
 def test_fp8_tensor_bad_tensors_are_named(tiny_checkpoints, tmp_path, key, value, error, match):
     path = edited_copy(tiny_checkpoints["fp8_tensor"], tmp_path / "ckpt", f"{PREFIX}.{key}", value)
     with pytest.raises(error, match=match):
@@ -210,8 +242,9 @@ def test_fp8_tensor_scale_stored_as_shape_1_is_accepted(tiny_checkpoints, tmp_pa
     key = f"{PREFIX}.experts.6.gate_proj.weight_scale"
     value = _tensor(tiny_checkpoints["fp8_tensor"], key)
     path = edited_copy(tiny_checkpoints["fp8_tensor"], tmp_path / "ckpt", key, value.reshape(1))
-    assert torch.equal(load_moe_layer(path, LAYER).weights.w13,
-                       load_moe_layer(tiny_checkpoints["fp8_tensor"], LAYER).weights.w13)
+    assert torch.equal(
+        load_moe_layer(path, LAYER).weights.w13, load_moe_layer(tiny_checkpoints["fp8_tensor"], LAYER).weights.w13
+    )
 
 
 def test_router_and_shared_experts(tiny_checkpoints):
@@ -237,7 +270,7 @@ def test_expert_parallel_ranks_partition_the_layer(tiny_checkpoints, flavour):
         part = load_moe_layer(path, LAYER, ep_rank=rank, ep_size=4)
         assert part.config.local_expert_offset == 4 * rank and part.weights.num_experts == 4
         for name, t in part.weights.tensors().items():
-            assert torch.equal(t, full.weights.tensors()[name][4 * rank: 4 * rank + 4]), name
+            assert torch.equal(t, full.weights.tensors()[name][4 * rank : 4 * rank + 4]), name
         total += part.forward(hidden, logits).float()
     assert _rel(total, full.forward(hidden, logits).float()) < 1e-2  # each rank rounds its share to bf16
 
@@ -251,8 +284,9 @@ def test_local_experts_errors():
 
 
 def test_exclusions_leave_experts_in_bf16(tmp_path):
-    dirs = make_checkpoints(tmp_path, flavours=["bf16", "nvfp4", "fp8", "fp8_tensor"],
-                            extra_exclusions=[f"{PREFIX}.experts"])
+    dirs = make_checkpoints(
+        tmp_path, flavours=["bf16", "nvfp4", "fp8", "fp8_tensor"], extra_exclusions=[f"{PREFIX}.experts"]
+    )
     layers = load_moe_layers(dirs["nvfp4"], progress=False)
     assert [type(layers[i]) for i in (1, 2, 3)] == [NVFP4MoE, BF16MoE, NVFP4MoE]
     assert torch.equal(layers[2].weights.w13, load_moe_layer(dirs["bf16"], 2).weights.w13)
@@ -323,8 +357,10 @@ def test_bad_layer_and_directory(tiny_checkpoints, tmp_path):
 def test_fp8_experts_need_whole_blocks(tmp_path):
     shape = dataclasses.replace(TINY, moe_intermediate_size=96)
     dirs = make_checkpoints(tmp_path, shape, flavours=["fp8"])
-    with pytest.raises(ValueError, match="FP8 block experts need hidden_size and moe_intermediate_size "
-                                         "that are multiples of 128, got H=256, I=96"):
+    with pytest.raises(
+        ValueError,
+        match="FP8 block experts need hidden_size and moe_intermediate_size that are multiples of 128, got H=256, I=96",
+    ):
         load_moe_layer(dirs["fp8"], 1)
 
 
@@ -337,15 +373,18 @@ def test_non_finite_correction_bias_names_the_file(tiny_checkpoints, tmp_path):
         load_moe_layer(path, LAYER)
 
 
-@pytest.mark.parametrize("call, error, match", [
-    (lambda p: load_moe_layer(123, LAYER), TypeError, "path: expected a str or os.PathLike"),
-    (lambda p: load_moe_layer(p, "2"), TypeError, "layer: expected an int"),
-    (lambda p: load_moe_layer(p, LAYER, device=3), TypeError, "device: expected a torch.device or str"),
-    (lambda p: load_moe_layer(p, LAYER, device="gpu7"), ValueError, "device: expected a device"),
-    (lambda p: load_moe_layer(p, LAYER, kernel=None), TypeError, "kernel: expected a str"),
-    (lambda p: load_moe_layer(p, LAYER, ep_size=2.0), TypeError, "ep_size: expected an int"),
-    (lambda p: read_moe_layer(str(p), LAYER), TypeError, "ckpt: expected a Checkpoint"),
-])
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda p: load_moe_layer(123, LAYER), TypeError, "path: expected a str or os.PathLike"),
+        (lambda p: load_moe_layer(p, "2"), TypeError, "layer: expected an int"),
+        (lambda p: load_moe_layer(p, LAYER, device=3), TypeError, "device: expected a torch.device or str"),
+        (lambda p: load_moe_layer(p, LAYER, device="gpu7"), ValueError, "device: expected a device"),
+        (lambda p: load_moe_layer(p, LAYER, kernel=None), TypeError, "kernel: expected a str"),
+        (lambda p: load_moe_layer(p, LAYER, ep_size=2.0), TypeError, "ep_size: expected an int"),
+        (lambda p: read_moe_layer(str(p), LAYER), TypeError, "ckpt: expected a Checkpoint"),
+    ],
+)
 def test_bad_loader_arguments_are_named(tiny_checkpoints, call, error, match):
     with pytest.raises(error, match=match):
         call(tiny_checkpoints["bf16"])

@@ -26,17 +26,23 @@ def test_official_fp8_quantizes_all_linears_but_router_and_head():
 
 
 def test_fp8_ue8m0_and_exclusions():
-    spec = QuantSpec.from_quantization_config({**OFFICIAL_FP8, "scale_fmt": "ue8m0",
-                                               "modules_to_not_convert": ["model.layers.3.mlp.experts"]})
+    spec = QuantSpec.from_quantization_config(
+        {**OFFICIAL_FP8, "scale_fmt": "ue8m0", "modules_to_not_convert": ["model.layers.3.mlp.experts"]}
+    )
     assert spec.ue8m0
     assert spec.format_of(EXPERT) == BF16
     assert spec.format_of("model.layers.4.mlp.experts.7.gate_proj") == FP8_BLOCK
 
 
 def test_modelopt_nvfp4_from_hf_quant_config(tmp_path):
-    hf_quant = {"producer": {"name": "modelopt"},
-                "quantization": {"quant_algo": "NVFP4", "group_size": 16,
-                                 "exclude_modules": ["lm_head", "model.layers.*.self_attn*"]}}
+    hf_quant = {
+        "producer": {"name": "modelopt"},
+        "quantization": {
+            "quant_algo": "NVFP4",
+            "group_size": 16,
+            "exclude_modules": ["lm_head", "model.layers.*.self_attn*"],
+        },
+    }
     (tmp_path / HF_QUANT_CONFIG).write_text(json.dumps(hf_quant))
     spec = QuantSpec.from_checkpoint(tmp_path, {"model_type": "deepseek_v3"})
     assert spec.method == NVFP4
@@ -45,10 +51,16 @@ def test_modelopt_nvfp4_from_hf_quant_config(tmp_path):
     assert spec.format_of("model.layers.3.mlp.shared_experts.down_proj") == NVFP4
 
 
-@pytest.mark.parametrize("qc", [
-    {"quant_method": "modelopt", "quant_algo": "NVFP4", "group_size": 16, "ignore": ["model.layers.3.mlp*"]},
-    {"quant_method": "modelopt", "quantization": {"quant_algo": "NVFP4", "exclude_modules": ["model.layers.3.mlp*"]}},
-])
+@pytest.mark.parametrize(
+    "qc",
+    [
+        {"quant_method": "modelopt", "quant_algo": "NVFP4", "group_size": 16, "ignore": ["model.layers.3.mlp*"]},
+        {
+            "quant_method": "modelopt",
+            "quantization": {"quant_algo": "NVFP4", "exclude_modules": ["model.layers.3.mlp*"]},
+        },
+    ],
+)
 def test_modelopt_nvfp4_from_config_json(tmp_path, qc):
     # config.json wins over a stale hf_quant_config.json
     (tmp_path / HF_QUANT_CONFIG).write_text(json.dumps({"quantization": {"quant_algo": "FP8"}}))
@@ -59,9 +71,14 @@ def test_modelopt_nvfp4_from_config_json(tmp_path, qc):
 
 
 def test_modelopt_fp8_from_hf_quant_config(tmp_path):
-    hf_quant = {"producer": {"name": "modelopt", "version": "0.29.0"},
-                "quantization": {"quant_algo": "FP8", "kv_cache_quant_algo": "FP8",
-                                 "exclude_modules": ["lm_head", "model.layers.0.self_attn*"]}}
+    hf_quant = {
+        "producer": {"name": "modelopt", "version": "0.29.0"},
+        "quantization": {
+            "quant_algo": "FP8",
+            "kv_cache_quant_algo": "FP8",
+            "exclude_modules": ["lm_head", "model.layers.0.self_attn*"],
+        },
+    }
     (tmp_path / HF_QUANT_CONFIG).write_text(json.dumps(hf_quant))
     spec = QuantSpec.from_checkpoint(tmp_path, {"model_type": "deepseek_v3"})
     assert spec == QuantSpec(FP8_TENSOR, ("lm_head", "model.layers.0.self_attn*"))
@@ -72,14 +89,28 @@ def test_modelopt_fp8_from_hf_quant_config(tmp_path):
     assert spec.format_of("model.layers.3.mlp.gate") == BF16 and spec.format_of("lm_head") == BF16
 
 
-@pytest.mark.parametrize("qc", [
-    # what vLLM reads as quant_method modelopt: the flat form (ignore or exclude_modules) and the nested one
-    {"quant_method": "modelopt", "quant_algo": "FP8", "ignore": ["model.layers.3.mlp.experts*"],
-     "kv_cache_scheme": None, "producer": {"name": "modelopt"}},
-    {"quant_method": "modelopt", "quant_algo": "FP8", "exclude_modules": ["model.layers.3.mlp.experts*"]},
-    {"quant_method": "modelopt", "quantization": {"quant_algo": "FP8", "kv_cache_quant_algo": None,
-                                                  "exclude_modules": ["model.layers.3.mlp.experts*"]}},
-])
+@pytest.mark.parametrize(
+    "qc",
+    [
+        # what vLLM reads as quant_method modelopt: the flat form (ignore or exclude_modules) and the nested one
+        {
+            "quant_method": "modelopt",
+            "quant_algo": "FP8",
+            "ignore": ["model.layers.3.mlp.experts*"],
+            "kv_cache_scheme": None,
+            "producer": {"name": "modelopt"},
+        },
+        {"quant_method": "modelopt", "quant_algo": "FP8", "exclude_modules": ["model.layers.3.mlp.experts*"]},
+        {
+            "quant_method": "modelopt",
+            "quantization": {
+                "quant_algo": "FP8",
+                "kv_cache_quant_algo": None,
+                "exclude_modules": ["model.layers.3.mlp.experts*"],
+            },
+        },
+    ],
+)
 def test_modelopt_fp8_from_config_json(tmp_path, qc):
     # config.json wins over a stale hf_quant_config.json
     (tmp_path / HF_QUANT_CONFIG).write_text(json.dumps({"quantization": {"quant_algo": "NVFP4"}}))
@@ -89,21 +120,26 @@ def test_modelopt_fp8_from_config_json(tmp_path, qc):
     assert spec.format_of("model.layers.4.mlp.experts.0.up_proj") == FP8_TENSOR
 
 
-@pytest.mark.parametrize("qc, match", [
-    ({"quant_method": "gptq", "bits": 4}, "quant_method 'gptq' is not supported"),
-    ({**OFFICIAL_FP8, "fmt": "e5m2"}, "fmt 'e5m2' is not supported"),
-    ({**OFFICIAL_FP8, "weight_block_size": [64, 64]}, r"weight_block_size \[64, 64\] is not supported"),
-    ({**OFFICIAL_FP8, "weight_block_size": None}, "weight_block_size"),
-    ({**OFFICIAL_FP8, "activation_scheme": "static"}, "activation_scheme 'static' is not supported"),
-    ({**OFFICIAL_FP8, "scale_fmt": "e8m0x"}, "scale_fmt 'e8m0x' is not supported"),
-    ({"quant_method": "modelopt", "quant_algo": "FP8_PER_CHANNEL_PER_TOKEN"},
-     r"quant_algo 'FP8_PER_CHANNEL_PER_TOKEN' is not supported \(supported: \['FP8', 'NVFP4'\]\)"),
-    ({"quant_method": "modelopt", "quant_algo": "FP8_PB_WO"}, "quant_algo 'FP8_PB_WO' is not supported"),
-    ({"quant_method": "modelopt"}, "quant_algo None is not supported"),
-    ({"quant_method": "modelopt", "quant_algo": "FP8", "group_size": 128}, "group_size 128 is not supported"),
-    ({"quant_method": "modelopt", "quantization": {"quant_algo": "INT4_AWQ"}}, "quant_algo 'INT4_AWQ'"),
-    ({"quant_method": "modelopt", "quant_algo": "NVFP4", "group_size": 32}, "group_size 32 is not supported"),
-])
+@pytest.mark.parametrize(
+    "qc, match",
+    [
+        ({"quant_method": "gptq", "bits": 4}, "quant_method 'gptq' is not supported"),
+        ({**OFFICIAL_FP8, "fmt": "e5m2"}, "fmt 'e5m2' is not supported"),
+        ({**OFFICIAL_FP8, "weight_block_size": [64, 64]}, r"weight_block_size \[64, 64\] is not supported"),
+        ({**OFFICIAL_FP8, "weight_block_size": None}, "weight_block_size"),
+        ({**OFFICIAL_FP8, "activation_scheme": "static"}, "activation_scheme 'static' is not supported"),
+        ({**OFFICIAL_FP8, "scale_fmt": "e8m0x"}, "scale_fmt 'e8m0x' is not supported"),
+        (
+            {"quant_method": "modelopt", "quant_algo": "FP8_PER_CHANNEL_PER_TOKEN"},
+            r"quant_algo 'FP8_PER_CHANNEL_PER_TOKEN' is not supported \(supported: \['FP8', 'NVFP4'\]\)",
+        ),
+        ({"quant_method": "modelopt", "quant_algo": "FP8_PB_WO"}, "quant_algo 'FP8_PB_WO' is not supported"),
+        ({"quant_method": "modelopt"}, "quant_algo None is not supported"),
+        ({"quant_method": "modelopt", "quant_algo": "FP8", "group_size": 128}, "group_size 128 is not supported"),
+        ({"quant_method": "modelopt", "quantization": {"quant_algo": "INT4_AWQ"}}, "quant_algo 'INT4_AWQ'"),
+        ({"quant_method": "modelopt", "quant_algo": "NVFP4", "group_size": 32}, "group_size 32 is not supported"),
+    ],
+)
 def test_unsupported_configs_are_named(qc, match):
     with pytest.raises(ValueError, match=match):
         QuantSpec.from_quantization_config(qc)
@@ -124,9 +160,16 @@ def test_patterns_match_a_module_or_a_dotted_prefix():
     assert not matches_any("model.layers.13.mlp.experts.0.up_proj", ["model.layers.1*.self_attn*"])
 
 
-@pytest.mark.parametrize("spec", [QuantSpec(FP8_BLOCK), QuantSpec(FP8_BLOCK, ("x.y",), ue8m0=True),
-                                  QuantSpec(NVFP4, ("lm_head", "model.layers.*.self_attn*")),
-                                  QuantSpec(FP8_TENSOR), QuantSpec(FP8_TENSOR, ("lm_head", "model.layers.1.mlp*"))])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        QuantSpec(FP8_BLOCK),
+        QuantSpec(FP8_BLOCK, ("x.y",), ue8m0=True),
+        QuantSpec(NVFP4, ("lm_head", "model.layers.*.self_attn*")),
+        QuantSpec(FP8_TENSOR),
+        QuantSpec(FP8_TENSOR, ("lm_head", "model.layers.1.mlp*")),
+    ],
+)
 def test_config_entries_read_back(tmp_path, spec):
     qc, hf_quant = spec.config_entries()
     assert QuantSpec.from_quantization_config(qc) == spec
@@ -137,9 +180,10 @@ def test_config_entries_read_back(tmp_path, spec):
 def test_modelopt_fp8_config_entries_are_modelopts():
     qc, hf_quant = QuantSpec(FP8_TENSOR, ("lm_head",)).config_entries()
     assert qc == {"quant_method": "modelopt", "quant_algo": "FP8", "ignore": ["lm_head"]}
-    assert hf_quant == {"producer": {"name": "modelopt"},
-                        "quantization": {"quant_algo": "FP8", "kv_cache_quant_algo": None,
-                                         "exclude_modules": ["lm_head"]}}
+    assert hf_quant == {
+        "producer": {"name": "modelopt"},
+        "quantization": {"quant_algo": "FP8", "kv_cache_quant_algo": None, "exclude_modules": ["lm_head"]},
+    }
 
 
 @pytest.mark.parametrize("text", ["{not json", "\udcff"])
@@ -159,13 +203,19 @@ def test_errors_name_the_checkpoint_files(tmp_path):
         QuantSpec.from_checkpoint(tmp_path, {})
 
 
-@pytest.mark.parametrize("build, error, match", [
-    (lambda: QuantSpec.from_quantization_config({**OFFICIAL_FP8, "weight_block_size": 128}), ValueError,
-     "weight_block_size 128 is not supported"),
-    (lambda: QuantSpec(FP8_BLOCK, ue8m0="yes"), TypeError, "ue8m0: expected a bool"),
-    (lambda: QuantSpec(FP8_BLOCK, exclude_modules="lm_head"), TypeError, "exclude_modules: expected a list"),
-    (lambda: QuantSpec(FP8_BLOCK).format_of(3), TypeError, "module: expected a str"),
-])
+@pytest.mark.parametrize(
+    "build, error, match",
+    [
+        (
+            lambda: QuantSpec.from_quantization_config({**OFFICIAL_FP8, "weight_block_size": 128}),
+            ValueError,
+            "weight_block_size 128 is not supported",
+        ),
+        (lambda: QuantSpec(FP8_BLOCK, ue8m0="yes"), TypeError, "ue8m0: expected a bool"),
+        (lambda: QuantSpec(FP8_BLOCK, exclude_modules="lm_head"), TypeError, "exclude_modules: expected a list"),
+        (lambda: QuantSpec(FP8_BLOCK).format_of(3), TypeError, "module: expected a str"),
+    ],
+)
 def test_bad_fields_are_named(build, error, match):
     with pytest.raises(error, match=match):
         build()

@@ -52,15 +52,18 @@ def test_damaged_single_file_is_named(tmp_path):
         ShardedReader(tmp_path)
 
 
-@pytest.mark.parametrize("index_text, match", [
-    ("{not json", "not a readable JSON file"),
-    ("[1, 2]", "expected a 'weight_map' object"),
-    ('{"weight_map": []}', "expected a 'weight_map' object"),
-    ('{"weight_map": {"a": 3}}', "expected 'weight_map' to map tensor names to shard file names"),
-    ('{"weight_map": {"a": "../outside.safetensors"}}', "is not a file inside the checkpoint directory"),
-    ('{"weight_map": {"a": "/etc/passwd"}}', "is not a file inside the checkpoint directory"),
-    ('{"weight_map": {"a": "missing.safetensors"}}', "shard 'missing.safetensors' listed in"),
-])
+@pytest.mark.parametrize(
+    "index_text, match",
+    [
+        ("{not json", "not a readable JSON file"),
+        ("[1, 2]", "expected a 'weight_map' object"),
+        ('{"weight_map": []}', "expected a 'weight_map' object"),
+        ('{"weight_map": {"a": 3}}', "expected 'weight_map' to map tensor names to shard file names"),
+        ('{"weight_map": {"a": "../outside.safetensors"}}', "is not a file inside the checkpoint directory"),
+        ('{"weight_map": {"a": "/etc/passwd"}}', "is not a file inside the checkpoint directory"),
+        ('{"weight_map": {"a": "missing.safetensors"}}', "shard 'missing.safetensors' listed in"),
+    ],
+)
 def test_bad_index_is_named(tmp_path, index_text, match):
     (tmp_path / INDEX_FILE).write_text(index_text)
     with pytest.raises(ValueError, match=match) as info:
@@ -75,11 +78,14 @@ def test_binary_index_is_named_with_cause(tmp_path):
     assert info.value.__cause__ is not None
 
 
-@pytest.mark.parametrize("kwargs, error, match", [
-    ({"path": 123}, TypeError, "path: expected a str or os.PathLike"),
-    ({"release_bytes": -1}, ValueError, "release_bytes: expected an int >= 0"),
-    ({"release_bytes": 1.5}, TypeError, "release_bytes: expected an int"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"path": 123}, TypeError, "path: expected a str or os.PathLike"),
+        ({"release_bytes": -1}, ValueError, "release_bytes: expected an int >= 0"),
+        ({"release_bytes": 1.5}, TypeError, "release_bytes: expected an int"),
+    ],
+)
 def test_bad_arguments_are_named(tmp_path, kwargs, error, match):
     save_file({"x": torch.zeros(2)}, str(tmp_path / SINGLE_FILE))
     with pytest.raises(error, match=match):

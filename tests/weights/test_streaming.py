@@ -12,8 +12,9 @@ from moe_backend.weights.loader import iter_moe_layers
 from moe_backend.weights.memory import supported, track_peak_rss
 
 #: 6 MoE layers of 32 experts, H 512, I 256: 25 MB of bf16 experts a layer, 151 MB in all.
-SHAPE = dataclasses.replace(TINY, hidden_size=512, moe_intermediate_size=256, n_routed_experts=32,
-                            num_hidden_layers=7, n_group=4, topk_group=2)
+SHAPE = dataclasses.replace(
+    TINY, hidden_size=512, moe_intermediate_size=256, n_routed_experts=32, num_hidden_layers=7, n_group=4, topk_group=2
+)
 RELEASE_BYTES = 4 << 20
 
 

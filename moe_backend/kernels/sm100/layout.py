@@ -48,17 +48,20 @@ def _check_multiples(name: str, h: int, i: int, h_multiple: int, i_multiple: int
         raise ValueError(
             f"weights: FlashInfer's TRT-LLM-gen {name} MoE needs a hidden size that is a multiple of {h_multiple} "
             f"and an intermediate size that is a multiple of {i_multiple} (its 128-row epilogue tile), "
-            f"got H={h}, I={i}")
+            f"got H={h}, I={i}"
+        )
 
 
 def _permutations(w13: torch.Tensor, w2: torch.Tensor, num_elts_per_sf=None):
     """FlashInfer's row permutations of one expert's GEMM1 ``[2I, K]`` and GEMM2 ``[H, K']`` (uint8 views)."""
     from flashinfer.fused_moe.core import _maybe_get_cached_w3_w1_permute_indices, get_w2_permute_indices_with_cache
 
-    p13 = _maybe_get_cached_w3_w1_permute_indices(_PERMUTE_CACHE, w13, EPILOGUE_TILE_M,
-                                                  num_elts_per_sf=num_elts_per_sf, is_gated_act_gemm=True)
-    p2 = get_w2_permute_indices_with_cache(_PERMUTE_CACHE, w2, EPILOGUE_TILE_M,
-                                           num_elts_per_sf=num_elts_per_sf, is_gated_act_gemm=True)
+    p13 = _maybe_get_cached_w3_w1_permute_indices(
+        _PERMUTE_CACHE, w13, EPILOGUE_TILE_M, num_elts_per_sf=num_elts_per_sf, is_gated_act_gemm=True
+    )
+    p2 = get_w2_permute_indices_with_cache(
+        _PERMUTE_CACHE, w2, EPILOGUE_TILE_M, num_elts_per_sf=num_elts_per_sf, is_gated_act_gemm=True
+    )
     return p13.to(w13.device), p2.to(w2.device)
 
 
@@ -85,13 +88,13 @@ class FP8BlockLayout(ExpertShapes):
 
 
 def prepare_fp8_block(weights: FP8BlockWeights) -> FP8BlockLayout:
-    return FP8BlockLayout(up_gate(weights.w13), up_gate(weights.w13_scale), weights.w2, weights.w2_scale,
-                          weights.ue8m0)
+    return FP8BlockLayout(up_gate(weights.w13), up_gate(weights.w13_scale), weights.w2, weights.w2_scale, weights.ue8m0)
 
 
 def restore_fp8_block(prepared: FP8BlockLayout) -> FP8BlockWeights:
-    return FP8BlockWeights(up_gate(prepared.w13), up_gate(prepared.w13_scale), prepared.w2, prepared.w2_scale,
-                           prepared.ue8m0)
+    return FP8BlockWeights(
+        up_gate(prepared.w13), up_gate(prepared.w13_scale), prepared.w2, prepared.w2_scale, prepared.ue8m0
+    )
 
 
 # -- FP8 per tensor -----------------------------------------------------------------------------
@@ -118,9 +121,11 @@ def prepare_fp8_tensor(weights: FP8TensorWeights) -> FP8TensorLayout:
         raise ValueError(
             "weights: FlashInfer's TRT-LLM-gen FP8 per-tensor MoE needs static activation scales "
             "(a13_scale and a2_scale, a checkpoint's input_scale); these weights quantize activations "
-            "dynamically: use kernel='reference' for them")
-    _check_multiples("FP8 per-tensor", weights.hidden_size, weights.intermediate_size, EPILOGUE_TILE_M,
-                     EPILOGUE_TILE_M // 2)
+            "dynamically: use kernel='reference' for them"
+        )
+    _check_multiples(
+        "FP8 per-tensor", weights.hidden_size, weights.intermediate_size, EPILOGUE_TILE_M, EPILOGUE_TILE_M // 2
+    )
     w13 = up_gate(weights.w13)
     p13, p2 = _permutations(w13[0].view(torch.uint8), weights.w2[0].view(torch.uint8))
     # The kernel multiplies: gate = acc * s_gate, up = acc * s_1 (including the 1/a2 requantization),
@@ -128,15 +133,28 @@ def prepare_fp8_tensor(weights: FP8TensorWeights) -> FP8TensorLayout:
     w13_s, w2_s = weights.w13_scale.double(), weights.w2_scale.double()
     a13, a2 = weights.a13_scale.double(), weights.a2_scale.double()
     return FP8TensorLayout(
-        _rows(w13, p13), _rows(weights.w2, p2), weights.w13_scale, weights.w2_scale, weights.a13_scale,
-        weights.a2_scale, (w13_s * a13 / a2).float(), (w13_s * a13).float(), (w2_s * a2).float())
+        _rows(w13, p13),
+        _rows(weights.w2, p2),
+        weights.w13_scale,
+        weights.w2_scale,
+        weights.a13_scale,
+        weights.a2_scale,
+        (w13_s * a13 / a2).float(),
+        (w13_s * a13).float(),
+        (w2_s * a2).float(),
+    )
 
 
 def restore_fp8_tensor(prepared: FP8TensorLayout) -> FP8TensorWeights:
     p13, p2 = _permutations(prepared.w13[0].view(torch.uint8), prepared.w2[0].view(torch.uint8))
-    return FP8TensorWeights(up_gate(_rows(prepared.w13, _inverse(p13))), prepared.w13_scale,
-                            _rows(prepared.w2, _inverse(p2)), prepared.w2_scale, prepared.a13_scale,
-                            prepared.a2_scale)
+    return FP8TensorWeights(
+        up_gate(_rows(prepared.w13, _inverse(p13))),
+        prepared.w13_scale,
+        _rows(prepared.w2, _inverse(p2)),
+        prepared.w2_scale,
+        prepared.a13_scale,
+        prepared.a2_scale,
+    )
 
 
 # -- NVFP4 --------------------------------------------------------------------------------------
@@ -186,16 +204,28 @@ def prepare_nvfp4(weights: NVFP4Weights) -> NVFP4Layout:
     w13, s13 = up_gate(weights.w13), up_gate(weights.w13_scale)
     p13, p2 = _permutations(w13[0], weights.w2[0])
     sp13, sp2 = _permutations(s13[0].view(torch.uint8), weights.w2_scale[0].view(torch.uint8), NVFP4_SF_VEC)
-    return NVFP4Layout(_rows(w13, p13), _swizzle(s13, sp13), _rows(weights.w2, p2), _swizzle(weights.w2_scale, sp2),
-                       weights.w13_scale_2, weights.w2_scale_2)
+    return NVFP4Layout(
+        _rows(w13, p13),
+        _swizzle(s13, sp13),
+        _rows(weights.w2, p2),
+        _swizzle(weights.w2_scale, sp2),
+        weights.w13_scale_2,
+        weights.w2_scale_2,
+    )
 
 
 def restore_nvfp4(prepared: NVFP4Layout) -> NVFP4Weights:
     p13, p2 = _permutations(prepared.w13[0], prepared.w2[0])
-    sp13, sp2 = _permutations(prepared.w13_scale[0].view(torch.uint8), prepared.w2_scale[0].view(torch.uint8),
-                              NVFP4_SF_VEC)
+    sp13, sp2 = _permutations(
+        prepared.w13_scale[0].view(torch.uint8), prepared.w2_scale[0].view(torch.uint8), NVFP4_SF_VEC
+    )
     s13 = _rows(unswizzle_128x4(prepared.w13_scale.view(torch.uint8)), _inverse(sp13)).view(FP8_DTYPE)
     s2 = _rows(unswizzle_128x4(prepared.w2_scale.view(torch.uint8)), _inverse(sp2)).view(FP8_DTYPE)
-    return NVFP4Weights(w13=up_gate(_rows(prepared.w13, _inverse(p13))), w13_scale=up_gate(s13),
-                        w13_scale_2=prepared.w13_scale_2, w2=_rows(prepared.w2, _inverse(p2)), w2_scale=s2,
-                        w2_scale_2=prepared.w2_scale_2)
+    return NVFP4Weights(
+        w13=up_gate(_rows(prepared.w13, _inverse(p13))),
+        w13_scale=up_gate(s13),
+        w13_scale_2=prepared.w13_scale_2,
+        w2=_rows(prepared.w2, _inverse(p2)),
+        w2_scale=s2,
+        w2_scale_2=prepared.w2_scale_2,
+    )

@@ -57,28 +57,45 @@ def _routing_method(context: LayerContext) -> Dict[str, Any]:
 
     r = context.routing
     if computed_routing_defect(context) is None:
-        return dict(routing_method_type=int(RoutingMethodType.DeepSeekV3), n_group=r.n_group,
-                    topk_group=r.topk_group,
-                    routed_scaling_factor=r.routed_scaling_factor if r.apply_routed_scaling else 1.0)
-    return dict(routing_method_type=int(RoutingMethodType.TopK), n_group=None, topk_group=None,
-                routed_scaling_factor=None)
+        return dict(
+            routing_method_type=int(RoutingMethodType.DeepSeekV3),
+            n_group=r.n_group,
+            topk_group=r.topk_group,
+            routed_scaling_factor=r.routed_scaling_factor if r.apply_routed_scaling else 1.0,
+        )
+    return dict(
+        routing_method_type=int(RoutingMethodType.TopK), n_group=None, topk_group=None, routed_scaling_factor=None
+    )
 
 
-def _shared(prepared: Any, hidden: torch.Tensor, out: torch.Tensor, context: LayerContext,
-            local_expert_offset: int) -> Dict[str, Any]:
+def _shared(
+    prepared: Any, hidden: torch.Tensor, out: torch.Tensor, context: LayerContext, local_expert_offset: int
+) -> Dict[str, Any]:
     from flashinfer.tllm_enums import ActivationType
 
-    return dict(num_experts=context.num_experts, top_k=context.top_k, intermediate_size=prepared.intermediate_size,
-                local_expert_offset=local_expert_offset, local_num_experts=prepared.num_experts,
-                do_finalize=True, tune_max_num_tokens=context.max_num_tokens,
-                activation_type=int(ActivationType.Swiglu), output=out[: hidden.shape[0]],
-                **_routing_method(context))
+    return dict(
+        num_experts=context.num_experts,
+        top_k=context.top_k,
+        intermediate_size=prepared.intermediate_size,
+        local_expert_offset=local_expert_offset,
+        local_num_experts=prepared.num_experts,
+        do_finalize=True,
+        tune_max_num_tokens=context.max_num_tokens,
+        activation_type=int(ActivationType.Swiglu),
+        output=out[: hidden.shape[0]],
+        **_routing_method(context),
+    )
 
 
-def _computed(context: LayerContext, router_logits: torch.Tensor,
-              routing_replay_out: Optional[torch.Tensor]) -> Dict[str, Any]:
-    return dict(routing_logits=router_logits, routing_bias=context.correction_bias,
-                norm_topk_prob=context.routing.norm_topk_prob, routing_replay_out=routing_replay_out)
+def _computed(
+    context: LayerContext, router_logits: torch.Tensor, routing_replay_out: Optional[torch.Tensor]
+) -> Dict[str, Any]:
+    return dict(
+        routing_logits=router_logits,
+        routing_bias=context.correction_bias,
+        norm_topk_prob=context.routing.norm_topk_prob,
+        routing_replay_out=routing_replay_out,
+    )
 
 
 def _routed(ids: torch.Tensor, weights: torch.Tensor) -> Dict[str, Any]:
@@ -93,67 +110,123 @@ def _fp8_block_args(p: FP8BlockLayout, hidden: torch.Tensor) -> Dict[str, Any]:
     # FlashInfer reads the scales transposed, [H/128, T].
     q, s = quantize_fp8_per_token_group(hidden, 128, p.ue8m0)
     s_t = s.new_empty(s.shape[1], s.shape[0]).copy_(s.t())  # row-major strides even for one token
-    return dict(hidden_states=q, hidden_states_scale=s_t, gemm1_weights=p.w13,
-                gemm1_weights_scale=p.w13_scale, gemm2_weights=p.w2, gemm2_weights_scale=p.w2_scale,
-                use_shuffled_weight=False, weight_layout=int(WeightLayout.MajorK),
-                fp8_quantization_type=Fp8QuantizationType.DeepSeekFp8)
+    return dict(
+        hidden_states=q,
+        hidden_states_scale=s_t,
+        gemm1_weights=p.w13,
+        gemm1_weights_scale=p.w13_scale,
+        gemm2_weights=p.w2,
+        gemm2_weights_scale=p.w2_scale,
+        use_shuffled_weight=False,
+        weight_layout=int(WeightLayout.MajorK),
+        fp8_quantization_type=Fp8QuantizationType.DeepSeekFp8,
+    )
 
 
-def run_fp8_block(p: FP8BlockLayout, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, *,
-                  local_expert_offset: int, apply_router_weight_on_input: bool, out: torch.Tensor,
-                  context: LayerContext, routing_replay_out: Optional[torch.Tensor] = None) -> torch.Tensor:
+def run_fp8_block(
+    p: FP8BlockLayout,
+    hidden: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    *,
+    local_expert_offset: int,
+    apply_router_weight_on_input: bool,
+    out: torch.Tensor,
+    context: LayerContext,
+    routing_replay_out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     from flashinfer.fused_moe import trtllm_fp8_block_scale_routed_moe
 
     write_routing_replay(ids, routing_replay_out)  # the routed FP8 block function has no replay output
     if hidden.shape[0]:
-        trtllm_fp8_block_scale_routed_moe(**_routed(ids, weights), **_fp8_block_args(p, hidden),
-                                          **_shared(p, hidden, out, context, local_expert_offset))
+        trtllm_fp8_block_scale_routed_moe(
+            **_routed(ids, weights),
+            **_fp8_block_args(p, hidden),
+            **_shared(p, hidden, out, context, local_expert_offset),
+        )
     return out[: hidden.shape[0]]
 
 
-def run_computed_fp8_block(p: FP8BlockLayout, hidden: torch.Tensor, router_logits: torch.Tensor, *,
-                           local_expert_offset: int, apply_router_weight_on_input: bool, out: torch.Tensor,
-                           context: LayerContext, routing_replay_out: Optional[torch.Tensor] = None) -> torch.Tensor:
+def run_computed_fp8_block(
+    p: FP8BlockLayout,
+    hidden: torch.Tensor,
+    router_logits: torch.Tensor,
+    *,
+    local_expert_offset: int,
+    apply_router_weight_on_input: bool,
+    out: torch.Tensor,
+    context: LayerContext,
+    routing_replay_out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     from flashinfer.fused_moe import trtllm_fp8_block_scale_moe
 
     if hidden.shape[0]:
-        trtllm_fp8_block_scale_moe(**_computed(context, router_logits, routing_replay_out),
-                                   **_fp8_block_args(p, hidden),
-                                   **_shared(p, hidden, out, context, local_expert_offset))
+        trtllm_fp8_block_scale_moe(
+            **_computed(context, router_logits, routing_replay_out),
+            **_fp8_block_args(p, hidden),
+            **_shared(p, hidden, out, context, local_expert_offset),
+        )
     return out[: hidden.shape[0]]
 
 
 # -- FP8 per tensor -----------------------------------------------------------------------------
 def _fp8_tensor_args(p: FP8TensorLayout, hidden: torch.Tensor, apply_router_weight_on_input: bool) -> Dict[str, Any]:
     q, _ = quantize_fp8_per_tensor(hidden, p.a13_scale.reshape(()))  # x / a13, as our reference
-    return dict(hidden_states=q, gemm1_weights=p.w13, output1_scales_scalar=p.output1_scales_scalar,
-                output1_scales_gate_scalar=p.output1_scales_gate_scalar, gemm2_weights=p.w2,
-                output2_scales_scalar=p.output2_scales_scalar,
-                use_routing_scales_on_input=apply_router_weight_on_input)
+    return dict(
+        hidden_states=q,
+        gemm1_weights=p.w13,
+        output1_scales_scalar=p.output1_scales_scalar,
+        output1_scales_gate_scalar=p.output1_scales_gate_scalar,
+        gemm2_weights=p.w2,
+        output2_scales_scalar=p.output2_scales_scalar,
+        use_routing_scales_on_input=apply_router_weight_on_input,
+    )
 
 
-def run_fp8_tensor(p: FP8TensorLayout, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, *,
-                   local_expert_offset: int, apply_router_weight_on_input: bool, out: torch.Tensor,
-                   context: LayerContext, routing_replay_out: Optional[torch.Tensor] = None) -> torch.Tensor:
+def run_fp8_tensor(
+    p: FP8TensorLayout,
+    hidden: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    *,
+    local_expert_offset: int,
+    apply_router_weight_on_input: bool,
+    out: torch.Tensor,
+    context: LayerContext,
+    routing_replay_out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     from flashinfer.fused_moe import trtllm_fp8_per_tensor_scale_routed_moe
 
     if not hidden.shape[0]:
         return out[:0]
-    trtllm_fp8_per_tensor_scale_routed_moe(**_routed(ids, weights), routing_replay_out=routing_replay_out,
-                                           **_fp8_tensor_args(p, hidden, apply_router_weight_on_input),
-                                           **_shared(p, hidden, out, context, local_expert_offset))
+    trtllm_fp8_per_tensor_scale_routed_moe(
+        **_routed(ids, weights),
+        routing_replay_out=routing_replay_out,
+        **_fp8_tensor_args(p, hidden, apply_router_weight_on_input),
+        **_shared(p, hidden, out, context, local_expert_offset),
+    )
     return out[: hidden.shape[0]]
 
 
-def run_computed_fp8_tensor(p: FP8TensorLayout, hidden: torch.Tensor, router_logits: torch.Tensor, *,
-                            local_expert_offset: int, apply_router_weight_on_input: bool, out: torch.Tensor,
-                            context: LayerContext, routing_replay_out: Optional[torch.Tensor] = None) -> torch.Tensor:
+def run_computed_fp8_tensor(
+    p: FP8TensorLayout,
+    hidden: torch.Tensor,
+    router_logits: torch.Tensor,
+    *,
+    local_expert_offset: int,
+    apply_router_weight_on_input: bool,
+    out: torch.Tensor,
+    context: LayerContext,
+    routing_replay_out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     from flashinfer.fused_moe import trtllm_fp8_per_tensor_scale_moe
 
     if hidden.shape[0]:
-        trtllm_fp8_per_tensor_scale_moe(**_computed(context, router_logits, routing_replay_out),
-                                        **_fp8_tensor_args(p, hidden, apply_router_weight_on_input),
-                                        **_shared(p, hidden, out, context, local_expert_offset))
+        trtllm_fp8_per_tensor_scale_moe(
+            **_computed(context, router_logits, routing_replay_out),
+            **_fp8_tensor_args(p, hidden, apply_router_weight_on_input),
+            **_shared(p, hidden, out, context, local_expert_offset),
+        )
     return out[: hidden.shape[0]]
 
 
@@ -165,33 +238,66 @@ def _nvfp4_args(p: NVFP4Layout, hidden: torch.Tensor) -> Dict[str, Any]:
 
     # NVFP4 x NVFP4 with FlashInfer's unit global scale (its weight view assumes the same).
     q, sf = prepare_trtllm_fp4_activations(hidden, quant=QuantConfig(QuantFormat.NVFP4, QuantFormat.NVFP4))
-    return dict(hidden_states=q, hidden_states_scale=sf, hidden_states_scale_layout=SfLayout.layout_linear,
-                gemm1_weights=p.w13, gemm1_weights_scale=p.w13_scale, gemm1_bias=None, gemm1_alpha=None,
-                gemm1_beta=None, gemm1_clamp_limit=None, gemm2_weights=p.w2, gemm2_weights_scale=p.w2_scale,
-                gemm2_bias=None, output1_scale_scalar=p.w13_scale_2[:, 1].contiguous(),
-                output1_scale_gate_scalar=p.w13_scale_2[:, 0].contiguous(), output2_scale_scalar=p.w2_scale_2)
+    return dict(
+        hidden_states=q,
+        hidden_states_scale=sf,
+        hidden_states_scale_layout=SfLayout.layout_linear,
+        gemm1_weights=p.w13,
+        gemm1_weights_scale=p.w13_scale,
+        gemm1_bias=None,
+        gemm1_alpha=None,
+        gemm1_beta=None,
+        gemm1_clamp_limit=None,
+        gemm2_weights=p.w2,
+        gemm2_weights_scale=p.w2_scale,
+        gemm2_bias=None,
+        output1_scale_scalar=p.w13_scale_2[:, 1].contiguous(),
+        output1_scale_gate_scalar=p.w13_scale_2[:, 0].contiguous(),
+        output2_scale_scalar=p.w2_scale_2,
+    )
 
 
-def run_nvfp4(p: NVFP4Layout, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, *,
-              local_expert_offset: int, apply_router_weight_on_input: bool, out: torch.Tensor,
-              context: LayerContext, routing_replay_out: Optional[torch.Tensor] = None) -> torch.Tensor:
+def run_nvfp4(
+    p: NVFP4Layout,
+    hidden: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    *,
+    local_expert_offset: int,
+    apply_router_weight_on_input: bool,
+    out: torch.Tensor,
+    context: LayerContext,
+    routing_replay_out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     from flashinfer.fused_moe import trtllm_fp4_block_scale_routed_moe
 
     write_routing_replay(ids, routing_replay_out)  # the routed FP4 function has no replay output
     if hidden.shape[0]:
-        trtllm_fp4_block_scale_routed_moe(**_routed(ids, weights), **_nvfp4_args(p, hidden),
-                                          **_shared(p, hidden, out, context, local_expert_offset))
+        trtllm_fp4_block_scale_routed_moe(
+            **_routed(ids, weights), **_nvfp4_args(p, hidden), **_shared(p, hidden, out, context, local_expert_offset)
+        )
     return out[: hidden.shape[0]]
 
 
-def run_computed_nvfp4(p: NVFP4Layout, hidden: torch.Tensor, router_logits: torch.Tensor, *,
-                       local_expert_offset: int, apply_router_weight_on_input: bool, out: torch.Tensor,
-                       context: LayerContext, routing_replay_out: Optional[torch.Tensor] = None) -> torch.Tensor:
+def run_computed_nvfp4(
+    p: NVFP4Layout,
+    hidden: torch.Tensor,
+    router_logits: torch.Tensor,
+    *,
+    local_expert_offset: int,
+    apply_router_weight_on_input: bool,
+    out: torch.Tensor,
+    context: LayerContext,
+    routing_replay_out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     from flashinfer.fused_moe import trtllm_fp4_block_scale_moe
 
     if hidden.shape[0]:
-        trtllm_fp4_block_scale_moe(**_computed(context, router_logits, routing_replay_out), **_nvfp4_args(p, hidden),
-                                   **_shared(p, hidden, out, context, local_expert_offset))
+        trtllm_fp4_block_scale_moe(
+            **_computed(context, router_logits, routing_replay_out),
+            **_nvfp4_args(p, hidden),
+            **_shared(p, hidden, out, context, local_expert_offset),
+        )
     return out[: hidden.shape[0]]
 
 
@@ -199,12 +305,20 @@ def run_computed_nvfp4(p: NVFP4Layout, hidden: torch.Tensor, router_logits: torc
 _RUNS: Dict[type, Tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor]]] = {
     FP8BlockLayout: (run_fp8_block, run_computed_fp8_block),
     FP8TensorLayout: (run_fp8_tensor, run_computed_fp8_tensor),
-    NVFP4Layout: (run_nvfp4, run_computed_nvfp4)}
+    NVFP4Layout: (run_nvfp4, run_computed_nvfp4),
+}
 
 
 # -- warm-up ------------------------------------------------------------------------------------
-def warmup(prepared: Any, context: LayerContext, inputs: Any, computed: bool, *, local_expert_offset: int,
-           apply_router_weight_on_input: bool) -> None:
+def warmup(
+    prepared: Any,
+    context: LayerContext,
+    inputs: Any,
+    computed: bool,
+    *,
+    local_expert_offset: int,
+    apply_router_weight_on_input: bool,
+) -> None:
     """Check FlashInfer is obtainable, then build its module and tune it for ``context.max_num_tokens``.
 
     ``inputs`` (:class:`~moe_backend.tuning.MoEInputs` of max-load top-k for the max tokens) drive
@@ -222,18 +336,28 @@ def warmup(prepared: Any, context: LayerContext, inputs: Any, computed: bool, *,
         raise FlashInferNotReadyError(
             f"FlashInfer could not load its TRT-LLM-gen MoE module ({type(exc).__name__}: {exc}); if it could not "
             "fetch its cubins, install flashinfer-cubin of the same version (or set FLASHINFER_CUBIN_DIR); if it "
-            "could not compile, install flashinfer-jit-cache or a CUDA toolkit") from exc
+            "could not compile, install flashinfer-jit-cache or a CUDA toolkit"
+        ) from exc
     logger.info("FlashInfer TRT-LLM-gen MoE module loaded in %.1f s", time.perf_counter() - started)
     run, run_computed = _RUNS[type(prepared)]
-    kw = dict(local_expert_offset=local_expert_offset, apply_router_weight_on_input=apply_router_weight_on_input,
-              out=torch.empty_like(inputs.hidden), context=context)
+    kw = dict(
+        local_expert_offset=local_expert_offset,
+        apply_router_weight_on_input=apply_router_weight_on_input,
+        out=torch.empty_like(inputs.hidden),
+        context=context,
+    )
     started = time.perf_counter()
     with autotune(True):
         run(prepared, inputs.hidden, inputs.topk_ids, inputs.topk_weights, **kw)
         if computed:
             gen = torch.Generator(device=inputs.hidden.device).manual_seed(0)
-            logits = torch.randn(inputs.hidden.shape[0], context.num_experts, generator=gen,
-                                 device=inputs.hidden.device)
+            logits = torch.randn(
+                inputs.hidden.shape[0], context.num_experts, generator=gen, device=inputs.hidden.device
+            )
             run_computed(prepared, inputs.hidden, logits, **kw)
-    logger.info("FlashInfer TRT-LLM-gen MoE (%s) tuned up to %d tokens in %.1f s",
-                type(prepared).__name__, context.max_num_tokens, time.perf_counter() - started)
+    logger.info(
+        "FlashInfer TRT-LLM-gen MoE (%s) tuned up to %d tokens in %.1f s",
+        type(prepared).__name__,
+        context.max_num_tokens,
+        time.perf_counter() - started,
+    )

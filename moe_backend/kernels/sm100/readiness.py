@@ -33,12 +33,15 @@ def readiness_problems() -> List[str]:
     try:
         flashinfer = importlib.import_module("flashinfer")
     except Exception as exc:  # an ImportError, or a dependency failing at import
-        return [f"flashinfer is not importable ({type(exc).__name__}: {exc}); install it with {INSTALL_HINT} "
-                f"(flashinfer-python=={TESTED_FLASHINFER} and apache-tvm-ffi)"]
+        return [
+            f"flashinfer is not importable ({type(exc).__name__}: {exc}); install it with {INSTALL_HINT} "
+            f"(flashinfer-python=={TESTED_FLASHINFER} and apache-tvm-ffi)"
+        ]
     version = getattr(flashinfer, "__version__", "?")
     if version != TESTED_FLASHINFER:
-        logger.warning("flashinfer %s is installed; the Blackwell path was checked against %s",
-                       version, TESTED_FLASHINFER)
+        logger.warning(
+            "flashinfer %s is installed; the Blackwell path was checked against %s", version, TESTED_FLASHINFER
+        )
     from flashinfer.artifacts import ArtifactPath, CheckSumHash
     from flashinfer.jit import env as jit_env
     from flashinfer.jit.cubin_loader import load_cubin
@@ -51,17 +54,23 @@ def readiness_problems() -> List[str]:
                 f"the TRT-LLM-gen MoE cubins are not in {jit_env.FLASHINFER_CUBIN_DIR} (no valid {checksums.name}) "
                 f"and FLASHINFER_NO_DOWNLOAD is set: install flashinfer-cubin=={version}, or run "
                 "`flashinfer download-kernels` where the network is reachable and point FLASHINFER_CUBIN_DIR "
-                "at the copy, or unset FLASHINFER_NO_DOWNLOAD")
+                "at the copy, or unset FLASHINFER_NO_DOWNLOAD"
+            )
         else:
-            logger.warning("FlashInfer's TRT-LLM-gen cubins are not cached in %s: warm-up downloads them "
-                           "(install flashinfer-cubin==%s to start offline)", jit_env.FLASHINFER_CUBIN_DIR, version)
+            logger.warning(
+                "FlashInfer's TRT-LLM-gen cubins are not cached in %s: warm-up downloads them "
+                "(install flashinfer-cubin==%s to start offline)",
+                jit_env.FLASHINFER_CUBIN_DIR,
+                version,
+            )
     built = (jit_env.FLASHINFER_JIT_DIR / MODULE_NAME / f"{MODULE_NAME}.so").exists()
     if not (built or jit_env.has_flashinfer_jit_cache() or _nvcc_available()):
         problems.append(
             f"FlashInfer's {MODULE_NAME} module is neither built ({jit_env.FLASHINFER_JIT_DIR / MODULE_NAME}) "
             f"nor prebuilt (flashinfer-jit-cache is not installed), and no CUDA compiler (nvcc) is found to "
             f"JIT-compile it: install flashinfer-jit-cache=={version} for your CUDA, or a CUDA toolkit "
-            "(CUDA_HOME or nvcc on PATH)")
+            "(CUDA_HOME or nvcc on PATH)"
+        )
     return problems
 
 
@@ -77,4 +86,5 @@ def check_flashinfer_ready() -> None:
         raise FlashInferNotReadyError(
             "FlashInfer's TRT-LLM-gen MoE kernels (the sm100_flashinfer_* kernels) cannot start: "
             + "; ".join(problems)
-            + ". Or choose another kernel (kernel='reference').")
+            + ". Or choose another kernel (kernel='reference')."
+        )

@@ -23,9 +23,21 @@ GROUPS_PER_PROGRAM = 8
 
 
 @triton.jit
-def _act_quant_kernel(x_ptr, q_ptr, s_ptr, static_ptr, H, stride_xm, stride_qm, stride_sm,
-                      GROUP: tl.constexpr, NUM_GROUPS: tl.constexpr, STATIC: tl.constexpr,
-                      UE8M0: tl.constexpr, VLLM: tl.constexpr):
+def _act_quant_kernel(
+    x_ptr,
+    q_ptr,
+    s_ptr,
+    static_ptr,
+    H,
+    stride_xm,
+    stride_qm,
+    stride_sm,
+    GROUP: tl.constexpr,
+    NUM_GROUPS: tl.constexpr,
+    STATIC: tl.constexpr,
+    UE8M0: tl.constexpr,
+    VLLM: tl.constexpr,
+):
     t = tl.program_id(0).to(tl.int64)
     g = tl.program_id(1) * NUM_GROUPS + tl.arange(0, NUM_GROUPS)
     cols = g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
@@ -40,8 +52,9 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, static_ptr, H, stride_xm, stride_qm, 
         tl.store(s_ptr + t * stride_sm + g, s, mask=g * GROUP < H)
 
 
-def act_quant_fp8(hidden: torch.Tensor, static_scale: Optional[torch.Tensor],
-                  ue8m0: bool, vllm: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+def act_quant_fp8(
+    hidden: torch.Tensor, static_scale: Optional[torch.Tensor], ue8m0: bool, vllm: bool = False
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Quantize ``hidden [T, H]`` (bf16, T > 0, unit column stride) to e4m3.
 
     ``vllm``: vLLM's numerics (dynamic scales only, no ``ue8m0``).
@@ -57,7 +70,20 @@ def act_quant_fp8(hidden: torch.Tensor, static_scale: Optional[torch.Tensor],
     assert not (vllm and (static or ue8m0))
     s = static_scale if static_scale is not None else torch.empty(t, groups, dtype=torch.float32, device=hidden.device)
     grid = (t, triton.cdiv(groups, GROUPS_PER_PROGRAM))
-    _act_quant_kernel[grid](hidden, q, s, s, h, hidden.stride(0), q.stride(0), s.stride(0),
-                            GROUP=GROUP, NUM_GROUPS=GROUPS_PER_PROGRAM, STATIC=static,
-                            UE8M0=ue8m0, VLLM=vllm, num_warps=4)
+    _act_quant_kernel[grid](
+        hidden,
+        q,
+        s,
+        s,
+        h,
+        hidden.stride(0),
+        q.stride(0),
+        s.stride(0),
+        GROUP=GROUP,
+        NUM_GROUPS=GROUPS_PER_PROGRAM,
+        STATIC=static,
+        UE8M0=ue8m0,
+        VLLM=vllm,
+        num_warps=4,
+    )
     return q, s

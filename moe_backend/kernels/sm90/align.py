@@ -85,8 +85,18 @@ def _ranks_in_chunk(keys, counts, N_PAD: tl.constexpr):
 
 
 @triton.jit
-def _write_layout(counts, sorted_ptr, tile_expert_ptr, num_padded_ptr, sentinel, num_experts,
-                  max_tiles, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, TILE_BLOCK: tl.constexpr):
+def _write_layout(
+    counts,
+    sorted_ptr,
+    tile_expert_ptr,
+    num_padded_ptr,
+    sentinel,
+    num_experts,
+    max_tiles,
+    BLOCK_M: tl.constexpr,
+    E_PAD: tl.constexpr,
+    TILE_BLOCK: tl.constexpr,
+):
     """From per-expert counts: padded starts, sentinels in the padding, tile -> expert, total.
 
     Returns the padded start row of each expert ``[E_PAD]``.
@@ -112,15 +122,37 @@ def _write_layout(counts, sorted_ptr, tile_expert_ptr, num_padded_ptr, sentinel,
 
 
 @triton.jit
-def _align_fused_kernel(ids_ptr, sorted_ptr, tile_expert_ptr, num_padded_ptr, row_of_pair_ptr, num_pairs,
-                        expert_offset, num_experts, max_tiles, BLOCK_M: tl.constexpr,
-                        N_PAD: tl.constexpr, E_PAD: tl.constexpr, TILE_BLOCK: tl.constexpr):
+def _align_fused_kernel(
+    ids_ptr,
+    sorted_ptr,
+    tile_expert_ptr,
+    num_padded_ptr,
+    row_of_pair_ptr,
+    num_pairs,
+    expert_offset,
+    num_experts,
+    max_tiles,
+    BLOCK_M: tl.constexpr,
+    N_PAD: tl.constexpr,
+    E_PAD: tl.constexpr,
+    TILE_BLOCK: tl.constexpr,
+):
     """All pairs in one program: count, lay out, scatter (decode sizes)."""
     offs = tl.arange(0, N_PAD)
     keys = _local_keys(ids_ptr, offs, num_pairs, expert_offset, num_experts)
     counts = tl.histogram(keys, E_PAD)
-    start = _write_layout(counts, sorted_ptr, tile_expert_ptr, num_padded_ptr, num_pairs,
-                          num_experts, max_tiles, BLOCK_M, E_PAD, TILE_BLOCK)
+    start = _write_layout(
+        counts,
+        sorted_ptr,
+        tile_expert_ptr,
+        num_padded_ptr,
+        num_pairs,
+        num_experts,
+        max_tiles,
+        BLOCK_M,
+        E_PAD,
+        TILE_BLOCK,
+    )
     s_pos, s_key, rank = _ranks_in_chunk(keys, counts, N_PAD)
     row = tl.gather(start, s_key, 0) + rank
     tl.store(sorted_ptr + row, s_pos, mask=s_key < num_experts)
@@ -128,8 +160,7 @@ def _align_fused_kernel(ids_ptr, sorted_ptr, tile_expert_ptr, num_padded_ptr, ro
 
 
 @triton.jit
-def _count_kernel(ids_ptr, hist_ptr, num_pairs, expert_offset, num_experts,
-                  CHUNK: tl.constexpr, E_PAD: tl.constexpr):
+def _count_kernel(ids_ptr, hist_ptr, num_pairs, expert_offset, num_experts, CHUNK: tl.constexpr, E_PAD: tl.constexpr):
     """hist[c, e] = pairs of chunk c routed to local expert e (bin E: none)."""
     c = tl.program_id(0)
     keys = _local_keys(ids_ptr, c * CHUNK + tl.arange(0, CHUNK), num_pairs, expert_offset, num_experts)
@@ -137,9 +168,21 @@ def _count_kernel(ids_ptr, hist_ptr, num_pairs, expert_offset, num_experts,
 
 
 @triton.jit
-def _scan_kernel(hist_ptr, base_ptr, sorted_ptr, tile_expert_ptr, num_padded_ptr, num_chunks,
-                 num_pairs, num_experts, max_tiles, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr,
-                 CHUNK_BLOCK: tl.constexpr, TILE_BLOCK: tl.constexpr):
+def _scan_kernel(
+    hist_ptr,
+    base_ptr,
+    sorted_ptr,
+    tile_expert_ptr,
+    num_padded_ptr,
+    num_chunks,
+    num_pairs,
+    num_experts,
+    max_tiles,
+    BLOCK_M: tl.constexpr,
+    E_PAD: tl.constexpr,
+    CHUNK_BLOCK: tl.constexpr,
+    TILE_BLOCK: tl.constexpr,
+):
     """One program: hist -> exclusive prefix over chunks (in place), layout, per-chunk bases."""
     e = tl.arange(0, E_PAD)
     total = tl.zeros([E_PAD], dtype=tl.int32)
@@ -150,15 +193,34 @@ def _scan_kernel(hist_ptr, base_ptr, sorted_ptr, tile_expert_ptr, num_padded_ptr
         h = tl.load(ptrs, mask=mask, other=0)
         tl.store(ptrs, tl.cumsum(h, 0) - h + total[None, :], mask=mask)
         total += tl.sum(h, 0)
-    start = _write_layout(total, sorted_ptr, tile_expert_ptr, num_padded_ptr, num_pairs,
-                          num_experts, max_tiles, BLOCK_M, E_PAD, TILE_BLOCK)
+    start = _write_layout(
+        total,
+        sorted_ptr,
+        tile_expert_ptr,
+        num_padded_ptr,
+        num_pairs,
+        num_experts,
+        max_tiles,
+        BLOCK_M,
+        E_PAD,
+        TILE_BLOCK,
+    )
     tl.store(base_ptr + e, start)
 
 
 @triton.jit
-def _scatter_kernel(ids_ptr, hist_ptr, base_ptr, sorted_ptr, row_of_pair_ptr, num_pairs, expert_offset,
-                    num_experts,
-                    CHUNK: tl.constexpr, E_PAD: tl.constexpr):
+def _scatter_kernel(
+    ids_ptr,
+    hist_ptr,
+    base_ptr,
+    sorted_ptr,
+    row_of_pair_ptr,
+    num_pairs,
+    expert_offset,
+    num_experts,
+    CHUNK: tl.constexpr,
+    E_PAD: tl.constexpr,
+):
     """Row of each pair = expert start + pairs of earlier chunks + rank in this chunk."""
     c = tl.program_id(0)
     keys = _local_keys(ids_ptr, c * CHUNK + tl.arange(0, CHUNK), num_pairs, expert_offset, num_experts)
@@ -171,8 +233,9 @@ def _scatter_kernel(ids_ptr, hist_ptr, base_ptr, sorted_ptr, row_of_pair_ptr, nu
     tl.store(row_of_pair_ptr + pair, tl.where(s_key < num_experts, row, -1), mask=pair < num_pairs)
 
 
-def align_block_size(topk_ids: torch.Tensor, num_experts: int, local_expert_offset: int,
-                     block_m: int) -> AlignedRouting:
+def align_block_size(
+    topk_ids: torch.Tensor, num_experts: int, local_expert_offset: int, block_m: int
+) -> AlignedRouting:
     """Group the pairs of ``topk_ids [T, k]`` (int32, contiguous, T * k > 0) by local expert.
 
     Launches one kernel up to ``FUSED_MAX_PAIRS`` pairs, three above; allocates only
@@ -190,20 +253,55 @@ def align_block_size(topk_ids: torch.Tensor, num_experts: int, local_expert_offs
     tile_block = max(16, min(128, 8192 // e_pad))
     if num_pairs <= FUSED_MAX_PAIRS:
         _align_fused_kernel[(1,)](
-            topk_ids, sorted_ids, tile_expert, num_padded, row_of_pair, num_pairs, local_expert_offset,
-            num_experts, max_tiles, BLOCK_M=block_m, N_PAD=max(16, triton.next_power_of_2(num_pairs)),
-            E_PAD=e_pad, TILE_BLOCK=tile_block, num_warps=4)
+            topk_ids,
+            sorted_ids,
+            tile_expert,
+            num_padded,
+            row_of_pair,
+            num_pairs,
+            local_expert_offset,
+            num_experts,
+            max_tiles,
+            BLOCK_M=block_m,
+            N_PAD=max(16, triton.next_power_of_2(num_pairs)),
+            E_PAD=e_pad,
+            TILE_BLOCK=tile_block,
+            num_warps=4,
+        )
     else:
         num_chunks = triton.cdiv(num_pairs, CHUNK)
         hist = torch.empty(num_chunks, e_pad, dtype=torch.int32, device=dev)
         base = torch.empty(e_pad, dtype=torch.int32, device=dev)
-        _count_kernel[(num_chunks,)](topk_ids, hist, num_pairs, local_expert_offset, num_experts,
-                                     CHUNK=CHUNK, E_PAD=e_pad, num_warps=4)
-        _scan_kernel[(1,)](hist, base, sorted_ids, tile_expert, num_padded, num_chunks, num_pairs,
-                           num_experts, max_tiles, BLOCK_M=block_m, E_PAD=e_pad,
-                           CHUNK_BLOCK=max(1, min(64, 8192 // e_pad)), TILE_BLOCK=tile_block,
-                           num_warps=8)
-        _scatter_kernel[(num_chunks,)](topk_ids, hist, base, sorted_ids, row_of_pair, num_pairs,
-                                       local_expert_offset, num_experts, CHUNK=CHUNK, E_PAD=e_pad,
-                                       num_warps=8)
+        _count_kernel[(num_chunks,)](
+            topk_ids, hist, num_pairs, local_expert_offset, num_experts, CHUNK=CHUNK, E_PAD=e_pad, num_warps=4
+        )
+        _scan_kernel[(1,)](
+            hist,
+            base,
+            sorted_ids,
+            tile_expert,
+            num_padded,
+            num_chunks,
+            num_pairs,
+            num_experts,
+            max_tiles,
+            BLOCK_M=block_m,
+            E_PAD=e_pad,
+            CHUNK_BLOCK=max(1, min(64, 8192 // e_pad)),
+            TILE_BLOCK=tile_block,
+            num_warps=8,
+        )
+        _scatter_kernel[(num_chunks,)](
+            topk_ids,
+            hist,
+            base,
+            sorted_ids,
+            row_of_pair,
+            num_pairs,
+            local_expert_offset,
+            num_experts,
+            CHUNK=CHUNK,
+            E_PAD=e_pad,
+            num_warps=8,
+        )
     return AlignedRouting(sorted_ids, tile_expert, num_padded, row_of_pair, block_m, max_tiles)

@@ -63,8 +63,15 @@ def _config(tile: Tuple[int, int, int, bool]):
     from quack.gemm_config import GemmConfig
 
     tile_m, tile_n, cluster_m, pingpong = tile
-    return GemmConfig(tile_m=tile_m, tile_n=tile_n, cluster_m=cluster_m, cluster_n=1, pingpong=pingpong,
-                      is_dynamic_persistent=False, device_capacity=9)
+    return GemmConfig(
+        tile_m=tile_m,
+        tile_n=tile_n,
+        cluster_m=cluster_m,
+        cluster_n=1,
+        pingpong=pingpong,
+        is_dynamic_persistent=False,
+        device_capacity=9,
+    )
 
 
 def _mod(gemm: str):
@@ -81,11 +88,18 @@ def _device_name(device: torch.device) -> str:
     return str(device)
 
 
-def _build(key: PlanKey, a: torch.Tensor, b_kn: torch.Tensor, out: torch.Tensor, cu_seqlens: torch.Tensor,
-           a_idx: Optional[torch.Tensor]):
+def _build(
+    key: PlanKey,
+    a: torch.Tensor,
+    b_kn: torch.Tensor,
+    out: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    a_idx: Optional[torch.Tensor],
+):
     """Compile (or load from QuACK's disk cache) the plan of ``key`` for these tensors' metadata."""
-    return _mod(key.gemm).plan(a, b_kn, out={"mAuxOut": out}, config=_config(key.tile), cu_seqlens_m=cu_seqlens,
-                               A_idx=a_idx)
+    return _mod(key.gemm).plan(
+        a, b_kn, out={"mAuxOut": out}, config=_config(key.tile), cu_seqlens_m=cu_seqlens, A_idx=a_idx
+    )
 
 
 def _plan(key: PlanKey, *args) -> Any:
@@ -95,15 +109,22 @@ def _plan(key: PlanKey, *args) -> Any:
     if capturing():
         raise GemmPlanMissingError(
             f"grouped GEMM {key.gemm} tile {key.tile} (N={key.n}, K={key.k}) was not compiled before this "
-            f"CUDA-graph capture: warm the layer up (layer.warmup) before capturing")
+            f"CUDA-graph capture: warm the layer up (layer.warmup) before capturing"
+        )
     with _LOCK:
         if key not in _PLANS:
             _PLANS[key] = _build(key, *args)
         return _PLANS[key]
 
 
-def gemm1_gated(x: torch.Tensor, w13: torch.Tensor, cu_seqlens: torch.Tensor, a_idx: torch.Tensor,
-                out: torch.Tensor, tile: Tuple[int, int, int, bool] = DEFAULT_TILE) -> torch.Tensor:
+def gemm1_gated(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    a_idx: torch.Tensor,
+    out: torch.Tensor,
+    tile: Tuple[int, int, int, bool] = DEFAULT_TILE,
+) -> torch.Tensor:
     """``out[r, c] = silu(y[2c]) * y[2c + 1]``, ``y = x[a_idx[r]] @ w13[s].T``, rows r of segment s.
 
     ``x [T, H]`` bf16 contiguous; ``w13 [S, 2I, H]`` bf16 contiguous, gate/up rows interleaved;
@@ -112,13 +133,17 @@ def gemm1_gated(x: torch.Tensor, w13: torch.Tensor, cu_seqlens: torch.Tensor, a_
     """
     key = PlanKey(GEMM1, tile, w13.shape[1], w13.shape[2], _device_name(x.device))
     b_kn = w13.transpose(1, 2)
-    _plan(key, x, b_kn, out, cu_seqlens, a_idx).run(x, b_kn, out={"mAuxOut": out}, cu_seqlens_m=cu_seqlens,
-                                                    A_idx=a_idx)
+    _plan(key, x, b_kn, out, cu_seqlens, a_idx).run(x, b_kn, out={"mAuxOut": out}, cu_seqlens_m=cu_seqlens, A_idx=a_idx)
     return out
 
 
-def gemm2(h: torch.Tensor, w2: torch.Tensor, cu_seqlens: torch.Tensor, out: torch.Tensor,
-          tile: Tuple[int, int, int, bool] = DEFAULT_TILE) -> torch.Tensor:
+def gemm2(
+    h: torch.Tensor,
+    w2: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    out: torch.Tensor,
+    tile: Tuple[int, int, int, bool] = DEFAULT_TILE,
+) -> torch.Tensor:
     """``out[r] = h[r] @ w2[s].T`` for the rows r of segment s.
 
     ``h [P, I]`` bf16 contiguous; ``w2 [S, H, I]`` bf16 contiguous; ``cu_seqlens [S + 1]`` int32;
@@ -163,8 +188,10 @@ def compile_plans(hidden_size: int, intermediate_size: int, tiles, device: torch
     y = torch.empty(1, h, dtype=bf16, device=device)
     built = 0
     for tile in dict.fromkeys(tuple(t) for t in tiles):
-        for gemm, args in ((GEMM1, (x, w13.transpose(1, 2), mid, cu, idx)),
-                           (GEMM2, (mid, w2.transpose(1, 2), y, cu, None))):
+        for gemm, args in (
+            (GEMM1, (x, w13.transpose(1, 2), mid, cu, idx)),
+            (GEMM2, (mid, w2.transpose(1, 2), y, cu, None)),
+        ):
             n, k = (2 * i, h) if gemm == GEMM1 else (h, i)
             key = PlanKey(gemm, tile, n, k, _device_name(torch.device(device)))
             if key not in _PLANS:

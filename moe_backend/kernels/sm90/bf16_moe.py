@@ -98,16 +98,25 @@ def config_tiles(configs) -> Tuple[Tuple[int, int, int, bool], ...]:
 def precompile(weights: GroupedWeights, configs) -> int:
     """Compile every grouped GEMM ``configs`` can use for these experts (layer warm-up; never
     inside a CUDA-graph capture). Returns the number of kernels compiled or loaded now."""
-    return bf16_grouped.compile_plans(weights.hidden_size, weights.intermediate_size,
-                                      config_tiles(list(configs) or [None]), weights.device)
+    return bf16_grouped.compile_plans(
+        weights.hidden_size, weights.intermediate_size, config_tiles(list(configs) or [None]), weights.device
+    )
 
 
-def _check_inputs(hidden: torch.Tensor, w: GroupedWeights, topk_ids: torch.Tensor,
-                  topk_weights: torch.Tensor, local_expert_offset: int, out: Optional[torch.Tensor],
-                  apply_router_weight_on_input: bool) -> None:
+def _check_inputs(
+    hidden: torch.Tensor,
+    w: GroupedWeights,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    local_expert_offset: int,
+    out: Optional[torch.Tensor],
+    apply_router_weight_on_input: bool,
+) -> None:
     if not isinstance(w, (GroupedBF16Weights, NVFP4Weights)):
-        raise TypeError(f"prepared_weights: expected GroupedBF16Weights or NVFP4Weights (from prepare_grouped), "
-                        f"got {type(w).__name__}")
+        raise TypeError(
+            f"prepared_weights: expected GroupedBF16Weights or NVFP4Weights (from prepare_grouped), "
+            f"got {type(w).__name__}"
+        )
     dev = w.device
     check_tensor("hidden", hidden, dtype=torch.bfloat16, shape=(None, w.hidden_size), device=dev)
     t = hidden.shape[0]
@@ -162,8 +171,9 @@ def fused_experts_grouped(
     Returns:
         ``out[:T]``.
     """
-    _check_inputs(hidden, prepared_weights, topk_ids, topk_weights, local_expert_offset, out,
-                  apply_router_weight_on_input)
+    _check_inputs(
+        hidden, prepared_weights, topk_ids, topk_weights, local_expert_offset, out, apply_router_weight_on_input
+    )
     w = prepared_weights
     cfg = resolve_config(config)
     num_tokens, top_k = topk_ids.shape
@@ -173,8 +183,7 @@ def fused_experts_grouped(
     if top_k == 0:
         return result.zero_()
     num_pairs = num_tokens * top_k
-    routing = varlen_routing(topk_ids, w.num_experts, local_expert_offset,
-                             compact=isinstance(w, NVFP4Weights))
+    routing = varlen_routing(topk_ids, w.num_experts, local_expert_offset, compact=isinstance(w, NVFP4Weights))
     w13, w2 = segment_weights(w, routing.expert_of_segment)
     dev = hidden.device
     mid = workspace(num_pairs, w.intermediate_size, torch.bfloat16, dev, "moe_grouped_mid")

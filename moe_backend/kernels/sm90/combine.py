@@ -33,13 +33,13 @@ def cast_out(acc: torch.Tensor, out: torch.Tensor, pdl: bool = False) -> None:
     """
     assert acc.is_contiguous() and out.is_contiguous() and acc.shape == out.shape
     numel = acc.numel()
-    _cast_kernel[(triton.cdiv(numel, BLOCK),)](acc, out, numel, BLOCK=BLOCK, PDL=pdl, num_warps=4,
-                                                **({"launch_pdl": True} if pdl else {}))
+    _cast_kernel[(triton.cdiv(numel, BLOCK),)](
+        acc, out, numel, BLOCK=BLOCK, PDL=pdl, num_warps=4, **({"launch_pdl": True} if pdl else {})
+    )
 
 
 @triton.jit
-def _sum_pairs_kernel(rows_ptr, row_of_pair_ptr, out_ptr, H, top_k, stride_rm, stride_om,
-                      BLOCK: tl.constexpr):
+def _sum_pairs_kernel(rows_ptr, row_of_pair_ptr, out_ptr, H, top_k, stride_rm, stride_om, BLOCK: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < H
@@ -57,5 +57,4 @@ def sum_pairs(rows: torch.Tensor, row_of_pair: torch.Tensor, top_k: int, out: to
     """
     t, h = out.shape
     grid = (t, triton.cdiv(h, BLOCK))
-    _sum_pairs_kernel[grid](rows, row_of_pair, out, h, top_k, rows.stride(0), out.stride(0),
-                            BLOCK=BLOCK, num_warps=4)
+    _sum_pairs_kernel[grid](rows, row_of_pair, out, h, top_k, rows.stride(0), out.stride(0), BLOCK=BLOCK, num_warps=4)

@@ -35,8 +35,10 @@ def quack_unavailable_reason() -> Optional[str]:
         return f"CuTe DSL wheels exist for Linux x86_64 only, this is {platform.system()} {platform.machine()}"
     for name in MODULES:
         if importlib.util.find_spec(name) is None:
-            return (f"the package {name!r} is not installed (pip install 'moe-backend[cute]': "
-                    f"{', '.join(f'{k}=={v}' for k, v in PINNED.items())})")
+            return (
+                f"the package {name!r} is not installed (pip install 'moe-backend[cute]': "
+                f"{', '.join(f'{k}=={v}' for k, v in PINNED.items())})"
+            )
     try:
         import cutlass  # noqa: F401
         import cutlass.cute  # noqa: F401
@@ -72,8 +74,10 @@ def pin_offline_arch(arch: str = "sm_90a") -> None:
     kernel-class dispatch (``QUACK_ARCH``) for this process. CuTe DSL reads its target once, at
     import: call this first, or after an import with the same target already set."""
     if "cutlass" in sys.modules and os.environ.get("CUTE_DSL_ARCH") != arch:
-        raise RuntimeError(f"pin_offline_arch({arch!r}): CuTe DSL is already imported with target "
-                           f"{os.environ.get('CUTE_DSL_ARCH')!r}; pin the target before importing it")
+        raise RuntimeError(
+            f"pin_offline_arch({arch!r}): CuTe DSL is already imported with target "
+            f"{os.environ.get('CUTE_DSL_ARCH')!r}; pin the target before importing it"
+        )
     os.environ["CUTE_DSL_ARCH"] = arch
     os.environ["QUACK_ARCH"] = "".join(c for c in arch if c.isdigit())
 

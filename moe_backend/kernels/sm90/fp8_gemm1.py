@@ -44,14 +44,46 @@ ZERO_BLOCK = tl.constexpr(1024)
 
 @triton.jit
 def _gemm1_kernel(
-    a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, y_ptr, y_scale_ptr,
-    sorted_ptr, tile_expert_ptr, num_padded_ptr, topk_w_ptr, a_static_ptr, y_static_ptr,
-    zero_ptr, zero_numel, num_pairs, H, I, top_k, max_tiles,
-    stride_am, stride_asm, stride_we, stride_wn, stride_wse, stride_wsn, stride_ym, stride_ysm,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    QUANT_ON_LOAD: tl.constexpr, A_STATIC: tl.constexpr, QUANT_OUT: tl.constexpr,
-    Y_STATIC: tl.constexpr, BLOCK_SCALED: tl.constexpr, UE8M0: tl.constexpr,
-    WEIGHT_ON_INPUT: tl.constexpr, EVEN_K: tl.constexpr, VLLM_ORDER: tl.constexpr,
+    a_ptr,
+    a_scale_ptr,
+    w_ptr,
+    w_scale_ptr,
+    y_ptr,
+    y_scale_ptr,
+    sorted_ptr,
+    tile_expert_ptr,
+    num_padded_ptr,
+    topk_w_ptr,
+    a_static_ptr,
+    y_static_ptr,
+    zero_ptr,
+    zero_numel,
+    num_pairs,
+    H,
+    I,
+    top_k,
+    max_tiles,
+    stride_am,
+    stride_asm,
+    stride_we,
+    stride_wn,
+    stride_wse,
+    stride_wsn,
+    stride_ym,
+    stride_ysm,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    QUANT_ON_LOAD: tl.constexpr,
+    A_STATIC: tl.constexpr,
+    QUANT_OUT: tl.constexpr,
+    Y_STATIC: tl.constexpr,
+    BLOCK_SCALED: tl.constexpr,
+    UE8M0: tl.constexpr,
+    WEIGHT_ON_INPUT: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    VLLM_ORDER: tl.constexpr,
 ):
     pid = tl.program_id(0)
     zero_fill(zero_ptr, zero_numel, ZERO_BLOCK)
@@ -59,8 +91,9 @@ def _gemm1_kernel(
     pid_m, pid_n = tile_coords(pid, max_tiles, tl.cdiv(I, BLOCK_N), GROUP_M)
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
         return
-    rows, pair, row_ok, expert, offs_n, n_ok = aligned_rows(pid_m, pid_n, sorted_ptr, tile_expert_ptr,
-                                                            num_pairs, I, BLOCK_M, BLOCK_N)
+    rows, pair, row_ok, expert, offs_n, n_ok = aligned_rows(
+        pid_m, pid_n, sorted_ptr, tile_expert_ptr, num_pairs, I, BLOCK_M, BLOCK_N
+    )
     token = (pair // top_k).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
 
@@ -138,12 +171,29 @@ def _gemm1_kernel(
 
 
 def gemm1_fp8(
-    a: torch.Tensor, a_scale: Optional[torch.Tensor], w13: torch.Tensor, w13_scale: torch.Tensor,
-    routing: AlignedRouting, topk_weights: torch.Tensor, zero: torch.Tensor, *,
-    num_pairs: int, top_k: int, block_scaled: bool, quant_on_load: bool,
-    a13_static: Optional[torch.Tensor], quant_out: bool, a2_static: Optional[torch.Tensor],
-    ue8m0: bool, weight_on_input: bool, vllm_order: int, BLOCK_N: int, BLOCK_K: int, GROUP_M: int,
-    num_warps: int, num_stages: int,
+    a: torch.Tensor,
+    a_scale: Optional[torch.Tensor],
+    w13: torch.Tensor,
+    w13_scale: torch.Tensor,
+    routing: AlignedRouting,
+    topk_weights: torch.Tensor,
+    zero: torch.Tensor,
+    *,
+    num_pairs: int,
+    top_k: int,
+    block_scaled: bool,
+    quant_on_load: bool,
+    a13_static: Optional[torch.Tensor],
+    quant_out: bool,
+    a2_static: Optional[torch.Tensor],
+    ue8m0: bool,
+    weight_on_input: bool,
+    vllm_order: int,
+    BLOCK_N: int,
+    BLOCK_K: int,
+    GROUP_M: int,
+    num_warps: int,
+    num_stages: int,
 ) -> "tuple[torch.Tensor, Optional[torch.Tensor]]":
     """Launch GEMM1 + SiLU-and-mul over the aligned rows.
 
@@ -173,8 +223,11 @@ def gemm1_fp8(
     assert not vllm_order or (quant_out and block_scaled and a13_static is None and a2_static is None and not ue8m0)
     if quant_out:
         y = workspace(rows, inter, torch.float8_e4m3fn, dev, "moe_intermediate")
-        y_scale = None if a2_static is not None else workspace(
-            rows, triton.cdiv(inter, SCALE_BLOCK), torch.float32, dev, "moe_intermediate_scale")
+        y_scale = (
+            None
+            if a2_static is not None
+            else workspace(rows, triton.cdiv(inter, SCALE_BLOCK), torch.float32, dev, "moe_intermediate_scale")
+        )
     else:
         y = workspace(rows, inter, torch.float32, dev, "moe_intermediate")
         y_scale = None
@@ -183,17 +236,47 @@ def gemm1_fp8(
     a_s = a_scale if a_scale is not None else dummy
     grid = (routing.max_tiles * triton.cdiv(inter, BLOCK_N),)
     _gemm1_kernel[grid](
-        a, a_s, w13, w13_scale, y, ys,
-        routing.sorted_ids, routing.tile_expert, routing.num_padded, topk_weights,
+        a,
+        a_s,
+        w13,
+        w13_scale,
+        y,
+        ys,
+        routing.sorted_ids,
+        routing.tile_expert,
+        routing.num_padded,
+        topk_weights,
         a13_static if a13_static is not None else dummy,
         a2_static if a2_static is not None else dummy,
-        zero, zero.numel(), num_pairs, h, inter, top_k, routing.max_tiles,
-        a.stride(0), a_s.stride(0), w13.stride(0), w13.stride(1),
-        w13_scale.stride(0), w13_scale.stride(1) if block_scaled else 0, y.stride(0), ys.stride(0),
-        BLOCK_M=routing.block_m, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, GROUP_M=GROUP_M,
-        QUANT_ON_LOAD=quant_on_load, A_STATIC=a13_static is not None, QUANT_OUT=quant_out,
-        Y_STATIC=a2_static is not None, BLOCK_SCALED=block_scaled, UE8M0=ue8m0,
-        WEIGHT_ON_INPUT=weight_on_input, EVEN_K=h % BLOCK_K == 0, VLLM_ORDER=vllm_order,
-        num_warps=num_warps, num_stages=num_stages,
+        zero,
+        zero.numel(),
+        num_pairs,
+        h,
+        inter,
+        top_k,
+        routing.max_tiles,
+        a.stride(0),
+        a_s.stride(0),
+        w13.stride(0),
+        w13.stride(1),
+        w13_scale.stride(0),
+        w13_scale.stride(1) if block_scaled else 0,
+        y.stride(0),
+        ys.stride(0),
+        BLOCK_M=routing.block_m,
+        BLOCK_N=BLOCK_N,
+        BLOCK_K=BLOCK_K,
+        GROUP_M=GROUP_M,
+        QUANT_ON_LOAD=quant_on_load,
+        A_STATIC=a13_static is not None,
+        QUANT_OUT=quant_out,
+        Y_STATIC=a2_static is not None,
+        BLOCK_SCALED=block_scaled,
+        UE8M0=ue8m0,
+        WEIGHT_ON_INPUT=weight_on_input,
+        EVEN_K=h % BLOCK_K == 0,
+        VLLM_ORDER=vllm_order,
+        num_warps=num_warps,
+        num_stages=num_stages,
     )
     return y, y_scale

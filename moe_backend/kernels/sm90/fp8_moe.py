@@ -58,15 +58,47 @@ from .fp8_swapab import swapab_fp8
 
 #: Every knob of a configuration (``config=`` may give any subset; the rest come from the heuristic).
 #: ``*1`` are GEMM1's, ``*2`` GEMM2's; ``BLOCK_K`` must be 128 with dynamic scales or block weights.
-CONFIG_KEYS = ("path", "NUMERICS", "COMBINE", "ZERO", "QUANT_ON_LOAD1", "BLOCK_M", "BLOCK_N1", "BLOCK_K1", "GROUP_M1",
-               "num_warps1", "num_stages1",
-               "BLOCK_N2", "BLOCK_K2", "SPLIT_K2", "GROUP_M2", "num_warps2", "num_stages2", "PDL",
-               "QUANT_OUT1")
+CONFIG_KEYS = (
+    "path",
+    "NUMERICS",
+    "COMBINE",
+    "ZERO",
+    "QUANT_ON_LOAD1",
+    "BLOCK_M",
+    "BLOCK_N1",
+    "BLOCK_K1",
+    "GROUP_M1",
+    "num_warps1",
+    "num_stages1",
+    "BLOCK_N2",
+    "BLOCK_K2",
+    "SPLIT_K2",
+    "GROUP_M2",
+    "num_warps2",
+    "num_stages2",
+    "PDL",
+    "QUANT_OUT1",
+)
 
 DECODE_CONFIG: Dict[str, Any] = dict(
-    path="decode", NUMERICS="accurate", COMBINE="atomic", ZERO="fused", QUANT_ON_LOAD1=True, BLOCK_M=16,
-    BLOCK_N1=64, BLOCK_K1=128, GROUP_M1=1, num_warps1=4, num_stages1=4,
-    BLOCK_N2=64, BLOCK_K2=128, SPLIT_K2=2, GROUP_M2=1, num_warps2=4, num_stages2=4, PDL=False,
+    path="decode",
+    NUMERICS="accurate",
+    COMBINE="atomic",
+    ZERO="fused",
+    QUANT_ON_LOAD1=True,
+    BLOCK_M=16,
+    BLOCK_N1=64,
+    BLOCK_K1=128,
+    GROUP_M1=1,
+    num_warps1=4,
+    num_stages1=4,
+    BLOCK_N2=64,
+    BLOCK_K2=128,
+    SPLIT_K2=2,
+    GROUP_M2=1,
+    num_warps2=4,
+    num_stages2=4,
+    PDL=False,
     QUANT_OUT1=False,
 )
 #: ``swapab``: no alignment launch, weights on the MMA's M side (``fp8_swapab``); BLOCK_M is the
@@ -76,15 +108,41 @@ DECODE_CONFIG: Dict[str, Any] = dict(
 #: without a register round trip), 128-row weight tiles on 8 warps, and GEMM2 launched as a
 #: programmatic dependent launch.
 SWAPAB_CONFIG: Dict[str, Any] = dict(
-    DECODE_CONFIG, path="swapab", QUANT_ON_LOAD1=False, QUANT_OUT1=True, PDL=True, BLOCK_M=16,
-    BLOCK_N1=128, num_warps1=8, num_stages1=4, BLOCK_N2=128, SPLIT_K2=1, num_warps2=8, num_stages2=4,
+    DECODE_CONFIG,
+    path="swapab",
+    QUANT_ON_LOAD1=False,
+    QUANT_OUT1=True,
+    PDL=True,
+    BLOCK_M=16,
+    BLOCK_N1=128,
+    num_warps1=8,
+    num_stages1=4,
+    BLOCK_N2=128,
+    SPLIT_K2=1,
+    num_warps2=8,
+    num_stages2=4,
 )
 #: The swap-AB default is used up to this many (token, slot) pairs (measured up to T = 16, k = 8).
 SWAPAB_DEFAULT_MAX_PAIRS = 128
 PREFILL_CONFIG: Dict[str, Any] = dict(
-    path="prefill", NUMERICS="accurate", COMBINE="sum", ZERO="fused", QUANT_ON_LOAD1=False, BLOCK_M=128,
-    BLOCK_N1=128, BLOCK_K1=128, GROUP_M1=8, num_warps1=8, num_stages1=3,
-    BLOCK_N2=128, BLOCK_K2=128, SPLIT_K2=1, GROUP_M2=8, num_warps2=8, num_stages2=3, PDL=False,
+    path="prefill",
+    NUMERICS="accurate",
+    COMBINE="sum",
+    ZERO="fused",
+    QUANT_ON_LOAD1=False,
+    BLOCK_M=128,
+    BLOCK_N1=128,
+    BLOCK_K1=128,
+    GROUP_M1=8,
+    num_warps1=8,
+    num_stages1=3,
+    BLOCK_N2=128,
+    BLOCK_K2=128,
+    SPLIT_K2=1,
+    GROUP_M2=8,
+    num_warps2=8,
+    num_stages2=3,
+    PDL=False,
     QUANT_OUT1=True,
 )
 
@@ -94,15 +152,22 @@ PATH_CONFIGS: Dict[str, Dict[str, Any]] = {"swapab": SWAPAB_CONFIG, "decode": DE
 
 #: Prefill tilings by rows per expert: skinny tiles with the atomic combine (still a weight
 #: stream), then 32 and 64 rows a tile.
-SKINNY_CONFIG: Dict[str, Any] = dict(PREFILL_CONFIG, COMBINE="atomic", BLOCK_M=16, BLOCK_N2=64, num_warps1=4,
-                                     num_warps2=4, num_stages1=5, num_stages2=5)
-PREFILL_32_CONFIG: Dict[str, Any] = dict(PREFILL_CONFIG, BLOCK_M=32, num_warps1=4, num_warps2=4, num_stages1=4,
-                                         num_stages2=4)
+SKINNY_CONFIG: Dict[str, Any] = dict(
+    PREFILL_CONFIG, COMBINE="atomic", BLOCK_M=16, BLOCK_N2=64, num_warps1=4, num_warps2=4, num_stages1=5, num_stages2=5
+)
+PREFILL_32_CONFIG: Dict[str, Any] = dict(
+    PREFILL_CONFIG, BLOCK_M=32, num_warps1=4, num_warps2=4, num_stages1=4, num_stages2=4
+)
 PREFILL_64_CONFIG: Dict[str, Any] = dict(PREFILL_32_CONFIG, BLOCK_M=64)
 
 #: The heuristic default: (most expected rows per local expert, configuration), first match.
-DEFAULT_TIERS = ((1, DECODE_CONFIG), (16, SKINNY_CONFIG), (32, PREFILL_32_CONFIG), (96, PREFILL_64_CONFIG),
-                 (float("inf"), PREFILL_CONFIG))
+DEFAULT_TIERS = (
+    (1, DECODE_CONFIG),
+    (16, SKINNY_CONFIG),
+    (32, PREFILL_32_CONFIG),
+    (96, PREFILL_64_CONFIG),
+    (float("inf"), PREFILL_CONFIG),
+)
 
 #: Version of this kernel's tuned configurations: the tuning cache keeps a configuration only
 #: for the version it was tuned for. Bump it when the kernels, their weight or activation
@@ -138,16 +203,21 @@ NUMERICS_CONFIGS: Dict[str, Dict[str, Any]] = {
 VLLM_SWAP_AB_MAX_TOKENS = 64
 
 
-def _check_vllm_numerics(cfg: Dict[str, Any], block_scaled: bool, dynamic: bool, ue8m0: bool,
-                         weight_on_input: bool) -> None:
+def _check_vllm_numerics(
+    cfg: Dict[str, Any], block_scaled: bool, dynamic: bool, ue8m0: bool, weight_on_input: bool
+) -> None:
     """Raise ValueError when ``vllm_triton`` numerics cannot hold for this layer or configuration."""
     if not (block_scaled and dynamic and not ue8m0 and not weight_on_input):
-        raise ValueError("config: NUMERICS='vllm_triton' needs FP8 block-scale weights with dynamic "
-                         "activation scales, no ue8m0 and the router weight on the output")
+        raise ValueError(
+            "config: NUMERICS='vllm_triton' needs FP8 block-scale weights with dynamic "
+            "activation scales, no ue8m0 and the router weight on the output"
+        )
     got = (cfg["path"], cfg["COMBINE"], cfg["BLOCK_N1"], cfg["QUANT_ON_LOAD1"], cfg["BLOCK_M"])
     if got[:4] != ("prefill", "sum", SCALE_BLOCK, False) or got[4] < 64:
-        raise ValueError("config: NUMERICS='vllm_triton' needs path='prefill', COMBINE='sum', BLOCK_N1=128, "
-                         f"QUANT_ON_LOAD1=False and BLOCK_M >= 64 (vLLM's wgmma), got {got}")
+        raise ValueError(
+            "config: NUMERICS='vllm_triton' needs path='prefill', COMBINE='sum', BLOCK_N1=128, "
+            f"QUANT_ON_LOAD1=False and BLOCK_M >= 64 (vLLM's wgmma), got {got}"
+        )
 
 
 def default_config(num_tokens: int, top_k: int, num_experts: int) -> Dict[str, Any]:
@@ -268,8 +338,9 @@ def fused_experts_fp8(
         raise ValueError(f"config: NUMERICS must be one of {('accurate', *NUMERICS_CONFIGS)}, got {cfg['NUMERICS']!r}")
     vllm = cfg["NUMERICS"] == "vllm_triton"
     if vllm:
-        _check_vllm_numerics(cfg, block_scaled, a13_scale is None and a2_scale is None, ue8m0,
-                             apply_router_weight_on_input)
+        _check_vllm_numerics(
+            cfg, block_scaled, a13_scale is None and a2_scale is None, ue8m0, apply_router_weight_on_input
+        )
     num_pairs = num_tokens * top_k
     topk_ids = topk_ids.contiguous()
     topk_weights = topk_weights.contiguous()
@@ -277,13 +348,33 @@ def fused_experts_fp8(
         # Programmatic dependent launches exist on a GPU only (not under the interpreter).
         pdl = bool(cfg["PDL"]) and hidden.is_cuda
         acc = workspace(num_tokens, hidden_size, torch.float32, hidden.device, "moe_combine")
-        swapab_fp8(hidden, w13, w13_scale, w2, w2_scale, topk_ids, topk_weights, acc,
-                   local_expert_offset=local_expert_offset, block_scaled=block_scaled, a13_static=a13_scale,
-                   a2_static=a2_scale, ue8m0=ue8m0, weight_on_input=apply_router_weight_on_input,
-                   BLOCK_T=cfg["BLOCK_M"], BLOCK_N1=cfg["BLOCK_N1"], BLOCK_N2=cfg["BLOCK_N2"],
-                   SPLIT_K2=cfg["SPLIT_K2"], num_warps1=cfg["num_warps1"], num_stages1=cfg["num_stages1"],
-                   num_warps2=cfg["num_warps2"], num_stages2=cfg["num_stages2"],
-                   quant_on_load=cfg["QUANT_ON_LOAD1"], quant_out=cfg["QUANT_OUT1"], pdl=pdl)
+        swapab_fp8(
+            hidden,
+            w13,
+            w13_scale,
+            w2,
+            w2_scale,
+            topk_ids,
+            topk_weights,
+            acc,
+            local_expert_offset=local_expert_offset,
+            block_scaled=block_scaled,
+            a13_static=a13_scale,
+            a2_static=a2_scale,
+            ue8m0=ue8m0,
+            weight_on_input=apply_router_weight_on_input,
+            BLOCK_T=cfg["BLOCK_M"],
+            BLOCK_N1=cfg["BLOCK_N1"],
+            BLOCK_N2=cfg["BLOCK_N2"],
+            SPLIT_K2=cfg["SPLIT_K2"],
+            num_warps1=cfg["num_warps1"],
+            num_stages1=cfg["num_stages1"],
+            num_warps2=cfg["num_warps2"],
+            num_stages2=cfg["num_stages2"],
+            quant_on_load=cfg["QUANT_ON_LOAD1"],
+            quant_out=cfg["QUANT_OUT1"],
+            pdl=pdl,
+        )
         cast_out(acc, result, pdl=pdl)
         return result
 
@@ -299,24 +390,59 @@ def fused_experts_fp8(
         acc = workspace(num_tokens, hidden_size, torch.float32, hidden.device, "moe_combine")
         joined = _start_zeroing(acc, cfg["ZERO"])
     else:
-        acc = workspace(routing.max_tiles * routing.block_m, hidden_size, torch.bfloat16, hidden.device,
-                        "moe_pair_rows")
+        acc = workspace(
+            routing.max_tiles * routing.block_m, hidden_size, torch.bfloat16, hidden.device, "moe_pair_rows"
+        )
     # vLLM's scaling order: 0 not vLLM's numerics, 1 activation scale first, 2 weight scale first.
     vllm_order = 0 if not vllm else 2 if num_tokens <= VLLM_SWAP_AB_MAX_TOKENS else 1
-    common: Dict[str, Any] = dict(num_pairs=num_pairs, top_k=top_k, block_scaled=block_scaled, ue8m0=ue8m0,
-                                  weight_on_input=apply_router_weight_on_input, vllm_order=vllm_order)
+    common: Dict[str, Any] = dict(
+        num_pairs=num_pairs,
+        top_k=top_k,
+        block_scaled=block_scaled,
+        ue8m0=ue8m0,
+        weight_on_input=apply_router_weight_on_input,
+        vllm_order=vllm_order,
+    )
     y, y_scale = gemm1_fp8(
-        a, a_scale, w13, w13_scale, routing, topk_weights, acc if atomic and cfg["ZERO"] == "fused" else acc[:0],
-        quant_on_load=quant_on_load, a13_static=a13_scale, quant_out=cfg["QUANT_OUT1"], a2_static=a2_scale,
-        BLOCK_N=cfg["BLOCK_N1"], BLOCK_K=cfg["BLOCK_K1"], GROUP_M=cfg["GROUP_M1"],
-        num_warps=cfg["num_warps1"], num_stages=cfg["num_stages1"], **common)
+        a,
+        a_scale,
+        w13,
+        w13_scale,
+        routing,
+        topk_weights,
+        acc if atomic and cfg["ZERO"] == "fused" else acc[:0],
+        quant_on_load=quant_on_load,
+        a13_static=a13_scale,
+        quant_out=cfg["QUANT_OUT1"],
+        a2_static=a2_scale,
+        BLOCK_N=cfg["BLOCK_N1"],
+        BLOCK_K=cfg["BLOCK_K1"],
+        GROUP_M=cfg["GROUP_M1"],
+        num_warps=cfg["num_warps1"],
+        num_stages=cfg["num_stages1"],
+        **common,
+    )
     if atomic and joined is not None:
         torch.cuda.current_stream().wait_event(joined)
     gemm2_fp8(
-        y, y_scale, w2, w2_scale, routing, topk_weights, acc,
-        quant_on_load=not cfg["QUANT_OUT1"], a2_static=a2_scale, atomic=atomic,
-        BLOCK_N=cfg["BLOCK_N2"], BLOCK_K=cfg["BLOCK_K2"], SPLIT_K=cfg["SPLIT_K2"],
-        GROUP_M=cfg["GROUP_M2"], num_warps=cfg["num_warps2"], num_stages=cfg["num_stages2"], **common)
+        y,
+        y_scale,
+        w2,
+        w2_scale,
+        routing,
+        topk_weights,
+        acc,
+        quant_on_load=not cfg["QUANT_OUT1"],
+        a2_static=a2_scale,
+        atomic=atomic,
+        BLOCK_N=cfg["BLOCK_N2"],
+        BLOCK_K=cfg["BLOCK_K2"],
+        SPLIT_K=cfg["SPLIT_K2"],
+        GROUP_M=cfg["GROUP_M2"],
+        num_warps=cfg["num_warps2"],
+        num_stages=cfg["num_stages2"],
+        **common,
+    )
     if atomic:
         cast_out(acc, result)
     else:

@@ -69,20 +69,51 @@ def chunk_pairs(members, rank, count, chunk, PAIRS: tl.constexpr, BLOCK_T: tl.co
 
 @triton.jit
 def _gemm1_kernel(
-    x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, y_ptr, y_scale_ptr, ids_ptr, topk_w_ptr, a_static_ptr,
-    y_static_ptr, zero_ptr, zero_numel, num_pairs, expert_offset, num_experts, H, I, top_k,
-    stride_xm, stride_xsm, stride_we, stride_wn, stride_wse, stride_wsn, stride_ym, stride_ysm,
-    PAIRS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    QUANT_ON_LOAD: tl.constexpr, A_STATIC: tl.constexpr, QUANT_OUT: tl.constexpr, Y_STATIC: tl.constexpr,
-    BLOCK_SCALED: tl.constexpr, UE8M0: tl.constexpr, WEIGHT_ON_INPUT: tl.constexpr, EVEN_K: tl.constexpr,
+    x_ptr,
+    x_scale_ptr,
+    w_ptr,
+    w_scale_ptr,
+    y_ptr,
+    y_scale_ptr,
+    ids_ptr,
+    topk_w_ptr,
+    a_static_ptr,
+    y_static_ptr,
+    zero_ptr,
+    zero_numel,
+    num_pairs,
+    expert_offset,
+    num_experts,
+    H,
+    I,
+    top_k,
+    stride_xm,
+    stride_xsm,
+    stride_we,
+    stride_wn,
+    stride_wse,
+    stride_wsn,
+    stride_ym,
+    stride_ysm,
+    PAIRS: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    QUANT_ON_LOAD: tl.constexpr,
+    A_STATIC: tl.constexpr,
+    QUANT_OUT: tl.constexpr,
+    Y_STATIC: tl.constexpr,
+    BLOCK_SCALED: tl.constexpr,
+    UE8M0: tl.constexpr,
+    WEIGHT_ON_INPUT: tl.constexpr,
+    EVEN_K: tl.constexpr,
     PDL: tl.constexpr,
 ):
     if PDL:
         gdc_launch_dependents()  # GEMM2 may start its prologue; it waits before reading y
     zero_fill(zero_ptr, zero_numel, ZERO_BLOCK)
     p = tl.program_id(0)
-    leader, expert, members, rank, count = expert_members(ids_ptr, p, num_pairs, expert_offset, num_experts,
-                                                          PAIRS)
+    leader, expert, members, rank, count = expert_members(ids_ptr, p, num_pairs, expert_offset, num_experts, PAIRS)
     if not leader:
         return
     pid_n = tl.program_id(1)
@@ -155,18 +186,44 @@ def _gemm1_kernel(
 
 @triton.jit
 def _gemm2_kernel(
-    y_ptr, y_scale_ptr, w_ptr, w_scale_ptr, acc_ptr, ids_ptr, topk_w_ptr, y_static_ptr,
-    num_pairs, expert_offset, num_experts, H, I, top_k, k_blocks_per_split,
-    stride_ym, stride_ysm, stride_we, stride_wn, stride_wse, stride_wsn, stride_accm,
-    PAIRS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    QUANT_ON_LOAD: tl.constexpr, Y_STATIC: tl.constexpr, BLOCK_SCALED: tl.constexpr, UE8M0: tl.constexpr,
-    WEIGHT_ON_INPUT: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr,
+    y_ptr,
+    y_scale_ptr,
+    w_ptr,
+    w_scale_ptr,
+    acc_ptr,
+    ids_ptr,
+    topk_w_ptr,
+    y_static_ptr,
+    num_pairs,
+    expert_offset,
+    num_experts,
+    H,
+    I,
+    top_k,
+    k_blocks_per_split,
+    stride_ym,
+    stride_ysm,
+    stride_we,
+    stride_wn,
+    stride_wse,
+    stride_wsn,
+    stride_accm,
+    PAIRS: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    QUANT_ON_LOAD: tl.constexpr,
+    Y_STATIC: tl.constexpr,
+    BLOCK_SCALED: tl.constexpr,
+    UE8M0: tl.constexpr,
+    WEIGHT_ON_INPUT: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     if PDL:
         gdc_launch_dependents()
     p = tl.program_id(0)
-    leader, expert, members, rank, count = expert_members(ids_ptr, p, num_pairs, expert_offset, num_experts,
-                                                          PAIRS)
+    leader, expert, members, rank, count = expert_members(ids_ptr, p, num_pairs, expert_offset, num_experts, PAIRS)
     if not leader:
         return
     pid_n = tl.program_id(1)
@@ -222,12 +279,32 @@ def _gemm2_kernel(
 
 
 def swapab_fp8(
-    hidden: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch.Tensor,
-    w2_scale: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, acc: torch.Tensor, *,
-    local_expert_offset: int, block_scaled: bool, a13_static: Optional[torch.Tensor],
-    a2_static: Optional[torch.Tensor], ue8m0: bool, weight_on_input: bool, BLOCK_T: int, BLOCK_N1: int,
-    BLOCK_N2: int, SPLIT_K2: int, num_warps1: int, num_stages1: int, num_warps2: int, num_stages2: int,
-    quant_on_load: bool, quant_out: bool, pdl: bool,
+    hidden: torch.Tensor,
+    w13: torch.Tensor,
+    w13_scale: torch.Tensor,
+    w2: torch.Tensor,
+    w2_scale: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    acc: torch.Tensor,
+    *,
+    local_expert_offset: int,
+    block_scaled: bool,
+    a13_static: Optional[torch.Tensor],
+    a2_static: Optional[torch.Tensor],
+    ue8m0: bool,
+    weight_on_input: bool,
+    BLOCK_T: int,
+    BLOCK_N1: int,
+    BLOCK_N2: int,
+    SPLIT_K2: int,
+    num_warps1: int,
+    num_stages1: int,
+    num_warps2: int,
+    num_stages2: int,
+    quant_on_load: bool,
+    quant_out: bool,
+    pdl: bool,
 ) -> None:
     """Both GEMMs: ``acc[t] += sum_j w[t, j] * expert(ids[t, j])(hidden[t])`` (fp32, atomics).
 
@@ -251,8 +328,9 @@ def swapab_fp8(
     num_pairs = topk_ids.numel()
     top_k = topk_ids.shape[1]
     if num_pairs > MAX_PAIRS:
-        raise ValueError(f"config: path='swapab' serves at most {MAX_PAIRS} (token, slot) pairs, "
-                         f"got T * k = {num_pairs}")
+        raise ValueError(
+            f"config: path='swapab' serves at most {MAX_PAIRS} (token, slot) pairs, got T * k = {num_pairs}"
+        )
     # A tile's rows must share one block scale per K block.
     assert not block_scaled or (SCALE_BLOCK % BLOCK_N1 == 0 and SCALE_BLOCK % BLOCK_N2 == 0)
     assert not quant_out or a2_static is not None or BLOCK_N1 == SCALE_BLOCK
@@ -263,32 +341,95 @@ def swapab_fp8(
     x, x_scale = (hidden, dummy) if quant_on_load else act_quant_fp8(hidden, a13_static, ue8m0)
     if quant_out:
         y = workspace(num_pairs, inter, torch.float8_e4m3fn, dev, "moe_intermediate")
-        y_scale = dummy if a2_static is not None else workspace(
-            num_pairs, triton.cdiv(inter, SCALE_BLOCK), torch.float32, dev, "moe_intermediate_scale")
+        y_scale = (
+            dummy
+            if a2_static is not None
+            else workspace(num_pairs, triton.cdiv(inter, SCALE_BLOCK), torch.float32, dev, "moe_intermediate_scale")
+        )
     else:
         y, y_scale = workspace(num_pairs, inter, torch.float32, dev, "moe_intermediate"), dummy
     a13 = a13_static if a13_static is not None else dummy
     a2 = a2_static if a2_static is not None else dummy
     _gemm1_kernel[(num_pairs, triton.cdiv(inter, BLOCK_N1))](
-        x, x_scale, w13, w13_scale, y, y_scale, topk_ids, topk_weights, a13, a2, acc, acc.numel(),
-        num_pairs, local_expert_offset, e, h, inter, top_k,
-        x.stride(0), x_scale.stride(0), w13.stride(0), w13.stride(1),
-        w13_scale.stride(0), w13_scale.stride(1) if block_scaled else 0, y.stride(0), y_scale.stride(0),
-        PAIRS=pairs_pad, BLOCK_T=BLOCK_T, BLOCK_N=BLOCK_N1, BLOCK_K=SCALE_BLOCK,
-        QUANT_ON_LOAD=quant_on_load, A_STATIC=a13_static is not None, QUANT_OUT=quant_out,
-        Y_STATIC=a2_static is not None, BLOCK_SCALED=block_scaled, UE8M0=ue8m0,
-        WEIGHT_ON_INPUT=weight_on_input, EVEN_K=h % SCALE_BLOCK == 0, PDL=pdl,
-        num_warps=num_warps1, num_stages=num_stages1,
+        x,
+        x_scale,
+        w13,
+        w13_scale,
+        y,
+        y_scale,
+        topk_ids,
+        topk_weights,
+        a13,
+        a2,
+        acc,
+        acc.numel(),
+        num_pairs,
+        local_expert_offset,
+        e,
+        h,
+        inter,
+        top_k,
+        x.stride(0),
+        x_scale.stride(0),
+        w13.stride(0),
+        w13.stride(1),
+        w13_scale.stride(0),
+        w13_scale.stride(1) if block_scaled else 0,
+        y.stride(0),
+        y_scale.stride(0),
+        PAIRS=pairs_pad,
+        BLOCK_T=BLOCK_T,
+        BLOCK_N=BLOCK_N1,
+        BLOCK_K=SCALE_BLOCK,
+        QUANT_ON_LOAD=quant_on_load,
+        A_STATIC=a13_static is not None,
+        QUANT_OUT=quant_out,
+        Y_STATIC=a2_static is not None,
+        BLOCK_SCALED=block_scaled,
+        UE8M0=ue8m0,
+        WEIGHT_ON_INPUT=weight_on_input,
+        EVEN_K=h % SCALE_BLOCK == 0,
+        PDL=pdl,
+        num_warps=num_warps1,
+        num_stages=num_stages1,
     )
     k_blocks = triton.cdiv(inter, SCALE_BLOCK)
     per_split = triton.cdiv(k_blocks, SPLIT_K2)
     _gemm2_kernel[(num_pairs, triton.cdiv(h, BLOCK_N2), triton.cdiv(k_blocks, per_split))](
-        y, y_scale, w2, w2_scale, acc, topk_ids, topk_weights, a2,
-        num_pairs, local_expert_offset, e, h, inter, top_k, per_split,
-        y.stride(0), y_scale.stride(0), w2.stride(0), w2.stride(1),
-        w2_scale.stride(0), w2_scale.stride(1) if block_scaled else 0, acc.stride(0),
-        PAIRS=pairs_pad, BLOCK_T=BLOCK_T, BLOCK_N=BLOCK_N2, BLOCK_K=SCALE_BLOCK,
-        QUANT_ON_LOAD=not quant_out, Y_STATIC=a2_static is not None, BLOCK_SCALED=block_scaled, UE8M0=ue8m0,
-        WEIGHT_ON_INPUT=weight_on_input, EVEN_K=inter % SCALE_BLOCK == 0, PDL=pdl,
-        num_warps=num_warps2, num_stages=num_stages2, **({"launch_pdl": True} if pdl else {}),
+        y,
+        y_scale,
+        w2,
+        w2_scale,
+        acc,
+        topk_ids,
+        topk_weights,
+        a2,
+        num_pairs,
+        local_expert_offset,
+        e,
+        h,
+        inter,
+        top_k,
+        per_split,
+        y.stride(0),
+        y_scale.stride(0),
+        w2.stride(0),
+        w2.stride(1),
+        w2_scale.stride(0),
+        w2_scale.stride(1) if block_scaled else 0,
+        acc.stride(0),
+        PAIRS=pairs_pad,
+        BLOCK_T=BLOCK_T,
+        BLOCK_N=BLOCK_N2,
+        BLOCK_K=SCALE_BLOCK,
+        QUANT_ON_LOAD=not quant_out,
+        Y_STATIC=a2_static is not None,
+        BLOCK_SCALED=block_scaled,
+        UE8M0=ue8m0,
+        WEIGHT_ON_INPUT=weight_on_input,
+        EVEN_K=inter % SCALE_BLOCK == 0,
+        PDL=pdl,
+        num_warps=num_warps2,
+        num_stages=num_stages2,
+        **({"launch_pdl": True} if pdl else {}),
     )

@@ -33,6 +33,5 @@ def permute_activations(hidden: torch.Tensor, padded_hidden: int) -> torch.Tenso
     assert padded_hidden % K_GROUP == 0 and padded_hidden >= h and hidden.stride(1) == 1
     out = workspace(t, padded_hidden, torch.bfloat16, hidden.device, "moe_act")
     if t:
-        _permute_kernel[(t, padded_hidden // K_GROUP)](hidden, out, h, hidden.stride(0), out.stride(0),
-                                                       GROUP=K_GROUP)
+        _permute_kernel[(t, padded_hidden // K_GROUP)](hidden, out, h, hidden.stride(0), out.stride(0), GROUP=K_GROUP)
     return out

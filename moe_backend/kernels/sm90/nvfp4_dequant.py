@@ -37,9 +37,21 @@ def _e2m1_value(code):
 
 
 @triton.jit
-def _dequant_kernel(packed_ptr, scale_ptr, global_ptr, expert_ptr, out_ptr, N, K, rows_per_global,
-                    num_globals, INTERLEAVE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    GROUP: tl.constexpr):
+def _dequant_kernel(
+    packed_ptr,
+    scale_ptr,
+    global_ptr,
+    expert_ptr,
+    out_ptr,
+    N,
+    K,
+    rows_per_global,
+    num_globals,
+    INTERLEAVE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP: tl.constexpr,
+):
     s = tl.program_id(0)
     e = tl.load(expert_ptr + s).to(tl.int64)
     if e < 0:
@@ -48,30 +60,36 @@ def _dequant_kernel(packed_ptr, scale_ptr, global_ptr, expert_ptr, out_ptr, N, K
     half = tl.program_id(2) * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
     row_ok = rows < N
     mask = row_ok[:, None] & (half < K // 2)[None, :]
-    byte = tl.load(packed_ptr + e * N * (K // 2) + rows[:, None] * (K // 2) + half[None, :], mask=mask,
-                   other=0).to(tl.int32)
+    byte = tl.load(packed_ptr + e * N * (K // 2) + rows[:, None] * (K // 2) + half[None, :], mask=mask, other=0).to(
+        tl.int32
+    )
     values = tl.reshape(tl.join(_e2m1_value(byte & 15), _e2m1_value(byte >> 4)), (BLOCK_N, BLOCK_K))
     groups = tl.program_id(2) * (BLOCK_K // GROUP) + tl.arange(0, BLOCK_K // GROUP)
     smask = row_ok[:, None] & (groups < K // GROUP)[None, :]
-    scale = tl.load(scale_ptr + e * N * (K // GROUP) + rows[:, None] * (K // GROUP) + groups[None, :],
-                    mask=smask, other=0.0).to(tl.float32)
+    scale = tl.load(
+        scale_ptr + e * N * (K // GROUP) + rows[:, None] * (K // GROUP) + groups[None, :], mask=smask, other=0.0
+    ).to(tl.float32)
     glob = tl.load(global_ptr + e * num_globals + rows // rows_per_global, mask=row_ok, other=0.0)
     scale = scale * glob[:, None]
-    w = tl.reshape(tl.reshape(values, (BLOCK_N, BLOCK_K // GROUP, GROUP)) * scale[:, :, None],
-                   (BLOCK_N, BLOCK_K))
+    w = tl.reshape(tl.reshape(values, (BLOCK_N, BLOCK_K // GROUP, GROUP)) * scale[:, :, None], (BLOCK_N, BLOCK_K))
     cols = tl.program_id(2) * BLOCK_K + tl.arange(0, BLOCK_K)
     out_mask = row_ok[:, None] & (cols < K)[None, :]
     if INTERLEAVE:
         out_rows = 2 * (rows % (N // 2)) + rows // (N // 2)
     else:
         out_rows = rows
-    tl.store(out_ptr + s.to(tl.int64) * N * K + out_rows[:, None] * K + cols[None, :], to_bf16(w),
-             mask=out_mask)
+    tl.store(out_ptr + s.to(tl.int64) * N * K + out_rows[:, None] * K + cols[None, :], to_bf16(w), mask=out_mask)
 
 
-def dequantize_segments(packed: torch.Tensor, block_scale: torch.Tensor, global_scale: torch.Tensor,
-                        expert_of_segment: torch.Tensor, out: torch.Tensor, *, interleave: bool = False
-                        ) -> torch.Tensor:
+def dequantize_segments(
+    packed: torch.Tensor,
+    block_scale: torch.Tensor,
+    global_scale: torch.Tensor,
+    expert_of_segment: torch.Tensor,
+    out: torch.Tensor,
+    *,
+    interleave: bool = False,
+) -> torch.Tensor:
     """Dequantize expert ``expert_of_segment[s]`` into ``out[s]`` for every segment ``s``
     (``interleave``: gate/up rows interleaved, see the module doc; N even).
 
@@ -88,7 +106,20 @@ def dequantize_segments(packed: torch.Tensor, block_scale: torch.Tensor, global_
     if s == 0:
         return out
     grid = (s, triton.cdiv(n, BLOCK_N), triton.cdiv(k, BLOCK_K))
-    _dequant_kernel[grid](packed, block_scale, global_scale, expert_of_segment, out, n, k,
-                          n // global_scale.shape[1], global_scale.shape[1], INTERLEAVE=interleave,
-                          BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, GROUP=GROUP, num_warps=NUM_WARPS)
+    _dequant_kernel[grid](
+        packed,
+        block_scale,
+        global_scale,
+        expert_of_segment,
+        out,
+        n,
+        k,
+        n // global_scale.shape[1],
+        global_scale.shape[1],
+        INTERLEAVE=interleave,
+        BLOCK_N=BLOCK_N,
+        BLOCK_K=BLOCK_K,
+        GROUP=GROUP,
+        num_warps=NUM_WARPS,
+    )
     return out

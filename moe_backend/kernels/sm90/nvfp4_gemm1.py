@@ -14,7 +14,6 @@ before any early exit), as the FP8 GEMM1 does: GEMM2 accumulates into it with
 atomics after this kernel on the stream.
 """
 
-
 import torch
 import triton
 import triton.language as tl
@@ -31,19 +30,42 @@ ZERO_BLOCK = 1024
 
 @triton.jit
 def _gemm1_kernel(
-    x_ptr, w_ptr, ws_ptr, wg_ptr, y_ptr,
-    sorted_ptr, tile_expert_ptr, num_padded_ptr, topk_w_ptr,
-    zero_ptr, zero_numel, num_pairs, IP, num_groups, top_k, max_tiles,
-    stride_xm, stride_we, stride_wn, stride_wse, stride_wsn, stride_ym,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
-    WEIGHT_ON_INPUT: tl.constexpr, INTERPRET: tl.constexpr, ZERO_BLOCK: tl.constexpr,
+    x_ptr,
+    w_ptr,
+    ws_ptr,
+    wg_ptr,
+    y_ptr,
+    sorted_ptr,
+    tile_expert_ptr,
+    num_padded_ptr,
+    topk_w_ptr,
+    zero_ptr,
+    zero_numel,
+    num_pairs,
+    IP,
+    num_groups,
+    top_k,
+    max_tiles,
+    stride_xm,
+    stride_we,
+    stride_wn,
+    stride_wse,
+    stride_wsn,
+    stride_ym,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    WEIGHT_ON_INPUT: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    ZERO_BLOCK: tl.constexpr,
 ):
     zero_fill(zero_ptr, zero_numel, ZERO_BLOCK)
     pid_m, pid_n = tile_coords(tl.program_id(0), max_tiles, IP // BLOCK_N, GROUP_M)
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
         return
-    rows, pair, row_ok, expert, offs_n, _ = aligned_rows(pid_m, pid_n, sorted_ptr, tile_expert_ptr,
-                                                         num_pairs, IP, BLOCK_M, BLOCK_N)
+    rows, pair, row_ok, expert, offs_n, _ = aligned_rows(
+        pid_m, pid_n, sorted_ptr, tile_expert_ptr, num_pairs, IP, BLOCK_M, BLOCK_N
+    )
     token = (pair // top_k).to(tl.int64)
     offs_k = tl.arange(0, 256)
     offs_w = tl.arange(0, 16)
@@ -69,7 +91,7 @@ def _gemm1_kernel(
         s_ptrs += 16
 
     global_scale = tl.where(is_gate, tl.load(wg_ptr + expert * 2), tl.load(wg_ptr + expert * 2 + 1))
-    acc = tl.trans(acc * (global_scale * (2.0 ** WEIGHT_SHIFT))[:, None])      # [BLOCK_M, 2 * BLOCK_N]
+    acc = tl.trans(acc * (global_scale * (2.0**WEIGHT_SHIFT))[:, None])  # [BLOCK_M, 2 * BLOCK_N]
     gate, up = tl.split(tl.permute(tl.reshape(acc, [BLOCK_M, 2, BLOCK_N]), (0, 2, 1)))
     if WEIGHT_ON_INPUT:
         # (w * x) @ W.T == w * (x @ W.T): scaling the fp32 sums avoids rounding w * x to bf16.
@@ -83,10 +105,21 @@ def _gemm1_kernel(
 
 
 def gemm1_nvfp4(
-    x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, w13_scale_2: torch.Tensor,
-    routing: AlignedRouting, topk_weights: torch.Tensor, zero: torch.Tensor, *,
-    num_pairs: int, top_k: int, weight_on_input: bool,
-    BLOCK_N: int, GROUP_M: int, num_warps: int, num_stages: int,
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w13_scale: torch.Tensor,
+    w13_scale_2: torch.Tensor,
+    routing: AlignedRouting,
+    topk_weights: torch.Tensor,
+    zero: torch.Tensor,
+    *,
+    num_pairs: int,
+    top_k: int,
+    weight_on_input: bool,
+    BLOCK_N: int,
+    GROUP_M: int,
+    num_warps: int,
+    num_stages: int,
 ) -> torch.Tensor:
     """Launch GEMM1 + SiLU-and-mul over the aligned rows.
 
@@ -109,12 +142,35 @@ def gemm1_nvfp4(
     y = workspace(routing.max_tiles * routing.block_m, ip, torch.bfloat16, x.device, "moe_intermediate")
     grid = (routing.max_tiles * (ip // BLOCK_N),)
     _gemm1_kernel[grid](
-        x, w13, w13_scale, w13_scale_2, y,
-        routing.sorted_ids, routing.tile_expert, routing.num_padded, topk_weights,
-        zero, zero.numel(), num_pairs, ip, hp // K_GROUP, top_k, routing.max_tiles,
-        x.stride(0), w13.stride(0), w13.stride(1), w13_scale.stride(0), w13_scale.stride(1), y.stride(0),
-        BLOCK_M=routing.block_m, BLOCK_N=BLOCK_N, GROUP_M=GROUP_M,
-        WEIGHT_ON_INPUT=weight_on_input, INTERPRET=INTERPRETING,
-        ZERO_BLOCK=ZERO_BLOCK, num_warps=num_warps, num_stages=num_stages,
+        x,
+        w13,
+        w13_scale,
+        w13_scale_2,
+        y,
+        routing.sorted_ids,
+        routing.tile_expert,
+        routing.num_padded,
+        topk_weights,
+        zero,
+        zero.numel(),
+        num_pairs,
+        ip,
+        hp // K_GROUP,
+        top_k,
+        routing.max_tiles,
+        x.stride(0),
+        w13.stride(0),
+        w13.stride(1),
+        w13_scale.stride(0),
+        w13_scale.stride(1),
+        y.stride(0),
+        BLOCK_M=routing.block_m,
+        BLOCK_N=BLOCK_N,
+        GROUP_M=GROUP_M,
+        WEIGHT_ON_INPUT=weight_on_input,
+        INTERPRET=INTERPRETING,
+        ZERO_BLOCK=ZERO_BLOCK,
+        num_warps=num_warps,
+        num_stages=num_stages,
     )
     return y

@@ -10,7 +10,6 @@ rows into the fp32 workspace ``acc [T, H]`` at their tokens, exactly like the FP
 GEMM2: ``acc`` is zeroed by GEMM1 and cast to bf16 by :func:`combine.cast_out`.
 """
 
-
 import torch
 import triton
 import triton.language as tl
@@ -24,20 +23,41 @@ from .tiles import aligned_rows, tile_coords
 
 @triton.jit
 def _gemm2_kernel(
-    y_ptr, w_ptr, ws_ptr, wg_ptr, acc_ptr,
-    sorted_ptr, tile_expert_ptr, num_padded_ptr, topk_w_ptr,
-    num_pairs, H, num_groups, top_k, max_tiles, groups_per_split,
-    stride_ym, stride_we, stride_wn, stride_wse, stride_wsn, stride_accm,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
-    WEIGHT_ON_INPUT: tl.constexpr, INTERPRET: tl.constexpr,
+    y_ptr,
+    w_ptr,
+    ws_ptr,
+    wg_ptr,
+    acc_ptr,
+    sorted_ptr,
+    tile_expert_ptr,
+    num_padded_ptr,
+    topk_w_ptr,
+    num_pairs,
+    H,
+    num_groups,
+    top_k,
+    max_tiles,
+    groups_per_split,
+    stride_ym,
+    stride_we,
+    stride_wn,
+    stride_wse,
+    stride_wsn,
+    stride_accm,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    WEIGHT_ON_INPUT: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):
     pid_m, pid_n = tile_coords(tl.program_id(0), max_tiles, tl.cdiv(H, BLOCK_N), GROUP_M)
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
         return
     kb_start = tl.program_id(1) * groups_per_split
     kb_end = tl.minimum(kb_start + groups_per_split, num_groups)
-    rows, pair, row_ok, expert, offs_n, n_ok = aligned_rows(pid_m, pid_n, sorted_ptr, tile_expert_ptr,
-                                                            num_pairs, H, BLOCK_M, BLOCK_N)
+    rows, pair, row_ok, expert, offs_n, n_ok = aligned_rows(
+        pid_m, pid_n, sorted_ptr, tile_expert_ptr, num_pairs, H, BLOCK_M, BLOCK_N
+    )
     offs_k = tl.arange(0, 256)
     offs_w = tl.arange(0, 16)
 
@@ -50,15 +70,18 @@ def _gemm2_kernel(
     for _ in range(kb_start, kb_end):
         # Every aligned row of y exists (padding rows hold garbage and are dropped at the store).
         y = tl.load(y_ptrs)
-        w = dequant_group(tl.load(w_ptrs, mask=n_ok[:, None], other=0),
-                          tl.load(w_ptrs + 16, mask=n_ok[:, None], other=0),
-                          tl.load(s_ptrs, mask=n_ok[:, None], other=0.0), INTERPRET)
+        w = dequant_group(
+            tl.load(w_ptrs, mask=n_ok[:, None], other=0),
+            tl.load(w_ptrs + 16, mask=n_ok[:, None], other=0),
+            tl.load(s_ptrs, mask=n_ok[:, None], other=0.0),
+            INTERPRET,
+        )
         acc = mma(w, y, acc, INTERPRET)
         y_ptrs += 256
         w_ptrs += 32
         s_ptrs += 16
 
-    acc = tl.trans(acc) * (tl.load(wg_ptr + expert) * (2.0 ** WEIGHT_SHIFT))
+    acc = tl.trans(acc) * (tl.load(wg_ptr + expert) * (2.0**WEIGHT_SHIFT))
     if not WEIGHT_ON_INPUT:
         acc = acc * tl.load(topk_w_ptr + pair, mask=row_ok, other=0.0)[:, None]
     token = (pair // top_k).to(tl.int64)
@@ -67,10 +90,22 @@ def _gemm2_kernel(
 
 
 def gemm2_nvfp4(
-    y: torch.Tensor, w2: torch.Tensor, w2_scale: torch.Tensor, w2_scale_2: torch.Tensor,
-    routing: AlignedRouting, topk_weights: torch.Tensor, acc: torch.Tensor, *,
-    num_pairs: int, top_k: int, weight_on_input: bool,
-    BLOCK_N: int, SPLIT_K: int, GROUP_M: int, num_warps: int, num_stages: int,
+    y: torch.Tensor,
+    w2: torch.Tensor,
+    w2_scale: torch.Tensor,
+    w2_scale_2: torch.Tensor,
+    routing: AlignedRouting,
+    topk_weights: torch.Tensor,
+    acc: torch.Tensor,
+    *,
+    num_pairs: int,
+    top_k: int,
+    weight_on_input: bool,
+    BLOCK_N: int,
+    SPLIT_K: int,
+    GROUP_M: int,
+    num_warps: int,
+    num_stages: int,
 ) -> None:
     """Launch GEMM2 + weighted combine: ``acc[t] += w[t, j] * (y_row @ w2[e].T)``.
 
@@ -87,11 +122,32 @@ def gemm2_nvfp4(
     per_split = triton.cdiv(groups, SPLIT_K)
     grid = (routing.max_tiles * triton.cdiv(h, BLOCK_N), triton.cdiv(groups, per_split))
     _gemm2_kernel[grid](
-        y, w2, w2_scale, w2_scale_2, acc,
-        routing.sorted_ids, routing.tile_expert, routing.num_padded, topk_weights,
-        num_pairs, h, groups, top_k, routing.max_tiles, per_split,
-        y.stride(0), w2.stride(0), w2.stride(1), w2_scale.stride(0), w2_scale.stride(1), acc.stride(0),
-        BLOCK_M=routing.block_m, BLOCK_N=BLOCK_N, GROUP_M=GROUP_M,
-        WEIGHT_ON_INPUT=weight_on_input, INTERPRET=INTERPRETING,
-        num_warps=num_warps, num_stages=num_stages,
+        y,
+        w2,
+        w2_scale,
+        w2_scale_2,
+        acc,
+        routing.sorted_ids,
+        routing.tile_expert,
+        routing.num_padded,
+        topk_weights,
+        num_pairs,
+        h,
+        groups,
+        top_k,
+        routing.max_tiles,
+        per_split,
+        y.stride(0),
+        w2.stride(0),
+        w2.stride(1),
+        w2_scale.stride(0),
+        w2_scale.stride(1),
+        acc.stride(0),
+        BLOCK_M=routing.block_m,
+        BLOCK_N=BLOCK_N,
+        GROUP_M=GROUP_M,
+        WEIGHT_ON_INPUT=weight_on_input,
+        INTERPRET=INTERPRETING,
+        num_warps=num_warps,
+        num_stages=num_stages,
     )

@@ -26,9 +26,21 @@ WORD_CODES = 8
 #: below the sign, so one shift left by ``3s`` and one mask ``0x81C081C0`` put both lanes'
 #: codes in bf16 place (sign bit 15, ``e1 e0`` the exponent's low bits 8-7, ``m`` mantissa
 #: bit 6); slot 3 fills the remaining bits {10, 11, 13, 14} and takes three shifts.
-CODE_BITS = tuple(tuple(b + 16 * (j % 2) for b in slot)
-                  for j, slot in enumerate(((6, 7, 8, 15), (6, 7, 8, 15), (3, 4, 5, 12), (3, 4, 5, 12),
-                                            (0, 1, 2, 9), (0, 1, 2, 9), (11, 13, 14, 10), (11, 13, 14, 10))))
+CODE_BITS = tuple(
+    tuple(b + 16 * (j % 2) for b in slot)
+    for j, slot in enumerate(
+        (
+            (6, 7, 8, 15),
+            (6, 7, 8, 15),
+            (3, 4, 5, 12),
+            (3, 4, 5, 12),
+            (0, 1, 2, 9),
+            (0, 1, 2, 9),
+            (11, 13, 14, 10),
+            (11, 13, 14, 10),
+        )
+    )
+)
 #: K elements per kernel group: 2 halves x 16 words x 8 codes, 16 block scales.
 K_GROUP = 256
 
@@ -47,13 +59,13 @@ def pack_kernel_words(packed: torch.Tensor) -> torch.Tensor:
     rows = packed.reshape(-1, packed.shape[-1])
     out = torch.empty(rows.shape[0], rows.shape[1] // 4, dtype=torch.int32, device=packed.device)
     for r in range(0, rows.shape[0], _chunk_rows(rows.shape[1])):
-        codes = unpack_e2m1(rows[r:r + _chunk_rows(rows.shape[1])]).long()
+        codes = unpack_e2m1(rows[r : r + _chunk_rows(rows.shape[1])]).long()
         codes = codes.reshape(codes.shape[0], -1, WORD_CODES)
         word = torch.zeros(codes.shape[:-1], dtype=torch.int64, device=packed.device)
         for j, bits in enumerate(CODE_BITS):
             for k, bit in enumerate(bits):
                 word |= ((codes[..., j] >> k) & 1) << bit
-        out[r:r + codes.shape[0]] = torch.where(word >= 2 ** 31, word - 2 ** 32, word)
+        out[r : r + codes.shape[0]] = torch.where(word >= 2**31, word - 2**32, word)
     return out.reshape(*packed.shape[:-1], -1)
 
 
@@ -70,10 +82,11 @@ def unpack_kernel_words(words: torch.Tensor) -> torch.Tensor:
     rows = words.reshape(-1, words.shape[-1])
     out = torch.empty(rows.shape[0], rows.shape[1] * 4, dtype=torch.uint8, device=words.device)
     for r in range(0, rows.shape[0], _chunk_rows(rows.shape[1] * 8)):
-        w = rows[r:r + _chunk_rows(rows.shape[1] * 8)].long() & 0xFFFFFFFF
-        codes = torch.stack([sum((((w >> bit) & 1) << k for k, bit in enumerate(bits)), torch.zeros_like(w))
-                             for bits in CODE_BITS], -1)
-        out[r:r + w.shape[0]] = pack_e2m1(codes.reshape(w.shape[0], -1).to(torch.uint8))
+        w = rows[r : r + _chunk_rows(rows.shape[1] * 8)].long() & 0xFFFFFFFF
+        codes = torch.stack(
+            [sum((((w >> bit) & 1) << k for k, bit in enumerate(bits)), torch.zeros_like(w)) for bits in CODE_BITS], -1
+        )
+        out[r : r + w.shape[0]] = pack_e2m1(codes.reshape(w.shape[0], -1).to(torch.uint8))
     return out.reshape(*words.shape[:-1], -1)
 
 
@@ -97,7 +110,7 @@ def _round_up(n: int) -> int:
 def _pad_last(t: torch.Tensor, size: int) -> torch.Tensor:
     """Zero-pad the last dimension of ``t`` to ``size``."""
     out = t.new_zeros(*t.shape[:-1], size)
-    out[..., :t.shape[-1]] = t
+    out[..., : t.shape[-1]] = t
     return out
 
 
@@ -115,8 +128,8 @@ def _kernel_rows(codes: torch.Tensor, scales: torch.Tensor) -> Tuple[torch.Tenso
 def _canonical_rows(words: torch.Tensor, scales: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """Inverse of :func:`_kernel_rows` for natural length ``k``."""
     words = words.reshape(*words.shape[:-1], -1, 2, 16).transpose(-1, -2).reshape(words.shape)
-    codes = unpack_kernel_words(words.contiguous())[..., :k // 2]
-    return codes.contiguous(), scales[..., :k // GROUP].contiguous()
+    codes = unpack_kernel_words(words.contiguous())[..., : k // 2]
+    return codes.contiguous(), scales[..., : k // GROUP].contiguous()
 
 
 def _permute_gate_up_rows(t: torch.Tensor, inter: int, inverse: bool) -> torch.Tensor:
@@ -185,11 +198,20 @@ class NVFP4KernelWeights(ExpertShapes):
         check_tensor("w2", self.w2, dtype=torch.int32, ndim=3, device=self.w13.device)
         h, ip = self.w2.shape[1], self.w2.shape[2] * WORD_CODES
         hp = hp_words * WORD_CODES
-        if (self.w2.shape[0] != e or two_ip != 2 * ip or ip != _round_up(self.inter) or hp != _round_up(h)
-                or h % GROUP or self.inter % GROUP or h == 0):
-            raise ValueError(f"w13/w2: expected [E, 2Ip, Hp/8] and [E, H, Ip/8] with H and I = inter multiples of "
-                             f"{GROUP} and Hp, Ip rounded up to {K_GROUP}, got w13 {tuple(self.w13.shape)}, "
-                             f"w2 {tuple(self.w2.shape)}, inter {self.inter}")
+        if (
+            self.w2.shape[0] != e
+            or two_ip != 2 * ip
+            or ip != _round_up(self.inter)
+            or hp != _round_up(h)
+            or h % GROUP
+            or self.inter % GROUP
+            or h == 0
+        ):
+            raise ValueError(
+                f"w13/w2: expected [E, 2Ip, Hp/8] and [E, H, Ip/8] with H and I = inter multiples of "
+                f"{GROUP} and Hp, Ip rounded up to {K_GROUP}, got w13 {tuple(self.w13.shape)}, "
+                f"w2 {tuple(self.w2.shape)}, inter {self.inter}"
+            )
         dev = self.w13.device
         check_tensor("w13_scale", self.w13_scale, dtype=FP8_DTYPE, shape=(e, two_ip, hp // GROUP), device=dev)
         check_tensor("w13_scale_2", self.w13_scale_2, dtype=torch.float32, shape=(e, 2), device=dev)
@@ -206,8 +228,9 @@ def nvfp4_to_kernel_layout(weights: NVFP4Weights) -> NVFP4KernelWeights:
     w2, s2 = _kernel_rows(weights.w2, weights.w2_scale)
     w13 = _permute_gate_up_rows(w13, inter, inverse=False)
     s13 = _permute_gate_up_rows(s13.view(torch.uint8), inter, inverse=False).view(FP8_DTYPE)
-    return NVFP4KernelWeights(w13, s13, weights.w13_scale_2.contiguous(), w2, s2,
-                              weights.w2_scale_2.contiguous(), inter)
+    return NVFP4KernelWeights(
+        w13, s13, weights.w13_scale_2.contiguous(), w2, s2, weights.w2_scale_2.contiguous(), inter
+    )
 
 
 def nvfp4_from_kernel_layout(kernel_weights: NVFP4KernelWeights) -> NVFP4Weights:

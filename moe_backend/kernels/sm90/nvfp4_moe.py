@@ -39,30 +39,57 @@ from .nvfp4_layout import NVFP4KernelWeights, nvfp4_to_kernel_layout
 
 #: Every knob (``config=`` may give any subset; the rest come from the heuristic).
 #: ``*1`` are GEMM1's, ``*2`` GEMM2's; ``BLOCK_N*`` divide 256 (GEMM1) or are powers of two >= 16.
-CONFIG_KEYS = ("path", "BLOCK_M",
-               "BLOCK_N1", "GROUP_M1", "num_warps1", "num_stages1",
-               "BLOCK_N2", "SPLIT_K2", "GROUP_M2", "num_warps2", "num_stages2")
+CONFIG_KEYS = (
+    "path",
+    "BLOCK_M",
+    "BLOCK_N1",
+    "GROUP_M1",
+    "num_warps1",
+    "num_stages1",
+    "BLOCK_N2",
+    "SPLIT_K2",
+    "GROUP_M2",
+    "num_warps2",
+    "num_stages2",
+)
 
 # Defaults: the best of an H100 sweep (docs/performance.md), DeepSeek-V3 shapes.
 DECODE_CONFIG: Dict[str, Any] = dict(
-    path="decode", BLOCK_M=16,
-    BLOCK_N1=32, GROUP_M1=1, num_warps1=4, num_stages1=3,
-    BLOCK_N2=64, SPLIT_K2=1, GROUP_M2=1, num_warps2=4, num_stages2=3,
+    path="decode",
+    BLOCK_M=16,
+    BLOCK_N1=32,
+    GROUP_M1=1,
+    num_warps1=4,
+    num_stages1=3,
+    BLOCK_N2=64,
+    SPLIT_K2=1,
+    GROUP_M2=1,
+    num_warps2=4,
+    num_stages2=3,
 )
 # GEMM1's weight tile stacks BLOCK_N gate rows on BLOCK_N up rows (2 BLOCK_N rows). With
 # BLOCK_M = 64 tokens, 128 rows a warpgroup (BLOCK_N1 = 128 on 8 warps) still fit in
 # registers (254); 128 tokens would not (ptxas serializes the wgmmas, C7512). Weights
 # through shared memory (wgmma operand B, 128 tokens a tile) never won an H100 tuning run.
 PREFILL_CONFIG: Dict[str, Any] = dict(
-    path="prefill", BLOCK_M=64,
-    BLOCK_N1=128, GROUP_M1=8, num_warps1=8, num_stages1=3,
-    BLOCK_N2=128, SPLIT_K2=1, GROUP_M2=8, num_warps2=8, num_stages2=3,
+    path="prefill",
+    BLOCK_M=64,
+    BLOCK_N1=128,
+    GROUP_M1=8,
+    num_warps1=8,
+    num_stages1=3,
+    BLOCK_N2=128,
+    SPLIT_K2=1,
+    GROUP_M2=8,
+    num_warps2=8,
+    num_stages2=3,
 )
 
 
 #: Prefill with narrow weight blocks on 4 warps, 32 tokens a tile.
-PREFILL_32_CONFIG: Dict[str, Any] = dict(PREFILL_CONFIG, BLOCK_M=32, BLOCK_N1=32, BLOCK_N2=64, num_warps1=4,
-                                         num_warps2=4)
+PREFILL_32_CONFIG: Dict[str, Any] = dict(
+    PREFILL_CONFIG, BLOCK_M=32, BLOCK_N1=32, BLOCK_N2=64, num_warps1=4, num_warps2=4
+)
 
 #: The heuristic default: (most expected rows per local expert, configuration), first match.
 DEFAULT_TIERS = ((16, DECODE_CONFIG), (64, PREFILL_32_CONFIG), (float("inf"), PREFILL_CONFIG))
@@ -100,11 +127,16 @@ def prepare_nvfp4(weights: NVFP4Weights) -> NVFP4KernelWeights:
     return nvfp4_to_kernel_layout(weights)
 
 
-def _check_inputs(hidden: torch.Tensor, w: NVFP4KernelWeights, topk_ids: torch.Tensor,
-                  topk_weights: torch.Tensor, local_expert_offset: int, out: torch.Tensor) -> None:
+def _check_inputs(
+    hidden: torch.Tensor,
+    w: NVFP4KernelWeights,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    local_expert_offset: int,
+    out: torch.Tensor,
+) -> None:
     if not isinstance(w, NVFP4KernelWeights):
-        raise TypeError(f"prepared_weights: expected NVFP4KernelWeights (from prepare_nvfp4), "
-                        f"got {type(w).__name__}")
+        raise TypeError(f"prepared_weights: expected NVFP4KernelWeights (from prepare_nvfp4), got {type(w).__name__}")
     dev = w.device
     check_tensor("hidden", hidden, dtype=torch.bfloat16, shape=(None, w.hidden_size), device=dev)
     t = hidden.shape[0]
@@ -161,12 +193,33 @@ def fused_experts_nvfp4(
     acc = workspace(num_tokens, w.hidden_size, torch.float32, hidden.device, "moe_combine")
     common: Dict[str, Any] = dict(num_pairs=num_pairs, top_k=top_k, weight_on_input=apply_router_weight_on_input)
     y = gemm1_nvfp4(
-        x, w.w13, w.w13_scale, w.w13_scale_2, routing, topk_weights, acc,
-        BLOCK_N=cfg["BLOCK_N1"], GROUP_M=cfg["GROUP_M1"],
-        num_warps=cfg["num_warps1"], num_stages=cfg["num_stages1"], **common)
+        x,
+        w.w13,
+        w.w13_scale,
+        w.w13_scale_2,
+        routing,
+        topk_weights,
+        acc,
+        BLOCK_N=cfg["BLOCK_N1"],
+        GROUP_M=cfg["GROUP_M1"],
+        num_warps=cfg["num_warps1"],
+        num_stages=cfg["num_stages1"],
+        **common,
+    )
     gemm2_nvfp4(
-        y, w.w2, w.w2_scale, w.w2_scale_2, routing, topk_weights, acc,
-        BLOCK_N=cfg["BLOCK_N2"], SPLIT_K=cfg["SPLIT_K2"], GROUP_M=cfg["GROUP_M2"],
-        num_warps=cfg["num_warps2"], num_stages=cfg["num_stages2"], **common)
+        y,
+        w.w2,
+        w.w2_scale,
+        w.w2_scale_2,
+        routing,
+        topk_weights,
+        acc,
+        BLOCK_N=cfg["BLOCK_N2"],
+        SPLIT_K=cfg["SPLIT_K2"],
+        GROUP_M=cfg["GROUP_M2"],
+        num_warps=cfg["num_warps2"],
+        num_stages=cfg["num_stages2"],
+        **common,
+    )
     cast_out(acc, result)
     return result

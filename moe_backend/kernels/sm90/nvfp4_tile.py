@@ -34,15 +34,35 @@ WEIGHT_SHIFT = tl.constexpr(8)
 def _dequant_asm() -> str:
     """PTX for one word ($8) and its bf16 scale ($9) -> 8 bf16 ($0..$7), elements 0..7."""
     scale = "fma.rn.bf16x2 p, p, s2, z;"
-    lines = ["{", ".reg .b32 s2, z, p, a, b;", "mov.b32 s2, {$9, $9};", "mov.b32 z, 0x80008000;",
-             "and.b32 p, $8, 0x81C081C0;", scale, "mov.b32 {$0, $1}, p;"]
+    lines = [
+        "{",
+        ".reg .b32 s2, z, p, a, b;",
+        "mov.b32 s2, {$9, $9};",
+        "mov.b32 z, 0x80008000;",
+        "and.b32 p, $8, 0x81C081C0;",
+        scale,
+        "mov.b32 {$0, $1}, p;",
+    ]
     for slot in (1, 2):
-        lines += [f"shl.b32 p, $8, {3 * slot};", "and.b32 p, p, 0x81C081C0;", scale,
-                  f"mov.b32 {{${2 * slot}, ${2 * slot + 1}}}, p;"]
+        lines += [
+            f"shl.b32 p, $8, {3 * slot};",
+            "and.b32 p, p, 0x81C081C0;",
+            scale,
+            f"mov.b32 {{${2 * slot}, ${2 * slot + 1}}}, p;",
+        ]
     # Slot 3: e1 e0 at bits 14-13 -> 8-7, m at 11 -> 6, sign at 10 -> 15 (each lane).
-    lines += ["shr.b32 a, $8, 6;", "and.b32 a, a, 0x01800180;", "shr.b32 b, $8, 5;", "and.b32 b, b, 0x00400040;",
-              "or.b32 a, a, b;", "shl.b32 b, $8, 5;", "and.b32 b, b, 0x80008000;", "or.b32 p, a, b;", scale,
-              "mov.b32 {$6, $7}, p;"]
+    lines += [
+        "shr.b32 a, $8, 6;",
+        "and.b32 a, a, 0x01800180;",
+        "shr.b32 b, $8, 5;",
+        "and.b32 b, b, 0x00400040;",
+        "or.b32 a, a, b;",
+        "shl.b32 b, $8, 5;",
+        "and.b32 b, b, 0x80008000;",
+        "or.b32 p, a, b;",
+        scale,
+        "mov.b32 {$6, $7}, p;",
+    ]
     return "\n".join(lines + ["}"])
 
 
@@ -61,19 +81,24 @@ def _code_value(words, M: tl.constexpr, E0: tl.constexpr, E1: tl.constexpr, S: t
 @triton.jit
 def _dequant8(words, scale, INTERPRET: tl.constexpr):
     """Elements 0..7 of each word as 8 bf16 tensors shaped like ``words``; ``scale`` e4m3 alike."""
-    s = scale.to(tl.float32) * (2.0 ** -WEIGHT_SHIFT)
+    s = scale.to(tl.float32) * (2.0**-WEIGHT_SHIFT)
     if not INTERPRET:
         # bf16 scale * 2**126 (finite: block scales are <= 448, times 2**-8).
         s = (s * 8.507059173023462e37).to(tl.bfloat16)
         return tl.inline_asm_elementwise(
-            _DEQUANT_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,h", [words, s],
-            dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1)
+            _DEQUANT_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,h", [words, s], dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1
+        )
     # The layout's CODE_BITS, element by element (the PTX above cannot run here).
-    return (_code_value(words, 6, 7, 8, 15, s).to(tl.bfloat16), _code_value(words, 22, 23, 24, 31, s).to(tl.bfloat16),
-            _code_value(words, 3, 4, 5, 12, s).to(tl.bfloat16), _code_value(words, 19, 20, 21, 28, s).to(tl.bfloat16),
-            _code_value(words, 0, 1, 2, 9, s).to(tl.bfloat16), _code_value(words, 16, 17, 18, 25, s).to(tl.bfloat16),
-            _code_value(words, 11, 13, 14, 10, s).to(tl.bfloat16),
-            _code_value(words, 27, 29, 30, 26, s).to(tl.bfloat16))
+    return (
+        _code_value(words, 6, 7, 8, 15, s).to(tl.bfloat16),
+        _code_value(words, 22, 23, 24, 31, s).to(tl.bfloat16),
+        _code_value(words, 3, 4, 5, 12, s).to(tl.bfloat16),
+        _code_value(words, 19, 20, 21, 28, s).to(tl.bfloat16),
+        _code_value(words, 0, 1, 2, 9, s).to(tl.bfloat16),
+        _code_value(words, 16, 17, 18, 25, s).to(tl.bfloat16),
+        _code_value(words, 11, 13, 14, 10, s).to(tl.bfloat16),
+        _code_value(words, 27, 29, 30, 26, s).to(tl.bfloat16),
+    )
 
 
 @triton.jit

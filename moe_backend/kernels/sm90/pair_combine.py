@@ -15,8 +15,9 @@ BLOCK = 1024
 
 
 @triton.jit
-def _weighted_sum_kernel(rows_ptr, row_of_pair_ptr, weight_ptr, out_ptr, H, top_k, stride_rm, stride_om,
-                         BLOCK: tl.constexpr):
+def _weighted_sum_kernel(
+    rows_ptr, row_of_pair_ptr, weight_ptr, out_ptr, H, top_k, stride_rm, stride_om, BLOCK: tl.constexpr
+):
     t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < H
@@ -29,14 +30,25 @@ def _weighted_sum_kernel(rows_ptr, row_of_pair_ptr, weight_ptr, out_ptr, H, top_
     tl.store(out_ptr + t * stride_om + cols, to_bf16(acc), mask=mask)
 
 
-def weighted_sum_pairs(rows: torch.Tensor, row_of_pair: torch.Tensor, topk_weights: torch.Tensor,
-                       out: torch.Tensor) -> torch.Tensor:
+def weighted_sum_pairs(
+    rows: torch.Tensor, row_of_pair: torch.Tensor, topk_weights: torch.Tensor, out: torch.Tensor
+) -> torch.Tensor:
     """``rows [P, H]`` bf16 (row stride free, unit column stride), ``row_of_pair [T * k]`` int32,
     ``topk_weights [T, k]`` fp32 contiguous, ``out [T, H]`` bf16 (unit column stride); T > 0.
     Returns ``out``."""
     t, h = out.shape
     assert rows.stride(1) == 1 and out.stride(1) == 1 and topk_weights.is_contiguous()
     grid = (t, triton.cdiv(h, BLOCK))
-    _weighted_sum_kernel[grid](rows, row_of_pair, topk_weights, out, h, topk_weights.shape[1], rows.stride(0),
-                               out.stride(0), BLOCK=BLOCK, num_warps=4)
+    _weighted_sum_kernel[grid](
+        rows,
+        row_of_pair,
+        topk_weights,
+        out,
+        h,
+        topk_weights.shape[1],
+        rows.stride(0),
+        out.stride(0),
+        BLOCK=BLOCK,
+        num_warps=4,
+    )
     return out

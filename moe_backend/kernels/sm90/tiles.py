@@ -15,8 +15,7 @@ def tile_coords(pid, max_tiles, num_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def aligned_rows(pid_m, pid_n, sorted_ptr, tile_expert_ptr, num_pairs, N,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def aligned_rows(pid_m, pid_n, sorted_ptr, tile_expert_ptr, num_pairs, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Rows of aligned tile ``pid_m`` and columns of block ``pid_n`` (of ``N``).
 
     Returns ``(rows [BLOCK_M], pair [BLOCK_M], row_ok, expert, offs_n [BLOCK_N], n_ok)``:

@@ -38,8 +38,7 @@ def num_segments(num_pairs: int, num_experts: int, compact: bool) -> int:
     return min(num_experts, num_pairs) if compact else num_experts
 
 
-def varlen_routing(topk_ids: torch.Tensor, num_experts: int, local_expert_offset: int,
-                   compact: bool) -> VarlenRouting:
+def varlen_routing(topk_ids: torch.Tensor, num_experts: int, local_expert_offset: int, compact: bool) -> VarlenRouting:
     """Group the pairs of ``topk_ids [T, k]`` (int32, T * k > 0) into per-expert segments
     (``compact``: active experts only)."""
     t, k = topk_ids.shape
@@ -70,5 +69,4 @@ def varlen_routing(topk_ids: torch.Tensor, num_experts: int, local_expert_offset
     row_of_pair = torch.empty(num_pairs, dtype=torch.int32, device=dev).scatter_(0, order, rows)
     row_of_pair = torch.where(valid, row_of_pair, torch.full_like(row_of_pair, -1))
     token_of_row = (order // k).to(torch.int32)
-    return VarlenRouting(cu_seqlens, expert_of_segment[:s].to(torch.int32).contiguous(), token_of_row,
-                         row_of_pair)
+    return VarlenRouting(cu_seqlens, expert_of_segment[:s].to(torch.int32).contiguous(), token_of_row, row_of_pair)

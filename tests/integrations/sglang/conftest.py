@@ -34,8 +34,7 @@ def run_python(code_or_args, timeout=600, env=None):
     args = ["-c", code_or_args] if isinstance(code_or_args, str) else code_or_args
     path = [str(HERE / "cpu_site"), str(CPU_EXTRAS), os.environ.get("PYTHONPATH", "")]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in path if p), **(env or {}))
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, env=env,
-                          cwd=HERE)
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=HERE)
 
 
 @pytest.fixture

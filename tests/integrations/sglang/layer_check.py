@@ -31,20 +31,47 @@ SCALING = 2.5
 
 def _model_dir(precision):
     """A config.json for SGLang's ServerArgs (no weights: the layer is built by hand)."""
-    quant = ({"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-              **({"weight_block_size": [128, 128]} if precision == "fp8_block" else {})}
-             if precision.startswith("fp8") else
-             {"quant_method": "modelopt", "quant_algo": "NVFP4", "group_size": 16})
+    quant = (
+        {
+            "quant_method": "fp8",
+            "fmt": "e4m3",
+            "activation_scheme": "dynamic",
+            **({"weight_block_size": [128, 128]} if precision == "fp8_block" else {}),
+        }
+        if precision.startswith("fp8")
+        else {"quant_method": "modelopt", "quant_algo": "NVFP4", "group_size": 16}
+    )
     path = tempfile.mkdtemp()
     with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump({"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "hidden_size": H,
-                   "intermediate_size": 512, "moe_intermediate_size": I, "num_hidden_layers": 2,
-                   "num_attention_heads": 2, "num_key_value_heads": 2, "n_routed_experts": E - 1,
-                   "num_experts_per_tok": K - 1, "n_shared_experts": 1, "n_group": 1, "topk_group": 1,
-                   "routed_scaling_factor": SCALING, "first_k_dense_replace": 1, "vocab_size": 128,
-                   "q_lora_rank": None, "kv_lora_rank": 64, "qk_nope_head_dim": 32, "qk_rope_head_dim": 16,
-                   "v_head_dim": 32, "max_position_embeddings": 512, "torch_dtype": "bfloat16",
-                   "quantization_config": quant}, f)
+        json.dump(
+            {
+                "architectures": ["DeepseekV3ForCausalLM"],
+                "model_type": "deepseek_v3",
+                "hidden_size": H,
+                "intermediate_size": 512,
+                "moe_intermediate_size": I,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 2,
+                "num_key_value_heads": 2,
+                "n_routed_experts": E - 1,
+                "num_experts_per_tok": K - 1,
+                "n_shared_experts": 1,
+                "n_group": 1,
+                "topk_group": 1,
+                "routed_scaling_factor": SCALING,
+                "first_k_dense_replace": 1,
+                "vocab_size": 128,
+                "q_lora_rank": None,
+                "kv_lora_rank": 64,
+                "qk_nope_head_dim": 32,
+                "qk_rope_head_dim": 16,
+                "v_head_dim": 32,
+                "max_position_embeddings": 512,
+                "torch_dtype": "bfloat16",
+                "quantization_config": quant,
+            },
+            f,
+        )
     return path
 
 
@@ -64,8 +91,9 @@ def _init_sglang(precision):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    init_distributed_environment(world_size=1, rank=0, local_rank=0, backend="gloo",
-                                 distributed_init_method=f"tcp://127.0.0.1:{port}")
+    init_distributed_environment(
+        world_size=1, rank=0, local_rank=0, backend="gloo", distributed_init_method=f"tcp://127.0.0.1:{port}"
+    )
     initialize_model_parallel()
 
 
@@ -120,8 +148,9 @@ def _load(layer, precision, weights):
         for suffix, shard, tensor in _checkpoint_tensors(precision, weights, e):
             param = params[("w13_" if shard != "w2" else "w2_") + suffix]
             # What the model loaders call: the parameter's own loader (it may wrap the layer's).
-            param.weight_loader(param, tensor.clone(), f"experts.{e}.{names[shard]}.{suffix}", shard_id=shard,
-                                expert_id=e)
+            param.weight_loader(
+                param, tensor.clone(), f"experts.{e}.{names[shard]}.{suffix}", shard_id=shard, expert_id=e
+            )
 
 
 def main(precision):
@@ -132,9 +161,18 @@ def main(precision):
     from moe_backend import reference_fused_experts
     from moe_backend.expert_weights import WEIGHT_TYPES
 
-    layer = FusedMoE(num_experts=E, hidden_size=H, intermediate_size=I, layer_id=1, top_k=K,
-                     num_fused_shared_experts=1, params_dtype=torch.bfloat16, quant_config=_quant_config(precision),
-                     prefix="model.layers.1.mlp.experts", routed_scaling_factor=SCALING)
+    layer = FusedMoE(
+        num_experts=E,
+        hidden_size=H,
+        intermediate_size=I,
+        layer_id=1,
+        top_k=K,
+        num_fused_shared_experts=1,
+        params_dtype=torch.bfloat16,
+        quant_config=_quant_config(precision),
+        prefix="model.layers.1.mlp.experts",
+        routed_scaling_factor=SCALING,
+    )
     torch.manual_seed(0)
     # Gate and up get different magnitudes so NVFP4's two global scales differ.
     w13 = torch.cat([torch.randn(E, I, H) * 0.05, torch.randn(E, I, H) * 0.02], 1)
@@ -144,21 +182,25 @@ def main(precision):
 
     x = torch.randn(T, H, dtype=torch.bfloat16)
     ids = torch.randint(0, E - 1, (T, K), dtype=torch.int32)
-    ids[:, -1] = E - 1                      # the fused shared expert
-    ids[1, 0] = -1                          # an expert on another EP rank
+    ids[:, -1] = E - 1  # the fused shared expert
+    ids[1, 0] = -1  # an expert on another EP rank
     ids[4, :2] = -1
     topk_weights = torch.rand(T, K)
     out = layer(x, StandardTopKOutput(topk_weights, ids, torch.zeros(T, E)))
     scaled = None if layer.should_fuse_routed_scaling_factor_in_topk else SCALING
     ref = reference_fused_experts(x, weights, ids, topk_weights * scaled if scaled else topk_weights)
-    print(json.dumps({
-        "capture": _capture_check(layer, x, ids, topk_weights, out),
-        "method": type(layer.quant_method).__name__,
-        "runner": layer.runner_backend.value,
-        "scaling_in_runner": scaled,
-        "equal": bool(torch.equal(out, ref)),
-        "max_abs_diff": (out.float() - ref.float()).abs().max().item(),
-    }))
+    print(
+        json.dumps(
+            {
+                "capture": _capture_check(layer, x, ids, topk_weights, out),
+                "method": type(layer.quant_method).__name__,
+                "runner": layer.runner_backend.value,
+                "scaling_in_runner": scaled,
+                "equal": bool(torch.equal(out, ref)),
+                "max_abs_diff": (out.float() - ref.float()).abs().max().item(),
+            }
+        )
+    )
 
 
 def _capture_check(layer, x, ids, topk_weights, expected):
@@ -181,9 +223,12 @@ def _capture_check(layer, x, ids, topk_weights, expected):
     moved = move_capture_to_experts(block)
     out = layer(x, StandardTopKOutput(topk_weights, ids, torch.zeros(T, E)))
     recorded = capturer.device_cache.buffer[:T, 1, :]
-    return {"moved": moved, "topk_capture_off": not block.topk.topk_config.allow_routed_experts_capture,
-            "recorded_equal_ids": bool(torch.equal(recorded.long(), ids.long())),
-            "output_unchanged": bool(torch.equal(out, expected))}
+    return {
+        "moved": moved,
+        "topk_capture_off": not block.topk.topk_config.allow_routed_experts_capture,
+        "recorded_equal_ids": bool(torch.equal(recorded.long(), ids.long())),
+        "output_unchanged": bool(torch.equal(out, expected)),
+    }
 
 
 def refusals():
@@ -204,9 +249,17 @@ def refusals():
     }
     errors = {}
     for name, overrides in cases.items():
-        kwargs = dict(num_experts=E, hidden_size=H, intermediate_size=I, layer_id=1, top_k=K,
-                      params_dtype=torch.bfloat16, quant_config=_quant_config("fp8_block"),
-                      prefix="model.layers.1.mlp.experts", routed_scaling_factor=SCALING)
+        kwargs = dict(
+            num_experts=E,
+            hidden_size=H,
+            intermediate_size=I,
+            layer_id=1,
+            top_k=K,
+            params_dtype=torch.bfloat16,
+            quant_config=_quant_config("fp8_block"),
+            prefix="model.layers.1.mlp.experts",
+            routed_scaling_factor=SCALING,
+        )
         kwargs.update(overrides)
         try:
             FusedMoE(**kwargs)

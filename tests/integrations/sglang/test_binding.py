@@ -27,5 +27,5 @@ def test_w13_scales_merge_to_the_larger_keeping_that_half_exact():
             before = dequantize_fp8_per_tensor(original[x, rows], scales[x, half])
             after = dequantize_fp8_per_tensor(w13[x, rows], merged[x])
             # e4m3 keeps 3 mantissa bits: half a step is 1/16 of the value, or of the subnormal step.
-            assert ((after - before).abs() <= before.abs() / 16 + merged[x] * 2.0 ** -10).all()
+            assert ((after - before).abs() <= before.abs() / 16 + merged[x] * 2.0**-10).all()
     assert _one_w13_scale(w13, merged) is merged  # one scale per expert already: left as it is

@@ -12,7 +12,7 @@ def _help_choices(stdout):
     """The ``{...}`` choices of ``--moe-runner-backend`` in argparse's help text."""
     flat = " ".join(stdout.split())
     start = flat.index("--moe-runner-backend {") + len("--moe-runner-backend {")
-    return flat[start:flat.index("}", start)].replace(" ", "").split(",")
+    return flat[start : flat.index("}", start)].replace(" ", "").split(",")
 
 
 def test_launch_server_help_lists_and_accepts_the_name(python):

@@ -30,8 +30,7 @@ def run_python(code_or_args, timeout=300, env=None):
     """Run ``python -c code`` (str) or ``python *args`` (list) with VLLM_TARGET_DEVICE=cpu and ``env``."""
     args = ["-c", code_or_args] if isinstance(code_or_args, str) else code_or_args
     env = dict(os.environ, VLLM_TARGET_DEVICE="cpu", **(env or {}))
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, env=env,
-                          cwd=HERE)
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=HERE)
 
 
 @pytest.fixture

@@ -30,8 +30,9 @@ def _init_vllm():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    init_distributed_environment(world_size=1, rank=0, local_rank=0, backend="gloo",
-                                 distributed_init_method=f"tcp://127.0.0.1:{port}")
+    init_distributed_environment(
+        world_size=1, rank=0, local_rank=0, backend="gloo", distributed_init_method=f"tcp://127.0.0.1:{port}"
+    )
     initialize_model_parallel(1, 1)
     # The GPU model runner sets up the workspace manager that modular kernels take their
     # buffers from; vLLM 0.26 asserts on it here (0.33 gets by without it).
@@ -85,8 +86,15 @@ def _check(precision):
     from moe_backend.expert_weights import WEIGHT_TYPES
 
     factory = getattr(fused_moe, "FusedMoEFactory", None) or fused_moe.FusedMoE
-    runner = factory(num_experts=E, top_k=K, hidden_size=H, intermediate_size=I, params_dtype=torch.bfloat16,
-                     quant_config=_quant_config(precision), prefix="model.layers.3.mlp.experts")
+    runner = factory(
+        num_experts=E,
+        top_k=K,
+        hidden_size=H,
+        intermediate_size=I,
+        params_dtype=torch.bfloat16,
+        quant_config=_quant_config(precision),
+        prefix="model.layers.3.mlp.experts",
+    )
     layer = getattr(runner, "routed_experts", runner)
     torch.manual_seed(0)
     # Gate and up get different magnitudes so NVFP4's two global scales differ.
