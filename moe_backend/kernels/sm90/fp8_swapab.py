@@ -68,6 +68,66 @@ def chunk_pairs(members, rank, count, chunk, PAIRS: tl.constexpr, BLOCK_T: tl.co
 
 
 @triton.jit
+def load_operand(
+    ptrs,
+    mask,
+    scale_ptrs,
+    ok,
+    static_ptr,
+    router_w,
+    QUANT_ON_LOAD: tl.constexpr,
+    STATIC: tl.constexpr,
+    UE8M0: tl.constexpr,
+    WEIGHT_ON_INPUT: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    """One K block of the pairs' operand, ``(q [BLOCK_T, BLOCK_K] e4m3, s [BLOCK_T] fp32)``.
+
+    ``QUANT_ON_LOAD``: ``ptrs`` address a bf16 / fp32 tile, quantized here (scaled by ``router_w
+    [BLOCK_T]`` first with ``WEIGHT_ON_INPUT``); else an e4m3 tile with its per-row scales at
+    ``scale_ptrs [BLOCK_T]`` (masked by ``ok``), or the ``STATIC`` scale at ``static_ptr``.
+    """
+    if QUANT_ON_LOAD:
+        x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        if WEIGHT_ON_INPUT:
+            x = x * router_w[:, None]
+        q, s = quantize_tile(x, static_ptr, STATIC, UE8M0)
+    else:
+        q = tl.load(ptrs, mask=mask, other=0.0)
+        if STATIC:
+            s = tl.zeros([BLOCK_T], dtype=tl.float32) + tl.load(static_ptr)
+        else:
+            s = tl.load(scale_ptrs, mask=ok, other=0.0)
+    return q, s
+
+
+@triton.jit
+def accumulate(acc, w, q, s, w_s, BLOCK_SCALED: tl.constexpr, STATIC: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``acc [N, T] += w [N, K] @ q [T, K]^T`` in fp32 with the K block's scales: block scales
+    ``w_s`` (``[N, 1]`` or a scalar) times the pairs' ``s [T]``; a static activation scale keeps the
+    MMA's own accumulator, promoted to fp32 every K block (Hopper's FP8 MMA accumulates ~14-bit
+    mantissas); dynamic per-tensor: times ``s``."""
+    if BLOCK_SCALED:
+        acc += tl.dot(w, tl.trans(q)) * (s[None, :] * w_s)
+    elif STATIC:
+        acc = tl.dot(w, tl.trans(q), acc, max_num_imprecise_acc=BLOCK_K)
+    else:
+        acc += tl.dot(w, tl.trans(q)) * s[None, :]
+    return acc
+
+
+@triton.jit
+def tensor_scaled(acc, w_scale_ptr, expert, static_ptr, BLOCK_SCALED: tl.constexpr, STATIC: tl.constexpr):
+    """Per-tensor weights: ``acc`` times the expert's weight scale (and the static activation scale)."""
+    if not BLOCK_SCALED:
+        post = tl.load(w_scale_ptr + expert)
+        if STATIC:
+            post = post * tl.load(static_ptr)
+        acc = acc * post
+    return acc
+
+
+@triton.jit
 def _gemm1_kernel(
     x_ptr,
     x_scale_ptr,
@@ -132,6 +192,7 @@ def _gemm1_kernel(
         token = (pair // top_k).to(tl.int64)
         x_ptrs = x_ptr + token[:, None] * stride_xm + offs_k[None, :]
         w_ptrs = w_ptr + expert * stride_we + w_rows[:, None] * stride_wn + offs_k[None, :]
+        router_w = 0.0
         if WEIGHT_ON_INPUT:
             router_w = tl.load(topk_w_ptr + pair, mask=ok, other=0.0)
         acc = tl.zeros([2 * BLOCK_N, BLOCK_T], dtype=tl.float32)
@@ -143,33 +204,27 @@ def _gemm1_kernel(
                 k_ok = kb * BLOCK_K + offs_k < H
                 x_mask = ok[:, None] & k_ok[None, :]
                 w_mask = col_ok[:, None] & k_ok[None, :]
-            if QUANT_ON_LOAD:
-                x = tl.load(x_ptrs, mask=x_mask, other=0.0).to(tl.float32)
-                if WEIGHT_ON_INPUT:
-                    x = x * router_w[:, None]
-                xq, xs = quantize_tile(x, a_static_ptr, A_STATIC, UE8M0)
-            else:
-                xq = tl.load(x_ptrs, mask=x_mask, other=0.0)
-                if A_STATIC:
-                    xs = tl.zeros([BLOCK_T], dtype=tl.float32) + tl.load(a_static_ptr)
-                else:
-                    xs = tl.load(x_scale_ptr + token * stride_xsm + kb, mask=ok, other=0.0)
+            xq, xs = load_operand(
+                x_ptrs,
+                x_mask,
+                x_scale_ptr + token * stride_xsm + kb,
+                ok,
+                a_static_ptr,
+                router_w,
+                QUANT_ON_LOAD,
+                A_STATIC,
+                UE8M0,
+                WEIGHT_ON_INPUT,
+                BLOCK_T,
+            )
             w = tl.load(w_ptrs, mask=w_mask, other=0.0)
+            ws = 1.0
             if BLOCK_SCALED:
-                ws = tl.where(is_gate, tl.load(wsg_ptr + kb), tl.load(wsu_ptr + kb))
-                acc += tl.dot(w, tl.trans(xq)) * (xs[None, :] * ws[:, None])
-            elif A_STATIC:
-                # fp32 promotion every K block (Hopper's FP8 MMA accumulates ~14-bit mantissas)
-                acc = tl.dot(w, tl.trans(xq), acc, max_num_imprecise_acc=BLOCK_K)
-            else:
-                acc += tl.dot(w, tl.trans(xq)) * xs[None, :]
+                ws = tl.where(is_gate, tl.load(wsg_ptr + kb), tl.load(wsu_ptr + kb))[:, None]
+            acc = accumulate(acc, w, xq, xs, ws, BLOCK_SCALED, A_STATIC, BLOCK_K)
             x_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
-        if not BLOCK_SCALED:
-            post = tl.load(w_scale_ptr + expert)
-            if A_STATIC:
-                post = post * tl.load(a_static_ptr)
-            acc = acc * post
+        acc = tensor_scaled(acc, w_scale_ptr, expert, a_static_ptr, BLOCK_SCALED, A_STATIC)
         gate, up = tl.split(tl.permute(tl.reshape(acc, [2, BLOCK_N, BLOCK_T]), [1, 2, 0]))
         y = gate * tl.sigmoid(gate) * up
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -249,28 +304,27 @@ def _gemm2_kernel(
                 k_ok = kb * BLOCK_K + tl.arange(0, BLOCK_K) < I
                 y_mask = ok[:, None] & k_ok[None, :]
                 w_mask = n_ok[:, None] & k_ok[None, :]
-            if QUANT_ON_LOAD:
-                yq, ys = quantize_tile(tl.load(y_ptrs, mask=y_mask, other=0.0), y_static_ptr, Y_STATIC, UE8M0)
-            else:
-                yq = tl.load(y_ptrs, mask=y_mask, other=0.0)
-                if Y_STATIC:
-                    ys = tl.zeros([BLOCK_T], dtype=tl.float32) + tl.load(y_static_ptr)
-                else:
-                    ys = tl.load(y_scale_ptr + pair.to(tl.int64) * stride_ysm + kb, mask=ok, other=0.0)
+            yq, ys = load_operand(
+                y_ptrs,
+                y_mask,
+                y_scale_ptr + pair.to(tl.int64) * stride_ysm + kb,
+                ok,
+                y_static_ptr,
+                0.0,
+                QUANT_ON_LOAD,
+                Y_STATIC,
+                UE8M0,
+                False,
+                BLOCK_T,
+            )
             w = tl.load(w_ptrs, mask=w_mask, other=0.0)
+            ws = 1.0
             if BLOCK_SCALED:
-                acc += tl.dot(w, tl.trans(yq)) * (ys[None, :] * tl.load(ws_ptr + kb))
-            elif Y_STATIC:
-                acc = tl.dot(w, tl.trans(yq), acc, max_num_imprecise_acc=BLOCK_K)
-            else:
-                acc += tl.dot(w, tl.trans(yq)) * ys[None, :]
+                ws = tl.load(ws_ptr + kb)
+            acc = accumulate(acc, w, yq, ys, ws, BLOCK_SCALED, Y_STATIC, BLOCK_K)
             y_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
-        if not BLOCK_SCALED:
-            post = tl.load(w_scale_ptr + expert)
-            if Y_STATIC:
-                post = post * tl.load(y_static_ptr)
-            acc = acc * post
+        acc = tensor_scaled(acc, w_scale_ptr, expert, y_static_ptr, BLOCK_SCALED, Y_STATIC)
         if not WEIGHT_ON_INPUT:
             acc = acc * tl.load(topk_w_ptr + pair, mask=ok, other=0.0)[None, :]
         token = (pair // top_k).to(tl.int64)
