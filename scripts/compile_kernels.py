@@ -136,12 +136,13 @@ def _fp8_weights(shape: Shape, block: bool, **kw: Any) -> Any:
     e, h, i = shape.experts, shape.hidden, shape.inter
     f8 = torch.float8_e4m3fn
     w13, w2 = torch.empty(e, 2 * i, h, dtype=f8), torch.empty(e, h, i, dtype=f8)
+    # Valid scales (the containers refuse non-finite or non-positive ones); the codes stay uninitialized.
     if block:
         cdiv = lambda a, b: -(-a // b)  # noqa: E731
         return FP8BlockWeights(
-            w13, torch.empty(e, cdiv(2 * i, 128), cdiv(h, 128)), w2, torch.empty(e, cdiv(h, 128), cdiv(i, 128)), **kw
+            w13, torch.ones(e, cdiv(2 * i, 128), cdiv(h, 128)), w2, torch.ones(e, cdiv(h, 128), cdiv(i, 128)), **kw
         )
-    return FP8TensorWeights(w13, torch.empty(e), w2, torch.empty(e), **kw)
+    return FP8TensorWeights(w13, torch.ones(e), w2, torch.ones(e), **kw)
 
 
 def _nvfp4_weights(shape: Shape) -> Any:

@@ -39,8 +39,9 @@ def test_capture_reaches_every_kernel_and_configuration():
     gemm2 = [line for line in lines if line.startswith("_gemm2_kernel")]
     for cfg in (*fp8_moe.CANDIDATE_CONFIGS, *nvfp4_moe.CANDIDATE_CONFIGS):
         launched = f"num_warps={cfg['num_warps2']} num_stages={cfg['num_stages2']}"
+        rows = "BLOCK_T" if cfg["path"] == "swapab" else "BLOCK_M"  # swap-AB: pairs on the MMA's N side
         assert any(
-            launched in line and f"'BLOCK_M': {cfg['BLOCK_M']}" in line and f"'BLOCK_N': {cfg['BLOCK_N2']}" in line
+            launched in line and f"'{rows}': {cfg['BLOCK_M']}" in line and f"'BLOCK_N': {cfg['BLOCK_N2']}" in line
             for line in gemm2
         ), cfg
     vllm = fp8_moe.NUMERICS_CONFIGS["vllm_triton"]
