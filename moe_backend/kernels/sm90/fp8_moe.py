@@ -347,7 +347,10 @@ def fused_experts_fp8(
     if cfg["path"] == "swapab":
         # Programmatic dependent launches exist on a GPU only (not under the interpreter).
         pdl = bool(cfg["PDL"]) and hidden.is_cuda
+        if cfg["COMBINE"] != "atomic":
+            raise ValueError(f"config: path='swapab' combines with atomics (COMBINE='atomic'), got {cfg['COMBINE']!r}")
         acc = workspace(num_tokens, hidden_size, torch.float32, hidden.device, "moe_combine")
+        zeroed = _start_zeroing(acc, cfg["ZERO"])
         swapab_fp8(
             hidden,
             w13,
@@ -374,6 +377,8 @@ def fused_experts_fp8(
             quant_on_load=cfg["QUANT_ON_LOAD1"],
             quant_out=cfg["QUANT_OUT1"],
             pdl=pdl,
+            zeroed=zeroed,
+            zero_in_gemm1=cfg["ZERO"] == "fused",
         )
         cast_out(acc, result, pdl=pdl)
         return result

@@ -359,6 +359,8 @@ def swapab_fp8(
     quant_on_load: bool,
     quant_out: bool,
     pdl: bool,
+    zeroed: Optional[torch.cuda.Event] = None,
+    zero_in_gemm1: bool = True,
 ) -> None:
     """Both GEMMs: ``acc[t] += sum_j w[t, j] * expert(ids[t, j])(hidden[t])`` (fp32, atomics).
 
@@ -376,6 +378,12 @@ def swapab_fp8(
             with dynamic scales), so GEMM2 loads FP8 directly (else fp32, quantized on load).
         pdl: launch GEMM2 as a programmatic dependent launch (it starts while GEMM1's last
             programs run and waits for GEMM1 before reading ``y``); on a GPU only.
+        zero_in_gemm1: GEMM1's programs zero ``acc`` (else the caller zeroed it or is zeroing it).
+        zeroed: an event GEMM2 waits for (the caller's zeroing of ``acc`` on another stream).
+
+    Raises:
+        ValueError: a tile that would mix block scales, or an e4m3 intermediate with dynamic
+            scales whose GEMM1 tile is not one scale block wide.
     """
     e, two_i, h = w13.shape
     inter = two_i // 2
@@ -385,9 +393,16 @@ def swapab_fp8(
         raise ValueError(
             f"config: path='swapab' serves at most {MAX_PAIRS} (token, slot) pairs, got T * k = {num_pairs}"
         )
-    # A tile's rows must share one block scale per K block.
-    assert not block_scaled or (SCALE_BLOCK % BLOCK_N1 == 0 and SCALE_BLOCK % BLOCK_N2 == 0)
-    assert not quant_out or a2_static is not None or BLOCK_N1 == SCALE_BLOCK
+    if block_scaled and (SCALE_BLOCK % BLOCK_N1 or SCALE_BLOCK % BLOCK_N2):
+        raise ValueError(
+            f"config: BLOCK_N1 and BLOCK_N2 must divide the weight scale block {SCALE_BLOCK} (a tile's rows "
+            f"share one block scale per K block), got {BLOCK_N1} and {BLOCK_N2}"
+        )
+    if quant_out and a2_static is None and BLOCK_N1 != SCALE_BLOCK:
+        raise ValueError(
+            f"config: QUANT_OUT1 with dynamic activation scales needs BLOCK_N1 = {SCALE_BLOCK} (one "
+            f"per-128 scale per GEMM1 tile), got BLOCK_N1 = {BLOCK_N1}"
+        )
     pairs_pad = max(16, triton.next_power_of_2(num_pairs))
     dev = hidden.device
     dummy = w13_scale  # stands for pointers a variant does not read
@@ -416,7 +431,7 @@ def swapab_fp8(
         a13,
         a2,
         acc,
-        acc.numel(),
+        acc.numel() if zero_in_gemm1 else 0,
         num_pairs,
         local_expert_offset,
         e,
@@ -447,6 +462,8 @@ def swapab_fp8(
         num_warps=num_warps1,
         num_stages=num_stages1,
     )
+    if zeroed is not None:
+        torch.cuda.current_stream(dev).wait_event(zeroed)
     k_blocks = triton.cdiv(inter, SCALE_BLOCK)
     per_split = triton.cdiv(k_blocks, SPLIT_K2)
     _gemm2_kernel[(num_pairs, triton.cdiv(h, BLOCK_N2), triton.cdiv(k_blocks, per_split))](
