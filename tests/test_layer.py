@@ -291,7 +291,7 @@ def test_warmup_tunes_buckets_and_forward_uses_them(tmp_path, monkeypatch, preci
     monkeypatch.setattr(launcher, "KERNEL_VERSION", launcher.KERNEL_VERSION + 1)
     bumped = LAYER_TYPES[precision](layer.weights, cfg, correction_bias=layer.correction_bias)
     (retuned,) = bumped.warmup(24, cache=TuningCache(tmp_path), progress=False).values()
-    assert retuned.cached == []  # a new kernel version trusts none of the old configurations
+    assert retuned.cached == frozenset()  # a new kernel version trusts none of the old configurations
 
 
 def test_deterministic_mode_needs_a_kernel_that_has_it():

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from moe_backend import LAYER_TYPES, MoEConfig, RoutingConfig, pack_topk
+from moe_backend.runtime.buffers import DEFAULT_POOL
 
 pytestmark = pytest.mark.gpu
 
@@ -73,19 +74,27 @@ def test_graph_replay_with_fresh_inputs_equals_eager_and_allocates_nothing(preci
 
 @pytest.mark.parametrize("precision", ["fp8_block", "nvfp4"])
 def test_random_batch_sizes_match_the_full_batch(precision):
-    """Thousands of calls at random T: stale accumulator rows from a larger call would show."""
+    """Thousands of calls at random T: stale accumulator rows from a larger call would show.
+
+    Each size repeats its first result (1e-3); against the full batch the bound is the kernels'
+    1e-2, because small T runs the swap-AB path, which rounds the e4m3 intermediate from fp32
+    where the aligned path of the full batch rounds it from bf16 (a stale row costs O(1)).
+    """
     layer = _layer(precision)
     hidden = torch.randn(64, H, device="cuda").to(torch.bfloat16)
     logits = torch.randn(64, E, device="cuda")
     ids, w = layer.config.routing.select(logits, K, layer.correction_bias)
     full = layer.experts(hidden, ids, w).clone()
     gen = torch.Generator().manual_seed(0)
-    worst = 0.0
+    first: dict = {}
+    worst_repeat = worst_full = 0.0
     for _ in range(2000):
         t = int(torch.randint(1, 65, (1,), generator=gen))
         got = layer.experts(hidden[:t], ids[:t].contiguous(), w[:t].contiguous())
-        worst = max(worst, _rel(got, full[:t]))
-    assert worst < 1e-3
+        worst_repeat = max(worst_repeat, _rel(got, first.setdefault(t, got.clone())))
+        worst_full = max(worst_full, _rel(got, full[:t]))
+    assert worst_repeat < 1e-3
+    assert worst_full < 1e-2
 
 
 def test_deterministic_mode_is_bitwise_reproducible_on_gpu():
@@ -108,12 +117,15 @@ def test_dropping_a_layer_returns_its_memory_with_gc_disabled(precision, tmp_pat
     gc.disable()
     try:
         before = torch.cuda.memory_allocated()
+        pool_before = DEFAULT_POOL.nbytes()
         layer = _layer(precision)
         layer.warmup(8, cache=TuningCache(tmp_path), progress=False)
         out = layer.forward(torch.randn(4, H, device="cuda").to(torch.bfloat16), torch.randn(4, E, device="cuda"))
         assert torch.cuda.memory_allocated() > before + E * 3 * H * I // 2
         del out, layer
         torch.cuda.synchronize()
-        assert torch.cuda.memory_allocated() - before < 1 << 20
+        # The shared workspace pool serves every layer and outlives each one by design.
+        pool_growth = DEFAULT_POOL.nbytes() - pool_before
+        assert torch.cuda.memory_allocated() - before - pool_growth < 1 << 20
     finally:
         gc.enable()
