@@ -49,6 +49,23 @@ def _check_master(w13: object, w2: object) -> None:
     check_tensor("w2", w2, dtype=_FLOATS, ndim=3, device=w13.device, contiguous=False)
 
 
+#: Master-weight elements quantized at once: the quantizers' fp32 temporaries stay near 1 GiB each
+#: instead of several copies of all experts (DeepSeek-V3's w13 alone is 30 GB in fp32).
+QUANTIZE_CHUNK_ELEMENTS = 1 << 28
+
+
+def _by_expert_chunks(quantize: Callable[..., Tuple[torch.Tensor, ...]], w: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    """``quantize(w)`` for ``w [E, N, K]``, run on groups of whole experts and joined along E.
+
+    Exact: every quantizer here scales each expert matrix on its own.
+    """
+    per = max(1, QUANTIZE_CHUNK_ELEMENTS // max(1, w[0].numel())) if w.shape[0] else 1
+    if per >= w.shape[0]:
+        return quantize(w)
+    parts = [quantize(w[j : j + per]) for j in range(0, w.shape[0], per)]
+    return tuple(torch.cat(outputs) for outputs in zip(*parts, strict=True))
+
+
 class ExpertShapes:
     """Shapes read off ``w13 [E, 2I, *]`` and ``w2 [E, H, *]`` of a dataclass of tensors, and its size;
     shared by the canonical containers and kernel layouts."""
@@ -218,8 +235,8 @@ class FP8BlockWeights(ExpertWeights):
     @classmethod
     def quantize(cls, w13: torch.Tensor, w2: torch.Tensor, ue8m0: bool = False) -> "FP8BlockWeights":
         _check_master(w13, w2)
-        q13, s13 = fp8.quantize_fp8_block(w13)
-        q2, s2 = fp8.quantize_fp8_block(w2)
+        q13, s13 = _by_expert_chunks(fp8.quantize_fp8_block, w13)
+        q2, s2 = _by_expert_chunks(fp8.quantize_fp8_block, w2)
         return cls(q13, s13, q2, s2, ue8m0)
 
 
@@ -264,8 +281,8 @@ class FP8TensorWeights(ExpertWeights):
     @classmethod
     def quantize(cls, w13: torch.Tensor, w2: torch.Tensor) -> "FP8TensorWeights":
         _check_master(w13, w2)
-        q13, s13 = fp8.quantize_fp8_per_tensor(w13)
-        q2, s2 = fp8.quantize_fp8_per_tensor(w2)
+        q13, s13 = _by_expert_chunks(fp8.quantize_fp8_per_tensor, w13)
+        q2, s2 = _by_expert_chunks(fp8.quantize_fp8_per_tensor, w2)
         return cls(q13, s13, q2, s2)
 
 
@@ -309,9 +326,9 @@ class NVFP4Weights(ExpertWeights):
     def quantize(cls, w13: torch.Tensor, w2: torch.Tensor) -> "NVFP4Weights":
         _check_master(w13, w2)
         i = w13.shape[1] // 2
-        gate_q, gate_s, gate_g = nvfp4.quantize_nvfp4(w13[:, :i])
-        up_q, up_s, up_g = nvfp4.quantize_nvfp4(w13[:, i:])
-        q2, s2, g2 = nvfp4.quantize_nvfp4(w2)
+        gate_q, gate_s, gate_g = _by_expert_chunks(nvfp4.quantize_nvfp4, w13[:, :i])
+        up_q, up_s, up_g = _by_expert_chunks(nvfp4.quantize_nvfp4, w13[:, i:])
+        q2, s2, g2 = _by_expert_chunks(nvfp4.quantize_nvfp4, w2)
         return cls(
             torch.cat([gate_q, up_q], 1), torch.cat([gate_s, up_s], 1), torch.stack([gate_g, up_g], 1), q2, s2, g2
         )

@@ -148,6 +148,8 @@ def run_demo(shape: DemoShape, device: torch.device, seed: int = 0, iters: int =
                 )
             )
             logger.info("%s %s: %s", precision, entry, rows[-1])
+        # One quantized copy of the experts at a time: at --full sizes each is 6-23 GB.
+        del layer, calls, call
     return rows
 
 
