@@ -32,7 +32,7 @@ import logging
 import math
 import os
 import re
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -283,8 +283,17 @@ def _device_slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
-def run_bench(args: argparse.Namespace, device: torch.device, peaks: Dict[str, float]) -> List[dict]:
-    """Time every (E, T, implementation); return the records."""
+def run_bench(
+    args: argparse.Namespace,
+    device: torch.device,
+    peaks: Dict[str, float],
+    on_point: Optional[Callable[[List[dict]], None]] = None,
+) -> List[dict]:
+    """Time every (E, T, implementation); return the records.
+
+    ``on_point(records)`` runs after each (E, T) with the records so far (the partial results
+    file: a run stopped by a time limit keeps what it measured).
+    """
     ts = args.T or (QUICK_T if args.quick else DEFAULT_T)
     name = torch.cuda.get_device_name(device)
     records: List[dict] = []
@@ -330,6 +339,8 @@ def run_bench(args: argparse.Namespace, device: torch.device, peaks: Dict[str, f
                     )
                 )
             logger.info("E=%d T=%d done", e, t)
+            if on_point is not None:
+                on_point(records)
     return records
 
 
@@ -395,6 +406,14 @@ def plot(records: List[dict], path: str) -> Optional[str]:
     return path
 
 
+def write_results(path: str, header: Dict[str, Any], records: List[dict]) -> None:
+    """``header`` plus ``records`` as JSON at ``path``, replaced whole (never a half-written file)."""
+    partial = path + ".partial"
+    with open(partial, "w") as f:
+        json.dump(dict(header, records=records), f, indent=1)
+    os.replace(partial, path)
+
+
 def main(args: argparse.Namespace) -> int:
     """Run the benchmark; 2 without a CUDA GPU."""
     if not torch.cuda.is_available():
@@ -412,26 +431,21 @@ def main(args: argparse.Namespace) -> int:
         f"FP8 GEMM {peaks['fp8_tflops']:.0f} TFLOP/s, bf16 GEMM {peaks['bf16_tflops']:.0f} TFLOP/s"
         + (f"; vLLM {version}" if "vllm" in args.peers else "")
     )
-    records = run_bench(args, device, peaks)
+    os.makedirs(args.output_dir, exist_ok=True)
+    stem = os.path.join(args.output_dir, f"{_device_slug(name)}-{datetime.date.today().isoformat()}")
+    header = {
+        "device": name,
+        "date": datetime.date.today().isoformat(),
+        "peaks": peaks,
+        "vllm": version if "vllm" in args.peers else None,
+    }
+    records = run_bench(args, device, peaks, lambda done: write_results(stem + ".json", header, done))
     print(format_table(records))
     print(
         f"shared workspace pool after the sweep: {DEFAULT_POOL.nbytes() / 2**20:.0f} MiB "
         f"(one set of buffers for every layer of a model)"
     )
-    os.makedirs(args.output_dir, exist_ok=True)
-    stem = os.path.join(args.output_dir, f"{_device_slug(name)}-{datetime.date.today().isoformat()}")
-    with open(stem + ".json", "w") as f:
-        json.dump(
-            {
-                "device": name,
-                "date": datetime.date.today().isoformat(),
-                "peaks": peaks,
-                "vllm": version if "vllm" in args.peers else None,
-                "records": records,
-            },
-            f,
-            indent=1,
-        )
+    write_results(stem + ".json", header, records)
     png = plot(records, stem + ".png")
     print(f"wrote {stem}.json" + (f" and {png}" if png else ""))
     return 0

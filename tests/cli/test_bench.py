@@ -1,6 +1,7 @@
 """``moe-backend bench``'s pure parts: options, ceilings, the table, the peers' availability."""
 
 import argparse
+import json
 
 import pytest
 import torch
@@ -61,3 +62,15 @@ def test_main_without_a_gpu_says_so(capsys):
         pytest.skip("this machine has a GPU")
     assert bench.main(_args("--peers", "vllm")) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().out
+
+
+def test_results_file_is_replaced_whole(tmp_path):
+    """Each partial write leaves a complete JSON file (a run stopped by a time limit keeps its points)."""
+    path = str(tmp_path / "h200.json")
+    header = {"device": "GPU", "date": "2026-12-02", "peaks": {"read_gbs": 1.0}, "vllm": None}
+    bench.write_results(path, header, [{"E": 8, "T": 1}])
+    bench.write_results(path, header, [{"E": 8, "T": 1}, {"E": 8, "T": 2}])
+    with open(path) as f:
+        data = json.load(f)
+    assert data == dict(header, records=[{"E": 8, "T": 1}, {"E": 8, "T": 2}])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["h200.json"]
