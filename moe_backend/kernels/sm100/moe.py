@@ -103,7 +103,7 @@ def _routed(ids: torch.Tensor, weights: torch.Tensor) -> Dict[str, Any]:
 
 
 # -- FP8 block ----------------------------------------------------------------------------------
-def _fp8_block_args(p: FP8BlockLayout, hidden: torch.Tensor) -> Dict[str, Any]:
+def _fp8_block_args(p: FP8BlockLayout, hidden: torch.Tensor, apply_router_weight_on_input: bool) -> Dict[str, Any]:
     from flashinfer.tllm_enums import Fp8QuantizationType, WeightLayout
 
     # Per token per 128 channels, as our reference and the Hopper kernel (ue8m0 included);
@@ -123,52 +123,6 @@ def _fp8_block_args(p: FP8BlockLayout, hidden: torch.Tensor) -> Dict[str, Any]:
     )
 
 
-def run_fp8_block(
-    p: FP8BlockLayout,
-    hidden: torch.Tensor,
-    ids: torch.Tensor,
-    weights: torch.Tensor,
-    *,
-    local_expert_offset: int,
-    apply_router_weight_on_input: bool,
-    out: torch.Tensor,
-    context: LayerContext,
-    routing_replay_out: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    from flashinfer.fused_moe import trtllm_fp8_block_scale_routed_moe
-
-    write_routing_replay(ids, routing_replay_out)  # the routed FP8 block function has no replay output
-    if hidden.shape[0]:
-        trtllm_fp8_block_scale_routed_moe(
-            **_routed(ids, weights),
-            **_fp8_block_args(p, hidden),
-            **_shared(p, hidden, out, context, local_expert_offset),
-        )
-    return out[: hidden.shape[0]]
-
-
-def run_computed_fp8_block(
-    p: FP8BlockLayout,
-    hidden: torch.Tensor,
-    router_logits: torch.Tensor,
-    *,
-    local_expert_offset: int,
-    apply_router_weight_on_input: bool,
-    out: torch.Tensor,
-    context: LayerContext,
-    routing_replay_out: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    from flashinfer.fused_moe import trtllm_fp8_block_scale_moe
-
-    if hidden.shape[0]:
-        trtllm_fp8_block_scale_moe(
-            **_computed(context, router_logits, routing_replay_out),
-            **_fp8_block_args(p, hidden),
-            **_shared(p, hidden, out, context, local_expert_offset),
-        )
-    return out[: hidden.shape[0]]
-
-
 # -- FP8 per tensor -----------------------------------------------------------------------------
 def _fp8_tensor_args(p: FP8TensorLayout, hidden: torch.Tensor, apply_router_weight_on_input: bool) -> Dict[str, Any]:
     q, _ = quantize_fp8_per_tensor(hidden, p.a13_scale.reshape(()))  # x / a13, as our reference
@@ -183,55 +137,8 @@ def _fp8_tensor_args(p: FP8TensorLayout, hidden: torch.Tensor, apply_router_weig
     )
 
 
-def run_fp8_tensor(
-    p: FP8TensorLayout,
-    hidden: torch.Tensor,
-    ids: torch.Tensor,
-    weights: torch.Tensor,
-    *,
-    local_expert_offset: int,
-    apply_router_weight_on_input: bool,
-    out: torch.Tensor,
-    context: LayerContext,
-    routing_replay_out: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    from flashinfer.fused_moe import trtllm_fp8_per_tensor_scale_routed_moe
-
-    if not hidden.shape[0]:
-        return out[:0]
-    trtllm_fp8_per_tensor_scale_routed_moe(
-        **_routed(ids, weights),
-        routing_replay_out=routing_replay_out,
-        **_fp8_tensor_args(p, hidden, apply_router_weight_on_input),
-        **_shared(p, hidden, out, context, local_expert_offset),
-    )
-    return out[: hidden.shape[0]]
-
-
-def run_computed_fp8_tensor(
-    p: FP8TensorLayout,
-    hidden: torch.Tensor,
-    router_logits: torch.Tensor,
-    *,
-    local_expert_offset: int,
-    apply_router_weight_on_input: bool,
-    out: torch.Tensor,
-    context: LayerContext,
-    routing_replay_out: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    from flashinfer.fused_moe import trtllm_fp8_per_tensor_scale_moe
-
-    if hidden.shape[0]:
-        trtllm_fp8_per_tensor_scale_moe(
-            **_computed(context, router_logits, routing_replay_out),
-            **_fp8_tensor_args(p, hidden, apply_router_weight_on_input),
-            **_shared(p, hidden, out, context, local_expert_offset),
-        )
-    return out[: hidden.shape[0]]
-
-
 # -- NVFP4 --------------------------------------------------------------------------------------
-def _nvfp4_args(p: NVFP4Layout, hidden: torch.Tensor) -> Dict[str, Any]:
+def _nvfp4_args(p: NVFP4Layout, hidden: torch.Tensor, apply_router_weight_on_input: bool) -> Dict[str, Any]:
     from flashinfer.fused_moe.api import QuantConfig, QuantFormat
     from flashinfer.fused_moe.prepare import prepare_trtllm_fp4_activations
     from flashinfer.tllm_enums import SfLayout
@@ -257,52 +164,84 @@ def _nvfp4_args(p: NVFP4Layout, hidden: torch.Tensor) -> Dict[str, Any]:
     )
 
 
-def run_nvfp4(
-    p: NVFP4Layout,
-    hidden: torch.Tensor,
-    ids: torch.Tensor,
-    weights: torch.Tensor,
-    *,
-    local_expert_offset: int,
-    apply_router_weight_on_input: bool,
-    out: torch.Tensor,
-    context: LayerContext,
-    routing_replay_out: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    from flashinfer.fused_moe import trtllm_fp4_block_scale_routed_moe
-
-    write_routing_replay(ids, routing_replay_out)  # the routed FP4 function has no replay output
-    if hidden.shape[0]:
-        trtllm_fp4_block_scale_routed_moe(
-            **_routed(ids, weights), **_nvfp4_args(p, hidden), **_shared(p, hidden, out, context, local_expert_offset)
-        )
-    return out[: hidden.shape[0]]
+# -- the two entry points of each precision ----------------------------------------------------
+Run = Callable[..., torch.Tensor]
 
 
-def run_computed_nvfp4(
-    p: NVFP4Layout,
-    hidden: torch.Tensor,
-    router_logits: torch.Tensor,
-    *,
-    local_expert_offset: int,
-    apply_router_weight_on_input: bool,
-    out: torch.Tensor,
-    context: LayerContext,
-    routing_replay_out: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    from flashinfer.fused_moe import trtllm_fp4_block_scale_moe
+def _entry_points(
+    routed_name: str, computed_name: str, precision_args: Callable[..., Dict[str, Any]], routed_replays: bool
+) -> Tuple[Run, Run]:
+    """``(run, run_computed)`` over FlashInfer's ``routed_name`` (precomputed top-k) and
+    ``computed_name`` (router logits in) functions of ``flashinfer.fused_moe``.
 
-    if hidden.shape[0]:
-        trtllm_fp4_block_scale_moe(
-            **_computed(context, router_logits, routing_replay_out),
-            **_nvfp4_args(p, hidden),
-            **_shared(p, hidden, out, context, local_expert_offset),
-        )
-    return out[: hidden.shape[0]]
+    ``precision_args(p, hidden, apply_router_weight_on_input)`` gives the precision's weights and
+    quantized hidden states; ``routed_replays``: the routed function takes ``routing_replay_out``
+    (else we write the replay from the ids). Both look the function up at call time (FlashInfer
+    imports only where it runs). Each returns ``out[:T]``.
+    """
 
+    def run(
+        p: Any,
+        hidden: torch.Tensor,
+        ids: torch.Tensor,
+        weights: torch.Tensor,
+        *,
+        local_expert_offset: int,
+        apply_router_weight_on_input: bool,
+        out: torch.Tensor,
+        context: LayerContext,
+        routing_replay_out: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        import flashinfer.fused_moe as fused_moe
+
+        replay = {"routing_replay_out": routing_replay_out} if routed_replays else {}
+        if not routed_replays:
+            write_routing_replay(ids, routing_replay_out)
+        if hidden.shape[0]:
+            getattr(fused_moe, routed_name)(
+                **_routed(ids, weights),
+                **replay,
+                **precision_args(p, hidden, apply_router_weight_on_input),
+                **_shared(p, hidden, out, context, local_expert_offset),
+            )
+        return out[: hidden.shape[0]]
+
+    def run_computed(
+        p: Any,
+        hidden: torch.Tensor,
+        router_logits: torch.Tensor,
+        *,
+        local_expert_offset: int,
+        apply_router_weight_on_input: bool,
+        out: torch.Tensor,
+        context: LayerContext,
+        routing_replay_out: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        import flashinfer.fused_moe as fused_moe
+
+        if hidden.shape[0]:
+            getattr(fused_moe, computed_name)(
+                **_computed(context, router_logits, routing_replay_out),
+                **precision_args(p, hidden, apply_router_weight_on_input),
+                **_shared(p, hidden, out, context, local_expert_offset),
+            )
+        return out[: hidden.shape[0]]
+
+    return run, run_computed
+
+
+run_fp8_block, run_computed_fp8_block = _entry_points(
+    "trtllm_fp8_block_scale_routed_moe", "trtllm_fp8_block_scale_moe", _fp8_block_args, routed_replays=False
+)
+run_fp8_tensor, run_computed_fp8_tensor = _entry_points(
+    "trtllm_fp8_per_tensor_scale_routed_moe", "trtllm_fp8_per_tensor_scale_moe", _fp8_tensor_args, routed_replays=True
+)
+run_nvfp4, run_computed_nvfp4 = _entry_points(
+    "trtllm_fp4_block_scale_routed_moe", "trtllm_fp4_block_scale_moe", _nvfp4_args, routed_replays=False
+)
 
 #: Layout type -> (run, run_computed).
-_RUNS: Dict[type, Tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor]]] = {
+_RUNS: Dict[type, Tuple[Run, Run]] = {
     FP8BlockLayout: (run_fp8_block, run_computed_fp8_block),
     FP8TensorLayout: (run_fp8_tensor, run_computed_fp8_tensor),
     NVFP4Layout: (run_nvfp4, run_computed_nvfp4),
