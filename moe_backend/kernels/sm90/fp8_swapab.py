@@ -33,38 +33,9 @@ from ...quant.fp8 import BLOCK as SCALE_BLOCK
 from ...runtime import workspace
 from .act_quant import act_quant_fp8
 from .fp8_tile import quantize_tile
-from .tiles import zero_fill
+from .tiles import MAX_GATHER_PAIRS as MAX_PAIRS, chunk_pairs, expert_members, zero_fill
 
 ZERO_BLOCK = tl.constexpr(1024)
-#: Largest pair count (T * k) the leader scan handles (its ids are held in registers).
-MAX_PAIRS = 1024
-
-
-@triton.jit
-def expert_members(ids_ptr, p, num_pairs, expert_offset, num_experts, PAIRS: tl.constexpr):
-    """Whether pair ``p`` leads its local expert, and that expert's pairs.
-
-    Returns ``(leader, local expert (int64), members [PAIRS] bool, rank [PAIRS] int32, count)``:
-    ``members`` marks the pairs with ``p``'s id, ``rank`` their order among them.
-    """
-    offs = tl.arange(0, PAIRS)
-    ids = tl.load(ids_ptr + offs, mask=offs < num_pairs, other=-1)
-    mine = tl.load(ids_ptr + p)
-    local = mine - expert_offset
-    members = (ids == mine) & (offs < num_pairs)
-    first = tl.min(tl.where(members, offs, PAIRS), 0)
-    leader = (mine >= 0) & (local >= 0) & (local < num_experts) & (first == p)
-    rank = tl.cumsum(members.to(tl.int32), 0) - 1
-    return leader, local.to(tl.int64), members, rank, tl.sum(members.to(tl.int32), 0)
-
-
-@triton.jit
-def chunk_pairs(members, rank, count, chunk, PAIRS: tl.constexpr, BLOCK_T: tl.constexpr):
-    """Pairs ``chunk * BLOCK_T ..`` of an expert (in pair order): ``(pair [BLOCK_T], ok [BLOCK_T])``."""
-    slot = chunk * BLOCK_T + tl.arange(0, BLOCK_T)
-    pick = members[None, :] & (rank[None, :] == slot[:, None])
-    pair = tl.sum(tl.where(pick, tl.arange(0, PAIRS)[None, :], 0), 1)
-    return pair, slot < count
 
 
 @triton.jit

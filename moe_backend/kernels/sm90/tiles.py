@@ -1,4 +1,11 @@
-"""Tile bookkeeping shared by the FP8 and NVFP4 GEMM kernels (Triton device functions)."""
+"""Tile bookkeeping shared by the FP8 and NVFP4 GEMM kernels (Triton device functions).
+
+Two ways to find a program's rows: the aligned tiles of ``align.align_block_size``
+(:func:`tile_coords`, :func:`aligned_rows`), or, at decode, no alignment launch at all: every
+program ``(p, ...)`` scans the ``T * k`` ids and only the *leader* of a local expert (its first
+pair) computes, gathering the expert's pairs in order (:func:`expert_members`,
+:func:`chunk_pairs`).
+"""
 
 import triton
 import triton.language as tl
@@ -35,3 +42,35 @@ def zero_fill(ptr, numel, BLOCK: tl.constexpr):
     for z in range(tl.program_id(0) * BLOCK, numel, tl.num_programs(0) * BLOCK):
         offs = z + tl.arange(0, BLOCK)
         tl.store(ptr + offs, tl.zeros([BLOCK], dtype=tl.float32), mask=offs < numel)
+
+
+#: Largest pair count (T * k) the leader scan handles (its ids are held in registers).
+MAX_GATHER_PAIRS = 1024
+
+
+@triton.jit
+def expert_members(ids_ptr, p, num_pairs, expert_offset, num_experts, PAIRS: tl.constexpr):
+    """Whether pair ``p`` leads its local expert, and that expert's pairs.
+
+    Returns ``(leader, local expert (int64), members [PAIRS] bool, rank [PAIRS] int32, count)``:
+    ``members`` marks the pairs with ``p``'s id, ``rank`` their order among them. A pair of a -1
+    id or of an id outside ``[expert_offset, expert_offset + num_experts)`` leads nothing.
+    """
+    offs = tl.arange(0, PAIRS)
+    ids = tl.load(ids_ptr + offs, mask=offs < num_pairs, other=-1)
+    mine = tl.load(ids_ptr + p)
+    local = mine - expert_offset
+    members = (ids == mine) & (offs < num_pairs)
+    first = tl.min(tl.where(members, offs, PAIRS), 0)
+    leader = (mine >= 0) & (local >= 0) & (local < num_experts) & (first == p)
+    rank = tl.cumsum(members.to(tl.int32), 0) - 1
+    return leader, local.to(tl.int64), members, rank, tl.sum(members.to(tl.int32), 0)
+
+
+@triton.jit
+def chunk_pairs(members, rank, count, chunk, PAIRS: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Pairs ``chunk * BLOCK_T ..`` of an expert (in pair order): ``(pair [BLOCK_T], ok [BLOCK_T])``."""
+    slot = chunk * BLOCK_T + tl.arange(0, BLOCK_T)
+    pick = members[None, :] & (rank[None, :] == slot[:, None])
+    pair = tl.sum(tl.where(pick, tl.arange(0, PAIRS)[None, :], 0), 1)
+    return pair, slot < count
