@@ -191,15 +191,21 @@ def variants() -> List[Variant]:
     return base + with_input
 
 
+#: Configurations reachable through ``config=`` only (not yet tuner candidates: they join once the
+#: GPU has checked and timed them); they must compile all the same.
+UNTUNED_CONFIGS: Dict[str, Tuple[dict, ...]] = {"sm90_triton_nvfp4": ({"path": "swapab"},)}
+
+
 def launcher_configs(kernel_name: str) -> List[Optional[dict]]:
     """The configurations a kernel's launcher can be given: the size heuristic (None) and every
     named one of its tuning space (the tuner's candidates, which include each path's base
-    configuration, the deterministic one and those of the numerics modes)."""
+    configuration, the deterministic one and those of the numerics modes), and those reachable
+    through ``config=`` only (:data:`UNTUNED_CONFIGS`)."""
     from moe_backend.kernels.registry import KERNELS
 
     space = KERNELS[kernel_name].tuning_space()
     assert space is not None, f"{kernel_name} has no tuning space"
-    configs: List[Optional[dict]] = [None, *space.candidates]
+    configs: List[Optional[dict]] = [None, *space.candidates, *UNTUNED_CONFIGS.get(kernel_name, ())]
     if space.deterministic is not None:
         configs.append(space.deterministic)
     configs.extend(space.numerics.values())
@@ -366,13 +372,20 @@ def _describe(data: str) -> str:
     )
 
 
+def _names_kernel(full_name: str, wanted: str) -> bool:
+    """Whether ``wanted`` (a kernel's name, or the end of its dotted module path) names ``full_name``."""
+    return full_name == wanted or full_name.endswith("." + wanted)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compiler processes")
     parser.add_argument("--list", action="store_true", help="list the configurations, compile nothing")
     parser.add_argument("--shapes", nargs="+", choices=[s.name for s in SHAPES], help="only these shapes")
     parser.add_argument("--tokens", nargs="+", type=int, help=f"token counts (default {TOKEN_COUNTS})")
-    parser.add_argument("--kernels", nargs="+", help="only these kernels (e.g. _gemm1_kernel)")
+    parser.add_argument(
+        "--kernels", nargs="+", help="only these kernels (e.g. _gemm1_kernel, or nvfp4_gemm1._gemm1_kernel)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     import triton
@@ -384,7 +397,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     specs = [
         data
         for data in distinct_configurations(list(capture.specializations))
-        if not args.kernels or json.loads(data)["name"].rpartition(".")[2] in args.kernels
+        if not args.kernels or any(_names_kernel(json.loads(data)["name"], k) for k in args.kernels)
     ]
     logger.info(
         "Triton %s: %d launches (%d refused combinations) ask for %d kernel specializations, "

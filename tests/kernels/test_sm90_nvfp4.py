@@ -38,6 +38,8 @@ from moe_backend.quant.nvfp4 import dequantize_nvfp4
 
 #: Forced paths with tiny tiles for the interpreter (H, I padded to 256-groups, split-K, GROUP_M).
 DECODE_SMALL = dict(path="decode", BLOCK_M=16, BLOCK_N1=16, BLOCK_N2=32, SPLIT_K2=2)
+#: No align/permute launches: each expert's leader pair gathers its pairs (16 at a time).
+SWAPAB_SMALL = dict(DECODE_SMALL, path="swapab")
 PREFILL_SMALL = dict(
     path="prefill", BLOCK_M=32, BLOCK_N1=32, GROUP_M1=2, BLOCK_N2=32, SPLIT_K2=1, GROUP_M2=2, num_warps1=4, num_warps2=4
 )
@@ -107,7 +109,7 @@ def check(p: Problem, *, weight_on_input: bool = False, config: Optional[dict] =
 
 # ----------------------------------------------------------------------------- interpreter-sized
 @runs_here
-@pytest.mark.parametrize("config", [DECODE_SMALL, PREFILL_SMALL], ids=["decode", "prefill"])
+@pytest.mark.parametrize("config", [DECODE_SMALL, PREFILL_SMALL, SWAPAB_SMALL], ids=["decode", "prefill", "swapab"])
 @pytest.mark.parametrize(
     "t,h,i,e,k,offset", [(1, 128, 64, 4, 1, 0), (7, 96, 48, 4, 2, 3), (33, 64, 32, 3, 3, 0), (3, 272, 272, 2, 2, 1)]
 )
@@ -116,17 +118,33 @@ def test_small(config, t, h, i, e, k, offset):
 
 
 @runs_here
-@pytest.mark.parametrize("config", [DECODE_SMALL, PREFILL_SMALL], ids=["decode", "prefill"])
+@pytest.mark.parametrize("config", [DECODE_SMALL, PREFILL_SMALL, SWAPAB_SMALL], ids=["decode", "prefill", "swapab"])
 def test_weight_on_input(config):
     check(make_problem(6, 64, 32, 4, 1, invalid=False), weight_on_input=True, config=config)
 
 
 @runs_here
-def test_all_tokens_one_expert_and_no_local_expert():
-    check(make_problem(40, 64, 32, 4, 2, offset=8, one_expert=True), config=PREFILL_SMALL)
+@pytest.mark.parametrize("config", [PREFILL_SMALL, SWAPAB_SMALL], ids=["prefill", "swapab"])
+def test_all_tokens_one_expert_and_no_local_expert(config):
+    """40 pairs on one expert (the swap-AB leader loops over 3 chunks of 16); then no local pair."""
+    check(make_problem(40, 64, 32, 4, 2, offset=8, one_expert=True), config=config)
     p = make_problem(5, 64, 32, 4, 2, offset=100, invalid=False)
     p.ids = torch.full_like(p.ids, -1)
-    assert run_kernel(p, config=DECODE_SMALL).float().abs().sum() == 0
+    assert (
+        run_kernel(p, config=dict(config, path="decode" if config is PREFILL_SMALL else "swapab")).float().abs().sum()
+        == 0
+    )
+
+
+@runs_here
+def test_swapab_refuses_more_pairs_than_it_scans_and_unknown_paths():
+    from moe_backend.kernels.sm90.tiles import MAX_GATHER_PAIRS
+
+    p = make_problem(MAX_GATHER_PAIRS // 2 + 1, 64, 32, 4, 2)
+    with pytest.raises(ValueError, match="path='swapab' serves at most"):
+        run_kernel(p, config=SWAPAB_SMALL)
+    with pytest.raises(ValueError, match="path must be one of"):
+        run_kernel(p, config=dict(SWAPAB_SMALL, path="fast"))
 
 
 @runs_here
@@ -186,14 +204,24 @@ def test_gpu_matches_reference(t, h, i, e, k, offset):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("path", ["decode", "prefill"])
+@pytest.mark.parametrize("path", ["decode", "prefill", "swapab"])
 @pytest.mark.parametrize("t,e,k", [(64, 32, 8), (300, 8, 2)])
 def test_gpu_both_paths_and_weight_on_input(path, t, e, k):
-    from moe_backend.kernels.sm90.nvfp4_moe import DECODE_CONFIG, PREFILL_CONFIG
+    from moe_backend.kernels.sm90.nvfp4_moe import DECODE_CONFIG, PREFILL_CONFIG, SWAPAB_CONFIG
 
-    cfg = DECODE_CONFIG if path == "decode" else PREFILL_CONFIG
+    cfg = {"decode": DECODE_CONFIG, "prefill": PREFILL_CONFIG, "swapab": SWAPAB_CONFIG}[path]
     check(make_problem(t, 7168, 512, e, k), config=cfg)
     check(make_problem(t, 7168, 512, e, k, one_expert=True, seed=1), config=cfg, weight_on_input=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t,h,i,e,k,offset", [c for c in GPU_CASES if c[0] * c[4] <= 1024])
+def test_gpu_swapab_matches_reference(t, h, i, e, k, offset):
+    """The swap-AB decode path (PDL on) at DeepSeek-V3 widths, odd shapes, EP offsets, -1 and
+    foreign ids, up to 1000 pairs (many chunks of 16 per expert)."""
+    from moe_backend.kernels.sm90.nvfp4_moe import SWAPAB_CONFIG
+
+    check(make_problem(t, h, i, e, k, offset=offset, invalid=t % 2 == 1, seed=t), config=SWAPAB_CONFIG)
 
 
 @triton.jit

@@ -21,7 +21,7 @@ expert is the order of the pairs (deterministic).
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Tuple, Union
 
 import torch
 import triton
@@ -49,6 +49,29 @@ class AlignedRouting(NamedTuple):
     row_of_pair: torch.Tensor
     block_m: int
     max_tiles: int
+
+
+class GatheredPairs(NamedTuple):
+    """The decode alternative to :class:`AlignedRouting`: no alignment launch; the kernels scan
+    ``ids`` and each expert's leader pair gathers the expert's pairs, ``block_m`` at a time
+    (``tiles.expert_members``). ``ids [T * k]`` int32 global ids (flattened top-k, contiguous),
+    ``expert_offset`` the global id of local expert 0, ``num_experts`` the local experts."""
+
+    ids: torch.Tensor
+    expert_offset: int
+    num_experts: int
+    block_m: int
+
+
+def row_source_args(
+    routing: Union[AlignedRouting, GatheredPairs], num_experts: int
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int, int]:
+    """The GEMM kernels' row arguments for either routing: ``(rows, tile_expert, num_padded,
+    expert_offset, num_experts, max_tiles)``; gathered pairs pass their ids as ``rows`` (the
+    two aligned-only tensors repeat it, unread)."""
+    if isinstance(routing, GatheredPairs):
+        return routing.ids, routing.ids, routing.ids, routing.expert_offset, routing.num_experts, 0
+    return routing.sorted_ids, routing.tile_expert, routing.num_padded, 0, num_experts, routing.max_tiles
 
 
 def max_padded_rows(num_pairs: int, num_experts: int, block_m: int) -> int:

@@ -2,9 +2,10 @@
 
 The kernel layout (:class:`moe_backend.kernels.sm90.nvfp4_layout.NVFP4KernelWeights`) runs each
 256-K group of the GEMM in ``kernel_k_order``; GEMM1 reads its bf16 input in that
-order so that both operands agree. One small pass permutes ``hidden [T, H]`` into
-``[T, Hp]`` (zero padded to a multiple of 256) in the shared workspace; GEMM2's input
-needs none, because GEMM1 writes it in that order already.
+order so that both operands agree: the aligned paths after one small pass that permutes
+``hidden [T, H]`` into ``[T, Hp]`` (zero padded to a multiple of 256) in the shared workspace,
+the swap-AB path by loading ``hidden`` at :func:`natural_k` offsets itself. GEMM2's input needs
+neither, because GEMM1 writes it in that order already.
 """
 
 import torch
@@ -16,12 +17,18 @@ from .nvfp4_layout import K_GROUP
 
 
 @triton.jit
+def natural_k(q):
+    """``kernel_k_order`` in Triton: position ``q = 128 h + 32 s + 2 w + i`` of a 256-group holds
+    the group's natural offset ``16 w + 8 h + 2 s + i``."""
+    return 16 * ((q % 32) // 2) + 8 * (q // 128) + 2 * ((q % 128) // 32) + q % 2
+
+
+@triton.jit
 def _permute_kernel(x_ptr, out_ptr, H, stride_x, stride_out, GROUP: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     g = tl.program_id(1)
     q = tl.arange(0, GROUP)
-    # kernel_k_order: position q = 128 h + 32 s + 2 w + i holds natural 16 w + 8 h + 2 s + i.
-    k = g * GROUP + 16 * ((q % 32) // 2) + 8 * (q // 128) + 2 * ((q % 128) // 32) + q % 2
+    k = g * GROUP + natural_k(q)
     v = tl.load(x_ptr + t * stride_x + k, mask=k < H, other=0.0)
     tl.store(out_ptr + t * stride_out + g * GROUP + q, v)
 

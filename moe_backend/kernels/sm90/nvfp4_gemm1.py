@@ -1,5 +1,8 @@
 """GEMM1 of the NVFP4 (W4A16) fused experts: gate/up projection with SiLU-and-mul fused.
 
+Rows come from the aligned tiles of ``align`` or, on the swap-AB decode path, from the leader
+pair of each expert (``GATHER``: no alignment launch, the hidden states read in natural order at
+the dot order's offsets, no permutation launch either; ``y`` rows are the pairs).
 For each tile of ``BLOCK_M`` aligned rows (one local expert ``e``) and each
 ``BLOCK_N`` stored intermediate columns ``n``, one program dequantizes the gate rows
 ``w13[e, n]`` stacked on the up rows ``w13[e, Ip + n]`` (one ``2 BLOCK_N``-row tile) one
@@ -14,38 +17,41 @@ before any early exit), as the FP8 GEMM1 does: GEMM2 accumulates into it with
 atomics after this kernel on the stream.
 """
 
+from typing import Tuple, Union
+
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents
 
 from ...runtime import workspace
 from ..interpret import INTERPRETING
-from .align import AlignedRouting
+from .align import AlignedRouting, GatheredPairs, row_source_args
+from .nvfp4_act import natural_k
 from .nvfp4_layout import K_GROUP
 from .nvfp4_tile import WEIGHT_SHIFT, dequant_group, mma
-from .tiles import aligned_rows, tile_coords, zero_fill
+from .tiles import MAX_GATHER_PAIRS, aligned_rows, chunk_pairs, expert_members, tile_coords, zero_fill
 
 ZERO_BLOCK = 1024
 
 
 @triton.jit
-def _gemm1_kernel(
+def _gemm1_rows(
     x_ptr,
     w_ptr,
     ws_ptr,
     wg_ptr,
     y_ptr,
-    sorted_ptr,
-    tile_expert_ptr,
-    num_padded_ptr,
     topk_w_ptr,
-    zero_ptr,
-    zero_numel,
-    num_pairs,
+    rows,
+    pair,
+    row_ok,
+    token,
+    expert,
+    pid_n,
+    H,
     IP,
     num_groups,
-    top_k,
-    max_tiles,
     stride_xm,
     stride_we,
     stride_wn,
@@ -54,27 +60,22 @@ def _gemm1_kernel(
     stride_ym,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    GROUP_M: tl.constexpr,
     WEIGHT_ON_INPUT: tl.constexpr,
+    GATHER: tl.constexpr,
     INTERPRET: tl.constexpr,
-    ZERO_BLOCK: tl.constexpr,
 ):
-    zero_fill(zero_ptr, zero_numel, ZERO_BLOCK)
-    pid_m, pid_n = tile_coords(tl.program_id(0), max_tiles, IP // BLOCK_N, GROUP_M)
-    if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
-        return
-    rows, pair, row_ok, expert, offs_n, _ = aligned_rows(
-        pid_m, pid_n, sorted_ptr, tile_expert_ptr, num_pairs, IP, BLOCK_M, BLOCK_N
-    )
-    token = (pair // top_k).to(tl.int64)
+    """One tile: ``BLOCK_M`` rows (``pair``, of ``token``) of local ``expert`` times the gate and
+    up rows of column block ``pid_n``; writes ``silu(gate) * up`` at ``y[rows]`` (``row_ok`` rows
+    only with ``GATHER``, whose ``x`` is ``hidden`` in natural order, read at ``natural_k``)."""
     offs_k = tl.arange(0, 256)
+    offs_x = natural_k(offs_k) if GATHER else offs_k
     offs_w = tl.arange(0, 16)
     # One weight tile of 2 * BLOCK_N rows: the gate rows of the block, then its up rows.
     offs_r = tl.arange(0, 2 * BLOCK_N)
     is_gate = offs_r < BLOCK_N
     w_rows = pid_n * BLOCK_N + tl.where(is_gate, offs_r, IP + offs_r - BLOCK_N)
 
-    x_ptrs = x_ptr + token[:, None] * stride_xm + offs_k[None, :]
+    x_ptrs = x_ptr + token[:, None] * stride_xm + offs_x[None, :]
     w_ptrs = w_ptr + expert * stride_we + w_rows[:, None] * stride_wn + offs_w[None, :]
     s_ptrs = ws_ptr + expert * stride_wse + w_rows[:, None] * stride_wsn + offs_w[None, :]
 
@@ -82,8 +83,11 @@ def _gemm1_kernel(
     # Without it the loop's zero-trip path re-defines the accumulator and ptxas
     # serializes every wgmma (C7515); Hp >= 256 always.
     tl.assume(num_groups > 0)
-    for _ in range(0, num_groups):
-        x = tl.load(x_ptrs, mask=row_ok[:, None], other=0.0)
+    for g in range(0, num_groups):
+        if GATHER:
+            x = tl.load(x_ptrs, mask=row_ok[:, None] & (g * 256 + offs_x < H)[None, :], other=0.0)
+        else:
+            x = tl.load(x_ptrs, mask=row_ok[:, None], other=0.0)
         w = dequant_group(tl.load(w_ptrs), tl.load(w_ptrs + 16), tl.load(s_ptrs), INTERPRET)
         acc = mma(w, x, acc, INTERPRET)
         x_ptrs += 256
@@ -99,9 +103,88 @@ def _gemm1_kernel(
         gate = gate * router_w
         up = up * router_w
     y = gate * tl.sigmoid(gate) * up
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     y_ptrs = y_ptr + rows[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
     # Explicit round-to-nearest-even (the GPU default; Triton's interpreter truncates otherwise).
-    tl.store(y_ptrs, y.to(tl.bfloat16, fp_downcast_rounding="rtne"))
+    # Aligned padding rows are written too (zeros: their x is masked), gathered rows only if real.
+    y = y.to(tl.bfloat16, fp_downcast_rounding="rtne")
+    if GATHER:
+        tl.store(y_ptrs, y, mask=row_ok[:, None])
+    else:
+        tl.store(y_ptrs, y)
+
+
+@triton.jit
+def _gemm1_kernel(
+    x_ptr,
+    w_ptr,
+    ws_ptr,
+    wg_ptr,
+    y_ptr,
+    rows_ptr,
+    tile_expert_ptr,
+    num_padded_ptr,
+    topk_w_ptr,
+    zero_ptr,
+    zero_numel,
+    num_pairs,
+    expert_offset,
+    num_experts,
+    H,
+    IP,
+    num_groups,
+    top_k,
+    max_tiles,
+    stride_xm,
+    stride_we,
+    stride_wn,
+    stride_wse,
+    stride_wsn,
+    stride_ym,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    WEIGHT_ON_INPUT: tl.constexpr,
+    GATHER: tl.constexpr,
+    PAIRS: tl.constexpr,
+    PDL: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    ZERO_BLOCK: tl.constexpr,
+):
+    if PDL:
+        gdc_launch_dependents()  # GEMM2 may start its prologue; it waits before reading y
+    zero_fill(zero_ptr, zero_numel, ZERO_BLOCK)
+    if GATHER:
+        # rows_ptr: the [T * k] ids; program (p, n) computes if pair p leads its expert.
+        leader, expert, members, rank, count = expert_members(
+            rows_ptr, tl.program_id(0), num_pairs, expert_offset, num_experts, PAIRS
+        )
+        if not leader:
+            return
+        for chunk in range(0, tl.cdiv(count, BLOCK_M)):
+            pair, ok = chunk_pairs(members, rank, count, chunk, PAIRS, BLOCK_M)
+            token = (pair // top_k).to(tl.int64)
+            _gemm1_rows(
+                x_ptr, w_ptr, ws_ptr, wg_ptr, y_ptr, topk_w_ptr,
+                pair, pair, ok, token, expert, tl.program_id(1), H, IP, num_groups,
+                stride_xm, stride_we, stride_wn, stride_wse, stride_wsn, stride_ym,
+                BLOCK_M, BLOCK_N, WEIGHT_ON_INPUT, GATHER, INTERPRET,
+            )  # fmt: skip
+    else:
+        # rows_ptr: the aligned rows' pairs (align.AlignedRouting.sorted_ids).
+        pid_m, pid_n = tile_coords(tl.program_id(0), max_tiles, IP // BLOCK_N, GROUP_M)
+        if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
+            return
+        rows, pair, row_ok, expert, _, _ = aligned_rows(
+            pid_m, pid_n, rows_ptr, tile_expert_ptr, num_pairs, IP, BLOCK_M, BLOCK_N
+        )
+        token = (pair // top_k).to(tl.int64)
+        _gemm1_rows(
+            x_ptr, w_ptr, ws_ptr, wg_ptr, y_ptr, topk_w_ptr,
+            rows, pair, row_ok, token, expert, pid_n, H, IP, num_groups,
+            stride_xm, stride_we, stride_wn, stride_wse, stride_wsn, stride_ym,
+            BLOCK_M, BLOCK_N, WEIGHT_ON_INPUT, GATHER, INTERPRET,
+        )  # fmt: skip
 
 
 def gemm1_nvfp4(
@@ -109,7 +192,7 @@ def gemm1_nvfp4(
     w13: torch.Tensor,
     w13_scale: torch.Tensor,
     w13_scale_2: torch.Tensor,
-    routing: AlignedRouting,
+    routing: Union[AlignedRouting, GatheredPairs],
     topk_weights: torch.Tensor,
     zero: torch.Tensor,
     *,
@@ -120,44 +203,60 @@ def gemm1_nvfp4(
     GROUP_M: int,
     num_warps: int,
     num_stages: int,
+    pdl: bool = False,
 ) -> torch.Tensor:
-    """Launch GEMM1 + SiLU-and-mul over the aligned rows.
+    """Launch GEMM1 + SiLU-and-mul.
 
     Args:
-        x: ``[T, Hp]`` bf16, the hidden states from :func:`nvfp4_act.permute_activations`.
+        x: aligned routing: ``[T, Hp]`` bf16 from :func:`nvfp4_act.permute_activations`;
+            gathered pairs: the hidden states ``[T, H]`` bf16 as they are (unit column stride).
         w13, w13_scale, w13_scale_2: kernel layout (``NVFP4KernelWeights``):
             ``[E, 2Ip, Hp/8]`` int32, ``[E, 2Ip, Hp/16]`` e4m3, ``[E, 2]`` fp32, contiguous.
-        routing: aligned rows; topk_weights ``[T, k]`` fp32 contiguous (read with ``weight_on_input``).
+        routing: the aligned rows, or the gathered pairs (at most ``MAX_GATHER_PAIRS``).
+        topk_weights: ``[T, k]`` fp32 contiguous (read with ``weight_on_input``).
         zero: contiguous fp32 buffer this kernel zeroes (the GEMM2 workspace).
         BLOCK_N: divides 256 (the weight tile has ``2 BLOCK_N`` rows: ``BLOCK_N = 32`` fills one
             64-row wgmma).
+        pdl: the programs signal a programmatic dependent launch of GEMM2 as they start.
 
     Returns:
-        ``y [P, Ip]`` bf16 with ``P = max_tiles * BLOCK_M``, columns in stored order; rows of
-        padding are garbage.
+        ``y [P, Ip]`` bf16, columns in stored order: aligned, ``P = max_tiles * block_m`` (padding
+        rows hold zeros); gathered, ``P = T * k`` at the pairs' rows (rows of pairs without a local
+        expert are not written).
     """
     e, two_ip, hp_words = w13.shape
     ip, hp = two_ip // 2, hp_words * 8
-    assert K_GROUP % BLOCK_N == 0 and x.shape[1] == hp and x.stride(1) == 1
-    y = workspace(routing.max_tiles * routing.block_m, ip, torch.bfloat16, x.device, "moe_intermediate")
-    grid = (routing.max_tiles * (ip // BLOCK_N),)
+    assert K_GROUP % BLOCK_N == 0 and x.stride(1) == 1
+    gather = isinstance(routing, GatheredPairs)
+    grid: Tuple[int, ...]
+    if isinstance(routing, GatheredPairs):
+        assert num_pairs <= MAX_GATHER_PAIRS and x.shape[1] <= hp
+        rows, grid = num_pairs, (num_pairs, ip // BLOCK_N)
+    else:
+        assert x.shape[1] == hp
+        rows, grid = routing.max_tiles * routing.block_m, (routing.max_tiles * (ip // BLOCK_N),)
+    rows_ptr, tile_expert, num_padded, expert_offset, num_experts, max_tiles = row_source_args(routing, e)
+    y = workspace(rows, ip, torch.bfloat16, x.device, "moe_intermediate")
     _gemm1_kernel[grid](
         x,
         w13,
         w13_scale,
         w13_scale_2,
         y,
-        routing.sorted_ids,
-        routing.tile_expert,
-        routing.num_padded,
+        rows_ptr,
+        tile_expert,
+        num_padded,
         topk_weights,
         zero,
         zero.numel(),
         num_pairs,
+        expert_offset,
+        num_experts,
+        x.shape[1],
         ip,
         hp // K_GROUP,
         top_k,
-        routing.max_tiles,
+        max_tiles,
         x.stride(0),
         w13.stride(0),
         w13.stride(1),
@@ -168,6 +267,9 @@ def gemm1_nvfp4(
         BLOCK_N=BLOCK_N,
         GROUP_M=GROUP_M,
         WEIGHT_ON_INPUT=weight_on_input,
+        GATHER=gather,
+        PAIRS=max(16, triton.next_power_of_2(num_pairs)) if gather else 1,
+        PDL=pdl,
         INTERPRET=INTERPRETING,
         ZERO_BLOCK=ZERO_BLOCK,
         num_warps=num_warps,

@@ -1,5 +1,7 @@
 """GEMM2 of the NVFP4 (W4A16) fused experts: down projection with the router-weighted top-k combine fused.
 
+Rows come from the aligned tiles or, on the swap-AB decode path, from each expert's leader pair
+(``GATHER``, as GEMM1; program ``p * ceil(H / BLOCK_N) + n`` of pair ``p``).
 For each tile of ``BLOCK_M`` aligned rows (one local expert ``e``), each
 ``BLOCK_N`` output columns and each of ``SPLIT_K`` slices of the 256-K groups of
 ``Ip``, one program dequantizes ``w2[e, n]`` in registers (weights as wgmma's
@@ -10,34 +12,37 @@ rows into the fp32 workspace ``acc [T, H]`` at their tokens, exactly like the FP
 GEMM2: ``acc`` is zeroed by GEMM1 and cast to bf16 by :func:`combine.cast_out`.
 """
 
+from typing import Union
+
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from ..interpret import INTERPRETING
-from .align import AlignedRouting
+from .align import AlignedRouting, GatheredPairs, row_source_args
 from .nvfp4_layout import K_GROUP
 from .nvfp4_tile import WEIGHT_SHIFT, dequant_group, mma
-from .tiles import aligned_rows, tile_coords
+from .tiles import MAX_GATHER_PAIRS, aligned_rows, chunk_pairs, expert_members, tile_coords
 
 
 @triton.jit
-def _gemm2_kernel(
+def _gemm2_rows(
     y_ptr,
     w_ptr,
     ws_ptr,
     wg_ptr,
     acc_ptr,
-    sorted_ptr,
-    tile_expert_ptr,
-    num_padded_ptr,
     topk_w_ptr,
-    num_pairs,
-    H,
-    num_groups,
+    rows,
+    pair,
+    row_ok,
+    expert,
+    offs_n,
+    n_ok,
+    kb_start,
+    kb_end,
     top_k,
-    max_tiles,
-    groups_per_split,
     stride_ym,
     stride_we,
     stride_wn,
@@ -46,21 +51,14 @@ def _gemm2_kernel(
     stride_accm,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    GROUP_M: tl.constexpr,
     WEIGHT_ON_INPUT: tl.constexpr,
+    GATHER: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
-    pid_m, pid_n = tile_coords(tl.program_id(0), max_tiles, tl.cdiv(H, BLOCK_N), GROUP_M)
-    if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
-        return
-    kb_start = tl.program_id(1) * groups_per_split
-    kb_end = tl.minimum(kb_start + groups_per_split, num_groups)
-    rows, pair, row_ok, expert, offs_n, n_ok = aligned_rows(
-        pid_m, pid_n, sorted_ptr, tile_expert_ptr, num_pairs, H, BLOCK_M, BLOCK_N
-    )
+    """One tile: ``y[rows]`` (``BLOCK_M`` rows of ``pair``) over K groups ``[kb_start, kb_end)``
+    times ``w2[expert, offs_n]``, router-weighted and added atomically at the pairs' tokens."""
     offs_k = tl.arange(0, 256)
     offs_w = tl.arange(0, 16)
-
     y_ptrs = y_ptr + rows[:, None].to(tl.int64) * stride_ym + (kb_start * 256 + offs_k)[None, :]
     w_ptrs = w_ptr + expert * stride_we + offs_n[:, None] * stride_wn + (kb_start * 32 + offs_w)[None, :]
     s_ptrs = ws_ptr + expert * stride_wse + offs_n[:, None] * stride_wsn + (kb_start * 16 + offs_w)[None, :]
@@ -68,8 +66,11 @@ def _gemm2_kernel(
     # Every split holds a group (the launcher sizes the splits); see GEMM1 on why this matters.
     tl.assume(kb_end > kb_start)
     for _ in range(kb_start, kb_end):
-        # Every aligned row of y exists (padding rows hold garbage and are dropped at the store).
-        y = tl.load(y_ptrs)
+        if GATHER:
+            y = tl.load(y_ptrs, mask=row_ok[:, None], other=0.0)
+        else:
+            # Every aligned row of y exists (padding rows hold zeros and are dropped at the store).
+            y = tl.load(y_ptrs)
         w = dequant_group(
             tl.load(w_ptrs, mask=n_ok[:, None], other=0),
             tl.load(w_ptrs + 16, mask=n_ok[:, None], other=0),
@@ -89,12 +90,86 @@ def _gemm2_kernel(
     tl.atomic_add(out_ptrs, acc, mask=row_ok[:, None] & n_ok[None, :], sem="relaxed")
 
 
+@triton.jit
+def _gemm2_kernel(
+    y_ptr,
+    w_ptr,
+    ws_ptr,
+    wg_ptr,
+    acc_ptr,
+    rows_ptr,
+    tile_expert_ptr,
+    num_padded_ptr,
+    topk_w_ptr,
+    num_pairs,
+    expert_offset,
+    num_experts,
+    H,
+    num_groups,
+    top_k,
+    max_tiles,
+    groups_per_split,
+    stride_ym,
+    stride_we,
+    stride_wn,
+    stride_wse,
+    stride_wsn,
+    stride_accm,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    WEIGHT_ON_INPUT: tl.constexpr,
+    GATHER: tl.constexpr,
+    PAIRS: tl.constexpr,
+    PDL: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    if PDL:
+        gdc_launch_dependents()  # the cast may start; it waits for this grid before reading acc
+    kb_start = tl.program_id(1) * groups_per_split
+    kb_end = tl.minimum(kb_start + groups_per_split, num_groups)
+    if GATHER:
+        # rows_ptr: the [T * k] ids; program (p, n, split) computes if pair p leads its expert.
+        leader, expert, members, rank, count = expert_members(
+            rows_ptr, tl.program_id(0) // tl.cdiv(H, BLOCK_N), num_pairs, expert_offset, num_experts, PAIRS
+        )
+        if not leader:
+            return
+        offs_n = (tl.program_id(0) % tl.cdiv(H, BLOCK_N)) * BLOCK_N + tl.arange(0, BLOCK_N)
+        if PDL:
+            gdc_wait()  # GEMM1's y and zeroed acc
+        for chunk in range(0, tl.cdiv(count, BLOCK_M)):
+            pair, ok = chunk_pairs(members, rank, count, chunk, PAIRS, BLOCK_M)
+            _gemm2_rows(
+                y_ptr, w_ptr, ws_ptr, wg_ptr, acc_ptr, topk_w_ptr,
+                pair, pair, ok, expert, offs_n, offs_n < H, kb_start, kb_end, top_k,
+                stride_ym, stride_we, stride_wn, stride_wse, stride_wsn, stride_accm,
+                BLOCK_M, BLOCK_N, WEIGHT_ON_INPUT, GATHER, INTERPRET,
+            )  # fmt: skip
+    else:
+        # rows_ptr: the aligned rows' pairs (align.AlignedRouting.sorted_ids).
+        pid_m, pid_n = tile_coords(tl.program_id(0), max_tiles, tl.cdiv(H, BLOCK_N), GROUP_M)
+        if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
+            return
+        rows, pair, row_ok, expert, offs_n, n_ok = aligned_rows(
+            pid_m, pid_n, rows_ptr, tile_expert_ptr, num_pairs, H, BLOCK_M, BLOCK_N
+        )
+        if PDL:
+            gdc_wait()
+        _gemm2_rows(
+            y_ptr, w_ptr, ws_ptr, wg_ptr, acc_ptr, topk_w_ptr,
+            rows, pair, row_ok, expert, offs_n, n_ok, kb_start, kb_end, top_k,
+            stride_ym, stride_we, stride_wn, stride_wse, stride_wsn, stride_accm,
+            BLOCK_M, BLOCK_N, WEIGHT_ON_INPUT, GATHER, INTERPRET,
+        )  # fmt: skip
+
+
 def gemm2_nvfp4(
     y: torch.Tensor,
     w2: torch.Tensor,
     w2_scale: torch.Tensor,
     w2_scale_2: torch.Tensor,
-    routing: AlignedRouting,
+    routing: Union[AlignedRouting, GatheredPairs],
     topk_weights: torch.Tensor,
     acc: torch.Tensor,
     *,
@@ -106,36 +181,49 @@ def gemm2_nvfp4(
     GROUP_M: int,
     num_warps: int,
     num_stages: int,
+    pdl: bool = False,
 ) -> None:
     """Launch GEMM2 + weighted combine: ``acc[t] += w[t, j] * (y_row @ w2[e].T)``.
 
     Args:
-        y: GEMM1's output ``[P, Ip]`` bf16 at the aligned rows (stored column order).
+        y: GEMM1's output ``[P, Ip]`` bf16 (stored column order) at the rows ``routing`` gives
+            (aligned rows, or the pairs themselves).
         w2, w2_scale, w2_scale_2: kernel layout: ``[E, H, Ip/8]`` int32, ``[E, H, Ip/16]`` e4m3,
             ``[E]`` fp32, contiguous.
-        routing: the aligned rows GEMM1 used; topk_weights ``[T, k]`` fp32 contiguous.
+        routing: what GEMM1 used; topk_weights ``[T, k]`` fp32 contiguous.
         acc: ``[T, H]`` fp32 workspace, zeroed, unit column stride.
+        pdl: launch as a programmatic dependent launch of GEMM1 (the programs wait for it before
+            reading ``y``; on a GPU only), and signal the cast's.
     """
     e, h, ip_words = w2.shape
     groups = ip_words * 8 // K_GROUP
     assert acc.stride(1) == 1 and topk_weights.is_contiguous() and y.shape[1] == groups * K_GROUP
     per_split = triton.cdiv(groups, SPLIT_K)
-    grid = (routing.max_tiles * triton.cdiv(h, BLOCK_N), triton.cdiv(groups, per_split))
+    splits = triton.cdiv(groups, per_split)
+    gather = isinstance(routing, GatheredPairs)
+    if isinstance(routing, GatheredPairs):
+        assert num_pairs <= MAX_GATHER_PAIRS
+        grid = (num_pairs * triton.cdiv(h, BLOCK_N), splits)
+    else:
+        grid = (routing.max_tiles * triton.cdiv(h, BLOCK_N), splits)
+    rows_ptr, tile_expert, num_padded, expert_offset, num_experts, max_tiles = row_source_args(routing, e)
     _gemm2_kernel[grid](
         y,
         w2,
         w2_scale,
         w2_scale_2,
         acc,
-        routing.sorted_ids,
-        routing.tile_expert,
-        routing.num_padded,
+        rows_ptr,
+        tile_expert,
+        num_padded,
         topk_weights,
         num_pairs,
+        expert_offset,
+        num_experts,
         h,
         groups,
         top_k,
-        routing.max_tiles,
+        max_tiles,
         per_split,
         y.stride(0),
         w2.stride(0),
@@ -147,7 +235,11 @@ def gemm2_nvfp4(
         BLOCK_N=BLOCK_N,
         GROUP_M=GROUP_M,
         WEIGHT_ON_INPUT=weight_on_input,
+        GATHER=gather,
+        PAIRS=max(16, triton.next_power_of_2(num_pairs)) if gather else 1,
+        PDL=pdl,
         INTERPRET=INTERPRETING,
         num_warps=num_warps,
         num_stages=num_stages,
+        **({"launch_pdl": True} if pdl else {}),
     )

@@ -17,25 +17,29 @@ The weights always sit on the MMA's 64-row side and the tokens on its N side
 (``BLOCK_M`` = 16 ... 128); paths, chosen by the expected rows per local expert
 ``T * k / E``: ``decode`` (BLOCK_M = 16, 64-row weight blocks spread the active
 experts over every SM) and ``prefill`` (larger BLOCK_M: each dequantized weight
-tile serves more tokens).
+tile serves more tokens). ``swapab`` (``config`` only, until the H200 times it against
+``decode``) is the decode tiling without steps 1 and 2: each expert's leader pair gathers its
+pairs (up to ``tiles.MAX_GATHER_PAIRS`` pairs), GEMM1 reads the hidden states at the dot
+order's offsets, and GEMM2 and the cast are programmatic dependent launches.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Union
 
 import torch
 
 from ..._checks import check_int, check_out, check_tensor
 from ...expert_weights import NVFP4Weights
 from ...runtime import workspace
-from .align import align_block_size
+from .align import AlignedRouting, GatheredPairs, align_block_size
 from .combine import cast_out
 from .config import merge_config
 from .nvfp4_act import permute_activations
 from .nvfp4_gemm1 import gemm1_nvfp4
 from .nvfp4_gemm2 import gemm2_nvfp4
 from .nvfp4_layout import NVFP4KernelWeights, nvfp4_to_kernel_layout
+from .tiles import MAX_GATHER_PAIRS
 
 #: Every knob (``config=`` may give any subset; the rest come from the heuristic).
 #: ``*1`` are GEMM1's, ``*2`` GEMM2's; ``BLOCK_N*`` divide 256 (GEMM1) or are powers of two >= 16.
@@ -51,6 +55,7 @@ CONFIG_KEYS = (
     "GROUP_M2",
     "num_warps2",
     "num_stages2",
+    "PDL",
 )
 
 # Defaults: the best of an H100 sweep (docs/performance.md), DeepSeek-V3 shapes.
@@ -66,7 +71,12 @@ DECODE_CONFIG: Dict[str, Any] = dict(
     GROUP_M2=1,
     num_warps2=4,
     num_stages2=3,
+    PDL=False,
 )
+#: ``swapab``: the decode tiling without the ``align`` and ``permute`` launches (each expert's
+#: leader pair gathers its pairs, GEMM1 reads the hidden states at the dot order's offsets) and
+#: with GEMM2 and the cast as programmatic dependent launches. ``BLOCK_M``: pairs per MMA.
+SWAPAB_CONFIG: Dict[str, Any] = dict(DECODE_CONFIG, path="swapab", PDL=True)
 # GEMM1's weight tile stacks BLOCK_N gate rows on BLOCK_N up rows (2 BLOCK_N rows). With
 # BLOCK_M = 64 tokens, 128 rows a warpgroup (BLOCK_N1 = 128 on 8 warps) still fit in
 # registers (254); 128 tokens would not (ptxas serializes the wgmmas, C7512). Weights
@@ -83,6 +93,7 @@ PREFILL_CONFIG: Dict[str, Any] = dict(
     GROUP_M2=8,
     num_warps2=8,
     num_stages2=3,
+    PDL=False,
 )
 
 
@@ -91,13 +102,16 @@ PREFILL_32_CONFIG: Dict[str, Any] = dict(
     PREFILL_CONFIG, BLOCK_M=32, BLOCK_N1=32, BLOCK_N2=64, num_warps1=4, num_warps2=4
 )
 
+#: Each path's base configuration (``config={"path": ...}`` starts from it).
+PATH_CONFIGS: Dict[str, Dict[str, Any]] = {"decode": DECODE_CONFIG, "prefill": PREFILL_CONFIG, "swapab": SWAPAB_CONFIG}
+
 #: The heuristic default: (most expected rows per local expert, configuration), first match.
 DEFAULT_TIERS = ((16, DECODE_CONFIG), (64, PREFILL_32_CONFIG), (float("inf"), PREFILL_CONFIG))
 
 #: Version of this kernel's tuned configurations: the tuning cache keeps a configuration only
 #: for the version it was tuned for. Bump it when the kernels, their weight layout
 #: (``NVFP4KernelWeights``) or the configuration schema (CONFIG_KEYS, their meaning) change.
-KERNEL_VERSION = 1
+KERNEL_VERSION = 2
 
 #: What the tuner times per token bucket (each overrides the heuristic default of that size):
 #: the decode path, and prefill tilings from skinny to square.
@@ -118,8 +132,16 @@ def default_config(num_tokens: int, top_k: int, num_experts: int) -> Dict[str, A
 
 
 def resolve_config(config: Optional[dict], num_tokens: int, top_k: int, num_experts: int) -> Dict[str, Any]:
-    """The heuristic default for this size, overridden by the keys of ``config``."""
-    return merge_config(default_config(num_tokens, top_k, num_experts), config, CONFIG_KEYS)
+    """``config``'s keys over a base: the base configuration of the path ``config`` names, else
+    the heuristic default for this size."""
+    path = (config or {}).get("path")
+    if path is None:
+        base = default_config(num_tokens, top_k, num_experts)
+    elif path in PATH_CONFIGS:
+        base = PATH_CONFIGS[path]
+    else:
+        raise ValueError(f"config: path must be one of {tuple(PATH_CONFIGS)}, got {path!r}")
+    return merge_config(base, config, CONFIG_KEYS)
 
 
 def prepare_nvfp4(weights: NVFP4Weights) -> NVFP4KernelWeights:
@@ -188,10 +210,23 @@ def fused_experts_nvfp4(
         return result.zero_()
     cfg = resolve_config(config, num_tokens, top_k, w.num_experts)
     num_pairs = num_tokens * top_k
-    routing = align_block_size(topk_ids, w.num_experts, local_expert_offset, cfg["BLOCK_M"])
-    x = permute_activations(hidden, w.w13.shape[2] * 8)
+    routing: Union[AlignedRouting, GatheredPairs]
+    if cfg["path"] == "swapab":
+        if num_pairs > MAX_GATHER_PAIRS:
+            raise ValueError(
+                f"config: path='swapab' serves at most {MAX_GATHER_PAIRS} (token, slot) pairs, got T * k = {num_pairs}"
+            )
+        routing = GatheredPairs(topk_ids.reshape(-1), local_expert_offset, w.num_experts, cfg["BLOCK_M"])
+        x = hidden
+    else:
+        routing = align_block_size(topk_ids, w.num_experts, local_expert_offset, cfg["BLOCK_M"])
+        x = permute_activations(hidden, w.w13.shape[2] * 8)
+    # Programmatic dependent launches exist on a GPU only (not under the interpreter).
+    pdl = bool(cfg["PDL"]) and hidden.is_cuda
     acc = workspace(num_tokens, w.hidden_size, torch.float32, hidden.device, "moe_combine")
-    common: Dict[str, Any] = dict(num_pairs=num_pairs, top_k=top_k, weight_on_input=apply_router_weight_on_input)
+    common: Dict[str, Any] = dict(
+        num_pairs=num_pairs, top_k=top_k, weight_on_input=apply_router_weight_on_input, pdl=pdl
+    )
     y = gemm1_nvfp4(
         x,
         w.w13,
@@ -221,5 +256,5 @@ def fused_experts_nvfp4(
         num_stages=cfg["num_stages2"],
         **common,
     )
-    cast_out(acc, result)
+    cast_out(acc, result, pdl=pdl)
     return result
