@@ -191,10 +191,20 @@ def variants() -> List[Variant]:
     return base + with_input
 
 
+def experimental_configs(kernel_name: str) -> List[dict]:
+    """Configurations a kernel's launcher serves that are not (yet) tuner candidates: the FP8
+    swap-AB GEMM2 variants awaiting their GPU timing."""
+    from moe_backend.kernels.registry import SM90_FP8
+    from moe_backend.kernels.sm90.fp8_moe import SWAPAB_GEMM2_VARIANTS
+
+    return list(SWAPAB_GEMM2_VARIANTS.values()) if kernel_name == SM90_FP8.name else []
+
+
 def launcher_configs(kernel_name: str) -> List[Optional[dict]]:
-    """The configurations a kernel's launcher can be given: the size heuristic (None) and every
+    """The configurations a kernel's launcher can be given: the size heuristic (None), every
     named one of its tuning space (the tuner's candidates, which include each path's base
-    configuration, the deterministic one and those of the numerics modes)."""
+    configuration, the deterministic one and those of the numerics modes) and its
+    :func:`experimental_configs`."""
     from moe_backend.kernels.registry import KERNELS
 
     space = KERNELS[kernel_name].tuning_space()
@@ -203,6 +213,7 @@ def launcher_configs(kernel_name: str) -> List[Optional[dict]]:
     if space.deterministic is not None:
         configs.append(space.deterministic)
     configs.extend(space.numerics.values())
+    configs.extend(experimental_configs(kernel_name))
     unique: List[Optional[dict]] = []
     for cfg in configs:
         if cfg not in unique:

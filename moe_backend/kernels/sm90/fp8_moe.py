@@ -132,6 +132,16 @@ SWAPAB_CONFIG: Dict[str, Any] = dict(
     num_warps2=8,
     num_stages2=4,
 )
+#: The swap-AB GEMM2 variants not yet timed on a GPU (not tuner candidates until they are):
+#: ``scripts/decode_breakdown.py`` times them against ``SWAPAB_CONFIG`` and
+#: ``scripts/compile_kernels.py`` builds them for sm_90a.
+SWAPAB_GEMM2_VARIANTS: Dict[str, Dict[str, Any]] = {
+    "fused_cast2": dict(SWAPAB_CONFIG, FUSED_CAST2=True),
+    "n_tiles2_2": dict(SWAPAB_CONFIG, N_TILES2=2),
+    "n_tiles2_4": dict(SWAPAB_CONFIG, N_TILES2=4),
+    "fused_cast2_n_tiles2_2": dict(SWAPAB_CONFIG, FUSED_CAST2=True, N_TILES2=2),
+    "fused_cast2_n_tiles2_4": dict(SWAPAB_CONFIG, FUSED_CAST2=True, N_TILES2=4),
+}
 #: The swap-AB default is used up to this many (token, slot) pairs (measured up to T = 16, k = 8).
 SWAPAB_DEFAULT_MAX_PAIRS = 128
 PREFILL_CONFIG: Dict[str, Any] = dict(

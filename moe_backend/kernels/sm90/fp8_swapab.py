@@ -359,65 +359,75 @@ def _gemm2_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     if PDL:
         gdc_wait()  # GEMM1 (y, the zeroed acc, arrivals and result) is complete and visible past this point
-    for chunk in range(0, tl.cdiv(count, BLOCK_T)):
-        pair, ok = chunk_pairs(members, rank, count, chunk, PAIRS, BLOCK_T)
-        token = (pair // top_k).to(tl.int64)
-        router_w = 1.0
+    # One loop over (chunk, tile) around the K loop: a two-level nest, which Triton's
+    # FuseNestedLoops flattens (``flatten``) into one software-pipelined loop over (chunk, tile,
+    # K block), so the weight loads of the next tile are in flight during a tile's epilogue.
+    # (A three-level chunk / tile / K nest is not flattened by Triton 3.6.)
+    for ct in tl.range(0, tl.cdiv(count, BLOCK_T) * N_TILES, flatten=N_TILES > 1):
+        pair, ok = chunk_pairs(members, rank, count, ct // N_TILES, PAIRS, BLOCK_T)
+        tile = tl.program_id(1) * N_TILES + ct % N_TILES
+        offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < H
+        y_ptrs = y_ptr + pair[:, None].to(tl.int64) * stride_ym + (kb_start * BLOCK_K + offs_k)[None, :]
+        w_ptrs = w_ptr + expert * stride_we + offs_n[:, None] * stride_wn + (kb_start * BLOCK_K + offs_k)[None, :]
+        if BLOCK_SCALED:
+            ws_ptr = w_scale_ptr + expert * stride_wse + (tile * BLOCK_N // BLOCK_K) * stride_wsn
+        acc = tl.zeros([BLOCK_N, BLOCK_T], dtype=tl.float32)
+        for kb in range(kb_start, kb_end):
+            if EVEN_K:
+                y_mask = ok[:, None]
+                w_mask = n_ok[:, None]
+            else:
+                k_ok = kb * BLOCK_K + offs_k < I
+                y_mask = ok[:, None] & k_ok[None, :]
+                w_mask = n_ok[:, None] & k_ok[None, :]
+            yq, ys = load_operand(
+                y_ptrs,
+                y_mask,
+                y_scale_ptr + pair.to(tl.int64) * stride_ysm + kb,
+                ok,
+                y_static_ptr,
+                0.0,
+                QUANT_ON_LOAD,
+                Y_STATIC,
+                UE8M0,
+                False,
+                BLOCK_T,
+            )
+            w = tl.load(w_ptrs, mask=w_mask, other=0.0)
+            ws = 1.0
+            if BLOCK_SCALED:
+                ws = tl.load(ws_ptr + kb)
+            acc = accumulate(acc, w, yq, ys, ws, BLOCK_SCALED, Y_STATIC, BLOCK_K)
+            y_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+        acc = tensor_scaled(acc, w_scale_ptr, expert, y_static_ptr, BLOCK_SCALED, Y_STATIC)
         if not WEIGHT_ON_INPUT:
-            router_w = tl.load(topk_w_ptr + pair, mask=ok, other=0.0)
-        if FUSED_CAST:
+            acc = acc * tl.load(topk_w_ptr + pair, mask=ok, other=0.0)[None, :]
+        token = (pair // top_k).to(tl.int64)
+        out_ptrs = acc_ptr + token[None, :] * stride_accm + offs_n[:, None]
+        tl.atomic_add(out_ptrs, acc, mask=ok[None, :] & n_ok[:, None], sem="relaxed")
+    if FUSED_CAST:
+        # A pass of its own after the weight stream: its CTA barriers inside the streaming loop
+        # would stop Triton from software-pipelining it.
+        for ct in range(0, tl.cdiv(count, BLOCK_T) * N_TILES):
+            pair, ok = chunk_pairs(members, rank, count, ct // N_TILES, PAIRS, BLOCK_T)
+            tile = tl.program_id(1) * N_TILES + ct % N_TILES
+            offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+            token = (pair // top_k).to(tl.int64)
             expected, batch, first = token_arrivals(
                 ids_ptr, token, ok, expert_offset, num_experts, top_k, TOPK_PAD, BLOCK_T
             )
-            expected = expected * tl.num_programs(2)  # every K slice adds its share
-        # N_TILES consecutive BLOCK_N-row tiles of w2, one flattened (tile, K block) loop, so the
-        # software pipeline keeps weight loads in flight across a tile's epilogue.
-        for nt in tl.range(0, N_TILES, flatten=True):
-            tile = tl.program_id(1) * N_TILES + nt
-            offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-            n_ok = offs_n < H
-            y_ptrs = y_ptr + pair[:, None].to(tl.int64) * stride_ym + (kb_start * BLOCK_K + offs_k)[None, :]
-            w_ptrs = w_ptr + expert * stride_we + offs_n[:, None] * stride_wn + (kb_start * BLOCK_K + offs_k)[None, :]
-            if BLOCK_SCALED:
-                ws_ptr = w_scale_ptr + expert * stride_wse + (tile * BLOCK_N // BLOCK_K) * stride_wsn
-            acc = tl.zeros([BLOCK_N, BLOCK_T], dtype=tl.float32)
-            for kb in range(kb_start, kb_end):
-                if EVEN_K:
-                    y_mask = ok[:, None]
-                    w_mask = n_ok[:, None]
-                else:
-                    k_ok = kb * BLOCK_K + offs_k < I
-                    y_mask = ok[:, None] & k_ok[None, :]
-                    w_mask = n_ok[:, None] & k_ok[None, :]
-                yq, ys = load_operand(
-                    y_ptrs,
-                    y_mask,
-                    y_scale_ptr + pair.to(tl.int64) * stride_ysm + kb,
-                    ok,
-                    y_static_ptr,
-                    0.0,
-                    QUANT_ON_LOAD,
-                    Y_STATIC,
-                    UE8M0,
-                    False,
-                    BLOCK_T,
-                )
-                w = tl.load(w_ptrs, mask=w_mask, other=0.0)
-                ws = 1.0
-                if BLOCK_SCALED:
-                    ws = tl.load(ws_ptr + kb)
-                acc = accumulate(acc, w, yq, ys, ws, BLOCK_SCALED, Y_STATIC, BLOCK_K)
-                y_ptrs += BLOCK_K
-                w_ptrs += BLOCK_K
-            acc = tensor_scaled(acc, w_scale_ptr, expert, y_static_ptr, BLOCK_SCALED, Y_STATIC)
-            if not WEIGHT_ON_INPUT:
-                acc = acc * router_w[None, :]
-            out_ptrs = acc_ptr + token[None, :] * stride_accm + offs_n[:, None]
-            tl.atomic_add(out_ptrs, acc, mask=ok[None, :] & n_ok[:, None], sem="relaxed")
-            if FUSED_CAST:
-                res_ptrs = result_ptr + token[None, :] * stride_rm + offs_n[:, None]
-                arrival_ptrs = arrivals_ptr + token * stride_arm + tile
-                fused_cast(out_ptrs, res_ptrs, n_ok, arrival_ptrs, tile < num_tiles, expected, batch, first)
+            fused_cast(
+                acc_ptr + token[None, :] * stride_accm + offs_n[:, None],
+                result_ptr + token[None, :] * stride_rm + offs_n[:, None],
+                offs_n < H,
+                arrivals_ptr + token * stride_arm + tile,
+                tile < num_tiles,
+                expected * tl.num_programs(2),  # every K slice adds its share
+                batch,
+                first,
+            )
 
 
 def swapab_fp8(
