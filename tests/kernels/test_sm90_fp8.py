@@ -236,6 +236,7 @@ def test_swapab_gemm2_variants(config):
     assert_matches_reference(out, p, False, REL_TOL)
     check(make_problem(24, 256, 128, 4, 2, block=True, offset=8, one_expert=True), config=config)
     check(make_problem(5, 160, 144, 4, 2, block=False, offset=2, static=True), config=config)
+    check(make_problem(3, 256, 128, 4, 1, block=True, offset=1, seed=1), config=config)
 
 
 @runs_here

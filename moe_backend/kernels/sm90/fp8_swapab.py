@@ -276,16 +276,16 @@ def token_arrivals(
 
 @triton.jit
 def fused_cast(acc_ptrs, out_ptrs, n_ok, arrival_ptrs, tile_ok, expected, batch, first):
-    """After this program added its ``[BLOCK_N, BLOCK_T]`` tile into ``acc``: count the
-    contributions in, and where this program brought a token's last one, write that token's
-    finished row segment ``acc -> out`` in bf16 (the ``cast`` launch, per tile).
+    """After this program added all its tiles into ``acc``: count one ``[BLOCK_N, BLOCK_T]``
+    tile's contributions in, and where this program brought a token's last one, write that
+    token's finished row segment ``acc -> out`` in bf16 (the ``cast`` launch, per tile).
 
     ``acc_ptrs`` / ``out_ptrs`` ``[BLOCK_N, BLOCK_T]``, ``n_ok [BLOCK_N]`` the rows inside H,
     ``arrival_ptrs [BLOCK_T]`` each column's int32 counter of (token, tile), ``tile_ok`` whether
     the tile exists (a program's masked tail has no counter), ``expected / batch / first`` from
     :func:`token_arrivals` (``expected`` already times the K slices).
 
-    Memory ordering: the tile's atomic adds are spread over all threads of the program, the
+    Memory ordering: the program's atomic adds are spread over all of its threads, the
     counter increments over the few threads holding ``first`` columns. The barrier orders every
     thread's adds before the increments (CTA-scope synchronization); the increments are
     gpu-scope release (``acq_rel``), and release is cumulative, so they publish the whole
