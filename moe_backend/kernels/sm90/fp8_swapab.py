@@ -533,11 +533,12 @@ def swapab_fp8(
     a2 = a2_static if a2_static is not None else dummy
     num_tiles2 = triton.cdiv(h, BLOCK_N2)
     fused = result is not None
-    if fused:
+    if result is not None:
         assert result.is_contiguous() and result.shape == acc.shape and result.dtype == torch.bfloat16
+        out_rows = result
         arrivals = workspace(acc.shape[0], num_tiles2, torch.int32, dev, "moe_arrivals")
     else:
-        result, arrivals = acc, acc  # not read
+        out_rows, arrivals = acc, acc  # not read
     _gemm1_kernel[(num_pairs, triton.cdiv(inter, BLOCK_N1))](
         x,
         x_scale,
@@ -551,8 +552,8 @@ def swapab_fp8(
         a2,
         acc,
         acc.numel() if zero_in_gemm1 else 0,
-        result,
-        result.numel() if fused else 0,
+        out_rows,
+        out_rows.numel() if fused else 0,
         arrivals,
         arrivals.numel() if fused else 0,
         num_pairs,
@@ -595,7 +596,7 @@ def swapab_fp8(
         w2,
         w2_scale,
         acc,
-        result,
+        out_rows,
         arrivals,
         topk_ids,
         topk_weights,
@@ -615,7 +616,7 @@ def swapab_fp8(
         w2_scale.stride(0),
         w2_scale.stride(1) if block_scaled else 0,
         acc.stride(0),
-        result.stride(0),
+        out_rows.stride(0),
         arrivals.stride(0),
         PAIRS=pairs_pad,
         TOPK_PAD=triton.next_power_of_2(top_k),
