@@ -191,24 +191,33 @@ def variants() -> List[Variant]:
     return base + with_input
 
 
-#: Configurations reachable through ``config=`` only (not yet tuner candidates: they join once the
-#: GPU has checked and timed them); they must compile all the same.
-UNTUNED_CONFIGS: Dict[str, Tuple[dict, ...]] = {"sm90_triton_nvfp4": ({"path": "swapab"},)}
+def experimental_configs(kernel_name: str) -> List[dict]:
+    """Configurations a kernel's launcher serves through ``config=`` that are not (yet) tuner
+    candidates, awaiting their GPU check and timing: the FP8 swap-AB GEMM2 variants and the NVFP4
+    swap-AB path. They must compile all the same."""
+    from moe_backend.kernels.registry import SM90_FP8, SM90_NVFP4
+    from moe_backend.kernels.sm90.fp8_moe import SWAPAB_GEMM2_VARIANTS
+    from moe_backend.kernels.sm90.nvfp4_moe import SWAPAB_CONFIG as NVFP4_SWAPAB
+
+    if kernel_name == SM90_FP8.name:
+        return list(SWAPAB_GEMM2_VARIANTS.values())
+    return [NVFP4_SWAPAB] if kernel_name == SM90_NVFP4.name else []
 
 
 def launcher_configs(kernel_name: str) -> List[Optional[dict]]:
-    """The configurations a kernel's launcher can be given: the size heuristic (None) and every
+    """The configurations a kernel's launcher can be given: the size heuristic (None), every
     named one of its tuning space (the tuner's candidates, which include each path's base
-    configuration, the deterministic one and those of the numerics modes), and those reachable
-    through ``config=`` only (:data:`UNTUNED_CONFIGS`)."""
+    configuration, the deterministic one and those of the numerics modes) and its
+    :func:`experimental_configs`."""
     from moe_backend.kernels.registry import KERNELS
 
     space = KERNELS[kernel_name].tuning_space()
     assert space is not None, f"{kernel_name} has no tuning space"
-    configs: List[Optional[dict]] = [None, *space.candidates, *UNTUNED_CONFIGS.get(kernel_name, ())]
+    configs: List[Optional[dict]] = [None, *space.candidates]
     if space.deterministic is not None:
         configs.append(space.deterministic)
     configs.extend(space.numerics.values())
+    configs.extend(experimental_configs(kernel_name))
     unique: List[Optional[dict]] = []
     for cfg in configs:
         if cfg not in unique:

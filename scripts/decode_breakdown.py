@@ -9,7 +9,7 @@ CUDA-graph replays and ``do_bench`` medians (L2 flushed), rotating routing sets:
 * the read-streaming ceiling: one launch that only reads the active experts' weight bytes
   (``bench_ceilings.expert_stream``).
 
-Usage (GPU): ``python scripts/decode_breakdown.py --out $OUT/breakdown.json``.
+Usage (GPU): ``python scripts/decode_breakdown.py --out $OUT/breakdown.json [--scan NAME ...]``.
 """
 
 from __future__ import annotations
@@ -175,7 +175,8 @@ def nvfp4_stages(layer: Layer, sets, cfg: Dict) -> Dict[str, float]:
 
 
 #: Configurations timed as whole layers: name -> full configuration (the swap-AB decode path
-#: in several tilings, and the aligned decode path it replaces).
+#: in several tilings, the aligned decode path it replaces, and the swap-AB default with each
+#: GEMM2 variant not yet timed, ``swapab_*``).
 _SW = fp8_moe.SWAPAB_CONFIG
 _COMBO = dict(_SW, BLOCK_N1=64, num_stages1=3, BLOCK_N2=128, num_warps2=8, num_stages2=3)
 _PREQ = dict(_COMBO, QUANT_ON_LOAD1=False, PDL=True)
@@ -190,6 +191,8 @@ FP8_SCAN = {
     "preq_xy_n2_64": dict(_PREQ_XY, BLOCK_N2=64, num_warps2=4, num_stages2=4),
     "preq_y": dict(_PREQ_XY, QUANT_ON_LOAD1=True),
     "preq_xy_nopdl": dict(_PREQ_XY, PDL=False),
+    "swapab": dict(_SW),
+    **{f"swapab_{name}": dict(cfg) for name, cfg in fp8_moe.SWAPAB_GEMM2_VARIANTS.items()},
 }
 
 
@@ -200,7 +203,9 @@ def main() -> None:
     parser.add_argument("--stages", action="store_true", help="also time each launch alone")
     parser.add_argument("--no-nvfp4", action="store_true")
     parser.add_argument("--E", type=int, nargs="+", default=[256, 32])
+    parser.add_argument("--scan", nargs="+", choices=list(FP8_SCAN), help="only these FP8_SCAN entries")
     args = parser.parse_args()
+    scan = {name: FP8_SCAN[name] for name in args.scan} if args.scan else FP8_SCAN
     dev = torch.device("cuda")
     h, i, k = 7168, 2048, 8
     results = []
@@ -233,7 +238,7 @@ def main() -> None:
                 row.update({f"fp8_{kk}_us": v for kk, v in fp8_stages(layer, sets, cfg).items()})
             kernel = layer.weights["fp8_block"]()
             run = KERNELS["sm90_triton_fp8"].run
-            for name, c in FP8_SCAN.items():
+            for name, c in scan.items():
                 try:
                     row[f"fp8_scan_{name}_us"] = timed(
                         [

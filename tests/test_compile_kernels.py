@@ -44,6 +44,9 @@ def test_capture_reaches_every_kernel_and_configuration():
             launched in line and f"'{rows}': {cfg['BLOCK_M']}" in line and f"'BLOCK_N': {cfg['BLOCK_N2']}" in line
             for line in gemm2
         ), cfg
+    for cfg in fp8_moe.SWAPAB_GEMM2_VARIANTS.values():  # experimental, not tuner candidates
+        variant = f"'N_TILES': {cfg['N_TILES2']}, 'FUSED_CAST': {cfg['FUSED_CAST2']}"
+        assert any(variant in line for line in gemm2), cfg
     vllm = fp8_moe.NUMERICS_CONFIGS["vllm_triton"]
     assert any(f"'BLOCK_M': {vllm['BLOCK_M']}" in line and "'VLLM_ORDER': 1" in line for line in lines)
     assert any("'VLLM_ORDER': 2" in line for line in lines)

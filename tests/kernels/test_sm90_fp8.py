@@ -194,6 +194,58 @@ def test_all_tokens_one_expert_and_no_local_expert(config):
     assert run_kernel(p, config=config).float().abs().sum() == 0
 
 
+#: Swap-AB's GEMM2 variants: the bf16 output written by GEMM2 (no cast launch), several w2 tiles a
+#: program (H = 256 with 32-row tiles: 8 tiles, so 3 a program leaves a masked tail), both.
+SWAPAB_FUSED = dict(SWAPAB_SMALL, BLOCK_N2=32, FUSED_CAST2=True)
+SWAPAB_TILES = dict(SWAPAB_SMALL, BLOCK_N2=32, N_TILES2=3)
+
+
+def _swapab_edge_problem(seed: int) -> Problem:
+    """8 tokens, k = 3, local experts 4..7 of 8 (EP offset 4): token 0 has no local pair (-1 and
+    foreign ids), token 1 names local expert 5 twice, tokens 2..7 put several pairs on expert 4 and
+    6 next to -1 and foreign ids."""
+    p = make_problem(8, 256, 128, 4, 3, block=True, offset=4, seed=seed)
+    p.ids = torch.tensor(
+        [[-1, 2, 9], [5, 5, 7], [4, -1, 6], [4, 6, 0], [6, 4, -1], [4, 11, 6], [-1, -1, 4], [6, 7, 4]],
+        dtype=torch.int32,
+        device=p.ids.device,
+    )
+    return p
+
+
+@runs_here
+@pytest.mark.parametrize(
+    "config",
+    [
+        SWAPAB_FUSED,
+        dict(SWAPAB_FUSED, SPLIT_K2=1),
+        dict(SWAPAB_TILES, N_TILES2=2),
+        SWAPAB_TILES,
+        dict(SWAPAB_FUSED, N_TILES2=3),
+        dict(SWAPAB_PREQ, BLOCK_N2=32, FUSED_CAST2=True, N_TILES2=2),
+    ],
+    ids=["fused-split2", "fused", "tiles2", "tiles3", "fused-tiles3", "preq-fused-tiles2"],
+)
+def test_swapab_gemm2_variants(config):
+    """The fused cast and multi-tile GEMM2 programs on EP offsets, -1 and foreign ids, a token
+    without a local pair (its row must be written: 0), a token naming one expert twice, several
+    pairs per expert, two K slices, and BLOCK_T = 16 chunks (24 pairs on one expert)."""
+    p = _swapab_edge_problem(0)
+    out = run_kernel(p, config=config)
+    assert out[0].float().abs().sum() == 0
+    assert_matches_reference(out, p, False, REL_TOL)
+    check(make_problem(24, 256, 128, 4, 2, block=True, offset=8, one_expert=True), config=config)
+    check(make_problem(5, 160, 144, 4, 2, block=False, offset=2, static=True), config=config)
+    check(make_problem(3, 256, 128, 4, 1, block=True, offset=1, seed=1), config=config)
+
+
+@runs_here
+def test_swapab_fused_cast_writes_zero_rows_without_local_experts():
+    p = make_problem(5, 256, 128, 4, 2, block=True, offset=100, invalid=False)
+    p.ids = torch.full_like(p.ids, -1)
+    assert run_kernel(p, config=dict(SWAPAB_FUSED, N_TILES2=2)).float().abs().sum() == 0
+
+
 @runs_here
 def test_swapab_refuses_more_pairs_than_it_scans():
     from moe_backend.kernels.sm90.fp8_swapab import MAX_PAIRS
@@ -214,6 +266,18 @@ def test_swapab_refuses_configurations_it_cannot_honour():
         run_kernel(p, config=dict(SWAPAB_SMALL, BLOCK_N2=256))
     with pytest.raises(ValueError, match="path='swapab' combines with atomics"):
         run_kernel(p, config=dict(SWAPAB_SMALL, COMBINE="sum"))
+    with pytest.raises(ValueError, match="FUSED_CAST2 needs ZERO='fused'"):
+        run_kernel(p, config=dict(SWAPAB_FUSED, ZERO="sync"))
+    with pytest.raises(ValueError, match="FUSED_CAST2 must be a bool"):
+        run_kernel(p, config=dict(SWAPAB_SMALL, FUSED_CAST2=1))
+    for tiles in (0, 1.5, True):
+        with pytest.raises(ValueError, match="N_TILES2 must be an int >= 1"):
+            run_kernel(p, config=dict(SWAPAB_SMALL, N_TILES2=tiles))
+    for other in (DECODE_SMALL, PREFILL_SMALL):
+        with pytest.raises(ValueError, match="FUSED_CAST2 and N_TILES2 apply to path='swapab' only"):
+            run_kernel(p, config=dict(other, FUSED_CAST2=True))
+        with pytest.raises(ValueError, match="FUSED_CAST2 and N_TILES2 apply to path='swapab' only"):
+            run_kernel(p, config=dict(other, N_TILES2=2))
 
 
 @runs_here
@@ -300,8 +364,23 @@ def test_gpu_config_variants(variant, t, e):
         dict(BLOCK_N1=64, BLOCK_N2=128, num_warps1=8, num_warps2=8, QUANT_OUT1=False),
         dict(SPLIT_K2=2, PDL=True),
         dict(QUANT_ON_LOAD1=False, QUANT_OUT1=True, BLOCK_N1=128, num_warps1=8, PDL=True),
+        dict(FUSED_CAST2=True),
+        dict(N_TILES2=2),
+        dict(N_TILES2=3, BLOCK_N2=64, num_warps2=4),
+        dict(FUSED_CAST2=True, N_TILES2=4),
+        dict(FUSED_CAST2=True, SPLIT_K2=2, N_TILES2=3),
     ],
-    ids=["default", "wide", "split-pdl", "prequant-pdl"],
+    ids=[
+        "default",
+        "wide",
+        "split-pdl",
+        "prequant-pdl",
+        "fused",
+        "tiles2",
+        "tiles3-n64",
+        "fused-tiles4",
+        "fused-split-tiles3",
+    ],
 )
 @pytest.mark.parametrize(
     "t,e,offset,block",
@@ -322,6 +401,25 @@ def test_gpu_swapab(config, t, e, offset, block):
 
     p = make_problem(t, 7168, 2048, e, 8, block=block, offset=offset, static=not block and t % 2 == 0)
     check(p, config=dict(SWAPAB_CONFIG, **config))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "variant", [dict(FUSED_CAST2=True, SPLIT_K2=2), dict(FUSED_CAST2=True, N_TILES2=4)], ids=["split2", "tiles4"]
+)
+def test_gpu_fused_cast_has_no_race(variant):
+    """The fused cast against the separate cast launch, 300 runs (a missed or early arrival shows
+    as a row segment with a missing contribution): every element within 1% (plus 0.1% of the
+    largest) of the unfused result, which the atomic order moves by a bf16 rounding at most."""
+    from moe_backend.kernels.sm90.fp8_moe import SWAPAB_CONFIG
+
+    for seed in range(3):
+        p = make_problem(16, 7168, 2048, 32, 8, block=True, invalid=seed == 2, seed=seed)
+        want = run_kernel(p, config=SWAPAB_CONFIG).float()
+        bound = 1e-2 * want.abs() + 1e-3 * want.abs().max()
+        for _ in range(100):
+            got = run_kernel(p, config=dict(SWAPAB_CONFIG, **variant)).float()
+            assert ((got - want).abs() <= bound).all()
 
 
 # ----------------------------------------------------------------------------- GPU

@@ -16,7 +16,7 @@ Paths, chosen by the pair count ``T * k`` and the expected rows per local expert
 
 * ``swapab`` (decode, up to ``fp8_swapab.MAX_PAIRS`` pairs): no ``align`` launch; each expert's
   leader program gathers its pairs, weights on the MMA's M side (``fp8_swapab``), GEMM2's atomic
-  combine, ``cast``;
+  combine, ``cast`` (or, ``FUSED_CAST2``, GEMM2 writes the bf16 output itself);
 * ``decode`` (few rows per expert: the layer is a weight stream): the GEMMs quantize
   their input tile as they load it (``QUANT_ON_LOAD1``: no ``act_quant`` launch;
   always in GEMM2, which reads GEMM1's fp32 intermediate),
@@ -58,6 +58,12 @@ from .fp8_swapab import swapab_fp8
 
 #: Every knob of a configuration (``config=`` may give any subset; the rest come from the heuristic).
 #: ``*1`` are GEMM1's, ``*2`` GEMM2's; ``BLOCK_K`` must be 128 with dynamic scales or block weights.
+#: ``path='swapab'`` only (off by default; decode experiments, docs/performance.md "Next experiments"):
+#: ``FUSED_CAST2`` (bool): GEMM2's program that adds a (token, tile)'s last contribution writes its
+#: bf16 output itself, counted by per-(token, tile) arrival counters: no ``cast`` launch (~2-3 µs
+#: each inside a CUDA graph at T=1). ``N_TILES2`` (int >= 1): each GEMM2 program streams that many
+#: consecutive ``BLOCK_N2``-row tiles of ``w2`` in one pipelined loop: fewer, longer programs, so the
+#: pipeline ramp of GEMM2's short ones (16 K steps at I = 2048) is paid fewer times.
 CONFIG_KEYS = (
     "path",
     "NUMERICS",
@@ -78,6 +84,8 @@ CONFIG_KEYS = (
     "num_stages2",
     "PDL",
     "QUANT_OUT1",
+    "FUSED_CAST2",
+    "N_TILES2",
 )
 
 DECODE_CONFIG: Dict[str, Any] = dict(
@@ -100,6 +108,8 @@ DECODE_CONFIG: Dict[str, Any] = dict(
     num_stages2=4,
     PDL=False,
     QUANT_OUT1=False,
+    FUSED_CAST2=False,
+    N_TILES2=1,
 )
 #: ``swapab``: no alignment launch, weights on the MMA's M side (``fp8_swapab``); BLOCK_M is the
 #: pairs per MMA (its N side), BLOCK_N1 the gate (and up) rows of a GEMM1 tile. The default is the
@@ -122,6 +132,16 @@ SWAPAB_CONFIG: Dict[str, Any] = dict(
     num_warps2=8,
     num_stages2=4,
 )
+#: The swap-AB GEMM2 variants not yet timed on a GPU (not tuner candidates until they are):
+#: ``scripts/decode_breakdown.py`` times them against ``SWAPAB_CONFIG`` and
+#: ``scripts/compile_kernels.py`` builds them for sm_90a.
+SWAPAB_GEMM2_VARIANTS: Dict[str, Dict[str, Any]] = {
+    "fused_cast2": dict(SWAPAB_CONFIG, FUSED_CAST2=True),
+    "n_tiles2_2": dict(SWAPAB_CONFIG, N_TILES2=2),
+    "n_tiles2_4": dict(SWAPAB_CONFIG, N_TILES2=4),
+    "fused_cast2_n_tiles2_2": dict(SWAPAB_CONFIG, FUSED_CAST2=True, N_TILES2=2),
+    "fused_cast2_n_tiles2_4": dict(SWAPAB_CONFIG, FUSED_CAST2=True, N_TILES2=4),
+}
 #: The swap-AB default is used up to this many (token, slot) pairs (measured up to T = 16, k = 8).
 SWAPAB_DEFAULT_MAX_PAIRS = 128
 PREFILL_CONFIG: Dict[str, Any] = dict(
@@ -144,6 +164,8 @@ PREFILL_CONFIG: Dict[str, Any] = dict(
     num_stages2=3,
     PDL=False,
     QUANT_OUT1=True,
+    FUSED_CAST2=False,
+    N_TILES2=1,
 )
 
 
@@ -341,6 +363,11 @@ def fused_experts_fp8(
         _check_vllm_numerics(
             cfg, block_scaled, a13_scale is None and a2_scale is None, ue8m0, apply_router_weight_on_input
         )
+    if cfg["path"] != "swapab" and (cfg["FUSED_CAST2"] or cfg["N_TILES2"] != 1):
+        raise ValueError(
+            f"config: FUSED_CAST2 and N_TILES2 apply to path='swapab' only, got path={cfg['path']!r} with "
+            f"FUSED_CAST2={cfg['FUSED_CAST2']!r}, N_TILES2={cfg['N_TILES2']!r}"
+        )
     num_pairs = num_tokens * top_k
     topk_ids = topk_ids.contiguous()
     topk_weights = topk_weights.contiguous()
@@ -349,6 +376,8 @@ def fused_experts_fp8(
         pdl = bool(cfg["PDL"]) and hidden.is_cuda
         if cfg["COMBINE"] != "atomic":
             raise ValueError(f"config: path='swapab' combines with atomics (COMBINE='atomic'), got {cfg['COMBINE']!r}")
+        if not isinstance(cfg["FUSED_CAST2"], bool):
+            raise ValueError(f"config: FUSED_CAST2 must be a bool, got {cfg['FUSED_CAST2']!r}")
         acc = workspace(num_tokens, hidden_size, torch.float32, hidden.device, "moe_combine")
         zeroed = _start_zeroing(acc, cfg["ZERO"])
         swapab_fp8(
@@ -379,8 +408,11 @@ def fused_experts_fp8(
             pdl=pdl,
             zeroed=zeroed,
             zero_in_gemm1=cfg["ZERO"] == "fused",
+            N_TILES2=cfg["N_TILES2"],
+            result=result if cfg["FUSED_CAST2"] else None,
         )
-        cast_out(acc, result, pdl=pdl)
+        if not cfg["FUSED_CAST2"]:
+            cast_out(acc, result, pdl=pdl)
         return result
 
     routing = align_block_size(topk_ids, num_experts, local_expert_offset, cfg["BLOCK_M"])

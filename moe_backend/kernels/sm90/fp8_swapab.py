@@ -13,10 +13,13 @@ and of ids outside ``[local_expert_offset, + E)`` return at once.
   states are quantized to e4m3 as they are loaded (per pair per 128 channels, or the static
   scale; scaled by the router weight first with ``WEIGHT_ON_INPUT``); writes
   ``y = silu(gate) * up`` in fp32 at row ``p`` of ``y [T * k, I]``. It also zeroes the fp32
-  combine accumulator (a grid-stride share per program, before any exit).
-* GEMM2: ``y`` quantized on load with the same numerics, ``w2`` rows ``h .. h + BLOCK_N``,
-  ``SPLIT_K`` slices of ``I``; the router-weighted result is added atomically into
-  ``acc [T, H]`` fp32 (``combine.cast_out`` rounds it to bf16).
+  combine accumulator (a grid-stride share per program, before any exit), and with the fused
+  cast the bf16 output and GEMM2's arrival counters.
+* GEMM2: ``y`` quantized on load with the same numerics, ``N_TILES`` consecutive tiles of
+  ``w2`` rows ``h .. h + BLOCK_N`` a program, ``SPLIT_K`` slices of ``I``; the router-weighted
+  result is added atomically into ``acc [T, H]`` fp32; ``combine.cast_out`` rounds it to bf16,
+  or (``FUSED_CAST``) the program that adds a (token, tile)'s last contribution does, counted
+  in an int32 ``arrivals [T, H / BLOCK_N]`` (no cast launch).
 
 Numerics equal the ``decode`` path of ``fp8_moe`` (fp32 intermediate, same quantization and
 scale order); only the fp32 summation order inside the MMA differs.
@@ -32,7 +35,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from ...quant.fp8 import BLOCK as SCALE_BLOCK
 from ...runtime import workspace
 from .act_quant import act_quant_fp8
-from .fp8_tile import quantize_tile
+from .fp8_tile import quantize_tile, to_bf16
 from .tiles import MAX_GATHER_PAIRS as MAX_PAIRS, chunk_pairs, expert_members, zero_fill
 
 ZERO_BLOCK = tl.constexpr(1024)
@@ -112,6 +115,10 @@ def _gemm1_kernel(
     y_static_ptr,
     zero_ptr,
     zero_numel,
+    result_ptr,
+    result_numel,
+    arrivals_ptr,
+    arrivals_numel,
     num_pairs,
     expert_offset,
     num_experts,
@@ -143,6 +150,9 @@ def _gemm1_kernel(
     if PDL:
         gdc_launch_dependents()  # GEMM2 may start its prologue; it waits before reading y
     zero_fill(zero_ptr, zero_numel, ZERO_BLOCK)
+    # The fused cast: tokens without a local pair get no contribution, so their rows stay 0.
+    zero_fill(result_ptr, result_numel, ZERO_BLOCK)
+    zero_fill(arrivals_ptr, arrivals_numel, ZERO_BLOCK)
     p = tl.program_id(0)
     leader, expert, members, rank, count = expert_members(ids_ptr, p, num_pairs, expert_offset, num_experts, PAIRS)
     if not leader:
@@ -211,12 +221,69 @@ def _gemm1_kernel(
 
 
 @triton.jit
+def token_arrivals(
+    ids_ptr, token, ok, expert_offset, num_experts, top_k, TOPK_PAD: tl.constexpr, BLOCK_T: tl.constexpr
+):
+    """Arrival bookkeeping of a chunk's pairs for the fused cast (``[BLOCK_T]`` each, int32).
+
+    Returns ``(expected, batch, first)``: ``expected`` the contributions a token's output row
+    receives per output tile and K slice (its local pairs: ids in ``[expert_offset, + E)``;
+    -1 and other ranks' ids add nothing); ``batch`` how many of this chunk's pairs belong to the
+    column's token (several only when a token names one expert twice); ``first`` the column
+    that reports them (the token's first column in the chunk; not-``ok`` columns never report).
+    """
+    slots = tl.arange(0, TOPK_PAD)
+    tok_ids = tl.load(
+        ids_ptr + token[:, None] * top_k + slots[None, :], mask=ok[:, None] & (slots < top_k)[None, :], other=-1
+    )
+    local = tok_ids - expert_offset
+    expected = tl.sum(((tok_ids >= 0) & (local >= 0) & (local < num_experts)).to(tl.int32), 1)
+    same = (token[:, None] == token[None, :]) & ok[:, None] & ok[None, :]
+    cols = tl.arange(0, BLOCK_T)
+    batch = tl.sum(same.to(tl.int32), 1)
+    earlier = tl.sum((same & (cols[None, :] < cols[:, None])).to(tl.int32), 1)
+    return expected, batch, ok & (earlier == 0)
+
+
+@triton.jit
+def fused_cast(acc_ptrs, out_ptrs, n_ok, arrival_ptrs, tile_ok, expected, batch, first):
+    """After this program added all its tiles into ``acc``: count one ``[BLOCK_N, BLOCK_T]``
+    tile's contributions in, and where this program brought a token's last one, write that
+    token's finished row segment ``acc -> out`` in bf16 (the ``cast`` launch, per tile).
+
+    ``acc_ptrs`` / ``out_ptrs`` ``[BLOCK_N, BLOCK_T]``, ``n_ok [BLOCK_N]`` the rows inside H,
+    ``arrival_ptrs [BLOCK_T]`` each column's int32 counter of (token, tile), ``tile_ok`` whether
+    the tile exists (a program's masked tail has no counter), ``expected / batch / first`` from
+    :func:`token_arrivals` (``expected`` already times the K slices).
+
+    Memory ordering: the program's atomic adds are spread over all of its threads, the
+    counter increments over the few threads holding ``first`` columns. The barrier orders every
+    thread's adds before the increments (CTA-scope synchronization); the increments are
+    gpu-scope release (``acq_rel``), and release is cumulative, so they publish the whole
+    program's adds. The counters' read-modify-writes form one release sequence per (token,
+    tile), so the program whose increment brings the count to ``expected`` acquires every
+    earlier program's adds; the second barrier carries that acquire to all of its threads, which
+    then read ``acc`` at L2 (``.cg``: the adds were performed there, L1 is not coherent).
+    Exactly one program sees the final count, so each output element is written once.
+    """
+    tl.debug_barrier()
+    arrived = tl.atomic_add(arrival_ptrs, batch, mask=first & tile_ok, sem="acq_rel", scope="gpu")
+    last = first & tile_ok & (arrived + batch == expected)
+    tl.debug_barrier()
+    mask = last[None, :] & n_ok[:, None]
+    total = tl.load(acc_ptrs, mask=mask, other=0.0, cache_modifier=".cg")
+    tl.store(out_ptrs, to_bf16(total), mask=mask)
+
+
+@triton.jit
 def _gemm2_kernel(
     y_ptr,
     y_scale_ptr,
     w_ptr,
     w_scale_ptr,
     acc_ptr,
+    result_ptr,
+    arrivals_ptr,
     ids_ptr,
     topk_w_ptr,
     y_static_ptr,
@@ -227,6 +294,7 @@ def _gemm2_kernel(
     I,
     top_k,
     k_blocks_per_split,
+    num_tiles,
     stride_ym,
     stride_ysm,
     stride_we,
@@ -234,10 +302,15 @@ def _gemm2_kernel(
     stride_wse,
     stride_wsn,
     stride_accm,
+    stride_rm,
+    stride_arm,
     PAIRS: tl.constexpr,
+    TOPK_PAD: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    N_TILES: tl.constexpr,
+    FUSED_CAST: tl.constexpr,
     QUANT_ON_LOAD: tl.constexpr,
     Y_STATIC: tl.constexpr,
     BLOCK_SCALED: tl.constexpr,
@@ -252,27 +325,31 @@ def _gemm2_kernel(
     leader, expert, members, rank, count = expert_members(ids_ptr, p, num_pairs, expert_offset, num_experts, PAIRS)
     if not leader:
         return
-    pid_n = tl.program_id(1)
     kb_start = tl.program_id(2) * k_blocks_per_split
     kb_end = tl.minimum(kb_start + k_blocks_per_split, tl.cdiv(I, BLOCK_K))
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < H
-    offs_k = kb_start * BLOCK_K + tl.arange(0, BLOCK_K)
-    if BLOCK_SCALED:
-        ws_ptr = w_scale_ptr + expert * stride_wse + (pid_n * BLOCK_N // BLOCK_K) * stride_wsn
+    offs_k = tl.arange(0, BLOCK_K)
     if PDL:
-        gdc_wait()  # GEMM1 (y, the zeroed acc) is complete and visible past this point
-    for chunk in range(0, tl.cdiv(count, BLOCK_T)):
-        pair, ok = chunk_pairs(members, rank, count, chunk, PAIRS, BLOCK_T)
-        y_ptrs = y_ptr + pair[:, None].to(tl.int64) * stride_ym + offs_k[None, :]
-        w_ptrs = w_ptr + expert * stride_we + offs_n[:, None] * stride_wn + offs_k[None, :]
+        gdc_wait()  # GEMM1 (y, the zeroed acc, arrivals and result) is complete and visible past this point
+    # One loop over (chunk, tile) around the K loop: a two-level nest, which Triton's
+    # FuseNestedLoops flattens (``flatten``) into one software-pipelined loop over (chunk, tile,
+    # K block), so the weight loads of the next tile are in flight during a tile's epilogue.
+    # (A three-level chunk / tile / K nest is not flattened by Triton 3.6.)
+    for ct in tl.range(0, tl.cdiv(count, BLOCK_T) * N_TILES, flatten=N_TILES > 1):
+        pair, ok = chunk_pairs(members, rank, count, ct // N_TILES, PAIRS, BLOCK_T)
+        tile = tl.program_id(1) * N_TILES + ct % N_TILES
+        offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < H
+        y_ptrs = y_ptr + pair[:, None].to(tl.int64) * stride_ym + (kb_start * BLOCK_K + offs_k)[None, :]
+        w_ptrs = w_ptr + expert * stride_we + offs_n[:, None] * stride_wn + (kb_start * BLOCK_K + offs_k)[None, :]
+        if BLOCK_SCALED:
+            ws_ptr = w_scale_ptr + expert * stride_wse + (tile * BLOCK_N // BLOCK_K) * stride_wsn
         acc = tl.zeros([BLOCK_N, BLOCK_T], dtype=tl.float32)
         for kb in range(kb_start, kb_end):
             if EVEN_K:
                 y_mask = ok[:, None]
                 w_mask = n_ok[:, None]
             else:
-                k_ok = kb * BLOCK_K + tl.arange(0, BLOCK_K) < I
+                k_ok = kb * BLOCK_K + offs_k < I
                 y_mask = ok[:, None] & k_ok[None, :]
                 w_mask = n_ok[:, None] & k_ok[None, :]
             yq, ys = load_operand(
@@ -301,6 +378,27 @@ def _gemm2_kernel(
         token = (pair // top_k).to(tl.int64)
         out_ptrs = acc_ptr + token[None, :] * stride_accm + offs_n[:, None]
         tl.atomic_add(out_ptrs, acc, mask=ok[None, :] & n_ok[:, None], sem="relaxed")
+    if FUSED_CAST:
+        # A pass of its own after the weight stream: its CTA barriers inside the streaming loop
+        # would stop Triton from software-pipelining it.
+        for ct in range(0, tl.cdiv(count, BLOCK_T) * N_TILES):
+            pair, ok = chunk_pairs(members, rank, count, ct // N_TILES, PAIRS, BLOCK_T)
+            tile = tl.program_id(1) * N_TILES + ct % N_TILES
+            offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+            token = (pair // top_k).to(tl.int64)
+            expected, batch, first = token_arrivals(
+                ids_ptr, token, ok, expert_offset, num_experts, top_k, TOPK_PAD, BLOCK_T
+            )
+            fused_cast(
+                acc_ptr + token[None, :] * stride_accm + offs_n[:, None],
+                result_ptr + token[None, :] * stride_rm + offs_n[:, None],
+                offs_n < H,
+                arrivals_ptr + token * stride_arm + tile,
+                tile < num_tiles,
+                expected * tl.num_programs(2),  # every K slice adds its share
+                batch,
+                first,
+            )
 
 
 def swapab_fp8(
@@ -332,6 +430,8 @@ def swapab_fp8(
     pdl: bool,
     zeroed: Optional[torch.cuda.Event] = None,
     zero_in_gemm1: bool = True,
+    N_TILES2: int = 1,
+    result: Optional[torch.Tensor] = None,
 ) -> None:
     """Both GEMMs: ``acc[t] += sum_j w[t, j] * expert(ids[t, j])(hidden[t])`` (fp32, atomics).
 
@@ -351,10 +451,15 @@ def swapab_fp8(
             programs run and waits for GEMM1 before reading ``y``); on a GPU only.
         zero_in_gemm1: GEMM1's programs zero ``acc`` (else the caller zeroed it or is zeroing it).
         zeroed: an event GEMM2 waits for (the caller's zeroing of ``acc`` on another stream).
+        N_TILES2: consecutive ``BLOCK_N2``-row tiles of ``w2`` per GEMM2 program.
+        result: ``[T, H]`` bf16 contiguous: GEMM2 writes the rounded sum itself (the fused cast;
+            needs ``zero_in_gemm1``: GEMM1 zeroes ``result`` and the arrival counters); None:
+            the caller casts ``acc``.
 
     Raises:
-        ValueError: a tile that would mix block scales, or an e4m3 intermediate with dynamic
-            scales whose GEMM1 tile is not one scale block wide.
+        ValueError: a tile that would mix block scales, an e4m3 intermediate with dynamic
+            scales whose GEMM1 tile is not one scale block wide, N_TILES2 < 1, or the fused
+            cast without GEMM1's zeroing.
     """
     e, two_i, h = w13.shape
     inter = two_i // 2
@@ -374,6 +479,13 @@ def swapab_fp8(
             f"config: QUANT_OUT1 with dynamic activation scales needs BLOCK_N1 = {SCALE_BLOCK} (one "
             f"per-128 scale per GEMM1 tile), got BLOCK_N1 = {BLOCK_N1}"
         )
+    if isinstance(N_TILES2, bool) or not isinstance(N_TILES2, int) or N_TILES2 < 1:
+        raise ValueError(f"config: N_TILES2 must be an int >= 1, got {N_TILES2!r}")
+    if result is not None and not zero_in_gemm1:
+        raise ValueError(
+            "config: FUSED_CAST2 needs ZERO='fused' (GEMM1 zeroes the output rows of tokens without a local "
+            "expert and GEMM2's arrival counters)"
+        )
     pairs_pad = max(16, triton.next_power_of_2(num_pairs))
     dev = hidden.device
     dummy = w13_scale  # stands for pointers a variant does not read
@@ -390,6 +502,14 @@ def swapab_fp8(
         y, y_scale = workspace(num_pairs, inter, torch.float32, dev, "moe_intermediate"), dummy
     a13 = a13_static if a13_static is not None else dummy
     a2 = a2_static if a2_static is not None else dummy
+    num_tiles2 = triton.cdiv(h, BLOCK_N2)
+    fused = result is not None
+    if result is not None:
+        assert result.is_contiguous() and result.shape == acc.shape and result.dtype == torch.bfloat16
+        out_rows = result
+        arrivals = workspace(acc.shape[0], num_tiles2, torch.int32, dev, "moe_arrivals")
+    else:
+        out_rows, arrivals = acc, acc  # not read
     _gemm1_kernel[(num_pairs, triton.cdiv(inter, BLOCK_N1))](
         x,
         x_scale,
@@ -403,6 +523,10 @@ def swapab_fp8(
         a2,
         acc,
         acc.numel() if zero_in_gemm1 else 0,
+        out_rows,
+        out_rows.numel() if fused else 0,
+        arrivals,
+        arrivals.numel() if fused else 0,
         num_pairs,
         local_expert_offset,
         e,
@@ -437,12 +561,14 @@ def swapab_fp8(
         torch.cuda.current_stream(dev).wait_event(zeroed)
     k_blocks = triton.cdiv(inter, SCALE_BLOCK)
     per_split = triton.cdiv(k_blocks, SPLIT_K2)
-    _gemm2_kernel[(num_pairs, triton.cdiv(h, BLOCK_N2), triton.cdiv(k_blocks, per_split))](
+    _gemm2_kernel[(num_pairs, triton.cdiv(num_tiles2, N_TILES2), triton.cdiv(k_blocks, per_split))](
         y,
         y_scale,
         w2,
         w2_scale,
         acc,
+        out_rows,
+        arrivals,
         topk_ids,
         topk_weights,
         a2,
@@ -453,6 +579,7 @@ def swapab_fp8(
         inter,
         top_k,
         per_split,
+        num_tiles2,
         y.stride(0),
         y_scale.stride(0),
         w2.stride(0),
@@ -460,10 +587,15 @@ def swapab_fp8(
         w2_scale.stride(0),
         w2_scale.stride(1) if block_scaled else 0,
         acc.stride(0),
+        out_rows.stride(0),
+        arrivals.stride(0),
         PAIRS=pairs_pad,
+        TOPK_PAD=triton.next_power_of_2(top_k),
         BLOCK_T=BLOCK_T,
         BLOCK_N=BLOCK_N2,
         BLOCK_K=SCALE_BLOCK,
+        N_TILES=N_TILES2,
+        FUSED_CAST=fused,
         QUANT_ON_LOAD=not quant_out,
         Y_STATIC=a2_static is not None,
         BLOCK_SCALED=block_scaled,

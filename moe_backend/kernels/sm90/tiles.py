@@ -38,7 +38,8 @@ def aligned_rows(pid_m, pid_n, sorted_ptr, tile_expert_ptr, num_pairs, N, BLOCK_
 
 @triton.jit
 def zero_fill(ptr, numel, BLOCK: tl.constexpr):
-    """This program's grid-stride share of zeroing ``numel`` fp32 at ``ptr``."""
+    """This program's grid-stride share of zeroing ``numel`` elements at ``ptr`` (any dtype: the
+    fp32 zeros convert on store)."""
     for z in range(tl.program_id(0) * BLOCK, numel, tl.num_programs(0) * BLOCK):
         offs = z + tl.arange(0, BLOCK)
         tl.store(ptr + offs, tl.zeros([BLOCK], dtype=tl.float32), mask=offs < numel)
