@@ -5,7 +5,8 @@ CUDA-graph replays and ``do_bench`` medians (L2 flushed), rotating routing sets:
 
 * the whole layer (``MoELayer.experts``) and each of its launches captured alone
   (align, GEMM1, GEMM2, cast; NVFP4 also the activation permutation);
-* the same layer with configuration overrides (a sensitivity scan of the current tiling);
+* the same layer with configuration overrides (``FP8_SCAN``, ``NVFP4_SCAN``: other tilings and
+  the paths not yet selected by default);
 * the read-streaming ceiling: one launch that only reads the active experts' weight bytes
   (``bench_ceilings.expert_stream``).
 
@@ -196,6 +197,38 @@ FP8_SCAN = {
 }
 
 
+#: NVFP4 configurations timed beside the layer's default (``nvfp4_scan_<name>_us``).
+NVFP4_SCAN = {
+    "swapab": nvfp4_moe.SWAPAB_CONFIG,
+    "swapab_nopdl": dict(nvfp4_moe.SWAPAB_CONFIG, PDL=False),
+}
+
+
+def scan_times(run: Callable, prepared, sets, res: torch.Tensor, scan: Dict[str, Dict]) -> Dict[str, object]:
+    """``run`` (a registry kernel's) under each configuration of ``scan``: µs, or why it failed."""
+    times: Dict[str, object] = {}
+    for name, c in scan.items():
+        try:
+            times[name] = timed(
+                [
+                    lambda s=s, c=c: run(
+                        prepared,
+                        s[0],
+                        s[1],
+                        s[2],
+                        local_expert_offset=0,
+                        apply_router_weight_on_input=False,
+                        out=res,
+                        config=c,
+                    )
+                    for s in sets
+                ]
+            )
+        except Exception as exc:  # a configuration that does not compile: record, go on
+            times[name] = f"failed: {type(exc).__name__}: {str(exc)[:200]}"
+    return times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", required=True)
@@ -236,30 +269,17 @@ def main() -> None:
             cfg = fp8_moe.resolve_config(None, t, k, e)
             if args.stages and cfg["path"] == "decode":
                 row.update({f"fp8_{kk}_us": v for kk, v in fp8_stages(layer, sets, cfg).items()})
-            kernel = layer.weights["fp8_block"]()
-            run = KERNELS["sm90_triton_fp8"].run
-            for name, c in scan.items():
-                try:
-                    row[f"fp8_scan_{name}_us"] = timed(
-                        [
-                            lambda s=s, c=c, run=run, kernel=kernel, res=res: run(
-                                kernel,
-                                s[0],
-                                s[1],
-                                s[2],
-                                local_expert_offset=0,
-                                apply_router_weight_on_input=False,
-                                out=res,
-                                config=c,
-                            )
-                            for s in sets
-                        ]
-                    )
-                except Exception as exc:  # a configuration that does not compile: record, go on
-                    row[f"fp8_scan_{name}_us"] = f"failed: {type(exc).__name__}: {str(exc)[:200]}"
+            fp8_kernel = KERNELS["sm90_triton_fp8"]
+            fp8_prepared = fp8_kernel.prepare(layer.weights["fp8_block"]())
+            times = scan_times(fp8_kernel.run, fp8_prepared, sets, res, scan)
+            row.update({f"fp8_scan_{name}_us": v for name, v in times.items()})
             if not args.no_nvfp4:
                 row["nvfp4_layer_us"] = timed([lambda s=s, nv=nv, res=res: nv(*s, res) for s in sets])
                 row["nvfp4_tbs"] = fp8_bytes * 0.5625 / (row["nvfp4_layer_us"] * 1e-6) / 1e12
+                nv_kernel = KERNELS["sm90_triton_nvfp4"]
+                nv_prepared = nv_kernel.prepare(layer.weights["nvfp4"]())
+                times = scan_times(nv_kernel.run, nv_prepared, sets, res, NVFP4_SCAN)
+                row.update({f"nvfp4_scan_{name}_us": v for name, v in times.items()})
             if args.stages and not args.no_nvfp4:
                 ncfg = nvfp4_moe.resolve_config(None, t, k, e)
                 row.update({f"nvfp4_{kk}_us": v for kk, v in nvfp4_stages(layer, sets, ncfg).items()})
