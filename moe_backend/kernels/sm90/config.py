@@ -1,6 +1,6 @@
 """Kernel configurations: a heuristic default per size, overridden by tuned or requested keys."""
 
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
 
 def merge_config(default: Dict[str, Any], config: Optional[dict], keys: Sequence[str]) -> Dict[str, Any]:
@@ -12,3 +12,21 @@ def merge_config(default: Dict[str, Any], config: Optional[dict], keys: Sequence
             raise ValueError(f"config: unknown keys {sorted(unknown)}, expected a subset of {tuple(keys)}")
         merged.update(config)
     return merged
+
+
+def resolve_path_config(
+    config: Optional[dict],
+    size_default: Callable[[], Dict[str, Any]],
+    path_configs: Mapping[str, Dict[str, Any]],
+    keys: Sequence[str],
+) -> Dict[str, Any]:
+    """``config``'s keys over a base: the base configuration of the path ``config`` names (one of
+    ``path_configs``), else ``size_default()``, the heuristic default for the call's size."""
+    path = (config or {}).get("path")
+    if path is None:
+        base = size_default()
+    elif path in path_configs:
+        base = path_configs[path]
+    else:
+        raise ValueError(f"config: path must be one of {tuple(path_configs)}, got {path!r}")
+    return merge_config(base, config, keys)

@@ -51,7 +51,7 @@ from ...runtime import workspace
 from .act_quant import act_quant_fp8
 from .align import align_block_size
 from .combine import cast_out, sum_pairs
-from .config import merge_config
+from .config import resolve_path_config
 from .fp8_gemm1 import gemm1_fp8
 from .fp8_gemm2 import gemm2_fp8
 from .fp8_swapab import swapab_fp8
@@ -260,14 +260,9 @@ def default_config(num_tokens: int, top_k: int, num_experts: int) -> Dict[str, A
 def resolve_config(config: Optional[dict], num_tokens: int, top_k: int, num_experts: int) -> Dict[str, Any]:
     """``config``'s keys over a base: the base configuration of the path ``config`` names, else
     the heuristic default for this size."""
-    path = (config or {}).get("path")
-    if path is None:
-        base = default_config(num_tokens, top_k, num_experts)
-    elif path in PATH_CONFIGS:
-        base = PATH_CONFIGS[path]
-    else:
-        raise ValueError(f"config: path must be one of {tuple(PATH_CONFIGS)}, got {path!r}")
-    return merge_config(base, config, CONFIG_KEYS)
+    return resolve_path_config(
+        config, lambda: default_config(num_tokens, top_k, num_experts), PATH_CONFIGS, CONFIG_KEYS
+    )
 
 
 def _start_zeroing(acc: torch.Tensor, mode: str) -> Optional[torch.cuda.Event]:

@@ -34,7 +34,7 @@ from ...expert_weights import NVFP4Weights
 from ...runtime import workspace
 from .align import AlignedRouting, GatheredPairs, align_block_size
 from .combine import cast_out
-from .config import merge_config
+from .config import resolve_path_config
 from .nvfp4_act import permute_activations
 from .nvfp4_gemm1 import gemm1_nvfp4
 from .nvfp4_gemm2 import gemm2_nvfp4
@@ -134,14 +134,9 @@ def default_config(num_tokens: int, top_k: int, num_experts: int) -> Dict[str, A
 def resolve_config(config: Optional[dict], num_tokens: int, top_k: int, num_experts: int) -> Dict[str, Any]:
     """``config``'s keys over a base: the base configuration of the path ``config`` names, else
     the heuristic default for this size."""
-    path = (config or {}).get("path")
-    if path is None:
-        base = default_config(num_tokens, top_k, num_experts)
-    elif path in PATH_CONFIGS:
-        base = PATH_CONFIGS[path]
-    else:
-        raise ValueError(f"config: path must be one of {tuple(PATH_CONFIGS)}, got {path!r}")
-    return merge_config(base, config, CONFIG_KEYS)
+    return resolve_path_config(
+        config, lambda: default_config(num_tokens, top_k, num_experts), PATH_CONFIGS, CONFIG_KEYS
+    )
 
 
 def prepare_nvfp4(weights: NVFP4Weights) -> NVFP4KernelWeights:
