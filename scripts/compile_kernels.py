@@ -204,7 +204,7 @@ def experimental_configs(kernel_name: str) -> List[dict]:
     return [NVFP4_SWAPAB] if kernel_name == SM90_NVFP4.name else []
 
 
-def launcher_configs(kernel_name: str) -> List[Optional[dict]]:
+def launcher_configs(kernel_name: str, experimental: bool = True) -> List[Optional[dict]]:
     """The configurations a kernel's launcher can be given: the size heuristic (None), every
     named one of its tuning space (the tuner's candidates, which include each path's base
     configuration, the deterministic one and those of the numerics modes) and its
@@ -217,7 +217,8 @@ def launcher_configs(kernel_name: str) -> List[Optional[dict]]:
     if space.deterministic is not None:
         configs.append(space.deterministic)
     configs.extend(space.numerics.values())
-    configs.extend(experimental_configs(kernel_name))
+    if experimental:
+        configs.extend(experimental_configs(kernel_name))
     unique: List[Optional[dict]] = []
     for cfg in configs:
         if cfg not in unique:
@@ -255,7 +256,7 @@ def _prepare(kernel: Any, variant: Variant, shape: Shape) -> Any:
     return dataclasses.replace(prepared, **widened)
 
 
-def _launch_all(capture: Capture, shapes: Tuple[Shape, ...], token_counts: Tuple[int, ...]) -> None:
+def _launch_all(capture: Capture, shapes: Tuple[Shape, ...], token_counts: Tuple[int, ...], experimental: bool) -> None:
     import torch
 
     from moe_backend.kernels.registry import KERNELS
@@ -268,7 +269,7 @@ def _launch_all(capture: Capture, shapes: Tuple[Shape, ...], token_counts: Tuple
             except ValueError:  # the container refuses these sizes: no layer can have them
                 capture.refused += 1
                 continue
-            for cfg in launcher_configs(variant.kernel):
+            for cfg in launcher_configs(variant.kernel, experimental):
                 for t in token_counts:
                     hidden = torch.empty(t, shape.hidden, dtype=torch.bfloat16)
                     ids = torch.empty(t, shape.top_k, dtype=torch.int32)
@@ -291,9 +292,10 @@ def _launch_all(capture: Capture, shapes: Tuple[Shape, ...], token_counts: Tuple
 
 
 def capture_specializations(
-    shapes: Tuple[Shape, ...] = SHAPES, token_counts: Tuple[int, ...] = TOKEN_COUNTS
+    shapes: Tuple[Shape, ...] = SHAPES, token_counts: Tuple[int, ...] = TOKEN_COUNTS, experimental: bool = True
 ) -> Capture:
-    """Run every launch on CPU tensors; return each distinct specialization Triton would compile."""
+    """Run every launch on CPU tensors; return each distinct specialization Triton would compile
+    (``experimental``: also those of :func:`experimental_configs`)."""
     from triton import knobs
 
     use_offline_driver()
@@ -307,7 +309,7 @@ def capture_specializations(
     previous = knobs.runtime.jit_cache_hook
     knobs.runtime.jit_cache_hook = record
     try:
-        _launch_all(capture, shapes, token_counts)
+        _launch_all(capture, shapes, token_counts, experimental)
     finally:
         knobs.runtime.jit_cache_hook = previous
     return capture
@@ -393,6 +395,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--shapes", nargs="+", choices=[s.name for s in SHAPES], help="only these shapes")
     parser.add_argument("--tokens", nargs="+", type=int, help=f"token counts (default {TOKEN_COUNTS})")
     parser.add_argument(
+        "--no-experimental",
+        action="store_true",
+        help="skip the configurations that are not tuner candidates yet (they are checked under the "
+        "Triton of the GPU machine, where they are timed)",
+    )
+    parser.add_argument(
         "--kernels", nargs="+", help="only these kernels (e.g. _gemm1_kernel, or nvfp4_gemm1._gemm1_kernel)"
     )
     args = parser.parse_args(argv)
@@ -402,7 +410,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     start = time.perf_counter()
     shapes = tuple(s for s in SHAPES if not args.shapes or s.name in args.shapes)
-    capture = capture_specializations(shapes, tuple(args.tokens or TOKEN_COUNTS))
+    capture = capture_specializations(shapes, tuple(args.tokens or TOKEN_COUNTS), not args.no_experimental)
     specs = [
         data
         for data in distinct_configurations(list(capture.specializations))

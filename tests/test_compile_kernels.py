@@ -56,3 +56,22 @@ def test_offline_build_for_sm90():
     run = _run("--shapes", "odd_16", "--tokens", "3", "--kernels", "_cast_kernel", "_sum_pairs_kernel")
     assert run.returncode == 0, run.stderr
     assert "2 of 2 kernel specializations compiled for sm_90a" in run.stderr
+
+
+def test_experimental_configurations_can_be_left_out():
+    """``--no-experimental`` (CI's older/newer Tritons) drops exactly the not-yet-candidate paths."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import compile_kernels
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    from moe_backend.kernels.sm90 import fp8_moe, nvfp4_moe
+
+    for kernel, experimental in (
+        ("sm90_triton_fp8", list(fp8_moe.SWAPAB_GEMM2_VARIANTS.values())),
+        ("sm90_triton_nvfp4", [nvfp4_moe.SWAPAB_CONFIG]),
+    ):
+        everything = compile_kernels.launcher_configs(kernel)
+        tuned = compile_kernels.launcher_configs(kernel, experimental=False)
+        assert all(cfg in everything and cfg not in tuned for cfg in experimental)
+        assert [cfg for cfg in everything if cfg not in experimental] == tuned
