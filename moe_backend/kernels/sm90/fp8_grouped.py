@@ -12,8 +12,8 @@ persistent scheduler, pingpong or cooperative consumer warpgroups, bf16 epilogue
 block-scaled mainloop. Segments may be empty (they cost nothing), so ``S`` may be a static upper
 bound (CUDA graphs).
 
-Compiled kernels are cached per (configuration, N, K, device); the kernel is traced against
-symbolic shapes, so one compilation serves every token count and segment count.
+Launch plans are cached per (configuration, N, K, device); the kernel is traced against symbolic
+shapes, so one compilation per configuration serves them all.
 :func:`compile_plans` builds them (offline for ``sm_90a`` on a CPU: ``moe-backend compile-cute``);
 a missing plan inside a CUDA-graph capture raises instead of compiling there.
 
@@ -25,6 +25,7 @@ epilogues (SiLU-and-mul with FP8 requantization, router-weighted combine) are la
 
 from __future__ import annotations
 
+import functools
 import threading
 from typing import Any, Dict, NamedTuple, Tuple
 
@@ -118,8 +119,10 @@ def _max_active_clusters(cluster_size: int, device: torch.device) -> int:
     return get_max_active_clusters(cluster_size, device_capacity=(9, 0), device_id=device.index or 0)
 
 
+@functools.lru_cache(maxsize=None)
 def _compile(tile: Tuple[int, int, int, bool]):
-    """Trace and compile the kernel of ``tile`` against symbolic shapes (no tensor, no GPU)."""
+    """Trace and compile the kernel of ``tile`` against symbolic shapes (no tensor, no GPU): one
+    compilation serves every M, N, K and segment count."""
     import cutlass
     import cutlass.cute as cute
     from cutlass import Float32
@@ -240,3 +243,28 @@ def compile_plans(n: int, k: int, tiles, device: torch.device) -> int:
             _plan(key, device)
             built += 1
     return built
+
+
+def reference_grouped_gemm_fp8_block(
+    a: torch.Tensor,
+    a_scale: torch.Tensor,
+    b: torch.Tensor,
+    b_scale: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+) -> torch.Tensor:
+    """Float64 reference of :func:`grouped_gemm_fp8_block` from the dequantized operands:
+    ``[M_total, N]`` float64 on the CPU; rows outside every segment are zero."""
+    m, n, k, s = check_operands(
+        a, a_scale, b, b_scale, cu_seqlens, torch.empty(a.shape[0], b.shape[1], dtype=torch.bfloat16, device=b.device)
+    )
+    a64 = a.cpu().double() * a_scale.cpu().double().repeat_interleave(BLOCK, dim=1)
+    w_scale = b_scale.cpu().double().repeat_interleave(BLOCK, dim=1).repeat_interleave(BLOCK, dim=2)
+    b64 = b.cpu().double() * w_scale
+    bounds = cu_seqlens.cpu().tolist()
+    out = torch.zeros(m, n, dtype=torch.float64)
+    for seg in range(s):
+        lo, hi = bounds[seg], bounds[seg + 1]
+        if not 0 <= lo <= hi <= m:
+            raise ValueError(f"cu_seqlens: expected non-decreasing bounds within [0, {m}], got {bounds}")
+        out[lo:hi] = a64[lo:hi] @ b64[seg].T
+    return out
