@@ -1,9 +1,10 @@
 """``moe-backend compile-cute``: build every CuTe DSL kernel configuration, on a GPU or offline.
 
 Kernels: the bf16 grouped GEMMs of every tuning candidate, and the FP8 block-scale grouped GEMM
-(``kernels/sm90/fp8_grouped.py``) of every configuration. Offline (no CUDA device, or ``--offline``) it compiles for ``sm_90a`` on the CPU against fake
-tensors (see docs/cute_dsl.md): CI runs it so a configuration that does not build fails there.
-On a GPU it fills the in-process and on-disk caches ahead of a run.
+(``kernels/sm90/fp8_grouped.py``) of every configuration. Offline (no CUDA device, or
+``--offline``) it compiles for ``sm_90a`` on the CPU against fake tensors (see docs/cute_dsl.md):
+CI runs it so a configuration that does not build fails there. On a GPU it fills the in-process
+and on-disk caches ahead of a run.
 """
 
 from __future__ import annotations

@@ -204,6 +204,8 @@ def grouped_gemm_fp8_block(
     """
     tile = check_tile(tile)
     m, n, k, _ = check_operands(a, a_scale, b, b_scale, cu_seqlens, out)
+    if b.device.type != "cuda":
+        raise ValueError(f"b: expected tensors on a CUDA device (Hopper), got {b.device}")
     if m == 0:
         return out
     plan = _plan(PlanKey(tile, n, k, _device_name(b.device)), b.device)
