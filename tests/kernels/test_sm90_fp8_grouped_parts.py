@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from fp8_grouped_operands import make_operands
 
 from moe_backend.kernels.sm90 import cute_env, fp8_grouped
 from moe_backend.kernels.sm90.bf16_grouped import GemmPlanMissingError
@@ -23,20 +24,6 @@ from moe_backend.kernels.sm90.fp8_grouped import (
     reference_grouped_gemm_fp8_block,
 )
 from moe_backend.quant.fp8 import FP8_DTYPE, quantize_fp8_block, quantize_fp8_per_token_group
-
-
-def make_operands(sizes, n: int, k: int, seed: int = 0, tail: int = 0, device="cpu"):
-    """Quantized operands of a grouped GEMM with segments of ``sizes`` rows (and ``tail`` rows
-    past the last segment): ``(a, a_scale, b, b_scale, cu_seqlens, out)``."""
-    g = torch.Generator().manual_seed(seed)
-    m = sum(sizes) + tail
-    x = torch.randn(m, k, generator=g) * (1 + torch.rand(m, 1, generator=g) * 4)
-    w = torch.randn(len(sizes), n, k, generator=g) * 0.05
-    a, a_scale = quantize_fp8_per_token_group(x, BLOCK)
-    b, b_scale = quantize_fp8_block(w, BLOCK)
-    cu = torch.tensor([0, *torch.tensor(sizes).cumsum(0).tolist()], dtype=torch.int32)
-    out = torch.empty(m, n, dtype=torch.bfloat16)
-    return tuple(t.to(device) for t in (a, a_scale, b, b_scale, cu, out))
 
 
 def _loop_reference(a, a_scale, b, b_scale, cu):

@@ -213,7 +213,9 @@ def grouped_gemm_fp8_block(
 
     from .fp8_grouped_kernel import Fp8BlockGemmSm90
 
-    epi = Fp8BlockGemmSm90.EpilogueArguments(mAScale=a_scale, mBScale=b_scale, mCuSeqlens=cu_seqlens)
+    # the compiled (TVM-FFI) function takes torch tensors where the trace took CuTe tensors
+    epi_args: Any = Fp8BlockGemmSm90.EpilogueArguments
+    epi = epi_args(mAScale=a_scale, mBScale=b_scale, mCuSeqlens=cu_seqlens)
     plan.compiled(
         a,
         b,
@@ -254,19 +256,18 @@ def reference_grouped_gemm_fp8_block(
     b_scale: torch.Tensor,
     cu_seqlens: torch.Tensor,
 ) -> torch.Tensor:
-    """Float64 reference of :func:`grouped_gemm_fp8_block` from the dequantized operands:
-    ``[M_total, N]`` float64 on the CPU; rows outside every segment are zero."""
-    m, n, k, s = check_operands(
-        a, a_scale, b, b_scale, cu_seqlens, torch.empty(a.shape[0], b.shape[1], dtype=torch.bfloat16, device=b.device)
-    )
-    a64 = a.cpu().double() * a_scale.cpu().double().repeat_interleave(BLOCK, dim=1)
-    w_scale = b_scale.cpu().double().repeat_interleave(BLOCK, dim=1).repeat_interleave(BLOCK, dim=2)
-    b64 = b.cpu().double() * w_scale
-    bounds = cu_seqlens.cpu().tolist()
-    out = torch.zeros(m, n, dtype=torch.float64)
+    """Float64 reference of :func:`grouped_gemm_fp8_block` from the dequantized operands, computed
+    on their device: ``[M_total, N]`` float64; rows outside every segment are zero."""
+    m, n = a.shape[0], b.shape[1]
+    out = torch.zeros(m, n, dtype=torch.float64, device=b.device)
+    s = check_operands(a, a_scale, b, b_scale, cu_seqlens, out.to(torch.bfloat16))[3]
+    a64 = a.double() * a_scale.double().repeat_interleave(BLOCK, dim=1)
+    bounds = cu_seqlens.tolist()
     for seg in range(s):
         lo, hi = bounds[seg], bounds[seg + 1]
         if not 0 <= lo <= hi <= m:
             raise ValueError(f"cu_seqlens: expected non-decreasing bounds within [0, {m}], got {bounds}")
-        out[lo:hi] = a64[lo:hi] @ b64[seg].T
+        if hi > lo:
+            scale = b_scale[seg].double().repeat_interleave(BLOCK, dim=0).repeat_interleave(BLOCK, dim=1)
+            out[lo:hi] = a64[lo:hi] @ (b[seg].double() * scale).T
     return out
