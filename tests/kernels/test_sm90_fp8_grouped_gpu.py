@@ -54,6 +54,7 @@ def run_case(sizes, n, k, tile, seed=0, tail=0):
         ([0, 1, 0, 7, 130, 0], 3),
         ([255, 256, 257, 1], 0),
         ([0, 0, 0], 5),
+        ([0, 0], 0),
     ],
 )
 def test_small_widths_every_tile(sizes, tail, tile):

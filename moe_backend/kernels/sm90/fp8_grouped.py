@@ -215,7 +215,8 @@ def grouped_gemm_fp8_block(
 
     # the compiled (TVM-FFI) function takes torch tensors where the trace took CuTe tensors
     epi_args: Any = Fp8BlockGemmSm90.EpilogueArguments
-    epi = epi_args(mAScale=a_scale, mBScale=b_scale, mCuSeqlens=cu_seqlens)
+    # compile-time (Constexpr) fields cross as None, as QuACK's own launches pass them
+    epi = epi_args(mAScale=a_scale, mBScale=b_scale, mCuSeqlens=cu_seqlens, add_to_output=None, rounding_mode=None)
     plan.compiled(
         a,
         b,
