@@ -137,9 +137,11 @@ def test_no_compile_inside_capture(monkeypatch):
 
 
 @pytest.mark.skipif(cute_env.quack_unavailable_reason() is not None, reason="needs nvidia-cutlass-dsl and quack")
-def test_offline_compile_for_sm90a():
+def test_offline_compile_for_sm90a(tmp_path):
     """One configuration builds for sm_90a on this CPU (its own process: the target is pinned
-    before CuTe DSL is imported). ``moe-backend compile-cute`` builds all of them in CI."""
+    before CuTe DSL is imported), and its PTX holds the block-scaled mainloop: FP8 WGMMAs and, per
+    thread and K tile, one scaled fp32 FMA per accumulator element (128 for a 128x128 pingpong
+    tile). ``moe-backend compile-cute`` builds every configuration in CI."""
     code = (
         "import torch\n"
         "from moe_backend.kernels.sm90.cute_env import pin_offline_arch\n"
@@ -149,6 +151,13 @@ def test_offline_compile_for_sm90a():
         " g.compile_plans(384, 512, [g.TILES[0]], torch.device('meta')), g._compile.cache_info().misses)\n"
     )
     env = {k: v for k, v in os.environ.items() if k not in ("CUTE_DSL_ARCH", "QUACK_ARCH")}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    env.update(CUTE_DSL_KEEP_PTX="1", CUTE_DSL_DUMP_DIR=str(tmp_path))
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split()[-3:] == ["1", "1", "1"]  # two plans, one compilation
+    (ptx_file,) = tmp_path.glob("*Fp8BlockGemmSm90*.sm_90a.ptx")
+    ptx = ptx_file.read_text()
+    assert ptx.count("wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3") == 8  # 2 m64 atoms x 4 k32
+    assert ptx.count("fma.rn.f32") >= 128
