@@ -1,8 +1,10 @@
 """``moe-backend compile-cute``: build every CuTe DSL kernel configuration, on a GPU or offline.
 
-Offline (no CUDA device, or ``--offline``) it compiles for ``sm_90a`` on the CPU against fake
-tensors (see docs/cute_dsl.md): CI runs it so a configuration that does not build fails there.
-On a GPU it fills the in-process and on-disk caches ahead of a run.
+Kernels: the bf16 grouped GEMMs of every tuning candidate, and the FP8 block-scale grouped GEMM
+(``kernels/sm90/fp8_grouped.py``) of every configuration. Offline (no CUDA device, or
+``--offline``) it compiles for ``sm_90a`` on the CPU against fake tensors (see docs/cute_dsl.md):
+CI runs it so a configuration that does not build fails there. On a GPU it fills the in-process
+and on-disk caches ahead of a run.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ def main(args: argparse.Namespace) -> int:
     if reason is not None:
         print(f"compile-cute: cannot build the CuTe DSL kernels: {reason}")
         return 1
-    from ..kernels.sm90 import bf16_grouped
+    from ..kernels.sm90 import bf16_grouped, fp8_grouped
     from ..kernels.sm90.bf16_moe import CANDIDATE_CONFIGS, config_tiles
     from ..kernels.sm90.cute_env import offline_compile
 
@@ -67,5 +69,12 @@ def main(args: argparse.Namespace) -> int:
                 n = bf16_grouped.compile_plans(h, i, [tile], device)
             built += n
             print(f"  H={h} I={i} tile {tile}: {n} kernel(s) in {time.perf_counter() - t0:.1f} s")
+        # FP8 block-scale grouped GEMM (not in the layer yet): GEMM1 [2I, H], GEMM2 [H, I]
+        for tile in fp8_grouped.TILES:
+            t0 = time.perf_counter()
+            with offline_compile() if offline else contextlib.nullcontext():
+                n = sum(fp8_grouped.compile_plans(nn, kk, [tile], device) for nn, kk in ((2 * i, h), (h, i)))
+            built += n
+            print(f"  H={h} I={i} FP8 block tile {tile}: {n} plan(s) in {time.perf_counter() - t0:.1f} s")
     print(f"compile-cute: {built} kernel(s) built in {time.perf_counter() - started:.1f} s")
     return 0

@@ -1,0 +1,274 @@
+"""FP8 block-scale grouped GEMM over variable-length expert segments (CuTe DSL, Hopper sm_90a).
+
+``out[r] = sum_kb (a[r, kb] @ b[s, :, kb]^T) * a_scale[r, kb] * b_scale[s, n // 128, kb]`` for the
+rows ``r`` of segment ``s`` (``[cu_seqlens[s], cu_seqlens[s + 1])``), ``kb`` the 128-wide K
+blocks: DeepSeek-V3's block scale (1 x 128 activation groups, 128 x 128 weight blocks), as
+``kernels/reference.py`` and the Triton kernels compute it. Each 128-K tile's FP8 WGMMA result
+(zero-initialised: Hopper's FP8 MMA accumulator is not full fp32) is scaled and added to an fp32
+main accumulator; the output is rounded to bf16 once.
+
+The kernel (:mod:`fp8_grouped_kernel`) is QuACK's SM90 varlen-M GEMM (TMA producer warp,
+persistent scheduler, pingpong or cooperative consumer warpgroups, bf16 epilogue) with a
+block-scaled mainloop. Segments may be empty (they cost nothing), so ``S`` may be a static upper
+bound (CUDA graphs).
+
+Launch plans are cached per (configuration, N, K, device); the kernel is traced against symbolic
+shapes, so one compilation per configuration serves them all.
+:func:`compile_plans` builds them (offline for ``sm_90a`` on a CPU: ``moe-backend compile-cute``);
+a missing plan inside a CUDA-graph capture raises instead of compiling there.
+
+Status: a first step of issue 15 item 2. It compiles offline for sm_90a; it is NOT wired into
+the layer or the kernel registry yet: that waits for its GPU validation
+(``tests/kernels/test_sm90_fp8_grouped_gpu.py``, ``scripts/gpu_check_fp8_grouped.py``). The fused
+epilogues (SiLU-and-mul with FP8 requantization, router-weighted combine) are later steps.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from typing import Any, Dict, NamedTuple, Tuple
+
+import torch
+
+from ..._checks import capturing, check_tensor
+from ...quant.fp8 import FP8_DTYPE
+from .bf16_grouped import GemmPlanMissingError, _device_name
+
+#: Width of a scale block along K (activations and weights) and N (weights).
+BLOCK = 128
+
+#: Configurations, as (tile_m, tile_n, cluster_m, pingpong). tile_n is 128 so that one weight
+#: scale serves a whole output tile per K tile.
+TILES: Tuple[Tuple[int, int, int, bool], ...] = (
+    (128, 128, 1, True),
+    (128, 128, 2, True),
+    (256, 128, 1, False),
+    (256, 128, 2, False),
+)
+DEFAULT_TILE = TILES[0]
+
+
+class PlanKey(NamedTuple):
+    """What a compiled FP8 grouped GEMM depends on: configuration, output width N, reduction K, device."""
+
+    tile: Tuple[int, int, int, bool]
+    n: int
+    k: int
+    device: str
+
+
+class _Plan(NamedTuple):
+    compiled: Any
+    max_active_clusters: int
+
+
+_PLANS: Dict[PlanKey, _Plan] = {}
+_LOCK = threading.Lock()
+
+
+def check_tile(tile: object) -> Tuple[int, int, int, bool]:
+    """``tile`` as a configuration tuple of :data:`TILES`, else ValueError naming it."""
+    t = tuple(tile) if isinstance(tile, (tuple, list)) else tile
+    if t not in TILES:
+        raise ValueError(f"tile: expected one of {TILES}, got {tile!r}")
+    return t  # type: ignore[return-value]
+
+
+def check_operands(
+    a: torch.Tensor,
+    a_scale: torch.Tensor,
+    b: torch.Tensor,
+    b_scale: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    out: torch.Tensor,
+) -> Tuple[int, int, int, int]:
+    """Validate the operands of :func:`grouped_gemm_fp8_block`; return ``(M_total, N, K, S)``.
+
+    Raises TypeError (type, dtype) or ValueError (shape, layout, device, divisibility) naming the
+    argument. Contents of ``cu_seqlens`` are not read (that would synchronize with the device):
+    it must be non-decreasing from 0 to at most ``M_total``.
+    """
+    check_tensor("b", b, dtype=FP8_DTYPE, ndim=3)
+    s, n, k = b.shape
+    if s < 1 or n < 1 or k < 1:
+        raise ValueError(f"b: expected a non-empty [S, N, K] tensor, got shape {tuple(b.shape)}")
+    if n % BLOCK or k % BLOCK:
+        raise ValueError(f"b: N and K must be multiples of {BLOCK}, got N={n}, K={k}")
+    device = b.device
+    check_tensor("a", a, dtype=FP8_DTYPE, shape=(None, k), device=device)
+    m = a.shape[0]
+    check_tensor("a_scale", a_scale, dtype=torch.float32, shape=(m, k // BLOCK), device=device)
+    check_tensor("b_scale", b_scale, dtype=torch.float32, shape=(s, n // BLOCK, k // BLOCK), device=device)
+    check_tensor("cu_seqlens", cu_seqlens, dtype=torch.int32, shape=(s + 1,), device=device)
+    check_tensor("out", out, dtype=torch.bfloat16, shape=(m, n), device=device)
+    # TMA and the compiled kernel's vector loads assume 16-byte aligned bases
+    for name, t in (("a", a), ("b", b), ("cu_seqlens", cu_seqlens), ("out", out)):
+        if t.data_ptr() % 16:
+            raise ValueError(f"{name}: expected 16-byte aligned storage, got address {t.data_ptr():#x}")
+    return m, n, k, s
+
+
+def _max_active_clusters(cluster_size: int, device: torch.device) -> int:
+    if device.type != "cuda":
+        from .cute_env import HOPPER_SMS
+
+        return HOPPER_SMS // cluster_size
+    from quack.cute_dsl_utils import get_max_active_clusters
+
+    return get_max_active_clusters(cluster_size, device_capacity=(9, 0), device_id=device.index or 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _compile(tile: Tuple[int, int, int, bool]):
+    """Trace and compile the kernel of ``tile`` against symbolic shapes (no tensor, no GPU): one
+    compilation serves every M, N, K and segment count."""
+    import cutlass
+    import cutlass.cute as cute
+    from cutlass import Float32
+    from quack.compile_utils import make_fake_tensor
+    from quack.gemm_tvm_ffi_utils import (
+        compile_gemm_kernel,
+        make_fake_gemm_tensors,
+        make_fake_scheduler_args,
+        make_fake_varlen_args,
+    )
+
+    from .fp8_grouped_kernel import Fp8BlockGemmSm90
+
+    tile_m, tile_n, cluster_m, pingpong = tile
+    fp8 = cutlass.Float8E4M3FN
+    m_a, m_b, m_d, m_c, m, _, _, l_sym = make_fake_gemm_tensors(
+        fp8, fp8, cutlass.BFloat16, None, "k", "k", "n", None, varlen_m=True
+    )
+    kb, nb = cute.sym_int(), cute.sym_int()
+    varlen = make_fake_varlen_args(True, False, False, None)
+    epi = Fp8BlockGemmSm90.EpilogueArguments(
+        mAScale=make_fake_tensor(Float32, (m, kb), leading_dim=1, divisibility=1),
+        mBScale=make_fake_tensor(Float32, (l_sym, nb, kb), leading_dim=2, divisibility=1),
+        mCuSeqlens=varlen.mCuSeqlensM,
+    )
+    return compile_gemm_kernel(
+        Fp8BlockGemmSm90,
+        fp8,
+        (tile_m, tile_n, BLOCK),
+        (cluster_m, 1, 1),
+        pingpong,
+        True,  # persistent
+        False,  # gather_A
+        False,  # dynamic persistent
+        (9, 0),
+        m_a,
+        m_b,
+        m_d,
+        m_c,
+        epi,
+        make_fake_scheduler_args(False, False, l_sym),
+        varlen,
+    )
+
+
+def _plan(key: PlanKey, device: torch.device) -> _Plan:
+    plan = _PLANS.get(key)
+    if plan is not None:
+        return plan
+    if capturing():
+        raise GemmPlanMissingError(
+            f"FP8 grouped GEMM tile {key.tile} (N={key.n}, K={key.k}) was not compiled before this "
+            f"CUDA-graph capture: call compile_plans before capturing"
+        )
+    with _LOCK:
+        if key not in _PLANS:
+            _PLANS[key] = _Plan(_compile(key.tile), _max_active_clusters(key.tile[2], device))
+        return _PLANS[key]
+
+
+def grouped_gemm_fp8_block(
+    a: torch.Tensor,
+    a_scale: torch.Tensor,
+    b: torch.Tensor,
+    b_scale: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    out: torch.Tensor,
+    *,
+    tile: Tuple[int, int, int, bool] = DEFAULT_TILE,
+) -> torch.Tensor:
+    """Block-scaled FP8 grouped GEMM: ``out[r] = dequant(a)[r] @ dequant(b[s])^T`` (fp32, one
+    bf16 rounding) for the rows ``r`` of each segment ``s``.
+
+    ``a [M_total, K]`` float8_e4m3fn contiguous; ``a_scale [M_total, K/128]`` fp32 (one scale per
+    row per 128-K block); ``b [S, N, K]`` float8_e4m3fn contiguous (K contiguous);
+    ``b_scale [S, N/128, K/128]`` fp32; ``cu_seqlens [S + 1]`` int32 on the device (segment
+    bounds, non-decreasing from 0); ``out [M_total, N]`` bf16 contiguous. N and K multiples of
+    128. Rows at or past ``cu_seqlens[S]`` are neither read for output nor written. Returns ``out``.
+    """
+    tile = check_tile(tile)
+    m, n, k, _ = check_operands(a, a_scale, b, b_scale, cu_seqlens, out)
+    if b.device.type != "cuda":
+        raise ValueError(f"b: expected tensors on a CUDA device (Hopper), got {b.device}")
+    if m == 0:
+        return out
+    plan = _plan(PlanKey(tile, n, k, _device_name(b.device)), b.device)
+    from quack.gemm_tvm_ffi_utils import make_scheduler_args, make_varlen_args
+
+    from .fp8_grouped_kernel import Fp8BlockGemmSm90
+
+    # the compiled (TVM-FFI) function takes torch tensors where the trace took CuTe tensors
+    epi_args: Any = Fp8BlockGemmSm90.EpilogueArguments
+    # compile-time (Constexpr) fields cross as None, as QuACK's own launches pass them
+    epi = epi_args(mAScale=a_scale, mBScale=b_scale, mCuSeqlens=cu_seqlens, add_to_output=None, rounding_mode=None)
+    plan.compiled(
+        a,
+        b,
+        out,
+        None,
+        epi,
+        make_scheduler_args(plan.max_active_clusters, 8, None),
+        make_varlen_args(cu_seqlens, None, None),
+        None,
+        None,
+    )
+    return out
+
+
+def compile_plans(n: int, k: int, tiles, device: torch.device) -> int:
+    """Compile the kernel of every configuration in ``tiles`` for output width ``n`` and
+    reduction ``k`` on ``device`` (``meta`` compiles offline, after
+    :func:`cute_env.pin_offline_arch`). Returns the number compiled or loaded now (plans already
+    in this process are skipped)."""
+    if capturing():
+        raise GemmPlanMissingError("compile_plans: cannot compile inside a CUDA-graph capture")
+    if n % BLOCK or k % BLOCK or n < 1 or k < 1:
+        raise ValueError(f"n, k: expected positive multiples of {BLOCK}, got n={n}, k={k}")
+    device = torch.device(device)
+    built = 0
+    for tile in dict.fromkeys(check_tile(t) for t in tiles):
+        key = PlanKey(tile, n, k, _device_name(device))
+        if key not in _PLANS:
+            _plan(key, device)
+            built += 1
+    return built
+
+
+def reference_grouped_gemm_fp8_block(
+    a: torch.Tensor,
+    a_scale: torch.Tensor,
+    b: torch.Tensor,
+    b_scale: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+) -> torch.Tensor:
+    """Float64 reference of :func:`grouped_gemm_fp8_block` from the dequantized operands, computed
+    on their device: ``[M_total, N]`` float64; rows outside every segment are zero."""
+    m, n = a.shape[0], b.shape[1]
+    out = torch.zeros(m, n, dtype=torch.float64, device=b.device)
+    s = check_operands(a, a_scale, b, b_scale, cu_seqlens, out.to(torch.bfloat16))[3]
+    a64 = a.double() * a_scale.double().repeat_interleave(BLOCK, dim=1)
+    bounds = cu_seqlens.tolist()
+    for seg in range(s):
+        lo, hi = bounds[seg], bounds[seg + 1]
+        if not 0 <= lo <= hi <= m:
+            raise ValueError(f"cu_seqlens: expected non-decreasing bounds within [0, {m}], got {bounds}")
+        if hi > lo:
+            scale = b_scale[seg].double().repeat_interleave(BLOCK, dim=0).repeat_interleave(BLOCK, dim=1)
+            out[lo:hi] = a64[lo:hi] @ (b[seg].double() * scale).T
+    return out

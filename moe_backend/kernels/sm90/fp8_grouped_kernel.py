@@ -1,0 +1,163 @@
+"""The CuTe DSL kernel class behind :mod:`fp8_grouped`: QuACK's SM90 GEMM with a block-scaled
+FP8 mainloop. Imported only when CuTe DSL and QuACK are installed (``cute_env``).
+
+QuACK's ``GemmSm90`` (varlen-M, TMA producer warp, persistent scheduler, pingpong/cooperative
+consumers, bf16 epilogue) runs FP8 operands with a "slow accumulation" mainloop: each 128-K tile's
+WGMMAs write a zero-initialised wave accumulator, which is drained and added to an fp32 main
+accumulator. :class:`Fp8BlockGemmSm90` overrides that mainloop (``mma``) to scale the wave by
+``a_scale[row, kb] * b_scale[s, n_block, kb]`` before adding it (DeepSeek-V3 block scale, the
+promotion scheme of DeepGEMM), so the FP8 MMA accumulator never runs across K tiles.
+
+Two facts the mainloop needs reach it through narrow seams of ``GemmSm90.kernel``:
+
+* the scale tensors (and ``cu_seqlens``) ride the epilogue parameters (extra fields of the default
+  epilogue's ``EpilogueParams``, which are kernel arguments); ``epi_get_smem_tensors`` runs once at
+  kernel entry, dominating every warp's code, and records them for the mainloop;
+* the work tile's ``(pid_m, pid_n, segment)``: the varlen-M scheduler never splits K, so the split
+  slot of its tile coordinate is free; :class:`_CoordScheduler` puts the coordinate there, and
+  ``get_split_k_tile_range`` (called by the consumer right before its mainloop, in the same loop
+  body) hands it to the mainloop.
+
+Both are recorded as trace-time Python attributes and read within the region that defines them.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import cutlass
+import cutlass.cute as cute
+from cutlass import Float32, Int32, const_expr
+from cutlass.cute.nvgpu import warpgroup
+from quack import layout_utils
+from quack.cute_dsl_utils import mlir_namedtuple
+from quack.gemm_default_epi import GemmDefaultEpiMixin, GemmDefaultSm90
+from quack.rounding import RoundingMode
+from quack.tile_scheduler import VarlenMTileScheduler, WorkTileInfo
+
+#: K (and N) extent of one scale block.
+BLOCK = 128
+
+
+class _CoordScheduler(VarlenMTileScheduler):
+    """QuACK's varlen-M scheduler whose work tiles carry ``(pid_m, pid_n, segment)`` in the
+    (unused) split-K slot, handed to the GEMM that owns it by ``get_split_k_tile_range``."""
+
+    gemm = None  # set on the per-GEMM subclass made by Fp8BlockGemmSm90.get_scheduler_class
+
+    @staticmethod
+    def _with_coord(work: WorkTileInfo) -> WorkTileInfo:
+        pid_m, pid_n, _, seg = work.tile_idx
+        return WorkTileInfo((pid_m, pid_n, (pid_m, pid_n, seg), seg), work.is_valid_tile)
+
+    @cute.jit
+    def initial_work_tile_info(self, *, loc=None, ip=None) -> WorkTileInfo:
+        return _CoordScheduler._with_coord(VarlenMTileScheduler.initial_work_tile_info(self, loc=loc, ip=ip))
+
+    @cute.jit
+    def get_current_work(self, *, loc=None, ip=None) -> WorkTileInfo:
+        return _CoordScheduler._with_coord(VarlenMTileScheduler.get_current_work(self, loc=loc, ip=ip))
+
+    def get_split_k_tile_range(self, k_tile_total, split_idx, *, loc=None, ip=None):
+        self.gemm._work_coord = split_idx
+        return 0, k_tile_total
+
+
+class Fp8BlockGemmSm90(GemmDefaultSm90):
+    """Varlen-M grouped GEMM ``D = sum_kb (A_kb @ B[s]_kb^T) * sa[row, kb] * sb[s, n // 128, kb]``.
+
+    A ``[M_total, K]`` e4m3 (K-major), B ``[S, N, K]`` e4m3 (K-major), D ``[M_total, N]`` bf16;
+    ``mAScale [M_total, K/128]`` fp32, ``mBScale [S, N/128, K/128]`` fp32, ``mCuSeqlens [S + 1]``
+    int32 (the same tensor as the varlen argument). Needs tile_N == 128 and tile_K == 128, so one
+    B scale serves a whole (tile, K tile).
+    """
+
+    _extra_param_fields = GemmDefaultEpiMixin._extra_param_fields + (
+        ("mAScale", Optional[cute.Tensor], None),
+        ("mBScale", Optional[cute.Tensor], None),
+        ("mCuSeqlens", Optional[cute.Tensor], None),
+    )
+
+    @mlir_namedtuple
+    class EpilogueArguments(NamedTuple):
+        mAScale: cute.Tensor
+        mBScale: cute.Tensor
+        mCuSeqlens: cute.Tensor
+        alpha: Optional[Float32 | cute.Tensor] = None
+        beta: Optional[Float32 | cute.Tensor] = None
+        mRowVecBroadcast: Optional[cute.Tensor] = None
+        mColVecBroadcast: Optional[cute.Tensor] = None
+        add_to_output: cutlass.Constexpr[bool] = False
+        rounding_mode: cutlass.Constexpr[int] = RoundingMode.RN
+        sr_seed: Optional[Int32 | cute.Tensor] = None
+        split_k_semaphore: Optional[cute.Tensor] = None
+        split_k_workspace: Optional[cute.Tensor] = None
+        mSFD: Optional[cute.Tensor] = None
+        sfd_norm_const: Optional[Float32 | cute.Tensor] = None
+        mSFDCol: Optional[cute.Tensor] = None
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        assert self.fp8_slow_accum, "Fp8BlockGemmSm90 needs FP8 A without fast accumulation"
+        assert self.cta_tile_shape_mnk[1] == BLOCK, "one B scale per (tile, K tile): tile_N must be 128"
+        assert self.cta_tile_shape_mnk[2] == BLOCK, "promotion per 128-K scale block: tile_K must be 128"
+
+    def epi_to_underlying_arguments(self, args, *, loc=None, ip=None):
+        params = super().epi_to_underlying_arguments(args, loc=loc, ip=ip)
+        params.mAScale, params.mBScale, params.mCuSeqlens = args.mAScale, args.mBScale, args.mCuSeqlens
+        return params
+
+    def epi_get_smem_tensors(self, params, storage):
+        self._scales = (params.mAScale, params.mBScale, params.mCuSeqlens)
+        return super().epi_get_smem_tensors(params, storage)
+
+    def get_scheduler_class(self, varlen_m: bool = False):
+        assert varlen_m, "Fp8BlockGemmSm90 is the varlen-M (grouped) GEMM"
+        return type("_BoundCoordScheduler", (_CoordScheduler,), {"gemm": self})
+
+    @cute.jit
+    def mma(self, ab_pipeline, ab_read_state, mma_fn, acc, acc_slow, k_tile_cnt, warp_group_idx):
+        tiled_mma = mma_fn.args[0]
+        m_sa, m_sb, m_cu = self._scales
+        pid_m, pid_n, seg = self._work_coord
+        tidx, _, _ = cute.arch.thread_idx()
+        if const_expr(self.pingpong):
+            tidx = tidx % self.num_threads_per_warp_group
+        thr_mma = tiled_mma.get_slice(tidx)
+        tile_m = self.cta_tile_shape_mnk[0]
+        coords = layout_utils.reshape_acc_to_mn(
+            thr_mma.partition_C(cute.make_identity_tensor((tile_m, self.cta_tile_shape_mnk[1])))
+        )
+        acc_mn = layout_utils.reshape_acc_to_mn(acc)
+        slow_mn = layout_utils.reshape_acc_to_mn(acc_slow)
+        rows = const_expr(cute.size(acc_mn, mode=[0]))
+        cols = const_expr(cute.size(acc_mn, mode=[1]))
+        # rows of this thread, clamped into the segment: rows past its end are computed from the
+        # next segment's A (TMA reads whole tiles) and never stored, but their scales must exist
+        first, last = m_cu[seg] + pid_m * tile_m, m_cu[seg + 1] - 1
+        row_idx = cute.make_rmem_tensor((rows,), Int32)
+        for r in cutlass.range_constexpr(rows):
+            row_idx[r] = cutlass.min(first + coords[r, 0][0], last)
+        row_scale = cute.make_rmem_tensor((rows,), Float32)
+
+        acc_slow.fill(0.0)
+        ab_release_state = ab_read_state.clone()
+        for k_tile in cutlass.range(k_tile_cnt, unroll=1):
+            peek = ab_pipeline.consumer_try_wait(ab_read_state)
+            ab_pipeline.consumer_wait(ab_read_state, peek)
+            mma_fn(A_idx=ab_read_state.index, B_idx=ab_read_state.index, zero_init=True)
+            # the scale loads run under the WGMMAs
+            b_scale = m_sb[seg, pid_n, k_tile]
+            for r in cutlass.range_constexpr(rows):
+                row_scale[r] = m_sa[row_idx[r], k_tile] * b_scale
+            warpgroup.wait_group(0)
+            ab_pipeline.consumer_release(ab_release_state)
+            ab_read_state.advance()
+            ab_release_state.advance()
+            for r in cutlass.range_constexpr(rows):
+                for c in cutlass.range_constexpr(cols):
+                    slow_mn[r, c] = slow_mn[r, c] + acc_mn[r, c] * row_scale[r]
+        if const_expr(self.pingpong):
+            self.pingpong_barrier_arrive(1 - warp_group_idx, stage="mma")
+        acc.store(acc_slow.load())
+        return ab_read_state

@@ -1,0 +1,163 @@
+"""The FP8 block-scale grouped GEMM (CuTe DSL) without a GPU: argument validation, the operand
+layouts our quantizers produce, the float64 reference against a plain loop, the capture guard,
+and the offline sm_90a compile of one configuration."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from fp8_grouped_operands import make_operands
+
+from moe_backend.kernels.sm90 import cute_env, fp8_grouped
+from moe_backend.kernels.sm90.bf16_grouped import GemmPlanMissingError
+from moe_backend.kernels.sm90.fp8_grouped import (
+    BLOCK,
+    TILES,
+    check_operands,
+    check_tile,
+    compile_plans,
+    grouped_gemm_fp8_block,
+    reference_grouped_gemm_fp8_block,
+)
+from moe_backend.quant.fp8 import FP8_DTYPE, quantize_fp8_block, quantize_fp8_per_token_group
+
+
+def _loop_reference(a, a_scale, b, b_scale, cu):
+    """Per-element, per-K-block plain loop (float64)."""
+    m, k = a.shape
+    s, n, _ = b.shape
+    out = torch.zeros(m, n, dtype=torch.float64)
+    af, bf = a.double(), b.double()
+    bounds = cu.tolist()
+    for seg in range(s):
+        for r in range(bounds[seg], bounds[seg + 1]):
+            for c in range(n):
+                total = 0.0
+                for kb in range(k // BLOCK):
+                    ks = slice(kb * BLOCK, (kb + 1) * BLOCK)
+                    dot = float((af[r, ks] * bf[seg, c, ks]).sum())
+                    total += dot * float(a_scale[r, kb]) * float(b_scale[seg, c // BLOCK, kb])
+                out[r, c] = total
+    return out
+
+
+def test_quantizer_layouts_are_the_kernel_operands():
+    """The kernel takes the scales exactly as our quantizers lay them out: no preparation."""
+    a, a_scale, b, b_scale, cu, out = make_operands([3, 0, 5], 256, 384, tail=2)
+    assert check_operands(a, a_scale, b, b_scale, cu, out) == (10, 256, 384, 3)
+    assert a_scale.shape == (10, 3) and b_scale.shape == (3, 2, 3)
+
+
+def test_reference_matches_plain_loop_with_empty_segments_and_tail():
+    a, a_scale, b, b_scale, cu, _ = make_operands([2, 0, 1, 3], 256, 256, seed=3, tail=2)
+    got = reference_grouped_gemm_fp8_block(a, a_scale, b, b_scale, cu)
+    want = _loop_reference(a, a_scale, b, b_scale, cu)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert torch.all(got[6:] == 0)  # rows past the last segment
+
+
+def test_reference_tracks_the_unquantized_product():
+    """Sanity of the quantization itself: the dequantized product is close to the float one."""
+    g = torch.Generator().manual_seed(1)
+    x, w = torch.randn(9, 256, generator=g), torch.randn(1, 128, 256, generator=g) * 0.05
+    a, sa = quantize_fp8_per_token_group(x, BLOCK)
+    b, sb = quantize_fp8_block(w, BLOCK)
+    got = reference_grouped_gemm_fp8_block(a, sa, b, sb, torch.tensor([0, 9], dtype=torch.int32))
+    want = x.double() @ w[0].double().T
+    assert (got - want).norm() / want.norm() < 0.05
+
+
+def test_reference_rejects_bad_bounds():
+    a, a_scale, b, b_scale, _, _ = make_operands([2, 2], 128, 128)
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        reference_grouped_gemm_fp8_block(a, a_scale, b, b_scale, torch.tensor([0, 3, 2], dtype=torch.int32))
+
+
+def _bad(name, **change):
+    ops = dict(zip(("a", "a_scale", "b", "b_scale", "cu_seqlens", "out"), make_operands([1, 2], 256, 256), strict=True))
+    ops.update(change)
+    return name, ops
+
+
+BAD = [
+    _bad("a", a=torch.zeros(3, 256, dtype=torch.bfloat16)),
+    _bad("a", a=torch.zeros(3, 128, dtype=FP8_DTYPE)),
+    _bad("b", b=torch.zeros(2, 200, 256, dtype=FP8_DTYPE)),
+    _bad("b", b=torch.zeros(256, 256, dtype=FP8_DTYPE)),
+    _bad("a_scale", a_scale=torch.ones(3, 1)),
+    _bad("a_scale", a_scale=torch.ones(3, 2, dtype=torch.float64)),
+    _bad("b_scale", b_scale=torch.ones(2, 2, 1)),
+    _bad("cu_seqlens", cu_seqlens=torch.tensor([0, 1, 3])),
+    _bad("cu_seqlens", cu_seqlens=torch.tensor([0, 3], dtype=torch.int32)),
+    _bad("out", out=torch.empty(3, 256)),
+    _bad("out", out=torch.empty(3, 512, dtype=torch.bfloat16)[:, ::2]),
+    _bad("out", out=torch.empty(3, 256, dtype=torch.bfloat16, device="meta")),
+    _bad("a", a=torch.zeros(3 * 256 + 1, dtype=FP8_DTYPE)[1:].view(3, 256)),  # misaligned start
+    _bad("b"),  # a CPU tensor: the kernel runs on a CUDA device only
+]
+
+
+@pytest.mark.parametrize("name,ops", BAD, ids=[f"{n}-{i}" for i, (n, _) in enumerate(BAD)])
+def test_bad_operands_name_the_argument(name, ops):
+    with pytest.raises((TypeError, ValueError), match=f"^{name}:"):
+        grouped_gemm_fp8_block(**ops)
+
+
+@pytest.mark.parametrize("tile", [(128, 192, 1, True), (64, 128, 1, True), "128x128"])
+def test_bad_tile_is_named(tile):
+    with pytest.raises(ValueError, match="^tile:"):
+        check_tile(tile)
+    with pytest.raises(ValueError, match="^tile:"):
+        compile_plans(256, 256, [tile], torch.device("meta"))
+
+
+def test_tiles_are_valid_configurations():
+    assert all(check_tile(list(t)) == t for t in TILES)
+    assert all(t[1] == BLOCK for t in TILES)  # one weight scale per output tile and K tile
+
+
+@pytest.mark.parametrize("n,k", [(100, 256), (256, 0), (256, 200)])
+def test_compile_plans_rejects_widths(n, k):
+    with pytest.raises(ValueError, match="^n, k:"):
+        compile_plans(n, k, TILES[:1], torch.device("meta"))
+
+
+def test_no_compile_inside_capture(monkeypatch):
+    monkeypatch.setattr(fp8_grouped, "capturing", lambda: True)
+    with pytest.raises(GemmPlanMissingError, match="CUDA-graph capture"):
+        compile_plans(256, 256, TILES[:1], torch.device("meta"))
+    key = fp8_grouped.PlanKey(TILES[0], 256, 256, "cuda:0")
+    with pytest.raises(GemmPlanMissingError, match="before this CUDA-graph capture"):
+        fp8_grouped._plan(key, torch.device("cuda", 0))
+
+
+@pytest.mark.skipif(cute_env.quack_unavailable_reason() is not None, reason="needs nvidia-cutlass-dsl and quack")
+def test_offline_compile_for_sm90a(tmp_path):
+    """One configuration builds for sm_90a on this CPU (its own process: the target is pinned
+    before CuTe DSL is imported), and its PTX holds the block-scaled mainloop: FP8 WGMMAs and, per
+    thread and K tile, one scaled fp32 FMA per accumulator element (128 for a 128x128 pingpong
+    tile). ``moe-backend compile-cute`` builds every configuration in CI."""
+    code = (
+        "import torch\n"
+        "from moe_backend.kernels.sm90.cute_env import pin_offline_arch\n"
+        "pin_offline_arch('sm_90a')\n"
+        "from moe_backend.kernels.sm90 import fp8_grouped as g\n"
+        "print(g.compile_plans(512, 384, [g.TILES[0]], torch.device('meta')),"
+        " g.compile_plans(384, 512, [g.TILES[0]], torch.device('meta')), g._compile.cache_info().misses)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("CUTE_DSL_ARCH", "QUACK_ARCH")}
+    env.update(CUTE_DSL_KEEP_PTX="1", CUTE_DSL_DUMP_DIR=str(tmp_path))
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split()[-3:] == ["1", "1", "1"]  # two plans, one compilation
+    (ptx_file,) = tmp_path.glob("*Fp8BlockGemmSm90*.sm_90a.ptx")
+    ptx = ptx_file.read_text()
+    assert ptx.count("wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3") == 8  # 2 m64 atoms x 4 k32
+    assert ptx.count("fma.rn.f32") >= 128
