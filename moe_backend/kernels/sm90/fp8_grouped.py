@@ -17,8 +17,8 @@ shapes, so one compilation per configuration serves them all.
 :func:`compile_plans` builds them (offline for ``sm_90a`` on a CPU: ``moe-backend compile-cute``);
 a missing plan inside a CUDA-graph capture raises instead of compiling there.
 
-Status: a first step of issue 15 item 2. It compiles offline for sm_90a; it is NOT wired into
-the layer or the kernel registry yet: that waits for its GPU validation
+Status: the first step toward an FP8 prefill path in CuTe DSL. It compiles offline for sm_90a;
+it is NOT wired into the layer or the kernel registry yet: that waits for its GPU validation
 (``tests/kernels/test_sm90_fp8_grouped_gpu.py``, ``scripts/gpu_check_fp8_grouped.py``). The fused
 epilogues (SiLU-and-mul with FP8 requantization, router-weighted combine) are later steps.
 """
@@ -32,11 +32,8 @@ from typing import Any, Dict, NamedTuple, Tuple
 import torch
 
 from ..._checks import capturing, check_tensor
-from ...quant.fp8 import FP8_DTYPE
+from ...quant.fp8 import BLOCK, FP8_DTYPE
 from .bf16_grouped import GemmPlanMissingError, _device_name
-
-#: Width of a scale block along K (activations and weights) and N (weights).
-BLOCK = 128
 
 #: Configurations, as (tile_m, tile_n, cluster_m, pingpong). tile_n is 128 so that one weight
 #: scale serves a whole output tile per K tile.
