@@ -36,7 +36,7 @@ from ...quant.fp8 import BLOCK as SCALE_BLOCK
 from ...runtime import workspace
 from .act_quant import act_quant_fp8
 from .fp8_tile import quantize_tile, to_bf16
-from .tiles import MAX_GATHER_PAIRS as MAX_PAIRS, chunk_pairs, expert_members, zero_fill
+from .tiles import MAX_GATHER_PAIRS as MAX_PAIRS, chunk_pairs, expert_members, gather_scan_width, zero_fill
 
 ZERO_BLOCK = tl.constexpr(1024)
 
@@ -486,7 +486,7 @@ def swapab_fp8(
             "config: FUSED_CAST2 needs ZERO='fused' (GEMM1 zeroes the output rows of tokens without a local "
             "expert and GEMM2's arrival counters)"
         )
-    pairs_pad = max(16, triton.next_power_of_2(num_pairs))
+    pairs_pad = gather_scan_width(num_pairs)
     dev = hidden.device
     dummy = w13_scale  # stands for pointers a variant does not read
     quant_on_load = quant_on_load or weight_on_input

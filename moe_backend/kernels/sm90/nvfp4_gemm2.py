@@ -23,7 +23,7 @@ from ..interpret import INTERPRETING
 from .align import AlignedRouting, GatheredPairs, row_source_args
 from .nvfp4_layout import K_GROUP
 from .nvfp4_tile import WEIGHT_SHIFT, dequant_group, mma
-from .tiles import MAX_GATHER_PAIRS, aligned_rows, chunk_pairs, expert_members, tile_coords
+from .tiles import MAX_GATHER_PAIRS, aligned_rows, chunk_pairs, expert_members, gather_scan_width, tile_coords
 
 
 @triton.jit
@@ -236,7 +236,7 @@ def gemm2_nvfp4(
         GROUP_M=GROUP_M,
         WEIGHT_ON_INPUT=weight_on_input,
         GATHER=gather,
-        PAIRS=max(16, triton.next_power_of_2(num_pairs)) if gather else 1,
+        PAIRS=gather_scan_width(num_pairs) if gather else 1,
         PDL=pdl,
         INTERPRET=INTERPRETING,
         num_warps=num_warps,

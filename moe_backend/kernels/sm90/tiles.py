@@ -49,6 +49,11 @@ def zero_fill(ptr, numel, BLOCK: tl.constexpr):
 MAX_GATHER_PAIRS = 1024
 
 
+def gather_scan_width(num_pairs: int) -> int:
+    """``PAIRS``, the leader scan's register width for ``num_pairs`` ids: a power of two >= 16."""
+    return max(16, triton.next_power_of_2(num_pairs))
+
+
 @triton.jit
 def expert_members(ids_ptr, p, num_pairs, expert_offset, num_experts, PAIRS: tl.constexpr):
     """Whether pair ``p`` leads its local expert, and that expert's pairs.
