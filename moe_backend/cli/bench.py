@@ -38,6 +38,7 @@ import torch
 
 from ..expert_weights import FP8BlockWeights, FP8TensorWeights, NVFP4Weights
 from ..kernels.registry import KERNELS
+from ..kernels.sm90 import fp8_moe, nvfp4_moe
 from ..layer import LAYER_TYPES, MoEConfig
 from ..runtime import DEFAULT_POOL
 from .bench_ceilings import expert_stream, measure_peaks
@@ -53,13 +54,21 @@ DEFAULT_T = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 QUICK_T = (1, 16, 128, 1024, 8192)
 PRECISIONS = tuple(PRECISION_COST)
 INPUT_SETS = 4
-#: Runtime variants of the FP8 block kernel (``--variants``): configuration overrides.
-VARIANTS = {
-    "deterministic": None,  # the kernel's DETERMINISTIC_CONFIG
-    "zero_fused": {"COMBINE": "atomic", "ZERO": "fused"},
-    "zero_sync": {"COMBINE": "atomic", "ZERO": "sync"},
-    "zero_stream": {"COMBINE": "atomic", "ZERO": "stream"},
+#: Variants of our kernels (``--variants``): name -> (precision, configuration override; None:
+#: the kernel's deterministic configuration). The runtime variants of the FP8 block kernel
+#: (deterministic mode, zeroing of the atomic combine) and the decode candidates not yet
+#: selected by default (swap-AB GEMM2 variants, the NVFP4 swap-AB path). A variant that refuses
+#: a batch (swap-AB above ``tiles.MAX_GATHER_PAIRS`` pairs) is recorded without a time.
+VARIANTS: Dict[str, Tuple[str, Optional[Dict[str, Any]]]] = {
+    "deterministic": ("fp8_block", None),
+    "zero_fused": ("fp8_block", {"COMBINE": "atomic", "ZERO": "fused"}),
+    "zero_sync": ("fp8_block", {"COMBINE": "atomic", "ZERO": "sync"}),
+    "zero_stream": ("fp8_block", {"COMBINE": "atomic", "ZERO": "stream"}),
+    **{f"swapab_{name}": ("fp8_block", cfg) for name, cfg in fp8_moe.SWAPAB_GEMM2_VARIANTS.items()},
+    "nvfp4_swapab": ("nvfp4", nvfp4_moe.SWAPAB_CONFIG),
 }
+#: The registry kernel each precision's variants run on.
+VARIANT_KERNELS = {"fp8_block": "sm90_triton_fp8", "nvfp4": "sm90_triton_nvfp4"}
 FP8 = torch.float8_e4m3fn
 
 
@@ -87,8 +96,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="+",
         choices=sorted(VARIANTS),
         default=[],
-        help="also time fp8_block in these runtime variants (deterministic mode, zeroing "
-        "of the atomic combine: fused in GEMM1, sync memset, auxiliary stream)",
+        help="also time our kernels in these variants: fp8_block runtime variants (deterministic "
+        "mode, zeroing of the atomic combine: fused in GEMM1, sync memset, auxiliary stream) and "
+        "decode candidates not selected by default (swapab_*, nvfp4_swapab)",
     )
 
 
@@ -165,21 +175,23 @@ class Layer:
         return lambda hidden, ids, weights, out: layer.experts(hidden, ids, weights, out=out)
 
     def variant(self, name: str) -> Callable[..., torch.Tensor]:
-        """The FP8 block kernel with a runtime variant's configuration (see :data:`VARIANTS`)."""
-        kernel = KERNELS["sm90_triton_fp8"]
-        override = VARIANTS[name] if VARIANTS[name] is not None else kernel.deterministic_config()
-        weights = self.weights["fp8_block"]()
+        """Our kernel for the variant's precision under the variant's configuration (see
+        :data:`VARIANTS`)."""
+        precision, override = VARIANTS[name]
+        kernel = KERNELS[VARIANT_KERNELS[precision]]
+        config = override if override is not None else kernel.deterministic_config()
+        prepared = kernel.prepare(self.weights[precision]())
 
         def run(hidden, ids, topk_weights, out):
             return kernel.run(
-                weights,
+                prepared,
                 hidden,
                 ids,
                 topk_weights,
                 local_expert_offset=0,
                 apply_router_weight_on_input=False,
                 out=out,
-                config=override,
+                config=config,
             )
 
         return run
@@ -300,7 +312,7 @@ def run_bench(
     for e in args.E:
         layer = Layer(e, args.hidden, args.inter, args.topk, device)
         runs = {(precision, "moe_backend"): layer.ours(precision) for precision in args.precision}
-        runs.update({("fp8_block", f"moe_backend[{v}]"): layer.variant(v) for v in args.variants})
+        runs.update({(VARIANTS[v][0], f"moe_backend[{v}]"): layer.variant(v) for v in args.variants})
         if "vllm" in args.peers:
             for impl, run in vllm_peers(layer.weights, args.precision).items():
                 runs[("fp8_block" if impl == "vllm_triton" else "nvfp4", impl)] = run
@@ -324,7 +336,8 @@ def run_bench(
                 try:
                     # called in this iteration: the loop values are the ones meant
                     us, mode = _time(lambda s: run(*sets[s], out), args.quick)  # noqa: B023
-                except RuntimeError as exc:  # e.g. an unsupported torch build: report, keep going
+                # an unsupported torch build, or a variant that refuses this batch: report, go on
+                except (RuntimeError, ValueError) as exc:
                     logger.warning("%s (%s) failed at E=%d T=%d: %s", impl, precision, e, t, exc)
                     us, mode = None, None
                 fmt = "fp8_block" if precision == "fp8_rowwise" else precision

@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from moe_backend.cli import bench, bench_peers
+from moe_backend.kernels.registry import KERNELS
+from moe_backend.kernels.sm90 import fp8_moe, nvfp4_moe
 
 
 def _args(*argv: str) -> argparse.Namespace:
@@ -74,3 +76,14 @@ def test_results_file_is_replaced_whole(tmp_path):
         data = json.load(f)
     assert data == dict(header, records=[{"E": 8, "T": 1}, {"E": 8, "T": 2}])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["h200.json"]
+
+
+@pytest.mark.parametrize("name", sorted(bench.VARIANTS))
+def test_variants_name_a_kernel_and_a_configuration_it_accepts(name):
+    precision, override = bench.VARIANTS[name]
+    module = {"fp8_block": fp8_moe, "nvfp4": nvfp4_moe}[precision]
+    assert bench.VARIANT_KERNELS[precision] in KERNELS
+    config = module.resolve_config(override, 1, 8, 256)  # raises on an unknown key or path
+    assert override is None or all(config[key] == value for key, value in override.items())
+    layer = bench.Layer(4, 256, 128, 2, torch.device("cpu"))
+    assert callable(layer.variant(name))
