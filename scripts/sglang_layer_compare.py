@@ -122,6 +122,11 @@ def quantized_experts(precision: str, num_experts: int, chunk: int = 16):
         n = min(chunk, num_experts - start)
         w13 = torch.randn(n, 2 * I, H, device="cuda") / H**0.5
         w2 = torch.randn(n, H, I, device="cuda") / I**0.5
+        if precision == "nvfp4":
+            # One largest magnitude in gate and up: equal global scales, which SGLang's ModelOpt
+            # path assumes (it keeps gate's and warns "w1_weight_scale_2 must match ...").
+            peak = w13.abs().amax(dim=(1, 2))
+            w13[:, 0, 0], w13[:, I, 0] = peak, peak
         parts.append(WEIGHT_TYPES[precision].quantize(w13, w2))
         del w13, w2
     fields = {name: torch.cat([getattr(p, name) for p in parts]) for name in parts[0].tensors()}
@@ -237,6 +242,15 @@ def compare(precision: str, num_experts: int, token_counts: List[int], tune: boo
     select_runner(model_dir, "triton" if precision == "fp8_block" else "auto")
     weights = quantized_experts(precision, num_experts)
     layer = sglang_layer(precision, num_experts, weights)
+    if precision == "nvfp4" and runner_name(layer) == "marlin" and layer.should_fuse_routed_scaling_factor_in_topk:
+        # SGLang < 0.5.23 folds routed_scaling_factor into the top-k for every ModelOpt NVFP4 layer
+        # while its Marlin runner multiplies by it again (2.5^2 on the routed experts; fixed by
+        # sgl-project/sglang#31762). Compare under the fixed rule, which 0.5.23 follows: on Marlin the
+        # runner scales and the top-k does not. Read before bind_ours: the binding follows this flag.
+        layer.should_fuse_routed_scaling_factor_in_topk = False
+        print(
+            "SGLang NVFP4 on Marlin: routed scaling moved from the top-k to the runner (sglang#31762)", file=sys.stderr
+        )
     ours = bind_ours(precision, layer)
     layer.quant_method.process_weights_after_loading(layer)
     if tune:
