@@ -36,8 +36,15 @@ from ...quant.fp8 import BLOCK, FP8_DTYPE
 from .bf16_grouped import GemmPlanMissingError, _device_name
 
 #: Configurations, as (tile_m, tile_n, cluster_m, pingpong). tile_n is 128 so that one weight
-#: scale serves a whole output tile per K tile.
+#: scale serves a whole output tile per K tile. The block-scaled mainloop holds two fp32
+#: accumulators (the K tile's WGMMA result and the promoted sum): with 64 rows a warpgroup
+#: (128x128 cooperative, 64x128 pingpong) that is 128 registers a thread and nothing spills;
+#: with 128 rows a warpgroup (the other four) it is 256, and ptxas spills ~370 bytes a thread,
+#: which the promotion then reloads every K tile (H200, 2026-12-02: 400-530 TFLOP/s, ncu:
+#: FFMAs stalled on local-memory loads).
 TILES: Tuple[Tuple[int, int, int, bool], ...] = (
+    (128, 128, 1, False),
+    (64, 128, 1, True),
     (128, 128, 1, True),
     (128, 128, 2, True),
     (256, 128, 1, False),
