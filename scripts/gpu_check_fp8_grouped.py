@@ -32,29 +32,19 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from gpu_check_tests import run_tests  # noqa: E402 (the scripts folder is on the path now)
+
+#: The tests run before timing (pass --skip-tests to time only).
+GPU_TESTS = [
+    "tests/kernels/test_sm90_fp8_grouped_gpu.py",
+    "tests/kernels/test_sm90_fp8_grouped_parts.py",
+]
 ROWS, SEGMENTS = 65536, 32
 GEMMS = {"gemm1": (4096, 7168), "gemm2": (7168, 2048)}
 #: Rows checked against the float64 reference at the start and end of every segment.
 SAMPLE = 16
-
-
-def run_tests(out: Path) -> dict:
-    import pytest
-
-    started = time.perf_counter()
-    code = pytest.main(
-        [
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            "--tb=short",
-            "-rfE",
-            f"--junitxml={out / 'tests_fp8_grouped.xml'}",
-            str(ROOT / "tests/kernels/test_sm90_fp8_grouped_gpu.py"),
-            str(ROOT / "tests/kernels/test_sm90_fp8_grouped_parts.py"),
-        ]
-    )
-    return {"exit_code": int(code), "passed": int(code) == 0, "seconds": round(time.perf_counter() - started, 1)}
 
 
 def _median_us(fn: Callable[[], object]) -> float:
@@ -176,7 +166,7 @@ def main() -> int:
     if reason is not None:
         return 1
     if not args.skip_tests:
-        result["tests"] = run_tests(path.parent)
+        result["tests"] = run_tests(path.parent / "tests_fp8_grouped.xml", GPU_TESTS)
         print(f"tests: {result['tests']}", flush=True)
         path.write_text(json.dumps(result, indent=1))
     records: List[Dict] = []

@@ -30,31 +30,21 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from gpu_check_tests import run_tests  # noqa: E402 (the scripts folder is on the path now)
+
+#: The tests run before timing (pass --skip-tests to time only).
+GPU_TESTS = [
+    "tests/kernels/test_sm90_grouped_gpu.py",
+    "tests/kernels/test_cute_env.py",
+]
 H, I, K = 7168, 2048, 8
 SHAPES = [(32, 1024), (32, 8192), (256, 1024), (256, 8192)]
 
 
 def _tflops(pairs: int, us: float) -> float:
     return 2.0 * pairs * 3 * H * I / (us * 1e-6) / 1e12
-
-
-def run_tests(out: Path) -> dict:
-    import pytest
-
-    started = time.perf_counter()
-    code = pytest.main(
-        [
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            "--tb=short",
-            "-rfE",
-            f"--junitxml={out / 'tests.xml'}",
-            str(ROOT / "tests/kernels/test_sm90_grouped_gpu.py"),
-            str(ROOT / "tests/kernels/test_cute_env.py"),
-        ]
-    )
-    return {"exit_code": int(code), "passed": int(code) == 0, "seconds": round(time.perf_counter() - started, 1)}
 
 
 def _inputs(t: int, e: int, sets: int, device: torch.device):
@@ -215,7 +205,7 @@ def main() -> int:
     if reason is not None:
         return 1
     if not args.skip_tests:
-        result["tests"] = run_tests(path.parent)
+        result["tests"] = run_tests(path.parent / "tests.xml", GPU_TESTS)
         print(f"tests: {result['tests']}", flush=True)
     records, errors = [], {}
     for e, t in shapes:

@@ -64,6 +64,8 @@ VARIANTS: Dict[str, Tuple[str, Optional[Dict[str, Any]]]] = {
     "zero_fused": ("fp8_block", {"COMBINE": "atomic", "ZERO": "fused"}),
     "zero_sync": ("fp8_block", {"COMBINE": "atomic", "ZERO": "sync"}),
     "zero_stream": ("fp8_block", {"COMBINE": "atomic", "ZERO": "stream"}),
+    # swap-AB beyond the pairs the default gives it (T=32 E=256: one pair an expert)
+    "swapab": ("fp8_block", fp8_moe.SWAPAB_CONFIG),
     **{f"swapab_{name}": ("fp8_block", cfg) for name, cfg in fp8_moe.SWAPAB_GEMM2_VARIANTS.items()},
     "nvfp4_swapab": ("nvfp4", nvfp4_moe.SWAPAB_CONFIG),
 }
