@@ -2,7 +2,7 @@
 
 Run as a script (one process per check: SGLang plugins load once per process)::
 
-    python layer_check.py {fp8_block,fp8_tensor,nvfp4,refusals}
+    python layer_check.py {fp8_block,fp8_tensor,nvfp4,refusals,scaling_rule}
 
 It loads the plugins, publishes SGLang's runtime config for a tiny DeepSeek-V3
 (``ServerArgs`` over a config.json, a world of one gloo rank), builds SGLang's
@@ -15,6 +15,10 @@ one JSON line: the quantization method, the runner backend, and whether the
 output equals ``moe_backend.reference_fused_experts`` on the same weights with
 the router weights times ``routed_scaling_factor`` (bit for bit). ``refusals``
 builds layers the backend cannot serve and prints the start-up error of each.
+``scaling_rule`` builds SGLang's own ModelOpt NVFP4 layer on its Marlin runner and
+FP8 block layer on its Triton runner, then our FP8 block and NVFP4 layers, and
+prints where each applies ``routed_scaling_factor``: folded into the top-k, in
+SGLang's runner, or in our binding.
 """
 
 import json
@@ -75,19 +79,25 @@ def _model_dir(precision):
     return path
 
 
-def _init_sglang(precision):
-    """Plugins, the runtime config of a server started with our backend, one gloo rank."""
-    from sglang.srt.plugins import load_plugins
-
-    load_plugins()
+def _publish(precision, backend="moe_backend"):
+    """The runtime config of a server started with ``--moe-runner-backend backend`` (last publish wins)."""
     from sglang.srt import runtime_context
-    from sglang.srt.distributed import init_distributed_environment, initialize_model_parallel
     from sglang.srt.layers.moe.utils import initialize_moe_config
     from sglang.srt.server_args import ServerArgs
 
-    args = ServerArgs(model_path=_model_dir(precision), moe_runner_backend="moe_backend", device="cpu")
+    args = ServerArgs(model_path=_model_dir(precision), moe_runner_backend=backend, device="cpu")
     runtime_context.publish(args, role="scheduler", ranks=runtime_context.SpawnRanks(world_rank=0))
     initialize_moe_config()
+
+
+def _init_sglang(precision, backend="moe_backend"):
+    """Plugins, the runtime config of a server started with ``backend`` (ours by default), one gloo rank."""
+    from sglang.srt.plugins import load_plugins
+
+    load_plugins()
+    from sglang.srt.distributed import init_distributed_environment, initialize_model_parallel
+
+    _publish(precision, backend)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -153,15 +163,11 @@ def _load(layer, precision, weights):
             )
 
 
-def main(precision):
-    _init_sglang(precision)
+def _fused_moe(precision):
+    """SGLang's ``FusedMoE`` for ``precision`` with a fused shared expert, as DeepSeek-V3 builds it."""
     from sglang.srt.layers.moe.fused_moe_triton.layer import FusedMoE
-    from sglang.srt.layers.moe.topk import StandardTopKOutput
 
-    from moe_backend import reference_fused_experts
-    from moe_backend.expert_weights import WEIGHT_TYPES
-
-    layer = FusedMoE(
+    return FusedMoE(
         num_experts=E,
         hidden_size=H,
         intermediate_size=I,
@@ -173,12 +179,29 @@ def main(precision):
         prefix="model.layers.1.mlp.experts",
         routed_scaling_factor=SCALING,
     )
+
+
+def _loaded_weights(layer, precision):
+    """Quantized experts loaded into ``layer`` through SGLang's loaders, then post-processed (binds ours)."""
+    from moe_backend.expert_weights import WEIGHT_TYPES
+
     torch.manual_seed(0)
     # Gate and up get different magnitudes so NVFP4's two global scales differ.
     w13 = torch.cat([torch.randn(E, I, H) * 0.05, torch.randn(E, I, H) * 0.02], 1)
     weights = WEIGHT_TYPES[precision].quantize(w13, torch.randn(E, H, I) * 0.05)
     _load(layer, precision, weights)
     layer.quant_method.process_weights_after_loading(layer)
+    return weights
+
+
+def main(precision):
+    _init_sglang(precision)
+    from sglang.srt.layers.moe.topk import StandardTopKOutput
+
+    from moe_backend import reference_fused_experts
+
+    layer = _fused_moe(precision)
+    weights = _loaded_weights(layer, precision)
 
     x = torch.randn(T, H, dtype=torch.bfloat16)
     ids = torch.randint(0, E - 1, (T, K), dtype=torch.int32)
@@ -270,5 +293,48 @@ def refusals():
     print(json.dumps(errors))
 
 
+#: (case, precision, --moe-runner-backend): SGLang's own runners first (no moe_backend layer), then ours.
+SCALING_CASES = (
+    ("sglang_nvfp4_marlin", "nvfp4", "marlin"),
+    ("sglang_fp8_block_triton", "fp8_block", "triton"),
+    ("ours_fp8_block", "fp8_block", "moe_backend"),
+    ("ours_nvfp4", "nvfp4", "moe_backend"),
+)
+
+
+def scaling_rule():
+    """Where each case's layer applies ``routed_scaling_factor``, one process, re-publishing the backend.
+
+    ``fused_in_topk``: the layer asks the model's top-k to fold the factor into the router
+    weights (DeepSeek passes it as ``apply_routed_scaling_factor_on_output``).
+    ``runner_factor``: ``moe_runner_config.routed_scaling_factor``, which SGLang's Marlin and
+    Triton runners multiply by unconditionally (``runner_reads_layer_config``: the config their
+    ``MoeRunner`` holds is the layer's). ``binding_factor`` (ours only): what our binding
+    multiplies the router weights by (None: nothing); our runner never reads ``runner_factor``.
+    SGLang's own layers are only built (not loaded or run): their runners need a GPU.
+    """
+    from moe_backend.integrations.sglang.binding import ATTR
+
+    _init_sglang(SCALING_CASES[0][1], SCALING_CASES[0][2])
+    cases = {}
+    for name, precision, backend in SCALING_CASES:
+        _publish(precision, backend)
+        layer = _fused_moe(precision)
+        case = {
+            "method": type(layer.quant_method).__name__,
+            "runner": layer.runner_backend.value,
+            "fused_in_topk": layer.should_fuse_routed_scaling_factor_in_topk,
+            "runner_factor": layer.moe_runner_config.routed_scaling_factor,
+            "runner_reads_layer_config": layer.quant_method.runner.config is layer.moe_runner_config,
+        }
+        if backend == "moe_backend":
+            _loaded_weights(layer, precision)
+            case["binding_factor"] = getattr(layer, ATTR).routed_scaling_factor
+        cases[name] = case
+    print(json.dumps(cases))
+
+
+CHECKS = {"refusals": refusals, "scaling_rule": scaling_rule}
+
 if __name__ == "__main__":
-    refusals() if sys.argv[1] == "refusals" else main(sys.argv[1])
+    CHECKS[sys.argv[1]]() if sys.argv[1] in CHECKS else main(sys.argv[1])
