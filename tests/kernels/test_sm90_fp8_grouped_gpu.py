@@ -66,6 +66,16 @@ def test_small_widths_every_tile(sizes, tail, tile):
         assert float(per_row.max()) <= REL_TOL
 
 
+@pytest.mark.parametrize("tile", [t for t in TILES if t[4]])
+@pytest.mark.parametrize("k", [256, 1280])
+def test_overlapping_tiles_at_two_and_ten_k_tiles(k, tile):
+    """The overlapping mainloop's shortest form (prologue and tail only) and a loop of four
+    unrolled pairs, against the float64 reference row by row."""
+    got, want = run_case([1, 130, 0, 64], 256, k, tile, seed=k)
+    per_row = (got.double() - want).norm(dim=1) / want.norm(dim=1).clamp_min(1e-30)
+    assert float(per_row.max()) <= REL_TOL
+
+
 @pytest.mark.parametrize("tile", [TILES[0], TILES[2]])
 @pytest.mark.parametrize("n,k", [(4096, 7168), (7168, 2048)], ids=["gemm1", "gemm2"])
 def test_deepseek_widths(n, k, tile):

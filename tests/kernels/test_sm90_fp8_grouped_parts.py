@@ -136,28 +136,67 @@ def test_no_compile_inside_capture(monkeypatch):
         fp8_grouped._plan(key, torch.device("cuda", 0))
 
 
-@pytest.mark.skipif(cute_env.quack_unavailable_reason() is not None, reason="needs nvidia-cutlass-dsl and quack")
-def test_offline_compile_for_sm90a(tmp_path):
-    """One configuration builds for sm_90a on this CPU (its own process: the target is pinned
-    before CuTe DSL is imported), and its PTX holds the block-scaled mainloop: FP8 WGMMAs and, per
-    thread and K tile, one scaled fp32 FMA per accumulator element (64 for the default 128x128
-    tile). ``moe-backend compile-cute`` builds every configuration in CI."""
+def _cuobjdump():
+    """The cuobjdump Triton bundles (CUDA 12.8; it reads sm_90a cubins), or None."""
+    try:
+        import triton
+    except ImportError:
+        return None
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    return path if os.access(path, os.X_OK) else None
+
+
+def _compile_offline(tmp_path, tile) -> str:
+    """Compile ``tile`` for sm_90a in its own process (the target is pinned before CuTe DSL is
+    imported), keeping the PTX and the cubin in ``tmp_path``; return the kernel's PTX."""
     code = (
         "import torch\n"
         "from moe_backend.kernels.sm90.cute_env import pin_offline_arch\n"
         "pin_offline_arch('sm_90a')\n"
         "from moe_backend.kernels.sm90 import fp8_grouped as g\n"
-        "print(g.compile_plans(512, 384, [g.TILES[0]], torch.device('meta')),"
-        " g.compile_plans(384, 512, [g.TILES[0]], torch.device('meta')), g._compile.cache_info().misses)\n"
+        f"print(g.compile_plans(512, 512, [{tile!r}], torch.device('meta')),"
+        f" g.compile_plans(384, 1024, [{tile!r}], torch.device('meta')), g._compile.cache_info().misses)\n"
     )
     env = {k: v for k, v in os.environ.items() if k not in ("CUTE_DSL_ARCH", "QUACK_ARCH")}
-    env.update(CUTE_DSL_KEEP_PTX="1", CUTE_DSL_DUMP_DIR=str(tmp_path))
+    env.update(CUTE_DSL_KEEP="ptx,cubin", CUTE_DSL_DUMP_DIR=str(tmp_path))
     done = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split()[-3:] == ["1", "1", "1"]  # two plans, one compilation
     (ptx_file,) = tmp_path.glob("*Fp8BlockGemmSm90*.sm_90a.ptx")
-    ptx = ptx_file.read_text()
-    assert ptx.count("wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3") == 4  # one m64 atom x 4 k32
-    assert ptx.count("fma.rn.f32") >= 64
+    return ptx_file.read_text()
+
+
+@pytest.mark.skipif(cute_env.quack_unavailable_reason() is not None, reason="needs nvidia-cutlass-dsl and quack")
+@pytest.mark.parametrize("tile", [t for t in TILES if t[0] // (1 if t[3] else 2) == 64])
+def test_offline_compile_for_sm90a(tmp_path, tile):
+    """Each 64-rows-a-warpgroup configuration builds for sm_90a on this CPU and holds the
+    block-scaled mainloop: per K tile, 4 FP8 WGMMAs (one m64 atom x 4 k32) and one scaled fp32
+    FMA per accumulator element (64), in two accumulators when it overlaps. In the cubin nothing
+    spills to local memory (the 128-rows-a-warpgroup tiles do: 370 bytes) and ptxas keeps the
+    WGMMAs asynchronous: one wait per K tile, not one per WGMMA (it serializes them, C7514, when
+    an accumulator is read while a WGMMA stage stays open). ``moe-backend compile-cute`` builds
+    every configuration in CI."""
+    overlap = tile[4]
+    ptx = _compile_offline(tmp_path, tile)
+    waves = 4 if overlap else 1  # K tiles the overlapping loop unrolls: prologue, 2 in the loop, tail
+    assert ptx.count("wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3") == 4 * waves
+    assert ptx.count("fma.rn.f32") >= 64 * waves
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.skip("no cuobjdump (Triton's bundle) to read the cubin")
+    (cubin,) = tmp_path.glob("*Fp8BlockGemmSm90*.sm_90a.cubin")
+    sass = subprocess.run([tool, "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
+    assert sass.count("QGMMA.64x128x32.F32.E4M3.E4M3") == 4 * waves
+    assert sass.count("WARPGROUP.DEPBAR") == waves, "ptxas serialized the WGMMAs"
+    assert "LDL" not in sass and "STL" not in sass, "the mainloop spills to local memory"
+
+
+def test_overlapping_tiles_need_an_even_k_tile_count():
+    tile = next(t for t in TILES if t[4])
+    with pytest.raises(ValueError, match="^tile: .* multiple of 256, got K=384"):
+        compile_plans(256, 384, [tile], torch.device("meta"))
+    ops = make_operands([3], 256, 384, seed=0)
+    with pytest.raises(ValueError, match="^tile: .* multiple of 256"):
+        grouped_gemm_fp8_block(*ops, tile=tile)

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import functools
 import threading
-from typing import Any, Dict, NamedTuple, Tuple
+from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -35,20 +35,24 @@ from ..._checks import capturing, check_tensor
 from ...quant.fp8 import BLOCK, FP8_DTYPE
 from .bf16_grouped import GemmPlanMissingError, _device_name
 
-#: Configurations, as (tile_m, tile_n, cluster_m, pingpong). tile_n is 128 so that one weight
-#: scale serves a whole output tile per K tile. The block-scaled mainloop holds two fp32
-#: accumulators (the K tile's WGMMA result and the promoted sum): with 64 rows a warpgroup
-#: (128x128 cooperative, 64x128 pingpong) that is 128 registers a thread and nothing spills;
-#: with 128 rows a warpgroup (the other four) it is 256, and ptxas spills ~370 bytes a thread,
-#: which the promotion then reloads every K tile (H200, 2026-12-02: 400-530 TFLOP/s, ncu:
-#: FFMAs stalled on local-memory loads).
-TILES: Tuple[Tuple[int, int, int, bool], ...] = (
-    (128, 128, 1, False),
-    (64, 128, 1, True),
-    (128, 128, 1, True),
-    (128, 128, 2, True),
-    (256, 128, 1, False),
-    (256, 128, 2, False),
+#: A configuration: (tile_m, tile_n, cluster_m, pingpong, overlap). tile_n is 128 so that one
+#: weight scale serves a whole output tile per K tile. The block-scaled mainloop holds an fp32
+#: wave accumulator (the K tile's WGMMA result) and the promoted sum: with 64 rows a warpgroup
+#: (128x128 cooperative, 64x128 pingpong) that is 128 registers a thread and nothing spills; with
+#: 128 rows a warpgroup it is 256, and ptxas spills ~370 bytes a thread, which the promotion then
+#: reloads every K tile (H200, 2026-12-02: 400-530 TFLOP/s, ncu: FFMAs stalled on local-memory
+#: loads). ``overlap``: two wave accumulators, so that K tile k is promoted while K tile k + 1's
+#: WGMMA runs (192 registers at 64 rows a warpgroup; K must be a multiple of 256).
+Tile = Tuple[int, int, int, bool, bool]
+TILES: Tuple[Tile, ...] = (
+    (128, 128, 1, False, False),
+    (64, 128, 1, True, False),
+    (128, 128, 1, False, True),
+    (64, 128, 1, True, True),
+    (128, 128, 1, True, False),
+    (128, 128, 2, True, False),
+    (256, 128, 1, False, False),
+    (256, 128, 2, False, False),
 )
 DEFAULT_TILE = TILES[0]
 
@@ -56,7 +60,7 @@ DEFAULT_TILE = TILES[0]
 class PlanKey(NamedTuple):
     """What a compiled FP8 grouped GEMM depends on: configuration, output width N, reduction K, device."""
 
-    tile: Tuple[int, int, int, bool]
+    tile: Tile
     n: int
     k: int
     device: str
@@ -71,11 +75,14 @@ _PLANS: Dict[PlanKey, _Plan] = {}
 _LOCK = threading.Lock()
 
 
-def check_tile(tile: object) -> Tuple[int, int, int, bool]:
-    """``tile`` as a configuration tuple of :data:`TILES`, else ValueError naming it."""
+def check_tile(tile: object, k: Optional[int] = None) -> Tile:
+    """``tile`` as a configuration tuple of :data:`TILES`, else ValueError naming it; with the
+    reduction ``k``, also that an overlapping configuration gets an even number of K tiles."""
     t = tuple(tile) if isinstance(tile, (tuple, list)) else tile
     if t not in TILES:
         raise ValueError(f"tile: expected one of {TILES}, got {tile!r}")
+    if k is not None and t[4] and k % (2 * BLOCK):
+        raise ValueError(f"tile: {t} overlaps K tile pairs and needs K a multiple of {2 * BLOCK}, got K={k}")
     return t  # type: ignore[return-value]
 
 
@@ -124,7 +131,7 @@ def _max_active_clusters(cluster_size: int, device: torch.device) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _compile(tile: Tuple[int, int, int, bool]):
+def _compile(tile: Tile):
     """Trace and compile the kernel of ``tile`` against symbolic shapes (no tensor, no GPU): one
     compilation serves every M, N, K and segment count."""
     import cutlass
@@ -138,9 +145,9 @@ def _compile(tile: Tuple[int, int, int, bool]):
         make_fake_varlen_args,
     )
 
-    from .fp8_grouped_kernel import Fp8BlockGemmSm90
+    from .fp8_grouped_kernel import Fp8BlockGemmSm90, Fp8BlockGemmSm90Overlapped
 
-    tile_m, tile_n, cluster_m, pingpong = tile
+    tile_m, tile_n, cluster_m, pingpong, overlap = tile
     fp8 = cutlass.Float8E4M3FN
     m_a, m_b, m_d, m_c, m, _, _, l_sym = make_fake_gemm_tensors(
         fp8, fp8, cutlass.BFloat16, None, "k", "k", "n", None, varlen_m=True
@@ -153,7 +160,7 @@ def _compile(tile: Tuple[int, int, int, bool]):
         mCuSeqlens=varlen.mCuSeqlensM,
     )
     return compile_gemm_kernel(
-        Fp8BlockGemmSm90,
+        Fp8BlockGemmSm90Overlapped if overlap else Fp8BlockGemmSm90,
         fp8,
         (tile_m, tile_n, BLOCK),
         (cluster_m, 1, 1),
@@ -195,7 +202,7 @@ def grouped_gemm_fp8_block(
     cu_seqlens: torch.Tensor,
     out: torch.Tensor,
     *,
-    tile: Tuple[int, int, int, bool] = DEFAULT_TILE,
+    tile: Tile = DEFAULT_TILE,
 ) -> torch.Tensor:
     """Block-scaled FP8 grouped GEMM: ``out[r] = dequant(a)[r] @ dequant(b[s])^T`` (fp32, one
     bf16 rounding) for the rows ``r`` of each segment ``s``.
@@ -204,10 +211,11 @@ def grouped_gemm_fp8_block(
     row per 128-K block); ``b [S, N, K]`` float8_e4m3fn contiguous (K contiguous);
     ``b_scale [S, N/128, K/128]`` fp32; ``cu_seqlens [S + 1]`` int32 on the device (segment
     bounds, non-decreasing from 0); ``out [M_total, N]`` bf16 contiguous. N and K multiples of
-    128. Rows at or past ``cu_seqlens[S]`` are neither read for output nor written. Returns ``out``.
+    128 (K of 256 for an overlapping ``tile``). Rows at or past ``cu_seqlens[S]`` are neither
+    read for output nor written. Returns ``out``.
     """
-    tile = check_tile(tile)
     m, n, k, _ = check_operands(a, a_scale, b, b_scale, cu_seqlens, out)
+    tile = check_tile(tile, k)
     if b.device.type != "cuda":
         raise ValueError(f"b: expected tensors on a CUDA device (Hopper), got {b.device}")
     if m == 0:
@@ -246,7 +254,7 @@ def compile_plans(n: int, k: int, tiles, device: torch.device) -> int:
         raise ValueError(f"n, k: expected positive multiples of {BLOCK}, got n={n}, k={k}")
     device = torch.device(device)
     built = 0
-    for tile in dict.fromkeys(check_tile(t) for t in tiles):
+    for tile in dict.fromkeys(check_tile(t, k) for t in tiles):
         key = PlanKey(tile, n, k, _device_name(device))
         if key not in _PLANS:
             _plan(key, device)

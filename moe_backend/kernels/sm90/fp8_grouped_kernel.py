@@ -7,6 +7,7 @@ WGMMAs write a zero-initialised wave accumulator, which is drained and added to 
 accumulator. :class:`Fp8BlockGemmSm90` overrides that mainloop (``mma``) to scale the wave by
 ``a_scale[row, kb] * b_scale[s, n_block, kb]`` before adding it (DeepSeek-V3 block scale, the
 promotion scheme of DeepGEMM), so the FP8 MMA accumulator never runs across K tiles.
+:class:`Fp8BlockGemmSm90Overlapped` promotes each K tile while the next one's WGMMAs run.
 
 Two facts the mainloop needs reach it through narrow seams of ``GemmSm90.kernel``:
 
@@ -33,10 +34,38 @@ from quack import layout_utils
 from quack.cute_dsl_utils import mlir_namedtuple
 from quack.gemm_default_epi import GemmDefaultEpiMixin, GemmDefaultSm90
 from quack.rounding import RoundingMode
+from quack.sm90_utils import gemm_w_idx
 from quack.tile_scheduler import VarlenMTileScheduler, WorkTileInfo
 
 #: K (and N) extent of one scale block.
 BLOCK = 128
+
+
+# Straight-line register work of the mainloop, inlined into it (CuTe DSL wants the tensors passed
+# explicitly, not captured by closures, inside its dynamic loops).
+@cute.jit
+def _prefetch(a_next, b_next, source, k, rows: cutlass.Constexpr[int]) -> None:
+    """Load K tile ``k``'s scales: the weight block's into ``b_next[0]``, each row's into
+    ``a_next``; ``source`` is ``(a_scale, b_scale, row_idx, segment, pid_n)``."""
+    m_sa, m_sb, row_idx, seg, pid_n = source
+    b_next[0] = m_sb[seg, pid_n, k]
+    for r in cutlass.range_constexpr(rows):
+        a_next[r] = m_sa[row_idx[r], k]
+
+
+@cute.jit
+def _take(row_scale, a_next, b_next, rows: cutlass.Constexpr[int]) -> None:
+    """The prefetched scales as this K tile's row scales (frees the prefetch registers)."""
+    for r in cutlass.range_constexpr(rows):
+        row_scale[r] = a_next[r] * b_next[0]
+
+
+@cute.jit
+def _promote(slow_mn, wave_mn, row_scale, rows: cutlass.Constexpr[int], cols: cutlass.Constexpr[int]) -> None:
+    """``slow += wave * row_scale`` (both accumulators in (M, N) view)."""
+    for r in cutlass.range_constexpr(rows):
+        for c in cutlass.range_constexpr(cols):
+            slow_mn[r, c] = slow_mn[r, c] + wave_mn[r, c] * row_scale[r]
 
 
 class _CoordScheduler(VarlenMTileScheduler):
@@ -96,6 +125,9 @@ class Fp8BlockGemmSm90(GemmDefaultSm90):
         sfd_norm_const: Optional[Float32 | cute.Tensor] = None
         mSFDCol: Optional[cute.Tensor] = None
 
+    #: Promote K tile k while K tile k + 1's WGMMA runs (two wave accumulators; even K tile count).
+    overlap_promotion = False
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         assert self.fp8_slow_accum, "Fp8BlockGemmSm90 needs FP8 A without fast accumulation"
@@ -139,40 +171,91 @@ class Fp8BlockGemmSm90(GemmDefaultSm90):
         for r in cutlass.range_constexpr(rows):
             row_idx[r] = cutlass.min(first + coords[r, 0][0], last)
         # The scales of K tile k are loaded during tile k - 1 and used after tile k's WGMMA: an
-        # L2 round trip (~600+ cycles under load) outlasts one 128x128x128 WGMMA (~512 cycles), so
-        # loads issued beside the WGMMA they serve stalled the promotion (ncu, H200: 73% of the
-        # warp stalls were L1TEX scoreboard waits).
+        # L2 round trip (~600+ cycles under load) outlasts one 128x128x128 WGMMA (~512 cycles).
         a_next = cute.make_rmem_tensor((rows,), Float32)
         b_next = cute.make_rmem_tensor((1,), Float32)
-        a_cur = cute.make_rmem_tensor((rows,), Float32)
         row_scale = cute.make_rmem_tensor((rows,), Float32)
-        b_next[0] = m_sb[seg, pid_n, 0]
-        for r in cutlass.range_constexpr(rows):
-            a_next[r] = m_sa[row_idx[r], 0]
 
+        source = (m_sa, m_sb, row_idx, seg, pid_n)
         acc_slow.fill(0.0)
         ab_release_state = ab_read_state.clone()
-        for k_tile in cutlass.range(k_tile_cnt, unroll=1):
-            for r in cutlass.range_constexpr(rows):
-                a_cur[r] = a_next[r]
-            b_cur = b_next[0]
+        _prefetch(a_next, b_next, source, 0, rows)
+        if const_expr(not self.overlap_promotion):
+            # each K tile: WGMMA into acc, wait for it, promote it (the tensor cores idle meanwhile)
+            for k_tile in cutlass.range(k_tile_cnt, unroll=1):
+                _take(row_scale, a_next, b_next, rows)
+                peek = ab_pipeline.consumer_try_wait(ab_read_state)
+                ab_pipeline.consumer_wait(ab_read_state, peek)
+                mma_fn(A_idx=ab_read_state.index, B_idx=ab_read_state.index, zero_init=True)
+                _prefetch(a_next, b_next, source, cutlass.min(k_tile + 1, k_tile_cnt - 1), rows)
+                warpgroup.wait_group(0)
+                ab_pipeline.consumer_release(ab_release_state)
+                ab_read_state.advance()
+                ab_release_state.advance()
+                _promote(slow_mn, acc_mn, row_scale, rows, cols)
+        else:
+            # Two wave accumulators: K tile k is promoted from one while K tile k + 1's WGMMA runs
+            # into the other; each half-step ends waiting for that WGMMA (wait_group(0)), so that
+            # every WGMMA pipeline stage closes inside it: ptxas serializes every WGMMA (C7514)
+            # when registers of an accumulator are read across a stage that stays open, as a
+            # wait_group(1) loop leaves it. Unrolled by two so that each accumulator is a fixed
+            # register set: needs an even K tile count (the launcher checks K % 256 == 0).
+            tiled_mma, _, t_ra, t_rb = mma_fn.args
+            acc2 = cute.make_rmem_tensor_like(acc)
+            acc2_mn = layout_utils.reshape_acc_to_mn(acc2)
             peek = ab_pipeline.consumer_try_wait(ab_read_state)
             ab_pipeline.consumer_wait(ab_read_state, peek)
-            mma_fn(A_idx=ab_read_state.index, B_idx=ab_read_state.index, zero_init=True)
-            k_next = cutlass.min(k_tile + 1, k_tile_cnt - 1)
-            b_next[0] = m_sb[seg, pid_n, k_next]
-            for r in cutlass.range_constexpr(rows):
-                a_next[r] = m_sa[row_idx[r], k_next]
-            for r in cutlass.range_constexpr(rows):
-                row_scale[r] = a_cur[r] * b_cur
+            gemm_w_idx(tiled_mma, acc, t_ra, t_rb, True, ab_read_state.index, ab_read_state.index)
+            ab_read_state.advance()
             warpgroup.wait_group(0)
             ab_pipeline.consumer_release(ab_release_state)
-            ab_read_state.advance()
             ab_release_state.advance()
-            for r in cutlass.range_constexpr(rows):
-                for c in cutlass.range_constexpr(cols):
-                    slow_mn[r, c] = slow_mn[r, c] + acc_mn[r, c] * row_scale[r]
+            for kk in cutlass.range(0, k_tile_cnt - 2, 2, unroll=1):
+                # tile kk + 1 into acc2 while tile kk (acc) is promoted
+                _take(row_scale, a_next, b_next, rows)
+                peek = ab_pipeline.consumer_try_wait(ab_read_state)
+                ab_pipeline.consumer_wait(ab_read_state, peek)
+                gemm_w_idx(tiled_mma, acc2, t_ra, t_rb, True, ab_read_state.index, ab_read_state.index)
+                ab_read_state.advance()
+                _prefetch(a_next, b_next, source, kk + 1, rows)
+                _promote(slow_mn, acc_mn, row_scale, rows, cols)
+                warpgroup.wait_group(0)
+                ab_pipeline.consumer_release(ab_release_state)
+                ab_release_state.advance()
+                # tile kk + 2 into acc while tile kk + 1 (acc2) is promoted
+                _take(row_scale, a_next, b_next, rows)
+                peek = ab_pipeline.consumer_try_wait(ab_read_state)
+                ab_pipeline.consumer_wait(ab_read_state, peek)
+                gemm_w_idx(tiled_mma, acc, t_ra, t_rb, True, ab_read_state.index, ab_read_state.index)
+                ab_read_state.advance()
+                _prefetch(a_next, b_next, source, kk + 2, rows)
+                _promote(slow_mn, acc2_mn, row_scale, rows, cols)
+                warpgroup.wait_group(0)
+                ab_pipeline.consumer_release(ab_release_state)
+                ab_release_state.advance()
+            # the last tile into acc2 while tile k_tile_cnt - 2 (acc) is promoted, then the last
+            _take(row_scale, a_next, b_next, rows)
+            peek = ab_pipeline.consumer_try_wait(ab_read_state)
+            ab_pipeline.consumer_wait(ab_read_state, peek)
+            gemm_w_idx(tiled_mma, acc2, t_ra, t_rb, True, ab_read_state.index, ab_read_state.index)
+            ab_read_state.advance()
+            _prefetch(a_next, b_next, source, k_tile_cnt - 1, rows)
+            _promote(slow_mn, acc_mn, row_scale, rows, cols)
+            warpgroup.wait_group(0)
+            ab_pipeline.consumer_release(ab_release_state)
+            ab_release_state.advance()
+            _take(row_scale, a_next, b_next, rows)
+            _promote(slow_mn, acc2_mn, row_scale, rows, cols)
         if const_expr(self.pingpong):
             self.pingpong_barrier_arrive(1 - warp_group_idx, stage="mma")
         acc.store(acc_slow.load())
         return ab_read_state
+
+
+class Fp8BlockGemmSm90Overlapped(Fp8BlockGemmSm90):
+    """:class:`Fp8BlockGemmSm90` whose promotion of each K tile overlaps the next K tile's WGMMA:
+    the tensor cores no longer idle while the FFMAs run. 64 rows a warpgroup keep the three
+    accumulators (two waves, the promoted sum) at 192 registers a thread. K must be a multiple of
+    256 (an even number of K tiles)."""
+
+    overlap_promotion = True
