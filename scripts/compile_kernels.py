@@ -377,9 +377,10 @@ def _describe(data: str) -> str:
         names[k[0]]: v for k, v in zip(spec["constant_keys"], spec["constant_vals"], strict=True) if len(k) == 1
     }
     opts = spec["options"]
+    cap = f" maxnreg={opts['maxnreg']}" if opts.get("maxnreg") else ""
     return (
         f"{spec['name'].rpartition('.')[2]} num_warps={opts.get('num_warps')} "
-        f"num_stages={opts.get('num_stages')} {constants}"
+        f"num_stages={opts.get('num_stages')}{cap} {constants}"
     )
 
 

@@ -18,7 +18,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_capture_reaches_every_kernel_and_configuration():
-    from moe_backend.kernels.sm90 import fp8_moe, nvfp4_moe
+    from moe_backend.kernels.sm90 import fp8_moe, nvfp4_moe, tiles
 
     run = _run("--list", "--shapes", "odd_128", "--tokens", "3", "400")
     assert run.returncode == 0, run.stderr
@@ -47,6 +47,10 @@ def test_capture_reaches_every_kernel_and_configuration():
     for cfg in fp8_moe.SWAPAB_GEMM2_VARIANTS.values():  # experimental, not tuner candidates
         variant = f"'N_TILES': {cfg['N_TILES2']}, 'FUSED_CAST': {cfg['FUSED_CAST2']}"
         assert any(variant in line for line in gemm2), cfg
+    # the gathered NVFP4 GEMMs run capped at tiles.GATHER_MAXNREG registers, the aligned ones uncapped
+    gathered = [line for line in lines if "'GATHER': True" in line]
+    assert gathered and all(f"maxnreg={tiles.GATHER_MAXNREG} " in line for line in gathered)
+    assert not any("maxnreg" in line for line in lines if "'GATHER': False" in line)
     vllm = fp8_moe.NUMERICS_CONFIGS["vllm_triton"]
     assert any(f"'BLOCK_M': {vllm['BLOCK_M']}" in line and "'VLLM_ORDER': 1" in line for line in lines)
     assert any("'VLLM_ORDER': 2" in line for line in lines)

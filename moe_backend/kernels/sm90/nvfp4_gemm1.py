@@ -27,10 +27,10 @@ from triton.language.extra.cuda import gdc_launch_dependents
 from ...runtime import workspace
 from ..interpret import INTERPRETING
 from .align import AlignedRouting, GatheredPairs, row_source_args
-from .nvfp4_act import natural_k
 from .nvfp4_layout import K_GROUP
 from .nvfp4_tile import WEIGHT_SHIFT, dequant_group, mma
 from .tiles import (
+    GATHER_MAXNREG,
     MAX_GATHER_PAIRS,
     aligned_rows,
     chunk_pairs,
@@ -74,16 +74,16 @@ def _gemm1_rows(
 ):
     """One tile: ``BLOCK_M`` rows (``pair``, of ``token``) of local ``expert`` times the gate and
     up rows of column block ``pid_n``; writes ``silu(gate) * up`` at ``y[rows]`` (``row_ok`` rows
-    only with ``GATHER``, whose ``x`` is ``hidden`` in natural order, read at ``natural_k``)."""
+    only with ``GATHER``, whose ``x`` is ``hidden`` in natural order, permuted to the dot order
+    in registers)."""
     offs_k = tl.arange(0, 256)
-    offs_x = natural_k(offs_k) if GATHER else offs_k
     offs_w = tl.arange(0, 16)
     # One weight tile of 2 * BLOCK_N rows: the gate rows of the block, then its up rows.
     offs_r = tl.arange(0, 2 * BLOCK_N)
     is_gate = offs_r < BLOCK_N
     w_rows = pid_n * BLOCK_N + tl.where(is_gate, offs_r, IP + offs_r - BLOCK_N)
 
-    x_ptrs = x_ptr + token[:, None] * stride_xm + offs_x[None, :]
+    x_ptrs = x_ptr + token[:, None] * stride_xm + offs_k[None, :]
     w_ptrs = w_ptr + expert * stride_we + w_rows[:, None] * stride_wn + offs_w[None, :]
     s_ptrs = ws_ptr + expert * stride_wse + w_rows[:, None] * stride_wsn + offs_w[None, :]
 
@@ -93,7 +93,12 @@ def _gemm1_rows(
     tl.assume(num_groups > 0)
     for g in range(0, num_groups):
         if GATHER:
-            x = tl.load(x_ptrs, mask=row_ok[:, None] & (g * 256 + offs_x < H)[None, :], other=0.0)
+            # hidden in natural order, loaded contiguously (16-byte cp.async) and put in the dot
+            # order in registers: position 128 h + 32 s + 2 w + i holds 16 w + 8 h + 2 s + i
+            # (nvfp4_act.natural_k). Loading at natural_k offsets instead defeated vectorization
+            # and the pipeliner (2-byte synchronous loads).
+            x = tl.load(x_ptrs, mask=row_ok[:, None] & (g * 256 + offs_k < H)[None, :], other=0.0)
+            x = tl.reshape(tl.permute(tl.reshape(x, [BLOCK_M, 16, 2, 4, 2]), (0, 2, 3, 1, 4)), [BLOCK_M, 256])
         else:
             x = tl.load(x_ptrs, mask=row_ok[:, None], other=0.0)
         w = dequant_group(tl.load(w_ptrs), tl.load(w_ptrs + 16), tl.load(s_ptrs), INTERPRET)
@@ -282,5 +287,6 @@ def gemm1_nvfp4(
         ZERO_BLOCK=ZERO_BLOCK,
         num_warps=num_warps,
         num_stages=num_stages,
+        **({"maxnreg": GATHER_MAXNREG} if gather else {}),
     )
     return y

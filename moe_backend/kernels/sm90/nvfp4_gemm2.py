@@ -23,7 +23,15 @@ from ..interpret import INTERPRETING
 from .align import AlignedRouting, GatheredPairs, row_source_args
 from .nvfp4_layout import K_GROUP
 from .nvfp4_tile import WEIGHT_SHIFT, dequant_group, mma
-from .tiles import MAX_GATHER_PAIRS, aligned_rows, chunk_pairs, expert_members, gather_scan_width, tile_coords
+from .tiles import (
+    GATHER_MAXNREG,
+    MAX_GATHER_PAIRS,
+    aligned_rows,
+    chunk_pairs,
+    expert_members,
+    gather_scan_width,
+    tile_coords,
+)
 
 
 @triton.jit
@@ -242,4 +250,5 @@ def gemm2_nvfp4(
         num_warps=num_warps,
         num_stages=num_stages,
         **({"launch_pdl": True} if pdl else {}),
+        **({"maxnreg": GATHER_MAXNREG} if gather else {}),
     )

@@ -39,14 +39,24 @@ def aligned_rows(pid_m, pid_n, sorted_ptr, tile_expert_ptr, num_pairs, N, BLOCK_
 @triton.jit
 def zero_fill(ptr, numel, BLOCK: tl.constexpr):
     """This program's grid-stride share of zeroing ``numel`` elements at ``ptr`` (any dtype: the
-    fp32 zeros convert on store)."""
-    for z in range(tl.program_id(0) * BLOCK, numel, tl.num_programs(0) * BLOCK):
+    fp32 zeros convert on store). Shares are over the whole grid (up to three axes), so every
+    program of the launch must call it."""
+    n0, n1 = tl.num_programs(0), tl.num_programs(1)
+    pid = tl.program_id(0) + n0 * (tl.program_id(1) + n1 * tl.program_id(2))
+    for z in range(pid * BLOCK, numel, n0 * n1 * tl.num_programs(2) * BLOCK):
         offs = z + tl.arange(0, BLOCK)
         tl.store(ptr + offs, tl.zeros([BLOCK], dtype=tl.float32), mask=offs < numel)
 
 
 #: Largest pair count (T * k) the leader scan handles (its ids are held in registers).
 MAX_GATHER_PAIRS = 1024
+
+
+#: Register cap of the gathered (swap-AB) NVFP4 GEMM launches: the leader scan and chunk
+#: bookkeeping took them from 123-127 registers a thread (the aligned path's) to 184-255, which
+#: halved the 128-thread programs an SM holds (4 -> 2) and with it the weight stream in flight.
+#: At 128 ptxas spills 20-112 bytes, outside the inner loop (sm_90a, offline, 2026-12-02).
+GATHER_MAXNREG = 128
 
 
 def gather_scan_width(num_pairs: int) -> int:
