@@ -288,13 +288,15 @@ def test_zero_tokens():
 
 @runs_here
 def test_default_config_both_paths():
-    """The heuristic picks swap-AB for few pairs, the aligned decode path for few rows per expert
-    beyond, and prefill for many."""
+    """The heuristic picks swap-AB for few pairs or at most one pair an expert, the aligned
+    decode path for at most one row per expert beyond the swap-AB scan, and prefill for more."""
     from moe_backend.kernels.sm90 import default_config
 
     assert default_config(1, 8, 256)["path"] == "swapab"
     assert default_config(16, 8, 32)["path"] == "swapab"
-    assert default_config(24, 8, 256)["path"] == "decode"
+    assert default_config(32, 8, 256)["path"] == "swapab"  # 256 pairs, one an expert
+    assert default_config(33, 8, 256)["path"] == "prefill"
+    assert default_config(160, 8, 2048)["path"] == "decode"  # 1280 pairs: past the scan
     assert default_config(17, 8, 32)["path"] == "prefill"
     assert default_config(8192, 8, 32)["path"] == "prefill"
 

@@ -55,6 +55,7 @@ from .config import resolve_path_config
 from .fp8_gemm1 import gemm1_fp8
 from .fp8_gemm2 import gemm2_fp8
 from .fp8_swapab import swapab_fp8
+from .tiles import MAX_GATHER_PAIRS
 
 #: Every knob of a configuration (``config=`` may give any subset; the rest come from the heuristic).
 #: ``*1`` are GEMM1's, ``*2`` GEMM2's; ``BLOCK_K`` must be 128 with dynamic scales or block weights.
@@ -245,14 +246,19 @@ def _check_vllm_numerics(
 def default_config(num_tokens: int, top_k: int, num_experts: int) -> Dict[str, Any]:
     """Heuristic configuration from the expected rows per local expert (balanced routing).
 
-    Up to ``SWAPAB_DEFAULT_MAX_PAIRS`` pairs the swap-AB path (an H200 scan). Above, tuned on an
-    H100 with H=7168, I=2048 (a config sweep, docs/performance.md): up to one row per expert the
-    aligned decode path; up to 16 the prefill kernels with BLOCK_M=16
-    and atomic combine (still a weight stream); above, larger tiles and the
-    ``sum`` combine, which beats atomics once the workspace is large.
+    The swap-AB path up to ``SWAPAB_DEFAULT_MAX_PAIRS`` pairs (an H200 scan), and up to one pair
+    per expert as far as its scan reaches (``MAX_GATHER_PAIRS``): at T=32 E=256 the aligned decode
+    path ran at 0.77 of the weight-stream ceiling, slower than every swap-AB GEMM2 variant (H200,
+    2026-12-02). Above, tuned on an H100 with H=7168, I=2048 (a config sweep,
+    docs/performance.md): up to one row per expert the aligned decode path; up to 16 the prefill
+    kernels with BLOCK_M=16 and atomic combine (still a weight stream); above, larger tiles and
+    the ``sum`` combine, which beats atomics once the workspace is large.
     """
-    rows_per_expert = num_tokens * top_k / num_experts
-    if num_tokens * top_k <= SWAPAB_DEFAULT_MAX_PAIRS and rows_per_expert <= 16:
+    pairs = num_tokens * top_k
+    rows_per_expert = pairs / num_experts
+    if (pairs <= SWAPAB_DEFAULT_MAX_PAIRS and rows_per_expert <= 16) or (
+        pairs <= MAX_GATHER_PAIRS and rows_per_expert <= 1
+    ):
         return dict(SWAPAB_CONFIG)
     return dict(next(cfg for limit, cfg in DEFAULT_TIERS if rows_per_expert <= limit))
 
