@@ -70,11 +70,12 @@ def main(args: argparse.Namespace) -> int:
             built += n
             print(f"  H={h} I={i} tile {tile}: {n} kernel(s) in {time.perf_counter() - t0:.1f} s")
         # FP8 block-scale grouped GEMM (not in the layer yet): GEMM1 [2I, H], GEMM2 [H, I]
-        for tile in fp8_grouped.TILES:
+        for fp8_tile in fp8_grouped.TILES:
+            gemms = [(nn, kk) for nn, kk in ((2 * i, h), (h, i)) if fp8_grouped.serves(fp8_tile, kk)]
             t0 = time.perf_counter()
             with offline_compile() if offline else contextlib.nullcontext():
-                n = sum(fp8_grouped.compile_plans(nn, kk, [tile], device) for nn, kk in ((2 * i, h), (h, i)))
+                n = sum(fp8_grouped.compile_plans(nn, kk, [fp8_tile], device) for nn, kk in gemms)
             built += n
-            print(f"  H={h} I={i} FP8 block tile {tile}: {n} plan(s) in {time.perf_counter() - t0:.1f} s")
+            print(f"  H={h} I={i} FP8 block tile {fp8_tile}: {n} plan(s) in {time.perf_counter() - t0:.1f} s")
     print(f"compile-cute: {built} kernel(s) built in {time.perf_counter() - started:.1f} s")
     return 0

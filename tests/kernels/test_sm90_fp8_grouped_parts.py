@@ -195,6 +195,8 @@ def test_offline_compile_for_sm90a(tmp_path, tile):
 
 def test_overlapping_tiles_need_an_even_k_tile_count():
     tile = next(t for t in TILES if t[4])
+    assert [fp8_grouped.serves(tile, k) for k in (128, 256, 384, 7168)] == [False, True, False, True]
+    assert all(fp8_grouped.serves(t, 384) for t in TILES if not t[4])
     with pytest.raises(ValueError, match="^tile: .* multiple of 256, got K=384"):
         compile_plans(256, 384, [tile], torch.device("meta"))
     ops = make_operands([3], 256, 384, seed=0)

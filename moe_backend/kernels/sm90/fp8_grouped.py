@@ -75,13 +75,19 @@ _PLANS: Dict[PlanKey, _Plan] = {}
 _LOCK = threading.Lock()
 
 
+def serves(tile: Tile, k: int) -> bool:
+    """Whether configuration ``tile`` can reduce over ``k``: an overlapping one needs an even
+    number of 128-K tiles."""
+    return not (tile[4] and k % (2 * BLOCK))
+
+
 def check_tile(tile: object, k: Optional[int] = None) -> Tile:
     """``tile`` as a configuration tuple of :data:`TILES`, else ValueError naming it; with the
     reduction ``k``, also that an overlapping configuration gets an even number of K tiles."""
     t = tuple(tile) if isinstance(tile, (tuple, list)) else tile
     if t not in TILES:
         raise ValueError(f"tile: expected one of {TILES}, got {tile!r}")
-    if k is not None and t[4] and k % (2 * BLOCK):
+    if k is not None and not serves(t, k):
         raise ValueError(f"tile: {t} overlaps K tile pairs and needs K a multiple of {2 * BLOCK}, got K={k}")
     return t  # type: ignore[return-value]
 
