@@ -47,8 +47,10 @@ def test_capture_reaches_every_kernel_and_configuration():
     for cfg in fp8_moe.SWAPAB_GEMM2_VARIANTS.values():  # experimental, not tuner candidates
         variant = f"'N_TILES': {cfg['N_TILES2']}, 'FUSED_CAST': {cfg['FUSED_CAST2']}"
         assert any(variant in line for line in gemm2), cfg
-    # the gathered NVFP4 GEMMs run capped at tiles.GATHER_MAXNREG registers, the aligned ones uncapped
+    # the gathered NVFP4 GEMMs and the FP8 swap-AB GEMM2 run capped at tiles.GATHER_MAXNREG
+    # registers, the aligned ones uncapped
     gathered = [line for line in lines if "'GATHER': True" in line]
+    gathered += [line for line in gemm2 if "'BLOCK_T'" in line]
     assert gathered and all(f"maxnreg={tiles.GATHER_MAXNREG} " in line for line in gathered)
     assert not any("maxnreg" in line for line in lines if "'GATHER': False" in line)
     vllm = fp8_moe.NUMERICS_CONFIGS["vllm_triton"]

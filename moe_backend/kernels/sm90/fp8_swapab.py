@@ -36,7 +36,14 @@ from ...quant.fp8 import BLOCK as SCALE_BLOCK
 from ...runtime import workspace
 from .act_quant import act_quant_fp8
 from .fp8_tile import quantize_tile, to_bf16
-from .tiles import MAX_GATHER_PAIRS as MAX_PAIRS, chunk_pairs, expert_members, gather_scan_width, zero_fill
+from .tiles import (
+    GATHER_MAXNREG,
+    MAX_GATHER_PAIRS as MAX_PAIRS,
+    chunk_pairs,
+    expert_members,
+    gather_scan_width,
+    zero_fill,
+)
 
 ZERO_BLOCK = tl.constexpr(1024)
 
@@ -605,5 +612,6 @@ def swapab_fp8(
         PDL=pdl,
         num_warps=num_warps2,
         num_stages=num_stages2,
+        maxnreg=GATHER_MAXNREG,
         **({"launch_pdl": True} if pdl else {}),
     )

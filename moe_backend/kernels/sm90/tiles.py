@@ -52,10 +52,12 @@ def zero_fill(ptr, numel, BLOCK: tl.constexpr):
 MAX_GATHER_PAIRS = 1024
 
 
-#: Register cap of the gathered (swap-AB) NVFP4 GEMM launches: the leader scan and chunk
-#: bookkeeping took them from 123-127 registers a thread (the aligned path's) to 184-255, which
-#: halved the 128-thread programs an SM holds (4 -> 2) and with it the weight stream in flight.
-#: At 128 ptxas spills 20-112 bytes, outside the inner loop (sm_90a, offline, 2026-12-02).
+#: Register cap of the gathered (swap-AB) GEMM launches that stream weights from many programs
+#: an SM (sm_90a builds, offline, 2026-12-02): NVFP4 GEMM1/GEMM2, which the leader scan and chunk
+#: bookkeeping took from 123-127 registers a thread (the aligned path's) to 184-255, halving the
+#: 128-thread programs an SM holds (4 -> 2; at 128, 20-112 bytes spill outside the inner loop);
+#: FP8 GEMM2, which ptxas built at 132 (T=1) and 138 (T=8) registers instead of 128, one
+#: 256-thread program an SM instead of two (no spill at 128).
 GATHER_MAXNREG = 128
 
 
