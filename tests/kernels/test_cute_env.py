@@ -2,6 +2,7 @@
 
 import importlib.util
 import os
+from pathlib import Path
 
 import pytest
 
@@ -40,3 +41,21 @@ def test_pin_offline_arch_refuses_a_late_change(monkeypatch):
     monkeypatch.setenv("CUTE_DSL_ARCH", "sm_90a")
     cute_env.pin_offline_arch("sm_90a")
     assert os.environ["QUACK_ARCH"] == "90"
+
+
+@pytest.mark.skipif(cute_env.quack_unavailable_reason() is not None, reason="needs nvidia-cutlass-dsl and quack")
+def test_our_kernel_sources_are_in_quacks_cache_fingerprint(monkeypatch):
+    """QuACK's disk-cache key names a kernel class by qualified name only: our sources must move
+    its fingerprint, or a changed kernel of ours would load the object built from the old one."""
+    import quack.cache
+    from quack.cache import jit
+
+    ours = Path(cute_env.__file__).resolve().parent
+    monkeypatch.setattr(quack.cache, "EXTRA_SOURCE_DIRS", [])
+    jit._compute_source_fingerprint.cache_clear()
+    without = jit._compute_source_fingerprint()
+    cute_env.fingerprint_kernel_sources()
+    assert quack.cache.EXTRA_SOURCE_DIRS == [ours]
+    jit._compute_source_fingerprint.cache_clear()
+    assert jit._compute_source_fingerprint() != without
+    jit._compute_source_fingerprint.cache_clear()

@@ -27,6 +27,7 @@ from typing import Any, Dict, NamedTuple, Optional, Tuple
 import torch
 
 from ..._checks import capturing
+from .cute_env import fingerprint_kernel_sources
 
 #: Tile shapes the tuner may choose among, as (tile_m, tile_n, cluster_m, pingpong). QuACK's
 #: SM90 gated epilogue needs tile_n % 32 == 0; a gathered A needs cluster_n == 1.
@@ -97,6 +98,7 @@ def _build(
     a_idx: Optional[torch.Tensor],
 ):
     """Compile (or load from QuACK's disk cache) the plan of ``key`` for these tensors' metadata."""
+    fingerprint_kernel_sources()
     return _mod(key.gemm).plan(
         a, b_kn, out={"mAuxOut": out}, config=_config(key.tile), cu_seqlens_m=cu_seqlens, A_idx=a_idx
     )

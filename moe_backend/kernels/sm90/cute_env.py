@@ -18,6 +18,7 @@ import logging
 import os
 import platform
 import sys
+from pathlib import Path
 from typing import Dict, Iterator, Optional
 
 logger = logging.getLogger(__name__)
@@ -50,6 +51,19 @@ def quack_unavailable_reason() -> Optional[str]:
     if off:
         logger.warning("CuTe DSL kernels: tested with %s, found %s", PINNED, off)
     return None
+
+
+def fingerprint_kernel_sources() -> None:
+    """Add this folder's sources to the fingerprint of QuACK's disk cache (``quack.cache``): its
+    key names a kernel class by qualified name only and fingerprints QuACK's own sources, so a
+    changed kernel of ours (``fp8_grouped_kernel``) would otherwise load the object compiled from
+    the old source. Call before the first compilation of the process (QuACK computes the
+    fingerprint once)."""
+    import quack.cache
+
+    ours = Path(__file__).resolve().parent
+    if ours not in quack.cache.EXTRA_SOURCE_DIRS:
+        quack.cache.EXTRA_SOURCE_DIRS.append(ours)
 
 
 def installed_versions() -> dict:

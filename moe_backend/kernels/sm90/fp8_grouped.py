@@ -151,7 +151,10 @@ def _compile(tile: Tile):
         make_fake_varlen_args,
     )
 
+    from .cute_env import fingerprint_kernel_sources
     from .fp8_grouped_kernel import Fp8BlockGemmSm90, Fp8BlockGemmSm90Overlapped
+
+    fingerprint_kernel_sources()
 
     tile_m, tile_n, cluster_m, pingpong, overlap = tile
     fp8 = cutlass.Float8E4M3FN
