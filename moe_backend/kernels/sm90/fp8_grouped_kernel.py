@@ -199,7 +199,9 @@ class Fp8BlockGemmSm90(GemmDefaultSm90):
             # every WGMMA pipeline stage closes inside it: ptxas serializes every WGMMA (C7514)
             # when registers of an accumulator are read across a stage that stays open, as a
             # wait_group(1) loop leaves it. Unrolled by two so that each accumulator is a fixed
-            # register set: needs an even K tile count (the launcher checks K % 256 == 0).
+            # register set: needs an even K tile count (the launcher checks K % 256 == 0). The
+            # three half-steps below stay written out: moved into a helper, the pipeline states
+            # they advance are no longer carried by the loop ("operand does not dominate").
             tiled_mma, _, t_ra, t_rb = mma_fn.args
             acc2 = cute.make_rmem_tensor_like(acc)
             acc2_mn = layout_utils.reshape_acc_to_mn(acc2)
