@@ -1,4 +1,5 @@
-"""One H200 run that checks and times the FP8 block-scale grouped GEMM (CuTe DSL, not in the layer yet).
+"""One H200 run that checks and times the FP8 block-scale grouped GEMM (CuTe DSL) and the first
+layer built on it (``fp8_grouped_moe``, not in the registry yet).
 
 1. Numerics: runs ``tests/kernels/test_sm90_fp8_grouped_gpu.py`` (float64 reference from the
    dequantized operands, rel. err <= 1e-2; segments of 0, 1, odd and large sizes; DeepSeek-V3
@@ -9,6 +10,12 @@
    ``torch._scaled_mm`` (per-tensor scales, cuBLAS) at the same M, N, K in the same run, and, where
    this torch supports it, ``torch._scaled_mm`` with the same 1x128 / 128x128 block scales. Each
    timed configuration's output is checked on sampled rows of every segment against the reference.
+3. The whole prefill layer at T = 1024 and 8192 (E = 32, top-8, H 7168, I 2048, balanced routing,
+   the bench's random ``Layer`` weights): the Triton FP8 layer (``sm90_triton_fp8``, its default
+   configuration) against ``fused_experts_fp8_grouped`` with the default tiles and with the
+   overlapping tile, same inputs, CUDA-graph replay, do_bench median, L2 flushed; a breakdown of
+   the new path (routing + quantization + gather, GEMM1, silu_mul_quant, GEMM2, combine, each
+   timed alone) and its relative error against the Triton layer's output.
 
 Prints a table and writes ``$OUT/gpu_check_fp8_grouped.json`` (or ``--out``).
 
@@ -40,11 +47,16 @@ from gpu_check_tests import run_tests  # noqa: E402 (the scripts folder is on th
 GPU_TESTS = [
     "tests/kernels/test_sm90_fp8_grouped_gpu.py",
     "tests/kernels/test_sm90_fp8_grouped_parts.py",
+    "tests/kernels/test_sm90_fp8_grouped_moe.py",
+    "tests/kernels/test_sm90_silu_mul_quant.py",
 ]
 ROWS, SEGMENTS = 65536, 32
 GEMMS = {"gemm1": (4096, 7168), "gemm2": (7168, 2048)}
 #: Rows checked against the float64 reference at the start and end of every segment.
 SAMPLE = 16
+#: The layer timings: tokens, local experts, top-k, hidden and intermediate widths.
+LAYER_TOKENS = (1024, 8192)
+LAYER_E, LAYER_K, LAYER_H, LAYER_I = 32, 8, 7168, 2048
 
 
 def _median_us(fn: Callable[[], object]) -> float:
@@ -146,6 +158,138 @@ def time_gemm(name: str, n: int, k: int) -> List[Dict]:
     return records
 
 
+def _layer_stages(hidden, weights, ids, topk_w, out, tiles) -> Dict[str, Callable[[], object]]:
+    """Each step of ``fused_experts_fp8_grouped`` as its own call on the buffers one full call
+    leaves (so that each can be captured and timed alone)."""
+    from moe_backend.kernels.sm90.fp8_grouped import grouped_gemm_fp8_block
+    from moe_backend.kernels.sm90.fp8_grouped_moe import route_quantize_gather
+    from moe_backend.kernels.sm90.pair_combine import weighted_sum_pairs
+    from moe_backend.kernels.sm90.silu_mul_quant import silu_mul_quant
+    from moe_backend.runtime import workspace
+
+    p, i, h = ids.numel(), weights.intermediate_size, weights.hidden_size
+    dev = hidden.device
+    routing, a, a_scale = route_quantize_gather(hidden, ids, weights.num_experts, 0)
+    cu = routing.cu_seqlens
+    # the same workspace roles the layer uses: the buffers it filled
+    gate_up = workspace(p, 2 * i, torch.float32, dev, "moe_fp8g_gate_up")
+    y = workspace(p, i, torch.float8_e4m3fn, dev, "moe_fp8g_mid")
+    y_scale = workspace(p, i // 128, torch.float32, dev, "moe_fp8g_mid_scale")
+    rows = workspace(p, h, torch.bfloat16, dev, "moe_fp8g_rows")
+    t = hidden.shape[0]
+    return {
+        "route+quant+gather": lambda: route_quantize_gather(hidden, ids, weights.num_experts, 0),
+        "gemm1": lambda: grouped_gemm_fp8_block(a, a_scale, weights.w13, weights.w13_scale, cu, gate_up, tile=tiles[0]),
+        "silu_mul_quant": lambda: silu_mul_quant(gate_up, y, y_scale, cu[-1:]),
+        "gemm2": lambda: grouped_gemm_fp8_block(y, y_scale, weights.w2, weights.w2_scale, cu, rows, tile=tiles[1]),
+        "combine": lambda: weighted_sum_pairs(rows, routing.row_of_pair, topk_w, out[:t]),
+    }
+
+
+def _time_layer_at(t: int, weights, triton_kernel, prepared, tile_sets) -> List[Dict]:
+    """Records at T = ``t``: the Triton layer, then the grouped layer per tile set."""
+    from moe_backend.cli.bench import balanced_ids
+    from moe_backend.kernels.sm90.fp8_grouped_moe import fused_experts_fp8_grouped, precompile
+
+    device = torch.device("cuda")
+    gen = torch.Generator().manual_seed(t)
+    ids = balanced_ids(t, LAYER_K, LAYER_E, gen, device)
+    hidden = (torch.randn(t, LAYER_H, generator=gen) * 0.5).to(torch.bfloat16).to(device)
+    topk_w = torch.rand(t, LAYER_K, generator=gen)
+    topk_w = (topk_w / topk_w.sum(1, keepdim=True)).to(device)
+    base = {"layer_tokens": t, "experts": LAYER_E, "top_k": LAYER_K}
+    ref_out = torch.empty(t, LAYER_H, dtype=torch.bfloat16, device=device)
+
+    def triton_layer():
+        return triton_kernel.run(
+            prepared,
+            hidden,
+            ids,
+            topk_w,
+            local_expert_offset=0,
+            apply_router_weight_on_input=False,
+            out=ref_out,
+            config=None,
+        )
+
+    records: List[Dict] = []
+    rec: Dict = dict(base, impl="triton sm90_triton_fp8 (default config)")
+    triton_ok = False
+    try:
+        triton_layer()
+        torch.cuda.synchronize()
+        triton_ok = True  # ref_out holds its output (the replays below rewrite the same values)
+        rec["us"] = _median_us(triton_layer)
+    except Exception as exc:
+        rec["error"] = f"{type(exc).__name__}: {exc}"[:500]
+    records.append(rec)
+    print(json.dumps(rec), flush=True)
+    for name, tiles in tile_sets.items():
+        rec = dict(base, impl=f"cute fp8_grouped_moe ({name} tiles)", tiles=[list(x) for x in tiles])
+        out = torch.empty(t, LAYER_H, dtype=torch.bfloat16, device=device)
+
+        def grouped(tiles=tiles, out=out):
+            return fused_experts_fp8_grouped(
+                hidden, weights, ids, topk_w, local_expert_offset=0, out=out, tile1=tiles[0], tile2=tiles[1]
+            )
+
+        try:
+            t0 = time.perf_counter()
+            precompile(weights, *tiles)
+            rec["compile_s"] = round(time.perf_counter() - t0, 2)
+            grouped()
+            torch.cuda.synchronize()
+            if triton_ok:
+                want = ref_out.double()
+                rec["rel_err_vs_triton"] = float((out.double() - want).norm() / want.norm().clamp_min(1e-30))
+            rec["us"] = _median_us(grouped)
+            stages = {}
+            for stage, fn in _layer_stages(hidden, weights, ids, topk_w, out, tiles).items():
+                stages[stage] = round(_median_us(fn), 2)
+            rec["stages_us"] = stages
+            rec["stages_sum_us"] = round(sum(stages.values()), 2)
+        except Exception as exc:  # keep the other numbers
+            rec["error"] = f"{type(exc).__name__}: {exc}"[:500]
+        records.append(rec)
+        print(json.dumps(rec), flush=True)
+    triton_us = records[0].get("us")
+    for r in records:
+        if "us" in r and triton_us:
+            r["vs_triton"] = round(triton_us / r["us"], 3)
+    return records
+
+
+def time_layers() -> List[Dict]:
+    """The Triton FP8 layer against the CuTe DSL grouped layer (default and overlapping tiles),
+    whole and (the grouped one) step by step, at each of :data:`LAYER_TOKENS`."""
+    from moe_backend.cli.bench import Layer
+    from moe_backend.kernels.registry import KERNELS
+    from moe_backend.kernels.sm90.fp8_grouped import DEFAULT_TILE, TILES
+
+    layer = Layer(LAYER_E, LAYER_H, LAYER_I, LAYER_K, torch.device("cuda"))
+    weights = layer.weights["fp8_block"]()
+    triton_kernel = KERNELS["sm90_triton_fp8"]
+    prepared = triton_kernel.prepare(weights)
+    overlap = next(t for t in TILES if t[4] and not t[3])  # (128, 128, 1, False, True)
+    tile_sets = {"default": (DEFAULT_TILE, DEFAULT_TILE), "overlap": (overlap, overlap)}
+    records: List[Dict] = []
+    for t in LAYER_TOKENS:
+        records += _time_layer_at(t, weights, triton_kernel, prepared, tile_sets)
+        torch.cuda.empty_cache()
+    return records
+
+
+def print_layers(records: List[Dict]) -> None:
+    print(f"\n{'T':>6} {'impl':44} {'us':>9} {'x triton':>9} {'rel err':>9}  stages (us)")
+    for r in records:
+        if "us" not in r:
+            print(f"{r['layer_tokens']:6} {r['impl']:44} error: {r.get('error', '')[:120]}")
+            continue
+        err = f"{r['rel_err_vs_triton']:.1e}" if "rel_err_vs_triton" in r else ""
+        stages = " ".join(f"{k}={v:.1f}" for k, v in r.get("stages_us", {}).items())
+        print(f"{r['layer_tokens']:6} {r['impl']:44} {r['us']:9.1f} {r.get('vs_triton', 1.0):9.3f} {err:>9}  {stages}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--skip-tests", action="store_true", help="timing only")
@@ -184,9 +328,15 @@ def main() -> int:
             print(f"{r['gemm']:6} {r['impl']:42} {tile:20} {speed} {err:>9}")
         else:
             print(f"{r['gemm']:6} {r['impl']:42} {tile:20} error: {r['error'][:120]}")
+    layers = time_layers()
+    result["layer_timings"] = layers
+    path.write_text(json.dumps(result, indent=1))
+    print_layers(layers)
     print(f"wrote {path}")
     failed = any("error" in r and r["impl"] == "cute fp8_grouped" for r in records)
+    failed = failed or any("error" in r for r in layers)
     bad = any(r.get("sampled_rel_err", 0.0) > 1e-2 for r in records)
+    bad = bad or any(r.get("rel_err_vs_triton", 0.0) > 1e-2 for r in layers)
     return 0 if result.get("tests", {"passed": True})["passed"] and not failed and not bad else 1
 
 

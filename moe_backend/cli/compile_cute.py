@@ -1,7 +1,7 @@
 """``moe-backend compile-cute``: build every CuTe DSL kernel configuration, on a GPU or offline.
 
 Kernels: the bf16 grouped GEMMs of every tuning candidate, and the FP8 block-scale grouped GEMM
-(``kernels/sm90/fp8_grouped.py``) of every configuration. Offline (no CUDA device, or
+(``kernels/sm90/fp8_grouped.py``) of every configuration, with bf16 and (GEMM1) fp32 output. Offline (no CUDA device, or
 ``--offline``) it compiles for ``sm_90a`` on the CPU against fake tensors (see docs/cute_dsl.md):
 CI runs it so a configuration that does not build fails there. On a GPU it fills the in-process
 and on-disk caches ahead of a run.
@@ -69,12 +69,17 @@ def main(args: argparse.Namespace) -> int:
                 n = bf16_grouped.compile_plans(h, i, [tile], device)
             built += n
             print(f"  H={h} I={i} tile {tile}: {n} kernel(s) in {time.perf_counter() - t0:.1f} s")
-        # FP8 block-scale grouped GEMM (not in the layer yet): GEMM1 [2I, H], GEMM2 [H, I]
+        # FP8 block-scale grouped GEMM (not in the registry yet): GEMM1 [2I, H] with bf16 and with
+        # fp32 output (the fp8_grouped_moe layer's), GEMM2 [H, I] bf16
         for fp8_tile in fp8_grouped.TILES:
-            gemms = [(nn, kk) for nn, kk in ((2 * i, h), (h, i)) if fp8_grouped.serves(fp8_tile, kk)]
+            gemms = [
+                (nn, kk, dt)
+                for nn, kk, dt in ((2 * i, h, torch.bfloat16), (2 * i, h, torch.float32), (h, i, torch.bfloat16))
+                if fp8_grouped.serves(fp8_tile, kk)
+            ]
             t0 = time.perf_counter()
             with offline_compile() if offline else contextlib.nullcontext():
-                n = sum(fp8_grouped.compile_plans(nn, kk, [fp8_tile], device) for nn, kk in gemms)
+                n = sum(fp8_grouped.compile_plans(nn, kk, [fp8_tile], device, dt) for nn, kk, dt in gemms)
             built += n
             print(f"  H={h} I={i} FP8 block tile {fp8_tile}: {n} plan(s) in {time.perf_counter() - t0:.1f} s")
     print(f"compile-cute: {built} kernel(s) built in {time.perf_counter() - started:.1f} s")

@@ -94,7 +94,7 @@ BAD = [
     _bad("b_scale", b_scale=torch.ones(2, 2, 1)),
     _bad("cu_seqlens", cu_seqlens=torch.tensor([0, 1, 3])),
     _bad("cu_seqlens", cu_seqlens=torch.tensor([0, 3], dtype=torch.int32)),
-    _bad("out", out=torch.empty(3, 256)),
+    _bad("out", out=torch.empty(3, 256, dtype=torch.float16)),
     _bad("out", out=torch.empty(3, 512, dtype=torch.bfloat16)[:, ::2]),
     _bad("out", out=torch.empty(3, 256, dtype=torch.bfloat16, device="meta")),
     _bad("a", a=torch.zeros(3 * 256 + 1, dtype=FP8_DTYPE)[1:].view(3, 256)),  # misaligned start
@@ -146,16 +146,18 @@ def _cuobjdump():
     return path if os.access(path, os.X_OK) else None
 
 
-def _compile_offline(tmp_path, tile) -> str:
-    """Compile ``tile`` for sm_90a in its own process (the target is pinned before CuTe DSL is
-    imported), keeping the PTX and the cubin in ``tmp_path``; return the kernel's PTX."""
+def _compile_offline(tmp_path, tile, out_dtype: str = "bfloat16") -> str:
+    """Compile ``tile`` storing ``torch.<out_dtype>`` for sm_90a in its own process (the target is
+    pinned before CuTe DSL is imported), keeping the PTX and the cubin in ``tmp_path``; return the
+    kernel's PTX."""
+    dt = f"torch.{out_dtype}"
     code = (
         "import torch\n"
         "from moe_backend.kernels.sm90.cute_env import pin_offline_arch\n"
         "pin_offline_arch('sm_90a')\n"
         "from moe_backend.kernels.sm90 import fp8_grouped as g\n"
-        f"print(g.compile_plans(512, 512, [{tile!r}], torch.device('meta')),"
-        f" g.compile_plans(384, 1024, [{tile!r}], torch.device('meta')), g._compile.cache_info().misses)\n"
+        f"print(g.compile_plans(512, 512, [{tile!r}], torch.device('meta'), {dt}),"
+        f" g.compile_plans(384, 1024, [{tile!r}], torch.device('meta'), {dt}), g._compile.cache_info().misses)\n"
     )
     env = {k: v for k, v in os.environ.items() if k not in ("CUTE_DSL_ARCH", "QUACK_ARCH")}
     env.update(CUTE_DSL_KEEP="ptx,cubin", CUTE_DSL_DUMP_DIR=str(tmp_path))
@@ -191,6 +193,38 @@ def test_offline_compile_for_sm90a(tmp_path, tile):
     assert sass.count("QGMMA.64x128x32.F32.E4M3.E4M3") == 4 * waves
     assert sass.count("WARPGROUP.DEPBAR") == waves, "ptxas serialized the WGMMAs"
     assert "LDL" not in sass and "STL" not in sass, "the mainloop spills to local memory"
+
+
+@pytest.mark.skipif(cute_env.quack_unavailable_reason() is not None, reason="needs nvidia-cutlass-dsl and quack")
+@pytest.mark.parametrize("tile", [TILES[0], TILES[2]], ids=["plain", "overlap"])
+def test_offline_compile_fp32_out_for_sm90a(tmp_path, tile):
+    """The fp32-output plan (the layer's GEMM1: gate/up kept in fp32 until the requantization)
+    builds for sm_90a with the same mainloop (the bf16 checks above), and its epilogue stores fp32:
+    no bf16 conversion of the accumulator (``cvt.rn.bf16x2.f32``) in the kernel."""
+    overlap = tile[4]
+    ptx = _compile_offline(tmp_path, tile, "float32")
+    waves = 4 if overlap else 1
+    assert ptx.count("wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3") == 4 * waves
+    assert ptx.count("fma.rn.f32") >= 64 * waves
+    assert "cvt.rn.bf16x2.f32" not in ptx
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.skip("no cuobjdump (Triton's bundle) to read the cubin")
+    (cubin,) = tmp_path.glob("*Fp8BlockGemmSm90*.sm_90a.cubin")
+    sass = subprocess.run([tool, "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
+    assert sass.count("QGMMA.64x128x32.F32.E4M3.E4M3") == 4 * waves
+    assert sass.count("WARPGROUP.DEPBAR") == waves, "ptxas serialized the WGMMAs"
+    assert "LDL" not in sass and "STL" not in sass, "the mainloop spills to local memory"
+
+
+def test_out_dtype_is_part_of_the_plan():
+    key = fp8_grouped.PlanKey(TILES[0], 256, 256, "cuda:0")
+    assert key.out_dtype == torch.bfloat16
+    assert key != key._replace(out_dtype=torch.float32)
+    with pytest.raises(ValueError, match="^out_dtype:"):
+        compile_plans(256, 256, TILES[:1], torch.device("meta"), torch.float16)
+    ops = make_operands([1, 2], 256, 256)
+    assert check_operands(*ops[:5], torch.empty(3, 256)) == (3, 256, 256, 2)  # fp32 out is accepted
 
 
 def test_overlapping_tiles_need_an_even_k_tile_count():

@@ -5,14 +5,16 @@ rows ``r`` of segment ``s`` (``[cu_seqlens[s], cu_seqlens[s + 1])``), ``kb`` the
 blocks: DeepSeek-V3's block scale (1 x 128 activation groups, 128 x 128 weight blocks), as
 ``kernels/reference.py`` and the Triton kernels compute it. Each 128-K tile's FP8 WGMMA result
 (zero-initialised: Hopper's FP8 MMA accumulator is not full fp32) is scaled and added to an fp32
-main accumulator; the output is rounded to bf16 once.
+main accumulator; the output is rounded to bf16 once, or stored in fp32 (``out`` float32: the
+layer's GEMM1, whose gate/up stay in fp32 until the FP8 requantization of SiLU-and-mul, as the
+Triton FP8 kernels keep them).
 
 The kernel (:mod:`fp8_grouped_kernel`) is QuACK's SM90 varlen-M GEMM (TMA producer warp,
 persistent scheduler, pingpong or cooperative consumer warpgroups, bf16 epilogue) with a
 block-scaled mainloop. Segments may be empty (they cost nothing), so ``S`` may be a static upper
 bound (CUDA graphs).
 
-Launch plans are cached per (configuration, N, K, device); the kernel is traced against symbolic
+Launch plans are cached per (configuration, N, K, device, output dtype); the kernel is traced against symbolic
 shapes, so one compilation per configuration serves them all.
 :func:`compile_plans` builds them (offline for ``sm_90a`` on a CPU: ``moe-backend compile-cute``);
 a missing plan inside a CUDA-graph capture raises instead of compiling there.
@@ -57,13 +59,19 @@ TILES: Tuple[Tile, ...] = (
 DEFAULT_TILE = TILES[0]
 
 
+#: Output (D) dtypes: bf16 (one rounding of the fp32 sum) or float32 (the sum itself).
+OUT_DTYPES = (torch.bfloat16, torch.float32)
+
+
 class PlanKey(NamedTuple):
-    """What a compiled FP8 grouped GEMM depends on: configuration, output width N, reduction K, device."""
+    """What a compiled FP8 grouped GEMM depends on: configuration, output width N, reduction K,
+    device, output dtype."""
 
     tile: Tile
     n: int
     k: int
     device: str
+    out_dtype: torch.dtype = torch.bfloat16
 
 
 class _Plan(NamedTuple):
@@ -118,7 +126,7 @@ def check_operands(
     check_tensor("a_scale", a_scale, dtype=torch.float32, shape=(m, k // BLOCK), device=device)
     check_tensor("b_scale", b_scale, dtype=torch.float32, shape=(s, n // BLOCK, k // BLOCK), device=device)
     check_tensor("cu_seqlens", cu_seqlens, dtype=torch.int32, shape=(s + 1,), device=device)
-    check_tensor("out", out, dtype=torch.bfloat16, shape=(m, n), device=device)
+    check_tensor("out", out, dtype=OUT_DTYPES, shape=(m, n), device=device)
     # TMA and the compiled kernel's vector loads assume 16-byte aligned bases
     for name, t in (("a", a), ("b", b), ("cu_seqlens", cu_seqlens), ("out", out)):
         if t.data_ptr() % 16:
@@ -136,10 +144,17 @@ def _max_active_clusters(cluster_size: int, device: torch.device) -> int:
     return get_max_active_clusters(cluster_size, device_capacity=(9, 0), device_id=device.index or 0)
 
 
+def check_out_dtype(out_dtype: object) -> torch.dtype:
+    """``out_dtype`` if it is one of :data:`OUT_DTYPES`, else ValueError naming it."""
+    if out_dtype not in OUT_DTYPES:
+        raise ValueError(f"out_dtype: expected one of {OUT_DTYPES}, got {out_dtype!r}")
+    return out_dtype  # type: ignore[return-value]
+
+
 @functools.lru_cache(maxsize=None)
-def _compile(tile: Tile):
-    """Trace and compile the kernel of ``tile`` against symbolic shapes (no tensor, no GPU): one
-    compilation serves every M, N, K and segment count."""
+def _compile(tile: Tile, out_dtype: torch.dtype = torch.bfloat16):
+    """Trace and compile the kernel of ``tile`` storing ``out_dtype`` against symbolic shapes
+    (no tensor, no GPU): one compilation serves every M, N, K and segment count."""
     import cutlass
     import cutlass.cute as cute
     from cutlass import Float32
@@ -158,8 +173,9 @@ def _compile(tile: Tile):
 
     tile_m, tile_n, cluster_m, pingpong, overlap = tile
     fp8 = cutlass.Float8E4M3FN
+    d_dtype = cutlass.Float32 if out_dtype == torch.float32 else cutlass.BFloat16
     m_a, m_b, m_d, m_c, m, _, _, l_sym = make_fake_gemm_tensors(
-        fp8, fp8, cutlass.BFloat16, None, "k", "k", "n", None, varlen_m=True
+        fp8, fp8, d_dtype, None, "k", "k", "n", None, varlen_m=True
     )
     kb, nb = cute.sym_int(), cute.sym_int()
     varlen = make_fake_varlen_args(True, False, False, None)
@@ -194,12 +210,12 @@ def _plan(key: PlanKey, device: torch.device) -> _Plan:
         return plan
     if capturing():
         raise GemmPlanMissingError(
-            f"FP8 grouped GEMM tile {key.tile} (N={key.n}, K={key.k}) was not compiled before this "
-            f"CUDA-graph capture: call compile_plans before capturing"
+            f"FP8 grouped GEMM tile {key.tile} (N={key.n}, K={key.k}, out {key.out_dtype}) was not compiled "
+            f"before this CUDA-graph capture: call compile_plans before capturing"
         )
     with _LOCK:
         if key not in _PLANS:
-            _PLANS[key] = _Plan(_compile(key.tile), _max_active_clusters(key.tile[2], device))
+            _PLANS[key] = _Plan(_compile(key.tile, key.out_dtype), _max_active_clusters(key.tile[2], device))
         return _PLANS[key]
 
 
@@ -213,13 +229,14 @@ def grouped_gemm_fp8_block(
     *,
     tile: Tile = DEFAULT_TILE,
 ) -> torch.Tensor:
-    """Block-scaled FP8 grouped GEMM: ``out[r] = dequant(a)[r] @ dequant(b[s])^T`` (fp32, one
-    bf16 rounding) for the rows ``r`` of each segment ``s``.
+    """Block-scaled FP8 grouped GEMM: ``out[r] = dequant(a)[r] @ dequant(b[s])^T`` (fp32 sum, one
+    bf16 rounding or stored as fp32) for the rows ``r`` of each segment ``s``.
 
     ``a [M_total, K]`` float8_e4m3fn contiguous; ``a_scale [M_total, K/128]`` fp32 (one scale per
     row per 128-K block); ``b [S, N, K]`` float8_e4m3fn contiguous (K contiguous);
     ``b_scale [S, N/128, K/128]`` fp32; ``cu_seqlens [S + 1]`` int32 on the device (segment
-    bounds, non-decreasing from 0); ``out [M_total, N]`` bf16 contiguous. N and K multiples of
+    bounds, non-decreasing from 0); ``out [M_total, N]`` bf16 or float32 contiguous (the compiled
+    plan depends on it). N and K multiples of
     128 (K of 256 for an overlapping ``tile``). Rows at or past ``cu_seqlens[S]`` are neither
     read for output nor written. Returns ``out``.
     """
@@ -229,7 +246,7 @@ def grouped_gemm_fp8_block(
         raise ValueError(f"b: expected tensors on a CUDA device (Hopper), got {b.device}")
     if m == 0:
         return out
-    plan = _plan(PlanKey(tile, n, k, _device_name(b.device)), b.device)
+    plan = _plan(PlanKey(tile, n, k, _device_name(b.device), out.dtype), b.device)
     from quack.gemm_tvm_ffi_utils import make_scheduler_args, make_varlen_args
 
     from .fp8_grouped_kernel import Fp8BlockGemmSm90
@@ -252,19 +269,20 @@ def grouped_gemm_fp8_block(
     return out
 
 
-def compile_plans(n: int, k: int, tiles, device: torch.device) -> int:
-    """Compile the kernel of every configuration in ``tiles`` for output width ``n`` and
-    reduction ``k`` on ``device`` (``meta`` compiles offline, after
+def compile_plans(n: int, k: int, tiles, device: torch.device, out_dtype: torch.dtype = torch.bfloat16) -> int:
+    """Compile the kernel of every configuration in ``tiles`` for output width ``n``, reduction
+    ``k`` and output dtype ``out_dtype`` (bf16 or float32) on ``device`` (``meta`` compiles offline, after
     :func:`cute_env.pin_offline_arch`). Returns the number compiled or loaded now (plans already
     in this process are skipped)."""
     if capturing():
         raise GemmPlanMissingError("compile_plans: cannot compile inside a CUDA-graph capture")
     if n % BLOCK or k % BLOCK or n < 1 or k < 1:
         raise ValueError(f"n, k: expected positive multiples of {BLOCK}, got n={n}, k={k}")
+    out_dtype = check_out_dtype(out_dtype)
     device = torch.device(device)
     built = 0
     for tile in dict.fromkeys(check_tile(t, k) for t in tiles):
-        key = PlanKey(tile, n, k, _device_name(device))
+        key = PlanKey(tile, n, k, _device_name(device), out_dtype)
         if key not in _PLANS:
             _plan(key, device)
             built += 1

@@ -1,0 +1,176 @@
+"""FP8 block-scale fused experts through the CuTe DSL FP8 grouped GEMM: the candidate prefill path.
+
+One call, all on the device with no host sync (CUDA-graph capturable once the GEMM plans are
+compiled, :func:`precompile`):
+
+1. ``varlen_routing(compact=False)``: pairs sorted by local expert into unpadded segments;
+   segment ``s`` is local expert ``s``, so the FP8 weights and their scales are read in place;
+2. ``act_quant_fp8``: the hidden states quantized once per token, per 128 channels (the Triton
+   activation quantizer the Triton FP8 layer uses: same kernel, same numerics), then gathered by
+   ``token_of_row`` into ``A [P, H]`` e4m3 and ``A_scale [P, H/128]`` fp32 (workspace buffers);
+3. GEMM1 ``grouped_gemm_fp8_block`` with fp32 D: ``gate_up [P, 2I]`` fp32 (gate ``[:I]``, up
+   ``[I:]``, the checkpoint's ``w13`` order);
+4. ``silu_mul_quant``: ``silu(gate) * up`` in fp32, requantized per row per 128 columns:
+   ``Y [P, I]`` e4m3, ``Y_scale [P, I/128]`` fp32 (rows past the last segment skipped on the device);
+5. GEMM2 ``grouped_gemm_fp8_block`` with bf16 D: one row ``[P, H]`` per (token, expert) pair;
+6. ``weighted_sum_pairs``: ``out[t] = sum_j w[t, j] * row(t, j)`` in fp32 in slot order, one bf16
+   rounding (deterministic, no atomics).
+
+``P = T * k`` (static); pairs whose id is -1 or another rank's get no segment row, their rows
+past ``cu_seqlens[E]`` are never read by a GEMM, and the combine skips them.
+
+Numerics: those of the Triton FP8 layer's default (``accurate``) numerics and of
+``reference_fused_experts`` with ``quantize_activations=True``: dynamic 1x128 activation
+quantization (``max(amax, 1e-10) / 448``) of the GEMM1 input and of the SiLU-and-mul output,
+128x128 weight block scales applied per K block to fp32 partial sums (DeepGEMM-style promotion),
+gate/up kept in fp32 up to the requantization (rounding them to bf16 first moves the result by
+~1.5e-2: near-midpoint e4m3 flips), plus one bf16 rounding of each pair's GEMM2 output before the
+fp32 combine (as ``bf16_moe``). Weights with ``ue8m0`` scales are not supported yet.
+
+Not done yet: fused epilogues (SiLU-and-mul + requantization in GEMM1's epilogue, the weighted
+combine in GEMM2's), a gathered-A GEMM1 (``token_of_row`` read by the producer instead of the
+``A`` copy), per-tensor FP8 weights, ``ue8m0``, ``apply_router_weight_on_input`` and wiring into
+the kernel registry / selection (after it is measured faster than the Triton layer).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from ..._checks import check_bool, check_int, check_out, check_tensor
+from ...expert_weights import FP8BlockWeights
+from ...quant.fp8 import BLOCK, FP8_DTYPE
+from ...runtime import workspace
+from .act_quant import act_quant_fp8
+from .fp8_grouped import DEFAULT_TILE, Tile, check_tile, compile_plans, grouped_gemm_fp8_block
+from .pair_combine import weighted_sum_pairs
+from .silu_mul_quant import silu_mul_quant
+from .varlen_routing import VarlenRouting, varlen_routing
+
+
+class GemmInput(NamedTuple):
+    """GEMM1's operand: the routed pairs' rows ``a [P, H]`` e4m3 and ``a_scale [P, H/128]`` fp32."""
+
+    routing: VarlenRouting
+    a: torch.Tensor
+    a_scale: torch.Tensor
+
+
+def _tile(name: str, tile: object, k: int) -> Tile:
+    try:
+        return check_tile(tile, k)
+    except ValueError as exc:
+        raise ValueError(f"{name}: {exc}") from None
+
+
+def _check_inputs(
+    hidden: torch.Tensor,
+    w: FP8BlockWeights,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    local_expert_offset: int,
+    apply_router_weight_on_input: bool,
+    out: torch.Tensor,
+) -> None:
+    if not isinstance(w, FP8BlockWeights):
+        raise TypeError(f"weights: expected FP8BlockWeights, got {type(w).__name__}")
+    if w.ue8m0:
+        raise ValueError("weights: ue8m0 (power-of-two) activation scales are not supported by this path yet")
+    dev = w.device
+    check_tensor("hidden", hidden, dtype=torch.bfloat16, shape=(None, w.hidden_size), device=dev)
+    t = hidden.shape[0]
+    check_tensor("topk_ids", topk_ids, dtype=torch.int32, shape=(t, None), device=dev)
+    check_tensor("topk_weights", topk_weights, dtype=torch.float32, shape=(t, topk_ids.shape[1]), device=dev)
+    check_int("local_expert_offset", local_expert_offset, minimum=0)
+    check_bool("apply_router_weight_on_input", apply_router_weight_on_input)
+    if apply_router_weight_on_input:
+        raise ValueError("apply_router_weight_on_input: this path scales the expert output only, got True")
+    if out is None:
+        raise ValueError("out: expected a [R >= T, H] bf16 buffer, got None")
+    check_out("out", out, rows=t, cols=w.hidden_size, dtype=torch.bfloat16, device=dev)
+    for name, m in (("weights.w13", w.w13), ("weights.w2", w.w2)):
+        if not m.is_contiguous():
+            raise ValueError(f"{name}: expected a contiguous tensor")
+
+
+def route_quantize_gather(
+    hidden: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, local_expert_offset: int
+) -> GemmInput:
+    """Steps 1 and 2: routing (segment ``s`` = local expert ``s``), ``hidden [T, H]`` quantized per
+    token per 128 channels, and its rows gathered per pair into workspace buffers
+    (``moe_fp8g_a``, ``moe_fp8g_a_scale``). ``T * k > 0``."""
+    num_pairs = topk_ids.numel()
+    h = hidden.shape[1]
+    dev = hidden.device
+    routing = varlen_routing(topk_ids, num_experts, local_expert_offset, compact=False)
+    q, q_scale = act_quant_fp8(hidden, None, False)
+    a = workspace(num_pairs, h, FP8_DTYPE, dev, "moe_fp8g_a")
+    a_scale = workspace(num_pairs, h // BLOCK, torch.float32, dev, "moe_fp8g_a_scale")
+    # e4m3 rows move as bytes (index_select has no float8 kernel everywhere)
+    torch.index_select(q.view(torch.uint8), 0, routing.token_of_row, out=a.view(torch.uint8))
+    torch.index_select(q_scale, 0, routing.token_of_row, out=a_scale)
+    return GemmInput(routing, a, a_scale)
+
+
+def precompile(weights: FP8BlockWeights, tile1: Tile = DEFAULT_TILE, tile2: Tile = DEFAULT_TILE) -> int:
+    """Compile GEMM1's (fp32 D, N 2I, K H) and GEMM2's (bf16 D, N H, K I) plans on the weights'
+    device (before a CUDA-graph capture). Returns the number compiled or loaded now."""
+    h, i = weights.hidden_size, weights.intermediate_size
+    built = compile_plans(2 * i, h, [_tile("tile1", tile1, h)], weights.device, torch.float32)
+    return built + compile_plans(h, i, [_tile("tile2", tile2, i)], weights.device, torch.bfloat16)
+
+
+def fused_experts_fp8_grouped(
+    hidden: torch.Tensor,
+    weights: FP8BlockWeights,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    *,
+    local_expert_offset: int,
+    apply_router_weight_on_input: bool = False,
+    out: torch.Tensor,
+    tile1: Tile = DEFAULT_TILE,
+    tile2: Tile = DEFAULT_TILE,
+) -> torch.Tensor:
+    """``out[t] = sum_j w[t, j] * expert(ids[t, j])(hidden[t])`` over the local experts (FP8 block scales).
+
+    Args:
+        hidden: ``[T, H]`` bf16, contiguous; T may be 0.
+        weights: :class:`FP8BlockWeights` as loaded (``w13 [E, 2I, H]`` e4m3 gate rows ``[:I]``,
+            up ``[I:]``; ``w13_scale [E, 2I/128, H/128]`` fp32; ``w2 [E, H, I]`` e4m3;
+            ``w2_scale [E, H/128, I/128]`` fp32), read in place; ``ue8m0`` must be False.
+        topk_ids: ``[T, k]`` int32 global expert ids, contiguous; -1 or ids outside
+            ``[local_expert_offset, local_expert_offset + E)`` contribute nothing.
+        topk_weights: ``[T, k]`` fp32 router weights, contiguous.
+        local_expert_offset: global id of local expert 0.
+        apply_router_weight_on_input: must be False (the weight scales the output).
+        out: ``[R >= T, H]`` bf16 contiguous; rows ``[:T]`` are all written, rows ``>= T`` untouched.
+        tile1, tile2: GEMM1's and GEMM2's configuration (:data:`fp8_grouped.TILES`; an
+            overlapping one needs H, resp. I, a multiple of 256).
+
+    Returns:
+        ``out[:T]``.
+    """
+    _check_inputs(hidden, weights, topk_ids, topk_weights, local_expert_offset, apply_router_weight_on_input, out)
+    h, i = weights.hidden_size, weights.intermediate_size
+    tile1, tile2 = _tile("tile1", tile1, h), _tile("tile2", tile2, i)
+    num_tokens, top_k = topk_ids.shape
+    result = out[:num_tokens]
+    if num_tokens == 0:
+        return result
+    if top_k == 0:
+        return result.zero_()
+    num_pairs = num_tokens * top_k
+    dev = hidden.device
+    routing, a, a_scale = route_quantize_gather(hidden, topk_ids, weights.num_experts, local_expert_offset)
+    cu = routing.cu_seqlens
+    gate_up = workspace(num_pairs, 2 * i, torch.float32, dev, "moe_fp8g_gate_up")
+    grouped_gemm_fp8_block(a, a_scale, weights.w13, weights.w13_scale, cu, gate_up, tile=tile1)
+    y = workspace(num_pairs, i, FP8_DTYPE, dev, "moe_fp8g_mid")
+    y_scale = workspace(num_pairs, i // BLOCK, torch.float32, dev, "moe_fp8g_mid_scale")
+    silu_mul_quant(gate_up, y, y_scale, cu[-1:])
+    rows = workspace(num_pairs, h, torch.bfloat16, dev, "moe_fp8g_rows")
+    grouped_gemm_fp8_block(y, y_scale, weights.w2, weights.w2_scale, cu, rows, tile=tile2)
+    return weighted_sum_pairs(rows, routing.row_of_pair, topk_weights, result)
