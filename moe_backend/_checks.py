@@ -93,6 +93,29 @@ def check_out(
     return out
 
 
+def check_routed_call(
+    hidden: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    local_expert_offset: object,
+    out: Optional[torch.Tensor],
+    *,
+    hidden_size: int,
+    device: torch.device,
+) -> None:
+    """The arguments every routed kernel launcher takes: ``hidden [T, hidden_size]`` bf16,
+    ``topk_ids [T, k]`` int32, ``topk_weights [T, k]`` fp32, ``local_expert_offset >= 0`` and a
+    required ``out [R >= T, hidden_size]`` bf16 buffer, all on ``device``."""
+    check_tensor("hidden", hidden, dtype=torch.bfloat16, shape=(None, hidden_size), device=device)
+    t = hidden.shape[0]
+    check_tensor("topk_ids", topk_ids, dtype=torch.int32, shape=(t, None), device=device)
+    check_tensor("topk_weights", topk_weights, dtype=torch.float32, shape=(t, topk_ids.shape[1]), device=device)
+    check_int("local_expert_offset", local_expert_offset, minimum=0)
+    if out is None:
+        raise ValueError("out: expected a [R >= T, H] bf16 buffer, got None")
+    check_out("out", out, rows=t, cols=hidden_size, dtype=torch.bfloat16, device=device)
+
+
 def capturing() -> bool:
     """True while the current CUDA stream is capturing a graph (value checks must not sync)."""
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()

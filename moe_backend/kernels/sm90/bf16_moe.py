@@ -20,7 +20,7 @@ from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 
-from ..._checks import check_int, check_out, check_tensor
+from ..._checks import check_routed_call
 from ...expert_weights import BF16Weights, ExpertShapes, NVFP4Weights
 from ...runtime import workspace
 from . import bf16_grouped
@@ -117,17 +117,11 @@ def _check_inputs(
             f"prepared_weights: expected GroupedBF16Weights or NVFP4Weights (from prepare_grouped), "
             f"got {type(w).__name__}"
         )
-    dev = w.device
-    check_tensor("hidden", hidden, dtype=torch.bfloat16, shape=(None, w.hidden_size), device=dev)
-    t = hidden.shape[0]
-    check_tensor("topk_ids", topk_ids, dtype=torch.int32, shape=(t, None), device=dev)
-    check_tensor("topk_weights", topk_weights, dtype=torch.float32, shape=(t, topk_ids.shape[1]), device=dev)
-    check_int("local_expert_offset", local_expert_offset, minimum=0)
+    check_routed_call(
+        hidden, topk_ids, topk_weights, local_expert_offset, out, hidden_size=w.hidden_size, device=w.device
+    )
     if apply_router_weight_on_input:
         raise ValueError("apply_router_weight_on_input: the grouped-GEMM kernel scales the output only, got True")
-    if out is None:
-        raise ValueError("out: expected a [R >= T, H] bf16 buffer, got None")
-    check_out("out", out, rows=t, cols=w.hidden_size, dtype=torch.bfloat16, device=dev)
 
 
 def segment_weights(w: GroupedWeights, expert_of_segment: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -39,7 +39,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..._checks import check_bool, check_int, check_out, check_tensor
+from ..._checks import check_bool, check_routed_call
 from ...expert_weights import FP8BlockWeights
 from ...quant.fp8 import BLOCK, FP8_DTYPE
 from ...runtime import workspace
@@ -78,18 +78,12 @@ def _check_inputs(
         raise TypeError(f"weights: expected FP8BlockWeights, got {type(w).__name__}")
     if w.ue8m0:
         raise ValueError("weights: ue8m0 (power-of-two) activation scales are not supported by this path yet")
-    dev = w.device
-    check_tensor("hidden", hidden, dtype=torch.bfloat16, shape=(None, w.hidden_size), device=dev)
-    t = hidden.shape[0]
-    check_tensor("topk_ids", topk_ids, dtype=torch.int32, shape=(t, None), device=dev)
-    check_tensor("topk_weights", topk_weights, dtype=torch.float32, shape=(t, topk_ids.shape[1]), device=dev)
-    check_int("local_expert_offset", local_expert_offset, minimum=0)
+    check_routed_call(
+        hidden, topk_ids, topk_weights, local_expert_offset, out, hidden_size=w.hidden_size, device=w.device
+    )
     check_bool("apply_router_weight_on_input", apply_router_weight_on_input)
     if apply_router_weight_on_input:
         raise ValueError("apply_router_weight_on_input: this path scales the expert output only, got True")
-    if out is None:
-        raise ValueError("out: expected a [R >= T, H] bf16 buffer, got None")
-    check_out("out", out, rows=t, cols=w.hidden_size, dtype=torch.bfloat16, device=dev)
     for name, m in (("weights.w13", w.w13), ("weights.w2", w.w2)):
         if not m.is_contiguous():
             raise ValueError(f"{name}: expected a contiguous tensor")

@@ -29,7 +29,7 @@ from typing import Any, Dict, Optional, Union
 
 import torch
 
-from ..._checks import check_int, check_out, check_tensor
+from ..._checks import check_routed_call
 from ...expert_weights import NVFP4Weights
 from ...runtime import workspace
 from .align import AlignedRouting, GatheredPairs, align_block_size
@@ -154,15 +154,9 @@ def _check_inputs(
 ) -> None:
     if not isinstance(w, NVFP4KernelWeights):
         raise TypeError(f"prepared_weights: expected NVFP4KernelWeights (from prepare_nvfp4), got {type(w).__name__}")
-    dev = w.device
-    check_tensor("hidden", hidden, dtype=torch.bfloat16, shape=(None, w.hidden_size), device=dev)
-    t = hidden.shape[0]
-    check_tensor("topk_ids", topk_ids, dtype=torch.int32, shape=(t, None), device=dev)
-    check_tensor("topk_weights", topk_weights, dtype=torch.float32, shape=(t, topk_ids.shape[1]), device=dev)
-    check_int("local_expert_offset", local_expert_offset, minimum=0)
-    if out is None:
-        raise ValueError("out: expected a [R >= T, H] bf16 buffer, got None")
-    check_out("out", out, rows=t, cols=w.hidden_size, dtype=torch.bfloat16, device=dev)
+    check_routed_call(
+        hidden, topk_ids, topk_weights, local_expert_offset, out, hidden_size=w.hidden_size, device=w.device
+    )
 
 
 def fused_experts_nvfp4(
