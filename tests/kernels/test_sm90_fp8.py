@@ -353,9 +353,10 @@ def test_vllm_triton_numerics_refuse_what_vllm_does_not_compute():
     [dict(COMBINE="atomic", SPLIT_K2=2), dict(COMBINE="sum", SPLIT_K2=1), dict(QUANT_ON_LOAD1=False)],
     ids=["atomic", "sum", "prequant"],
 )
-@pytest.mark.parametrize("t,e", [(3, 256), (700, 32)])
-def test_gpu_config_variants(variant, t, e):
-    check(make_problem(t, 7168, 512, e, 8, block=True, offset=4), config=variant)
+@pytest.mark.parametrize("t,e,path", [(3, 256, "decode"), (700, 32, "prefill")])
+def test_gpu_config_variants(variant, t, e, path):
+    """Knobs of the aligned paths (the swap-AB path, T=3's default, refuses COMBINE='sum')."""
+    check(make_problem(t, 7168, 512, e, 8, block=True, offset=4), config=dict(variant, path=path))
 
 
 @pytest.mark.gpu

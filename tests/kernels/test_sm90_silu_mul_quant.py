@@ -56,7 +56,10 @@ def test_matches_torch_quantizer(p, inter):
     if CUDA:
         v = gate_up[:, :inter] * torch.sigmoid(gate_up[:, :inter]) * gate_up[:, inter:]
         q_ref, s_ref = quantize_fp8_per_token_group(v)
-        torch.testing.assert_close(s, s_ref, rtol=1e-6, atol=0)
+        # exp(-g) runs as ex2(-g * log2 e): the rounded product carries |g| * log2(e) * 2^-24 of
+        # absolute error into the exponent, 1.8e-6 relative at the saturated gates (g = -30, row 2)
+        # where the amax is sigmoid-sized (H200: 1.17e-6 seen)
+        torch.testing.assert_close(s, s_ref, rtol=4e-6, atol=0)
         got = dequantize_fp8_per_token_group(y, s)
         want = dequantize_fp8_per_token_group(q_ref, s_ref)
         step = s_ref.repeat_interleave(128, dim=1) * 32  # one e4m3 step at the top of the range
