@@ -9,7 +9,8 @@ Approach (no signature is written by hand here):
 1. *Capture.* The registry's kernels (``Kernel.prepare`` / ``Kernel.run``, the contract the
    layer calls) run on CPU tensors, without ``TRITON_INTERPRET``, for every configuration of
    their launchers (``DECODE_CONFIG``, ``PREFILL_CONFIG``, ``CANDIDATE_CONFIGS``,
-   ``DETERMINISTIC_CONFIG``, ``NUMERICS_CONFIGS`` and the size heuristic), every weight variant
+   ``DETERMINISTIC_CONFIG``, ``NUMERICS_CONFIGS`` and the size heuristic; the FP8 ``cute_grouped``
+   path with its CuTe DSL GEMMs skipped, :func:`_grouped_path_offline`), every weight variant
    (FP8 block with and without ue8m0, FP8 per-tensor with dynamic and static activation
    scales, NVFP4; the router weight on the input where the registry allows it), DeepSeek-V3
    shapes and small odd ones, and token counts that reach every alignment path. Triton's
@@ -39,6 +40,7 @@ runs it under another release installed with ``pip install --no-deps --target``)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib
 import json
@@ -309,10 +311,27 @@ def capture_specializations(
     previous = knobs.runtime.jit_cache_hook
     knobs.runtime.jit_cache_hook = record
     try:
-        _launch_all(capture, shapes, token_counts, experimental)
+        with _grouped_path_offline():
+            _launch_all(capture, shapes, token_counts, experimental)
     finally:
         knobs.runtime.jit_cache_hook = previous
     return capture
+
+
+@contextlib.contextmanager
+def _grouped_path_offline() -> Iterator[None]:
+    """Let the FP8 launcher's ``cute_grouped`` path run on CPU tensors, its CuTe DSL GEMMs
+    skipped (``moe-backend compile-cute`` builds those), so that the Triton kernels around them
+    (quantize-and-scatter, SiLU-and-mul requantization, the pair combine) are captured too."""
+    from moe_backend.kernels.sm90 import fp8_grouped_moe, fp8_moe
+
+    saved = fp8_moe.grouped_path_defect, fp8_grouped_moe.grouped_gemm_fp8_block
+    fp8_moe.grouped_path_defect = lambda *a, **kw: None
+    fp8_grouped_moe.grouped_gemm_fp8_block = lambda *a, **kw: None
+    try:
+        yield
+    finally:
+        fp8_moe.grouped_path_defect, fp8_grouped_moe.grouped_gemm_fp8_block = saved
 
 
 def configuration_key(data: str) -> str:

@@ -19,7 +19,7 @@ layer built on it (``fp8_grouped_moe``, not in the registry yet).
 
 Prints a table and writes ``$OUT/gpu_check_fp8_grouped.json`` (or ``--out``).
 
-    python scripts/gpu_check_fp8_grouped.py [--skip-tests] [--out DIR]
+    python scripts/gpu_check_fp8_grouped.py [--skip-tests] [--skip-gemms] [--out DIR]
 
 It needs the ``cute`` extra (nvidia-cutlass-dsl 4.8.1 with its CUDA 13 libraries, quack-kernels
 0.6.5); docs/cute_dsl.md says how to bring the wheels to a machine without internet.
@@ -189,6 +189,7 @@ def _layer_stages(hidden, weights, ids, topk_w, out, tiles) -> Dict[str, Callabl
 def _time_layer_at(t: int, weights, triton_kernel, prepared, tile_sets) -> List[Dict]:
     """Records at T = ``t``: the Triton layer, then the grouped layer per tile set."""
     from moe_backend.cli.bench import balanced_ids
+    from moe_backend.kernels.sm90 import fp8_moe
     from moe_backend.kernels.sm90.fp8_grouped_moe import fused_experts_fp8_grouped, precompile
 
     device = torch.device("cuda")
@@ -209,9 +210,11 @@ def _time_layer_at(t: int, weights, triton_kernel, prepared, tile_sets) -> List[
             local_expert_offset=0,
             apply_router_weight_on_input=False,
             out=ref_out,
-            config=None,
+            config=triton_config,
         )
 
+    # the Triton kernels' heuristic tier (the launcher's default now takes the grouped path here)
+    triton_config = fp8_moe.default_config(t, LAYER_K, LAYER_E, grouped=False)
     records: List[Dict] = []
     rec: Dict = dict(base, impl="triton sm90_triton_fp8 (default config)")
     triton_ok = False
@@ -293,6 +296,7 @@ def print_layers(records: List[Dict]) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--skip-tests", action="store_true", help="timing only")
+    parser.add_argument("--skip-gemms", action="store_true", help="time the layers only, not each GEMM tile")
     parser.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for the JSON (default $OUT)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -314,7 +318,7 @@ def main() -> int:
         print(f"tests: {result['tests']}", flush=True)
         path.write_text(json.dumps(result, indent=1))
     records: List[Dict] = []
-    for name, (n, k) in GEMMS.items():
+    for name, (n, k) in {} if args.skip_gemms else GEMMS.items():
         records += time_gemm(name, n, k)
         result["timings"] = records
         path.write_text(json.dumps(result, indent=1))

@@ -68,6 +68,10 @@ VARIANTS: Dict[str, Tuple[str, Optional[Dict[str, Any]]]] = {
     "swapab": ("fp8_block", fp8_moe.SWAPAB_CONFIG),
     **{f"swapab_{name}": ("fp8_block", cfg) for name, cfg in fp8_moe.SWAPAB_GEMM2_VARIANTS.items()},
     "nvfp4_swapab": ("nvfp4", nvfp4_moe.SWAPAB_CONFIG),
+    # prefill: the Triton kernels' largest tiles and the CuTe DSL grouped GEMMs, whichever the default takes
+    "prefill": ("fp8_block", fp8_moe.PREFILL_CONFIG),
+    "cute_grouped": ("fp8_block", fp8_moe.CUTE_GROUPED_CONFIG),
+    "cute_grouped_overlap2": ("fp8_block", dict(fp8_moe.CUTE_GROUPED_CONFIG, TILE2=list(fp8_moe.GROUPED_OVERLAP_TILE))),
 }
 #: The registry kernel each precision's variants run on.
 VARIANT_KERNELS = {"fp8_block": "sm90_triton_fp8", "nvfp4": "sm90_triton_nvfp4"}

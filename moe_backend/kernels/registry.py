@@ -205,6 +205,18 @@ def _sm90_fp8_run(
     )
 
 
+def _sm90_fp8_precompile(prepared: FP8BlockWeights | FP8TensorWeights, configs: Sequence[dict]) -> int:
+    from .sm90.fp8_moe import precompile
+
+    if isinstance(prepared, FP8BlockWeights):
+        block, static, ue8m0 = True, False, prepared.ue8m0
+    else:
+        block, static, ue8m0 = False, prepared.a13_scale is not None, False
+    return precompile(
+        prepared.w13, prepared.w2, configs, block_scaled=block, static_activation_scales=static, ue8m0=ue8m0
+    )
+
+
 def _sm90_fp8_tuning() -> TuningSpace:
     from .sm90 import fp8_moe
 
@@ -326,6 +338,7 @@ SM90_FP8 = Kernel(
     interpretable=True,
     capturable=True,
     tuning=_sm90_fp8_tuning,
+    precompile=_sm90_fp8_precompile,
     weight_on_input_defect="at H=7168 its output differs from the reference by ~1.7e-2 "
     "(open defect), so the reference serves such layers",
 )

@@ -224,3 +224,159 @@ def test_graph_replay_equals_eager():
     torch.cuda.synchronize()
     assert_matches_reference(graph_out[:96], p, False, REL_TOL)
     assert _rel_err(graph_out[:96], eager) > 0  # it did change
+
+
+# ----------------------------------------------------------------------------- quantize-and-scatter
+@runs_here
+@pytest.mark.parametrize("t,k,h", [(1, 1, 128), (5, 3, 384), (9, 4, 200)])
+def test_act_quant_scatter_matches_quantize_then_gather(t, k, h):
+    """Each pair's row holds its token's codes and scales exactly as ``act_quant_fp8`` then a
+    gather would; rows named by no pair (-1 pairs) keep their contents."""
+    from moe_backend.kernels.sm90.act_quant import act_quant_fp8, act_quant_scatter_fp8
+
+    g = torch.Generator().manual_seed(t * 100 + k)
+    hidden = (torch.randn(t, h, generator=g) * 3).to(torch.bfloat16).to(DEVICE)
+    p = t * k
+    row_of_pair = torch.randperm(p, generator=g).to(torch.int32)
+    row_of_pair[::3] = -1  # pairs without a local expert
+    q = torch.full((p, h), 7.0, device=DEVICE).to(torch.float8_e4m3fn)
+    s = torch.full((p, (h + 127) // 128), -1.0, device=DEVICE)
+    act_quant_scatter_fp8(hidden, row_of_pair.to(DEVICE), q, s)
+    q_ref, s_ref = act_quant_fp8(hidden, None, False)
+    q_ref, s_ref = q_ref.cpu(), s_ref.cpu()
+    q, s = q.cpu(), s.cpu()
+    for pair, row in enumerate(row_of_pair.tolist()):
+        if row >= 0:
+            assert torch.equal(q[row].view(torch.uint8), q_ref[pair // k].view(torch.uint8))
+            assert torch.equal(s[row], s_ref[pair // k])
+    unnamed = sorted(set(range(p)) - set(row_of_pair.tolist()))
+    assert torch.all(q[unnamed].float() == 7.0) and torch.all(s[unnamed] == -1.0)
+
+
+# ----------------------------------------------------------------------------- the FP8 launcher's path
+@pytest.fixture
+def grouped_ok(monkeypatch):
+    """The launcher sees nothing against the grouped path (on a CPU it would: no sm_90 GPU)."""
+    from moe_backend.kernels.sm90 import fp8_moe
+
+    monkeypatch.setattr(fp8_moe, "grouped_path_defect", lambda *a, **kw: None)
+    return fp8_moe
+
+
+def _launch(p: Problem, config):
+    from moe_backend.kernels.sm90.fp8_moe import fused_experts_fp8
+
+    w = p.weights
+    return run_poisoned(
+        lambda out: fused_experts_fp8(
+            p.hidden,
+            w.w13,
+            w.w13_scale,
+            w.w2,
+            w.w2_scale,
+            p.ids,
+            p.topk_w,
+            block_scaled=True,
+            local_expert_offset=p.offset,
+            a13_scale=None,
+            a2_scale=None,
+            ue8m0=False,
+            apply_router_weight_on_input=False,
+            out=out,
+            config=config,
+        ),
+        p.hidden,
+    )
+
+
+@runs_here
+def test_launcher_default_takes_grouped_path_at_prefill_sizes(cpu_gemm, grouped_ok, monkeypatch):
+    fp8_moe = grouped_ok
+    monkeypatch.setattr(fp8_moe, "CUTE_GROUPED_MIN_ROWS", 4)  # tiny shapes under the interpreter
+    # 8 tokens x top-2 over 4 experts: 4 rows an expert, the threshold
+    p = make_problem(8, 256, 256, 4, 2, offset=1, seed=3)
+    assert_matches_reference(_launch(p, None), p, False, REL_TOL)
+    assert [c[2] for c in cpu_gemm] == [TILES[0], TILES[0]]
+    # fewer rows an expert, or any override of a Triton knob: the Triton kernels
+    cpu_gemm.clear()
+    p = make_problem(7, 256, 256, 4, 2, offset=1, seed=3)
+    assert_matches_reference(_launch(p, None), p, False, REL_TOL)
+    p = make_problem(8, 256, 256, 4, 2, offset=1, seed=3)
+    assert_matches_reference(_launch(p, {"BLOCK_M": 64}), p, False, REL_TOL)
+    assert cpu_gemm == []
+
+
+@runs_here
+def test_launcher_named_grouped_path_and_tiles(cpu_gemm, grouped_ok):
+    fp8_moe = grouped_ok
+    p = make_problem(5, 256, 256, 3, 2, offset=0, seed=4)
+    config = dict(fp8_moe.CUTE_GROUPED_CONFIG, TILE2=list(fp8_moe.GROUPED_OVERLAP_TILE))
+    assert_matches_reference(_launch(p, config), p, False, REL_TOL)
+    assert [c[2] for c in cpu_gemm] == [TILES[0], fp8_moe.GROUPED_OVERLAP_TILE]
+
+
+def test_grouped_path_config_errors():
+    from moe_backend.kernels.sm90.fp8_moe import CUTE_GROUPED_CONFIG, resolve_config
+
+    with pytest.raises(ValueError, match=r"reads .* only, got also \['BLOCK_M'\]"):
+        resolve_config({"path": "cute_grouped", "BLOCK_M": 16}, 8, 8, 2)
+    with pytest.raises(ValueError, match="TILE1 and TILE2 apply to path='cute_grouped' only"):
+        resolve_config({"path": "prefill", "TILE1": list(TILES[0])}, 8, 8, 2)
+    with pytest.raises(ValueError, match="COMBINE='sum' only"):
+        resolve_config(dict(CUTE_GROUPED_CONFIG, COMBINE="atomic"), 8, 8, 2)
+    with pytest.raises(ValueError, match="NUMERICS='accurate'"):
+        resolve_config(dict(CUTE_GROUPED_CONFIG, NUMERICS="vllm_triton"), 8, 8, 2)
+
+
+@runs_here
+def test_launcher_named_grouped_path_says_why_it_cannot_run(grouped_ok, monkeypatch):
+    fp8_moe = grouped_ok
+    p = make_problem(3, 256, 128, 2, 2, offset=0, seed=6)
+    # I = 128: the overlapping tile needs an even number of K tiles
+    with pytest.raises(ValueError, match="config: TILE2: tile: .* needs K a multiple of 256, got K=128"):
+        _launch(p, dict(fp8_moe.CUTE_GROUPED_CONFIG, TILE2=list(fp8_moe.GROUPED_OVERLAP_TILE)))
+    monkeypatch.setattr(fp8_moe, "grouped_path_defect", lambda *a, **kw: "a reason")
+    with pytest.raises(ValueError, match="path='cute_grouped' cannot serve this layer: a reason"):
+        _launch(p, fp8_moe.CUTE_GROUPED_CONFIG)
+
+
+def test_grouped_path_defects():
+    from moe_backend.kernels.sm90.fp8_grouped_moe import grouped_path_defect
+
+    kw = dict(block_scaled=True, static_activation_scales=False, ue8m0=False, apply_router_weight_on_input=False)
+    cpu = torch.device("cpu")
+    assert "sm_90 GPU" in grouped_path_defect(cpu, **kw)
+    assert "block-scale" in grouped_path_defect(cpu, **dict(kw, block_scaled=False))
+    assert "static activation" in grouped_path_defect(cpu, **dict(kw, static_activation_scales=True))
+    assert "ue8m0" in grouped_path_defect(cpu, **dict(kw, ue8m0=True))
+    assert "output only" in grouped_path_defect(cpu, **dict(kw, apply_router_weight_on_input=True))
+
+
+@pytest.mark.gpu
+@needs_cute
+def test_layer_serves_prefill_through_grouped_path_and_captures():
+    """The FP8 block layer at a prefill size runs the grouped path by default after its warm-up
+    precompile, eager and inside a CUDA graph, with the reference's numerics."""
+    from moe_backend.kernels.registry import SM90_FP8
+
+    p = make_problem(512, 1024, 512, 4, 8, offset=0, seed=12)  # 1024 rows an expert
+    built = SM90_FP8.precompile(p.weights, [{}])
+    assert built >= 0
+    eager = _launch(p, None)
+    err = assert_matches_reference(eager, p, False, REL_TOL)
+    print(f"grouped path through the FP8 launcher: rel err {err:.2e}")
+    out = torch.full((512, 1024), float("nan"), dtype=torch.bfloat16, device="cuda")
+    w = p.weights
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    from moe_backend.kernels.sm90.fp8_moe import fused_experts_fp8
+
+    with torch.cuda.graph(graph):
+        fused_experts_fp8(
+            p.hidden, w.w13, w.w13_scale, w.w2, w.w2_scale, p.ids, p.topk_w,
+            block_scaled=True, local_expert_offset=0, a13_scale=None, a2_scale=None, ue8m0=False,
+            apply_router_weight_on_input=False, out=out,
+        )  # fmt: skip
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager)

@@ -5,6 +5,10 @@ fp32: one scale per token per 128 channels (a last partial group scaled by its
 own amax). With a static per-tensor scale only ``q`` is written. Each token is
 quantized once even though it feeds k experts. ``vllm`` reproduces vLLM's
 ``per_token_group_fp8_quant`` bit for bit (``fp8_tile.quantize_tile_vllm``).
+
+:func:`act_quant_scatter_fp8` quantizes the same way and writes each token's codes and scales
+straight to the rows of its routed pairs (the grouped GEMMs' gathered operand), so the quantized
+copy is never written and read back.
 """
 
 from typing import Optional, Tuple
@@ -32,11 +36,13 @@ def _act_quant_kernel(
     stride_xm,
     stride_qm,
     stride_sm,
+    row_of_pair_ptr,
     GROUP: tl.constexpr,
     NUM_GROUPS: tl.constexpr,
     STATIC: tl.constexpr,
     UE8M0: tl.constexpr,
     VLLM: tl.constexpr,
+    SCATTER_K: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     g = tl.program_id(1) * NUM_GROUPS + tl.arange(0, NUM_GROUPS)
@@ -47,9 +53,17 @@ def _act_quant_kernel(
         q, s = quantize_tile_vllm(x, False)
     else:
         q, s = quantize_tile(x, static_ptr, STATIC, UE8M0)
-    tl.store(q_ptr + t * stride_qm + cols, q, mask=mask)
-    if not STATIC:
-        tl.store(s_ptr + t * stride_sm + g, s, mask=g * GROUP < H)
+    if SCATTER_K == 0:
+        tl.store(q_ptr + t * stride_qm + cols, q, mask=mask)
+        if not STATIC:
+            tl.store(s_ptr + t * stride_sm + g, s, mask=g * GROUP < H)
+    else:
+        # one copy per routed pair of this token; -1: the pair has no local expert (no row)
+        for j in tl.static_range(SCATTER_K):
+            row = tl.load(row_of_pair_ptr + t * SCATTER_K + j).to(tl.int64)
+            if row >= 0:
+                tl.store(q_ptr + row * stride_qm + cols, q, mask=mask)
+                tl.store(s_ptr + row * stride_sm + g, s, mask=g * GROUP < H)
 
 
 def act_quant_fp8(
@@ -79,11 +93,49 @@ def act_quant_fp8(
         hidden.stride(0),
         q.stride(0),
         s.stride(0),
+        s,  # no scatter
         GROUP=GROUP,
         NUM_GROUPS=GROUPS_PER_PROGRAM,
         STATIC=static,
         UE8M0=ue8m0,
         VLLM=vllm,
+        SCATTER_K=0,
+        num_warps=4,
+    )
+    return q, s
+
+
+def act_quant_scatter_fp8(
+    hidden: torch.Tensor, row_of_pair: torch.Tensor, q: torch.Tensor, s: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Quantize ``hidden [T, H]`` (bf16, T > 0, unit column stride) per token per 128 channels,
+    as :func:`act_quant_fp8` with dynamic scales, and write token ``t``'s codes and scales to
+    rows ``row_of_pair[t * k + j]`` of ``q [P, H]`` e4m3 and ``s [P, ceil(H/128)]`` fp32 for each
+    slot ``j`` (``row_of_pair [T * k]`` int32, -1: no row). Rows no pair names are not written.
+
+    Returns ``(q, s)``.
+    """
+    t, h = hidden.shape
+    assert hidden.stride(1) == 1 and q.stride(1) == 1 and s.stride(1) == 1
+    assert row_of_pair.numel() % t == 0 and row_of_pair.dtype == torch.int32
+    groups = triton.cdiv(h, GROUP)
+    grid = (t, triton.cdiv(groups, GROUPS_PER_PROGRAM))
+    _act_quant_kernel[grid](
+        hidden,
+        q,
+        s,
+        s,
+        h,
+        hidden.stride(0),
+        q.stride(0),
+        s.stride(0),
+        row_of_pair,
+        GROUP=GROUP,
+        NUM_GROUPS=GROUPS_PER_PROGRAM,
+        STATIC=False,
+        UE8M0=False,
+        VLLM=False,
+        SCATTER_K=row_of_pair.numel() // t,
         num_warps=4,
     )
     return q, s

@@ -5,9 +5,10 @@ compiled, :func:`precompile`):
 
 1. ``varlen_routing(compact=False)``: pairs sorted by local expert into unpadded segments;
    segment ``s`` is local expert ``s``, so the FP8 weights and their scales are read in place;
-2. ``act_quant_fp8``: the hidden states quantized once per token, per 128 channels (the Triton
-   activation quantizer the Triton FP8 layer uses: same kernel, same numerics), then gathered by
-   ``token_of_row`` into ``A [P, H]`` e4m3 and ``A_scale [P, H/128]`` fp32 (workspace buffers);
+2. ``act_quant_scatter_fp8``: the hidden states quantized once per token, per 128 channels (the
+   Triton activation quantizer the Triton FP8 layer uses: same kernel, same numerics), each
+   token's codes and scales written straight to its pairs' rows of ``A [P, H]`` e4m3 and
+   ``A_scale [P, H/128]`` fp32 (workspace buffers);
 3. GEMM1 ``grouped_gemm_fp8_block`` with fp32 D: ``gate_up [P, 2I]`` fp32 (gate ``[:I]``, up
    ``[I:]``, the checkpoint's ``w13`` order);
 4. ``silu_mul_quant``: ``silu(gate) * up`` in fp32, requantized per row per 128 columns:
@@ -27,15 +28,17 @@ gate/up kept in fp32 up to the requantization (rounding them to bf16 first moves
 ~1.5e-2: near-midpoint e4m3 flips), plus one bf16 rounding of each pair's GEMM2 output before the
 fp32 combine (as ``bf16_moe``). Weights with ``ue8m0`` scales are not supported yet.
 
-Not done yet: fused epilogues (SiLU-and-mul + requantization in GEMM1's epilogue, the weighted
-combine in GEMM2's), a gathered-A GEMM1 (``token_of_row`` read by the producer instead of the
-``A`` copy), per-tensor FP8 weights, ``ue8m0``, ``apply_router_weight_on_input`` and wiring into
-the kernel registry / selection (after it is measured faster than the Triton layer).
+The FP8 launcher (``fp8_moe.fused_experts_fp8``) runs this path as ``path='cute_grouped'``:
+its heuristic default for prefill sizes wherever :func:`grouped_path_defect` finds nothing
+against it, and a tuner candidate. Not done yet: fused epilogues (SiLU-and-mul + requantization
+in GEMM1's epilogue, the weighted combine in GEMM2's), a gathered-A GEMM1 (the producer reading
+token rows instead of the ``A`` copy), per-tensor FP8 weights, ``ue8m0`` and
+``apply_router_weight_on_input``.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -43,7 +46,8 @@ from ..._checks import check_bool, check_routed_call
 from ...expert_weights import FP8BlockWeights
 from ...quant.fp8 import BLOCK, FP8_DTYPE
 from ...runtime import workspace
-from .act_quant import act_quant_fp8
+from .act_quant import act_quant_scatter_fp8
+from .cute_env import quack_unavailable_reason
 from .fp8_grouped import DEFAULT_TILE, Tile, check_tile, compile_plans, grouped_gemm_fp8_block
 from .pair_combine import weighted_sum_pairs
 from .silu_mul_quant import silu_mul_quant
@@ -92,28 +96,52 @@ def _check_inputs(
 def route_quantize_gather(
     hidden: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, local_expert_offset: int
 ) -> GemmInput:
-    """Steps 1 and 2: routing (segment ``s`` = local expert ``s``), ``hidden [T, H]`` quantized per
-    token per 128 channels, and its rows gathered per pair into workspace buffers
+    """Steps 1 and 2: routing (segment ``s`` = local expert ``s``) and ``hidden [T, H]`` quantized
+    per token per 128 channels straight into its pairs' rows of the workspace buffers
     (``moe_fp8g_a``, ``moe_fp8g_a_scale``). ``T * k > 0``."""
     num_pairs = topk_ids.numel()
     h = hidden.shape[1]
     dev = hidden.device
     routing = varlen_routing(topk_ids, num_experts, local_expert_offset, compact=False)
-    q, q_scale = act_quant_fp8(hidden, None, False)
     a = workspace(num_pairs, h, FP8_DTYPE, dev, "moe_fp8g_a")
     a_scale = workspace(num_pairs, h // BLOCK, torch.float32, dev, "moe_fp8g_a_scale")
-    # e4m3 rows move as bytes (index_select has no float8 kernel everywhere)
-    torch.index_select(q.view(torch.uint8), 0, routing.token_of_row, out=a.view(torch.uint8))
-    torch.index_select(q_scale, 0, routing.token_of_row, out=a_scale)
+    act_quant_scatter_fp8(hidden, routing.row_of_pair, a, a_scale)
     return GemmInput(routing, a, a_scale)
+
+
+def grouped_path_defect(
+    device: torch.device,
+    *,
+    block_scaled: bool,
+    static_activation_scales: bool,
+    ue8m0: bool,
+    apply_router_weight_on_input: bool,
+) -> Optional[str]:
+    """Why this path cannot serve an FP8 layer with these properties on ``device``, or None."""
+    if not block_scaled:
+        return "it needs FP8 block-scale weights (per-tensor scales are not supported yet)"
+    if static_activation_scales:
+        return "it quantizes activations dynamically (static activation scales are not supported yet)"
+    if ue8m0:
+        return "ue8m0 (power-of-two) activation scales are not supported yet"
+    if apply_router_weight_on_input:
+        return "its router weight scales the expert output only"
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) != (9, 0):
+        return f"it needs an sm_90 GPU, got {device}"
+    return quack_unavailable_reason()
 
 
 def precompile(weights: FP8BlockWeights, tile1: Tile = DEFAULT_TILE, tile2: Tile = DEFAULT_TILE) -> int:
     """Compile GEMM1's (fp32 D, N 2I, K H) and GEMM2's (bf16 D, N H, K I) plans on the weights'
     device (before a CUDA-graph capture). Returns the number compiled or loaded now."""
     h, i = weights.hidden_size, weights.intermediate_size
-    built = compile_plans(2 * i, h, [_tile("tile1", tile1, h)], weights.device, torch.float32)
-    return built + compile_plans(h, i, [_tile("tile2", tile2, i)], weights.device, torch.bfloat16)
+    return compile_grouped_plans(h, i, _tile("tile1", tile1, h), _tile("tile2", tile2, i), weights.device)
+
+
+def compile_grouped_plans(hidden_size: int, inter: int, tile1: Tile, tile2: Tile, device: torch.device) -> int:
+    """:func:`precompile` on sizes: GEMM1 (fp32 D, N 2I, K H) and GEMM2 (bf16 D, N H, K I)."""
+    built = compile_plans(2 * inter, hidden_size, [tile1], device, torch.float32)
+    return built + compile_plans(hidden_size, inter, [tile2], device, torch.bfloat16)
 
 
 def fused_experts_fp8_grouped(
@@ -149,22 +177,53 @@ def fused_experts_fp8_grouped(
     """
     _check_inputs(hidden, weights, topk_ids, topk_weights, local_expert_offset, apply_router_weight_on_input, out)
     h, i = weights.hidden_size, weights.intermediate_size
-    tile1, tile2 = _tile("tile1", tile1, h), _tile("tile2", tile2, i)
+    return run_fp8_grouped(
+        hidden,
+        weights.w13,
+        weights.w13_scale,
+        weights.w2,
+        weights.w2_scale,
+        topk_ids,
+        topk_weights,
+        local_expert_offset=local_expert_offset,
+        result=out[: hidden.shape[0]],
+        tile1=_tile("tile1", tile1, h),
+        tile2=_tile("tile2", tile2, i),
+    )
+
+
+def run_fp8_grouped(
+    hidden: torch.Tensor,
+    w13: torch.Tensor,
+    w13_scale: torch.Tensor,
+    w2: torch.Tensor,
+    w2_scale: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    *,
+    local_expert_offset: int,
+    result: torch.Tensor,
+    tile1: Tile,
+    tile2: Tile,
+) -> torch.Tensor:
+    """Steps 1-6 on checked operands (shapes and dtypes of :func:`fused_experts_fp8_grouped`'s
+    weights, contiguous ids and weights, tiles valid for H and I); ``result [T, H]`` bf16 is
+    written whole and returned."""
     num_tokens, top_k = topk_ids.shape
-    result = out[:num_tokens]
     if num_tokens == 0:
         return result
     if top_k == 0:
         return result.zero_()
     num_pairs = num_tokens * top_k
+    h, i = w2.shape[1], w2.shape[2]
     dev = hidden.device
-    routing, a, a_scale = route_quantize_gather(hidden, topk_ids, weights.num_experts, local_expert_offset)
+    routing, a, a_scale = route_quantize_gather(hidden, topk_ids, w13.shape[0], local_expert_offset)
     cu = routing.cu_seqlens
     gate_up = workspace(num_pairs, 2 * i, torch.float32, dev, "moe_fp8g_gate_up")
-    grouped_gemm_fp8_block(a, a_scale, weights.w13, weights.w13_scale, cu, gate_up, tile=tile1)
+    grouped_gemm_fp8_block(a, a_scale, w13, w13_scale, cu, gate_up, tile=tile1)
     y = workspace(num_pairs, i, FP8_DTYPE, dev, "moe_fp8g_mid")
     y_scale = workspace(num_pairs, i // BLOCK, torch.float32, dev, "moe_fp8g_mid_scale")
     silu_mul_quant(gate_up, y, y_scale, cu[-1:])
     rows = workspace(num_pairs, h, torch.bfloat16, dev, "moe_fp8g_rows")
-    grouped_gemm_fp8_block(y, y_scale, weights.w2, weights.w2_scale, cu, rows, tile=tile2)
+    grouped_gemm_fp8_block(y, y_scale, w2, w2_scale, cu, rows, tile=tile2)
     return weighted_sum_pairs(rows, routing.row_of_pair, topk_weights, result)

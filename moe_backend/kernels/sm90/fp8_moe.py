@@ -23,7 +23,12 @@ Paths, chosen by the pair count ``T * k`` and the expected rows per local expert
   BLOCK_M = 16, narrow column blocks and split-K in GEMM2 so the few active
   experts' weights are spread over every SM and read once;
 * ``prefill``: pre-quantized input, e4m3 intermediate written by GEMM1's
-  epilogue (BLOCK_N = 128: one column block is one scale group), large tiles.
+  epilogue (BLOCK_N = 128: one column block is one scale group), large tiles;
+* ``cute_grouped`` (FP8 block scales, dynamic activation scales, sm_90 with CuTe DSL): the CuTe
+  DSL FP8 grouped GEMMs (``fp8_grouped_moe``); ``TILE1`` / ``TILE2`` name GEMM1's and GEMM2's
+  configuration (``fp8_grouped.TILES``). The heuristic default from ``CUTE_GROUPED_MIN_ROWS``
+  rows per expert wherever ``fp8_grouped_moe.grouped_path_defect`` finds nothing against it
+  (else the Triton prefill tiers); asked for by name where it cannot run, a ValueError says why.
 
 ``QUANT_ON_LOAD1`` and ``QUANT_OUT1`` (GEMM1's input quantized as it is loaded / its output
 quantized in its epilogue, else GEMM2 quantizes it as it loads) apply to every path; ``PDL``
@@ -42,6 +47,7 @@ configurations do so up to 64 tokens, and so does this mode.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Dict, Optional
 
 import torch
@@ -54,8 +60,12 @@ from .combine import cast_out, sum_pairs
 from .config import resolve_path_config
 from .fp8_gemm1 import gemm1_fp8
 from .fp8_gemm2 import gemm2_fp8
+from .fp8_grouped import DEFAULT_TILE as GROUPED_DEFAULT_TILE, TILES as GROUPED_TILES, check_tile
+from .fp8_grouped_moe import grouped_path_defect, run_fp8_grouped
 from .fp8_swapab import swapab_fp8
 from .tiles import MAX_GATHER_PAIRS
+
+logger = logging.getLogger(__name__)
 
 #: Every knob of a configuration (``config=`` may give any subset; the rest come from the heuristic).
 #: ``*1`` are GEMM1's, ``*2`` GEMM2's; ``BLOCK_K`` must be 128 with dynamic scales or block weights.
@@ -87,7 +97,11 @@ CONFIG_KEYS = (
     "QUANT_OUT1",
     "FUSED_CAST2",
     "N_TILES2",
+    "TILE1",
+    "TILE2",
 )
+#: The keys ``path='cute_grouped'`` reads; the other paths do not read ``TILE1`` / ``TILE2``.
+GROUPED_KEYS = ("path", "NUMERICS", "COMBINE", "TILE1", "TILE2")
 
 DECODE_CONFIG: Dict[str, Any] = dict(
     path="decode",
@@ -170,8 +184,30 @@ PREFILL_CONFIG: Dict[str, Any] = dict(
 )
 
 
+#: The CuTe DSL grouped GEMMs: deterministic (each pair's row summed in slot order), tiles as lists
+#: (configurations are stored as JSON).
+CUTE_GROUPED_CONFIG: Dict[str, Any] = dict(
+    path="cute_grouped",
+    NUMERICS="accurate",
+    COMBINE="sum",
+    TILE1=list(GROUPED_DEFAULT_TILE),
+    TILE2=list(GROUPED_DEFAULT_TILE),
+)
+#: GEMM2's overlapping tile (two wave accumulators: 1014 against 929 TFLOP/s at I = 2048, H200
+#: 2026-12-02); it needs I a multiple of 256, so it is a candidate, not the base.
+GROUPED_OVERLAP_TILE = [t for t in GROUPED_TILES if t[:4] == GROUPED_DEFAULT_TILE[:4] and t[4]][0]
+#: From this many expected rows per local expert the heuristic default takes ``cute_grouped``
+#: where it can run: at 256 (T=1024, E=32) it took 958-975 us against the Triton prefill
+#: tiles' 1098, at 2048 (T=8192) 6.64 against 8.04 ms (H200, 2026-12-02); below, not yet measured.
+CUTE_GROUPED_MIN_ROWS = 256
+
 #: The base configuration of each path (what a ``config=`` naming the path starts from).
-PATH_CONFIGS: Dict[str, Dict[str, Any]] = {"swapab": SWAPAB_CONFIG, "decode": DECODE_CONFIG, "prefill": PREFILL_CONFIG}
+PATH_CONFIGS: Dict[str, Dict[str, Any]] = {
+    "swapab": SWAPAB_CONFIG,
+    "decode": DECODE_CONFIG,
+    "prefill": PREFILL_CONFIG,
+    "cute_grouped": CUTE_GROUPED_CONFIG,
+}
 
 #: Prefill tilings by rows per expert: skinny tiles with the atomic combine (still a weight
 #: stream), then 32 and 64 rows a tile.
@@ -195,7 +231,7 @@ DEFAULT_TIERS = (
 #: Version of this kernel's tuned configurations: the tuning cache keeps a configuration only
 #: for the version it was tuned for. Bump it when the kernels, their weight or activation
 #: layout, or the configuration schema (CONFIG_KEYS, their meaning) change.
-KERNEL_VERSION = 1
+KERNEL_VERSION = 2
 
 #: What the tuner times per token bucket (each overrides the heuristic default of that size):
 #: the swap-AB and aligned decode paths, skinny atomic-combine tiles, and prefill tiles up to 128 rows.
@@ -211,6 +247,9 @@ CANDIDATE_CONFIGS = (
     PREFILL_64_CONFIG,
     PREFILL_CONFIG,
     dict(PREFILL_CONFIG, COMBINE="atomic"),
+    CUTE_GROUPED_CONFIG,
+    dict(CUTE_GROUPED_CONFIG, TILE2=list(GROUPED_OVERLAP_TILE)),
+    dict(CUTE_GROUPED_CONFIG, TILE1=list(GROUPED_OVERLAP_TILE), TILE2=list(GROUPED_OVERLAP_TILE)),
 )
 
 #: Deterministic mode: no atomics (each pair writes its own row, summed in slot order) and one
@@ -243,8 +282,11 @@ def _check_vllm_numerics(
         )
 
 
-def default_config(num_tokens: int, top_k: int, num_experts: int) -> Dict[str, Any]:
-    """Heuristic configuration from the expected rows per local expert (balanced routing).
+def default_config(num_tokens: int, top_k: int, num_experts: int, grouped: bool = False) -> Dict[str, Any]:
+    """Heuristic configuration from the expected rows per local expert (balanced routing);
+    ``grouped``: the ``cute_grouped`` path can serve this layer (``grouped_path_defect``).
+
+    From ``CUTE_GROUPED_MIN_ROWS`` rows per expert, ``cute_grouped`` when ``grouped``.
 
     The swap-AB path up to ``SWAPAB_DEFAULT_MAX_PAIRS`` pairs (an H200 scan), and up to one pair
     per expert as far as its scan reaches (``MAX_GATHER_PAIRS``): at T=32 E=256 the aligned decode
@@ -256,6 +298,8 @@ def default_config(num_tokens: int, top_k: int, num_experts: int) -> Dict[str, A
     """
     pairs = num_tokens * top_k
     rows_per_expert = pairs / num_experts
+    if grouped and rows_per_expert >= CUTE_GROUPED_MIN_ROWS:
+        return dict(CUTE_GROUPED_CONFIG)
     if (pairs <= SWAPAB_DEFAULT_MAX_PAIRS and rows_per_expert <= 16) or (
         pairs <= MAX_GATHER_PAIRS and rows_per_expert <= 1
     ):
@@ -263,12 +307,51 @@ def default_config(num_tokens: int, top_k: int, num_experts: int) -> Dict[str, A
     return dict(next(cfg for limit, cfg in DEFAULT_TIERS if rows_per_expert <= limit))
 
 
-def resolve_config(config: Optional[dict], num_tokens: int, top_k: int, num_experts: int) -> Dict[str, Any]:
+def resolve_config(
+    config: Optional[dict], num_tokens: int, top_k: int, num_experts: int, grouped: bool = False
+) -> Dict[str, Any]:
     """``config``'s keys over a base: the base configuration of the path ``config`` names, else
-    the heuristic default for this size."""
-    return resolve_path_config(
-        config, lambda: default_config(num_tokens, top_k, num_experts), PATH_CONFIGS, CONFIG_KEYS
+    the heuristic default for this size (``grouped``: as :func:`default_config`)."""
+    cfg = resolve_path_config(
+        config, lambda: default_config(num_tokens, top_k, num_experts, grouped), PATH_CONFIGS, CONFIG_KEYS
     )
+    if cfg["path"] == "cute_grouped":
+        foreign = sorted(set(cfg) - set(GROUPED_KEYS))
+        if foreign:
+            raise ValueError(f"config: path='cute_grouped' reads {GROUPED_KEYS} only, got also {foreign}")
+        if cfg["NUMERICS"] != "accurate" or cfg["COMBINE"] != "sum":
+            raise ValueError(
+                "config: path='cute_grouped' has NUMERICS='accurate' and COMBINE='sum' only, got "
+                f"NUMERICS={cfg['NUMERICS']!r}, COMBINE={cfg['COMBINE']!r}"
+            )
+    elif "TILE1" in cfg or "TILE2" in cfg:
+        raise ValueError(f"config: TILE1 and TILE2 apply to path='cute_grouped' only, got path={cfg['path']!r}")
+    return cfg
+
+
+_LOGGED_DEFECTS: set = set()
+
+
+def _grouped_defect(
+    hidden: torch.Tensor,
+    block_scaled: bool,
+    static_scales: bool,
+    ue8m0: bool,
+    weight_on_input: bool,
+) -> Optional[str]:
+    """``grouped_path_defect`` for this call, logged once per reason (the heuristic then keeps
+    prefill on the Triton kernels)."""
+    defect = grouped_path_defect(
+        hidden.device,
+        block_scaled=block_scaled,
+        static_activation_scales=static_scales,
+        ue8m0=ue8m0,
+        apply_router_weight_on_input=weight_on_input,
+    )
+    if defect is not None and defect not in _LOGGED_DEFECTS:
+        _LOGGED_DEFECTS.add(defect)
+        logger.info("FP8 prefill stays on the Triton kernels, the CuTe DSL grouped path cannot serve it: %s", defect)
+    return defect
 
 
 def _start_zeroing(acc: torch.Tensor, mode: str) -> Optional[torch.cuda.Event]:
@@ -294,6 +377,18 @@ def _start_zeroing(acc: torch.Tensor, mode: str) -> Optional[torch.cuda.Event]:
         raise ValueError(f"config: ZERO must be 'fused', 'sync' or 'stream', got {mode!r}")
     acc.zero_()
     return None
+
+
+def grouped_tiles(cfg: Dict[str, Any], hidden_size: int, inter: int) -> tuple:
+    """GEMM1's and GEMM2's tiles of a ``cute_grouped`` configuration, checked for K = H and I."""
+    return _grouped_tile("TILE1", cfg["TILE1"], hidden_size), _grouped_tile("TILE2", cfg["TILE2"], inter)
+
+
+def _grouped_tile(name: str, tile: object, k: int):
+    try:
+        return check_tile(tile, k)
+    except ValueError as exc:
+        raise ValueError(f"config: {name}: {exc}") from None
 
 
 _AUX_STREAMS: Dict[torch.device, torch.cuda.Stream] = {}
@@ -345,7 +440,10 @@ def fused_experts_fp8(
             (each (token, expert) pair quantized separately) instead of the output.
         out: ``[R >= T, H]`` bf16 contiguous; rows ``[:T]`` are all written (0 for a
             token without a local expert), rows ``>= T`` untouched.
-        config: tuning knobs (keys :data:`CONFIG_KEYS`); None: :func:`default_config`.
+        config: tuning knobs (keys :data:`CONFIG_KEYS`); None: :func:`default_config`, with the
+            ``cute_grouped`` path from ``CUTE_GROUPED_MIN_ROWS`` rows per expert where
+            ``grouped_path_defect`` finds nothing against it. That path's GEMMs must be compiled
+            (:func:`precompile`) before a CUDA-graph capture.
 
     Returns:
         ``out[:T]``.
@@ -356,7 +454,31 @@ def fused_experts_fp8(
     result = out[:num_tokens]
     if num_tokens == 0:
         return result
-    cfg = resolve_config(config, num_tokens, top_k, num_experts)
+    # The grouped path is asked for by name, or is the heuristic's choice for a call without
+    # overrides (overrides of Triton knobs mean the Triton kernels); only then is it checked.
+    named = (config or {}).get("path") == "cute_grouped"
+    defect = None
+    if named or (not config and num_tokens * top_k >= CUTE_GROUPED_MIN_ROWS * num_experts):
+        static_scales = a13_scale is not None or a2_scale is not None
+        defect = _grouped_defect(hidden, block_scaled, static_scales, ue8m0, apply_router_weight_on_input)
+    cfg = resolve_config(config, num_tokens, top_k, num_experts, grouped=not config and defect is None)
+    if cfg["path"] == "cute_grouped":
+        if defect is not None:
+            raise ValueError(f"config: path='cute_grouped' cannot serve this layer: {defect}")
+        tile1, tile2 = grouped_tiles(cfg, hidden_size, w2.shape[2])
+        return run_fp8_grouped(
+            hidden,
+            w13,
+            w13_scale,
+            w2,
+            w2_scale,
+            topk_ids.contiguous(),
+            topk_weights.contiguous(),
+            local_expert_offset=local_expert_offset,
+            result=result,
+            tile1=tile1,
+            tile2=tile2,
+        )
     if cfg["NUMERICS"] not in ("accurate", *NUMERICS_CONFIGS):
         raise ValueError(f"config: NUMERICS must be one of {('accurate', *NUMERICS_CONFIGS)}, got {cfg['NUMERICS']!r}")
     vllm = cfg["NUMERICS"] == "vllm_triton"
@@ -486,3 +608,36 @@ def fused_experts_fp8(
     else:
         sum_pairs(acc, routing.row_of_pair, top_k, result)
     return result
+
+
+def precompile(
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    configs,
+    *,
+    block_scaled: bool,
+    static_activation_scales: bool,
+    ue8m0: bool,
+) -> int:
+    """Compile the CuTe DSL GEMMs the ``configs`` can run (``w13 [E, 2I, H]``, ``w2 [E, H, I]``):
+    those of each ``cute_grouped`` configuration, and the default tiles for an empty one (the
+    heuristic takes that path at prefill sizes) where ``grouped_path_defect`` finds nothing
+    against it. The Triton kernels compile on first use. Returns the number built or loaded now."""
+    from .fp8_grouped_moe import compile_grouped_plans
+
+    hidden_size, inter = w2.shape[1], w2.shape[2]
+    tiles = set()
+    for config in configs:
+        if not config:
+            defect = grouped_path_defect(
+                w13.device,
+                block_scaled=block_scaled,
+                static_activation_scales=static_activation_scales,
+                ue8m0=ue8m0,
+                apply_router_weight_on_input=False,
+            )
+            if defect is None:
+                tiles.add(grouped_tiles(CUTE_GROUPED_CONFIG, hidden_size, inter))
+        elif config.get("path") == "cute_grouped":
+            tiles.add(grouped_tiles(resolve_config(config, 1, 1, 1), hidden_size, inter))
+    return sum(compile_grouped_plans(hidden_size, inter, t1, t2, w13.device) for t1, t2 in sorted(tiles))
