@@ -9,8 +9,8 @@ Approach (no signature is written by hand here):
 1. *Capture.* The registry's kernels (``Kernel.prepare`` / ``Kernel.run``, the contract the
    layer calls) run on CPU tensors, without ``TRITON_INTERPRET``, for every configuration of
    their launchers (``DECODE_CONFIG``, ``PREFILL_CONFIG``, ``CANDIDATE_CONFIGS``,
-   ``DETERMINISTIC_CONFIG``, ``NUMERICS_CONFIGS`` and the size heuristic; the FP8 ``cute_grouped``
-   path with its CuTe DSL GEMMs skipped, :func:`_grouped_path_offline`), every weight variant
+   ``DETERMINISTIC_CONFIG``, ``NUMERICS_CONFIGS`` and the size heuristic; the CuTe DSL paths
+   with their CuTe DSL GEMMs skipped, :func:`_grouped_path_offline`), every weight variant
    (FP8 block with and without ue8m0, FP8 per-tensor with dynamic and static activation
    scales, NVFP4; the router weight on the input where the registry allows it), DeepSeek-V3
    shapes and small odd ones, and token counts that reach every alignment path. Triton's
@@ -320,18 +320,28 @@ def capture_specializations(
 
 @contextlib.contextmanager
 def _grouped_path_offline() -> Iterator[None]:
-    """Let the FP8 launcher's ``cute_grouped`` path run on CPU tensors, its CuTe DSL GEMMs
-    skipped (``moe-backend compile-cute`` builds those), so that the Triton kernels around them
-    (quantize-and-scatter, SiLU-and-mul requantization, the pair combine) are captured too."""
-    from moe_backend.kernels.sm90 import fp8_grouped_moe, fp8_moe
+    """Let the launchers' CuTe DSL paths (FP8 ``cute_grouped``, NVFP4 ``bf16_grouped``) run on CPU
+    tensors, their CuTe DSL GEMMs skipped (``moe-backend compile-cute`` builds those), so that
+    the Triton kernels around them (quantize-and-scatter, SiLU-and-mul requantization, the
+    kernel-layout NVFP4 dequantization, the pair combine) are captured too."""
+    from moe_backend.kernels.sm90 import bf16_grouped, fp8_grouped_moe, fp8_moe, nvfp4_moe
 
-    saved = fp8_moe.grouped_path_defect, fp8_grouped_moe.grouped_gemm_fp8_block
-    fp8_moe.grouped_path_defect = lambda *a, **kw: None
-    fp8_grouped_moe.grouped_gemm_fp8_block = lambda *a, **kw: None
+    skipped = lambda *a, **kw: None  # noqa: E731
+    patches = [
+        (fp8_moe, "grouped_path_defect"),
+        (nvfp4_moe, "grouped_path_defect"),
+        (fp8_grouped_moe, "grouped_gemm_fp8_block"),
+        (bf16_grouped, "gemm1_gated"),
+        (bf16_grouped, "gemm2"),
+    ]
+    saved = [getattr(module, name) for module, name in patches]
+    for module, name in patches:
+        setattr(module, name, skipped)
     try:
         yield
     finally:
-        fp8_moe.grouped_path_defect, fp8_grouped_moe.grouped_gemm_fp8_block = saved
+        for (module, name), value in zip(patches, saved, strict=True):
+            setattr(module, name, value)
 
 
 def configuration_key(data: str) -> str:

@@ -35,14 +35,16 @@ def test_capture_reaches_every_kernel_and_configuration():
         "_cast_kernel",
         "_sum_pairs_kernel",
         "_permute_kernel",
-        "_silu_mul_quant_kernel",  # the cute_grouped path's Triton kernels
+        "_silu_mul_quant_kernel",  # the CuTe DSL paths' Triton kernels
         "_weighted_sum_kernel",
+        "_kernel_layout_dequant_kernel",
     }
     # the grouped path quantizes straight into its pairs' rows
     assert any(line.startswith("_act_quant_kernel") and "'SCATTER_K': 3" in line for line in lines)  # top-3
     gemm2 = [line for line in lines if line.startswith("_gemm2_kernel")]
-    triton_configs = [c for c in fp8_moe.CANDIDATE_CONFIGS if c["path"] != "cute_grouped"]
-    for cfg in (*triton_configs, *nvfp4_moe.CANDIDATE_CONFIGS):
+    grouped = ("cute_grouped", "bf16_grouped")
+    triton_configs = [c for c in (*fp8_moe.CANDIDATE_CONFIGS, *nvfp4_moe.CANDIDATE_CONFIGS) if c["path"] not in grouped]
+    for cfg in triton_configs:
         launched = f"num_warps={cfg['num_warps2']} num_stages={cfg['num_stages2']}"
         rows = "BLOCK_T" if cfg["path"] == "swapab" else "BLOCK_M"  # swap-AB: pairs on the MMA's N side
         assert any(

@@ -71,6 +71,8 @@ VARIANTS: Dict[str, Tuple[str, Optional[Dict[str, Any]]]] = {
     # prefill: the Triton kernels' largest tiles and the CuTe DSL grouped GEMMs, whichever the default takes
     "prefill": ("fp8_block", fp8_moe.PREFILL_CONFIG),
     "cute_grouped": ("fp8_block", fp8_moe.CUTE_GROUPED_CONFIG),
+    "nvfp4_prefill": ("nvfp4", nvfp4_moe.PREFILL_CONFIG),
+    "nvfp4_bf16_grouped": ("nvfp4", nvfp4_moe.GROUPED_CONFIG),
     "cute_grouped_overlap2": ("fp8_block", dict(fp8_moe.CUTE_GROUPED_CONFIG, TILE2=list(fp8_moe.GROUPED_OVERLAP_TILE))),
 }
 #: The registry kernel each precision's variants run on.

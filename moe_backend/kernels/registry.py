@@ -231,6 +231,12 @@ def _sm90_nvfp4_tuning() -> TuningSpace:
     return TuningSpace(nvfp4_moe.KERNEL_VERSION, nvfp4_moe.CANDIDATE_CONFIGS)
 
 
+def _sm90_nvfp4_precompile(prepared: Any, configs: Sequence[dict]) -> int:
+    from .sm90.nvfp4_moe import precompile
+
+    return precompile(prepared, configs)
+
+
 def _sm90_nvfp4_prepare(weights: ExpertWeights) -> Any:
     from .sm90.nvfp4_moe import prepare_nvfp4
 
@@ -353,6 +359,7 @@ SM90_NVFP4 = Kernel(
     interpretable=True,
     capturable=True,
     tuning=_sm90_nvfp4_tuning,
+    precompile=_sm90_nvfp4_precompile,
 )
 
 # bf16 grouped GEMMs (QuACK, CuTe DSL) for bf16 experts and for NVFP4 dequantized to bf16 (prefill).

@@ -18,7 +18,8 @@ from moe_backend.kernels.sm90.bf16_moe import (
     resolve_config,
     restore_grouped,
 )
-from moe_backend.kernels.sm90.nvfp4_dequant import dequantize_segments
+from moe_backend.kernels.sm90.nvfp4_dequant import dequantize_kernel_layout_segments, dequantize_segments
+from moe_backend.kernels.sm90.nvfp4_layout import nvfp4_to_kernel_layout
 from moe_backend.kernels.sm90.pair_combine import weighted_sum_pairs
 from moe_backend.kernels.sm90.varlen_routing import num_segments, varlen_routing
 from moe_backend.quant.fp8 import FP8_DTYPE
@@ -121,6 +122,45 @@ def test_dequantize_segments_matches_reference(e, n, k, groups, experts, interle
         if interleave:  # row 2c: first half's row c, row 2c + 1: second half's row c
             ref = torch.stack([ref[: n // 2], ref[n // 2 :]], 1).reshape(n, k)
         assert torch.equal(got[s], ref.to(torch.bfloat16)), f"segment {s} (expert {ex})"
+
+
+@runs_here
+@pytest.mark.parametrize(
+    "e,h,i,experts",
+    [(3, 256, 256, [2, -1, 0]), (2, 512, 384, [1, 0]), (4, 272, 96, [3, 1, -1, -1])],
+)
+def test_kernel_layout_dequantization_matches_checkpoint_layout(e, h, i, experts):
+    """The W4A16 kernels' layout dequantizes to the checkpoint layout's values (I and H not
+    multiples of 256: padded groups; rows of w13 permuted per 256), gate/up interleaved; skipped
+    segments untouched."""
+    g = torch.Generator().manual_seed(h + i)
+    c13, s13 = _random_nvfp4_part(e, 2 * i, h, g)
+    c2, s2 = _random_nvfp4_part(e, h, i, g)
+    glob13, glob2 = torch.rand(e, 2, generator=g) + 0.5, torch.rand(e, generator=g) + 0.5
+    dev = torch.device(DEVICE)
+    weights = NVFP4Weights(*(t.to(dev) for t in (c13, s13, glob13, c2, s2, glob2)))
+    kernel_weights = nvfp4_to_kernel_layout(weights)
+    eos = torch.tensor(experts, dtype=torch.int32, device=dev)
+    nan = float("nan")
+    w13 = torch.full((len(experts), 2 * i, h), nan, dtype=torch.bfloat16, device=dev)
+    w2 = torch.full((len(experts), h, i), nan, dtype=torch.bfloat16, device=dev)
+    dequantize_kernel_layout_segments(kernel_weights, eos, w13, w2)
+    ref13 = dequantize_segments(
+        c13.to(dev), s13.to(dev), weights.w13_scale_2.to(dev), eos, torch.full_like(w13, nan), interleave=True
+    )
+    ref2 = dequantize_segments(
+        c2.to(dev), s2.to(dev), weights.w2_scale_2.view(-1, 1).to(dev), eos, torch.full_like(w2, nan)
+    )
+    for got, ref in ((w13.cpu(), ref13.cpu()), (w2.cpu(), ref2.cpu())):
+        for s, ex in enumerate(experts):
+            if ex < 0:
+                assert torch.isnan(got[s].float()).all(), "a skipped segment was written"
+                continue
+            # code * (block * global) against (code * block) * global: both round once to bf16
+            # from fp32 products that may differ in their last fp32 bit
+            diff = (got[s].float() - ref[s].float()).abs()
+            assert torch.all(diff <= ref[s].float().abs() * 2**-8), f"segment {s} (expert {ex})"
+            assert (diff == 0).float().mean() > 0.999
 
 
 @runs_here

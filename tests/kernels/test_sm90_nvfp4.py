@@ -307,3 +307,105 @@ def test_gpu_loaded_layer_size():
     torch.cuda.synchronize()
     assert layer.kernel_name(True) == "sm90_triton_nvfp4"
     assert (torch.cuda.memory_allocated() - before) / (e * 3 * h * i) <= 0.57
+
+
+# ----------------------------------------------------------------------------- the bf16_grouped path
+@pytest.fixture
+def grouped_standins(monkeypatch):
+    """The bf16 grouped GEMMs (QuACK, GPU only) replaced by float64 loops with their contract:
+    GEMM1 gathers token rows, pairs adjacent columns (even gate, odd up) into bf16 ``silu(g) * u``;
+    GEMM2 writes bf16 rows; and nothing stands against the path. Returns the tiles they got."""
+    from moe_backend.kernels.sm90 import bf16_grouped, nvfp4_moe
+
+    tiles = []
+
+    def gemm1_gated(x, w13, cu, a_idx, mid, tile):
+        tiles.append(tile)
+        for s in range(w13.shape[0]):
+            lo, hi = int(cu[s]), int(cu[s + 1])
+            acc = x[a_idx[lo:hi].long()].double() @ w13[s].double().T
+            mid[lo:hi] = (torch.nn.functional.silu(acc[:, 0::2]) * acc[:, 1::2]).to(mid.dtype)
+        return mid
+
+    def gemm2(h, w2, cu, out, tile):
+        tiles.append(tile)
+        for s in range(w2.shape[0]):
+            lo, hi = int(cu[s]), int(cu[s + 1])
+            out[lo:hi] = (h[lo:hi].double() @ w2[s].double().T).to(out.dtype)
+        return out
+
+    monkeypatch.setattr(bf16_grouped, "gemm1_gated", gemm1_gated)
+    monkeypatch.setattr(bf16_grouped, "gemm2", gemm2)
+    monkeypatch.setattr(nvfp4_moe, "grouped_path_defect", lambda *a, **kw: None)
+    return tiles
+
+
+@runs_here
+@pytest.mark.parametrize("t,h,i,e,k,offset", [(1, 128, 64, 4, 1, 0), (7, 96, 48, 4, 2, 3), (9, 272, 272, 3, 2, 1)])
+def test_grouped_path_against_reference(grouped_standins, t, h, i, e, k, offset):
+    """Kernel-layout weights dequantized into the pool (H, I off the 256 grid: padded groups),
+    gate/up interleaved for the gated GEMM, EP offsets, -1 and foreign ids."""
+    from moe_backend.kernels.sm90 import bf16_grouped, nvfp4_moe
+
+    check(make_problem(t, h, i, e, k, offset=offset, seed=t + h), config=nvfp4_moe.GROUPED_CONFIG)
+    assert grouped_standins == [bf16_grouped.DEFAULT_TILE] * 2
+
+
+@runs_here
+def test_grouped_path_is_the_default_from_its_rows(grouped_standins, monkeypatch):
+    from moe_backend.kernels.sm90 import bf16_grouped, nvfp4_moe
+
+    monkeypatch.setattr(nvfp4_moe, "GROUPED_MIN_ROWS", 4)  # tiny shapes under the interpreter
+    check(make_problem(8, 128, 64, 4, 2, invalid=False, seed=2))  # 4 rows an expert
+    assert grouped_standins == [bf16_grouped.DEFAULT_TILE] * 2
+    grouped_standins.clear()
+    check(make_problem(7, 128, 64, 4, 2, invalid=False, seed=2))  # fewer: the Triton kernels
+    check(make_problem(8, 128, 64, 4, 2, invalid=False, seed=2), config=dict(BLOCK_M=16))  # a Triton knob
+    assert grouped_standins == []
+
+
+def test_grouped_path_configuration_errors(monkeypatch):
+    from moe_backend.kernels.sm90 import nvfp4_moe
+
+    with pytest.raises(ValueError, match=r"path='bf16_grouped' reads .* only, got also \['BLOCK_M'\]"):
+        nvfp4_moe.resolve_config(dict(path="bf16_grouped", BLOCK_M=16), 8, 8, 4)
+    with pytest.raises(ValueError, match="TILE1 and TILE2 apply to path='bf16_grouped' only"):
+        nvfp4_moe.resolve_config(dict(path="prefill", TILE2=[128, 128, 1, True]), 8, 8, 4)
+    p = make_problem(3, 128, 64, 2, 2, seed=1)
+    with pytest.raises(ValueError, match="config: TILE1 must be one of"):
+        with monkeypatch.context() as m:
+            m.setattr(nvfp4_moe, "grouped_path_defect", lambda *a, **kw: None)
+            run_kernel(p, config=dict(path="bf16_grouped", TILE1=[64, 64, 1, True]))
+    reason = nvfp4_moe.grouped_path_defect(torch.device("cpu"), False)
+    assert "sm_90 GPU" in reason
+    assert "output only" in nvfp4_moe.grouped_path_defect(torch.device("cpu"), True)
+    if DEVICE == "cpu":
+        with pytest.raises(ValueError, match="path='bf16_grouped' cannot serve this layer: it needs an sm_90 GPU"):
+            run_kernel(p, config=nvfp4_moe.GROUPED_CONFIG)
+
+
+@pytest.mark.gpu
+def test_gpu_grouped_path_and_graph_replay():
+    """The real bf16_grouped path (QuACK) from the Triton kernel's prepared weights: DeepSeek-V3
+    widths, then an odd shape; a capture after the precompile replays to the eager result."""
+    from moe_backend.kernels.sm90 import nvfp4_moe
+
+    reason = nvfp4_moe.grouped_path_defect(torch.device("cuda"), False)
+    if reason is not None:
+        pytest.skip(reason)
+    for t, h, i, e, k, offset in ((300, 7168, 2048, 8, 8, 8), (37, 640, 384, 5, 3, 0)):
+        p = make_problem(t, h, i, e, k, offset=offset, seed=t)
+        prep = prepare_nvfp4(p.weights)
+        assert nvfp4_moe.precompile(prep, [nvfp4_moe.GROUPED_CONFIG]) >= 0
+        err = check(p, config=nvfp4_moe.GROUPED_CONFIG)
+        print(f"bf16_grouped T={t} H={h} I={i}: rel err {err:.2e}")
+    out = torch.full((40, 640), float("nan"), dtype=torch.bfloat16, device="cuda")
+    kw = dict(local_expert_offset=0, apply_router_weight_on_input=False, out=out, config=nvfp4_moe.GROUPED_CONFIG)
+    eager = fused_experts_nvfp4(p.hidden, prep, p.ids, p.topk_w, **kw).clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fused_experts_nvfp4(p.hidden, prep, p.ids, p.topk_w, **kw)
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out[:37], eager) and torch.isnan(out[37:].float()).all()

@@ -27,7 +27,7 @@ from . import bf16_grouped
 from .config import merge_config
 from .nvfp4_dequant import dequantize_segments
 from .pair_combine import weighted_sum_pairs
-from .varlen_routing import varlen_routing
+from .varlen_routing import VarlenRouting, varlen_routing
 
 
 @dataclass
@@ -176,12 +176,29 @@ def fused_experts_grouped(
         return result
     if top_k == 0:
         return result.zero_()
-    num_pairs = num_tokens * top_k
     routing = varlen_routing(topk_ids, w.num_experts, local_expert_offset, compact=isinstance(w, NVFP4Weights))
     w13, w2 = segment_weights(w, routing.expert_of_segment)
+    return grouped_gemms(hidden, w13, w2, routing, topk_weights, result, cfg["tile1"], cfg["tile2"])
+
+
+def grouped_gemms(
+    hidden: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    routing: VarlenRouting,
+    topk_weights: torch.Tensor,
+    result: torch.Tensor,
+    tile1: Tuple[int, int, int, bool],
+    tile2: Tuple[int, int, int, bool],
+) -> torch.Tensor:
+    """The gated GEMM1 (token rows gathered by ``routing.token_of_row``), GEMM2 and the weighted
+    pair combine into ``result [T, H]`` bf16 (returned), on segment weights ``w13 [S, 2I, H]``
+    (gate/up interleaved) and ``w2 [S, H, I]`` bf16 of ``routing``'s segments."""
+    num_pairs = routing.token_of_row.numel()
+    h, i = w2.shape[1], w2.shape[2]
     dev = hidden.device
-    mid = workspace(num_pairs, w.intermediate_size, torch.bfloat16, dev, "moe_grouped_mid")
-    rows = workspace(num_pairs, w.hidden_size, torch.bfloat16, dev, "moe_grouped_rows")
-    bf16_grouped.gemm1_gated(hidden, w13, routing.cu_seqlens, routing.token_of_row, mid, cfg["tile1"])
-    bf16_grouped.gemm2(mid, w2, routing.cu_seqlens, rows, cfg["tile2"])
+    mid = workspace(num_pairs, i, torch.bfloat16, dev, "moe_grouped_mid")
+    rows = workspace(num_pairs, h, torch.bfloat16, dev, "moe_grouped_rows")
+    bf16_grouped.gemm1_gated(hidden, w13, routing.cu_seqlens, routing.token_of_row, mid, tile1)
+    bf16_grouped.gemm2(mid, w2, routing.cu_seqlens, rows, tile2)
     return weighted_sum_pairs(rows, routing.row_of_pair, topk_weights, result)

@@ -30,3 +30,14 @@ def resolve_path_config(
     else:
         raise ValueError(f"config: path must be one of {tuple(path_configs)}, got {path!r}")
     return merge_config(base, config, keys)
+
+
+def check_path_keys(cfg: Mapping[str, Any], path: str, path_keys: Sequence[str], own_keys: Sequence[str]) -> None:
+    """A resolved configuration of ``path`` holds ``path_keys`` only, and ``own_keys`` (a subset
+    of them) appear in configurations of ``path`` alone; else ValueError naming the keys."""
+    if cfg["path"] == path:
+        foreign = sorted(set(cfg) - set(path_keys))
+        if foreign:
+            raise ValueError(f"config: path={path!r} reads {tuple(path_keys)} only, got also {foreign}")
+    elif any(key in cfg for key in own_keys):
+        raise ValueError(f"config: {' and '.join(own_keys)} apply to path={path!r} only, got path={cfg['path']!r}")

@@ -53,6 +53,15 @@ def quack_unavailable_reason() -> Optional[str]:
     return None
 
 
+def sm90_cute_defect(device) -> Optional[str]:
+    """Why the CuTe DSL kernels cannot run on ``device`` (a ``torch.device``), or None."""
+    import torch
+
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) != (9, 0):
+        return f"it needs an sm_90 GPU, got {device}"
+    return quack_unavailable_reason()
+
+
 def fingerprint_kernel_sources() -> None:
     """Add this folder's sources to the fingerprint of QuACK's disk cache (``quack.cache``): its
     key names a kernel class by qualified name only and fingerprints QuACK's own sources, so a

@@ -47,7 +47,7 @@ from ...expert_weights import FP8BlockWeights
 from ...quant.fp8 import BLOCK, FP8_DTYPE
 from ...runtime import workspace
 from .act_quant import act_quant_scatter_fp8
-from .cute_env import quack_unavailable_reason
+from .cute_env import sm90_cute_defect
 from .fp8_grouped import DEFAULT_TILE, Tile, check_tile, compile_plans, grouped_gemm_fp8_block
 from .pair_combine import weighted_sum_pairs
 from .silu_mul_quant import silu_mul_quant
@@ -126,9 +126,7 @@ def grouped_path_defect(
         return "ue8m0 (power-of-two) activation scales are not supported yet"
     if apply_router_weight_on_input:
         return "its router weight scales the expert output only"
-    if device.type != "cuda" or torch.cuda.get_device_capability(device) != (9, 0):
-        return f"it needs an sm_90 GPU, got {device}"
-    return quack_unavailable_reason()
+    return sm90_cute_defect(device)
 
 
 def precompile(weights: FP8BlockWeights, tile1: Tile = DEFAULT_TILE, tile2: Tile = DEFAULT_TILE) -> int:

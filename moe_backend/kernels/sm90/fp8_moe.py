@@ -57,7 +57,7 @@ from ...runtime import workspace
 from .act_quant import act_quant_fp8
 from .align import align_block_size
 from .combine import cast_out, sum_pairs
-from .config import resolve_path_config
+from .config import check_path_keys, resolve_path_config
 from .fp8_gemm1 import gemm1_fp8
 from .fp8_gemm2 import gemm2_fp8
 from .fp8_grouped import DEFAULT_TILE as GROUPED_DEFAULT_TILE, TILES as GROUPED_TILES, check_tile
@@ -315,17 +315,12 @@ def resolve_config(
     cfg = resolve_path_config(
         config, lambda: default_config(num_tokens, top_k, num_experts, grouped), PATH_CONFIGS, CONFIG_KEYS
     )
-    if cfg["path"] == "cute_grouped":
-        foreign = sorted(set(cfg) - set(GROUPED_KEYS))
-        if foreign:
-            raise ValueError(f"config: path='cute_grouped' reads {GROUPED_KEYS} only, got also {foreign}")
-        if cfg["NUMERICS"] != "accurate" or cfg["COMBINE"] != "sum":
-            raise ValueError(
-                "config: path='cute_grouped' has NUMERICS='accurate' and COMBINE='sum' only, got "
-                f"NUMERICS={cfg['NUMERICS']!r}, COMBINE={cfg['COMBINE']!r}"
-            )
-    elif "TILE1" in cfg or "TILE2" in cfg:
-        raise ValueError(f"config: TILE1 and TILE2 apply to path='cute_grouped' only, got path={cfg['path']!r}")
+    check_path_keys(cfg, "cute_grouped", GROUPED_KEYS, ("TILE1", "TILE2"))
+    if cfg["path"] == "cute_grouped" and (cfg["NUMERICS"] != "accurate" or cfg["COMBINE"] != "sum"):
+        raise ValueError(
+            "config: path='cute_grouped' has NUMERICS='accurate' and COMBINE='sum' only, got "
+            f"NUMERICS={cfg['NUMERICS']!r}, COMBINE={cfg['COMBINE']!r}"
+        )
     return cfg
 
 

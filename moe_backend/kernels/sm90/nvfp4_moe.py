@@ -21,25 +21,36 @@ tile serves more tokens). ``swapab`` (``config`` only, until the H200 times it a
 ``decode``) is the decode tiling without steps 1 and 2: each expert's leader pair gathers its
 pairs (up to ``tiles.MAX_GATHER_PAIRS`` pairs), GEMM1 reads the hidden states at the dot
 order's offsets, and GEMM2 and the cast are programmatic dependent launches.
+``bf16_grouped`` (prefill, with QuACK / CuTe DSL on sm_90): the active experts dequantized from
+this layout to bf16 into the shared pool (``nvfp4_dequant.dequantize_kernel_layout_segments``),
+then the bf16 grouped GEMMs (``bf16_moe.grouped_gemms``; ``TILE1`` / ``TILE2`` from
+``bf16_grouped.TILES``). The heuristic default from ``GROUPED_MIN_ROWS`` rows per expert where
+:func:`grouped_path_defect` finds nothing against it; asked for by name where it cannot run, a
+ValueError says why.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 
 from ..._checks import check_routed_call
 from ...expert_weights import NVFP4Weights
 from ...runtime import workspace
+from . import bf16_grouped
 from .align import AlignedRouting, GatheredPairs, align_block_size
+from .bf16_moe import grouped_gemms
 from .combine import cast_out
-from .config import resolve_path_config
+from .config import check_path_keys, resolve_path_config
+from .cute_env import sm90_cute_defect
 from .nvfp4_act import permute_activations
+from .nvfp4_dequant import dequantize_kernel_layout_segments
 from .nvfp4_gemm1 import gemm1_nvfp4
 from .nvfp4_gemm2 import gemm2_nvfp4
 from .nvfp4_layout import NVFP4KernelWeights, nvfp4_to_kernel_layout
 from .tiles import MAX_GATHER_PAIRS
+from .varlen_routing import varlen_routing
 
 #: Every knob (``config=`` may give any subset; the rest come from the heuristic).
 #: ``*1`` are GEMM1's, ``*2`` GEMM2's; ``BLOCK_N*`` divide 256 (GEMM1) or are powers of two >= 16.
@@ -56,7 +67,11 @@ CONFIG_KEYS = (
     "num_warps2",
     "num_stages2",
     "PDL",
+    "TILE1",
+    "TILE2",
 )
+#: The keys ``path='bf16_grouped'`` reads; the other paths do not read ``TILE1`` / ``TILE2``.
+GROUPED_KEYS = ("path", "TILE1", "TILE2")
 
 # Defaults: the best of an H100 sweep (docs/performance.md), DeepSeek-V3 shapes.
 DECODE_CONFIG: Dict[str, Any] = dict(
@@ -102,8 +117,23 @@ PREFILL_32_CONFIG: Dict[str, Any] = dict(
     PREFILL_CONFIG, BLOCK_M=32, BLOCK_N1=32, BLOCK_N2=64, num_warps1=4, num_warps2=4
 )
 
+#: The bf16 grouped GEMMs on the active experts dequantized to bf16 (tiles as lists: JSON).
+GROUPED_CONFIG: Dict[str, Any] = dict(
+    path="bf16_grouped", TILE1=list(bf16_grouped.DEFAULT_TILE), TILE2=list(bf16_grouped.DEFAULT_TILE)
+)
+#: From this many expected rows per local expert the heuristic default takes ``bf16_grouped``
+#: where it can run. H200, 2026-12-02, E=32: 10.7 against 15.3 ms at 2048 rows (T=8192), 2.95
+#: against 1.94 ms at 256 (T=1024): the dequantization (1.86 ms for 32 experts) pays off from
+#: about 640 rows by a linear fit of the two.
+GROUPED_MIN_ROWS = 1024
+
 #: Each path's base configuration (``config={"path": ...}`` starts from it).
-PATH_CONFIGS: Dict[str, Dict[str, Any]] = {"decode": DECODE_CONFIG, "prefill": PREFILL_CONFIG, "swapab": SWAPAB_CONFIG}
+PATH_CONFIGS: Dict[str, Dict[str, Any]] = {
+    "decode": DECODE_CONFIG,
+    "prefill": PREFILL_CONFIG,
+    "swapab": SWAPAB_CONFIG,
+    "bf16_grouped": GROUPED_CONFIG,
+}
 
 #: The heuristic default: (most expected rows per local expert, configuration), first match.
 DEFAULT_TIERS = ((16, DECODE_CONFIG), (64, PREFILL_32_CONFIG), (float("inf"), PREFILL_CONFIG))
@@ -111,10 +141,11 @@ DEFAULT_TIERS = ((16, DECODE_CONFIG), (64, PREFILL_32_CONFIG), (float("inf"), PR
 #: Version of this kernel's tuned configurations: the tuning cache keeps a configuration only
 #: for the version it was tuned for. Bump it when the kernels, their weight layout
 #: (``NVFP4KernelWeights``) or the configuration schema (CONFIG_KEYS, their meaning) change.
-KERNEL_VERSION = 2
+KERNEL_VERSION = 3
 
 #: What the tuner times per token bucket (each overrides the heuristic default of that size):
-#: the decode path, and prefill tilings from skinny to square.
+#: the decode path, prefill tilings from skinny to square, and the bf16 grouped GEMMs (the
+#: QuACK tiles measured fastest at T=8192: 128x192 pingpong, 128x256 cooperative).
 CANDIDATE_CONFIGS = (
     DECODE_CONFIG,
     dict(DECODE_CONFIG, BLOCK_N1=64, num_warps1=8, BLOCK_N2=128),
@@ -122,21 +153,85 @@ CANDIDATE_CONFIGS = (
     PREFILL_32_CONFIG,
     dict(PREFILL_32_CONFIG, BLOCK_M=64),
     PREFILL_CONFIG,
+    GROUPED_CONFIG,
+    dict(GROUPED_CONFIG, TILE1=list(bf16_grouped.TILES[1]), TILE2=list(bf16_grouped.TILES[1])),
 )
 
 
-def default_config(num_tokens: int, top_k: int, num_experts: int) -> Dict[str, Any]:
-    """Heuristic configuration from the expected rows per local expert (balanced routing)."""
+def default_config(num_tokens: int, top_k: int, num_experts: int, grouped: bool = False) -> Dict[str, Any]:
+    """Heuristic configuration from the expected rows per local expert (balanced routing);
+    from ``GROUPED_MIN_ROWS`` the ``bf16_grouped`` path when ``grouped`` (it can serve the layer)."""
     rows_per_expert = num_tokens * top_k / num_experts
+    if grouped and rows_per_expert >= GROUPED_MIN_ROWS:
+        return dict(GROUPED_CONFIG)
     return dict(next(cfg for limit, cfg in DEFAULT_TIERS if rows_per_expert <= limit))
 
 
-def resolve_config(config: Optional[dict], num_tokens: int, top_k: int, num_experts: int) -> Dict[str, Any]:
+def resolve_config(
+    config: Optional[dict], num_tokens: int, top_k: int, num_experts: int, grouped: bool = False
+) -> Dict[str, Any]:
     """``config``'s keys over a base: the base configuration of the path ``config`` names, else
-    the heuristic default for this size."""
-    return resolve_path_config(
-        config, lambda: default_config(num_tokens, top_k, num_experts), PATH_CONFIGS, CONFIG_KEYS
+    the heuristic default for this size (``grouped``: as :func:`default_config`)."""
+    cfg = resolve_path_config(
+        config, lambda: default_config(num_tokens, top_k, num_experts, grouped), PATH_CONFIGS, CONFIG_KEYS
     )
+    check_path_keys(cfg, "bf16_grouped", GROUPED_KEYS, ("TILE1", "TILE2"))
+    return cfg
+
+
+def grouped_path_defect(device: torch.device, apply_router_weight_on_input: bool) -> Optional[str]:
+    """Why the ``bf16_grouped`` path cannot serve a layer on ``device``, or None."""
+    if apply_router_weight_on_input:
+        return "its router weight scales the expert output only"
+    return sm90_cute_defect(device)
+
+
+def _grouped_tiles(cfg: Dict[str, Any]) -> Tuple[Tuple[int, int, int, bool], ...]:
+    """GEMM1's and GEMM2's tile of a ``bf16_grouped`` configuration, each one of ``bf16_grouped.TILES``."""
+    tiles = []
+    for key in ("TILE1", "TILE2"):
+        tile = tuple(cfg[key]) if isinstance(cfg[key], (list, tuple)) else cfg[key]
+        if tile not in bf16_grouped.TILES:
+            raise ValueError(f"config: {key} must be one of {bf16_grouped.TILES}, got {cfg[key]!r}")
+        tiles.append(tile)
+    return tuple(tiles)
+
+
+def precompile(w: NVFP4KernelWeights, configs) -> int:
+    """Compile the bf16 grouped GEMMs the ``configs`` can run: those of each ``bf16_grouped``
+    configuration, and the default tiles for an empty one (the heuristic takes that path at
+    prefill sizes) where :func:`grouped_path_defect` finds nothing against it. The Triton kernels
+    compile on first use. Returns the number built or loaded now."""
+    tiles: set = set()
+    for config in configs:
+        if not config:
+            if grouped_path_defect(w.device, False) is None:
+                tiles.update(_grouped_tiles(GROUPED_CONFIG))
+        elif config.get("path") == "bf16_grouped":
+            tiles.update(_grouped_tiles(resolve_config(config, 1, 1, 1)))
+    if not tiles:
+        return 0
+    return bf16_grouped.compile_plans(w.hidden_size, w.intermediate_size, tuple(sorted(tiles)), w.device)
+
+
+def _run_grouped(
+    hidden: torch.Tensor,
+    w: NVFP4KernelWeights,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    local_expert_offset: int,
+    result: torch.Tensor,
+    cfg: Dict[str, Any],
+) -> torch.Tensor:
+    """The ``bf16_grouped`` path: active experts dequantized into the shared pool, bf16 grouped GEMMs."""
+    tile1, tile2 = _grouped_tiles(cfg)
+    routing = varlen_routing(topk_ids, w.num_experts, local_expert_offset, compact=True)
+    s = routing.expert_of_segment.shape[0]
+    h, i = w.hidden_size, w.intermediate_size
+    w13 = workspace(s * 2 * i, h, torch.bfloat16, w.device, "moe_grouped_w13").view(s, 2 * i, h)
+    w2 = workspace(s * h, i, torch.bfloat16, w.device, "moe_grouped_w2").view(s, h, i)
+    dequantize_kernel_layout_segments(w, routing.expert_of_segment, w13, w2)
+    return grouped_gemms(hidden, w13, w2, routing, topk_weights, result, tile1, tile2)
 
 
 def prepare_nvfp4(weights: NVFP4Weights) -> NVFP4KernelWeights:
@@ -197,7 +292,17 @@ def fused_experts_nvfp4(
         return result
     if top_k == 0:
         return result.zero_()
-    cfg = resolve_config(config, num_tokens, top_k, w.num_experts)
+    # The grouped path is asked for by name, or is the heuristic's choice for a call without
+    # overrides (overrides of Triton knobs mean the Triton kernels); only then is it checked.
+    named = (config or {}).get("path") == "bf16_grouped"
+    defect = None
+    if named or (not config and num_tokens * top_k >= GROUPED_MIN_ROWS * w.num_experts):
+        defect = grouped_path_defect(hidden.device, apply_router_weight_on_input)
+    cfg = resolve_config(config, num_tokens, top_k, w.num_experts, grouped=not config and defect is None)
+    if cfg["path"] == "bf16_grouped":
+        if defect is not None:
+            raise ValueError(f"config: path='bf16_grouped' cannot serve this layer: {defect}")
+        return _run_grouped(hidden, w, topk_ids, topk_weights, local_expert_offset, result, cfg)
     num_pairs = num_tokens * top_k
     routing: Union[AlignedRouting, GatheredPairs]
     if cfg["path"] == "swapab":
