@@ -378,6 +378,21 @@ def test_grouped_path_configuration_errors(monkeypatch):
             run_kernel(p, config=dict(path="bf16_grouped", TILE1=[64, 64, 1, True]))
     reason = nvfp4_moe.grouped_path_defect(torch.device("cpu"), False)
     assert "sm_90 GPU" in reason
+    # DeepSeek-V3 widths: 256 experts' bf16 copies do not fit the pool's cap, 32 do
+    from moe_backend.kernels.sm90.nvfp4_layout import NVFP4KernelWeights
+
+    def shapes(e):
+        i32, fp8 = torch.int32, FP8_DTYPE
+        return NVFP4KernelWeights(
+            torch.empty(e, 4096, 896, dtype=i32, device="meta"), torch.empty(e, 4096, 448, dtype=fp8, device="meta"),
+            torch.empty(e, 2, device="meta"), torch.empty(e, 7168, 256, dtype=i32, device="meta"),
+            torch.empty(e, 7168, 128, dtype=fp8, device="meta"), torch.empty(e, device="meta"), 2048,
+        )  # fmt: skip
+
+    too_big = nvfp4_moe.grouped_pool_defect(shapes(256), 8192 * 8)
+    assert "would take 21.0 GiB of the workspace pool (at most 4 GiB)" in too_big
+    assert nvfp4_moe.grouped_pool_defect(shapes(256), 40) is None  # 40 active experts at most
+    assert nvfp4_moe.grouped_pool_defect(shapes(32), 8192 * 8) is None
     assert "output only" in nvfp4_moe.grouped_path_defect(torch.device("cpu"), True)
     if DEVICE == "cpu":
         with pytest.raises(ValueError, match="path='bf16_grouped' cannot serve this layer: it needs an sm_90 GPU"):

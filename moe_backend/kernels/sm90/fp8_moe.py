@@ -197,9 +197,10 @@ CUTE_GROUPED_CONFIG: Dict[str, Any] = dict(
 #: 2026-12-02); it needs I a multiple of 256, so it is a candidate, not the base.
 GROUPED_OVERLAP_TILE = [t for t in GROUPED_TILES if t[:4] == GROUPED_DEFAULT_TILE[:4] and t[4]][0]
 #: From this many expected rows per local expert the heuristic default takes ``cute_grouped``
-#: where it can run: at 256 (T=1024, E=32) it took 958-975 us against the Triton prefill
-#: tiles' 1098, at 2048 (T=8192) 6.64 against 8.04 ms (H200, 2026-12-02); below, not yet measured.
-CUTE_GROUPED_MIN_ROWS = 256
+#: where it can run. H200, 2026-12-02, one bench run (DeepSeek-V3 widths, top-8): at 128 rows it
+#: beat the Triton tiers (E=32 T=512: 578 against 628 us; E=256 T=4096: 4760 against 5007), at 64
+#: it lost (E=256 T=2048: 3803 against 3328), at 32 too (E=32 T=128: 512 against 410).
+CUTE_GROUPED_MIN_ROWS = 128
 
 #: The base configuration of each path (what a ``config=`` naming the path starts from).
 PATH_CONFIGS: Dict[str, Dict[str, Any]] = {

@@ -122,10 +122,10 @@ GROUPED_CONFIG: Dict[str, Any] = dict(
     path="bf16_grouped", TILE1=list(bf16_grouped.DEFAULT_TILE), TILE2=list(bf16_grouped.DEFAULT_TILE)
 )
 #: From this many expected rows per local expert the heuristic default takes ``bf16_grouped``
-#: where it can run. H200, 2026-12-02, E=32: 10.7 against 15.3 ms at 2048 rows (T=8192), 2.95
-#: against 1.94 ms at 256 (T=1024): the dequantization (1.86 ms for 32 experts) pays off from
-#: about 640 rows by a linear fit of the two.
-GROUPED_MIN_ROWS = 1024
+#: where it can run. H200, 2026-12-02, one bench run, E=32: 3434 against 3903 us at 512 rows
+#: (T=2048), 5676 against 7691 at 1024, 10.0-10.5 against 15.3 ms at 2048; 2417 against 2012 at
+#: 256 (T=1024). At E=256 it never won (every expert dequantized: 18-19 ms).
+GROUPED_MIN_ROWS = 512
 
 #: Each path's base configuration (``config={"path": ...}`` starts from it).
 PATH_CONFIGS: Dict[str, Dict[str, Any]] = {
@@ -136,7 +136,9 @@ PATH_CONFIGS: Dict[str, Dict[str, Any]] = {
 }
 
 #: The heuristic default: (most expected rows per local expert, configuration), first match.
-DEFAULT_TIERS = ((16, DECODE_CONFIG), (64, PREFILL_32_CONFIG), (float("inf"), PREFILL_CONFIG))
+#: At 64 rows the 64-token tiles won (H200, E=256 T=2048: 4263 against 6160 us for 32-token
+#: tiles), at 32 the 32-token ones (E=256 T=1024: 3292 against 3884).
+DEFAULT_TIERS = ((16, DECODE_CONFIG), (32, PREFILL_32_CONFIG), (float("inf"), PREFILL_CONFIG))
 
 #: Version of this kernel's tuned configurations: the tuning cache keeps a configuration only
 #: for the version it was tuned for. Bump it when the kernels, their weight layout
@@ -179,11 +181,30 @@ def resolve_config(
     return cfg
 
 
+#: The most the ``bf16_grouped`` path may claim of the shared workspace pool for its bf16 copies
+#: of the active experts. The pool keeps its size for every later layer and call: at E=256 all
+#: experts' copies would take 21 GiB (DeepSeek-V3), which an engine has already given to its KV
+#: cache, and the path loses there anyway (18-19 ms against 4-16 ms for the Triton kernels).
+GROUPED_MAX_POOL_BYTES = 4 << 30
+
+
 def grouped_path_defect(device: torch.device, apply_router_weight_on_input: bool) -> Optional[str]:
     """Why the ``bf16_grouped`` path cannot serve a layer on ``device``, or None."""
     if apply_router_weight_on_input:
         return "its router weight scales the expert output only"
     return sm90_cute_defect(device)
+
+
+def grouped_pool_defect(w: NVFP4KernelWeights, num_pairs: int) -> Optional[str]:
+    """Why the ``bf16_grouped`` path's bf16 copies of up to ``min(E, T * k)`` active experts
+    would take too much of the workspace pool (:data:`GROUPED_MAX_POOL_BYTES`), or None."""
+    need = min(w.num_experts, num_pairs) * 3 * w.hidden_size * w.intermediate_size * 2
+    if need > GROUPED_MAX_POOL_BYTES:
+        return (
+            f"its bf16 copies of {min(w.num_experts, num_pairs)} experts would take {need / 2**30:.1f} GiB of the "
+            f"workspace pool (at most {GROUPED_MAX_POOL_BYTES / 2**30:.0f} GiB)"
+        )
+    return None
 
 
 def _grouped_tiles(cfg: Dict[str, Any]) -> Tuple[Tuple[int, int, int, bool], ...]:
@@ -205,7 +226,8 @@ def precompile(w: NVFP4KernelWeights, configs) -> int:
     tiles: set = set()
     for config in configs:
         if not config:
-            if grouped_path_defect(w.device, False) is None:
+            # the default takes the path only where its copies fit the pool at its largest
+            if grouped_path_defect(w.device, False) is None and grouped_pool_defect(w, w.num_experts) is None:
                 tiles.update(_grouped_tiles(GROUPED_CONFIG))
         elif config.get("path") == "bf16_grouped":
             tiles.update(_grouped_tiles(resolve_config(config, 1, 1, 1)))
@@ -297,7 +319,9 @@ def fused_experts_nvfp4(
     named = (config or {}).get("path") == "bf16_grouped"
     defect = None
     if named or (not config and num_tokens * top_k >= GROUPED_MIN_ROWS * w.num_experts):
-        defect = grouped_path_defect(hidden.device, apply_router_weight_on_input)
+        defect = grouped_path_defect(hidden.device, apply_router_weight_on_input) or grouped_pool_defect(
+            w, num_tokens * top_k
+        )
     cfg = resolve_config(config, num_tokens, top_k, w.num_experts, grouped=not config and defect is None)
     if cfg["path"] == "bf16_grouped":
         if defect is not None:
