@@ -14,7 +14,7 @@ layer built on it (``fp8_grouped_moe``, not in the registry yet).
    the bench's random ``Layer`` weights): the Triton FP8 layer (``sm90_triton_fp8``, its default
    configuration) against ``fused_experts_fp8_grouped`` with the default tiles and with the
    overlapping tile, same inputs, CUDA-graph replay, do_bench median, L2 flushed; a breakdown of
-   the new path (routing + quantization + gather, GEMM1, silu_mul_quant, GEMM2, combine, each
+   the new path (routing, quantize-and-scatter, GEMM1, silu_mul_quant, GEMM2, combine, each
    timed alone) and its relative error against the Triton layer's output.
 
 Prints a table and writes ``$OUT/gpu_check_fp8_grouped.json`` (or ``--out``).
@@ -161,10 +161,12 @@ def time_gemm(name: str, n: int, k: int) -> List[Dict]:
 def _layer_stages(hidden, weights, ids, topk_w, out, tiles) -> Dict[str, Callable[[], object]]:
     """Each step of ``fused_experts_fp8_grouped`` as its own call on the buffers one full call
     leaves (so that each can be captured and timed alone)."""
+    from moe_backend.kernels.sm90.act_quant import act_quant_scatter_fp8
     from moe_backend.kernels.sm90.fp8_grouped import grouped_gemm_fp8_block
     from moe_backend.kernels.sm90.fp8_grouped_moe import route_quantize_gather
     from moe_backend.kernels.sm90.pair_combine import weighted_sum_pairs
     from moe_backend.kernels.sm90.silu_mul_quant import silu_mul_quant
+    from moe_backend.kernels.sm90.varlen_routing import varlen_routing
     from moe_backend.runtime import workspace
 
     p, i, h = ids.numel(), weights.intermediate_size, weights.hidden_size
@@ -178,7 +180,8 @@ def _layer_stages(hidden, weights, ids, topk_w, out, tiles) -> Dict[str, Callabl
     rows = workspace(p, h, torch.bfloat16, dev, "moe_fp8g_rows")
     t = hidden.shape[0]
     return {
-        "route+quant+gather": lambda: route_quantize_gather(hidden, ids, weights.num_experts, 0),
+        "route": lambda: varlen_routing(ids, weights.num_experts, 0, compact=False),
+        "quant+scatter": lambda: act_quant_scatter_fp8(hidden, routing.row_of_pair, a, a_scale),
         "gemm1": lambda: grouped_gemm_fp8_block(a, a_scale, weights.w13, weights.w13_scale, cu, gate_up, tile=tiles[0]),
         "silu_mul_quant": lambda: silu_mul_quant(gate_up, y, y_scale, cu[-1:]),
         "gemm2": lambda: grouped_gemm_fp8_block(y, y_scale, weights.w2, weights.w2_scale, cu, rows, tile=tiles[1]),
