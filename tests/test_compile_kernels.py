@@ -38,6 +38,9 @@ def test_capture_reaches_every_kernel_and_configuration():
         "_silu_mul_quant_kernel",  # the CuTe DSL paths' Triton kernels
         "_weighted_sum_kernel",
         "_kernel_layout_dequant_kernel",
+        "_histogram_kernel",
+        "_segments_kernel",
+        "_place_kernel",
     }
     # the grouped path quantizes straight into its pairs' rows
     assert any(line.startswith("_act_quant_kernel") and "'SCATTER_K': 3" in line for line in lines)  # top-3

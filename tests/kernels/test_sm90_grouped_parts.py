@@ -56,6 +56,8 @@ def _loop_routing(ids: torch.Tensor, e: int, offset: int, compact: bool):
         (13, 4, 16, 8, True),
         (13, 4, 16, 8, False),
         (40, 6, 3, 0, True),
+        (300, 8, 256, 0, True),  # several chunks of pairs, 256 experts (not all active)
+        (200, 8, 32, 32, False),
     ],
 )
 def test_varlen_routing_matches_loop(t, k, e, offset, compact):
