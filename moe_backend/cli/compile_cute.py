@@ -69,8 +69,8 @@ def main(args: argparse.Namespace) -> int:
                 n = bf16_grouped.compile_plans(h, i, [tile], device)
             built += n
             print(f"  H={h} I={i} tile {tile}: {n} kernel(s) in {time.perf_counter() - t0:.1f} s")
-        # FP8 block-scale grouped GEMM (not in the registry yet): GEMM1 [2I, H] with bf16 and with
-        # fp32 output (the fp8_grouped_moe layer's), GEMM2 [H, I] bf16
+        # FP8 block-scale grouped GEMM (the FP8 launcher's cute_grouped path): GEMM1 [2I, H] with
+        # bf16 and with fp32 output (the path's), GEMM2 [H, I] bf16
         for fp8_tile in fp8_grouped.TILES:
             gemms = [
                 (nn, kk, dt)
