@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import platform
-from typing import Dict
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -37,6 +37,21 @@ def versions() -> Dict[str, str]:
     return found
 
 
+def cute_paths(device: torch.device) -> Dict[Tuple[str, str, str], Optional[str]]:
+    """The CuTe DSL prefill paths of the SM90 launchers, ``(kernel, path, precision)`` -> None
+    when the path can run on ``device`` (for a layer with the router weight on the output and,
+    FP8, dynamic activation scales without ``ue8m0``), else why not."""
+    paths = (("sm90_triton_fp8", "cute_grouped", "fp8_block"), ("sm90_triton_nvfp4", "bf16_grouped", "nvfp4"))
+    try:
+        from ..kernels.sm90 import fp8_grouped_moe, nvfp4_moe
+    except ImportError as exc:  # no Triton on this platform
+        return {p: f"importing the SM90 kernels failed: {exc}" for p in paths}
+    fp8 = fp8_grouped_moe.grouped_path_defect(
+        device, block_scaled=True, static_activation_scales=False, ue8m0=False, apply_router_weight_on_input=False
+    )
+    return dict(zip(paths, (fp8, nvfp4_moe.grouped_path_defect(device, False)), strict=True))
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
 
@@ -57,7 +72,11 @@ def main(args: argparse.Namespace) -> int:
     print("\nkernels:")
     for kernel, per_precision in available_kernels(device).items():
         for precision, reason in per_precision.items():
-            print(f"  {kernel:<24} {precision:<11} {'available' if reason is None else 'no: ' + reason}")
+            print(f"  {kernel:<28} {precision:<11} {'available' if reason is None else 'no: ' + reason}")
+    print("\nCuTe DSL prefill paths (configurations of the kernels above; the tuner picks them per token bucket):")
+    for (kernel, path, precision), reason in cute_paths(device).items():
+        where = f"{kernel}, path={path}"
+        print(f"  {where:<40} {precision:<11} {'available' if reason is None else 'no: ' + reason}")
     print(
         "\nThe sm100_flashinfer_* kernels (FlashInfer's TRT-LLM-gen MoE for sm_100/sm_103) are checked on a CPU "
         "against FlashInfer 0.7.2.post1 but have never run on a Blackwell GPU (docs/blackwell.md)."

@@ -55,6 +55,9 @@ def test_info_prints_kernels(capsys):
     text = capsys.readouterr().out
     assert "reference" in text and "torch" in text
     assert "sm100_flashinfer_nvfp4" in text and "never run on a Blackwell GPU" in text
+    assert "sm90_triton_fp8, path=cute_grouped" in text and "sm90_triton_nvfp4, path=bf16_grouped" in text
+    if not torch.cuda.is_available():
+        assert "no: it needs an sm_90 GPU, got cpu" in text
 
 
 def test_console_entry_point_help():
