@@ -293,8 +293,13 @@ def _launch(p: Problem, config):
 def test_launcher_default_takes_grouped_path_at_prefill_sizes(cpu_gemm, grouped_ok, monkeypatch):
     fp8_moe = grouped_ok
     monkeypatch.setattr(fp8_moe, "CUTE_GROUPED_MIN_ROWS", 4)  # tiny shapes under the interpreter
-    # 8 tokens x top-2 over 4 experts: 4 rows an expert, the threshold
+    # 8 tokens x top-2 over 4 experts: 4 rows an expert, the threshold; GEMM2 (K = I = 256) on
+    # the overlapping tile, which I = 128 cannot take
     p = make_problem(8, 256, 256, 4, 2, offset=1, seed=3)
+    assert_matches_reference(_launch(p, None), p, False, REL_TOL)
+    assert [c[2] for c in cpu_gemm] == [TILES[0], fp8_moe.GROUPED_OVERLAP_TILE]
+    cpu_gemm.clear()
+    p = make_problem(8, 256, 128, 4, 2, offset=1, seed=3)
     assert_matches_reference(_launch(p, None), p, False, REL_TOL)
     assert [c[2] for c in cpu_gemm] == [TILES[0], TILES[0]]
     # fewer rows an expert, or any override of a Triton knob: the Triton kernels

@@ -26,9 +26,10 @@ Paths, chosen by the pair count ``T * k`` and the expected rows per local expert
   epilogue (BLOCK_N = 128: one column block is one scale group), large tiles;
 * ``cute_grouped`` (FP8 block scales, dynamic activation scales, sm_90 with CuTe DSL): the CuTe
   DSL FP8 grouped GEMMs (``fp8_grouped_moe``); ``TILE1`` / ``TILE2`` name GEMM1's and GEMM2's
-  configuration (``fp8_grouped.TILES``). The heuristic default from ``CUTE_GROUPED_MIN_ROWS``
-  rows per expert wherever ``fp8_grouped_moe.grouped_path_defect`` finds nothing against it
-  (else the Triton prefill tiers); asked for by name where it cannot run, a ValueError says why.
+  configuration (``fp8_grouped.TILES``; the heuristic's: :func:`default_grouped_tiles`). The
+  heuristic default from ``CUTE_GROUPED_MIN_ROWS`` rows per expert wherever
+  ``fp8_grouped_moe.grouped_path_defect`` finds nothing against it (else the Triton prefill
+  tiers); asked for by name where it cannot run, a ValueError says why.
 
 ``QUANT_ON_LOAD1`` and ``QUANT_OUT1`` (GEMM1's input quantized as it is loaded / its output
 quantized in its epilogue, else GEMM2 quantizes it as it loads) apply to every path; ``PDL``
@@ -60,7 +61,7 @@ from .combine import cast_out, sum_pairs
 from .config import check_path_keys, resolve_path_config
 from .fp8_gemm1 import gemm1_fp8
 from .fp8_gemm2 import gemm2_fp8
-from .fp8_grouped import DEFAULT_TILE as GROUPED_DEFAULT_TILE, TILES as GROUPED_TILES, check_tile
+from .fp8_grouped import DEFAULT_TILE as GROUPED_DEFAULT_TILE, TILES as GROUPED_TILES, check_tile, serves
 from .fp8_grouped_moe import grouped_path_defect, run_fp8_grouped
 from .fp8_swapab import swapab_fp8
 from .tiles import MAX_GATHER_PAIRS
@@ -193,8 +194,11 @@ CUTE_GROUPED_CONFIG: Dict[str, Any] = dict(
     TILE1=list(GROUPED_DEFAULT_TILE),
     TILE2=list(GROUPED_DEFAULT_TILE),
 )
-#: GEMM2's overlapping tile (two wave accumulators: 1014 against 929 TFLOP/s at I = 2048, H200
-#: 2026-12-02); it needs I a multiple of 256, so it is a candidate, not the base.
+#: The overlapping twin of the default tile (two wave accumulators; K a multiple of 256). As
+#: GEMM2's tile it won every H200 measurement of 2026-12-02: 1015 against 929 TFLOP/s alone, and
+#: 30-95 us less inside the layer in each of four runs at T=1024 and 8192. As GEMM1's it won
+#: about half of them. So the heuristic default takes it for GEMM2 wherever I allows
+#: (:func:`default_grouped_tiles`); the named base configuration keeps the plain tiles.
 GROUPED_OVERLAP_TILE = [t for t in GROUPED_TILES if t[:4] == GROUPED_DEFAULT_TILE[:4] and t[4]][0]
 #: From this many expected rows per local expert the heuristic default takes ``cute_grouped``
 #: where it can run. H200, 2026-12-02, one bench run (DeepSeek-V3 widths, top-8): at 128 rows it
@@ -375,6 +379,13 @@ def _start_zeroing(acc: torch.Tensor, mode: str) -> Optional[torch.cuda.Event]:
     return None
 
 
+def default_grouped_tiles(inter: int) -> Dict[str, Any]:
+    """The heuristic default's ``TILE1`` / ``TILE2``: the plain default tile for GEMM1, its
+    overlapping twin for GEMM2 where the reduction ``inter`` (I) allows it, else the plain one."""
+    tile2 = GROUPED_OVERLAP_TILE if serves(GROUPED_OVERLAP_TILE, inter) else GROUPED_DEFAULT_TILE
+    return dict(TILE1=list(GROUPED_DEFAULT_TILE), TILE2=list(tile2))
+
+
 def grouped_tiles(cfg: Dict[str, Any], hidden_size: int, inter: int) -> tuple:
     """GEMM1's and GEMM2's tiles of a ``cute_grouped`` configuration, checked for K = H and I."""
     return _grouped_tile("TILE1", cfg["TILE1"], hidden_size), _grouped_tile("TILE2", cfg["TILE2"], inter)
@@ -461,6 +472,8 @@ def fused_experts_fp8(
     if cfg["path"] == "cute_grouped":
         if defect is not None:
             raise ValueError(f"config: path='cute_grouped' cannot serve this layer: {defect}")
+        if not config:  # the heuristic's choice: its tiles for this I
+            cfg.update(default_grouped_tiles(w2.shape[2]))
         tile1, tile2 = grouped_tiles(cfg, hidden_size, w2.shape[2])
         return run_fp8_grouped(
             hidden,
@@ -633,7 +646,7 @@ def precompile(
                 apply_router_weight_on_input=False,
             )
             if defect is None:
-                tiles.add(grouped_tiles(CUTE_GROUPED_CONFIG, hidden_size, inter))
+                tiles.add(grouped_tiles(dict(CUTE_GROUPED_CONFIG, **default_grouped_tiles(inter)), hidden_size, inter))
         elif config.get("path") == "cute_grouped":
             tiles.add(grouped_tiles(resolve_config(config, 1, 1, 1), hidden_size, inter))
     return sum(compile_grouped_plans(hidden_size, inter, t1, t2, w13.device) for t1, t2 in sorted(tiles))
