@@ -62,7 +62,8 @@ class GemmInput(NamedTuple):
     a_scale: torch.Tensor
 
 
-def _tile(name: str, tile: object, k: int) -> Tile:
+def named_tile(name: str, tile: object, k: int) -> Tile:
+    """:func:`fp8_grouped.check_tile` for reduction ``k``, its ValueError prefixed with ``name``."""
     try:
         return check_tile(tile, k)
     except ValueError as exc:
@@ -133,7 +134,7 @@ def precompile(weights: FP8BlockWeights, tile1: Tile = DEFAULT_TILE, tile2: Tile
     """Compile GEMM1's (fp32 D, N 2I, K H) and GEMM2's (bf16 D, N H, K I) plans on the weights'
     device (before a CUDA-graph capture). Returns the number compiled or loaded now."""
     h, i = weights.hidden_size, weights.intermediate_size
-    return compile_grouped_plans(h, i, _tile("tile1", tile1, h), _tile("tile2", tile2, i), weights.device)
+    return compile_grouped_plans(h, i, named_tile("tile1", tile1, h), named_tile("tile2", tile2, i), weights.device)
 
 
 def compile_grouped_plans(hidden_size: int, inter: int, tile1: Tile, tile2: Tile, device: torch.device) -> int:
@@ -185,8 +186,8 @@ def fused_experts_fp8_grouped(
         topk_weights,
         local_expert_offset=local_expert_offset,
         result=out[: hidden.shape[0]],
-        tile1=_tile("tile1", tile1, h),
-        tile2=_tile("tile2", tile2, i),
+        tile1=named_tile("tile1", tile1, h),
+        tile2=named_tile("tile2", tile2, i),
     )
 
 

@@ -49,7 +49,7 @@ configurations do so up to 64 tokens, and so does this mode.
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence, Set, Tuple
 
 import torch
 
@@ -61,8 +61,8 @@ from .combine import cast_out, sum_pairs
 from .config import check_path_keys, resolve_path_config
 from .fp8_gemm1 import gemm1_fp8
 from .fp8_gemm2 import gemm2_fp8
-from .fp8_grouped import DEFAULT_TILE as GROUPED_DEFAULT_TILE, TILES as GROUPED_TILES, check_tile, serves
-from .fp8_grouped_moe import grouped_path_defect, run_fp8_grouped
+from .fp8_grouped import DEFAULT_TILE as GROUPED_DEFAULT_TILE, TILES as GROUPED_TILES, Tile, serves
+from .fp8_grouped_moe import grouped_path_defect, named_tile, run_fp8_grouped
 from .fp8_swapab import swapab_fp8
 from .tiles import MAX_GATHER_PAIRS
 
@@ -329,7 +329,7 @@ def resolve_config(
     return cfg
 
 
-_LOGGED_DEFECTS: set = set()
+_LOGGED_DEFECTS: Set[str] = set()
 
 
 def _grouped_defect(
@@ -386,16 +386,9 @@ def default_grouped_tiles(inter: int) -> Dict[str, Any]:
     return dict(TILE1=list(GROUPED_DEFAULT_TILE), TILE2=list(tile2))
 
 
-def grouped_tiles(cfg: Dict[str, Any], hidden_size: int, inter: int) -> tuple:
+def grouped_tiles(cfg: Dict[str, Any], hidden_size: int, inter: int) -> Tuple[Tile, Tile]:
     """GEMM1's and GEMM2's tiles of a ``cute_grouped`` configuration, checked for K = H and I."""
-    return _grouped_tile("TILE1", cfg["TILE1"], hidden_size), _grouped_tile("TILE2", cfg["TILE2"], inter)
-
-
-def _grouped_tile(name: str, tile: object, k: int):
-    try:
-        return check_tile(tile, k)
-    except ValueError as exc:
-        raise ValueError(f"config: {name}: {exc}") from None
+    return named_tile("config: TILE1", cfg["TILE1"], hidden_size), named_tile("config: TILE2", cfg["TILE2"], inter)
 
 
 _AUX_STREAMS: Dict[torch.device, torch.cuda.Stream] = {}
@@ -622,7 +615,7 @@ def fused_experts_fp8(
 def precompile(
     w13: torch.Tensor,
     w2: torch.Tensor,
-    configs,
+    configs: Sequence[dict],
     *,
     block_scaled: bool,
     static_activation_scales: bool,

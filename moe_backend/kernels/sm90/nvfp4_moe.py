@@ -31,7 +31,7 @@ ValueError says why.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -218,7 +218,7 @@ def _grouped_tiles(cfg: Dict[str, Any]) -> Tuple[Tuple[int, int, int, bool], ...
     return tuple(tiles)
 
 
-def precompile(w: NVFP4KernelWeights, configs) -> int:
+def precompile(w: NVFP4KernelWeights, configs: Sequence[dict]) -> int:
     """Compile the bf16 grouped GEMMs the ``configs`` can run: those of each ``bf16_grouped``
     configuration, and the default tiles for an empty one (the heuristic takes that path at
     prefill sizes) where :func:`grouped_path_defect` finds nothing against it. The Triton kernels
