@@ -385,3 +385,24 @@ def test_layer_serves_prefill_through_grouped_path_and_captures():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, eager)
+
+
+def test_precompile_builds_what_the_configurations_can_run(monkeypatch):
+    """Warm-up builds the default's tiles for an untuned layer (where the path can run) and each
+    tuned cute_grouped configuration's, nothing for Triton configurations."""
+    from moe_backend.kernels.sm90 import fp8_grouped_moe, fp8_moe
+
+    built = []
+    monkeypatch.setattr(fp8_grouped_moe, "compile_grouped_plans", lambda h, i, t1, t2, dev: built.append((t1, t2)) or 2)
+    w13 = torch.empty(4, 2 * 512, 256, dtype=torch.float8_e4m3fn)
+    w2 = torch.empty(4, 256, 512, dtype=torch.float8_e4m3fn)
+    kw = dict(block_scaled=True, static_activation_scales=False, ue8m0=False)
+    # on this CPU nothing stands behind the default: it cannot run here
+    assert fp8_moe.precompile(w13, w2, [{}], **kw) == 0 and built == []
+    monkeypatch.setattr(fp8_moe, "grouped_path_defect", lambda *a, **k: None)
+    assert fp8_moe.precompile(w13, w2, [{}, fp8_moe.PREFILL_CONFIG], **kw) == 2
+    assert built == [(TILES[0], fp8_moe.GROUPED_OVERLAP_TILE)]  # I = 512: GEMM2 overlaps
+    built.clear()
+    tuned = [fp8_moe.CUTE_GROUPED_CONFIG, dict(fp8_moe.CUTE_GROUPED_CONFIG, TILE1=list(TILES[1]))]
+    assert fp8_moe.precompile(w13, w2, tuned, **kw) == 4
+    assert sorted(built) == sorted([(TILES[0], TILES[0]), (TILES[1], TILES[0])])

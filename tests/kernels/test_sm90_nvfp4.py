@@ -424,3 +424,19 @@ def test_gpu_grouped_path_and_graph_replay():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out[:37], eager) and torch.isnan(out[37:].float()).all()
+
+
+def test_grouped_precompile_builds_what_the_configurations_can_run(monkeypatch):
+    from moe_backend.kernels.sm90 import bf16_grouped, nvfp4_moe
+
+    built = []
+    monkeypatch.setattr(bf16_grouped, "compile_plans", lambda h, i, tiles, dev: built.append(tiles) or 2 * len(tiles))
+    prep = prepare_nvfp4(make_problem(1, 256, 256, 2, 1).weights)
+    assert nvfp4_moe.precompile(prep, [{}]) == 0 and built == []  # the path cannot run on a CPU
+    monkeypatch.setattr(nvfp4_moe, "grouped_path_defect", lambda *a, **k: None)
+    assert nvfp4_moe.precompile(prep, [{}, nvfp4_moe.PREFILL_CONFIG]) == 2
+    assert built == [(bf16_grouped.DEFAULT_TILE,)]
+    built.clear()
+    config = dict(nvfp4_moe.GROUPED_CONFIG, TILE2=list(bf16_grouped.TILES[1]))
+    assert nvfp4_moe.precompile(prep, [config]) == 4
+    assert sorted(built[0]) == sorted([bf16_grouped.DEFAULT_TILE, bf16_grouped.TILES[1]])
