@@ -183,11 +183,47 @@ def _align_fused_kernel(
 
 
 @triton.jit
-def _count_kernel(ids_ptr, hist_ptr, num_pairs, expert_offset, num_experts, CHUNK: tl.constexpr, E_PAD: tl.constexpr):
+def count_kernel(ids_ptr, hist_ptr, num_pairs, expert_offset, num_experts, CHUNK: tl.constexpr, E_PAD: tl.constexpr):
     """hist[c, e] = pairs of chunk c routed to local expert e (bin E: none)."""
     c = tl.program_id(0)
     keys = _local_keys(ids_ptr, c * CHUNK + tl.arange(0, CHUNK), num_pairs, expert_offset, num_experts)
     tl.store(hist_ptr + c * E_PAD + tl.arange(0, E_PAD), tl.histogram(keys, E_PAD))
+
+
+def chunk_block(e_pad: int) -> int:
+    """Chunks' histograms :func:`chunk_prefix` loads at a time (about 8192 counts)."""
+    return max(1, min(64, 8192 // e_pad))
+
+
+@triton.jit
+def chunk_prefix(hist_ptr, num_chunks, E_PAD: tl.constexpr, CHUNK_BLOCK: tl.constexpr):
+    """``hist [num_chunks, E_PAD]`` per-chunk counts become, in place, each chunk's count of
+    earlier chunks' pairs per expert (an exclusive prefix over chunks); returns the totals ``[E_PAD]``."""
+    e = tl.arange(0, E_PAD)
+    total = tl.zeros([E_PAD], dtype=tl.int32)
+    for c0 in range(0, num_chunks, CHUNK_BLOCK):
+        c = c0 + tl.arange(0, CHUNK_BLOCK)
+        ptrs = hist_ptr + c[:, None] * E_PAD + e[None, :]
+        mask = (c < num_chunks)[:, None]
+        h = tl.load(ptrs, mask=mask, other=0)
+        tl.store(ptrs, tl.cumsum(h, 0) - h + total[None, :], mask=mask)
+        total += tl.sum(h, 0)
+    return total
+
+
+@triton.jit
+def chunk_rows(
+    ids_ptr, hist_ptr, base_ptr, num_pairs, expert_offset, num_experts, CHUNK: tl.constexpr, E_PAD: tl.constexpr
+):
+    """The rows of this program's chunk of pairs: ``base[e]`` (the expert's first row) + the
+    expert's pairs in earlier chunks (``hist`` after :func:`chunk_prefix`) + the pair's rank in
+    this chunk. Returns ``(pair, expert, row)`` in the chunk's sorted order (expert ``E``: none here)."""
+    c = tl.program_id(0)
+    keys = _local_keys(ids_ptr, c * CHUNK + tl.arange(0, CHUNK), num_pairs, expert_offset, num_experts)
+    s_pos, s_key, rank = _ranks_in_chunk(keys, tl.histogram(keys, E_PAD), CHUNK)
+    e = tl.arange(0, E_PAD)
+    before = tl.load(base_ptr + e) + tl.load(hist_ptr + c * E_PAD + e)
+    return c * CHUNK + s_pos, s_key, tl.gather(before, s_key, 0) + rank
 
 
 @triton.jit
@@ -208,14 +244,7 @@ def _scan_kernel(
 ):
     """One program: hist -> exclusive prefix over chunks (in place), layout, per-chunk bases."""
     e = tl.arange(0, E_PAD)
-    total = tl.zeros([E_PAD], dtype=tl.int32)
-    for c0 in range(0, num_chunks, CHUNK_BLOCK):
-        c = c0 + tl.arange(0, CHUNK_BLOCK)
-        ptrs = hist_ptr + c[:, None] * E_PAD + e[None, :]
-        mask = (c < num_chunks)[:, None]
-        h = tl.load(ptrs, mask=mask, other=0)
-        tl.store(ptrs, tl.cumsum(h, 0) - h + total[None, :], mask=mask)
-        total += tl.sum(h, 0)
+    total = chunk_prefix(hist_ptr, num_chunks, E_PAD, CHUNK_BLOCK)
     start = _write_layout(
         total,
         sorted_ptr,
@@ -245,13 +274,7 @@ def _scatter_kernel(
     E_PAD: tl.constexpr,
 ):
     """Row of each pair = expert start + pairs of earlier chunks + rank in this chunk."""
-    c = tl.program_id(0)
-    keys = _local_keys(ids_ptr, c * CHUNK + tl.arange(0, CHUNK), num_pairs, expert_offset, num_experts)
-    s_pos, s_key, rank = _ranks_in_chunk(keys, tl.histogram(keys, E_PAD), CHUNK)
-    e = tl.arange(0, E_PAD)
-    before = tl.load(base_ptr + e) + tl.load(hist_ptr + c * E_PAD + e)
-    row = tl.gather(before, s_key, 0) + rank
-    pair = c * CHUNK + s_pos
+    pair, s_key, row = chunk_rows(ids_ptr, hist_ptr, base_ptr, num_pairs, expert_offset, num_experts, CHUNK, E_PAD)
     tl.store(sorted_ptr + row, pair, mask=s_key < num_experts)
     tl.store(row_of_pair_ptr + pair, tl.where(s_key < num_experts, row, -1), mask=pair < num_pairs)
 
@@ -295,7 +318,7 @@ def align_block_size(
         num_chunks = triton.cdiv(num_pairs, CHUNK)
         hist = torch.empty(num_chunks, e_pad, dtype=torch.int32, device=dev)
         base = torch.empty(e_pad, dtype=torch.int32, device=dev)
-        _count_kernel[(num_chunks,)](
+        count_kernel[(num_chunks,)](
             topk_ids, hist, num_pairs, local_expert_offset, num_experts, CHUNK=CHUNK, E_PAD=e_pad, num_warps=4
         )
         _scan_kernel[(1,)](
@@ -310,7 +333,7 @@ def align_block_size(
             max_tiles,
             BLOCK_M=block_m,
             E_PAD=e_pad,
-            CHUNK_BLOCK=max(1, min(64, 8192 // e_pad)),
+            CHUNK_BLOCK=chunk_block(e_pad),
             TILE_BLOCK=tile_block,
             num_warps=8,
         )

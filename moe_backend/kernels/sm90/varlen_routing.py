@@ -8,10 +8,11 @@ segment (NVFP4 dequantized to bf16) touches only the active experts; without it 
 local expert ``s`` (weights read in place, bf16). Every size is
 static in ``(T, k, E)`` and nothing synchronizes with the host (CUDA-graph capturable).
 
-Three Triton launches (the building blocks of ``align``'s counting sort): per-chunk histograms,
-one program that turns them into per-chunk bases and writes the segments, and the stable scatter
-of each chunk (a pair's rank among its expert's pairs from an in-register sort). The torch
-version of the same steps took about 30 launches, ~80 us of a 1024-token layer (H200).
+Three Triton launches on ``align``'s counting sort: its per-chunk histograms (``count_kernel``),
+one program that turns them into per-chunk bases (``chunk_prefix``) and writes the segments, and
+the stable placement of each chunk (``chunk_rows``: a pair's rank among its expert's pairs from
+an in-register sort). The torch version of the same steps took about 30 launches, ~80 us of a
+1024-token layer (H200).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .align import CHUNK, _local_keys, _ranks_in_chunk
+from .align import CHUNK, chunk_block, chunk_prefix, chunk_rows, count_kernel
 
 
 class VarlenRouting(NamedTuple):
@@ -48,16 +49,6 @@ def num_segments(num_pairs: int, num_experts: int, compact: bool) -> int:
 
 
 @triton.jit
-def _histogram_kernel(
-    ids_ptr, hist_ptr, num_pairs, expert_offset, num_experts, CHUNK: tl.constexpr, E_PAD: tl.constexpr
-):
-    """hist[c, e] = pairs of chunk c on local expert e (bin E: none here)."""
-    c = tl.program_id(0)
-    keys = _local_keys(ids_ptr, c * CHUNK + tl.arange(0, CHUNK), num_pairs, expert_offset, num_experts)
-    tl.store(hist_ptr + c * E_PAD + tl.arange(0, E_PAD), tl.histogram(keys, E_PAD))
-
-
-@triton.jit
 def _segments_kernel(
     hist_ptr,
     base_ptr,
@@ -73,14 +64,7 @@ def _segments_kernel(
     """One program: the histograms become each chunk's first row per expert (in place), the
     experts' start rows go to ``base`` (bin E after the last expert), and the segments are written."""
     e = tl.arange(0, E_PAD)
-    total = tl.zeros([E_PAD], dtype=tl.int32)
-    for c0 in range(0, num_chunks, CHUNK_BLOCK):
-        c = c0 + tl.arange(0, CHUNK_BLOCK)
-        ptrs = hist_ptr + c[:, None] * E_PAD + e[None, :]
-        mask = (c < num_chunks)[:, None]
-        h = tl.load(ptrs, mask=mask, other=0)
-        tl.store(ptrs, tl.cumsum(h, 0) - h + total[None, :], mask=mask)
-        total += tl.sum(h, 0)
+    total = chunk_prefix(hist_ptr, num_chunks, E_PAD, CHUNK_BLOCK)
     total = tl.where(e <= num_experts, total, 0)
     start = tl.cumsum(total, 0) - total
     tl.store(base_ptr + e, start)
@@ -120,13 +104,7 @@ def _place_kernel(
 ):
     """Row of each pair = its expert's start + its expert's pairs in earlier chunks + its rank in
     this chunk (pairs without a local expert after every expert's, in pair order too)."""
-    c = tl.program_id(0)
-    keys = _local_keys(ids_ptr, c * CHUNK + tl.arange(0, CHUNK), num_pairs, expert_offset, num_experts)
-    s_pos, s_key, rank = _ranks_in_chunk(keys, tl.histogram(keys, E_PAD), CHUNK)
-    e = tl.arange(0, E_PAD)
-    before = tl.load(base_ptr + e) + tl.load(hist_ptr + c * E_PAD + e)
-    row = tl.gather(before, s_key, 0) + rank
-    pair = c * CHUNK + s_pos
+    pair, s_key, row = chunk_rows(ids_ptr, hist_ptr, base_ptr, num_pairs, expert_offset, num_experts, CHUNK, E_PAD)
     in_range = pair < num_pairs
     tl.store(token_of_row_ptr + row, pair // top_k, mask=in_range)
     tl.store(row_of_pair_ptr + pair, tl.where(s_key < num_experts, row, -1), mask=in_range)
@@ -148,7 +126,7 @@ def varlen_routing(topk_ids: torch.Tensor, num_experts: int, local_expert_offset
     expert_of_segment = torch.empty(s, dtype=torch.int32, device=dev)
     token_of_row = torch.empty(num_pairs, dtype=torch.int32, device=dev)
     row_of_pair = torch.empty(num_pairs, dtype=torch.int32, device=dev)
-    _histogram_kernel[(num_chunks,)](
+    count_kernel[(num_chunks,)](
         topk_ids, hist, num_pairs, local_expert_offset, num_experts, CHUNK=CHUNK, E_PAD=e_pad, num_warps=4
     )
     _segments_kernel[(1,)](
@@ -161,7 +139,7 @@ def varlen_routing(topk_ids: torch.Tensor, num_experts: int, local_expert_offset
         s,
         COMPACT=compact,
         E_PAD=e_pad,
-        CHUNK_BLOCK=max(1, min(64, 8192 // e_pad)),
+        CHUNK_BLOCK=chunk_block(e_pad),
         num_warps=8,
     )
     _place_kernel[(num_chunks,)](
