@@ -83,25 +83,7 @@ def act_quant_fp8(
     static = static_scale is not None
     assert not (vllm and (static or ue8m0))
     s = static_scale if static_scale is not None else torch.empty(t, groups, dtype=torch.float32, device=hidden.device)
-    grid = (t, triton.cdiv(groups, GROUPS_PER_PROGRAM))
-    _act_quant_kernel[grid](
-        hidden,
-        q,
-        s,
-        s,
-        h,
-        hidden.stride(0),
-        q.stride(0),
-        s.stride(0),
-        s,  # no scatter
-        GROUP=GROUP,
-        NUM_GROUPS=GROUPS_PER_PROGRAM,
-        STATIC=static,
-        UE8M0=ue8m0,
-        VLLM=vllm,
-        SCATTER_K=0,
-        num_warps=4,
-    )
+    _launch(hidden, q, s, s, STATIC=static, UE8M0=ue8m0, VLLM=vllm, SCATTER_K=0)
     return q, s
 
 
@@ -115,11 +97,19 @@ def act_quant_scatter_fp8(
 
     Returns ``(q, s)``.
     """
-    t, h = hidden.shape
+    t = hidden.shape[0]
     assert hidden.stride(1) == 1 and q.stride(1) == 1 and s.stride(1) == 1
     assert row_of_pair.numel() % t == 0 and row_of_pair.dtype == torch.int32
-    groups = triton.cdiv(h, GROUP)
-    grid = (t, triton.cdiv(groups, GROUPS_PER_PROGRAM))
+    _launch(hidden, q, s, row_of_pair, STATIC=False, UE8M0=False, VLLM=False, SCATTER_K=row_of_pair.numel() // t)
+    return q, s
+
+
+def _launch(hidden: torch.Tensor, q: torch.Tensor, s: torch.Tensor, row_of_pair: torch.Tensor, **flags: object) -> None:
+    """One program per token and ``GROUPS_PER_PROGRAM`` groups of 128 channels; ``s`` also
+    stands in for the static-scale pointer (read only when ``STATIC``), ``row_of_pair`` is read
+    only when ``SCATTER_K`` > 0."""
+    t, h = hidden.shape
+    grid = (t, triton.cdiv(triton.cdiv(h, GROUP), GROUPS_PER_PROGRAM))
     _act_quant_kernel[grid](
         hidden,
         q,
@@ -132,10 +122,6 @@ def act_quant_scatter_fp8(
         row_of_pair,
         GROUP=GROUP,
         NUM_GROUPS=GROUPS_PER_PROGRAM,
-        STATIC=False,
-        UE8M0=False,
-        VLLM=False,
-        SCATTER_K=row_of_pair.numel() // t,
         num_warps=4,
+        **flags,
     )
-    return q, s
