@@ -77,13 +77,16 @@ DETERMINISTIC_CONFIG: Dict[str, Any] = dict(DEFAULT_CONFIG)
 def resolve_config(config: Optional[dict]) -> Dict[str, Tuple[int, int, int, bool]]:
     """The default overridden by ``config``; every tile must be one of :data:`bf16_grouped.TILES`."""
     merged = merge_config(DEFAULT_CONFIG, config, CONFIG_KEYS)
-    out = {}
-    for key in CONFIG_KEYS:
-        tile = tuple(merged[key])
-        if tile not in bf16_grouped.TILES:
-            raise ValueError(f"config: {key} must be one of {bf16_grouped.TILES}, got {merged[key]!r}")
-        out[key] = tile
-    return out
+    return {key: checked_tile(key, merged[key]) for key in CONFIG_KEYS}
+
+
+def checked_tile(key: str, value: object) -> Tuple[int, int, int, bool]:
+    """``value`` (a tuple, or a list from a JSON cache) as one of :data:`bf16_grouped.TILES`, else
+    ValueError naming the configuration key ``key``."""
+    tile = tuple(value) if isinstance(value, (list, tuple)) else value
+    if tile not in bf16_grouped.TILES:
+        raise ValueError(f"config: {key} must be one of {bf16_grouped.TILES}, got {value!r}")
+    return tile  # type: ignore[return-value]
 
 
 def config_tiles(configs) -> Tuple[Tuple[int, int, int, bool], ...]:

@@ -1,6 +1,6 @@
 """Kernel configurations: a heuristic default per size, overridden by tuned or requested keys."""
 
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 
 def merge_config(default: Dict[str, Any], config: Optional[dict], keys: Sequence[str]) -> Dict[str, Any]:
@@ -19,9 +19,12 @@ def resolve_path_config(
     size_default: Callable[[], Dict[str, Any]],
     path_configs: Mapping[str, Dict[str, Any]],
     keys: Sequence[str],
+    narrow_path: Optional[Tuple[str, Sequence[str], Sequence[str]]] = None,
 ) -> Dict[str, Any]:
     """``config``'s keys over a base: the base configuration of the path ``config`` names (one of
-    ``path_configs``), else ``size_default()``, the heuristic default for the call's size."""
+    ``path_configs``), else ``size_default()``, the heuristic default for the call's size.
+    ``narrow_path``: ``(path, path_keys, own_keys)`` of a path that reads only some keys
+    (:func:`check_path_keys`)."""
     path = (config or {}).get("path")
     if path is None:
         base = size_default()
@@ -29,7 +32,10 @@ def resolve_path_config(
         base = path_configs[path]
     else:
         raise ValueError(f"config: path must be one of {tuple(path_configs)}, got {path!r}")
-    return merge_config(base, config, keys)
+    cfg = merge_config(base, config, keys)
+    if narrow_path is not None:
+        check_path_keys(cfg, *narrow_path)
+    return cfg
 
 
 def check_path_keys(cfg: Mapping[str, Any], path: str, path_keys: Sequence[str], own_keys: Sequence[str]) -> None:

@@ -58,7 +58,7 @@ from ...runtime import workspace
 from .act_quant import act_quant_fp8
 from .align import align_block_size
 from .combine import cast_out, sum_pairs
-from .config import check_path_keys, resolve_path_config
+from .config import resolve_path_config
 from .fp8_gemm1 import gemm1_fp8
 from .fp8_gemm2 import gemm2_fp8
 from .fp8_grouped import DEFAULT_TILE as GROUPED_DEFAULT_TILE, TILES as GROUPED_TILES, Tile, serves
@@ -318,9 +318,12 @@ def resolve_config(
     """``config``'s keys over a base: the base configuration of the path ``config`` names, else
     the heuristic default for this size (``grouped``: as :func:`default_config`)."""
     cfg = resolve_path_config(
-        config, lambda: default_config(num_tokens, top_k, num_experts, grouped), PATH_CONFIGS, CONFIG_KEYS
+        config,
+        lambda: default_config(num_tokens, top_k, num_experts, grouped),
+        PATH_CONFIGS,
+        CONFIG_KEYS,
+        ("cute_grouped", GROUPED_KEYS, ("TILE1", "TILE2")),
     )
-    check_path_keys(cfg, "cute_grouped", GROUPED_KEYS, ("TILE1", "TILE2"))
     if cfg["path"] == "cute_grouped" and (cfg["NUMERICS"] != "accurate" or cfg["COMBINE"] != "sum"):
         raise ValueError(
             "config: path='cute_grouped' has NUMERICS='accurate' and COMBINE='sum' only, got "

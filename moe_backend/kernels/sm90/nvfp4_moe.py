@@ -40,9 +40,9 @@ from ...expert_weights import NVFP4Weights
 from ...runtime import workspace
 from . import bf16_grouped
 from .align import AlignedRouting, GatheredPairs, align_block_size
-from .bf16_moe import grouped_gemms
+from .bf16_moe import checked_tile, grouped_gemms
 from .combine import cast_out
-from .config import check_path_keys, resolve_path_config
+from .config import resolve_path_config
 from .cute_env import sm90_cute_defect
 from .nvfp4_act import permute_activations
 from .nvfp4_dequant import dequantize_kernel_layout_segments
@@ -174,11 +174,13 @@ def resolve_config(
 ) -> Dict[str, Any]:
     """``config``'s keys over a base: the base configuration of the path ``config`` names, else
     the heuristic default for this size (``grouped``: as :func:`default_config`)."""
-    cfg = resolve_path_config(
-        config, lambda: default_config(num_tokens, top_k, num_experts, grouped), PATH_CONFIGS, CONFIG_KEYS
+    return resolve_path_config(
+        config,
+        lambda: default_config(num_tokens, top_k, num_experts, grouped),
+        PATH_CONFIGS,
+        CONFIG_KEYS,
+        ("bf16_grouped", GROUPED_KEYS, ("TILE1", "TILE2")),
     )
-    check_path_keys(cfg, "bf16_grouped", GROUPED_KEYS, ("TILE1", "TILE2"))
-    return cfg
 
 
 #: The most the ``bf16_grouped`` path may claim of the shared workspace pool for its bf16 copies
@@ -209,13 +211,7 @@ def grouped_pool_defect(w: NVFP4KernelWeights, num_pairs: int) -> Optional[str]:
 
 def _grouped_tiles(cfg: Dict[str, Any]) -> Tuple[Tuple[int, int, int, bool], ...]:
     """GEMM1's and GEMM2's tile of a ``bf16_grouped`` configuration, each one of ``bf16_grouped.TILES``."""
-    tiles = []
-    for key in ("TILE1", "TILE2"):
-        tile = tuple(cfg[key]) if isinstance(cfg[key], (list, tuple)) else cfg[key]
-        if tile not in bf16_grouped.TILES:
-            raise ValueError(f"config: {key} must be one of {bf16_grouped.TILES}, got {cfg[key]!r}")
-        tiles.append(tile)
-    return tuple(tiles)
+    return checked_tile("TILE1", cfg["TILE1"]), checked_tile("TILE2", cfg["TILE2"])
 
 
 def precompile(w: NVFP4KernelWeights, configs: Sequence[dict]) -> int:
