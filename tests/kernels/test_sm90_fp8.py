@@ -20,7 +20,7 @@ from moe_checks import (
     Problem,
     assert_matches_reference,
     random_ids,
-    run_poisoned,
+    run_fp8_kernel,
     runs_here,
 )
 from vllm_numerics import vllm_triton_fused_experts
@@ -95,34 +95,9 @@ def make_problem(
     return Problem(hidden.to(dev), weights, ids.to(dev), topk_w.to(dev), offset)
 
 
-def run_kernel(p: Problem, *, weight_on_input: bool = False, config: Optional[dict] = None) -> torch.Tensor:
-    w = p.weights
-    block = isinstance(w, FP8BlockWeights)
-    return run_poisoned(
-        lambda out: fused_experts_fp8(
-            p.hidden,
-            w.w13,
-            w.w13_scale,
-            w.w2,
-            w.w2_scale,
-            p.ids,
-            p.topk_w,
-            block_scaled=block,
-            local_expert_offset=p.offset,
-            a13_scale=None if block else w.a13_scale,
-            a2_scale=None if block else w.a2_scale,
-            ue8m0=block and w.ue8m0,
-            apply_router_weight_on_input=weight_on_input,
-            out=out,
-            config=config,
-        ),
-        p.hidden,
-    )
-
-
 def check(p: Problem, *, weight_on_input: bool = False, config: Optional[dict] = None) -> float:
     return assert_matches_reference(
-        run_kernel(p, weight_on_input=weight_on_input, config=config), p, weight_on_input, REL_TOL
+        run_fp8_kernel(p, weight_on_input=weight_on_input, config=config), p, weight_on_input, REL_TOL
     )
 
 
@@ -191,7 +166,7 @@ def test_all_tokens_one_expert_and_no_local_expert(config):
     check(make_problem(40, 256, 128, 4, 2, block=True, offset=8, one_expert=True), config=config)
     p = make_problem(5, 256, 128, 4, 2, block=True, offset=100, invalid=False)
     p.ids = torch.full_like(p.ids, -1)
-    assert run_kernel(p, config=config).float().abs().sum() == 0
+    assert run_fp8_kernel(p, config=config).float().abs().sum() == 0
 
 
 #: Swap-AB's GEMM2 variants: the bf16 output written by GEMM2 (no cast launch), several w2 tiles a
@@ -231,7 +206,7 @@ def test_swapab_gemm2_variants(config):
     without a local pair (its row must be written: 0), a token naming one expert twice, several
     pairs per expert, two K slices, and BLOCK_T = 16 chunks (24 pairs on one expert)."""
     p = _swapab_edge_problem(0)
-    out = run_kernel(p, config=config)
+    out = run_fp8_kernel(p, config=config)
     assert out[0].float().abs().sum() == 0
     assert_matches_reference(out, p, False, REL_TOL)
     check(make_problem(24, 256, 128, 4, 2, block=True, offset=8, one_expert=True), config=config)
@@ -243,7 +218,7 @@ def test_swapab_gemm2_variants(config):
 def test_swapab_fused_cast_writes_zero_rows_without_local_experts():
     p = make_problem(5, 256, 128, 4, 2, block=True, offset=100, invalid=False)
     p.ids = torch.full_like(p.ids, -1)
-    assert run_kernel(p, config=dict(SWAPAB_FUSED, N_TILES2=2)).float().abs().sum() == 0
+    assert run_fp8_kernel(p, config=dict(SWAPAB_FUSED, N_TILES2=2)).float().abs().sum() == 0
 
 
 @runs_here
@@ -252,38 +227,38 @@ def test_swapab_refuses_more_pairs_than_it_scans():
 
     p = make_problem(MAX_PAIRS // 2 + 1, 256, 128, 4, 2, block=True)
     with pytest.raises(ValueError, match="path='swapab' serves at most"):
-        run_kernel(p, config=SWAPAB_SMALL)
+        run_fp8_kernel(p, config=SWAPAB_SMALL)
     with pytest.raises(ValueError, match="path must be one of"):
-        run_kernel(p, config=dict(SWAPAB_SMALL, path="fast"))
+        run_fp8_kernel(p, config=dict(SWAPAB_SMALL, path="fast"))
 
 
 @runs_here
 def test_swapab_refuses_configurations_it_cannot_honour():
     p = make_problem(3, 256, 128, 4, 2, block=True)
     with pytest.raises(ValueError, match="QUANT_OUT1 with dynamic activation scales needs BLOCK_N1 = 128"):
-        run_kernel(p, config=dict(SWAPAB_PREQ, BLOCK_N1=64, QUANT_OUT1=True))
+        run_fp8_kernel(p, config=dict(SWAPAB_PREQ, BLOCK_N1=64, QUANT_OUT1=True))
     with pytest.raises(ValueError, match="must divide the weight scale block 128"):
-        run_kernel(p, config=dict(SWAPAB_SMALL, BLOCK_N2=256))
+        run_fp8_kernel(p, config=dict(SWAPAB_SMALL, BLOCK_N2=256))
     with pytest.raises(ValueError, match="path='swapab' combines with atomics"):
-        run_kernel(p, config=dict(SWAPAB_SMALL, COMBINE="sum"))
+        run_fp8_kernel(p, config=dict(SWAPAB_SMALL, COMBINE="sum"))
     with pytest.raises(ValueError, match="FUSED_CAST2 needs ZERO='fused'"):
-        run_kernel(p, config=dict(SWAPAB_FUSED, ZERO="sync"))
+        run_fp8_kernel(p, config=dict(SWAPAB_FUSED, ZERO="sync"))
     with pytest.raises(ValueError, match="FUSED_CAST2 must be a bool"):
-        run_kernel(p, config=dict(SWAPAB_SMALL, FUSED_CAST2=1))
+        run_fp8_kernel(p, config=dict(SWAPAB_SMALL, FUSED_CAST2=1))
     for tiles in (0, 1.5, True):
         with pytest.raises(ValueError, match="N_TILES2 must be an int >= 1"):
-            run_kernel(p, config=dict(SWAPAB_SMALL, N_TILES2=tiles))
+            run_fp8_kernel(p, config=dict(SWAPAB_SMALL, N_TILES2=tiles))
     for other in (DECODE_SMALL, PREFILL_SMALL):
         with pytest.raises(ValueError, match="FUSED_CAST2 and N_TILES2 apply to path='swapab' only"):
-            run_kernel(p, config=dict(other, FUSED_CAST2=True))
+            run_fp8_kernel(p, config=dict(other, FUSED_CAST2=True))
         with pytest.raises(ValueError, match="FUSED_CAST2 and N_TILES2 apply to path='swapab' only"):
-            run_kernel(p, config=dict(other, N_TILES2=2))
+            run_fp8_kernel(p, config=dict(other, N_TILES2=2))
 
 
 @runs_here
 def test_zero_tokens():
     p = make_problem(0, 256, 128, 4, 2, block=True)
-    assert run_kernel(p).shape == (0, 256)
+    assert run_fp8_kernel(p).shape == (0, 256)
 
 
 @runs_here
@@ -310,9 +285,9 @@ def check_vllm_numerics(p: Problem) -> float:
     elements the default numerics leave equal (they round differently)."""
     want = vllm_triton_fused_experts(p.hidden, p.weights, p.ids, p.topk_w, p.offset)
     assert want.float().abs().sum() > 0
-    got = run_kernel(p, config=VLLM_NUMERICS)
+    got = run_fp8_kernel(p, config=VLLM_NUMERICS)
     assert torch.equal(got.cpu(), want)
-    accurate = run_kernel(p, config=dict(VLLM_NUMERICS, NUMERICS="accurate"))
+    accurate = run_fp8_kernel(p, config=dict(VLLM_NUMERICS, NUMERICS="accurate"))
     return (accurate.cpu() == want).float().mean().item()
 
 
@@ -332,19 +307,19 @@ def test_vllm_triton_numerics_match_vllms_steps_bit_for_bit(t, k, e, offset):
 def test_vllm_triton_numerics_refuse_what_vllm_does_not_compute():
     p = make_problem(3, 256, 256, 4, 2, block=False)
     with pytest.raises(ValueError, match="needs FP8 block-scale weights"):
-        run_kernel(p, config=VLLM_NUMERICS)
+        run_fp8_kernel(p, config=VLLM_NUMERICS)
     p = make_problem(3, 256, 256, 4, 2, block=True, ue8m0=True)
     with pytest.raises(ValueError, match="no ue8m0"):
-        run_kernel(p, config=VLLM_NUMERICS)
+        run_fp8_kernel(p, config=VLLM_NUMERICS)
     p = make_problem(3, 256, 256, 4, 2, block=True)
     with pytest.raises(ValueError, match="needs FP8 block-scale weights"):
-        run_kernel(p, config=VLLM_NUMERICS, weight_on_input=True)
+        run_fp8_kernel(p, config=VLLM_NUMERICS, weight_on_input=True)
     with pytest.raises(ValueError, match="needs path='prefill', COMBINE='sum'"):
-        run_kernel(p, config=dict(VLLM_NUMERICS, COMBINE="atomic"))
+        run_fp8_kernel(p, config=dict(VLLM_NUMERICS, COMBINE="atomic"))
     with pytest.raises(ValueError, match="BLOCK_M >= 64"):
-        run_kernel(p, config=dict(VLLM_NUMERICS, BLOCK_M=16))
+        run_fp8_kernel(p, config=dict(VLLM_NUMERICS, BLOCK_M=16))
     with pytest.raises(ValueError, match="NUMERICS must be one of"):
-        run_kernel(p, config=dict(VLLM_NUMERICS, NUMERICS="fast"))
+        run_fp8_kernel(p, config=dict(VLLM_NUMERICS, NUMERICS="fast"))
 
 
 @pytest.mark.gpu
@@ -418,10 +393,10 @@ def test_gpu_fused_cast_has_no_race(variant):
 
     for seed in range(3):
         p = make_problem(16, 7168, 2048, 32, 8, block=True, invalid=seed == 2, seed=seed)
-        want = run_kernel(p, config=SWAPAB_CONFIG).float()
+        want = run_fp8_kernel(p, config=SWAPAB_CONFIG).float()
         bound = 1e-2 * want.abs() + 1e-3 * want.abs().max()
         for _ in range(100):
-            got = run_kernel(p, config=dict(SWAPAB_CONFIG, **variant)).float()
+            got = run_fp8_kernel(p, config=dict(SWAPAB_CONFIG, **variant)).float()
             assert ((got - want).abs() <= bound).all()
 
 
@@ -538,6 +513,6 @@ def test_gpu_stream_zeroing_over_thousands_of_random_sizes():
     for _ in range(1000):
         t = int(torch.randint(1, 65, (1,), generator=gen))
         q = Problem(p.hidden[:t], p.weights, p.ids[:t].contiguous(), p.topk_w[:t].contiguous(), p.offset)
-        want = run_kernel(q, config={"COMBINE": "atomic", "ZERO": "sync"}).float()
-        got = run_kernel(q, config={"COMBINE": "atomic", "ZERO": "stream"}).float()
+        want = run_fp8_kernel(q, config={"COMBINE": "atomic", "ZERO": "sync"}).float()
+        got = run_fp8_kernel(q, config={"COMBINE": "atomic", "ZERO": "stream"}).float()
         assert ((got - want).norm() / want.norm()).item() < 1e-3

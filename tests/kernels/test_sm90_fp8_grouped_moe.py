@@ -15,7 +15,17 @@ from typing import List
 
 import pytest
 import torch
-from moe_checks import CUDA, DEVICE, REL_TOL, Problem, assert_matches_reference, random_ids, run_poisoned, runs_here
+from moe_checks import (
+    CUDA,
+    DEVICE,
+    REL_TOL,
+    Problem,
+    assert_matches_reference,
+    random_ids,
+    run_fp8_kernel,
+    run_poisoned,
+    runs_here,
+)
 
 from moe_backend.expert_weights import FP8BlockWeights
 from moe_backend.kernels.sm90 import fp8_grouped_moe
@@ -263,32 +273,6 @@ def grouped_ok(monkeypatch):
     return fp8_moe
 
 
-def _launch(p: Problem, config):
-    from moe_backend.kernels.sm90.fp8_moe import fused_experts_fp8
-
-    w = p.weights
-    return run_poisoned(
-        lambda out: fused_experts_fp8(
-            p.hidden,
-            w.w13,
-            w.w13_scale,
-            w.w2,
-            w.w2_scale,
-            p.ids,
-            p.topk_w,
-            block_scaled=True,
-            local_expert_offset=p.offset,
-            a13_scale=None,
-            a2_scale=None,
-            ue8m0=False,
-            apply_router_weight_on_input=False,
-            out=out,
-            config=config,
-        ),
-        p.hidden,
-    )
-
-
 @runs_here
 def test_launcher_default_takes_grouped_path_at_prefill_sizes(cpu_gemm, grouped_ok, monkeypatch):
     fp8_moe = grouped_ok
@@ -296,18 +280,18 @@ def test_launcher_default_takes_grouped_path_at_prefill_sizes(cpu_gemm, grouped_
     # 8 tokens x top-2 over 4 experts: 4 rows an expert, the threshold; GEMM2 (K = I = 256) on
     # the overlapping tile, which I = 128 cannot take
     p = make_problem(8, 256, 256, 4, 2, offset=1, seed=3)
-    assert_matches_reference(_launch(p, None), p, False, REL_TOL)
+    assert_matches_reference(run_fp8_kernel(p), p, False, REL_TOL)
     assert [c[2] for c in cpu_gemm] == [TILES[0], fp8_moe.GROUPED_OVERLAP_TILE]
     cpu_gemm.clear()
     p = make_problem(8, 256, 128, 4, 2, offset=1, seed=3)
-    assert_matches_reference(_launch(p, None), p, False, REL_TOL)
+    assert_matches_reference(run_fp8_kernel(p), p, False, REL_TOL)
     assert [c[2] for c in cpu_gemm] == [TILES[0], TILES[0]]
     # fewer rows an expert, or any override of a Triton knob: the Triton kernels
     cpu_gemm.clear()
     p = make_problem(7, 256, 256, 4, 2, offset=1, seed=3)
-    assert_matches_reference(_launch(p, None), p, False, REL_TOL)
+    assert_matches_reference(run_fp8_kernel(p), p, False, REL_TOL)
     p = make_problem(8, 256, 256, 4, 2, offset=1, seed=3)
-    assert_matches_reference(_launch(p, {"BLOCK_M": 64}), p, False, REL_TOL)
+    assert_matches_reference(run_fp8_kernel(p, config={"BLOCK_M": 64}), p, False, REL_TOL)
     assert cpu_gemm == []
 
 
@@ -316,7 +300,7 @@ def test_launcher_named_grouped_path_and_tiles(cpu_gemm, grouped_ok):
     fp8_moe = grouped_ok
     p = make_problem(5, 256, 256, 3, 2, offset=0, seed=4)
     config = dict(fp8_moe.CUTE_GROUPED_CONFIG, TILE2=list(fp8_moe.GROUPED_OVERLAP_TILE))
-    assert_matches_reference(_launch(p, config), p, False, REL_TOL)
+    assert_matches_reference(run_fp8_kernel(p, config=config), p, False, REL_TOL)
     assert [c[2] for c in cpu_gemm] == [TILES[0], fp8_moe.GROUPED_OVERLAP_TILE]
 
 
@@ -339,10 +323,10 @@ def test_launcher_named_grouped_path_says_why_it_cannot_run(grouped_ok, monkeypa
     p = make_problem(3, 256, 128, 2, 2, offset=0, seed=6)
     # I = 128: the overlapping tile needs an even number of K tiles
     with pytest.raises(ValueError, match="config: TILE2: tile: .* needs K a multiple of 256, got K=128"):
-        _launch(p, dict(fp8_moe.CUTE_GROUPED_CONFIG, TILE2=list(fp8_moe.GROUPED_OVERLAP_TILE)))
+        run_fp8_kernel(p, config=dict(fp8_moe.CUTE_GROUPED_CONFIG, TILE2=list(fp8_moe.GROUPED_OVERLAP_TILE)))
     monkeypatch.setattr(fp8_moe, "grouped_path_defect", lambda *a, **kw: "a reason")
     with pytest.raises(ValueError, match="path='cute_grouped' cannot serve this layer: a reason"):
-        _launch(p, fp8_moe.CUTE_GROUPED_CONFIG)
+        run_fp8_kernel(p, config=fp8_moe.CUTE_GROUPED_CONFIG)
 
 
 def test_grouped_path_defects():
@@ -367,7 +351,7 @@ def test_layer_serves_prefill_through_grouped_path_and_captures():
     p = make_problem(512, 1024, 512, 4, 8, offset=0, seed=12)  # 1024 rows an expert
     built = SM90_FP8.precompile(p.weights, [{}])
     assert built >= 0
-    eager = _launch(p, None)
+    eager = run_fp8_kernel(p)
     err = assert_matches_reference(eager, p, False, REL_TOL)
     print(f"grouped path through the FP8 launcher: rel err {err:.2e}")
     out = torch.full((512, 1024), float("nan"), dtype=torch.bfloat16, device="cuda")
