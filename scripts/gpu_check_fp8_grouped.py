@@ -163,7 +163,7 @@ def _layer_stages(hidden, weights, ids, topk_w, out, tiles) -> Dict[str, Callabl
     leaves (so that each can be captured and timed alone)."""
     from moe_backend.kernels.sm90.act_quant import act_quant_scatter_fp8
     from moe_backend.kernels.sm90.fp8_grouped import grouped_gemm_fp8_block
-    from moe_backend.kernels.sm90.fp8_grouped_moe import route_quantize_gather
+    from moe_backend.kernels.sm90.fp8_grouped_moe import route_quantize_scatter
     from moe_backend.kernels.sm90.pair_combine import weighted_sum_pairs
     from moe_backend.kernels.sm90.silu_mul_quant import silu_mul_quant
     from moe_backend.kernels.sm90.varlen_routing import varlen_routing
@@ -171,7 +171,7 @@ def _layer_stages(hidden, weights, ids, topk_w, out, tiles) -> Dict[str, Callabl
 
     p, i, h = ids.numel(), weights.intermediate_size, weights.hidden_size
     dev = hidden.device
-    routing, a, a_scale = route_quantize_gather(hidden, ids, weights.num_experts, 0)
+    routing, a, a_scale = route_quantize_scatter(hidden, ids, weights.num_experts, 0)
     cu = routing.cu_seqlens
     # the same workspace roles the layer uses: the buffers it filled
     gate_up = workspace(p, 2 * i, torch.float32, dev, "moe_fp8g_gate_up")

@@ -94,7 +94,7 @@ def _check_inputs(
             raise ValueError(f"{name}: expected a contiguous tensor")
 
 
-def route_quantize_gather(
+def route_quantize_scatter(
     hidden: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, local_expert_offset: int
 ) -> GemmInput:
     """Steps 1 and 2: routing (segment ``s`` = local expert ``s``) and ``hidden [T, H]`` quantized
@@ -216,7 +216,7 @@ def run_fp8_grouped(
     num_pairs = num_tokens * top_k
     h, i = w2.shape[1], w2.shape[2]
     dev = hidden.device
-    routing, a, a_scale = route_quantize_gather(hidden, topk_ids, w13.shape[0], local_expert_offset)
+    routing, a, a_scale = route_quantize_scatter(hidden, topk_ids, w13.shape[0], local_expert_offset)
     cu = routing.cu_seqlens
     gate_up = workspace(num_pairs, 2 * i, torch.float32, dev, "moe_fp8g_gate_up")
     grouped_gemm_fp8_block(a, a_scale, w13, w13_scale, cu, gate_up, tile=tile1)
