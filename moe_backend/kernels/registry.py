@@ -184,8 +184,6 @@ def _sm90_fp8_run(
 ) -> torch.Tensor:
     from .sm90.fp8_moe import fused_experts_fp8
 
-    block = isinstance(prepared, FP8BlockWeights)
-    static = prepared if isinstance(prepared, FP8TensorWeights) else None
     return fused_experts_fp8(
         hidden,
         prepared.w13,
@@ -194,27 +192,26 @@ def _sm90_fp8_run(
         prepared.w2_scale,
         ids,
         weights,
-        block_scaled=block,
         local_expert_offset=local_expert_offset,
-        a13_scale=static.a13_scale if static else None,
-        a2_scale=static.a2_scale if static else None,
-        ue8m0=isinstance(prepared, FP8BlockWeights) and prepared.ue8m0,
         apply_router_weight_on_input=apply_router_weight_on_input,
         out=out,
         config=config,
+        **_fp8_scale_args(prepared),
     )
+
+
+def _fp8_scale_args(prepared: FP8BlockWeights | FP8TensorWeights) -> Dict[str, Any]:
+    """The FP8 launcher's scale arguments for these weights: block scales (with ``ue8m0``) or one
+    scale per expert matrix (with static activation scales, or dynamic ones when None)."""
+    if isinstance(prepared, FP8BlockWeights):
+        return dict(block_scaled=True, a13_scale=None, a2_scale=None, ue8m0=prepared.ue8m0)
+    return dict(block_scaled=False, a13_scale=prepared.a13_scale, a2_scale=prepared.a2_scale, ue8m0=False)
 
 
 def _sm90_fp8_precompile(prepared: FP8BlockWeights | FP8TensorWeights, configs: Sequence[dict]) -> int:
     from .sm90.fp8_moe import precompile
 
-    if isinstance(prepared, FP8BlockWeights):
-        block, static, ue8m0 = True, False, prepared.ue8m0
-    else:
-        block, static, ue8m0 = False, prepared.a13_scale is not None, False
-    return precompile(
-        prepared.w13, prepared.w2, configs, block_scaled=block, static_activation_scales=static, ue8m0=ue8m0
-    )
+    return precompile(prepared.w13, prepared.w2, configs, **_fp8_scale_args(prepared))
 
 
 def _sm90_fp8_tuning() -> TuningSpace:

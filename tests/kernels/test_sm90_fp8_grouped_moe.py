@@ -380,7 +380,7 @@ def test_precompile_builds_what_the_configurations_can_run(monkeypatch):
     monkeypatch.setattr(fp8_grouped_moe, "compile_grouped_plans", lambda h, i, t1, t2, dev: built.append((t1, t2)) or 2)
     w13 = torch.empty(4, 2 * 512, 256, dtype=torch.float8_e4m3fn)
     w2 = torch.empty(4, 256, 512, dtype=torch.float8_e4m3fn)
-    kw = dict(block_scaled=True, static_activation_scales=False, ue8m0=False)
+    kw = dict(block_scaled=True, a13_scale=None, a2_scale=None, ue8m0=False)
     # on this CPU nothing stands behind the default: it cannot run here
     assert fp8_moe.precompile(w13, w2, [{}], **kw) == 0 and built == []
     monkeypatch.setattr(fp8_moe, "grouped_path_defect", lambda *a, **k: None)

@@ -621,10 +621,12 @@ def precompile(
     configs: Sequence[dict],
     *,
     block_scaled: bool,
-    static_activation_scales: bool,
+    a13_scale: Optional[torch.Tensor],
+    a2_scale: Optional[torch.Tensor],
     ue8m0: bool,
 ) -> int:
-    """Compile the CuTe DSL GEMMs the ``configs`` can run (``w13 [E, 2I, H]``, ``w2 [E, H, I]``):
+    """Compile the CuTe DSL GEMMs the ``configs`` can run for the layer :func:`fused_experts_fp8`
+    gets these weights and scale arguments for (``w13 [E, 2I, H]``, ``w2 [E, H, I]``):
     those of each ``cute_grouped`` configuration, and the default tiles for an empty one (the
     heuristic takes that path at prefill sizes) where ``grouped_path_defect`` finds nothing
     against it. The Triton kernels compile on first use. Returns the number built or loaded now."""
@@ -634,7 +636,8 @@ def precompile(
     tiles = set()
     for config in configs:
         if not config:
-            if _grouped_defect(w13.device, block_scaled, static_activation_scales, ue8m0, False) is None:
+            static = a13_scale is not None or a2_scale is not None
+            if _grouped_defect(w13.device, block_scaled, static, ue8m0, False) is None:
                 tiles.add(grouped_tiles(dict(CUTE_GROUPED_CONFIG, **default_grouped_tiles(inter)), hidden_size, inter))
         elif config.get("path") == "cute_grouped":
             tiles.add(grouped_tiles(resolve_config(config, 1, 1, 1), hidden_size, inter))
