@@ -279,6 +279,22 @@ def _scatter_kernel(
     tl.store(row_of_pair_ptr + pair, tl.where(s_key < num_experts, row, -1), mask=pair < num_pairs)
 
 
+def count_chunks(
+    topk_ids: torch.Tensor, num_experts: int, local_expert_offset: int
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``count_kernel`` over chunks of ``CHUNK`` pairs: ``hist [num_chunks, E_PAD]`` int32 (bin
+    ``E``: pairs without a local expert; ``E_PAD`` the next power of two above ``E``) and an
+    uninitialised ``base [E_PAD]`` int32 for the experts' first rows."""
+    num_pairs = topk_ids.numel()
+    e_pad = triton.next_power_of_2(num_experts + 1)
+    num_chunks = triton.cdiv(num_pairs, CHUNK)
+    hist = torch.empty(num_chunks, e_pad, dtype=torch.int32, device=topk_ids.device)
+    count_kernel[(num_chunks,)](
+        topk_ids, hist, num_pairs, local_expert_offset, num_experts, CHUNK=CHUNK, E_PAD=e_pad, num_warps=4
+    )
+    return hist, torch.empty(e_pad, dtype=torch.int32, device=topk_ids.device)
+
+
 def align_block_size(
     topk_ids: torch.Tensor, num_experts: int, local_expert_offset: int, block_m: int
 ) -> AlignedRouting:
@@ -315,12 +331,8 @@ def align_block_size(
             num_warps=4,
         )
     else:
-        num_chunks = triton.cdiv(num_pairs, CHUNK)
-        hist = torch.empty(num_chunks, e_pad, dtype=torch.int32, device=dev)
-        base = torch.empty(e_pad, dtype=torch.int32, device=dev)
-        count_kernel[(num_chunks,)](
-            topk_ids, hist, num_pairs, local_expert_offset, num_experts, CHUNK=CHUNK, E_PAD=e_pad, num_warps=4
-        )
+        hist, base = count_chunks(topk_ids, num_experts, local_expert_offset)
+        num_chunks = hist.shape[0]
         _scan_kernel[(1,)](
             hist,
             base,

@@ -8,7 +8,7 @@ segment (NVFP4 dequantized to bf16) touches only the active experts; without it 
 local expert ``s`` (weights read in place, bf16). Every size is
 static in ``(T, k, E)`` and nothing synchronizes with the host (CUDA-graph capturable).
 
-Three Triton launches on ``align``'s counting sort: its per-chunk histograms (``count_kernel``),
+Three Triton launches on ``align``'s counting sort: its per-chunk histograms (``count_chunks``),
 one program that turns them into per-chunk bases (``chunk_prefix``) and writes the segments, and
 the stable placement of each chunk (``chunk_rows``: a pair's rank among its expert's pairs from
 an in-register sort). The torch version of the same steps took about 30 launches, ~80 us of a
@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .align import CHUNK, chunk_block, chunk_prefix, chunk_rows, count_kernel
+from .align import CHUNK, chunk_block, chunk_prefix, chunk_rows, count_chunks
 
 
 class VarlenRouting(NamedTuple):
@@ -118,17 +118,12 @@ def varlen_routing(topk_ids: torch.Tensor, num_experts: int, local_expert_offset
     num_pairs = t * k
     dev = topk_ids.device
     s = num_segments(num_pairs, num_experts, compact)
-    e_pad = triton.next_power_of_2(num_experts + 1)  # + the "no local expert" bin
-    num_chunks = triton.cdiv(num_pairs, CHUNK)
-    hist = torch.empty(num_chunks, e_pad, dtype=torch.int32, device=dev)
-    base = torch.empty(e_pad, dtype=torch.int32, device=dev)
+    hist, base = count_chunks(topk_ids, num_experts, local_expert_offset)
+    num_chunks, e_pad = hist.shape
     cu_seqlens = torch.empty(s + 1, dtype=torch.int32, device=dev)
     expert_of_segment = torch.empty(s, dtype=torch.int32, device=dev)
     token_of_row = torch.empty(num_pairs, dtype=torch.int32, device=dev)
     row_of_pair = torch.empty(num_pairs, dtype=torch.int32, device=dev)
-    count_kernel[(num_chunks,)](
-        topk_ids, hist, num_pairs, local_expert_offset, num_experts, CHUNK=CHUNK, E_PAD=e_pad, num_warps=4
-    )
     _segments_kernel[(1,)](
         hist,
         base,
