@@ -59,3 +59,36 @@ def test_our_kernel_sources_are_in_quacks_cache_fingerprint(monkeypatch):
     jit._compute_source_fingerprint.cache_clear()
     assert jit._compute_source_fingerprint() != without
     jit._compute_source_fingerprint.cache_clear()
+
+
+class _Cyclic:
+    """An object kept alive only by a reference cycle (as a first CuTe DSL launch leaves one)."""
+
+    def __init__(self):
+        self.me = self
+
+
+def test_first_launch_of_a_plan_collects_the_cycles_left_behind(monkeypatch):
+    import gc
+    import weakref
+
+    monkeypatch.setattr(cute_env, "_LAUNCHED", set())
+    collections = []
+    real_collect = gc.collect
+    monkeypatch.setattr(gc, "collect", lambda *a: collections.append(1) or real_collect(*a))
+    gc.disable()
+    try:
+        ref = weakref.ref(_Cyclic())
+        assert ref() is not None
+        cute_env.collect_after_first_launch(("plan", 1))
+        assert ref() is None and len(collections) == 1
+        cute_env.collect_after_first_launch(("plan", 1))  # a plan's later launches do not collect
+        assert len(collections) == 1
+        monkeypatch.setattr(cute_env, "capturing", lambda: True)
+        cute_env.collect_after_first_launch(("plan", 2))  # not inside a capture: the next eager launch does
+        assert len(collections) == 1
+        monkeypatch.setattr(cute_env, "capturing", lambda: False)
+        cute_env.collect_after_first_launch(("plan", 2))
+        assert len(collections) == 2
+    finally:
+        gc.enable()

@@ -432,7 +432,8 @@ def test_grouped_precompile_builds_what_the_configurations_can_run(monkeypatch):
     built = []
     monkeypatch.setattr(bf16_grouped, "compile_plans", lambda h, i, tiles, dev: built.append(tiles) or 2 * len(tiles))
     prep = prepare_nvfp4(make_problem(1, 256, 256, 2, 1).weights)
-    assert nvfp4_moe.precompile(prep, [{}]) == 0 and built == []  # the path cannot run on a CPU
+    monkeypatch.setattr(nvfp4_moe, "grouped_path_defect", lambda *a, **k: "no CuTe DSL here")
+    assert nvfp4_moe.precompile(prep, [{}]) == 0 and built == []  # the default cannot take the path
     monkeypatch.setattr(nvfp4_moe, "grouped_path_defect", lambda *a, **k: None)
     assert nvfp4_moe.precompile(prep, [{}, nvfp4_moe.PREFILL_CONFIG]) == 2
     assert built == [(bf16_grouped.DEFAULT_TILE,)]

@@ -27,7 +27,7 @@ from typing import Any, Dict, NamedTuple, Optional, Tuple
 import torch
 
 from ..._checks import capturing
-from .cute_env import fingerprint_kernel_sources
+from .cute_env import collect_after_first_launch, fingerprint_kernel_sources
 
 #: Tile shapes the tuner may choose among, as (tile_m, tile_n, cluster_m, pingpong). QuACK's
 #: SM90 gated epilogue needs tile_n % 32 == 0; a gathered A needs cluster_n == 1.
@@ -136,6 +136,7 @@ def gemm1_gated(
     key = PlanKey(GEMM1, tile, w13.shape[1], w13.shape[2], _device_name(x.device))
     b_kn = w13.transpose(1, 2)
     _plan(key, x, b_kn, out, cu_seqlens, a_idx).run(x, b_kn, out={"mAuxOut": out}, cu_seqlens_m=cu_seqlens, A_idx=a_idx)
+    collect_after_first_launch(key)
     return out
 
 
@@ -154,6 +155,7 @@ def gemm2(
     key = PlanKey(GEMM2, tile, w2.shape[1], w2.shape[2], _device_name(h.device))
     b_kn = w2.transpose(1, 2)
     _plan(key, h, b_kn, out, cu_seqlens, None).run(h, b_kn, out={"mAuxOut": out}, cu_seqlens_m=cu_seqlens)
+    collect_after_first_launch(key)
     return out
 
 

@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import importlib.util
 import logging
 import os
 import platform
 import sys
 from pathlib import Path
-from typing import Dict, Iterator, Optional
+from typing import Dict, Hashable, Iterator, Optional, Set
+
+from ..._checks import capturing
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +63,27 @@ def sm90_cute_defect(device) -> Optional[str]:
     if device.type != "cuda" or torch.cuda.get_device_capability(device) != (9, 0):
         return f"it needs an sm_90 GPU, got {device}"
     return quack_unavailable_reason()
+
+
+_LAUNCHED: Set[Hashable] = set()
+
+
+def collect_after_first_launch(plan_key: Hashable) -> None:
+    """One garbage collection right after the first launch of the plan ``plan_key`` (called by
+    the launchers once their launch returned).
+
+    A first CuTe DSL / QuACK launch leaves a reference cycle that holds its callers' frames: on
+    the H200 (2026-12-02), a layer warmed up through the CuTe DSL paths stayed allocated after it
+    was dropped, together with everything those frames held (its weights, the tuner's L2-flush
+    buffer), until the next collection. Collected here, while the callers' frames are still
+    running, the cycle goes and the frames are freed as they return, so dropping a layer returns
+    its memory at once even with ``gc`` disabled. Later launches of a plan leave no cycle. Not
+    inside a CUDA-graph capture: the next eager launch collects instead.
+    """
+    if plan_key in _LAUNCHED or capturing():
+        return
+    _LAUNCHED.add(plan_key)
+    gc.collect()
 
 
 def fingerprint_kernel_sources() -> None:

@@ -35,6 +35,7 @@ import torch
 from ..._checks import capturing, check_tensor
 from ...quant.fp8 import BLOCK, FP8_DTYPE
 from .bf16_grouped import GemmPlanMissingError, _device_name
+from .cute_env import collect_after_first_launch
 
 #: A configuration: (tile_m, tile_n, cluster_m, pingpong, overlap). tile_n is 128 so that one
 #: weight scale serves a whole output tile per K tile. The block-scaled mainloop holds an fp32
@@ -245,7 +246,8 @@ def grouped_gemm_fp8_block(
         raise ValueError(f"b: expected tensors on a CUDA device (Hopper), got {b.device}")
     if m == 0:
         return out
-    plan = _plan(PlanKey(tile, n, k, _device_name(b.device), out.dtype), b.device)
+    key = PlanKey(tile, n, k, _device_name(b.device), out.dtype)
+    plan = _plan(key, b.device)
     from quack.gemm_tvm_ffi_utils import make_scheduler_args, make_varlen_args
 
     from .fp8_grouped_kernel import Fp8BlockGemmSm90
@@ -265,6 +267,7 @@ def grouped_gemm_fp8_block(
         None,
         None,
     )
+    collect_after_first_launch(key)
     return out
 
 
