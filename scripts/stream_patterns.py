@@ -1,11 +1,17 @@
-"""Does the decode GEMMs' weight access pattern cost bandwidth? (one GPU call)
+"""What do the decode GEMMs' access pattern and their split into two launches cost? (one GPU call)
 
 Read-only Triton streams over 8 experts x [4096, 7168] bytes (235 MB, T=1 GEMM1's weight bytes of
 a DeepSeek-V3 layer): each program reads ROWS rows in K steps of BK bytes, 4 pipeline stages,
 either from the row-major matrix (each row's BK bytes 7168 bytes from the next row's, as the
 decode GEMMs read their tiles) or from a blocked layout where each step's tile is contiguous.
 The bench's read ceiling kernel (``bench_ceilings.expert_stream``) over the same bytes is the
-reference. ``do_bench`` medians, L2 flushed. Prints TB/s and writes ``stream_patterns.json``.
+reference. ``do_bench`` medians, L2 flushed. Prints TB/s.
+
+Then the split: T=1's whole weight stream (8 experts' w13 [4096, 7168] and w2 [7168, 2048] bytes,
+352 MB) read by one ``expert_stream`` launch, against w13 and w2 read by two launches one after
+the other (as GEMM1 and GEMM2 run), each captured in a CUDA graph: µs. The difference is what
+two dependent launches cost a pure stream, the most a single-launch decode layer could recover.
+Writes ``stream_patterns.json``.
 
     python scripts/stream_patterns.py --out $OUT
 """
@@ -43,6 +49,28 @@ def _tiles(w_ptr, out_ptr, K, ROWS: tl.constexpr, BK: tl.constexpr, BLOCKED: tl.
     tl.store(out_ptr + tl.program_id(0), tl.sum(tl.sum(acc, 1), 0))
 
 
+def split_us(w13: torch.Tensor) -> dict:
+    """µs of one launch over w13 and w2 against two launches (w13, then w2), CUDA graphs."""
+    w2 = torch.randint(-128, 127, (E, K, 2048), dtype=torch.int8, device=w13.device)
+    experts = torch.arange(E, dtype=torch.int32, device=w13.device)
+    runs = {
+        "split_one_launch_us": [expert_stream(w13, w2, experts)],
+        "split_two_launches_us": [expert_stream(w13, w13[:, :1], experts), expert_stream(w2, w2[:, :1], experts)],
+        "split_w13_alone_us": [expert_stream(w13, w13[:, :1], experts)],
+        "split_w2_alone_us": [expert_stream(w2, w2[:, :1], experts)],
+    }
+    out = {}
+    for name, launches in runs.items():
+        for launch in launches:
+            launch()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for launch in launches:
+                launch()
+        out[name] = round(do_bench(graph.replay, warmup=20, rep=100, return_mode="median") * 1e3, 2)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -72,6 +100,7 @@ def main() -> None:
     res["ceiling_stream_kernel"] = round(
         w.numel() / do_bench(ceiling, warmup=20, rep=100, return_mode="median") / 1e9, 3
     )
+    res.update(split_us(w.view(E, N, K)))
     print(json.dumps(res, indent=0))
     Path(args.out).mkdir(parents=True, exist_ok=True)
     with open(Path(args.out) / "stream_patterns.json", "w") as f:
