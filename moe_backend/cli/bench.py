@@ -435,6 +435,34 @@ def write_results(path: str, header: Dict[str, Any], records: List[dict]) -> Non
     os.replace(partial, path)
 
 
+def run_header(
+    args: argparse.Namespace, device_name: str, peaks: Dict[str, float], vllm: Optional[str]
+) -> Dict[str, Any]:
+    """What the results file records besides its points: device, date, the peaks measured in the
+    run, the vLLM version timed (or None), the options the run had (``command``: every option,
+    defaults included) and the versions of the packages that built the kernels timed."""
+    import triton
+
+    from .. import __version__
+    from ..kernels.sm90.cute_env import installed_versions
+
+    return {
+        "device": device_name,
+        "date": datetime.date.today().isoformat(),
+        "peaks": peaks,
+        "vllm": vllm,
+        "command": {
+            k: v for k, v in sorted(vars(args).items()) if isinstance(v, (bool, int, float, str, list, type(None)))
+        },
+        "versions": {
+            "moe_backend": __version__,
+            "torch": torch.__version__,
+            "triton": triton.__version__,
+            **installed_versions(),
+        },
+    }
+
+
 def main(args: argparse.Namespace) -> int:
     """Run the benchmark; 2 without a CUDA GPU."""
     if not torch.cuda.is_available():
@@ -454,12 +482,7 @@ def main(args: argparse.Namespace) -> int:
     )
     os.makedirs(args.output_dir, exist_ok=True)
     stem = os.path.join(args.output_dir, f"{_device_slug(name)}-{datetime.date.today().isoformat()}")
-    header = {
-        "device": name,
-        "date": datetime.date.today().isoformat(),
-        "peaks": peaks,
-        "vllm": version if "vllm" in args.peers else None,
-    }
+    header = run_header(args, name, peaks, version if "vllm" in args.peers else None)
     records = run_bench(args, device, peaks, lambda done: write_results(stem + ".json", header, done))
     print(format_table(records))
     print(

@@ -66,6 +66,18 @@ def test_main_without_a_gpu_says_so(capsys):
     assert "needs a CUDA GPU" in capsys.readouterr().out
 
 
+def test_results_header_records_the_options_and_versions():
+    args = _args("--T", "1", "8", "--peers", "vllm", "--no-baseline")
+    args.func = bench.main  # what the CLI dispatcher adds: not an option, not recorded
+    header = bench.run_header(args, "NVIDIA H200", {"read_gbs": 4490.0}, "0.26.0")
+    assert header["device"] == "NVIDIA H200" and header["vllm"] == "0.26.0" and header["peaks"] == {"read_gbs": 4490.0}
+    assert header["command"]["T"] == [1, 8] and header["command"]["peers"] == ["vllm"]
+    assert header["command"]["no_baseline"] is True and "func" not in header["command"]
+    assert header["versions"]["torch"] == torch.__version__
+    assert set(header["versions"]) >= {"moe_backend", "triton", "nvidia-cutlass-dsl", "quack-kernels"}
+    json.dumps(header)  # the results file is JSON
+
+
 def test_results_file_is_replaced_whole(tmp_path):
     """Each partial write leaves a complete JSON file (a run stopped by a time limit keeps its points)."""
     path = str(tmp_path / "h200.json")
