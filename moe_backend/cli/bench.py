@@ -7,8 +7,10 @@ between, torch permutation around them) and, with ``--peers vllm``, vLLM's own k
 same weights (:mod:`.bench_peers`: its Triton fused MoE for FP8 block, its Marlin MoE for
 NVFP4). Every implementation is captured in CUDA graphs per input set and replayed with
 ``triton.testing.do_bench`` (median, L2 flushed before every call), rotating several input
-sets. Routing is balanced: token t takes experts ``perm[(t * k + j) % E]`` (a random
-permutation per set).
+sets; at each point every implementation (and the ceiling's stream) is timed twice, all in
+order and then in reverse order, and its time is the mean of the two
+(:func:`time_in_both_orders`). Routing is balanced: token t takes experts
+``perm[(t * k + j) % E]`` (a random permutation per set).
 
 Ceilings come from this run (:mod:`.bench_ceilings`): at each point a read-only kernel
 streams exactly the active experts' FP8 weight bytes in one launch (``stream_us``; NVFP4's
@@ -18,7 +20,7 @@ implementation's ratio to it and our speed-up over the peers.
 
 Writes ``<output-dir>/<device>-<date>.json`` (``{"device", "date", "peaks", "vllm",
 "records": [...]}``; a record holds ``device, precision, impl, E, T, topk, hidden, inter,
-median_us, timing, stream_us, compute_floor_us, ceiling_us``) and, when matplotlib is
+median_us, passes_us, timing, stream_us, compute_floor_us, ceiling_us``) and, when matplotlib is
 installed, a PNG of latency vs T.
 """
 
@@ -284,6 +286,49 @@ def _time(fn: Callable[[int], object], quick: bool) -> Tuple[float, str]:
     return triton.testing.do_bench(call, warmup=10, rep=rep, return_mode="median") * 1e3, mode
 
 
+Timed = Tuple[Optional[float], Optional[str], List[float]]
+
+
+def _point_timer(
+    run: Callable[..., object], sets: Sequence[tuple], out: Optional[torch.Tensor], quick: bool
+) -> Callable[[], Tuple[float, str]]:
+    """A call that times ``run(*sets[s], out)`` (``run(*sets[s])`` without ``out``) over the input
+    sets ``s`` with :func:`_time`."""
+    extra = () if out is None else (out,)
+    return functools.partial(_time, lambda s: run(*sets[s], *extra), quick)
+
+
+def time_in_both_orders(runs: Dict[Any, Callable[[], Tuple[float, str]]]) -> Dict[Any, Timed]:
+    """Time every run twice, all in order and then all in reverse order; each run's time is the
+    mean of its two medians. A drift of the GPU's speed over the point (clocks, temperature) then
+    weighs on every implementation alike, wherever it stands in the order: on the H200,
+    identical configurations timed one after the other differed by 5-10% within a run.
+
+    ``runs`` maps a key to a call returning ``(median µs, timing mode)``; a call that raises
+    RuntimeError or ValueError (an unsupported build, a variant refusing the batch) is logged and
+    recorded as ``(None, None, [])`` and not timed again. Returns ``key -> (µs, mode, [first pass
+    µs, second pass µs])``.
+    """
+    passes: Dict[Any, List[float]] = {key: [] for key in runs}
+    modes: Dict[Any, Optional[str]] = {}
+    failed = set()
+    for order in (list(runs), list(reversed(list(runs)))):
+        for key in order:
+            if key in failed:
+                continue
+            try:
+                us, modes[key] = runs[key]()
+            except (RuntimeError, ValueError) as exc:
+                logger.warning("%s failed: %s", key, exc)
+                failed.add(key)
+                continue
+            passes[key].append(us)
+    return {
+        key: (None, None, []) if key in failed else (sum(times) / len(times), modes[key], times)
+        for key, times in passes.items()
+    }
+
+
 def compute_floor_us(t: int, k: int, h: int, i: int, precision: str, peaks: Dict[str, float]) -> float:
     """The layer's MMA work at the measured dense peak of ``precision``'s MMA (µs)."""
     return 2 * t * k * 3 * h * i / (peaks[PRECISION_COST[precision][1]] * 1e12) * 1e6
@@ -338,16 +383,16 @@ def run_bench(
             ]
             out = torch.empty(t, args.hidden, dtype=torch.bfloat16, device=device)
             streams = [expert_stream(layer.w13, layer.w2, torch.unique(ids).to(torch.int32)) for _, ids, _ in sets]
-            stream_us, _ = _time(lambda s: streams[s](), args.quick)  # noqa: B023 (called in this iteration)
+            calls: Dict[Any, Callable[[], Tuple[float, str]]] = {
+                ("stream", "ceiling"): _point_timer(lambda stream: stream(), [(s,) for s in streams], None, args.quick)
+            }
+            calls.update({key: _point_timer(run, sets, out, args.quick) for key, run in runs.items()})
+            timed = time_in_both_orders(calls)
+            stream_us = timed.pop(("stream", "ceiling"))[0]
+            if stream_us is None:
+                raise RuntimeError(f"the read-stream ceiling kernel failed at E={e} T={t}")
             base = dict(device=name, E=e, T=t, topk=args.topk, hidden=args.hidden, inter=args.inter)
-            for (precision, impl), run in runs.items():
-                try:
-                    # called in this iteration: the loop values are the ones meant
-                    us, mode = _time(lambda s: run(*sets[s], out), args.quick)  # noqa: B023
-                # an unsupported torch build, or a variant that refuses this batch: report, go on
-                except (RuntimeError, ValueError) as exc:
-                    logger.warning("%s (%s) failed at E=%d T=%d: %s", impl, precision, e, t, exc)
-                    us, mode = None, None
+            for (precision, impl), (us, mode, passes) in timed.items():
                 fmt = "fp8_block" if precision == "fp8_rowwise" else precision
                 records.append(
                     dict(
@@ -355,6 +400,7 @@ def run_bench(
                         precision=precision,
                         impl=impl,
                         median_us=us,
+                        passes_us=passes,
                         timing=mode,
                         **ceiling_fields(stream_us, t, args.topk, args.hidden, args.inter, fmt, peaks),
                     )

@@ -66,6 +66,64 @@ def test_main_without_a_gpu_says_so(capsys):
     assert "needs a CUDA GPU" in capsys.readouterr().out
 
 
+def test_each_run_is_timed_in_both_orders_and_averaged():
+    calls = []
+    clock = iter(range(100))
+
+    def run(name):
+        def call():
+            calls.append(name)
+            if name == "broken":
+                raise RuntimeError("not on this build")
+            return float(next(clock)), "cuda_graph"  # a GPU that slows down as the point goes on
+
+        return call
+
+    timed = bench.time_in_both_orders({name: run(name) for name in ("a", "broken", "b", "c")})
+    assert calls == ["a", "broken", "b", "c", "c", "b", "a"]  # a failed run is not timed again
+    assert timed["broken"] == (None, None, [])
+    assert timed["a"] == (2.5, "cuda_graph", [0.0, 5.0])
+    assert timed["b"] == (2.5, "cuda_graph", [1.0, 4.0]) and timed["c"] == (2.5, "cuda_graph", [2.0, 3.0])
+
+
+def test_a_point_records_every_implementation_with_both_passes_and_the_ceiling(monkeypatch):
+    """``run_bench``'s wiring on the CPU: the GPU parts (layer, stream kernel, timer) stubbed."""
+    called = []
+
+    class FakeLayer:
+        def __init__(self, e, h, i, top_k, device):
+            self.w13 = self.w2 = None
+
+        def ours(self, precision):
+            return lambda hidden, ids, weights, out: called.append((precision, hidden.shape[0], out.shape))
+
+        def baseline(self, hidden, ids, weights, out):
+            called.append(("fp8_rowwise", hidden.shape[0], out.shape))
+
+    def fake_time(fn, quick):
+        before = len(called)
+        for s in range(bench.INPUT_SETS):
+            fn(s)
+        return (100.0 if len(called) > before else 50.0), "cuda_graph"  # the stream calls nothing
+
+    monkeypatch.setattr(bench, "Layer", FakeLayer)
+    monkeypatch.setattr(bench, "expert_stream", lambda w13, w2, ids: lambda: None)
+    monkeypatch.setattr(bench, "_time", fake_time)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "GPU")
+    args = _args("--E", "8", "--T", "3", "--precision", "fp8_block", "nvfp4", "--hidden", "256", "--inter", "128")
+    points = []
+    records = bench.run_bench(args, torch.device("cpu"), {"fp8_tflops": 1e3, "bf16_tflops": 5e2}, points.append)
+    assert [(r["precision"], r["impl"]) for r in records] == [
+        ("fp8_block", "moe_backend"),
+        ("nvfp4", "moe_backend"),
+        ("fp8_rowwise", "torch_scaled_grouped_mm"),
+    ]
+    assert all(r["passes_us"] == [100.0, 100.0] and r["median_us"] == 100.0 for r in records)
+    assert records[0]["stream_us"] == 50.0 and records[1]["stream_us"] == 50.0 * 0.5625
+    assert len(called) == 2 * 3 * bench.INPUT_SETS and called[0] == ("fp8_block", 3, (3, 256))
+    assert len(points) == 1
+
+
 def test_results_header_records_the_options_and_versions():
     args = _args("--T", "1", "8", "--peers", "vllm", "--no-baseline")
     args.func = bench.main  # what the CLI dispatcher adds: not an option, not recorded
