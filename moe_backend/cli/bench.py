@@ -18,8 +18,8 @@ streams exactly the active experts' FP8 weight bytes in one launch (``stream_us`
 throughput measured at start. ``ceiling_us = max(stream, compute)``; the table prints each
 implementation's ratio to it and our speed-up over the peers.
 
-Writes ``<output-dir>/<device>-<date>.json`` (``{"device", "date", "peaks", "vllm",
-"records": [...]}``; a record holds ``device, precision, impl, E, T, topk, hidden, inter,
+Writes ``<output-dir>/<device>-<date>.json`` (``{"device", "date", "peaks", "vllm", "command",
+"versions", "records": [...]}``; a record holds ``device, precision, impl, E, T, topk, hidden, inter,
 median_us, passes_us, timing, stream_us, compute_floor_us, ceiling_us``) and, when matplotlib is
 installed, a PNG of latency vs T.
 """
@@ -298,7 +298,7 @@ def _point_timer(
     return functools.partial(_time, lambda s: run(*sets[s], *extra), quick)
 
 
-def time_in_both_orders(runs: Dict[Any, Callable[[], Tuple[float, str]]]) -> Dict[Any, Timed]:
+def time_in_both_orders(runs: Dict[Any, Callable[[], Tuple[float, str]]], where: str = "") -> Dict[Any, Timed]:
     """Time every run twice, all in order and then all in reverse order; each run's time is the
     mean of its two medians. A drift of the GPU's speed over the point (clocks, temperature) then
     weighs on every implementation alike, wherever it stands in the order: on the H200,
@@ -306,8 +306,8 @@ def time_in_both_orders(runs: Dict[Any, Callable[[], Tuple[float, str]]]) -> Dic
 
     ``runs`` maps a key to a call returning ``(median µs, timing mode)``; a call that raises
     RuntimeError or ValueError (an unsupported build, a variant refusing the batch) is logged and
-    recorded as ``(None, None, [])`` and not timed again. Returns ``key -> (µs, mode, [first pass
-    µs, second pass µs])``.
+    recorded as ``(None, None, [])`` and not timed again (the log names ``where``). Returns
+    ``key -> (µs, mode, [first pass µs, second pass µs])``.
     """
     passes: Dict[Any, List[float]] = {key: [] for key in runs}
     modes: Dict[Any, Optional[str]] = {}
@@ -319,7 +319,7 @@ def time_in_both_orders(runs: Dict[Any, Callable[[], Tuple[float, str]]]) -> Dic
             try:
                 us, modes[key] = runs[key]()
             except (RuntimeError, ValueError) as exc:
-                logger.warning("%s failed: %s", key, exc)
+                logger.warning("%s failed%s: %s", key, where, exc)
                 failed.add(key)
                 continue
             passes[key].append(us)
@@ -387,7 +387,7 @@ def run_bench(
                 ("stream", "ceiling"): _point_timer(lambda stream: stream(), [(s,) for s in streams], None, args.quick)
             }
             calls.update({key: _point_timer(run, sets, out, args.quick) for key, run in runs.items()})
-            timed = time_in_both_orders(calls)
+            timed = time_in_both_orders(calls, f" at E={e} T={t}")
             stream_us = timed.pop(("stream", "ceiling"))[0]
             if stream_us is None:
                 raise RuntimeError(f"the read-stream ceiling kernel failed at E={e} T={t}")
