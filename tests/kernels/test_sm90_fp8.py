@@ -19,6 +19,7 @@ from moe_checks import (
     REL_TOL,
     Problem,
     assert_matches_reference,
+    call_fp8_kernel,
     random_ids,
     run_fp8_kernel,
     runs_here,
@@ -26,7 +27,6 @@ from moe_checks import (
 from vllm_numerics import vllm_triton_fused_experts
 
 from moe_backend.expert_weights import FP8BlockWeights, FP8TensorWeights
-from moe_backend.kernels.sm90 import fused_experts_fp8
 from moe_backend.kernels.sm90.align import align_block_size
 from moe_backend.kernels.sm90.fp8_moe import NUMERICS_CONFIGS
 
@@ -452,26 +452,10 @@ def test_gpu_weight_on_input_at_deepseek_width(t):
 def test_gpu_cuda_graph_replay_and_no_sync(t):
     """Capture at one size, replay with new data in the same buffers: equals eager."""
     p = make_problem(t, 7168, 512, 32, 8, block=True)
-    w = p.weights
     out = torch.empty(t, 7168, dtype=torch.bfloat16, device="cuda")
 
     def call():
-        return fused_experts_fp8(
-            p.hidden,
-            w.w13,
-            w.w13_scale,
-            w.w2,
-            w.w2_scale,
-            p.ids,
-            p.topk_w,
-            block_scaled=True,
-            local_expert_offset=0,
-            a13_scale=None,
-            a2_scale=None,
-            ue8m0=False,
-            apply_router_weight_on_input=False,
-            out=out,
-        )
+        return call_fp8_kernel(p, out)
 
     call()  # compile outside the capture
     torch.cuda.synchronize()

@@ -21,6 +21,7 @@ from moe_checks import (
     REL_TOL,
     Problem,
     assert_matches_reference,
+    call_fp8_kernel,
     random_ids,
     run_fp8_kernel,
     run_poisoned,
@@ -355,17 +356,10 @@ def test_layer_serves_prefill_through_grouped_path_and_captures():
     err = assert_matches_reference(eager, p, False, REL_TOL)
     print(f"grouped path through the FP8 launcher: rel err {err:.2e}")
     out = torch.full((512, 1024), float("nan"), dtype=torch.bfloat16, device="cuda")
-    w = p.weights
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
-    from moe_backend.kernels.sm90.fp8_moe import fused_experts_fp8
-
     with torch.cuda.graph(graph):
-        fused_experts_fp8(
-            p.hidden, w.w13, w.w13_scale, w.w2, w.w2_scale, p.ids, p.topk_w,
-            block_scaled=True, local_expert_offset=0, a13_scale=None, a2_scale=None, ue8m0=False,
-            apply_router_weight_on_input=False, out=out,
-        )  # fmt: skip
+        call_fp8_kernel(p, out)
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, eager)

@@ -80,31 +80,35 @@ def assert_matches_reference(got: torch.Tensor, p: Problem, weight_on_input: boo
     return err
 
 
-def run_fp8_kernel(p: Problem, *, weight_on_input: bool = False, config: Optional[dict] = None) -> torch.Tensor:
-    """The SM90 FP8 launcher (``fused_experts_fp8``) on ``p`` (block-scale or per-tensor weights)
-    through :func:`run_poisoned`."""
+def call_fp8_kernel(
+    p: Problem, out: torch.Tensor, *, weight_on_input: bool = False, config: Optional[dict] = None
+) -> torch.Tensor:
+    """One call of the SM90 FP8 launcher (``fused_experts_fp8``) on ``p`` (block-scale or
+    per-tensor weights) writing ``out``."""
     from moe_backend.expert_weights import FP8BlockWeights
     from moe_backend.kernels.sm90 import fused_experts_fp8
 
     w = p.weights
     block = isinstance(w, FP8BlockWeights)
-    return run_poisoned(
-        lambda out: fused_experts_fp8(
-            p.hidden,
-            w.w13,
-            w.w13_scale,
-            w.w2,
-            w.w2_scale,
-            p.ids,
-            p.topk_w,
-            block_scaled=block,
-            local_expert_offset=p.offset,
-            a13_scale=None if block else w.a13_scale,
-            a2_scale=None if block else w.a2_scale,
-            ue8m0=block and w.ue8m0,
-            apply_router_weight_on_input=weight_on_input,
-            out=out,
-            config=config,
-        ),
+    return fused_experts_fp8(
         p.hidden,
+        w.w13,
+        w.w13_scale,
+        w.w2,
+        w.w2_scale,
+        p.ids,
+        p.topk_w,
+        block_scaled=block,
+        local_expert_offset=p.offset,
+        a13_scale=None if block else w.a13_scale,
+        a2_scale=None if block else w.a2_scale,
+        ue8m0=block and w.ue8m0,
+        apply_router_weight_on_input=weight_on_input,
+        out=out,
+        config=config,
     )
+
+
+def run_fp8_kernel(p: Problem, *, weight_on_input: bool = False, config: Optional[dict] = None) -> torch.Tensor:
+    """:func:`call_fp8_kernel` through :func:`run_poisoned`."""
+    return run_poisoned(lambda out: call_fp8_kernel(p, out, weight_on_input=weight_on_input, config=config), p.hidden)
