@@ -338,16 +338,17 @@ _LOGGED_DEFECTS: Set[str] = set()
 def _grouped_defect(
     device: torch.device,
     block_scaled: bool,
-    static_scales: bool,
+    a13_scale: Optional[torch.Tensor],
+    a2_scale: Optional[torch.Tensor],
     ue8m0: bool,
     weight_on_input: bool,
 ) -> Optional[str]:
-    """``grouped_path_defect`` for a layer on ``device``, logged once per reason (the heuristic
-    then keeps prefill on the Triton kernels)."""
+    """``grouped_path_defect`` for a layer on ``device`` with the launcher's scale arguments,
+    logged once per reason (the heuristic then keeps prefill on the Triton kernels)."""
     defect = grouped_path_defect(
         device,
         block_scaled=block_scaled,
-        static_activation_scales=static_scales,
+        static_activation_scales=a13_scale is not None or a2_scale is not None,
         ue8m0=ue8m0,
         apply_router_weight_on_input=weight_on_input,
     )
@@ -462,8 +463,7 @@ def fused_experts_fp8(
     named = (config or {}).get("path") == "cute_grouped"
     defect = None
     if named or (not config and num_tokens * top_k >= CUTE_GROUPED_MIN_ROWS * num_experts):
-        static_scales = a13_scale is not None or a2_scale is not None
-        defect = _grouped_defect(hidden.device, block_scaled, static_scales, ue8m0, apply_router_weight_on_input)
+        defect = _grouped_defect(hidden.device, block_scaled, a13_scale, a2_scale, ue8m0, apply_router_weight_on_input)
     cfg = resolve_config(config, num_tokens, top_k, num_experts, grouped=not config and defect is None)
     if cfg["path"] == "cute_grouped":
         if defect is not None:
@@ -636,8 +636,7 @@ def precompile(
     tiles = set()
     for config in configs:
         if not config:
-            static = a13_scale is not None or a2_scale is not None
-            if _grouped_defect(w13.device, block_scaled, static, ue8m0, False) is None:
+            if _grouped_defect(w13.device, block_scaled, a13_scale, a2_scale, ue8m0, False) is None:
                 tiles.add(grouped_tiles(dict(CUTE_GROUPED_CONFIG, **default_grouped_tiles(inter)), hidden_size, inter))
         elif config.get("path") == "cute_grouped":
             tiles.add(grouped_tiles(resolve_config(config, 1, 1, 1), hidden_size, inter))
