@@ -342,8 +342,6 @@ SM90_FP8 = Kernel(
     capturable=True,
     tuning=_sm90_fp8_tuning,
     precompile=_sm90_fp8_precompile,
-    weight_on_input_defect="at H=7168 its output differs from the reference by ~1.7e-2 "
-    "(open defect), so the reference serves such layers",
 )
 SM90_NVFP4 = Kernel(
     "sm90_triton_nvfp4",

@@ -25,6 +25,13 @@ from .._checks import check_bool, check_int, check_scale_values, check_tensor
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
+#: fp32(1 / 448). A dynamic activation scale is ``max(amax, eps) * RCP_FP8_MAX``, a product, and the
+#: codes are ``x / s`` with an IEEE division: both round the same way on every device (CPU, CUDA,
+#: Triton's interpreter) and in the kernels. ``amax / 448`` would not: torch on CUDA divides by a
+#: Python scalar as a product with its fp32 reciprocal, on the CPU it divides. Near an e4m3
+#: rounding tie (``x / s`` lands on ties often, ``x`` and amax being bf16) one ulp decides the code,
+#: and FP8 requantization amplifies a flipped code about tenfold at the layer's output.
+RCP_FP8_MAX = 0.0022321429569274187
 #: Lower bound on an amax before it becomes a scale, so an all-zero group gets a finite scale.
 FP8_EPS = 1e-10
 BLOCK = 128
@@ -86,8 +93,9 @@ def dequantize_fp8_block(q: torch.Tensor, scale: torch.Tensor, block: int = BLOC
 
 
 def group_scale(amax: torch.Tensor, ue8m0: bool) -> torch.Tensor:
-    """Scale of a group from its amax: ``max(amax, eps) / 448``, rounded up to 2^n with ``ue8m0``."""
-    s = amax.float().clamp_min(FP8_EPS) / FP8_MAX
+    """Scale of a group from its amax: ``max(amax, eps) * RCP_FP8_MAX`` (fp32 ``1 / 448``), rounded
+    up to 2^n with ``ue8m0``."""
+    s = amax.float().clamp_min(FP8_EPS) * RCP_FP8_MAX
     if ue8m0:
         s = torch.exp2(torch.ceil(torch.log2(s)))
     return s

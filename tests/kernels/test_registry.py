@@ -47,17 +47,15 @@ def test_available_kernels_lists_reasons():
     assert table["reference"]["nvfp4"] is None
 
 
-def test_weight_on_input_defect_keeps_fp8_layers_off_the_triton_kernel(monkeypatch):
+def test_weight_on_input_defect_keeps_layers_off_a_kernel(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     cpu = torch.device("cpu")
-    kernel = registry.select_kernel("fp8_block", cpu, True, "sm90_triton_fp8")
-    assert kernel.name == "sm90_triton_fp8"
-    with pytest.raises(registry.KernelUnavailableError, match="apply_router_weight_on_input is not supported"):
+    for precision, name in (("fp8_block", "sm90_triton_fp8"), ("nvfp4", "sm90_triton_nvfp4")):
+        assert registry.select_kernel(precision, cpu, True, name, weight_on_input=True).name == name
+    defective = dataclasses.replace(registry.SM90_FP8, weight_on_input_defect="a recorded defect")
+    monkeypatch.setitem(registry.KERNELS, "sm90_triton_fp8", defective)
+    with pytest.raises(registry.KernelUnavailableError, match="not supported: a recorded defect"):
         registry.select_kernel("fp8_block", cpu, True, "sm90_triton_fp8", weight_on_input=True)
-    assert (
-        registry.select_kernel("nvfp4", cpu, True, "sm90_triton_nvfp4", weight_on_input=True).name
-        == "sm90_triton_nvfp4"
-    )
 
 
 @pytest.fixture
@@ -203,13 +201,15 @@ def test_gpu_fallback_names_each_reason_once(monkeypatch, caplog):
     gpu = _fake_gpu(monkeypatch, (9, 0))
     no_triton = dataclasses.replace(registry.SM90_NVFP4, requires=("no_such_triton_xyz",))
     monkeypatch.setitem(registry.KERNELS, "sm90_triton_nvfp4", no_triton)
+    defective = dataclasses.replace(registry.SM90_FP8, weight_on_input_defect="a recorded defect")
+    monkeypatch.setitem(registry.KERNELS, "sm90_triton_fp8", defective)
     for _ in range(2):
         assert registry.select_kernel("nvfp4", gpu, True).name == "reference"
         assert registry.select_kernel("fp8_block", gpu, True, weight_on_input=True).name == "reference"
     warnings = _fallback_warnings(caplog)
     assert len(warnings) == 2
     assert "sm90_triton_nvfp4: the package(s) no_such_triton_xyz are not installed" in warnings[0]
-    assert "sm90_triton_fp8: apply_router_weight_on_input is not supported" in warnings[1]
+    assert "sm90_triton_fp8: apply_router_weight_on_input is not supported: a recorded defect" in warnings[1]
 
 
 def test_cpu_reference_is_silent(caplog):

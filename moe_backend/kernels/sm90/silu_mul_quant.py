@@ -6,10 +6,9 @@ grouped (CuTe DSL) prefill path.
 
 * ``v = gate * sigmoid(gate) * up`` in fp32 (Triton's ``tl.sigmoid``, as the Triton FP8 kernels'
   GEMM1 epilogues compute it);
-* ``s = max(amax(v), 1e-10) / 448``, ``y = e4m3(clamp(v / s, -448, 448))`` with IEEE divisions
-  and round-to-nearest-even: bit for bit :func:`moe_backend.quant.fp8.quantize_fp8_per_token_group`
-  applied to ``v`` (``fp8_tile.quantize_tile_vllm`` without ``EPS_ON_SCALE`` is exactly that
-  formula; Triton's plain ``/`` would be an approximate division on the GPU).
+* ``s = max(amax(v), 1e-10) * RCP_FP8_MAX``, ``y = e4m3(clamp(v / s, -448, 448))`` with an IEEE
+  division and round-to-nearest-even (``fp8_tile.quantize_tile``): bit for bit
+  :func:`moe_backend.quant.fp8.quantize_fp8_per_token_group` applied to ``v``.
 
 ``num_rows`` (a one-element int32 device tensor, e.g. ``cu_seqlens[-1:]``) bounds the rows
 worked on without a host sync: rows at or past it are neither read nor written.
@@ -25,7 +24,7 @@ import triton.language as tl
 
 from ..._checks import check_tensor
 from ...quant.fp8 import BLOCK, FP8_DTYPE
-from .fp8_tile import quantize_tile_vllm
+from .fp8_tile import quantize_tile
 
 #: Groups of 128 columns one program handles (one row, GROUPS_PER_PROGRAM * 128 columns).
 GROUPS_PER_PROGRAM = 4
@@ -56,7 +55,7 @@ def _silu_mul_quant_kernel(
     gate = tl.load(gu_ptr + row * stride_gm + cols, mask=mask, other=0.0)
     up = tl.load(gu_ptr + row * stride_gm + INTER + cols, mask=mask, other=0.0)
     v = gate * tl.sigmoid(gate) * up
-    q, s = quantize_tile_vllm(v, False)
+    q, s = quantize_tile(v, s_ptr, False, False)  # s_ptr: no static scale is read
     tl.store(y_ptr + row * stride_ym + cols, q, mask=mask)
     tl.store(s_ptr + row * stride_sm + g, s, mask=g * GROUP < INTER)
 
