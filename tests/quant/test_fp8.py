@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -58,6 +59,21 @@ def test_per_token_group_matches_loop_and_partial_group():
             assert s[t, g].item() == pytest.approx(scale, rel=1e-6)
             want = (seg / scale).clamp(-448, 448).to(fp8.FP8_DTYPE)
             assert torch.equal(q[t, g * 128 : (g + 1) * 128].view(torch.uint8), want.view(torch.uint8))
+
+
+def test_activation_scale_is_the_reciprocal_product_and_codes_the_ieee_quotient():
+    """The definition every device and kernel computes alike (fp32 numpy arithmetic here): on
+    ``x * 0.7`` of bf16 values, where many quotients sit within an ulp of an e4m3 tie."""
+    assert np.float32(1) / np.float32(448) == np.float32(fp8.RCP_FP8_MAX)
+    x = torch.randn(64, 1024).to(torch.bfloat16).float() * 0.7
+    q, s = fp8.quantize_fp8_per_token_group(x, 128)
+    xn = x.numpy().reshape(64, 8, 128)
+    amax = np.abs(xn).max(-1)
+    want_s = np.maximum(amax, np.float32(fp8.FP8_EPS)) * np.float32(fp8.RCP_FP8_MAX)
+    assert np.array_equal(s.numpy(), want_s)
+    assert not np.array_equal(want_s, amax / np.float32(448))  # the two scales differ by an ulp here
+    want_q = torch.from_numpy(np.clip(xn / want_s[..., None], -448, 448).reshape(64, 1024)).to(fp8.FP8_DTYPE)
+    assert torch.equal(q.view(torch.uint8), want_q.view(torch.uint8))
 
 
 def test_ue8m0_scales_are_powers_of_two_and_cover_amax():
