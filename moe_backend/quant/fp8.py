@@ -6,8 +6,9 @@ Conventions (docs/design.md §5.1, §5.2):
   fp32 and dequantize as ``w_fp8 * scale`` per block (DeepSeek-V3's
   ``weight_scale_inv`` despite its name).
 * Activations ``x [T, K]`` are quantized per token per group of 128 channels:
-  ``s = max(amax, eps) / 448``, ``q = clamp(x / s, -448, 448)`` cast to e4m3.
-  With ``ue8m0`` the scale is rounded up to a power of two (DeepSeek V3.1).
+  ``s = max(amax, eps) * fp32(1 / 448)``, ``q = clamp(x * fp32(1 / s), -448, 448)`` cast to
+  e4m3 (:func:`activation_codes`). With ``ue8m0`` the scale is rounded up to a power of two
+  (DeepSeek V3.1). A static activation scale gives its codes the same way.
 * Per-tensor weights carry one fp32 scale per matrix (``scale [...]``).
 
 An explicit scale given to a quantizer must be finite and > 0 (``ValueError`` naming it and
@@ -25,12 +26,15 @@ from .._checks import check_bool, check_int, check_scale_values, check_tensor
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
-#: fp32(1 / 448). A dynamic activation scale is ``max(amax, eps) * RCP_FP8_MAX``, a product, and the
-#: codes are ``x / s`` with an IEEE division: both round the same way on every device (CPU, CUDA,
-#: Triton's interpreter) and in the kernels. ``amax / 448`` would not: torch on CUDA divides by a
-#: Python scalar as a product with its fp32 reciprocal, on the CPU it divides. Near an e4m3
-#: rounding tie (``x / s`` lands on ties often, ``x`` and amax being bf16) one ulp decides the code,
-#: and FP8 requantization amplifies a flipped code about tenfold at the layer's output.
+#: fp32(1 / 448). A dynamic activation scale is ``max(amax, eps) * RCP_FP8_MAX`` and the codes are
+#: ``x * r`` with ``r = 1 / s`` rounded once (IEEE): products of correctly rounded fp32 values,
+#: which round the same way on every device (CPU, CUDA, Triton's interpreter) and in the kernels,
+#: at one IEEE division per group. Divisions would not: torch on CUDA divides by a Python scalar
+#: as a product with its fp32 reciprocal (on the CPU it divides), Triton's ``/`` is
+#: ``div.full.f32`` (2 ulp), and an IEEE division per element cost the quantize-on-load decode
+#: kernels 2.5x on the H200. Near an e4m3 rounding tie (``x / amax`` of bf16 values lands on ties
+#: often) one ulp decides the code, and FP8 requantization amplifies a flipped code about tenfold
+#: at the layer's output.
 RCP_FP8_MAX = 0.0022321429569274187
 #: Lower bound on an amax before it becomes a scale, so an all-zero group gets a finite scale.
 FP8_EPS = 1e-10
@@ -53,6 +57,13 @@ def _block_view(x: torch.Tensor, block_n: int, block_k: int) -> Tuple[torch.Tens
 
 def _cast_fp8(x: torch.Tensor) -> torch.Tensor:
     return x.clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
+def activation_codes(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """e4m3 codes of fp32 activations ``x`` under fp32 scales ``s`` (broadcasting against ``x``):
+    ``clamp(x * r, -448, 448)`` with ``r = 1 / s`` rounded once, cast to nearest even, as the
+    kernels compute them (``fp8_tile.to_fp8``)."""
+    return _cast_fp8(x * torch.reciprocal(s))
 
 
 def matrix_amax(w: torch.Tensor) -> torch.Tensor:
@@ -116,7 +127,7 @@ def quantize_fp8_per_token_group(
     g = _cdiv(k, group)
     padded = torch.nn.functional.pad(x.float(), (0, g * group - k)).view(t, g, group)
     s = group_scale(padded.abs().amax(dim=-1), ue8m0)
-    q = _cast_fp8(padded / s[..., None]).view(t, g * group)[:, :k]
+    q = activation_codes(padded, s[..., None]).view(t, g * group)[:, :k]
     return q.contiguous(), s.contiguous()
 
 
@@ -165,6 +176,6 @@ def fake_quant_activation(
     check_tensor("x", x, dtype=_FLOATS, ndim=2, contiguous=False)
     if static_scale is not None:
         check_tensor("static_scale", static_scale, dtype=torch.float32, shape=(1,), device=x.device, contiguous=False)
-        return _cast_fp8(x.float() / static_scale).float() * static_scale
+        return activation_codes(x.float(), static_scale).float() * static_scale
     q, s = quantize_fp8_per_token_group(x, BLOCK, ue8m0)
     return dequantize_fp8_per_token_group(q, s, BLOCK)

@@ -440,12 +440,16 @@ def test_gpu_one_expert(t):
 @pytest.mark.parametrize("t", [4096, 16])
 def test_gpu_weight_on_input_at_deepseek_width(t, weights):
     """Router weights that are not powers of two make ``x * w`` inexact and put many quantization
-    quotients within an ulp of an e4m3 rounding tie: the kernels' and the reference's divisions
-    must round alike there (with Triton's plain ``/`` this was 1.2e-2 to 1.7e-2 on the H200)."""
+    quotients within an ulp of an e4m3 rounding tie, where the kernels' and the reference's
+    quantizers must round alike. With Triton's plain ``/`` the layer was 1.2e-2 to 1.7e-2 away at
+    H=7168 on the H200, five times its error with the same weights on the output; the rounding
+    of the FP8 intermediate's requantization (3-4e-3 on the prefill and swap-AB paths at this
+    width, 1e-5 on the decode path) stays, so the bound is the output-side error's."""
     p = make_problem(t, 7168, 512, 32, 1, block=True, invalid=False)
     if weights == "power_of_two":
         p.topk_w.copy_(torch.exp2(torch.round(torch.log2(p.topk_w))))
-    assert check(p, weight_on_input=True) < 1e-3
+    on_output = check(p)
+    assert check(p, weight_on_input=True) < 1.5 * on_output + 1e-4
 
 
 @pytest.mark.gpu

@@ -61,7 +61,7 @@ def test_per_token_group_matches_loop_and_partial_group():
             assert torch.equal(q[t, g * 128 : (g + 1) * 128].view(torch.uint8), want.view(torch.uint8))
 
 
-def test_activation_scale_is_the_reciprocal_product_and_codes_the_ieee_quotient():
+def test_activation_codes_are_products_of_correctly_rounded_reciprocals():
     """The definition every device and kernel computes alike (fp32 numpy arithmetic here): on
     ``x * 0.7`` of bf16 values, where many quotients sit within an ulp of an e4m3 tie."""
     assert np.float32(1) / np.float32(448) == np.float32(fp8.RCP_FP8_MAX)
@@ -72,8 +72,14 @@ def test_activation_scale_is_the_reciprocal_product_and_codes_the_ieee_quotient(
     want_s = np.maximum(amax, np.float32(fp8.FP8_EPS)) * np.float32(fp8.RCP_FP8_MAX)
     assert np.array_equal(s.numpy(), want_s)
     assert not np.array_equal(want_s, amax / np.float32(448))  # the two scales differ by an ulp here
-    want_q = torch.from_numpy(np.clip(xn / want_s[..., None], -448, 448).reshape(64, 1024)).to(fp8.FP8_DTYPE)
+    codes = xn * (np.float32(1) / want_s)[..., None]
+    assert codes.dtype == np.float32
+    want_q = torch.from_numpy(np.clip(codes, -448, 448).reshape(64, 1024)).to(fp8.FP8_DTYPE)
     assert torch.equal(q.view(torch.uint8), want_q.view(torch.uint8))
+    static = torch.tensor([0.013])
+    got = fp8.fake_quant_activation(x, static)
+    want = torch.from_numpy(np.clip(x.numpy() * (np.float32(1) / np.float32(0.013)), -448, 448)).to(fp8.FP8_DTYPE)
+    assert torch.equal(got, want.float() * static)
 
 
 def test_ue8m0_scales_are_powers_of_two_and_cover_amax():

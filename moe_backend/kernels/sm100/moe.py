@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
-from ...quant.fp8 import quantize_fp8_per_tensor, quantize_fp8_per_token_group
+from ...quant.fp8 import activation_codes, quantize_fp8_per_token_group
 from ...routing import write_routing_replay
 from ..registry import LayerContext
 from .layout import FP8BlockLayout, FP8TensorLayout, NVFP4Layout
@@ -125,7 +125,7 @@ def _fp8_block_args(p: FP8BlockLayout, hidden: torch.Tensor, apply_router_weight
 
 # -- FP8 per tensor -----------------------------------------------------------------------------
 def _fp8_tensor_args(p: FP8TensorLayout, hidden: torch.Tensor, apply_router_weight_on_input: bool) -> Dict[str, Any]:
-    q, _ = quantize_fp8_per_tensor(hidden, p.a13_scale.reshape(()))  # x / a13, as our reference
+    q = activation_codes(hidden.float(), p.a13_scale.reshape(()))  # as our reference
     return dict(
         hidden_states=q,
         gemm1_weights=p.w13,

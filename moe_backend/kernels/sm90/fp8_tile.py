@@ -2,12 +2,13 @@
 
 Numerics follow :mod:`moe_backend.quant.fp8`: a dynamic group scale is
 ``max(amax, 1e-10) * RCP_FP8_MAX`` (the fp32 reciprocal of 448; rounded up to a power of two
-with ``ue8m0``) and ``q = clamp(x / s, -448, 448)`` with an IEEE division (``div_rn``), cast to
-e4m3 (round to nearest even). Triton's plain ``/`` is ``div.full.f32`` on the GPU (up to 2 ulp)
-and an IEEE division under the interpreter; near an e4m3 rounding tie that ulp decides the code.
-With the router weight on the input (``x * w`` puts many quotients within an ulp of a tie, which
-``x / amax`` of two bf16 values hits exactly), the plain division left the FP8 layer 1.2e-2 to
-1.7e-2 from the reference on the H200 at H=7168, and 2-3e-5 for power-of-two weights.
+with ``ue8m0``) and ``q = clamp(x * r, -448, 448)`` with ``r = 1 / s`` an IEEE division
+(``div_rn``) once per group, cast to e4m3 (round to nearest even). Triton's plain ``/`` is
+``div.full.f32`` on the GPU (up to 2 ulp) and an IEEE division under the interpreter; near an
+e4m3 rounding tie that ulp decides the code. With the router weight on the input (``x * w`` puts
+many quotients within an ulp of a tie, which ``x / amax`` of two bf16 values hits exactly), the
+plain division left the FP8 layer 1.2e-2 to 1.7e-2 from the reference on the H200 at H=7168.
+``div_rn`` per element instead made the quantize-on-load decode kernels 2.5x slower.
 
 :func:`quantize_tile_vllm` and :func:`silu_vllm` reproduce vLLM's CUDA kernels bit for
 bit instead (IEEE divisions and libdevice's ``expf``, where Triton's ``/`` and ``tl.exp``
@@ -70,8 +71,10 @@ def _cast_e4m3(q):
 
 @triton.jit
 def to_fp8(x, s):
-    """``clamp(x / s)`` (IEEE division) as e4m3 (round to nearest even); ``s`` broadcasts against ``x``."""
-    return _cast_e4m3(tl.clamp(tl.math.div_rn(x, s), -FP8_MAX, FP8_MAX))
+    """``clamp(x * (1 / s))`` as e4m3 (round to nearest even), the reciprocal an IEEE division of
+    ``s``'s shape (one per group); ``s`` broadcasts against ``x``
+    (``moe_backend.quant.fp8.activation_codes``)."""
+    return _cast_e4m3(tl.clamp(x * tl.math.div_rn(1.0, s), -FP8_MAX, FP8_MAX))
 
 
 @triton.jit

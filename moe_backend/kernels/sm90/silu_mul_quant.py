@@ -6,8 +6,8 @@ grouped (CuTe DSL) prefill path.
 
 * ``v = gate * sigmoid(gate) * up`` in fp32 (Triton's ``tl.sigmoid``, as the Triton FP8 kernels'
   GEMM1 epilogues compute it);
-* ``s = max(amax(v), 1e-10) * RCP_FP8_MAX``, ``y = e4m3(clamp(v / s, -448, 448))`` with an IEEE
-  division and round-to-nearest-even (``fp8_tile.quantize_tile``): bit for bit
+* ``s = max(amax(v), 1e-10) * RCP_FP8_MAX``, ``y = e4m3(clamp(v * (1 / s), -448, 448))`` with the
+  reciprocal an IEEE division and round-to-nearest-even (``fp8_tile.quantize_tile``): bit for bit
   :func:`moe_backend.quant.fp8.quantize_fp8_per_token_group` applied to ``v``.
 
 ``num_rows`` (a one-element int32 device tensor, e.g. ``cu_seqlens[-1:]``) bounds the rows
