@@ -201,7 +201,6 @@ FP8_SCAN = {
 NVFP4_SCAN = {
     "swapab": nvfp4_moe.SWAPAB_CONFIG,
     "swapab_nopdl": dict(nvfp4_moe.SWAPAB_CONFIG, PDL=False),
-    **nvfp4_moe.FEW_WARPS_VARIANTS,
 }
 
 

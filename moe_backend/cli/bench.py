@@ -70,7 +70,6 @@ VARIANTS: Dict[str, Tuple[str, Optional[Dict[str, Any]]]] = {
     "swapab": ("fp8_block", fp8_moe.SWAPAB_CONFIG),
     **{f"swapab_{name}": ("fp8_block", cfg) for name, cfg in fp8_moe.SWAPAB_GEMM2_VARIANTS.items()},
     "nvfp4_swapab": ("nvfp4", nvfp4_moe.SWAPAB_CONFIG),
-    **{f"nvfp4_{name}": ("nvfp4", cfg) for name, cfg in nvfp4_moe.FEW_WARPS_VARIANTS.items()},
     # prefill: the Triton kernels' largest tiles and the CuTe DSL grouped GEMMs, whichever the default takes
     "prefill": ("fp8_block", fp8_moe.PREFILL_CONFIG),
     "cute_grouped": ("fp8_block", fp8_moe.CUTE_GROUPED_CONFIG),
@@ -109,7 +108,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=[],
         help="also time our kernels in these variants: fp8_block runtime variants (deterministic "
         "mode, zeroing of the atomic combine: fused in GEMM1, sync memset, auxiliary stream) and "
-        "decode candidates not selected by default (swapab_*, nvfp4_swapab, nvfp4_warps*)",
+        "decode candidates not selected by default (swapab_*, nvfp4_swapab)",
     )
 
 

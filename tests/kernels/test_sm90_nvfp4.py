@@ -215,18 +215,6 @@ def test_gpu_both_paths_and_weight_on_input(path, t, e, k):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", ["warps2", "warps2_gemm2_warps1", "warps2_stages4"])
-@pytest.mark.parametrize("t,e,k,offset", [(1, 32, 8, 0), (16, 32, 8, 64), (300, 8, 2, 3)])
-def test_gpu_few_warps_decode_tilings(variant, t, e, k, offset):
-    """The decode tilings on fewer warps (Triton's mma.sync instead of wgmma) against the reference."""
-    from moe_backend.kernels.sm90.nvfp4_moe import FEW_WARPS_VARIANTS
-
-    cfg = FEW_WARPS_VARIANTS[variant]
-    check(make_problem(t, 7168, 512, e, k, offset=offset, invalid=t % 2 == 1, seed=t), config=cfg)
-    check(make_problem(t, 7168, 512, e, k, one_expert=True, seed=1), config=cfg, weight_on_input=True)
-
-
-@pytest.mark.gpu
 @pytest.mark.parametrize("t,h,i,e,k,offset", [c for c in GPU_CASES if c[0] * c[4] <= 1024])
 def test_gpu_swapab_matches_reference(t, h, i, e, k, offset):
     """The swap-AB decode path (PDL on) at DeepSeek-V3 widths, odd shapes, EP offsets, -1 and

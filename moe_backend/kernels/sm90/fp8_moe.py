@@ -150,13 +150,16 @@ SWAPAB_CONFIG: Dict[str, Any] = dict(
 )
 #: The swap-AB GEMM2 variants not yet timed on a GPU (not tuner candidates until they are):
 #: ``scripts/decode_breakdown.py`` times them against ``SWAPAB_CONFIG`` and
-#: ``scripts/compile_kernels.py`` builds them for sm_90a.
+#: ``scripts/compile_kernels.py`` builds them for sm_90a. The default GEMM2 (8 warps, 119
+#: registers, 72 KiB of shared memory) fits two programs an SM: at T=1 its 448 programs run in
+#: 1.7 waves. Four warps fit three (``w4``) and, with three stages, four an SM, so that all 448
+#: run at once (``w4_st3``); two K slices halve each program's stream (``split2``). (Fusing the
+#: cast, or two or four tiles a program, was slower at every T from 1 to 16: H200, 2026-12-02.)
 SWAPAB_GEMM2_VARIANTS: Dict[str, Dict[str, Any]] = {
-    "fused_cast2": dict(SWAPAB_CONFIG, FUSED_CAST2=True),
-    "n_tiles2_2": dict(SWAPAB_CONFIG, N_TILES2=2),
-    "n_tiles2_4": dict(SWAPAB_CONFIG, N_TILES2=4),
-    "fused_cast2_n_tiles2_2": dict(SWAPAB_CONFIG, FUSED_CAST2=True, N_TILES2=2),
-    "fused_cast2_n_tiles2_4": dict(SWAPAB_CONFIG, FUSED_CAST2=True, N_TILES2=4),
+    "w4": dict(SWAPAB_CONFIG, num_warps2=4),
+    "w4_st3": dict(SWAPAB_CONFIG, num_warps2=4, num_stages2=3),
+    "split2": dict(SWAPAB_CONFIG, SPLIT_K2=2),
+    "w4_st3_split2": dict(SWAPAB_CONFIG, num_warps2=4, num_stages2=3, SPLIT_K2=2),
 }
 #: The swap-AB default is used up to this many (token, slot) pairs (measured up to T = 16, k = 8).
 SWAPAB_DEFAULT_MAX_PAIRS = 128

@@ -92,19 +92,6 @@ DECODE_CONFIG: Dict[str, Any] = dict(
 #: leader pair gathers its pairs, GEMM1 reads the hidden states at the dot order's offsets) and
 #: with GEMM2 and the cast as programmatic dependent launches. ``BLOCK_M``: pairs per MMA.
 SWAPAB_CONFIG: Dict[str, Any] = dict(DECODE_CONFIG, path="swapab", PDL=True)
-#: Decode tilings on fewer warps, not yet timed on a GPU (not tuner candidates until they are;
-#: ``scripts/decode_breakdown.py`` times them, ``scripts/compile_kernels.py`` builds them). The
-#: decode GEMMs are issue-bound (H200 ncu, T=1: 0.70 warp instructions issued per scheduler
-#: cycle at 44% of DRAM bandwidth). With fewer than four warps for a 64-row weight tile, Triton
-#: takes ``mma.sync`` instead of ``wgmma``: no warpgroup fences and shared-memory descriptors per
-#: 16-K step. The sm_90a SASS of the main loops, warp instructions per weight: GEMM1 0.118 on 4
-#: warps (``wgmma``), 0.105 on 2; GEMM2 0.118 on 4, 0.105 on 2, 0.097 on 1. Fewer warps also
-#: hide less latency, so only a GPU run says whether the 11-18% fewer instructions are faster.
-FEW_WARPS_VARIANTS: Dict[str, Dict[str, Any]] = {
-    "warps2": dict(DECODE_CONFIG, num_warps1=2, num_warps2=2),
-    "warps2_gemm2_warps1": dict(DECODE_CONFIG, num_warps1=2, num_warps2=1),
-    "warps2_stages4": dict(DECODE_CONFIG, num_warps1=2, num_warps2=2, num_stages1=4, num_stages2=4),
-}
 # GEMM1's weight tile stacks BLOCK_N gate rows on BLOCK_N up rows (2 BLOCK_N rows). With
 # BLOCK_M = 64 tokens, 128 rows a warpgroup (BLOCK_N1 = 128 on 8 warps) still fit in
 # registers (254); 128 tokens would not (ptxas serializes the wgmmas, C7512). Weights
