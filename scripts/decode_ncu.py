@@ -8,6 +8,9 @@ which also removes the programmatic dependent launch overlap). The H200 run of 2
         --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \\
         --section LaunchStats --section Occupancy --section SchedulerStats --csv --page details \\
         python scripts/decode_ncu.py --E 256 --precision nvfp4 > ncu_nvfp4.csv
+
+``--variant swapab_w4_st3`` (any ``moe-backend bench --variants`` name) profiles that configuration
+instead, e.g. to compare the FP8 GEMM2 tilings against the default.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import sys
 
 import torch
 
-from moe_backend.cli.bench import Layer, balanced_ids
+from moe_backend.cli.bench import VARIANTS, Layer, balanced_ids
 
 H, I, TOP_K = 7168, 2048, 8
 
@@ -27,12 +30,17 @@ def main() -> None:
     parser.add_argument("--E", type=int, default=256)
     parser.add_argument("--precision", choices=("fp8_block", "nvfp4"), default="nvfp4")
     parser.add_argument("--T", type=int, nargs="+", default=[1, 8])
+    parser.add_argument(
+        "--variant",
+        choices=sorted(VARIANTS),
+        help="a bench variant of our kernel instead of the default (its own precision), e.g. swapab_w4_st3",
+    )
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("decode_ncu: needs a CUDA GPU")
     dev = torch.device("cuda")
     layer = Layer(args.E, H, I, TOP_K, dev)
-    run = layer.ours(args.precision)
+    run = layer.variant(args.variant) if args.variant else layer.ours(args.precision)
     for t in args.T:
         gen = torch.Generator().manual_seed(t)
         hidden = torch.randn(t, H, device=dev).to(torch.bfloat16)
