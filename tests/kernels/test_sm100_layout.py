@@ -100,7 +100,10 @@ def test_fp8_block_activations_equal_flashinfer(tokens):
     fq, fs = prepare_trtllm_fp8_block_activations(
         x, quant=QuantConfig(QuantFormat.DeepSeekFp8, QuantFormat.DeepSeekFp8)
     )
-    assert _bytes_equal(q, fq) and _bytes_equal(s.t(), fs)  # FlashInfer reads [H/128, T]
+    assert _bytes_equal(q, fq)
+    # FlashInfer reads [H/128, T]. Its scale is amax / 448; ours is amax * fp32(1/448), which every
+    # device rounds alike (quant.fp8.RCP_FP8_MAX): the two differ by at most one ulp.
+    torch.testing.assert_close(s.t(), fs, rtol=2.0**-23, atol=0.0)
 
 
 def _fp8_tensor_pair(masters, a13=0.02, a2=0.05):
