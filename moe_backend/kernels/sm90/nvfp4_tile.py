@@ -28,7 +28,7 @@ each pair ``-code * block_scale * 2**-8``: 13 operations a word of 8 weights. Un
 import triton
 import triton.language as tl
 
-from .nvfp4_layout import SCALE_BF16_BIAS as _SCALE_BF16_BIAS, SLOT3_M_SHIFT, SLOT_ROTATIONS
+from .nvfp4_layout import BF16_PLACE, SCALE_BF16_BIAS as _SCALE_BF16_BIAS, SLOT3_M_SHIFT, SLOT_ROTATIONS
 
 #: The dequantized bf16 weights carry a factor ``-2**-8``; the epilogues multiply the fp32 sums by
 #: its inverse (exact: a power of two).
@@ -67,13 +67,34 @@ _DEQUANT_ASM = tl.constexpr(_dequant_asm())
 SCALE_BF16_BIAS = tl.constexpr(_SCALE_BF16_BIAS)
 
 
+#: The interpreter path's constants: the layout's bf16 places and slot transforms (the PTX's own).
+_M, _E0, _E1, _SIGN = (tl.constexpr(b) for b in BF16_PLACE)
+_ROT0, _ROT1, _ROT2, _ROT3 = (tl.constexpr(r) for r in SLOT_ROTATIONS)
+_SLOT3_M_SHIFT = tl.constexpr(SLOT3_M_SHIFT)
+
+
 @triton.jit
-def _code_value(words, M: tl.constexpr, E0: tl.constexpr, E1: tl.constexpr, S: tl.constexpr, scale):
-    """``code * scale`` (fp32) of the code whose bits sit at ``M, E0, E1, S`` of each word."""
-    m = (words >> M) & 1
-    e = ((words >> E0) & 1) | (((words >> E1) & 1) << 1)
+def _rotl(words, R: tl.constexpr):
+    """``words`` (int32) rotated left by ``R`` bits (``shf.l.wrap``)."""
+    if R == 0:
+        return words
+    return (words << R) | (words.to(tl.uint32, bitcast=True) >> (32 - R)).to(tl.int32, bitcast=True)
+
+
+@triton.jit
+def _lane_value(m_word, word, LANE: tl.constexpr, scale):
+    """``code * scale`` (fp32) of the e2m1 code in bf16 place in 16-bit lane ``LANE``: its ``m`` bit
+    from ``m_word``, exponent and sign bits from ``word``."""
+    m = (m_word >> (_M + 16 * LANE)) & 1
+    e = ((word >> (_E0 + 16 * LANE)) & 1) | (((word >> (_E1 + 16 * LANE)) & 1) << 1)
     v = tl.where(e == 0, 0.5 * m, tl.exp2((e - 1).to(tl.float32)) * (1.0 + 0.5 * m))
-    return tl.where(((words >> S) & 1) != 0, -v, v) * scale
+    return tl.where(((word >> (_SIGN + 16 * LANE)) & 1) != 0, -v, v) * scale
+
+
+@triton.jit
+def _slot_values(m_word, word, scale):
+    """Both lanes of a slot's transformed word as bf16 ``code * scale``."""
+    return _lane_value(m_word, word, 0, scale).to(tl.bfloat16), _lane_value(m_word, word, 1, scale).to(tl.bfloat16)
 
 
 @triton.jit
@@ -85,19 +106,18 @@ def _dequant8(words, scale, INTERPRET: tl.constexpr):
         return tl.inline_asm_elementwise(
             _DEQUANT_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,h", [words, s], dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1
         )
-    # The layout's CODE_BITS, element by element (the PTX above cannot run here), times the
+    # The PTX's slot transforms in plain Triton arithmetic (the PTX cannot run here), times the
     # 2**-126 that the PTX's in-place codes carry.
     s = s.to(tl.float32) * 2.0**-126
-    return (
-        _code_value(words, 6, 7, 8, 15, s).to(tl.bfloat16),
-        _code_value(words, 22, 23, 24, 31, s).to(tl.bfloat16),
-        _code_value(words, 2, 3, 4, 11, s).to(tl.bfloat16),
-        _code_value(words, 18, 19, 20, 27, s).to(tl.bfloat16),
-        _code_value(words, 28, 29, 30, 5, s).to(tl.bfloat16),
-        _code_value(words, 12, 13, 14, 21, s).to(tl.bfloat16),
-        _code_value(words, 0, 25, 26, 1, s).to(tl.bfloat16),
-        _code_value(words, 16, 9, 10, 17, s).to(tl.bfloat16),
-    )
+    w0 = _rotl(words, _ROT0)
+    w1 = _rotl(words, _ROT1)
+    w2 = _rotl(words, _ROT2)
+    w3 = _rotl(words, _ROT3)
+    o0, o1 = _slot_values(w0, w0, s)
+    o2, o3 = _slot_values(w1, w1, s)
+    o4, o5 = _slot_values(w2, w2, s)
+    o6, o7 = _slot_values(words << _SLOT3_M_SHIFT, w3, s)
+    return o0, o1, o2, o3, o4, o5, o6, o7
 
 
 @triton.jit
