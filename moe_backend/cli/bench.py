@@ -75,16 +75,8 @@ VARIANTS: Dict[str, Tuple[str, Optional[Dict[str, Any]]]] = {
     "cute_grouped": ("fp8_block", fp8_moe.CUTE_GROUPED_CONFIG),
     "nvfp4_prefill": ("nvfp4", nvfp4_moe.PREFILL_CONFIG),
     "nvfp4_bf16_grouped": ("nvfp4", nvfp4_moe.GROUPED_CONFIG),
+    # the one-CTA tiles the default takes below GROUPED_CLUSTER_MIN_ROWS rows an expert
     "cute_grouped_overlap2": ("fp8_block", dict(fp8_moe.CUTE_GROUPED_CONFIG, TILE2=list(fp8_moe.GROUPED_OVERLAP_TILE))),
-    # clusters of two M tiles of one expert: its weight tiles multicast to both (half the L2 reads)
-    "cute_grouped_cluster2": (
-        "fp8_block",
-        dict(fp8_moe.CUTE_GROUPED_CONFIG, TILE1=[128, 128, 2, False, False], TILE2=[128, 128, 2, False, True]),
-    ),
-    "cute_grouped_cluster2_overlap": (
-        "fp8_block",
-        dict(fp8_moe.CUTE_GROUPED_CONFIG, TILE1=[128, 128, 2, False, True], TILE2=[128, 128, 2, False, True]),
-    ),
 }
 #: The registry kernel each precision's variants run on.
 VARIANT_KERNELS = {"fp8_block": "sm90_triton_fp8", "nvfp4": "sm90_triton_nvfp4"}
