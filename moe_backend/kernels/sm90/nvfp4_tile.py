@@ -76,9 +76,12 @@ _SLOT3_M_SHIFT = tl.constexpr(SLOT3_M_SHIFT)
 @triton.jit
 def _rotl(words, R: tl.constexpr):
     """``words`` (int32) rotated left by ``R`` bits (``shf.l.wrap``)."""
+    # if/else, not an early return: Triton would still build the shift by 32 - 0 after it
     if R == 0:
-        return words
-    return (words << R) | (words.to(tl.uint32, bitcast=True) >> (32 - R)).to(tl.int32, bitcast=True)
+        rotated = words
+    else:
+        rotated = (words << R) | (words.to(tl.uint32, bitcast=True) >> (32 - R)).to(tl.int32, bitcast=True)
+    return rotated
 
 
 @triton.jit
