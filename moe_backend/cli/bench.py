@@ -75,6 +75,7 @@ VARIANTS: Dict[str, Tuple[str, Optional[Dict[str, Any]]]] = {
     "cute_grouped": ("fp8_block", fp8_moe.CUTE_GROUPED_CONFIG),
     "nvfp4_prefill": ("nvfp4", nvfp4_moe.PREFILL_CONFIG),
     "nvfp4_bf16_grouped": ("nvfp4", nvfp4_moe.GROUPED_CONFIG),
+    # the one-CTA tiles the default takes below GROUPED_CLUSTER_MIN_ROWS rows an expert
     "cute_grouped_overlap2": ("fp8_block", dict(fp8_moe.CUTE_GROUPED_CONFIG, TILE2=list(fp8_moe.GROUPED_OVERLAP_TILE))),
 }
 #: The registry kernel each precision's variants run on.

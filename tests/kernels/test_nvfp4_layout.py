@@ -7,13 +7,22 @@ from moe_backend.expert_weights import NVFP4Weights
 from moe_backend.kernels.sm90.nvfp4_layout import (
     CODE_BITS,
     K_GROUP,
+    SCALE_BF16_BIAS,
+    SCALE_BF16_FACTOR,
+    SLOT3_M_SHIFT,
+    SLOT_ROTATIONS,
+    ZERO_SCALE_CODE,
     NVFP4KernelWeights,
+    decode_scales,
+    encode_scales,
+    fold_scale_signs,
     kernel_k_order,
     nvfp4_from_kernel_layout,
     nvfp4_to_kernel_layout,
     pack_kernel_words,
     unpack_kernel_words,
 )
+from moe_backend.quant.fp8 import FP8_DTYPE
 from moe_backend.quant.nvfp4 import dequantize_nvfp4, unpack_e2m1
 
 E, H, I = 3, 64, 32
@@ -31,11 +40,19 @@ def _word_codes(words: torch.Tensor) -> torch.Tensor:
     return torch.stack([sum(((v >> bit) & 1) << k for k, bit in enumerate(bits)) for bits in CODE_BITS], -1)
 
 
-def test_code_bits_fill_the_word_and_slots_0_to_2_are_one_shift():
+def test_code_bits_fill_the_word_and_each_slot_is_one_rotation():
+    """The 8 codes use all 32 bits; rotating the word left by slot s's rotation puts both of
+    its codes at the bf16 places (m 6, e0 7, e1 8, sign 15; lane 1 16 up), except slot 3's m,
+    which a left shift by 6 puts there."""
     assert sorted(b for bits in CODE_BITS for b in bits) == list(range(32))
-    for j in range(6):  # sign 9 bits above m, lane 1 = lane 0 + 16: (word << 3s) & 0x81C081C0
-        m, e0, e1, sign = CODE_BITS[j]
-        assert (e0, e1, sign) == (m + 1, m + 2, m + 9) and m + 3 * (j // 2) == 6 + 16 * (j % 2)
+    for j, bits in enumerate(CODE_BITS):
+        slot, lane = divmod(j, 2)
+        rot = SLOT_ROTATIONS[slot]
+        placed = [(b + rot) % 32 for b in bits]
+        if slot == 3:
+            placed[0] = bits[0] + SLOT3_M_SHIFT
+        assert placed == [b + 16 * lane for b in (6, 7, 8, 15)], j
+    assert SLOT_ROTATIONS[0] == 0  # slot 0 is masked in place
 
 
 def test_kernel_words_layout(nvfp4):
@@ -77,10 +94,8 @@ def test_kernel_layout_against_its_definition():
         for base in (0, i):  # gate, up
             # stored word 3 of group 0 (half 0, w = 3) holds natural elements 48 .. 55
             assert torch.equal(got13[:, base + q, 3, :], codes13[:, base + order[q], 48:56])
-            assert torch.equal(
-                k.w13_scale[:, base + q].view(torch.uint8), nv.w13_scale[:, base + order[q]].view(torch.uint8)
-            )
-    assert torch.equal(k.w2_scale.view(torch.uint8), nv.w2_scale.view(torch.uint8))
+            assert torch.equal(k.w13_scale[:, base + q], encode_scales(nv.w13_scale[:, base + order[q]]))
+    assert torch.equal(k.w2_scale, encode_scales(nv.w2_scale))
     assert k.nbytes() == nv.nbytes() and k.nbytes() / (3 * e * h * i) <= 0.57
     assert (k.hidden_size, k.intermediate_size, k.num_experts) == (h, i, e)
 
@@ -89,7 +104,7 @@ def test_kernel_layout_round_trip_with_padding(nvfp4):
     k = nvfp4_to_kernel_layout(nvfp4)  # H = 64, I = 32: both padded to 256
     assert k.w13.shape == (E, 512, 32) and k.w2.shape == (E, H, 32) and k.intermediate_size == I
     word_start = 16 * (torch.arange(32) % 16) + 8 * (torch.arange(32) // 16)  # natural K of each stored word
-    assert k.w2[..., word_start >= I].eq(0).all() and k.w2_scale[..., I // 16 :].view(torch.uint8).eq(0).all()
+    assert k.w2[..., word_start >= I].eq(0).all() and k.w2_scale[..., I // 16 :].eq(ZERO_SCALE_CODE).all()
     pad_rows = torch.cat([kernel_k_order() >= I] * 2)  # stored w13 rows holding padding
     assert k.w13[:, pad_rows].eq(0).all() and k.w13[:, ~pad_rows][..., word_start >= H].eq(0).all()
     back = nvfp4_from_kernel_layout(k)
@@ -104,6 +119,54 @@ def test_kernel_layout_round_trip_with_padding(nvfp4):
         dequantize_nvfp4(back.w2, back.w2_scale, back.w2_scale_2),
         dequantize_nvfp4(nvfp4.w2, nvfp4.w2_scale, nvfp4.w2_scale_2),
     )
+
+
+def _scale_bf16(codes: torch.Tensor) -> torch.Tensor:
+    """The kernel's bf16 of scale codes, as ``nvfp4_tile`` forms it: int16 ``16 * code - bias`` read as bf16."""
+    return (codes.to(torch.int32) * 16 - SCALE_BF16_BIAS).to(torch.int16).view(torch.bfloat16)
+
+
+def test_scale_codes_of_every_e4m3_scale():
+    """Each finite e4m3 value >= 0 (subnormals and zero too) has a code whose kernel bf16 is the
+    scale times SCALE_BF16_FACTOR (-2**118) exactly, and decodes back to the same byte."""
+    b = torch.arange(0, 0x7F, dtype=torch.uint8)  # 0x7f is NaN
+    scales = b.view(FP8_DTYPE)
+    codes = encode_scales(scales)
+    assert codes.dtype == torch.uint8 and len(set(codes.tolist())) == len(b)
+    assert codes[0] == ZERO_SCALE_CODE and _scale_bf16(codes[:1]).float().item() == 0.0
+    expected = scales.double() * SCALE_BF16_FACTOR
+    assert torch.equal(_scale_bf16(codes).double(), expected)
+    assert torch.equal(decode_scales(codes).view(torch.uint8), b)
+
+
+def test_scale_codes_refuse_what_they_cannot_encode():
+    with pytest.raises(TypeError, match="scales"):
+        encode_scales(torch.ones(3))
+    with pytest.raises(ValueError, match="scales: expected finite e4m3 block scales >= 0"):
+        encode_scales(torch.tensor([0x38, 0xB8], dtype=torch.uint8).view(FP8_DTYPE))  # 1.0, -1.0
+    with pytest.raises(ValueError, match="scales: expected finite e4m3 block scales >= 0"):
+        encode_scales(torch.tensor([0x7F], dtype=torch.uint8).view(FP8_DTYPE))  # NaN
+    with pytest.raises(TypeError, match="codes"):
+        decode_scales(torch.zeros(3, dtype=torch.int32))
+
+
+def test_negative_scales_fold_into_the_codes(nvfp4):
+    """Negative block scales (engines' dummy weights) keep their values: the block's codes flip sign."""
+    neg = nvfp4.w2_scale.view(torch.uint8).clone()
+    neg[0, :5, 1] |= 0x80
+    neg[1, 3, 0] = 0x80  # -0
+    neg = neg.view(FP8_DTYPE)
+    packed, magnitude = fold_scale_signs("w2_scale", nvfp4.w2, neg)
+    assert not bool((magnitude.view(torch.uint8) & 0x80).any())
+    assert torch.equal(
+        dequantize_nvfp4(packed, magnitude, nvfp4.w2_scale_2), dequantize_nvfp4(nvfp4.w2, neg, nvfp4.w2_scale_2)
+    )
+    changed = (packed != nvfp4.w2).nonzero()[:, :2].unique(dim=0).tolist()
+    assert changed == [[0, r] for r in range(5)] + [[1, 3]]
+    nan = neg.view(torch.uint8).clone()
+    nan[2, 7, 1] = 0xFF
+    with pytest.raises(ValueError, match=r"w2_scale: expected finite block scales, got NaN at index \[2, 7, 1\]"):
+        fold_scale_signs("w2_scale", nvfp4.w2, nan.view(FP8_DTYPE))
 
 
 def test_errors_name_the_argument(nvfp4):

@@ -32,7 +32,7 @@ from moe_backend.kernels.reference import reference_fused_experts
 from moe_backend.kernels.sm90.nvfp4_act import permute_activations
 from moe_backend.kernels.sm90.nvfp4_layout import kernel_k_order, nvfp4_to_kernel_layout
 from moe_backend.kernels.sm90.nvfp4_moe import default_config, fused_experts_nvfp4, prepare_nvfp4
-from moe_backend.kernels.sm90.nvfp4_tile import dequant_group
+from moe_backend.kernels.sm90.nvfp4_tile import WEIGHT_RESCALE, dequant_group
 from moe_backend.quant.fp8 import FP8_DTYPE
 from moe_backend.quant.nvfp4 import dequantize_nvfp4
 
@@ -237,14 +237,16 @@ def _dequant_kernel(w_ptr, s_ptr, out_ptr, R: tl.constexpr, INTERPRET: tl.conste
 @runs_here
 def test_dequant_group_is_exact_in_kernel_order():
     """Group dequantization (inline PTX on a GPU, plain Triton in the interpreter) equals
-    ``code * block_scale * 2**-8`` exactly, in ``kernel_k_order``: every code, e4m3
-    subnormal to max scales."""
+    ``-code * block_scale * 2**-8`` exactly (``1 / WEIGHT_RESCALE``), in ``kernel_k_order``: every
+    code, e4m3 subnormal to max scales, and zero scales."""
     g = torch.Generator().manual_seed(0)
     codes = torch.randint(0, 256, (32, 128), generator=g, dtype=torch.uint8)
     scales = torch.exp2(torch.rand(32, 16, generator=g) * 17 - 9)
     scales[0, 0] = 448.0
+    scales[1, 3] = 0.0
     scales = scales.to(FP8_DTYPE)
-    want = dequantize_nvfp4(codes, scales, torch.tensor(2.0**-8)).to(torch.bfloat16)[:, kernel_k_order()]
+    want = -dequantize_nvfp4(codes, scales, torch.tensor(2.0**-8)).to(torch.bfloat16)[:, kernel_k_order()]
+    assert WEIGHT_RESCALE == -(2.0**8)
     # As w2 of a layer (H = 32 rows, I = 256): w2's rows keep their natural order.
     k = nvfp4_to_kernel_layout(
         NVFP4Weights(
@@ -382,11 +384,11 @@ def test_grouped_path_configuration_errors(monkeypatch):
     from moe_backend.kernels.sm90.nvfp4_layout import NVFP4KernelWeights
 
     def shapes(e):
-        i32, fp8 = torch.int32, FP8_DTYPE
+        i32, codes = torch.int32, torch.uint8  # words, scale codes
         return NVFP4KernelWeights(
-            torch.empty(e, 4096, 896, dtype=i32, device="meta"), torch.empty(e, 4096, 448, dtype=fp8, device="meta"),
+            torch.empty(e, 4096, 896, dtype=i32, device="meta"), torch.empty(e, 4096, 448, dtype=codes, device="meta"),
             torch.empty(e, 2, device="meta"), torch.empty(e, 7168, 256, dtype=i32, device="meta"),
-            torch.empty(e, 7168, 128, dtype=fp8, device="meta"), torch.empty(e, device="meta"), 2048,
+            torch.empty(e, 7168, 128, dtype=codes, device="meta"), torch.empty(e, device="meta"), 2048,
         )  # fmt: skip
 
     too_big = nvfp4_moe.grouped_pool_defect(shapes(256), 8192 * 8)

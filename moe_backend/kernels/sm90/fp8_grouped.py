@@ -52,6 +52,8 @@ TILES: Tuple[Tile, ...] = (
     (128, 128, 1, False, True),
     (64, 128, 1, True, True),
     (128, 128, 1, True, False),
+    (128, 128, 2, False, False),
+    (128, 128, 2, False, True),
     (128, 128, 2, True, False),
     (256, 128, 1, False, False),
     (256, 128, 2, False, False),

@@ -61,7 +61,7 @@ from .combine import cast_out, sum_pairs
 from .config import resolve_path_config
 from .fp8_gemm1 import gemm1_fp8
 from .fp8_gemm2 import gemm2_fp8
-from .fp8_grouped import DEFAULT_TILE as GROUPED_DEFAULT_TILE, TILES as GROUPED_TILES, Tile, serves
+from .fp8_grouped import DEFAULT_TILE as GROUPED_DEFAULT_TILE, TILES as GROUPED_TILES, Tile, check_tile, serves
 from .fp8_grouped_moe import grouped_path_defect, named_tile, run_fp8_grouped
 from .fp8_swapab import swapab_fp8
 from .tiles import MAX_GATHER_PAIRS
@@ -208,6 +208,16 @@ GROUPED_OVERLAP_TILE = [t for t in GROUPED_TILES if t[:4] == GROUPED_DEFAULT_TIL
 #: beat the Triton tiers (E=32 T=512: 578 against 628 us; E=256 T=4096: 4760 against 5007), at 64
 #: it lost (E=256 T=2048: 3803 against 3328), at 32 too (E=32 T=128: 512 against 410).
 CUTE_GROUPED_MIN_ROWS = 128
+#: The default tile's twins in clusters of two M tiles of one expert (its weight tiles multicast
+#: to both: half the weight reads), overlapping and plain (for a K without an even number of
+#: K tiles). From :data:`GROUPED_CLUSTER_MIN_ROWS` expected rows per expert the heuristic takes
+#: them for both GEMMs: H200, 2026-12-03, two runs, against the default tiles: E=32 T=8192
+#: 6216 vs 6462 and 6449 vs 6619 us; E=256 T=8192 6634 vs 6864 and 6916 vs 7047; E=32 T=1024
+#: 820 vs 837 and 862 vs 871. With one M tile an expert the cluster's second half idles: at
+#: 32 rows an expert (E=256 T=1024) the grouped GEMMs took twice as long.
+GROUPED_CLUSTER_TILE = check_tile((128, 128, 2, False, True))
+GROUPED_CLUSTER_PLAIN_TILE = check_tile((128, 128, 2, False, False))
+GROUPED_CLUSTER_MIN_ROWS = 256
 
 #: The base configuration of each path (what a ``config=`` naming the path starts from).
 PATH_CONFIGS: Dict[str, Dict[str, Any]] = {
@@ -258,6 +268,7 @@ CANDIDATE_CONFIGS = (
     CUTE_GROUPED_CONFIG,
     dict(CUTE_GROUPED_CONFIG, TILE2=list(GROUPED_OVERLAP_TILE)),
     dict(CUTE_GROUPED_CONFIG, TILE1=list(GROUPED_OVERLAP_TILE), TILE2=list(GROUPED_OVERLAP_TILE)),
+    dict(CUTE_GROUPED_CONFIG, TILE1=list(GROUPED_CLUSTER_TILE), TILE2=list(GROUPED_CLUSTER_TILE)),
 )
 
 #: Deterministic mode: no atomics (each pair writes its own row, summed in slot order) and one
@@ -386,9 +397,20 @@ def _start_zeroing(acc: torch.Tensor, mode: str) -> Optional[torch.cuda.Event]:
     return None
 
 
-def default_grouped_tiles(inter: int) -> Dict[str, Any]:
-    """The heuristic default's ``TILE1`` / ``TILE2``: the plain default tile for GEMM1, its
-    overlapping twin for GEMM2 where the reduction ``inter`` (I) allows it, else the plain one."""
+def default_grouped_tiles(hidden_size: int, inter: int, rows_per_expert: float) -> Dict[str, Any]:
+    """The heuristic default's ``TILE1`` / ``TILE2`` for GEMM1 (K = ``hidden_size``) and GEMM2
+    (K = ``inter``) at ``rows_per_expert`` expected rows per local expert.
+
+    From :data:`GROUPED_CLUSTER_MIN_ROWS` rows the cluster-of-two tile for both GEMMs
+    (overlapping where K allows it, else plain); below, the plain default tile for GEMM1 and its
+    overlapping twin for GEMM2 where K allows it, else the plain one.
+    """
+    if rows_per_expert >= GROUPED_CLUSTER_MIN_ROWS:
+        pick = [
+            GROUPED_CLUSTER_TILE if serves(GROUPED_CLUSTER_TILE, k) else GROUPED_CLUSTER_PLAIN_TILE
+            for k in (hidden_size, inter)
+        ]
+        return dict(TILE1=list(pick[0]), TILE2=list(pick[1]))
     tile2 = GROUPED_OVERLAP_TILE if serves(GROUPED_OVERLAP_TILE, inter) else GROUPED_DEFAULT_TILE
     return dict(TILE1=list(GROUPED_DEFAULT_TILE), TILE2=list(tile2))
 
@@ -472,7 +494,7 @@ def fused_experts_fp8(
         if defect is not None:
             raise ValueError(f"config: path='cute_grouped' cannot serve this layer: {defect}")
         if not config:  # the heuristic's choice: its tiles for this I
-            cfg.update(default_grouped_tiles(w2.shape[2]))
+            cfg.update(default_grouped_tiles(hidden_size, w2.shape[2], num_tokens * top_k / num_experts))
         tile1, tile2 = grouped_tiles(cfg, hidden_size, w2.shape[2])
         return run_fp8_grouped(
             hidden,
@@ -630,9 +652,10 @@ def precompile(
 ) -> int:
     """Compile the CuTe DSL GEMMs the ``configs`` can run for the layer :func:`fused_experts_fp8`
     gets these weights and scale arguments for (``w13 [E, 2I, H]``, ``w2 [E, H, I]``):
-    those of each ``cute_grouped`` configuration, and the default tiles for an empty one (the
-    heuristic takes that path at prefill sizes) where ``grouped_path_defect`` finds nothing
-    against it. The Triton kernels compile on first use. Returns the number built or loaded now."""
+    those of each ``cute_grouped`` configuration, and both of the heuristic's tilings for an
+    empty one (it takes that path at prefill sizes, the cluster tiles at the largest) where
+    ``grouped_path_defect`` finds nothing against it. The Triton kernels compile on first use.
+    Returns the number built or loaded now."""
     from .fp8_grouped_moe import compile_grouped_plans
 
     hidden_size, inter = w2.shape[1], w2.shape[2]
@@ -640,7 +663,9 @@ def precompile(
     for config in configs:
         if not config:
             if _grouped_defect(w13.device, block_scaled, a13_scale, a2_scale, ue8m0, False) is None:
-                tiles.add(grouped_tiles(dict(CUTE_GROUPED_CONFIG, **default_grouped_tiles(inter)), hidden_size, inter))
+                for rows in (CUTE_GROUPED_MIN_ROWS, GROUPED_CLUSTER_MIN_ROWS):  # both of the heuristic's tilings
+                    default = dict(CUTE_GROUPED_CONFIG, **default_grouped_tiles(hidden_size, inter, rows))
+                    tiles.add(grouped_tiles(default, hidden_size, inter))
         elif config.get("path") == "cute_grouped":
             tiles.add(grouped_tiles(resolve_config(config, 1, 1, 1), hidden_size, inter))
     return sum(compile_grouped_plans(hidden_size, inter, t1, t2, w13.device) for t1, t2 in sorted(tiles))

@@ -14,8 +14,8 @@ reads them). ``out`` is a view of the shared workspace pool: one buffer of
 (:class:`~moe_backend.kernels.sm90.nvfp4_layout.NVFP4KernelWeights`), so that the NVFP4 Triton
 kernel's prepared weights also serve its grouped-GEMM prefill path without a second copy. It
 decodes with the W4A16 GEMMs' own helper (``nvfp4_tile.dequant_group``: integer bit moves and
-one ``fma`` a pair, ``code * block_scale * 2**-8`` exact in bf16), then multiplies by the global
-scale times ``2**8`` in fp32 and rounds once: the same bf16 values as the checkpoint-layout kernel.
+one ``fma`` a pair, ``-code * block_scale * 2**-8`` exact in bf16), then multiplies by the global
+scale times ``-2**8`` in fp32 and rounds once: the same bf16 values as the checkpoint-layout kernel.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from ...quant.nvfp4 import GROUP
 from ..interpret import INTERPRETING
 from .fp8_tile import to_bf16
 from .nvfp4_layout import K_GROUP, NVFP4KernelWeights, kernel_k_order
-from .nvfp4_tile import WEIGHT_SHIFT, dequant_group
+from .nvfp4_tile import WEIGHT_RESCALE, dequant_group
 
 BLOCK_N = 32
 BLOCK_K = 256
@@ -188,7 +188,7 @@ def _kernel_layout_dequant_kernel(
     else:
         out_row = krow
         glob_idx = krow * 0
-    glob = tl.load(global_ptr + e * num_globals + glob_idx, mask=row_ok, other=0.0) * (2.0**WEIGHT_SHIFT)
+    glob = tl.load(global_ptr + e * num_globals + glob_idx, mask=row_ok, other=0.0) * WEIGHT_RESCALE
     v = vals.to(tl.float32) * glob[:, None]
     cols = g * 256 + tl.arange(0, 256)
     mask = row_ok[:, None] & (cols < K)[None, :]

@@ -28,7 +28,7 @@ from ...runtime import workspace
 from ..interpret import INTERPRETING
 from .align import AlignedRouting, GatheredPairs, row_source_args
 from .nvfp4_layout import K_GROUP
-from .nvfp4_tile import WEIGHT_SHIFT, dequant_group, mma
+from .nvfp4_tile import WEIGHT_RESCALE, dequant_group, mma
 from .tiles import (
     GATHER_MAXNREG,
     MAX_GATHER_PAIRS,
@@ -108,7 +108,7 @@ def _gemm1_rows(
         s_ptrs += 16
 
     global_scale = tl.where(is_gate, tl.load(wg_ptr + expert * 2), tl.load(wg_ptr + expert * 2 + 1))
-    acc = tl.trans(acc * (global_scale * (2.0**WEIGHT_SHIFT))[:, None])  # [BLOCK_M, 2 * BLOCK_N]
+    acc = tl.trans(acc * (global_scale * WEIGHT_RESCALE)[:, None])  # [BLOCK_M, 2 * BLOCK_N]
     gate, up = tl.split(tl.permute(tl.reshape(acc, [BLOCK_M, 2, BLOCK_N]), (0, 2, 1)))
     if WEIGHT_ON_INPUT:
         # (w * x) @ W.T == w * (x @ W.T): scaling the fp32 sums avoids rounding w * x to bf16.

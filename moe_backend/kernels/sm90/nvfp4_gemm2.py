@@ -22,7 +22,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from ..interpret import INTERPRETING
 from .align import AlignedRouting, GatheredPairs, row_source_args
 from .nvfp4_layout import K_GROUP
-from .nvfp4_tile import WEIGHT_SHIFT, dequant_group, mma
+from .nvfp4_tile import WEIGHT_RESCALE, dequant_group, mma
 from .tiles import (
     GATHER_MAXNREG,
     MAX_GATHER_PAIRS,
@@ -90,7 +90,7 @@ def _gemm2_rows(
         w_ptrs += 32
         s_ptrs += 16
 
-    acc = tl.trans(acc) * (tl.load(wg_ptr + expert) * (2.0**WEIGHT_SHIFT))
+    acc = tl.trans(acc) * (tl.load(wg_ptr + expert) * WEIGHT_RESCALE)
     if not WEIGHT_ON_INPUT:
         acc = acc * tl.load(topk_w_ptr + pair, mask=row_ok, other=0.0)[:, None]
     token = (pair // top_k).to(tl.int64)

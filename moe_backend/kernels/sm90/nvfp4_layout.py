@@ -20,29 +20,88 @@ from ...quant.nvfp4 import GROUP, pack_e2m1, unpack_e2m1
 
 #: Codes per 32-bit word of the kernel layout.
 WORD_CODES = 8
+#: Bits ``(m, e0, e1, sign)`` of a bf16's e2m1 code placed in 16-bit lane 0 (sign bit 15, ``e1 e0``
+#: the exponent's low bits 8-7, ``m`` mantissa bit 6); lane 1 is 16 bits up.
+BF16_PLACE = (6, 7, 8, 15)
+#: Left rotation of the word that puts slot ``s``'s two codes in bf16 place (the kernel's
+#: ``shf.l.wrap``); slot 3's ``m`` bits come with a plain left shift by :data:`SLOT3_M_SHIFT` instead.
+SLOT_ROTATIONS = (0, 4, 10, 14)
+SLOT3_M_SHIFT = 6
+
+
+def _code_bits(slot: int, lane: int) -> Tuple[int, int, int, int]:
+    """``(m, e0, e1, sign)`` word bits of the code that ``slot``'s transform puts in ``lane``."""
+    m, e0, e1, sign = (b + 16 * lane for b in BF16_PLACE)
+    rot = SLOT_ROTATIONS[slot]
+    m_bit = m - SLOT3_M_SHIFT if slot == 3 else (m - rot) % 32
+    return (m_bit, (e0 - rot) % 32, (e1 - rot) % 32, (sign - rot) % 32)
+
+
 #: ``CODE_BITS[j]``: bit positions ``(m, e0, e1, sign)`` in a kernel word of element ``j``
 #: (of the word's 8 consecutive K elements) of e2m1 code ``sign e1 e0 m``. Element ``2s + i``
-#: sits in 16-bit lane ``i`` (``+16``), slot ``s``; slots 0-2 hold ``e1 e0 m`` exactly 9 bits
-#: below the sign, so one shift left by ``3s`` and one mask ``0x81C081C0`` put both lanes'
-#: codes in bf16 place (sign bit 15, ``e1 e0`` the exponent's low bits 8-7, ``m`` mantissa
-#: bit 6); slot 3 fills the remaining bits {10, 11, 13, 14} and takes three shifts.
-CODE_BITS = tuple(
-    tuple(b + 16 * (j % 2) for b in slot)
-    for j, slot in enumerate(
-        (
-            (6, 7, 8, 15),
-            (6, 7, 8, 15),
-            (3, 4, 5, 12),
-            (3, 4, 5, 12),
-            (0, 1, 2, 9),
-            (0, 1, 2, 9),
-            (11, 13, 14, 10),
-            (11, 13, 14, 10),
-        )
-    )
-)
+#: is slot ``s``, lane ``i``: rotating the word left by ``SLOT_ROTATIONS[s]`` and masking with
+#: ``0x81C081C0`` yields both lanes' codes in bf16 place (slot 0 needs no rotation; slot 3 takes
+#: ``m`` from a left shift by 6 and the rest from its rotation). Per word: 3 rotations, one shift
+#: and 5 logical operations (an exhaustive search over rotations, shifts and byte permutes found
+#: no placement in which four single transforms tile the word, so one slot takes two).
+CODE_BITS = tuple(_code_bits(j // 2, j % 2) for j in range(WORD_CODES))
 #: K elements per kernel group: 2 halves x 16 words x 8 codes, 16 block scales.
 K_GROUP = 256
+#: Kernel scale code of a zero block scale: the kernel's bf16 of the code is 0 (see :func:`encode_scales`).
+ZERO_SCALE_CODE = 255
+#: Kernel scale codes of e4m3's subnormals ``m * 2**-9`` (index ``m``; 0 is the zero scale).
+_SUBNORMAL_CODES = (ZERO_SCALE_CODE, 95, 103, 107, 111, 113, 115, 117)
+#: A normal e4m3 byte ``b`` (``2**(b >> 3 - 7) * (1 + (b & 7) / 8)``) has the kernel scale code ``b + 111``.
+_NORMAL_OFFSET = 111
+#: bf16 of a kernel scale code: the int16 ``16 * code - SCALE_BF16_BIAS`` read as bf16 bits.
+SCALE_BF16_BIAS = 4080
+#: What the kernel's bf16 scale carries besides the block scale: ``-2**118``.
+SCALE_BF16_FACTOR = -(2.0**118)
+
+
+def encode_scales(scales: torch.Tensor) -> torch.Tensor:
+    """e4m3 block scales (finite, >= 0) -> the kernel's scale codes (uint8, same shape).
+
+    A scale ``v = 2**e * (1 + m / 8)`` (e4m3's subnormals normalized, ``-9 <= e <= 8``) has the
+    code ``c = ((e + 21) << 3 | m) - 1``; 0 has :data:`ZERO_SCALE_CODE`. The kernel turns a code
+    into bf16 with one integer multiply-add: the int16 ``16 * c - 4080`` (:data:`SCALE_BF16_BIAS`)
+    read as bf16 bits is ``-v * 2**118`` (sign set, exponent field ``224 + e + 21``, mantissa ``m``;
+    the product ``2**118`` keeps ``code * 2**-126 * v * 2**118`` normal and exact in bf16), and 0 for
+    the zero scale. A 1-byte e4m3 read followed by a conversion through fp32 took 5 instructions
+    a scale in the decode GEMMs' main loop; this takes one.
+    """
+    check_tensor("scales", scales, dtype=FP8_DTYPE, contiguous=False)
+    b = scales.view(torch.uint8).to(torch.int16)
+    if bool(((b & 0x80) != 0).any()) or bool((b == 0x7F).any()):
+        raise ValueError("scales: expected finite e4m3 block scales >= 0 (encode the sign first: fold_scale_signs)")
+    subnormal = torch.tensor(_SUBNORMAL_CODES, dtype=torch.int16, device=b.device)
+    return torch.where(b >= 8, b + _NORMAL_OFFSET, subnormal[b.clamp(max=7).long()]).to(torch.uint8)
+
+
+def decode_scales(codes: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`encode_scales`: kernel scale codes (uint8) -> e4m3 block scales."""
+    check_tensor("codes", codes, dtype=torch.uint8, contiguous=False)
+    u = codes.to(torch.int32) + 1
+    value = torch.ldexp(1.0 + (u & 7).float() / 8, (u >> 3) - 21)
+    return torch.where(codes == ZERO_SCALE_CODE, 0.0, value).to(FP8_DTYPE)
+
+
+def fold_scale_signs(name: str, packed: torch.Tensor, scales: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(packed', |scales|)`` with the same dequantized values: the codes of each block whose
+    e4m3 scale is negative have their sign bits flipped (engines' dummy weights have negative
+    scales; ModelOpt checkpoints do not). ``packed [..., N, K/2]`` uint8, ``scales [..., N, K/16]``.
+
+    Raises:
+        ValueError: a NaN scale (named ``name``, with its first index): NaN cannot be encoded.
+    """
+    b = scales.view(torch.uint8)
+    nan = (b & 0x7F) == 0x7F
+    if bool(nan.any()):
+        index = [int(i) for i in nan.nonzero()[0]]
+        raise ValueError(f"{name}: expected finite block scales, got NaN at index {index} (shape {tuple(b.shape)})")
+    negative = (b & 0x80) != 0
+    flip = negative.to(torch.uint8).repeat_interleave(GROUP // 2, dim=-1) * 0x88  # both nibbles' sign bits
+    return packed ^ flip, (b & 0x7F).view(FP8_DTYPE)
 
 
 def pack_kernel_words(packed: torch.Tensor) -> torch.Tensor:
@@ -170,8 +229,11 @@ class NVFP4KernelWeights(ExpertShapes):
       (``kernels/sm90/nvfp4_act.py``); for GEMM2 the rows of each of gate and up are
       stored in that order (``w13`` row ``g*256 + q`` is natural row
       ``g*256 + kernel_k_order()[q]``), so GEMM1 writes its output already permuted.
-    * ``w13_scale [E, 2Ip, Hp/16]``, ``w2_scale [E, H, Ip/16]`` float8_e4m3fn: the checkpoint's
-      block scales with the rows of their weights (padded, ``w13``'s rows permuted).
+    * ``w13_scale [E, 2Ip, Hp/16]``, ``w2_scale [E, H, Ip/16]`` uint8: the checkpoint's block
+      scales as the kernel's scale codes (:func:`encode_scales`: one integer multiply-add makes a
+      code bf16 ``-scale * 2**118``) with the rows of their weights (padded, ``w13``'s rows
+      permuted). A negative scale's block stores its magnitude and sign-flipped codes
+      (:func:`fold_scale_signs`).
     * ``w13_scale_2 [E, 2]`` fp32 (gate's, up's global scale), ``w2_scale_2 [E]`` fp32,
       unchanged; the kernel applies them to its fp32 accumulators.
     * ``inter``: the natural I (``w13`` holds ``2 Ip`` rows).
@@ -213,34 +275,45 @@ class NVFP4KernelWeights(ExpertShapes):
                 f"w2 {tuple(self.w2.shape)}, inter {self.inter}"
             )
         dev = self.w13.device
-        check_tensor("w13_scale", self.w13_scale, dtype=FP8_DTYPE, shape=(e, two_ip, hp // GROUP), device=dev)
+        check_tensor("w13_scale", self.w13_scale, dtype=torch.uint8, shape=(e, two_ip, hp // GROUP), device=dev)
         check_tensor("w13_scale_2", self.w13_scale_2, dtype=torch.float32, shape=(e, 2), device=dev)
-        check_tensor("w2_scale", self.w2_scale, dtype=FP8_DTYPE, shape=(e, h, ip // GROUP), device=dev)
+        check_tensor("w2_scale", self.w2_scale, dtype=torch.uint8, shape=(e, h, ip // GROUP), device=dev)
         check_tensor("w2_scale_2", self.w2_scale_2, dtype=torch.float32, shape=(e,), device=dev)
 
 
 def nvfp4_to_kernel_layout(weights: NVFP4Weights) -> NVFP4KernelWeights:
-    """Canonical ModelOpt NVFP4 experts -> the SM90 kernel layout (:class:`NVFP4KernelWeights`)."""
+    """Canonical ModelOpt NVFP4 experts -> the SM90 kernel layout (:class:`NVFP4KernelWeights`).
+
+    Raises:
+        ValueError: a NaN block scale (the error names the tensor and the index).
+    """
     if not isinstance(weights, NVFP4Weights):
         raise TypeError(f"weights: expected NVFP4Weights, got {type(weights).__name__}")
     inter = weights.intermediate_size
-    w13, s13 = _kernel_rows(weights.w13, weights.w13_scale)
-    w2, s2 = _kernel_rows(weights.w2, weights.w2_scale)
+    w13, s13 = _kernel_rows(*fold_scale_signs("w13_scale", weights.w13, weights.w13_scale))
+    w2, s2 = _kernel_rows(*fold_scale_signs("w2_scale", weights.w2, weights.w2_scale))
     w13 = _permute_gate_up_rows(w13, inter, inverse=False)
     s13 = _permute_gate_up_rows(s13.view(torch.uint8), inter, inverse=False).view(FP8_DTYPE)
     return NVFP4KernelWeights(
-        w13, s13, weights.w13_scale_2.contiguous(), w2, s2, weights.w2_scale_2.contiguous(), inter
+        w13,
+        encode_scales(s13),
+        weights.w13_scale_2.contiguous(),
+        w2,
+        encode_scales(s2),
+        weights.w2_scale_2.contiguous(),
+        inter,
     )
 
 
 def nvfp4_from_kernel_layout(kernel_weights: NVFP4KernelWeights) -> NVFP4Weights:
-    """Inverse of :func:`nvfp4_to_kernel_layout`."""
+    """Inverse of :func:`nvfp4_to_kernel_layout` (a block whose scale was negative comes back with
+    the scale's magnitude and its codes' signs flipped: the same values)."""
     if not isinstance(kernel_weights, NVFP4KernelWeights):
         raise TypeError(f"kernel_weights: expected NVFP4KernelWeights, got {type(kernel_weights).__name__}")
     k = kernel_weights
     h, inter = k.hidden_size, k.inter
     w13 = _permute_gate_up_rows(k.w13, inter, inverse=True)
-    s13 = _permute_gate_up_rows(k.w13_scale.view(torch.uint8), inter, inverse=True).view(FP8_DTYPE)
+    s13 = _permute_gate_up_rows(decode_scales(k.w13_scale).view(torch.uint8), inter, inverse=True).view(FP8_DTYPE)
     w13, s13 = _canonical_rows(w13, s13, h)
-    w2, s2 = _canonical_rows(k.w2, k.w2_scale, inter)
+    w2, s2 = _canonical_rows(k.w2, decode_scales(k.w2_scale), inter)
     return NVFP4Weights(w13, s13, k.w13_scale_2.contiguous(), w2, s2, k.w2_scale_2.contiguous())

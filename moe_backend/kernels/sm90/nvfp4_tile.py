@@ -2,103 +2,125 @@
 
 Weights arrive in the kernel layout of :class:`moe_backend.kernels.sm90.nvfp4_layout.NVFP4KernelWeights`:
 per group of 256 K, two halves of 16 int32 words (8 e2m1 codes each) per row and
-the group's 16 e4m3 block scales, one per word of a half. :func:`dequant_group`
+the group's 16 block scales as the layout's uint8 scale codes, one per word of a half. :func:`dequant_group`
 turns a ``[R, 16]`` tile of each half into ``[R, 256]`` bf16 in the layout's
 ``kernel_k_order``: every op is elementwise on the word tile or a join/permute/
 reshape that only renames registers, so Triton loads the words from shared memory
 straight into the MMA's register fragment (no conversion through shared memory)
 and feeds the weights to ``wgmma`` as its register operand A.
 
-Numerics: a dequantized weight is ``code * block_scale * 2**-8`` in bf16, which is
+Numerics: a dequantized weight is ``-code * block_scale * 2**-8`` in bf16, which is
 EXACT (a 2-bit times a 4-bit significand, far inside bf16's range); the global
-scale times ``2**8`` (:data:`WEIGHT_SHIFT`) is applied to the fp32 accumulator.
-The ``2**-8`` keeps ``block_scale * 2**126 * 2**-8`` (see below) finite in bf16.
+scale times ``-2**8`` (:data:`WEIGHT_RESCALE`) is applied to the fp32 accumulator.
+The scale code becomes the bf16 ``-block_scale * 2**118`` in one integer multiply-add
+(``nvfp4_layout.encode_scales``; the ``2**-8`` keeps ``block_scale * 2**118`` finite).
 
 On the GPU one inline-PTX block turns a word into 8 bf16 (the layout's ``CODE_BITS``
-puts element ``2s + i`` in lane ``i`` of slot ``s``): for slots 0-2,
-``(word << 3s) & 0x81C081C0`` is a bf16x2 whose halves are ``code * 2**-126`` (sign,
-exponent and mantissa bits in place; code 1 becomes a bf16 subnormal, which
-``fma.rn.bf16x2`` handles exactly); slot 3 gathers its bits with three shifts. One
-``fma.rn.bf16x2`` by ``block_scale * 2**118`` makes each pair ``code * block_scale *
-2**-8``. About 15 operations a word of 8 weights. Under ``TRITON_INTERPRET=1`` (no
-inline assembly) the same 8 values come from plain Triton arithmetic.
+puts element ``2s + i`` in lane ``i`` of slot ``s``): the word rotated left by
+``SLOT_ROTATIONS[s]`` (0, 4, 10, 14) and masked with ``0x81C081C0`` is a bf16x2 whose halves
+are ``code * 2**-126`` (sign, exponent and mantissa bits in place; code 1 becomes a bf16
+subnormal, which ``fma.rn.bf16x2`` handles exactly); slot 3 takes its ``m`` bits from a left
+shift by 6 instead. One ``fma.rn.bf16x2`` by the bf16 scale ``-block_scale * 2**118`` makes
+each pair ``-code * block_scale * 2**-8``: 13 operations a word of 8 weights. Under
+``TRITON_INTERPRET=1`` (no inline assembly) the same 8 values come from plain Triton arithmetic.
 """
 
 import triton
 import triton.language as tl
 
-#: The dequantized bf16 weights carry ``2**-WEIGHT_SHIFT``; the epilogue multiplies it back.
-WEIGHT_SHIFT = tl.constexpr(8)
+from .nvfp4_layout import BF16_PLACE, SCALE_BF16_BIAS as _SCALE_BF16_BIAS, SLOT3_M_SHIFT, SLOT_ROTATIONS
+
+#: The dequantized bf16 weights carry a factor ``-2**-8``; the epilogues multiply the fp32 sums by
+#: its inverse (exact: a power of two).
+WEIGHT_RESCALE = tl.constexpr(-256.0)
 
 
 def _dequant_asm() -> str:
-    """PTX for one word ($8) and its bf16 scale ($9) -> 8 bf16 ($0..$7), elements 0..7."""
+    """PTX for one word ($8) and its bf16 scale ($9) -> 8 bf16 ($0..$7), elements 0..7.
+
+    Slot ``s`` (elements ``2s``, ``2s + 1``): the word rotated left by ``SLOT_ROTATIONS[s]``,
+    masked to the bf16 places of both lanes' codes, times the scale; slot 3 ORs its ``m`` bits in
+    from a left shift by ``SLOT3_M_SHIFT``.
+    """
+    place = "0x81C081C0"  # sign 15, e1 e0 8-7, m 6 of both 16-bit lanes
     scale = "fma.rn.bf16x2 p, p, s2, z;"
-    lines = [
-        "{",
-        ".reg .b32 s2, z, p, a, b;",
-        "mov.b32 s2, {$9, $9};",
-        "mov.b32 z, 0x80008000;",
-        "and.b32 p, $8, 0x81C081C0;",
-        scale,
-        "mov.b32 {$0, $1}, p;",
-    ]
-    for slot in (1, 2):
-        lines += [
-            f"shl.b32 p, $8, {3 * slot};",
-            "and.b32 p, p, 0x81C081C0;",
-            scale,
-            f"mov.b32 {{${2 * slot}, ${2 * slot + 1}}}, p;",
-        ]
-    # Slot 3: e1 e0 at bits 14-13 -> 8-7, m at 11 -> 6, sign at 10 -> 15 (each lane).
-    lines += [
-        "shr.b32 a, $8, 6;",
-        "and.b32 a, a, 0x01800180;",
-        "shr.b32 b, $8, 5;",
-        "and.b32 b, b, 0x00400040;",
-        "or.b32 a, a, b;",
-        "shl.b32 b, $8, 5;",
-        "and.b32 b, b, 0x80008000;",
-        "or.b32 p, a, b;",
-        scale,
-        "mov.b32 {$6, $7}, p;",
-    ]
+    lines = ["{", ".reg .b32 s2, z, p, t;", "mov.b32 s2, {$9, $9};", "mov.b32 z, 0x80008000;"]
+    for slot, rot in enumerate(SLOT_ROTATIONS):
+        src = "$8"
+        if rot:
+            lines.append(f"shf.l.wrap.b32 t, $8, $8, {rot};")
+            src = "t"
+        if slot < 3:
+            lines.append(f"and.b32 p, {src}, {place};")
+        else:
+            lines += [
+                f"and.b32 p, {src}, 0x81808180;",  # sign, e1 e0
+                f"shl.b32 t, $8, {SLOT3_M_SHIFT};",
+                "and.b32 t, t, 0x00400040;",  # m
+                "or.b32 p, p, t;",
+            ]
+        lines += [scale, f"mov.b32 {{${2 * slot}, ${2 * slot + 1}}}, p;"]
     return "\n".join(lines + ["}"])
 
 
 _DEQUANT_ASM = tl.constexpr(_dequant_asm())
+SCALE_BF16_BIAS = tl.constexpr(_SCALE_BF16_BIAS)
+
+
+#: The interpreter path's constants: the layout's bf16 places and slot transforms (the PTX's own).
+_M, _E0, _E1, _SIGN = (tl.constexpr(b) for b in BF16_PLACE)
+_ROT0, _ROT1, _ROT2, _ROT3 = (tl.constexpr(r) for r in SLOT_ROTATIONS)
+_SLOT3_M_SHIFT = tl.constexpr(SLOT3_M_SHIFT)
 
 
 @triton.jit
-def _code_value(words, M: tl.constexpr, E0: tl.constexpr, E1: tl.constexpr, S: tl.constexpr, scale):
-    """``code * scale`` (fp32) of the code whose bits sit at ``M, E0, E1, S`` of each word."""
-    m = (words >> M) & 1
-    e = ((words >> E0) & 1) | (((words >> E1) & 1) << 1)
+def _rotl(words, R: tl.constexpr):
+    """``words`` (int32) rotated left by ``R`` bits (``shf.l.wrap``)."""
+    # if/else, not an early return: Triton would still build the shift by 32 - 0 after it
+    if R == 0:
+        rotated = words
+    else:
+        rotated = (words << R) | (words.to(tl.uint32, bitcast=True) >> (32 - R)).to(tl.int32, bitcast=True)
+    return rotated
+
+
+@triton.jit
+def _lane_value(m_word, word, LANE: tl.constexpr, scale):
+    """``code * scale`` (fp32) of the e2m1 code in bf16 place in 16-bit lane ``LANE``: its ``m`` bit
+    from ``m_word``, exponent and sign bits from ``word``."""
+    m = (m_word >> (_M + 16 * LANE)) & 1
+    e = ((word >> (_E0 + 16 * LANE)) & 1) | (((word >> (_E1 + 16 * LANE)) & 1) << 1)
     v = tl.where(e == 0, 0.5 * m, tl.exp2((e - 1).to(tl.float32)) * (1.0 + 0.5 * m))
-    return tl.where(((words >> S) & 1) != 0, -v, v) * scale
+    return tl.where(((word >> (_SIGN + 16 * LANE)) & 1) != 0, -v, v) * scale
+
+
+@triton.jit
+def _slot_values(m_word, word, scale):
+    """Both lanes of a slot's transformed word as bf16 ``code * scale``."""
+    return _lane_value(m_word, word, 0, scale).to(tl.bfloat16), _lane_value(m_word, word, 1, scale).to(tl.bfloat16)
 
 
 @triton.jit
 def _dequant8(words, scale, INTERPRET: tl.constexpr):
-    """Elements 0..7 of each word as 8 bf16 tensors shaped like ``words``; ``scale`` e4m3 alike."""
-    s = scale.to(tl.float32) * (2.0**-WEIGHT_SHIFT)
+    """Elements 0..7 of each word as 8 bf16 tensors shaped like ``words``; ``scale`` the uint8
+    scale codes alike (``nvfp4_layout.encode_scales``)."""
+    s = (scale.to(tl.int16) * 16 - SCALE_BF16_BIAS).to(tl.int16).to(tl.bfloat16, bitcast=True)  # -scale * 2**118
     if not INTERPRET:
-        # bf16 scale * 2**126 (finite: block scales are <= 448, times 2**-8).
-        s = (s * 8.507059173023462e37).to(tl.bfloat16)
         return tl.inline_asm_elementwise(
             _DEQUANT_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,h", [words, s], dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1
         )
-    # The layout's CODE_BITS, element by element (the PTX above cannot run here).
-    return (
-        _code_value(words, 6, 7, 8, 15, s).to(tl.bfloat16),
-        _code_value(words, 22, 23, 24, 31, s).to(tl.bfloat16),
-        _code_value(words, 3, 4, 5, 12, s).to(tl.bfloat16),
-        _code_value(words, 19, 20, 21, 28, s).to(tl.bfloat16),
-        _code_value(words, 0, 1, 2, 9, s).to(tl.bfloat16),
-        _code_value(words, 16, 17, 18, 25, s).to(tl.bfloat16),
-        _code_value(words, 11, 13, 14, 10, s).to(tl.bfloat16),
-        _code_value(words, 27, 29, 30, 26, s).to(tl.bfloat16),
-    )
+    # The PTX's slot transforms in plain Triton arithmetic (the PTX cannot run here), times the
+    # 2**-126 that the PTX's in-place codes carry.
+    s = s.to(tl.float32) * 2.0**-126
+    w0 = _rotl(words, _ROT0)
+    w1 = _rotl(words, _ROT1)
+    w2 = _rotl(words, _ROT2)
+    w3 = _rotl(words, _ROT3)
+    o0, o1 = _slot_values(w0, w0, s)
+    o2, o3 = _slot_values(w1, w1, s)
+    o4, o5 = _slot_values(w2, w2, s)
+    o6, o7 = _slot_values(words << _SLOT3_M_SHIFT, w3, s)
+    return o0, o1, o2, o3, o4, o5, o6, o7
 
 
 @triton.jit
@@ -125,11 +147,11 @@ def dequant_group(words0, words1, scale, INTERPRET: tl.constexpr):
 
     Args:
         words0, words1: ``[R, 16]`` int32, the group's two halves (layout words ``w`` and ``16 + w``).
-        scale: ``[R, 16]`` float8_e4m3 block scales (scale ``w`` serves word ``w`` of both halves).
+        scale: ``[R, 16]`` uint8 scale codes (code ``w`` serves word ``w`` of both halves).
         INTERPRET: plain Triton arithmetic (the interpreter runs no PTX) instead of inline PTX.
 
     Returns:
-        ``[R, 256]`` bf16 ``code * scale * 2**-WEIGHT_SHIFT`` in ``kernel_k_order``.
+        ``[R, 256]`` bf16 ``code * block_scale / WEIGHT_RESCALE`` in ``kernel_k_order``.
     """
     return _blocks(_dequant_half(words0, scale, INTERPRET), _dequant_half(words1, scale, INTERPRET))
 
