@@ -18,8 +18,9 @@ streams exactly the active experts' FP8 weight bytes in one launch (``stream_us`
 throughput measured at start. ``ceiling_us = max(stream, compute)``. Beside them, at each point
 and in the same two passes, cuBLAS runs the layer's MMA work as two dense GEMMs in the
 precision's MMA format (``dense_us``, :func:`.bench_ceilings.dense_gemms`): the compute at the
-clocks the card holds while the layer runs. The table prints each implementation's ratio to
-the ceiling and to the dense GEMMs, and our speed-up over the peers.
+clocks the card holds while the layer runs (a bound where the layer is compute-bound; at decode
+sizes the dense GEMMs read one matrix pair, not the active experts' weights). The table prints
+each implementation's ratio to the ceiling and to the dense GEMMs, and our speed-up over the peers.
 
 Writes ``<output-dir>/<device>-<date>.json`` (``{"device", "date", "peaks", "vllm", "command",
 "versions", "records": [...]}``; a record holds ``device, precision, impl, E, T, topk, hidden, inter,
