@@ -15,12 +15,16 @@ order and then in reverse order, and its time is the mean of the two
 Ceilings come from this run (:mod:`.bench_ceilings`): at each point a read-only kernel
 streams exactly the active experts' FP8 weight bytes in one launch (``stream_us``; NVFP4's
 0.5625 bytes a weight scale it), and the compute floor uses the dense FP8 / bf16 GEMM
-throughput measured at start. ``ceiling_us = max(stream, compute)``; the table prints each
-implementation's ratio to it and our speed-up over the peers.
+throughput measured at start. ``ceiling_us = max(stream, compute)``. Beside them, at each point
+and in the same two passes, cuBLAS runs the layer's MMA work as two dense GEMMs in the
+precision's MMA format (``dense_us``, :func:`.bench_ceilings.dense_gemms`): the compute at the
+clocks the card holds while the layer runs (a bound where the layer is compute-bound; at decode
+sizes the dense GEMMs read one matrix pair, not the active experts' weights). The table prints
+each implementation's ratio to the ceiling and to the dense GEMMs, and our speed-up over the peers.
 
 Writes ``<output-dir>/<device>-<date>.json`` (``{"device", "date", "peaks", "vllm", "command",
 "versions", "records": [...]}``; a record holds ``device, precision, impl, E, T, topk, hidden, inter,
-median_us, passes_us, timing, stream_us, compute_floor_us, ceiling_us``) and, when matplotlib is
+median_us, passes_us, timing, dense_us, stream_us, compute_floor_us, ceiling_us``) and, when matplotlib is
 installed, a PNG of latency vs T.
 """
 
@@ -43,7 +47,7 @@ from ..kernels.registry import KERNELS
 from ..kernels.sm90 import fp8_moe, nvfp4_moe
 from ..layer import LAYER_TYPES, MoEConfig
 from ..runtime import DEFAULT_POOL
-from .bench_ceilings import expert_stream, measure_peaks
+from .bench_ceilings import DENSE_KINDS, dense_gemms, expert_stream, measure_peaks
 from .bench_peers import vllm_peers, vllm_version
 
 logger = logging.getLogger(__name__)
@@ -290,6 +294,11 @@ def _time(fn: Callable[[int], object], quick: bool) -> Tuple[float, str]:
 Timed = Tuple[Optional[float], Optional[str], List[float]]
 
 
+def _same_every_set(run: Callable[[], None]) -> Callable[[int], None]:
+    """``run`` as a :func:`_time` call that takes no input set (its operands are its own)."""
+    return lambda _set: run()
+
+
 def _point_timer(
     run: Callable[..., object], sets: Sequence[tuple], out: Optional[torch.Tensor], quick: bool
 ) -> Callable[[], Tuple[float, str]]:
@@ -387,11 +396,15 @@ def run_bench(
             calls: Dict[Any, Callable[[], Tuple[float, str]]] = {
                 ("stream", "ceiling"): _point_timer(lambda stream: stream(), [(s,) for s in streams], None, args.quick)
             }
+            for kind in sorted({DENSE_KINDS[p] for p in args.precision}):
+                dense = dense_gemms(kind, t * args.topk, args.hidden, args.inter, device)
+                calls[("dense", kind)] = functools.partial(_time, _same_every_set(dense), args.quick)
             calls.update({key: _point_timer(run, sets, out, args.quick) for key, run in runs.items()})
             timed = time_in_both_orders(calls, f" at E={e} T={t}")
             stream_us = timed.pop(("stream", "ceiling"))[0]
             if stream_us is None:
                 raise RuntimeError(f"the read-stream ceiling kernel failed at E={e} T={t}")
+            dense_us = {key[1]: timed.pop(key)[0] for key in list(timed) if key[0] == "dense"}
             base = dict(device=name, E=e, T=t, topk=args.topk, hidden=args.hidden, inter=args.inter)
             for (precision, impl), (us, mode, passes) in timed.items():
                 fmt = "fp8_block" if precision == "fp8_rowwise" else precision
@@ -403,6 +416,7 @@ def run_bench(
                         median_us=us,
                         passes_us=passes,
                         timing=mode,
+                        dense_us=dense_us.get(DENSE_KINDS[fmt]),
                         **ceiling_fields(stream_us, t, args.topk, args.hidden, args.inter, fmt, peaks),
                     )
                 )
@@ -413,19 +427,21 @@ def run_bench(
 
 
 def format_table(records: List[dict]) -> str:
-    """One row per (E, T, precision) of ours: time, the ceiling and our fraction of it, and the
-    speed-up over each peer timed at that point (``peer us / ours us``: > 1 is faster)."""
+    """One row per (E, T, precision) of ours: time, the ceiling and our fraction of it, the dense
+    GEMMs' time as a fraction of ours, and the speed-up over each peer timed at that point
+    (``peer us / ours us``: > 1 is faster)."""
     ours = [r for r in records if r["impl"].startswith("moe_backend")]
     others = sorted({r["impl"] for r in records if not r["impl"].startswith("moe_backend")})
     by_key = {(r["E"], r["T"], r["precision"], r["impl"]): r["median_us"] for r in records}
-    head = f"{'E':>4} {'T':>5} {'precision':<22} {'ours us':>9} {'ceiling':>8} {'ceil/ours':>9}"
+    head = f"{'E':>4} {'T':>5} {'precision':<22} {'ours us':>9} {'ceiling':>8} {'ceil/ours':>9} {'dense/ours':>10}"
     head += "".join(f" {impl + ' x':>{max(10, len(impl) + 2)}}" for impl in others)
     lines = [head]
     for r in ours:
         name = r["precision"] + r["impl"][len("moe_backend") :]
         us = r["median_us"]
         fraction = f"{r['ceiling_us'] / us:.2f}" if us else "-"
-        row = f"{r['E']:>4} {r['T']:>5} {name:<22} {_fmt(us):>9} {r['ceiling_us']:>8.1f} {fraction:>9}"
+        dense = f"{r['dense_us'] / us:.2f}" if us and r.get("dense_us") else "-"
+        row = f"{r['E']:>4} {r['T']:>5} {name:<22} {_fmt(us):>9} {r['ceiling_us']:>8.1f} {fraction:>9} {dense:>10}"
         for impl in others:
             peer = by_key.get((r["E"], r["T"], r["precision"], impl))
             if peer is None and impl == "torch_scaled_grouped_mm" and r["precision"].startswith("fp8"):
@@ -467,6 +483,15 @@ def plot(records: List[dict], path: str) -> Optional[str]:
             )
             if ceilings:
                 ax.plot(*zip(*ceilings, strict=True), style, label=f"{fmt} ceiling (this run)")
+        dense = sorted(
+            {
+                (r["T"], r["dense_us"])
+                for r in rs
+                if r["impl"] == "moe_backend" and r["precision"] == "fp8_block" and r.get("dense_us")
+            }
+        )
+        if dense:
+            ax.plot(*zip(*dense, strict=True), "k-.", label="fp8_block MMA work as dense cuBLAS GEMMs (this run)")
         ax.set(xscale="log", yscale="log", xlabel="tokens T", ylabel="µs", title=f"E={e}")
         ax.legend(fontsize=7)
     fig.tight_layout()

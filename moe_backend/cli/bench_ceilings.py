@@ -6,6 +6,11 @@
 * :func:`expert_stream`: a launch that only reads the active experts' weight bytes
   (``w13[e]`` and ``w2[e]`` for each active ``e``, one launch): the time a weight-streaming
   layer cannot beat at that point, kernel launch and ramp included.
+* :func:`dense_gemms`: cuBLAS (through torch) doing one layer's MMA work as two dense GEMMs,
+  timed at each point beside the layer: the compute a grouped layer would match if grouping,
+  routing and its epilogues cost nothing, at the clocks the card holds while the layer runs
+  (under a long prefill the H200 sits at its power cap, well below the clock of the short
+  peak measurement).
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 import triton.testing
+
+from ..quant.fp8 import BLOCK, FP8_DTYPE
 
 STREAM_BLOCK = 4096
 STREAM_CHUNKS = 8
@@ -83,3 +90,52 @@ def measure_peaks(device: torch.device) -> Dict[str, float]:
     ms = triton.testing.do_bench(lambda: x @ x, return_mode="median")
     peaks["bf16_tflops"] = 2 * n**3 / (ms * 1e-3) / 1e12
     return peaks
+
+
+#: The dense GEMM kind that does each precision's MMA work (NVFP4 is W4A16 on Hopper: bf16 MMA).
+DENSE_KINDS = {"fp8_block": "fp8_block", "fp8_tensor": "fp8_tensor", "nvfp4": "bf16"}
+
+
+def dense_gemms(kind: str, m: int, h: int, i: int, device: torch.device) -> Callable[[], None]:
+    """Two dense GEMMs doing the MMA work of a layer at ``m = T * top_k`` (token, expert) rows:
+    ``[m, h] x [h, 2i]`` then ``[m, i] x [i, h]``, bf16 out, on random operands.
+
+    ``kind``: ``'fp8_block'`` (``torch._scaled_mm`` with 1x128 activation and 128x128 weight
+    scales, the layer's FP8 block format), ``'fp8_tensor'`` (tensor-wise scales) or ``'bf16'``
+    (``torch.matmul``). ``h`` and ``i`` multiples of 128 for ``'fp8_block'``. The operands are
+    allocated here (not inside a graph capture). Raises ValueError for an unknown ``kind``; a
+    torch without block-scaled ``_scaled_mm`` raises RuntimeError when the call runs.
+    """
+    if kind not in DENSE_KINDS.values():
+        raise ValueError(f"kind: expected one of {sorted(set(DENSE_KINDS.values()))}, got {kind!r}")
+    shapes = ((h, 2 * i), (i, h))  # (K, N) of GEMM1 and GEMM2
+    if kind == "bf16":
+        ops = [
+            (torch.randn(m, k, device=device).to(torch.bfloat16), torch.randn(k, n, device=device).to(torch.bfloat16))
+            for k, n in shapes
+        ]
+
+        def run_bf16() -> None:
+            for a, b in ops:
+                torch.matmul(a, b)
+
+        return run_bf16
+    one = torch.ones((), device=device)
+    gemms = []
+    for k, n in shapes:
+        a = torch.randn(m, k, device=device).to(FP8_DTYPE)
+        b = torch.randn(n, k, device=device).to(FP8_DTYPE).t()  # column-major [K, N], as cuBLAS takes it
+        if kind == "fp8_block":
+            # [M, K/128] with M contiguous and [K/128, N/128] with K/128 contiguous: cuBLAS's
+            # block-scale layouts
+            sa = torch.ones(k // BLOCK, m, device=device).t()
+            sb = torch.ones(n // BLOCK, k // BLOCK, device=device).t()
+        else:
+            sa = sb = one
+        gemms.append((a, b, sa, sb))
+
+    def run_fp8() -> None:
+        for a, b, sa, sb in gemms:
+            torch._scaled_mm(a, b, sa, sb, out_dtype=torch.bfloat16)
+
+    return run_fp8

@@ -38,7 +38,7 @@ def test_ceiling_is_the_slower_of_stream_and_compute():
 def test_table_reports_speedups_over_each_peer_and_failures():
     base = dict(E=32, T=1, ceiling_us=80.0)
     records = [
-        dict(base, precision="fp8_block", impl="moe_backend", median_us=100.0),
+        dict(base, precision="fp8_block", impl="moe_backend", median_us=100.0, dense_us=60.0),
         dict(base, precision="fp8_block", impl="vllm_triton", median_us=110.0),
         dict(base, precision="nvfp4", impl="moe_backend", median_us=50.0),
         dict(base, precision="nvfp4", impl="vllm_marlin", median_us=100.0),
@@ -48,8 +48,9 @@ def test_table_reports_speedups_over_each_peer_and_failures():
     lines = bench.format_table(records).splitlines()
     assert "vllm_triton x" in lines[0] and "vllm_marlin x" in lines[0]
     fp8, nv, det = lines[1].split(), lines[2].split(), lines[3].split()
-    assert fp8[:6] == ["32", "1", "fp8_block", "100.0", "80.0", "0.80"] and fp8[6:] == ["3.00", "-", "1.10"]
-    assert nv[3:] == ["50.0", "80.0", "1.60", "-", "2.00", "-"]
+    assert "dense/ours" in lines[0]
+    assert fp8[:7] == ["32", "1", "fp8_block", "100.0", "80.0", "0.80", "0.60"] and fp8[7:] == ["3.00", "-", "1.10"]
+    assert nv[3:] == ["50.0", "80.0", "1.60", "-", "-", "2.00", "-"]
     assert det[3] == "failed"
 
 
@@ -108,6 +109,13 @@ def test_a_point_records_every_implementation_with_both_passes_and_the_ceiling(m
 
     monkeypatch.setattr(bench, "Layer", FakeLayer)
     monkeypatch.setattr(bench, "expert_stream", lambda w13, w2, ids: lambda: None)
+    dense = []
+
+    def fake_dense(kind, m, h, i, device):
+        dense.append((kind, m, h, i))
+        return lambda: None
+
+    monkeypatch.setattr(bench, "dense_gemms", fake_dense)
     monkeypatch.setattr(bench, "_time", fake_time)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "GPU")
     args = _args("--E", "8", "--T", "3", "--precision", "fp8_block", "nvfp4", "--hidden", "256", "--inter", "128")
@@ -120,6 +128,9 @@ def test_a_point_records_every_implementation_with_both_passes_and_the_ceiling(m
     ]
     assert all(r["passes_us"] == [100.0, 100.0] and r["median_us"] == 100.0 for r in records)
     assert records[0]["stream_us"] == 50.0 and records[1]["stream_us"] == 50.0 * 0.5625
+    # the dense GEMMs of each precision's MMA kind, at T * top_k rows; the baseline gets FP8 block's
+    assert sorted(dense) == [("bf16", 24, 256, 128), ("fp8_block", 24, 256, 128)]
+    assert [r["dense_us"] for r in records] == [50.0, 50.0, 50.0]
     assert len(called) == 2 * 3 * bench.INPUT_SETS and called[0] == ("fp8_block", 3, (3, 256))
     assert len(points) == 1
 
@@ -157,3 +168,31 @@ def test_variants_name_a_kernel_and_a_configuration_it_accepts(name):
     assert override is None or all(config[key] == value for key, value in override.items())
     layer = bench.Layer(4, 256, 128, 2, torch.device("cpu"))
     assert callable(layer.variant(name))
+
+
+def test_dense_gemms_do_the_layers_mma_work_in_cublas_layouts(monkeypatch):
+    """Two GEMMs, [m, H] x [H, 2I] and [m, I] x [I, H]; FP8 block scales 1x128 (M contiguous) and
+    128x128 (K contiguous), the weight operand column-major: what cuBLAS's block-scaled GEMM takes."""
+    from moe_backend.cli import bench_ceilings
+
+    seen = []
+    monkeypatch.setattr(torch, "_scaled_mm", lambda a, b, sa, sb, out_dtype: seen.append((a, b, sa, sb, out_dtype)))
+    bench_ceilings.dense_gemms("fp8_block", 24, 256, 384, torch.device("cpu"))()
+    assert [(tuple(a.shape), tuple(b.shape)) for a, b, *_ in seen] == [((24, 256), (256, 768)), ((24, 384), (384, 256))]
+    for a, b, sa, sb, out_dtype in seen:
+        k, n = b.shape
+        assert a.dtype == b.dtype == torch.float8_e4m3fn and out_dtype == torch.bfloat16
+        assert b.stride() == (1, k)
+        assert tuple(sa.shape) == (24, k // 128) and sa.stride() == (1, 24)
+        assert tuple(sb.shape) == (k // 128, n // 128) and sb.stride() == (1, k // 128)
+    seen.clear()
+    bench_ceilings.dense_gemms("fp8_tensor", 24, 256, 384, torch.device("cpu"))()
+    assert all(sa.numel() == sb.numel() == 1 for _, _, sa, sb, _ in seen) and len(seen) == 2
+
+
+def test_dense_gemms_bf16_runs_and_bad_kind_is_named():
+    from moe_backend.cli import bench_ceilings
+
+    bench_ceilings.dense_gemms("bf16", 5, 128, 64, torch.device("cpu"))()
+    with pytest.raises(ValueError, match="kind: expected one of .*got 'fp4'"):
+        bench_ceilings.dense_gemms("fp4", 5, 128, 64, torch.device("cpu"))
