@@ -294,11 +294,6 @@ def _time(fn: Callable[[int], object], quick: bool) -> Tuple[float, str]:
 Timed = Tuple[Optional[float], Optional[str], List[float]]
 
 
-def _same_every_set(run: Callable[[], None]) -> Callable[[int], None]:
-    """``run`` as a :func:`_time` call that takes no input set (its operands are its own)."""
-    return lambda _set: run()
-
-
 def _point_timer(
     run: Callable[..., object], sets: Sequence[tuple], out: Optional[torch.Tensor], quick: bool
 ) -> Callable[[], Tuple[float, str]]:
@@ -398,7 +393,8 @@ def run_bench(
             }
             for kind in sorted({DENSE_KINDS[p] for p in args.precision}):
                 dense = dense_gemms(kind, t * args.topk, args.hidden, args.inter, device)
-                calls[("dense", kind)] = functools.partial(_time, _same_every_set(dense), args.quick)
+                # its operands are its own: the same call for every input set
+                calls[("dense", kind)] = _point_timer(lambda run: run(), [(dense,)] * INPUT_SETS, None, args.quick)
             calls.update({key: _point_timer(run, sets, out, args.quick) for key, run in runs.items()})
             timed = time_in_both_orders(calls, f" at E={e} T={t}")
             stream_us = timed.pop(("stream", "ceiling"))[0]
