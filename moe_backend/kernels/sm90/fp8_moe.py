@@ -209,12 +209,13 @@ GROUPED_OVERLAP_TILE = [t for t in GROUPED_TILES if t[:4] == GROUPED_DEFAULT_TIL
 #: it lost (E=256 T=2048: 3803 against 3328), at 32 too (E=32 T=128: 512 against 410).
 CUTE_GROUPED_MIN_ROWS = 128
 #: The default tile's twins in clusters of two M tiles of one expert (its weight tiles multicast
-#: to both: half the weight reads), overlapping and plain (for a K without an even number of
-#: K tiles). From :data:`GROUPED_CLUSTER_MIN_ROWS` expected rows per expert the heuristic takes
-#: them for both GEMMs: H200, 2026-12-03, two runs, against the default tiles: E=32 T=8192
-#: 6216 vs 6462 and 6449 vs 6619 us; E=256 T=8192 6634 vs 6864 and 6916 vs 7047; E=32 T=1024
-#: 820 vs 837 and 862 vs 871. With one M tile an expert the cluster's second half idles: at
-#: 32 rows an expert (E=256 T=1024) the grouped GEMMs took twice as long.
+#: to both: half the weight reads from L2), overlapping and plain (for a K without an even number
+#: of K tiles). From :data:`GROUPED_CLUSTER_MIN_ROWS` expected rows per expert the heuristic takes
+#: them for both GEMMs. H200, 2026-12-03, against the one-CTA tiles (docs/performance.md, eighth
+#: session): faster at E=32 in every run but one (T=1024: 820-862 vs 837-871 us in four runs;
+#: T=8192: 5977-6449 vs 6380-6619 in five, a sixth 7003 vs 6473 with one slow pass); E=256
+#: T=8192 level (two runs each way, gaps of 0.6-3.4%). With one M tile an expert the cluster's second
+#: half idles: at 32 rows an expert (E=256 T=1024) the grouped GEMMs took twice as long.
 GROUPED_CLUSTER_TILE = check_tile((128, 128, 2, False, True))
 GROUPED_CLUSTER_PLAIN_TILE = check_tile((128, 128, 2, False, False))
 GROUPED_CLUSTER_MIN_ROWS = 256
@@ -493,7 +494,7 @@ def fused_experts_fp8(
     if cfg["path"] == "cute_grouped":
         if defect is not None:
             raise ValueError(f"config: path='cute_grouped' cannot serve this layer: {defect}")
-        if not config:  # the heuristic's choice: its tiles for this I
+        if not config:  # the heuristic's choice: its tiles for H, I and the rows per expert
             cfg.update(default_grouped_tiles(hidden_size, w2.shape[2], num_tokens * top_k / num_experts))
         tile1, tile2 = grouped_tiles(cfg, hidden_size, w2.shape[2])
         return run_fp8_grouped(
