@@ -248,11 +248,13 @@ def test_swapab_refuses_configurations_it_cannot_honour():
     for tiles in (0, 1.5, True):
         with pytest.raises(ValueError, match="N_TILES2 must be an int >= 1"):
             run_fp8_kernel(p, config=dict(SWAPAB_SMALL, N_TILES2=tiles))
+    for blocks in (3, -1, 32, True, 4.0):
+        with pytest.raises(ValueError, match=r"PREFETCH2 must be one of \(0, 1, 2, 4, 8, 16\)"):
+            run_fp8_kernel(p, config=dict(SWAPAB_SMALL, PREFETCH2=blocks))
     for other in (DECODE_SMALL, PREFILL_SMALL):
-        with pytest.raises(ValueError, match="FUSED_CAST2 and N_TILES2 apply to path='swapab' only"):
-            run_fp8_kernel(p, config=dict(other, FUSED_CAST2=True))
-        with pytest.raises(ValueError, match="FUSED_CAST2 and N_TILES2 apply to path='swapab' only"):
-            run_fp8_kernel(p, config=dict(other, N_TILES2=2))
+        for knob in (dict(FUSED_CAST2=True), dict(N_TILES2=2), dict(PREFETCH2=4)):
+            with pytest.raises(ValueError, match="FUSED_CAST2, N_TILES2 and PREFETCH2 apply to path='swapab' only"):
+                run_fp8_kernel(p, config=dict(other, **knob))
 
 
 @runs_here
@@ -347,6 +349,9 @@ def test_gpu_config_variants(variant, t, e, path):
         dict(N_TILES2=3, BLOCK_N2=64, num_warps2=4),
         dict(FUSED_CAST2=True, N_TILES2=4),
         dict(FUSED_CAST2=True, SPLIT_K2=2, N_TILES2=3),
+        dict(PREFETCH2=0),
+        dict(PREFETCH2=16),
+        dict(PREFETCH2=4, SPLIT_K2=2, N_TILES2=3, BLOCK_N2=64, num_warps2=4),
     ],
     ids=[
         "default",
@@ -358,6 +363,9 @@ def test_gpu_config_variants(variant, t, e, path):
         "tiles3-n64",
         "fused-tiles4",
         "fused-split-tiles3",
+        "no-prefetch",
+        "prefetch16",
+        "prefetch4-split-tiles3",
     ],
 )
 @pytest.mark.parametrize(

@@ -76,6 +76,9 @@ logger = logging.getLogger(__name__)
 #: each inside a CUDA graph at T=1). ``N_TILES2`` (int >= 1): each GEMM2 program streams that many
 #: consecutive ``BLOCK_N2``-row tiles of ``w2`` in one pipelined loop: fewer, longer programs, so the
 #: pipeline ramp of GEMM2's short ones (16 K steps at I = 2048) is paid fewer times.
+#: ``PREFETCH2`` (0, 1, 2, 4, 8 or 16): K blocks of each ``w2`` row that a GEMM2 program asks L2 for
+#: before it waits on GEMM1 (``PDL``: beside GEMM1's last programs, whose SMs idle 10-15% of GEMM1's
+#: time at T=1 on the H200); 0: none.
 CONFIG_KEYS = (
     "path",
     "NUMERICS",
@@ -98,6 +101,7 @@ CONFIG_KEYS = (
     "QUANT_OUT1",
     "FUSED_CAST2",
     "N_TILES2",
+    "PREFETCH2",
     "TILE1",
     "TILE2",
 )
@@ -126,13 +130,15 @@ DECODE_CONFIG: Dict[str, Any] = dict(
     QUANT_OUT1=False,
     FUSED_CAST2=False,
     N_TILES2=1,
+    PREFETCH2=0,
 )
 #: ``swapab``: no alignment launch, weights on the MMA's M side (``fp8_swapab``); BLOCK_M is the
 #: pairs per MMA (its N side), BLOCK_N1 the gate (and up) rows of a GEMM1 tile. The default is the
 #: fastest of an H200 scan at T = 1 .. 16 (docs/performance.md, "FP8 decode"): pre-quantized input,
 #: an e4m3 intermediate from GEMM1's epilogue (both GEMMs stream FP8 operands through shared memory
 #: without a register round trip), 128-row weight tiles on 8 warps, and GEMM2 launched as a
-#: programmatic dependent launch.
+#: programmatic dependent launch that asks L2 for its first four K blocks before it waits
+#: (``PREFETCH2``, below).
 SWAPAB_CONFIG: Dict[str, Any] = dict(
     DECODE_CONFIG,
     path="swapab",
@@ -147,19 +153,25 @@ SWAPAB_CONFIG: Dict[str, Any] = dict(
     SPLIT_K2=1,
     num_warps2=8,
     num_stages2=4,
+    PREFETCH2=4,
 )
-#: The swap-AB GEMM2 variants not yet timed on a GPU (not tuner candidates until they are):
-#: ``scripts/decode_breakdown.py`` times them against ``SWAPAB_CONFIG`` and
-#: ``scripts/compile_kernels.py`` builds them for sm_90a. The default GEMM2 (8 warps, 119
-#: registers, 72 KiB of shared memory) fits two programs an SM: at T=1 its 448 programs run in
-#: 1.7 waves. Four warps fit three (``w4``) and, with three stages, four an SM, so that all 448
-#: run at once (``w4_st3``); two K slices halve each program's stream (``split2``). (Fusing the
-#: cast, or two or four tiles a program, was slower at every T from 1 to 16: H200, 2026-12-02.)
+#: The swap-AB GEMM2 variants, not tuner candidates: ``scripts/decode_breakdown.py`` and ``moe-backend
+#: bench --variants swapab_<name>`` time them against ``SWAPAB_CONFIG``, ``scripts/compile_kernels.py``
+#: builds them for sm_90a. The default GEMM2 (8 warps, 119 registers, 72 KiB of shared memory) fits
+#: two programs an SM: at T=1 its 448 programs run in 1.7 waves. Four warps fit three (``w4``) and,
+#: with three stages, four an SM, so that all 448 run at once (``w4_st3``); two K slices halve each
+#: program's stream (``split2``). All three were slower at every T from 1 to 16 (H200, 2026-12-02
+#: and 2026-12-03), as were fusing the cast and two or four tiles a program. ``prefetch*`` ask L2
+#: for the first K blocks of their rows before waiting on GEMM1 (``PREFETCH2``): four blocks, the
+#: default, were 0.3-0.9% faster than none at every T from 1 to 16 (E=256 and 32; T=1: 107.8
+#: against 108.7 us), sixteen 3-8% slower (H200, 2026-12-03, one bench run: docs/performance.md).
 SWAPAB_GEMM2_VARIANTS: Dict[str, Dict[str, Any]] = {
     "w4": dict(SWAPAB_CONFIG, num_warps2=4),
     "w4_st3": dict(SWAPAB_CONFIG, num_warps2=4, num_stages2=3),
     "split2": dict(SWAPAB_CONFIG, SPLIT_K2=2),
     "w4_st3_split2": dict(SWAPAB_CONFIG, num_warps2=4, num_stages2=3, SPLIT_K2=2),
+    "no_prefetch": dict(SWAPAB_CONFIG, PREFETCH2=0),
+    "prefetch16": dict(SWAPAB_CONFIG, PREFETCH2=16),
 }
 #: The swap-AB default is used up to this many (token, slot) pairs (measured up to T = 16, k = 8).
 SWAPAB_DEFAULT_MAX_PAIRS = 128
@@ -185,6 +197,7 @@ PREFILL_CONFIG: Dict[str, Any] = dict(
     QUANT_OUT1=True,
     FUSED_CAST2=False,
     N_TILES2=1,
+    PREFETCH2=0,
 )
 
 
@@ -250,7 +263,7 @@ DEFAULT_TIERS = (
 #: Version of this kernel's tuned configurations: the tuning cache keeps a configuration only
 #: for the version it was tuned for. Bump it when the kernels, their weight or activation
 #: layout, or the configuration schema (CONFIG_KEYS, their meaning) change.
-KERNEL_VERSION = 2
+KERNEL_VERSION = 3
 
 #: What the tuner times per token bucket (each overrides the heuristic default of that size):
 #: the swap-AB and aligned decode paths, skinny atomic-combine tiles, and prefill tiles up to 128 rows.
@@ -517,10 +530,10 @@ def fused_experts_fp8(
         _check_vllm_numerics(
             cfg, block_scaled, a13_scale is None and a2_scale is None, ue8m0, apply_router_weight_on_input
         )
-    if cfg["path"] != "swapab" and (cfg["FUSED_CAST2"] or cfg["N_TILES2"] != 1):
+    if cfg["path"] != "swapab" and (cfg["FUSED_CAST2"] or cfg["N_TILES2"] != 1 or cfg["PREFETCH2"] != 0):
         raise ValueError(
-            f"config: FUSED_CAST2 and N_TILES2 apply to path='swapab' only, got path={cfg['path']!r} with "
-            f"FUSED_CAST2={cfg['FUSED_CAST2']!r}, N_TILES2={cfg['N_TILES2']!r}"
+            f"config: FUSED_CAST2, N_TILES2 and PREFETCH2 apply to path='swapab' only, got path={cfg['path']!r} "
+            f"with FUSED_CAST2={cfg['FUSED_CAST2']!r}, N_TILES2={cfg['N_TILES2']!r}, PREFETCH2={cfg['PREFETCH2']!r}"
         )
     num_pairs = num_tokens * top_k
     topk_ids = topk_ids.contiguous()
@@ -564,6 +577,7 @@ def fused_experts_fp8(
             zero_in_gemm1=cfg["ZERO"] == "fused",
             N_TILES2=cfg["N_TILES2"],
             result=result if cfg["FUSED_CAST2"] else None,
+            PREFETCH2=cfg["PREFETCH2"],
         )
         if not cfg["FUSED_CAST2"]:
             cast_out(acc, result, pdl=pdl)

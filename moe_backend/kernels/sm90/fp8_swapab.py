@@ -20,6 +20,8 @@ and of ids outside ``[local_expert_offset, + E)`` return at once.
   result is added atomically into ``acc [T, H]`` fp32; ``combine.cast_out`` rounds it to bf16,
   or (``FUSED_CAST``) the program that adds a (token, tile)'s last contribution does, counted
   in an int32 ``arrivals [T, H / BLOCK_N]`` (no cast launch).
+  With ``PREFETCH`` it first asks L2 for its rows' first K blocks (``prefetch.global.L2``),
+  before its programmatic-dependent-launch wait on GEMM1.
 
 Numerics equal the ``decode`` path of ``fp8_moe`` (fp32 intermediate, same quantization and
 scale order); only the fp32 summation order inside the MMA differs.
@@ -34,6 +36,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from ...quant.fp8 import BLOCK as SCALE_BLOCK
 from ...runtime import workspace
+from ..interpret import INTERPRETING
 from .act_quant import act_quant_fp8
 from .fp8_tile import quantize_tile, to_bf16
 from .tiles import (
@@ -46,6 +49,18 @@ from .tiles import (
 )
 
 ZERO_BLOCK = tl.constexpr(1024)
+#: Values ``PREFETCH2`` may take: K blocks of each ``w2`` row a GEMM2 program asks L2 for before it
+#: waits on GEMM1 (a power of two: one 128-byte line a block, ``tl.arange`` over them).
+PREFETCH_BLOCKS = (0, 1, 2, 4, 8, 16)
+
+
+@triton.jit
+def prefetch_l2(ptrs):
+    """Ask L2 for the 128-byte line holding each address of ``ptrs`` (any shape): a hint with no
+    value, so that a load issued later finds the line in L2."""
+    tl.inline_asm_elementwise(
+        "mov.u32 $0, 0;\nprefetch.global.L2 [$1];", "=r,l", [ptrs], dtype=tl.int32, is_pure=False, pack=1
+    )
 
 
 @triton.jit
@@ -325,6 +340,7 @@ def _gemm2_kernel(
     WEIGHT_ON_INPUT: tl.constexpr,
     EVEN_K: tl.constexpr,
     PDL: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     if PDL:
         gdc_launch_dependents()
@@ -335,6 +351,13 @@ def _gemm2_kernel(
     kb_start = tl.program_id(2) * k_blocks_per_split
     kb_end = tl.minimum(kb_start + k_blocks_per_split, tl.cdiv(I, BLOCK_K))
     offs_k = tl.arange(0, BLOCK_K)
+    if PREFETCH > 0:
+        # The first PREFETCH K blocks of each row of this program's first tile, asked of L2 while
+        # GEMM1's last programs still run (PDL): the weight stream starts before the wait. Rows
+        # past H and blocks past I re-ask a line inside the tensor instead (a hint, no mask).
+        rows = tl.minimum(tl.program_id(1) * N_TILES * BLOCK_N + tl.arange(0, BLOCK_N), H - 1)
+        cols = tl.minimum(kb_start * BLOCK_K + tl.arange(0, PREFETCH) * BLOCK_K, I - 1)
+        prefetch_l2(w_ptr + expert * stride_we + rows[:, None] * stride_wn + cols[None, :])
     if PDL:
         gdc_wait()  # GEMM1 (y, the zeroed acc, arrivals and result) is complete and visible past this point
     # One loop over (chunk, tile) around the K loop: a two-level nest, which Triton's
@@ -439,6 +462,7 @@ def swapab_fp8(
     zero_in_gemm1: bool = True,
     N_TILES2: int = 1,
     result: Optional[torch.Tensor] = None,
+    PREFETCH2: int = 0,
 ) -> None:
     """Both GEMMs: ``acc[t] += sum_j w[t, j] * expert(ids[t, j])(hidden[t])`` (fp32, atomics).
 
@@ -462,11 +486,14 @@ def swapab_fp8(
         result: ``[T, H]`` bf16 contiguous: GEMM2 writes the rounded sum itself (the fused cast;
             needs ``zero_in_gemm1``: GEMM1 zeroes ``result`` and the arrival counters); None:
             the caller casts ``acc``.
+        PREFETCH2: K blocks (one of :data:`PREFETCH_BLOCKS`) of each ``w2`` row of its first
+            tile that a GEMM2 program asks L2 for before waiting on GEMM1 (with ``pdl`` it runs
+            beside GEMM1's tail); 0: none. Skipped under the interpreter (a hint, no value).
 
     Raises:
         ValueError: a tile that would mix block scales, an e4m3 intermediate with dynamic
-            scales whose GEMM1 tile is not one scale block wide, N_TILES2 < 1, or the fused
-            cast without GEMM1's zeroing.
+            scales whose GEMM1 tile is not one scale block wide, N_TILES2 < 1, PREFETCH2 not
+            in :data:`PREFETCH_BLOCKS`, or the fused cast without GEMM1's zeroing.
     """
     e, two_i, h = w13.shape
     inter = two_i // 2
@@ -488,6 +515,8 @@ def swapab_fp8(
         )
     if isinstance(N_TILES2, bool) or not isinstance(N_TILES2, int) or N_TILES2 < 1:
         raise ValueError(f"config: N_TILES2 must be an int >= 1, got {N_TILES2!r}")
+    if isinstance(PREFETCH2, bool) or not isinstance(PREFETCH2, int) or PREFETCH2 not in PREFETCH_BLOCKS:
+        raise ValueError(f"config: PREFETCH2 must be one of {PREFETCH_BLOCKS}, got {PREFETCH2!r}")
     if result is not None and not zero_in_gemm1:
         raise ValueError(
             "config: FUSED_CAST2 needs ZERO='fused' (GEMM1 zeroes the output rows of tokens without a local "
@@ -610,6 +639,7 @@ def swapab_fp8(
         WEIGHT_ON_INPUT=weight_on_input,
         EVEN_K=inter % SCALE_BLOCK == 0,
         PDL=pdl,
+        PREFETCH=0 if INTERPRETING else PREFETCH2,
         num_warps=num_warps2,
         num_stages=num_stages2,
         maxnreg=GATHER_MAXNREG,
