@@ -176,8 +176,8 @@ def nvfp4_stages(layer: Layer, sets, cfg: Dict) -> Dict[str, float]:
 
 
 #: Configurations timed as whole layers: name -> full configuration (the swap-AB decode path
-#: in several tilings, the aligned decode path it replaces, and the swap-AB default with each
-#: GEMM2 variant not yet timed, ``swapab_*``).
+#: in several tilings, the aligned decode path it replaces, and the swap-AB default with each of
+#: ``fp8_moe.SWAPAB_VARIANTS``, ``swapab_*``).
 _SW = fp8_moe.SWAPAB_CONFIG
 _COMBO = dict(_SW, BLOCK_N1=64, num_stages1=3, BLOCK_N2=128, num_warps2=8, num_stages2=3)
 _PREQ = dict(_COMBO, QUANT_ON_LOAD1=False, PDL=True)
@@ -193,7 +193,7 @@ FP8_SCAN = {
     "preq_y": dict(_PREQ_XY, QUANT_ON_LOAD1=True),
     "preq_xy_nopdl": dict(_PREQ_XY, PDL=False),
     "swapab": dict(_SW),
-    **{f"swapab_{name}": dict(cfg) for name, cfg in fp8_moe.SWAPAB_GEMM2_VARIANTS.items()},
+    **{f"swapab_{name}": dict(cfg) for name, cfg in fp8_moe.SWAPAB_VARIANTS.items()},
 }
 
 

@@ -53,7 +53,7 @@ def test_capture_reaches_every_kernel_and_configuration():
             launched in line and f"'{rows}': {cfg['BLOCK_M']}" in line and f"'BLOCK_N': {cfg['BLOCK_N2']}" in line
             for line in gemm2
         ), cfg
-    for cfg in fp8_moe.SWAPAB_GEMM2_VARIANTS.values():  # experimental, not tuner candidates
+    for cfg in fp8_moe.SWAPAB_VARIANTS.values():  # experimental, not tuner candidates
         variant = f"'N_TILES': {cfg['N_TILES2']}, 'FUSED_CAST': {cfg['FUSED_CAST2']}"
         assert any(variant in line for line in gemm2), cfg
     # the gathered NVFP4 GEMMs and the FP8 swap-AB GEMM2 run capped at tiles.GATHER_MAXNREG
@@ -83,7 +83,7 @@ def test_experimental_configurations_can_be_left_out():
     from moe_backend.kernels.sm90 import fp8_moe, nvfp4_moe
 
     for kernel, experimental in (
-        ("sm90_triton_fp8", list(fp8_moe.SWAPAB_GEMM2_VARIANTS.values())),
+        ("sm90_triton_fp8", list(fp8_moe.SWAPAB_VARIANTS.values())),
         ("sm90_triton_nvfp4", [nvfp4_moe.SWAPAB_CONFIG]),
     ):
         everything = compile_kernels.launcher_configs(kernel)

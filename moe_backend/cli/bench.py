@@ -63,7 +63,7 @@ INPUT_SETS = 4
 #: Variants of our kernels (``--variants``): name -> (precision, configuration override; None:
 #: the kernel's deterministic configuration). The runtime variants of the FP8 block kernel
 #: (deterministic mode, zeroing of the atomic combine) and the decode candidates not yet
-#: selected by default (swap-AB GEMM2 variants, the NVFP4 swap-AB path). A variant that refuses
+#: selected by default (swap-AB variants, the NVFP4 swap-AB path). A variant that refuses
 #: a batch (swap-AB above ``tiles.MAX_GATHER_PAIRS`` pairs) is recorded without a time.
 VARIANTS: Dict[str, Tuple[str, Optional[Dict[str, Any]]]] = {
     "deterministic": ("fp8_block", None),
@@ -72,7 +72,7 @@ VARIANTS: Dict[str, Tuple[str, Optional[Dict[str, Any]]]] = {
     "zero_stream": ("fp8_block", {"COMBINE": "atomic", "ZERO": "stream"}),
     # swap-AB beyond the pairs the default gives it (T=32 E=256: one pair an expert)
     "swapab": ("fp8_block", fp8_moe.SWAPAB_CONFIG),
-    **{f"swapab_{name}": ("fp8_block", cfg) for name, cfg in fp8_moe.SWAPAB_GEMM2_VARIANTS.items()},
+    **{f"swapab_{name}": ("fp8_block", cfg) for name, cfg in fp8_moe.SWAPAB_VARIANTS.items()},
     "nvfp4_swapab": ("nvfp4", nvfp4_moe.SWAPAB_CONFIG),
     # prefill: the Triton kernels' largest tiles and the CuTe DSL grouped GEMMs, whichever the default takes
     "prefill": ("fp8_block", fp8_moe.PREFILL_CONFIG),

@@ -170,7 +170,9 @@ def test_all_tokens_one_expert_and_no_local_expert(config):
 
 
 #: Swap-AB's GEMM2 variants: the bf16 output written by GEMM2 (no cast launch), several w2 tiles a
-#: program (H = 256 with 32-row tiles: 8 tiles, so 3 a program leaves a masked tail), both.
+#: program (H = 256 with 32-row tiles: 8 tiles, so 3 a program leaves a masked tail), both. (The
+#: L2 prefetches, ``PREFETCH1`` / ``PREFETCH2``, are hints the interpreter skips: here they only
+#: pass through the launcher; the GPU tests run them.)
 SWAPAB_FUSED = dict(SWAPAB_SMALL, BLOCK_N2=32, FUSED_CAST2=True)
 SWAPAB_TILES = dict(SWAPAB_SMALL, BLOCK_N2=32, N_TILES2=3)
 
@@ -198,8 +200,9 @@ def _swapab_edge_problem(seed: int) -> Problem:
         SWAPAB_TILES,
         dict(SWAPAB_FUSED, N_TILES2=3),
         dict(SWAPAB_PREQ, BLOCK_N2=32, FUSED_CAST2=True, N_TILES2=2),
+        dict(SWAPAB_PREQ, PREFETCH1=4, PREFETCH2=16),
     ],
-    ids=["fused-split2", "fused", "tiles2", "tiles3", "fused-tiles3", "preq-fused-tiles2"],
+    ids=["fused-split2", "fused", "tiles2", "tiles3", "fused-tiles3", "preq-fused-tiles2", "preq-prefetch"],
 )
 def test_swapab_gemm2_variants(config):
     """The fused cast and multi-tile GEMM2 programs on EP offsets, -1 and foreign ids, a token
@@ -248,12 +251,15 @@ def test_swapab_refuses_configurations_it_cannot_honour():
     for tiles in (0, 1.5, True):
         with pytest.raises(ValueError, match="N_TILES2 must be an int >= 1"):
             run_fp8_kernel(p, config=dict(SWAPAB_SMALL, N_TILES2=tiles))
-    for blocks in (3, -1, 32, True, 4.0):
-        with pytest.raises(ValueError, match=r"PREFETCH2 must be one of \(0, 1, 2, 4, 8, 16\)"):
-            run_fp8_kernel(p, config=dict(SWAPAB_SMALL, PREFETCH2=blocks))
+    for name in ("PREFETCH1", "PREFETCH2"):
+        for blocks in (3, -1, 32, True, 4.0):
+            with pytest.raises(ValueError, match=rf"{name} must be one of \(0, 1, 2, 4, 8, 16\), got {blocks!r}"):
+                run_fp8_kernel(p, config={**SWAPAB_SMALL, name: blocks})
     for other in (DECODE_SMALL, PREFILL_SMALL):
-        for knob in (dict(FUSED_CAST2=True), dict(N_TILES2=2), dict(PREFETCH2=4)):
-            with pytest.raises(ValueError, match="FUSED_CAST2, N_TILES2 and PREFETCH2 apply to path='swapab' only"):
+        for knob in (dict(FUSED_CAST2=True), dict(N_TILES2=2), dict(PREFETCH1=4), dict(PREFETCH2=4)):
+            with pytest.raises(
+                ValueError, match="FUSED_CAST2, N_TILES2, PREFETCH1 and PREFETCH2 apply to path='swapab' only"
+            ):
                 run_fp8_kernel(p, config=dict(other, **knob))
 
 
@@ -352,6 +358,8 @@ def test_gpu_config_variants(variant, t, e, path):
         dict(PREFETCH2=0),
         dict(PREFETCH2=16),
         dict(PREFETCH2=4, SPLIT_K2=2, N_TILES2=3, BLOCK_N2=64, num_warps2=4),
+        dict(PREFETCH1=8),
+        dict(PREFETCH1=4, QUANT_ON_LOAD1=True, QUANT_OUT1=False),
     ],
     ids=[
         "default",
@@ -366,6 +374,8 @@ def test_gpu_config_variants(variant, t, e, path):
         "no-prefetch",
         "prefetch16",
         "prefetch4-split-tiles3",
+        "gemm1-prefetch8",
+        "gemm1-prefetch4-quant-on-load",
     ],
 )
 @pytest.mark.parametrize(

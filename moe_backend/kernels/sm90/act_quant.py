@@ -16,6 +16,7 @@ from typing import Optional, Tuple
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents
 
 from ...quant.fp8 import BLOCK
 from ...runtime import workspace
@@ -43,7 +44,10 @@ def _act_quant_kernel(
     UE8M0: tl.constexpr,
     VLLM: tl.constexpr,
     SCATTER_K: tl.constexpr,
+    LAUNCH_DEPENDENTS: tl.constexpr,
 ):
+    if LAUNCH_DEPENDENTS:
+        gdc_launch_dependents()  # the GEMM launched after it may start; it waits before reading q
     t = tl.program_id(0).to(tl.int64)
     g = tl.program_id(1) * NUM_GROUPS + tl.arange(0, NUM_GROUPS)
     cols = g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
@@ -67,11 +71,17 @@ def _act_quant_kernel(
 
 
 def act_quant_fp8(
-    hidden: torch.Tensor, static_scale: Optional[torch.Tensor], ue8m0: bool, vllm: bool = False
+    hidden: torch.Tensor,
+    static_scale: Optional[torch.Tensor],
+    ue8m0: bool,
+    vllm: bool = False,
+    launch_dependents: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Quantize ``hidden [T, H]`` (bf16, T > 0, unit column stride) to e4m3.
 
-    ``vllm``: vLLM's numerics (dynamic scales only, no ``ue8m0``).
+    ``vllm``: vLLM's numerics (dynamic scales only, no ``ue8m0``). ``launch_dependents``: the
+    next launch, if it is a programmatic dependent launch, may start at once (it must wait for
+    this grid before reading ``q`` and ``s``); a GPU only.
 
     Returns ``(q [T, H] float8_e4m3fn, s)`` with ``s [T, ceil(H/128)]`` fp32 for
     dynamic scales, or ``static_scale`` itself (``[1]`` fp32) when given.
@@ -83,7 +93,7 @@ def act_quant_fp8(
     static = static_scale is not None
     assert not (vllm and (static or ue8m0))
     s = static_scale if static_scale is not None else torch.empty(t, groups, dtype=torch.float32, device=hidden.device)
-    _launch(hidden, q, s, s, STATIC=static, UE8M0=ue8m0, VLLM=vllm, SCATTER_K=0)
+    _launch(hidden, q, s, s, STATIC=static, UE8M0=ue8m0, VLLM=vllm, SCATTER_K=0, LAUNCH_DEPENDENTS=launch_dependents)
     return q, s
 
 
@@ -100,7 +110,17 @@ def act_quant_scatter_fp8(
     t = hidden.shape[0]
     assert hidden.stride(1) == 1 and q.stride(1) == 1 and s.stride(1) == 1
     assert row_of_pair.numel() % t == 0 and row_of_pair.dtype == torch.int32
-    _launch(hidden, q, s, row_of_pair, STATIC=False, UE8M0=False, VLLM=False, SCATTER_K=row_of_pair.numel() // t)
+    _launch(
+        hidden,
+        q,
+        s,
+        row_of_pair,
+        STATIC=False,
+        UE8M0=False,
+        VLLM=False,
+        SCATTER_K=row_of_pair.numel() // t,
+        LAUNCH_DEPENDENTS=False,
+    )
     return q, s
 
 

@@ -78,7 +78,9 @@ logger = logging.getLogger(__name__)
 #: pipeline ramp of GEMM2's short ones (16 K steps at I = 2048) is paid fewer times.
 #: ``PREFETCH2`` (0, 1, 2, 4, 8 or 16): K blocks of each ``w2`` row that a GEMM2 program asks L2 for
 #: before it waits on GEMM1 (``PDL``: beside GEMM1's last programs, whose SMs idle 10-15% of GEMM1's
-#: time at T=1 on the H200); 0: none.
+#: time at T=1 on the H200); 0: none. ``PREFETCH1`` (the same values): the same for GEMM1's ``w13``
+#: rows; with ``PDL`` and a pre-quantized input GEMM1 is then launched as ``act_quant``'s
+#: programmatic dependent, so that it prefetches while the input is quantized.
 CONFIG_KEYS = (
     "path",
     "NUMERICS",
@@ -101,6 +103,7 @@ CONFIG_KEYS = (
     "QUANT_OUT1",
     "FUSED_CAST2",
     "N_TILES2",
+    "PREFETCH1",
     "PREFETCH2",
     "TILE1",
     "TILE2",
@@ -130,6 +133,7 @@ DECODE_CONFIG: Dict[str, Any] = dict(
     QUANT_OUT1=False,
     FUSED_CAST2=False,
     N_TILES2=1,
+    PREFETCH1=0,
     PREFETCH2=0,
 )
 #: ``swapab``: no alignment launch, weights on the MMA's M side (``fp8_swapab``); BLOCK_M is the
@@ -155,7 +159,7 @@ SWAPAB_CONFIG: Dict[str, Any] = dict(
     num_stages2=4,
     PREFETCH2=4,
 )
-#: The swap-AB GEMM2 variants, not tuner candidates: ``scripts/decode_breakdown.py`` and ``moe-backend
+#: The swap-AB variants, not tuner candidates: ``scripts/decode_breakdown.py`` and ``moe-backend
 #: bench --variants swapab_<name>`` time them against ``SWAPAB_CONFIG``, ``scripts/compile_kernels.py``
 #: builds them for sm_90a. The default GEMM2 (8 warps, 119 registers, 72 KiB of shared memory) fits
 #: two programs an SM: at T=1 its 448 programs run in 1.7 waves. Four warps fit three (``w4``) and,
@@ -165,13 +169,16 @@ SWAPAB_CONFIG: Dict[str, Any] = dict(
 #: for the first K blocks of their rows before waiting on GEMM1 (``PREFETCH2``): four blocks, the
 #: default, were 0.3-0.9% faster than none at every T from 1 to 16 (E=256 and 32; T=1: 107.8
 #: against 108.7 us), sixteen 3-8% slower (H200, 2026-12-03, one bench run: docs/performance.md).
-SWAPAB_GEMM2_VARIANTS: Dict[str, Dict[str, Any]] = {
+#: ``gemm1_prefetch*`` do the same for GEMM1 beside ``act_quant`` (``PREFETCH1``; not timed yet).
+SWAPAB_VARIANTS: Dict[str, Dict[str, Any]] = {
     "w4": dict(SWAPAB_CONFIG, num_warps2=4),
     "w4_st3": dict(SWAPAB_CONFIG, num_warps2=4, num_stages2=3),
     "split2": dict(SWAPAB_CONFIG, SPLIT_K2=2),
     "w4_st3_split2": dict(SWAPAB_CONFIG, num_warps2=4, num_stages2=3, SPLIT_K2=2),
     "no_prefetch": dict(SWAPAB_CONFIG, PREFETCH2=0),
     "prefetch16": dict(SWAPAB_CONFIG, PREFETCH2=16),
+    "gemm1_prefetch4": dict(SWAPAB_CONFIG, PREFETCH1=4),
+    "gemm1_prefetch8": dict(SWAPAB_CONFIG, PREFETCH1=8),
 }
 #: The swap-AB default is used up to this many (token, slot) pairs (measured up to T = 16, k = 8).
 SWAPAB_DEFAULT_MAX_PAIRS = 128
@@ -197,6 +204,7 @@ PREFILL_CONFIG: Dict[str, Any] = dict(
     QUANT_OUT1=True,
     FUSED_CAST2=False,
     N_TILES2=1,
+    PREFETCH1=0,
     PREFETCH2=0,
 )
 
@@ -530,10 +538,11 @@ def fused_experts_fp8(
         _check_vllm_numerics(
             cfg, block_scaled, a13_scale is None and a2_scale is None, ue8m0, apply_router_weight_on_input
         )
-    if cfg["path"] != "swapab" and (cfg["FUSED_CAST2"] or cfg["N_TILES2"] != 1 or cfg["PREFETCH2"] != 0):
+    swapab_only = {k: cfg[k] for k in ("FUSED_CAST2", "N_TILES2", "PREFETCH1", "PREFETCH2")}
+    if cfg["path"] != "swapab" and swapab_only != dict(FUSED_CAST2=False, N_TILES2=1, PREFETCH1=0, PREFETCH2=0):
         raise ValueError(
-            f"config: FUSED_CAST2, N_TILES2 and PREFETCH2 apply to path='swapab' only, got path={cfg['path']!r} "
-            f"with FUSED_CAST2={cfg['FUSED_CAST2']!r}, N_TILES2={cfg['N_TILES2']!r}, PREFETCH2={cfg['PREFETCH2']!r}"
+            f"config: FUSED_CAST2, N_TILES2, PREFETCH1 and PREFETCH2 apply to path='swapab' only, got "
+            f"path={cfg['path']!r} with {swapab_only}"
         )
     num_pairs = num_tokens * top_k
     topk_ids = topk_ids.contiguous()
@@ -577,6 +586,7 @@ def fused_experts_fp8(
             zero_in_gemm1=cfg["ZERO"] == "fused",
             N_TILES2=cfg["N_TILES2"],
             result=result if cfg["FUSED_CAST2"] else None,
+            PREFETCH1=cfg["PREFETCH1"],
             PREFETCH2=cfg["PREFETCH2"],
         )
         if not cfg["FUSED_CAST2"]:

@@ -21,7 +21,8 @@ and of ids outside ``[local_expert_offset, + E)`` return at once.
   or (``FUSED_CAST``) the program that adds a (token, tile)'s last contribution does, counted
   in an int32 ``arrivals [T, H / BLOCK_N]`` (no cast launch).
   With ``PREFETCH`` it first asks L2 for its rows' first K blocks (``prefetch.global.L2``),
-  before its programmatic-dependent-launch wait on GEMM1.
+  before its programmatic-dependent-launch wait on GEMM1. GEMM1 can do the same beside
+  ``act_quant`` (``PREFETCH1``).
 
 Numerics equal the ``decode`` path of ``fp8_moe`` (fp32 intermediate, same quantization and
 scale order); only the fp32 summation order inside the MMA differs.
@@ -168,6 +169,8 @@ def _gemm1_kernel(
     WEIGHT_ON_INPUT: tl.constexpr,
     EVEN_K: tl.constexpr,
     PDL: tl.constexpr,
+    PREFETCH: tl.constexpr,
+    WAIT_INPUT: tl.constexpr,
 ):
     if PDL:
         gdc_launch_dependents()  # GEMM2 may start its prologue; it waits before reading y
@@ -186,6 +189,13 @@ def _gemm1_kernel(
     col_ok = cols < I
     w_rows = tl.where(is_gate, cols, I + cols)
     offs_k = tl.arange(0, BLOCK_K)
+    if PREFETCH > 0:
+        # As GEMM2's prefetch: the first PREFETCH K blocks of the tile's gate and up rows, asked
+        # of L2 while act_quant still runs (WAIT_INPUT), clamped inside the tensor.
+        k_cols = tl.minimum(tl.arange(0, PREFETCH) * BLOCK_K, H - 1)
+        prefetch_l2(w_ptr + expert * stride_we + tl.minimum(w_rows, 2 * I - 1)[:, None] * stride_wn + k_cols[None, :])
+    if WAIT_INPUT:
+        gdc_wait()  # act_quant's codes and scales are complete and visible past this point
     if BLOCK_SCALED:
         ws_ptr = w_scale_ptr + expert * stride_wse
         wsg_ptr = ws_ptr + (pid_n * BLOCK_N // BLOCK_K) * stride_wsn
@@ -462,6 +472,7 @@ def swapab_fp8(
     zero_in_gemm1: bool = True,
     N_TILES2: int = 1,
     result: Optional[torch.Tensor] = None,
+    PREFETCH1: int = 0,
     PREFETCH2: int = 0,
 ) -> None:
     """Both GEMMs: ``acc[t] += sum_j w[t, j] * expert(ids[t, j])(hidden[t])`` (fp32, atomics).
@@ -486,14 +497,18 @@ def swapab_fp8(
         result: ``[T, H]`` bf16 contiguous: GEMM2 writes the rounded sum itself (the fused cast;
             needs ``zero_in_gemm1``: GEMM1 zeroes ``result`` and the arrival counters); None:
             the caller casts ``acc``.
+        PREFETCH1: K blocks (one of :data:`PREFETCH_BLOCKS`) of each ``w13`` row of its tile that a
+            GEMM1 program asks L2 for first; with ``pdl`` and the input quantized by a separate
+            ``act_quant`` launch (not ``quant_on_load``), GEMM1 is launched as that launch's
+            programmatic dependent, so the prefetch runs beside it; 0: neither.
         PREFETCH2: K blocks (one of :data:`PREFETCH_BLOCKS`) of each ``w2`` row of its first
             tile that a GEMM2 program asks L2 for before waiting on GEMM1 (with ``pdl`` it runs
             beside GEMM1's tail); 0: none. Skipped under the interpreter (a hint, no value).
 
     Raises:
         ValueError: a tile that would mix block scales, an e4m3 intermediate with dynamic
-            scales whose GEMM1 tile is not one scale block wide, N_TILES2 < 1, PREFETCH2 not
-            in :data:`PREFETCH_BLOCKS`, or the fused cast without GEMM1's zeroing.
+            scales whose GEMM1 tile is not one scale block wide, N_TILES2 < 1, PREFETCH1 or
+            PREFETCH2 not in :data:`PREFETCH_BLOCKS`, or the fused cast without GEMM1's zeroing.
     """
     e, two_i, h = w13.shape
     inter = two_i // 2
@@ -515,8 +530,9 @@ def swapab_fp8(
         )
     if isinstance(N_TILES2, bool) or not isinstance(N_TILES2, int) or N_TILES2 < 1:
         raise ValueError(f"config: N_TILES2 must be an int >= 1, got {N_TILES2!r}")
-    if isinstance(PREFETCH2, bool) or not isinstance(PREFETCH2, int) or PREFETCH2 not in PREFETCH_BLOCKS:
-        raise ValueError(f"config: PREFETCH2 must be one of {PREFETCH_BLOCKS}, got {PREFETCH2!r}")
+    for name, blocks in (("PREFETCH1", PREFETCH1), ("PREFETCH2", PREFETCH2)):
+        if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks not in PREFETCH_BLOCKS:
+            raise ValueError(f"config: {name} must be one of {PREFETCH_BLOCKS}, got {blocks!r}")
     if result is not None and not zero_in_gemm1:
         raise ValueError(
             "config: FUSED_CAST2 needs ZERO='fused' (GEMM1 zeroes the output rows of tokens without a local "
@@ -526,7 +542,11 @@ def swapab_fp8(
     dev = hidden.device
     dummy = w13_scale  # stands for pointers a variant does not read
     quant_on_load = quant_on_load or weight_on_input
-    x, x_scale = (hidden, dummy) if quant_on_load else act_quant_fp8(hidden, a13_static, ue8m0)
+    # GEMM1 as act_quant's programmatic dependent: its prefetch runs beside the quantization.
+    gemm1_waits = pdl and PREFETCH1 > 0 and not quant_on_load
+    x, x_scale = (
+        (hidden, dummy) if quant_on_load else act_quant_fp8(hidden, a13_static, ue8m0, launch_dependents=gemm1_waits)
+    )
     if quant_out:
         y = workspace(num_pairs, inter, torch.float8_e4m3fn, dev, "moe_intermediate")
         y_scale = (
@@ -590,8 +610,11 @@ def swapab_fp8(
         WEIGHT_ON_INPUT=weight_on_input,
         EVEN_K=h % SCALE_BLOCK == 0,
         PDL=pdl,
+        PREFETCH=0 if INTERPRETING else PREFETCH1,
+        WAIT_INPUT=gemm1_waits,
         num_warps=num_warps1,
         num_stages=num_stages1,
+        **({"launch_pdl": True} if gemm1_waits else {}),
     )
     if zeroed is not None:
         torch.cuda.current_stream(dev).wait_event(zeroed)
