@@ -20,8 +20,11 @@ Approach (no signature is written by hand here):
    specialization (``specialization_data``, Triton's serialized form) and returns True, which
    tells Triton to skip compiling and launching. Sizes in the launchers never depend on
    data, so uninitialized tensors (``torch.empty``: never touched, so large shapes cost no
-   memory) drive the same launches as real ones. Weight containers or launchers that refuse a
-   combination (``ValueError``) are counted as refused: they can never launch it.
+   memory) drive the same launches as real ones. The launchers choose their launch options as
+   on a GPU (programmatic dependent launches where a configuration asks for them:
+   ``interpret.pdl_available``), so the kernels built are those a GPU launches. Weight
+   containers or launchers that refuse a combination (``ValueError``) are counted as refused:
+   they can never launch it.
 2. *Compile.* Triton also specializes on value facts of integer and pointer arguments
    (divisible by 16), which vary with the token count; of the specializations that differ
    only there, one is compiled per configuration (kernel, argument types, constexprs,
@@ -51,7 +54,7 @@ import tempfile
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, ContextManager, Dict, Iterator, List, Optional, Tuple
 
 logger = logging.getLogger("compile_kernels")
 
@@ -311,7 +314,7 @@ def capture_specializations(
     previous = knobs.runtime.jit_cache_hook
     knobs.runtime.jit_cache_hook = record
     try:
-        with _grouped_path_offline():
+        with _grouped_path_offline(), _gpu_launch_options():
             _launch_all(capture, shapes, token_counts, experimental)
     finally:
         knobs.runtime.jit_cache_hook = previous
@@ -319,7 +322,28 @@ def capture_specializations(
 
 
 @contextlib.contextmanager
-def _grouped_path_offline() -> Iterator[None]:
+def _patched(patches: List[Tuple[Any, str, Any]]) -> Iterator[None]:
+    """``setattr(module, name, value)`` for each patch while the block runs, then restored."""
+    saved = [getattr(module, name) for module, name, _ in patches]
+    for module, name, value in patches:
+        setattr(module, name, value)
+    try:
+        yield
+    finally:
+        for (module, name, _), value in zip(patches, saved, strict=True):
+            setattr(module, name, value)
+
+
+def _gpu_launch_options() -> ContextManager[None]:
+    """Let the launchers choose their launch options as on a GPU (programmatic dependent launches
+    where a configuration asks for them), so that the kernels built are those a GPU launches."""
+    from moe_backend.kernels.sm90 import fp8_moe, nvfp4_moe
+
+    on_gpu = lambda tensor: True  # noqa: E731
+    return _patched([(fp8_moe, "pdl_available", on_gpu), (nvfp4_moe, "pdl_available", on_gpu)])
+
+
+def _grouped_path_offline() -> ContextManager[None]:
     """Let the launchers' CuTe DSL paths (FP8 ``cute_grouped``, NVFP4 ``bf16_grouped``) run on CPU
     tensors, their CuTe DSL GEMMs skipped (``moe-backend compile-cute`` builds those), so that
     the Triton kernels around them (quantize-and-scatter, SiLU-and-mul requantization, the
@@ -327,21 +351,15 @@ def _grouped_path_offline() -> Iterator[None]:
     from moe_backend.kernels.sm90 import bf16_grouped, fp8_grouped_moe, fp8_moe, nvfp4_moe
 
     skipped = lambda *a, **kw: None  # noqa: E731
-    patches = [
-        (fp8_moe, "grouped_path_defect"),
-        (nvfp4_moe, "grouped_path_defect"),
-        (fp8_grouped_moe, "grouped_gemm_fp8_block"),
-        (bf16_grouped, "gemm1_gated"),
-        (bf16_grouped, "gemm2"),
-    ]
-    saved = [getattr(module, name) for module, name in patches]
-    for module, name in patches:
-        setattr(module, name, skipped)
-    try:
-        yield
-    finally:
-        for (module, name), value in zip(patches, saved, strict=True):
-            setattr(module, name, value)
+    return _patched(
+        [
+            (fp8_moe, "grouped_path_defect", skipped),
+            (nvfp4_moe, "grouped_path_defect", skipped),
+            (fp8_grouped_moe, "grouped_gemm_fp8_block", skipped),
+            (bf16_grouped, "gemm1_gated", skipped),
+            (bf16_grouped, "gemm2", skipped),
+        ]
+    )
 
 
 def configuration_key(data: str) -> str:

@@ -9,8 +9,8 @@ which also removes the programmatic dependent launch overlap). The H200 run of 2
         --section LaunchStats --section Occupancy --section SchedulerStats --csv --page details \\
         python scripts/decode_ncu.py --E 256 --precision nvfp4 > ncu_nvfp4.csv
 
-``--variant swapab_w4_st3`` (any ``moe-backend bench --variants`` name) profiles that configuration
-instead, e.g. to compare the FP8 GEMM2 tilings against the default.
+``--variant swapab_no_prefetch`` (any ``moe-backend bench --variants`` name) profiles that configuration
+instead, e.g. to compare a decode variant against the default.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def main() -> None:
     parser.add_argument(
         "--variant",
         choices=sorted(VARIANTS),
-        help="a bench variant of our kernel instead of the default (its own precision), e.g. swapab_w4_st3",
+        help="a bench variant of our kernel instead of the default (its own precision), e.g. swapab_no_prefetch",
     )
     args = parser.parse_args()
     if not torch.cuda.is_available():

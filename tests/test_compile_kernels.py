@@ -53,9 +53,15 @@ def test_capture_reaches_every_kernel_and_configuration():
             launched in line and f"'{rows}': {cfg['BLOCK_M']}" in line and f"'BLOCK_N': {cfg['BLOCK_N2']}" in line
             for line in gemm2
         ), cfg
+    gemm1 = [line for line in lines if line.startswith("_gemm1_kernel")]
     for cfg in fp8_moe.SWAPAB_VARIANTS.values():  # experimental, not tuner candidates
-        variant = f"'N_TILES': {cfg['N_TILES2']}, 'FUSED_CAST': {cfg['FUSED_CAST2']}"
-        assert any(variant in line for line in gemm2), cfg
+        assert any(f"'PDL': True, 'PREFETCH': {cfg['PREFETCH2']}" in line for line in gemm2), cfg
+        # GEMM1 prefetching waits on act_quant as its programmatic dependent
+        waits = cfg["PREFETCH1"] > 0
+        assert any(f"'PREFETCH': {cfg['PREFETCH1']}, 'WAIT_INPUT': {waits}" in line for line in gemm1), cfg
+    # built as a GPU launches them: the swap-AB default's programmatic dependent launches
+    assert any("'LAUNCH_DEPENDENTS': True" in line for line in lines if line.startswith("_act_quant_kernel"))
+    assert any("'PDL': True" in line for line in lines if line.startswith("_cast_kernel"))
     # the gathered NVFP4 GEMMs and the FP8 swap-AB GEMM2 run capped at tiles.GATHER_MAXNREG
     # registers, the aligned ones uncapped
     gathered = [line for line in lines if "'GATHER': True" in line]
@@ -70,7 +76,8 @@ def test_capture_reaches_every_kernel_and_configuration():
 def test_offline_build_for_sm90():
     run = _run("--shapes", "odd_16", "--tokens", "3", "--kernels", "_cast_kernel", "_sum_pairs_kernel")
     assert run.returncode == 0, run.stderr
-    assert "2 of 2 kernel specializations compiled for sm_90a" in run.stderr
+    # the cast launched plainly and as a programmatic dependent launch (swap-AB), the pair sum
+    assert "3 of 3 kernel specializations compiled for sm_90a" in run.stderr
 
 
 def test_experimental_configurations_can_be_left_out():

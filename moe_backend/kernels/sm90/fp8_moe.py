@@ -55,6 +55,7 @@ import torch
 
 from ...quant.fp8 import BLOCK as SCALE_BLOCK
 from ...runtime import workspace
+from ..interpret import pdl_available
 from .act_quant import act_quant_fp8
 from .align import align_block_size
 from .combine import cast_out, sum_pairs
@@ -161,22 +162,15 @@ SWAPAB_CONFIG: Dict[str, Any] = dict(
 )
 #: The swap-AB variants, not tuner candidates: ``scripts/decode_breakdown.py`` and ``moe-backend
 #: bench --variants swapab_<name>`` time them against ``SWAPAB_CONFIG``, ``scripts/compile_kernels.py``
-#: builds them for sm_90a. The default GEMM2 (8 warps, 119 registers, 72 KiB of shared memory) fits
-#: two programs an SM: at T=1 its 448 programs run in 1.7 waves. Four warps fit three (``w4``) and,
-#: with three stages, four an SM, so that all 448 run at once (``w4_st3``); two K slices halve each
-#: program's stream (``split2``). All three were slower at every T from 1 to 16 (H200, 2026-12-02
-#: and 2026-12-03), as were fusing the cast and two or four tiles a program. ``prefetch*`` ask L2
-#: for the first K blocks of their rows before waiting on GEMM1 (``PREFETCH2``): four blocks, the
-#: default, were 0.3-0.9% faster than none at every T from 1 to 16 (E=256 and 32; T=1: 107.8
-#: against 108.7 us), sixteen 3-8% slower (H200, 2026-12-03, one bench run: docs/performance.md).
-#: ``gemm1_prefetch*`` do the same for GEMM1 beside ``act_quant`` (``PREFETCH1``; not timed yet).
+#: builds them for sm_90a. ``no_prefetch`` is the default before GEMM2 asked L2 for the first four K
+#: blocks of its rows before waiting on GEMM1 (``PREFETCH2``): four blocks were 0.3-0.9% faster than
+#: none at every T from 1 to 16 (E=256 and 32; T=1: 107.8 against 108.7 us), sixteen 3-8% slower
+#: (H200, 2026-12-03, one bench run: docs/performance.md). ``gemm1_prefetch*`` do the same for
+#: GEMM1 beside ``act_quant`` (``PREFETCH1``; not timed yet). GEMM2 on four warps, on three stages
+#: and four warps (all 448 programs of T=1 in one wave) and on two K slices were slower at every T
+#: from 1 to 16 in two sessions, as were the fused cast and two or four tiles a program.
 SWAPAB_VARIANTS: Dict[str, Dict[str, Any]] = {
-    "w4": dict(SWAPAB_CONFIG, num_warps2=4),
-    "w4_st3": dict(SWAPAB_CONFIG, num_warps2=4, num_stages2=3),
-    "split2": dict(SWAPAB_CONFIG, SPLIT_K2=2),
-    "w4_st3_split2": dict(SWAPAB_CONFIG, num_warps2=4, num_stages2=3, SPLIT_K2=2),
     "no_prefetch": dict(SWAPAB_CONFIG, PREFETCH2=0),
-    "prefetch16": dict(SWAPAB_CONFIG, PREFETCH2=16),
     "gemm1_prefetch4": dict(SWAPAB_CONFIG, PREFETCH1=4),
     "gemm1_prefetch8": dict(SWAPAB_CONFIG, PREFETCH1=8),
 }
@@ -548,8 +542,7 @@ def fused_experts_fp8(
     topk_ids = topk_ids.contiguous()
     topk_weights = topk_weights.contiguous()
     if cfg["path"] == "swapab":
-        # Programmatic dependent launches exist on a GPU only (not under the interpreter).
-        pdl = bool(cfg["PDL"]) and hidden.is_cuda
+        pdl = bool(cfg["PDL"]) and pdl_available(hidden)
         if cfg["COMBINE"] != "atomic":
             raise ValueError(f"config: path='swapab' combines with atomics (COMBINE='atomic'), got {cfg['COMBINE']!r}")
         if not isinstance(cfg["FUSED_CAST2"], bool):

@@ -38,6 +38,7 @@ import torch
 from ..._checks import check_routed_call
 from ...expert_weights import NVFP4Weights
 from ...runtime import workspace
+from ..interpret import pdl_available
 from . import bf16_grouped
 from .align import AlignedRouting, GatheredPairs, align_block_size
 from .bf16_moe import checked_tile, grouped_gemms
@@ -335,8 +336,7 @@ def fused_experts_nvfp4(
     else:
         routing = align_block_size(topk_ids, w.num_experts, local_expert_offset, cfg["BLOCK_M"])
         x = permute_activations(hidden, w.w13.shape[2] * 8)
-    # Programmatic dependent launches exist on a GPU only (not under the interpreter).
-    pdl = bool(cfg["PDL"]) and hidden.is_cuda
+    pdl = bool(cfg["PDL"]) and pdl_available(hidden)
     acc = workspace(num_tokens, w.hidden_size, torch.float32, hidden.device, "moe_combine")
     common: Dict[str, Any] = dict(
         num_pairs=num_pairs, top_k=top_k, weight_on_input=apply_router_weight_on_input, pdl=pdl
