@@ -50,8 +50,9 @@ from .tiles import (
 )
 
 ZERO_BLOCK = tl.constexpr(1024)
-#: Values ``PREFETCH2`` may take: K blocks of each ``w2`` row a GEMM2 program asks L2 for before it
-#: waits on GEMM1 (a power of two: one 128-byte line a block, ``tl.arange`` over them).
+#: Values ``PREFETCH1`` and ``PREFETCH2`` may take: K blocks of each weight row that a GEMM1 or GEMM2
+#: program asks L2 for before it waits on its input (a power of two: one 128-byte line a block,
+#: ``tl.arange`` over them).
 PREFETCH_BLOCKS = (0, 1, 2, 4, 8, 16)
 
 
