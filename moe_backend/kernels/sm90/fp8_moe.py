@@ -112,6 +112,9 @@ CONFIG_KEYS = (
 #: The keys ``path='cute_grouped'`` reads; the other paths do not read ``TILE1`` / ``TILE2``.
 GROUPED_KEYS = ("path", "NUMERICS", "COMBINE", "TILE1", "TILE2")
 
+#: The keys only ``path='swapab'`` reads, at the values that leave them off (every other path's).
+SWAPAB_ONLY_OFF: Dict[str, Any] = dict(FUSED_CAST2=False, N_TILES2=1, PREFETCH1=0, PREFETCH2=0)
+
 DECODE_CONFIG: Dict[str, Any] = dict(
     path="decode",
     NUMERICS="accurate",
@@ -132,10 +135,7 @@ DECODE_CONFIG: Dict[str, Any] = dict(
     num_stages2=4,
     PDL=False,
     QUANT_OUT1=False,
-    FUSED_CAST2=False,
-    N_TILES2=1,
-    PREFETCH1=0,
-    PREFETCH2=0,
+    **SWAPAB_ONLY_OFF,
 )
 #: ``swapab``: no alignment launch, weights on the MMA's M side (``fp8_swapab``); BLOCK_M is the
 #: pairs per MMA (its N side), BLOCK_N1 the gate (and up) rows of a GEMM1 tile. The default is the
@@ -196,10 +196,7 @@ PREFILL_CONFIG: Dict[str, Any] = dict(
     num_stages2=3,
     PDL=False,
     QUANT_OUT1=True,
-    FUSED_CAST2=False,
-    N_TILES2=1,
-    PREFETCH1=0,
-    PREFETCH2=0,
+    **SWAPAB_ONLY_OFF,
 )
 
 
@@ -532,8 +529,8 @@ def fused_experts_fp8(
         _check_vllm_numerics(
             cfg, block_scaled, a13_scale is None and a2_scale is None, ue8m0, apply_router_weight_on_input
         )
-    swapab_only = {k: cfg[k] for k in ("FUSED_CAST2", "N_TILES2", "PREFETCH1", "PREFETCH2")}
-    if cfg["path"] != "swapab" and swapab_only != dict(FUSED_CAST2=False, N_TILES2=1, PREFETCH1=0, PREFETCH2=0):
+    swapab_only = {k: cfg[k] for k in SWAPAB_ONLY_OFF}
+    if cfg["path"] != "swapab" and swapab_only != SWAPAB_ONLY_OFF:
         raise ValueError(
             f"config: FUSED_CAST2, N_TILES2, PREFETCH1 and PREFETCH2 apply to path='swapab' only, got "
             f"path={cfg['path']!r} with {swapab_only}"
