@@ -141,9 +141,9 @@ DECODE_CONFIG: Dict[str, Any] = dict(
 #: pairs per MMA (its N side), BLOCK_N1 the gate (and up) rows of a GEMM1 tile. The default is the
 #: fastest of an H200 scan at T = 1 .. 16 (docs/performance.md, "FP8 decode"): pre-quantized input,
 #: an e4m3 intermediate from GEMM1's epilogue (both GEMMs stream FP8 operands through shared memory
-#: without a register round trip), 128-row weight tiles on 8 warps, and GEMM2 launched as a
-#: programmatic dependent launch that asks L2 for its first four K blocks before it waits
-#: (``PREFETCH2``, below).
+#: without a register round trip), 128-row weight tiles on 8 warps, GEMM1 launched as ``act_quant``'s
+#: programmatic dependent and GEMM2 as GEMM1's, each asking L2 for the first four K blocks of its
+#: weight rows before it waits on its input (``PREFETCH1``, ``PREFETCH2``, below).
 SWAPAB_CONFIG: Dict[str, Any] = dict(
     DECODE_CONFIG,
     path="swapab",
@@ -158,20 +158,25 @@ SWAPAB_CONFIG: Dict[str, Any] = dict(
     SPLIT_K2=1,
     num_warps2=8,
     num_stages2=4,
+    PREFETCH1=4,
     PREFETCH2=4,
 )
 #: The swap-AB variants, not tuner candidates: ``scripts/decode_breakdown.py`` and ``moe-backend
-#: bench --variants swapab_<name>`` time them against ``SWAPAB_CONFIG``, ``scripts/compile_kernels.py``
-#: builds them for sm_90a. ``no_prefetch`` is the default before GEMM2 asked L2 for the first four K
-#: blocks of its rows before waiting on GEMM1 (``PREFETCH2``): four blocks were 0.3-0.9% faster than
-#: none at every T from 1 to 16 (E=256 and 32; T=1: 107.8 against 108.7 us), sixteen 3-8% slower
-#: (H200, 2026-12-03, one bench run: docs/performance.md). ``gemm1_prefetch*`` do the same for
-#: GEMM1 beside ``act_quant`` (``PREFETCH1``; not timed yet). GEMM2 on four warps, on three stages
-#: and four warps (all 448 programs of T=1 in one wave) and on two K slices were slower at every T
-#: from 1 to 16 in two sessions, as were the fused cast and two or four tiles a program.
+#: bench --variants swapab_<name>`` time them against ``SWAPAB_CONFIG`` (H200, 2026-12-03, one bench
+#: run each: docs/performance.md). ``no_prefetch``: neither GEMM asks L2 ahead. ``gemm2_prefetch``:
+#: GEMM2 only, the default before GEMM1 prefetched too; GEMM1's four blocks were 0.5-1.2% faster at
+#: 11 of 12 points from T=1 to 32 (E=256 and 32; T=1: 108.3 against 109.0 us) and level at the
+#: twelfth (E=256 T=16: 1359.2 against 1356.0). GEMM2's four blocks had been 0.3-0.9% faster than
+#: none at every T from 1 to 16, sixteen 3-8% slower. ``gemm1_prefetch8``: eight blocks for GEMM1,
+#: level with none. GEMM2 on four warps, on three stages and four warps (all 448 programs of T=1 in
+#: one wave) and on two K slices were slower at every T from 1 to 16 in two sessions, as were the
+#: fused cast and two or four tiles a program. So were more GEMM1 programs an SM (2026-12-03):
+#: capped at 128 registers on three stages (two an SM; uncapped it takes 215 registers, one an SM),
+#: and 64 gate + 64 up rows on four warps with an fp32 intermediate, capped at 168 registers (three
+#: an SM) or not (two): 1-10% slower at every T from 1 to 32.
 SWAPAB_VARIANTS: Dict[str, Dict[str, Any]] = {
-    "no_prefetch": dict(SWAPAB_CONFIG, PREFETCH2=0),
-    "gemm1_prefetch4": dict(SWAPAB_CONFIG, PREFETCH1=4),
+    "no_prefetch": dict(SWAPAB_CONFIG, PREFETCH1=0, PREFETCH2=0),
+    "gemm2_prefetch": dict(SWAPAB_CONFIG, PREFETCH1=0),
     "gemm1_prefetch8": dict(SWAPAB_CONFIG, PREFETCH1=8),
 }
 #: The swap-AB default is used up to this many (token, slot) pairs (measured up to T = 16, k = 8).
