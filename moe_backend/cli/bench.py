@@ -73,6 +73,7 @@ VARIANTS: Dict[str, Tuple[str, Optional[Dict[str, Any]]]] = {
     # swap-AB beyond the pairs the default gives it (T=32 E=256: one pair an expert)
     "swapab": ("fp8_block", fp8_moe.SWAPAB_CONFIG),
     **{f"swapab_{name}": ("fp8_block", cfg) for name, cfg in fp8_moe.SWAPAB_VARIANTS.items()},
+    "swapab_stages4": ("fp8_block", fp8_moe.SWAPAB_STAGES4_CONFIG),
     "nvfp4_swapab": ("nvfp4", nvfp4_moe.SWAPAB_CONFIG),
     # prefill: the Triton kernels' largest tiles and the CuTe DSL grouped GEMMs, whichever the default takes
     "prefill": ("fp8_block", fp8_moe.PREFILL_CONFIG),

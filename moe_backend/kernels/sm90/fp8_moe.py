@@ -143,7 +143,10 @@ DECODE_CONFIG: Dict[str, Any] = dict(
 #: an e4m3 intermediate from GEMM1's epilogue (both GEMMs stream FP8 operands through shared memory
 #: without a register round trip), 128-row weight tiles on 8 warps, GEMM1 launched as ``act_quant``'s
 #: programmatic dependent and GEMM2 as GEMM1's, each asking L2 for the first four K blocks of its
-#: weight rows before it waits on its input (``PREFETCH1``, ``PREFETCH2``, below).
+#: weight rows before it waits on its input (``PREFETCH1``, ``PREFETCH2``, below), and six pipeline
+#: stages in both GEMMs: GEMM1's one program an SM (215 registers a thread) keeps five 34 KB weight
+#: tiles in flight (204 KB of shared memory), GEMM2's two keep five 18 KB each. Against four stages
+#: (H200, 2026-12-03, two bench runs): 1-3% faster from T=2 to 32, level at T=1.
 SWAPAB_CONFIG: Dict[str, Any] = dict(
     DECODE_CONFIG,
     path="swapab",
@@ -153,11 +156,11 @@ SWAPAB_CONFIG: Dict[str, Any] = dict(
     BLOCK_M=16,
     BLOCK_N1=128,
     num_warps1=8,
-    num_stages1=4,
+    num_stages1=6,
     BLOCK_N2=128,
     SPLIT_K2=1,
     num_warps2=8,
-    num_stages2=4,
+    num_stages2=6,
     PREFETCH1=4,
     PREFETCH2=4,
 )
@@ -179,6 +182,10 @@ SWAPAB_VARIANTS: Dict[str, Dict[str, Any]] = {
     "gemm2_prefetch": dict(SWAPAB_CONFIG, PREFETCH1=0),
     "gemm1_prefetch8": dict(SWAPAB_CONFIG, PREFETCH1=8),
 }
+#: The swap-AB default on four stages in both GEMMs, the default before six (H200, 2026-12-03: E=256
+#: T=16 1342.8 against 1310.8 us; five stages in GEMM1 alone, or six in one GEMM alone, gained less
+#: than six in both): a tuner candidate, and ``moe-backend bench --variants swapab_stages4``.
+SWAPAB_STAGES4_CONFIG: Dict[str, Any] = dict(SWAPAB_CONFIG, num_stages1=4, num_stages2=4)
 #: The swap-AB default is used up to this many (token, slot) pairs (measured up to T = 16, k = 8).
 SWAPAB_DEFAULT_MAX_PAIRS = 128
 PREFILL_CONFIG: Dict[str, Any] = dict(
@@ -273,8 +280,9 @@ KERNEL_VERSION = 3
 #: the swap-AB and aligned decode paths, skinny atomic-combine tiles, and prefill tiles up to 128 rows.
 CANDIDATE_CONFIGS = (
     SWAPAB_CONFIG,
-    dict(SWAPAB_CONFIG, num_stages1=3, BLOCK_N2=64, num_warps2=4),
-    dict(SWAPAB_CONFIG, QUANT_OUT1=False, BLOCK_N1=64, num_warps1=4, num_stages1=4),
+    SWAPAB_STAGES4_CONFIG,
+    dict(SWAPAB_CONFIG, num_stages1=3, BLOCK_N2=64, num_warps2=4, num_stages2=4),
+    dict(SWAPAB_CONFIG, QUANT_OUT1=False, BLOCK_N1=64, num_warps1=4, num_stages1=4, num_stages2=4),
     DECODE_CONFIG,
     dict(DECODE_CONFIG, SPLIT_K2=1),
     SKINNY_CONFIG,
