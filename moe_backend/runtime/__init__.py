@@ -1,5 +1,5 @@
 """Runtime support: shared buffers, zeroing streams, graph safety."""
 
-from .buffers import DEFAULT_POOL, BufferGrowthInCaptureError, BufferPool, workspace
+from .buffers import DEFAULT_POOL, BufferGrowthInCaptureError, BufferPool, counters, workspace
 
-__all__ = ["DEFAULT_POOL", "BufferGrowthInCaptureError", "BufferPool", "workspace"]
+__all__ = ["DEFAULT_POOL", "BufferGrowthInCaptureError", "BufferPool", "counters", "workspace"]

@@ -90,6 +90,25 @@ class BufferPool:
                 self._buffers[key] = buf
         return buf[:rows]
 
+    def counters(self, width: int, device: torch.device, role: str) -> torch.Tensor:
+        """The ``[width]`` int32 ``role`` counters, all 0 when first allocated; every user must
+        leave them at 0 (kernels that count up return them to 0 before the call ends)."""
+        check_int("width", width, minimum=1)
+        device = check_device("device", device)
+        check_str("role", role)
+        key = (_device_key(device), torch.int32, width, "counters:" + role)
+        with self._lock:
+            buf = self._buffers.get(key)
+            if buf is None:
+                if _capturing(device):
+                    raise BufferGrowthInCaptureError(
+                        f"counters {role!r} (width {width}) on {key[0]} are first needed while a CUDA graph is "
+                        f"being captured; run the layer once (warm up) before capture"
+                    )
+                buf = torch.zeros(1, width, dtype=torch.int32, device=device)
+                self._buffers[key] = buf
+        return buf[0]
+
     def nbytes(self) -> int:
         """Bytes held by every buffer of the pool."""
         return sum(b.numel() * b.element_size() for b in self._buffers.values())
@@ -107,3 +126,8 @@ DEFAULT_POOL = BufferPool()
 def workspace(rows: int, width: int, dtype: torch.dtype, device: torch.device, role: str) -> torch.Tensor:
     """A ``[rows, width]`` view of the shared ``role`` buffer of :data:`DEFAULT_POOL` (contents undefined)."""
     return DEFAULT_POOL.get(rows, width, dtype, device, role)
+
+
+def counters(width: int, device: torch.device, role: str) -> torch.Tensor:
+    """:meth:`BufferPool.counters` of :data:`DEFAULT_POOL`: ``[width]`` int32, 0 between calls."""
+    return DEFAULT_POOL.counters(width, device, role)

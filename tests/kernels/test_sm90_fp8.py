@@ -201,8 +201,20 @@ def _swapab_edge_problem(seed: int) -> Problem:
         dict(SWAPAB_FUSED, N_TILES2=3),
         dict(SWAPAB_PREQ, BLOCK_N2=32, FUSED_CAST2=True, N_TILES2=2),
         dict(SWAPAB_PREQ, PREFETCH1=4, PREFETCH2=16),
+        dict(SWAPAB_PREQ, WAIT2="expert"),
+        dict(SWAPAB_TILES, WAIT2="expert"),
     ],
-    ids=["fused-split2", "fused", "tiles2", "tiles3", "fused-tiles3", "preq-fused-tiles2", "preq-prefetch"],
+    ids=[
+        "fused-split2",
+        "fused",
+        "tiles2",
+        "tiles3",
+        "fused-tiles3",
+        "preq-fused-tiles2",
+        "preq-prefetch",
+        "preq-expert-wait",
+        "tiles3-split2-expert-wait",
+    ],
 )
 def test_swapab_gemm2_variants(config):
     """The fused cast and multi-tile GEMM2 programs on EP offsets, -1 and foreign ids, a token
@@ -213,6 +225,10 @@ def test_swapab_gemm2_variants(config):
     assert out[0].float().abs().sum() == 0
     assert_matches_reference(out, p, False, REL_TOL)
     check(make_problem(24, 256, 128, 4, 2, block=True, offset=8, one_expert=True), config=config)
+    if config.get("WAIT2") == "expert":  # the cast returned the expert counters to 0
+        from moe_backend.runtime import counters
+
+        assert not counters(5, p.hidden.device, "moe_expert_ready").any()
     check(make_problem(5, 160, 144, 4, 2, block=False, offset=2, static=True), config=config)
     check(make_problem(3, 256, 128, 4, 1, block=True, offset=1, seed=1), config=config)
 
@@ -255,10 +271,16 @@ def test_swapab_refuses_configurations_it_cannot_honour():
         for blocks in (3, -1, 32, True, 4.0):
             with pytest.raises(ValueError, match=rf"{name} must be one of \(0, 1, 2, 4, 8, 16\), got {blocks!r}"):
                 run_fp8_kernel(p, config={**SWAPAB_SMALL, name: blocks})
+    with pytest.raises(ValueError, match="WAIT2 must be 'grid' or 'expert', got 'all'"):
+        run_fp8_kernel(p, config=dict(SWAPAB_SMALL, WAIT2="all"))
+    for knob in (dict(FUSED_CAST2=True), dict(ZERO="sync")):
+        with pytest.raises(ValueError, match="WAIT2='expert' needs ZERO='fused' and FUSED_CAST2=False"):
+            run_fp8_kernel(p, config=dict(SWAPAB_SMALL, WAIT2="expert", **knob))
     for other in (DECODE_SMALL, PREFILL_SMALL):
-        for knob in (dict(FUSED_CAST2=True), dict(N_TILES2=2), dict(PREFETCH1=4), dict(PREFETCH2=4)):
+        knobs = (dict(FUSED_CAST2=True), dict(N_TILES2=2), dict(PREFETCH1=4), dict(PREFETCH2=4), dict(WAIT2="expert"))
+        for knob in knobs:
             with pytest.raises(
-                ValueError, match="FUSED_CAST2, N_TILES2, PREFETCH1 and PREFETCH2 apply to path='swapab' only"
+                ValueError, match="FUSED_CAST2, N_TILES2, PREFETCH1, PREFETCH2 and WAIT2 apply to path='swapab' only"
             ):
                 run_fp8_kernel(p, config=dict(other, **knob))
 
@@ -360,6 +382,8 @@ def test_gpu_config_variants(variant, t, e, path):
         dict(PREFETCH2=4, SPLIT_K2=2, N_TILES2=3, BLOCK_N2=64, num_warps2=4),
         dict(PREFETCH1=8),
         dict(PREFETCH1=4, QUANT_ON_LOAD1=True, QUANT_OUT1=False),
+        dict(WAIT2="expert"),
+        dict(WAIT2="expert", QUANT_OUT1=False, BLOCK_N1=64, num_warps1=4, SPLIT_K2=2),
     ],
     ids=[
         "default",
@@ -376,6 +400,8 @@ def test_gpu_config_variants(variant, t, e, path):
         "prefetch4-split-tiles3",
         "gemm1-prefetch8",
         "gemm1-prefetch4-quant-on-load",
+        "expert-wait",
+        "expert-wait-fp32-split2",
     ],
 )
 @pytest.mark.parametrize(
@@ -401,12 +427,21 @@ def test_gpu_swapab(config, t, e, offset, block):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(
-    "variant", [dict(FUSED_CAST2=True, SPLIT_K2=2), dict(FUSED_CAST2=True, N_TILES2=4)], ids=["split2", "tiles4"]
+    "variant",
+    [
+        dict(FUSED_CAST2=True, SPLIT_K2=2),
+        dict(FUSED_CAST2=True, N_TILES2=4),
+        dict(WAIT2="expert"),
+        dict(WAIT2="expert", SPLIT_K2=2, N_TILES2=3),
+    ],
+    ids=["fused-split2", "fused-tiles4", "expert-wait", "expert-wait-split2-tiles3"],
 )
-def test_gpu_fused_cast_has_no_race(variant):
-    """The fused cast against the separate cast launch, 300 runs (a missed or early arrival shows
-    as a row segment with a missing contribution): every element within 1% (plus 0.1% of the
-    largest) of the unfused result, which the atomic order moves by a bf16 rounding at most."""
+def test_gpu_gemm2_synchronization_has_no_race(variant):
+    """GEMM2's own synchronization against the plain launches, 300 runs: the fused cast's
+    arrival counts (a missed or early arrival shows as a row segment with a missing
+    contribution) and the per-expert waits on GEMM1 (an early start reads a stale ``y``).
+    Every element within 1% (plus 0.1% of the largest) of the plain result, which the atomic
+    order moves by a bf16 rounding at most."""
     from moe_backend.kernels.sm90.fp8_moe import SWAPAB_CONFIG
 
     for seed in range(3):

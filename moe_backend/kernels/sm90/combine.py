@@ -6,6 +6,8 @@
   add a token's k rows in slot order in fp32 (deterministic), round once.
 """
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -17,24 +19,39 @@ BLOCK = 2048
 
 
 @triton.jit
-def _cast_kernel(acc_ptr, out_ptr, numel, BLOCK: tl.constexpr, PDL: tl.constexpr):
+def _cast_kernel(acc_ptr, out_ptr, numel, reset_ptr, reset_numel, BLOCK: tl.constexpr, PDL: tl.constexpr):
     if PDL:
         gdc_wait()
+    if tl.program_id(0) == 0:
+        # counters the kernels before this one counted up (fp8_swapab's GEMM2 waits): back to 0
+        for z in range(0, reset_numel, BLOCK):
+            zs = z + tl.arange(0, BLOCK)
+            tl.store(reset_ptr + zs, tl.zeros([BLOCK], dtype=tl.int32), mask=zs < reset_numel)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     tl.store(out_ptr + offs, to_bf16(tl.load(acc_ptr + offs, mask=mask)), mask=mask)
 
 
-def cast_out(acc: torch.Tensor, out: torch.Tensor, pdl: bool = False) -> None:
+def cast_out(acc: torch.Tensor, out: torch.Tensor, pdl: bool = False, reset: Optional[torch.Tensor] = None) -> None:
     """Write ``acc [T, H]`` fp32 into ``out [T, H]`` bf16; both contiguous, T > 0.
 
     ``pdl``: a programmatic dependent launch (the previous kernel signalled its dependents;
-    this one waits for it to complete before reading ``acc``); on a GPU only.
+    this one waits for it to complete before reading ``acc``); on a GPU only. ``reset``: int32
+    contiguous counters set to 0 once the previous kernel is complete (or None).
     """
     assert acc.is_contiguous() and out.is_contiguous() and acc.shape == out.shape
+    assert reset is None or (reset.is_contiguous() and reset.dtype == torch.int32)
     numel = acc.numel()
     _cast_kernel[(triton.cdiv(numel, BLOCK),)](
-        acc, out, numel, BLOCK=BLOCK, PDL=pdl, num_warps=4, **({"launch_pdl": True} if pdl else {})
+        acc,
+        out,
+        numel,
+        acc if reset is None else reset,
+        0 if reset is None else reset.numel(),
+        BLOCK=BLOCK,
+        PDL=pdl,
+        num_warps=4,
+        **({"launch_pdl": True} if pdl else {}),
     )
 
 

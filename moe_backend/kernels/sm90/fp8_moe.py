@@ -54,7 +54,7 @@ from typing import Any, Dict, Optional, Sequence, Set, Tuple
 import torch
 
 from ...quant.fp8 import BLOCK as SCALE_BLOCK
-from ...runtime import workspace
+from ...runtime import counters, workspace
 from ..interpret import pdl_available
 from .act_quant import act_quant_fp8
 from .align import align_block_size
@@ -81,7 +81,10 @@ logger = logging.getLogger(__name__)
 #: before it waits on GEMM1 (``PDL``: beside GEMM1's last programs, whose SMs idle 10-15% of GEMM1's
 #: time at T=1 on the H200); 0: none. ``PREFETCH1`` (the same values): the same for GEMM1's ``w13``
 #: rows; with ``PDL`` and a pre-quantized input GEMM1 is then launched as ``act_quant``'s
-#: programmatic dependent, so that it prefetches while the input is quantized.
+#: programmatic dependent, so that it prefetches while the input is quantized. ``WAIT2``: what a
+#: GEMM2 program waits for before reading ``y``: ``"grid"``, all of GEMM1 (``griddepcontrol.wait``);
+#: ``"expert"``, its own expert's GEMM1 tiles (counters, ``fp8_swapab.swapab_fp8(ready=)``), so
+#: that GEMM2 starts on the SMs GEMM1's last wave leaves idle.
 CONFIG_KEYS = (
     "path",
     "NUMERICS",
@@ -106,6 +109,7 @@ CONFIG_KEYS = (
     "N_TILES2",
     "PREFETCH1",
     "PREFETCH2",
+    "WAIT2",
     "TILE1",
     "TILE2",
 )
@@ -113,7 +117,7 @@ CONFIG_KEYS = (
 GROUPED_KEYS = ("path", "NUMERICS", "COMBINE", "TILE1", "TILE2")
 
 #: The keys only ``path='swapab'`` reads, at the values that leave them off (every other path's).
-SWAPAB_ONLY_OFF: Dict[str, Any] = dict(FUSED_CAST2=False, N_TILES2=1, PREFETCH1=0, PREFETCH2=0)
+SWAPAB_ONLY_OFF: Dict[str, Any] = dict(FUSED_CAST2=False, N_TILES2=1, PREFETCH1=0, PREFETCH2=0, WAIT2="grid")
 
 DECODE_CONFIG: Dict[str, Any] = dict(
     path="decode",
@@ -181,6 +185,7 @@ SWAPAB_VARIANTS: Dict[str, Dict[str, Any]] = {
     "no_prefetch": dict(SWAPAB_CONFIG, PREFETCH1=0, PREFETCH2=0),
     "gemm2_prefetch": dict(SWAPAB_CONFIG, PREFETCH1=0),
     "gemm1_prefetch8": dict(SWAPAB_CONFIG, PREFETCH1=8),
+    "expert_wait": dict(SWAPAB_CONFIG, WAIT2="expert"),
 }
 #: The swap-AB default on four stages in both GEMMs, the default before six (H200, 2026-12-03: E=256
 #: T=16 1342.8 against 1310.8 us; five stages in GEMM1 alone, or six in one GEMM alone, gained less
@@ -545,7 +550,7 @@ def fused_experts_fp8(
     swapab_only = {k: cfg[k] for k in SWAPAB_ONLY_OFF}
     if cfg["path"] != "swapab" and swapab_only != SWAPAB_ONLY_OFF:
         raise ValueError(
-            f"config: FUSED_CAST2, N_TILES2, PREFETCH1 and PREFETCH2 apply to path='swapab' only, got "
+            f"config: FUSED_CAST2, N_TILES2, PREFETCH1, PREFETCH2 and WAIT2 apply to path='swapab' only, got "
             f"path={cfg['path']!r} with {swapab_only}"
         )
     num_pairs = num_tokens * top_k
@@ -557,6 +562,9 @@ def fused_experts_fp8(
             raise ValueError(f"config: path='swapab' combines with atomics (COMBINE='atomic'), got {cfg['COMBINE']!r}")
         if not isinstance(cfg["FUSED_CAST2"], bool):
             raise ValueError(f"config: FUSED_CAST2 must be a bool, got {cfg['FUSED_CAST2']!r}")
+        if cfg["WAIT2"] not in ("grid", "expert"):
+            raise ValueError(f"config: WAIT2 must be 'grid' or 'expert', got {cfg['WAIT2']!r}")
+        ready = counters(num_experts + 1, hidden.device, "moe_expert_ready") if cfg["WAIT2"] == "expert" else None
         acc = workspace(num_tokens, hidden_size, torch.float32, hidden.device, "moe_combine")
         zeroed = _start_zeroing(acc, cfg["ZERO"])
         swapab_fp8(
@@ -591,9 +599,10 @@ def fused_experts_fp8(
             result=result if cfg["FUSED_CAST2"] else None,
             PREFETCH1=cfg["PREFETCH1"],
             PREFETCH2=cfg["PREFETCH2"],
+            ready=ready,
         )
         if not cfg["FUSED_CAST2"]:
-            cast_out(acc, result, pdl=pdl)
+            cast_out(acc, result, pdl=pdl, reset=ready)
         return result
 
     routing = align_block_size(topk_ids, num_experts, local_expert_offset, cfg["BLOCK_M"])

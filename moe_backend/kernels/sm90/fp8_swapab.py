@@ -143,6 +143,7 @@ def _gemm1_kernel(
     result_numel,
     arrivals_ptr,
     arrivals_numel,
+    ready_ptr,
     num_pairs,
     expert_offset,
     num_experts,
@@ -172,6 +173,7 @@ def _gemm1_kernel(
     PDL: tl.constexpr,
     PREFETCH: tl.constexpr,
     WAIT_INPUT: tl.constexpr,
+    READY: tl.constexpr,
 ):
     if PDL:
         gdc_launch_dependents()  # GEMM2 may start its prologue; it waits before reading y
@@ -179,11 +181,18 @@ def _gemm1_kernel(
     # The fused cast: tokens without a local pair get no contribution, so their rows stay 0.
     zero_fill(result_ptr, result_numel, ZERO_BLOCK)
     zero_fill(arrivals_ptr, arrivals_numel, ZERO_BLOCK)
-    p = tl.program_id(0)
+    if READY:
+        # An expert's tiles are consecutive programs (they finish together), and every program
+        # counts its zeroing share done: GEMM2 waits for all shares before its first atomic add.
+        p = tl.program_id(1)
+        pid_n = tl.program_id(0)
+        publish(ready_ptr + num_experts)
+    else:
+        p = tl.program_id(0)
+        pid_n = tl.program_id(1)
     leader, expert, members, rank, count = expert_members(ids_ptr, p, num_pairs, expert_offset, num_experts, PAIRS)
     if not leader:
         return
-    pid_n = tl.program_id(1)
     offs_r = tl.arange(0, 2 * BLOCK_N)
     is_gate = offs_r < BLOCK_N
     cols = pid_n * BLOCK_N + tl.where(is_gate, offs_r, offs_r - BLOCK_N)
@@ -251,6 +260,31 @@ def _gemm1_kernel(
                 tl.store(y_scale_ptr + pair.to(tl.int64) * stride_ysm + pid_n, ys, mask=ok)
         else:
             tl.store(y_ptrs, y, mask=ok[None, :] & (offs_n < I)[:, None])
+    if READY:
+        publish(ready_ptr + expert)  # this tile of the expert's y (and its scales) is stored
+
+
+@triton.jit
+def publish(counter_ptr):
+    """Count one in the int32 at ``counter_ptr`` after every thread of the program is done:
+    a CTA barrier, then one gpu-scope release increment, which (cumulative) publishes all the
+    program's earlier stores to a program that acquires the count (:func:`wait_count`)."""
+    tl.debug_barrier()
+    tl.atomic_add(counter_ptr, 1, sem="release", scope="gpu")
+
+
+@triton.jit
+def wait_count(counter_ptr, target):
+    """Spin until the int32 at ``counter_ptr`` reaches ``target`` (gpu-scope acquire), then a CTA
+    barrier, so that every thread's later loads see what the counted programs published.
+
+    L1 is not coherent with other SMs' stores, so those loads (which may go through L1) must not
+    find a line this SM cached before the count completed: each pair's rows of ``y`` and its
+    scales start on a 128-byte line of their own (:func:`swapab_fp8`), and only programs of the
+    pair's expert, after this wait, read them."""
+    while tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu") < target:
+        pass
+    tl.debug_barrier()
 
 
 @triton.jit
@@ -317,6 +351,9 @@ def _gemm2_kernel(
     acc_ptr,
     result_ptr,
     arrivals_ptr,
+    ready_ptr,
+    ready_tiles,
+    ready_shares,
     ids_ptr,
     topk_w_ptr,
     y_static_ptr,
@@ -352,12 +389,25 @@ def _gemm2_kernel(
     EVEN_K: tl.constexpr,
     PDL: tl.constexpr,
     PREFETCH: tl.constexpr,
+    READY: tl.constexpr,
 ):
     if PDL:
         gdc_launch_dependents()
-    p = tl.program_id(0)
+    if READY:
+        p = tl.program_id(1)
+        pid_tiles = tl.program_id(0)
+        # No program waits on all of GEMM1 but the first, after its own work: the grid then
+        # completes after GEMM1 does (the cast reads the rows GEMM1 zeroed).
+        first_program = (pid_tiles == 0) & (p == 0) & (tl.program_id(2) == 0)
+    else:
+        p = tl.program_id(0)
+        pid_tiles = tl.program_id(1)
     leader, expert, members, rank, count = expert_members(ids_ptr, p, num_pairs, expert_offset, num_experts, PAIRS)
     if not leader:
+        if READY:
+            if PDL:
+                if first_program:
+                    gdc_wait()
         return
     kb_start = tl.program_id(2) * k_blocks_per_split
     kb_end = tl.minimum(kb_start + k_blocks_per_split, tl.cdiv(I, BLOCK_K))
@@ -366,10 +416,14 @@ def _gemm2_kernel(
         # The first PREFETCH K blocks of each row of this program's first tile, asked of L2 while
         # GEMM1's last programs still run (PDL): the weight stream starts before the wait. Rows
         # past H and blocks past I re-ask a line inside the tensor instead (a hint, no mask).
-        rows = tl.minimum(tl.program_id(1) * N_TILES * BLOCK_N + tl.arange(0, BLOCK_N), H - 1)
+        rows = tl.minimum(pid_tiles * N_TILES * BLOCK_N + tl.arange(0, BLOCK_N), H - 1)
         cols = tl.minimum(kb_start * BLOCK_K + tl.arange(0, PREFETCH) * BLOCK_K, I - 1)
         prefetch_l2(w_ptr + expert * stride_we + rows[:, None] * stride_wn + cols[None, :])
-    if PDL:
+    if READY:
+        # every GEMM1 program's share of acc zeroed, and this expert's y tiles all stored
+        wait_count(ready_ptr + num_experts, ready_shares)
+        wait_count(ready_ptr + expert, ready_tiles)
+    elif PDL:
         gdc_wait()  # GEMM1 (y, the zeroed acc, arrivals and result) is complete and visible past this point
     # One loop over (chunk, tile) around the K loop: a two-level nest, which Triton's
     # FuseNestedLoops flattens (``flatten``) into one software-pipelined loop over (chunk, tile,
@@ -377,7 +431,7 @@ def _gemm2_kernel(
     # (A three-level chunk / tile / K nest is not flattened by Triton 3.6.)
     for ct in tl.range(0, tl.cdiv(count, BLOCK_T) * N_TILES, flatten=N_TILES > 1):
         pair, ok = chunk_pairs(members, rank, count, ct // N_TILES, PAIRS, BLOCK_T)
-        tile = tl.program_id(1) * N_TILES + ct % N_TILES
+        tile = pid_tiles * N_TILES + ct % N_TILES
         offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < H
         y_ptrs = y_ptr + pair[:, None].to(tl.int64) * stride_ym + (kb_start * BLOCK_K + offs_k)[None, :]
@@ -424,7 +478,7 @@ def _gemm2_kernel(
         # would stop Triton from software-pipelining it.
         for ct in range(0, tl.cdiv(count, BLOCK_T) * N_TILES):
             pair, ok = chunk_pairs(members, rank, count, ct // N_TILES, PAIRS, BLOCK_T)
-            tile = tl.program_id(1) * N_TILES + ct % N_TILES
+            tile = pid_tiles * N_TILES + ct % N_TILES
             offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
             token = (pair // top_k).to(tl.int64)
             expected, batch, first = token_arrivals(
@@ -440,6 +494,17 @@ def _gemm2_kernel(
                 batch,
                 first,
             )
+    if READY:
+        if PDL:
+            if first_program:
+                gdc_wait()
+
+
+def line_rows(rows: int, width: int, dtype: torch.dtype, device: torch.device, role: str) -> torch.Tensor:
+    """A ``[rows, width]`` view of the ``role`` workspace whose rows start 128 bytes apart or a
+    multiple of it (each row on lines of its own)."""
+    per_line = 128 // dtype.itemsize
+    return workspace(rows, triton.cdiv(width, per_line) * per_line, dtype, device, role)[:, :width]
 
 
 def swapab_fp8(
@@ -475,6 +540,7 @@ def swapab_fp8(
     result: Optional[torch.Tensor] = None,
     PREFETCH1: int = 0,
     PREFETCH2: int = 0,
+    ready: Optional[torch.Tensor] = None,
 ) -> None:
     """Both GEMMs: ``acc[t] += sum_j w[t, j] * expert(ids[t, j])(hidden[t])`` (fp32, atomics).
 
@@ -505,11 +571,18 @@ def swapab_fp8(
         PREFETCH2: K blocks (one of :data:`PREFETCH_BLOCKS`) of each ``w2`` row of its first
             tile that a GEMM2 program asks L2 for before waiting on GEMM1 (with ``pdl`` it runs
             beside GEMM1's tail); 0: none. Skipped under the interpreter (a hint, no value).
+        ready: ``[E + 1]`` int32 counters at 0 (``runtime.counters``), or None. Given, GEMM2's
+            programs wait for their own expert instead of all of GEMM1: GEMM1 runs an expert's
+            tiles as consecutive programs and counts each stored tile in ``ready[expert]`` and
+            each zeroing share in ``ready[E]``; a GEMM2 program spins until both are complete
+            and reads ``y`` past L1. The counters stay counted: the caller's next launch resets
+            them (``combine.cast_out(reset=ready)``). Needs ``zero_in_gemm1`` and no fused cast.
 
     Raises:
         ValueError: a tile that would mix block scales, an e4m3 intermediate with dynamic
             scales whose GEMM1 tile is not one scale block wide, N_TILES2 < 1, PREFETCH1 or
-            PREFETCH2 not in :data:`PREFETCH_BLOCKS`, or the fused cast without GEMM1's zeroing.
+            PREFETCH2 not in :data:`PREFETCH_BLOCKS`, the fused cast without GEMM1's zeroing, or
+            ``ready`` with the fused cast or without GEMM1's zeroing.
     """
     e, two_i, h = w13.shape
     inter = two_i // 2
@@ -539,6 +612,13 @@ def swapab_fp8(
             "config: FUSED_CAST2 needs ZERO='fused' (GEMM1 zeroes the output rows of tokens without a local "
             "expert and GEMM2's arrival counters)"
         )
+    if ready is not None and (result is not None or not zero_in_gemm1):
+        raise ValueError(
+            "config: WAIT2='expert' needs ZERO='fused' and FUSED_CAST2=False (GEMM2 counts GEMM1's zeroing "
+            "shares, and the cast launch resets the counters)"
+        )
+    if ready is not None:
+        assert ready.dtype == torch.int32 and ready.is_contiguous() and ready.numel() == e + 1
     pairs_pad = gather_scan_width(num_pairs)
     dev = hidden.device
     dummy = w13_scale  # stands for pointers a variant does not read
@@ -548,15 +628,17 @@ def swapab_fp8(
     x, x_scale = (
         (hidden, dummy) if quant_on_load else act_quant_fp8(hidden, a13_static, ue8m0, launch_dependents=gemm1_waits)
     )
+    # Each pair's row of y and of its scales starts on a 128-byte line (no line holds two pairs':
+    # ``wait_count``).
     if quant_out:
-        y = workspace(num_pairs, inter, torch.float8_e4m3fn, dev, "moe_intermediate")
+        y = line_rows(num_pairs, inter, torch.float8_e4m3fn, dev, "moe_intermediate")
         y_scale = (
             dummy
             if a2_static is not None
-            else workspace(num_pairs, triton.cdiv(inter, SCALE_BLOCK), torch.float32, dev, "moe_intermediate_scale")
+            else line_rows(num_pairs, triton.cdiv(inter, SCALE_BLOCK), torch.float32, dev, "moe_intermediate_scale")
         )
     else:
-        y, y_scale = workspace(num_pairs, inter, torch.float32, dev, "moe_intermediate"), dummy
+        y, y_scale = line_rows(num_pairs, inter, torch.float32, dev, "moe_intermediate"), dummy
     a13 = a13_static if a13_static is not None else dummy
     a2 = a2_static if a2_static is not None else dummy
     num_tiles2 = triton.cdiv(h, BLOCK_N2)
@@ -567,7 +649,9 @@ def swapab_fp8(
         arrivals = workspace(acc.shape[0], num_tiles2, torch.int32, dev, "moe_arrivals")
     else:
         out_rows, arrivals = acc, acc  # not read
-    _gemm1_kernel[(num_pairs, triton.cdiv(inter, BLOCK_N1))](
+    tiles1 = triton.cdiv(inter, BLOCK_N1)
+    expert_wait = ready is not None
+    _gemm1_kernel[(tiles1, num_pairs) if expert_wait else (num_pairs, tiles1)](
         x,
         x_scale,
         w13,
@@ -584,6 +668,7 @@ def swapab_fp8(
         out_rows.numel() if fused else 0,
         arrivals,
         arrivals.numel() if fused else 0,
+        ready if expert_wait else arrivals,
         num_pairs,
         local_expert_offset,
         e,
@@ -613,6 +698,7 @@ def swapab_fp8(
         PDL=pdl,
         PREFETCH=0 if INTERPRETING else PREFETCH1,
         WAIT_INPUT=gemm1_waits,
+        READY=expert_wait,
         num_warps=num_warps1,
         num_stages=num_stages1,
         **({"launch_pdl": True} if gemm1_waits else {}),
@@ -621,7 +707,9 @@ def swapab_fp8(
         torch.cuda.current_stream(dev).wait_event(zeroed)
     k_blocks = triton.cdiv(inter, SCALE_BLOCK)
     per_split = triton.cdiv(k_blocks, SPLIT_K2)
-    _gemm2_kernel[(num_pairs, triton.cdiv(num_tiles2, N_TILES2), triton.cdiv(k_blocks, per_split))](
+    programs2 = triton.cdiv(num_tiles2, N_TILES2)
+    splits2 = triton.cdiv(k_blocks, per_split)
+    _gemm2_kernel[(programs2, num_pairs, splits2) if expert_wait else (num_pairs, programs2, splits2)](
         y,
         y_scale,
         w2,
@@ -629,6 +717,9 @@ def swapab_fp8(
         acc,
         out_rows,
         arrivals,
+        ready if expert_wait else arrivals,
+        tiles1,
+        num_pairs * tiles1,
         topk_ids,
         topk_weights,
         a2,
@@ -664,6 +755,7 @@ def swapab_fp8(
         EVEN_K=inter % SCALE_BLOCK == 0,
         PDL=pdl,
         PREFETCH=0 if INTERPRETING else PREFETCH2,
+        READY=expert_wait,
         num_warps=num_warps2,
         num_stages=num_stages2,
         maxnreg=GATHER_MAXNREG,
