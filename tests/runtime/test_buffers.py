@@ -96,3 +96,27 @@ def test_a_device_string_is_the_same_buffer():
     a = pool.get(4, 8, torch.float32, "cpu", "acc")
     assert pool.get(2, 8, torch.float32, CPU, "acc").data_ptr() == a.data_ptr()
     assert pool.get(0, 8, torch.float32, CPU, "acc").shape == (0, 8)
+
+
+def test_counters_start_at_zero_and_are_one_tensor_per_role_and_width():
+    pool = BufferPool()
+    a = pool.counters(9, CPU, "ready")
+    assert a.shape == (9,) and a.dtype == torch.int32 and not a.any()
+    a[3] = 7  # the pool never resets them: keeping them at 0 is their users' job
+    again = pool.counters(9, "cpu", "ready")
+    assert again.data_ptr() == a.data_ptr() and again[3] == 7
+    assert pool.counters(9, CPU, "other").data_ptr() != a.data_ptr()
+    assert not pool.counters(17, CPU, "ready").any()
+    assert pool.get(1, 9, torch.int32, CPU, "ready").data_ptr() != a.data_ptr()  # not a workspace
+    for kwargs, match in (({"width": 0}, "width: expected an int >= 1"), ({"role": 3}, "role: expected a str")):
+        with pytest.raises((ValueError, TypeError), match=match):
+            pool.counters(**{"width": 4, "device": CPU, "role": "ready", **kwargs})
+
+
+@pytest.mark.gpu
+def test_counters_first_needed_inside_capture_is_an_error():
+    pool = BufferPool()
+    dev = torch.device("cuda")
+    with pytest.raises(BufferGrowthInCaptureError, match="first needed while a CUDA graph is being captured"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            pool.counters(5, dev, "ready")
