@@ -180,7 +180,9 @@ SWAPAB_CONFIG: Dict[str, Any] = dict(
 #: fused cast and two or four tiles a program. So were more GEMM1 programs an SM (2026-12-03):
 #: capped at 128 registers on three stages (two an SM; uncapped it takes 215 registers, one an SM),
 #: and 64 gate + 64 up rows on four warps with an fp32 intermediate, capped at 168 registers (three
-#: an SM) or not (two): 1-10% slower at every T from 1 to 32.
+#: an SM) or not (two): 1-10% slower at every T from 1 to 32. ``expert_wait``: GEMM2's programs
+#: wait for their own expert's GEMM1 tiles (``WAIT2='expert'``), not timed yet (expected 1-2% from
+#: T=2 up: GEMM2 on the SMs GEMM1's last wave leaves idle).
 SWAPAB_VARIANTS: Dict[str, Dict[str, Any]] = {
     "no_prefetch": dict(SWAPAB_CONFIG, PREFETCH1=0, PREFETCH2=0),
     "gemm2_prefetch": dict(SWAPAB_CONFIG, PREFETCH1=0),
