@@ -203,6 +203,8 @@ def _swapab_edge_problem(seed: int) -> Problem:
         dict(SWAPAB_PREQ, PREFETCH1=4, PREFETCH2=16),
         dict(SWAPAB_PREQ, WAIT2="expert"),
         dict(SWAPAB_TILES, WAIT2="expert"),
+        dict(SWAPAB_PREQ, GRID="experts"),
+        dict(SWAPAB_TILES, GRID="experts", WAIT2="expert"),
     ],
     ids=[
         "fused-split2",
@@ -214,10 +216,13 @@ def _swapab_edge_problem(seed: int) -> Problem:
         "preq-prefetch",
         "preq-expert-wait",
         "tiles3-split2-expert-wait",
+        "preq-expert-grid",
+        "tiles3-split2-expert-grid-wait",
     ],
 )
 def test_swapab_gemm2_variants(config):
-    """The fused cast and multi-tile GEMM2 programs on EP offsets, -1 and foreign ids, a token
+    """The fused cast, multi-tile GEMM2 programs, GEMM2 waiting per expert and programs per local
+    expert (with fewer pairs than experts: per pair) on EP offsets, -1 and foreign ids, a token
     without a local pair (its row must be written: 0), a token naming one expert twice, several
     pairs per expert, two K slices, and BLOCK_T = 16 chunks (24 pairs on one expert)."""
     p = _swapab_edge_problem(0)
@@ -273,14 +278,24 @@ def test_swapab_refuses_configurations_it_cannot_honour():
                 run_fp8_kernel(p, config={**SWAPAB_SMALL, name: blocks})
     with pytest.raises(ValueError, match="WAIT2 must be 'grid' or 'expert', got 'all'"):
         run_fp8_kernel(p, config=dict(SWAPAB_SMALL, WAIT2="all"))
+    with pytest.raises(ValueError, match="GRID must be 'pairs' or 'experts', got 'tokens'"):
+        run_fp8_kernel(p, config=dict(SWAPAB_SMALL, GRID="tokens"))
     for knob in (dict(FUSED_CAST2=True), dict(ZERO="sync")):
         with pytest.raises(ValueError, match="WAIT2='expert' needs ZERO='fused' and FUSED_CAST2=False"):
             run_fp8_kernel(p, config=dict(SWAPAB_SMALL, WAIT2="expert", **knob))
     for other in (DECODE_SMALL, PREFILL_SMALL):
-        knobs = (dict(FUSED_CAST2=True), dict(N_TILES2=2), dict(PREFETCH1=4), dict(PREFETCH2=4), dict(WAIT2="expert"))
+        knobs = (
+            dict(FUSED_CAST2=True),
+            dict(N_TILES2=2),
+            dict(PREFETCH1=4),
+            dict(PREFETCH2=4),
+            dict(WAIT2="expert"),
+            dict(GRID="experts"),
+        )
         for knob in knobs:
             with pytest.raises(
-                ValueError, match="FUSED_CAST2, N_TILES2, PREFETCH1, PREFETCH2 and WAIT2 apply to path='swapab' only"
+                ValueError,
+                match="FUSED_CAST2, N_TILES2, PREFETCH1, PREFETCH2, WAIT2 and GRID apply to path='swapab' only",
             ):
                 run_fp8_kernel(p, config=dict(other, **knob))
 
@@ -384,6 +399,8 @@ def test_gpu_config_variants(variant, t, e, path):
         dict(PREFETCH1=4, QUANT_ON_LOAD1=True, QUANT_OUT1=False),
         dict(WAIT2="expert"),
         dict(WAIT2="expert", QUANT_OUT1=False, BLOCK_N1=64, num_warps1=4, SPLIT_K2=2),
+        dict(GRID="experts"),
+        dict(GRID="experts", WAIT2="expert", N_TILES2=3, BLOCK_N2=64, num_warps2=4),
     ],
     ids=[
         "default",
@@ -402,6 +419,8 @@ def test_gpu_config_variants(variant, t, e, path):
         "gemm1-prefetch4-quant-on-load",
         "expert-wait",
         "expert-wait-fp32-split2",
+        "expert-grid",
+        "expert-grid-wait-tiles3",
     ],
 )
 @pytest.mark.parametrize(

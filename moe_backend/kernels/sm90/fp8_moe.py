@@ -84,7 +84,10 @@ logger = logging.getLogger(__name__)
 #: programmatic dependent, so that it prefetches while the input is quantized. ``WAIT2``: what a
 #: GEMM2 program waits for before reading ``y``: ``"grid"``, all of GEMM1 (``griddepcontrol.wait``);
 #: ``"expert"``, its own expert's GEMM1 tiles (counters, ``fp8_swapab.swapab_fp8(ready=)``), so
-#: that GEMM2 starts on the SMs GEMM1's last wave leaves idle.
+#: that GEMM2 starts on the SMs GEMM1's last wave leaves idle. ``GRID``: what the swap-AB programs
+#: stand for: ``"pairs"``, one per (token, slot) pair, the first pair of each local expert computing;
+#: ``"experts"``, one per local expert where there are fewer local experts than pairs (at E=32
+#: T=16, 32 programs a tile instead of 128, of which 96 only exit).
 CONFIG_KEYS = (
     "path",
     "NUMERICS",
@@ -110,6 +113,7 @@ CONFIG_KEYS = (
     "PREFETCH1",
     "PREFETCH2",
     "WAIT2",
+    "GRID",
     "TILE1",
     "TILE2",
 )
@@ -117,7 +121,9 @@ CONFIG_KEYS = (
 GROUPED_KEYS = ("path", "NUMERICS", "COMBINE", "TILE1", "TILE2")
 
 #: The keys only ``path='swapab'`` reads, at the values that leave them off (every other path's).
-SWAPAB_ONLY_OFF: Dict[str, Any] = dict(FUSED_CAST2=False, N_TILES2=1, PREFETCH1=0, PREFETCH2=0, WAIT2="grid")
+SWAPAB_ONLY_OFF: Dict[str, Any] = dict(
+    FUSED_CAST2=False, N_TILES2=1, PREFETCH1=0, PREFETCH2=0, WAIT2="grid", GRID="pairs"
+)
 
 DECODE_CONFIG: Dict[str, Any] = dict(
     path="decode",
@@ -182,12 +188,17 @@ SWAPAB_CONFIG: Dict[str, Any] = dict(
 #: and 64 gate + 64 up rows on four warps with an fp32 intermediate, capped at 168 registers (three
 #: an SM) or not (two): 1-10% slower at every T from 1 to 32. ``expert_wait``: GEMM2's programs
 #: wait for their own expert's GEMM1 tiles (``WAIT2='expert'``), not timed yet (expected 1-2% from
-#: T=2 up: GEMM2 on the SMs GEMM1's last wave leaves idle).
+#: T=2 up: GEMM2 on the SMs GEMM1's last wave leaves idle). ``expert_grid``: programs for the local
+#: experts, not the pairs (``GRID='experts'``), not timed yet (expected: E=32 T=16 about 10 us
+#: faster, the 38 us it spends over the stream ceiling against 28 at T=4 with the same experts;
+#: level at E=256); ``expert_grid_wait`` both.
 SWAPAB_VARIANTS: Dict[str, Dict[str, Any]] = {
     "no_prefetch": dict(SWAPAB_CONFIG, PREFETCH1=0, PREFETCH2=0),
     "gemm2_prefetch": dict(SWAPAB_CONFIG, PREFETCH1=0),
     "gemm1_prefetch8": dict(SWAPAB_CONFIG, PREFETCH1=8),
     "expert_wait": dict(SWAPAB_CONFIG, WAIT2="expert"),
+    "expert_grid": dict(SWAPAB_CONFIG, GRID="experts"),
+    "expert_grid_wait": dict(SWAPAB_CONFIG, GRID="experts", WAIT2="expert"),
 }
 #: The swap-AB default on four stages in both GEMMs, the default before six (H200, 2026-12-03: E=256
 #: T=16 1342.8 against 1310.8 us; five stages in GEMM1 alone, or six in one GEMM alone, gained less
@@ -552,7 +563,7 @@ def fused_experts_fp8(
     swapab_only = {k: cfg[k] for k in SWAPAB_ONLY_OFF}
     if cfg["path"] != "swapab" and swapab_only != SWAPAB_ONLY_OFF:
         raise ValueError(
-            f"config: FUSED_CAST2, N_TILES2, PREFETCH1, PREFETCH2 and WAIT2 apply to path='swapab' only, got "
+            f"config: FUSED_CAST2, N_TILES2, PREFETCH1, PREFETCH2, WAIT2 and GRID apply to path='swapab' only, got "
             f"path={cfg['path']!r} with {swapab_only}"
         )
     num_pairs = num_tokens * top_k
@@ -566,6 +577,8 @@ def fused_experts_fp8(
             raise ValueError(f"config: FUSED_CAST2 must be a bool, got {cfg['FUSED_CAST2']!r}")
         if cfg["WAIT2"] not in ("grid", "expert"):
             raise ValueError(f"config: WAIT2 must be 'grid' or 'expert', got {cfg['WAIT2']!r}")
+        if cfg["GRID"] not in ("pairs", "experts"):
+            raise ValueError(f"config: GRID must be 'pairs' or 'experts', got {cfg['GRID']!r}")
         ready = counters(num_experts + 1, hidden.device, "moe_expert_ready") if cfg["WAIT2"] == "expert" else None
         acc = workspace(num_tokens, hidden_size, torch.float32, hidden.device, "moe_combine")
         zeroed = _start_zeroing(acc, cfg["ZERO"])
@@ -602,6 +615,7 @@ def fused_experts_fp8(
             PREFETCH1=cfg["PREFETCH1"],
             PREFETCH2=cfg["PREFETCH2"],
             ready=ready,
+            by_expert=cfg["GRID"] == "experts",
         )
         if not cfg["FUSED_CAST2"]:
             cast_out(acc, result, pdl=pdl, reset=ready)

@@ -46,6 +46,7 @@ from .tiles import (
     chunk_pairs,
     expert_members,
     gather_scan_width,
+    local_expert_members,
     zero_fill,
 )
 
@@ -174,6 +175,7 @@ def _gemm1_kernel(
     PREFETCH: tl.constexpr,
     WAIT_INPUT: tl.constexpr,
     READY: tl.constexpr,
+    BY_EXPERT: tl.constexpr,
 ):
     if PDL:
         gdc_launch_dependents()  # GEMM2 may start its prologue; it waits before reading y
@@ -190,7 +192,10 @@ def _gemm1_kernel(
     else:
         p = tl.program_id(0)
         pid_n = tl.program_id(1)
-    leader, expert, members, rank, count = expert_members(ids_ptr, p, num_pairs, expert_offset, num_experts, PAIRS)
+    if BY_EXPERT:
+        leader, expert, members, rank, count = local_expert_members(ids_ptr, p, num_pairs, expert_offset, PAIRS)
+    else:
+        leader, expert, members, rank, count = expert_members(ids_ptr, p, num_pairs, expert_offset, num_experts, PAIRS)
     if not leader:
         return
     offs_r = tl.arange(0, 2 * BLOCK_N)
@@ -390,6 +395,7 @@ def _gemm2_kernel(
     PDL: tl.constexpr,
     PREFETCH: tl.constexpr,
     READY: tl.constexpr,
+    BY_EXPERT: tl.constexpr,
 ):
     if PDL:
         gdc_launch_dependents()
@@ -402,7 +408,10 @@ def _gemm2_kernel(
     else:
         p = tl.program_id(0)
         pid_tiles = tl.program_id(1)
-    leader, expert, members, rank, count = expert_members(ids_ptr, p, num_pairs, expert_offset, num_experts, PAIRS)
+    if BY_EXPERT:
+        leader, expert, members, rank, count = local_expert_members(ids_ptr, p, num_pairs, expert_offset, PAIRS)
+    else:
+        leader, expert, members, rank, count = expert_members(ids_ptr, p, num_pairs, expert_offset, num_experts, PAIRS)
     if not leader:
         if READY:
             if PDL:
@@ -541,6 +550,7 @@ def swapab_fp8(
     PREFETCH1: int = 0,
     PREFETCH2: int = 0,
     ready: Optional[torch.Tensor] = None,
+    by_expert: bool = False,
 ) -> None:
     """Both GEMMs: ``acc[t] += sum_j w[t, j] * expert(ids[t, j])(hidden[t])`` (fp32, atomics).
 
@@ -577,6 +587,9 @@ def swapab_fp8(
             each zeroing share in ``ready[E]``; a GEMM2 program spins until both are complete
             and reads ``y`` past L1. The counters stay counted: the caller's next launch resets
             them (``combine.cast_out(reset=ready)``). Needs ``zero_in_gemm1`` and no fused cast.
+        by_expert: with fewer local experts than pairs, one program (per tile) for each local
+            expert instead of each pair (:func:`tiles.local_expert_members`); the same pairs in
+            the same chunks, so the same numerics.
 
     Raises:
         ValueError: a tile that would mix block scales, an e4m3 intermediate with dynamic
@@ -651,7 +664,9 @@ def swapab_fp8(
         out_rows, arrivals = acc, acc  # not read
     tiles1 = triton.cdiv(inter, BLOCK_N1)
     expert_wait = ready is not None
-    _gemm1_kernel[(tiles1, num_pairs) if expert_wait else (num_pairs, tiles1)](
+    grid_by_expert = by_expert and e < num_pairs
+    slots = e if grid_by_expert else num_pairs  # programs (per tile) that may lead an expert
+    _gemm1_kernel[(tiles1, slots) if expert_wait else (slots, tiles1)](
         x,
         x_scale,
         w13,
@@ -699,6 +714,7 @@ def swapab_fp8(
         PREFETCH=0 if INTERPRETING else PREFETCH1,
         WAIT_INPUT=gemm1_waits,
         READY=expert_wait,
+        BY_EXPERT=grid_by_expert,
         num_warps=num_warps1,
         num_stages=num_stages1,
         **({"launch_pdl": True} if gemm1_waits else {}),
@@ -709,7 +725,7 @@ def swapab_fp8(
     per_split = triton.cdiv(k_blocks, SPLIT_K2)
     programs2 = triton.cdiv(num_tiles2, N_TILES2)
     splits2 = triton.cdiv(k_blocks, per_split)
-    _gemm2_kernel[(programs2, num_pairs, splits2) if expert_wait else (num_pairs, programs2, splits2)](
+    _gemm2_kernel[(programs2, slots, splits2) if expert_wait else (slots, programs2, splits2)](
         y,
         y_scale,
         w2,
@@ -719,7 +735,7 @@ def swapab_fp8(
         arrivals,
         ready if expert_wait else arrivals,
         tiles1,
-        num_pairs * tiles1,
+        slots * tiles1,
         topk_ids,
         topk_weights,
         a2,
@@ -756,6 +772,7 @@ def swapab_fp8(
         PDL=pdl,
         PREFETCH=0 if INTERPRETING else PREFETCH2,
         READY=expert_wait,
+        BY_EXPERT=grid_by_expert,
         num_warps=num_warps2,
         num_stages=num_stages2,
         maxnreg=GATHER_MAXNREG,

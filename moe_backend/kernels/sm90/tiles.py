@@ -4,7 +4,8 @@ Two ways to find a program's rows: the aligned tiles of ``align.align_block_size
 (:func:`tile_coords`, :func:`aligned_rows`), or, at decode, no alignment launch at all: every
 program ``(p, ...)`` scans the ``T * k`` ids and only the *leader* of a local expert (its first
 pair) computes, gathering the expert's pairs in order (:func:`expert_members`,
-:func:`chunk_pairs`).
+:func:`chunk_pairs`). With fewer local experts than pairs, programs can stand for the local
+experts instead (:func:`local_expert_members`): fewer programs, none launched only to exit.
 """
 
 import triton
@@ -83,6 +84,19 @@ def expert_members(ids_ptr, p, num_pairs, expert_offset, num_experts, PAIRS: tl.
     leader = (mine >= 0) & (local >= 0) & (local < num_experts) & (first == p)
     rank = tl.cumsum(members.to(tl.int32), 0) - 1
     return leader, local.to(tl.int64), members, rank, tl.sum(members.to(tl.int32), 0)
+
+
+@triton.jit
+def local_expert_members(ids_ptr, j, num_pairs, expert_offset, PAIRS: tl.constexpr):
+    """:func:`expert_members` for a program that stands for local expert ``j`` rather than a pair:
+    ``(active, j (int64), members [PAIRS] bool, rank [PAIRS] int32, count)``, ``active`` when some
+    pair names the expert (its pairs in the same order, so the same chunks)."""
+    offs = tl.arange(0, PAIRS)
+    ids = tl.load(ids_ptr + offs, mask=offs < num_pairs, other=-1)
+    members = (ids == expert_offset + j) & (offs < num_pairs)
+    rank = tl.cumsum(members.to(tl.int32), 0) - 1
+    count = tl.sum(members.to(tl.int32), 0)
+    return count > 0, j.to(tl.int64), members, rank, count
 
 
 @triton.jit
