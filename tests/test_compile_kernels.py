@@ -76,8 +76,9 @@ def test_capture_reaches_every_kernel_and_configuration():
 def test_offline_build_for_sm90():
     run = _run("--shapes", "odd_16", "--tokens", "3", "--kernels", "_cast_kernel", "_sum_pairs_kernel")
     assert run.returncode == 0, run.stderr
-    # the cast launched plainly and as a programmatic dependent launch (swap-AB), the pair sum
-    assert "3 of 3 kernel specializations compiled for sm_90a" in run.stderr
+    # the cast launched plainly, as a programmatic dependent launch (swap-AB) and as one that
+    # also resets the swap-AB per-expert counters (WAIT2='expert'), the pair sum
+    assert "4 of 4 kernel specializations compiled for sm_90a" in run.stderr
 
 
 def test_experimental_configurations_can_be_left_out():
