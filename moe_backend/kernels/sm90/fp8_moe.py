@@ -175,30 +175,23 @@ SWAPAB_CONFIG: Dict[str, Any] = dict(
     PREFETCH2=4,
 )
 #: The swap-AB variants, not tuner candidates: ``scripts/decode_breakdown.py`` and ``moe-backend
-#: bench --variants swapab_<name>`` time them against ``SWAPAB_CONFIG`` (H200, 2026-12-03, one bench
-#: run each: docs/performance.md). ``no_prefetch``: neither GEMM asks L2 ahead. ``gemm2_prefetch``:
-#: GEMM2 only, the default before GEMM1 prefetched too; GEMM1's four blocks were 0.5-1.2% faster at
-#: 11 of 12 points from T=1 to 32 (E=256 and 32; T=1: 108.3 against 109.0 us) and level at the
-#: twelfth (E=256 T=16: 1359.2 against 1356.0). GEMM2's four blocks had been 0.3-0.9% faster than
-#: none at every T from 1 to 16, sixteen 3-8% slower. ``gemm1_prefetch8``: eight blocks for GEMM1,
-#: level with none. GEMM2 on four warps, on three stages and four warps (all 448 programs of T=1 in
-#: one wave) and on two K slices were slower at every T from 1 to 16 in two sessions, as were the
-#: fused cast and two or four tiles a program. So were more GEMM1 programs an SM (2026-12-03):
-#: capped at 128 registers on three stages (two an SM; uncapped it takes 215 registers, one an SM),
-#: and 64 gate + 64 up rows on four warps with an fp32 intermediate, capped at 168 registers (three
-#: an SM) or not (two): 1-10% slower at every T from 1 to 32. ``expert_wait``: GEMM2's programs
-#: wait for their own expert's GEMM1 tiles (``WAIT2='expert'``), not timed yet (expected 1-2% from
-#: T=2 up: GEMM2 on the SMs GEMM1's last wave leaves idle). ``expert_grid``: programs for the local
-#: experts, not the pairs (``GRID='experts'``), not timed yet (expected: E=32 T=16 about 10 us
-#: faster, the 38 us it spends over the stream ceiling against 28 at T=4 with the same experts;
-#: level at E=256); ``expert_grid_wait`` both.
+#: bench --variants swapab_<name>`` time them against ``SWAPAB_CONFIG``. ``expert_wait``: GEMM2's
+#: programs wait for their own expert's GEMM1 tiles (``WAIT2='expert'``), not timed yet (expected
+#: 1-2% from T=2 up: GEMM2 on the SMs GEMM1's last wave leaves idle). ``expert_grid``: programs for
+#: the local experts, not the pairs (``GRID='experts'``), not timed yet (expected: E=32 T=16 about
+#: 10 us faster, the 38 us it spends over the stream ceiling against 28 at T=4 with the same
+#: experts; level at E=256). Settled and dropped (H200, docs/performance.md): GEMM1's L2 prefetch
+#: of four K blocks was 0.5-1.2% faster than none at 11 of 12 points from T=1 to 32 and level at the
+#: twelfth, eight blocks level with none; GEMM2's four blocks 0.3-0.9% faster than none at T=1-16,
+#: sixteen 3-8% slower. GEMM2 on four warps, on three stages and four warps (all 448 programs of
+#: T=1 in one wave) and on two K slices were slower at every T from 1 to 16 in two sessions, as
+#: were the fused cast and two or four tiles a program. So were more GEMM1 programs an SM: capped
+#: at 128 registers on three stages (two an SM; uncapped it takes 215 registers, one an SM), and 64
+#: gate + 64 up rows on four warps with an fp32 intermediate, capped at 168 registers (three an SM)
+#: or not (two): 1-10% slower at every T from 1 to 32.
 SWAPAB_VARIANTS: Dict[str, Dict[str, Any]] = {
-    "no_prefetch": dict(SWAPAB_CONFIG, PREFETCH1=0, PREFETCH2=0),
-    "gemm2_prefetch": dict(SWAPAB_CONFIG, PREFETCH1=0),
-    "gemm1_prefetch8": dict(SWAPAB_CONFIG, PREFETCH1=8),
     "expert_wait": dict(SWAPAB_CONFIG, WAIT2="expert"),
     "expert_grid": dict(SWAPAB_CONFIG, GRID="experts"),
-    "expert_grid_wait": dict(SWAPAB_CONFIG, GRID="experts", WAIT2="expert"),
 }
 #: The swap-AB default on four stages in both GEMMs, the default before six (H200, 2026-12-03: E=256
 #: T=16 1342.8 against 1310.8 us; five stages in GEMM1 alone, or six in one GEMM alone, gained less
