@@ -14,6 +14,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_wait
 
 from .fp8_tile import to_bf16
+from .tiles import zero_fill
 
 BLOCK = 2048
 
@@ -22,11 +23,8 @@ BLOCK = 2048
 def _cast_kernel(acc_ptr, out_ptr, numel, reset_ptr, reset_numel, BLOCK: tl.constexpr, PDL: tl.constexpr):
     if PDL:
         gdc_wait()
-    if tl.program_id(0) == 0:
-        # counters the kernels before this one counted up (fp8_swapab's GEMM2 waits): back to 0
-        for z in range(0, reset_numel, BLOCK):
-            zs = z + tl.arange(0, BLOCK)
-            tl.store(reset_ptr + zs, tl.zeros([BLOCK], dtype=tl.int32), mask=zs < reset_numel)
+    # counters the kernels before this one counted up (fp8_swapab's GEMM2 waits): back to 0
+    zero_fill(reset_ptr, reset_numel, BLOCK)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     tl.store(out_ptr + offs, to_bf16(tl.load(acc_ptr + offs, mask=mask)), mask=mask)

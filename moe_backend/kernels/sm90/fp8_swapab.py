@@ -183,19 +183,14 @@ def _gemm1_kernel(
     # The fused cast: tokens without a local pair get no contribution, so their rows stay 0.
     zero_fill(result_ptr, result_numel, ZERO_BLOCK)
     zero_fill(arrivals_ptr, arrivals_numel, ZERO_BLOCK)
+    # With READY an expert's tiles are consecutive programs (they finish together).
+    _, pid_n, leader, expert, members, rank, count = program_expert(
+        ids_ptr, num_pairs, expert_offset, num_experts, PAIRS, READY, BY_EXPERT
+    )
     if READY:
-        # An expert's tiles are consecutive programs (they finish together), and every program
-        # counts its zeroing share done: GEMM2 waits for all shares before its first atomic add.
-        p = tl.program_id(1)
-        pid_n = tl.program_id(0)
+        # every program counts its zeroing share done: GEMM2 waits for all shares before its
+        # first atomic add
         publish(ready_ptr + num_experts)
-    else:
-        p = tl.program_id(0)
-        pid_n = tl.program_id(1)
-    if BY_EXPERT:
-        leader, expert, members, rank, count = local_expert_members(ids_ptr, p, num_pairs, expert_offset, PAIRS)
-    else:
-        leader, expert, members, rank, count = expert_members(ids_ptr, p, num_pairs, expert_offset, num_experts, PAIRS)
     if not leader:
         return
     offs_r = tl.arange(0, 2 * BLOCK_N)
@@ -267,6 +262,39 @@ def _gemm1_kernel(
             tl.store(y_ptrs, y, mask=ok[None, :] & (offs_n < I)[:, None])
     if READY:
         publish(ready_ptr + expert)  # this tile of the expert's y (and its scales) is stored
+
+
+@triton.jit
+def program_expert(
+    ids_ptr,
+    num_pairs,
+    expert_offset,
+    num_experts,
+    PAIRS: tl.constexpr,
+    EXPERT_MAJOR: tl.constexpr,
+    BY_EXPERT: tl.constexpr,
+):
+    """This program's slot and tile, and the expert it may lead, in either GEMM's grid.
+
+    The grid is ``(slot, tile, ...)``, or ``(tile, slot, ...)`` with ``EXPERT_MAJOR`` (a slot's
+    tiles then run as consecutive programs). A slot is a pair (:func:`tiles.expert_members`: only
+    the expert's first pair leads) or, with ``BY_EXPERT``, a local expert
+    (:func:`tiles.local_expert_members`). Returns ``(slot, tile, leader, expert, members, rank,
+    count)``.
+    """
+    if EXPERT_MAJOR:
+        slot = tl.program_id(1)
+        tile = tl.program_id(0)
+    else:
+        slot = tl.program_id(0)
+        tile = tl.program_id(1)
+    if BY_EXPERT:
+        leader, expert, members, rank, count = local_expert_members(ids_ptr, slot, num_pairs, expert_offset, PAIRS)
+    else:
+        leader, expert, members, rank, count = expert_members(
+            ids_ptr, slot, num_pairs, expert_offset, num_experts, PAIRS
+        )
+    return slot, tile, leader, expert, members, rank, count
 
 
 @triton.jit
@@ -399,19 +427,13 @@ def _gemm2_kernel(
 ):
     if PDL:
         gdc_launch_dependents()
+    p, pid_tiles, leader, expert, members, rank, count = program_expert(
+        ids_ptr, num_pairs, expert_offset, num_experts, PAIRS, READY, BY_EXPERT
+    )
     if READY:
-        p = tl.program_id(1)
-        pid_tiles = tl.program_id(0)
         # No program waits on all of GEMM1 but the first, after its own work: the grid then
         # completes after GEMM1 does (the cast reads the rows GEMM1 zeroed).
         first_program = (pid_tiles == 0) & (p == 0) & (tl.program_id(2) == 0)
-    else:
-        p = tl.program_id(0)
-        pid_tiles = tl.program_id(1)
-    if BY_EXPERT:
-        leader, expert, members, rank, count = local_expert_members(ids_ptr, p, num_pairs, expert_offset, PAIRS)
-    else:
-        leader, expert, members, rank, count = expert_members(ids_ptr, p, num_pairs, expert_offset, num_experts, PAIRS)
     if not leader:
         if READY:
             if PDL:
