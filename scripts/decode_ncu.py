@@ -9,7 +9,7 @@ which also removes the programmatic dependent launch overlap). The H200 run of 2
         --section LaunchStats --section Occupancy --section SchedulerStats --csv --page details \\
         python scripts/decode_ncu.py --E 256 --precision nvfp4 > ncu_nvfp4.csv
 
-``--variant swapab_expert_grid`` (any ``moe-backend bench --variants`` name) profiles that configuration
+``--variant swapab_pairs_grid_wait`` (any ``moe-backend bench --variants`` name) profiles that configuration
 instead, e.g. to compare a decode variant against the default.
 """
 
@@ -33,7 +33,7 @@ def main() -> None:
     parser.add_argument(
         "--variant",
         choices=sorted(VARIANTS),
-        help="a bench variant of our kernel instead of the default (its own precision), e.g. swapab_expert_grid",
+        help="a bench variant of our kernel instead of the default (its own precision), e.g. swapab_pairs_grid_wait",
     )
     args = parser.parse_args()
     if not torch.cuda.is_available():

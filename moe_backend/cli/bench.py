@@ -68,9 +68,10 @@ INPUT_SETS = 4
 VARIANTS: Dict[str, Tuple[str, Optional[Dict[str, Any]]]] = {
     "deterministic": ("fp8_block", None),
     "zero_fused": ("fp8_block", {"COMBINE": "atomic", "ZERO": "fused"}),
-    "zero_sync": ("fp8_block", {"COMBINE": "atomic", "ZERO": "sync"}),
-    "zero_stream": ("fp8_block", {"COMBINE": "atomic", "ZERO": "stream"}),
-    # swap-AB beyond the pairs the default gives it (T=32 E=256: one pair an expert)
+    # the swap-AB default's per-expert wait counts GEMM1's zeroing: the other modes wait for the grid
+    "zero_sync": ("fp8_block", {"COMBINE": "atomic", "ZERO": "sync", "WAIT2": "grid"}),
+    "zero_stream": ("fp8_block", {"COMBINE": "atomic", "ZERO": "stream", "WAIT2": "grid"}),
+    # swap-AB wherever it serves (up to tiles.MAX_GATHER_PAIRS pairs), past where the default takes it
     "swapab": ("fp8_block", fp8_moe.SWAPAB_CONFIG),
     **{f"swapab_{name}": ("fp8_block", cfg) for name, cfg in fp8_moe.SWAPAB_VARIANTS.items()},
     "swapab_stages4": ("fp8_block", fp8_moe.SWAPAB_STAGES4_CONFIG),

@@ -35,11 +35,23 @@ DECODE_SMALL = dict(path="decode", BLOCK_M=16, BLOCK_N1=64, BLOCK_N2=32, SPLIT_K
 PREFILL_SMALL = dict(
     path="prefill", BLOCK_M=16, BLOCK_N1=128, BLOCK_N2=64, GROUP_M1=2, GROUP_M2=2, num_warps1=4, num_warps2=4
 )
+#: One program per pair, GEMM2 waiting for all of GEMM1 (the default waits per expert on a grid
+#: of local experts: ``SWAPAB_EXPERT``).
+PAIRS_GRID = dict(WAIT2="grid", GRID="pairs")
 SWAPAB_SMALL = dict(
-    path="swapab", BLOCK_M=16, BLOCK_N1=32, BLOCK_N2=64, SPLIT_K2=2, QUANT_ON_LOAD1=True, QUANT_OUT1=False
+    path="swapab",
+    BLOCK_M=16,
+    BLOCK_N1=32,
+    BLOCK_N2=64,
+    SPLIT_K2=2,
+    QUANT_ON_LOAD1=True,
+    QUANT_OUT1=False,
+    **PAIRS_GRID,
 )
 #: Swap-AB with pre-quantized hidden states and an e4m3 intermediate from GEMM1's epilogue.
 SWAPAB_PREQ = dict(SWAPAB_SMALL, QUANT_ON_LOAD1=False, QUANT_OUT1=True, BLOCK_N1=128, SPLIT_K2=1)
+#: The default's synchronization and grid: per-expert waits, one program per local expert.
+SWAPAB_EXPERT = dict(SWAPAB_PREQ, WAIT2="expert", GRID="experts")
 #: The other combine and GEMM1-input variants of each path.
 DECODE_ALT = dict(DECODE_SMALL, COMBINE="sum", QUANT_ON_LOAD1=False, SPLIT_K2=1)
 PREFILL_ALT = dict(PREFILL_SMALL, COMBINE="atomic", SPLIT_K2=2)
@@ -128,8 +140,8 @@ def test_align_groups_pairs_by_expert(t, k, e, offset, bm):
 @runs_here
 @pytest.mark.parametrize(
     "config",
-    [SWAPAB_SMALL, SWAPAB_PREQ, DECODE_SMALL, PREFILL_SMALL, DECODE_ALT, PREFILL_ALT],
-    ids=["swapab", "swapab-preq", "decode", "prefill", "decode-alt", "prefill-alt"],
+    [SWAPAB_SMALL, SWAPAB_PREQ, SWAPAB_EXPERT, DECODE_SMALL, PREFILL_SMALL, DECODE_ALT, PREFILL_ALT],
+    ids=["swapab", "swapab-preq", "swapab-expert", "decode", "prefill", "decode-alt", "prefill-alt"],
 )
 @pytest.mark.parametrize("t,k,e,offset,ue8m0", [(1, 1, 4, 0, False), (7, 2, 4, 3, False), (17, 3, 6, 0, True)])
 def test_block_scaled_small(config, t, k, e, offset, ue8m0):
@@ -139,8 +151,8 @@ def test_block_scaled_small(config, t, k, e, offset, ue8m0):
 @runs_here
 @pytest.mark.parametrize(
     "config",
-    [SWAPAB_SMALL, SWAPAB_PREQ, DECODE_SMALL, PREFILL_SMALL, PREFILL_ALT],
-    ids=["swapab", "swapab-preq", "decode", "prefill", "prefill-alt"],
+    [SWAPAB_SMALL, SWAPAB_PREQ, SWAPAB_EXPERT, DECODE_SMALL, PREFILL_SMALL, PREFILL_ALT],
+    ids=["swapab", "swapab-preq", "swapab-expert", "decode", "prefill", "prefill-alt"],
 )
 @pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
 @pytest.mark.parametrize("h,i", [(64, 32), (160, 144)])
@@ -151,8 +163,8 @@ def test_per_tensor_small(config, static, h, i):
 @runs_here
 @pytest.mark.parametrize(
     "config",
-    [SWAPAB_SMALL, SWAPAB_PREQ, DECODE_SMALL, PREFILL_SMALL],
-    ids=["swapab", "swapab-preq", "decode", "prefill"],
+    [SWAPAB_SMALL, SWAPAB_PREQ, SWAPAB_EXPERT, DECODE_SMALL, PREFILL_SMALL],
+    ids=["swapab", "swapab-preq", "swapab-expert", "decode", "prefill"],
 )
 @pytest.mark.parametrize("block", [True, False], ids=["block", "tensor"])
 def test_weight_on_input(config, block):
@@ -160,7 +172,9 @@ def test_weight_on_input(config, block):
 
 
 @runs_here
-@pytest.mark.parametrize("config", [SWAPAB_SMALL, PREFILL_SMALL], ids=["swapab", "prefill"])
+@pytest.mark.parametrize(
+    "config", [SWAPAB_SMALL, SWAPAB_EXPERT, PREFILL_SMALL], ids=["swapab", "swapab-expert", "prefill"]
+)
 def test_all_tokens_one_expert_and_no_local_expert(config):
     """40 pairs on one expert: the swap-AB leader loops over 3 chunks of 16."""
     check(make_problem(40, 256, 128, 4, 2, block=True, offset=8, one_expert=True), config=config)
@@ -308,16 +322,19 @@ def test_zero_tokens():
 
 @runs_here
 def test_default_config_both_paths():
-    """The heuristic picks swap-AB for few pairs or at most one pair an expert, the aligned
-    decode path for at most one row per expert beyond the swap-AB scan, and prefill for more."""
+    """The heuristic picks swap-AB up to the pairs its scan holds while the expected pairs an
+    expert stay within one chunk (16) up to 128 pairs and within 8 above, the aligned decode path
+    for at most one row per expert beyond the scan, and prefill for more."""
     from moe_backend.kernels.sm90 import default_config
 
     assert default_config(1, 8, 256)["path"] == "swapab"
-    assert default_config(16, 8, 32)["path"] == "swapab"
-    assert default_config(32, 8, 256)["path"] == "swapab"  # 256 pairs, one an expert
-    assert default_config(33, 8, 256)["path"] == "prefill"
+    assert default_config(16, 8, 8)["path"] == "swapab"  # 128 pairs, 16 an expert
+    assert default_config(17, 8, 8)["path"] == "prefill"
+    assert default_config(32, 8, 32)["path"] == "swapab"  # 256 pairs, 8 an expert
+    assert default_config(33, 8, 32)["path"] == "prefill"
+    assert default_config(128, 8, 256)["path"] == "swapab"  # 1024 pairs: the scan's limit
+    assert default_config(129, 8, 256)["path"] == "prefill"
     assert default_config(160, 8, 2048)["path"] == "decode"  # 1280 pairs: past the scan
-    assert default_config(17, 8, 32)["path"] == "prefill"
     assert default_config(8192, 8, 32)["path"] == "prefill"
 
 
@@ -387,20 +404,21 @@ def test_gpu_config_variants(variant, t, e, path):
         dict(BLOCK_N1=64, BLOCK_N2=128, num_warps1=8, num_warps2=8, QUANT_OUT1=False),
         dict(SPLIT_K2=2, PDL=True),
         dict(QUANT_ON_LOAD1=False, QUANT_OUT1=True, BLOCK_N1=128, num_warps1=8, PDL=True),
-        dict(FUSED_CAST2=True),
+        dict(FUSED_CAST2=True, **PAIRS_GRID),
         dict(N_TILES2=2),
         dict(N_TILES2=3, BLOCK_N2=64, num_warps2=4),
-        dict(FUSED_CAST2=True, N_TILES2=4),
-        dict(FUSED_CAST2=True, SPLIT_K2=2, N_TILES2=3),
+        dict(FUSED_CAST2=True, N_TILES2=4, **PAIRS_GRID),
+        dict(FUSED_CAST2=True, SPLIT_K2=2, N_TILES2=3, **PAIRS_GRID),
         dict(PREFETCH2=0),
         dict(PREFETCH2=16),
         dict(PREFETCH2=4, SPLIT_K2=2, N_TILES2=3, BLOCK_N2=64, num_warps2=4),
         dict(PREFETCH1=8),
         dict(PREFETCH1=4, QUANT_ON_LOAD1=True, QUANT_OUT1=False),
-        dict(WAIT2="expert"),
-        dict(WAIT2="expert", QUANT_OUT1=False, BLOCK_N1=64, num_warps1=4, SPLIT_K2=2),
-        dict(GRID="experts"),
-        dict(GRID="experts", WAIT2="expert", N_TILES2=3, BLOCK_N2=64, num_warps2=4),
+        dict(GRID="pairs"),
+        dict(QUANT_OUT1=False, BLOCK_N1=64, num_warps1=4, SPLIT_K2=2),
+        dict(WAIT2="grid"),
+        PAIRS_GRID,
+        dict(N_TILES2=3, BLOCK_N2=64, num_warps2=4, **PAIRS_GRID),
     ],
     ids=[
         "default",
@@ -418,9 +436,10 @@ def test_gpu_config_variants(variant, t, e, path):
         "gemm1-prefetch8",
         "gemm1-prefetch4-quant-on-load",
         "expert-wait",
-        "expert-wait-fp32-split2",
+        "expert-wait-grid-fp32-split2",
         "expert-grid",
-        "expert-grid-wait-tiles3",
+        "pairs-grid-wait",
+        "pairs-grid-wait-tiles3",
     ],
 )
 @pytest.mark.parametrize(
@@ -448,12 +467,13 @@ def test_gpu_swapab(config, t, e, offset, block):
 @pytest.mark.parametrize(
     "variant",
     [
-        dict(FUSED_CAST2=True, SPLIT_K2=2),
-        dict(FUSED_CAST2=True, N_TILES2=4),
-        dict(WAIT2="expert"),
-        dict(WAIT2="expert", SPLIT_K2=2, N_TILES2=3),
+        dict(FUSED_CAST2=True, SPLIT_K2=2, **PAIRS_GRID),
+        dict(FUSED_CAST2=True, N_TILES2=4, **PAIRS_GRID),
+        dict(GRID="pairs"),
+        {},
+        dict(SPLIT_K2=2, N_TILES2=3),
     ],
-    ids=["fused-split2", "fused-tiles4", "expert-wait", "expert-wait-split2-tiles3"],
+    ids=["fused-split2", "fused-tiles4", "expert-wait", "expert-wait-grid", "expert-wait-grid-split2-tiles3"],
 )
 def test_gpu_gemm2_synchronization_has_no_race(variant):
     """GEMM2's own synchronization against the plain launches, 300 runs: the fused cast's
@@ -465,7 +485,7 @@ def test_gpu_gemm2_synchronization_has_no_race(variant):
 
     for seed in range(3):
         p = make_problem(16, 7168, 2048, 32, 8, block=True, invalid=seed == 2, seed=seed)
-        want = run_fp8_kernel(p, config=SWAPAB_CONFIG).float()
+        want = run_fp8_kernel(p, config=dict(SWAPAB_CONFIG, **PAIRS_GRID)).float()
         bound = 1e-2 * want.abs() + 1e-3 * want.abs().max()
         for _ in range(100):
             got = run_fp8_kernel(p, config=dict(SWAPAB_CONFIG, **variant)).float()
@@ -574,6 +594,7 @@ def test_gpu_stream_zeroing_over_thousands_of_random_sizes():
     for _ in range(1000):
         t = int(torch.randint(1, 65, (1,), generator=gen))
         q = Problem(p.hidden[:t], p.weights, p.ids[:t].contiguous(), p.topk_w[:t].contiguous(), p.offset)
-        want = run_fp8_kernel(q, config={"COMBINE": "atomic", "ZERO": "sync"}).float()
-        got = run_fp8_kernel(q, config={"COMBINE": "atomic", "ZERO": "stream"}).float()
+        # the swap-AB default's per-expert wait counts GEMM1's own zeroing: it waits for the grid here
+        want = run_fp8_kernel(q, config={"COMBINE": "atomic", "ZERO": "sync", "WAIT2": "grid"}).float()
+        got = run_fp8_kernel(q, config={"COMBINE": "atomic", "ZERO": "stream", "WAIT2": "grid"}).float()
         assert ((got - want).norm() / want.norm()).item() < 1e-3

@@ -156,7 +156,11 @@ DECODE_CONFIG: Dict[str, Any] = dict(
 #: weight rows before it waits on its input (``PREFETCH1``, ``PREFETCH2``, below), and six pipeline
 #: stages in both GEMMs: GEMM1's one program an SM (215 registers a thread) keeps five 34 KB weight
 #: tiles in flight (204 KB of shared memory), GEMM2's two keep five 18 KB each. Against four stages
-#: (H200, 2026-12-03, two bench runs): 1-3% faster from T=2 to 32, level at T=1.
+#: (H200, 2026-12-03, two bench runs): 1-3% faster from T=2 to 32, level at T=1. Each GEMM2 program
+#: waits for its own expert's GEMM1 tiles only (``WAIT2='expert'``), and with fewer local experts
+#: than pairs there is one program per local expert (``GRID='experts'``). Against one program per
+#: pair waiting for all of GEMM1 (H200, 2026-12-03, one run with vLLM): 0.6-3.4% faster at E=256
+#: from T=1 to 32 and 0.6-3.8% at E=32 from T=1 to 16; either key alone gained less.
 SWAPAB_CONFIG: Dict[str, Any] = dict(
     DECODE_CONFIG,
     path="swapab",
@@ -173,32 +177,40 @@ SWAPAB_CONFIG: Dict[str, Any] = dict(
     num_stages2=6,
     PREFETCH1=4,
     PREFETCH2=4,
+    WAIT2="expert",
+    GRID="experts",
 )
 #: The swap-AB variants, not tuner candidates: ``scripts/decode_breakdown.py`` and ``moe-backend
-#: bench --variants swapab_<name>`` time them against ``SWAPAB_CONFIG``. ``expert_wait``: GEMM2's
-#: programs wait for their own expert's GEMM1 tiles (``WAIT2='expert'``), not timed yet (expected
-#: 1-2% from T=2 up: GEMM2 on the SMs GEMM1's last wave leaves idle). ``expert_grid``: programs for
-#: the local experts, not the pairs (``GRID='experts'``), not timed yet (expected: E=32 T=16 about
-#: 10 us faster, the 38 us it spends over the stream ceiling against 28 at T=4 with the same
-#: experts; level at E=256). Settled and dropped (H200, docs/performance.md): GEMM1's L2 prefetch
-#: of four K blocks was 0.5-1.2% faster than none at 11 of 12 points from T=1 to 32 and level at the
-#: twelfth, eight blocks level with none; GEMM2's four blocks 0.3-0.9% faster than none at T=1-16,
-#: sixteen 3-8% slower. GEMM2 on four warps, on three stages and four warps (all 448 programs of
-#: T=1 in one wave) and on two K slices were slower at every T from 1 to 16 in two sessions, as
-#: were the fused cast and two or four tiles a program. So were more GEMM1 programs an SM: capped
-#: at 128 registers on three stages (two an SM; uncapped it takes 215 registers, one an SM), and 64
-#: gate + 64 up rows on four warps with an fp32 intermediate, capped at 168 registers (three an SM)
-#: or not (two): 1-10% slower at every T from 1 to 32.
+#: bench --variants swapab_<name>`` time them against ``SWAPAB_CONFIG``. ``pairs_grid_wait``: the
+#: default before the per-expert wait and grid (one program per pair, GEMM2 waits for all of GEMM1).
+#: Settled and dropped (H200, docs/performance.md): the per-expert wait alone was 0.6-3.4% faster
+#: than ``pairs_grid_wait`` at T=1-32 but for E=32 T=16 (0.8% slower) and T=32 (7%); the per-expert
+#: grid alone level at E=256 and 0.6-3.3% faster at E=32 from T=8. GEMM1's L2 prefetch of four K blocks
+#: was 0.5-1.2% faster than none at 11 of 12 points from T=1 to 32 and level at the twelfth, eight
+#: blocks level with none; GEMM2's four blocks 0.3-0.9% faster than none at T=1-16, sixteen 3-8%
+#: slower. GEMM2 on four warps, on three stages and four warps (all 448 programs of T=1 in one wave)
+#: and on two K slices were slower at every T from 1 to 16 in two sessions, as were the fused cast
+#: and two or four tiles a program. So were more GEMM1 programs an SM: capped at 128 registers on
+#: three stages (two an SM; uncapped it takes 215 registers, one an SM), and 64 gate + 64 up rows
+#: on four warps with an fp32 intermediate, capped at 168 registers (three an SM) or not (two): 1-10%
+#: slower at every T from 1 to 32.
 SWAPAB_VARIANTS: Dict[str, Dict[str, Any]] = {
-    "expert_wait": dict(SWAPAB_CONFIG, WAIT2="expert"),
-    "expert_grid": dict(SWAPAB_CONFIG, GRID="experts"),
+    "pairs_grid_wait": dict(SWAPAB_CONFIG, WAIT2="grid", GRID="pairs"),
 }
-#: The swap-AB default on four stages in both GEMMs, the default before six (H200, 2026-12-03: E=256
-#: T=16 1342.8 against 1310.8 us; five stages in GEMM1 alone, or six in one GEMM alone, gained less
-#: than six in both): a tuner candidate, and ``moe-backend bench --variants swapab_stages4``.
+#: The swap-AB default on four stages in both GEMMs (H200, 2026-12-03, with one program per pair
+#: waiting for all of GEMM1: E=256 T=16 1342.8 against 1310.8 us on six; five stages in GEMM1 alone,
+#: or six in one GEMM alone, gained less than six in both): a tuner candidate, and ``moe-backend
+#: bench --variants swapab_stages4``.
 SWAPAB_STAGES4_CONFIG: Dict[str, Any] = dict(SWAPAB_CONFIG, num_stages1=4, num_stages2=4)
-#: The swap-AB default is used up to this many (token, slot) pairs (measured up to T = 16, k = 8).
-SWAPAB_DEFAULT_MAX_PAIRS = 128
+#: The swap-AB default serves up to ``MAX_GATHER_PAIRS`` pairs while the expected pairs per local
+#: expert stay at most ``SWAPAB_DEFAULT_MAX_ROWS``, and up to one full 16-pair chunk an expert below
+#: ``SWAPAB_DEFAULT_FULL_CHUNK_PAIRS`` pairs. An expert past one chunk streams its weights once a
+#: chunk: at E=32 the default took 376 us at T=64 (16 pairs an expert, balanced) against 380 on the
+#: aligned path, and 708 against 407 at T=96 (24); at E=256 it was 1.05x the aligned path at T=128
+#: (4 an expert; H200, 2026-12-03). Skewed routing pushes some experts past one chunk well before
+#: the balanced mean reaches 16, hence the margin above ``SWAPAB_DEFAULT_FULL_CHUNK_PAIRS``.
+SWAPAB_DEFAULT_MAX_ROWS = 8
+SWAPAB_DEFAULT_FULL_CHUNK_PAIRS = 128
 PREFILL_CONFIG: Dict[str, Any] = dict(
     path="prefill",
     NUMERICS="accurate",
@@ -285,7 +297,7 @@ DEFAULT_TIERS = (
 #: Version of this kernel's tuned configurations: the tuning cache keeps a configuration only
 #: for the version it was tuned for. Bump it when the kernels, their weight or activation
 #: layout, or the configuration schema (CONFIG_KEYS, their meaning) change.
-KERNEL_VERSION = 3
+KERNEL_VERSION = 4
 
 #: What the tuner times per token bucket (each overrides the heuristic default of that size):
 #: the swap-AB and aligned decode paths, skinny atomic-combine tiles, and prefill tiles up to 128 rows.
@@ -344,10 +356,10 @@ def default_config(num_tokens: int, top_k: int, num_experts: int, grouped: bool 
 
     From ``CUTE_GROUPED_MIN_ROWS`` rows per expert, ``cute_grouped`` when ``grouped``.
 
-    The swap-AB path up to ``SWAPAB_DEFAULT_MAX_PAIRS`` pairs (an H200 scan), and up to one pair
-    per expert as far as its scan reaches (``MAX_GATHER_PAIRS``): at T=32 E=256 the aligned decode
-    path ran at 0.77 of the weight-stream ceiling, slower than every swap-AB GEMM2 variant (H200,
-    2026-12-02). Above, tuned on an H100 with H=7168, I=2048 (a config sweep,
+    The swap-AB path up to ``MAX_GATHER_PAIRS`` pairs (what its leader scan holds) while the
+    expected pairs per local expert stay within ``SWAPAB_DEFAULT_MAX_ROWS``, or within one 16-pair
+    chunk below ``SWAPAB_DEFAULT_FULL_CHUNK_PAIRS`` pairs (H200 scans). Above, tuned on an H100
+    with H=7168, I=2048 (a config sweep,
     docs/performance.md): up to one row per expert the aligned decode path; up to 16 the prefill
     kernels with BLOCK_M=16 and atomic combine (still a weight stream); above, larger tiles and
     the ``sum`` combine, which beats atomics once the workspace is large.
@@ -356,8 +368,8 @@ def default_config(num_tokens: int, top_k: int, num_experts: int, grouped: bool 
     rows_per_expert = pairs / num_experts
     if grouped and rows_per_expert >= CUTE_GROUPED_MIN_ROWS:
         return dict(CUTE_GROUPED_CONFIG)
-    if (pairs <= SWAPAB_DEFAULT_MAX_PAIRS and rows_per_expert <= 16) or (
-        pairs <= MAX_GATHER_PAIRS and rows_per_expert <= 1
+    if pairs <= MAX_GATHER_PAIRS and rows_per_expert <= (
+        16 if pairs <= SWAPAB_DEFAULT_FULL_CHUNK_PAIRS else SWAPAB_DEFAULT_MAX_ROWS
     ):
         return dict(SWAPAB_CONFIG)
     return dict(next(cfg for limit, cfg in DEFAULT_TIERS if rows_per_expert <= limit))
