@@ -98,3 +98,45 @@ def test_experimental_configurations_can_be_left_out():
         tuned = compile_kernels.launcher_configs(kernel, experimental=False)
         assert all(cfg in everything and cfg not in tuned for cfg in experimental)
         assert [cfg for cfg in everything if cfg not in experimental] == tuned
+
+
+def test_one_per_code_path_keeps_each_path_at_its_widest():
+    """Specializations that differ only in a width constexpr (``PAIRS``) or in Triton's value
+    specializations of an integer argument (1: ``constexpr``) are one code path, built at the
+    widest; a different flag constexpr or pointer type is another path."""
+    import inspect
+    import json
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import compile_kernels
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    from moe_backend.kernels.sm90 import fp8_swapab
+
+    params = list(inspect.signature(fp8_swapab._gemm1_kernel.fn).parameters)
+    declared = compile_kernels.declared_constexprs("moe_backend.kernels.sm90.fp8_swapab._gemm1_kernel")
+    assert {"PAIRS", "UE8M0"} <= declared and "stride_xm" not in declared
+
+    def spec(pairs: int, ue8m0: bool = False, stride_is_one: bool = False, y: str = "*fp32") -> str:
+        signature, keys, vals = {}, [], []
+        for i, p in enumerate(params):
+            if p in declared:
+                signature[p] = "constexpr"
+                keys.append([i])
+                vals.append(pairs if p == "PAIRS" else ue8m0 if p == "UE8M0" else 16)
+            elif p == "stride_xm" and stride_is_one:
+                signature[p] = "constexpr"
+                keys.append([i])
+                vals.append(1)
+            else:
+                signature[p] = y if p == "y_ptr" else "*fp32" if p.endswith("_ptr") else "i32"
+        name = "moe_backend.kernels.sm90.fp8_swapab._gemm1_kernel"
+        return json.dumps(
+            dict(name=name, signature=signature, constant_keys=keys, constant_vals=vals, options=dict(num_warps=8))
+        )
+
+    narrow, wide = spec(16), spec(1024, stride_is_one=True)
+    other_flag, other_type = spec(16, ue8m0=True), spec(16, y="*fp8e4nv")
+    kept = compile_kernels.one_per_code_path([narrow, spec(256), wide, other_flag, other_type])
+    assert sorted(kept) == sorted([wide, other_flag, other_type])
