@@ -61,17 +61,6 @@ def _inputs(t: int, e: int, sets: int, device: torch.device):
     ]
 
 
-def _bf16_weights(e: int, device: torch.device):
-    from moe_backend.expert_weights import BF16Weights
-
-    w13 = torch.empty(e, 2 * I, H, dtype=torch.bfloat16, device=device)
-    w2 = torch.empty(e, H, I, dtype=torch.bfloat16, device=device)
-    for x in range(e):  # one expert at a time: no fp32 copy of the whole layer
-        w13[x].normal_(0, H**-0.5)
-        w2[x].normal_(0, I**-0.5)
-    return BF16Weights(w13, w2)
-
-
 def _breakdown(weights, hidden, ids, topk_w, cfg, timer) -> dict:
     """Microseconds of each stage of the grouped path, each captured and timed on its own."""
     from moe_backend.expert_weights import NVFP4Weights
@@ -100,7 +89,7 @@ def _breakdown(weights, hidden, ids, topk_w, cfg, timer) -> dict:
 
 
 def time_shape(e: int, t: int, quick: bool) -> list:
-    from moe_backend.cli.bench import INPUT_SETS, _time, random_nvfp4_weights
+    from moe_backend.cli.bench import INPUT_SETS, _time, random_bf16_weights, random_nvfp4_weights
     from moe_backend.kernels.registry import KERNELS
     from moe_backend.kernels.sm90.bf16_moe import CANDIDATE_CONFIGS, fused_experts_grouped, prepare_grouped
 
@@ -136,7 +125,7 @@ def time_shape(e: int, t: int, quick: bool) -> list:
     prepared = triton_kernel.prepare(nvfp4)
     us, mode = timer(lambda s: triton_kernel.run(prepared, *sets[s], **kw))
     record("nvfp4", "sm90_triton_nvfp4 (default config)", us, mode)
-    bf16 = prepare_grouped(_bf16_weights(e, dev))
+    bf16 = prepare_grouped(random_bf16_weights(e, H, I, dev))
     for precision, weights in (("nvfp4", nvfp4), ("bf16", bf16)):
         best = None
         for cfg in CANDIDATE_CONFIGS:

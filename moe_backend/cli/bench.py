@@ -14,7 +14,7 @@ order and then in reverse order, and its time is the mean of the two
 
 Ceilings come from this run (:mod:`.bench_ceilings`): at each point a read-only kernel
 streams exactly the active experts' FP8 weight bytes in one launch (``stream_us``; NVFP4's
-0.5625 bytes a weight scale it), and the compute floor uses the dense FP8 / bf16 GEMM
+0.5625 bytes a weight and bf16's 2 scale it), and the compute floor uses the dense FP8 / bf16 GEMM
 throughput measured at start. ``ceiling_us = max(stream, compute)``. Beside them, at each point
 and in the same two passes, cuBLAS runs the layer's MMA work as two dense GEMMs in the
 precision's MMA format (``dense_us``, :func:`.bench_ceilings.dense_gemms`): the compute at the
@@ -42,7 +42,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..expert_weights import FP8BlockWeights, FP8TensorWeights, NVFP4Weights
+from ..expert_weights import BF16Weights, FP8BlockWeights, FP8TensorWeights, NVFP4Weights
 from ..kernels.registry import KERNELS
 from ..kernels.sm90 import fp8_moe, nvfp4_moe
 from ..layer import LAYER_TYPES, MoEConfig
@@ -54,11 +54,18 @@ logger = logging.getLogger(__name__)
 
 #: Weight bytes per element and the measured peak (``bench_ceilings.measure_peaks`` key) its
 #: MMA runs at, per precision (NVFP4 is W4A16 on Hopper: bf16 MMA).
-PRECISION_COST = {"fp8_block": (1.0, "fp8_tflops"), "fp8_tensor": (1.0, "fp8_tflops"), "nvfp4": (0.5625, "bf16_tflops")}
+PRECISION_COST = {
+    "fp8_block": (1.0, "fp8_tflops"),
+    "fp8_tensor": (1.0, "fp8_tflops"),
+    "nvfp4": (0.5625, "bf16_tflops"),
+    "bf16": (2.0, "bf16_tflops"),
+}
 PEERS = ("vllm",)
 DEFAULT_T = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 QUICK_T = (1, 16, 128, 1024, 8192)
 PRECISIONS = tuple(PRECISION_COST)
+#: What a plain ``moe-backend bench`` times: bf16 layers (twice FP8's weights) only when asked for.
+DEFAULT_PRECISIONS = ("fp8_block", "fp8_tensor", "nvfp4")
 INPUT_SETS = 4
 #: Variants of our kernels (``--variants``): name -> (precision, configuration override; None:
 #: the kernel's deterministic configuration). The runtime variants of the FP8 block kernel
@@ -93,7 +100,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``moe-backend bench``."""
     parser.add_argument("--E", type=int, nargs="+", default=[256, 32], help="local experts (default 256 32)")
     parser.add_argument("--T", type=int, nargs="+", default=None, help="token counts (default 1..8192)")
-    parser.add_argument("--precision", nargs="+", choices=PRECISIONS, default=list(PRECISIONS))
+    parser.add_argument(
+        "--precision",
+        nargs="+",
+        choices=PRECISIONS,
+        default=list(DEFAULT_PRECISIONS),
+        help=f"default {' '.join(DEFAULT_PRECISIONS)}",
+    )
     parser.add_argument("--topk", type=int, default=8)
     parser.add_argument("--hidden", type=int, default=7168)
     parser.add_argument("--inter", type=int, default=2048)
@@ -106,7 +119,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=PEERS,
         default=[],
         help="also time these engines' own MoE kernels on the same weights (vllm: its "
-        "Triton fused MoE for fp8_block, its Marlin MoE for nvfp4)",
+        "Triton fused MoE for fp8_block and bf16, its Marlin MoE for nvfp4)",
     )
     parser.add_argument(
         "--variants",
@@ -139,6 +152,17 @@ def random_nvfp4_weights(e: int, h: int, i: int, device: torch.device) -> NVFP4W
     )
 
 
+def random_bf16_weights(e: int, h: int, i: int, device: torch.device) -> BF16Weights:
+    """Random bf16 experts of roughly unit output scale (std ``H**-0.5`` and ``I**-0.5``), built
+    one expert at a time (no fp32 copy of the whole layer)."""
+    w13 = torch.empty(e, 2 * i, h, dtype=torch.bfloat16, device=device)
+    w2 = torch.empty(e, h, i, dtype=torch.bfloat16, device=device)
+    for x in range(e):
+        w13[x].normal_(0, h**-0.5)
+        w2[x].normal_(0, i**-0.5)
+    return BF16Weights(w13, w2)
+
+
 def _random_fp8(shape: Sequence[int], device: torch.device) -> torch.Tensor:
     """Random e4m3 values of unit scale, built one expert at a time (no fp32 copy of it all)."""
     out = torch.empty(*shape, dtype=FP8, device=device)
@@ -156,7 +180,8 @@ def balanced_ids(t: int, k: int, e: int, gen: torch.Generator, device: torch.dev
 
 class Layer:
     """Random weights of one layer: FP8 (unit-scale e4m3, shared by both FP8 precisions and the
-    baseline) and NVFP4 (uniform codes, block scales in [1, 448)), built on the device."""
+    baseline), NVFP4 (uniform codes, block scales in [1, 448)) and bf16 (normal, built on first
+    use: the largest), on the device."""
 
     def __init__(self, e: int, h: int, i: int, top_k: int, device: torch.device):
         self.e, self.h, self.i = e, h, i
@@ -180,6 +205,7 @@ class Layer:
                 a2_scale=torch.full((1,), 2.0 / 448, device=device),
             ),
             "nvfp4": lambda: random_nvfp4_weights(e, h, i, device),
+            "bf16": functools.cache(lambda: random_bf16_weights(e, h, i, device)),
         }
         # Rowwise scales of the baseline ([E, N]).
         self.w13_row_scale = torch.full((e, 2 * i), s13, device=device)
@@ -475,7 +501,7 @@ def plot(records: List[dict], path: str) -> Optional[str]:
             ]
             if pts:
                 ax.plot(*zip(*pts, strict=True), marker="o", label=f"{key[0]} ({key[1]})")
-        for fmt, style in (("fp8_block", "k--"), ("nvfp4", "k:")):
+        for fmt, style in (("fp8_block", "k--"), ("nvfp4", "k:"), ("bf16", "y--")):
             ceilings = sorted(
                 {(r["T"], r["ceiling_us"]) for r in rs if r["impl"] == "moe_backend" and r["precision"] == fmt}
             )

@@ -93,7 +93,7 @@ def measure_peaks(device: torch.device) -> Dict[str, float]:
 
 
 #: The dense GEMM kind that does each precision's MMA work (NVFP4 is W4A16 on Hopper: bf16 MMA).
-DENSE_KINDS = {"fp8_block": "fp8_block", "fp8_tensor": "fp8_tensor", "nvfp4": "bf16"}
+DENSE_KINDS = {"fp8_block": "fp8_block", "fp8_tensor": "fp8_tensor", "nvfp4": "bf16", "bf16": "bf16"}
 
 
 def dense_gemms(kind: str, m: int, h: int, i: int, device: torch.device) -> Callable[[], None]:

@@ -3,6 +3,7 @@
 * ``vllm_triton`` (FP8 block-scale): vLLM's Triton ``fused_experts`` with its own
   configuration lookup (its tuned config files, else its default), what ``--moe-backend
   triton`` serves;
+* ``vllm_triton`` (bf16): the same fused experts, unquantized;
 * ``vllm_marlin`` (NVFP4): vLLM's Marlin W4A16 MoE on weights repacked by vLLM's own
   ``prepare_nvfp4_moe_layer_for_marlin``, what vLLM serves NVFP4 with on Hopper. Marlin keeps
   one global scale for ``w13`` (the gate's); the bench's weights give gate and up the same one.
@@ -19,11 +20,11 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
 import torch
 
-from ..expert_weights import FP8BlockWeights, NVFP4Weights
+from ..expert_weights import BF16Weights, FP8BlockWeights, NVFP4Weights
 
 Run = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 #: precision -> the peer's ``impl`` name in the records.
-PEER_IMPLS = {"fp8_block": "vllm_triton", "nvfp4": "vllm_marlin"}
+PEER_IMPLS = {"fp8_block": "vllm_triton", "bf16": "vllm_triton", "nvfp4": "vllm_marlin"}
 
 
 def vllm_version() -> Optional[str]:
@@ -57,6 +58,13 @@ def vllm_triton(weights: FP8BlockWeights) -> Run:
     return lambda hidden, ids, topk_w, out: fused_experts(
         hidden, weights.w13, weights.w2, topk_w, ids, quant_config=quant
     )
+
+
+def vllm_triton_bf16(weights: BF16Weights) -> Run:
+    """vLLM's Triton fused experts on bf16 ``weights`` (its unquantized configuration)."""
+    from vllm.model_executor.layers.fused_moe import fused_experts
+
+    return lambda hidden, ids, topk_w, out: fused_experts(hidden, weights.w13, weights.w2, topk_w, ids)
 
 
 def vllm_marlin(weights: NVFP4Weights) -> Run:
@@ -110,5 +118,9 @@ def vllm_peers(weights: Mapping[str, Callable[[], object]], precisions: Sequence
     """
     if vllm_version() is None:
         raise ImportError("--peers vllm: vllm does not import in this environment")
-    builders: Dict[str, Callable[[Any], Run]] = {"fp8_block": vllm_triton, "nvfp4": vllm_marlin}
+    builders: Dict[str, Callable[[Any], Run]] = {
+        "fp8_block": vllm_triton,
+        "bf16": vllm_triton_bf16,
+        "nvfp4": vllm_marlin,
+    }
     return {PEER_IMPLS[p]: builders[p](weights[p]()) for p in precisions if p in builders}

@@ -33,6 +33,21 @@ def test_ceiling_is_the_slower_of_stream_and_compute():
     assert nvfp4["stream_us"] == pytest.approx(45.0)  # 0.5625 bytes a weight
     big = bench.ceiling_fields(80.0, 8192, 8, 7168, 2048, "nvfp4", peaks)
     assert big["ceiling_us"] == big["compute_floor_us"] == pytest.approx(2 * 8192 * 8 * 3 * 7168 * 2048 / 5e14 * 1e6)
+    bf16 = bench.ceiling_fields(80.0, 8192, 8, 7168, 2048, "bf16", peaks)
+    assert bf16["stream_us"] == 160.0 and bf16["compute_floor_us"] == big["compute_floor_us"]  # 2 bytes, bf16 MMA
+
+
+def test_bf16_layers_are_timed_when_asked_for():
+    """bf16 (twice FP8's weight bytes) is a precision of its own, not in a plain run's default."""
+    assert _args().precision == ["fp8_block", "fp8_tensor", "nvfp4"]
+    assert _args("--precision", "bf16").precision == ["bf16"]
+    assert bench.DENSE_KINDS["bf16"] == "bf16" and bench_peers.PEER_IMPLS["bf16"] == "vllm_triton"
+    w = bench.random_bf16_weights(3, 256, 128, torch.device("cpu"))
+    assert w.w13.shape == (3, 256, 256) and w.w2.shape == (3, 256, 128) and w.w13.dtype == torch.bfloat16
+    assert w.w13.float().std().item() == pytest.approx(256**-0.5, rel=0.1)
+    assert w.w2.float().std().item() == pytest.approx(128**-0.5, rel=0.1)
+    layer = bench.Layer(3, 256, 128, 2, torch.device("cpu"))
+    assert layer.weights["bf16"]() is layer.weights["bf16"]()  # built once, the largest weights
 
 
 def test_table_reports_speedups_over_each_peer_and_failures():
