@@ -42,7 +42,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..expert_weights import BF16Weights, FP8BlockWeights, FP8TensorWeights, NVFP4Weights
+from ..expert_weights import BF16Weights, ExpertWeights, FP8BlockWeights, FP8TensorWeights, NVFP4Weights
 from ..kernels.registry import KERNELS
 from ..kernels.sm90 import fp8_moe, nvfp4_moe
 from ..layer import LAYER_TYPES, MoEConfig
@@ -189,7 +189,7 @@ class Layer:
         self.w13 = _random_fp8((e, 2 * i, h), device)
         self.w2 = _random_fp8((e, h, i), device)
         s13, s2 = 1.0 / (16 * math.sqrt(h)), 1.0 / (16 * math.sqrt(i))
-        self.weights = {
+        self.weights: Dict[str, Callable[[], ExpertWeights]] = {
             "fp8_block": lambda: FP8BlockWeights(
                 self.w13,
                 torch.full((e, 2 * i // 128, h // 128), s13, device=device),
