@@ -61,19 +61,16 @@ def _inputs(t: int, e: int, sets: int, device: torch.device):
     ]
 
 
-def _breakdown(weights, hidden, ids, topk_w, cfg, timer, kernel_weights=None) -> dict:
-    """Microseconds of each stage of the grouped path, each captured and timed on its own; for
-    NVFP4 also ``dequant_kernel_layout``, the NVFP4 Triton kernel's own grouped path's
-    dequantization from its prepared weights (``kernel_weights``), which the layer runs."""
-    from moe_backend.expert_weights import NVFP4Weights
+def _breakdown(weights, hidden, ids, topk_w, cfg, timer) -> dict:
+    """Microseconds of each stage of the grouped path, each captured and timed on its own."""
     from moe_backend.kernels.sm90 import bf16_grouped, bf16_moe
-    from moe_backend.kernels.sm90.nvfp4_dequant import dequantize_kernel_layout_segments
+    from moe_backend.kernels.sm90.nvfp4_layout import NVFP4KernelWeights
     from moe_backend.kernels.sm90.pair_combine import weighted_sum_pairs
     from moe_backend.kernels.sm90.varlen_routing import varlen_routing
     from moe_backend.runtime import workspace
 
     t = hidden.shape[0]
-    nvfp4 = isinstance(weights, NVFP4Weights)
+    nvfp4 = isinstance(weights, NVFP4KernelWeights)
     e = weights.num_experts
     r = varlen_routing(ids, e, 0, compact=nvfp4)
     w13, w2 = bf16_moe.segment_weights(weights, r.expert_of_segment)
@@ -88,9 +85,6 @@ def _breakdown(weights, hidden, ids, topk_w, cfg, timer, kernel_weights=None) ->
     }
     if nvfp4:
         stages["dequant"] = lambda s: bf16_moe.segment_weights(weights, r.expert_of_segment)
-        stages["dequant_kernel_layout"] = lambda s: dequantize_kernel_layout_segments(
-            kernel_weights, r.expert_of_segment, w13, w2
-        )
     return {name: round(timer(fn)[0], 1) for name, fn in stages.items()}
 
 
@@ -132,7 +126,7 @@ def time_shape(e: int, t: int, quick: bool) -> list:
     us, mode = timer(lambda s: triton_kernel.run(prepared, *sets[s], **kw))
     record("nvfp4", "sm90_triton_nvfp4 (default config)", us, mode)
     bf16 = prepare_grouped(random_bf16_weights(e, H, I, dev))
-    for precision, weights in (("nvfp4", nvfp4), ("bf16", bf16)):
+    for precision, weights in (("nvfp4", prepared), ("bf16", bf16)):
         best = None
         for cfg in CANDIDATE_CONFIGS:
 
@@ -144,7 +138,7 @@ def time_shape(e: int, t: int, quick: bool) -> list:
             record(precision, f"quack_grouped tile={cfg['tile1']}", us, mode)
             if best is None or us < best[1]["median_us"]:
                 best = (cfg, records[-1])
-        best[1]["stages_us"] = _breakdown(weights, *sets[0], best[0], timer, prepared)
+        best[1]["stages_us"] = _breakdown(weights, *sets[0], best[0], timer)
         print(f"  {precision} best tile {best[0]['tile1']}: stages (us) {best[1]['stages_us']}", flush=True)
     del nvfp4, bf16
     torch.cuda.empty_cache()

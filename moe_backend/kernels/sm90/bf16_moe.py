@@ -3,8 +3,9 @@
 One call, all on the GPU with no host sync (CUDA-graph capturable once warmed up):
 
 1. ``varlen_routing``: pairs sorted by local expert into unpadded segments;
-2. NVFP4 only: ``dequantize_segments`` writes the ACTIVE experts' matrices as bf16 into the
-   shared workspace pool (``min(E, T * k)`` matrices, one buffer for every layer);
+2. NVFP4 only: ``dequantize_kernel_layout_segments`` writes the ACTIVE experts' matrices as bf16
+   into the shared workspace pool (``min(E, T * k)`` matrices, one buffer for every layer), from
+   the NVFP4 Triton kernels' layout (``sm90_triton_nvfp4``'s grouped path runs the same);
 3. ``gemm1_gated``: gathered token rows times ``w13``, SiLU-and-mul in the epilogue: ``[P, I]`` bf16;
 4. ``gemm2``: times ``w2``: one bf16 row ``[P, H]`` per (token, expert) pair;
 5. ``weighted_sum_pairs``: ``out[t] = sum_j w[t, j] * row(t, j)`` in slot order (deterministic).
@@ -25,7 +26,8 @@ from ...expert_weights import BF16Weights, ExpertShapes, NVFP4Weights
 from ...runtime import workspace
 from . import bf16_grouped
 from .config import merge_config
-from .nvfp4_dequant import dequantize_segments
+from .nvfp4_dequant import dequantize_kernel_layout_segments
+from .nvfp4_layout import NVFP4KernelWeights, nvfp4_from_kernel_layout, nvfp4_to_kernel_layout
 from .pair_combine import weighted_sum_pairs
 from .varlen_routing import VarlenRouting, varlen_routing
 
@@ -40,16 +42,16 @@ class GroupedBF16Weights(ExpertShapes):
     w2: torch.Tensor
 
 
-GroupedWeights = Union[GroupedBF16Weights, NVFP4Weights]
+GroupedWeights = Union[GroupedBF16Weights, NVFP4KernelWeights]
 
 
 def prepare_grouped(weights: Union[BF16Weights, NVFP4Weights]) -> GroupedWeights:
-    """bf16: interleave gate and up rows (a copy); NVFP4: the checkpoint layout as is (the
+    """bf16: interleave gate and up rows (a copy); NVFP4: the W4A16 kernels' layout (the
     dequantization interleaves as it writes)."""
     if isinstance(weights, BF16Weights):
         return GroupedBF16Weights(bf16_grouped.interleave_gate_up(weights.w13), weights.w2.contiguous())
     if isinstance(weights, NVFP4Weights):
-        return weights
+        return nvfp4_to_kernel_layout(weights)
     raise TypeError(f"weights: expected BF16Weights or NVFP4Weights, got {type(weights).__name__}")
 
 
@@ -57,7 +59,7 @@ def restore_grouped(prepared: GroupedWeights) -> Union[BF16Weights, NVFP4Weights
     """Inverse of :func:`prepare_grouped`."""
     if isinstance(prepared, GroupedBF16Weights):
         return BF16Weights(bf16_grouped.deinterleave_gate_up(prepared.w13), prepared.w2)
-    return prepared
+    return nvfp4_from_kernel_layout(prepared)
 
 
 #: Knobs: GEMM1's and GEMM2's tile, each ``(tile_m, tile_n, cluster_m, pingpong)`` from
@@ -115,9 +117,9 @@ def _check_inputs(
     out: Optional[torch.Tensor],
     apply_router_weight_on_input: bool,
 ) -> None:
-    if not isinstance(w, (GroupedBF16Weights, NVFP4Weights)):
+    if not isinstance(w, (GroupedBF16Weights, NVFP4KernelWeights)):
         raise TypeError(
-            f"prepared_weights: expected GroupedBF16Weights or NVFP4Weights (from prepare_grouped), "
+            f"prepared_weights: expected GroupedBF16Weights or NVFP4KernelWeights (from prepare_grouped), "
             f"got {type(w).__name__}"
         )
     check_routed_call(
@@ -136,8 +138,7 @@ def segment_weights(w: GroupedWeights, expert_of_segment: torch.Tensor) -> Tuple
     h, i = w.hidden_size, w.intermediate_size
     w13 = workspace(s * 2 * i, h, torch.bfloat16, w.device, "moe_grouped_w13").view(s, 2 * i, h)
     w2 = workspace(s * h, i, torch.bfloat16, w.device, "moe_grouped_w2").view(s, h, i)
-    dequantize_segments(w.w13, w.w13_scale, w.w13_scale_2, expert_of_segment, w13, interleave=True)
-    dequantize_segments(w.w2, w.w2_scale, w.w2_scale_2.view(-1, 1), expert_of_segment, w2)
+    dequantize_kernel_layout_segments(w, expert_of_segment, w13, w2)
     return w13, w2
 
 
@@ -179,7 +180,7 @@ def fused_experts_grouped(
         return result
     if top_k == 0:
         return result.zero_()
-    routing = varlen_routing(topk_ids, w.num_experts, local_expert_offset, compact=isinstance(w, NVFP4Weights))
+    routing = varlen_routing(topk_ids, w.num_experts, local_expert_offset, compact=isinstance(w, NVFP4KernelWeights))
     w13, w2 = segment_weights(w, routing.expert_of_segment)
     return grouped_gemms(hidden, w13, w2, routing, topk_weights, result, cfg["tile1"], cfg["tile2"])
 

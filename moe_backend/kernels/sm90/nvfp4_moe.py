@@ -41,12 +41,11 @@ from ...runtime import workspace
 from ..interpret import pdl_available
 from . import bf16_grouped
 from .align import AlignedRouting, GatheredPairs, align_block_size
-from .bf16_moe import checked_tile, grouped_gemms
+from .bf16_moe import checked_tile, grouped_gemms, segment_weights
 from .combine import cast_out
 from .config import resolve_path_config
 from .cute_env import sm90_cute_defect
 from .nvfp4_act import permute_activations
-from .nvfp4_dequant import dequantize_kernel_layout_segments
 from .nvfp4_gemm1 import gemm1_nvfp4
 from .nvfp4_gemm2 import gemm2_nvfp4
 from .nvfp4_layout import NVFP4KernelWeights, nvfp4_to_kernel_layout
@@ -245,11 +244,7 @@ def _run_grouped(
     """The ``bf16_grouped`` path: active experts dequantized into the shared pool, bf16 grouped GEMMs."""
     tile1, tile2 = _grouped_tiles(cfg)
     routing = varlen_routing(topk_ids, w.num_experts, local_expert_offset, compact=True)
-    s = routing.expert_of_segment.shape[0]
-    h, i = w.hidden_size, w.intermediate_size
-    w13 = workspace(s * 2 * i, h, torch.bfloat16, w.device, "moe_grouped_w13").view(s, 2 * i, h)
-    w2 = workspace(s * h, i, torch.bfloat16, w.device, "moe_grouped_w2").view(s, h, i)
-    dequantize_kernel_layout_segments(w, routing.expert_of_segment, w13, w2)
+    w13, w2 = segment_weights(w, routing.expert_of_segment)
     return grouped_gemms(hidden, w13, w2, routing, topk_weights, result, tile1, tile2)
 
 
