@@ -9,8 +9,9 @@ NVFP4). Every implementation is captured in CUDA graphs per input set and replay
 ``triton.testing.do_bench`` (median, L2 flushed before every call), rotating several input
 sets; at each point every implementation (and the ceiling's stream) is timed twice, all in
 order and then in reverse order, and its time is the mean of the two
-(:func:`time_in_both_orders`). Routing is balanced: token t takes experts
-``perm[(t * k + j) % E]`` (a random permutation per set).
+(:func:`time_in_both_orders`). Routing is balanced by default: token t takes experts
+``perm[(t * k + j) % E]`` (a random permutation per set); ``--routing random`` draws each
+token's experts uniformly instead, so that the pairs per expert vary as in served traffic.
 
 Ceilings come from this run (:mod:`.bench_ceilings`): at each point a read-only kernel
 streams exactly the active experts' FP8 weight bytes in one launch (``stream_us``; NVFP4's
@@ -108,6 +109,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"default {' '.join(DEFAULT_PRECISIONS)}",
     )
     parser.add_argument("--topk", type=int, default=8)
+    parser.add_argument(
+        "--routing",
+        choices=sorted(ROUTINGS),
+        default="balanced",
+        help="balanced: every local expert gets T*k/E pairs (default); random: each token's experts "
+        "drawn uniformly, so the pairs an expert gets vary as in served traffic",
+    )
     parser.add_argument("--hidden", type=int, default=7168)
     parser.add_argument("--inter", type=int, default=2048)
     parser.add_argument("--output-dir", default=os.path.join("docs", "results"))
@@ -176,6 +184,17 @@ def balanced_ids(t: int, k: int, e: int, gen: torch.Generator, device: torch.dev
     perm = torch.randperm(e, generator=gen)
     flat = (torch.arange(t)[:, None] * k + torch.arange(k)[None, :]) % e
     return perm[flat].to(torch.int32).to(device)
+
+
+def random_ids(t: int, k: int, e: int, gen: torch.Generator, device: torch.device) -> torch.Tensor:
+    """``[T, k]`` int32: each token's k distinct experts drawn uniformly (``k <= E``). The pairs an
+    expert gets vary around T*k/E as in served traffic: at E=32 T=48 (12 on average) 7% of the
+    experts get more than 16, a second swap-AB chunk; at T=64 (16) 43%."""
+    return torch.rand(t, e, generator=gen).argsort(dim=1)[:, :k].to(torch.int32).to(device)
+
+
+#: ``--routing``: how the bench's tokens pick their experts.
+ROUTINGS = {"balanced": balanced_ids, "random": random_ids}
 
 
 class Layer:
@@ -409,7 +428,7 @@ def run_bench(
             sets = [
                 (
                     torch.randn(t, args.hidden, device=device).to(torch.bfloat16),
-                    balanced_ids(t, args.topk, e, gen, device),
+                    ROUTINGS[args.routing](t, args.topk, e, gen, device),
                     torch.rand(t, args.topk, generator=gen).to(device),
                 )
                 for _ in range(INPUT_SETS)

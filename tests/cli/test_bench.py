@@ -211,3 +211,17 @@ def test_dense_gemms_bf16_runs_and_bad_kind_is_named():
     bench_ceilings.dense_gemms("bf16", 5, 128, 64, torch.device("cpu"))()
     with pytest.raises(ValueError, match="kind: expected one of .*got 'fp4'"):
         bench_ceilings.dense_gemms("fp4", 5, 128, 64, torch.device("cpu"))
+
+
+def test_random_routing_draws_distinct_experts_whose_loads_vary():
+    gen = torch.Generator().manual_seed(0)
+    ids = bench.random_ids(48, 8, 32, gen, torch.device("cpu"))
+    assert ids.shape == (48, 8) and ids.dtype == torch.int32
+    assert all(len(set(row.tolist())) == 8 for row in ids) and 0 <= ids.min() and ids.max() < 32
+    loads = torch.bincount(ids.flatten().long(), minlength=32)
+    assert loads.sum() == 48 * 8 and loads.max() > 12 > loads.min()  # not balanced
+    balanced = bench.balanced_ids(48, 8, 32, torch.Generator().manual_seed(0), torch.device("cpu"))
+    assert torch.bincount(balanced.flatten().long(), minlength=32).eq(12).all()
+    assert _args().routing == "balanced" and _args("--routing", "random").routing == "random"
+    with pytest.raises(SystemExit):
+        _args("--routing", "zipf")

@@ -207,8 +207,10 @@ SWAPAB_STAGES4_CONFIG: Dict[str, Any] = dict(SWAPAB_CONFIG, num_stages1=4, num_s
 #: ``SWAPAB_DEFAULT_FULL_CHUNK_PAIRS`` pairs. An expert past one chunk streams its weights once a
 #: chunk: at E=32 the default took 376 us at T=64 (16 pairs an expert, balanced) against 380 on the
 #: aligned path, and 708 against 407 at T=96 (24); at E=256 it was 1.05x the aligned path at T=128
-#: (4 an expert; H200, 2026-12-03). Skewed routing pushes some experts past one chunk well before
-#: the balanced mean reaches 16, hence the margin above ``SWAPAB_DEFAULT_FULL_CHUNK_PAIRS``.
+#: (4 an expert; H200, 2026-12-03). Uneven routing pushes some experts past one chunk well before
+#: the balanced mean reaches 16, hence the margin above ``SWAPAB_DEFAULT_FULL_CHUNK_PAIRS``: with
+#: uniformly drawn experts, 7% of them get a second chunk at 12 an expert, 43% at 16 (``moe-backend
+#: bench --routing random`` times it; not measured yet).
 SWAPAB_DEFAULT_MAX_ROWS = 8
 SWAPAB_DEFAULT_FULL_CHUNK_PAIRS = 128
 PREFILL_CONFIG: Dict[str, Any] = dict(
