@@ -392,6 +392,13 @@ def _jit_function(full_name: str) -> Any:
     return getattr(importlib.import_module(module), name)
 
 
+def _constants(spec: Dict[str, Any]) -> Dict[str, Any]:
+    """A specialization's constants by parameter name: its constexprs and the integer arguments
+    Triton specialized on their value (tuple members left out)."""
+    names = list(spec["signature"])
+    return {names[k[0]]: v for k, v in zip(spec["constant_keys"], spec["constant_vals"], strict=True) if len(k) == 1}
+
+
 #: Constexprs that only size a kernel's register arrays: the swap-AB leader scan's ids (``PAIRS``),
 #: the alignment's pads (``N_PAD``, ``E_PAD``). They follow the token count and expert count.
 WIDTH_CONSTEXPRS = frozenset({"PAIRS", "N_PAD", "E_PAD"})
@@ -412,12 +419,7 @@ def code_path_key(data: str) -> str:
     Not the widths, nor Triton's specializations of integer argument values (1, 64-bit)."""
     spec = json.loads(data)
     declared = declared_constexprs(spec["name"])
-    names = list(spec["signature"])
-    flags = {
-        names[k[0]]: v
-        for k, v in zip(spec["constant_keys"], spec["constant_vals"], strict=True)
-        if len(k) == 1 and names[k[0]] in declared and names[k[0]] not in WIDTH_CONSTEXPRS
-    }
+    flags = {n: v for n, v in _constants(spec).items() if n in declared and n not in WIDTH_CONSTEXPRS}
     types = {n: t for n, t in spec["signature"].items() if n not in declared and t not in _INTEGER_TYPES}
     return json.dumps([spec["name"], types, flags, spec["options"]], sort_keys=True)
 
@@ -426,14 +428,8 @@ def one_per_code_path(specializations: List[str]) -> List[str]:
     """One specialization per :func:`code_path_key`: the widest (largest :data:`WIDTH_CONSTEXPRS`,
     the most registers). The others differ from it only in those widths and in integer values."""
 
-    def widths(data: str) -> List[int]:
-        spec = json.loads(data)
-        names = list(spec["signature"])
-        return sorted(
-            (names[k[0]], v)
-            for k, v in zip(spec["constant_keys"], spec["constant_vals"], strict=True)
-            if len(k) == 1 and names[k[0]] in WIDTH_CONSTEXPRS
-        )
+    def widths(data: str) -> List[Tuple[str, int]]:
+        return sorted((n, v) for n, v in _constants(json.loads(data)).items() if n in WIDTH_CONSTEXPRS)
 
     widest: Dict[str, str] = {}
     for data in sorted(specializations):
@@ -475,10 +471,7 @@ def compile_all(specializations: List[str], jobs: int) -> Iterator[Dict[str, Any
 
 def _describe(data: str) -> str:
     spec = json.loads(data)
-    names = list(spec["signature"])
-    constants = {
-        names[k[0]]: v for k, v in zip(spec["constant_keys"], spec["constant_vals"], strict=True) if len(k) == 1
-    }
+    constants = _constants(spec)
     opts = spec["options"]
     cap = f" maxnreg={opts['maxnreg']}" if opts.get("maxnreg") else ""
     return (
