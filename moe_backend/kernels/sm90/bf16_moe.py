@@ -180,9 +180,26 @@ def fused_experts_grouped(
         return result
     if top_k == 0:
         return result.zero_()
-    routing = varlen_routing(topk_ids, w.num_experts, local_expert_offset, compact=isinstance(w, NVFP4KernelWeights))
+    return run_segments(hidden, w, topk_ids, topk_weights, local_expert_offset, result, cfg["tile1"], cfg["tile2"])
+
+
+def run_segments(
+    hidden: torch.Tensor,
+    w: GroupedWeights,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    local_expert_offset: int,
+    result: torch.Tensor,
+    tile1: Tuple[int, int, int, bool],
+    tile2: Tuple[int, int, int, bool],
+) -> torch.Tensor:
+    """Steps 1-5 of the module doc on checked inputs (T, k >= 1): the pairs routed into segments
+    (NVFP4: only the active experts'), the segments' bf16 weights, :func:`grouped_gemms` into
+    ``result [T, H]`` bf16 (returned)."""
+    compact = isinstance(w, NVFP4KernelWeights)
+    routing = varlen_routing(topk_ids, w.num_experts, local_expert_offset, compact=compact)
     w13, w2 = segment_weights(w, routing.expert_of_segment)
-    return grouped_gemms(hidden, w13, w2, routing, topk_weights, result, cfg["tile1"], cfg["tile2"])
+    return grouped_gemms(hidden, w13, w2, routing, topk_weights, result, tile1, tile2)
 
 
 def grouped_gemms(

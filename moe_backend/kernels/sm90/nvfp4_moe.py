@@ -23,7 +23,7 @@ pairs (up to ``tiles.MAX_GATHER_PAIRS`` pairs), GEMM1 reads the hidden states at
 order's offsets, and GEMM2 and the cast are programmatic dependent launches.
 ``bf16_grouped`` (prefill, with QuACK / CuTe DSL on sm_90): the active experts dequantized from
 this layout to bf16 into the shared pool (``nvfp4_dequant.dequantize_kernel_layout_segments``),
-then the bf16 grouped GEMMs (``bf16_moe.grouped_gemms``; ``TILE1`` / ``TILE2`` from
+then the bf16 grouped GEMMs (``bf16_moe.run_segments``; ``TILE1`` / ``TILE2`` from
 ``bf16_grouped.TILES``). The heuristic default from ``GROUPED_MIN_ROWS`` rows per expert where
 :func:`grouped_path_defect` finds nothing against it; asked for by name where it cannot run, a
 ValueError says why.
@@ -41,7 +41,7 @@ from ...runtime import workspace
 from ..interpret import pdl_available
 from . import bf16_grouped
 from .align import AlignedRouting, GatheredPairs, align_block_size
-from .bf16_moe import checked_tile, grouped_gemms, segment_weights
+from .bf16_moe import checked_tile, run_segments
 from .combine import cast_out
 from .config import resolve_path_config
 from .cute_env import sm90_cute_defect
@@ -50,7 +50,6 @@ from .nvfp4_gemm1 import gemm1_nvfp4
 from .nvfp4_gemm2 import gemm2_nvfp4
 from .nvfp4_layout import NVFP4KernelWeights, nvfp4_to_kernel_layout
 from .tiles import MAX_GATHER_PAIRS
-from .varlen_routing import varlen_routing
 
 #: Every knob (``config=`` may give any subset; the rest come from the heuristic).
 #: ``*1`` are GEMM1's, ``*2`` GEMM2's; ``BLOCK_N*`` divide 256 (GEMM1) or are powers of two >= 16.
@@ -243,9 +242,7 @@ def _run_grouped(
 ) -> torch.Tensor:
     """The ``bf16_grouped`` path: active experts dequantized into the shared pool, bf16 grouped GEMMs."""
     tile1, tile2 = _grouped_tiles(cfg)
-    routing = varlen_routing(topk_ids, w.num_experts, local_expert_offset, compact=True)
-    w13, w2 = segment_weights(w, routing.expert_of_segment)
-    return grouped_gemms(hidden, w13, w2, routing, topk_weights, result, tile1, tile2)
+    return run_segments(hidden, w, topk_ids, topk_weights, local_expert_offset, result, tile1, tile2)
 
 
 def prepare_nvfp4(weights: NVFP4Weights) -> NVFP4KernelWeights:
