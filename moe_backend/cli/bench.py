@@ -419,8 +419,8 @@ def run_bench(
         runs = {(precision, "moe_backend"): layer.ours(precision) for precision in args.precision}
         runs.update({(VARIANTS[v][0], f"moe_backend[{v}]"): layer.variant(v) for v in args.variants})
         if "vllm" in args.peers:
-            for impl, run in vllm_peers(layer.weights, args.precision).items():
-                runs[("fp8_block" if impl == "vllm_triton" else "nvfp4", impl)] = run
+            for precision, (impl, run) in vllm_peers(layer.weights, args.precision).items():
+                runs[(precision, impl)] = run
         if not args.no_baseline:
             runs[("fp8_rowwise", "torch_scaled_grouped_mm")] = layer.baseline
         for t in ts:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import importlib
 import types
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -110,8 +110,9 @@ def vllm_marlin(weights: NVFP4Weights) -> Run:
     )
 
 
-def vllm_peers(weights: Mapping[str, Callable[[], object]], precisions: Sequence[str]) -> Dict[str, Run]:
-    """``impl`` -> run for each precision of ``precisions`` that vLLM serves on Hopper.
+def vllm_peers(weights: Mapping[str, Callable[[], object]], precisions: Sequence[str]) -> Dict[str, Tuple[str, Run]]:
+    """precision -> ``(impl, run)`` for each precision of ``precisions`` that vLLM serves on Hopper
+    (keyed by precision: FP8 block and bf16 share the ``impl`` name ``vllm_triton``).
 
     ``weights``: precision -> a builder of the bench's weights in that precision.
     Raises ImportError when vLLM does not import.
@@ -123,4 +124,4 @@ def vllm_peers(weights: Mapping[str, Callable[[], object]], precisions: Sequence
         "bf16": vllm_triton_bf16,
         "nvfp4": vllm_marlin,
     }
-    return {PEER_IMPLS[p]: builders[p](weights[p]()) for p in precisions if p in builders}
+    return {p: (PEER_IMPLS[p], builders[p](weights[p]())) for p in precisions if p in builders}

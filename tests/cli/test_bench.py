@@ -75,6 +75,21 @@ def test_peers_refuse_clearly_without_vllm(monkeypatch):
         bench_peers.vllm_peers({}, ["fp8_block"])
 
 
+def test_peers_are_keyed_by_precision(monkeypatch):
+    # FP8 block and bf16 are both vLLM's Triton fused experts: keyed by impl, one would replace
+    # the other and its times be recorded under the wrong precision
+    monkeypatch.setattr(bench_peers, "vllm_version", lambda: "0.26.0")
+    for name in ("vllm_triton", "vllm_triton_bf16", "vllm_marlin"):
+        monkeypatch.setattr(bench_peers, name, lambda w, name=name: (name, w))
+    weights = {p: (lambda p=p: f"{p} weights") for p in ("fp8_block", "bf16", "nvfp4", "fp8_tensor")}
+    peers = bench_peers.vllm_peers(weights, ["fp8_block", "bf16", "nvfp4", "fp8_tensor"])
+    assert peers == {
+        "fp8_block": ("vllm_triton", ("vllm_triton", "fp8_block weights")),
+        "bf16": ("vllm_triton", ("vllm_triton_bf16", "bf16 weights")),
+        "nvfp4": ("vllm_marlin", ("vllm_marlin", "nvfp4 weights")),
+    }
+
+
 def test_main_without_a_gpu_says_so(capsys):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
