@@ -9,11 +9,14 @@ import torch
 from moe_checks import DEVICE, random_ids, runs_here
 
 from moe_backend.expert_weights import BF16Weights, NVFP4Weights
+from moe_backend.kernels.sm90 import bf16_grouped
 from moe_backend.kernels.sm90.bf16_grouped import deinterleave_gate_up, interleave_gate_up
 from moe_backend.kernels.sm90.bf16_moe import (
     CANDIDATE_CONFIGS,
+    DECODE_MAX_ROWS,
     GroupedBF16Weights,
     config_tiles,
+    default_config,
     prepare_grouped,
     resolve_config,
     restore_grouped,
@@ -173,6 +176,20 @@ def test_config_resolution_and_tiles():
     with pytest.raises(ValueError, match="unknown keys"):
         resolve_config({"BLOCK_M": 64})
     assert len(config_tiles(CANDIDATE_CONFIGS)) == len(CANDIDATE_CONFIGS)
+    # the default depends on the batch: warm-up (None) compiles both defaults' tiles
+    both = {bf16_grouped.DEFAULT_TILE, bf16_grouped.DECODE_TILE}
+    assert set(config_tiles([None])) == both
+    assert set(config_tiles([{"tile1": bf16_grouped.TILES[1]}])) == both | {bf16_grouped.TILES[1]}
+    assert resolve_config(None, default_config(1, 8, 32))["tile2"] == bf16_grouped.DECODE_TILE
+
+
+@pytest.mark.parametrize(
+    "t, k, e, decode", [(1, 8, 256, True), (256, 8, 32, True), (257, 8, 32, False), (8192, 8, 256, False)]
+)
+def test_default_config_by_rows_per_expert(t, k, e, decode):
+    assert (t * k / e <= DECODE_MAX_ROWS) == decode
+    tile = bf16_grouped.DECODE_TILE if decode else bf16_grouped.DEFAULT_TILE
+    assert default_config(t, k, e) == {"tile1": tile, "tile2": tile}
 
 
 def test_gate_up_interleave_and_prepare_restore():

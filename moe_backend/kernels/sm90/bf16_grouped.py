@@ -36,8 +36,15 @@ TILES: Tuple[Tuple[int, int, int, bool], ...] = (
     (128, 256, 2, False),
     (256, 128, 2, False),
     (128, 128, 1, True),
+    (64, 256, 1, True),
 )
+#: The prefill tile (many rows per expert).
 DEFAULT_TILE = TILES[0]
+#: The tile for few rows per expert: 64-row M tiles, no cluster. With 128-row tiles in clusters of
+#: two, an expert with one row keeps a second CTA idle and computes 255 padding rows, so a decode
+#: layer streamed its weights at half the read ceiling (H200, 2026-12-04: bf16 E=256 T=1 437 us
+#: against 216 on this tile; docs/performance.md, thirteenth session).
+DECODE_TILE = TILES[4]
 
 GEMM1, GEMM2 = "gemm1_gated", "gemm2"
 

@@ -1,4 +1,5 @@
-"""bf16 and NVFP4 fused experts through bf16 grouped GEMMs (QuACK, CuTe DSL): the prefill path.
+"""bf16 and NVFP4 fused experts through bf16 grouped GEMMs (QuACK, CuTe DSL): every batch size of
+a bf16 layer (64-row tiles up to ``DECODE_MAX_ROWS`` rows an expert), NVFP4 prefill.
 
 One call, all on the GPU with no host sync (CUDA-graph capturable once warmed up):
 
@@ -65,20 +66,35 @@ def restore_grouped(prepared: GroupedWeights) -> Union[BF16Weights, NVFP4Weights
 #: Knobs: GEMM1's and GEMM2's tile, each ``(tile_m, tile_n, cluster_m, pingpong)`` from
 #: :data:`bf16_grouped.TILES` (JSON caches hand them back as lists).
 CONFIG_KEYS = ("tile1", "tile2")
+#: The default above ``DECODE_MAX_ROWS`` expected rows per local expert.
 DEFAULT_CONFIG: Dict[str, Any] = dict(tile1=bf16_grouped.DEFAULT_TILE, tile2=bf16_grouped.DEFAULT_TILE)
-#: What the tuner times per token bucket.
+#: The default up to ``DECODE_MAX_ROWS`` expected rows per local expert. H200, 2026-12-04 (bf16,
+#: DeepSeek-V3 widths, balanced routing): 1.8-2.0x faster than ``DEFAULT_CONFIG`` from 1/32 to 64
+#: rows an expert (E=256 T=1: 216 against 437 us), 1.5x slower at 256 (E=32 T=1024: 1772 against
+#: 1212); between 64 and 256 the crossover was not measured, and the tuner times both.
+DECODE_CONFIG: Dict[str, Any] = dict(tile1=bf16_grouped.DECODE_TILE, tile2=bf16_grouped.DECODE_TILE)
+DECODE_MAX_ROWS = 64
 #: Version of this kernel's tuned configurations (the tuning cache keeps a configuration only for
-#: the version it was tuned for). Bump it when the kernels, the interleaved ``w13`` layout or the
-#: configuration schema change.
-KERNEL_VERSION = 1
+#: the version it was tuned for). Bump it when the kernels, the interleaved ``w13`` layout, the
+#: candidates or the configuration schema change.
+KERNEL_VERSION = 2
+#: What the tuner times per token bucket.
 CANDIDATE_CONFIGS = tuple(dict(tile1=t, tile2=t) for t in bf16_grouped.TILES)
 #: No atomics and one configuration for every T: bitwise reproducible.
 DETERMINISTIC_CONFIG: Dict[str, Any] = dict(DEFAULT_CONFIG)
 
 
-def resolve_config(config: Optional[dict]) -> Dict[str, Tuple[int, int, int, bool]]:
-    """The default overridden by ``config``; every tile must be one of :data:`bf16_grouped.TILES`."""
-    merged = merge_config(DEFAULT_CONFIG, config, CONFIG_KEYS)
+def default_config(num_tokens: int, top_k: int, num_experts: int) -> Dict[str, Any]:
+    """The heuristic configuration for ``num_tokens * top_k`` pairs over ``num_experts`` local
+    experts, from the expected rows per expert (balanced routing)."""
+    rows_per_expert = num_tokens * top_k / num_experts
+    return dict(DECODE_CONFIG if rows_per_expert <= DECODE_MAX_ROWS else DEFAULT_CONFIG)
+
+
+def resolve_config(config: Optional[dict], default: Optional[dict] = None) -> Dict[str, Tuple[int, int, int, bool]]:
+    """``default`` (None: :data:`DEFAULT_CONFIG`) overridden by ``config``; every tile must be one
+    of :data:`bf16_grouped.TILES`."""
+    merged = merge_config(DEFAULT_CONFIG if default is None else default, config, CONFIG_KEYS)
     return {key: checked_tile(key, merged[key]) for key in CONFIG_KEYS}
 
 
@@ -92,11 +108,14 @@ def checked_tile(key: str, value: object) -> Tuple[int, int, int, bool]:
 
 
 def config_tiles(configs) -> Tuple[Tuple[int, int, int, bool], ...]:
-    """Every tile the configurations ``configs`` (None: the default) use, each once."""
+    """Every tile the configurations ``configs`` use, each once. The default depends on the batch
+    size (:func:`default_config`), so a configuration that leaves a key to it (None leaves both)
+    takes that key's tile from either default."""
     tiles = []
     for cfg in configs:
-        resolved = resolve_config(cfg)
-        tiles += [resolved[k] for k in CONFIG_KEYS]
+        for default in (DEFAULT_CONFIG, DECODE_CONFIG):
+            resolved = resolve_config(cfg, default)
+            tiles += [resolved[k] for k in CONFIG_KEYS]
     return tuple(dict.fromkeys(tiles))
 
 
@@ -164,7 +183,8 @@ def fused_experts_grouped(
         local_expert_offset: global id of local expert 0.
         apply_router_weight_on_input: must be False (the weight scales the output).
         out: ``[R >= T, H]`` bf16 contiguous; rows ``[:T]`` are all written, rows ``>= T`` untouched.
-        config: ``tile1`` / ``tile2`` (see :data:`CONFIG_KEYS`); None: :data:`DEFAULT_CONFIG`.
+        config: ``tile1`` / ``tile2`` (see :data:`CONFIG_KEYS`) over :func:`default_config` of
+            this batch's size.
 
     Returns:
         ``out[:T]``.
@@ -173,8 +193,8 @@ def fused_experts_grouped(
         hidden, prepared_weights, topk_ids, topk_weights, local_expert_offset, out, apply_router_weight_on_input
     )
     w = prepared_weights
-    cfg = resolve_config(config)
     num_tokens, top_k = topk_ids.shape
+    cfg = resolve_config(config, default_config(num_tokens, top_k, w.num_experts))
     result = out[:num_tokens]
     if num_tokens == 0:
         return result
