@@ -111,12 +111,19 @@ def _reference_segment(codes, scales, glob, expert: int, interleave: bool) -> to
 @runs_here
 @pytest.mark.parametrize(
     "e,h,i,experts",
-    [(3, 256, 256, [2, -1, 0]), (2, 512, 384, [1, 0]), (4, 272, 96, [3, 1, -1, -1]), (1, 32, 48, [0])],
+    [
+        (3, 256, 256, [2, -1, 0]),
+        (2, 512, 384, [1, 0]),
+        (4, 272, 96, [3, 1, -1, -1]),
+        (1, 32, 48, [0]),
+        (2, 768, 640, [1, 0]),
+    ],
 )
 def test_kernel_layout_dequantization_matches_reference(e, h, i, experts):
     """The W4A16 kernels' layout dequantizes to the checkpoint's values (I and H not multiples
-    of 256: padded groups; rows of w13 permuted per 256), gate/up interleaved, each half with its
-    global scale; skipped segments untouched."""
+    of 256: padded groups; an odd number of groups: a program's second group masked; rows of w13
+    permuted per 256), gate/up interleaved, each half with its global scale; skipped segments
+    untouched."""
     g = torch.Generator().manual_seed(h + i)
     c13, s13 = _random_nvfp4_part(e, 2 * i, h, g)
     c2, s2 = _random_nvfp4_part(e, h, i, g)

@@ -23,9 +23,13 @@ from .fp8_tile import to_bf16
 from .nvfp4_layout import K_GROUP, NVFP4KernelWeights, kernel_k_order
 from .nvfp4_tile import WEIGHT_RESCALE, dequant_group
 
-#: Kernel-layout rows per program and warps of :func:`dequantize_kernel_layout_segments`: on the
-#: H200 (E=32, DeepSeek-V3 widths) 16-64 rows on 4 or 8 warps were level (1134-1157 us), 128 slower.
+#: Kernel-layout rows and 256-K groups per program, and warps, of
+#: :func:`dequantize_kernel_layout_segments`. On the H200 (E=32, DeepSeek-V3 widths, 2026-12-04):
+#: 32 rows by 2 groups on 4 warps 1078 us against 1143 for one group (a fill of the same bf16
+#: outputs took 832); 4 groups, 16 or 64 rows, 8 warps, or storing each value at its natural
+#: column instead of permuting registers (1433-1984) were slower.
 BLOCK_ROWS = 32
+GROUPS_PER_PROGRAM = 2
 NUM_WARPS = 4
 
 
@@ -46,45 +50,47 @@ def _kernel_layout_dequant_kernel(
     num_globals,
     GATE_UP: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    GROUPS: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
     s = tl.program_id(0)
     e = tl.load(expert_ptr + s).to(tl.int64)
     if e < 0:
         return
-    g = tl.program_id(2)  # the 256-K group
     krow = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = krow < ROWS
-    w = tl.arange(0, 16)
-    base = (e * ROWS + krow[:, None]) * WORDS_PER_ROW + g * 32 + w[None, :]
-    words0 = tl.load(words_ptr + base, mask=row_ok[:, None], other=0)
-    words1 = tl.load(words_ptr + base + 16, mask=row_ok[:, None], other=0)
-    scales = tl.load(
-        scale_ptr + (e * ROWS + krow[:, None]) * (WORDS_PER_ROW // 2) + g * 16 + w[None, :],
-        mask=row_ok[:, None],
-        other=0.0,
-    )
-    # [R, 256] bf16 in kernel_k_order: position 128 h + 32 s + 2 w + i is natural 16 w + 8 h + 2 s + i
-    vals = dequant_group(words0, words1, scales, INTERPRET)
-    vals = tl.reshape(tl.permute(tl.reshape(vals, (BLOCK_R, 2, 4, 16, 2)), (0, 3, 1, 2, 4)), (BLOCK_R, 256))
     if GATE_UP:
         # w13: kernel row (half, group, position q) is natural row group*256 + order[q] of its half
         half = krow // ROWS_PER_HALF
         r = krow % ROWS_PER_HALF
         nat = (r // 256) * 256 + tl.load(order_ptr + r % 256, mask=row_ok, other=0)
-        row_ok = row_ok & (nat < NATURAL_PER_HALF)
+        out_ok = row_ok & (nat < NATURAL_PER_HALF)
         out_row = 2 * nat + half  # gate and up interleaved
         glob_idx = half
     else:
+        out_ok = row_ok
         out_row = krow
         glob_idx = krow * 0
-    glob = tl.load(global_ptr + e * num_globals + glob_idx, mask=row_ok, other=0.0) * WEIGHT_RESCALE
-    v = vals.to(tl.float32) * glob[:, None]
-    cols = g * 256 + tl.arange(0, 256)
-    mask = row_ok[:, None] & (cols < K)[None, :]
-    tl.store(
-        out_ptr + s.to(tl.int64) * N * K + out_row[:, None].to(tl.int64) * K + cols[None, :], to_bf16(v), mask=mask
-    )
+    glob = tl.load(global_ptr + e * num_globals + glob_idx, mask=out_ok, other=0.0) * WEIGHT_RESCALE
+    out_rows = out_ptr + s.to(tl.int64) * N * K + out_row[:, None].to(tl.int64) * K
+    w = tl.arange(0, 16)
+    for gi in tl.static_range(GROUPS):
+        g = tl.program_id(2) * GROUPS + gi  # the 256-K group
+        load_ok = row_ok[:, None] & (g * 32 < WORDS_PER_ROW)
+        base = (e * ROWS + krow[:, None]) * WORDS_PER_ROW + g * 32 + w[None, :]
+        words0 = tl.load(words_ptr + base, mask=load_ok, other=0)
+        words1 = tl.load(words_ptr + base + 16, mask=load_ok, other=0)
+        scales = tl.load(
+            scale_ptr + (e * ROWS + krow[:, None]) * (WORDS_PER_ROW // 2) + g * 16 + w[None, :],
+            mask=load_ok,
+            other=0.0,
+        )
+        # [R, 256] bf16 in kernel_k_order: position 128 h + 32 s + 2 w + i is natural 16 w + 8 h + 2 s + i
+        vals = dequant_group(words0, words1, scales, INTERPRET)
+        vals = tl.reshape(tl.permute(tl.reshape(vals, (BLOCK_R, 2, 4, 16, 2)), (0, 3, 1, 2, 4)), (BLOCK_R, 256))
+        v = vals.to(tl.float32) * glob[:, None]
+        cols = g * 256 + tl.arange(0, 256)
+        tl.store(out_rows + cols[None, :], to_bf16(v), mask=out_ok[:, None] & (cols < K)[None, :])
 
 
 _ORDERS: dict = {}
@@ -118,7 +124,7 @@ def dequantize_kernel_layout_segments(
     ):
         rows, words_per_row = words.shape[1], words.shape[2]
         n, k = out.shape[1], out.shape[2]
-        grid = (s, triton.cdiv(rows, BLOCK_ROWS), words_per_row * 8 // K_GROUP)
+        grid = (s, triton.cdiv(rows, BLOCK_ROWS), triton.cdiv(words_per_row * 8 // K_GROUP, GROUPS_PER_PROGRAM))
         _kernel_layout_dequant_kernel[grid](
             words,
             scale,
@@ -135,6 +141,7 @@ def dequantize_kernel_layout_segments(
             glob.reshape(glob.shape[0], -1).shape[1],
             GATE_UP=gate_up,
             BLOCK_R=BLOCK_ROWS,
+            GROUPS=GROUPS_PER_PROGRAM,
             INTERPRET=INTERPRETING,
             num_warps=NUM_WARPS,
         )
