@@ -82,5 +82,12 @@ def main(args: argparse.Namespace) -> int:
                 n = sum(fp8_grouped.compile_plans(nn, kk, [fp8_tile], device, dt) for nn, kk, dt in gemms)
             built += n
             print(f"  H={h} I={i} FP8 block tile {fp8_tile}: {n} plan(s) in {time.perf_counter() - t0:.1f} s")
+        # GEMM1 with SiLU-and-mul and the requantization in its epilogue (e4m3 out)
+        for gated_tile in fp8_grouped.GATED_TILES:
+            t0 = time.perf_counter()
+            with offline_compile() if offline else contextlib.nullcontext():
+                n = fp8_grouped.compile_plans(2 * i, h, [gated_tile], device, fp8_grouped.FP8_DTYPE)
+            built += n
+            print(f"  H={h} I={i} FP8 gated GEMM1 tile {gated_tile}: {n} plan(s) in {time.perf_counter() - t0:.1f} s")
     print(f"compile-cute: {built} kernel(s) built in {time.perf_counter() - started:.1f} s")
     return 0

@@ -32,6 +32,7 @@ from moe_backend.expert_weights import FP8BlockWeights
 from moe_backend.kernels.sm90 import fp8_grouped_moe
 from moe_backend.kernels.sm90.fp8_grouped import TILES, check_tile, reference_grouped_gemm_fp8_block
 from moe_backend.kernels.sm90.fp8_grouped_moe import fused_experts_fp8_grouped
+from moe_backend.kernels.sm90.silu_mul_quant import silu_mul_quant
 from moe_backend.quant.fp8 import quantize_fp8_block
 
 if CUDA:
@@ -93,7 +94,19 @@ def cpu_gemm(monkeypatch) -> List[tuple]:
         calls.append((tuple(b.shape), out.dtype, tile, tuple(cu_seqlens.tolist())))
         return out
 
+    def gated(a, a_scale, w13, w13_scale, cu_seqlens, y, y_scale, *, tile):
+        # the float64 GEMM rounded to fp32, then the Triton SiLU-and-mul quantizer: the two steps
+        # the gated kernel fuses (its GPU test checks it against them)
+        tile = check_tile(tile, gated=True)
+        gate_up = torch.full((a.shape[0], w13.shape[1]), float("nan"), device=a.device)
+        end = int(cu_seqlens[-1])
+        gate_up[:end] = reference_grouped_gemm_fp8_block(a, a_scale, w13, w13_scale, cu_seqlens)[:end].float()
+        silu_mul_quant(gate_up, y, y_scale, cu_seqlens[-1:])
+        calls.append((tuple(w13.shape), y.dtype, tile, tuple(cu_seqlens.tolist())))
+        return y, y_scale
+
     monkeypatch.setattr(fp8_grouped_moe, "grouped_gemm_fp8_block", gemm)
+    monkeypatch.setattr(fp8_grouped_moe, "gated_gemm1_fp8_block", gated)
     return calls
 
 
@@ -294,6 +307,13 @@ def test_launcher_default_takes_grouped_path_at_prefill_sizes(cpu_gemm, grouped_
     p = make_problem(16, 256, 128, 4, 2, offset=1, seed=3)
     assert_matches_reference(run_fp8_kernel(p), p, False, REL_TOL)
     assert [c[2] for c in cpu_gemm] == [fp8_moe.GROUPED_CLUSTER_TILE, fp8_moe.GROUPED_CLUSTER_PLAIN_TILE]
+    # from GATED_MIN_ROWS: GEMM1 with SiLU-and-mul and the requantization in its epilogue
+    monkeypatch.setattr(fp8_moe, "GATED_MIN_ROWS", 8)
+    cpu_gemm.clear()
+    p = make_problem(16, 256, 128, 4, 2, offset=1, seed=3)
+    assert_matches_reference(run_fp8_kernel(p), p, False, REL_TOL)
+    assert [c[2] for c in cpu_gemm] == [fp8_moe.GATED_TILE, fp8_moe.GROUPED_CLUSTER_PLAIN_TILE]
+    assert cpu_gemm[0][1] == torch.float8_e4m3fn
     # fewer rows an expert, or any override of a Triton knob: the Triton kernels
     cpu_gemm.clear()
     p = make_problem(7, 256, 256, 4, 2, offset=1, seed=3)
@@ -310,6 +330,22 @@ def test_launcher_named_grouped_path_and_tiles(cpu_gemm, grouped_ok):
     config = dict(fp8_moe.CUTE_GROUPED_CONFIG, TILE2=list(fp8_moe.GROUPED_OVERLAP_TILE))
     assert_matches_reference(run_fp8_kernel(p, config=config), p, False, REL_TOL)
     assert [c[2] for c in cpu_gemm] == [TILES[0], fp8_moe.GROUPED_OVERLAP_TILE]
+    # a gated GEMM1 tile names the fused kernel; I = 128 (one group) and three experts
+    cpu_gemm.clear()
+    p = make_problem(5, 256, 128, 3, 2, offset=1, seed=5)
+    config = dict(fp8_moe.CUTE_GROUPED_CONFIG, TILE1=list(fp8_moe.GATED_CLUSTER_TILE))
+    assert_matches_reference(run_fp8_kernel(p, config=config), p, False, REL_TOL)
+    assert [c[2] for c in cpu_gemm] == [fp8_moe.GATED_CLUSTER_TILE, TILES[0]]
+
+
+def test_gated_tile_only_for_gemm1():
+    from moe_backend.kernels.sm90.fp8_moe import CUTE_GROUPED_CONFIG, GATED_TILE, grouped_tiles
+
+    assert grouped_tiles(dict(CUTE_GROUPED_CONFIG, TILE1=list(GATED_TILE)), 256, 256)[0] == GATED_TILE
+    with pytest.raises(ValueError, match=r"config: TILE2: tile: expected one of"):
+        grouped_tiles(dict(CUTE_GROUPED_CONFIG, TILE2=list(GATED_TILE)), 256, 256)
+    with pytest.raises(ValueError, match=r"config: TILE1: tile: expected one of .* or one of \(\(128, 256"):
+        grouped_tiles(dict(CUTE_GROUPED_CONFIG, TILE1=[128, 64, 1, False, False]), 256, 256)
 
 
 def test_grouped_path_config_errors():
@@ -385,10 +421,13 @@ def test_precompile_builds_what_the_configurations_can_run(monkeypatch):
     # on this CPU nothing stands behind the default: it cannot run here
     assert fp8_moe.precompile(w13, w2, [{}], **kw) == 0 and built == []
     monkeypatch.setattr(fp8_moe, "grouped_path_defect", lambda *a, **k: None)
-    assert fp8_moe.precompile(w13, w2, [{}, fp8_moe.PREFILL_CONFIG], **kw) == 4
-    # I = 512: GEMM2 overlaps; from 256 rows an expert both GEMMs on the overlapping cluster tile
+    assert fp8_moe.precompile(w13, w2, [{}, fp8_moe.PREFILL_CONFIG], **kw) == 6
+    # I = 512: GEMM2 overlaps; from 256 rows an expert both GEMMs on the overlapping cluster tile,
+    # from 1024 GEMM1 gated
     cluster = fp8_moe.GROUPED_CLUSTER_TILE
-    assert sorted(built) == sorted([(TILES[0], fp8_moe.GROUPED_OVERLAP_TILE), (cluster, cluster)])
+    assert sorted(built) == sorted(
+        [(TILES[0], fp8_moe.GROUPED_OVERLAP_TILE), (cluster, cluster), (fp8_moe.GATED_TILE, cluster)]
+    )
     built.clear()
     tuned = [fp8_moe.CUTE_GROUPED_CONFIG, dict(fp8_moe.CUTE_GROUPED_CONFIG, TILE1=list(TILES[1]))]
     assert fp8_moe.precompile(w13, w2, tuned, **kw) == 4

@@ -60,8 +60,17 @@ TILES: Tuple[Tile, ...] = (
 )
 DEFAULT_TILE = TILES[0]
 
+#: GEMM1 configurations with SiLU-and-mul and the FP8 requantization in the epilogue
+#: (:mod:`fp8_gated_kernel`): 128 rows by gate and up of one 128-wide group on two cooperative
+#: warpgroups; one CTA, or a cluster of two M tiles sharing the weight tile (TMA multicast).
+GATED_TILES: Tuple[Tile, ...] = (
+    (128, 256, 1, False, False),
+    (128, 256, 2, False, False),
+)
 
-#: Output (D) dtypes: bf16 (one rounding of the fp32 sum) or float32 (the sum itself).
+
+#: Output (D) dtypes: bf16 (one rounding of the fp32 sum) or float32 (the sum itself). A plan
+#: whose output is e4m3 is the gated GEMM1 (:data:`GATED_TILES`, :func:`gated_gemm1_fp8_block`).
 OUT_DTYPES = (torch.bfloat16, torch.float32)
 
 
@@ -91,12 +100,14 @@ def serves(tile: Tile, k: int) -> bool:
     return not (tile[4] and k % (2 * BLOCK))
 
 
-def check_tile(tile: object, k: Optional[int] = None) -> Tile:
-    """``tile`` as a configuration tuple of :data:`TILES`, else ValueError naming it; with the
-    reduction ``k``, also that an overlapping configuration gets an even number of K tiles."""
+def check_tile(tile: object, k: Optional[int] = None, *, gated: bool = False) -> Tile:
+    """``tile`` as a configuration tuple of :data:`TILES` (:data:`GATED_TILES` with ``gated``),
+    else ValueError naming it; with the reduction ``k``, also that an overlapping configuration
+    gets an even number of K tiles."""
     t = tuple(tile) if isinstance(tile, (tuple, list)) else tile
-    if t not in TILES:
-        raise ValueError(f"tile: expected one of {TILES}, got {tile!r}")
+    allowed = GATED_TILES if gated else TILES
+    if t not in allowed:
+        raise ValueError(f"tile: expected one of {allowed}, got {tile!r}")
     if k is not None and not serves(t, k):
         raise ValueError(f"tile: {t} overlaps K tile pairs and needs K a multiple of {2 * BLOCK}, got K={k}")
     return t  # type: ignore[return-value]
@@ -108,30 +119,36 @@ def check_operands(
     b: torch.Tensor,
     b_scale: torch.Tensor,
     cu_seqlens: torch.Tensor,
-    out: torch.Tensor,
+    out: Optional[torch.Tensor],
+    *,
+    b_name: str = "b",
+    b_scale_name: str = "b_scale",
 ) -> Tuple[int, int, int, int]:
-    """Validate the operands of :func:`grouped_gemm_fp8_block`; return ``(M_total, N, K, S)``.
+    """Validate the operands of :func:`grouped_gemm_fp8_block` (``out`` None: those of
+    :func:`gated_gemm1_fp8_block` but its outputs, ``b`` and ``b_scale`` named as given); return
+    ``(M_total, N, K, S)``.
 
     Raises TypeError (type, dtype) or ValueError (shape, layout, device, divisibility) naming the
     argument. Contents of ``cu_seqlens`` are not read (that would synchronize with the device):
     it must be non-decreasing from 0 to at most ``M_total``.
     """
-    check_tensor("b", b, dtype=FP8_DTYPE, ndim=3)
+    check_tensor(b_name, b, dtype=FP8_DTYPE, ndim=3)
     s, n, k = b.shape
     if s < 1 or n < 1 or k < 1:
-        raise ValueError(f"b: expected a non-empty [S, N, K] tensor, got shape {tuple(b.shape)}")
+        raise ValueError(f"{b_name}: expected a non-empty [S, N, K] tensor, got shape {tuple(b.shape)}")
     if n % BLOCK or k % BLOCK:
-        raise ValueError(f"b: N and K must be multiples of {BLOCK}, got N={n}, K={k}")
+        raise ValueError(f"{b_name}: N and K must be multiples of {BLOCK}, got N={n}, K={k}")
     device = b.device
     check_tensor("a", a, dtype=FP8_DTYPE, shape=(None, k), device=device)
     m = a.shape[0]
     check_tensor("a_scale", a_scale, dtype=torch.float32, shape=(m, k // BLOCK), device=device)
-    check_tensor("b_scale", b_scale, dtype=torch.float32, shape=(s, n // BLOCK, k // BLOCK), device=device)
+    check_tensor(b_scale_name, b_scale, dtype=torch.float32, shape=(s, n // BLOCK, k // BLOCK), device=device)
     check_tensor("cu_seqlens", cu_seqlens, dtype=torch.int32, shape=(s + 1,), device=device)
-    check_tensor("out", out, dtype=OUT_DTYPES, shape=(m, n), device=device)
+    if out is not None:
+        check_tensor("out", out, dtype=OUT_DTYPES, shape=(m, n), device=device)
     # TMA and the compiled kernel's vector loads assume 16-byte aligned bases
-    for name, t in (("a", a), ("b", b), ("cu_seqlens", cu_seqlens), ("out", out)):
-        if t.data_ptr() % 16:
+    for name, t in (("a", a), (b_name, b), ("cu_seqlens", cu_seqlens), ("out", out)):
+        if t is not None and t.data_ptr() % 16:
             raise ValueError(f"{name}: expected 16-byte aligned storage, got address {t.data_ptr():#x}")
     return m, n, k, s
 
@@ -143,6 +160,9 @@ def _max_active_clusters(cluster_size: int, device: torch.device) -> int:
         return HOPPER_SMS // cluster_size
     from quack.cute_dsl_utils import get_max_active_clusters
 
+    # the occupancy query runs on the current CUDA context: a process that has not touched the
+    # device yet (plans compiled at start-up) has none (CUDA_ERROR_INVALID_CONTEXT)
+    torch.cuda.synchronize(device)
     return get_max_active_clusters(cluster_size, device_capacity=(9, 0), device_id=device.index or 0)
 
 
@@ -175,19 +195,34 @@ def _compile(tile: Tile, out_dtype: torch.dtype = torch.bfloat16):
 
     tile_m, tile_n, cluster_m, pingpong, overlap = tile
     fp8 = cutlass.Float8E4M3FN
+    gated = out_dtype == FP8_DTYPE
     d_dtype = cutlass.Float32 if out_dtype == torch.float32 else cutlass.BFloat16
     m_a, m_b, m_d, m_c, m, _, _, l_sym = make_fake_gemm_tensors(
         fp8, fp8, d_dtype, None, "k", "k", "n", None, varlen_m=True
     )
     kb, nb = cute.sym_int(), cute.sym_int()
     varlen = make_fake_varlen_args(True, False, False, None)
-    epi = Fp8BlockGemmSm90.EpilogueArguments(
+    scales = dict(
         mAScale=make_fake_tensor(Float32, (m, kb), leading_dim=1, divisibility=1),
         mBScale=make_fake_tensor(Float32, (l_sym, nb, kb), leading_dim=2, divisibility=1),
         mCuSeqlens=varlen.mCuSeqlensM,
     )
+    if gated:
+        from .fp8_gated_kernel import Fp8GatedGemm1Sm90
+
+        inter, ib = cute.sym_int(), cute.sym_int()
+        gemm_cls: Any = Fp8GatedGemm1Sm90
+        epi = gemm_cls.EpilogueArguments(
+            **scales,
+            mY=make_fake_tensor(fp8, (m, inter), leading_dim=1, divisibility=1),
+            mYScale=make_fake_tensor(Float32, (m, ib), leading_dim=1, divisibility=1),
+        )
+        m_d = None
+    else:
+        gemm_cls = Fp8BlockGemmSm90Overlapped if overlap else Fp8BlockGemmSm90
+        epi = Fp8BlockGemmSm90.EpilogueArguments(**scales)
     return compile_gemm_kernel(
-        Fp8BlockGemmSm90Overlapped if overlap else Fp8BlockGemmSm90,
+        gemm_cls,
         fp8,
         (tile_m, tile_n, BLOCK),
         (cluster_m, 1, 1),
@@ -273,19 +308,90 @@ def grouped_gemm_fp8_block(
     return out
 
 
+def gated_gemm1_fp8_block(
+    a: torch.Tensor,
+    a_scale: torch.Tensor,
+    w13: torch.Tensor,
+    w13_scale: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    y: torch.Tensor,
+    y_scale: torch.Tensor,
+    *,
+    tile: Tile = GATED_TILES[0],
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """GEMM1 with SiLU-and-mul and the FP8 requantization fused: for the rows ``r`` of each
+    segment ``s``, ``v[r] = silu(gate[r]) * up[r]`` with ``gate|up = dequant(a)[r] @
+    dequant(w13[s])^T`` summed in fp32, then per 128 columns ``y_scale = max(amax(v), 1e-10) /
+    448`` and ``y = e4m3(clamp(v * (1 / y_scale)))`` (:func:`silu_mul_quant`'s numerics).
+
+    ``a [M_total, H]`` e4m3 and ``a_scale [M_total, H/128]`` fp32 as for
+    :func:`grouped_gemm_fp8_block`; ``w13 [S, 2I, H]`` e4m3 (gate rows ``[:I]``, up ``[I:]``),
+    ``w13_scale [S, 2I/128, H/128]`` fp32, read in place; ``cu_seqlens [S + 1]`` int32;
+    ``y [M_total, I]`` e4m3 and ``y_scale [M_total, I/128]`` fp32 contiguous, written for the
+    segments' rows only. ``tile`` one of :data:`GATED_TILES`. Returns ``(y, y_scale)``.
+    """
+    m, two_i, k, _ = check_operands(
+        a, a_scale, w13, w13_scale, cu_seqlens, None, b_name="w13", b_scale_name="w13_scale"
+    )
+    tile = check_tile(tile, gated=True)
+    if two_i % (2 * BLOCK):
+        raise ValueError(f"w13: expected 2I rows with I a multiple of {BLOCK}, got {two_i}")
+    inter = two_i // 2
+    check_tensor("y", y, dtype=FP8_DTYPE, shape=(m, inter), device=w13.device)
+    check_tensor("y_scale", y_scale, dtype=torch.float32, shape=(m, inter // BLOCK), device=w13.device)
+    if w13.device.type != "cuda":
+        raise ValueError(f"w13: expected tensors on a CUDA device (Hopper), got {w13.device}")
+    if m == 0:
+        return y, y_scale
+    key = PlanKey(tile, two_i, k, _device_name(w13.device), FP8_DTYPE)
+    plan = _plan(key, w13.device)
+    from quack.gemm_tvm_ffi_utils import make_scheduler_args, make_varlen_args
+
+    from .fp8_gated_kernel import Fp8GatedGemm1Sm90
+
+    epi_args: Any = Fp8GatedGemm1Sm90.EpilogueArguments
+    epi = epi_args(
+        mAScale=a_scale,
+        mBScale=w13_scale,
+        mCuSeqlens=cu_seqlens,
+        mY=y,
+        mYScale=y_scale,
+        add_to_output=None,
+        rounding_mode=None,
+    )
+    plan.compiled(
+        a,
+        w13,
+        None,
+        None,
+        epi,
+        make_scheduler_args(plan.max_active_clusters, 8, None),
+        make_varlen_args(cu_seqlens, None, None),
+        None,
+        None,
+    )
+    collect_after_first_launch(key)
+    return y, y_scale
+
+
 def compile_plans(n: int, k: int, tiles, device: torch.device, out_dtype: torch.dtype = torch.bfloat16) -> int:
     """Compile the kernel of every configuration in ``tiles`` for output width ``n``, reduction
-    ``k`` and output dtype ``out_dtype`` (bf16 or float32) on ``device`` (``meta`` compiles offline, after
+    ``k`` and output dtype ``out_dtype`` (bf16 or float32; e4m3: the gated GEMM1 of
+    :data:`GATED_TILES`, ``n`` = 2I) on ``device`` (``meta`` compiles offline, after
     :func:`cute_env.pin_offline_arch`). Returns the number compiled or loaded now (plans already
     in this process are skipped)."""
     if capturing():
         raise GemmPlanMissingError("compile_plans: cannot compile inside a CUDA-graph capture")
     if n % BLOCK or k % BLOCK or n < 1 or k < 1:
         raise ValueError(f"n, k: expected positive multiples of {BLOCK}, got n={n}, k={k}")
-    out_dtype = check_out_dtype(out_dtype)
+    gated = out_dtype == FP8_DTYPE
+    if gated and n % (2 * BLOCK):
+        raise ValueError(f"n: the gated GEMM1 needs 2I with I a multiple of {BLOCK}, got n={n}")
+    if not gated:
+        out_dtype = check_out_dtype(out_dtype)
     device = torch.device(device)
     built = 0
-    for tile in dict.fromkeys(check_tile(t, k) for t in tiles):
+    for tile in dict.fromkeys(check_tile(t, k, gated=gated) for t in tiles):
         key = PlanKey(tile, n, k, _device_name(device), out_dtype)
         if key not in _PLANS:
             _plan(key, device)

@@ -48,7 +48,15 @@ from ...quant.fp8 import BLOCK, FP8_DTYPE
 from ...runtime import workspace
 from .act_quant import act_quant_scatter_fp8
 from .cute_env import sm90_cute_defect
-from .fp8_grouped import DEFAULT_TILE, Tile, check_tile, compile_plans, grouped_gemm_fp8_block
+from .fp8_grouped import (
+    DEFAULT_TILE,
+    GATED_TILES,
+    Tile,
+    check_tile,
+    compile_plans,
+    gated_gemm1_fp8_block,
+    grouped_gemm_fp8_block,
+)
 from .pair_combine import weighted_sum_pairs
 from .silu_mul_quant import silu_mul_quant
 from .varlen_routing import VarlenRouting, varlen_routing
@@ -62,12 +70,15 @@ class GemmInput(NamedTuple):
     a_scale: torch.Tensor
 
 
-def named_tile(name: str, tile: object, k: int) -> Tile:
-    """:func:`fp8_grouped.check_tile` for reduction ``k``, its ValueError prefixed with ``name``."""
+def named_tile(name: str, tile: object, k: int, *, gemm1: bool = False) -> Tile:
+    """:func:`fp8_grouped.check_tile` for reduction ``k`` (``gemm1``: a configuration of
+    :data:`fp8_grouped.GATED_TILES` too), its ValueError prefixed with ``name``."""
+    t = tuple(tile) if isinstance(tile, (tuple, list)) else tile
     try:
-        return check_tile(tile, k)
+        return check_tile(t, gated=True) if gemm1 and t in GATED_TILES else check_tile(t, k)
     except ValueError as exc:
-        raise ValueError(f"{name}: {exc}") from None
+        allowed = f" or one of {GATED_TILES}" if gemm1 else ""
+        raise ValueError(f"{name}: {exc}{allowed}") from None
 
 
 def _check_inputs(
@@ -131,15 +142,19 @@ def grouped_path_defect(
 
 
 def precompile(weights: FP8BlockWeights, tile1: Tile = DEFAULT_TILE, tile2: Tile = DEFAULT_TILE) -> int:
-    """Compile GEMM1's (fp32 D, N 2I, K H) and GEMM2's (bf16 D, N H, K I) plans on the weights'
-    device (before a CUDA-graph capture). Returns the number compiled or loaded now."""
+    """Compile GEMM1's (N 2I, K H) and GEMM2's (bf16 D, N H, K I) plans on the weights' device
+    (before a CUDA-graph capture). Returns the number compiled or loaded now."""
     h, i = weights.hidden_size, weights.intermediate_size
-    return compile_grouped_plans(h, i, named_tile("tile1", tile1, h), named_tile("tile2", tile2, i), weights.device)
+    return compile_grouped_plans(
+        h, i, named_tile("tile1", tile1, h, gemm1=True), named_tile("tile2", tile2, i), weights.device
+    )
 
 
 def compile_grouped_plans(hidden_size: int, inter: int, tile1: Tile, tile2: Tile, device: torch.device) -> int:
-    """:func:`precompile` on sizes: GEMM1 (fp32 D, N 2I, K H) and GEMM2 (bf16 D, N H, K I)."""
-    built = compile_plans(2 * inter, hidden_size, [tile1], device, torch.float32)
+    """:func:`precompile` on sizes: GEMM1 (N 2I, K H; fp32 D, or the gated kernel's e4m3 for a
+    tile of :data:`GATED_TILES`) and GEMM2 (bf16 D, N H, K I)."""
+    gemm1_out = FP8_DTYPE if tile1 in GATED_TILES else torch.float32
+    built = compile_plans(2 * inter, hidden_size, [tile1], device, gemm1_out)
     return built + compile_plans(hidden_size, inter, [tile2], device, torch.bfloat16)
 
 
@@ -169,7 +184,9 @@ def fused_experts_fp8_grouped(
         apply_router_weight_on_input: must be False (the weight scales the output).
         out: ``[R >= T, H]`` bf16 contiguous; rows ``[:T]`` are all written, rows ``>= T`` untouched.
         tile1, tile2: GEMM1's and GEMM2's configuration (:data:`fp8_grouped.TILES`; an
-            overlapping one needs H, resp. I, a multiple of 256).
+            overlapping one needs H, resp. I, a multiple of 256). A ``tile1`` of
+            :data:`fp8_grouped.GATED_TILES` runs GEMM1 with SiLU-and-mul and the requantization
+            in its epilogue (I a multiple of 128).
 
     Returns:
         ``out[:T]``.
@@ -186,7 +203,7 @@ def fused_experts_fp8_grouped(
         topk_weights,
         local_expert_offset=local_expert_offset,
         result=out[: hidden.shape[0]],
-        tile1=named_tile("tile1", tile1, h),
+        tile1=named_tile("tile1", tile1, h, gemm1=True),
         tile2=named_tile("tile2", tile2, i),
     )
 
@@ -218,11 +235,14 @@ def run_fp8_grouped(
     dev = hidden.device
     routing, a, a_scale = route_quantize_scatter(hidden, topk_ids, w13.shape[0], local_expert_offset)
     cu = routing.cu_seqlens
-    gate_up = workspace(num_pairs, 2 * i, torch.float32, dev, "moe_fp8g_gate_up")
-    grouped_gemm_fp8_block(a, a_scale, w13, w13_scale, cu, gate_up, tile=tile1)
     y = workspace(num_pairs, i, FP8_DTYPE, dev, "moe_fp8g_mid")
     y_scale = workspace(num_pairs, i // BLOCK, torch.float32, dev, "moe_fp8g_mid_scale")
-    silu_mul_quant(gate_up, y, y_scale, cu[-1:])
+    if tile1 in GATED_TILES:
+        gated_gemm1_fp8_block(a, a_scale, w13, w13_scale, cu, y, y_scale, tile=tile1)
+    else:
+        gate_up = workspace(num_pairs, 2 * i, torch.float32, dev, "moe_fp8g_gate_up")
+        grouped_gemm_fp8_block(a, a_scale, w13, w13_scale, cu, gate_up, tile=tile1)
+        silu_mul_quant(gate_up, y, y_scale, cu[-1:])
     rows = workspace(num_pairs, h, torch.bfloat16, dev, "moe_fp8g_rows")
     grouped_gemm_fp8_block(y, y_scale, w2, w2_scale, cu, rows, tile=tile2)
     return weighted_sum_pairs(rows, routing.row_of_pair, topk_weights, result)

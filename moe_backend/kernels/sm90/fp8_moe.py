@@ -268,6 +268,17 @@ CUTE_GROUPED_MIN_ROWS = 128
 GROUPED_CLUSTER_TILE = check_tile((128, 128, 2, False, True))
 GROUPED_CLUSTER_PLAIN_TILE = check_tile((128, 128, 2, False, False))
 GROUPED_CLUSTER_MIN_ROWS = 256
+#: GEMM1 with SiLU-and-mul and the FP8 requantization in its epilogue (``fp8_grouped.GATED_TILES``:
+#: 128 rows by gate and up of one 128-wide group), one CTA or a cluster of two M tiles. From
+#: :data:`GATED_MIN_ROWS` expected rows per expert the heuristic takes the one-CTA tile for GEMM1.
+#: H200, 2026-12-04, layer in `moe-backend bench` (E=32, DeepSeek-V3 widths; the default timed
+#: first in each pair): 2048 rows 6205 against 6409 us and 6272 against 6714 in two runs, 1024 rows
+#: 3146 against 3212; at 512 rows 1646 against 1612, at 256 rows 826-856 against 815-823. GEMM1
+#: alone (with ``silu_mul_quant`` for the plain tiles) is level with the cluster tile: what the
+#: layer gains is the 1 GB of fp32 gate/up neither written nor read at T=8192 (docs/performance.md).
+GATED_TILE = check_tile((128, 256, 1, False, False), gated=True)
+GATED_CLUSTER_TILE = check_tile((128, 256, 2, False, False), gated=True)
+GATED_MIN_ROWS = 1024
 
 #: The base configuration of each path (what a ``config=`` naming the path starts from).
 PATH_CONFIGS: Dict[str, Dict[str, Any]] = {
@@ -299,7 +310,7 @@ DEFAULT_TIERS = (
 #: Version of this kernel's tuned configurations: the tuning cache keeps a configuration only
 #: for the version it was tuned for. Bump it when the kernels, their weight or activation
 #: layout, or the configuration schema (CONFIG_KEYS, their meaning) change.
-KERNEL_VERSION = 4
+KERNEL_VERSION = 5
 
 #: What the tuner times per token bucket (each overrides the heuristic default of that size):
 #: the swap-AB and aligned decode paths, skinny atomic-combine tiles, and prefill tiles up to 128 rows.
@@ -320,6 +331,8 @@ CANDIDATE_CONFIGS = (
     dict(CUTE_GROUPED_CONFIG, TILE2=list(GROUPED_OVERLAP_TILE)),
     dict(CUTE_GROUPED_CONFIG, TILE1=list(GROUPED_OVERLAP_TILE), TILE2=list(GROUPED_OVERLAP_TILE)),
     dict(CUTE_GROUPED_CONFIG, TILE1=list(GROUPED_CLUSTER_TILE), TILE2=list(GROUPED_CLUSTER_TILE)),
+    dict(CUTE_GROUPED_CONFIG, TILE1=list(GATED_TILE), TILE2=list(GROUPED_CLUSTER_TILE)),
+    dict(CUTE_GROUPED_CONFIG, TILE1=list(GATED_TILE), TILE2=list(GROUPED_OVERLAP_TILE)),
 )
 
 #: Deterministic mode: no atomics (each pair writes its own row, summed in slot order) and one
@@ -453,14 +466,17 @@ def default_grouped_tiles(hidden_size: int, inter: int, rows_per_expert: float) 
     (K = ``inter``) at ``rows_per_expert`` expected rows per local expert.
 
     From :data:`GROUPED_CLUSTER_MIN_ROWS` rows the cluster-of-two tile for both GEMMs
-    (overlapping where K allows it, else plain); below, the plain default tile for GEMM1 and its
-    overlapping twin for GEMM2 where K allows it, else the plain one.
+    (overlapping where K allows it, else plain), and from :data:`GATED_MIN_ROWS` the gated GEMM1
+    (:data:`GATED_TILE`) instead; below, the plain default tile for GEMM1 and its overlapping twin
+    for GEMM2 where K allows it, else the plain one.
     """
     if rows_per_expert >= GROUPED_CLUSTER_MIN_ROWS:
         pick = [
             GROUPED_CLUSTER_TILE if serves(GROUPED_CLUSTER_TILE, k) else GROUPED_CLUSTER_PLAIN_TILE
             for k in (hidden_size, inter)
         ]
+        if rows_per_expert >= GATED_MIN_ROWS:
+            pick[0] = GATED_TILE
         return dict(TILE1=list(pick[0]), TILE2=list(pick[1]))
     tile2 = GROUPED_OVERLAP_TILE if serves(GROUPED_OVERLAP_TILE, inter) else GROUPED_DEFAULT_TILE
     return dict(TILE1=list(GROUPED_DEFAULT_TILE), TILE2=list(tile2))
@@ -468,7 +484,10 @@ def default_grouped_tiles(hidden_size: int, inter: int, rows_per_expert: float) 
 
 def grouped_tiles(cfg: Dict[str, Any], hidden_size: int, inter: int) -> Tuple[Tile, Tile]:
     """GEMM1's and GEMM2's tiles of a ``cute_grouped`` configuration, checked for K = H and I."""
-    return named_tile("config: TILE1", cfg["TILE1"], hidden_size), named_tile("config: TILE2", cfg["TILE2"], inter)
+    return (
+        named_tile("config: TILE1", cfg["TILE1"], hidden_size, gemm1=True),
+        named_tile("config: TILE2", cfg["TILE2"], inter),
+    )
 
 
 _AUX_STREAMS: Dict[torch.device, torch.cuda.Stream] = {}
@@ -723,7 +742,11 @@ def precompile(
     for config in configs:
         if not config:
             if _grouped_defect(w13.device, block_scaled, a13_scale, a2_scale, ue8m0, False) is None:
-                for rows in (CUTE_GROUPED_MIN_ROWS, GROUPED_CLUSTER_MIN_ROWS):  # both of the heuristic's tilings
+                for rows in (
+                    CUTE_GROUPED_MIN_ROWS,
+                    GROUPED_CLUSTER_MIN_ROWS,
+                    GATED_MIN_ROWS,
+                ):  # the heuristic's tilings
                     default = dict(CUTE_GROUPED_CONFIG, **default_grouped_tiles(hidden_size, inter, rows))
                     tiles.add(grouped_tiles(default, hidden_size, inter))
         elif config.get("path") == "cute_grouped":
