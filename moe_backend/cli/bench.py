@@ -91,6 +91,15 @@ VARIANTS: Dict[str, Tuple[str, Optional[Dict[str, Any]]]] = {
     "nvfp4_bf16_grouped": ("nvfp4", nvfp4_moe.GROUPED_CONFIG),
     # the one-CTA tiles the default takes below GROUPED_CLUSTER_MIN_ROWS rows an expert
     "cute_grouped_overlap2": ("fp8_block", dict(fp8_moe.CUTE_GROUPED_CONFIG, TILE2=list(fp8_moe.GROUPED_OVERLAP_TILE))),
+    # both GEMMs on the cluster tile: the default from 256 rows an expert up to GATED_MIN_ROWS
+    "cute_cluster": (
+        "fp8_block",
+        dict(
+            fp8_moe.CUTE_GROUPED_CONFIG,
+            TILE1=list(fp8_moe.GROUPED_CLUSTER_TILE),
+            TILE2=list(fp8_moe.GROUPED_CLUSTER_TILE),
+        ),
+    ),
     # GEMM1 with SiLU-and-mul and the requantization in its epilogue, GEMM2 on the cluster tile
     "cute_gated": (
         "fp8_block",
