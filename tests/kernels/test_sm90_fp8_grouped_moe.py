@@ -423,7 +423,7 @@ def test_precompile_builds_what_the_configurations_can_run(monkeypatch):
     monkeypatch.setattr(fp8_moe, "grouped_path_defect", lambda *a, **k: None)
     assert fp8_moe.precompile(w13, w2, [{}, fp8_moe.PREFILL_CONFIG], **kw) == 6
     # I = 512: GEMM2 overlaps; from 256 rows an expert both GEMMs on the overlapping cluster tile,
-    # from 1024 GEMM1 gated
+    # from GATED_MIN_ROWS GEMM1 gated
     cluster = fp8_moe.GROUPED_CLUSTER_TILE
     assert sorted(built) == sorted(
         [(TILES[0], fp8_moe.GROUPED_OVERLAP_TILE), (cluster, cluster), (fp8_moe.GATED_TILE, cluster)]

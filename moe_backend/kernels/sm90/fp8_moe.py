@@ -271,14 +271,14 @@ GROUPED_CLUSTER_MIN_ROWS = 256
 #: GEMM1 with SiLU-and-mul and the FP8 requantization in its epilogue (``fp8_grouped.GATED_TILES``:
 #: 128 rows by gate and up of one 128-wide group), one CTA or a cluster of two M tiles. From
 #: :data:`GATED_MIN_ROWS` expected rows per expert the heuristic takes the one-CTA tile for GEMM1.
-#: H200, 2026-12-04, layer in `moe-backend bench` (E=32, DeepSeek-V3 widths; the default timed
-#: first in each pair): 2048 rows 6205 against 6409 us and 6272 against 6714 in two runs, 1024 rows
-#: 3146 against 3212; at 512 rows 1646 against 1612, at 256 rows 826-856 against 815-823. GEMM1
-#: alone (with ``silu_mul_quant`` for the plain tiles) is level with the cluster tile: what the
-#: layer gains is the 1 GB of fp32 gate/up neither written nor read at T=8192 (docs/performance.md).
+#: H200, 2026-12-04, layer in `moe-backend bench` (E=32, DeepSeek-V3 widths, against both GEMMs on
+#: the cluster tile in the same run): 2048 rows -3.2, -6.6, -2.8 and +4.1% in four runs (the
+#: last with a variant staging the codes through shared memory, since dropped), 1024 rows -2.0,
+#: +0.4 and +4.8%: level within the runs' spread, 1 GB less workspace at T=8192 (no fp32 gate/up).
+#: GEMM1 alone is level with the cluster tile plus ``silu_mul_quant`` (docs/performance.md).
 GATED_TILE = check_tile((128, 256, 1, False, False), gated=True)
 GATED_CLUSTER_TILE = check_tile((128, 256, 2, False, False), gated=True)
-GATED_MIN_ROWS = 1024
+GATED_MIN_ROWS = 2048
 
 #: The base configuration of each path (what a ``config=`` naming the path starts from).
 PATH_CONFIGS: Dict[str, Dict[str, Any]] = {
