@@ -97,8 +97,9 @@ class Fp8BlockGemmSm90(GemmDefaultSm90):
 
     A ``[M_total, K]`` e4m3 (K-major), B ``[S, N, K]`` e4m3 (K-major), D ``[M_total, N]`` bf16;
     ``mAScale [M_total, K/128]`` fp32, ``mBScale [S, N/128, K/128]`` fp32, ``mCuSeqlens [S + 1]``
-    int32 (the same tensor as the varlen argument). Needs tile_K == 128 and tile_N == 128 (one
-    per warpgroup in N, :attr:`scale_blocks_n`), so one B scale serves a warpgroup's (tile, K tile).
+    int32 (the same tensor as the varlen argument). Needs tile_N == 128 and tile_K == 128, so one
+    B scale serves a whole (tile, K tile); a subclass whose tile spans :attr:`scale_blocks_n`
+    blocks in N applies one per block itself.
     """
 
     _extra_param_fields = GemmDefaultEpiMixin._extra_param_fields + (
@@ -127,7 +128,7 @@ class Fp8BlockGemmSm90(GemmDefaultSm90):
 
     #: Promote K tile k while K tile k + 1's WGMMA runs (two wave accumulators; even K tile count).
     overlap_promotion = False
-    #: 128-wide weight scale blocks across the CTA tile's N, one per consumer warpgroup in N.
+    #: 128-wide weight scale blocks across the CTA tile's N.
     scale_blocks_n = 1
 
     def __init__(self, *args, **kwargs):
@@ -148,11 +149,6 @@ class Fp8BlockGemmSm90(GemmDefaultSm90):
     def get_scheduler_class(self, varlen_m: bool = False):
         assert varlen_m, "Fp8BlockGemmSm90 is the varlen-M (grouped) GEMM"
         return type("_BoundCoordScheduler", (_CoordScheduler,), {"gemm": self})
-
-    def b_scale_block(self, pid_n, warp_group_idx, m_sb):
-        """The N block of ``m_sb`` whose scales warpgroup ``warp_group_idx`` applies in N tile
-        ``pid_n``: the tile's own (the whole tile is one 128-wide block)."""
-        return pid_n
 
     @cute.jit
     def mma(self, ab_pipeline, ab_read_state, mma_fn, acc, acc_slow, k_tile_cnt, warp_group_idx):
@@ -183,7 +179,7 @@ class Fp8BlockGemmSm90(GemmDefaultSm90):
         b_next = cute.make_rmem_tensor((1,), Float32)
         row_scale = cute.make_rmem_tensor((rows,), Float32)
 
-        source = (m_sa, m_sb, row_idx, seg, self.b_scale_block(pid_n, warp_group_idx, m_sb))
+        source = (m_sa, m_sb, row_idx, seg, pid_n)
         acc_slow.fill(0.0)
         ab_release_state = ab_read_state.clone()
         _prefetch(a_next, b_next, source, 0, rows)
