@@ -77,20 +77,30 @@ def time_point(e: int, t: int, rounds: int, dev: torch.device) -> List[Dict]:
     }
     variants["silu_mul_quant alone"] = lambda: silu_mul_quant(gate_up, y, ys, cu[-1:])
     variants.update({f"gated {tile}": gated(tile) for tile in GATED_TILES})
+    return time_rounds(variants, rounds, E=e, T=t, rows_per_expert=t * 8 // e)
+
+
+def time_rounds(variants: Dict[str, Callable[[], object]], rounds: int, **tags) -> List[Dict]:
+    """Each of ``variants`` timed ``rounds`` times in alternation (the card's power state drifts
+    over long compute-bound runs): one row each, ``tags`` included, printed as it comes."""
     rows = []
     for r in range(rounds):
         for name, fn in variants.items():
-            row = dict(E=e, T=t, rows_per_expert=t * 8 // e, variant=name, round=r, us=timed([fn]))
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+            rows.append(dict(tags, variant=name, round=r, us=timed([fn])))
+            print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(doc: str) -> argparse.Namespace:
+    """``--rounds`` and ``--out`` (default ``$OUT``) of the gated GEMM1 scripts."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--out", default=os.environ.get("OUT", "."))
-    args = p.parse_args()
+    return p.parse_args()
+
+
+def main() -> None:
+    args = parse_args(__doc__)
     dev = torch.device("cuda")
     compile_plans(2 * INTER, H, PLAIN_TILES, dev, torch.float32)
     compile_plans(2 * INTER, H, GATED_TILES, dev, FP8_DTYPE)

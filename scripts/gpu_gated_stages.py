@@ -10,12 +10,10 @@ outputs are not checked. Prints a table; writes ``$OUT/gpu_gated_stages.json`` (
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import sys
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict
 
 import cutlass
 import cutlass.cute as cute
@@ -24,7 +22,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import gpu_check_gated as cases  # noqa: E402
-from decode_breakdown import timed  # noqa: E402
 
 from moe_backend.kernels.sm90 import fp8_gated_kernel, fp8_grouped  # noqa: E402
 from moe_backend.quant.fp8 import BLOCK, FP8_DTYPE  # noqa: E402
@@ -69,10 +66,7 @@ def gated_runner(cls, tile, dev, call: Callable[[], object]) -> Callable[[], obj
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--out", default=os.environ.get("OUT", "."))
-    args = p.parse_args()
+    args = cases.parse_args(__doc__)
     dev = torch.device("cuda")
     a, a_scale, w13, w13_scale, cu = cases.operands(32, 8192, dev)
     m = a.shape[0]
@@ -90,11 +84,7 @@ def main() -> None:
         for t in fp8_grouped.GATED_TILES:
             call = lambda t=t: fp8_grouped.gated_gemm1_fp8_block(a, a_scale, w13, w13_scale, cu, y, ys, tile=t)  # noqa: E731
             variants[f"{name} {t}"] = gated_runner(cls, t, dev, call)
-    rows: List[Dict] = []
-    for r in range(args.rounds):
-        for name, fn in variants.items():
-            rows.append(dict(variant=name, round=r, us=timed([fn])))
-            print(json.dumps(rows[-1]), flush=True)
+    rows = cases.time_rounds(variants, args.rounds)
     out = Path(args.out) / "gpu_gated_stages.json"
     out.write_text(json.dumps(dict(device=torch.cuda.get_device_name(), E=32, T=8192, results=rows), indent=1))
     for name in variants:

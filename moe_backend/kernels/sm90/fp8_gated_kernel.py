@@ -34,13 +34,11 @@ from quack.activation import silu
 from quack.cute_dsl_utils import mlir_namedtuple
 from quack.rounding import RoundingMode
 
-from ...quant.fp8 import RCP_FP8_MAX
+from ...quant.fp8 import FP8_EPS, FP8_MAX, RCP_FP8_MAX
 from .fp8_grouped_kernel import BLOCK, Fp8BlockGemmSm90
 
 #: Width of one CTA tile in ``w13`` rows (gate and up of one 128-wide group).
 TILE_N = 2 * BLOCK
-#: e4m3's largest finite value and the amax floor of ``quant.fp8`` (an all-zero group).
-FP8_MAX, FP8_EPS = 448.0, 1e-10
 
 
 class Fp8GatedGemm1Sm90(Fp8BlockGemmSm90):

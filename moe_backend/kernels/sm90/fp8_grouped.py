@@ -284,16 +284,30 @@ def grouped_gemm_fp8_block(
         raise ValueError(f"b: expected tensors on a CUDA device (Hopper), got {b.device}")
     if m == 0:
         return out
+    from .fp8_grouped_kernel import Fp8BlockGemmSm90
+
     key = PlanKey(tile, n, k, _device_name(b.device), out.dtype)
+    _launch(key, a, b, out, Fp8BlockGemmSm90, cu_seqlens, mAScale=a_scale, mBScale=b_scale)
+    return out
+
+
+def _launch(
+    key: PlanKey,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    out: Optional[torch.Tensor],
+    gemm_cls: Any,
+    cu_seqlens: torch.Tensor,
+    **epi_tensors: torch.Tensor,
+) -> None:
+    """Launch ``key``'s plan (compiled here if missing) on checked operands: ``epi_tensors`` are
+    the epilogue arguments of ``gemm_cls`` besides ``mCuSeqlens``."""
     plan = _plan(key, b.device)
     from quack.gemm_tvm_ffi_utils import make_scheduler_args, make_varlen_args
 
-    from .fp8_grouped_kernel import Fp8BlockGemmSm90
-
-    # the compiled (TVM-FFI) function takes torch tensors where the trace took CuTe tensors
-    epi_args: Any = Fp8BlockGemmSm90.EpilogueArguments
+    # the compiled (TVM-FFI) function takes torch tensors where the trace took CuTe tensors;
     # compile-time (Constexpr) fields cross as None, as QuACK's own launches pass them
-    epi = epi_args(mAScale=a_scale, mBScale=b_scale, mCuSeqlens=cu_seqlens, add_to_output=None, rounding_mode=None)
+    epi = gemm_cls.EpilogueArguments(**epi_tensors, mCuSeqlens=cu_seqlens, add_to_output=None, rounding_mode=None)
     plan.compiled(
         a,
         b,
@@ -306,7 +320,6 @@ def grouped_gemm_fp8_block(
         None,
     )
     collect_after_first_launch(key)
-    return out
 
 
 def gated_gemm1_fp8_block(
@@ -344,34 +357,10 @@ def gated_gemm1_fp8_block(
         raise ValueError(f"w13: expected tensors on a CUDA device (Hopper), got {w13.device}")
     if m == 0:
         return y, y_scale
-    key = PlanKey(tile, two_i, k, _device_name(w13.device), FP8_DTYPE)
-    plan = _plan(key, w13.device)
-    from quack.gemm_tvm_ffi_utils import make_scheduler_args, make_varlen_args
-
     from .fp8_gated_kernel import Fp8GatedGemm1Sm90
 
-    epi_args: Any = Fp8GatedGemm1Sm90.EpilogueArguments
-    epi = epi_args(
-        mAScale=a_scale,
-        mBScale=w13_scale,
-        mCuSeqlens=cu_seqlens,
-        mY=y,
-        mYScale=y_scale,
-        add_to_output=None,
-        rounding_mode=None,
-    )
-    plan.compiled(
-        a,
-        w13,
-        None,
-        None,
-        epi,
-        make_scheduler_args(plan.max_active_clusters, 8, None),
-        make_varlen_args(cu_seqlens, None, None),
-        None,
-        None,
-    )
-    collect_after_first_launch(key)
+    key = PlanKey(tile, two_i, k, _device_name(w13.device), FP8_DTYPE)
+    _launch(key, a, w13, None, Fp8GatedGemm1Sm90, cu_seqlens, mAScale=a_scale, mBScale=w13_scale, mY=y, mYScale=y_scale)
     return y, y_scale
 
 

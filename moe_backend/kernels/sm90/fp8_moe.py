@@ -742,11 +742,8 @@ def precompile(
     for config in configs:
         if not config:
             if _grouped_defect(w13.device, block_scaled, a13_scale, a2_scale, ue8m0, False) is None:
-                for rows in (
-                    CUTE_GROUPED_MIN_ROWS,
-                    GROUPED_CLUSTER_MIN_ROWS,
-                    GATED_MIN_ROWS,
-                ):  # the heuristic's tilings
+                # each of the heuristic's tilings
+                for rows in (CUTE_GROUPED_MIN_ROWS, GROUPED_CLUSTER_MIN_ROWS, GATED_MIN_ROWS):
                     default = dict(CUTE_GROUPED_CONFIG, **default_grouped_tiles(hidden_size, inter, rows))
                     tiles.add(grouped_tiles(default, hidden_size, inter))
         elif config.get("path") == "cute_grouped":
