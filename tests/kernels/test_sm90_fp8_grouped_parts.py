@@ -16,10 +16,12 @@ from moe_backend.kernels.sm90 import cute_env, fp8_grouped
 from moe_backend.kernels.sm90.bf16_grouped import GemmPlanMissingError
 from moe_backend.kernels.sm90.fp8_grouped import (
     BLOCK,
+    GATED_TILES,
     TILES,
     check_operands,
     check_tile,
     compile_plans,
+    gated_gemm1_fp8_block,
     grouped_gemm_fp8_block,
     reference_grouped_gemm_fp8_block,
 )
@@ -106,6 +108,41 @@ BAD = [
 def test_bad_operands_name_the_argument(name, ops):
     with pytest.raises((TypeError, ValueError), match=f"^{name}:"):
         grouped_gemm_fp8_block(**ops)
+
+
+def _bad_gated(name, **change):
+    a, a_scale, w13, w13_scale, cu, _ = make_operands([1, 2], 512, 256)
+    ops = dict(a=a, a_scale=a_scale, w13=w13, w13_scale=w13_scale, cu_seqlens=cu)
+    ops.update(y=torch.empty(3, 256, dtype=FP8_DTYPE), y_scale=torch.empty(3, 2), tile=GATED_TILES[0])
+    ops.update(change)
+    return name, ops
+
+
+BAD_GATED = [
+    _bad_gated("a", a=torch.zeros(3, 128, dtype=FP8_DTYPE)),
+    _bad_gated("w13", w13=torch.zeros(2, 512, 256, dtype=torch.bfloat16)),
+    _bad_gated("w13", w13=torch.zeros(2, 384, 256, dtype=FP8_DTYPE), w13_scale=torch.ones(2, 3, 2)),  # I = 192
+    _bad_gated("w13_scale", w13_scale=torch.ones(2, 2, 2)),
+    _bad_gated("cu_seqlens", cu_seqlens=torch.tensor([0, 3], dtype=torch.int32)),
+    _bad_gated("y", y=torch.empty(3, 256, dtype=torch.bfloat16)),
+    _bad_gated("y", y=torch.empty(3, 512, dtype=FP8_DTYPE)),
+    _bad_gated("y_scale", y_scale=torch.empty(3, 4)),
+    _bad_gated("tile", tile=TILES[0]),
+    _bad_gated("w13"),  # a CPU tensor: the kernel runs on a CUDA device only
+]
+
+
+@pytest.mark.parametrize("name,ops", BAD_GATED, ids=[f"{n}-{i}" for i, (n, _) in enumerate(BAD_GATED)])
+def test_gated_bad_operands_name_the_argument(name, ops):
+    with pytest.raises((TypeError, ValueError), match=f"^{name}:"):
+        gated_gemm1_fp8_block(**ops)
+
+
+def test_gated_compile_plans_rejects_widths_and_tiles():
+    with pytest.raises(ValueError, match="^n: the gated GEMM1 needs 2I"):
+        compile_plans(384, 256, GATED_TILES[:1], torch.device("meta"), FP8_DTYPE)
+    with pytest.raises(ValueError, match="^tile:"):
+        compile_plans(512, 256, TILES[:1], torch.device("meta"), FP8_DTYPE)
 
 
 @pytest.mark.parametrize("tile", [(128, 192, 1, True), (64, 128, 2, False), "128x128"])
