@@ -2,18 +2,21 @@
 SiLU-and-mul and the FP8 requantization in its epilogue. Imported only when CuTe DSL and QuACK
 are installed (``cute_env``).
 
-One CTA tile is 128 rows by 256 columns of ``w13``: the gate rows ``[128 g, 128 g + 128)`` and
-the up rows ``[I + 128 g, I + 128 g + 128)`` of one 128-wide group ``g`` of intermediate columns.
-Two cooperative consumer warpgroups take 64 rows each (or, in pingpong, each warpgroup a 64-row
-tile of its own, so that one's epilogue runs while the other's WGMMAs do; built, not yet run on a
-GPU). Each K tile's WGMMAs run in two N halves of 128 (gate, then up) into one 64-register wave
-accumulator, each half promoted with its own weight scale into the fp32 sum (128 registers): 192
-registers where a 256-wide wave would need 256 and spill. A thread then holds gate and up of the
-same (row, column) positions, so the epilogue forms ``silu(gate) * up`` in fp32, the row's amax
-over the group's 128 columns (the thread's quad holds the row), the scale and the e4m3 codes in
-registers, and stores them: ``y [P, I]`` e4m3 and ``y_scale [P, I/128]`` fp32, the layout GEMM2
-reads. GEMM1 thereby writes 1 byte per intermediate value instead of 8 (fp32 gate and up), and
-the separate ``silu_mul_quant`` pass goes away.
+One CTA tile is 128 rows by 256 columns of ``w13``: the gate rows ``[128 g, 128 g + 128)`` and the
+up rows ``[I + 128 g, I + 128 g + 128)`` of one 128-wide group ``g`` of intermediate columns. Two
+cooperative consumer warpgroups take 64 rows each. Each K tile's WGMMAs run in two N halves of 128
+(gate, then up) into one 64-register wave accumulator, each half promoted with its own weight
+scale into the fp32 sum (128 registers): 192 registers where a 256-wide wave would need 256 and
+spill. A thread then holds gate and up of the same (row, column) positions, so the epilogue forms
+``silu(gate) * up`` in fp32, the row's amax over the group's 128 columns (the thread's quad holds
+the row), the scale and the e4m3 codes in registers, and stores them: ``y [P, I]`` e4m3 and
+``y_scale [P, I/128]`` fp32, the layout GEMM2 reads. GEMM1 thereby writes 1 byte per intermediate
+value instead of 8 (fp32 gate and up), and the separate ``silu_mul_quant`` pass goes away.
+
+Measured and not kept (H200, 2026-12-04): a pingpong schedule (one 64 x 256 tile a warpgroup, so
+that one's epilogue runs beside the other's WGMMAs) ran 23-32% slower, each SM loading the 32 KB
+weight tile for 64 rows instead of 128; four N parts of 64 on two waves, each promoted while the
+next part's WGMMAs run, ran 8-15% slower (each WGMMA reads its A tile from shared memory again).
 
 ``B`` (``w13 [S, 2I, K]`` as loaded) is read through a view whose N mode is
 ``(128, 2, I/128) : (K, I*K, 128*K)``: N tile ``g`` of 256 is then the gate block and the up
@@ -81,9 +84,7 @@ class Fp8GatedGemm1Sm90(Fp8BlockGemmSm90):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        # 128 rows on two cooperative warpgroups, or 64 rows a warpgroup in pingpong (one
-        # warpgroup's epilogue runs while the other's WGMMAs do)
-        assert self.cta_tile_shape_mnk[:2] == (64 if self.pingpong else 128, TILE_N), "gated GEMM1 tile"
+        assert not self.pingpong and self.cta_tile_shape_mnk[:2] == (128, TILE_N), "gated GEMM1 tile"
 
     def _setup_tiled_mma(self):
         super()._setup_tiled_mma()
@@ -141,8 +142,6 @@ class Fp8GatedGemm1Sm90(Fp8BlockGemmSm90):
         m_sa, m_sb, m_cu = self._scales
         pid_m, pid_n, seg = self._work_coord
         tidx, _, _ = cute.arch.thread_idx()
-        if const_expr(self.pingpong):
-            tidx = tidx % self.num_threads_per_warp_group
         tile_m = self.cta_tile_shape_mnk[0]
         coords = layout_utils.reshape_acc_to_mn(
             tiled_mma.get_slice(tidx).partition_C(cute.make_identity_tensor((tile_m, BLOCK)))
@@ -182,8 +181,6 @@ class Fp8GatedGemm1Sm90(Fp8BlockGemmSm90):
             ab_pipeline.consumer_release(ab_release_state)
             ab_read_state.advance()
             ab_release_state.advance()
-        if const_expr(self.pingpong):
-            self.pingpong_barrier_arrive(1 - warp_group_idx, stage="mma")
         return ab_read_state
 
     @cute.jit

@@ -66,7 +66,6 @@ DEFAULT_TILE = TILES[0]
 GATED_TILES: Tuple[Tile, ...] = (
     (128, 256, 1, False, False),
     (128, 256, 2, False, False),
-    (64, 256, 1, True, False),
 )
 
 

@@ -24,12 +24,14 @@ from .nvfp4_layout import K_GROUP, NVFP4KernelWeights, kernel_k_order
 from .nvfp4_tile import WEIGHT_RESCALE, dequant_group
 
 #: Kernel-layout rows and 256-K groups per program, and warps, of
-#: :func:`dequantize_kernel_layout_segments`. On the H200 (E=32, DeepSeek-V3 widths, 2026-12-04):
-#: 32 rows by 2 groups on 4 warps 1078 us against 1143 for one group (a fill of the same bf16
-#: outputs took 832); 4 groups, 16 or 64 rows, 8 warps, or storing each value at its natural
-#: column instead of permuting registers (1433-1984) were slower.
+#: :func:`dequantize_kernel_layout_segments`. On the H200 (E=32, DeepSeek-V3 widths, 2026-12-04,
+#: ``scripts/gpu_probe_dequant.py``): the grid ordered with the K groups fastest took 929 us
+#: against 1075 with the segments fastest (programs running together then touched the same
+#: columns of many rows: DRAM page misses); a fill of the same bf16 outputs takes 833. 16 or 64
+#: rows, 8 warps, default-policy stores (935) or dropping the permute to natural K order (931)
+#: gained nothing; before the reordering, one group a program 1143, 4 groups slower.
 BLOCK_ROWS = 32
-GROUPS_PER_PROGRAM = 2
+GROUPS_PER_PROGRAM = 2  # the kernel loads and stores two groups explicitly
 NUM_WARPS = 4
 
 
@@ -50,10 +52,11 @@ def _kernel_layout_dequant_kernel(
     num_globals,
     GATE_UP: tl.constexpr,
     BLOCK_R: tl.constexpr,
-    GROUPS: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
-    s = tl.program_id(0)
+    # K groups vary fastest across the grid: programs running together read and write adjacent
+    # pieces of the same rows (DRAM page locality)
+    s = tl.program_id(2)
     e = tl.load(expert_ptr + s).to(tl.int64)
     if e < 0:
         return
@@ -73,24 +76,41 @@ def _kernel_layout_dequant_kernel(
         glob_idx = krow * 0
     glob = tl.load(global_ptr + e * num_globals + glob_idx, mask=out_ok, other=0.0) * WEIGHT_RESCALE
     out_rows = out_ptr + s.to(tl.int64) * N * K + out_row[:, None].to(tl.int64) * K
+    # both groups' words and scale codes are loaded before either group is stored: the loads
+    # would not move above a store to a pointer that might alias them
+    g = tl.program_id(0) * 2
+    words0, words1, scales = _load_group(words_ptr, scale_ptr, e, krow, row_ok, g, ROWS, WORDS_PER_ROW)
+    words2, words3, scales1 = _load_group(words_ptr, scale_ptr, e, krow, row_ok, g + 1, ROWS, WORDS_PER_ROW)
+    _store_group(words0, words1, scales, glob, out_rows, out_ok, g, K, BLOCK_R, INTERPRET)
+    _store_group(words2, words3, scales1, glob, out_rows, out_ok, g + 1, K, BLOCK_R, INTERPRET)
+
+
+@triton.jit
+def _load_group(words_ptr, scale_ptr, e, krow, row_ok, g, ROWS, WORDS_PER_ROW):
+    """256-K group ``g`` of kernel rows ``krow`` of expert ``e``: its two word halves ``[R, 16]``
+    int32 and scale codes ``[R, 16]`` (zeros past the matrix's last group)."""
     w = tl.arange(0, 16)
-    for gi in tl.static_range(GROUPS):
-        g = tl.program_id(2) * GROUPS + gi  # the 256-K group
-        load_ok = row_ok[:, None] & (g * 32 < WORDS_PER_ROW)
-        base = (e * ROWS + krow[:, None]) * WORDS_PER_ROW + g * 32 + w[None, :]
-        words0 = tl.load(words_ptr + base, mask=load_ok, other=0)
-        words1 = tl.load(words_ptr + base + 16, mask=load_ok, other=0)
-        scales = tl.load(
-            scale_ptr + (e * ROWS + krow[:, None]) * (WORDS_PER_ROW // 2) + g * 16 + w[None, :],
-            mask=load_ok,
-            other=0.0,
-        )
-        # [R, 256] bf16 in kernel_k_order: position 128 h + 32 s + 2 w + i is natural 16 w + 8 h + 2 s + i
-        vals = dequant_group(words0, words1, scales, INTERPRET)
-        vals = tl.reshape(tl.permute(tl.reshape(vals, (BLOCK_R, 2, 4, 16, 2)), (0, 3, 1, 2, 4)), (BLOCK_R, 256))
-        v = vals.to(tl.float32) * glob[:, None]
-        cols = g * 256 + tl.arange(0, 256)
-        tl.store(out_rows + cols[None, :], to_bf16(v), mask=out_ok[:, None] & (cols < K)[None, :])
+    load_ok = row_ok[:, None] & (g * 32 < WORDS_PER_ROW)
+    base = (e * ROWS + krow[:, None]) * WORDS_PER_ROW + g * 32 + w[None, :]
+    words0 = tl.load(words_ptr + base, mask=load_ok, other=0)
+    words1 = tl.load(words_ptr + base + 16, mask=load_ok, other=0)
+    scales = tl.load(
+        scale_ptr + (e * ROWS + krow[:, None]) * (WORDS_PER_ROW // 2) + g * 16 + w[None, :], mask=load_ok, other=0.0
+    )
+    return words0, words1, scales
+
+
+@triton.jit
+def _store_group(words0, words1, scales, glob, out_rows, out_ok, g, K, BLOCK_R: tl.constexpr, INTERPRET: tl.constexpr):
+    """Decode group ``g`` (from :func:`_load_group`) and store its 256 columns of each row in
+    natural K order, times the row's global scale, rounded once to bf16 (streaming stores: the
+    grouped GEMM reads them once, after the whole pool is written)."""
+    # [R, 256] bf16 in kernel_k_order: position 128 h + 32 s + 2 w + i is natural 16 w + 8 h + 2 s + i
+    vals = dequant_group(words0, words1, scales, INTERPRET)
+    vals = tl.reshape(tl.permute(tl.reshape(vals, (BLOCK_R, 2, 4, 16, 2)), (0, 3, 1, 2, 4)), (BLOCK_R, 256))
+    v = vals.to(tl.float32) * glob[:, None]
+    cols = g * 256 + tl.arange(0, 256)
+    tl.store(out_rows + cols[None, :], to_bf16(v), mask=out_ok[:, None] & (cols < K)[None, :], cache_modifier=".cs")
 
 
 _ORDERS: dict = {}
@@ -124,7 +144,7 @@ def dequantize_kernel_layout_segments(
     ):
         rows, words_per_row = words.shape[1], words.shape[2]
         n, k = out.shape[1], out.shape[2]
-        grid = (s, triton.cdiv(rows, BLOCK_ROWS), triton.cdiv(words_per_row * 8 // K_GROUP, GROUPS_PER_PROGRAM))
+        grid = (triton.cdiv(words_per_row * 8 // K_GROUP, GROUPS_PER_PROGRAM), triton.cdiv(rows, BLOCK_ROWS), s)
         _kernel_layout_dequant_kernel[grid](
             words,
             scale,
@@ -141,7 +161,6 @@ def dequantize_kernel_layout_segments(
             glob.reshape(glob.shape[0], -1).shape[1],
             GATE_UP=gate_up,
             BLOCK_R=BLOCK_ROWS,
-            GROUPS=GROUPS_PER_PROGRAM,
             INTERPRET=INTERPRETING,
             num_warps=NUM_WARPS,
         )
