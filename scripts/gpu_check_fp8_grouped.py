@@ -12,10 +12,12 @@ layer built on it (``fp8_grouped_moe``, not in the registry yet).
    timed configuration's output is checked on sampled rows of every segment against the reference.
 3. The whole prefill layer at T = 1024 and 8192 (E = 32, top-8, H 7168, I 2048, balanced routing,
    the bench's random ``Layer`` weights): the Triton FP8 layer (``sm90_triton_fp8``, its default
-   configuration) against ``fused_experts_fp8_grouped`` with the default tiles and with the
-   overlapping tile, same inputs, CUDA-graph replay, do_bench median, L2 flushed; a breakdown of
-   the new path (routing, quantize-and-scatter, GEMM1, silu_mul_quant, GEMM2, combine, each
-   timed alone) and its relative error against the Triton layer's output.
+   configuration) against ``fused_experts_fp8_grouped`` with the heuristic's tiles
+   (``fp8_moe.default_grouped_tiles``: the gated GEMM1 from 2048 rows an expert) and with both
+   GEMMs on the cluster tile, same inputs, CUDA-graph replay, do_bench median, L2 flushed; a
+   breakdown of the grouped path (routing, quantize-and-scatter, GEMM1 then silu_mul_quant or the
+   gated GEMM1, GEMM2, combine, each timed alone) and its relative error against the Triton
+   layer's output.
 
 Prints a table and writes ``$OUT/gpu_check_fp8_grouped.json`` (or ``--out``).
 
@@ -162,7 +164,7 @@ def _layer_stages(hidden, weights, ids, topk_w, out, tiles) -> Dict[str, Callabl
     """Each step of ``fused_experts_fp8_grouped`` as its own call on the buffers one full call
     leaves (so that each can be captured and timed alone)."""
     from moe_backend.kernels.sm90.act_quant import act_quant_scatter_fp8
-    from moe_backend.kernels.sm90.fp8_grouped import grouped_gemm_fp8_block
+    from moe_backend.kernels.sm90.fp8_grouped import GATED_TILES, gated_gemm1_fp8_block, grouped_gemm_fp8_block
     from moe_backend.kernels.sm90.fp8_grouped_moe import route_quantize_scatter
     from moe_backend.kernels.sm90.pair_combine import weighted_sum_pairs
     from moe_backend.kernels.sm90.silu_mul_quant import silu_mul_quant
@@ -179,22 +181,36 @@ def _layer_stages(hidden, weights, ids, topk_w, out, tiles) -> Dict[str, Callabl
     y_scale = workspace(p, i // 128, torch.float32, dev, "moe_fp8g_mid_scale")
     rows = workspace(p, h, torch.bfloat16, dev, "moe_fp8g_rows")
     t = hidden.shape[0]
-    return {
+    stages: Dict[str, Callable[[], object]] = {
         "route": lambda: varlen_routing(ids, weights.num_experts, 0, compact=False),
         "quant+scatter": lambda: act_quant_scatter_fp8(hidden, routing.row_of_pair, a, a_scale),
-        "gemm1": lambda: grouped_gemm_fp8_block(a, a_scale, weights.w13, weights.w13_scale, cu, gate_up, tile=tiles[0]),
-        "silu_mul_quant": lambda: silu_mul_quant(gate_up, y, y_scale, cu[-1:]),
-        "gemm2": lambda: grouped_gemm_fp8_block(y, y_scale, weights.w2, weights.w2_scale, cu, rows, tile=tiles[1]),
-        "combine": lambda: weighted_sum_pairs(rows, routing.row_of_pair, topk_w, out[:t]),
     }
+    if tiles[0] in GATED_TILES:
+        stages["gemm1 gated"] = lambda: gated_gemm1_fp8_block(
+            a, a_scale, weights.w13, weights.w13_scale, cu, y, y_scale, tile=tiles[0]
+        )
+    else:
+        stages["gemm1"] = lambda: grouped_gemm_fp8_block(
+            a, a_scale, weights.w13, weights.w13_scale, cu, gate_up, tile=tiles[0]
+        )
+        stages["silu_mul_quant"] = lambda: silu_mul_quant(gate_up, y, y_scale, cu[-1:])
+    stages["gemm2"] = lambda: grouped_gemm_fp8_block(y, y_scale, weights.w2, weights.w2_scale, cu, rows, tile=tiles[1])
+    stages["combine"] = lambda: weighted_sum_pairs(rows, routing.row_of_pair, topk_w, out[:t])
+    return stages
 
 
-def _time_layer_at(t: int, weights, triton_kernel, prepared, tile_sets) -> List[Dict]:
-    """Records at T = ``t``: the Triton layer, then the grouped layer per tile set."""
+def _time_layer_at(t: int, weights, triton_kernel, prepared) -> List[Dict]:
+    """Records at T = ``t``: the Triton layer, then the grouped layer on the heuristic's tiles and
+    on the cluster tile for both GEMMs."""
     from moe_backend.cli.bench import balanced_ids
     from moe_backend.kernels.sm90 import fp8_moe
     from moe_backend.kernels.sm90.fp8_grouped_moe import fused_experts_fp8_grouped, precompile
 
+    picked = fp8_moe.default_grouped_tiles(LAYER_H, LAYER_I, t * LAYER_K / LAYER_E)
+    tile_sets = {
+        "heuristic": (tuple(picked["TILE1"]), tuple(picked["TILE2"])),
+        "cluster": (fp8_moe.GROUPED_CLUSTER_TILE, fp8_moe.GROUPED_CLUSTER_TILE),
+    }
     device = torch.device("cuda")
     gen = torch.Generator().manual_seed(t)
     ids = balanced_ids(t, LAYER_K, LAYER_E, gen, device)
@@ -266,21 +282,18 @@ def _time_layer_at(t: int, weights, triton_kernel, prepared, tile_sets) -> List[
 
 
 def time_layers() -> List[Dict]:
-    """The Triton FP8 layer against the CuTe DSL grouped layer (default and overlapping tiles),
-    whole and (the grouped one) step by step, at each of :data:`LAYER_TOKENS`."""
+    """The Triton FP8 layer against the CuTe DSL grouped layer (the heuristic's tiles, the cluster
+    tiles), whole and (the grouped one) step by step, at each of :data:`LAYER_TOKENS`."""
     from moe_backend.cli.bench import Layer
     from moe_backend.kernels.registry import KERNELS
-    from moe_backend.kernels.sm90.fp8_grouped import DEFAULT_TILE, TILES
 
     layer = Layer(LAYER_E, LAYER_H, LAYER_I, LAYER_K, torch.device("cuda"))
     weights = layer.weights["fp8_block"]()
     triton_kernel = KERNELS["sm90_triton_fp8"]
     prepared = triton_kernel.prepare(weights)
-    overlap = next(t for t in TILES if t[4] and not t[3])  # (128, 128, 1, False, True)
-    tile_sets = {"default": (DEFAULT_TILE, DEFAULT_TILE), "overlap": (overlap, overlap)}
     records: List[Dict] = []
     for t in LAYER_TOKENS:
-        records += _time_layer_at(t, weights, triton_kernel, prepared, tile_sets)
+        records += _time_layer_at(t, weights, triton_kernel, prepared)
         torch.cuda.empty_cache()
     return records
 

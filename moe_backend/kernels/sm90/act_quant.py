@@ -38,6 +38,7 @@ def _act_quant_kernel(
     stride_qm,
     stride_sm,
     row_of_pair_ptr,
+    programs_per_token,
     GROUP: tl.constexpr,
     NUM_GROUPS: tl.constexpr,
     STATIC: tl.constexpr,
@@ -48,8 +49,11 @@ def _act_quant_kernel(
 ):
     if LAUNCH_DEPENDENTS:
         gdc_launch_dependents()  # the GEMM launched after it may start; it waits before reading q
-    t = tl.program_id(0).to(tl.int64)
-    g = tl.program_id(1) * NUM_GROUPS + tl.arange(0, NUM_GROUPS)
+    # a token's column blocks are adjacent programs: programs running together read and write
+    # whole rows, not the same columns of many rows (DRAM page locality)
+    pid = tl.program_id(0)
+    t = (pid // programs_per_token).to(tl.int64)
+    g = (pid % programs_per_token) * NUM_GROUPS + tl.arange(0, NUM_GROUPS)
     cols = g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
     mask = cols < H
     x = tl.load(x_ptr + t * stride_xm + cols, mask=mask, other=0.0).to(tl.float32)
@@ -125,12 +129,13 @@ def act_quant_scatter_fp8(
 
 
 def _launch(hidden: torch.Tensor, q: torch.Tensor, s: torch.Tensor, row_of_pair: torch.Tensor, **flags: object) -> None:
-    """One program per token and ``GROUPS_PER_PROGRAM`` groups of 128 channels; ``s`` also
+    """One program per token and ``GROUPS_PER_PROGRAM`` groups of 128 channels (a token's
+    programs adjacent in the one-dimensional grid); ``s`` also
     stands in for the static-scale pointer (read only when ``STATIC``), ``row_of_pair`` is read
     only when ``SCATTER_K`` > 0."""
     t, h = hidden.shape
-    grid = (t, triton.cdiv(triton.cdiv(h, GROUP), GROUPS_PER_PROGRAM))
-    _act_quant_kernel[grid](
+    per_token = triton.cdiv(triton.cdiv(h, GROUP), GROUPS_PER_PROGRAM)
+    _act_quant_kernel[(t * per_token,)](
         hidden,
         q,
         s,
@@ -140,6 +145,7 @@ def _launch(hidden: torch.Tensor, q: torch.Tensor, s: torch.Tensor, row_of_pair:
         q.stride(0),
         s.stride(0),
         row_of_pair,
+        per_token,
         GROUP=GROUP,
         NUM_GROUPS=GROUPS_PER_PROGRAM,
         num_warps=4,
