@@ -276,6 +276,10 @@ GROUPED_CLUSTER_MIN_ROWS = 256
 #: last with a variant staging the codes through shared memory, since dropped), 1024 rows -2.0,
 #: +0.4 and +4.8%: level within the runs' spread, 1 GB less workspace at T=8192 (no fp32 gate/up).
 #: GEMM1 alone is level with the cluster tile plus ``silu_mul_quant`` (docs/performance.md).
+#: The gated cluster tile is a tuner candidate, not the default: at E=32 with 256-512 rows an
+#: expert it beat the default in five of six layer comparisons (2026-12-04, fifteenth session:
+#: -2 to -7%), and lost the sixth (+4%, fourteenth session); at E=256 with 256 rows it lost both
+#: (+10%); at 2048 rows the one-CTA tile was level or ahead.
 GATED_TILE = check_tile((128, 256, 1, False, False), gated=True)
 GATED_CLUSTER_TILE = check_tile((128, 256, 2, False, False), gated=True)
 GATED_MIN_ROWS = 2048
@@ -310,7 +314,7 @@ DEFAULT_TIERS = (
 #: Version of this kernel's tuned configurations: the tuning cache keeps a configuration only
 #: for the version it was tuned for. Bump it when the kernels, their weight or activation
 #: layout, or the configuration schema (CONFIG_KEYS, their meaning) change.
-KERNEL_VERSION = 5
+KERNEL_VERSION = 6
 
 #: What the tuner times per token bucket (each overrides the heuristic default of that size):
 #: the swap-AB and aligned decode paths, skinny atomic-combine tiles, and prefill tiles up to 128 rows.
@@ -333,6 +337,7 @@ CANDIDATE_CONFIGS = (
     dict(CUTE_GROUPED_CONFIG, TILE1=list(GROUPED_CLUSTER_TILE), TILE2=list(GROUPED_CLUSTER_TILE)),
     dict(CUTE_GROUPED_CONFIG, TILE1=list(GATED_TILE), TILE2=list(GROUPED_CLUSTER_TILE)),
     dict(CUTE_GROUPED_CONFIG, TILE1=list(GATED_TILE), TILE2=list(GROUPED_OVERLAP_TILE)),
+    dict(CUTE_GROUPED_CONFIG, TILE1=list(GATED_CLUSTER_TILE), TILE2=list(GROUPED_CLUSTER_TILE)),
 )
 
 #: Deterministic mode: no atomics (each pair writes its own row, summed in slot order) and one
