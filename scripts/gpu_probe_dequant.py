@@ -53,6 +53,12 @@ VARIANTS = {
     "64 rows, 8 warps": [("BLOCK_ROWS = 32", "BLOCK_ROWS = 64"), ("NUM_WARPS = 4", "NUM_WARPS = 8")],
 }
 
+RELATIVE_IMPORTS = (
+    ("from ...", "from moe_backend."),
+    ("from ..", "from moe_backend.kernels."),
+    ("from .", "from moe_backend.kernels.sm90."),
+)
+
 
 def variant_module(name: str, changes):
     """A copy of ``nvfp4_dequant`` with ``changes`` (product line, replacement) made, imported
@@ -65,10 +71,12 @@ def variant_module(name: str, changes):
 
 
 def module_from_source(name: str, src: str):
-    """``src``, a version of ``nvfp4_dequant.py``, imported from a temporary file."""
-    src = src.replace("from ..interpret", "from moe_backend.kernels.interpret")
-    src = src.replace("from .", "from moe_backend.kernels.sm90.")
-    path = Path(tempfile.mkdtemp()) / f"dequant_{abs(hash(name))}.py"
+    """``src``, a version of a module of ``moe_backend.kernels.sm90``, imported from a temporary
+    file with its relative imports made absolute (the probes time earlier versions this way)."""
+    # deepest first: "from ..." also starts with "from .." and "from ."
+    for rel, absolute in RELATIVE_IMPORTS:
+        src = src.replace(rel, absolute)
+    path = Path(tempfile.mkdtemp()) / f"probe_{abs(hash(name))}.py"
     path.write_text(src)
     spec = importlib.util.spec_from_file_location(path.stem, path)
     mod = importlib.util.module_from_spec(spec)
@@ -96,21 +104,16 @@ def main() -> None:
         "fill_ (write floor)": lambda: (w13.fill_(1.0), w2.fill_(1.0)),
         "copy of as many bytes": lambda: dst.copy_(src),
     }
+    modules = {name: variant_module(name, changes) for name, changes in VARIANTS.items()}
+    if args.baseline:
+        baseline = Path(args.baseline)
+        modules["baseline " + baseline.name] = module_from_source("baseline", baseline.read_text())
     exact = {}
-    for name, changes in VARIANTS.items():
-        mod = variant_module(name, changes)
+    for name, mod in modules.items():
         w13.zero_(), w2.zero_()
         mod.dequantize_kernel_layout_segments(w, experts, w13, w2)
         exact[name] = bool(torch.equal(w13, ref13) and torch.equal(w2, ref2))
         variants[name] = lambda mod=mod: mod.dequantize_kernel_layout_segments(w, experts, w13, w2)
-    if args.baseline:
-        mod = module_from_source("baseline", Path(args.baseline).read_text())
-        variants["baseline " + Path(args.baseline).name] = lambda: mod.dequantize_kernel_layout_segments(
-            w, experts, w13, w2
-        )
-        w13.zero_(), w2.zero_()
-        mod.dequantize_kernel_layout_segments(w, experts, w13, w2)
-        exact["baseline " + Path(args.baseline).name] = bool(torch.equal(w13, ref13) and torch.equal(w2, ref2))
     rows = time_rounds(variants, args.rounds)
     out = Path(args.out) / "gpu_probe_dequant.json"
     out.write_text(json.dumps(dict(device=torch.cuda.get_device_name(), E=E, exact=exact, results=rows), indent=1))

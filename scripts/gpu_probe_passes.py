@@ -16,11 +16,9 @@ REV:moe_backend/kernels/sm90/act_quant.py``) timed beside the product's.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Callable, Dict, List
 
@@ -29,23 +27,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gpu_check_gated import time_rounds  # noqa: E402
+from gpu_probe_dequant import module_from_source  # noqa: E402
 
 from moe_backend.kernels.sm90 import act_quant, pair_combine  # noqa: E402
 from moe_backend.quant.fp8 import BLOCK, FP8_DTYPE  # noqa: E402
 
 H, TOP_K = 7168, 8
-
-
-def module_from_file(path: Path):
-    """A module of ``moe_backend.kernels.sm90`` (``path``, an earlier version of it) imported from a
-    temporary copy with its relative imports made absolute."""
-    src = path.read_text().replace("from ...", "from moe_backend.").replace("from .", "from moe_backend.kernels.sm90.")
-    copy = Path(tempfile.mkdtemp()) / f"baseline_{path.stem}.py"
-    copy.write_text(src)
-    spec = importlib.util.spec_from_file_location(copy.stem, copy)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def time_point(t: int, rounds: int, baseline: Dict[str, object], dev: torch.device) -> List[Dict]:
@@ -89,7 +76,9 @@ def main() -> None:
     baseline = {}
     if args.baseline_dir:
         d = Path(args.baseline_dir)
-        baseline["baseline"] = (module_from_file(d / "act_quant.py"), module_from_file(d / "pair_combine.py"))
+        baseline["baseline"] = tuple(
+            module_from_source(f"baseline {n}", (d / f"{n}.py").read_text()) for n in ("act_quant", "pair_combine")
+        )
     results: List[Dict] = []
     for t in args.T:
         results += time_point(t, args.rounds, baseline, dev)
