@@ -91,7 +91,8 @@ VARIANTS: Dict[str, Tuple[str, Optional[Dict[str, Any]]]] = {
     "nvfp4_bf16_grouped": ("nvfp4", nvfp4_moe.GROUPED_CONFIG),
     # the one-CTA tiles the default takes below GROUPED_CLUSTER_MIN_ROWS rows an expert
     "cute_grouped_overlap2": ("fp8_block", dict(fp8_moe.CUTE_GROUPED_CONFIG, TILE2=list(fp8_moe.GROUPED_OVERLAP_TILE))),
-    # both GEMMs on the cluster tile: the default from 256 rows an expert up to GATED_MIN_ROWS
+    # both GEMMs on the cluster tile (GEMM1 plain, then silu_mul_quant): the default from 256 rows an
+    # expert before the gated GEMM1 took over there
     "cute_cluster": (
         "fp8_block",
         dict(
@@ -100,7 +101,8 @@ VARIANTS: Dict[str, Tuple[str, Optional[Dict[str, Any]]]] = {
             TILE2=list(fp8_moe.GROUPED_CLUSTER_TILE),
         ),
     ),
-    # GEMM1 with SiLU-and-mul and the requantization in its epilogue, GEMM2 on the cluster tile
+    # GEMM1 with SiLU-and-mul and the requantization in its epilogue, GEMM2 on the cluster tile: the
+    # default from GATED_MIN_ROWS rows an expert
     "cute_gated": (
         "fp8_block",
         dict(

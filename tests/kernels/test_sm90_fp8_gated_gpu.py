@@ -103,6 +103,14 @@ def test_graph_replay_equals_eager():
     assert torch.equal(y.view(torch.uint8), eager[0].view(torch.uint8)) and torch.equal(s, eager[1])
 
 
+def test_misaligned_y_is_named():
+    a, a_scale, w13, w13_scale, cu, _ = make_operands([4], 256, 256, device="cuda")
+    y = torch.empty(4 * 128 + 8, dtype=torch.uint8, device="cuda")[8:].view(FP8_DTYPE).view(4, 128)
+    s = torch.empty(4, 1, device="cuda")
+    with pytest.raises(ValueError, match="y: expected 16-byte aligned"):
+        gated_gemm1_fp8_block(a, a_scale, w13, w13_scale, cu, y, s)
+
+
 def test_bad_tile_is_named():
     a, a_scale, w13, w13_scale, cu, _ = make_operands([4], 256, 256, device="cuda")
     y, s = torch.empty(4, 128, dtype=FP8_DTYPE, device="cuda"), torch.empty(4, 1, device="cuda")

@@ -303,6 +303,7 @@ def test_launcher_default_takes_grouped_path_at_prefill_sizes(cpu_gemm, grouped_
     # from GROUPED_CLUSTER_MIN_ROWS rows an expert: clusters of two M tiles, overlapping where K
     # has an even number of K tiles (H = 256), plain where not (I = 128)
     monkeypatch.setattr(fp8_moe, "GROUPED_CLUSTER_MIN_ROWS", 8)
+    monkeypatch.setattr(fp8_moe, "GATED_MIN_ROWS", 2048)
     cpu_gemm.clear()
     p = make_problem(16, 256, 128, 4, 2, offset=1, seed=3)
     assert_matches_reference(run_fp8_kernel(p), p, False, REL_TOL)
@@ -312,7 +313,7 @@ def test_launcher_default_takes_grouped_path_at_prefill_sizes(cpu_gemm, grouped_
     cpu_gemm.clear()
     p = make_problem(16, 256, 128, 4, 2, offset=1, seed=3)
     assert_matches_reference(run_fp8_kernel(p), p, False, REL_TOL)
-    assert [c[2] for c in cpu_gemm] == [fp8_moe.GATED_TILE, fp8_moe.GROUPED_CLUSTER_PLAIN_TILE]
+    assert [c[2] for c in cpu_gemm] == [fp8_moe.GATED_CLUSTER_TILE, fp8_moe.GROUPED_CLUSTER_PLAIN_TILE]
     assert cpu_gemm[0][1] == torch.float8_e4m3fn
     # fewer rows an expert, or any override of a Triton knob: the Triton kernels
     cpu_gemm.clear()
@@ -421,13 +422,11 @@ def test_precompile_builds_what_the_configurations_can_run(monkeypatch):
     # on this CPU nothing stands behind the default: it cannot run here
     assert fp8_moe.precompile(w13, w2, [{}], **kw) == 0 and built == []
     monkeypatch.setattr(fp8_moe, "grouped_path_defect", lambda *a, **k: None)
-    assert fp8_moe.precompile(w13, w2, [{}, fp8_moe.PREFILL_CONFIG], **kw) == 6
-    # I = 512: GEMM2 overlaps; from 256 rows an expert both GEMMs on the overlapping cluster tile,
-    # from GATED_MIN_ROWS GEMM1 gated
+    assert fp8_moe.precompile(w13, w2, [{}, fp8_moe.PREFILL_CONFIG], **kw) == 4
+    # I = 512: GEMM2 overlaps; from 256 rows an expert (GATED_MIN_ROWS) GEMM1 gated on the cluster
+    # tile, GEMM2 on the overlapping cluster tile
     cluster = fp8_moe.GROUPED_CLUSTER_TILE
-    assert sorted(built) == sorted(
-        [(TILES[0], fp8_moe.GROUPED_OVERLAP_TILE), (cluster, cluster), (fp8_moe.GATED_TILE, cluster)]
-    )
+    assert sorted(built) == sorted([(TILES[0], fp8_moe.GROUPED_OVERLAP_TILE), (fp8_moe.GATED_CLUSTER_TILE, cluster)])
     built.clear()
     tuned = [fp8_moe.CUTE_GROUPED_CONFIG, dict(fp8_moe.CUTE_GROUPED_CONFIG, TILE1=list(TILES[1]))]
     assert fp8_moe.precompile(w13, w2, tuned, **kw) == 4

@@ -34,14 +34,59 @@ from cutlass import Float32, Int32, const_expr
 from cutlass.cute.nvgpu import warpgroup
 from quack import layout_utils
 from quack.activation import silu
+from quack.copy_utils import store_v4
 from quack.cute_dsl_utils import mlir_namedtuple
 from quack.rounding import RoundingMode
+from quack.utils import elem_pointer
 
 from ...quant.fp8 import FP8_EPS, FP8_MAX, RCP_FP8_MAX
 from .fp8_grouped_kernel import BLOCK, Fp8BlockGemmSm90
 
 #: Width of one CTA tile in ``w13`` rows (gate and up of one 128-wide group).
 TILE_N = 2 * BLOCK
+
+
+#: ``prmt`` selectors: the low halves of two words, and their high halves.
+_LOW_HALVES, _HIGH_HALVES = 0x5410, 0x7632
+
+
+@cute.jit
+def _quad_transpose(x, lane) -> None:
+    """``x [4]`` (32-bit words) of the four lanes of a quad transposed in place: lane ``l`` ends
+    with word ``l`` of each lane, in lane order. Two butterfly stages: at stage ``b``, a lane swaps
+    the words whose index differs from its lane in bit ``b`` with its partner ``lane ^ b``."""
+    for b in cutlass.range_constexpr(1, 3):
+        low = (lane & b) == 0
+        for c in cutlass.range_constexpr(4):
+            if const_expr(c & b == 0):
+                hi = c | b
+                got = cute.arch.shuffle_sync_bfly(cutlass.Uint32(cutlass.select_(low, x[hi], x[c])), offset=b)
+                x[hi] = cutlass.Uint32(cutlass.select_(low, got, x[hi]))
+                x[c] = cutlass.Uint32(cutlass.select_(low, x[c], got))
+
+
+@cute.jit
+def _quad_row_bytes(words, lane):
+    """The codes of a quad's two rows rearranged so that lane ``lane`` holds bytes ``[32 lane,
+    32 lane + 32)`` of each: ``words [16]`` (word ``j``: the thread's column pair ``8j + 2 lane``
+    of row 0 in its low half, of row 1 in its high half, CuTe's SM90 C layout) in, ``[16]`` out
+    (row 0's 8 words, then row 1's)."""
+    out = cute.make_rmem_tensor((16,), cutlass.Uint32)
+    x = cute.make_rmem_tensor((4,), cutlass.Uint32)
+    for r in cutlass.range_constexpr(2):
+        half = const_expr(_LOW_HALVES if r == 0 else _HIGH_HALVES)
+        for jj in cutlass.range_constexpr(0, 4, 2):
+            # x[q]: this lane's pairs of columns 8(4q + jj) and 8(4q + jj + 1), bound for lane q
+            for q in cutlass.range_constexpr(4):
+                x[q] = cutlass.Uint32(cute.arch.prmt(words[4 * q + jj], words[4 * q + jj + 1], half))
+            _quad_transpose(x, lane)
+            # x[t]: lane t's pairs; lanes 0, 1 fill one word, lanes 2, 3 the next
+            for k in cutlass.range_constexpr(2):
+                sel = const_expr(_LOW_HALVES if k == 0 else _HIGH_HALVES)
+                base = 8 * r + 2 * (jj + k)
+                out[base] = cutlass.Uint32(cute.arch.prmt(x[0], x[1], sel))
+                out[base + 1] = cutlass.Uint32(cute.arch.prmt(x[2], x[3], sel))
+    return out
 
 
 class Fp8GatedGemm1Sm90(Fp8BlockGemmSm90):
@@ -212,18 +257,25 @@ class Fp8GatedGemm1Sm90(Fp8BlockGemmSm90):
                     q[i] = cutlass.max(cutlass.min(q[i] * rcp, Float32(FP8_MAX)), Float32(-FP8_MAX))
         codes = cute.make_rmem_tensor((n_vals,), cutlass.Float8E4M3FN)
         codes.store(q.load().to(cutlass.Float8E4M3FN))
-        # values 2p and 2p + 1 are adjacent columns of one row: one 16-bit store a pair
-        pairs = cute.recast_tensor(codes, cutlass.Uint16)
-        m_y16 = cute.recast_tensor(m_y, cutlass.Uint16)
+        # A thread holds the row's columns 8j + 2l, 8j + 2l + 1 (l its lane in the quad); the quad
+        # trades them so that lane l holds bytes [32 l, 32 l + 32) of each row, stored as two 16-byte
+        # pieces: a row leaves in 8 stores instead of 64 two-byte ones (2-byte stores cost GEMM1
+        # 15-20% at T=8192 on the H200, its tensor cores idle meanwhile)
+        rows_out = _quad_row_bytes(cute.recast_tensor(codes, cutlass.Uint32), tidx % 4)
+        m_y32 = cute.recast_tensor(m_y, cutlass.Uint32)
         seg_start = m_cu[seg]
         seg_rows = m_cu[seg + 1] - seg_start
         for r in cutlass.range_constexpr(rows):
             local = pid_m * tile_m + coords[2 * r][0]
             if local < seg_rows:
                 row = seg_start + local
-                for p in cutlass.range_constexpr(n_vals // 2):
-                    if const_expr(p % rows == r):
-                        m_y16[row, (pid_n * BLOCK + coords[2 * p][1]) // 2] = pairs[p]
+                for h in cutlass.range_constexpr(2):
+                    col = (pid_n * BLOCK + (tidx % 4) * 32) // 4 + 4 * h
+                    ptr = elem_pointer(m_y32, (row, col))
+                    # y rows are I bytes (a multiple of 128) from a 16-byte aligned base
+                    ptr = cute.make_ptr(cutlass.Uint32, ptr.toint(), cute.AddressSpace.gmem, assumed_align=16)
+                    w = 8 * r + 4 * h
+                    store_v4(ptr, rows_out[w], rows_out[w + 1], rows_out[w + 2], rows_out[w + 3])
                 if tidx % 4 == 0:
                     m_ys[row, pid_n] = scale[r]
 

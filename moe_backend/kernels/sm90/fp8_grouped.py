@@ -340,8 +340,8 @@ def gated_gemm1_fp8_block(
     ``a [M_total, H]`` e4m3 and ``a_scale [M_total, H/128]`` fp32 as for
     :func:`grouped_gemm_fp8_block`; ``w13 [S, 2I, H]`` e4m3 (gate rows ``[:I]``, up ``[I:]``),
     ``w13_scale [S, 2I/128, H/128]`` fp32, read in place; ``cu_seqlens [S + 1]`` int32;
-    ``y [M_total, I]`` e4m3 and ``y_scale [M_total, I/128]`` fp32 contiguous, written for the
-    segments' rows only. ``tile`` one of :data:`GATED_TILES`. Returns ``(y, y_scale)``.
+    ``y [M_total, I]`` e4m3 (16-byte aligned) and ``y_scale [M_total, I/128]`` fp32 contiguous,
+    written for the segments' rows only. ``tile`` one of :data:`GATED_TILES`. Returns ``(y, y_scale)``.
     """
     m, two_i, k, _ = check_operands(
         a, a_scale, w13, w13_scale, cu_seqlens, None, b_name="w13", b_scale_name="w13_scale"
@@ -352,6 +352,8 @@ def gated_gemm1_fp8_block(
     inter = two_i // 2
     check_tensor("y", y, dtype=FP8_DTYPE, shape=(m, inter), device=w13.device)
     check_tensor("y_scale", y_scale, dtype=torch.float32, shape=(m, inter // BLOCK), device=w13.device)
+    if y.data_ptr() % 16:  # the kernel stores y's rows in 16-byte pieces
+        raise ValueError(f"y: expected 16-byte aligned storage, got address {y.data_ptr():#x}")
     if w13.device.type != "cuda":
         raise ValueError(f"w13: expected tensors on a CUDA device (Hopper), got {w13.device}")
     if m == 0:

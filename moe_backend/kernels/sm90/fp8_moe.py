@@ -270,19 +270,17 @@ GROUPED_CLUSTER_PLAIN_TILE = check_tile((128, 128, 2, False, False))
 GROUPED_CLUSTER_MIN_ROWS = 256
 #: GEMM1 with SiLU-and-mul and the FP8 requantization in its epilogue (``fp8_grouped.GATED_TILES``:
 #: 128 rows by gate and up of one 128-wide group), one CTA or a cluster of two M tiles. From
-#: :data:`GATED_MIN_ROWS` expected rows per expert the heuristic takes the one-CTA tile for GEMM1.
-#: H200, 2026-12-04, layer in `moe-backend bench` (E=32, DeepSeek-V3 widths, against both GEMMs on
-#: the cluster tile in the same run): 2048 rows -3.2, -6.6, -2.8 and +4.1% in four runs (the
-#: last with a variant staging the codes through shared memory, since dropped), 1024 rows -2.0,
-#: +0.4 and +4.8%: level within the runs' spread, 1 GB less workspace at T=8192 (no fp32 gate/up).
-#: GEMM1 alone is level with the cluster tile plus ``silu_mul_quant`` (docs/performance.md).
-#: The gated cluster tile is a tuner candidate, not the default: at E=32 with 256-512 rows an
-#: expert it beat the default in five of six layer comparisons (2026-12-04, fifteenth session:
-#: -2 to -7%), and lost the sixth (+4%, fourteenth session); at E=256 with 256 rows it lost both
-#: (+10%); at 2048 rows the one-CTA tile was level or ahead.
+#: :data:`GATED_MIN_ROWS` expected rows per expert the heuristic takes the cluster tile for GEMM1
+#: (GEMM2 on the cluster tile). Since its codes leave in 16-byte pieces (2026-12-04, sixteenth
+#: session; the two-byte stores had cost GEMM1 15-20%), the gated GEMM1 beat the plain cluster tile
+#: plus ``silu_mul_quant`` in the layer at 256 rows an expert (H200, `moe-backend bench`, one run:
+#: E=32 T=1024 710.8 against 805.3 us, E=256 T=8192 6095.7 against 6590.5) and the one-CTA gated
+#: tile at 2048 (E=32 T=8192 5712.8 against 5847.5). Before that fix the cluster tile had lost at
+#: E=256 T=8192 twice (+10%, fourteenth and fifteenth sessions). The one-CTA and plain tiles stay
+#: tuner candidates.
 GATED_TILE = check_tile((128, 256, 1, False, False), gated=True)
 GATED_CLUSTER_TILE = check_tile((128, 256, 2, False, False), gated=True)
-GATED_MIN_ROWS = 2048
+GATED_MIN_ROWS = GROUPED_CLUSTER_MIN_ROWS
 
 #: The base configuration of each path (what a ``config=`` naming the path starts from).
 PATH_CONFIGS: Dict[str, Dict[str, Any]] = {
@@ -314,7 +312,7 @@ DEFAULT_TIERS = (
 #: Version of this kernel's tuned configurations: the tuning cache keeps a configuration only
 #: for the version it was tuned for. Bump it when the kernels, their weight or activation
 #: layout, or the configuration schema (CONFIG_KEYS, their meaning) change.
-KERNEL_VERSION = 6
+KERNEL_VERSION = 7
 
 #: What the tuner times per token bucket (each overrides the heuristic default of that size):
 #: the swap-AB and aligned decode paths, skinny atomic-combine tiles, and prefill tiles up to 128 rows.
@@ -472,7 +470,7 @@ def default_grouped_tiles(hidden_size: int, inter: int, rows_per_expert: float) 
 
     From :data:`GROUPED_CLUSTER_MIN_ROWS` rows the cluster-of-two tile for both GEMMs
     (overlapping where K allows it, else plain), and from :data:`GATED_MIN_ROWS` the gated GEMM1
-    (:data:`GATED_TILE`) instead; below, the plain default tile for GEMM1 and its overlapping twin
+    (:data:`GATED_CLUSTER_TILE`) instead; below, the plain default tile for GEMM1 and its overlapping twin
     for GEMM2 where K allows it, else the plain one.
     """
     if rows_per_expert >= GROUPED_CLUSTER_MIN_ROWS:
@@ -481,7 +479,7 @@ def default_grouped_tiles(hidden_size: int, inter: int, rows_per_expert: float) 
             for k in (hidden_size, inter)
         ]
         if rows_per_expert >= GATED_MIN_ROWS:
-            pick[0] = GATED_TILE
+            pick[0] = GATED_CLUSTER_TILE
         return dict(TILE1=list(pick[0]), TILE2=list(pick[1]))
     tile2 = GROUPED_OVERLAP_TILE if serves(GROUPED_OVERLAP_TILE, inter) else GROUPED_DEFAULT_TILE
     return dict(TILE1=list(GROUPED_DEFAULT_TILE), TILE2=list(tile2))
