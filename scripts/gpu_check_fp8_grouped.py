@@ -13,7 +13,7 @@ layer built on it (``fp8_grouped_moe``, not in the registry yet).
 3. The whole prefill layer at T = 1024 and 8192 (E = 32, top-8, H 7168, I 2048, balanced routing,
    the bench's random ``Layer`` weights): the Triton FP8 layer (``sm90_triton_fp8``, its default
    configuration) against ``fused_experts_fp8_grouped`` with the heuristic's tiles
-   (``fp8_moe.default_grouped_tiles``: the gated GEMM1 from 2048 rows an expert) and with both
+   (``fp8_moe.default_grouped_tiles``: the gated GEMM1 from 256 rows an expert) and with both
    GEMMs on the cluster tile, same inputs, CUDA-graph replay, do_bench median, L2 flushed; a
    breakdown of the grouped path (routing, quantize-and-scatter, GEMM1 then silu_mul_quant or the
    gated GEMM1, GEMM2, combine, each timed alone) and its relative error against the Triton

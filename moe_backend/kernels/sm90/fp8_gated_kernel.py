@@ -11,9 +11,15 @@ spill. A thread then holds gate and up of the same (row, column) positions, so t
 ``silu(gate) * up`` in fp32, the row's amax over the group's 128 columns (the thread's quad holds
 the row), the scale and the e4m3 codes in registers, and stores them: ``y [P, I]`` e4m3 and
 ``y_scale [P, I/128]`` fp32, the layout GEMM2 reads. GEMM1 thereby writes 1 byte per intermediate
-value instead of 8 (fp32 gate and up), and the separate ``silu_mul_quant`` pass goes away.
+value instead of 8 (fp32 gate and up), and the separate ``silu_mul_quant`` pass goes away. The codes
+leave in 16-byte pieces after a quad shuffle (:func:`_quad_row_bytes`); stored as the MMA layout's
+two-byte column pairs they had cost the kernel 15-20% (H200, 2026-12-04), its tensor cores idle
+while the cooperative warpgroups store.
 
-Measured and not kept (H200, 2026-12-04): a pingpong schedule (one 64 x 256 tile a warpgroup, so
+Measured and not kept (H200, 2026-12-04): each group split over a (1, 2) cluster, 64 columns a CTA
+on the overlapped 128 x 128 mainloop with the row amax exchanged through the peer's shared memory
+(branch ``fp8-gated-pair``): 5-8% slower, its per-tile epilogue costing more than its mainloop
+saved; a pingpong schedule (one 64 x 256 tile a warpgroup, so
 that one's epilogue runs beside the other's WGMMAs) ran 23-32% slower, each SM loading the 32 KB
 weight tile for 64 rows instead of 128; four N parts of 64 on two waves, each promoted while the
 next part's WGMMAs run, ran 8-15% slower (each WGMMA reads its A tile from shared memory again).
