@@ -38,8 +38,9 @@ from moe_backend.quant.fp8 import BLOCK, FP8_DTYPE, quantize_fp8_block, quantize
 H, INTER = 7168, 2048
 #: (E, T): rows an expert = T * 8 / E.
 POINTS = ((32, 1024), (32, 8192), (256, 8192))
-#: The plain GEMM1's tiles the layer's heuristic takes (fp8_moe.default_grouped_tiles): the
-#: cluster tile from 256 rows an expert, the one-CTA tile below.
+#: The plain GEMM1's tiles: the cluster tile (the heuristic's from 256 rows an expert until the
+#: gated GEMM1 took over there, now a tuner candidate) and the one-CTA tile (the heuristic's below
+#: 256 rows, fp8_moe.default_grouped_tiles).
 PLAIN_TILES = ((128, 128, 2, False, True), (128, 128, 1, False, False))
 
 

@@ -1,6 +1,6 @@
 """GEMM1 of the FP8 grouped prefill path as an Nsight Compute workload: each gated configuration
-(``fp8_grouped.GATED_TILES``) and the plain fp32 GEMM1 tiles the layer uses below
-``fp8_moe.GATED_MIN_ROWS``, launched once each inside a profiler range, so that ncu profiles
+(``fp8_grouped.GATED_TILES``) and the plain fp32 GEMM1 tiles (``gpu_check_gated.PLAIN_TILES``),
+launched once each inside a profiler range, so that ncu profiles
 exactly these launches (set-up, compilation and quantization stay outside). DeepSeek-V3 widths
 (2I = 4096, H = 7168), E experts of T * 8 / E rows each (default E=32, T=2048: 512 rows).
 
