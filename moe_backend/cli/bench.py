@@ -111,6 +111,11 @@ VARIANTS: Dict[str, Tuple[str, Optional[Dict[str, Any]]]] = {
             TILE2=list(fp8_moe.GROUPED_CLUSTER_TILE),
         ),
     ),
+    # the same with GEMM2 on the wide (128 x 256) cluster tile
+    "cute_gated_wide2": (
+        "fp8_block",
+        dict(fp8_moe.CUTE_GROUPED_CONFIG, TILE1=list(fp8_moe.GATED_CLUSTER_TILE), TILE2=[128, 256, 2, False, False]),
+    ),
     "cute_gated_1cta": (
         "fp8_block",
         dict(fp8_moe.CUTE_GROUPED_CONFIG, TILE1=list(fp8_moe.GATED_TILE), TILE2=list(fp8_moe.GROUPED_CLUSTER_TILE)),

@@ -82,6 +82,13 @@ def main(args: argparse.Namespace) -> int:
                 n = sum(fp8_grouped.compile_plans(nn, kk, [fp8_tile], device, dt) for nn, kk, dt in gemms)
             built += n
             print(f"  H={h} I={i} FP8 block tile {fp8_tile}: {n} plan(s) in {time.perf_counter() - t0:.1f} s")
+        # GEMM2 on the wide (128 x 256) tiles, bf16 out, where H has whole 256-wide N tiles
+        for wide_tile in (t for t in fp8_grouped.WIDE_TILES if h % t[1] == 0):
+            t0 = time.perf_counter()
+            with offline_compile() if offline else contextlib.nullcontext():
+                n = fp8_grouped.compile_plans(h, i, [wide_tile], device, torch.bfloat16)
+            built += n
+            print(f"  H={h} I={i} FP8 wide GEMM2 tile {wide_tile}: {n} plan(s) in {time.perf_counter() - t0:.1f} s")
         # GEMM1 with SiLU-and-mul and the requantization in its epilogue (e4m3 out)
         for gated_tile in fp8_grouped.GATED_TILES:
             t0 = time.perf_counter()

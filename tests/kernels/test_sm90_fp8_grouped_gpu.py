@@ -22,6 +22,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_REASON is not None, reason=st
 
 from moe_backend.kernels.sm90.fp8_grouped import (  # noqa: E402
     TILES,
+    WIDE_TILES,
     compile_plans,
     grouped_gemm_fp8_block,
     reference_grouped_gemm_fp8_block,
@@ -66,6 +67,24 @@ def test_small_widths_every_tile(sizes, tail, tile):
         assert float(per_row.max()) <= REL_TOL
 
 
+@pytest.mark.parametrize("tile", WIDE_TILES)
+@pytest.mark.parametrize("sizes,tail", [([1], 0), ([0, 1, 0, 7, 130, 0], 3), ([255, 256, 257, 1], 0), ([0, 0], 2)])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
+def test_wide_tiles(sizes, tail, tile, out_dtype):
+    """The 128 x 256 tiles (two N halves, each with its weight scale block) row by row, with N of
+    two wide tiles (each half's scale block must be its own)."""
+    a, a_scale, b, b_scale, cu, _ = make_operands(sizes, 512, 384, seed=len(sizes) + 11, tail=tail, device="cuda")
+    out = torch.full((a.shape[0], 512), SENTINEL, dtype=out_dtype, device="cuda")
+    grouped_gemm_fp8_block(a, a_scale, b, b_scale, cu, out, tile=tile)
+    torch.cuda.synchronize()
+    rows = int(cu[-1])
+    assert torch.all(out[rows:] == SENTINEL), "rows past the last segment were written"
+    want = reference_grouped_gemm_fp8_block(a, a_scale, b, b_scale, cu)[:rows]
+    if rows:
+        per_row = (out[:rows].double() - want).norm(dim=1) / want.norm(dim=1).clamp_min(1e-30)
+        assert float(per_row.max()) <= REL_TOL
+
+
 @pytest.mark.parametrize("tile", [t for t in TILES if t[4]])
 @pytest.mark.parametrize("k", [256, 1280])
 def test_overlapping_tiles_at_two_and_ten_k_tiles(k, tile):
@@ -76,7 +95,7 @@ def test_overlapping_tiles_at_two_and_ten_k_tiles(k, tile):
     assert float(per_row.max()) <= REL_TOL
 
 
-@pytest.mark.parametrize("tile", [TILES[0], TILES[2]])
+@pytest.mark.parametrize("tile", [TILES[0], TILES[2], WIDE_TILES[1]])
 @pytest.mark.parametrize("n,k", [(4096, 7168), (7168, 2048)], ids=["gemm1", "gemm2"])
 def test_deepseek_widths(n, k, tile):
     got, want = run_case([0, 1, 77, 1000, 0, 333], n, k, tile, seed=n + k, tail=2)

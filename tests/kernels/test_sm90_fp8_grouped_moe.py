@@ -301,19 +301,24 @@ def test_launcher_default_takes_grouped_path_at_prefill_sizes(cpu_gemm, grouped_
     assert_matches_reference(run_fp8_kernel(p), p, False, REL_TOL)
     assert [c[2] for c in cpu_gemm] == [TILES[0], TILES[0]]
     # from GROUPED_CLUSTER_MIN_ROWS rows an expert: clusters of two M tiles, overlapping where K
-    # has an even number of K tiles (H = 256), plain where not (I = 128)
+    # has an even number of K tiles (H = 256), plain where not (I = 128); GEMM2 on the wide
+    # cluster tile where H has whole 256-wide N tiles (H = 256), else on the 128-wide one (H = 384)
     monkeypatch.setattr(fp8_moe, "GROUPED_CLUSTER_MIN_ROWS", 8)
     monkeypatch.setattr(fp8_moe, "GATED_MIN_ROWS", 2048)
     cpu_gemm.clear()
     p = make_problem(16, 256, 128, 4, 2, offset=1, seed=3)
     assert_matches_reference(run_fp8_kernel(p), p, False, REL_TOL)
-    assert [c[2] for c in cpu_gemm] == [fp8_moe.GROUPED_CLUSTER_TILE, fp8_moe.GROUPED_CLUSTER_PLAIN_TILE]
+    assert [c[2] for c in cpu_gemm] == [fp8_moe.GROUPED_CLUSTER_TILE, fp8_moe.WIDE_CLUSTER_TILE]
+    cpu_gemm.clear()
+    p = make_problem(16, 384, 128, 4, 2, offset=1, seed=3)
+    assert_matches_reference(run_fp8_kernel(p), p, False, REL_TOL)
+    assert [c[2] for c in cpu_gemm] == [fp8_moe.GROUPED_CLUSTER_PLAIN_TILE, fp8_moe.GROUPED_CLUSTER_PLAIN_TILE]
     # from GATED_MIN_ROWS: GEMM1 with SiLU-and-mul and the requantization in its epilogue
     monkeypatch.setattr(fp8_moe, "GATED_MIN_ROWS", 8)
     cpu_gemm.clear()
     p = make_problem(16, 256, 128, 4, 2, offset=1, seed=3)
     assert_matches_reference(run_fp8_kernel(p), p, False, REL_TOL)
-    assert [c[2] for c in cpu_gemm] == [fp8_moe.GATED_CLUSTER_TILE, fp8_moe.GROUPED_CLUSTER_PLAIN_TILE]
+    assert [c[2] for c in cpu_gemm] == [fp8_moe.GATED_CLUSTER_TILE, fp8_moe.WIDE_CLUSTER_TILE]
     assert cpu_gemm[0][1] == torch.float8_e4m3fn
     # fewer rows an expert, or any override of a Triton knob: the Triton kernels
     cpu_gemm.clear()
@@ -339,12 +344,16 @@ def test_launcher_named_grouped_path_and_tiles(cpu_gemm, grouped_ok):
     assert [c[2] for c in cpu_gemm] == [fp8_moe.GATED_CLUSTER_TILE, TILES[0]]
 
 
-def test_gated_tile_only_for_gemm1():
+def test_gated_tile_is_gemm1s_gated_kernel_and_gemm2s_wide_tile():
     from moe_backend.kernels.sm90.fp8_moe import CUTE_GROUPED_CONFIG, GATED_TILE, grouped_tiles
 
     assert grouped_tiles(dict(CUTE_GROUPED_CONFIG, TILE1=list(GATED_TILE)), 256, 256)[0] == GATED_TILE
+    # as TILE2 the same tuple is the wide plain tile, for H of whole 256-wide N tiles
+    assert grouped_tiles(dict(CUTE_GROUPED_CONFIG, TILE2=list(GATED_TILE)), 256, 256)[1] == GATED_TILE
+    with pytest.raises(ValueError, match=r"config: TILE2: tile: .* needs N a multiple of 256, got N=384"):
+        grouped_tiles(dict(CUTE_GROUPED_CONFIG, TILE2=list(GATED_TILE)), 384, 256)
     with pytest.raises(ValueError, match=r"config: TILE2: tile: expected one of"):
-        grouped_tiles(dict(CUTE_GROUPED_CONFIG, TILE2=list(GATED_TILE)), 256, 256)
+        grouped_tiles(dict(CUTE_GROUPED_CONFIG, TILE2=[128, 64, 1, False, False]), 256, 256)
     with pytest.raises(ValueError, match=r"config: TILE1: tile: expected one of .* or one of \(\(128, 256"):
         grouped_tiles(dict(CUTE_GROUPED_CONFIG, TILE1=[128, 64, 1, False, False]), 256, 256)
 
@@ -424,9 +433,9 @@ def test_precompile_builds_what_the_configurations_can_run(monkeypatch):
     monkeypatch.setattr(fp8_moe, "grouped_path_defect", lambda *a, **k: None)
     assert fp8_moe.precompile(w13, w2, [{}, fp8_moe.PREFILL_CONFIG], **kw) == 4
     # I = 512: GEMM2 overlaps; from 256 rows an expert (GATED_MIN_ROWS) GEMM1 gated on the cluster
-    # tile, GEMM2 on the overlapping cluster tile
-    cluster = fp8_moe.GROUPED_CLUSTER_TILE
-    assert sorted(built) == sorted([(TILES[0], fp8_moe.GROUPED_OVERLAP_TILE), (fp8_moe.GATED_CLUSTER_TILE, cluster)])
+    # tile, GEMM2 (H = 256) on the wide cluster tile
+    wide = fp8_moe.WIDE_CLUSTER_TILE
+    assert sorted(built) == sorted([(TILES[0], fp8_moe.GROUPED_OVERLAP_TILE), (fp8_moe.GATED_CLUSTER_TILE, wide)])
     built.clear()
     tuned = [fp8_moe.CUTE_GROUPED_CONFIG, dict(fp8_moe.CUTE_GROUPED_CONFIG, TILE1=list(TILES[1]))]
     assert fp8_moe.precompile(w13, w2, tuned, **kw) == 4

@@ -18,6 +18,7 @@ from moe_backend.kernels.sm90.fp8_grouped import (
     BLOCK,
     GATED_TILES,
     TILES,
+    WIDE_TILES,
     check_operands,
     check_tile,
     compile_plans,
@@ -156,6 +157,14 @@ def test_bad_tile_is_named(tile):
 def test_tiles_are_valid_configurations():
     assert all(check_tile(list(t)) == t for t in TILES)
     assert all(t[1] == BLOCK for t in TILES)  # one weight scale per output tile and K tile
+    # the wide tiles: two halves of one weight scale each, for N of whole 256-wide tiles
+    assert all(check_tile(t, n=512) == t and t[1] == 2 * BLOCK for t in WIDE_TILES)
+    with pytest.raises(ValueError, match=r"^tile: .* is 256 wide and needs N a multiple of 256, got N=384"):
+        check_tile(WIDE_TILES[0], n=384)
+    with pytest.raises(ValueError, match="^tile: .* needs N a multiple of 256"):
+        compile_plans(384, 256, WIDE_TILES[:1], torch.device("meta"))
+    with pytest.raises(ValueError, match="^tile: .* needs N a multiple of 256"):
+        grouped_gemm_fp8_block(*make_operands([3], 384, 256), tile=WIDE_TILES[0])
 
 
 @pytest.mark.parametrize("n,k", [(100, 256), (256, 0), (256, 200)])

@@ -35,10 +35,7 @@ from typing import NamedTuple, Optional
 
 import cutlass
 import cutlass.cute as cute
-import cutlass.utils.hopper_helpers as sm90_utils
 from cutlass import Float32, Int32, const_expr
-from cutlass.cute.nvgpu import warpgroup
-from quack import layout_utils
 from quack.activation import silu
 from quack.copy_utils import store_v4
 from quack.cute_dsl_utils import mlir_namedtuple
@@ -46,7 +43,7 @@ from quack.rounding import RoundingMode
 from quack.utils import elem_pointer
 
 from ...quant.fp8 import FP8_EPS, FP8_MAX, RCP_FP8_MAX
-from .fp8_grouped_kernel import BLOCK, Fp8BlockGemmSm90
+from .fp8_grouped_kernel import BLOCK, Fp8BlockGemmSm90, Fp8BlockGemmSm90Wide
 
 #: Width of one CTA tile in ``w13`` rows (gate and up of one 128-wide group).
 TILE_N = 2 * BLOCK
@@ -95,7 +92,7 @@ def _quad_row_bytes(words, lane):
     return out
 
 
-class Fp8GatedGemm1Sm90(Fp8BlockGemmSm90):
+class Fp8GatedGemm1Sm90(Fp8BlockGemmSm90Wide):
     """``y, y_scale = quantize(silu(gate) * up)`` per row per 128 columns, with
     ``gate|up [r] = sum_kb (A_kb @ B[s]_kb^T) * sa[r, kb] * sb[s, n // 128, kb]`` for the rows ``r``
     of segment ``s``.
@@ -131,26 +128,6 @@ class Fp8GatedGemm1Sm90(Fp8BlockGemmSm90):
         sfd_norm_const: Optional[Float32 | cute.Tensor] = None
         mSFDCol: Optional[cute.Tensor] = None
 
-    scale_blocks_n = 2
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        assert not self.pingpong and self.cta_tile_shape_mnk[:2] == (128, TILE_N), "gated GEMM1 tile"
-
-    def _setup_tiled_mma(self):
-        super()._setup_tiled_mma()
-        # WGMMAs 128 wide: the tile's two N halves are two MMA repetitions, issued one at a time
-        self.tiled_mma = sm90_utils.make_trivial_tiled_mma(
-            self.mma_a_dtype,
-            self.b_dtype,
-            self.a_layout.sm90_mma_major_mode(),
-            self.b_layout.sm90_mma_major_mode(),
-            self.acc_dtype,
-            self.atom_layout_mnk,
-            tiler_mn=(64, BLOCK),
-            a_source=warpgroup.OperandSource.SMEM,
-        )
-
     def rotate_batch_last(self, mA, mB, mD, mC, epilogue_args, append_batch_if_2d=False):
         mA, mB, mD, mC, epilogue_args = super().rotate_batch_last(
             mA, mB, mD, mC, epilogue_args, append_batch_if_2d=append_batch_if_2d
@@ -171,68 +148,9 @@ class Fp8GatedGemm1Sm90(Fp8BlockGemmSm90):
         self._outputs = (params.mY, params.mYScale)
         return super().epi_get_smem_tensors(params, storage)
 
-    @cute.jit
-    def _half_wgmma(self, tiled_mma, wave, t_ra, t_rb, stage, half: cutlass.Constexpr[int]) -> None:
-        """One K tile's WGMMAs of N half ``half`` (0 gate, 1 up) into ``wave`` (zero-initialised)."""
-        warpgroup.fence()
-        atom = cute.make_mma_atom(tiled_mma.op)
-        atom.set(warpgroup.Field.ACCUMULATE, False)
-        for kb in cutlass.range_constexpr(cute.size(t_ra.shape[2])):
-            # B's N repetition ``half`` as a (V, 1) operand
-            b = t_rb[None, half, kb, stage]
-            b = cute.make_tensor(b.iterator, cute.append(b.layout, cute.make_layout(1)))
-            cute.gemm(atom, wave, t_ra[None, None, kb, stage], b, wave)
-            atom.set(warpgroup.Field.ACCUMULATE, True)
-        warpgroup.commit_group()
-        warpgroup.wait_group(0)
-
-    @cute.jit
-    def mma(self, ab_pipeline, ab_read_state, mma_fn, acc, acc_slow, k_tile_cnt, warp_group_idx):
-        # acc [MMA, 1, 2] is the promoted sum (half 0 gate, half 1 up); acc_slow stays unused
-        tiled_mma, _, t_ra, t_rb = mma_fn.args
-        m_sa, m_sb, m_cu = self._scales
-        pid_m, pid_n, seg = self._work_coord
-        tidx, _, _ = cute.arch.thread_idx()
-        tile_m = self.cta_tile_shape_mnk[0]
-        coords = layout_utils.reshape_acc_to_mn(
-            tiled_mma.get_slice(tidx).partition_C(cute.make_identity_tensor((tile_m, BLOCK)))
-        )
-        wave = cute.make_rmem_tensor(tiled_mma.get_slice(tidx).partition_shape_C((tile_m, BLOCK)), Float32)
-        n_vals = const_expr(cute.size(wave))
-        rows = const_expr(cute.size(coords, mode=[0]))
-        first, last = m_cu[seg] + pid_m * tile_m, m_cu[seg + 1] - 1
-        row_idx = cute.make_rmem_tensor((rows,), Int32)
-        for r in cutlass.range_constexpr(rows):
-            row_idx[r] = cutlass.min(first + coords[r, 0][0], last)
-        nb_up = pid_n + cute.size(m_sb, mode=[1]) // 2
-        a_next = cute.make_rmem_tensor((rows,), Float32)
-        b_next = cute.make_rmem_tensor((2,), Float32)
-        scale = cute.make_rmem_tensor((2 * rows,), Float32)
-        acc.fill(0.0)
-        ab_release_state = ab_read_state.clone()
-        b_next[0], b_next[1] = m_sb[seg, pid_n, 0], m_sb[seg, nb_up, 0]
-        for r in cutlass.range_constexpr(rows):
-            a_next[r] = m_sa[row_idx[r], 0]
-        for k_tile in cutlass.range(k_tile_cnt, unroll=1):
-            for r in cutlass.range_constexpr(rows):
-                scale[r] = a_next[r] * b_next[0]
-                scale[rows + r] = a_next[r] * b_next[1]
-            peek = ab_pipeline.consumer_try_wait(ab_read_state)
-            ab_pipeline.consumer_wait(ab_read_state, peek)
-            # the next K tile's scales load during this one's WGMMAs (an L2 round trip)
-            kn = cutlass.min(k_tile + 1, k_tile_cnt - 1)
-            b_next[0], b_next[1] = m_sb[seg, pid_n, kn], m_sb[seg, nb_up, kn]
-            for r in cutlass.range_constexpr(rows):
-                a_next[r] = m_sa[row_idx[r], kn]
-            for half in cutlass.range_constexpr(2):
-                self._half_wgmma(tiled_mma, wave, t_ra, t_rb, ab_read_state.index, half)
-                # wave value i sits at row (i // 2) % 2 of the thread's two (CuTe's SM90 C layout)
-                for i in cutlass.range_constexpr(n_vals):
-                    acc[i + half * n_vals] = acc[i + half * n_vals] + wave[i] * scale[half * rows + (i // 2) % rows]
-            ab_pipeline.consumer_release(ab_release_state)
-            ab_read_state.advance()
-            ab_release_state.advance()
-        return ab_read_state
+    def _half_scale_blocks(self, pid_n, m_sb):
+        # the gate block pid_n and the up block I/128 blocks further (w13's natural order)
+        return pid_n, pid_n + cute.size(m_sb, mode=[1]) // 2
 
     @cute.jit
     def epi_visit_acc(self, params, acc, tiled_mma, tile_coord_mnkl, tidx):

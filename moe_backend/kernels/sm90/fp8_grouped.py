@@ -67,6 +67,9 @@ GATED_TILES: Tuple[Tile, ...] = (
     (128, 256, 1, False, False),
     (128, 256, 2, False, False),
 )
+#: The same 128 x 256 tiles for a plain (bf16 or fp32 out) GEMM: two 128-wide N halves on two
+#: cooperative warpgroups (``fp8_grouped_kernel.Fp8BlockGemmSm90Wide``); N a multiple of 256.
+WIDE_TILES: Tuple[Tile, ...] = GATED_TILES
 
 
 #: Output (D) dtypes: bf16 (one rounding of the fp32 sum) or float32 (the sum itself). A plan
@@ -100,16 +103,19 @@ def serves(tile: Tile, k: int) -> bool:
     return not (tile[4] and k % (2 * BLOCK))
 
 
-def check_tile(tile: object, k: Optional[int] = None, *, gated: bool = False) -> Tile:
-    """``tile`` as a configuration tuple of :data:`TILES` (:data:`GATED_TILES` with ``gated``),
-    else ValueError naming it; with the reduction ``k``, also that an overlapping configuration
-    gets an even number of K tiles."""
+def check_tile(tile: object, k: Optional[int] = None, *, gated: bool = False, n: Optional[int] = None) -> Tile:
+    """``tile`` as a configuration tuple of :data:`TILES` or :data:`WIDE_TILES` (:data:`GATED_TILES`
+    with ``gated``), else ValueError naming it; with the reduction ``k``, also that an overlapping
+    configuration gets an even number of K tiles; with the output width ``n``, that a wide one
+    gets whole 256-wide N tiles."""
     t = tuple(tile) if isinstance(tile, (tuple, list)) else tile
-    allowed = GATED_TILES if gated else TILES
+    allowed = GATED_TILES if gated else TILES + WIDE_TILES
     if t not in allowed:
         raise ValueError(f"tile: expected one of {allowed}, got {tile!r}")
     if k is not None and not serves(t, k):
         raise ValueError(f"tile: {t} overlaps K tile pairs and needs K a multiple of {2 * BLOCK}, got K={k}")
+    if n is not None and not gated and n % t[1]:
+        raise ValueError(f"tile: {t} is {t[1]} wide and needs N a multiple of {t[1]}, got N={n}")
     return t  # type: ignore[return-value]
 
 
@@ -189,7 +195,7 @@ def _compile(tile: Tile, out_dtype: torch.dtype = torch.bfloat16):
     )
 
     from .cute_env import fingerprint_kernel_sources
-    from .fp8_grouped_kernel import Fp8BlockGemmSm90, Fp8BlockGemmSm90Overlapped
+    from .fp8_grouped_kernel import Fp8BlockGemmSm90, Fp8BlockGemmSm90Overlapped, Fp8BlockGemmSm90Wide
 
     fingerprint_kernel_sources()
 
@@ -219,7 +225,10 @@ def _compile(tile: Tile, out_dtype: torch.dtype = torch.bfloat16):
         )
         m_d = None
     else:
-        gemm_cls = Fp8BlockGemmSm90Overlapped if overlap else Fp8BlockGemmSm90
+        if tile_n == 2 * BLOCK:
+            gemm_cls = Fp8BlockGemmSm90Wide
+        else:
+            gemm_cls = Fp8BlockGemmSm90Overlapped if overlap else Fp8BlockGemmSm90
         epi = Fp8BlockGemmSm90.EpilogueArguments(**scales)
     return compile_gemm_kernel(
         gemm_cls,
@@ -278,7 +287,7 @@ def grouped_gemm_fp8_block(
     read for output nor written. Returns ``out``.
     """
     m, n, k, _ = check_operands(a, a_scale, b, b_scale, cu_seqlens, out)
-    tile = check_tile(tile, k)
+    tile = check_tile(tile, k, n=n)
     if b.device.type != "cuda":
         raise ValueError(f"b: expected tensors on a CUDA device (Hopper), got {b.device}")
     if m == 0:
@@ -382,7 +391,7 @@ def compile_plans(n: int, k: int, tiles, device: torch.device, out_dtype: torch.
         out_dtype = check_out_dtype(out_dtype)
     device = torch.device(device)
     built = 0
-    for tile in dict.fromkeys(check_tile(t, k, gated=gated) for t in tiles):
+    for tile in dict.fromkeys(check_tile(t, k, gated=gated, n=n) for t in tiles):
         key = PlanKey(tile, n, k, _device_name(device), out_dtype)
         if key not in _PLANS:
             _plan(key, device)

@@ -28,6 +28,7 @@ from typing import NamedTuple, Optional
 
 import cutlass
 import cutlass.cute as cute
+import cutlass.utils.hopper_helpers as sm90_utils
 from cutlass import Float32, Int32, const_expr
 from cutlass.cute.nvgpu import warpgroup
 from quack import layout_utils
@@ -264,3 +265,101 @@ class Fp8BlockGemmSm90Overlapped(Fp8BlockGemmSm90):
     256 (an even number of K tiles)."""
 
     overlap_promotion = True
+
+
+class Fp8BlockGemmSm90Wide(Fp8BlockGemmSm90):
+    """:class:`Fp8BlockGemmSm90` on a 128 x 256 tile of two 128-wide N halves, each with its own
+    weight scale block: each K tile's WGMMAs run one half at a time into one 64-register wave
+    accumulator, each half promoted into its half of the fp32 sum (128 registers): 192 registers
+    a thread where one 256-wide wave would need 256 and spill. Against the 128 x 128 tile a K tile
+    carries twice the MMA work for its 16 KB of A, so the same shared memory keeps more of the
+    weight stream in flight, and a tile's fixed costs (epilogue, scheduling) come half as often.
+    N tile ``j`` covers weight rows ``[256 j, 256 j + 256)``, scale blocks ``2 j`` and ``2 j + 1``
+    (:meth:`_half_scale_blocks`; the gated GEMM1 pairs them differently)."""
+
+    scale_blocks_n = 2
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        assert not self.pingpong and self.cta_tile_shape_mnk[:2] == (128, 2 * BLOCK), "wide tile: 128 x 256"
+
+    def _half_scale_blocks(self, pid_n, m_sb):
+        """The weight scale blocks of N tile ``pid_n``'s two halves."""
+        return 2 * pid_n, 2 * pid_n + 1
+
+    def _setup_tiled_mma(self):
+        super()._setup_tiled_mma()
+        # WGMMAs 128 wide: the tile's two N halves are two MMA repetitions, issued one at a time
+        self.tiled_mma = sm90_utils.make_trivial_tiled_mma(
+            self.mma_a_dtype,
+            self.b_dtype,
+            self.a_layout.sm90_mma_major_mode(),
+            self.b_layout.sm90_mma_major_mode(),
+            self.acc_dtype,
+            self.atom_layout_mnk,
+            tiler_mn=(64, BLOCK),
+            a_source=warpgroup.OperandSource.SMEM,
+        )
+
+    @cute.jit
+    def _half_wgmma(self, tiled_mma, wave, t_ra, t_rb, stage, half: cutlass.Constexpr[int]) -> None:
+        """One K tile's WGMMAs of N half ``half`` into ``wave`` (zero-initialised)."""
+        warpgroup.fence()
+        atom = cute.make_mma_atom(tiled_mma.op)
+        atom.set(warpgroup.Field.ACCUMULATE, False)
+        for kb in cutlass.range_constexpr(cute.size(t_ra.shape[2])):
+            # B's N repetition ``half`` as a (V, 1) operand
+            b = t_rb[None, half, kb, stage]
+            b = cute.make_tensor(b.iterator, cute.append(b.layout, cute.make_layout(1)))
+            cute.gemm(atom, wave, t_ra[None, None, kb, stage], b, wave)
+            atom.set(warpgroup.Field.ACCUMULATE, True)
+        warpgroup.commit_group()
+        warpgroup.wait_group(0)
+
+    @cute.jit
+    def mma(self, ab_pipeline, ab_read_state, mma_fn, acc, acc_slow, k_tile_cnt, warp_group_idx):
+        # acc [MMA, 1, 2] is the promoted sum (half 0, half 1); acc_slow stays unused
+        tiled_mma, _, t_ra, t_rb = mma_fn.args
+        m_sa, m_sb, m_cu = self._scales
+        pid_m, pid_n, seg = self._work_coord
+        tidx, _, _ = cute.arch.thread_idx()
+        tile_m = self.cta_tile_shape_mnk[0]
+        coords = layout_utils.reshape_acc_to_mn(
+            tiled_mma.get_slice(tidx).partition_C(cute.make_identity_tensor((tile_m, BLOCK)))
+        )
+        wave = cute.make_rmem_tensor(tiled_mma.get_slice(tidx).partition_shape_C((tile_m, BLOCK)), Float32)
+        n_vals = const_expr(cute.size(wave))
+        rows = const_expr(cute.size(coords, mode=[0]))
+        first, last = m_cu[seg] + pid_m * tile_m, m_cu[seg + 1] - 1
+        row_idx = cute.make_rmem_tensor((rows,), Int32)
+        for r in cutlass.range_constexpr(rows):
+            row_idx[r] = cutlass.min(first + coords[r, 0][0], last)
+        nb_first, nb_second = self._half_scale_blocks(pid_n, m_sb)
+        a_next = cute.make_rmem_tensor((rows,), Float32)
+        b_next = cute.make_rmem_tensor((2,), Float32)
+        scale = cute.make_rmem_tensor((2 * rows,), Float32)
+        acc.fill(0.0)
+        ab_release_state = ab_read_state.clone()
+        b_next[0], b_next[1] = m_sb[seg, nb_first, 0], m_sb[seg, nb_second, 0]
+        for r in cutlass.range_constexpr(rows):
+            a_next[r] = m_sa[row_idx[r], 0]
+        for k_tile in cutlass.range(k_tile_cnt, unroll=1):
+            for r in cutlass.range_constexpr(rows):
+                scale[r] = a_next[r] * b_next[0]
+                scale[rows + r] = a_next[r] * b_next[1]
+            peek = ab_pipeline.consumer_try_wait(ab_read_state)
+            ab_pipeline.consumer_wait(ab_read_state, peek)
+            # the next K tile's scales load during this one's WGMMAs (an L2 round trip)
+            kn = cutlass.min(k_tile + 1, k_tile_cnt - 1)
+            b_next[0], b_next[1] = m_sb[seg, nb_first, kn], m_sb[seg, nb_second, kn]
+            for r in cutlass.range_constexpr(rows):
+                a_next[r] = m_sa[row_idx[r], kn]
+            for half in cutlass.range_constexpr(2):
+                self._half_wgmma(tiled_mma, wave, t_ra, t_rb, ab_read_state.index, half)
+                # wave value i sits at row (i // 2) % 2 of the thread's two (CuTe's SM90 C layout)
+                for i in cutlass.range_constexpr(n_vals):
+                    acc[i + half * n_vals] = acc[i + half * n_vals] + wave[i] * scale[half * rows + (i // 2) % rows]
+            ab_pipeline.consumer_release(ab_release_state)
+            ab_read_state.advance()
+            ab_release_state.advance()
+        return ab_read_state

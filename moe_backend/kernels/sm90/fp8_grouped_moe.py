@@ -70,12 +70,13 @@ class GemmInput(NamedTuple):
     a_scale: torch.Tensor
 
 
-def named_tile(name: str, tile: object, k: int, *, gemm1: bool = False) -> Tile:
-    """:func:`fp8_grouped.check_tile` for reduction ``k`` (``gemm1``: a configuration of
-    :data:`fp8_grouped.GATED_TILES` too), its ValueError prefixed with ``name``."""
+def named_tile(name: str, tile: object, k: int, *, gemm1: bool = False, n: Optional[int] = None) -> Tile:
+    """:func:`fp8_grouped.check_tile` for reduction ``k`` and output width ``n`` (``gemm1``: a
+    configuration of :data:`fp8_grouped.GATED_TILES` is the gated GEMM1), its ValueError prefixed
+    with ``name``."""
     t = tuple(tile) if isinstance(tile, (tuple, list)) else tile
     try:
-        return check_tile(t, gated=True) if gemm1 and t in GATED_TILES else check_tile(t, k)
+        return check_tile(t, gated=True) if gemm1 and t in GATED_TILES else check_tile(t, k, n=n)
     except ValueError as exc:
         allowed = f" or one of {GATED_TILES}" if gemm1 else ""
         raise ValueError(f"{name}: {exc}{allowed}") from None
@@ -146,7 +147,7 @@ def precompile(weights: FP8BlockWeights, tile1: Tile = DEFAULT_TILE, tile2: Tile
     (before a CUDA-graph capture). Returns the number compiled or loaded now."""
     h, i = weights.hidden_size, weights.intermediate_size
     return compile_grouped_plans(
-        h, i, named_tile("tile1", tile1, h, gemm1=True), named_tile("tile2", tile2, i), weights.device
+        h, i, named_tile("tile1", tile1, h, gemm1=True), named_tile("tile2", tile2, i, n=h), weights.device
     )
 
 
@@ -186,7 +187,8 @@ def fused_experts_fp8_grouped(
         tile1, tile2: GEMM1's and GEMM2's configuration (:data:`fp8_grouped.TILES`; an
             overlapping one needs H, resp. I, a multiple of 256). A ``tile1`` of
             :data:`fp8_grouped.GATED_TILES` runs GEMM1 with SiLU-and-mul and the requantization
-            in its epilogue (I a multiple of 128).
+            in its epilogue (I a multiple of 128); a ``tile2`` of :data:`fp8_grouped.WIDE_TILES`
+            runs GEMM2 on 128 x 256 tiles (H a multiple of 256).
 
     Returns:
         ``out[:T]``.
@@ -204,7 +206,7 @@ def fused_experts_fp8_grouped(
         local_expert_offset=local_expert_offset,
         result=out[: hidden.shape[0]],
         tile1=named_tile("tile1", tile1, h, gemm1=True),
-        tile2=named_tile("tile2", tile2, i),
+        tile2=named_tile("tile2", tile2, i, n=h),
     )
 
 

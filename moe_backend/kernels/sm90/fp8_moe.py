@@ -281,6 +281,15 @@ GROUPED_CLUSTER_MIN_ROWS = 256
 GATED_TILE = check_tile((128, 256, 1, False, False), gated=True)
 GATED_CLUSTER_TILE = check_tile((128, 256, 2, False, False), gated=True)
 GATED_MIN_ROWS = GROUPED_CLUSTER_MIN_ROWS
+#: GEMM2 on the 128 x 256 cluster tile (two 128-wide N halves, ``fp8_grouped.WIDE_TILES``): a K
+#: tile carries twice the MMA work of the 128 x 128 tile's, so its four stages keep twice the
+#: time of weight stream in flight, and the per-tile epilogue (about 10% of GEMM2 at T=8192,
+#: ``scripts/gpu_probe_gemm2_epilogue.py``) comes half as often. The heuristic takes it for GEMM2
+#: from GROUPED_CLUSTER_MIN_ROWS rows an expert where H allows it (a multiple of 256). H200,
+#: 2026-12-04, seventeenth session, one bench run against the cluster tile with the same GEMM1:
+#: E=32 T=1024 758.7 against 795.6 us, T=8192 5690.3 against 5893.1, E=256 T=8192 6177.9 against
+#: 6204.8.
+WIDE_CLUSTER_TILE = check_tile((128, 256, 2, False, False))
 
 #: The base configuration of each path (what a ``config=`` naming the path starts from).
 PATH_CONFIGS: Dict[str, Dict[str, Any]] = {
@@ -312,7 +321,7 @@ DEFAULT_TIERS = (
 #: Version of this kernel's tuned configurations: the tuning cache keeps a configuration only
 #: for the version it was tuned for. Bump it when the kernels, their weight or activation
 #: layout, or the configuration schema (CONFIG_KEYS, their meaning) change.
-KERNEL_VERSION = 7
+KERNEL_VERSION = 8
 
 #: What the tuner times per token bucket (each overrides the heuristic default of that size):
 #: the swap-AB and aligned decode paths, skinny atomic-combine tiles, and prefill tiles up to 128 rows.
@@ -336,6 +345,7 @@ CANDIDATE_CONFIGS = (
     dict(CUTE_GROUPED_CONFIG, TILE1=list(GATED_TILE), TILE2=list(GROUPED_CLUSTER_TILE)),
     dict(CUTE_GROUPED_CONFIG, TILE1=list(GATED_TILE), TILE2=list(GROUPED_OVERLAP_TILE)),
     dict(CUTE_GROUPED_CONFIG, TILE1=list(GATED_CLUSTER_TILE), TILE2=list(GROUPED_CLUSTER_TILE)),
+    dict(CUTE_GROUPED_CONFIG, TILE1=list(GATED_CLUSTER_TILE), TILE2=list(WIDE_CLUSTER_TILE)),
 )
 
 #: Deterministic mode: no atomics (each pair writes its own row, summed in slot order) and one
@@ -469,7 +479,8 @@ def default_grouped_tiles(hidden_size: int, inter: int, rows_per_expert: float) 
     (K = ``inter``) at ``rows_per_expert`` expected rows per local expert.
 
     From :data:`GROUPED_CLUSTER_MIN_ROWS` rows the cluster-of-two tile for both GEMMs
-    (overlapping where K allows it, else plain), and from :data:`GATED_MIN_ROWS` the gated GEMM1
+    (overlapping where K allows it, else plain; for GEMM2 the wide :data:`WIDE_CLUSTER_TILE`
+    where H is a multiple of 256), and from :data:`GATED_MIN_ROWS` the gated GEMM1
     (:data:`GATED_CLUSTER_TILE`) instead; below, the plain default tile for GEMM1 and its overlapping twin
     for GEMM2 where K allows it, else the plain one.
     """
@@ -478,6 +489,8 @@ def default_grouped_tiles(hidden_size: int, inter: int, rows_per_expert: float) 
             GROUPED_CLUSTER_TILE if serves(GROUPED_CLUSTER_TILE, k) else GROUPED_CLUSTER_PLAIN_TILE
             for k in (hidden_size, inter)
         ]
+        if hidden_size % WIDE_CLUSTER_TILE[1] == 0:
+            pick[1] = WIDE_CLUSTER_TILE
         if rows_per_expert >= GATED_MIN_ROWS:
             pick[0] = GATED_CLUSTER_TILE
         return dict(TILE1=list(pick[0]), TILE2=list(pick[1]))
@@ -489,7 +502,7 @@ def grouped_tiles(cfg: Dict[str, Any], hidden_size: int, inter: int) -> Tuple[Ti
     """GEMM1's and GEMM2's tiles of a ``cute_grouped`` configuration, checked for K = H and I."""
     return (
         named_tile("config: TILE1", cfg["TILE1"], hidden_size, gemm1=True),
-        named_tile("config: TILE2", cfg["TILE2"], inter),
+        named_tile("config: TILE2", cfg["TILE2"], inter, n=hidden_size),
     )
 
 
