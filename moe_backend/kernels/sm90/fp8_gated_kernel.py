@@ -4,8 +4,9 @@ are installed (``cute_env``).
 
 One CTA tile is 128 rows by 256 columns of ``w13``: the gate rows ``[128 g, 128 g + 128)`` and the
 up rows ``[I + 128 g, I + 128 g + 128)`` of one 128-wide group ``g`` of intermediate columns. Two
-cooperative consumer warpgroups take 64 rows each. Each K tile's WGMMAs run in two N halves of 128
-(gate, then up) into one 64-register wave accumulator, each half promoted with its own weight
+cooperative consumer warpgroups take 64 rows each. The mainloop is
+:class:`fp8_grouped_kernel.Fp8BlockGemmSm90Wide`'s: each K tile's WGMMAs run in two N halves of
+128 (gate, then up) into one 64-register wave accumulator, each half promoted with its own weight
 scale into the fp32 sum (128 registers): 192 registers where a 256-wide wave would need 256 and
 spill. A thread then holds gate and up of the same (row, column) positions, so the epilogue forms
 ``silu(gate) * up`` in fp32, the row's amax over the group's 128 columns (the thread's quad holds

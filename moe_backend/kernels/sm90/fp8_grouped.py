@@ -20,8 +20,9 @@ shapes, so one compilation per configuration serves them all.
 a missing plan inside a CUDA-graph capture raises instead of compiling there.
 
 It serves the FP8 launcher's ``cute_grouped`` path (``fp8_grouped_moe``), the prefill default
-where CuTe DSL runs (H200: 1042 TFLOP/s for GEMM1, 929-1014 for GEMM2 at T=8192, E=32). The
-fused epilogues (SiLU-and-mul with FP8 requantization, router-weighted combine) are later steps.
+where CuTe DSL runs (H200: 1042 TFLOP/s for GEMM1, 929-1014 for GEMM2 at T=8192, E=32, on 128 x 128
+tiles). :func:`gated_gemm1_fp8_block` is GEMM1 with SiLU-and-mul and the FP8 requantization in its
+epilogue; the 128 x 256 :data:`WIDE_TILES` run plain GEMMs (the layer's GEMM2) on its mainloop.
 """
 
 from __future__ import annotations

@@ -7,7 +7,9 @@ WGMMAs write a zero-initialised wave accumulator, which is drained and added to 
 accumulator. :class:`Fp8BlockGemmSm90` overrides that mainloop (``mma``) to scale the wave by
 ``a_scale[row, kb] * b_scale[s, n_block, kb]`` before adding it (DeepSeek-V3 block scale, the
 promotion scheme of DeepGEMM), so the FP8 MMA accumulator never runs across K tiles.
-:class:`Fp8BlockGemmSm90Overlapped` promotes each K tile while the next one's WGMMAs run.
+:class:`Fp8BlockGemmSm90Overlapped` promotes each K tile while the next one's WGMMAs run;
+:class:`Fp8BlockGemmSm90Wide` runs a 128 x 256 tile as two 128-wide N halves with a weight scale
+block each (plain GEMMs on ``fp8_grouped.WIDE_TILES``, and the gated GEMM1 of ``fp8_gated_kernel``).
 
 Two facts the mainloop needs reach it through narrow seams of ``GemmSm90.kernel``:
 
