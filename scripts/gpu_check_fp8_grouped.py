@@ -13,11 +13,11 @@ layer built on it (``fp8_grouped_moe``, not in the registry yet).
 3. The whole prefill layer at T = 1024 and 8192 (E = 32, top-8, H 7168, I 2048, balanced routing,
    the bench's random ``Layer`` weights): the Triton FP8 layer (``sm90_triton_fp8``, its default
    configuration) against ``fused_experts_fp8_grouped`` with the heuristic's tiles
-   (``fp8_moe.default_grouped_tiles``: the gated GEMM1 from 256 rows an expert) and with both
-   GEMMs on the cluster tile, same inputs, CUDA-graph replay, do_bench median, L2 flushed; a
-   breakdown of the grouped path (routing, quantize-and-scatter, GEMM1 then silu_mul_quant or the
-   gated GEMM1, GEMM2, combine, each timed alone) and its relative error against the Triton
-   layer's output.
+   (``fp8_moe.default_grouped_tiles``: the gated GEMM1 and the 128 x 256 GEMM2 from 256 rows an
+   expert) and with both GEMMs on the 128-wide cluster tile, same inputs, CUDA-graph replay,
+   do_bench median, L2 flushed; a breakdown of the grouped path (routing, quantize-and-scatter,
+   GEMM1 then silu_mul_quant or the gated GEMM1, GEMM2, combine, each timed alone) and its relative
+   error against the Triton layer's output.
 
 Prints a table and writes ``$OUT/gpu_check_fp8_grouped.json`` (or ``--out``).
 
@@ -124,7 +124,7 @@ def _blockwise_scaled_mm(a, a_scale, b, b_scale) -> Callable[[], object]:
 
 
 def time_gemm(name: str, n: int, k: int) -> List[Dict]:
-    from moe_backend.kernels.sm90.fp8_grouped import TILES, compile_plans, grouped_gemm_fp8_block
+    from moe_backend.kernels.sm90.fp8_grouped import TILES, WIDE_TILES, compile_plans, grouped_gemm_fp8_block
 
     device = torch.device("cuda")
     a, a_scale, b, b_scale, cu = _operands(n, k, device)
@@ -138,7 +138,7 @@ def time_gemm(name: str, n: int, k: int) -> List[Dict]:
         records.append({"gemm": name, "impl": "torch._scaled_mm 1x128/128x128 (dense)", "us": block_us})
     except Exception as exc:  # older torch / cuBLAS without block scaling: say so, keep going
         records.append({"gemm": name, "impl": "torch._scaled_mm 1x128/128x128 (dense)", "error": repr(exc)[:300]})
-    for tile in TILES:
+    for tile in (t for t in TILES + WIDE_TILES if n % t[1] == 0):
         rec: Dict = {"gemm": name, "impl": "cute fp8_grouped", "tile": list(tile)}
         try:
             t0 = time.perf_counter()

@@ -1,9 +1,10 @@
-"""What GEMM2's epilogue costs it on the H200: the FP8 grouped GEMM2 on the layer's cluster tile
-``(128, 128, 2, False, True)`` (bf16 rows out through shared memory and TMA stores) against the same
-kernel with its epilogue switched off (the sums summed and kept alive, nothing stored; timing
-only). DeepSeek-V3 widths (N = H 7168, K = I 2048), balanced segments: E=32 at T=1024 and 8192
-(256 and 2048 rows an expert), E=256 at T=8192 (256). CUDA-graph replays, do_bench median, L2
-flushed, ``--rounds`` rounds in alternation. Writes ``$OUT/gpu_probe_gemm2_epilogue.json``.
+"""What GEMM2's epilogue costs it on the H200: the FP8 grouped GEMM2 on the 128 x 128 cluster tile
+``(128, 128, 2, False, True)`` (the layer's until the wide tile took over, seventeenth session)
+(bf16 rows out through shared memory and TMA stores) against the same kernel with its epilogue
+switched off (the sums summed and kept alive, nothing stored; timing only). DeepSeek-V3 widths (N =
+H 7168, K = I 2048), balanced segments: E=32 at T=1024 and 8192 (256 and 2048 rows an expert), E=256
+at T=8192 (256). CUDA-graph replays, do_bench median, L2 flushed, ``--rounds`` rounds in
+alternation. Writes ``$OUT/gpu_probe_gemm2_epilogue.json``.
 
     python -P scripts/gpu_probe_gemm2_epilogue.py [--rounds 3]
 """

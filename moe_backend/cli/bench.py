@@ -101,8 +101,8 @@ VARIANTS: Dict[str, Tuple[str, Optional[Dict[str, Any]]]] = {
             TILE2=list(fp8_moe.GROUPED_CLUSTER_TILE),
         ),
     ),
-    # GEMM1 with SiLU-and-mul and the requantization in its epilogue, GEMM2 on the cluster tile: the
-    # default from GATED_MIN_ROWS rows an expert
+    # GEMM1 with SiLU-and-mul and the requantization in its epilogue, GEMM2 on the 128-wide cluster
+    # tile: the default from GATED_MIN_ROWS rows an expert where H is not a multiple of 256
     "cute_gated": (
         "fp8_block",
         dict(
@@ -111,10 +111,15 @@ VARIANTS: Dict[str, Tuple[str, Optional[Dict[str, Any]]]] = {
             TILE2=list(fp8_moe.GROUPED_CLUSTER_TILE),
         ),
     ),
-    # the same with GEMM2 on the wide (128 x 256) cluster tile
+    # the same with GEMM2 on the wide (128 x 256) cluster tile: the default there where H is a
+    # multiple of 256
     "cute_gated_wide2": (
         "fp8_block",
-        dict(fp8_moe.CUTE_GROUPED_CONFIG, TILE1=list(fp8_moe.GATED_CLUSTER_TILE), TILE2=[128, 256, 2, False, False]),
+        dict(
+            fp8_moe.CUTE_GROUPED_CONFIG,
+            TILE1=list(fp8_moe.GATED_CLUSTER_TILE),
+            TILE2=list(fp8_moe.WIDE_CLUSTER_TILE),
+        ),
     ),
     "cute_gated_1cta": (
         "fp8_block",

@@ -192,10 +192,10 @@ def _cuobjdump():
     return path if os.access(path, os.X_OK) else None
 
 
-def _compile_offline(tmp_path, tile, out_dtype: str = "bfloat16") -> str:
+def _compile_offline(tmp_path, tile, out_dtype: str = "bfloat16", second_n: int = 384) -> str:
     """Compile ``tile`` storing ``torch.<out_dtype>`` for sm_90a in its own process (the target is
-    pinned before CuTe DSL is imported), keeping the PTX and the cubin in ``tmp_path``; return the
-    kernel's PTX."""
+    pinned before CuTe DSL is imported), for (N, K) = (512, 512) and (``second_n``, 1024), keeping
+    the PTX and the cubin in ``tmp_path``; return the kernel's PTX."""
     dt = f"torch.{out_dtype}"
     code = (
         "import torch\n"
@@ -203,7 +203,7 @@ def _compile_offline(tmp_path, tile, out_dtype: str = "bfloat16") -> str:
         "pin_offline_arch('sm_90a')\n"
         "from moe_backend.kernels.sm90 import fp8_grouped as g\n"
         f"print(g.compile_plans(512, 512, [{tile!r}], torch.device('meta'), {dt}),"
-        f" g.compile_plans(384, 1024, [{tile!r}], torch.device('meta'), {dt}), g._compile.cache_info().misses)\n"
+        f" g.compile_plans({second_n}, 1024, [{tile!r}], torch.device('meta'), {dt}), g._compile.cache_info().misses)\n"
     )
     env = {k: v for k, v in os.environ.items() if k not in ("CUTE_DSL_ARCH", "QUACK_ARCH")}
     env.update(CUTE_DSL_KEEP="ptx,cubin", CUTE_DSL_DUMP_DIR=str(tmp_path))
@@ -255,6 +255,23 @@ def test_offline_compile_fp32_out_for_sm90a(tmp_path, tile):
     ptx = _compile_offline(tmp_path, tile, "float32")
     assert "cvt.rn.bf16x2.f32" not in ptx
     _check_mainloop(tmp_path, ptx, overlap=tile[4])
+
+
+@pytest.mark.skipif(cute_env.quack_unavailable_reason() is not None, reason="needs nvidia-cutlass-dsl and quack")
+def test_offline_compile_wide_tile_for_sm90a(tmp_path):
+    """The 128 x 256 tile (two 128-wide N halves) builds for sm_90a: per K tile 8 FP8 WGMMAs (two
+    halves of one m64 atom x 4 k32), one wait per half, 64 scaled FMAs per half, no local memory."""
+    ptx = _compile_offline(tmp_path, WIDE_TILES[1], second_n=768)
+    assert ptx.count("wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3") == 8
+    assert ptx.count("fma.rn.f32") >= 128
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.skip("no cuobjdump (Triton's bundle) to read the cubin")
+    (cubin,) = tmp_path.glob("*Fp8*Gemm*Sm90*.sm_90a.cubin")
+    sass = subprocess.run([tool, "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
+    assert sass.count("QGMMA.64x128x32.F32.E4M3.E4M3") == 8
+    assert sass.count("WARPGROUP.DEPBAR") == 2, "one WGMMA wait per half"
+    assert "LDL" not in sass and "STL" not in sass, "the mainloop spills to local memory"
 
 
 def test_out_dtype_is_part_of_the_plan():

@@ -39,7 +39,8 @@ from .bf16_grouped import GemmPlanMissingError, _device_name
 from .cute_env import collect_after_first_launch
 
 #: A configuration: (tile_m, tile_n, cluster_m, pingpong, overlap). tile_n is 128 so that one
-#: weight scale serves a whole output tile per K tile. The block-scaled mainloop holds an fp32
+#: weight scale serves a whole output tile per K tile (the 128 x 256 :data:`WIDE_TILES` apply one
+#: per 128-wide half). The block-scaled mainloop holds an fp32
 #: wave accumulator (the K tile's WGMMA result) and the promoted sum: with 64 rows a warpgroup
 #: (128x128 cooperative, 64x128 pingpong) that is 128 registers a thread and nothing spills; with
 #: 128 rows a warpgroup it is 256, and ptxas spills ~370 bytes a thread, which the promotion then
@@ -227,6 +228,7 @@ def _compile(tile: Tile, out_dtype: torch.dtype = torch.bfloat16):
         m_d = None
     else:
         if tile_n == 2 * BLOCK:
+            assert not (pingpong or overlap), "the wide tiles are cooperative, without overlapped promotion"
             gemm_cls = Fp8BlockGemmSm90Wide
         else:
             gemm_cls = Fp8BlockGemmSm90Overlapped if overlap else Fp8BlockGemmSm90
@@ -281,11 +283,11 @@ def grouped_gemm_fp8_block(
 
     ``a [M_total, K]`` float8_e4m3fn contiguous; ``a_scale [M_total, K/128]`` fp32 (one scale per
     row per 128-K block); ``b [S, N, K]`` float8_e4m3fn contiguous (K contiguous);
-    ``b_scale [S, N/128, K/128]`` fp32; ``cu_seqlens [S + 1]`` int32 on the device (segment
-    bounds, non-decreasing from 0); ``out [M_total, N]`` bf16 or float32 contiguous (the compiled
-    plan depends on it). N and K multiples of
-    128 (K of 256 for an overlapping ``tile``). Rows at or past ``cu_seqlens[S]`` are neither
-    read for output nor written. Returns ``out``.
+    ``b_scale [S, N/128, K/128]`` fp32; ``cu_seqlens [S + 1]`` int32 on the device (segment bounds,
+    non-decreasing from 0); ``out [M_total, N]`` bf16 or float32 contiguous (the compiled plan
+    depends on it). N and K multiples of 128 (K of 256 for an overlapping ``tile``, N of 256 for one
+    of :data:`WIDE_TILES`). Rows at or past ``cu_seqlens[S]`` are neither read for output nor
+    written. Returns ``out``.
     """
     m, n, k, _ = check_operands(a, a_scale, b, b_scale, cu_seqlens, out)
     tile = check_tile(tile, k, n=n)

@@ -26,7 +26,8 @@ Paths, chosen by the pair count ``T * k`` and the expected rows per local expert
   epilogue (BLOCK_N = 128: one column block is one scale group), large tiles;
 * ``cute_grouped`` (FP8 block scales, dynamic activation scales, sm_90 with CuTe DSL): the CuTe
   DSL FP8 grouped GEMMs (``fp8_grouped_moe``); ``TILE1`` / ``TILE2`` name GEMM1's and GEMM2's
-  configuration (``fp8_grouped.TILES``; the heuristic's: :func:`default_grouped_tiles`). The
+  configuration (``fp8_grouped.TILES``, ``GATED_TILES`` for GEMM1, ``WIDE_TILES`` for GEMM2;
+  the heuristic's: :func:`default_grouped_tiles`). The
   heuristic default from ``CUTE_GROUPED_MIN_ROWS`` rows per expert wherever
   ``fp8_grouped_moe.grouped_path_defect`` finds nothing against it (else the Triton prefill
   tiers); asked for by name where it cannot run, a ValueError says why.
@@ -271,19 +272,19 @@ GROUPED_CLUSTER_MIN_ROWS = 256
 #: GEMM1 with SiLU-and-mul and the FP8 requantization in its epilogue (``fp8_grouped.GATED_TILES``:
 #: 128 rows by gate and up of one 128-wide group), one CTA or a cluster of two M tiles. From
 #: :data:`GATED_MIN_ROWS` expected rows per expert the heuristic takes the cluster tile for GEMM1
-#: (GEMM2 on the cluster tile). Since its codes leave in 16-byte pieces (2026-12-04, sixteenth
-#: session; the two-byte stores had cost GEMM1 15-20%), the gated GEMM1 beat the plain cluster tile
-#: plus ``silu_mul_quant`` in the layer at 256 rows an expert (H200, `moe-backend bench`, one run:
-#: E=32 T=1024 710.8 against 805.3 us, E=256 T=8192 6095.7 against 6590.5) and the one-CTA gated
-#: tile at 2048 (E=32 T=8192 5712.8 against 5847.5). Before that fix the cluster tile had lost at
-#: E=256 T=8192 twice (+10%, fourteenth and fifteenth sessions). The one-CTA and plain tiles stay
-#: tuner candidates.
+#: (GEMM2 on :data:`WIDE_CLUSTER_TILE` where H allows it, else on the cluster tile). Since its codes
+#: leave in 16-byte pieces (2026-12-04, sixteenth session; the two-byte stores had cost GEMM1
+#: 15-20%), the gated GEMM1 beat the plain cluster tile plus ``silu_mul_quant`` in the layer at 256
+#: rows an expert (H200, `moe-backend bench`, one run: E=32 T=1024 710.8 against 805.3 us, E=256
+#: T=8192 6095.7 against 6590.5) and the one-CTA gated tile at 2048 (E=32 T=8192 5712.8 against
+#: 5847.5). Before that fix the cluster tile had lost at E=256 T=8192 twice (+10%, fourteenth and
+#: fifteenth sessions). The one-CTA and plain tiles stay tuner candidates.
 GATED_TILE = check_tile((128, 256, 1, False, False), gated=True)
 GATED_CLUSTER_TILE = check_tile((128, 256, 2, False, False), gated=True)
 GATED_MIN_ROWS = GROUPED_CLUSTER_MIN_ROWS
 #: GEMM2 on the 128 x 256 cluster tile (two 128-wide N halves, ``fp8_grouped.WIDE_TILES``): a K
 #: tile carries twice the MMA work of the 128 x 128 tile's, so its four stages keep twice the
-#: time of weight stream in flight, and the per-tile epilogue (about 10% of GEMM2 at T=8192,
+#: time of weight stream in flight, and the per-tile epilogue (10-13% of GEMM2 at T=8192,
 #: ``scripts/gpu_probe_gemm2_epilogue.py``) comes half as often. The heuristic takes it for GEMM2
 #: from GROUPED_CLUSTER_MIN_ROWS rows an expert where H allows it (a multiple of 256). H200,
 #: 2026-12-04, seventeenth session, one bench run against the cluster tile with the same GEMM1:
