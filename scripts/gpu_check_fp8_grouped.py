@@ -124,7 +124,13 @@ def _blockwise_scaled_mm(a, a_scale, b, b_scale) -> Callable[[], object]:
 
 
 def time_gemm(name: str, n: int, k: int) -> List[Dict]:
-    from moe_backend.kernels.sm90.fp8_grouped import TILES, WIDE_TILES, compile_plans, grouped_gemm_fp8_block
+    from moe_backend.kernels.sm90.fp8_grouped import (
+        TILES,
+        WIDE_TILES,
+        compile_plans,
+        fits_width,
+        grouped_gemm_fp8_block,
+    )
 
     device = torch.device("cuda")
     a, a_scale, b, b_scale, cu = _operands(n, k, device)
@@ -138,7 +144,7 @@ def time_gemm(name: str, n: int, k: int) -> List[Dict]:
         records.append({"gemm": name, "impl": "torch._scaled_mm 1x128/128x128 (dense)", "us": block_us})
     except Exception as exc:  # older torch / cuBLAS without block scaling: say so, keep going
         records.append({"gemm": name, "impl": "torch._scaled_mm 1x128/128x128 (dense)", "error": repr(exc)[:300]})
-    for tile in (t for t in TILES + WIDE_TILES if n % t[1] == 0):
+    for tile in (t for t in TILES + WIDE_TILES if fits_width(t, n)):
         rec: Dict = {"gemm": name, "impl": "cute fp8_grouped", "tile": list(tile)}
         try:
             t0 = time.perf_counter()

@@ -90,41 +90,23 @@ VARIANTS: Dict[str, Tuple[str, Optional[Dict[str, Any]]]] = {
     "nvfp4_prefill": ("nvfp4", nvfp4_moe.PREFILL_CONFIG),
     "nvfp4_bf16_grouped": ("nvfp4", nvfp4_moe.GROUPED_CONFIG),
     # the one-CTA tiles the default takes below GROUPED_CLUSTER_MIN_ROWS rows an expert
-    "cute_grouped_overlap2": ("fp8_block", dict(fp8_moe.CUTE_GROUPED_CONFIG, TILE2=list(fp8_moe.GROUPED_OVERLAP_TILE))),
+    "cute_grouped_overlap2": ("fp8_block", fp8_moe.cute_grouped_config(tile2=fp8_moe.GROUPED_OVERLAP_TILE)),
     # both GEMMs on the cluster tile (GEMM1 plain, then silu_mul_quant): the default from 256 rows an
     # expert before the gated GEMM1 took over there
     "cute_cluster": (
         "fp8_block",
-        dict(
-            fp8_moe.CUTE_GROUPED_CONFIG,
-            TILE1=list(fp8_moe.GROUPED_CLUSTER_TILE),
-            TILE2=list(fp8_moe.GROUPED_CLUSTER_TILE),
-        ),
+        fp8_moe.cute_grouped_config(fp8_moe.GROUPED_CLUSTER_TILE, fp8_moe.GROUPED_CLUSTER_TILE),
     ),
     # GEMM1 with SiLU-and-mul and the requantization in its epilogue, GEMM2 on the 128-wide cluster
     # tile: the default from GATED_MIN_ROWS rows an expert where H is not a multiple of 256
-    "cute_gated": (
-        "fp8_block",
-        dict(
-            fp8_moe.CUTE_GROUPED_CONFIG,
-            TILE1=list(fp8_moe.GATED_CLUSTER_TILE),
-            TILE2=list(fp8_moe.GROUPED_CLUSTER_TILE),
-        ),
-    ),
+    "cute_gated": ("fp8_block", fp8_moe.cute_grouped_config(fp8_moe.GATED_CLUSTER_TILE, fp8_moe.GROUPED_CLUSTER_TILE)),
     # the same with GEMM2 on the wide (128 x 256) cluster tile: the default there where H is a
     # multiple of 256
     "cute_gated_wide2": (
         "fp8_block",
-        dict(
-            fp8_moe.CUTE_GROUPED_CONFIG,
-            TILE1=list(fp8_moe.GATED_CLUSTER_TILE),
-            TILE2=list(fp8_moe.WIDE_CLUSTER_TILE),
-        ),
+        fp8_moe.cute_grouped_config(fp8_moe.GATED_CLUSTER_TILE, fp8_moe.WIDE_CLUSTER_TILE),
     ),
-    "cute_gated_1cta": (
-        "fp8_block",
-        dict(fp8_moe.CUTE_GROUPED_CONFIG, TILE1=list(fp8_moe.GATED_TILE), TILE2=list(fp8_moe.GROUPED_CLUSTER_TILE)),
-    ),
+    "cute_gated_1cta": ("fp8_block", fp8_moe.cute_grouped_config(fp8_moe.GATED_TILE, fp8_moe.GROUPED_CLUSTER_TILE)),
 }
 #: The registry kernel each precision's variants run on.
 VARIANT_KERNELS = {"fp8_block": "sm90_triton_fp8", "nvfp4": "sm90_triton_nvfp4"}

@@ -83,7 +83,7 @@ def main(args: argparse.Namespace) -> int:
             built += n
             print(f"  H={h} I={i} FP8 block tile {fp8_tile}: {n} plan(s) in {time.perf_counter() - t0:.1f} s")
         # GEMM2 on the wide (128 x 256) tiles, bf16 out, where H has whole 256-wide N tiles
-        for wide_tile in (t for t in fp8_grouped.WIDE_TILES if h % t[1] == 0):
+        for wide_tile in (t for t in fp8_grouped.WIDE_TILES if fp8_grouped.fits_width(t, h)):
             t0 = time.perf_counter()
             with offline_compile() if offline else contextlib.nullcontext():
                 n = fp8_grouped.compile_plans(h, i, [wide_tile], device, torch.bfloat16)

@@ -105,6 +105,12 @@ def serves(tile: Tile, k: int) -> bool:
     return not (tile[4] and k % (2 * BLOCK))
 
 
+def fits_width(tile: Tile, n: int) -> bool:
+    """Whether configuration ``tile`` covers output width ``n`` with whole N tiles (a 256-wide one
+    of :data:`WIDE_TILES` needs N a multiple of 256)."""
+    return n % tile[1] == 0
+
+
 def check_tile(tile: object, k: Optional[int] = None, *, gated: bool = False, n: Optional[int] = None) -> Tile:
     """``tile`` as a configuration tuple of :data:`TILES` or :data:`WIDE_TILES` (:data:`GATED_TILES`
     with ``gated``), else ValueError naming it; with the reduction ``k``, also that an overlapping
@@ -116,7 +122,7 @@ def check_tile(tile: object, k: Optional[int] = None, *, gated: bool = False, n:
         raise ValueError(f"tile: expected one of {allowed}, got {tile!r}")
     if k is not None and not serves(t, k):
         raise ValueError(f"tile: {t} overlaps K tile pairs and needs K a multiple of {2 * BLOCK}, got K={k}")
-    if n is not None and not gated and n % t[1]:
+    if n is not None and not gated and not fits_width(t, n):
         raise ValueError(f"tile: {t} is {t[1]} wide and needs N a multiple of {t[1]}, got N={n}")
     return t  # type: ignore[return-value]
 

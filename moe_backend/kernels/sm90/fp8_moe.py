@@ -63,7 +63,14 @@ from .combine import cast_out, sum_pairs
 from .config import resolve_path_config
 from .fp8_gemm1 import gemm1_fp8
 from .fp8_gemm2 import gemm2_fp8
-from .fp8_grouped import DEFAULT_TILE as GROUPED_DEFAULT_TILE, TILES as GROUPED_TILES, Tile, check_tile, serves
+from .fp8_grouped import (
+    DEFAULT_TILE as GROUPED_DEFAULT_TILE,
+    TILES as GROUPED_TILES,
+    Tile,
+    check_tile,
+    fits_width,
+    serves,
+)
 from .fp8_grouped_moe import grouped_path_defect, named_tile, run_fp8_grouped
 from .fp8_swapab import swapab_fp8
 from .tiles import MAX_GATHER_PAIRS
@@ -247,6 +254,13 @@ CUTE_GROUPED_CONFIG: Dict[str, Any] = dict(
     TILE1=list(GROUPED_DEFAULT_TILE),
     TILE2=list(GROUPED_DEFAULT_TILE),
 )
+
+
+def cute_grouped_config(tile1: Tile = GROUPED_DEFAULT_TILE, tile2: Tile = GROUPED_DEFAULT_TILE) -> Dict[str, Any]:
+    """:data:`CUTE_GROUPED_CONFIG` with GEMM1 on ``tile1`` and GEMM2 on ``tile2`` (stored as lists)."""
+    return dict(CUTE_GROUPED_CONFIG, TILE1=list(tile1), TILE2=list(tile2))
+
+
 #: The overlapping twin of the default tile (two wave accumulators; K a multiple of 256). As
 #: GEMM2's tile it won every H200 measurement of 2026-12-02: 1015 against 929 TFLOP/s alone, and
 #: 30-95 us less inside the layer in each of four runs at T=1024 and 8192. As GEMM1's it won
@@ -340,13 +354,13 @@ CANDIDATE_CONFIGS = (
     PREFILL_CONFIG,
     dict(PREFILL_CONFIG, COMBINE="atomic"),
     CUTE_GROUPED_CONFIG,
-    dict(CUTE_GROUPED_CONFIG, TILE2=list(GROUPED_OVERLAP_TILE)),
-    dict(CUTE_GROUPED_CONFIG, TILE1=list(GROUPED_OVERLAP_TILE), TILE2=list(GROUPED_OVERLAP_TILE)),
-    dict(CUTE_GROUPED_CONFIG, TILE1=list(GROUPED_CLUSTER_TILE), TILE2=list(GROUPED_CLUSTER_TILE)),
-    dict(CUTE_GROUPED_CONFIG, TILE1=list(GATED_TILE), TILE2=list(GROUPED_CLUSTER_TILE)),
-    dict(CUTE_GROUPED_CONFIG, TILE1=list(GATED_TILE), TILE2=list(GROUPED_OVERLAP_TILE)),
-    dict(CUTE_GROUPED_CONFIG, TILE1=list(GATED_CLUSTER_TILE), TILE2=list(GROUPED_CLUSTER_TILE)),
-    dict(CUTE_GROUPED_CONFIG, TILE1=list(GATED_CLUSTER_TILE), TILE2=list(WIDE_CLUSTER_TILE)),
+    cute_grouped_config(tile2=GROUPED_OVERLAP_TILE),
+    cute_grouped_config(GROUPED_OVERLAP_TILE, GROUPED_OVERLAP_TILE),
+    cute_grouped_config(GROUPED_CLUSTER_TILE, GROUPED_CLUSTER_TILE),
+    cute_grouped_config(GATED_TILE, GROUPED_CLUSTER_TILE),
+    cute_grouped_config(GATED_TILE, GROUPED_OVERLAP_TILE),
+    cute_grouped_config(GATED_CLUSTER_TILE, GROUPED_CLUSTER_TILE),
+    cute_grouped_config(GATED_CLUSTER_TILE, WIDE_CLUSTER_TILE),
 )
 
 #: Deterministic mode: no atomics (each pair writes its own row, summed in slot order) and one
@@ -490,7 +504,7 @@ def default_grouped_tiles(hidden_size: int, inter: int, rows_per_expert: float) 
             GROUPED_CLUSTER_TILE if serves(GROUPED_CLUSTER_TILE, k) else GROUPED_CLUSTER_PLAIN_TILE
             for k in (hidden_size, inter)
         ]
-        if hidden_size % WIDE_CLUSTER_TILE[1] == 0:
+        if fits_width(WIDE_CLUSTER_TILE, hidden_size):
             pick[1] = WIDE_CLUSTER_TILE
         if rows_per_expert >= GATED_MIN_ROWS:
             pick[0] = GATED_CLUSTER_TILE
