@@ -219,6 +219,8 @@ def _swapab_edge_problem(seed: int) -> Problem:
         dict(SWAPAB_TILES, WAIT2="expert"),
         dict(SWAPAB_PREQ, GRID="experts"),
         dict(SWAPAB_TILES, GRID="experts", WAIT2="expert"),
+        dict(SWAPAB_PREQ, UNROLL1=2, UNROLL2=2),
+        dict(SWAPAB_TILES, UNROLL1=4, UNROLL2=4),
     ],
     ids=[
         "fused-split2",
@@ -232,6 +234,8 @@ def _swapab_edge_problem(seed: int) -> Problem:
         "tiles3-split2-expert-wait",
         "preq-expert-grid",
         "tiles3-split2-expert-grid-wait",
+        "preq-unroll2",
+        "tiles3-split2-unroll4",
     ],
 )
 def test_swapab_gemm2_variants(config):
@@ -294,6 +298,10 @@ def test_swapab_refuses_configurations_it_cannot_honour():
         run_fp8_kernel(p, config=dict(SWAPAB_SMALL, WAIT2="all"))
     with pytest.raises(ValueError, match="GRID must be 'pairs' or 'experts', got 'tokens'"):
         run_fp8_kernel(p, config=dict(SWAPAB_SMALL, GRID="tokens"))
+    for name in ("UNROLL1", "UNROLL2"):
+        for blocks in (0, 3, 8, True, 2.0):
+            with pytest.raises(ValueError, match=rf"{name} must be one of \(1, 2, 4\), got {blocks!r}"):
+                run_fp8_kernel(p, config={**SWAPAB_SMALL, name: blocks})
     for knob in (dict(FUSED_CAST2=True), dict(ZERO="sync")):
         with pytest.raises(ValueError, match="WAIT2='expert' needs ZERO='fused' and FUSED_CAST2=False"):
             run_fp8_kernel(p, config=dict(SWAPAB_SMALL, WAIT2="expert", **knob))
@@ -305,11 +313,13 @@ def test_swapab_refuses_configurations_it_cannot_honour():
             dict(PREFETCH2=4),
             dict(WAIT2="expert"),
             dict(GRID="experts"),
+            dict(UNROLL1=2),
+            dict(UNROLL2=2),
         )
         for knob in knobs:
             with pytest.raises(
                 ValueError,
-                match="FUSED_CAST2, N_TILES2, PREFETCH1, PREFETCH2, WAIT2 and GRID apply to path='swapab' only",
+                match="FUSED_CAST2, N_TILES2, PREFETCH1, PREFETCH2, WAIT2, GRID, UNROLL1 and UNROLL2 apply to ",
             ):
                 run_fp8_kernel(p, config=dict(other, **knob))
 
@@ -419,6 +429,8 @@ def test_gpu_config_variants(variant, t, e, path):
         dict(WAIT2="grid"),
         PAIRS_GRID,
         dict(N_TILES2=3, BLOCK_N2=64, num_warps2=4, **PAIRS_GRID),
+        dict(UNROLL1=2, num_stages1=3, UNROLL2=2, num_stages2=3),
+        dict(UNROLL1=4, num_stages1=2, UNROLL2=4, num_stages2=2, SPLIT_K2=2),
     ],
     ids=[
         "default",
@@ -440,6 +452,8 @@ def test_gpu_config_variants(variant, t, e, path):
         "expert-grid",
         "pairs-grid-wait",
         "pairs-grid-wait-tiles3",
+        "unroll2",
+        "unroll4-split2",
     ],
 )
 @pytest.mark.parametrize(

@@ -204,14 +204,29 @@ def test_gpu_matches_reference(t, h, i, e, k, offset):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("path", ["decode", "prefill", "swapab"])
+@pytest.mark.parametrize("path", ["decode", "decode_pdl", "prefill", "swapab"])
 @pytest.mark.parametrize("t,e,k", [(64, 32, 8), (300, 8, 2)])
 def test_gpu_both_paths_and_weight_on_input(path, t, e, k):
-    from moe_backend.kernels.sm90.nvfp4_moe import DECODE_CONFIG, PREFILL_CONFIG, SWAPAB_CONFIG
+    from moe_backend.kernels.sm90.nvfp4_moe import DECODE_CONFIG, DECODE_PDL_CONFIG, PREFILL_CONFIG, SWAPAB_CONFIG
 
-    cfg = {"decode": DECODE_CONFIG, "prefill": PREFILL_CONFIG, "swapab": SWAPAB_CONFIG}[path]
+    cfg = {
+        "decode": DECODE_CONFIG,
+        "decode_pdl": DECODE_PDL_CONFIG,
+        "prefill": PREFILL_CONFIG,
+        "swapab": SWAPAB_CONFIG,
+    }[path]
     check(make_problem(t, 7168, 512, e, k), config=cfg)
     check(make_problem(t, 7168, 512, e, k, one_expert=True, seed=1), config=cfg, weight_on_input=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t,h,i,e,k,offset", [c for c in GPU_CASES if c[0] <= 16])
+def test_gpu_decode_pdl_matches_reference(t, h, i, e, k, offset):
+    """The decode tiling with GEMM2 and the cast as programmatic dependent launches (a tuner
+    candidate) at the decode sizes, EP offsets, -1 and foreign ids, odd shapes."""
+    from moe_backend.kernels.sm90.nvfp4_moe import DECODE_PDL_CONFIG
+
+    check(make_problem(t, h, i, e, k, offset=offset, invalid=t % 2 == 1, seed=t), config=DECODE_PDL_CONFIG)
 
 
 @pytest.mark.gpu

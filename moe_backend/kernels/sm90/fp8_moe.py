@@ -95,7 +95,10 @@ logger = logging.getLogger(__name__)
 #: that GEMM2 starts on the SMs GEMM1's last wave leaves idle. ``GRID``: what the swap-AB programs
 #: stand for: ``"pairs"``, one per (token, slot) pair, the first pair of each local expert computing;
 #: ``"experts"``, one per local expert where there are fewer local experts than pairs (at E=32
-#: T=16, 32 programs a tile instead of 128, of which 96 only exit).
+#: T=16, 32 programs a tile instead of 128, of which 96 only exit). ``UNROLL1`` / ``UNROLL2`` (1, 2 or
+#: 4): K blocks of 128 a GEMM1 / GEMM2 pipeline iteration loads and multiplies, so that its CTA barrier
+#: and waits are paid once for them (at T=1 the barrier stalled GEMM2 2.1-2.2 cycles an issued
+#: instruction of 8.9, GEMM1 1.55 of 7.5: ncu, H200, 2026-12-04).
 CONFIG_KEYS = (
     "path",
     "NUMERICS",
@@ -122,6 +125,8 @@ CONFIG_KEYS = (
     "PREFETCH2",
     "WAIT2",
     "GRID",
+    "UNROLL1",
+    "UNROLL2",
     "TILE1",
     "TILE2",
 )
@@ -130,7 +135,14 @@ GROUPED_KEYS = ("path", "NUMERICS", "COMBINE", "TILE1", "TILE2")
 
 #: The keys only ``path='swapab'`` reads, at the values that leave them off (every other path's).
 SWAPAB_ONLY_OFF: Dict[str, Any] = dict(
-    FUSED_CAST2=False, N_TILES2=1, PREFETCH1=0, PREFETCH2=0, WAIT2="grid", GRID="pairs"
+    FUSED_CAST2=False,
+    N_TILES2=1,
+    PREFETCH1=0,
+    PREFETCH2=0,
+    WAIT2="grid",
+    GRID="pairs",
+    UNROLL1=1,
+    UNROLL2=1,
 )
 
 DECODE_CONFIG: Dict[str, Any] = dict(
@@ -202,8 +214,17 @@ SWAPAB_CONFIG: Dict[str, Any] = dict(
 #: three stages (two an SM; uncapped it takes 215 registers, one an SM), and 64 gate + 64 up rows
 #: on four warps with an fp32 intermediate, capped at 168 registers (three an SM) or not (two): 1-10%
 #: slower at every T from 1 to 32.
+#: ``unroll2`` / ``unroll1_2`` / ``unroll2_2``: two K blocks a pipeline iteration in GEMM2, GEMM1 or
+#: both, on half the stages (the same shared memory and the same bytes a stage ahead as the
+#: default's six): half the CTA barriers a K block (at T=1 GEMM2 stalled on them 2.1-2.2 cycles an
+#: issued instruction of 8.9, GEMM1 1.55 of 7.5; ncu, H200) and 73-94 instructions a K block in
+#: GEMM2's loop instead of 88-134 (sm_90a builds). Expected: GEMM2 5-10% faster at T=1 to 16, the
+#: layer 2-4 us at T=1. Built and tested under the interpreter; not yet timed on a GPU.
 SWAPAB_VARIANTS: Dict[str, Dict[str, Any]] = {
     "pairs_grid_wait": dict(SWAPAB_CONFIG, WAIT2="grid", GRID="pairs"),
+    "unroll2": dict(SWAPAB_CONFIG, UNROLL2=2, num_stages2=3),
+    "unroll1_2": dict(SWAPAB_CONFIG, UNROLL1=2, num_stages1=3),
+    "unroll2_2": dict(SWAPAB_CONFIG, UNROLL1=2, num_stages1=3, UNROLL2=2, num_stages2=3),
 }
 #: The swap-AB default on four stages in both GEMMs (H200, 2026-12-03, with one program per pair
 #: waiting for all of GEMM1: E=256 T=16 1342.8 against 1310.8 us on six; five stages in GEMM1 alone,
@@ -336,7 +357,7 @@ DEFAULT_TIERS = (
 #: Version of this kernel's tuned configurations: the tuning cache keeps a configuration only
 #: for the version it was tuned for. Bump it when the kernels, their weight or activation
 #: layout, or the configuration schema (CONFIG_KEYS, their meaning) change.
-KERNEL_VERSION = 8
+KERNEL_VERSION = 9
 
 #: What the tuner times per token bucket (each overrides the heuristic default of that size):
 #: the swap-AB and aligned decode paths, skinny atomic-combine tiles, and prefill tiles up to 128 rows.
@@ -620,8 +641,8 @@ def fused_experts_fp8(
     swapab_only = {k: cfg[k] for k in SWAPAB_ONLY_OFF}
     if cfg["path"] != "swapab" and swapab_only != SWAPAB_ONLY_OFF:
         raise ValueError(
-            f"config: FUSED_CAST2, N_TILES2, PREFETCH1, PREFETCH2, WAIT2 and GRID apply to path='swapab' only, got "
-            f"path={cfg['path']!r} with {swapab_only}"
+            "config: FUSED_CAST2, N_TILES2, PREFETCH1, PREFETCH2, WAIT2, GRID, UNROLL1 and UNROLL2 apply to "
+            f"path='swapab' only, got path={cfg['path']!r} with {swapab_only}"
         )
     num_pairs = num_tokens * top_k
     topk_ids = topk_ids.contiguous()
@@ -673,6 +694,8 @@ def fused_experts_fp8(
             PREFETCH2=cfg["PREFETCH2"],
             ready=ready,
             by_expert=cfg["GRID"] == "experts",
+            UNROLL1=cfg["UNROLL1"],
+            UNROLL2=cfg["UNROLL2"],
         )
         if not cfg["FUSED_CAST2"]:
             cast_out(acc, result, pdl=pdl, reset=ready)

@@ -55,6 +55,8 @@ ZERO_BLOCK = tl.constexpr(1024)
 #: program asks L2 for before it waits on its input (a power of two: one 128-byte line a block,
 #: ``tl.arange`` over them).
 PREFETCH_BLOCKS = (0, 1, 2, 4, 8, 16)
+#: Values ``UNROLL1`` and ``UNROLL2`` may take: K blocks a GEMM1 or GEMM2 pipeline iteration handles.
+UNROLL_BLOCKS = (1, 2, 4)
 
 
 @triton.jit
@@ -176,6 +178,7 @@ def _gemm1_kernel(
     WAIT_INPUT: tl.constexpr,
     READY: tl.constexpr,
     BY_EXPERT: tl.constexpr,
+    UNROLL: tl.constexpr,
 ):
     if PDL:
         gdc_launch_dependents()  # GEMM2 may start its prologue; it waits before reading y
@@ -219,34 +222,47 @@ def _gemm1_kernel(
         if WEIGHT_ON_INPUT:
             router_w = tl.load(topk_w_ptr + pair, mask=ok, other=0.0)
         acc = tl.zeros([2 * BLOCK_N, BLOCK_T], dtype=tl.float32)
-        for kb in range(0, tl.cdiv(H, BLOCK_K)):
-            if EVEN_K:
-                x_mask = ok[:, None]
-                w_mask = col_ok[:, None]
-            else:
-                k_ok = kb * BLOCK_K + offs_k < H
-                x_mask = ok[:, None] & k_ok[None, :]
-                w_mask = col_ok[:, None] & k_ok[None, :]
-            xq, xs = load_operand(
-                x_ptrs,
-                x_mask,
-                x_scale_ptr + token * stride_xsm + kb,
-                ok,
-                a_static_ptr,
-                router_w,
-                QUANT_ON_LOAD,
-                A_STATIC,
-                UE8M0,
-                WEIGHT_ON_INPUT,
-                BLOCK_T,
-            )
-            w = tl.load(w_ptrs, mask=w_mask, other=0.0)
-            ws = 1.0
-            if BLOCK_SCALED:
-                ws = tl.where(is_gate, tl.load(wsg_ptr + kb), tl.load(wsu_ptr + kb))[:, None]
-            acc = accumulate(acc, w, xq, xs, ws, BLOCK_SCALED, A_STATIC, BLOCK_K)
-            x_ptrs += BLOCK_K
-            w_ptrs += BLOCK_K
+        # UNROLL K blocks an iteration, as GEMM2's.
+        for kb0 in range(0, tl.cdiv(H, BLOCK_K), UNROLL):
+            for u in tl.static_range(UNROLL):
+                kb = kb0 + u
+                if EVEN_K:
+                    x_mask = ok[:, None]
+                    w_mask = col_ok[:, None]
+                    scale_ok = ok
+                else:
+                    k_ok = kb * BLOCK_K + offs_k < H
+                    x_mask = ok[:, None] & k_ok[None, :]
+                    w_mask = col_ok[:, None] & k_ok[None, :]
+                    scale_ok = ok & (kb * BLOCK_K < H)
+                xq, xs = load_operand(
+                    x_ptrs + u * BLOCK_K,
+                    x_mask,
+                    x_scale_ptr + token * stride_xsm + kb,
+                    scale_ok,
+                    a_static_ptr,
+                    router_w,
+                    QUANT_ON_LOAD,
+                    A_STATIC,
+                    UE8M0,
+                    WEIGHT_ON_INPUT,
+                    BLOCK_T,
+                )
+                w = tl.load(w_ptrs + u * BLOCK_K, mask=w_mask, other=0.0)
+                ws = 1.0
+                if BLOCK_SCALED:
+                    if EVEN_K:
+                        ws = tl.where(is_gate, tl.load(wsg_ptr + kb), tl.load(wsu_ptr + kb))[:, None]
+                    else:
+                        kb_in = kb * BLOCK_K < H
+                        ws = tl.where(
+                            is_gate,
+                            tl.load(wsg_ptr + kb, mask=kb_in, other=0.0),
+                            tl.load(wsu_ptr + kb, mask=kb_in, other=0.0),
+                        )[:, None]
+                acc = accumulate(acc, w, xq, xs, ws, BLOCK_SCALED, A_STATIC, BLOCK_K)
+            x_ptrs += UNROLL * BLOCK_K
+            w_ptrs += UNROLL * BLOCK_K
         acc = tensor_scaled(acc, w_scale_ptr, expert, a_static_ptr, BLOCK_SCALED, A_STATIC)
         gate, up = tl.split(tl.permute(tl.reshape(acc, [2, BLOCK_N, BLOCK_T]), [1, 2, 0]))
         y = gate * tl.sigmoid(gate) * up
@@ -424,6 +440,7 @@ def _gemm2_kernel(
     PREFETCH: tl.constexpr,
     READY: tl.constexpr,
     BY_EXPERT: tl.constexpr,
+    UNROLL: tl.constexpr,
 ):
     if PDL:
         gdc_launch_dependents()
@@ -470,34 +487,42 @@ def _gemm2_kernel(
         if BLOCK_SCALED:
             ws_ptr = w_scale_ptr + expert * stride_wse + (tile * BLOCK_N // BLOCK_K) * stride_wsn
         acc = tl.zeros([BLOCK_N, BLOCK_T], dtype=tl.float32)
-        for kb in range(kb_start, kb_end):
-            if EVEN_K:
-                y_mask = ok[:, None]
-                w_mask = n_ok[:, None]
-            else:
-                k_ok = kb * BLOCK_K + offs_k < I
-                y_mask = ok[:, None] & k_ok[None, :]
-                w_mask = n_ok[:, None] & k_ok[None, :]
-            yq, ys = load_operand(
-                y_ptrs,
-                y_mask,
-                y_scale_ptr + pair.to(tl.int64) * stride_ysm + kb,
-                ok,
-                y_static_ptr,
-                0.0,
-                QUANT_ON_LOAD,
-                Y_STATIC,
-                UE8M0,
-                False,
-                BLOCK_T,
-            )
-            w = tl.load(w_ptrs, mask=w_mask, other=0.0)
-            ws = 1.0
-            if BLOCK_SCALED:
-                ws = tl.load(ws_ptr + kb)
-            acc = accumulate(acc, w, yq, ys, ws, BLOCK_SCALED, Y_STATIC, BLOCK_K)
-            y_ptrs += BLOCK_K
-            w_ptrs += BLOCK_K
+        # UNROLL K blocks an iteration: the pipeline's CTA barrier and waits are paid once for them.
+        for kb0 in range(kb_start, kb_end, UNROLL):
+            for u in tl.static_range(UNROLL):
+                kb = kb0 + u
+                if EVEN_K:
+                    y_mask = ok[:, None]
+                    w_mask = n_ok[:, None]
+                    scale_ok = ok
+                else:
+                    k_ok = (kb * BLOCK_K + offs_k < I) & (kb < kb_end)
+                    y_mask = ok[:, None] & k_ok[None, :]
+                    w_mask = n_ok[:, None] & k_ok[None, :]
+                    scale_ok = ok & (kb < kb_end)
+                yq, ys = load_operand(
+                    y_ptrs + u * BLOCK_K,
+                    y_mask,
+                    y_scale_ptr + pair.to(tl.int64) * stride_ysm + kb,
+                    scale_ok,
+                    y_static_ptr,
+                    0.0,
+                    QUANT_ON_LOAD,
+                    Y_STATIC,
+                    UE8M0,
+                    False,
+                    BLOCK_T,
+                )
+                w = tl.load(w_ptrs + u * BLOCK_K, mask=w_mask, other=0.0)
+                ws = 1.0
+                if BLOCK_SCALED:
+                    if EVEN_K:
+                        ws = tl.load(ws_ptr + kb)
+                    else:
+                        ws = tl.load(ws_ptr + kb, mask=kb < kb_end, other=0.0)
+                acc = accumulate(acc, w, yq, ys, ws, BLOCK_SCALED, Y_STATIC, BLOCK_K)
+            y_ptrs += UNROLL * BLOCK_K
+            w_ptrs += UNROLL * BLOCK_K
         acc = tensor_scaled(acc, w_scale_ptr, expert, y_static_ptr, BLOCK_SCALED, Y_STATIC)
         if not WEIGHT_ON_INPUT:
             acc = acc * tl.load(topk_w_ptr + pair, mask=ok, other=0.0)[None, :]
@@ -573,6 +598,8 @@ def swapab_fp8(
     PREFETCH2: int = 0,
     ready: Optional[torch.Tensor] = None,
     by_expert: bool = False,
+    UNROLL1: int = 1,
+    UNROLL2: int = 1,
 ) -> None:
     """Both GEMMs: ``acc[t] += sum_j w[t, j] * expert(ids[t, j])(hidden[t])`` (fp32, atomics).
 
@@ -612,12 +639,15 @@ def swapab_fp8(
         by_expert: with fewer local experts than pairs, one program (per tile) for each local
             expert instead of each pair (:func:`tiles.local_expert_members`); the same pairs in
             the same chunks, so the same numerics.
+        UNROLL1, UNROLL2: K blocks a GEMM1 / GEMM2 pipeline iteration loads and multiplies (one
+            of :data:`UNROLL_BLOCKS`): its CTA barrier and waits are paid once for them.
 
     Raises:
         ValueError: a tile that would mix block scales, an e4m3 intermediate with dynamic
             scales whose GEMM1 tile is not one scale block wide, N_TILES2 < 1, PREFETCH1 or
             PREFETCH2 not in :data:`PREFETCH_BLOCKS`, the fused cast without GEMM1's zeroing, or
-            ``ready`` with the fused cast or without GEMM1's zeroing.
+            ``ready`` with the fused cast or without GEMM1's zeroing, UNROLL1 or UNROLL2 not in
+            :data:`UNROLL_BLOCKS`.
     """
     e, two_i, h = w13.shape
     inter = two_i // 2
@@ -652,6 +682,9 @@ def swapab_fp8(
             "config: WAIT2='expert' needs ZERO='fused' and FUSED_CAST2=False (GEMM2 counts GEMM1's zeroing "
             "shares, and the cast launch resets the counters)"
         )
+    for name, blocks in (("UNROLL1", UNROLL1), ("UNROLL2", UNROLL2)):
+        if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks not in UNROLL_BLOCKS:
+            raise ValueError(f"config: {name} must be one of {UNROLL_BLOCKS}, got {blocks!r}")
     if ready is not None:
         assert ready.dtype == torch.int32 and ready.is_contiguous() and ready.numel() == e + 1
     pairs_pad = gather_scan_width(num_pairs)
@@ -731,12 +764,13 @@ def swapab_fp8(
         BLOCK_SCALED=block_scaled,
         UE8M0=ue8m0,
         WEIGHT_ON_INPUT=weight_on_input,
-        EVEN_K=h % SCALE_BLOCK == 0,
+        EVEN_K=h % SCALE_BLOCK == 0 and triton.cdiv(h, SCALE_BLOCK) % UNROLL1 == 0,
         PDL=pdl,
         PREFETCH=0 if INTERPRETING else PREFETCH1,
         WAIT_INPUT=gemm1_waits,
         READY=expert_wait,
         BY_EXPERT=grid_by_expert,
+        UNROLL=UNROLL1,
         num_warps=num_warps1,
         num_stages=num_stages1,
         **({"launch_pdl": True} if gemm1_waits else {}),
@@ -790,11 +824,12 @@ def swapab_fp8(
         BLOCK_SCALED=block_scaled,
         UE8M0=ue8m0,
         WEIGHT_ON_INPUT=weight_on_input,
-        EVEN_K=inter % SCALE_BLOCK == 0,
+        EVEN_K=inter % SCALE_BLOCK == 0 and per_split % UNROLL2 == 0 and k_blocks % UNROLL2 == 0,
         PDL=pdl,
         PREFETCH=0 if INTERPRETING else PREFETCH2,
         READY=expert_wait,
         BY_EXPERT=grid_by_expert,
+        UNROLL=UNROLL2,
         num_warps=num_warps2,
         num_stages=num_stages2,
         maxnreg=GATHER_MAXNREG,

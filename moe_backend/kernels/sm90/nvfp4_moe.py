@@ -87,6 +87,13 @@ DECODE_CONFIG: Dict[str, Any] = dict(
     num_stages2=3,
     PDL=False,
 )
+#: The decode tiling with GEMM2 and the cast as programmatic dependent launches (each starts while
+#: the launch before it finishes, and waits for it before reading its output; ``moe-backend bench
+#: --variants nvfp4_decode_pdl``). H200, 2026-12-04, one bench run against ``DECODE_CONFIG``: T=1 87.5
+#: against 89.1 us (E=256) and 85.9 against 87.3 (E=32), level from T=2 to 8 (-1.1 to +0.2%), E=256
+#: T=16 1033.1 against 990.4. It joins the tuner's candidates once its GPU tests
+#: (``test_gpu_decode_pdl_matches_reference``) have run: no GPU was left to run them.
+DECODE_PDL_CONFIG: Dict[str, Any] = dict(DECODE_CONFIG, PDL=True)
 #: ``swapab``: the decode tiling without the ``align`` and ``permute`` launches (each expert's
 #: leader pair gathers its pairs, GEMM1 reads the hidden states at the dot order's offsets) and
 #: with GEMM2 and the cast as programmatic dependent launches. ``BLOCK_M``: pairs per MMA.
