@@ -203,15 +203,15 @@ def variants() -> List[Variant]:
 
 def experimental_configs(kernel_name: str) -> List[dict]:
     """Configurations a kernel's launcher serves through ``config=`` that are not (yet) tuner
-    candidates, awaiting their GPU check and timing: the FP8 swap-AB variants and the NVFP4
-    swap-AB path. They must compile all the same."""
+    candidates, awaiting their GPU check and timing: the FP8 swap-AB variants, the NVFP4 swap-AB
+    path and the NVFP4 decode variants. They must compile all the same."""
     from moe_backend.kernels.registry import SM90_FP8, SM90_NVFP4
     from moe_backend.kernels.sm90.fp8_moe import SWAPAB_VARIANTS
-    from moe_backend.kernels.sm90.nvfp4_moe import SWAPAB_CONFIG as NVFP4_SWAPAB
+    from moe_backend.kernels.sm90.nvfp4_moe import DECODE_VARIANTS, SWAPAB_CONFIG as NVFP4_SWAPAB
 
     if kernel_name == SM90_FP8.name:
         return list(SWAPAB_VARIANTS.values())
-    return [NVFP4_SWAPAB] if kernel_name == SM90_NVFP4.name else []
+    return [NVFP4_SWAPAB, *DECODE_VARIANTS.values()] if kernel_name == SM90_NVFP4.name else []
 
 
 def launcher_configs(kernel_name: str, experimental: bool = True) -> List[Optional[dict]]:

@@ -84,7 +84,7 @@ VARIANTS: Dict[str, Tuple[str, Optional[Dict[str, Any]]]] = {
     **{f"swapab_{name}": ("fp8_block", cfg) for name, cfg in fp8_moe.SWAPAB_VARIANTS.items()},
     "swapab_stages4": ("fp8_block", fp8_moe.SWAPAB_STAGES4_CONFIG),
     "nvfp4_swapab": ("nvfp4", nvfp4_moe.SWAPAB_CONFIG),
-    "nvfp4_decode_pdl": ("nvfp4", nvfp4_moe.DECODE_PDL_CONFIG),
+    **{f"nvfp4_decode_{name}": ("nvfp4", cfg) for name, cfg in nvfp4_moe.DECODE_VARIANTS.items()},
     # prefill: the Triton kernels' largest tiles and the CuTe DSL grouped GEMMs, whichever the default takes
     "prefill": ("fp8_block", fp8_moe.PREFILL_CONFIG),
     "cute_grouped": ("fp8_block", fp8_moe.CUTE_GROUPED_CONFIG),

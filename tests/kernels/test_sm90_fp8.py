@@ -257,6 +257,19 @@ def test_swapab_gemm2_variants(config):
 
 
 @runs_here
+@pytest.mark.parametrize(
+    "config",
+    [dict(SWAPAB_PREQ, UNROLL1=2, UNROLL2=2), dict(SWAPAB_SMALL, UNROLL1=4, UNROLL2=2)],
+    ids=["preq-unroll2", "quant-on-load-unroll4-split2"],
+)
+def test_swapab_unrolled_loops_iterate(config):
+    """Five K blocks in both GEMMs (H = I = 640): GEMM1 three iterations of two blocks (or two of
+    four), the last part empty; GEMM2 the same, or with two K slices (three blocks and two)."""
+    check(make_problem(4, 640, 640, 4, 2, block=True, offset=1), config=config)
+    check(make_problem(3, 640, 640, 4, 2, block=False, offset=0, static=True), config=config)
+
+
+@runs_here
 def test_swapab_fused_cast_writes_zero_rows_without_local_experts():
     p = make_problem(5, 256, 128, 4, 2, block=True, offset=100, invalid=False)
     p.ids = torch.full_like(p.ids, -1)

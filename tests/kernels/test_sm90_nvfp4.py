@@ -43,6 +43,13 @@ SWAPAB_SMALL = dict(DECODE_SMALL, path="swapab")
 PREFILL_SMALL = dict(
     path="prefill", BLOCK_M=32, BLOCK_N1=32, GROUP_M1=2, BLOCK_N2=32, SPLIT_K2=1, GROUP_M2=2, num_warps1=4, num_warps2=4
 )
+#: Several 256-K groups a main-loop iteration: with fewer groups than that (or a K slice of one
+#: group), the loop's last groups load nothing.
+UNROLLED = {
+    "decode-unroll2": dict(DECODE_SMALL, UNROLL1=2, UNROLL2=2),
+    "swapab-unroll2": dict(SWAPAB_SMALL, UNROLL1=2, UNROLL2=2),
+    "prefill-unroll4": dict(PREFILL_SMALL, UNROLL1=4, UNROLL2=4, MAXNREG1=168, MAXNREG2=128),
+}
 
 
 def random_nvfp4(e: int, h: int, i: int, g: torch.Generator, *, up_scale: float = 1.0) -> NVFP4Weights:
@@ -109,12 +116,24 @@ def check(p: Problem, *, weight_on_input: bool = False, config: Optional[dict] =
 
 # ----------------------------------------------------------------------------- interpreter-sized
 @runs_here
-@pytest.mark.parametrize("config", [DECODE_SMALL, PREFILL_SMALL, SWAPAB_SMALL], ids=["decode", "prefill", "swapab"])
+@pytest.mark.parametrize(
+    "config",
+    [DECODE_SMALL, PREFILL_SMALL, SWAPAB_SMALL, *UNROLLED.values()],
+    ids=["decode", "prefill", "swapab", *UNROLLED],
+)
 @pytest.mark.parametrize(
     "t,h,i,e,k,offset", [(1, 128, 64, 4, 1, 0), (7, 96, 48, 4, 2, 3), (33, 64, 32, 3, 3, 0), (3, 272, 272, 2, 2, 1)]
 )
 def test_small(config, t, h, i, e, k, offset):
     check(make_problem(t, h, i, e, k, offset=offset), config=config)
+
+
+@runs_here
+@pytest.mark.parametrize("config", UNROLLED.values(), ids=UNROLLED)
+def test_unrolled_loops_iterate(config):
+    """Three 256-K groups in both GEMMs (H = I = 608, one K slice): two iterations of two groups,
+    the second half-empty (of four: one iteration, a quarter empty)."""
+    check(make_problem(3, 608, 608, 2, 2, offset=1), config=dict(config, SPLIT_K2=1))
 
 
 @runs_here
@@ -177,6 +196,14 @@ def test_errors_name_the_argument():
         fused_experts_nvfp4(p.hidden, prep, p.ids, p.topk_w, **{**kw, "local_expert_offset": -1})
     with pytest.raises(ValueError, match="config"):
         fused_experts_nvfp4(p.hidden, prep, p.ids, p.topk_w, **kw, config={"BLOCK_Q": 1})
+    for key in ("UNROLL1", "UNROLL2"):
+        for value in (0, 3, 8, True, 2.0):
+            with pytest.raises(ValueError, match=rf"{key} must be one of \(1, 2, 4\), got {value!r}"):
+                fused_experts_nvfp4(p.hidden, prep, p.ids, p.topk_w, **kw, config={key: value})
+    for key in ("MAXNREG1", "MAXNREG2"):
+        for value in (-1, 16, 256, True, 128.0):
+            with pytest.raises(ValueError, match=rf"{key} must be 0 .* or an int from 24 to 255, got {value!r}"):
+                fused_experts_nvfp4(p.hidden, prep, p.ids, p.topk_w, **kw, config={key: value})
 
 
 # ----------------------------------------------------------------------------- GPU
@@ -204,14 +231,15 @@ def test_gpu_matches_reference(t, h, i, e, k, offset):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("path", ["decode", "decode_pdl", "prefill", "swapab"])
+@pytest.mark.parametrize("path", ["decode", "decode_pdl", "decode_unroll2", "prefill", "swapab"])
 @pytest.mark.parametrize("t,e,k", [(64, 32, 8), (300, 8, 2)])
 def test_gpu_both_paths_and_weight_on_input(path, t, e, k):
-    from moe_backend.kernels.sm90.nvfp4_moe import DECODE_CONFIG, DECODE_PDL_CONFIG, PREFILL_CONFIG, SWAPAB_CONFIG
+    from moe_backend.kernels.sm90.nvfp4_moe import DECODE_CONFIG, DECODE_VARIANTS, PREFILL_CONFIG, SWAPAB_CONFIG
 
     cfg = {
         "decode": DECODE_CONFIG,
-        "decode_pdl": DECODE_PDL_CONFIG,
+        "decode_pdl": DECODE_VARIANTS["pdl"],
+        "decode_unroll2": DECODE_VARIANTS["unroll2"],
         "prefill": PREFILL_CONFIG,
         "swapab": SWAPAB_CONFIG,
     }[path]
@@ -220,13 +248,15 @@ def test_gpu_both_paths_and_weight_on_input(path, t, e, k):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["pdl", "unroll2", "unroll2_free"])
 @pytest.mark.parametrize("t,h,i,e,k,offset", [c for c in GPU_CASES if c[0] <= 16])
-def test_gpu_decode_pdl_matches_reference(t, h, i, e, k, offset):
-    """The decode tiling with GEMM2 and the cast as programmatic dependent launches (a tuner
-    candidate) at the decode sizes, EP offsets, -1 and foreign ids, odd shapes."""
-    from moe_backend.kernels.sm90.nvfp4_moe import DECODE_PDL_CONFIG
+def test_gpu_decode_variants_match_reference(variant, t, h, i, e, k, offset):
+    """The decode variants awaiting their timing (``nvfp4_moe.DECODE_VARIANTS``: programmatic
+    dependent launches, two groups an iteration with and without the register cap) at the decode
+    sizes, EP offsets, -1 and foreign ids, odd shapes (K tails in both GEMMs)."""
+    from moe_backend.kernels.sm90.nvfp4_moe import DECODE_VARIANTS
 
-    check(make_problem(t, h, i, e, k, offset=offset, invalid=t % 2 == 1, seed=t), config=DECODE_PDL_CONFIG)
+    check(make_problem(t, h, i, e, k, offset=offset, invalid=t % 2 == 1, seed=t), config=DECODE_VARIANTS[variant])
 
 
 @pytest.mark.gpu

@@ -28,14 +28,14 @@ from ...runtime import workspace
 from ..interpret import INTERPRETING
 from .align import AlignedRouting, GatheredPairs, row_source_args
 from .nvfp4_layout import K_GROUP
-from .nvfp4_tile import WEIGHT_RESCALE, dequant_group, mma
+from .nvfp4_tile import WEIGHT_RESCALE, load_group, mma
 from .tiles import (
-    GATHER_MAXNREG,
     MAX_GATHER_PAIRS,
     aligned_rows,
     chunk_pairs,
     expert_members,
     gather_scan_width,
+    register_cap,
     tile_coords,
     zero_fill,
 )
@@ -71,6 +71,7 @@ def _gemm1_rows(
     WEIGHT_ON_INPUT: tl.constexpr,
     GATHER: tl.constexpr,
     INTERPRET: tl.constexpr,
+    UNROLL: tl.constexpr,
 ):
     """One tile: ``BLOCK_M`` rows (``pair``, of ``token``) of local ``expert`` times the gate and
     up rows of column block ``pid_n``; writes ``silu(gate) * up`` at ``y[rows]`` (``row_ok`` rows
@@ -91,21 +92,29 @@ def _gemm1_rows(
     # Without it the loop's zero-trip path re-defines the accumulator and ptxas
     # serializes every wgmma (C7515); Hp >= 256 always.
     tl.assume(num_groups > 0)
-    for g in range(0, num_groups):
-        if GATHER:
-            # hidden in natural order, loaded contiguously (16-byte cp.async) and put in the dot
-            # order in registers: position 128 h + 32 s + 2 w + i holds 16 w + 8 h + 2 s + i
-            # (nvfp4_act.natural_k). Loading at natural_k offsets instead defeated vectorization
-            # and the pipeliner (2-byte synchronous loads).
-            x = tl.load(x_ptrs, mask=row_ok[:, None] & (g * 256 + offs_k < H)[None, :], other=0.0)
-            x = tl.reshape(tl.permute(tl.reshape(x, [BLOCK_M, 16, 2, 4, 2]), (0, 2, 3, 1, 4)), [BLOCK_M, 256])
-        else:
-            x = tl.load(x_ptrs, mask=row_ok[:, None], other=0.0)
-        w = dequant_group(tl.load(w_ptrs), tl.load(w_ptrs + 16), tl.load(s_ptrs), INTERPRET)
-        acc = mma(w, x, acc, INTERPRET)
-        x_ptrs += 256
-        w_ptrs += 32
-        s_ptrs += 16
+    # UNROLL groups an iteration: the pipeline's barriers, waits and address work are paid once
+    # for them, and ptxas keeps each group's weight fragments apart (no warpgroup fence between
+    # the MMAs when the registers allow it).
+    for g0 in range(0, num_groups, UNROLL):
+        for u in tl.static_range(UNROLL):
+            g = g0 + u
+            if GATHER:
+                # hidden in natural order, loaded contiguously (16-byte cp.async) and put in the dot
+                # order in registers: position 128 h + 32 s + 2 w + i holds 16 w + 8 h + 2 s + i
+                # (nvfp4_act.natural_k). Loading at natural_k offsets instead defeated vectorization
+                # and the pipeliner (2-byte synchronous loads).
+                x = tl.load(x_ptrs + u * 256, mask=row_ok[:, None] & (g * 256 + offs_k < H)[None, :], other=0.0)
+                x = tl.reshape(tl.permute(tl.reshape(x, [BLOCK_M, 16, 2, 4, 2]), (0, 2, 3, 1, 4)), [BLOCK_M, 256])
+            elif UNROLL == 1:
+                x = tl.load(x_ptrs, mask=row_ok[:, None], other=0.0)
+            else:
+                # a group past the last (num_groups not a multiple of UNROLL) loads nothing
+                x = tl.load(x_ptrs + u * 256, mask=row_ok[:, None] & (g < num_groups), other=0.0)
+            w = load_group(w_ptrs + u * 32, s_ptrs + u * 16, g < num_groups, UNROLL > 1, INTERPRET)
+            acc = mma(w, x, acc, INTERPRET)
+        x_ptrs += UNROLL * 256
+        w_ptrs += UNROLL * 32
+        s_ptrs += UNROLL * 16
 
     global_scale = tl.where(is_gate, tl.load(wg_ptr + expert * 2), tl.load(wg_ptr + expert * 2 + 1))
     acc = tl.trans(acc * (global_scale * WEIGHT_RESCALE)[:, None])  # [BLOCK_M, 2 * BLOCK_N]
@@ -163,6 +172,7 @@ def _gemm1_kernel(
     PDL: tl.constexpr,
     INTERPRET: tl.constexpr,
     ZERO_BLOCK: tl.constexpr,
+    UNROLL: tl.constexpr,
 ):
     if PDL:
         gdc_launch_dependents()  # GEMM2 may start its prologue; it waits before reading y
@@ -181,7 +191,7 @@ def _gemm1_kernel(
                 x_ptr, w_ptr, ws_ptr, wg_ptr, y_ptr, topk_w_ptr,
                 pair, pair, ok, token, expert, tl.program_id(1), H, IP, num_groups,
                 stride_xm, stride_we, stride_wn, stride_wse, stride_wsn, stride_ym,
-                BLOCK_M, BLOCK_N, WEIGHT_ON_INPUT, GATHER, INTERPRET,
+                BLOCK_M, BLOCK_N, WEIGHT_ON_INPUT, GATHER, INTERPRET, UNROLL,
             )  # fmt: skip
     else:
         # rows_ptr: the aligned rows' pairs (align.AlignedRouting.sorted_ids).
@@ -196,7 +206,7 @@ def _gemm1_kernel(
             x_ptr, w_ptr, ws_ptr, wg_ptr, y_ptr, topk_w_ptr,
             rows, pair, row_ok, token, expert, pid_n, H, IP, num_groups,
             stride_xm, stride_we, stride_wn, stride_wse, stride_wsn, stride_ym,
-            BLOCK_M, BLOCK_N, WEIGHT_ON_INPUT, GATHER, INTERPRET,
+            BLOCK_M, BLOCK_N, WEIGHT_ON_INPUT, GATHER, INTERPRET, UNROLL,
         )  # fmt: skip
 
 
@@ -217,6 +227,8 @@ def gemm1_nvfp4(
     num_warps: int,
     num_stages: int,
     pdl: bool = False,
+    unroll: int = 1,
+    maxnreg: int = 0,
 ) -> torch.Tensor:
     """Launch GEMM1 + SiLU-and-mul.
 
@@ -231,6 +243,9 @@ def gemm1_nvfp4(
         BLOCK_N: divides 256 (the weight tile has ``2 BLOCK_N`` rows: ``BLOCK_N = 32`` fills one
             64-row wgmma).
         pdl: the programs signal a programmatic dependent launch of GEMM2 as they start.
+        unroll: 256-K groups an iteration of the main loop (a power of two).
+        maxnreg: register cap a thread (0: the compiler's choice; the gathered path's default is
+            ``GATHER_MAXNREG``).
 
     Returns:
         ``y [P, Ip]`` bf16, columns in stored order: aligned, ``P = max_tiles * block_m`` (padding
@@ -285,8 +300,9 @@ def gemm1_nvfp4(
         PDL=pdl,
         INTERPRET=INTERPRETING,
         ZERO_BLOCK=ZERO_BLOCK,
+        UNROLL=unroll,
         num_warps=num_warps,
         num_stages=num_stages,
-        **({"maxnreg": GATHER_MAXNREG} if gather else {}),
+        **register_cap(maxnreg, gather),
     )
     return y

@@ -22,14 +22,14 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from ..interpret import INTERPRETING
 from .align import AlignedRouting, GatheredPairs, row_source_args
 from .nvfp4_layout import K_GROUP
-from .nvfp4_tile import WEIGHT_RESCALE, dequant_group, mma
+from .nvfp4_tile import WEIGHT_RESCALE, load_group, mma
 from .tiles import (
-    GATHER_MAXNREG,
     MAX_GATHER_PAIRS,
     aligned_rows,
     chunk_pairs,
     expert_members,
     gather_scan_width,
+    register_cap,
     tile_coords,
 )
 
@@ -62,6 +62,7 @@ def _gemm2_rows(
     WEIGHT_ON_INPUT: tl.constexpr,
     GATHER: tl.constexpr,
     INTERPRET: tl.constexpr,
+    UNROLL: tl.constexpr,
 ):
     """One tile: ``y[rows]`` (``BLOCK_M`` rows of ``pair``) over K groups ``[kb_start, kb_end)``
     times ``w2[expert, offs_n]``, router-weighted and added atomically at the pairs' tokens."""
@@ -73,22 +74,26 @@ def _gemm2_rows(
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     # Every split holds a group (the launcher sizes the splits); see GEMM1 on why this matters.
     tl.assume(kb_end > kb_start)
-    for _ in range(kb_start, kb_end):
-        if GATHER:
-            y = tl.load(y_ptrs, mask=row_ok[:, None], other=0.0)
-        else:
-            # Every aligned row of y exists (padding rows hold zeros and are dropped at the store).
-            y = tl.load(y_ptrs)
-        w = dequant_group(
-            tl.load(w_ptrs, mask=n_ok[:, None], other=0),
-            tl.load(w_ptrs + 16, mask=n_ok[:, None], other=0),
-            tl.load(s_ptrs, mask=n_ok[:, None], other=0.0),
-            INTERPRET,
-        )
-        acc = mma(w, y, acc, INTERPRET)
-        y_ptrs += 256
-        w_ptrs += 32
-        s_ptrs += 16
+    # UNROLL groups an iteration, as GEMM1's.
+    for g0 in range(kb_start, kb_end, UNROLL):
+        for u in tl.static_range(UNROLL):
+            g = g0 + u
+            if UNROLL == 1:
+                in_k = n_ok[:, None]
+                if GATHER:
+                    y = tl.load(y_ptrs, mask=row_ok[:, None], other=0.0)
+                else:
+                    # Every aligned row of y exists (padding rows hold zeros and are dropped at the store).
+                    y = tl.load(y_ptrs)
+            else:
+                # a group past this split's last (its count not a multiple of UNROLL) loads nothing
+                in_k = n_ok[:, None] & (g < kb_end)
+                y = tl.load(y_ptrs + u * 256, mask=row_ok[:, None] & (g < kb_end), other=0.0)
+            w = load_group(w_ptrs + u * 32, s_ptrs + u * 16, in_k, True, INTERPRET)
+            acc = mma(w, y, acc, INTERPRET)
+        y_ptrs += UNROLL * 256
+        w_ptrs += UNROLL * 32
+        s_ptrs += UNROLL * 16
 
     acc = tl.trans(acc) * (tl.load(wg_ptr + expert) * WEIGHT_RESCALE)
     if not WEIGHT_ON_INPUT:
@@ -131,6 +136,7 @@ def _gemm2_kernel(
     PAIRS: tl.constexpr,
     PDL: tl.constexpr,
     INTERPRET: tl.constexpr,
+    UNROLL: tl.constexpr,
 ):
     if PDL:
         gdc_launch_dependents()  # the cast may start; it waits for this grid before reading acc
@@ -152,7 +158,7 @@ def _gemm2_kernel(
                 y_ptr, w_ptr, ws_ptr, wg_ptr, acc_ptr, topk_w_ptr,
                 pair, pair, ok, expert, offs_n, offs_n < H, kb_start, kb_end, top_k,
                 stride_ym, stride_we, stride_wn, stride_wse, stride_wsn, stride_accm,
-                BLOCK_M, BLOCK_N, WEIGHT_ON_INPUT, GATHER, INTERPRET,
+                BLOCK_M, BLOCK_N, WEIGHT_ON_INPUT, GATHER, INTERPRET, UNROLL,
             )  # fmt: skip
     else:
         # rows_ptr: the aligned rows' pairs (align.AlignedRouting.sorted_ids).
@@ -168,7 +174,7 @@ def _gemm2_kernel(
             y_ptr, w_ptr, ws_ptr, wg_ptr, acc_ptr, topk_w_ptr,
             rows, pair, row_ok, expert, offs_n, n_ok, kb_start, kb_end, top_k,
             stride_ym, stride_we, stride_wn, stride_wse, stride_wsn, stride_accm,
-            BLOCK_M, BLOCK_N, WEIGHT_ON_INPUT, GATHER, INTERPRET,
+            BLOCK_M, BLOCK_N, WEIGHT_ON_INPUT, GATHER, INTERPRET, UNROLL,
         )  # fmt: skip
 
 
@@ -190,6 +196,8 @@ def gemm2_nvfp4(
     num_warps: int,
     num_stages: int,
     pdl: bool = False,
+    unroll: int = 1,
+    maxnreg: int = 0,
 ) -> None:
     """Launch GEMM2 + weighted combine: ``acc[t] += w[t, j] * (y_row @ w2[e].T)``.
 
@@ -202,6 +210,9 @@ def gemm2_nvfp4(
         acc: ``[T, H]`` fp32 workspace, zeroed, unit column stride.
         pdl: launch as a programmatic dependent launch of GEMM1 (the programs wait for it before
             reading ``y``; on a GPU only), and signal the cast's.
+        unroll: 256-K groups an iteration of the main loop (a power of two).
+        maxnreg: register cap a thread (0: the compiler's choice; the gathered path's default is
+            ``GATHER_MAXNREG``).
     """
     e, h, ip_words = w2.shape
     groups = ip_words * 8 // K_GROUP
@@ -247,8 +258,9 @@ def gemm2_nvfp4(
         PAIRS=gather_scan_width(num_pairs) if gather else 1,
         PDL=pdl,
         INTERPRET=INTERPRETING,
+        UNROLL=unroll,
         num_warps=num_warps,
         num_stages=num_stages,
         **({"launch_pdl": True} if pdl else {}),
-        **({"maxnreg": GATHER_MAXNREG} if gather else {}),
+        **register_cap(maxnreg, gather),
     )

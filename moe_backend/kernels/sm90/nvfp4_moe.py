@@ -53,6 +53,10 @@ from .tiles import MAX_GATHER_PAIRS
 
 #: Every knob (``config=`` may give any subset; the rest come from the heuristic).
 #: ``*1`` are GEMM1's, ``*2`` GEMM2's; ``BLOCK_N*`` divide 256 (GEMM1) or are powers of two >= 16.
+#: ``UNROLL*`` (one of :data:`UNROLL_GROUPS`): 256-K groups a main-loop iteration, so that the
+#: pipeline's barriers, waits and address work are paid once for them (the decode GEMMs are bound by
+#: instruction issue). ``MAXNREG*``: register cap a thread, 0 for the compiler's choice (the gathered
+#: path then caps at ``tiles.GATHER_MAXNREG``), else 24 to 255.
 CONFIG_KEYS = (
     "path",
     "BLOCK_M",
@@ -66,9 +70,15 @@ CONFIG_KEYS = (
     "num_warps2",
     "num_stages2",
     "PDL",
+    "UNROLL1",
+    "UNROLL2",
+    "MAXNREG1",
+    "MAXNREG2",
     "TILE1",
     "TILE2",
 )
+#: Values ``UNROLL1`` / ``UNROLL2`` may take.
+UNROLL_GROUPS = (1, 2, 4)
 #: The keys ``path='bf16_grouped'`` reads; the other paths do not read ``TILE1`` / ``TILE2``.
 GROUPED_KEYS = ("path", "TILE1", "TILE2")
 
@@ -86,14 +96,29 @@ DECODE_CONFIG: Dict[str, Any] = dict(
     num_warps2=4,
     num_stages2=3,
     PDL=False,
+    UNROLL1=1,
+    UNROLL2=1,
+    MAXNREG1=0,
+    MAXNREG2=0,
 )
 #: The decode tiling with GEMM2 and the cast as programmatic dependent launches (each starts while
-#: the launch before it finishes, and waits for it before reading its output; ``moe-backend bench
-#: --variants nvfp4_decode_pdl``). H200, 2026-12-04, one bench run against ``DECODE_CONFIG``: T=1 87.5
-#: against 89.1 us (E=256) and 85.9 against 87.3 (E=32), level from T=2 to 8 (-1.1 to +0.2%), E=256
-#: T=16 1033.1 against 990.4. It joins the tuner's candidates once its GPU tests
-#: (``test_gpu_decode_pdl_matches_reference``) have run: no GPU was left to run them.
+#: the launch before it finishes, and waits for it before reading its output). H200, 2026-12-04, one
+#: bench run against ``DECODE_CONFIG``: T=1 87.5 against 89.1 us (E=256) and 85.9 against 87.3
+#: (E=32), level from T=2 to 8 (-1.1 to +0.2%), E=256 T=16 1033.1 against 990.4.
 DECODE_PDL_CONFIG: Dict[str, Any] = dict(DECODE_CONFIG, PDL=True)
+#: Decode variants awaiting their GPU tests and timing (``moe-backend bench --variants
+#: nvfp4_decode_<name>``; tuner candidates once measured): ``pdl`` above; ``unroll2``, two 256-K
+#: groups a main-loop iteration on two stages (the same shared memory as three of one group), capped
+#: at 128 registers so that four 4-warp programs still fit an SM (sm_90a: GEMM1's loop 352-357
+#: instructions a group instead of 422, no spill); ``unroll2_free``, the same uncapped (326 a group:
+#: ptxas keeps both groups' weight fragments and drops the warpgroup fence before each MMA, but 171
+#: registers leave two programs an SM). The decode GEMMs are bound by instruction issue (ninth
+#: session), so 16-23% fewer instructions a group should show as 10-20% on GEMM1 and GEMM2.
+DECODE_VARIANTS: Dict[str, Dict[str, Any]] = {
+    "pdl": DECODE_PDL_CONFIG,
+    "unroll2": dict(DECODE_CONFIG, UNROLL1=2, UNROLL2=2, num_stages1=2, num_stages2=2, MAXNREG1=128, MAXNREG2=128),
+    "unroll2_free": dict(DECODE_CONFIG, UNROLL1=2, UNROLL2=2, num_stages1=2, num_stages2=2),
+}
 #: ``swapab``: the decode tiling without the ``align`` and ``permute`` launches (each expert's
 #: leader pair gathers its pairs, GEMM1 reads the hidden states at the dot order's offsets) and
 #: with GEMM2 and the cast as programmatic dependent launches. ``BLOCK_M``: pairs per MMA.
@@ -115,6 +140,10 @@ PREFILL_CONFIG: Dict[str, Any] = dict(
     num_warps2=8,
     num_stages2=3,
     PDL=False,
+    UNROLL1=1,
+    UNROLL2=1,
+    MAXNREG1=0,
+    MAXNREG2=0,
 )
 
 
@@ -149,7 +178,7 @@ DEFAULT_TIERS = ((16, DECODE_CONFIG), (32, PREFILL_32_CONFIG), (float("inf"), PR
 #: Version of this kernel's tuned configurations: the tuning cache keeps a configuration only
 #: for the version it was tuned for. Bump it when the kernels, their weight layout
 #: (``NVFP4KernelWeights``) or the configuration schema (CONFIG_KEYS, their meaning) change.
-KERNEL_VERSION = 4
+KERNEL_VERSION = 5
 
 #: What the tuner times per token bucket (each overrides the heuristic default of that size):
 #: the decode path, prefill tilings from skinny to square, and the bf16 grouped GEMMs (the
@@ -252,6 +281,19 @@ def _run_grouped(
     return run_segments(hidden, w, topk_ids, topk_weights, local_expert_offset, result, tile1, tile2)
 
 
+def _check_loop_knobs(cfg: Dict[str, Any]) -> None:
+    """ValueError naming ``UNROLL1`` / ``UNROLL2`` outside :data:`UNROLL_GROUPS`, or ``MAXNREG1`` /
+    ``MAXNREG2`` neither 0 nor an int from 24 to 255."""
+    for key in ("UNROLL1", "UNROLL2"):
+        value = cfg[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value not in UNROLL_GROUPS:
+            raise ValueError(f"config: {key} must be one of {UNROLL_GROUPS}, got {value!r}")
+    for key in ("MAXNREG1", "MAXNREG2"):
+        value = cfg[key]
+        if isinstance(value, bool) or not isinstance(value, int) or not (value == 0 or 24 <= value <= 255):
+            raise ValueError(f"config: {key} must be 0 (the compiler's choice) or an int from 24 to 255, got {value!r}")
+
+
 def prepare_nvfp4(weights: NVFP4Weights) -> NVFP4KernelWeights:
     """Put canonical NVFP4 experts in this kernel's layout (see :class:`NVFP4KernelWeights`)."""
     return nvfp4_to_kernel_layout(weights)
@@ -335,6 +377,7 @@ def fused_experts_nvfp4(
     else:
         routing = align_block_size(topk_ids, w.num_experts, local_expert_offset, cfg["BLOCK_M"])
         x = permute_activations(hidden, w.w13.shape[2] * 8)
+    _check_loop_knobs(cfg)
     pdl = bool(cfg["PDL"]) and pdl_available(hidden)
     acc = workspace(num_tokens, w.hidden_size, torch.float32, hidden.device, "moe_combine")
     common: Dict[str, Any] = dict(
@@ -352,6 +395,8 @@ def fused_experts_nvfp4(
         GROUP_M=cfg["GROUP_M1"],
         num_warps=cfg["num_warps1"],
         num_stages=cfg["num_stages1"],
+        unroll=cfg["UNROLL1"],
+        maxnreg=cfg["MAXNREG1"],
         **common,
     )
     gemm2_nvfp4(
@@ -367,6 +412,8 @@ def fused_experts_nvfp4(
         GROUP_M=cfg["GROUP_M2"],
         num_warps=cfg["num_warps2"],
         num_stages=cfg["num_stages2"],
+        unroll=cfg["UNROLL2"],
+        maxnreg=cfg["MAXNREG2"],
         **common,
     )
     cast_out(acc, result, pdl=pdl)

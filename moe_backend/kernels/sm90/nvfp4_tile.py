@@ -157,6 +157,23 @@ def dequant_group(words0, words1, scale, INTERPRET: tl.constexpr):
 
 
 @triton.jit
+def load_group(w_ptrs, s_ptrs, mask, MASKED: tl.constexpr, INTERPRET: tl.constexpr):
+    """Load and dequantize one 256-K group (:func:`dequant_group`): ``w_ptrs`` ``[R, 16]`` at the
+    group's first-half words (the second half 16 words on), ``s_ptrs`` ``[R, 16]`` at its scale
+    codes; with ``MASKED``, nothing is loaded (zeros) where ``mask`` (broadcast to ``[R, 16]``) is
+    false."""
+    if MASKED:
+        words0 = tl.load(w_ptrs, mask=mask, other=0)
+        words1 = tl.load(w_ptrs + 16, mask=mask, other=0)
+        scale = tl.load(s_ptrs, mask=mask, other=0)
+    else:
+        words0 = tl.load(w_ptrs)
+        words1 = tl.load(w_ptrs + 16)
+        scale = tl.load(s_ptrs)
+    return dequant_group(words0, words1, scale, INTERPRET)
+
+
+@triton.jit
 def mma(w, x, acc, INTERPRET: tl.constexpr):
     """``acc [N, M] += w [N, K] @ x[M, K].T`` (bf16 operands; the weights are wgmma's register operand).
 

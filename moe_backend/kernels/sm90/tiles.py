@@ -62,6 +62,14 @@ MAX_GATHER_PAIRS = 1024
 GATHER_MAXNREG = 128
 
 
+def register_cap(maxnreg: int, gather: bool) -> dict:
+    """The ``maxnreg`` launch option of an NVFP4 GEMM: ``maxnreg`` when given (> 0), else
+    :data:`GATHER_MAXNREG` on the gathered path and none on the aligned one."""
+    if maxnreg:
+        return {"maxnreg": maxnreg}
+    return {"maxnreg": GATHER_MAXNREG} if gather else {}
+
+
 def gather_scan_width(num_pairs: int) -> int:
     """``PAIRS``, the leader scan's register width for ``num_pairs`` ids: a power of two >= 16."""
     return max(16, triton.next_power_of_2(num_pairs))
