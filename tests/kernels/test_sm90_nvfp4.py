@@ -248,7 +248,7 @@ def test_gpu_both_paths_and_weight_on_input(path, t, e, k):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", ["pdl", "unroll2", "unroll2_free"])
+@pytest.mark.parametrize("variant", ["pdl", "unroll2", "unroll2_r168", "unroll2_free"])
 @pytest.mark.parametrize("t,h,i,e,k,offset", [c for c in GPU_CASES if c[0] <= 16])
 def test_gpu_decode_variants_match_reference(variant, t, h, i, e, k, offset):
     """The decode variants awaiting their timing (``nvfp4_moe.DECODE_VARIANTS``: programmatic
