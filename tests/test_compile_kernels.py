@@ -63,11 +63,17 @@ def test_capture_reaches_every_kernel_and_configuration():
     assert any("'LAUNCH_DEPENDENTS': True" in line for line in lines if line.startswith("_act_quant_kernel"))
     assert any("'PDL': True" in line for line in lines if line.startswith("_cast_kernel"))
     # the gathered NVFP4 GEMMs and the FP8 swap-AB GEMM2 run capped at tiles.GATHER_MAXNREG
-    # registers, the aligned ones uncapped
+    # registers, the aligned ones uncapped unless a configuration caps them (MAXNREG1 / MAXNREG2:
+    # the NVFP4 decode variants that unroll their loops)
     gathered = [line for line in lines if "'GATHER': True" in line]
     gathered += [line for line in gemm2 if "'BLOCK_T'" in line]
     assert gathered and all(f"maxnreg={tiles.GATHER_MAXNREG} " in line for line in gathered)
-    assert not any("maxnreg" in line for line in lines if "'GATHER': False" in line)
+    assert not any("maxnreg" in line for line in lines if "'GATHER': False" in line and "'UNROLL': 1" in line)
+    for cfg in nvfp4_moe.DECODE_VARIANTS.values():
+        unrolled = [line for line in lines if "'GATHER': False" in line and f"'UNROLL': {cfg['UNROLL1']}" in line]
+        assert unrolled, cfg
+        cap = cfg["MAXNREG1"]
+        assert any((f"maxnreg={cap} " in line) if cap else ("maxnreg" not in line) for line in unrolled), cfg
     vllm = fp8_moe.NUMERICS_CONFIGS["vllm_triton"]
     assert any(f"'BLOCK_M': {vllm['BLOCK_M']}" in line and "'VLLM_ORDER': 1" in line for line in lines)
     assert any("'VLLM_ORDER': 2" in line for line in lines)
@@ -92,7 +98,7 @@ def test_experimental_configurations_can_be_left_out():
 
     for kernel, experimental in (
         ("sm90_triton_fp8", list(fp8_moe.SWAPAB_VARIANTS.values())),
-        ("sm90_triton_nvfp4", [nvfp4_moe.SWAPAB_CONFIG]),
+        ("sm90_triton_nvfp4", [nvfp4_moe.SWAPAB_CONFIG, *nvfp4_moe.DECODE_VARIANTS.values()]),
     ):
         everything = compile_kernels.launcher_configs(kernel)
         tuned = compile_kernels.launcher_configs(kernel, experimental=False)
