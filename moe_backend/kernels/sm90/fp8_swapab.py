@@ -103,6 +103,25 @@ def load_operand(
 
 
 @triton.jit
+def k_block_masks(kb, kb_end, K, offs_k, ok, rows_ok, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Masks of K block ``kb`` of an unrolled loop over blocks ``[.., kb_end)`` of ``K``:
+    ``(operand [T, BLOCK_K], weight [R, BLOCK_K], operand scales [T], block in range)`` from the
+    pairs' ``ok [T]`` and the weight rows' ``rows_ok [R]``. ``EVEN_K``: every block is whole and in
+    range (no K mask)."""
+    in_range = kb < kb_end
+    if EVEN_K:
+        a_mask = ok[:, None]
+        w_mask = rows_ok[:, None]
+        scale_ok = ok
+    else:
+        k_ok = (kb * BLOCK_K + offs_k < K) & in_range
+        a_mask = ok[:, None] & k_ok[None, :]
+        w_mask = rows_ok[:, None] & k_ok[None, :]
+        scale_ok = ok & in_range
+    return a_mask, w_mask, scale_ok, in_range
+
+
+@triton.jit
 def accumulate(acc, w, q, s, w_s, BLOCK_SCALED: tl.constexpr, STATIC: tl.constexpr, BLOCK_K: tl.constexpr):
     """``acc [N, T] += w [N, K] @ q [T, K]^T`` in fp32 with the K block's scales: block scales
     ``w_s`` (``[N, 1]`` or a scalar) times the pairs' ``s [T]``; a static activation scale keeps the
@@ -226,15 +245,9 @@ def _gemm1_kernel(
         for kb0 in range(0, tl.cdiv(H, BLOCK_K), UNROLL):
             for u in tl.static_range(UNROLL):
                 kb = kb0 + u
-                if EVEN_K:
-                    x_mask = ok[:, None]
-                    w_mask = col_ok[:, None]
-                    scale_ok = ok
-                else:
-                    k_ok = kb * BLOCK_K + offs_k < H
-                    x_mask = ok[:, None] & k_ok[None, :]
-                    w_mask = col_ok[:, None] & k_ok[None, :]
-                    scale_ok = ok & (kb * BLOCK_K < H)
+                x_mask, w_mask, scale_ok, kb_in = k_block_masks(
+                    kb, tl.cdiv(H, BLOCK_K), H, offs_k, ok, col_ok, EVEN_K, BLOCK_K
+                )
                 xq, xs = load_operand(
                     x_ptrs + u * BLOCK_K,
                     x_mask,
@@ -254,7 +267,6 @@ def _gemm1_kernel(
                     if EVEN_K:
                         ws = tl.where(is_gate, tl.load(wsg_ptr + kb), tl.load(wsu_ptr + kb))[:, None]
                     else:
-                        kb_in = kb * BLOCK_K < H
                         ws = tl.where(
                             is_gate,
                             tl.load(wsg_ptr + kb, mask=kb_in, other=0.0),
@@ -491,15 +503,7 @@ def _gemm2_kernel(
         for kb0 in range(kb_start, kb_end, UNROLL):
             for u in tl.static_range(UNROLL):
                 kb = kb0 + u
-                if EVEN_K:
-                    y_mask = ok[:, None]
-                    w_mask = n_ok[:, None]
-                    scale_ok = ok
-                else:
-                    k_ok = (kb * BLOCK_K + offs_k < I) & (kb < kb_end)
-                    y_mask = ok[:, None] & k_ok[None, :]
-                    w_mask = n_ok[:, None] & k_ok[None, :]
-                    scale_ok = ok & (kb < kb_end)
+                y_mask, w_mask, scale_ok, kb_in = k_block_masks(kb, kb_end, I, offs_k, ok, n_ok, EVEN_K, BLOCK_K)
                 yq, ys = load_operand(
                     y_ptrs + u * BLOCK_K,
                     y_mask,
@@ -519,7 +523,7 @@ def _gemm2_kernel(
                     if EVEN_K:
                         ws = tl.load(ws_ptr + kb)
                     else:
-                        ws = tl.load(ws_ptr + kb, mask=kb < kb_end, other=0.0)
+                        ws = tl.load(ws_ptr + kb, mask=kb_in, other=0.0)
                 acc = accumulate(acc, w, yq, ys, ws, BLOCK_SCALED, Y_STATIC, BLOCK_K)
             y_ptrs += UNROLL * BLOCK_K
             w_ptrs += UNROLL * BLOCK_K
