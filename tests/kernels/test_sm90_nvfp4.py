@@ -31,13 +31,15 @@ from moe_backend.expert_weights import NVFP4Weights
 from moe_backend.kernels.reference import reference_fused_experts
 from moe_backend.kernels.sm90.nvfp4_act import permute_activations
 from moe_backend.kernels.sm90.nvfp4_layout import kernel_k_order, nvfp4_to_kernel_layout
-from moe_backend.kernels.sm90.nvfp4_moe import default_config, fused_experts_nvfp4, prepare_nvfp4
+from moe_backend.kernels.sm90.nvfp4_moe import DECODE_VARIANTS, default_config, fused_experts_nvfp4, prepare_nvfp4
 from moe_backend.kernels.sm90.nvfp4_tile import WEIGHT_RESCALE, dequant_group
 from moe_backend.quant.fp8 import FP8_DTYPE
 from moe_backend.quant.nvfp4 import dequantize_nvfp4
 
 #: Forced paths with tiny tiles for the interpreter (H, I padded to 256-groups, split-K, GROUP_M).
 DECODE_SMALL = dict(path="decode", BLOCK_M=16, BLOCK_N1=16, BLOCK_N2=32, SPLIT_K2=2)
+#: 8 tokens a tile and 16-row weight tiles (``DECODE_VARIANTS["sync2"]``'s shapes, halved).
+DECODE_M8_SMALL = dict(DECODE_SMALL, BLOCK_M=8, BLOCK_N1=8, BLOCK_N2=16, num_warps1=2, num_warps2=2)
 #: No align/permute launches: each expert's leader pair gathers its pairs (16 at a time).
 SWAPAB_SMALL = dict(DECODE_SMALL, path="swapab")
 PREFILL_SMALL = dict(
@@ -118,8 +120,8 @@ def check(p: Problem, *, weight_on_input: bool = False, config: Optional[dict] =
 @runs_here
 @pytest.mark.parametrize(
     "config",
-    [DECODE_SMALL, PREFILL_SMALL, SWAPAB_SMALL, *UNROLLED.values()],
-    ids=["decode", "prefill", "swapab", *UNROLLED],
+    [DECODE_SMALL, DECODE_M8_SMALL, PREFILL_SMALL, SWAPAB_SMALL, *UNROLLED.values()],
+    ids=["decode", "decode-m8", "prefill", "swapab", *UNROLLED],
 )
 @pytest.mark.parametrize(
     "t,h,i,e,k,offset", [(1, 128, 64, 4, 1, 0), (7, 96, 48, 4, 2, 3), (33, 64, 32, 3, 3, 0), (3, 272, 272, 2, 2, 1)]
@@ -231,15 +233,16 @@ def test_gpu_matches_reference(t, h, i, e, k, offset):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("path", ["decode", "decode_pdl", "decode_unroll2", "prefill", "swapab"])
+@pytest.mark.parametrize("path", ["decode", "decode_pdl", "decode_unroll2", "decode_sync2", "prefill", "swapab"])
 @pytest.mark.parametrize("t,e,k", [(64, 32, 8), (300, 8, 2)])
 def test_gpu_both_paths_and_weight_on_input(path, t, e, k):
-    from moe_backend.kernels.sm90.nvfp4_moe import DECODE_CONFIG, DECODE_VARIANTS, PREFILL_CONFIG, SWAPAB_CONFIG
+    from moe_backend.kernels.sm90.nvfp4_moe import DECODE_CONFIG, PREFILL_CONFIG, SWAPAB_CONFIG
 
     cfg = {
         "decode": DECODE_CONFIG,
         "decode_pdl": DECODE_VARIANTS["pdl"],
         "decode_unroll2": DECODE_VARIANTS["unroll2"],
+        "decode_sync2": DECODE_VARIANTS["sync2"],
         "prefill": PREFILL_CONFIG,
         "swapab": SWAPAB_CONFIG,
     }[path]
@@ -248,14 +251,12 @@ def test_gpu_both_paths_and_weight_on_input(path, t, e, k):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", ["pdl", "unroll2", "unroll2_r168", "unroll2_free"])
+@pytest.mark.parametrize("variant", sorted(DECODE_VARIANTS))
 @pytest.mark.parametrize("t,h,i,e,k,offset", [c for c in GPU_CASES if c[0] <= 16])
 def test_gpu_decode_variants_match_reference(variant, t, h, i, e, k, offset):
     """The decode variants awaiting their timing (``nvfp4_moe.DECODE_VARIANTS``: programmatic
-    dependent launches, two groups an iteration with and without the register cap) at the decode
-    sizes, EP offsets, -1 and foreign ids, odd shapes (K tails in both GEMMs)."""
-    from moe_backend.kernels.sm90.nvfp4_moe import DECODE_VARIANTS
-
+    dependent launches, two groups an iteration with and without the register cap, ``mma.sync``
+    tiles) at the decode sizes, EP offsets, -1 and foreign ids, odd shapes (K tails in both GEMMs)."""
     check(make_problem(t, h, i, e, k, offset=offset, invalid=t % 2 == 1, seed=t), config=DECODE_VARIANTS[variant])
 
 

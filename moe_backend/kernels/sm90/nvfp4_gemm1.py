@@ -241,7 +241,7 @@ def gemm1_nvfp4(
         topk_weights: ``[T, k]`` fp32 contiguous (read with ``weight_on_input``).
         zero: contiguous fp32 buffer this kernel zeroes (the GEMM2 workspace).
         BLOCK_N: divides 256 (the weight tile has ``2 BLOCK_N`` rows: ``BLOCK_N = 32`` fills one
-            64-row wgmma).
+            64-row wgmma; with fewer than 64 rows a warpgroup Triton uses ``mma.sync``).
         pdl: the programs signal a programmatic dependent launch of GEMM2 as they start.
         unroll: 256-K groups an iteration of the main loop (a power of two).
         maxnreg: register cap a thread (0: the compiler's choice; the gathered path's default is

@@ -115,12 +115,19 @@ DECODE_PDL_CONFIG: Dict[str, Any] = dict(DECODE_CONFIG, PDL=True)
 #: registers leave two programs an SM); ``unroll2_r168`` between them, capped at 168 registers
 #: (three programs an SM; GEMM1 328 a group, GEMM2 346, 1-7 registers spilled). The decode GEMMs
 #: are bound by instruction issue (ninth session), so 12-23% fewer instructions a group should show
-#: as 10-20% on GEMM1 and GEMM2.
+#: as 10-20% on GEMM1 and GEMM2. ``sync2``: 32-row weight tiles on two warps and 8 tokens a tile,
+#: which Triton runs on ``mma.sync`` (m16n8k16, both operands in registers) instead of ``wgmma``
+#: (its tiles need 64 rows a warpgroup): no per-MMA warpgroup fence, wait or shared-memory
+#: descriptor (six instructions an MMA on the ``wgmma`` path), the activations' fragments loaded by
+#: the threads instead (sm_90a, offline: GEMM1 358 instructions a group against 422, GEMM2 348
+#: against 425; 72 / 94 registers and 17 KB of shared memory, so 12 / 10 two-warp programs an SM,
+#: 24 / 20 warps against the default's 16).
 DECODE_VARIANTS: Dict[str, Dict[str, Any]] = {
     "pdl": DECODE_PDL_CONFIG,
     "unroll2": dict(DECODE_CONFIG, UNROLL1=2, UNROLL2=2, num_stages1=2, num_stages2=2, MAXNREG1=128, MAXNREG2=128),
     "unroll2_r168": dict(DECODE_CONFIG, UNROLL1=2, UNROLL2=2, num_stages1=2, num_stages2=2, MAXNREG1=168, MAXNREG2=168),
     "unroll2_free": dict(DECODE_CONFIG, UNROLL1=2, UNROLL2=2, num_stages1=2, num_stages2=2),
+    "sync2": dict(DECODE_CONFIG, BLOCK_M=8, BLOCK_N1=16, num_warps1=2, BLOCK_N2=32, num_warps2=2),
 }
 #: ``swapab``: the decode tiling without the ``align`` and ``permute`` launches (each expert's
 #: leader pair gathers its pairs, GEMM1 reads the hidden states at the dot order's offsets) and
