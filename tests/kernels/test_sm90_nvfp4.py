@@ -49,6 +49,7 @@ PREFILL_SMALL = dict(
 #: group), the loop's last groups load nothing.
 UNROLLED = {
     "decode-unroll2": dict(DECODE_SMALL, UNROLL1=2, UNROLL2=2),
+    "decode-m8-unroll2": dict(DECODE_M8_SMALL, UNROLL1=2, UNROLL2=2),
     "swapab-unroll2": dict(SWAPAB_SMALL, UNROLL1=2, UNROLL2=2),
     "prefill-unroll4": dict(PREFILL_SMALL, UNROLL1=4, UNROLL2=4, MAXNREG1=168, MAXNREG2=128),
 }

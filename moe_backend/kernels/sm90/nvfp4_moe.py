@@ -106,6 +106,10 @@ DECODE_CONFIG: Dict[str, Any] = dict(
 #: bench run against ``DECODE_CONFIG``: T=1 87.5 against 89.1 us (E=256) and 85.9 against 87.3
 #: (E=32), level from T=2 to 8 (-1.1 to +0.2%), E=256 T=16 1033.1 against 990.4.
 DECODE_PDL_CONFIG: Dict[str, Any] = dict(DECODE_CONFIG, PDL=True)
+#: The decode tiling on ``mma.sync``: 8 tokens a tile, 32-row weight tiles on two warps.
+DECODE_SYNC2_CONFIG: Dict[str, Any] = dict(
+    DECODE_CONFIG, BLOCK_M=8, BLOCK_N1=16, num_warps1=2, BLOCK_N2=32, num_warps2=2
+)
 #: Decode variants awaiting their GPU tests and timing (``moe-backend bench --variants
 #: nvfp4_decode_<name>``; tuner candidates once measured): ``pdl`` above; ``unroll2``, two 256-K
 #: groups a main-loop iteration on two stages (the same shared memory as three of one group), capped
@@ -121,13 +125,15 @@ DECODE_PDL_CONFIG: Dict[str, Any] = dict(DECODE_CONFIG, PDL=True)
 #: descriptor (six instructions an MMA on the ``wgmma`` path), the activations' fragments loaded by
 #: the threads instead (sm_90a, offline: GEMM1 358 instructions a group against 422, GEMM2 348
 #: against 425; 72 / 94 registers and 17 KB of shared memory, so 12 / 10 two-warp programs an SM,
-#: 24 / 20 warps against the default's 16).
+#: 24 / 20 warps against the default's 16); ``sync2_unroll2`` the same with two groups an iteration
+#: on two stages (the same shared memory; GEMM1 326, GEMM2 332 a group, 91 / 108 registers).
 DECODE_VARIANTS: Dict[str, Dict[str, Any]] = {
     "pdl": DECODE_PDL_CONFIG,
     "unroll2": dict(DECODE_CONFIG, UNROLL1=2, UNROLL2=2, num_stages1=2, num_stages2=2, MAXNREG1=128, MAXNREG2=128),
     "unroll2_r168": dict(DECODE_CONFIG, UNROLL1=2, UNROLL2=2, num_stages1=2, num_stages2=2, MAXNREG1=168, MAXNREG2=168),
     "unroll2_free": dict(DECODE_CONFIG, UNROLL1=2, UNROLL2=2, num_stages1=2, num_stages2=2),
-    "sync2": dict(DECODE_CONFIG, BLOCK_M=8, BLOCK_N1=16, num_warps1=2, BLOCK_N2=32, num_warps2=2),
+    "sync2": DECODE_SYNC2_CONFIG,
+    "sync2_unroll2": dict(DECODE_SYNC2_CONFIG, UNROLL1=2, UNROLL2=2, num_stages1=2, num_stages2=2),
 }
 #: ``swapab``: the decode tiling without the ``align`` and ``permute`` launches (each expert's
 #: leader pair gathers its pairs, GEMM1 reads the hidden states at the dot order's offsets) and
