@@ -50,6 +50,7 @@ PREFILL_SMALL = dict(
 UNROLLED = {
     "decode-unroll2": dict(DECODE_SMALL, UNROLL1=2, UNROLL2=2),
     "decode-m8-unroll2": dict(DECODE_M8_SMALL, UNROLL1=2, UNROLL2=2),
+    "swapab-m8-unroll2": dict(DECODE_M8_SMALL, path="swapab", UNROLL1=2, UNROLL2=2),
     "swapab-unroll2": dict(SWAPAB_SMALL, UNROLL1=2, UNROLL2=2),
     "prefill-unroll4": dict(PREFILL_SMALL, UNROLL1=4, UNROLL2=4, MAXNREG1=168, MAXNREG2=128),
 }

@@ -127,6 +127,11 @@ DECODE_SYNC2_CONFIG: Dict[str, Any] = dict(
 #: against 425; 72 / 94 registers and 17 KB of shared memory, so 12 / 10 two-warp programs an SM,
 #: 24 / 20 warps against the default's 16); ``sync2_unroll2`` the same with two groups an iteration
 #: on two stages (the same shared memory; GEMM1 326, GEMM2 332 a group, 91 / 108 registers).
+#: ``swapab_sync2`` / ``swapab_sync2_unroll2``: these tiles on the gathered path (no ``align`` or
+#: ``permute`` launch; capped at ``tiles.GATHER_MAXNREG``, eight programs an SM). There GEMM1 reads
+#: the hidden states in natural order, and with ``mma.sync``'s operand layout each 16-byte load
+#: then holds whole register pairs of the MMA (no pairing moves): GEMM1 354 / 315 a group, GEMM2
+#: 371 / 344 (its intermediate arrives in the dot order, and is paired with moves).
 DECODE_VARIANTS: Dict[str, Dict[str, Any]] = {
     "pdl": DECODE_PDL_CONFIG,
     "unroll2": dict(DECODE_CONFIG, UNROLL1=2, UNROLL2=2, num_stages1=2, num_stages2=2, MAXNREG1=128, MAXNREG2=128),
@@ -134,6 +139,10 @@ DECODE_VARIANTS: Dict[str, Dict[str, Any]] = {
     "unroll2_free": dict(DECODE_CONFIG, UNROLL1=2, UNROLL2=2, num_stages1=2, num_stages2=2),
     "sync2": DECODE_SYNC2_CONFIG,
     "sync2_unroll2": dict(DECODE_SYNC2_CONFIG, UNROLL1=2, UNROLL2=2, num_stages1=2, num_stages2=2),
+    "swapab_sync2": dict(DECODE_SYNC2_CONFIG, path="swapab", PDL=True),
+    "swapab_sync2_unroll2": dict(
+        DECODE_SYNC2_CONFIG, path="swapab", PDL=True, UNROLL1=2, UNROLL2=2, num_stages1=2, num_stages2=2
+    ),
 }
 #: ``swapab``: the decode tiling without the ``align`` and ``permute`` launches (each expert's
 #: leader pair gathers its pairs, GEMM1 reads the hidden states at the dot order's offsets) and
