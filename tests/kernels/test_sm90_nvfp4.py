@@ -38,8 +38,9 @@ from moe_backend.quant.nvfp4 import dequantize_nvfp4
 
 #: Forced paths with tiny tiles for the interpreter (H, I padded to 256-groups, split-K, GROUP_M).
 DECODE_SMALL = dict(path="decode", BLOCK_M=16, BLOCK_N1=16, BLOCK_N2=32, SPLIT_K2=2)
-#: 8 tokens a tile and 16-row weight tiles (``DECODE_VARIANTS["sync2"]``'s shapes, halved).
-DECODE_M8_SMALL = dict(DECODE_SMALL, BLOCK_M=8, BLOCK_N1=8, BLOCK_N2=16, num_warps1=2, num_warps2=2)
+#: 8 tokens a tile and 16-row weight tiles (``DECODE_VARIANTS["sync2"]``'s shapes, halved), with
+#: both GEMMs' activations in natural order (no permutation launch; GEMM1's output in natural order).
+DECODE_M8_SMALL = dict(DECODE_SMALL, BLOCK_M=8, BLOCK_N1=8, BLOCK_N2=16, num_warps1=2, num_warps2=2, NATURAL_K=True)
 #: No align/permute launches: each expert's leader pair gathers its pairs (16 at a time).
 SWAPAB_SMALL = dict(DECODE_SMALL, path="swapab")
 PREFILL_SMALL = dict(
@@ -141,7 +142,11 @@ def test_unrolled_loops_iterate(config):
 
 
 @runs_here
-@pytest.mark.parametrize("config", [DECODE_SMALL, PREFILL_SMALL, SWAPAB_SMALL], ids=["decode", "prefill", "swapab"])
+@pytest.mark.parametrize(
+    "config",
+    [DECODE_SMALL, DECODE_M8_SMALL, PREFILL_SMALL, SWAPAB_SMALL],
+    ids=["decode", "decode-m8", "prefill", "swapab"],
+)
 def test_weight_on_input(config):
     check(make_problem(6, 64, 32, 4, 1, invalid=False), weight_on_input=True, config=config)
 
@@ -208,6 +213,9 @@ def test_errors_name_the_argument():
         for value in (-1, 16, 256, True, 128.0):
             with pytest.raises(ValueError, match=rf"{key} must be 0 .* or an int from 24 to 255, got {value!r}"):
                 fused_experts_nvfp4(p.hidden, prep, p.ids, p.topk_w, **kw, config={key: value})
+    for value in (1, "yes", None):
+        with pytest.raises(ValueError, match=rf"NATURAL_K must be a bool, got {value!r}"):
+            fused_experts_nvfp4(p.hidden, prep, p.ids, p.topk_w, **kw, config={"NATURAL_K": value})
 
 
 # ----------------------------------------------------------------------------- GPU

@@ -4,8 +4,10 @@ The kernel layout (:class:`moe_backend.kernels.sm90.nvfp4_layout.NVFP4KernelWeig
 256-K group of the GEMM in ``kernel_k_order``; GEMM1 reads its bf16 input in that
 order so that both operands agree: the aligned paths after one small pass that permutes
 ``hidden [T, H]`` into ``[T, Hp]`` (zero padded to a multiple of 256) in the shared workspace,
-the swap-AB path by loading ``hidden`` at :func:`natural_k` offsets itself. GEMM2's input needs
-neither, because GEMM1 writes it in that order already.
+the swap-AB path and configurations with ``NATURAL_K`` by loading ``hidden`` contiguously and
+permuting it in registers (:func:`nvfp4_tile.dot_order`). GEMM2's input needs neither, because
+GEMM1 writes it in that order already (with ``NATURAL_K``, in natural order, and GEMM2 permutes it
+as GEMM1 does its input).
 """
 
 import torch
@@ -14,13 +16,7 @@ import triton.language as tl
 
 from ...runtime import workspace
 from .nvfp4_layout import K_GROUP
-
-
-@triton.jit
-def natural_k(q):
-    """``kernel_k_order`` in Triton: position ``q = 128 h + 32 s + 2 w + i`` of a 256-group holds
-    the group's natural offset ``16 w + 8 h + 2 s + i``."""
-    return 16 * ((q % 32) // 2) + 8 * (q // 128) + 2 * ((q % 128) // 32) + q % 2
+from .nvfp4_tile import natural_k
 
 
 @triton.jit

@@ -28,7 +28,7 @@ from ...runtime import workspace
 from ..interpret import INTERPRETING
 from .align import AlignedRouting, GatheredPairs, row_source_args
 from .nvfp4_layout import K_GROUP
-from .nvfp4_tile import WEIGHT_RESCALE, load_group, mma
+from .nvfp4_tile import WEIGHT_RESCALE, dot_order, load_group, mma, natural_k
 from .tiles import (
     MAX_GATHER_PAIRS,
     aligned_rows,
@@ -70,13 +70,15 @@ def _gemm1_rows(
     BLOCK_N: tl.constexpr,
     WEIGHT_ON_INPUT: tl.constexpr,
     GATHER: tl.constexpr,
+    NATURAL_K: tl.constexpr,
     INTERPRET: tl.constexpr,
     UNROLL: tl.constexpr,
 ):
     """One tile: ``BLOCK_M`` rows (``pair``, of ``token``) of local ``expert`` times the gate and
     up rows of column block ``pid_n``; writes ``silu(gate) * up`` at ``y[rows]`` (``row_ok`` rows
-    only with ``GATHER``, whose ``x`` is ``hidden`` in natural order, permuted to the dot order
-    in registers)."""
+    only with ``GATHER``). With ``GATHER`` or ``NATURAL_K``, ``x`` is ``hidden`` in natural order,
+    permuted to the dot order in registers; with ``NATURAL_K``, ``y``'s columns are stored in
+    natural order too."""
     offs_k = tl.arange(0, 256)
     offs_w = tl.arange(0, 16)
     # One weight tile of 2 * BLOCK_N rows: the gate rows of the block, then its up rows.
@@ -98,13 +100,10 @@ def _gemm1_rows(
     for g0 in range(0, num_groups, UNROLL):
         for u in tl.static_range(UNROLL):
             g = g0 + u
-            if GATHER:
-                # hidden in natural order, loaded contiguously (16-byte cp.async) and put in the dot
-                # order in registers: position 128 h + 32 s + 2 w + i holds 16 w + 8 h + 2 s + i
-                # (nvfp4_act.natural_k). Loading at natural_k offsets instead defeated vectorization
-                # and the pipeliner (2-byte synchronous loads).
+            if GATHER or NATURAL_K:
+                # hidden in natural order (H columns), loaded contiguously and put in the dot order
                 x = tl.load(x_ptrs + u * 256, mask=row_ok[:, None] & (g * 256 + offs_k < H)[None, :], other=0.0)
-                x = tl.reshape(tl.permute(tl.reshape(x, [BLOCK_M, 16, 2, 4, 2]), (0, 2, 3, 1, 4)), [BLOCK_M, 256])
+                x = dot_order(x)
             elif UNROLL == 1:
                 x = tl.load(x_ptrs, mask=row_ok[:, None], other=0.0)
             else:
@@ -126,6 +125,10 @@ def _gemm1_rows(
         up = up * router_w
     y = gate * tl.sigmoid(gate) * up
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if NATURAL_K:
+        # stored column q of a 256-group is the group's natural column natural_k(q): GEMM2 then
+        # reads y contiguously and permutes it in registers, as this kernel does x
+        offs_n = offs_n // 256 * 256 + natural_k(offs_n % 256)
     y_ptrs = y_ptr + rows[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
     # Explicit round-to-nearest-even (the GPU default; Triton's interpreter truncates otherwise).
     # Aligned padding rows are written too (zeros: their x is masked), gathered rows only if real.
@@ -168,6 +171,7 @@ def _gemm1_kernel(
     GROUP_M: tl.constexpr,
     WEIGHT_ON_INPUT: tl.constexpr,
     GATHER: tl.constexpr,
+    NATURAL_K: tl.constexpr,
     PAIRS: tl.constexpr,
     PDL: tl.constexpr,
     INTERPRET: tl.constexpr,
@@ -191,7 +195,7 @@ def _gemm1_kernel(
                 x_ptr, w_ptr, ws_ptr, wg_ptr, y_ptr, topk_w_ptr,
                 pair, pair, ok, token, expert, tl.program_id(1), H, IP, num_groups,
                 stride_xm, stride_we, stride_wn, stride_wse, stride_wsn, stride_ym,
-                BLOCK_M, BLOCK_N, WEIGHT_ON_INPUT, GATHER, INTERPRET, UNROLL,
+                BLOCK_M, BLOCK_N, WEIGHT_ON_INPUT, GATHER, NATURAL_K, INTERPRET, UNROLL,
             )  # fmt: skip
     else:
         # rows_ptr: the aligned rows' pairs (align.AlignedRouting.sorted_ids).
@@ -206,7 +210,7 @@ def _gemm1_kernel(
             x_ptr, w_ptr, ws_ptr, wg_ptr, y_ptr, topk_w_ptr,
             rows, pair, row_ok, token, expert, pid_n, H, IP, num_groups,
             stride_xm, stride_we, stride_wn, stride_wse, stride_wsn, stride_ym,
-            BLOCK_M, BLOCK_N, WEIGHT_ON_INPUT, GATHER, INTERPRET, UNROLL,
+            BLOCK_M, BLOCK_N, WEIGHT_ON_INPUT, GATHER, NATURAL_K, INTERPRET, UNROLL,
         )  # fmt: skip
 
 
@@ -229,12 +233,14 @@ def gemm1_nvfp4(
     pdl: bool = False,
     unroll: int = 1,
     maxnreg: int = 0,
+    natural_order: bool = False,
 ) -> torch.Tensor:
     """Launch GEMM1 + SiLU-and-mul.
 
     Args:
-        x: aligned routing: ``[T, Hp]`` bf16 from :func:`nvfp4_act.permute_activations`;
-            gathered pairs: the hidden states ``[T, H]`` bf16 as they are (unit column stride).
+        x: aligned routing without ``natural_order``: ``[T, Hp]`` bf16 from
+            :func:`nvfp4_act.permute_activations`; else the hidden states ``[T, H]`` bf16 as they
+            are (unit column stride).
         w13, w13_scale, w13_scale_2: kernel layout (``NVFP4KernelWeights``):
             ``[E, 2Ip, Hp/8]`` int32, ``[E, 2Ip, Hp/16]`` e4m3, ``[E, 2]`` fp32, contiguous.
         routing: the aligned rows, or the gathered pairs (at most ``MAX_GATHER_PAIRS``).
@@ -246,11 +252,13 @@ def gemm1_nvfp4(
         unroll: 256-K groups an iteration of the main loop (a power of two).
         maxnreg: register cap a thread (0: the compiler's choice; the gathered path's default is
             ``GATHER_MAXNREG``).
+        natural_order: ``x`` is the hidden states in natural order on the aligned path too (no
+            permutation launch), and ``y``'s columns come out in natural order.
 
     Returns:
-        ``y [P, Ip]`` bf16, columns in stored order: aligned, ``P = max_tiles * block_m`` (padding
-        rows hold zeros); gathered, ``P = T * k`` at the pairs' rows (rows of pairs without a local
-        expert are not written).
+        ``y [P, Ip]`` bf16, columns in stored order (natural with ``natural_order``): aligned,
+        ``P = max_tiles * block_m`` (padding rows hold zeros); gathered, ``P = T * k`` at the
+        pairs' rows (rows of pairs without a local expert are not written).
     """
     e, two_ip, hp_words = w13.shape
     ip, hp = two_ip // 2, hp_words * 8
@@ -261,7 +269,7 @@ def gemm1_nvfp4(
         assert num_pairs <= MAX_GATHER_PAIRS and x.shape[1] <= hp
         rows, grid = num_pairs, (num_pairs, ip // BLOCK_N)
     else:
-        assert x.shape[1] == hp
+        assert x.shape[1] <= hp if natural_order else x.shape[1] == hp
         rows, grid = routing.max_tiles * routing.block_m, (routing.max_tiles * (ip // BLOCK_N),)
     rows_ptr, tile_expert, num_padded, expert_offset, num_experts, max_tiles = row_source_args(routing, e)
     y = workspace(rows, ip, torch.bfloat16, x.device, "moe_intermediate")
@@ -296,6 +304,7 @@ def gemm1_nvfp4(
         GROUP_M=GROUP_M,
         WEIGHT_ON_INPUT=weight_on_input,
         GATHER=gather,
+        NATURAL_K=natural_order,
         PAIRS=gather_scan_width(num_pairs) if gather else 1,
         PDL=pdl,
         INTERPRET=INTERPRETING,

@@ -56,7 +56,10 @@ from .tiles import MAX_GATHER_PAIRS
 #: ``UNROLL*`` (one of :data:`UNROLL_GROUPS`): 256-K groups a main-loop iteration, so that the
 #: pipeline's barriers, waits and address work are paid once for them (the decode GEMMs are bound by
 #: instruction issue). ``MAXNREG*``: register cap a thread, 0 for the compiler's choice (the gathered
-#: path then caps at ``tiles.GATHER_MAXNREG``), else 24 to 255.
+#: path then caps at ``tiles.GATHER_MAXNREG``), else 24 to 255. ``NATURAL_K`` (bool): GEMM1 reads
+#: the hidden states in natural order on the aligned paths too (no ``permute`` launch) and writes
+#: its output in natural order, and both GEMMs put their activations in the dot order in registers
+#: (``nvfp4_tile.dot_order``).
 CONFIG_KEYS = (
     "path",
     "BLOCK_M",
@@ -74,6 +77,7 @@ CONFIG_KEYS = (
     "UNROLL2",
     "MAXNREG1",
     "MAXNREG2",
+    "NATURAL_K",
     "TILE1",
     "TILE2",
 )
@@ -100,6 +104,7 @@ DECODE_CONFIG: Dict[str, Any] = dict(
     UNROLL2=1,
     MAXNREG1=0,
     MAXNREG2=0,
+    NATURAL_K=False,
 )
 #: The decode tiling with GEMM2 and the cast as programmatic dependent launches (each starts while
 #: the launch before it finishes, and waits for it before reading its output). H200, 2026-12-04, one
@@ -108,7 +113,7 @@ DECODE_CONFIG: Dict[str, Any] = dict(
 DECODE_PDL_CONFIG: Dict[str, Any] = dict(DECODE_CONFIG, PDL=True)
 #: The decode tiling on ``mma.sync``: 8 tokens a tile, 32-row weight tiles on two warps.
 DECODE_SYNC2_CONFIG: Dict[str, Any] = dict(
-    DECODE_CONFIG, BLOCK_M=8, BLOCK_N1=16, num_warps1=2, BLOCK_N2=32, num_warps2=2
+    DECODE_CONFIG, BLOCK_M=8, BLOCK_N1=16, num_warps1=2, BLOCK_N2=32, num_warps2=2, NATURAL_K=True
 )
 #: Decode variants awaiting their GPU tests and timing (``moe-backend bench --variants
 #: nvfp4_decode_<name>``; tuner candidates once measured): ``pdl`` above; ``unroll2``, two 256-K
@@ -123,15 +128,14 @@ DECODE_SYNC2_CONFIG: Dict[str, Any] = dict(
 #: which Triton runs on ``mma.sync`` (m16n8k16, both operands in registers) instead of ``wgmma``
 #: (its tiles need 64 rows a warpgroup): no per-MMA warpgroup fence, wait or shared-memory
 #: descriptor (six instructions an MMA on the ``wgmma`` path), the activations' fragments loaded by
-#: the threads instead (sm_90a, offline: GEMM1 358 instructions a group against 422, GEMM2 348
-#: against 425; 72 / 94 registers and 17 KB of shared memory, so 12 / 10 two-warp programs an SM,
-#: 24 / 20 warps against the default's 16); ``sync2_unroll2`` the same with two groups an iteration
-#: on two stages (the same shared memory; GEMM1 326, GEMM2 332 a group, 91 / 108 registers).
-#: ``swapab_sync2`` / ``swapab_sync2_unroll2``: these tiles on the gathered path (no ``align`` or
-#: ``permute`` launch; capped at ``tiles.GATHER_MAXNREG``, eight programs an SM). There GEMM1 reads
-#: the hidden states in natural order, and with ``mma.sync``'s operand layout each 16-byte load
-#: then holds whole register pairs of the MMA (no pairing moves): GEMM1 354 / 315 a group, GEMM2
-#: 371 / 344 (its intermediate arrives in the dot order, and is paired with moves).
+#: the threads instead. With ``NATURAL_K`` each 16-byte load of natural-order activations holds
+#: whole register pairs of ``mma.sync`` (in the dot order they take moves), and the ``permute``
+#: launch goes. sm_90a, offline, warp instructions a 256-K group: GEMM1 339 against the default's
+#: 422, GEMM2 331 against 425 (77 / 85 registers: 12 / 11 two-warp programs an SM, 24 / 22 warps
+#: against 16); ``sync2_unroll2``, two groups an iteration on two stages (the same shared memory):
+#: 303 / 308 (88 / 108 registers). ``swapab_sync2`` / ``swapab_sync2_unroll2``: these tiles on the
+#: gathered path (no ``align`` launch either; capped at ``tiles.GATHER_MAXNREG``, eight programs an
+#: SM): GEMM1 354 / 315, GEMM2 339 / 322.
 DECODE_VARIANTS: Dict[str, Dict[str, Any]] = {
     "pdl": DECODE_PDL_CONFIG,
     "unroll2": dict(DECODE_CONFIG, UNROLL1=2, UNROLL2=2, num_stages1=2, num_stages2=2, MAXNREG1=128, MAXNREG2=128),
@@ -169,6 +173,7 @@ PREFILL_CONFIG: Dict[str, Any] = dict(
     UNROLL2=1,
     MAXNREG1=0,
     MAXNREG2=0,
+    NATURAL_K=False,
 )
 
 
@@ -203,7 +208,7 @@ DEFAULT_TIERS = ((16, DECODE_CONFIG), (32, PREFILL_32_CONFIG), (float("inf"), PR
 #: Version of this kernel's tuned configurations: the tuning cache keeps a configuration only
 #: for the version it was tuned for. Bump it when the kernels, their weight layout
 #: (``NVFP4KernelWeights``) or the configuration schema (CONFIG_KEYS, their meaning) change.
-KERNEL_VERSION = 5
+KERNEL_VERSION = 6
 
 #: What the tuner times per token bucket (each overrides the heuristic default of that size):
 #: the decode path, prefill tilings from skinny to square, and the bf16 grouped GEMMs (the
@@ -307,8 +312,8 @@ def _run_grouped(
 
 
 def _check_loop_knobs(cfg: Dict[str, Any]) -> None:
-    """ValueError naming ``UNROLL1`` / ``UNROLL2`` outside :data:`UNROLL_GROUPS`, or ``MAXNREG1`` /
-    ``MAXNREG2`` neither 0 nor an int from 24 to 255."""
+    """ValueError naming ``UNROLL1`` / ``UNROLL2`` outside :data:`UNROLL_GROUPS`, ``MAXNREG1`` /
+    ``MAXNREG2`` neither 0 nor an int from 24 to 255, or ``NATURAL_K`` not a bool."""
     for key in ("UNROLL1", "UNROLL2"):
         value = cfg[key]
         if isinstance(value, bool) or not isinstance(value, int) or value not in UNROLL_GROUPS:
@@ -317,6 +322,8 @@ def _check_loop_knobs(cfg: Dict[str, Any]) -> None:
         value = cfg[key]
         if isinstance(value, bool) or not isinstance(value, int) or not (value == 0 or 24 <= value <= 255):
             raise ValueError(f"config: {key} must be 0 (the compiler's choice) or an int from 24 to 255, got {value!r}")
+    if not isinstance(cfg["NATURAL_K"], bool):
+        raise ValueError(f"config: NATURAL_K must be a bool, got {cfg['NATURAL_K']!r}")
 
 
 def prepare_nvfp4(weights: NVFP4Weights) -> NVFP4KernelWeights:
@@ -391,6 +398,7 @@ def fused_experts_nvfp4(
             raise ValueError(f"config: path='bf16_grouped' cannot serve this layer: {defect}")
         return _run_grouped(hidden, w, topk_ids, topk_weights, local_expert_offset, result, cfg)
     num_pairs = num_tokens * top_k
+    _check_loop_knobs(cfg)
     routing: Union[AlignedRouting, GatheredPairs]
     if cfg["path"] == "swapab":
         if num_pairs > MAX_GATHER_PAIRS:
@@ -401,12 +409,15 @@ def fused_experts_nvfp4(
         x = hidden
     else:
         routing = align_block_size(topk_ids, w.num_experts, local_expert_offset, cfg["BLOCK_M"])
-        x = permute_activations(hidden, w.w13.shape[2] * 8)
-    _check_loop_knobs(cfg)
+        x = hidden if cfg["NATURAL_K"] else permute_activations(hidden, w.w13.shape[2] * 8)
     pdl = bool(cfg["PDL"]) and pdl_available(hidden)
     acc = workspace(num_tokens, w.hidden_size, torch.float32, hidden.device, "moe_combine")
     common: Dict[str, Any] = dict(
-        num_pairs=num_pairs, top_k=top_k, weight_on_input=apply_router_weight_on_input, pdl=pdl
+        num_pairs=num_pairs,
+        top_k=top_k,
+        weight_on_input=apply_router_weight_on_input,
+        pdl=pdl,
+        natural_order=cfg["NATURAL_K"],
     )
     y = gemm1_nvfp4(
         x,

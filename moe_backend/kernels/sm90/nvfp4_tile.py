@@ -174,6 +174,25 @@ def load_group(w_ptrs, s_ptrs, mask, MASKED: tl.constexpr, INTERPRET: tl.constex
 
 
 @triton.jit
+def natural_k(q):
+    """``kernel_k_order`` in Triton: position ``q = 128 h + 32 s + 2 w + i`` of a 256-group holds
+    the group's natural offset ``16 w + 8 h + 2 s + i``."""
+    return 16 * ((q % 32) // 2) + 8 * (q // 128) + 2 * ((q % 128) // 32) + q % 2
+
+
+@triton.jit
+def dot_order(x):
+    """``[M, 256]`` activations of one group in natural K order -> the same in ``kernel_k_order``
+    (position ``128 h + 32 s + 2 w + i`` takes natural ``16 w + 8 h + 2 s + i``: :func:`natural_k`).
+
+    A reshape and permute, which Triton resolves in registers where the layouts allow: loading
+    the group contiguously and permuting here keeps the loads 16 bytes wide, where loading at
+    ``natural_k`` offsets made them 2-byte synchronous loads outside the software pipeline.
+    """
+    return tl.reshape(tl.permute(tl.reshape(x, [x.shape[0], 16, 2, 4, 2]), (0, 2, 3, 1, 4)), [x.shape[0], 256])
+
+
+@triton.jit
 def mma(w, x, acc, INTERPRET: tl.constexpr):
     """``acc [N, M] += w [N, K] @ x[M, K].T`` (bf16 operands; the weights are wgmma's register operand,
     or both are ``mma.sync``'s where the tile has fewer than 64 rows a warpgroup).
