@@ -137,8 +137,10 @@ def test_small(config, t, h, i, e, k, offset):
 @pytest.mark.parametrize("config", UNROLLED.values(), ids=UNROLLED)
 def test_unrolled_loops_iterate(config):
     """Three 256-K groups in both GEMMs (H = I = 608, one K slice): two iterations of two groups,
-    the second half-empty (of four: one iteration, a quarter empty)."""
+    the second half-empty (of four: one iteration, a quarter empty). Then four whole groups
+    (H = I = 1024): with two or four a loop, every load unmasked along K (``EVEN_K``)."""
     check(make_problem(3, 608, 608, 2, 2, offset=1), config=dict(config, SPLIT_K2=1))
+    check(make_problem(3, 1024, 1024, 2, 2, offset=1), config=dict(config, SPLIT_K2=1))
 
 
 @runs_here

@@ -73,12 +73,14 @@ def _gemm1_rows(
     NATURAL_K: tl.constexpr,
     INTERPRET: tl.constexpr,
     UNROLL: tl.constexpr,
+    EVEN_K: tl.constexpr,
 ):
     """One tile: ``BLOCK_M`` rows (``pair``, of ``token``) of local ``expert`` times the gate and
     up rows of column block ``pid_n``; writes ``silu(gate) * up`` at ``y[rows]`` (``row_ok`` rows
     only with ``GATHER``). With ``GATHER`` or ``NATURAL_K``, ``x`` is ``hidden`` in natural order,
     permuted to the dot order in registers; with ``NATURAL_K``, ``y``'s columns are stored in
-    natural order too."""
+    natural order too. ``EVEN_K``: every iteration's ``UNROLL`` groups lie inside ``x``'s ``H``
+    columns and the ``num_groups`` groups, so the loads need no K masks."""
     offs_k = tl.arange(0, 256)
     offs_w = tl.arange(0, 16)
     # One weight tile of 2 * BLOCK_N rows: the gate rows of the block, then its up rows.
@@ -102,14 +104,17 @@ def _gemm1_rows(
             g = g0 + u
             if GATHER or NATURAL_K:
                 # hidden in natural order (H columns), loaded contiguously and put in the dot order
-                x = tl.load(x_ptrs + u * 256, mask=row_ok[:, None] & (g * 256 + offs_k < H)[None, :], other=0.0)
+                if EVEN_K:
+                    x = tl.load(x_ptrs + u * 256, mask=row_ok[:, None], other=0.0)
+                else:
+                    x = tl.load(x_ptrs + u * 256, mask=row_ok[:, None] & (g * 256 + offs_k < H)[None, :], other=0.0)
                 x = dot_order(x)
-            elif UNROLL == 1:
-                x = tl.load(x_ptrs, mask=row_ok[:, None], other=0.0)
+            elif UNROLL == 1 or EVEN_K:
+                x = tl.load(x_ptrs + u * 256, mask=row_ok[:, None], other=0.0)
             else:
                 # a group past the last (num_groups not a multiple of UNROLL) loads nothing
                 x = tl.load(x_ptrs + u * 256, mask=row_ok[:, None] & (g < num_groups), other=0.0)
-            w = load_group(w_ptrs + u * 32, s_ptrs + u * 16, g < num_groups, UNROLL > 1, INTERPRET)
+            w = load_group(w_ptrs + u * 32, s_ptrs + u * 16, g < num_groups, UNROLL > 1 and not EVEN_K, INTERPRET)
             acc = mma(w, x, acc, INTERPRET)
         x_ptrs += UNROLL * 256
         w_ptrs += UNROLL * 32
@@ -177,6 +182,7 @@ def _gemm1_kernel(
     INTERPRET: tl.constexpr,
     ZERO_BLOCK: tl.constexpr,
     UNROLL: tl.constexpr,
+    EVEN_K: tl.constexpr,
 ):
     if PDL:
         gdc_launch_dependents()  # GEMM2 may start its prologue; it waits before reading y
@@ -195,7 +201,7 @@ def _gemm1_kernel(
                 x_ptr, w_ptr, ws_ptr, wg_ptr, y_ptr, topk_w_ptr,
                 pair, pair, ok, token, expert, tl.program_id(1), H, IP, num_groups,
                 stride_xm, stride_we, stride_wn, stride_wse, stride_wsn, stride_ym,
-                BLOCK_M, BLOCK_N, WEIGHT_ON_INPUT, GATHER, NATURAL_K, INTERPRET, UNROLL,
+                BLOCK_M, BLOCK_N, WEIGHT_ON_INPUT, GATHER, NATURAL_K, INTERPRET, UNROLL, EVEN_K,
             )  # fmt: skip
     else:
         # rows_ptr: the aligned rows' pairs (align.AlignedRouting.sorted_ids).
@@ -210,7 +216,7 @@ def _gemm1_kernel(
             x_ptr, w_ptr, ws_ptr, wg_ptr, y_ptr, topk_w_ptr,
             rows, pair, row_ok, token, expert, pid_n, H, IP, num_groups,
             stride_xm, stride_we, stride_wn, stride_wse, stride_wsn, stride_ym,
-            BLOCK_M, BLOCK_N, WEIGHT_ON_INPUT, GATHER, NATURAL_K, INTERPRET, UNROLL,
+            BLOCK_M, BLOCK_N, WEIGHT_ON_INPUT, GATHER, NATURAL_K, INTERPRET, UNROLL, EVEN_K,
         )  # fmt: skip
 
 
@@ -310,6 +316,7 @@ def gemm1_nvfp4(
         INTERPRET=INTERPRETING,
         ZERO_BLOCK=ZERO_BLOCK,
         UNROLL=unroll,
+        EVEN_K=x.shape[1] % K_GROUP == 0 and (hp // K_GROUP) % unroll == 0,
         num_warps=num_warps,
         num_stages=num_stages,
         **register_cap(maxnreg, gather),

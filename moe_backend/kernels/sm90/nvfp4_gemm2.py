@@ -64,10 +64,12 @@ def _gemm2_rows(
     NATURAL_K: tl.constexpr,
     INTERPRET: tl.constexpr,
     UNROLL: tl.constexpr,
+    EVEN_K: tl.constexpr,
 ):
     """One tile: ``y[rows]`` (``BLOCK_M`` rows of ``pair``) over K groups ``[kb_start, kb_end)``
     times ``w2[expert, offs_n]``, router-weighted and added atomically at the pairs' tokens
-    (``NATURAL_K``: ``y``'s columns in natural order, permuted to the dot order in registers)."""
+    (``NATURAL_K``: ``y``'s columns in natural order, permuted to the dot order in registers;
+    ``EVEN_K``: every split's group count is a multiple of ``UNROLL``, so no K masks)."""
     offs_k = tl.arange(0, 256)
     offs_w = tl.arange(0, 16)
     y_ptrs = y_ptr + rows[:, None].to(tl.int64) * stride_ym + (kb_start * 256 + offs_k)[None, :]
@@ -80,13 +82,13 @@ def _gemm2_rows(
     for g0 in range(kb_start, kb_end, UNROLL):
         for u in tl.static_range(UNROLL):
             g = g0 + u
-            if UNROLL == 1:
+            if UNROLL == 1 or EVEN_K:
                 in_k = n_ok[:, None]
                 if GATHER:
-                    y = tl.load(y_ptrs, mask=row_ok[:, None], other=0.0)
+                    y = tl.load(y_ptrs + u * 256, mask=row_ok[:, None], other=0.0)
                 else:
                     # Every aligned row of y exists (padding rows hold zeros and are dropped at the store).
-                    y = tl.load(y_ptrs)
+                    y = tl.load(y_ptrs + u * 256)
             else:
                 # a group past this split's last (its count not a multiple of UNROLL) loads nothing
                 in_k = n_ok[:, None] & (g < kb_end)
@@ -142,6 +144,7 @@ def _gemm2_kernel(
     PDL: tl.constexpr,
     INTERPRET: tl.constexpr,
     UNROLL: tl.constexpr,
+    EVEN_K: tl.constexpr,
 ):
     if PDL:
         gdc_launch_dependents()  # the cast may start; it waits for this grid before reading acc
@@ -163,7 +166,7 @@ def _gemm2_kernel(
                 y_ptr, w_ptr, ws_ptr, wg_ptr, acc_ptr, topk_w_ptr,
                 pair, pair, ok, expert, offs_n, offs_n < H, kb_start, kb_end, top_k,
                 stride_ym, stride_we, stride_wn, stride_wse, stride_wsn, stride_accm,
-                BLOCK_M, BLOCK_N, WEIGHT_ON_INPUT, GATHER, NATURAL_K, INTERPRET, UNROLL,
+                BLOCK_M, BLOCK_N, WEIGHT_ON_INPUT, GATHER, NATURAL_K, INTERPRET, UNROLL, EVEN_K,
             )  # fmt: skip
     else:
         # rows_ptr: the aligned rows' pairs (align.AlignedRouting.sorted_ids).
@@ -179,7 +182,7 @@ def _gemm2_kernel(
             y_ptr, w_ptr, ws_ptr, wg_ptr, acc_ptr, topk_w_ptr,
             rows, pair, row_ok, expert, offs_n, n_ok, kb_start, kb_end, top_k,
             stride_ym, stride_we, stride_wn, stride_wse, stride_wsn, stride_accm,
-            BLOCK_M, BLOCK_N, WEIGHT_ON_INPUT, GATHER, NATURAL_K, INTERPRET, UNROLL,
+            BLOCK_M, BLOCK_N, WEIGHT_ON_INPUT, GATHER, NATURAL_K, INTERPRET, UNROLL, EVEN_K,
         )  # fmt: skip
 
 
@@ -267,6 +270,7 @@ def gemm2_nvfp4(
         PDL=pdl,
         INTERPRET=INTERPRETING,
         UNROLL=unroll,
+        EVEN_K=per_split % unroll == 0 and groups % unroll == 0,
         num_warps=num_warps,
         num_stages=num_stages,
         **({"launch_pdl": True} if pdl else {}),

@@ -116,26 +116,23 @@ DECODE_SYNC2_CONFIG: Dict[str, Any] = dict(
     DECODE_CONFIG, BLOCK_M=8, BLOCK_N1=16, num_warps1=2, BLOCK_N2=32, num_warps2=2, NATURAL_K=True
 )
 #: Decode variants awaiting their GPU tests and timing (``moe-backend bench --variants
-#: nvfp4_decode_<name>``; tuner candidates once measured): ``pdl`` above; ``unroll2``, two 256-K
-#: groups a main-loop iteration on two stages (the same shared memory as three of one group), capped
-#: at 128 registers so that four 4-warp programs still fit an SM (sm_90a: GEMM1's loop 352-357
-#: instructions a group instead of 422, no spill); ``unroll2_free``, the same uncapped (326 a group:
-#: ptxas keeps both groups' weight fragments and drops the warpgroup fence before each MMA, but 171
-#: registers leave two programs an SM); ``unroll2_r168`` between them, capped at 168 registers
-#: (three programs an SM; GEMM1 328 a group, GEMM2 346, 1-7 registers spilled). The decode GEMMs
-#: are bound by instruction issue (ninth session), so 12-23% fewer instructions a group should show
-#: as 10-20% on GEMM1 and GEMM2. ``sync2``: 32-row weight tiles on two warps and 8 tokens a tile,
-#: which Triton runs on ``mma.sync`` (m16n8k16, both operands in registers) instead of ``wgmma``
-#: (its tiles need 64 rows a warpgroup): no per-MMA warpgroup fence, wait or shared-memory
-#: descriptor (six instructions an MMA on the ``wgmma`` path), the activations' fragments loaded by
-#: the threads instead. With ``NATURAL_K`` each 16-byte load of natural-order activations holds
-#: whole register pairs of ``mma.sync`` (in the dot order they take moves), and the ``permute``
-#: launch goes. sm_90a, offline, warp instructions a 256-K group: GEMM1 339 against the default's
-#: 422, GEMM2 331 against 425 (77 / 85 registers: 12 / 11 two-warp programs an SM, 24 / 22 warps
-#: against 16); ``sync2_unroll2``, two groups an iteration on two stages (the same shared memory):
-#: 303 / 308 (88 / 108 registers). ``swapab_sync2`` / ``swapab_sync2_unroll2``: these tiles on the
-#: gathered path (no ``align`` launch either; capped at ``tiles.GATHER_MAXNREG``, eight programs an
-#: SM): GEMM1 354 / 315, GEMM2 339 / 322.
+#: nvfp4_decode_<name>``; tuner candidates once measured). The decode GEMMs are bound by
+#: instruction issue (ninth session), so the measure is the main loop's warp instructions a 256-K
+#: group (sm_90a, offline, DeepSeek-V3 EP8; the default: GEMM1 422, GEMM2 425, four 4-warp programs
+#: an SM). ``pdl`` above. ``unroll2``: two groups a main-loop iteration on two stages (the same
+#: shared memory as three of one group), capped at 128 registers so that four programs still fit
+#: an SM: 348 / 338; ``unroll2_r168`` capped at 168 (three an SM): 321 / 315; ``unroll2_free``
+#: uncapped (two an SM; ptxas then drops the warpgroup fence before each MMA): 318 / 309.
+#: ``sync2``: 32-row weight tiles on two warps and 8 tokens a tile, which Triton runs on
+#: ``mma.sync`` (m16n8k16, both operands in registers) instead of ``wgmma`` (its tiles need 64 rows
+#: a warpgroup): no per-MMA warpgroup fence, wait or shared-memory descriptor (six instructions an
+#: MMA on ``wgmma``), the activations' fragments loaded by the threads instead; with ``NATURAL_K``
+#: each 16-byte load of natural-order activations holds whole ``mma.sync`` register pairs (in the
+#: dot order they take moves) and the ``permute`` launch goes: 334 / 331 (76 / 85 registers, 12 /
+#: 11 two-warp programs an SM). ``sync2_unroll2``, two groups an iteration on two stages (the same
+#: shared memory): 290 / 291 (106 / 87 registers). ``swapab_sync2`` / ``swapab_sync2_unroll2``:
+#: these tiles on the gathered path (no ``align`` launch either; capped at ``tiles.GATHER_MAXNREG``,
+#: eight programs an SM): GEMM1 334 / 300, GEMM2 339 / 298.
 DECODE_VARIANTS: Dict[str, Dict[str, Any]] = {
     "pdl": DECODE_PDL_CONFIG,
     "unroll2": dict(DECODE_CONFIG, UNROLL1=2, UNROLL2=2, num_stages1=2, num_stages2=2, MAXNREG1=128, MAXNREG2=128),
