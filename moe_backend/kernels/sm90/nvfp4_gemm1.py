@@ -1,16 +1,18 @@
 """GEMM1 of the NVFP4 (W4A16) fused experts: gate/up projection with SiLU-and-mul fused.
 
 Rows come from the aligned tiles of ``align`` or, on the swap-AB decode path, from the leader
-pair of each expert (``GATHER``: no alignment launch, the hidden states read in natural order at
-the dot order's offsets, no permutation launch either; ``y`` rows are the pairs).
+pair of each expert (``GATHER``: no alignment launch, the hidden states read in natural order and
+put in the dot order in registers, no permutation launch either; ``y`` rows are the pairs; the
+aligned tiles read them so with ``NATURAL_K``).
 For each tile of ``BLOCK_M`` aligned rows (one local expert ``e``) and each
 ``BLOCK_N`` stored intermediate columns ``n``, one program dequantizes the gate rows
 ``w13[e, n]`` stacked on the up rows ``w13[e, Ip + n]`` (one ``2 BLOCK_N``-row tile) one
 256-K group at a time in registers (:func:`nvfp4_tile.dequant_group`), multiplies them
 with the permuted bf16 hidden states on the tensor cores (weights as wgmma's register
-operand, the tokens on its N side) into one fp32 accumulator over ``Hp``, applies the
-gate's and up's global scales, and writes ``y = silu(gate) * up`` rounded to bf16 at the aligned rows
-(``y [P, Ip]``, columns in the layout's stored order, which is GEMM2's dot order).
+operand, or ``mma.sync``'s below 64 rows a warpgroup, the tokens on the N side) into one fp32
+accumulator over ``Hp``, applies the gate's and up's global scales, and writes
+``y = silu(gate) * up`` rounded to bf16 at the aligned rows (``y [P, Ip]``, columns in the layout's
+stored order, which is GEMM2's dot order; in natural order with ``NATURAL_K``).
 
 The programs also zero the fp32 GEMM2 workspace (a grid-stride share each,
 before any early exit), as the FP8 GEMM1 does: GEMM2 accumulates into it with

@@ -7,7 +7,8 @@ makes each thread's dequantized pairs its MMA fragment); activations stay bf16.
 One call runs, all on the GPU with no host sync (CUDA-graph capturable):
 
 1. ``align`` (shared with FP8): group the (token, slot) pairs by local expert in tiles of BLOCK_M rows;
-2. ``permute_activations``: hidden states into the weights' per-256-K dot order;
+2. ``permute_activations``: hidden states into the weights' per-256-K dot order (not with
+   ``NATURAL_K``: the GEMMs permute their activations in registers);
 3. ``gemm1``: gate/up GEMM + SiLU-and-mul, bf16 intermediate ``[P, Ip]``; also zeroes
    the fp32 accumulator ``[T, H]``;
 4. ``gemm2``: down GEMM + router weight, atomically summed over the top-k into the accumulator;
@@ -19,8 +20,8 @@ The weights always sit on the MMA's 64-row side and the tokens on its N side
 experts over every SM) and ``prefill`` (larger BLOCK_M: each dequantized weight
 tile serves more tokens). ``swapab`` (``config`` only, until the H200 times it against
 ``decode``) is the decode tiling without steps 1 and 2: each expert's leader pair gathers its
-pairs (up to ``tiles.MAX_GATHER_PAIRS`` pairs), GEMM1 reads the hidden states at the dot
-order's offsets, and GEMM2 and the cast are programmatic dependent launches.
+pairs (up to ``tiles.MAX_GATHER_PAIRS`` pairs), GEMM1 reads the hidden states in natural order,
+and GEMM2 and the cast are programmatic dependent launches.
 ``bf16_grouped`` (prefill, with QuACK / CuTe DSL on sm_90): the active experts dequantized from
 this layout to bf16 into the shared pool (``nvfp4_dequant.dequantize_kernel_layout_segments``),
 then the bf16 grouped GEMMs (``bf16_moe.run_segments``; ``TILE1`` / ``TILE2`` from
