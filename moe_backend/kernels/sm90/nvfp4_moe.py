@@ -133,7 +133,10 @@ DECODE_SYNC2_CONFIG: Dict[str, Any] = dict(
 #: 11 two-warp programs an SM). ``sync2_unroll2``, two groups an iteration on two stages (the same
 #: shared memory): 290 / 291 (106 / 87 registers). ``swapab_sync2`` / ``swapab_sync2_unroll2``:
 #: these tiles on the gathered path (no ``align`` launch either; capped at ``tiles.GATHER_MAXNREG``,
-#: eight programs an SM): GEMM1 334 / 300, GEMM2 339 / 298.
+#: eight programs an SM): GEMM1 334 / 300, GEMM2 339 / 298. Measured on the H200 (2026-12-05, one
+#: bench run) the ``sync`` variants are 1.6-1.9x slower than ``DECODE_CONFIG`` at T=1-16 (T=1 E=256:
+#: 146.5-152.6 against 90.2 us): their threads wait on their own shared-memory loads (ncu: 0.22
+#: instructions issued a cycle a scheduler against 0.66), so they are records, not candidates.
 DECODE_VARIANTS: Dict[str, Dict[str, Any]] = {
     "pdl": DECODE_PDL_CONFIG,
     "unroll2": dict(DECODE_CONFIG, UNROLL1=2, UNROLL2=2, num_stages1=2, num_stages2=2, MAXNREG1=128, MAXNREG2=128),
