@@ -104,18 +104,18 @@ def _gemm1_rows(
     for g0 in range(0, num_groups, UNROLL):
         for u in tl.static_range(UNROLL):
             g = g0 + u
-            if GATHER or NATURAL_K:
-                # hidden in natural order (H columns), loaded contiguously and put in the dot order
-                if EVEN_K:
-                    x = tl.load(x_ptrs + u * 256, mask=row_ok[:, None], other=0.0)
-                else:
-                    x = tl.load(x_ptrs + u * 256, mask=row_ok[:, None] & (g * 256 + offs_k < H)[None, :], other=0.0)
-                x = dot_order(x)
-            elif UNROLL == 1 or EVEN_K:
-                x = tl.load(x_ptrs + u * 256, mask=row_ok[:, None], other=0.0)
+            if EVEN_K:
+                x_mask = row_ok[:, None]
+            elif GATHER or NATURAL_K:
+                # hidden in natural order has H columns
+                x_mask = row_ok[:, None] & (g * 256 + offs_k < H)[None, :]
             else:
                 # a group past the last (num_groups not a multiple of UNROLL) loads nothing
-                x = tl.load(x_ptrs + u * 256, mask=row_ok[:, None] & (g < num_groups), other=0.0)
+                x_mask = row_ok[:, None] & (g < num_groups)
+            x = tl.load(x_ptrs + u * 256, mask=x_mask, other=0.0)
+            if GATHER or NATURAL_K:
+                # hidden in natural order, loaded contiguously and put in the dot order
+                x = dot_order(x)
             w = load_group(w_ptrs + u * 32, s_ptrs + u * 16, g < num_groups, UNROLL > 1 and not EVEN_K, INTERPRET)
             acc = mma(w, x, acc, INTERPRET)
         x_ptrs += UNROLL * 256

@@ -82,7 +82,7 @@ def _gemm2_rows(
     for g0 in range(kb_start, kb_end, UNROLL):
         for u in tl.static_range(UNROLL):
             g = g0 + u
-            if UNROLL == 1 or EVEN_K:
+            if EVEN_K:
                 in_k = n_ok[:, None]
                 if GATHER:
                     y = tl.load(y_ptrs + u * 256, mask=row_ok[:, None], other=0.0)

@@ -150,7 +150,7 @@ DECODE_VARIANTS: Dict[str, Dict[str, Any]] = {
     ),
 }
 #: ``swapab``: the decode tiling without the ``align`` and ``permute`` launches (each expert's
-#: leader pair gathers its pairs, GEMM1 reads the hidden states at the dot order's offsets) and
+#: leader pair gathers its pairs, GEMM1 reads the hidden states in natural order) and
 #: with GEMM2 and the cast as programmatic dependent launches. ``BLOCK_M``: pairs per MMA.
 SWAPAB_CONFIG: Dict[str, Any] = dict(DECODE_CONFIG, path="swapab", PDL=True)
 # GEMM1's weight tile stacks BLOCK_N gate rows on BLOCK_N up rows (2 BLOCK_N rows). With
