@@ -38,9 +38,6 @@ from moe_backend.quant.nvfp4 import dequantize_nvfp4
 
 #: Forced paths with tiny tiles for the interpreter (H, I padded to 256-groups, split-K, GROUP_M).
 DECODE_SMALL = dict(path="decode", BLOCK_M=16, BLOCK_N1=16, BLOCK_N2=32, SPLIT_K2=2)
-#: 8 tokens a tile (``DECODE_VARIANTS["sync2"]``'s tiles), both GEMMs' activations in natural
-#: order (no permutation launch; GEMM1's output in natural order).
-DECODE_M8_SMALL = dict(DECODE_SMALL, BLOCK_M=8, num_warps1=2, num_warps2=2, NATURAL_K=True)
 #: No align/permute launches: each expert's leader pair gathers its pairs (16 at a time).
 SWAPAB_SMALL = dict(DECODE_SMALL, path="swapab")
 PREFILL_SMALL = dict(
@@ -52,11 +49,6 @@ UNROLLED = {
     "decode-unroll2": dict(DECODE_SMALL, UNROLL1=2, UNROLL2=2),
     "swapab-unroll2": dict(SWAPAB_SMALL, UNROLL1=2, UNROLL2=2),
     "prefill-unroll4": dict(PREFILL_SMALL, UNROLL1=4, UNROLL2=4, MAXNREG1=168, MAXNREG2=128),
-}
-#: The same with 8-token tiles and natural-order activations, on both paths.
-UNROLLED_M8 = {
-    "decode-m8-unroll2": dict(DECODE_M8_SMALL, UNROLL1=2, UNROLL2=2),
-    "swapab-m8-unroll2": dict(DECODE_M8_SMALL, path="swapab", UNROLL1=2, UNROLL2=2),
 }
 
 
@@ -126,8 +118,8 @@ def check(p: Problem, *, weight_on_input: bool = False, config: Optional[dict] =
 @runs_here
 @pytest.mark.parametrize(
     "config",
-    [DECODE_SMALL, DECODE_M8_SMALL, PREFILL_SMALL, SWAPAB_SMALL, *UNROLLED.values()],
-    ids=["decode", "decode-m8", "prefill", "swapab", *UNROLLED],
+    [DECODE_SMALL, PREFILL_SMALL, SWAPAB_SMALL, *UNROLLED.values()],
+    ids=["decode", "prefill", "swapab", *UNROLLED],
 )
 @pytest.mark.parametrize(
     "t,h,i,e,k,offset", [(1, 128, 64, 4, 1, 0), (7, 96, 48, 4, 2, 3), (33, 64, 32, 3, 3, 0), (3, 272, 272, 2, 2, 1)]
@@ -137,7 +129,7 @@ def test_small(config, t, h, i, e, k, offset):
 
 
 @runs_here
-@pytest.mark.parametrize("config", [*UNROLLED.values(), *UNROLLED_M8.values()], ids=[*UNROLLED, *UNROLLED_M8])
+@pytest.mark.parametrize("config", UNROLLED.values(), ids=UNROLLED)
 def test_unrolled_loops_iterate(config):
     """Three 256-K groups in both GEMMs (H = I = 608, one K slice): two iterations of two groups,
     the second half-empty (of four: one iteration, a quarter empty). Then two whole groups
@@ -147,11 +139,7 @@ def test_unrolled_loops_iterate(config):
 
 
 @runs_here
-@pytest.mark.parametrize(
-    "config",
-    [DECODE_SMALL, DECODE_M8_SMALL, PREFILL_SMALL, SWAPAB_SMALL],
-    ids=["decode", "decode-m8", "prefill", "swapab"],
-)
+@pytest.mark.parametrize("config", [DECODE_SMALL, PREFILL_SMALL, SWAPAB_SMALL], ids=["decode", "prefill", "swapab"])
 def test_weight_on_input(config):
     check(make_problem(6, 64, 32, 4, 1, invalid=False), weight_on_input=True, config=config)
 
@@ -218,9 +206,6 @@ def test_errors_name_the_argument():
         for value in (-1, 16, 256, True, 128.0):
             with pytest.raises(ValueError, match=rf"{key} must be 0 .* or an int from 24 to 255, got {value!r}"):
                 fused_experts_nvfp4(p.hidden, prep, p.ids, p.topk_w, **kw, config={key: value})
-    for value in (1, "yes", None):
-        with pytest.raises(ValueError, match=rf"NATURAL_K must be a bool, got {value!r}"):
-            fused_experts_nvfp4(p.hidden, prep, p.ids, p.topk_w, **kw, config={"NATURAL_K": value})
 
 
 # ----------------------------------------------------------------------------- GPU
@@ -248,7 +233,7 @@ def test_gpu_matches_reference(t, h, i, e, k, offset):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("path", ["decode", "decode_pdl", "decode_unroll2", "decode_sync2", "prefill", "swapab"])
+@pytest.mark.parametrize("path", ["decode", "decode_pdl", "decode_unroll2", "prefill", "swapab"])
 @pytest.mark.parametrize("t,e,k", [(64, 32, 8), (300, 8, 2)])
 def test_gpu_both_paths_and_weight_on_input(path, t, e, k):
     from moe_backend.kernels.sm90.nvfp4_moe import DECODE_CONFIG, PREFILL_CONFIG, SWAPAB_CONFIG
@@ -257,7 +242,6 @@ def test_gpu_both_paths_and_weight_on_input(path, t, e, k):
         "decode": DECODE_CONFIG,
         "decode_pdl": DECODE_VARIANTS["pdl"],
         "decode_unroll2": DECODE_VARIANTS["unroll2"],
-        "decode_sync2": DECODE_VARIANTS["sync2"],
         "prefill": PREFILL_CONFIG,
         "swapab": SWAPAB_CONFIG,
     }[path]
@@ -270,8 +254,8 @@ def test_gpu_both_paths_and_weight_on_input(path, t, e, k):
 @pytest.mark.parametrize("t,h,i,e,k,offset", [c for c in GPU_CASES if c[0] <= 16])
 def test_gpu_decode_variants_match_reference(variant, t, h, i, e, k, offset):
     """The decode variants awaiting their timing (``nvfp4_moe.DECODE_VARIANTS``: programmatic
-    dependent launches, two groups an iteration with and without the register cap, ``mma.sync``
-    tiles) at the decode sizes, EP offsets, -1 and foreign ids, odd shapes (K tails in both GEMMs)."""
+    dependent launches, two groups an iteration with and without the register cap) at the decode
+    sizes, EP offsets, -1 and foreign ids, odd shapes (K tails in both GEMMs)."""
     check(make_problem(t, h, i, e, k, offset=offset, invalid=t % 2 == 1, seed=t), config=DECODE_VARIANTS[variant])
 
 

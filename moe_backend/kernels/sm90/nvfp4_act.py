@@ -4,10 +4,9 @@ The kernel layout (:class:`moe_backend.kernels.sm90.nvfp4_layout.NVFP4KernelWeig
 256-K group of the GEMM in ``kernel_k_order``; GEMM1 reads its bf16 input in that
 order so that both operands agree: the aligned paths after one small pass that permutes
 ``hidden [T, H]`` into ``[T, Hp]`` (zero padded to a multiple of 256) in the shared workspace,
-the swap-AB path and configurations with ``NATURAL_K`` by loading ``hidden`` contiguously and
-permuting it in registers (:func:`nvfp4_tile.dot_order`). GEMM2's input needs neither, because
-GEMM1 writes it in that order already (with ``NATURAL_K``, in natural order, and GEMM2 permutes it
-as GEMM1 does its input).
+the swap-AB path by loading ``hidden`` contiguously and permuting it in registers
+(:func:`nvfp4_tile.dot_order`). GEMM2's input needs neither, because GEMM1 writes it in that
+order already.
 """
 
 import torch

@@ -2,17 +2,16 @@
 
 Rows come from the aligned tiles of ``align`` or, on the swap-AB decode path, from the leader
 pair of each expert (``GATHER``: no alignment launch, the hidden states read in natural order and
-put in the dot order in registers, no permutation launch either; ``y`` rows are the pairs; the
-aligned tiles read them so with ``NATURAL_K``).
+put in the dot order in registers, no permutation launch either; ``y`` rows are the pairs).
 For each tile of ``BLOCK_M`` aligned rows (one local expert ``e``) and each
 ``BLOCK_N`` stored intermediate columns ``n``, one program dequantizes the gate rows
 ``w13[e, n]`` stacked on the up rows ``w13[e, Ip + n]`` (one ``2 BLOCK_N``-row tile) one
 256-K group at a time in registers (:func:`nvfp4_tile.dequant_group`), multiplies them
 with the permuted bf16 hidden states on the tensor cores (weights as wgmma's register
-operand, or ``mma.sync``'s below 64 rows a warpgroup, the tokens on the N side) into one fp32
+operand, the tokens on the N side) into one fp32
 accumulator over ``Hp``, applies the gate's and up's global scales, and writes
 ``y = silu(gate) * up`` rounded to bf16 at the aligned rows (``y [P, Ip]``, columns in the layout's
-stored order, which is GEMM2's dot order; in natural order with ``NATURAL_K``).
+stored order, which is GEMM2's dot order).
 
 The programs also zero the fp32 GEMM2 workspace (a grid-stride share each,
 before any early exit), as the FP8 GEMM1 does: GEMM2 accumulates into it with
@@ -30,7 +29,7 @@ from ...runtime import workspace
 from ..interpret import INTERPRETING
 from .align import AlignedRouting, GatheredPairs, row_source_args
 from .nvfp4_layout import K_GROUP
-from .nvfp4_tile import WEIGHT_RESCALE, dot_order, load_group, mma, natural_k
+from .nvfp4_tile import WEIGHT_RESCALE, dot_order, load_group, mma
 from .tiles import (
     MAX_GATHER_PAIRS,
     aligned_rows,
@@ -72,16 +71,14 @@ def _gemm1_rows(
     BLOCK_N: tl.constexpr,
     WEIGHT_ON_INPUT: tl.constexpr,
     GATHER: tl.constexpr,
-    NATURAL_K: tl.constexpr,
     INTERPRET: tl.constexpr,
     UNROLL: tl.constexpr,
     EVEN_K: tl.constexpr,
 ):
     """One tile: ``BLOCK_M`` rows (``pair``, of ``token``) of local ``expert`` times the gate and
     up rows of column block ``pid_n``; writes ``silu(gate) * up`` at ``y[rows]`` (``row_ok`` rows
-    only with ``GATHER``). With ``GATHER`` or ``NATURAL_K``, ``x`` is ``hidden`` in natural order,
-    permuted to the dot order in registers; with ``NATURAL_K``, ``y``'s columns are stored in
-    natural order too. ``EVEN_K``: every iteration's ``UNROLL`` groups lie inside ``x``'s ``H``
+    only with ``GATHER``, whose ``x`` is ``hidden`` in natural order, permuted to the dot order in
+    registers). ``EVEN_K``: every iteration's ``UNROLL`` groups lie inside ``x``'s ``H``
     columns and the ``num_groups`` groups, so the loads need no K masks."""
     offs_k = tl.arange(0, 256)
     offs_w = tl.arange(0, 16)
@@ -106,14 +103,14 @@ def _gemm1_rows(
             g = g0 + u
             if EVEN_K:
                 x_mask = row_ok[:, None]
-            elif GATHER or NATURAL_K:
+            elif GATHER:
                 # hidden in natural order has H columns
                 x_mask = row_ok[:, None] & (g * 256 + offs_k < H)[None, :]
             else:
                 # a group past the last (num_groups not a multiple of UNROLL) loads nothing
                 x_mask = row_ok[:, None] & (g < num_groups)
             x = tl.load(x_ptrs + u * 256, mask=x_mask, other=0.0)
-            if GATHER or NATURAL_K:
+            if GATHER:
                 # hidden in natural order, loaded contiguously and put in the dot order
                 x = dot_order(x)
             w = load_group(w_ptrs + u * 32, s_ptrs + u * 16, g < num_groups, UNROLL > 1 and not EVEN_K, INTERPRET)
@@ -132,10 +129,6 @@ def _gemm1_rows(
         up = up * router_w
     y = gate * tl.sigmoid(gate) * up
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    if NATURAL_K:
-        # stored column q of a 256-group is the group's natural column natural_k(q): GEMM2 then
-        # reads y contiguously and permutes it in registers, as this kernel does x
-        offs_n = offs_n // 256 * 256 + natural_k(offs_n % 256)
     y_ptrs = y_ptr + rows[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
     # Explicit round-to-nearest-even (the GPU default; Triton's interpreter truncates otherwise).
     # Aligned padding rows are written too (zeros: their x is masked), gathered rows only if real.
@@ -178,7 +171,6 @@ def _gemm1_kernel(
     GROUP_M: tl.constexpr,
     WEIGHT_ON_INPUT: tl.constexpr,
     GATHER: tl.constexpr,
-    NATURAL_K: tl.constexpr,
     PAIRS: tl.constexpr,
     PDL: tl.constexpr,
     INTERPRET: tl.constexpr,
@@ -203,7 +195,7 @@ def _gemm1_kernel(
                 x_ptr, w_ptr, ws_ptr, wg_ptr, y_ptr, topk_w_ptr,
                 pair, pair, ok, token, expert, tl.program_id(1), H, IP, num_groups,
                 stride_xm, stride_we, stride_wn, stride_wse, stride_wsn, stride_ym,
-                BLOCK_M, BLOCK_N, WEIGHT_ON_INPUT, GATHER, NATURAL_K, INTERPRET, UNROLL, EVEN_K,
+                BLOCK_M, BLOCK_N, WEIGHT_ON_INPUT, GATHER, INTERPRET, UNROLL, EVEN_K,
             )  # fmt: skip
     else:
         # rows_ptr: the aligned rows' pairs (align.AlignedRouting.sorted_ids).
@@ -218,7 +210,7 @@ def _gemm1_kernel(
             x_ptr, w_ptr, ws_ptr, wg_ptr, y_ptr, topk_w_ptr,
             rows, pair, row_ok, token, expert, pid_n, H, IP, num_groups,
             stride_xm, stride_we, stride_wn, stride_wse, stride_wsn, stride_ym,
-            BLOCK_M, BLOCK_N, WEIGHT_ON_INPUT, GATHER, NATURAL_K, INTERPRET, UNROLL, EVEN_K,
+            BLOCK_M, BLOCK_N, WEIGHT_ON_INPUT, GATHER, INTERPRET, UNROLL, EVEN_K,
         )  # fmt: skip
 
 
@@ -241,32 +233,28 @@ def gemm1_nvfp4(
     pdl: bool = False,
     unroll: int = 1,
     maxnreg: int = 0,
-    natural_order: bool = False,
 ) -> torch.Tensor:
     """Launch GEMM1 + SiLU-and-mul.
 
     Args:
-        x: aligned routing without ``natural_order``: ``[T, Hp]`` bf16 from
-            :func:`nvfp4_act.permute_activations`; else the hidden states ``[T, H]`` bf16 as they
-            are (unit column stride).
+        x: aligned routing: ``[T, Hp]`` bf16 from :func:`nvfp4_act.permute_activations`;
+            gathered pairs: the hidden states ``[T, H]`` bf16 as they are (unit column stride).
         w13, w13_scale, w13_scale_2: kernel layout (``NVFP4KernelWeights``):
             ``[E, 2Ip, Hp/8]`` int32, ``[E, 2Ip, Hp/16]`` e4m3, ``[E, 2]`` fp32, contiguous.
         routing: the aligned rows, or the gathered pairs (at most ``MAX_GATHER_PAIRS``).
         topk_weights: ``[T, k]`` fp32 contiguous (read with ``weight_on_input``).
         zero: contiguous fp32 buffer this kernel zeroes (the GEMM2 workspace).
         BLOCK_N: divides 256 (the weight tile has ``2 BLOCK_N`` rows: ``BLOCK_N = 32`` fills one
-            64-row wgmma; with fewer than 64 rows a warpgroup Triton uses ``mma.sync``).
+            64-row wgmma).
         pdl: the programs signal a programmatic dependent launch of GEMM2 as they start.
         unroll: 256-K groups an iteration of the main loop (a power of two).
         maxnreg: register cap a thread (0: the compiler's choice; the gathered path's default is
             ``GATHER_MAXNREG``).
-        natural_order: ``x`` is the hidden states in natural order on the aligned path too (no
-            permutation launch), and ``y``'s columns come out in natural order.
 
     Returns:
-        ``y [P, Ip]`` bf16, columns in stored order (natural with ``natural_order``): aligned,
-        ``P = max_tiles * block_m`` (padding rows hold zeros); gathered, ``P = T * k`` at the
-        pairs' rows (rows of pairs without a local expert are not written).
+        ``y [P, Ip]`` bf16, columns in stored order: aligned, ``P = max_tiles * block_m`` (padding
+        rows hold zeros); gathered, ``P = T * k`` at the pairs' rows (rows of pairs without a local
+        expert are not written).
     """
     e, two_ip, hp_words = w13.shape
     ip, hp = two_ip // 2, hp_words * 8
@@ -277,7 +265,7 @@ def gemm1_nvfp4(
         assert num_pairs <= MAX_GATHER_PAIRS and x.shape[1] <= hp
         rows, grid = num_pairs, (num_pairs, ip // BLOCK_N)
     else:
-        assert x.shape[1] <= hp if natural_order else x.shape[1] == hp
+        assert x.shape[1] == hp
         rows, grid = routing.max_tiles * routing.block_m, (routing.max_tiles * (ip // BLOCK_N),)
     rows_ptr, tile_expert, num_padded, expert_offset, num_experts, max_tiles = row_source_args(routing, e)
     y = workspace(rows, ip, torch.bfloat16, x.device, "moe_intermediate")
@@ -312,7 +300,6 @@ def gemm1_nvfp4(
         GROUP_M=GROUP_M,
         WEIGHT_ON_INPUT=weight_on_input,
         GATHER=gather,
-        NATURAL_K=natural_order,
         PAIRS=gather_scan_width(num_pairs) if gather else 1,
         PDL=pdl,
         INTERPRET=INTERPRETING,

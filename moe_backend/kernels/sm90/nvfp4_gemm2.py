@@ -22,7 +22,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from ..interpret import INTERPRETING
 from .align import AlignedRouting, GatheredPairs, row_source_args
 from .nvfp4_layout import K_GROUP
-from .nvfp4_tile import WEIGHT_RESCALE, dot_order, load_group, mma
+from .nvfp4_tile import WEIGHT_RESCALE, load_group, mma
 from .tiles import (
     MAX_GATHER_PAIRS,
     aligned_rows,
@@ -61,15 +61,13 @@ def _gemm2_rows(
     BLOCK_N: tl.constexpr,
     WEIGHT_ON_INPUT: tl.constexpr,
     GATHER: tl.constexpr,
-    NATURAL_K: tl.constexpr,
     INTERPRET: tl.constexpr,
     UNROLL: tl.constexpr,
     EVEN_K: tl.constexpr,
 ):
     """One tile: ``y[rows]`` (``BLOCK_M`` rows of ``pair``) over K groups ``[kb_start, kb_end)``
     times ``w2[expert, offs_n]``, router-weighted and added atomically at the pairs' tokens
-    (``NATURAL_K``: ``y``'s columns in natural order, permuted to the dot order in registers;
-    ``EVEN_K``: every split's group count is a multiple of ``UNROLL``, so no K masks)."""
+    (``EVEN_K``: every split's group count is a multiple of ``UNROLL``, so no K masks)."""
     offs_k = tl.arange(0, 256)
     offs_w = tl.arange(0, 16)
     y_ptrs = y_ptr + rows[:, None].to(tl.int64) * stride_ym + (kb_start * 256 + offs_k)[None, :]
@@ -93,8 +91,6 @@ def _gemm2_rows(
                 # a group past this split's last (its count not a multiple of UNROLL) loads nothing
                 in_k = n_ok[:, None] & (g < kb_end)
                 y = tl.load(y_ptrs + u * 256, mask=row_ok[:, None] & (g < kb_end), other=0.0)
-            if NATURAL_K:
-                y = dot_order(y)
             w = load_group(w_ptrs + u * 32, s_ptrs + u * 16, in_k, True, INTERPRET)
             acc = mma(w, y, acc, INTERPRET)
         y_ptrs += UNROLL * 256
@@ -139,7 +135,6 @@ def _gemm2_kernel(
     GROUP_M: tl.constexpr,
     WEIGHT_ON_INPUT: tl.constexpr,
     GATHER: tl.constexpr,
-    NATURAL_K: tl.constexpr,
     PAIRS: tl.constexpr,
     PDL: tl.constexpr,
     INTERPRET: tl.constexpr,
@@ -166,7 +161,7 @@ def _gemm2_kernel(
                 y_ptr, w_ptr, ws_ptr, wg_ptr, acc_ptr, topk_w_ptr,
                 pair, pair, ok, expert, offs_n, offs_n < H, kb_start, kb_end, top_k,
                 stride_ym, stride_we, stride_wn, stride_wse, stride_wsn, stride_accm,
-                BLOCK_M, BLOCK_N, WEIGHT_ON_INPUT, GATHER, NATURAL_K, INTERPRET, UNROLL, EVEN_K,
+                BLOCK_M, BLOCK_N, WEIGHT_ON_INPUT, GATHER, INTERPRET, UNROLL, EVEN_K,
             )  # fmt: skip
     else:
         # rows_ptr: the aligned rows' pairs (align.AlignedRouting.sorted_ids).
@@ -182,7 +177,7 @@ def _gemm2_kernel(
             y_ptr, w_ptr, ws_ptr, wg_ptr, acc_ptr, topk_w_ptr,
             rows, pair, row_ok, expert, offs_n, n_ok, kb_start, kb_end, top_k,
             stride_ym, stride_we, stride_wn, stride_wse, stride_wsn, stride_accm,
-            BLOCK_M, BLOCK_N, WEIGHT_ON_INPUT, GATHER, NATURAL_K, INTERPRET, UNROLL, EVEN_K,
+            BLOCK_M, BLOCK_N, WEIGHT_ON_INPUT, GATHER, INTERPRET, UNROLL, EVEN_K,
         )  # fmt: skip
 
 
@@ -206,13 +201,12 @@ def gemm2_nvfp4(
     pdl: bool = False,
     unroll: int = 1,
     maxnreg: int = 0,
-    natural_order: bool = False,
 ) -> None:
     """Launch GEMM2 + weighted combine: ``acc[t] += w[t, j] * (y_row @ w2[e].T)``.
 
     Args:
-        y: GEMM1's output ``[P, Ip]`` bf16 (stored column order; natural with
-            ``natural_order``) at the rows ``routing`` gives (aligned rows, or the pairs themselves).
+        y: GEMM1's output ``[P, Ip]`` bf16 (stored column order) at the rows ``routing`` gives
+            (aligned rows, or the pairs themselves).
         w2, w2_scale, w2_scale_2: kernel layout: ``[E, H, Ip/8]`` int32, ``[E, H, Ip/16]`` e4m3,
             ``[E]`` fp32, contiguous.
         routing: what GEMM1 used; topk_weights ``[T, k]`` fp32 contiguous.
@@ -222,7 +216,6 @@ def gemm2_nvfp4(
         unroll: 256-K groups an iteration of the main loop (a power of two).
         maxnreg: register cap a thread (0: the compiler's choice; the gathered path's default is
             ``GATHER_MAXNREG``).
-        natural_order: ``y``'s columns are in natural order (GEMM1 with ``natural_order``).
     """
     e, h, ip_words = w2.shape
     groups = ip_words * 8 // K_GROUP
@@ -265,7 +258,6 @@ def gemm2_nvfp4(
         GROUP_M=GROUP_M,
         WEIGHT_ON_INPUT=weight_on_input,
         GATHER=gather,
-        NATURAL_K=natural_order,
         PAIRS=gather_scan_width(num_pairs) if gather else 1,
         PDL=pdl,
         INTERPRET=INTERPRETING,

@@ -226,9 +226,8 @@ class NVFP4KernelWeights(ExpertShapes):
       scales, and the kernel's dot runs over the group in :func:`kernel_k_order`, an order
       in which each thread's dequantized pairs are exactly its MMA register fragment.
     * The activations of GEMM1 are permuted to that order per group
-      (``kernels/sm90/nvfp4_act.py``, or in registers by the GEMMs: ``nvfp4_moe``'s
-      ``NATURAL_K``); for GEMM2 the rows of each of gate and up are
-      stored in that order (``w13`` row ``g*256 + q`` is natural row
+      (``kernels/sm90/nvfp4_act.py``, or in registers by GEMM1 on the swap-AB path); for GEMM2
+      the rows of each of gate and up are stored in that order (``w13`` row ``g*256 + q`` is natural row
       ``g*256 + kernel_k_order()[q]``), so GEMM1 writes its output already permuted.
     * ``w13_scale [E, 2Ip, Hp/16]``, ``w2_scale [E, H, Ip/16]`` uint8: the checkpoint's block
       scales as the kernel's scale codes (:func:`encode_scales`: one integer multiply-add makes a

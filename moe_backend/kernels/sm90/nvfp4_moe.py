@@ -7,8 +7,7 @@ makes each thread's dequantized pairs its MMA fragment); activations stay bf16.
 One call runs, all on the GPU with no host sync (CUDA-graph capturable):
 
 1. ``align`` (shared with FP8): group the (token, slot) pairs by local expert in tiles of BLOCK_M rows;
-2. ``permute_activations``: hidden states into the weights' per-256-K dot order (not with
-   ``NATURAL_K``: the GEMMs permute their activations in registers);
+2. ``permute_activations``: hidden states into the weights' per-256-K dot order;
 3. ``gemm1``: gate/up GEMM + SiLU-and-mul, bf16 intermediate ``[P, Ip]``; also zeroes
    the fp32 accumulator ``[T, H]``;
 4. ``gemm2``: down GEMM + router weight, atomically summed over the top-k into the accumulator;
@@ -57,10 +56,7 @@ from .tiles import MAX_GATHER_PAIRS
 #: ``UNROLL*`` (one of :data:`UNROLL_GROUPS`): 256-K groups a main-loop iteration, so that the
 #: pipeline's barriers, waits and address work are paid once for them (the decode GEMMs are bound by
 #: instruction issue). ``MAXNREG*``: register cap a thread, 0 for the compiler's choice (the gathered
-#: path then caps at ``tiles.GATHER_MAXNREG``), else 24 to 255. ``NATURAL_K`` (bool): GEMM1 reads
-#: the hidden states in natural order on the aligned paths too (no ``permute`` launch) and writes
-#: its output in natural order, and both GEMMs put their activations in the dot order in registers
-#: (``nvfp4_tile.dot_order``).
+#: path then caps at ``tiles.GATHER_MAXNREG``), else 24 to 255.
 CONFIG_KEYS = (
     "path",
     "BLOCK_M",
@@ -78,7 +74,6 @@ CONFIG_KEYS = (
     "UNROLL2",
     "MAXNREG1",
     "MAXNREG2",
-    "NATURAL_K",
     "TILE1",
     "TILE2",
 )
@@ -105,17 +100,12 @@ DECODE_CONFIG: Dict[str, Any] = dict(
     UNROLL2=1,
     MAXNREG1=0,
     MAXNREG2=0,
-    NATURAL_K=False,
 )
 #: The decode tiling with GEMM2 and the cast as programmatic dependent launches (each starts while
 #: the launch before it finishes, and waits for it before reading its output). H200, 2026-12-04, one
 #: bench run against ``DECODE_CONFIG``: T=1 87.5 against 89.1 us (E=256) and 85.9 against 87.3
 #: (E=32), level from T=2 to 8 (-1.1 to +0.2%), E=256 T=16 1033.1 against 990.4.
 DECODE_PDL_CONFIG: Dict[str, Any] = dict(DECODE_CONFIG, PDL=True)
-#: The decode tiling on ``mma.sync``: 8 tokens a tile, 32-row weight tiles on two warps.
-DECODE_SYNC2_CONFIG: Dict[str, Any] = dict(
-    DECODE_CONFIG, BLOCK_M=8, BLOCK_N1=16, num_warps1=2, BLOCK_N2=32, num_warps2=2, NATURAL_K=True
-)
 #: Decode variants awaiting their GPU tests and timing (``moe-backend bench --variants
 #: nvfp4_decode_<name>``; tuner candidates once measured). The decode GEMMs are bound by
 #: instruction issue (ninth session), so the measure is the main loop's warp instructions a 256-K
@@ -124,30 +114,14 @@ DECODE_SYNC2_CONFIG: Dict[str, Any] = dict(
 #: shared memory as three of one group), capped at 128 registers so that four programs still fit
 #: an SM: 348 / 338; ``unroll2_r168`` capped at 168 (three an SM): 321 / 315; ``unroll2_free``
 #: uncapped (two an SM; ptxas then drops the warpgroup fence before each MMA): 318 / 309.
-#: ``sync2``: 32-row weight tiles on two warps and 8 tokens a tile, which Triton runs on
-#: ``mma.sync`` (m16n8k16, both operands in registers) instead of ``wgmma`` (its tiles need 64 rows
-#: a warpgroup): no per-MMA warpgroup fence, wait or shared-memory descriptor (six instructions an
-#: MMA on ``wgmma``), the activations' fragments loaded by the threads instead; with ``NATURAL_K``
-#: each 16-byte load of natural-order activations holds whole ``mma.sync`` register pairs (in the
-#: dot order they take moves) and the ``permute`` launch goes: 334 / 331 (76 / 85 registers, 12 /
-#: 11 two-warp programs an SM). ``sync2_unroll2``, two groups an iteration on two stages (the same
-#: shared memory): 290 / 291 (106 / 87 registers). ``swapab_sync2`` / ``swapab_sync2_unroll2``:
-#: these tiles on the gathered path (no ``align`` launch either; capped at ``tiles.GATHER_MAXNREG``,
-#: eight programs an SM): GEMM1 334 / 300, GEMM2 339 / 298. Measured on the H200 (2026-12-05, one
-#: bench run) the ``sync`` variants are 1.6-1.9x slower than ``DECODE_CONFIG`` at T=1-16 (T=1 E=256:
-#: 146.5-152.6 against 90.2 us): their threads wait on their own shared-memory loads (ncu: 0.22
-#: instructions issued a cycle a scheduler against 0.66), so they are records, not candidates.
+#: The 8-token, 32-row tiles on two warps that Triton runs on ``mma.sync`` (290-334 instructions a
+#: group) measured 1.6-1.9x slower on the H200 (2026-12-05: T=1 E=256 146.5-152.6 against 90.2 us;
+#: the threads wait on their own shared-memory loads) and live on branch ``nvfp4-mma-sync``.
 DECODE_VARIANTS: Dict[str, Dict[str, Any]] = {
     "pdl": DECODE_PDL_CONFIG,
     "unroll2": dict(DECODE_CONFIG, UNROLL1=2, UNROLL2=2, num_stages1=2, num_stages2=2, MAXNREG1=128, MAXNREG2=128),
     "unroll2_r168": dict(DECODE_CONFIG, UNROLL1=2, UNROLL2=2, num_stages1=2, num_stages2=2, MAXNREG1=168, MAXNREG2=168),
     "unroll2_free": dict(DECODE_CONFIG, UNROLL1=2, UNROLL2=2, num_stages1=2, num_stages2=2),
-    "sync2": DECODE_SYNC2_CONFIG,
-    "sync2_unroll2": dict(DECODE_SYNC2_CONFIG, UNROLL1=2, UNROLL2=2, num_stages1=2, num_stages2=2),
-    "swapab_sync2": dict(DECODE_SYNC2_CONFIG, path="swapab", PDL=True),
-    "swapab_sync2_unroll2": dict(
-        DECODE_SYNC2_CONFIG, path="swapab", PDL=True, UNROLL1=2, UNROLL2=2, num_stages1=2, num_stages2=2
-    ),
 }
 #: ``swapab``: the decode tiling without the ``align`` and ``permute`` launches (each expert's
 #: leader pair gathers its pairs, GEMM1 reads the hidden states in natural order) and
@@ -174,7 +148,6 @@ PREFILL_CONFIG: Dict[str, Any] = dict(
     UNROLL2=1,
     MAXNREG1=0,
     MAXNREG2=0,
-    NATURAL_K=False,
 )
 
 
@@ -209,7 +182,7 @@ DEFAULT_TIERS = ((16, DECODE_CONFIG), (32, PREFILL_32_CONFIG), (float("inf"), PR
 #: Version of this kernel's tuned configurations: the tuning cache keeps a configuration only
 #: for the version it was tuned for. Bump it when the kernels, their weight layout
 #: (``NVFP4KernelWeights``) or the configuration schema (CONFIG_KEYS, their meaning) change.
-KERNEL_VERSION = 6
+KERNEL_VERSION = 7
 
 #: What the tuner times per token bucket (each overrides the heuristic default of that size):
 #: the decode path, prefill tilings from skinny to square, and the bf16 grouped GEMMs (the
@@ -314,7 +287,7 @@ def _run_grouped(
 
 def _check_loop_knobs(cfg: Dict[str, Any]) -> None:
     """ValueError naming ``UNROLL1`` / ``UNROLL2`` outside :data:`UNROLL_GROUPS`, ``MAXNREG1`` /
-    ``MAXNREG2`` neither 0 nor an int from 24 to 255, or ``NATURAL_K`` not a bool."""
+    ``MAXNREG2`` neither 0 nor an int from 24 to 255."""
     for key in ("UNROLL1", "UNROLL2"):
         value = cfg[key]
         if isinstance(value, bool) or not isinstance(value, int) or value not in UNROLL_GROUPS:
@@ -323,8 +296,6 @@ def _check_loop_knobs(cfg: Dict[str, Any]) -> None:
         value = cfg[key]
         if isinstance(value, bool) or not isinstance(value, int) or not (value == 0 or 24 <= value <= 255):
             raise ValueError(f"config: {key} must be 0 (the compiler's choice) or an int from 24 to 255, got {value!r}")
-    if not isinstance(cfg["NATURAL_K"], bool):
-        raise ValueError(f"config: NATURAL_K must be a bool, got {cfg['NATURAL_K']!r}")
 
 
 def prepare_nvfp4(weights: NVFP4Weights) -> NVFP4KernelWeights:
@@ -410,7 +381,7 @@ def fused_experts_nvfp4(
         x = hidden
     else:
         routing = align_block_size(topk_ids, w.num_experts, local_expert_offset, cfg["BLOCK_M"])
-        x = hidden if cfg["NATURAL_K"] else permute_activations(hidden, w.w13.shape[2] * 8)
+        x = permute_activations(hidden, w.w13.shape[2] * 8)
     pdl = bool(cfg["PDL"]) and pdl_available(hidden)
     acc = workspace(num_tokens, w.hidden_size, torch.float32, hidden.device, "moe_combine")
     common: Dict[str, Any] = dict(
@@ -418,7 +389,6 @@ def fused_experts_nvfp4(
         top_k=top_k,
         weight_on_input=apply_router_weight_on_input,
         pdl=pdl,
-        natural_order=cfg["NATURAL_K"],
     )
     y = gemm1_nvfp4(
         x,

@@ -194,8 +194,7 @@ def dot_order(x):
 
 @triton.jit
 def mma(w, x, acc, INTERPRET: tl.constexpr):
-    """``acc [N, M] += w [N, K] @ x[M, K].T`` (bf16 operands; the weights are wgmma's register operand,
-    or both are ``mma.sync``'s where the tile has fewer than 64 rows a warpgroup).
+    """``acc [N, M] += w [N, K] @ x[M, K].T`` (bf16 operands; the weights are wgmma's register operand).
 
     ``INTERPRET``: Triton 3.6's interpreter multiplies bf16 bit patterns as integers, so
     the operands go to fp32 first (exact).
