@@ -82,6 +82,7 @@ VARIANTS: Dict[str, Tuple[str, Optional[Dict[str, Any]]]] = {
     # swap-AB wherever it serves (up to tiles.MAX_GATHER_PAIRS pairs), past where the default takes it
     "swapab": ("fp8_block", fp8_moe.SWAPAB_CONFIG),
     **{f"swapab_{name}": ("fp8_block", cfg) for name, cfg in fp8_moe.SWAPAB_VARIANTS.items()},
+    "swapab_one_block": ("fp8_block", fp8_moe.SWAPAB_ONE_BLOCK_CONFIG),
     "swapab_stages4": ("fp8_block", fp8_moe.SWAPAB_STAGES4_CONFIG),
     "nvfp4_swapab": ("nvfp4", nvfp4_moe.SWAPAB_CONFIG),
     **{f"nvfp4_decode_{name}": ("nvfp4", cfg) for name, cfg in nvfp4_moe.DECODE_VARIANTS.items()},

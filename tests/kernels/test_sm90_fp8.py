@@ -442,8 +442,21 @@ def test_gpu_config_variants(variant, t, e, path):
         dict(WAIT2="grid"),
         PAIRS_GRID,
         dict(N_TILES2=3, BLOCK_N2=64, num_warps2=4, **PAIRS_GRID),
-        dict(UNROLL1=2, num_stages1=3, UNROLL2=2, num_stages2=3),
-        dict(UNROLL1=4, num_stages1=2, UNROLL2=4, num_stages2=2, SPLIT_K2=2),
+        dict(UNROLL1=1, num_stages1=6, UNROLL2=1, num_stages2=6),
+        # four 128-wide blocks a stage need 272 KB at two stages (an SM has 227): 64-wide tiles,
+        # GEMM1's output in bf16 (its FP8 requantization needs 128-wide tiles)
+        dict(
+            UNROLL1=4,
+            num_stages1=2,
+            UNROLL2=4,
+            num_stages2=2,
+            SPLIT_K2=2,
+            QUANT_OUT1=False,
+            BLOCK_N1=64,
+            num_warps1=4,
+            BLOCK_N2=64,
+            num_warps2=4,
+        ),
     ],
     ids=[
         "default",
@@ -465,8 +478,8 @@ def test_gpu_config_variants(variant, t, e, path):
         "expert-grid",
         "pairs-grid-wait",
         "pairs-grid-wait-tiles3",
-        "unroll2",
-        "unroll4-split2",
+        "one-block",
+        "unroll4-n64-bf16-split2",
     ],
 )
 @pytest.mark.parametrize(

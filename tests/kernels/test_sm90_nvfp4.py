@@ -31,7 +31,13 @@ from moe_backend.expert_weights import NVFP4Weights
 from moe_backend.kernels.reference import reference_fused_experts
 from moe_backend.kernels.sm90.nvfp4_act import permute_activations
 from moe_backend.kernels.sm90.nvfp4_layout import kernel_k_order, nvfp4_to_kernel_layout
-from moe_backend.kernels.sm90.nvfp4_moe import DECODE_VARIANTS, default_config, fused_experts_nvfp4, prepare_nvfp4
+from moe_backend.kernels.sm90.nvfp4_moe import (
+    DECODE_CONFIG,
+    DECODE_VARIANTS,
+    default_config,
+    fused_experts_nvfp4,
+    prepare_nvfp4,
+)
 from moe_backend.kernels.sm90.nvfp4_tile import WEIGHT_RESCALE, dequant_group
 from moe_backend.quant.fp8 import FP8_DTYPE
 from moe_backend.quant.nvfp4 import dequantize_nvfp4
@@ -209,6 +215,12 @@ def test_errors_name_the_argument():
 
 
 # ----------------------------------------------------------------------------- GPU
+#: The decode tiling's knobs on the GPU: its bench variants, and two 256-K groups an iteration
+#: capped at 128 registers (four programs an SM).
+GPU_DECODE_VARIANTS = {
+    **DECODE_VARIANTS,
+    "unroll2": dict(DECODE_CONFIG, UNROLL1=2, UNROLL2=2, num_stages1=2, num_stages2=2, MAXNREG1=128, MAXNREG2=128),
+}
 GPU_CASES = [
     # t, h, i, e, k, offset
     (1, 7168, 2048, 256, 8, 0),
@@ -236,12 +248,12 @@ def test_gpu_matches_reference(t, h, i, e, k, offset):
 @pytest.mark.parametrize("path", ["decode", "decode_pdl", "decode_unroll2", "prefill", "swapab"])
 @pytest.mark.parametrize("t,e,k", [(64, 32, 8), (300, 8, 2)])
 def test_gpu_both_paths_and_weight_on_input(path, t, e, k):
-    from moe_backend.kernels.sm90.nvfp4_moe import DECODE_CONFIG, PREFILL_CONFIG, SWAPAB_CONFIG
+    from moe_backend.kernels.sm90.nvfp4_moe import PREFILL_CONFIG, SWAPAB_CONFIG
 
     cfg = {
         "decode": DECODE_CONFIG,
         "decode_pdl": DECODE_VARIANTS["pdl"],
-        "decode_unroll2": DECODE_VARIANTS["unroll2"],
+        "decode_unroll2": GPU_DECODE_VARIANTS["unroll2"],
         "prefill": PREFILL_CONFIG,
         "swapab": SWAPAB_CONFIG,
     }[path]
@@ -250,13 +262,13 @@ def test_gpu_both_paths_and_weight_on_input(path, t, e, k):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", sorted(DECODE_VARIANTS))
+@pytest.mark.parametrize("variant", sorted(GPU_DECODE_VARIANTS))
 @pytest.mark.parametrize("t,h,i,e,k,offset", [c for c in GPU_CASES if c[0] <= 16])
 def test_gpu_decode_variants_match_reference(variant, t, h, i, e, k, offset):
-    """The decode variants awaiting their timing (``nvfp4_moe.DECODE_VARIANTS``: programmatic
-    dependent launches, two groups an iteration with and without the register cap) at the decode
-    sizes, EP offsets, -1 and foreign ids, odd shapes (K tails in both GEMMs)."""
-    check(make_problem(t, h, i, e, k, offset=offset, invalid=t % 2 == 1, seed=t), config=DECODE_VARIANTS[variant])
+    """The decode variants (``nvfp4_moe.DECODE_VARIANTS``) and two groups an iteration under a
+    register cap at the decode sizes, EP offsets, -1 and foreign ids, odd shapes (K tails in both
+    GEMMs)."""
+    check(make_problem(t, h, i, e, k, offset=offset, invalid=t % 2 == 1, seed=t), config=GPU_DECODE_VARIANTS[variant])
 
 
 @pytest.mark.gpu

@@ -168,20 +168,22 @@ DECODE_CONFIG: Dict[str, Any] = dict(
     **SWAPAB_ONLY_OFF,
 )
 #: ``swapab``: no alignment launch, weights on the MMA's M side (``fp8_swapab``); BLOCK_M is the
-#: pairs per MMA (its N side), BLOCK_N1 the gate (and up) rows of a GEMM1 tile. The default is the
-#: fastest of an H200 scan at T = 1 .. 16 (docs/performance.md, "FP8 decode"): pre-quantized input,
-#: an e4m3 intermediate from GEMM1's epilogue (both GEMMs stream FP8 operands through shared memory
-#: without a register round trip), 128-row weight tiles on 8 warps, GEMM1 launched as ``act_quant``'s
-#: programmatic dependent and GEMM2 as GEMM1's, each asking L2 for the first four K blocks of its
-#: weight rows before it waits on its input (``PREFETCH1``, ``PREFETCH2``, below), and six pipeline
-#: stages in both GEMMs: GEMM1's one program an SM (215 registers a thread) keeps five 34 KB weight
-#: tiles in flight (204 KB of shared memory), GEMM2's two keep five 18 KB each. Against four stages
-#: (H200, 2026-12-03, two bench runs): 1-3% faster from T=2 to 32, level at T=1. Each GEMM2 program
-#: waits for its own expert's GEMM1 tiles only (``WAIT2='expert'``), and with fewer local experts
-#: than pairs there is one program per local expert (``GRID='experts'``). Against one program per
-#: pair waiting for all of GEMM1 (H200, 2026-12-03, one run with vLLM): 0.6-3.4% faster at E=256
-#: from T=1 to 32 and 0.6-3.8% at E=32 from T=1 to 16; either key alone gained less.
-SWAPAB_CONFIG: Dict[str, Any] = dict(
+#: pairs per MMA (its N side), BLOCK_N1 the gate (and up) rows of a GEMM1 tile. The one-block tiling
+#: below was the fastest of an H200 scan at T = 1 .. 16 (docs/performance.md, "FP8 decode"):
+#: pre-quantized input, an e4m3 intermediate from GEMM1's epilogue (both GEMMs stream FP8 operands
+#: through shared memory without a register round trip), 128-row weight tiles on 8 warps, GEMM1
+#: launched as ``act_quant``'s programmatic dependent and GEMM2 as GEMM1's, each asking L2 for the
+#: first four K blocks of its weight rows before it waits on its input (``PREFETCH1``,
+#: ``PREFETCH2``, below), and six pipeline stages of one K block in both GEMMs: GEMM1's one program
+#: an SM (215 registers a thread) keeps five 34 KB weight tiles in flight (204 KB of shared memory),
+#: GEMM2's two keep five 18 KB each. Against four stages (H200, 2026-12-03, two bench runs): 1-3%
+#: faster from T=2 to 32, level at T=1. Each GEMM2 program waits for its own expert's GEMM1 tiles
+#: only (``WAIT2='expert'``), and with fewer local experts than pairs there is one program per local
+#: expert (``GRID='experts'``). Against one program per pair waiting for all of GEMM1 (H200,
+#: 2026-12-03, one run with vLLM): 0.6-3.4% faster at E=256 from T=1 to 32 and 0.6-3.8% at E=32
+#: from T=1 to 16; either key alone gained less. A tuner candidate, and ``moe-backend bench
+#: --variants swapab_one_block``.
+SWAPAB_ONE_BLOCK_CONFIG: Dict[str, Any] = dict(
     DECODE_CONFIG,
     path="swapab",
     QUANT_ON_LOAD1=False,
@@ -200,37 +202,38 @@ SWAPAB_CONFIG: Dict[str, Any] = dict(
     WAIT2="expert",
     GRID="experts",
 )
+#: The swap-AB default: the one-block tiling with two K blocks a pipeline iteration in both GEMMs on
+#: three stages (the same shared memory and the same bytes a stage ahead): half the CTA barriers a
+#: K block (at T=1 GEMM2 stalled on them 2.1-2.2 cycles an issued instruction of 8.9, GEMM1 1.55 of
+#: 7.5) and 73-94 instructions a K block in GEMM2's loop instead of 88-134 (sm_90a builds). H200,
+#: 2026-12-05, three bench runs, the last with vLLM: 1.0-2.8% faster than the one-block tiling from
+#: T=1 to 64 at E=256 and E=32 (T=1 103.0-103.3 against 105.8-106.1 us; E=32 T=64, on the
+#: swap-AB path, 357.4 against 380.5 on the aligned one) except T=2 (0.6-0.7% slower). Two blocks
+#: in GEMM1 alone or GEMM2 alone gained less (0-1.9%).
+SWAPAB_CONFIG: Dict[str, Any] = dict(SWAPAB_ONE_BLOCK_CONFIG, UNROLL1=2, num_stages1=3, UNROLL2=2, num_stages2=3)
 #: The swap-AB variants, not tuner candidates: ``scripts/decode_breakdown.py`` and ``moe-backend
 #: bench --variants swapab_<name>`` time them against ``SWAPAB_CONFIG``. ``pairs_grid_wait``: the
-#: default before the per-expert wait and grid (one program per pair, GEMM2 waits for all of GEMM1).
-#: Settled and dropped (H200, docs/performance.md): the per-expert wait alone was 0.6-3.4% faster
-#: than ``pairs_grid_wait`` at T=1-32 but for E=32 T=16 (0.8% slower) and T=32 (7%); the per-expert
-#: grid alone level at E=256 and 0.6-3.3% faster at E=32 from T=8. GEMM1's L2 prefetch of four K blocks
-#: was 0.5-1.2% faster than none at 11 of 12 points from T=1 to 32 and level at the twelfth, eight
-#: blocks level with none; GEMM2's four blocks 0.3-0.9% faster than none at T=1-16, sixteen 3-8%
-#: slower. GEMM2 on four warps, on three stages and four warps (all 448 programs of T=1 in one wave)
-#: and on two K slices were slower at every T from 1 to 16 in two sessions, as were the fused cast
-#: and two or four tiles a program. So were more GEMM1 programs an SM: capped at 128 registers on
-#: three stages (two an SM; uncapped it takes 215 registers, one an SM), and 64 gate + 64 up rows
-#: on four warps with an fp32 intermediate, capped at 168 registers (three an SM) or not (two): 1-10%
-#: slower at every T from 1 to 32.
-#: ``unroll2`` / ``unroll1_2`` / ``unroll2_2``: two K blocks a pipeline iteration in GEMM2, GEMM1 or
-#: both, on half the stages (the same shared memory and the same bytes a stage ahead as the
-#: default's six): half the CTA barriers a K block (at T=1 GEMM2 stalled on them 2.1-2.2 cycles an
-#: issued instruction of 8.9, GEMM1 1.55 of 7.5; ncu, H200) and 73-94 instructions a K block in
-#: GEMM2's loop instead of 88-134 (sm_90a builds). Expected: GEMM2 5-10% faster at T=1 to 16, the
-#: layer 2-4 us at T=1. Built and tested under the interpreter; not yet timed on a GPU.
+#: one-block default before the per-expert wait and grid (one program per pair, GEMM2 waits for all
+#: of GEMM1). Settled and dropped (H200, docs/performance.md): the per-expert wait alone was
+#: 0.6-3.4% faster than ``pairs_grid_wait`` at T=1-32 but for E=32 T=16 (0.8% slower) and T=32
+#: (7%); the per-expert grid alone level at E=256 and 0.6-3.3% faster at E=32 from T=8. GEMM1's L2
+#: prefetch of four K blocks was 0.5-1.2% faster than none at 11 of 12 points from T=1 to 32 and
+#: level at the twelfth, eight blocks level with none; GEMM2's four blocks 0.3-0.9% faster than none
+#: at T=1-16, sixteen 3-8% slower. GEMM2 on four warps, on three stages and four warps (all 448
+#: programs of T=1 in one wave) and on two K slices were slower at every T from 1 to 16 in two
+#: sessions, as were the fused cast and two or four tiles a program. So were more GEMM1 programs an
+#: SM: capped at 128 registers on three stages (two an SM; uncapped it takes 215 registers, one an
+#: SM), and 64 gate + 64 up rows on four warps with an fp32 intermediate, capped at 168 registers
+#: (three an SM) or not (two): 1-10% slower at every T from 1 to 32. GEMM2 on a persistent grid
+#: stays on the branch ``fp8-gemm2-stream`` (1-3% slower).
 SWAPAB_VARIANTS: Dict[str, Dict[str, Any]] = {
-    "pairs_grid_wait": dict(SWAPAB_CONFIG, WAIT2="grid", GRID="pairs"),
-    "unroll2": dict(SWAPAB_CONFIG, UNROLL2=2, num_stages2=3),
-    "unroll1_2": dict(SWAPAB_CONFIG, UNROLL1=2, num_stages1=3),
-    "unroll2_2": dict(SWAPAB_CONFIG, UNROLL1=2, num_stages1=3, UNROLL2=2, num_stages2=3),
+    "pairs_grid_wait": dict(SWAPAB_ONE_BLOCK_CONFIG, WAIT2="grid", GRID="pairs"),
 }
-#: The swap-AB default on four stages in both GEMMs (H200, 2026-12-03, with one program per pair
-#: waiting for all of GEMM1: E=256 T=16 1342.8 against 1310.8 us on six; five stages in GEMM1 alone,
-#: or six in one GEMM alone, gained less than six in both): a tuner candidate, and ``moe-backend
-#: bench --variants swapab_stages4``.
-SWAPAB_STAGES4_CONFIG: Dict[str, Any] = dict(SWAPAB_CONFIG, num_stages1=4, num_stages2=4)
+#: The one-block swap-AB tiling on four stages in both GEMMs (H200, 2026-12-03, with one program
+#: per pair waiting for all of GEMM1: E=256 T=16 1342.8 against 1310.8 us on six; five stages in
+#: GEMM1 alone, or six in one GEMM alone, gained less than six in both): a tuner candidate, and
+#: ``moe-backend bench --variants swapab_stages4``.
+SWAPAB_STAGES4_CONFIG: Dict[str, Any] = dict(SWAPAB_ONE_BLOCK_CONFIG, num_stages1=4, num_stages2=4)
 #: The swap-AB default serves up to ``MAX_GATHER_PAIRS`` pairs while the expected pairs per local
 #: expert stay at most ``SWAPAB_DEFAULT_MAX_ROWS``, and up to one full 16-pair chunk an expert below
 #: ``SWAPAB_DEFAULT_FULL_CHUNK_PAIRS`` pairs. An expert past one chunk streams its weights once a
@@ -238,8 +241,10 @@ SWAPAB_STAGES4_CONFIG: Dict[str, Any] = dict(SWAPAB_CONFIG, num_stages1=4, num_s
 #: aligned path, and 708 against 407 at T=96 (24); at E=256 it was 1.05x the aligned path at T=128
 #: (4 an expert; H200, 2026-12-03). Uneven routing pushes some experts past one chunk well before
 #: the balanced mean reaches 16, hence the margin above ``SWAPAB_DEFAULT_FULL_CHUNK_PAIRS``: with
-#: uniformly drawn experts, 7% of them get a second chunk at 12 an expert, 43% at 16 (``moe-backend
-#: bench --routing random`` times it; not measured yet).
+#: uniformly drawn experts, 7% of them get a second chunk at 12 an expert, 43% at 16. Measured
+#: (H200, 2026-12-05, ``moe-backend bench --routing random``, the two-block swap-AB tiling against
+#: the default): E=32 T=32 346.2 against 351.5 us (both swap-AB), T=64 499.8 against 445.2 and T=96
+#: 682.0 against 407.3 on the aligned path, though balanced T=64 took 357.4 against 380.5.
 SWAPAB_DEFAULT_MAX_ROWS = 8
 SWAPAB_DEFAULT_FULL_CHUNK_PAIRS = 128
 PREFILL_CONFIG: Dict[str, Any] = dict(
@@ -357,15 +362,16 @@ DEFAULT_TIERS = (
 #: Version of this kernel's tuned configurations: the tuning cache keeps a configuration only
 #: for the version it was tuned for. Bump it when the kernels, their weight or activation
 #: layout, or the configuration schema (CONFIG_KEYS, their meaning) change.
-KERNEL_VERSION = 9
+KERNEL_VERSION = 10
 
 #: What the tuner times per token bucket (each overrides the heuristic default of that size):
 #: the swap-AB and aligned decode paths, skinny atomic-combine tiles, and prefill tiles up to 128 rows.
 CANDIDATE_CONFIGS = (
     SWAPAB_CONFIG,
+    SWAPAB_ONE_BLOCK_CONFIG,
     SWAPAB_STAGES4_CONFIG,
-    dict(SWAPAB_CONFIG, num_stages1=3, BLOCK_N2=64, num_warps2=4, num_stages2=4),
-    dict(SWAPAB_CONFIG, QUANT_OUT1=False, BLOCK_N1=64, num_warps1=4, num_stages1=4, num_stages2=4),
+    dict(SWAPAB_ONE_BLOCK_CONFIG, num_stages1=3, BLOCK_N2=64, num_warps2=4, num_stages2=4),
+    dict(SWAPAB_ONE_BLOCK_CONFIG, QUANT_OUT1=False, BLOCK_N1=64, num_warps1=4, num_stages1=4, num_stages2=4),
     DECODE_CONFIG,
     dict(DECODE_CONFIG, SPLIT_K2=1),
     SKINNY_CONFIG,

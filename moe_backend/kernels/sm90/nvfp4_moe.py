@@ -106,23 +106,19 @@ DECODE_CONFIG: Dict[str, Any] = dict(
 #: bench run against ``DECODE_CONFIG``: T=1 87.5 against 89.1 us (E=256) and 85.9 against 87.3
 #: (E=32), level from T=2 to 8 (-1.1 to +0.2%), E=256 T=16 1033.1 against 990.4.
 DECODE_PDL_CONFIG: Dict[str, Any] = dict(DECODE_CONFIG, PDL=True)
-#: Decode variants awaiting their GPU tests and timing (``moe-backend bench --variants
-#: nvfp4_decode_<name>``; tuner candidates once measured). The decode GEMMs are bound by
-#: instruction issue (ninth session), so the measure is the main loop's warp instructions a 256-K
-#: group (sm_90a, offline, DeepSeek-V3 EP8; the default: GEMM1 422, GEMM2 425, four 4-warp programs
-#: an SM). ``pdl`` above. ``unroll2``: two groups a main-loop iteration on two stages (the same
-#: shared memory as three of one group), capped at 128 registers so that four programs still fit
-#: an SM: 348 / 338; ``unroll2_r168`` capped at 168 (three an SM): 321 / 315; ``unroll2_free``
-#: uncapped (two an SM; ptxas then drops the warpgroup fence before each MMA): 318 / 309.
-#: The 8-token, 32-row tiles on two warps that Triton runs on ``mma.sync`` (290-334 instructions a
-#: group) measured 1.6-1.9x slower on the H200 (2026-12-05: T=1 E=256 146.5-152.6 against 90.2 us;
-#: the threads wait on their own shared-memory loads) and live on branch ``nvfp4-mma-sync``.
-DECODE_VARIANTS: Dict[str, Dict[str, Any]] = {
-    "pdl": DECODE_PDL_CONFIG,
-    "unroll2": dict(DECODE_CONFIG, UNROLL1=2, UNROLL2=2, num_stages1=2, num_stages2=2, MAXNREG1=128, MAXNREG2=128),
-    "unroll2_r168": dict(DECODE_CONFIG, UNROLL1=2, UNROLL2=2, num_stages1=2, num_stages2=2, MAXNREG1=168, MAXNREG2=168),
-    "unroll2_free": dict(DECODE_CONFIG, UNROLL1=2, UNROLL2=2, num_stages1=2, num_stages2=2),
-}
+#: Decode variants (``moe-backend bench --variants nvfp4_decode_<name>``), not tuner candidates:
+#: ``pdl`` above. The decode GEMMs are bound by instruction issue (ninth session), yet fewer
+#: instructions did not make them faster. Two 256-K groups a main-loop iteration on two stages
+#: (``UNROLL1`` / ``UNROLL2`` = 2, the same shared memory as three stages of one group) took GEMM1
+#: from 422 to 348 warp instructions a group (sm_90a; 25.2M to 20.9M executed at T=1, ncu) and
+#: measured 10-13% slower from T=1 to 8 and 4% at E=256 T=16 (H200, 2026-12-05: T=1 E=256 100.8
+#: against 90.0 us): the warps waited on the iteration's CTA barrier (1.66 cycles an issued
+#: instruction against 0.11) and on memory (1.67 against 0.45), 7.5 cycles an issued instruction
+#: against 5.2. Capped at 168 registers (three programs an SM) or uncapped (two) they were 20-30%
+#: slower. The 8-token, 32-row tiles on two warps that Triton runs on ``mma.sync`` (290-334
+#: instructions a group) measured 1.6-1.9x slower (T=1 E=256 146.5-152.6 against 90.2 us; the
+#: threads wait on their own shared-memory loads) and live on branch ``nvfp4-mma-sync``.
+DECODE_VARIANTS: Dict[str, Dict[str, Any]] = {"pdl": DECODE_PDL_CONFIG}
 #: ``swapab``: the decode tiling without the ``align`` and ``permute`` launches (each expert's
 #: leader pair gathers its pairs, GEMM1 reads the hidden states in natural order) and
 #: with GEMM2 and the cast as programmatic dependent launches. ``BLOCK_M``: pairs per MMA.
