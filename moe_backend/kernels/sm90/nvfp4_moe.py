@@ -56,7 +56,8 @@ from .tiles import MAX_GATHER_PAIRS
 #: ``UNROLL*`` (one of :data:`UNROLL_GROUPS`): 256-K groups a main-loop iteration, so that the
 #: pipeline's barriers, waits and address work are paid once for them (the decode GEMMs are bound by
 #: instruction issue). ``MAXNREG*``: register cap a thread, 0 for the compiler's choice (the gathered
-#: path then caps at ``tiles.GATHER_MAXNREG``), else 24 to 255.
+#: path then caps at ``tiles.GATHER_MAXNREG``), else 24 to 255. ``SYNC_MMA*`` (bool): each 256-K
+#: group's 16 MMAs as one synchronous warpgroup MMA (``nvfp4_tile.mma``).
 CONFIG_KEYS = (
     "path",
     "BLOCK_M",
@@ -74,6 +75,8 @@ CONFIG_KEYS = (
     "UNROLL2",
     "MAXNREG1",
     "MAXNREG2",
+    "SYNC_MMA1",
+    "SYNC_MMA2",
     "TILE1",
     "TILE2",
 )
@@ -100,6 +103,8 @@ DECODE_CONFIG: Dict[str, Any] = dict(
     UNROLL2=1,
     MAXNREG1=0,
     MAXNREG2=0,
+    SYNC_MMA1=False,
+    SYNC_MMA2=False,
 )
 #: The decode tiling with GEMM2 and the cast as programmatic dependent launches (each starts while
 #: the launch before it finishes, and waits for it before reading its output). H200, 2026-12-04, one
@@ -118,7 +123,15 @@ DECODE_PDL_CONFIG: Dict[str, Any] = dict(DECODE_CONFIG, PDL=True)
 #: slower. The 8-token, 32-row tiles on two warps that Triton runs on ``mma.sync`` (290-334
 #: instructions a group) measured 1.6-1.9x slower (T=1 E=256 146.5-152.6 against 90.2 us; the
 #: threads wait on their own shared-memory loads) and live on branch ``nvfp4-mma-sync``.
-DECODE_VARIANTS: Dict[str, Dict[str, Any]] = {"pdl": DECODE_PDL_CONFIG}
+#: ``sync_mma``: each group's 16 MMAs as one synchronous warpgroup MMA in both GEMMs (one fence and
+#: one wait a group instead of six instructions an MMA: sm_90a, GEMM1 348 instructions a group
+#: against 422, GEMM2 347 against 425, 116 / 124 registers, four programs an SM as before); the
+#: warpgroup then waits for its MMAs before it dequantizes the next group, which the other three
+#: programs of the SM have to cover. Built and tested under the interpreter; not yet timed.
+DECODE_VARIANTS: Dict[str, Dict[str, Any]] = {
+    "pdl": DECODE_PDL_CONFIG,
+    "sync_mma": dict(DECODE_CONFIG, SYNC_MMA1=True, SYNC_MMA2=True),
+}
 #: ``swapab``: the decode tiling without the ``align`` and ``permute`` launches (each expert's
 #: leader pair gathers its pairs, GEMM1 reads the hidden states in natural order) and
 #: with GEMM2 and the cast as programmatic dependent launches. ``BLOCK_M``: pairs per MMA.
@@ -144,6 +157,8 @@ PREFILL_CONFIG: Dict[str, Any] = dict(
     UNROLL2=1,
     MAXNREG1=0,
     MAXNREG2=0,
+    SYNC_MMA1=False,
+    SYNC_MMA2=False,
 )
 
 
@@ -178,7 +193,7 @@ DEFAULT_TIERS = ((16, DECODE_CONFIG), (32, PREFILL_32_CONFIG), (float("inf"), PR
 #: Version of this kernel's tuned configurations: the tuning cache keeps a configuration only
 #: for the version it was tuned for. Bump it when the kernels, their weight layout
 #: (``NVFP4KernelWeights``) or the configuration schema (CONFIG_KEYS, their meaning) change.
-KERNEL_VERSION = 7
+KERNEL_VERSION = 8
 
 #: What the tuner times per token bucket (each overrides the heuristic default of that size):
 #: the decode path, prefill tilings from skinny to square, and the bf16 grouped GEMMs (the
@@ -283,7 +298,7 @@ def _run_grouped(
 
 def _check_loop_knobs(cfg: Dict[str, Any]) -> None:
     """ValueError naming ``UNROLL1`` / ``UNROLL2`` outside :data:`UNROLL_GROUPS`, ``MAXNREG1`` /
-    ``MAXNREG2`` neither 0 nor an int from 24 to 255."""
+    ``MAXNREG2`` neither 0 nor an int from 24 to 255, or ``SYNC_MMA1`` / ``SYNC_MMA2`` not a bool."""
     for key in ("UNROLL1", "UNROLL2"):
         value = cfg[key]
         if isinstance(value, bool) or not isinstance(value, int) or value not in UNROLL_GROUPS:
@@ -292,6 +307,9 @@ def _check_loop_knobs(cfg: Dict[str, Any]) -> None:
         value = cfg[key]
         if isinstance(value, bool) or not isinstance(value, int) or not (value == 0 or 24 <= value <= 255):
             raise ValueError(f"config: {key} must be 0 (the compiler's choice) or an int from 24 to 255, got {value!r}")
+    for key in ("SYNC_MMA1", "SYNC_MMA2"):
+        if not isinstance(cfg[key], bool):
+            raise ValueError(f"config: {key} must be a bool, got {cfg[key]!r}")
 
 
 def prepare_nvfp4(weights: NVFP4Weights) -> NVFP4KernelWeights:
@@ -400,6 +418,7 @@ def fused_experts_nvfp4(
         num_stages=cfg["num_stages1"],
         unroll=cfg["UNROLL1"],
         maxnreg=cfg["MAXNREG1"],
+        sync_mma=cfg["SYNC_MMA1"],
         **common,
     )
     gemm2_nvfp4(
@@ -417,6 +436,7 @@ def fused_experts_nvfp4(
         num_stages=cfg["num_stages2"],
         unroll=cfg["UNROLL2"],
         maxnreg=cfg["MAXNREG2"],
+        sync_mma=cfg["SYNC_MMA2"],
         **common,
     )
     cast_out(acc, result, pdl=pdl)

@@ -193,8 +193,16 @@ def dot_order(x):
 
 
 @triton.jit
-def mma(w, x, acc, INTERPRET: tl.constexpr):
+def mma(w, x, acc, SYNC: tl.constexpr, INTERPRET: tl.constexpr):
     """``acc [N, M] += w [N, K] @ x[M, K].T`` (bf16 operands; the weights are wgmma's register operand).
+
+    ``SYNC``: the K / 16 MMAs as one synchronous warpgroup MMA, one fence before them and one wait
+    for all of them after. Without it Triton's pipeliner keeps the dot asynchronous by cutting a dot
+    with a register operand into 16-K pieces, each with its own fence, wait and rebuilt
+    shared-memory descriptor (six instructions an MMA; sm_90a, the NVFP4 decode GEMMs: 422 / 425
+    instructions a 256-K group, 348 / 347 with ``SYNC``). The pipeliner does not cut a dot whose
+    result the loop body reads: an identity ``mov`` of the accumulator is that read (ptxas drops it).
+    The price: the warpgroup waits for its MMAs before it dequantizes the next group.
 
     ``INTERPRET``: Triton 3.6's interpreter multiplies bf16 bit patterns as integers, so
     the operands go to fp32 first (exact).
@@ -202,4 +210,7 @@ def mma(w, x, acc, INTERPRET: tl.constexpr):
     if INTERPRET:
         w = w.to(tl.float32)
         x = x.to(tl.float32)
-    return tl.dot(w, tl.trans(x), acc)
+    acc = tl.dot(w, tl.trans(x), acc)
+    if SYNC and not INTERPRET:
+        acc = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [acc], dtype=tl.float32, is_pure=True, pack=1)
+    return acc
