@@ -44,9 +44,12 @@ from moe_backend.quant.nvfp4 import dequantize_nvfp4
 
 #: Forced paths with tiny tiles for the interpreter (H, I padded to 256-groups, split-K, GROUP_M).
 DECODE_SMALL = dict(path="decode", BLOCK_M=16, BLOCK_N1=16, BLOCK_N2=32, SPLIT_K2=2)
-#: Each group's MMAs as one synchronous warpgroup MMA (an identity on the accumulator under the
-#: interpreter: this checks the knob's plumbing; the GPU tests check the build).
-DECODE_SYNC_SMALL = dict(DECODE_SMALL, SYNC_MMA1=True, SYNC_MMA2=True)
+#: Each group's MMAs as one warpgroup MMA, waited for at once or under the next group (the same
+#: sum under the interpreter: these check the knobs' plumbing; the GPU tests check the builds).
+DECODE_WGMMA_SMALL = {
+    "decode-wgmma-sync": dict(DECODE_SMALL, WGMMA1="sync", WGMMA2="sync"),
+    "decode-wgmma-overlap": dict(DECODE_SMALL, WGMMA1="overlap", WGMMA2="overlap"),
+}
 #: No align/permute launches: each expert's leader pair gathers its pairs (16 at a time).
 SWAPAB_SMALL = dict(DECODE_SMALL, path="swapab")
 PREFILL_SMALL = dict(
@@ -127,8 +130,8 @@ def check(p: Problem, *, weight_on_input: bool = False, config: Optional[dict] =
 @runs_here
 @pytest.mark.parametrize(
     "config",
-    [DECODE_SMALL, DECODE_SYNC_SMALL, PREFILL_SMALL, SWAPAB_SMALL, *UNROLLED.values()],
-    ids=["decode", "decode-sync-mma", "prefill", "swapab", *UNROLLED],
+    [DECODE_SMALL, PREFILL_SMALL, SWAPAB_SMALL, *UNROLLED.values(), *DECODE_WGMMA_SMALL.values()],
+    ids=["decode", "prefill", "swapab", *UNROLLED, *DECODE_WGMMA_SMALL],
 )
 @pytest.mark.parametrize(
     "t,h,i,e,k,offset", [(1, 128, 64, 4, 1, 0), (7, 96, 48, 4, 2, 3), (33, 64, 32, 3, 3, 0), (3, 272, 272, 2, 2, 1)]
@@ -215,9 +218,11 @@ def test_errors_name_the_argument():
         for value in (-1, 16, 256, True, 128.0):
             with pytest.raises(ValueError, match=rf"{key} must be 0 .* or an int from 24 to 255, got {value!r}"):
                 fused_experts_nvfp4(p.hidden, prep, p.ids, p.topk_w, **kw, config={key: value})
-    for key in ("SYNC_MMA1", "SYNC_MMA2"):
-        for value in (1, "yes", None):
-            with pytest.raises(ValueError, match=rf"{key} must be a bool, got {value!r}"):
+    for key in ("WGMMA1", "WGMMA2"):
+        for value in ("async", True, None):
+            with pytest.raises(
+                ValueError, match=rf"{key} must be one of \('pieces', 'sync', 'overlap'\), got {value!r}"
+            ):
                 fused_experts_nvfp4(p.hidden, prep, p.ids, p.topk_w, **kw, config={key: value})
 
 

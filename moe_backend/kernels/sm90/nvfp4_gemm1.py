@@ -74,7 +74,7 @@ def _gemm1_rows(
     INTERPRET: tl.constexpr,
     UNROLL: tl.constexpr,
     EVEN_K: tl.constexpr,
-    SYNC_MMA: tl.constexpr,
+    MMA_ISSUE: tl.constexpr,
 ):
     """One tile: ``BLOCK_M`` rows (``pair``, of ``token``) of local ``expert`` times the gate and
     up rows of column block ``pid_n``; writes ``silu(gate) * up`` at ``y[rows]`` (``row_ok`` rows
@@ -115,7 +115,7 @@ def _gemm1_rows(
                 # hidden in natural order, loaded contiguously and put in the dot order
                 x = dot_order(x)
             w = load_group(w_ptrs + u * 32, s_ptrs + u * 16, g < num_groups, UNROLL > 1 and not EVEN_K, INTERPRET)
-            acc = mma(w, x, acc, SYNC_MMA, INTERPRET)
+            acc = mma(w, x, acc, MMA_ISSUE, INTERPRET)
         x_ptrs += UNROLL * 256
         w_ptrs += UNROLL * 32
         s_ptrs += UNROLL * 16
@@ -178,7 +178,7 @@ def _gemm1_kernel(
     ZERO_BLOCK: tl.constexpr,
     UNROLL: tl.constexpr,
     EVEN_K: tl.constexpr,
-    SYNC_MMA: tl.constexpr,
+    MMA_ISSUE: tl.constexpr,
 ):
     if PDL:
         gdc_launch_dependents()  # GEMM2 may start its prologue; it waits before reading y
@@ -197,7 +197,7 @@ def _gemm1_kernel(
                 x_ptr, w_ptr, ws_ptr, wg_ptr, y_ptr, topk_w_ptr,
                 pair, pair, ok, token, expert, tl.program_id(1), H, IP, num_groups,
                 stride_xm, stride_we, stride_wn, stride_wse, stride_wsn, stride_ym,
-                BLOCK_M, BLOCK_N, WEIGHT_ON_INPUT, GATHER, INTERPRET, UNROLL, EVEN_K, SYNC_MMA,
+                BLOCK_M, BLOCK_N, WEIGHT_ON_INPUT, GATHER, INTERPRET, UNROLL, EVEN_K, MMA_ISSUE,
             )  # fmt: skip
     else:
         # rows_ptr: the aligned rows' pairs (align.AlignedRouting.sorted_ids).
@@ -212,7 +212,7 @@ def _gemm1_kernel(
             x_ptr, w_ptr, ws_ptr, wg_ptr, y_ptr, topk_w_ptr,
             rows, pair, row_ok, token, expert, pid_n, H, IP, num_groups,
             stride_xm, stride_we, stride_wn, stride_wse, stride_wsn, stride_ym,
-            BLOCK_M, BLOCK_N, WEIGHT_ON_INPUT, GATHER, INTERPRET, UNROLL, EVEN_K, SYNC_MMA,
+            BLOCK_M, BLOCK_N, WEIGHT_ON_INPUT, GATHER, INTERPRET, UNROLL, EVEN_K, MMA_ISSUE,
         )  # fmt: skip
 
 
@@ -235,7 +235,7 @@ def gemm1_nvfp4(
     pdl: bool = False,
     unroll: int = 1,
     maxnreg: int = 0,
-    sync_mma: bool = False,
+    mma_issue: str = "pieces",
 ) -> torch.Tensor:
     """Launch GEMM1 + SiLU-and-mul.
 
@@ -253,7 +253,7 @@ def gemm1_nvfp4(
         unroll: 256-K groups an iteration of the main loop (a power of two).
         maxnreg: register cap a thread (0: the compiler's choice; the gathered path's default is
             ``GATHER_MAXNREG``).
-        sync_mma: each group's 16 MMAs as one synchronous warpgroup MMA (:func:`nvfp4_tile.mma`).
+        mma_issue: how a group's 16 warpgroup MMAs are issued (:func:`nvfp4_tile.mma`).
 
     Returns:
         ``y [P, Ip]`` bf16, columns in stored order: aligned, ``P = max_tiles * block_m`` (padding
@@ -309,7 +309,7 @@ def gemm1_nvfp4(
         INTERPRET=INTERPRETING,
         ZERO_BLOCK=ZERO_BLOCK,
         UNROLL=unroll,
-        SYNC_MMA=sync_mma,
+        MMA_ISSUE=mma_issue,
         EVEN_K=x.shape[1] % K_GROUP == 0 and (hp // K_GROUP) % unroll == 0,
         num_warps=num_warps,
         num_stages=num_stages,

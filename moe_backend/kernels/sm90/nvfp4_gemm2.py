@@ -64,7 +64,7 @@ def _gemm2_rows(
     INTERPRET: tl.constexpr,
     UNROLL: tl.constexpr,
     EVEN_K: tl.constexpr,
-    SYNC_MMA: tl.constexpr,
+    MMA_ISSUE: tl.constexpr,
 ):
     """One tile: ``y[rows]`` (``BLOCK_M`` rows of ``pair``) over K groups ``[kb_start, kb_end)``
     times ``w2[expert, offs_n]``, router-weighted and added atomically at the pairs' tokens
@@ -93,7 +93,7 @@ def _gemm2_rows(
                 in_k = n_ok[:, None] & (g < kb_end)
                 y = tl.load(y_ptrs + u * 256, mask=row_ok[:, None] & (g < kb_end), other=0.0)
             w = load_group(w_ptrs + u * 32, s_ptrs + u * 16, in_k, True, INTERPRET)
-            acc = mma(w, y, acc, SYNC_MMA, INTERPRET)
+            acc = mma(w, y, acc, MMA_ISSUE, INTERPRET)
         y_ptrs += UNROLL * 256
         w_ptrs += UNROLL * 32
         s_ptrs += UNROLL * 16
@@ -141,7 +141,7 @@ def _gemm2_kernel(
     INTERPRET: tl.constexpr,
     UNROLL: tl.constexpr,
     EVEN_K: tl.constexpr,
-    SYNC_MMA: tl.constexpr,
+    MMA_ISSUE: tl.constexpr,
 ):
     if PDL:
         gdc_launch_dependents()  # the cast may start; it waits for this grid before reading acc
@@ -163,7 +163,7 @@ def _gemm2_kernel(
                 y_ptr, w_ptr, ws_ptr, wg_ptr, acc_ptr, topk_w_ptr,
                 pair, pair, ok, expert, offs_n, offs_n < H, kb_start, kb_end, top_k,
                 stride_ym, stride_we, stride_wn, stride_wse, stride_wsn, stride_accm,
-                BLOCK_M, BLOCK_N, WEIGHT_ON_INPUT, GATHER, INTERPRET, UNROLL, EVEN_K, SYNC_MMA,
+                BLOCK_M, BLOCK_N, WEIGHT_ON_INPUT, GATHER, INTERPRET, UNROLL, EVEN_K, MMA_ISSUE,
             )  # fmt: skip
     else:
         # rows_ptr: the aligned rows' pairs (align.AlignedRouting.sorted_ids).
@@ -179,7 +179,7 @@ def _gemm2_kernel(
             y_ptr, w_ptr, ws_ptr, wg_ptr, acc_ptr, topk_w_ptr,
             rows, pair, row_ok, expert, offs_n, n_ok, kb_start, kb_end, top_k,
             stride_ym, stride_we, stride_wn, stride_wse, stride_wsn, stride_accm,
-            BLOCK_M, BLOCK_N, WEIGHT_ON_INPUT, GATHER, INTERPRET, UNROLL, EVEN_K, SYNC_MMA,
+            BLOCK_M, BLOCK_N, WEIGHT_ON_INPUT, GATHER, INTERPRET, UNROLL, EVEN_K, MMA_ISSUE,
         )  # fmt: skip
 
 
@@ -203,7 +203,7 @@ def gemm2_nvfp4(
     pdl: bool = False,
     unroll: int = 1,
     maxnreg: int = 0,
-    sync_mma: bool = False,
+    mma_issue: str = "pieces",
 ) -> None:
     """Launch GEMM2 + weighted combine: ``acc[t] += w[t, j] * (y_row @ w2[e].T)``.
 
@@ -219,7 +219,7 @@ def gemm2_nvfp4(
         unroll: 256-K groups an iteration of the main loop (a power of two).
         maxnreg: register cap a thread (0: the compiler's choice; the gathered path's default is
             ``GATHER_MAXNREG``).
-        sync_mma: each group's 16 MMAs as one synchronous warpgroup MMA (:func:`nvfp4_tile.mma`).
+        mma_issue: how a group's 16 warpgroup MMAs are issued (:func:`nvfp4_tile.mma`).
     """
     e, h, ip_words = w2.shape
     groups = ip_words * 8 // K_GROUP
@@ -266,7 +266,7 @@ def gemm2_nvfp4(
         PDL=pdl,
         INTERPRET=INTERPRETING,
         UNROLL=unroll,
-        SYNC_MMA=sync_mma,
+        MMA_ISSUE=mma_issue,
         EVEN_K=per_split % unroll == 0 and groups % unroll == 0,
         num_warps=num_warps,
         num_stages=num_stages,

@@ -49,6 +49,7 @@ from .nvfp4_act import permute_activations
 from .nvfp4_gemm1 import gemm1_nvfp4
 from .nvfp4_gemm2 import gemm2_nvfp4
 from .nvfp4_layout import NVFP4KernelWeights, nvfp4_to_kernel_layout
+from .nvfp4_tile import MMA_ISSUES
 from .tiles import MAX_GATHER_PAIRS
 
 #: Every knob (``config=`` may give any subset; the rest come from the heuristic).
@@ -56,8 +57,8 @@ from .tiles import MAX_GATHER_PAIRS
 #: ``UNROLL*`` (one of :data:`UNROLL_GROUPS`): 256-K groups a main-loop iteration, so that the
 #: pipeline's barriers, waits and address work are paid once for them (the decode GEMMs are bound by
 #: instruction issue). ``MAXNREG*``: register cap a thread, 0 for the compiler's choice (the gathered
-#: path then caps at ``tiles.GATHER_MAXNREG``), else 24 to 255. ``SYNC_MMA*`` (bool): each 256-K
-#: group's 16 MMAs as one synchronous warpgroup MMA (``nvfp4_tile.mma``).
+#: path then caps at ``tiles.GATHER_MAXNREG``), else 24 to 255. ``WGMMA*`` (one of
+#: ``nvfp4_tile.MMA_ISSUES``): how each 256-K group's 16 warpgroup MMAs are issued.
 CONFIG_KEYS = (
     "path",
     "BLOCK_M",
@@ -75,8 +76,8 @@ CONFIG_KEYS = (
     "UNROLL2",
     "MAXNREG1",
     "MAXNREG2",
-    "SYNC_MMA1",
-    "SYNC_MMA2",
+    "WGMMA1",
+    "WGMMA2",
     "TILE1",
     "TILE2",
 )
@@ -103,8 +104,8 @@ DECODE_CONFIG: Dict[str, Any] = dict(
     UNROLL2=1,
     MAXNREG1=0,
     MAXNREG2=0,
-    SYNC_MMA1=False,
-    SYNC_MMA2=False,
+    WGMMA1="pieces",
+    WGMMA2="pieces",
 )
 #: The decode tiling with GEMM2 and the cast as programmatic dependent launches (each starts while
 #: the launch before it finishes, and waits for it before reading its output). H200, 2026-12-04, one
@@ -123,14 +124,15 @@ DECODE_PDL_CONFIG: Dict[str, Any] = dict(DECODE_CONFIG, PDL=True)
 #: slower. The 8-token, 32-row tiles on two warps that Triton runs on ``mma.sync`` (290-334
 #: instructions a group) measured 1.6-1.9x slower (T=1 E=256 146.5-152.6 against 90.2 us; the
 #: threads wait on their own shared-memory loads) and live on branch ``nvfp4-mma-sync``.
-#: ``sync_mma``: each group's 16 MMAs as one synchronous warpgroup MMA in both GEMMs (one fence and
-#: one wait a group instead of six instructions an MMA: sm_90a, GEMM1 348 instructions a group
-#: against 422, GEMM2 347 against 425, 116 / 124 registers, four programs an SM as before); the
-#: warpgroup then waits for its MMAs before it dequantizes the next group, which the other three
-#: programs of the SM have to cover. Built and tested under the interpreter; not yet timed.
+#: ``wgmma_sync`` / ``wgmma_overlap``: each group's 16 MMAs as one warpgroup MMA in both GEMMs, one
+#: fence and one wait a group instead of six instructions an MMA (``nvfp4_tile.mma``; sm_90a, GEMM1
+#: 348 / 354 instructions a group against 422, GEMM2 347 / 354 against 425, four programs an SM as
+#: before). ``sync`` waits for a group's MMAs before the next group's dequantization, ``overlap``
+#: lets them run under it. Built and tested under the interpreter; not yet timed.
 DECODE_VARIANTS: Dict[str, Dict[str, Any]] = {
     "pdl": DECODE_PDL_CONFIG,
-    "sync_mma": dict(DECODE_CONFIG, SYNC_MMA1=True, SYNC_MMA2=True),
+    "wgmma_sync": dict(DECODE_CONFIG, WGMMA1="sync", WGMMA2="sync"),
+    "wgmma_overlap": dict(DECODE_CONFIG, WGMMA1="overlap", WGMMA2="overlap"),
 }
 #: ``swapab``: the decode tiling without the ``align`` and ``permute`` launches (each expert's
 #: leader pair gathers its pairs, GEMM1 reads the hidden states in natural order) and
@@ -157,8 +159,8 @@ PREFILL_CONFIG: Dict[str, Any] = dict(
     UNROLL2=1,
     MAXNREG1=0,
     MAXNREG2=0,
-    SYNC_MMA1=False,
-    SYNC_MMA2=False,
+    WGMMA1="pieces",
+    WGMMA2="pieces",
 )
 
 
@@ -298,7 +300,8 @@ def _run_grouped(
 
 def _check_loop_knobs(cfg: Dict[str, Any]) -> None:
     """ValueError naming ``UNROLL1`` / ``UNROLL2`` outside :data:`UNROLL_GROUPS`, ``MAXNREG1`` /
-    ``MAXNREG2`` neither 0 nor an int from 24 to 255, or ``SYNC_MMA1`` / ``SYNC_MMA2`` not a bool."""
+    ``MAXNREG2`` neither 0 nor an int from 24 to 255, or ``WGMMA1`` / ``WGMMA2`` not one of
+    ``nvfp4_tile.MMA_ISSUES``."""
     for key in ("UNROLL1", "UNROLL2"):
         value = cfg[key]
         if isinstance(value, bool) or not isinstance(value, int) or value not in UNROLL_GROUPS:
@@ -307,9 +310,9 @@ def _check_loop_knobs(cfg: Dict[str, Any]) -> None:
         value = cfg[key]
         if isinstance(value, bool) or not isinstance(value, int) or not (value == 0 or 24 <= value <= 255):
             raise ValueError(f"config: {key} must be 0 (the compiler's choice) or an int from 24 to 255, got {value!r}")
-    for key in ("SYNC_MMA1", "SYNC_MMA2"):
-        if not isinstance(cfg[key], bool):
-            raise ValueError(f"config: {key} must be a bool, got {cfg[key]!r}")
+    for key in ("WGMMA1", "WGMMA2"):
+        if not isinstance(cfg[key], str) or cfg[key] not in MMA_ISSUES:
+            raise ValueError(f"config: {key} must be one of {MMA_ISSUES}, got {cfg[key]!r}")
 
 
 def prepare_nvfp4(weights: NVFP4Weights) -> NVFP4KernelWeights:
@@ -418,7 +421,7 @@ def fused_experts_nvfp4(
         num_stages=cfg["num_stages1"],
         unroll=cfg["UNROLL1"],
         maxnreg=cfg["MAXNREG1"],
-        sync_mma=cfg["SYNC_MMA1"],
+        mma_issue=cfg["WGMMA1"],
         **common,
     )
     gemm2_nvfp4(
@@ -436,7 +439,7 @@ def fused_experts_nvfp4(
         num_stages=cfg["num_stages2"],
         unroll=cfg["UNROLL2"],
         maxnreg=cfg["MAXNREG2"],
-        sync_mma=cfg["SYNC_MMA2"],
+        mma_issue=cfg["WGMMA2"],
         **common,
     )
     cast_out(acc, result, pdl=pdl)

@@ -192,25 +192,38 @@ def dot_order(x):
     return tl.reshape(tl.permute(tl.reshape(x, [x.shape[0], 16, 2, 4, 2]), (0, 2, 3, 1, 4)), [x.shape[0], 256])
 
 
+#: The ways :func:`mma` may issue a group's warpgroup MMAs (configuration keys ``WGMMA1`` /
+#: ``WGMMA2`` of ``nvfp4_moe``).
+MMA_ISSUES = ("pieces", "sync", "overlap")
+
+
 @triton.jit
-def mma(w, x, acc, SYNC: tl.constexpr, INTERPRET: tl.constexpr):
+def mma(w, x, acc, ISSUE: tl.constexpr, INTERPRET: tl.constexpr):
     """``acc [N, M] += w [N, K] @ x[M, K].T`` (bf16 operands; the weights are wgmma's register operand).
 
-    ``SYNC``: the K / 16 MMAs as one synchronous warpgroup MMA, one fence before them and one wait
-    for all of them after. Without it Triton's pipeliner keeps the dot asynchronous by cutting a dot
-    with a register operand into 16-K pieces, each with its own fence, wait and rebuilt
-    shared-memory descriptor (six instructions an MMA; sm_90a, the NVFP4 decode GEMMs: 422 / 425
-    instructions a 256-K group, 348 / 347 with ``SYNC``). The pipeliner does not cut a dot whose
-    result the loop body reads: an identity ``mov`` of the accumulator is that read (ptxas drops it).
-    The price: the warpgroup waits for its MMAs before it dequantizes the next group.
+    ``ISSUE`` (one of :data:`MMA_ISSUES`), how the K / 16 warpgroup MMAs are issued:
+
+    * ``"pieces"``: Triton's own way of keeping a dot with a register operand asynchronous. It cuts
+      the dot into 16-K pieces, each with its own fence, wait and rebuilt shared-memory
+      descriptor: six instructions an MMA (sm_90a, the NVFP4 decode GEMMs: 422 / 425 a 256-K group).
+    * ``"sync"``: one fence, the MMAs, one wait for all of them (348 / 347). The pipeliner leaves a
+      dot whole and synchronous when the loop body reads its result: an identity ``mov`` of the
+      accumulator (which ptxas drops) is that read. The warpgroup waits for its MMAs before it
+      dequantizes the next group.
+    * ``"overlap"``: the same whole dot left in flight while the next group is dequantized (354 /
+      354). A one-MMA dot of zeros onto the accumulator before it, which Triton makes synchronous,
+      waits for the previous group's MMAs; a loop with such a wait is one the pipeliner does not cut
+      into pieces, and the whole dot after it stays asynchronous.
 
     ``INTERPRET``: Triton 3.6's interpreter multiplies bf16 bit patterns as integers, so
-    the operands go to fp32 first (exact).
+    the operands go to fp32 first (exact); the issue modes are the same sum there.
     """
     if INTERPRET:
         w = w.to(tl.float32)
         x = x.to(tl.float32)
+    elif ISSUE == "overlap":
+        acc = tl.dot(tl.zeros([w.shape[0], 16], tl.bfloat16), tl.zeros([16, x.shape[0]], tl.bfloat16), acc)
     acc = tl.dot(w, tl.trans(x), acc)
-    if SYNC and not INTERPRET:
+    if ISSUE == "sync" and not INTERPRET:
         acc = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [acc], dtype=tl.float32, is_pure=True, pack=1)
     return acc
