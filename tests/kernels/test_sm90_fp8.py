@@ -28,7 +28,7 @@ from vllm_numerics import vllm_triton_fused_experts
 
 from moe_backend.expert_weights import FP8BlockWeights, FP8TensorWeights
 from moe_backend.kernels.sm90.align import align_block_size
-from moe_backend.kernels.sm90.fp8_moe import NUMERICS_CONFIGS
+from moe_backend.kernels.sm90.fp8_moe import NUMERICS_CONFIGS, SWAPAB_ONE_BLOCK_CONFIG
 
 #: Forced paths for the interpreter (tiny tiles, both code paths).
 DECODE_SMALL = dict(path="decode", BLOCK_M=16, BLOCK_N1=64, BLOCK_N2=32, SPLIT_K2=2)
@@ -442,7 +442,7 @@ def test_gpu_config_variants(variant, t, e, path):
         dict(WAIT2="grid"),
         PAIRS_GRID,
         dict(N_TILES2=3, BLOCK_N2=64, num_warps2=4, **PAIRS_GRID),
-        dict(UNROLL1=1, num_stages1=6, UNROLL2=1, num_stages2=6),
+        SWAPAB_ONE_BLOCK_CONFIG,
         # four 128-wide blocks a stage need 272 KB at two stages (an SM has 227): 64-wide tiles,
         # GEMM1's output in bf16 (its FP8 requantization needs 128-wide tiles)
         dict(
