@@ -52,6 +52,13 @@ DECODE_WGMMA_SMALL = {
 }
 #: No align/permute launches: each expert's leader pair gathers its pairs (16 at a time).
 SWAPAB_SMALL = dict(DECODE_SMALL, path="swapab")
+#: Each 256-K group cut into two or four dots (their own loads, K offsets and dequantized columns),
+#: on the aligned path and on the gathered one (natural-order hidden states, permuted per part).
+DECODE_DOTS_SMALL = {
+    "decode-dots2": dict(DECODE_SMALL, WGMMA1="sync", WGMMA2="sync", DOTS1=2, DOTS2=2),
+    "decode-dots4": dict(DECODE_SMALL, WGMMA1="overlap", WGMMA2="overlap", DOTS1=4, DOTS2=4),
+    "swapab-dots4": dict(SWAPAB_SMALL, DOTS1=4, DOTS2=2),
+}
 PREFILL_SMALL = dict(
     path="prefill", BLOCK_M=32, BLOCK_N1=32, GROUP_M1=2, BLOCK_N2=32, SPLIT_K2=1, GROUP_M2=2, num_warps1=4, num_warps2=4
 )
@@ -60,6 +67,7 @@ PREFILL_SMALL = dict(
 UNROLLED = {
     "decode-unroll2": dict(DECODE_SMALL, UNROLL1=2, UNROLL2=2),
     "swapab-unroll2": dict(SWAPAB_SMALL, UNROLL1=2, UNROLL2=2),
+    "swapab-unroll2-dots2": dict(SWAPAB_SMALL, UNROLL1=2, UNROLL2=2, DOTS1=2, DOTS2=4),
     "prefill-unroll4": dict(PREFILL_SMALL, UNROLL1=4, UNROLL2=4, MAXNREG1=168, MAXNREG2=128),
 }
 
@@ -130,8 +138,15 @@ def check(p: Problem, *, weight_on_input: bool = False, config: Optional[dict] =
 @runs_here
 @pytest.mark.parametrize(
     "config",
-    [DECODE_SMALL, PREFILL_SMALL, SWAPAB_SMALL, *UNROLLED.values(), *DECODE_WGMMA_SMALL.values()],
-    ids=["decode", "prefill", "swapab", *UNROLLED, *DECODE_WGMMA_SMALL],
+    [
+        DECODE_SMALL,
+        PREFILL_SMALL,
+        SWAPAB_SMALL,
+        *UNROLLED.values(),
+        *DECODE_WGMMA_SMALL.values(),
+        *DECODE_DOTS_SMALL.values(),
+    ],
+    ids=["decode", "prefill", "swapab", *UNROLLED, *DECODE_WGMMA_SMALL, *DECODE_DOTS_SMALL],
 )
 @pytest.mark.parametrize(
     "t,h,i,e,k,offset", [(1, 128, 64, 4, 1, 0), (7, 96, 48, 4, 2, 3), (33, 64, 32, 3, 3, 0), (3, 272, 272, 2, 2, 1)]
@@ -223,6 +238,10 @@ def test_errors_name_the_argument():
             with pytest.raises(
                 ValueError, match=rf"{key} must be one of \('pieces', 'sync', 'overlap'\), got {value!r}"
             ):
+                fused_experts_nvfp4(p.hidden, prep, p.ids, p.topk_w, **kw, config={key: value})
+    for key in ("DOTS1", "DOTS2"):
+        for value in (0, 3, 8, True, 2.0):
+            with pytest.raises(ValueError, match=rf"{key} must be one of \(1, 2, 4\), got {value!r}"):
                 fused_experts_nvfp4(p.hidden, prep, p.ids, p.topk_w, **kw, config={key: value})
 
 

@@ -29,7 +29,7 @@ from ...runtime import workspace
 from ..interpret import INTERPRETING
 from .align import AlignedRouting, GatheredPairs, row_source_args
 from .nvfp4_layout import K_GROUP
-from .nvfp4_tile import WEIGHT_RESCALE, dot_order, load_group, mma
+from .nvfp4_tile import WEIGHT_RESCALE, load_part, mma, part_dot_order, part_offsets, part_shift, part_words
 from .tiles import (
     MAX_GATHER_PAIRS,
     aligned_rows,
@@ -75,22 +75,22 @@ def _gemm1_rows(
     UNROLL: tl.constexpr,
     EVEN_K: tl.constexpr,
     MMA_ISSUE: tl.constexpr,
+    DOTS: tl.constexpr,
 ):
     """One tile: ``BLOCK_M`` rows (``pair``, of ``token``) of local ``expert`` times the gate and
     up rows of column block ``pid_n``; writes ``silu(gate) * up`` at ``y[rows]`` (``row_ok`` rows
     only with ``GATHER``, whose ``x`` is ``hidden`` in natural order, permuted to the dot order in
     registers). ``EVEN_K``: every iteration's ``UNROLL`` groups lie inside ``x``'s ``H``
     columns and the ``num_groups`` groups, so the loads need no K masks."""
-    offs_k = tl.arange(0, 256)
-    offs_w = tl.arange(0, 16)
     # One weight tile of 2 * BLOCK_N rows: the gate rows of the block, then its up rows.
     offs_r = tl.arange(0, 2 * BLOCK_N)
     is_gate = offs_r < BLOCK_N
     w_rows = pid_n * BLOCK_N + tl.where(is_gate, offs_r, IP + offs_r - BLOCK_N)
 
-    x_ptrs = x_ptr + token[:, None] * stride_xm + offs_k[None, :]
-    w_ptrs = w_ptr + expert * stride_we + w_rows[:, None] * stride_wn + offs_w[None, :]
-    s_ptrs = ws_ptr + expert * stride_wse + w_rows[:, None] * stride_wsn + offs_w[None, :]
+    x_ptrs = x_ptr + token[:, None] * stride_xm + part_offsets(DOTS, GATHER)[None, :]
+    offs_w = tl.arange(0, part_words(DOTS))[None, :]
+    w_ptrs = w_ptr + expert * stride_we + w_rows[:, None] * stride_wn + offs_w
+    s_ptrs = ws_ptr + expert * stride_wse + w_rows[:, None] * stride_wsn + offs_w
 
     acc = tl.zeros([2 * BLOCK_N, BLOCK_M], dtype=tl.float32)
     # Without it the loop's zero-trip path re-defines the accumulator and ptxas
@@ -98,24 +98,28 @@ def _gemm1_rows(
     tl.assume(num_groups > 0)
     # UNROLL groups an iteration: the pipeline's barriers, waits and address work are paid once
     # for them, and ptxas keeps each group's weight fragments apart (no warpgroup fence between
-    # the MMAs when the registers allow it).
+    # the MMAs when the registers allow it). DOTS dots a group: fewer registers live at each.
     for g0 in range(0, num_groups, UNROLL):
         for u in tl.static_range(UNROLL):
             g = g0 + u
-            if EVEN_K:
-                x_mask = row_ok[:, None]
-            elif GATHER:
-                # hidden in natural order has H columns
-                x_mask = row_ok[:, None] & (g * 256 + offs_k < H)[None, :]
-            else:
-                # a group past the last (num_groups not a multiple of UNROLL) loads nothing
-                x_mask = row_ok[:, None] & (g < num_groups)
-            x = tl.load(x_ptrs + u * 256, mask=x_mask, other=0.0)
-            if GATHER:
-                # hidden in natural order, loaded contiguously and put in the dot order
-                x = dot_order(x)
-            w = load_group(w_ptrs + u * 32, s_ptrs + u * 16, g < num_groups, UNROLL > 1 and not EVEN_K, INTERPRET)
-            acc = mma(w, x, acc, MMA_ISSUE, INTERPRET)
+            for part in tl.static_range(DOTS):
+                # GATHER: hidden in natural order, loaded in runs and put in the dot order
+                shift = u * 256 + part_shift(part, DOTS, GATHER)
+                if EVEN_K:
+                    x_mask = row_ok[:, None]
+                elif GATHER:
+                    # hidden in natural order has H columns
+                    x_mask = row_ok[:, None] & (g0 * 256 + shift + part_offsets(DOTS, GATHER) < H)[None, :]
+                else:
+                    # a group past the last (num_groups not a multiple of UNROLL) loads nothing
+                    x_mask = row_ok[:, None] & (g < num_groups)
+                x = tl.load(x_ptrs + shift, mask=x_mask, other=0.0)
+                if GATHER:
+                    x = part_dot_order(x, DOTS)
+                w = load_part(
+                    w_ptrs + u * 32, s_ptrs + u * 16, g < num_groups, part, DOTS, UNROLL > 1 and not EVEN_K, INTERPRET
+                )
+                acc = mma(w, x, acc, MMA_ISSUE, INTERPRET)
         x_ptrs += UNROLL * 256
         w_ptrs += UNROLL * 32
         s_ptrs += UNROLL * 16
@@ -179,6 +183,7 @@ def _gemm1_kernel(
     UNROLL: tl.constexpr,
     EVEN_K: tl.constexpr,
     MMA_ISSUE: tl.constexpr,
+    DOTS: tl.constexpr,
 ):
     if PDL:
         gdc_launch_dependents()  # GEMM2 may start its prologue; it waits before reading y
@@ -197,7 +202,7 @@ def _gemm1_kernel(
                 x_ptr, w_ptr, ws_ptr, wg_ptr, y_ptr, topk_w_ptr,
                 pair, pair, ok, token, expert, tl.program_id(1), H, IP, num_groups,
                 stride_xm, stride_we, stride_wn, stride_wse, stride_wsn, stride_ym,
-                BLOCK_M, BLOCK_N, WEIGHT_ON_INPUT, GATHER, INTERPRET, UNROLL, EVEN_K, MMA_ISSUE,
+                BLOCK_M, BLOCK_N, WEIGHT_ON_INPUT, GATHER, INTERPRET, UNROLL, EVEN_K, MMA_ISSUE, DOTS,
             )  # fmt: skip
     else:
         # rows_ptr: the aligned rows' pairs (align.AlignedRouting.sorted_ids).
@@ -212,7 +217,7 @@ def _gemm1_kernel(
             x_ptr, w_ptr, ws_ptr, wg_ptr, y_ptr, topk_w_ptr,
             rows, pair, row_ok, token, expert, pid_n, H, IP, num_groups,
             stride_xm, stride_we, stride_wn, stride_wse, stride_wsn, stride_ym,
-            BLOCK_M, BLOCK_N, WEIGHT_ON_INPUT, GATHER, INTERPRET, UNROLL, EVEN_K, MMA_ISSUE,
+            BLOCK_M, BLOCK_N, WEIGHT_ON_INPUT, GATHER, INTERPRET, UNROLL, EVEN_K, MMA_ISSUE, DOTS,
         )  # fmt: skip
 
 
@@ -236,6 +241,7 @@ def gemm1_nvfp4(
     unroll: int = 1,
     maxnreg: int = 0,
     mma_issue: str = "pieces",
+    dots: int = 1,
 ) -> torch.Tensor:
     """Launch GEMM1 + SiLU-and-mul.
 
@@ -254,6 +260,7 @@ def gemm1_nvfp4(
         maxnreg: register cap a thread (0: the compiler's choice; the gathered path's default is
             ``GATHER_MAXNREG``).
         mma_issue: how a group's 16 warpgroup MMAs are issued (:func:`nvfp4_tile.mma`).
+        dots: the dots each 256-K group is cut into (one of ``nvfp4_tile.GROUP_DOTS``).
 
     Returns:
         ``y [P, Ip]`` bf16, columns in stored order: aligned, ``P = max_tiles * block_m`` (padding
@@ -310,6 +317,7 @@ def gemm1_nvfp4(
         ZERO_BLOCK=ZERO_BLOCK,
         UNROLL=unroll,
         MMA_ISSUE=mma_issue,
+        DOTS=dots,
         EVEN_K=x.shape[1] % K_GROUP == 0 and (hp // K_GROUP) % unroll == 0,
         num_warps=num_warps,
         num_stages=num_stages,

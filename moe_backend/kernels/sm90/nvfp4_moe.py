@@ -49,7 +49,7 @@ from .nvfp4_act import permute_activations
 from .nvfp4_gemm1 import gemm1_nvfp4
 from .nvfp4_gemm2 import gemm2_nvfp4
 from .nvfp4_layout import NVFP4KernelWeights, nvfp4_to_kernel_layout
-from .nvfp4_tile import MMA_ISSUES
+from .nvfp4_tile import GROUP_DOTS, MMA_ISSUES
 from .tiles import MAX_GATHER_PAIRS
 
 #: Every knob (``config=`` may give any subset; the rest come from the heuristic).
@@ -58,7 +58,8 @@ from .tiles import MAX_GATHER_PAIRS
 #: pipeline's barriers, waits and address work are paid once for them (the decode GEMMs are bound by
 #: instruction issue). ``MAXNREG*``: register cap a thread, 0 for the compiler's choice (the gathered
 #: path then caps at ``tiles.GATHER_MAXNREG``), else 24 to 255. ``WGMMA*`` (one of
-#: ``nvfp4_tile.MMA_ISSUES``): how each 256-K group's 16 warpgroup MMAs are issued.
+#: ``nvfp4_tile.MMA_ISSUES``): how each 256-K group's 16 warpgroup MMAs are issued. ``DOTS*`` (one
+#: of ``nvfp4_tile.GROUP_DOTS``): the dots each 256-K group is cut into (``nvfp4_tile.load_part``).
 CONFIG_KEYS = (
     "path",
     "BLOCK_M",
@@ -78,6 +79,8 @@ CONFIG_KEYS = (
     "MAXNREG2",
     "WGMMA1",
     "WGMMA2",
+    "DOTS1",
+    "DOTS2",
     "TILE1",
     "TILE2",
 )
@@ -106,6 +109,8 @@ DECODE_CONFIG: Dict[str, Any] = dict(
     MAXNREG2=0,
     WGMMA1="pieces",
     WGMMA2="pieces",
+    DOTS1=1,
+    DOTS2=1,
 )
 #: The decode tiling with GEMM2 and the cast as programmatic dependent launches (each starts while
 #: the launch before it finishes, and waits for it before reading its output). H200, 2026-12-04, one
@@ -129,10 +134,24 @@ DECODE_PDL_CONFIG: Dict[str, Any] = dict(DECODE_CONFIG, PDL=True)
 #: 348 / 354 instructions a group against 422, GEMM2 347 / 354 against 425, four programs an SM as
 #: before). ``sync`` waits for a group's MMAs before the next group's dequantization, ``overlap``
 #: lets them run under it. Built and tested under the interpreter; not yet timed.
+#: ``dots*``: each group cut into two or four dots (``DOTS1`` / ``DOTS2``), so that only a part's
+#: dequantized weights are live at its MMAs and the registers allow more programs an SM (the
+#: decode GEMMs issue 0.66 instructions a cycle a scheduler from 3.4 warps; GEMM2's 896 programs at
+#: T=1 E=256 take 1.7 waves at four an SM). sm_90a, GEMM1 / GEMM2 main loop instructions a group
+#: (registers, programs an SM): ``dots2_sync`` 346 / 342 (86 / 95, five), ``dots2_sync_r80`` on two
+#: stages 333 / 335 (80 / 78, six), ``dots4_sync_r64`` on two stages 352 / 350 (62 / 64, eight),
+#: ``dots2_overlap`` 347 / 353 (91 / 94, five), ``dots2_pieces`` 343 / 343 (119 / 121, four: with
+#: two dots a loop Triton's pipeliner no longer cuts them into 16-K pieces). Not yet timed.
+_TWO_STAGE_SYNC = dict(DECODE_CONFIG, WGMMA1="sync", WGMMA2="sync", num_stages1=2, num_stages2=2)
 DECODE_VARIANTS: Dict[str, Dict[str, Any]] = {
     "pdl": DECODE_PDL_CONFIG,
     "wgmma_sync": dict(DECODE_CONFIG, WGMMA1="sync", WGMMA2="sync"),
     "wgmma_overlap": dict(DECODE_CONFIG, WGMMA1="overlap", WGMMA2="overlap"),
+    "dots2_sync": dict(DECODE_CONFIG, WGMMA1="sync", WGMMA2="sync", DOTS1=2, DOTS2=2),
+    "dots2_sync_r80": dict(_TWO_STAGE_SYNC, DOTS1=2, DOTS2=2, MAXNREG1=80, MAXNREG2=80),
+    "dots4_sync_r64": dict(_TWO_STAGE_SYNC, DOTS1=4, DOTS2=4, MAXNREG1=64, MAXNREG2=64),
+    "dots2_overlap": dict(DECODE_CONFIG, WGMMA1="overlap", WGMMA2="overlap", DOTS1=2, DOTS2=2),
+    "dots2_pieces": dict(DECODE_CONFIG, DOTS1=2, DOTS2=2),
 }
 #: ``swapab``: the decode tiling without the ``align`` and ``permute`` launches (each expert's
 #: leader pair gathers its pairs, GEMM1 reads the hidden states in natural order) and
@@ -161,6 +180,8 @@ PREFILL_CONFIG: Dict[str, Any] = dict(
     MAXNREG2=0,
     WGMMA1="pieces",
     WGMMA2="pieces",
+    DOTS1=1,
+    DOTS2=1,
 )
 
 
@@ -195,7 +216,7 @@ DEFAULT_TIERS = ((16, DECODE_CONFIG), (32, PREFILL_32_CONFIG), (float("inf"), PR
 #: Version of this kernel's tuned configurations: the tuning cache keeps a configuration only
 #: for the version it was tuned for. Bump it when the kernels, their weight layout
 #: (``NVFP4KernelWeights``) or the configuration schema (CONFIG_KEYS, their meaning) change.
-KERNEL_VERSION = 8
+KERNEL_VERSION = 9
 
 #: What the tuner times per token bucket (each overrides the heuristic default of that size):
 #: the decode path, prefill tilings from skinny to square, and the bf16 grouped GEMMs (the
@@ -300,8 +321,8 @@ def _run_grouped(
 
 def _check_loop_knobs(cfg: Dict[str, Any]) -> None:
     """ValueError naming ``UNROLL1`` / ``UNROLL2`` outside :data:`UNROLL_GROUPS`, ``MAXNREG1`` /
-    ``MAXNREG2`` neither 0 nor an int from 24 to 255, or ``WGMMA1`` / ``WGMMA2`` not one of
-    ``nvfp4_tile.MMA_ISSUES``."""
+    ``MAXNREG2`` neither 0 nor an int from 24 to 255, ``WGMMA1`` / ``WGMMA2`` not one of
+    ``nvfp4_tile.MMA_ISSUES``, or ``DOTS1`` / ``DOTS2`` not one of ``nvfp4_tile.GROUP_DOTS``."""
     for key in ("UNROLL1", "UNROLL2"):
         value = cfg[key]
         if isinstance(value, bool) or not isinstance(value, int) or value not in UNROLL_GROUPS:
@@ -313,6 +334,10 @@ def _check_loop_knobs(cfg: Dict[str, Any]) -> None:
     for key in ("WGMMA1", "WGMMA2"):
         if not isinstance(cfg[key], str) or cfg[key] not in MMA_ISSUES:
             raise ValueError(f"config: {key} must be one of {MMA_ISSUES}, got {cfg[key]!r}")
+    for key in ("DOTS1", "DOTS2"):
+        value = cfg[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value not in GROUP_DOTS:
+            raise ValueError(f"config: {key} must be one of {GROUP_DOTS}, got {value!r}")
 
 
 def prepare_nvfp4(weights: NVFP4Weights) -> NVFP4KernelWeights:
@@ -422,6 +447,7 @@ def fused_experts_nvfp4(
         unroll=cfg["UNROLL1"],
         maxnreg=cfg["MAXNREG1"],
         mma_issue=cfg["WGMMA1"],
+        dots=cfg["DOTS1"],
         **common,
     )
     gemm2_nvfp4(
@@ -440,6 +466,7 @@ def fused_experts_nvfp4(
         unroll=cfg["UNROLL2"],
         maxnreg=cfg["MAXNREG2"],
         mma_issue=cfg["WGMMA2"],
+        dots=cfg["DOTS2"],
         **common,
     )
     cast_out(acc, result, pdl=pdl)
