@@ -60,6 +60,8 @@ from .tiles import MAX_GATHER_PAIRS
 #: path then caps at ``tiles.GATHER_MAXNREG``), else 24 to 255. ``WGMMA*`` (one of
 #: ``nvfp4_tile.MMA_ISSUES``): how each 256-K group's 16 warpgroup MMAs are issued. ``DOTS*`` (one
 #: of ``nvfp4_tile.GROUP_DOTS``): the dots each 256-K group is cut into (``nvfp4_tile.load_part``).
+#: ``SPLIT_K1`` (1 or 2, aligned paths): programs GEMM1 splits each tile's K over (the second to
+#: finish sums the two halves and applies SiLU-and-mul: ``tiles.split_pair_sum``).
 CONFIG_KEYS = (
     "path",
     "BLOCK_M",
@@ -81,6 +83,7 @@ CONFIG_KEYS = (
     "WGMMA2",
     "DOTS1",
     "DOTS2",
+    "SPLIT_K1",
     "TILE1",
     "TILE2",
 )
@@ -111,6 +114,7 @@ DECODE_CONFIG: Dict[str, Any] = dict(
     WGMMA2="pieces",
     DOTS1=1,
     DOTS2=1,
+    SPLIT_K1=1,
 )
 #: The decode tiling with GEMM2 and the cast as programmatic dependent launches (each starts while
 #: the launch before it finishes, and waits for it before reading its output). H200, 2026-12-04, one
@@ -142,6 +146,8 @@ DECODE_PDL_CONFIG: Dict[str, Any] = dict(DECODE_CONFIG, PDL=True)
 #: stages 333 / 335 (80 / 78, six), ``dots4_sync_r64`` on two stages 352 / 350 (62 / 64, eight),
 #: ``dots2_overlap`` 347 / 353 (91 / 94, five), ``dots2_pieces`` 343 / 343 (119 / 121, four: with
 #: two dots a loop Triton's pipeliner no longer cuts them into 16-K pieces). Not yet timed.
+#: ``split2_*``: the same with GEMM1's K split over two programs (``SPLIT_K1``): at T=1 E=256 its
+#: 512 tiles are 3.9 programs an SM whatever the registers allow; 1024 fill eight an SM.
 _TWO_STAGE_SYNC = dict(DECODE_CONFIG, WGMMA1="sync", WGMMA2="sync", num_stages1=2, num_stages2=2)
 DECODE_VARIANTS: Dict[str, Dict[str, Any]] = {
     "pdl": DECODE_PDL_CONFIG,
@@ -152,6 +158,8 @@ DECODE_VARIANTS: Dict[str, Dict[str, Any]] = {
     "dots4_sync_r64": dict(_TWO_STAGE_SYNC, DOTS1=4, DOTS2=4, MAXNREG1=64, MAXNREG2=64),
     "dots2_overlap": dict(DECODE_CONFIG, WGMMA1="overlap", WGMMA2="overlap", DOTS1=2, DOTS2=2),
     "dots2_pieces": dict(DECODE_CONFIG, DOTS1=2, DOTS2=2),
+    "split2_dots4_sync_r64": dict(_TWO_STAGE_SYNC, DOTS1=4, DOTS2=4, MAXNREG1=64, MAXNREG2=64, SPLIT_K1=2),
+    "split2_dots2_sync": dict(DECODE_CONFIG, WGMMA1="sync", WGMMA2="sync", DOTS1=2, DOTS2=2, SPLIT_K1=2),
 }
 #: ``swapab``: the decode tiling without the ``align`` and ``permute`` launches (each expert's
 #: leader pair gathers its pairs, GEMM1 reads the hidden states in natural order) and
@@ -182,6 +190,7 @@ PREFILL_CONFIG: Dict[str, Any] = dict(
     WGMMA2="pieces",
     DOTS1=1,
     DOTS2=1,
+    SPLIT_K1=1,
 )
 
 
@@ -322,7 +331,8 @@ def _run_grouped(
 def _check_loop_knobs(cfg: Dict[str, Any]) -> None:
     """ValueError naming ``UNROLL1`` / ``UNROLL2`` outside :data:`UNROLL_GROUPS`, ``MAXNREG1`` /
     ``MAXNREG2`` neither 0 nor an int from 24 to 255, ``WGMMA1`` / ``WGMMA2`` not one of
-    ``nvfp4_tile.MMA_ISSUES``, or ``DOTS1`` / ``DOTS2`` not one of ``nvfp4_tile.GROUP_DOTS``."""
+    ``nvfp4_tile.MMA_ISSUES``, ``DOTS1`` / ``DOTS2`` not one of ``nvfp4_tile.GROUP_DOTS``, or
+    ``SPLIT_K1`` neither 1 nor 2, or 2 on the gathered (``swapab``) path."""
     for key in ("UNROLL1", "UNROLL2"):
         value = cfg[key]
         if isinstance(value, bool) or not isinstance(value, int) or value not in UNROLL_GROUPS:
@@ -338,6 +348,11 @@ def _check_loop_knobs(cfg: Dict[str, Any]) -> None:
         value = cfg[key]
         if isinstance(value, bool) or not isinstance(value, int) or value not in GROUP_DOTS:
             raise ValueError(f"config: {key} must be one of {GROUP_DOTS}, got {value!r}")
+    split = cfg["SPLIT_K1"]
+    if isinstance(split, bool) or not isinstance(split, int) or split not in (1, 2):
+        raise ValueError(f"config: SPLIT_K1 must be 1 or 2, got {split!r}")
+    if split > 1 and cfg["path"] == "swapab":
+        raise ValueError("config: SPLIT_K1 = 2 needs the aligned rows (path 'decode' or 'prefill'), got path 'swapab'")
 
 
 def prepare_nvfp4(weights: NVFP4Weights) -> NVFP4KernelWeights:
@@ -448,6 +463,7 @@ def fused_experts_nvfp4(
         maxnreg=cfg["MAXNREG1"],
         mma_issue=cfg["WGMMA1"],
         dots=cfg["DOTS1"],
+        split_k=cfg["SPLIT_K1"],
         **common,
     )
     gemm2_nvfp4(
