@@ -260,6 +260,42 @@ def test_errors_name_the_argument():
         fused_experts_nvfp4(p.hidden, prep, p.ids, p.topk_w, **kw, config=dict(SWAPAB_SMALL, SPLIT_K1=2))
 
 
+@runs_here
+def test_split_k_refuses_more_tiles_than_its_counters():
+    """GEMM1's K split counts each real tile in one of ``tiles.MAX_SPLIT_TILES`` counters: a launch
+    that could have more is refused by name before anything is allocated or launched."""
+    from moe_backend.kernels.sm90.align import AlignedRouting
+    from moe_backend.kernels.sm90.nvfp4_gemm1 import gemm1_nvfp4
+    from moe_backend.kernels.sm90.tiles import MAX_SPLIT_TILES
+
+    dev = torch.device(DEVICE)
+    ip, hp, block_n, block_m = 256, 512, 16, 16
+    pairs = MAX_SPLIT_TILES // (ip // block_n) + 1
+    i32 = dict(dtype=torch.int32, device=dev)
+    routing = AlignedRouting(
+        torch.zeros(1, **i32), torch.zeros(1, **i32), torch.zeros(1, **i32), torch.zeros(1, **i32), block_m, pairs
+    )
+    w13 = torch.zeros(1, 2 * ip, hp // 8, **i32)
+    with pytest.raises(ValueError, match=rf"SPLIT_K1 = 2 sums at most {MAX_SPLIT_TILES} GEMM1 tiles, got 65552"):
+        gemm1_nvfp4(
+            torch.zeros(1, hp, dtype=torch.bfloat16, device=dev),
+            w13,
+            torch.zeros(1, 2 * ip, hp // 16, dtype=torch.uint8, device=dev),
+            torch.ones(1, 2, device=dev),
+            routing,
+            torch.ones(1, 1, device=dev),
+            torch.zeros(1, device=dev),
+            num_pairs=pairs,
+            top_k=1,
+            weight_on_input=False,
+            BLOCK_N=block_n,
+            GROUP_M=1,
+            num_warps=4,
+            num_stages=3,
+            split_k=2,
+        )
+
+
 # ----------------------------------------------------------------------------- GPU
 #: The decode tiling's knobs on the GPU: its bench variants, and two 256-K groups an iteration
 #: capped at 128 registers (four programs an SM).

@@ -323,16 +323,16 @@ def gemm1_nvfp4(
         assert x.shape[1] == hp and split_k in (1, 2)
         rows, grid = routing.max_tiles * routing.block_m, (routing.max_tiles * (ip // BLOCK_N), splits)
     rows_ptr, tile_expert, num_padded, expert_offset, num_experts, max_tiles = row_source_args(routing, e)
+    # Real tiles number fewer than T * k column blocks of tiles (an expert's count c fills at
+    # most c tiles), and they come first.
+    tiles = min(max_tiles, num_pairs) * (ip // BLOCK_N)
+    if splits > 1 and tiles > MAX_SPLIT_TILES:
+        raise ValueError(
+            f"config: SPLIT_K1 = 2 sums at most {MAX_SPLIT_TILES} GEMM1 tiles, got {tiles} "
+            f"({num_pairs} pairs, {ip // BLOCK_N} column blocks)"
+        )
     y = workspace(rows, ip, torch.bfloat16, x.device, "moe_intermediate")
     if splits > 1:
-        # Real tiles number fewer than T * k column blocks of tiles (an expert's count c fills
-        # at most c tiles), and they come first.
-        tiles = min(max_tiles, num_pairs) * (ip // BLOCK_N)
-        if tiles > MAX_SPLIT_TILES:
-            raise ValueError(
-                f"config: SPLIT_K1 = 2 sums at most {MAX_SPLIT_TILES} GEMM1 tiles, got {tiles} "
-                f"({num_pairs} pairs, {ip // BLOCK_N} column blocks)"
-            )
         partials = workspace(tiles * splits, 2 * BLOCK_N * routing.block_m, torch.float32, x.device, "moe_partials")
         tile_counts = counters(MAX_SPLIT_TILES, x.device, "nvfp4_gemm1_split")
     else:
