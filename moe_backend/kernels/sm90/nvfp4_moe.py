@@ -147,7 +147,8 @@ DECODE_PDL_CONFIG: Dict[str, Any] = dict(DECODE_CONFIG, PDL=True)
 #: ``dots2_overlap`` 347 / 353 (91 / 94, five), ``dots2_pieces`` 343 / 343 (119 / 121, four: with
 #: two dots a loop Triton's pipeliner no longer cuts them into 16-K pieces). Not yet timed.
 #: ``split2_*``: the same with GEMM1's K split over two programs (``SPLIT_K1``): at T=1 E=256 its
-#: 512 tiles are 3.9 programs an SM whatever the registers allow; 1024 fill eight an SM.
+#: 512 tiles are 3.9 programs an SM whatever the registers allow; 1024 fill eight an SM. ``_pdl``:
+#: with GEMM2 and the cast as programmatic dependent launches (``pdl`` above).
 _TWO_STAGE_SYNC = dict(DECODE_CONFIG, WGMMA1="sync", WGMMA2="sync", num_stages1=2, num_stages2=2)
 DECODE_VARIANTS: Dict[str, Dict[str, Any]] = {
     "pdl": DECODE_PDL_CONFIG,
@@ -159,6 +160,9 @@ DECODE_VARIANTS: Dict[str, Dict[str, Any]] = {
     "dots2_overlap": dict(DECODE_CONFIG, WGMMA1="overlap", WGMMA2="overlap", DOTS1=2, DOTS2=2),
     "dots2_pieces": dict(DECODE_CONFIG, DOTS1=2, DOTS2=2),
     "split2_dots4_sync_r64": dict(_TWO_STAGE_SYNC, DOTS1=4, DOTS2=4, MAXNREG1=64, MAXNREG2=64, SPLIT_K1=2),
+    "split2_dots4_sync_r64_pdl": dict(
+        _TWO_STAGE_SYNC, DOTS1=4, DOTS2=4, MAXNREG1=64, MAXNREG2=64, SPLIT_K1=2, PDL=True
+    ),
     "split2_dots2_sync": dict(DECODE_CONFIG, WGMMA1="sync", WGMMA2="sync", DOTS1=2, DOTS2=2, SPLIT_K1=2),
 }
 #: ``swapab``: the decode tiling without the ``align`` and ``permute`` launches (each expert's
