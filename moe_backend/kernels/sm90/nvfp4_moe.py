@@ -92,6 +92,21 @@ UNROLL_GROUPS = (1, 2, 4)
 #: The keys ``path='bf16_grouped'`` reads; the other paths do not read ``TILE1`` / ``TILE2``.
 GROUPED_KEYS = ("path", "TILE1", "TILE2")
 
+#: The main-loop knobs as every base configuration starts them: Triton's own MMA issue, one
+#: group a dot and an iteration, no register cap, no K split, plain launches.
+_LOOP_DEFAULTS: Dict[str, Any] = dict(
+    PDL=False,
+    UNROLL1=1,
+    UNROLL2=1,
+    MAXNREG1=0,
+    MAXNREG2=0,
+    WGMMA1="pieces",
+    WGMMA2="pieces",
+    DOTS1=1,
+    DOTS2=1,
+    SPLIT_K1=1,
+)
+
 # Defaults: the best of an H100 sweep (docs/performance.md), DeepSeek-V3 shapes.
 DECODE_CONFIG: Dict[str, Any] = dict(
     path="decode",
@@ -105,16 +120,7 @@ DECODE_CONFIG: Dict[str, Any] = dict(
     GROUP_M2=1,
     num_warps2=4,
     num_stages2=3,
-    PDL=False,
-    UNROLL1=1,
-    UNROLL2=1,
-    MAXNREG1=0,
-    MAXNREG2=0,
-    WGMMA1="pieces",
-    WGMMA2="pieces",
-    DOTS1=1,
-    DOTS2=1,
-    SPLIT_K1=1,
+    **_LOOP_DEFAULTS,
 )
 #: The decode tiling with GEMM2 and the cast as programmatic dependent launches (each starts while
 #: the launch before it finishes, and waits for it before reading its output). H200, 2026-12-04, one
@@ -149,21 +155,23 @@ DECODE_PDL_CONFIG: Dict[str, Any] = dict(DECODE_CONFIG, PDL=True)
 #: ``split2_*``: the same with GEMM1's K split over two programs (``SPLIT_K1``): at T=1 E=256 its
 #: 512 tiles are 3.9 programs an SM whatever the registers allow; 1024 fill eight an SM. ``_pdl``:
 #: with GEMM2 and the cast as programmatic dependent launches (``pdl`` above).
-_TWO_STAGE_SYNC = dict(DECODE_CONFIG, WGMMA1="sync", WGMMA2="sync", num_stages1=2, num_stages2=2)
+_SYNC = dict(DECODE_CONFIG, WGMMA1="sync", WGMMA2="sync")
+_OVERLAP = dict(DECODE_CONFIG, WGMMA1="overlap", WGMMA2="overlap")
+_DOTS2_SYNC = dict(_SYNC, DOTS1=2, DOTS2=2)
+_DOTS4_SYNC_R64 = dict(_SYNC, DOTS1=4, DOTS2=4, num_stages1=2, num_stages2=2, MAXNREG1=64, MAXNREG2=64)
+_SPLIT2_DOTS4_SYNC_R64 = dict(_DOTS4_SYNC_R64, SPLIT_K1=2)
 DECODE_VARIANTS: Dict[str, Dict[str, Any]] = {
     "pdl": DECODE_PDL_CONFIG,
-    "wgmma_sync": dict(DECODE_CONFIG, WGMMA1="sync", WGMMA2="sync"),
-    "wgmma_overlap": dict(DECODE_CONFIG, WGMMA1="overlap", WGMMA2="overlap"),
-    "dots2_sync": dict(DECODE_CONFIG, WGMMA1="sync", WGMMA2="sync", DOTS1=2, DOTS2=2),
-    "dots2_sync_r80": dict(_TWO_STAGE_SYNC, DOTS1=2, DOTS2=2, MAXNREG1=80, MAXNREG2=80),
-    "dots4_sync_r64": dict(_TWO_STAGE_SYNC, DOTS1=4, DOTS2=4, MAXNREG1=64, MAXNREG2=64),
-    "dots2_overlap": dict(DECODE_CONFIG, WGMMA1="overlap", WGMMA2="overlap", DOTS1=2, DOTS2=2),
+    "wgmma_sync": _SYNC,
+    "wgmma_overlap": _OVERLAP,
+    "dots2_sync": _DOTS2_SYNC,
+    "dots2_sync_r80": dict(_DOTS2_SYNC, num_stages1=2, num_stages2=2, MAXNREG1=80, MAXNREG2=80),
+    "dots4_sync_r64": _DOTS4_SYNC_R64,
+    "dots2_overlap": dict(_OVERLAP, DOTS1=2, DOTS2=2),
     "dots2_pieces": dict(DECODE_CONFIG, DOTS1=2, DOTS2=2),
-    "split2_dots4_sync_r64": dict(_TWO_STAGE_SYNC, DOTS1=4, DOTS2=4, MAXNREG1=64, MAXNREG2=64, SPLIT_K1=2),
-    "split2_dots4_sync_r64_pdl": dict(
-        _TWO_STAGE_SYNC, DOTS1=4, DOTS2=4, MAXNREG1=64, MAXNREG2=64, SPLIT_K1=2, PDL=True
-    ),
-    "split2_dots2_sync": dict(DECODE_CONFIG, WGMMA1="sync", WGMMA2="sync", DOTS1=2, DOTS2=2, SPLIT_K1=2),
+    "split2_dots4_sync_r64": _SPLIT2_DOTS4_SYNC_R64,
+    "split2_dots4_sync_r64_pdl": dict(_SPLIT2_DOTS4_SYNC_R64, PDL=True),
+    "split2_dots2_sync": dict(_DOTS2_SYNC, SPLIT_K1=2),
 }
 #: ``swapab``: the decode tiling without the ``align`` and ``permute`` launches (each expert's
 #: leader pair gathers its pairs, GEMM1 reads the hidden states in natural order) and
@@ -185,16 +193,7 @@ PREFILL_CONFIG: Dict[str, Any] = dict(
     GROUP_M2=8,
     num_warps2=8,
     num_stages2=3,
-    PDL=False,
-    UNROLL1=1,
-    UNROLL2=1,
-    MAXNREG1=0,
-    MAXNREG2=0,
-    WGMMA1="pieces",
-    WGMMA2="pieces",
-    DOTS1=1,
-    DOTS2=1,
-    SPLIT_K1=1,
+    **_LOOP_DEFAULTS,
 )
 
 
