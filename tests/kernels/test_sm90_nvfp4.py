@@ -29,7 +29,8 @@ from moe_checks import (
 
 from moe_backend.expert_weights import NVFP4Weights
 from moe_backend.kernels.reference import reference_fused_experts
-from moe_backend.kernels.sm90.nvfp4_act import permute_activations
+from moe_backend.kernels.sm90.align import align_block_size
+from moe_backend.kernels.sm90.nvfp4_act import align_and_permute, permute_activations
 from moe_backend.kernels.sm90.nvfp4_layout import kernel_k_order, nvfp4_to_kernel_layout
 from moe_backend.kernels.sm90.nvfp4_moe import (
     DECODE_CONFIG,
@@ -411,6 +412,28 @@ def test_permute_activations_matches_kernel_order():
     padded[:, :300] = x.cpu()
     order = torch.cat([kernel_k_order(), 256 + kernel_k_order()])
     assert torch.equal(out, padded[:, order])
+
+
+@runs_here
+@pytest.mark.parametrize("num_tokens,top_k,num_experts,offset", [(1, 8, 32, 0), (5, 3, 12, 4), (130, 8, 16, 8)])
+def test_align_and_permute_matches_both_passes(num_tokens, top_k, num_experts, offset):
+    """The one launch (program 0 aligns, the others permute) gives what ``align_block_size`` and
+    ``permute_activations`` give separately: -1 ids, ids of other ranks, an EP offset; 1040 pairs
+    take the separate passes."""
+    g = torch.Generator().manual_seed(num_tokens)
+    ids = torch.randint(-1, offset + num_experts + 3, (num_tokens, top_k), generator=g, dtype=torch.int32)
+    ids = ids.to(DEVICE)
+    x = torch.randn(num_tokens, 300, generator=g).to(torch.bfloat16).to(DEVICE)
+    routing, permuted = align_and_permute(ids, num_experts, offset, 16, x, 512)
+    permuted = permuted.clone()
+    want = align_block_size(ids, num_experts, offset, 16)
+    assert torch.equal(permuted, permute_activations(x, 512))
+    rows = int(want.num_padded.item())
+    assert rows > 0 and int(routing.num_padded.item()) == rows
+    assert torch.equal(routing.sorted_ids[:rows], want.sorted_ids[:rows])
+    assert torch.equal(routing.tile_expert[: rows // 16], want.tile_expert[: rows // 16])
+    assert torch.equal(routing.row_of_pair, want.row_of_pair)
+    assert routing.max_tiles == want.max_tiles and routing.block_m == 16
 
 
 @pytest.mark.gpu

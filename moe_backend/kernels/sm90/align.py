@@ -21,7 +21,7 @@ expert is the order of the pairs (deterministic).
 
 from __future__ import annotations
 
-from typing import NamedTuple, Tuple, Union
+from typing import Dict, NamedTuple, Tuple, Union
 
 import torch
 import triton
@@ -145,7 +145,7 @@ def _write_layout(
 
 
 @triton.jit
-def _align_fused_kernel(
+def align_in_one_program(
     ids_ptr,
     sorted_ptr,
     tile_expert_ptr,
@@ -160,7 +160,9 @@ def _align_fused_kernel(
     E_PAD: tl.constexpr,
     TILE_BLOCK: tl.constexpr,
 ):
-    """All pairs in one program: count, lay out, scatter (decode sizes)."""
+    """All pairs in the calling program: count, lay out, scatter (decode sizes; the arguments of
+    :func:`fused_align_args`). Also the first program of kernels that run other small work beside
+    the alignment in the same launch (``nvfp4_act.align_and_permute``)."""
     offs = tl.arange(0, N_PAD)
     keys = _local_keys(ids_ptr, offs, num_pairs, expert_offset, num_experts)
     counts = tl.histogram(keys, E_PAD)
@@ -180,6 +182,39 @@ def _align_fused_kernel(
     row = tl.gather(start, s_key, 0) + rank
     tl.store(sorted_ptr + row, s_pos, mask=s_key < num_experts)
     tl.store(row_of_pair_ptr + s_pos, tl.where(s_key < num_experts, row, -1), mask=s_pos < num_pairs)
+
+
+@triton.jit
+def _align_fused_kernel(
+    ids_ptr,
+    sorted_ptr,
+    tile_expert_ptr,
+    num_padded_ptr,
+    row_of_pair_ptr,
+    num_pairs,
+    expert_offset,
+    num_experts,
+    max_tiles,
+    BLOCK_M: tl.constexpr,
+    N_PAD: tl.constexpr,
+    E_PAD: tl.constexpr,
+    TILE_BLOCK: tl.constexpr,
+):
+    align_in_one_program(
+        ids_ptr,
+        sorted_ptr,
+        tile_expert_ptr,
+        num_padded_ptr,
+        row_of_pair_ptr,
+        num_pairs,
+        expert_offset,
+        num_experts,
+        max_tiles,
+        BLOCK_M,
+        N_PAD,
+        E_PAD,
+        TILE_BLOCK,
+    )
 
 
 @triton.jit
@@ -279,6 +314,16 @@ def _scatter_kernel(
     tl.store(row_of_pair_ptr + pair, tl.where(s_key < num_experts, row, -1), mask=pair < num_pairs)
 
 
+def _e_pad(num_experts: int) -> int:
+    """Histogram bins: the local experts and the "no local expert" bin, to a power of two."""
+    return triton.next_power_of_2(num_experts + 1)
+
+
+def _tile_block(e_pad: int) -> int:
+    """Tiles whose expert ``_write_layout`` finds at a time (about 8192 comparisons)."""
+    return max(16, min(128, 8192 // e_pad))
+
+
 def count_chunks(
     topk_ids: torch.Tensor, num_experts: int, local_expert_offset: int
 ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -286,13 +331,55 @@ def count_chunks(
     ``E``: pairs without a local expert; ``E_PAD`` the next power of two above ``E``) and an
     uninitialised ``base [E_PAD]`` int32 for the experts' first rows."""
     num_pairs = topk_ids.numel()
-    e_pad = triton.next_power_of_2(num_experts + 1)
+    e_pad = _e_pad(num_experts)
     num_chunks = triton.cdiv(num_pairs, CHUNK)
     hist = torch.empty(num_chunks, e_pad, dtype=torch.int32, device=topk_ids.device)
     count_kernel[(num_chunks,)](
         topk_ids, hist, num_pairs, local_expert_offset, num_experts, CHUNK=CHUNK, E_PAD=e_pad, num_warps=4
     )
     return hist, torch.empty(e_pad, dtype=torch.int32, device=topk_ids.device)
+
+
+def empty_routing(num_pairs: int, num_experts: int, block_m: int, device: torch.device) -> AlignedRouting:
+    """Uninitialised :class:`AlignedRouting` tensors for ``num_pairs`` pairs (sizes independent of
+    the data, so a CUDA graph can capture their filling)."""
+    max_tiles = triton.cdiv(max_padded_rows(num_pairs, num_experts, block_m), block_m)
+    return AlignedRouting(
+        torch.empty(max_tiles * block_m, dtype=torch.int32, device=device),
+        torch.empty(max_tiles, dtype=torch.int32, device=device),
+        torch.empty(1, dtype=torch.int32, device=device),
+        torch.empty(num_pairs, dtype=torch.int32, device=device),
+        block_m,
+        max_tiles,
+    )
+
+
+def one_program_args(
+    topk_ids: torch.Tensor, routing: AlignedRouting, num_experts: int, local_expert_offset: int
+) -> Tuple[tuple, Dict[str, int]]:
+    """Positional and constexpr arguments of :func:`align_in_one_program` that fill ``routing``
+    from ``topk_ids`` (at most ``FUSED_MAX_PAIRS`` pairs)."""
+    num_pairs = topk_ids.numel()
+    assert num_pairs <= FUSED_MAX_PAIRS
+    e_pad = _e_pad(num_experts)
+    args = (
+        topk_ids,
+        routing.sorted_ids,
+        routing.tile_expert,
+        routing.num_padded,
+        routing.row_of_pair,
+        num_pairs,
+        local_expert_offset,
+        num_experts,
+        routing.max_tiles,
+    )
+    consts = dict(
+        BLOCK_M=routing.block_m,
+        N_PAD=max(16, triton.next_power_of_2(num_pairs)),
+        E_PAD=e_pad,
+        TILE_BLOCK=_tile_block(e_pad),
+    )
+    return args, consts
 
 
 def align_block_size(
@@ -305,31 +392,12 @@ def align_block_size(
     """
     assert topk_ids.dtype == torch.int32 and topk_ids.is_contiguous() and topk_ids.numel() > 0
     num_pairs = topk_ids.numel()
-    max_tiles = triton.cdiv(max_padded_rows(num_pairs, num_experts, block_m), block_m)
-    dev = topk_ids.device
-    sorted_ids = torch.empty(max_tiles * block_m, dtype=torch.int32, device=dev)
-    tile_expert = torch.empty(max_tiles, dtype=torch.int32, device=dev)
-    num_padded = torch.empty(1, dtype=torch.int32, device=dev)
-    row_of_pair = torch.empty(num_pairs, dtype=torch.int32, device=dev)
-    e_pad = triton.next_power_of_2(num_experts + 1)  # + the "no local expert" bin
-    tile_block = max(16, min(128, 8192 // e_pad))
+    routing = empty_routing(num_pairs, num_experts, block_m, topk_ids.device)
+    sorted_ids, tile_expert, num_padded, row_of_pair, _, max_tiles = routing
+    e_pad = _e_pad(num_experts)
     if num_pairs <= FUSED_MAX_PAIRS:
-        _align_fused_kernel[(1,)](
-            topk_ids,
-            sorted_ids,
-            tile_expert,
-            num_padded,
-            row_of_pair,
-            num_pairs,
-            local_expert_offset,
-            num_experts,
-            max_tiles,
-            BLOCK_M=block_m,
-            N_PAD=max(16, triton.next_power_of_2(num_pairs)),
-            E_PAD=e_pad,
-            TILE_BLOCK=tile_block,
-            num_warps=4,
-        )
+        args, consts = one_program_args(topk_ids, routing, num_experts, local_expert_offset)
+        _align_fused_kernel[(1,)](*args, **consts, num_warps=4)
     else:
         hist, base = count_chunks(topk_ids, num_experts, local_expert_offset)
         num_chunks = hist.shape[0]
@@ -346,7 +414,7 @@ def align_block_size(
             BLOCK_M=block_m,
             E_PAD=e_pad,
             CHUNK_BLOCK=chunk_block(e_pad),
-            TILE_BLOCK=tile_block,
+            TILE_BLOCK=_tile_block(e_pad),
             num_warps=8,
         )
         _scatter_kernel[(num_chunks,)](
@@ -362,4 +430,4 @@ def align_block_size(
             E_PAD=e_pad,
             num_warps=8,
         )
-    return AlignedRouting(sorted_ids, tile_expert, num_padded, row_of_pair, block_m, max_tiles)
+    return routing

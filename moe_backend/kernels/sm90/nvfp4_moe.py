@@ -7,7 +7,8 @@ makes each thread's dequantized pairs its MMA fragment); activations stay bf16.
 One call runs, all on the GPU with no host sync (CUDA-graph capturable):
 
 1. ``align`` (shared with FP8): group the (token, slot) pairs by local expert in tiles of BLOCK_M rows;
-2. ``permute_activations``: hidden states into the weights' per-256-K dot order;
+2. ``permute_activations``: hidden states into the weights' per-256-K dot order (at decode sizes
+   in the same launch as step 1: ``nvfp4_act.align_and_permute``);
 3. ``gemm1``: gate/up GEMM + SiLU-and-mul, bf16 intermediate ``[P, Ip]``; also zeroes
    the fp32 accumulator ``[T, H]``;
 4. ``gemm2``: down GEMM + router weight, atomically summed over the top-k into the accumulator;
@@ -40,12 +41,12 @@ from ...expert_weights import NVFP4Weights
 from ...runtime import workspace
 from ..interpret import pdl_available
 from . import bf16_grouped
-from .align import AlignedRouting, GatheredPairs, align_block_size
+from .align import AlignedRouting, GatheredPairs
 from .bf16_moe import checked_tile, run_segments
 from .combine import cast_out
 from .config import resolve_path_config
 from .cute_env import sm90_cute_defect
-from .nvfp4_act import permute_activations
+from .nvfp4_act import align_and_permute
 from .nvfp4_gemm1 import gemm1_nvfp4
 from .nvfp4_gemm2 import gemm2_nvfp4
 from .nvfp4_layout import NVFP4KernelWeights, nvfp4_to_kernel_layout
@@ -440,8 +441,9 @@ def fused_experts_nvfp4(
         routing = GatheredPairs(topk_ids.reshape(-1), local_expert_offset, w.num_experts, cfg["BLOCK_M"])
         x = hidden
     else:
-        routing = align_block_size(topk_ids, w.num_experts, local_expert_offset, cfg["BLOCK_M"])
-        x = permute_activations(hidden, w.w13.shape[2] * 8)
+        routing, x = align_and_permute(
+            topk_ids, w.num_experts, local_expert_offset, cfg["BLOCK_M"], hidden, w.w13.shape[2] * 8
+        )
     pdl = bool(cfg["PDL"]) and pdl_available(hidden)
     acc = workspace(num_tokens, w.hidden_size, torch.float32, hidden.device, "moe_combine")
     common: Dict[str, Any] = dict(
