@@ -35,6 +35,7 @@ def test_capture_reaches_every_kernel_and_configuration():
         "_cast_kernel",
         "_sum_pairs_kernel",
         "_permute_kernel",
+        "_align_permute_kernel",
         "_silu_mul_quant_kernel",  # the CuTe DSL paths' Triton kernels
         "_weighted_sum_kernel",
         "_kernel_layout_dequant_kernel",
