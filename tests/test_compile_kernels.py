@@ -25,7 +25,7 @@ def test_capture_reaches_every_kernel_and_configuration():
     lines = run.stdout.splitlines()
     names = {line.split()[0] for line in lines}
     assert names == {
-        "_align_fused_kernel",
+        "align_in_one_program",
         "count_kernel",
         "_scan_kernel",
         "_scatter_kernel",

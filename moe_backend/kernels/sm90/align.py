@@ -160,9 +160,10 @@ def align_in_one_program(
     E_PAD: tl.constexpr,
     TILE_BLOCK: tl.constexpr,
 ):
-    """All pairs in the calling program: count, lay out, scatter (decode sizes; the arguments of
-    :func:`fused_align_args`). Also the first program of kernels that run other small work beside
-    the alignment in the same launch (``nvfp4_act.align_and_permute``)."""
+    """All pairs in one program: count, lay out, scatter (decode sizes; the arguments of
+    :func:`one_program_args`). Launched on its own with one program, and called by the first
+    program of kernels that run other small work beside the alignment in the same launch
+    (``nvfp4_act.align_and_permute``)."""
     offs = tl.arange(0, N_PAD)
     keys = _local_keys(ids_ptr, offs, num_pairs, expert_offset, num_experts)
     counts = tl.histogram(keys, E_PAD)
@@ -182,39 +183,6 @@ def align_in_one_program(
     row = tl.gather(start, s_key, 0) + rank
     tl.store(sorted_ptr + row, s_pos, mask=s_key < num_experts)
     tl.store(row_of_pair_ptr + s_pos, tl.where(s_key < num_experts, row, -1), mask=s_pos < num_pairs)
-
-
-@triton.jit
-def _align_fused_kernel(
-    ids_ptr,
-    sorted_ptr,
-    tile_expert_ptr,
-    num_padded_ptr,
-    row_of_pair_ptr,
-    num_pairs,
-    expert_offset,
-    num_experts,
-    max_tiles,
-    BLOCK_M: tl.constexpr,
-    N_PAD: tl.constexpr,
-    E_PAD: tl.constexpr,
-    TILE_BLOCK: tl.constexpr,
-):
-    align_in_one_program(
-        ids_ptr,
-        sorted_ptr,
-        tile_expert_ptr,
-        num_padded_ptr,
-        row_of_pair_ptr,
-        num_pairs,
-        expert_offset,
-        num_experts,
-        max_tiles,
-        BLOCK_M,
-        N_PAD,
-        E_PAD,
-        TILE_BLOCK,
-    )
 
 
 @triton.jit
@@ -397,7 +365,7 @@ def align_block_size(
     e_pad = _e_pad(num_experts)
     if num_pairs <= FUSED_MAX_PAIRS:
         args, consts = one_program_args(topk_ids, routing, num_experts, local_expert_offset)
-        _align_fused_kernel[(1,)](*args, **consts, num_warps=4)
+        align_in_one_program[(1,)](*args, **consts, num_warps=4)
     else:
         hist, base = count_chunks(topk_ids, num_experts, local_expert_offset)
         num_chunks = hist.shape[0]

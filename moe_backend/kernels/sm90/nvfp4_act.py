@@ -88,12 +88,19 @@ def _align_permute_kernel(
         _permute_group(x_ptr, out_ptr, (item // GROUPS).to(tl.int64), item % GROUPS, H, stride_x, stride_out, GROUP)
 
 
+def _permuted_buffer(hidden: torch.Tensor, padded_hidden: int) -> torch.Tensor:
+    """The ``[T, Hp]`` bf16 workspace view the permutation of ``hidden [T, H]`` (unit column
+    stride) writes; ``padded_hidden`` (``Hp``) is a multiple of 256, ``>= H``."""
+    t, h = hidden.shape
+    assert padded_hidden % K_GROUP == 0 and padded_hidden >= h and hidden.stride(1) == 1
+    return workspace(t, padded_hidden, torch.bfloat16, hidden.device, "moe_act")
+
+
 def permute_activations(hidden: torch.Tensor, padded_hidden: int) -> torch.Tensor:
     """``hidden [T, H]`` bf16 (unit column stride) -> ``[T, Hp]`` workspace view in ``kernel_k_order``
     per 256-group, zeros past ``H``. ``padded_hidden`` (``Hp``) is a multiple of 256, ``>= H``."""
     t, h = hidden.shape
-    assert padded_hidden % K_GROUP == 0 and padded_hidden >= h and hidden.stride(1) == 1
-    out = workspace(t, padded_hidden, torch.bfloat16, hidden.device, "moe_act")
+    out = _permuted_buffer(hidden, padded_hidden)
     if t:
         _permute_kernel[(t, padded_hidden // K_GROUP)](hidden, out, h, hidden.stride(0), out.stride(0), GROUP=K_GROUP)
     return out
@@ -118,9 +125,9 @@ def align_and_permute(
         )
     assert topk_ids.dtype == torch.int32 and topk_ids.is_contiguous() and num_pairs > 0
     t, h = hidden.shape
-    assert padded_hidden % K_GROUP == 0 and padded_hidden >= h and hidden.stride(1) == 1 and t > 0
+    assert t > 0
     routing = empty_routing(num_pairs, num_experts, block_m, topk_ids.device)
-    out = workspace(t, padded_hidden, torch.bfloat16, hidden.device, "moe_act")
+    out = _permuted_buffer(hidden, padded_hidden)
     args, consts = one_program_args(topk_ids, routing, num_experts, local_expert_offset)
     groups = padded_hidden // K_GROUP
     _align_permute_kernel[(1 + t * groups,)](
