@@ -603,7 +603,7 @@ def main(args: argparse.Namespace) -> int:
         return 2
     device = torch.device("cuda")
     name = torch.cuda.get_device_name(device)
-    version = vllm_version()
+    version = vllm_version() if "vllm" in args.peers else None
     if "vllm" in args.peers and version is None:
         print("moe-backend bench: --peers vllm needs vllm importable in this environment")
         return 2
@@ -615,7 +615,7 @@ def main(args: argparse.Namespace) -> int:
     )
     os.makedirs(args.output_dir, exist_ok=True)
     stem = os.path.join(args.output_dir, f"{_device_slug(name)}-{datetime.date.today().isoformat()}")
-    header = run_header(args, name, peaks, version if "vllm" in args.peers else None)
+    header = run_header(args, name, peaks, version)
     records = run_bench(args, device, peaks, lambda done: write_results(stem + ".json", header, done))
     print(format_table(records))
     print(

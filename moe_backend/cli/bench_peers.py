@@ -15,6 +15,7 @@ Each peer is a callable ``(hidden [T, H] bf16, ids [T, k] int32, weights [T, k] 
 from __future__ import annotations
 
 import importlib
+import logging
 import types
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
@@ -22,18 +23,23 @@ import torch
 
 from ..expert_weights import BF16Weights, FP8BlockWeights, NVFP4Weights
 
+logger = logging.getLogger(__name__)
 Run = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 #: precision -> the peer's ``impl`` name in the records.
 PEER_IMPLS = {"fp8_block": "vllm_triton", "bf16": "vllm_triton", "nvfp4": "vllm_marlin"}
 
 
 def vllm_version() -> Optional[str]:
-    """vLLM's version, or None when it does not import."""
+    """vLLM's version, or None when it does not import or is incomplete (its ``__version__``
+    resolves lazily and fails where vLLM's own dependencies are missing, e.g. a partly unpacked
+    offline bundle)."""
     try:
         import vllm
-    except Exception:  # any import failure means: no peer to time
+
+        return str(vllm.__version__)
+    except Exception as exc:  # any failure means: no peer to time
+        logger.info("vLLM is not usable here: %s: %s", type(exc).__name__, exc)
         return None
-    return str(vllm.__version__)
 
 
 def _fused_marlin_moe() -> Callable[..., torch.Tensor]:

@@ -2,6 +2,8 @@
 
 import argparse
 import json
+import sys
+import types
 
 import pytest
 import torch
@@ -73,6 +75,21 @@ def test_peers_refuse_clearly_without_vllm(monkeypatch):
     monkeypatch.setattr(bench_peers, "vllm_version", lambda: None)
     with pytest.raises(ImportError, match="--peers vllm"):
         bench_peers.vllm_peers({}, ["fp8_block"])
+
+
+def test_incomplete_vllm_is_no_peer(monkeypatch):
+    # a partly unpacked offline bundle: the package imports, its lazily resolved __version__
+    # fails on a missing dependency
+    partial = types.ModuleType("vllm")
+
+    def missing(name):
+        raise ModuleNotFoundError("No module named 'cbor2'")
+
+    partial.__getattr__ = missing
+    monkeypatch.setitem(sys.modules, "vllm", partial)
+    assert bench_peers.vllm_version() is None
+    partial.__version__ = "0.26.0"
+    assert bench_peers.vllm_version() == "0.26.0"
 
 
 def test_peers_are_keyed_by_precision(monkeypatch):

@@ -53,14 +53,6 @@ DECODE_WGMMA_SMALL = {
 }
 #: No align/permute launches: each expert's leader pair gathers its pairs (16 at a time).
 SWAPAB_SMALL = dict(DECODE_SMALL, path="swapab")
-#: Each 256-K group cut into two or four dots (their own loads, K offsets and dequantized columns),
-#: on the aligned path and on the gathered one (natural-order hidden states, permuted per part).
-DECODE_DOTS_SMALL = {
-    "decode-dots2": dict(DECODE_SMALL, WGMMA1="sync", WGMMA2="sync", DOTS1=2, DOTS2=2),
-    "decode-dots4": dict(DECODE_SMALL, WGMMA1="overlap", WGMMA2="overlap", DOTS1=4, DOTS2=4),
-    "swapab-dots4": dict(SWAPAB_SMALL, DOTS1=4, DOTS2=2),
-    "decode-split2": dict(DECODE_SMALL, WGMMA1="sync", WGMMA2="sync", DOTS1=2, SPLIT_K1=2),
-}
 PREFILL_SMALL = dict(
     path="prefill", BLOCK_M=32, BLOCK_N1=32, GROUP_M1=2, BLOCK_N2=32, SPLIT_K2=1, GROUP_M2=2, num_warps1=4, num_warps2=4
 )
@@ -70,11 +62,6 @@ UNROLLED = {
     "decode-unroll2": dict(DECODE_SMALL, UNROLL1=2, UNROLL2=2),
     "swapab-unroll2": dict(SWAPAB_SMALL, UNROLL1=2, UNROLL2=2),
     "prefill-unroll4": dict(PREFILL_SMALL, UNROLL1=4, UNROLL2=4, MAXNREG1=168, MAXNREG2=128),
-}
-#: Unrolled loops whose groups are also cut into dots, or whose GEMM1 K is split over two programs.
-UNROLLED_CUT = {
-    "swapab-unroll2-dots2": dict(SWAPAB_SMALL, UNROLL1=2, UNROLL2=2, DOTS1=2, DOTS2=4),
-    "decode-unroll2-split2": dict(DECODE_SMALL, UNROLL1=2, UNROLL2=2, SPLIT_K1=2),
 }
 
 
@@ -144,8 +131,8 @@ def check(p: Problem, *, weight_on_input: bool = False, config: Optional[dict] =
 @runs_here
 @pytest.mark.parametrize(
     "config",
-    [DECODE_SMALL, PREFILL_SMALL, SWAPAB_SMALL, *UNROLLED.values()],
-    ids=["decode", "prefill", "swapab", *UNROLLED],
+    [DECODE_SMALL, PREFILL_SMALL, SWAPAB_SMALL, *UNROLLED.values(), *DECODE_WGMMA_SMALL.values()],
+    ids=["decode", "prefill", "swapab", *UNROLLED, *DECODE_WGMMA_SMALL],
 )
 @pytest.mark.parametrize(
     "t,h,i,e,k,offset", [(1, 128, 64, 4, 1, 0), (7, 96, 48, 4, 2, 3), (33, 64, 32, 3, 3, 0), (3, 272, 272, 2, 2, 1)]
@@ -155,23 +142,11 @@ def test_small(config, t, h, i, e, k, offset):
 
 
 @runs_here
-@pytest.mark.parametrize(
-    "config", [*DECODE_WGMMA_SMALL.values(), *DECODE_DOTS_SMALL.values()], ids=[*DECODE_WGMMA_SMALL, *DECODE_DOTS_SMALL]
-)
-@pytest.mark.parametrize("t,h,i,e,k,offset", [(7, 96, 48, 4, 2, 3), (3, 272, 272, 2, 2, 1)])
-def test_decode_loop_knobs(config, t, h, i, e, k, offset):
-    """The decode loop's knobs on K tails (H = 96: one group, masked) and on two groups in both
-    GEMMs (H = I = 272), where each dot's K offsets and GEMM1's split halves differ."""
-    check(make_problem(t, h, i, e, k, offset=offset), config=config)
-
-
-@runs_here
-@pytest.mark.parametrize("config", [*UNROLLED.values(), *UNROLLED_CUT.values()], ids=[*UNROLLED, *UNROLLED_CUT])
+@pytest.mark.parametrize("config", UNROLLED.values(), ids=UNROLLED)
 def test_unrolled_loops_iterate(config):
     """Three 256-K groups in both GEMMs (H = I = 608, one K slice): two iterations of two groups,
     the second half-empty (of four: one iteration, a quarter empty). Then two whole groups
-    (H = I = 512): with two a loop, every load unmasked along K (``EVEN_K``; four: half empty).
-    GEMM1's K split over two programs (``SPLIT_K1``) takes two groups and one, then one each."""
+    (H = I = 512): with two a loop, every load unmasked along K (``EVEN_K``; four: half empty)."""
     check(make_problem(3, 608, 608, 2, 2, offset=1), config=dict(config, SPLIT_K2=1))
     check(make_problem(3, 512, 512, 2, 2, offset=1), config=dict(config, SPLIT_K2=1))
 
@@ -250,51 +225,6 @@ def test_errors_name_the_argument():
                 ValueError, match=rf"{key} must be one of \('pieces', 'sync', 'overlap'\), got {value!r}"
             ):
                 fused_experts_nvfp4(p.hidden, prep, p.ids, p.topk_w, **kw, config={key: value})
-    for key in ("DOTS1", "DOTS2"):
-        for value in (0, 3, 8, True, 2.0):
-            with pytest.raises(ValueError, match=rf"{key} must be one of \(1, 2, 4\), got {value!r}"):
-                fused_experts_nvfp4(p.hidden, prep, p.ids, p.topk_w, **kw, config={key: value})
-    for value in (0, 3, True, 2.0):
-        with pytest.raises(ValueError, match=rf"SPLIT_K1 must be 1 or 2, got {value!r}"):
-            fused_experts_nvfp4(p.hidden, prep, p.ids, p.topk_w, **kw, config={"SPLIT_K1": value})
-    with pytest.raises(ValueError, match="SPLIT_K1 = 2 needs the aligned rows"):
-        fused_experts_nvfp4(p.hidden, prep, p.ids, p.topk_w, **kw, config=dict(SWAPAB_SMALL, SPLIT_K1=2))
-
-
-@runs_here
-def test_split_k_refuses_more_tiles_than_its_counters():
-    """GEMM1's K split counts each real tile in one of ``tiles.MAX_SPLIT_TILES`` counters: a launch
-    that could have more is refused by name before anything is allocated or launched."""
-    from moe_backend.kernels.sm90.align import AlignedRouting
-    from moe_backend.kernels.sm90.nvfp4_gemm1 import gemm1_nvfp4
-    from moe_backend.kernels.sm90.tiles import MAX_SPLIT_TILES
-
-    dev = torch.device(DEVICE)
-    ip, hp, block_n, block_m = 256, 512, 16, 16
-    pairs = MAX_SPLIT_TILES // (ip // block_n) + 1
-    i32 = dict(dtype=torch.int32, device=dev)
-    routing = AlignedRouting(
-        torch.zeros(1, **i32), torch.zeros(1, **i32), torch.zeros(1, **i32), torch.zeros(1, **i32), block_m, pairs
-    )
-    w13 = torch.zeros(1, 2 * ip, hp // 8, **i32)
-    with pytest.raises(ValueError, match=rf"SPLIT_K1 = 2 sums at most {MAX_SPLIT_TILES} GEMM1 tiles, got 65552"):
-        gemm1_nvfp4(
-            torch.zeros(1, hp, dtype=torch.bfloat16, device=dev),
-            w13,
-            torch.zeros(1, 2 * ip, hp // 16, dtype=torch.uint8, device=dev),
-            torch.ones(1, 2, device=dev),
-            routing,
-            torch.ones(1, 1, device=dev),
-            torch.zeros(1, device=dev),
-            num_pairs=pairs,
-            top_k=1,
-            weight_on_input=False,
-            BLOCK_N=block_n,
-            GROUP_M=1,
-            num_warps=4,
-            num_stages=3,
-            split_k=2,
-        )
 
 
 # ----------------------------------------------------------------------------- GPU

@@ -25,20 +25,18 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents
 
-from ...runtime import counters, workspace
+from ...runtime import workspace
 from ..interpret import INTERPRETING
 from .align import AlignedRouting, GatheredPairs, row_source_args
 from .nvfp4_layout import K_GROUP
-from .nvfp4_tile import WEIGHT_RESCALE, load_part, mma, part_dot_order, part_offsets, part_shift, part_words
+from .nvfp4_tile import WEIGHT_RESCALE, dot_order, load_group, mma
 from .tiles import (
     MAX_GATHER_PAIRS,
-    MAX_SPLIT_TILES,
     aligned_rows,
     chunk_pairs,
     expert_members,
     gather_scan_width,
     register_cap,
-    split_pair_sum,
     tile_coords,
     zero_fill,
 )
@@ -62,12 +60,7 @@ def _gemm1_rows(
     pid_n,
     H,
     IP,
-    g_start,
-    g_end,
-    part_ptr,
-    count_ptr,
-    tile,
-    split,
+    num_groups,
     stride_xm,
     stride_we,
     stride_wn,
@@ -82,67 +75,51 @@ def _gemm1_rows(
     UNROLL: tl.constexpr,
     EVEN_K: tl.constexpr,
     MMA_ISSUE: tl.constexpr,
-    DOTS: tl.constexpr,
-    SPLIT: tl.constexpr,
 ):
     """One tile: ``BLOCK_M`` rows (``pair``, of ``token``) of local ``expert`` times the gate and
-    up rows of column block ``pid_n`` over K groups ``[g_start, g_end)``; writes ``silu(gate) *
-    up`` at ``y[rows]`` (``row_ok`` rows only with ``GATHER``, whose ``x`` is ``hidden`` in natural
-    order, permuted to the dot order in registers). ``EVEN_K``: every iteration's ``UNROLL`` groups
-    lie inside ``x``'s ``H`` columns and ``g_end``, so the loads need no K masks. ``SPLIT`` = 2:
-    this program holds K half ``split`` of compact tile ``tile``, and the second of the two to
-    finish writes ``y`` (:func:`tiles.split_pair_sum`; fp32 partials at ``part_ptr``, counters at
-    ``count_ptr``)."""
+    up rows of column block ``pid_n``; writes ``silu(gate) * up`` at ``y[rows]`` (``row_ok`` rows
+    only with ``GATHER``, whose ``x`` is ``hidden`` in natural order, permuted to the dot order in
+    registers). ``EVEN_K``: every iteration's ``UNROLL`` groups lie inside ``x``'s ``H``
+    columns and the ``num_groups`` groups, so the loads need no K masks."""
+    offs_k = tl.arange(0, 256)
+    offs_w = tl.arange(0, 16)
     # One weight tile of 2 * BLOCK_N rows: the gate rows of the block, then its up rows.
     offs_r = tl.arange(0, 2 * BLOCK_N)
     is_gate = offs_r < BLOCK_N
     w_rows = pid_n * BLOCK_N + tl.where(is_gate, offs_r, IP + offs_r - BLOCK_N)
 
-    x_ptrs = x_ptr + token[:, None] * stride_xm + g_start * 256 + part_offsets(DOTS, GATHER)[None, :]
-    offs_w = tl.arange(0, part_words(DOTS))[None, :]
-    w_ptrs = w_ptr + expert * stride_we + w_rows[:, None] * stride_wn + g_start * 32 + offs_w
-    s_ptrs = ws_ptr + expert * stride_wse + w_rows[:, None] * stride_wsn + g_start * 16 + offs_w
+    x_ptrs = x_ptr + token[:, None] * stride_xm + offs_k[None, :]
+    w_ptrs = w_ptr + expert * stride_we + w_rows[:, None] * stride_wn + offs_w[None, :]
+    s_ptrs = ws_ptr + expert * stride_wse + w_rows[:, None] * stride_wsn + offs_w[None, :]
 
     acc = tl.zeros([2 * BLOCK_N, BLOCK_M], dtype=tl.float32)
     # Without it the loop's zero-trip path re-defines the accumulator and ptxas
-    # serializes every wgmma (C7515); Hp >= 256 always, and the launcher sizes the K splits so
-    # that each holds a group.
-    tl.assume(g_end > g_start)
+    # serializes every wgmma (C7515); Hp >= 256 always.
+    tl.assume(num_groups > 0)
     # UNROLL groups an iteration: the pipeline's barriers, waits and address work are paid once
     # for them, and ptxas keeps each group's weight fragments apart (no warpgroup fence between
-    # the MMAs when the registers allow it). DOTS dots a group: fewer registers live at each.
-    for g0 in range(g_start, g_end, UNROLL):
+    # the MMAs when the registers allow it).
+    for g0 in range(0, num_groups, UNROLL):
         for u in tl.static_range(UNROLL):
             g = g0 + u
-            for part in tl.static_range(DOTS):
-                # GATHER: hidden in natural order, loaded in runs and put in the dot order
-                shift = u * 256 + part_shift(part, DOTS, GATHER)
-                if EVEN_K:
-                    x_mask = row_ok[:, None]
-                elif GATHER:
-                    # hidden in natural order has H columns
-                    x_mask = row_ok[:, None] & (g0 * 256 + shift + part_offsets(DOTS, GATHER) < H)[None, :]
-                else:
-                    # a group past the last (the split's count not a multiple of UNROLL) loads nothing
-                    x_mask = row_ok[:, None] & (g < g_end)
-                x = tl.load(x_ptrs + shift, mask=x_mask, other=0.0)
-                if GATHER:
-                    x = part_dot_order(x, DOTS)
-                w = load_part(
-                    w_ptrs + u * 32, s_ptrs + u * 16, g < g_end, part, DOTS, UNROLL > 1 and not EVEN_K, INTERPRET
-                )
-                acc = mma(w, x, acc, MMA_ISSUE, INTERPRET)
+            if EVEN_K:
+                x_mask = row_ok[:, None]
+            elif GATHER:
+                # hidden in natural order has H columns
+                x_mask = row_ok[:, None] & (g * 256 + offs_k < H)[None, :]
+            else:
+                # a group past the last (num_groups not a multiple of UNROLL) loads nothing
+                x_mask = row_ok[:, None] & (g < num_groups)
+            x = tl.load(x_ptrs + u * 256, mask=x_mask, other=0.0)
+            if GATHER:
+                # hidden in natural order, loaded contiguously and put in the dot order
+                x = dot_order(x)
+            w = load_group(w_ptrs + u * 32, s_ptrs + u * 16, g < num_groups, UNROLL > 1 and not EVEN_K, INTERPRET)
+            acc = mma(w, x, acc, MMA_ISSUE, INTERPRET)
         x_ptrs += UNROLL * 256
         w_ptrs += UNROLL * 32
         s_ptrs += UNROLL * 16
 
-    finish = True
-    if SPLIT > 1:
-        offs_acc = offs_r[:, None] * BLOCK_M + tl.arange(0, BLOCK_M)[None, :]
-        slot = part_ptr + (tile * SPLIT).to(tl.int64) * (2 * BLOCK_N * BLOCK_M) + offs_acc
-        acc, finish = split_pair_sum(
-            acc, slot + split * (2 * BLOCK_N * BLOCK_M), slot + (1 - split) * (2 * BLOCK_N * BLOCK_M), count_ptr + tile
-        )
     global_scale = tl.where(is_gate, tl.load(wg_ptr + expert * 2), tl.load(wg_ptr + expert * 2 + 1))
     acc = tl.trans(acc * (global_scale * WEIGHT_RESCALE)[:, None])  # [BLOCK_M, 2 * BLOCK_N]
     gate, up = tl.split(tl.permute(tl.reshape(acc, [BLOCK_M, 2, BLOCK_N]), (0, 2, 1)))
@@ -159,8 +136,6 @@ def _gemm1_rows(
     y = y.to(tl.bfloat16, fp_downcast_rounding="rtne")
     if GATHER:
         tl.store(y_ptrs, y, mask=row_ok[:, None])
-    elif SPLIT > 1:
-        tl.store(y_ptrs, y, mask=finish)
     else:
         tl.store(y_ptrs, y)
 
@@ -178,15 +153,12 @@ def _gemm1_kernel(
     topk_w_ptr,
     zero_ptr,
     zero_numel,
-    part_ptr,
-    count_ptr,
     num_pairs,
     expert_offset,
     num_experts,
     H,
     IP,
     num_groups,
-    groups_per_split,
     top_k,
     max_tiles,
     stride_xm,
@@ -207,8 +179,6 @@ def _gemm1_kernel(
     UNROLL: tl.constexpr,
     EVEN_K: tl.constexpr,
     MMA_ISSUE: tl.constexpr,
-    DOTS: tl.constexpr,
-    SPLIT: tl.constexpr,
 ):
     if PDL:
         gdc_launch_dependents()  # GEMM2 may start its prologue; it waits before reading y
@@ -225,9 +195,9 @@ def _gemm1_kernel(
             token = (pair // top_k).to(tl.int64)
             _gemm1_rows(
                 x_ptr, w_ptr, ws_ptr, wg_ptr, y_ptr, topk_w_ptr,
-                pair, pair, ok, token, expert, tl.program_id(1), H, IP, 0, num_groups, part_ptr, count_ptr, 0, 0,
+                pair, pair, ok, token, expert, tl.program_id(1), H, IP, num_groups,
                 stride_xm, stride_we, stride_wn, stride_wse, stride_wsn, stride_ym,
-                BLOCK_M, BLOCK_N, WEIGHT_ON_INPUT, GATHER, INTERPRET, UNROLL, EVEN_K, MMA_ISSUE, DOTS, 1,
+                BLOCK_M, BLOCK_N, WEIGHT_ON_INPUT, GATHER, INTERPRET, UNROLL, EVEN_K, MMA_ISSUE,
             )  # fmt: skip
     else:
         # rows_ptr: the aligned rows' pairs (align.AlignedRouting.sorted_ids).
@@ -238,23 +208,11 @@ def _gemm1_kernel(
             pid_m, pid_n, rows_ptr, tile_expert_ptr, num_pairs, IP, BLOCK_M, BLOCK_N
         )
         token = (pair // top_k).to(tl.int64)
-        # Axis 1 splits K (SPLIT programs a tile); real tiles come first, so pid_m * tiles_n +
-        # pid_n numbers them compactly (fewer than T * k * tiles_n). Unsplit, the bounds are the
-        # constants they were (a runtime start costs the main loop 8-31 instructions a group).
-        if SPLIT > 1:
-            split = tl.program_id(1)
-            g_start = split * groups_per_split
-            g_end = tl.minimum(g_start + groups_per_split, num_groups)
-        else:
-            split = 0
-            g_start = 0
-            g_end = num_groups
         _gemm1_rows(
             x_ptr, w_ptr, ws_ptr, wg_ptr, y_ptr, topk_w_ptr,
-            rows, pair, row_ok, token, expert, pid_n, H, IP,
-            g_start, g_end, part_ptr, count_ptr, pid_m * (IP // BLOCK_N) + pid_n, split,
+            rows, pair, row_ok, token, expert, pid_n, H, IP, num_groups,
             stride_xm, stride_we, stride_wn, stride_wse, stride_wsn, stride_ym,
-            BLOCK_M, BLOCK_N, WEIGHT_ON_INPUT, GATHER, INTERPRET, UNROLL, EVEN_K, MMA_ISSUE, DOTS, SPLIT,
+            BLOCK_M, BLOCK_N, WEIGHT_ON_INPUT, GATHER, INTERPRET, UNROLL, EVEN_K, MMA_ISSUE,
         )  # fmt: skip
 
 
@@ -278,8 +236,6 @@ def gemm1_nvfp4(
     unroll: int = 1,
     maxnreg: int = 0,
     mma_issue: str = "pieces",
-    dots: int = 1,
-    split_k: int = 1,
 ) -> torch.Tensor:
     """Launch GEMM1 + SiLU-and-mul.
 
@@ -298,10 +254,6 @@ def gemm1_nvfp4(
         maxnreg: register cap a thread (0: the compiler's choice; the gathered path's default is
             ``GATHER_MAXNREG``).
         mma_issue: how a group's 16 warpgroup MMAs are issued (:func:`nvfp4_tile.mma`).
-        dots: the dots each 256-K group is cut into (one of ``nvfp4_tile.GROUP_DOTS``).
-        split_k: programs a tile's K range is split over, 1 or 2 (aligned routing only): two
-            programs sum their halves through 8 KB of fp32 partials a tile (``2 * BLOCK_N *
-            BLOCK_M`` each) and a counter, so that few tiles (T=1) still fill the SMs.
 
     Returns:
         ``y [P, Ip]`` bf16, columns in stored order: aligned, ``P = max_tiles * block_m`` (padding
@@ -312,31 +264,15 @@ def gemm1_nvfp4(
     ip, hp = two_ip // 2, hp_words * 8
     assert K_GROUP % BLOCK_N == 0 and x.stride(1) == 1
     gather = isinstance(routing, GatheredPairs)
-    groups = hp // K_GROUP
-    per_split = triton.cdiv(groups, split_k)
-    splits = triton.cdiv(groups, per_split)
     grid: Tuple[int, ...]
     if isinstance(routing, GatheredPairs):
-        assert num_pairs <= MAX_GATHER_PAIRS and x.shape[1] <= hp and split_k == 1
+        assert num_pairs <= MAX_GATHER_PAIRS and x.shape[1] <= hp
         rows, grid = num_pairs, (num_pairs, ip // BLOCK_N)
     else:
-        assert x.shape[1] == hp and split_k in (1, 2)
-        rows, grid = routing.max_tiles * routing.block_m, (routing.max_tiles * (ip // BLOCK_N), splits)
+        assert x.shape[1] == hp
+        rows, grid = routing.max_tiles * routing.block_m, (routing.max_tiles * (ip // BLOCK_N),)
     rows_ptr, tile_expert, num_padded, expert_offset, num_experts, max_tiles = row_source_args(routing, e)
-    # Real tiles number fewer than T * k column blocks of tiles (an expert's count c fills at
-    # most c tiles), and they come first.
-    tiles = min(max_tiles, num_pairs) * (ip // BLOCK_N)
-    if splits > 1 and tiles > MAX_SPLIT_TILES:
-        raise ValueError(
-            f"config: SPLIT_K1 = 2 sums at most {MAX_SPLIT_TILES} GEMM1 tiles, got {tiles} "
-            f"({num_pairs} pairs, {ip // BLOCK_N} column blocks)"
-        )
     y = workspace(rows, ip, torch.bfloat16, x.device, "moe_intermediate")
-    if splits > 1:
-        partials = workspace(tiles * splits, 2 * BLOCK_N * routing.block_m, torch.float32, x.device, "moe_partials")
-        tile_counts = counters(MAX_SPLIT_TILES, x.device, "nvfp4_gemm1_split")
-    else:
-        partials, tile_counts = zero, zero  # not read
     _gemm1_kernel[grid](
         x,
         w13,
@@ -349,15 +285,12 @@ def gemm1_nvfp4(
         topk_weights,
         zero,
         zero.numel(),
-        partials,
-        tile_counts,
         num_pairs,
         expert_offset,
         num_experts,
         x.shape[1],
         ip,
-        groups,
-        per_split,
+        hp // K_GROUP,
         top_k,
         max_tiles,
         x.stride(0),
@@ -377,9 +310,7 @@ def gemm1_nvfp4(
         ZERO_BLOCK=ZERO_BLOCK,
         UNROLL=unroll,
         MMA_ISSUE=mma_issue,
-        DOTS=dots,
-        SPLIT=splits,
-        EVEN_K=x.shape[1] % K_GROUP == 0 and per_split % unroll == 0 and groups % unroll == 0,
+        EVEN_K=x.shape[1] % K_GROUP == 0 and (hp // K_GROUP) % unroll == 0,
         num_warps=num_warps,
         num_stages=num_stages,
         **register_cap(maxnreg, gather),

@@ -22,7 +22,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from ..interpret import INTERPRETING
 from .align import AlignedRouting, GatheredPairs, row_source_args
 from .nvfp4_layout import K_GROUP
-from .nvfp4_tile import WEIGHT_RESCALE, load_part, mma, part_offsets, part_shift, part_words
+from .nvfp4_tile import WEIGHT_RESCALE, load_group, mma
 from .tiles import (
     MAX_GATHER_PAIRS,
     aligned_rows,
@@ -65,37 +65,35 @@ def _gemm2_rows(
     UNROLL: tl.constexpr,
     EVEN_K: tl.constexpr,
     MMA_ISSUE: tl.constexpr,
-    DOTS: tl.constexpr,
 ):
     """One tile: ``y[rows]`` (``BLOCK_M`` rows of ``pair``) over K groups ``[kb_start, kb_end)``
     times ``w2[expert, offs_n]``, router-weighted and added atomically at the pairs' tokens
     (``EVEN_K``: every split's group count is a multiple of ``UNROLL``, so no K masks)."""
-    offs_w = tl.arange(0, part_words(DOTS))[None, :]
-    y_ptrs = y_ptr + rows[:, None].to(tl.int64) * stride_ym + kb_start * 256 + part_offsets(DOTS, False)[None, :]
-    w_ptrs = w_ptr + expert * stride_we + offs_n[:, None] * stride_wn + kb_start * 32 + offs_w
-    s_ptrs = ws_ptr + expert * stride_wse + offs_n[:, None] * stride_wsn + kb_start * 16 + offs_w
+    offs_k = tl.arange(0, 256)
+    offs_w = tl.arange(0, 16)
+    y_ptrs = y_ptr + rows[:, None].to(tl.int64) * stride_ym + (kb_start * 256 + offs_k)[None, :]
+    w_ptrs = w_ptr + expert * stride_we + offs_n[:, None] * stride_wn + (kb_start * 32 + offs_w)[None, :]
+    s_ptrs = ws_ptr + expert * stride_wse + offs_n[:, None] * stride_wsn + (kb_start * 16 + offs_w)[None, :]
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     # Every split holds a group (the launcher sizes the splits); see GEMM1 on why this matters.
     tl.assume(kb_end > kb_start)
-    # UNROLL groups an iteration and DOTS dots a group, as GEMM1's.
+    # UNROLL groups an iteration, as GEMM1's.
     for g0 in range(kb_start, kb_end, UNROLL):
         for u in tl.static_range(UNROLL):
             g = g0 + u
-            for part in tl.static_range(DOTS):
-                shift = u * 256 + part_shift(part, DOTS, False)
-                if EVEN_K:
-                    in_k = n_ok[:, None]
-                    if GATHER:
-                        y = tl.load(y_ptrs + shift, mask=row_ok[:, None], other=0.0)
-                    else:
-                        # Every aligned row of y exists (padding rows hold zeros and are dropped at the store).
-                        y = tl.load(y_ptrs + shift)
+            if EVEN_K:
+                in_k = n_ok[:, None]
+                if GATHER:
+                    y = tl.load(y_ptrs + u * 256, mask=row_ok[:, None], other=0.0)
                 else:
-                    # a group past this split's last (its count not a multiple of UNROLL) loads nothing
-                    in_k = n_ok[:, None] & (g < kb_end)
-                    y = tl.load(y_ptrs + shift, mask=row_ok[:, None] & (g < kb_end), other=0.0)
-                w = load_part(w_ptrs + u * 32, s_ptrs + u * 16, in_k, part, DOTS, True, INTERPRET)
-                acc = mma(w, y, acc, MMA_ISSUE, INTERPRET)
+                    # Every aligned row of y exists (padding rows hold zeros and are dropped at the store).
+                    y = tl.load(y_ptrs + u * 256)
+            else:
+                # a group past this split's last (its count not a multiple of UNROLL) loads nothing
+                in_k = n_ok[:, None] & (g < kb_end)
+                y = tl.load(y_ptrs + u * 256, mask=row_ok[:, None] & (g < kb_end), other=0.0)
+            w = load_group(w_ptrs + u * 32, s_ptrs + u * 16, in_k, True, INTERPRET)
+            acc = mma(w, y, acc, MMA_ISSUE, INTERPRET)
         y_ptrs += UNROLL * 256
         w_ptrs += UNROLL * 32
         s_ptrs += UNROLL * 16
@@ -144,7 +142,6 @@ def _gemm2_kernel(
     UNROLL: tl.constexpr,
     EVEN_K: tl.constexpr,
     MMA_ISSUE: tl.constexpr,
-    DOTS: tl.constexpr,
 ):
     if PDL:
         gdc_launch_dependents()  # the cast may start; it waits for this grid before reading acc
@@ -166,7 +163,7 @@ def _gemm2_kernel(
                 y_ptr, w_ptr, ws_ptr, wg_ptr, acc_ptr, topk_w_ptr,
                 pair, pair, ok, expert, offs_n, offs_n < H, kb_start, kb_end, top_k,
                 stride_ym, stride_we, stride_wn, stride_wse, stride_wsn, stride_accm,
-                BLOCK_M, BLOCK_N, WEIGHT_ON_INPUT, GATHER, INTERPRET, UNROLL, EVEN_K, MMA_ISSUE, DOTS,
+                BLOCK_M, BLOCK_N, WEIGHT_ON_INPUT, GATHER, INTERPRET, UNROLL, EVEN_K, MMA_ISSUE,
             )  # fmt: skip
     else:
         # rows_ptr: the aligned rows' pairs (align.AlignedRouting.sorted_ids).
@@ -182,7 +179,7 @@ def _gemm2_kernel(
             y_ptr, w_ptr, ws_ptr, wg_ptr, acc_ptr, topk_w_ptr,
             rows, pair, row_ok, expert, offs_n, n_ok, kb_start, kb_end, top_k,
             stride_ym, stride_we, stride_wn, stride_wse, stride_wsn, stride_accm,
-            BLOCK_M, BLOCK_N, WEIGHT_ON_INPUT, GATHER, INTERPRET, UNROLL, EVEN_K, MMA_ISSUE, DOTS,
+            BLOCK_M, BLOCK_N, WEIGHT_ON_INPUT, GATHER, INTERPRET, UNROLL, EVEN_K, MMA_ISSUE,
         )  # fmt: skip
 
 
@@ -207,7 +204,6 @@ def gemm2_nvfp4(
     unroll: int = 1,
     maxnreg: int = 0,
     mma_issue: str = "pieces",
-    dots: int = 1,
 ) -> None:
     """Launch GEMM2 + weighted combine: ``acc[t] += w[t, j] * (y_row @ w2[e].T)``.
 
@@ -224,7 +220,6 @@ def gemm2_nvfp4(
         maxnreg: register cap a thread (0: the compiler's choice; the gathered path's default is
             ``GATHER_MAXNREG``).
         mma_issue: how a group's 16 warpgroup MMAs are issued (:func:`nvfp4_tile.mma`).
-        dots: the dots each 256-K group is cut into (one of ``nvfp4_tile.GROUP_DOTS``).
     """
     e, h, ip_words = w2.shape
     groups = ip_words * 8 // K_GROUP
@@ -272,7 +267,6 @@ def gemm2_nvfp4(
         INTERPRET=INTERPRETING,
         UNROLL=unroll,
         MMA_ISSUE=mma_issue,
-        DOTS=dots,
         EVEN_K=per_split % unroll == 0 and groups % unroll == 0,
         num_warps=num_warps,
         num_stages=num_stages,

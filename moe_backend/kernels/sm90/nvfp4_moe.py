@@ -50,7 +50,7 @@ from .nvfp4_act import align_and_permute
 from .nvfp4_gemm1 import gemm1_nvfp4
 from .nvfp4_gemm2 import gemm2_nvfp4
 from .nvfp4_layout import NVFP4KernelWeights, nvfp4_to_kernel_layout
-from .nvfp4_tile import GROUP_DOTS, MMA_ISSUES
+from .nvfp4_tile import MMA_ISSUES
 from .tiles import MAX_GATHER_PAIRS
 
 #: Every knob (``config=`` may give any subset; the rest come from the heuristic).
@@ -59,10 +59,7 @@ from .tiles import MAX_GATHER_PAIRS
 #: pipeline's barriers, waits and address work are paid once for them (the decode GEMMs are bound by
 #: instruction issue). ``MAXNREG*``: register cap a thread, 0 for the compiler's choice (the gathered
 #: path then caps at ``tiles.GATHER_MAXNREG``), else 24 to 255. ``WGMMA*`` (one of
-#: ``nvfp4_tile.MMA_ISSUES``): how each 256-K group's 16 warpgroup MMAs are issued. ``DOTS*`` (one
-#: of ``nvfp4_tile.GROUP_DOTS``): the dots each 256-K group is cut into (``nvfp4_tile.load_part``).
-#: ``SPLIT_K1`` (1 or 2, aligned paths): programs GEMM1 splits each tile's K over (the second to
-#: finish sums the two halves and applies SiLU-and-mul: ``tiles.split_pair_sum``).
+#: ``nvfp4_tile.MMA_ISSUES``): how each 256-K group's 16 warpgroup MMAs are issued.
 CONFIG_KEYS = (
     "path",
     "BLOCK_M",
@@ -82,9 +79,6 @@ CONFIG_KEYS = (
     "MAXNREG2",
     "WGMMA1",
     "WGMMA2",
-    "DOTS1",
-    "DOTS2",
-    "SPLIT_K1",
     "TILE1",
     "TILE2",
 )
@@ -94,7 +88,7 @@ UNROLL_GROUPS = (1, 2, 4)
 GROUPED_KEYS = ("path", "TILE1", "TILE2")
 
 #: The main-loop knobs as every base configuration starts them: Triton's own MMA issue, one
-#: group a dot and an iteration, no register cap, no K split, plain launches.
+#: group an iteration, no register cap, plain launches.
 _LOOP_DEFAULTS: Dict[str, Any] = dict(
     PDL=False,
     UNROLL1=1,
@@ -103,9 +97,6 @@ _LOOP_DEFAULTS: Dict[str, Any] = dict(
     MAXNREG2=0,
     WGMMA1="pieces",
     WGMMA2="pieces",
-    DOTS1=1,
-    DOTS2=1,
-    SPLIT_K1=1,
 )
 
 # Defaults: the best of an H100 sweep (docs/performance.md), DeepSeek-V3 shapes.
@@ -142,37 +133,20 @@ DECODE_PDL_CONFIG: Dict[str, Any] = dict(DECODE_CONFIG, PDL=True)
 #: threads wait on their own shared-memory loads) and live on branch ``nvfp4-mma-sync``.
 #: ``wgmma_sync`` / ``wgmma_overlap``: each group's 16 MMAs as one warpgroup MMA in both GEMMs, one
 #: fence and one wait a group instead of six instructions an MMA (``nvfp4_tile.mma``; sm_90a, GEMM1
-#: 348 / 354 instructions a group against 422, GEMM2 347 / 354 against 425, four programs an SM as
+#: 348 / 354 instructions a group against 422, GEMM2 345 / 356 against 419, four programs an SM as
 #: before). ``sync`` waits for a group's MMAs before the next group's dequantization, ``overlap``
-#: lets them run under it. Built and tested under the interpreter; not yet timed.
-#: ``dots*``: each group cut into two or four dots (``DOTS1`` / ``DOTS2``), so that only a part's
-#: dequantized weights are live at its MMAs and the registers allow more programs an SM (the
-#: decode GEMMs issue 0.66 instructions a cycle a scheduler from 3.4 warps; GEMM2's 896 programs at
-#: T=1 E=256 take 1.7 waves at four an SM). sm_90a, GEMM1 / GEMM2 main loop instructions a group
-#: (registers, programs an SM): ``dots2_sync`` 346 / 342 (86 / 95, five), ``dots2_sync_r80`` on two
-#: stages 333 / 335 (80 / 78, six), ``dots4_sync_r64`` on two stages 352 / 350 (62 / 64, eight),
-#: ``dots2_overlap`` 347 / 353 (91 / 94, five), ``dots2_pieces`` 343 / 343 (119 / 121, four: with
-#: two dots a loop Triton's pipeliner no longer cuts them into 16-K pieces). Not yet timed.
-#: ``split2_*``: the same with GEMM1's K split over two programs (``SPLIT_K1``): at T=1 E=256 its
-#: 512 tiles are 3.9 programs an SM whatever the registers allow; 1024 fill eight an SM. ``_pdl``:
-#: with GEMM2 and the cast as programmatic dependent launches (``pdl`` above).
+#: lets them run under it. H100, 2026-12-05, E=256: ``wgmma_sync`` level with the default (T=1
+#: 107.0 against 107.7 us, T=2 179.9 against 180.8, T=8 608.4 against 611.0); ncu at T=1: the same
+#: GEMM1 duration, 7.0 cycles an issued instruction against 5.85 (the waits grew by what the
+#: instructions shrank). Cutting each group into two or four dots so that eight programs fit an SM
+#: (62-64 registers, two stages), with or without GEMM1's K split over two programs, measured
+#: 6-43% slower there (T=1 114.5-143.2 us) and lives on branch ``nvfp4-dots-split``.
 _SYNC = dict(DECODE_CONFIG, WGMMA1="sync", WGMMA2="sync")
 _OVERLAP = dict(DECODE_CONFIG, WGMMA1="overlap", WGMMA2="overlap")
-_DOTS2_SYNC = dict(_SYNC, DOTS1=2, DOTS2=2)
-_DOTS4_SYNC_R64 = dict(_SYNC, DOTS1=4, DOTS2=4, num_stages1=2, num_stages2=2, MAXNREG1=64, MAXNREG2=64)
-_SPLIT2_DOTS4_SYNC_R64 = dict(_DOTS4_SYNC_R64, SPLIT_K1=2)
 DECODE_VARIANTS: Dict[str, Dict[str, Any]] = {
     "pdl": DECODE_PDL_CONFIG,
     "wgmma_sync": _SYNC,
     "wgmma_overlap": _OVERLAP,
-    "dots2_sync": _DOTS2_SYNC,
-    "dots2_sync_r80": dict(_DOTS2_SYNC, num_stages1=2, num_stages2=2, MAXNREG1=80, MAXNREG2=80),
-    "dots4_sync_r64": _DOTS4_SYNC_R64,
-    "dots2_overlap": dict(_OVERLAP, DOTS1=2, DOTS2=2),
-    "dots2_pieces": dict(DECODE_CONFIG, DOTS1=2, DOTS2=2),
-    "split2_dots4_sync_r64": _SPLIT2_DOTS4_SYNC_R64,
-    "split2_dots4_sync_r64_pdl": dict(_SPLIT2_DOTS4_SYNC_R64, PDL=True),
-    "split2_dots2_sync": dict(_DOTS2_SYNC, SPLIT_K1=2),
 }
 #: ``swapab``: the decode tiling without the ``align`` and ``permute`` launches (each expert's
 #: leader pair gathers its pairs, GEMM1 reads the hidden states in natural order) and
@@ -229,7 +203,7 @@ DEFAULT_TIERS = ((16, DECODE_CONFIG), (32, PREFILL_32_CONFIG), (float("inf"), PR
 #: Version of this kernel's tuned configurations: the tuning cache keeps a configuration only
 #: for the version it was tuned for. Bump it when the kernels, their weight layout
 #: (``NVFP4KernelWeights``) or the configuration schema (CONFIG_KEYS, their meaning) change.
-KERNEL_VERSION = 9
+KERNEL_VERSION = 10
 
 #: What the tuner times per token bucket (each overrides the heuristic default of that size):
 #: the decode path, prefill tilings from skinny to square, and the bf16 grouped GEMMs (the
@@ -335,8 +309,7 @@ def _run_grouped(
 def _check_loop_knobs(cfg: Dict[str, Any]) -> None:
     """ValueError naming ``UNROLL1`` / ``UNROLL2`` outside :data:`UNROLL_GROUPS`, ``MAXNREG1`` /
     ``MAXNREG2`` neither 0 nor an int from 24 to 255, ``WGMMA1`` / ``WGMMA2`` not one of
-    ``nvfp4_tile.MMA_ISSUES``, ``DOTS1`` / ``DOTS2`` not one of ``nvfp4_tile.GROUP_DOTS``, or
-    ``SPLIT_K1`` neither 1 nor 2, or 2 on the gathered (``swapab``) path."""
+    ``nvfp4_tile.MMA_ISSUES``."""
     for key in ("UNROLL1", "UNROLL2"):
         value = cfg[key]
         if isinstance(value, bool) or not isinstance(value, int) or value not in UNROLL_GROUPS:
@@ -348,15 +321,6 @@ def _check_loop_knobs(cfg: Dict[str, Any]) -> None:
     for key in ("WGMMA1", "WGMMA2"):
         if not isinstance(cfg[key], str) or cfg[key] not in MMA_ISSUES:
             raise ValueError(f"config: {key} must be one of {MMA_ISSUES}, got {cfg[key]!r}")
-    for key in ("DOTS1", "DOTS2"):
-        value = cfg[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value not in GROUP_DOTS:
-            raise ValueError(f"config: {key} must be one of {GROUP_DOTS}, got {value!r}")
-    split = cfg["SPLIT_K1"]
-    if isinstance(split, bool) or not isinstance(split, int) or split not in (1, 2):
-        raise ValueError(f"config: SPLIT_K1 must be 1 or 2, got {split!r}")
-    if split > 1 and cfg["path"] == "swapab":
-        raise ValueError("config: SPLIT_K1 = 2 needs the aligned rows (path 'decode' or 'prefill'), got path 'swapab'")
 
 
 def prepare_nvfp4(weights: NVFP4Weights) -> NVFP4KernelWeights:
@@ -467,8 +431,6 @@ def fused_experts_nvfp4(
         unroll=cfg["UNROLL1"],
         maxnreg=cfg["MAXNREG1"],
         mma_issue=cfg["WGMMA1"],
-        dots=cfg["DOTS1"],
-        split_k=cfg["SPLIT_K1"],
         **common,
     )
     gemm2_nvfp4(
@@ -487,7 +449,6 @@ def fused_experts_nvfp4(
         unroll=cfg["UNROLL2"],
         maxnreg=cfg["MAXNREG2"],
         mma_issue=cfg["WGMMA2"],
-        dots=cfg["DOTS2"],
         **common,
     )
     cast_out(acc, result, pdl=pdl)

@@ -137,8 +137,6 @@ def _blocks(a, b):
 
 @triton.jit
 def _dequant_half(words, scale, INTERPRET: tl.constexpr):
-    """``[R, W]`` words and their scale codes -> ``[R, 8 W]`` bf16: column ``2 W s + 2 w + i`` is
-    element ``2 s + i`` of word ``w`` (slot-major, as a half's ``kernel_k_order``)."""
     o0, o1, o2, o3, o4, o5, o6, o7 = _dequant8(words, scale, INTERPRET)
     return _blocks(_blocks(_lanes(o0, o1), _lanes(o2, o3)), _blocks(_lanes(o4, o5), _lanes(o6, o7)))
 
@@ -158,95 +156,21 @@ def dequant_group(words0, words1, scale, INTERPRET: tl.constexpr):
     return _blocks(_dequant_half(words0, scale, INTERPRET), _dequant_half(words1, scale, INTERPRET))
 
 
-#: Values ``DOTS1`` / ``DOTS2`` of ``nvfp4_moe`` may take: the dots one 256-K group is cut into
-#: (:func:`load_part`, :func:`part_offsets`).
-GROUP_DOTS = (1, 2, 4)
-
-
-@triton.constexpr_function
-def part_words(dots):
-    """Words a row's tile of one load of :func:`load_part` spans: a half (16) when the group is one
-    dot, else the part's ``32 // dots``."""
-    return 16 if dots == 1 else 32 // dots
-
-
-@triton.constexpr_function
-def part_shift(part, dots, natural):
-    """K offset, inside a 256-group, of part ``part``'s activations from part 0's (:func:`part_offsets`)."""
-    if dots == 1:
-        return 0
-    half, first_word = divmod(part * (32 // dots), 16)
-    return 16 * first_word + 8 * half if natural else 128 * half + 2 * first_word
-
-
 @triton.jit
-def part_offsets(DOTS: tl.constexpr, NATURAL: tl.constexpr):
-    """``[256 // DOTS]`` int32: the K offsets inside a 256-group of the activations that part 0 of
-    ``DOTS`` (:func:`load_part`) multiplies, in its dot order; part ``p``'s are these plus
-    ``part_shift(p, DOTS, NATURAL)``.
-
-    A part holds ``WP = 32 // DOTS`` consecutive layout words (``DOTS`` >= 2: words ``w0 .. w0 + WP``
-    of half ``h``); its dequantized column ``c = 2 WP s + 2 w + i`` is ``kernel_k_order`` position
-    ``128 h + 32 s + 2 (w0 + w) + i``. ``NATURAL``: the offsets in natural K order to load instead,
-    ``WP`` runs of 8 (natural ``16 (w0 + w) + 8 h + 2 s + i``), which :func:`part_dot_order` puts in
-    the dot order in registers. ``DOTS = 1``: the whole group, ``0 .. 256`` either way.
-    """
-    c = tl.arange(0, 256 // DOTS)
-    if DOTS == 1:
-        offs = c
-    elif NATURAL:
-        offs = 16 * (c // 8) + c % 8
+def load_group(w_ptrs, s_ptrs, mask, MASKED: tl.constexpr, INTERPRET: tl.constexpr):
+    """Load and dequantize one 256-K group (:func:`dequant_group`): ``w_ptrs`` ``[R, 16]`` at the
+    group's first-half words (the second half 16 words on), ``s_ptrs`` ``[R, 16]`` at its scale
+    codes; with ``MASKED``, nothing is loaded (zeros) where ``mask`` (broadcast to ``[R, 16]``) is
+    false."""
+    if MASKED:
+        words0 = tl.load(w_ptrs, mask=mask, other=0)
+        words1 = tl.load(w_ptrs + 16, mask=mask, other=0)
+        scale = tl.load(s_ptrs, mask=mask, other=0)
     else:
-        offs = 32 * (c // (64 // DOTS)) + c % (64 // DOTS)
-    return offs
-
-
-@triton.jit
-def part_dot_order(x, DOTS: tl.constexpr):
-    """Activations of one part loaded at natural-order :func:`part_offsets` -> the part's dot order:
-    :func:`dot_order` for a whole group, else ``[M, WP, 4, 2]`` (word, slot, lane) ->
-    ``[M, 4, WP, 2]``. Registers renamed where the layouts allow, as in :func:`dot_order`."""
-    if DOTS == 1:
-        ordered = dot_order(x)
-    else:
-        WP: tl.constexpr = 32 // DOTS
-        ordered = tl.reshape(tl.permute(tl.reshape(x, [x.shape[0], WP, 4, 2]), (0, 2, 1, 3)), [x.shape[0], 8 * WP])
-    return ordered
-
-
-@triton.jit
-def load_part(
-    w_ptrs, s_ptrs, mask, PART: tl.constexpr, DOTS: tl.constexpr, MASKED: tl.constexpr, INTERPRET: tl.constexpr
-):
-    """Load and dequantize part ``PART`` of ``DOTS`` of one 256-K group: ``[R, 256 // DOTS]`` bf16.
-
-    ``w_ptrs`` / ``s_ptrs`` ``[R, part_words(DOTS)]``: the rows' first words of the group (32 words:
-    two halves of 16) and first scale codes (16: code ``w`` serves word ``w`` of both halves) on.
-    ``DOTS = 1``: the whole group, :func:`dequant_group`'s columns; else the part's ``32 // DOTS``
-    words, :func:`_dequant_half`'s columns (:func:`part_offsets` says which K each column is). Cut
-    smaller, a part's dequantized operand is smaller, so fewer registers stay live at its MMAs.
-    With ``MASKED``, nothing is loaded (zeros) where ``mask`` (broadcast to the words) is false.
-    """
-    if DOTS == 1:
-        if MASKED:
-            words0 = tl.load(w_ptrs, mask=mask, other=0)
-            words1 = tl.load(w_ptrs + 16, mask=mask, other=0)
-            scale = tl.load(s_ptrs, mask=mask, other=0)
-        else:
-            words0 = tl.load(w_ptrs)
-            words1 = tl.load(w_ptrs + 16)
-            scale = tl.load(s_ptrs)
-        w = dequant_group(words0, words1, scale, INTERPRET)
-    else:
-        FIRST: tl.constexpr = PART * (32 // DOTS)
-        if MASKED:
-            words = tl.load(w_ptrs + FIRST, mask=mask, other=0)
-            scale = tl.load(s_ptrs + FIRST % 16, mask=mask, other=0)
-        else:
-            words = tl.load(w_ptrs + FIRST)
-            scale = tl.load(s_ptrs + FIRST % 16)
-        w = _dequant_half(words, scale, INTERPRET)
-    return w
+        words0 = tl.load(w_ptrs)
+        words1 = tl.load(w_ptrs + 16)
+        scale = tl.load(s_ptrs)
+    return dequant_group(words0, words1, scale, INTERPRET)
 
 
 @triton.jit

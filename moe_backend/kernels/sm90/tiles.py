@@ -49,37 +49,6 @@ def zero_fill(ptr, numel, BLOCK: tl.constexpr):
         tl.store(ptr + offs, tl.zeros([BLOCK], dtype=tl.float32), mask=offs < numel)
 
 
-#: Tiles a launch may sum over two K halves (:func:`split_pair_sum`): the width of its counters.
-MAX_SPLIT_TILES = 65536
-
-
-@triton.jit
-def split_pair_sum(acc, part_ptrs, other_ptrs, counter_ptr):
-    """Sum one tile over the two programs that each hold half its K range.
-
-    Every program stores its fp32 partial ``acc`` at ``part_ptrs`` (its own slot) and counts
-    itself in the tile's int32 at ``counter_ptr``; the second to arrive adds the other's partial
-    (at ``other_ptrs``) and sets the counter back to 0 for the next launch. Returns ``(sum,
-    last)``: ``last`` whether this program finishes the tile (only it may use the sum). Two
-    fp32 addends sum the same in either order, so the result does not depend on which arrives
-    last.
-
-    Memory ordering (as ``fp8_swapab.fused_cast``): the barrier orders every thread's partial
-    stores before the gpu-scope ``acq_rel`` increment, which publishes them (release is
-    cumulative); the last program's increment acquires the other's, the second barrier carries
-    that to all its threads, and they read the partial at L2 (``.cg``; L1 is not coherent).
-    """
-    tl.store(part_ptrs, acc)
-    tl.debug_barrier()
-    arrived = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
-    tl.debug_barrier()
-    last = arrived == 1
-    if last:
-        acc = acc + tl.load(other_ptrs, cache_modifier=".cg")
-        tl.store(counter_ptr, 0)
-    return acc, last
-
-
 #: Largest pair count (T * k) the leader scan handles (its ids are held in registers).
 MAX_GATHER_PAIRS = 1024
 
