@@ -140,7 +140,7 @@ DECODE_PDL_CONFIG: Dict[str, Any] = dict(DECODE_CONFIG, PDL=True)
 #: GEMM1 duration, 7.0 cycles an issued instruction against 5.85 (the waits grew by what the
 #: instructions shrank). Cutting each group into two or four dots so that eight programs fit an SM
 #: (62-64 registers, two stages), with or without GEMM1's K split over two programs, measured
-#: 6-43% slower there (T=1 114.5-143.2 us) and lives on branch ``nvfp4-dots-split``.
+#: 3-41% slower there (T=1 114.5-143.2 us) and lives on branch ``nvfp4-dots-split``.
 _SYNC = dict(DECODE_CONFIG, WGMMA1="sync", WGMMA2="sync")
 _OVERLAP = dict(DECODE_CONFIG, WGMMA1="overlap", WGMMA2="overlap")
 DECODE_VARIANTS: Dict[str, Dict[str, Any]] = {
