@@ -53,13 +53,13 @@ from .nvfp4_layout import NVFP4KernelWeights, nvfp4_to_kernel_layout
 from .nvfp4_tile import MMA_ISSUES
 from .tiles import MAX_GATHER_PAIRS
 
-#: Every knob (``config=`` may give any subset; the rest come from the heuristic).
-#: ``*1`` are GEMM1's, ``*2`` GEMM2's; ``BLOCK_N*`` divide 256 (GEMM1) or are powers of two >= 16.
-#: ``UNROLL*`` (one of :data:`UNROLL_GROUPS`): 256-K groups a main-loop iteration, so that the
-#: pipeline's barriers, waits and address work are paid once for them (the decode GEMMs are bound by
-#: instruction issue). ``MAXNREG*``: register cap a thread, 0 for the compiler's choice (the gathered
-#: path then caps at ``tiles.GATHER_MAXNREG``), else 24 to 255. ``WGMMA*`` (one of
-#: ``nvfp4_tile.MMA_ISSUES``): how each 256-K group's 16 warpgroup MMAs are issued.
+#: Every knob (``config=`` may give any subset; the rest come from the heuristic). ``*1`` are
+#: GEMM1's, ``*2`` GEMM2's; ``BLOCK_N*`` divide 256 (GEMM1) or are powers of two >= 16. ``UNROLL*``
+#: (one of :data:`UNROLL_GROUPS`): 256-K groups a main-loop iteration, so that the pipeline's
+#: barriers, waits and address work are paid once for them (fewer instructions a group).
+#: ``MAXNREG*``: register cap a thread, 0 for the compiler's choice (the gathered path then caps at
+#: ``tiles.GATHER_MAXNREG``), else 24 to 255. ``WGMMA*`` (one of ``nvfp4_tile.MMA_ISSUES``): how
+#: each 256-K group's 16 warpgroup MMAs are issued.
 CONFIG_KEYS = (
     "path",
     "BLOCK_M",
@@ -120,7 +120,7 @@ DECODE_CONFIG: Dict[str, Any] = dict(
 #: (E=32), level from T=2 to 8 (-1.1 to +0.2%), E=256 T=16 1033.1 against 990.4.
 DECODE_PDL_CONFIG: Dict[str, Any] = dict(DECODE_CONFIG, PDL=True)
 #: Decode variants (``moe-backend bench --variants nvfp4_decode_<name>``), not tuner candidates:
-#: ``pdl`` above. The decode GEMMs are bound by instruction issue (ninth session), yet fewer
+#: ``pdl`` above. The ninth session read the decode GEMMs as bound by instruction issue, yet fewer
 #: instructions did not make them faster. Two 256-K groups a main-loop iteration on two stages
 #: (``UNROLL1`` / ``UNROLL2`` = 2, the same shared memory as three stages of one group) took GEMM1
 #: from 422 to 348 warp instructions a group (sm_90a; 25.2M to 20.9M executed at T=1, ncu) and
@@ -133,13 +133,13 @@ DECODE_PDL_CONFIG: Dict[str, Any] = dict(DECODE_CONFIG, PDL=True)
 #: threads wait on their own shared-memory loads) and live on branch ``nvfp4-mma-sync``.
 #: ``wgmma_sync`` / ``wgmma_overlap``: each group's 16 MMAs as one warpgroup MMA in both GEMMs, one
 #: fence and one wait a group instead of six instructions an MMA (``nvfp4_tile.mma``; sm_90a, GEMM1
-#: 348 / 354 instructions a group against 422, GEMM2 345 / 356 against 419, four programs an SM as
+#: 348 / 354 instructions a group against 422, GEMM2 347 / 354 against 425, four programs an SM as
 #: before). ``sync`` waits for a group's MMAs before the next group's dequantization, ``overlap``
-#: lets them run under it. H100, 2026-12-05, E=256: ``wgmma_sync`` level with the default (T=1
-#: 107.0 against 107.7 us, T=2 179.9 against 180.8, T=8 608.4 against 611.0); ncu at T=1: the same
-#: GEMM1 duration, 7.0 cycles an issued instruction against 5.85 (the waits grew by what the
-#: instructions shrank). Cutting each group into two or four dots so that eight programs fit an SM
-#: (62-64 registers, two stages), with or without GEMM1's K split over two programs, measured
+#: lets them run under it. H100, 2026-12-05, code c58090c, E=256: ``wgmma_sync`` level with the
+#: default (T=1 107.0 against 107.7 us, T=2 179.9 against 180.8, T=8 608.4 against 611.0); ncu at
+#: T=1: the same GEMM1 duration, 7.0 cycles an issued instruction against 5.85 (the waits grew by
+#: what the instructions shrank). Cutting each group into two or four dots so that five to eight
+#: programs fit an SM (56-95 registers), with or without GEMM1's K split over two programs, measured
 #: 3-41% slower there (T=1 114.5-143.2 us) and lives on branch ``nvfp4-dots-split``.
 _SYNC = dict(DECODE_CONFIG, WGMMA1="sync", WGMMA2="sync")
 _OVERLAP = dict(DECODE_CONFIG, WGMMA1="overlap", WGMMA2="overlap")
