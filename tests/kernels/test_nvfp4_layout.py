@@ -7,6 +7,7 @@ from moe_backend.expert_weights import NVFP4Weights
 from moe_backend.kernels.sm90.nvfp4_layout import (
     CODE_BITS,
     K_GROUP,
+    ROW_BLOCK,
     SCALE_BF16_BIAS,
     SCALE_BF16_FACTOR,
     SLOT3_M_SHIFT,
@@ -20,7 +21,9 @@ from moe_backend.kernels.sm90.nvfp4_layout import (
     nvfp4_from_kernel_layout,
     nvfp4_to_kernel_layout,
     pack_kernel_words,
+    row_blocked,
     unpack_kernel_words,
+    weight_geometry,
 )
 from moe_backend.quant.fp8 import FP8_DTYPE
 from moe_backend.quant.nvfp4 import dequantize_nvfp4, unpack_e2m1
@@ -185,3 +188,34 @@ def test_errors_name_the_argument(nvfp4):
         NVFP4KernelWeights(k.w13, k.w13_scale, k.w13_scale_2[:, :1], k.w2, k.w2_scale, k.w2_scale_2, k.inter)
     with pytest.raises(ValueError, match="inter"):
         NVFP4KernelWeights(k.w13, k.w13_scale, k.w13_scale_2, k.w2, k.w2_scale, k.w2_scale_2, 272)
+
+
+def _element_offsets(strides, e: int, n: int, g: int, width: int) -> torch.Tensor:
+    """``[e, n, g, width]`` element offsets from a geometry's (expert, block, row, group) strides."""
+    se, sb, sr, sg = strides
+    ee, nn, gg, ww = torch.meshgrid(
+        torch.arange(e), torch.arange(n), torch.arange(g), torch.arange(width), indexing="ij"
+    )
+    return ee * se + (nn // ROW_BLOCK) * sb + (nn % ROW_BLOCK) * sr + gg * sg + ww
+
+
+def test_row_blocked_holds_each_row_group_where_its_geometry_says():
+    """Both forms' geometries address the same word and scale code of every (expert, row, group,
+    position); a row-blocked group of 32 rows is one contiguous piece."""
+    words = torch.randint(-(2**31), 2**31 - 1, (2, 96, 3 * 32), dtype=torch.int32)
+    scales = torch.randint(0, 256, (2, 96, 3 * 16), dtype=torch.uint8)
+    bw, bs = row_blocked(words, scales)
+    assert bw.shape == (2, 3, 3, ROW_BLOCK, 32) and bs.shape == (2, 3, 3, ROW_BLOCK, 16) and bw.is_contiguous()
+    rows, blocked = weight_geometry(words, scales), weight_geometry(bw, bs)
+    assert (rows.experts, rows.rows, rows.groups) == (blocked.experts, blocked.rows, blocked.groups) == (2, 96, 3)
+    for src, dst, which, width in ((words, bw, "words", 32), (scales, bs, "scales", 16)):
+        want = src.flatten()[_element_offsets(getattr(rows, which), 2, 96, 3, width)]
+        assert torch.equal(dst.flatten()[_element_offsets(getattr(blocked, which), 2, 96, 3, width)], want)
+    assert blocked.words[3] == ROW_BLOCK * 32 and blocked.scales[3] == ROW_BLOCK * 16
+
+
+def test_row_blocked_and_geometry_errors_name_the_arguments():
+    with pytest.raises(ValueError, match="words/scales: expected .* N a multiple of 32"):
+        row_blocked(torch.zeros(1, 48, 32, dtype=torch.int32), torch.zeros(1, 48, 16, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="words/scales: expected"):
+        weight_geometry(torch.zeros(1, 32, 32, dtype=torch.int32), torch.zeros(1, 1, 1, 32, 16, dtype=torch.uint8))

@@ -31,7 +31,9 @@ from moe_backend.expert_weights import NVFP4Weights
 from moe_backend.kernels.reference import reference_fused_experts
 from moe_backend.kernels.sm90.align import align_block_size
 from moe_backend.kernels.sm90.nvfp4_act import align_and_permute, permute_activations
-from moe_backend.kernels.sm90.nvfp4_layout import kernel_k_order, nvfp4_to_kernel_layout
+from moe_backend.kernels.sm90.nvfp4_gemm1 import gemm1_nvfp4
+from moe_backend.kernels.sm90.nvfp4_gemm2 import gemm2_nvfp4
+from moe_backend.kernels.sm90.nvfp4_layout import kernel_k_order, nvfp4_to_kernel_layout, row_blocked
 from moe_backend.kernels.sm90.nvfp4_moe import (
     DECODE_CONFIG,
     DECODE_VARIANTS,
@@ -364,6 +366,33 @@ def test_align_and_permute_matches_both_passes(num_tokens, top_k, num_experts, o
     assert torch.equal(routing.tile_expert[: rows // 16], want.tile_expert[: rows // 16])
     assert torch.equal(routing.row_of_pair, want.row_of_pair)
     assert routing.max_tiles == want.max_tiles and routing.block_m == 16
+
+
+def _decode_gemms(p: Problem, blocked: bool, **cfg) -> tuple:
+    """GEMM1's ``y`` (the rows of the aligned tiles in use; the others are not written) and GEMM2's
+    fp32 sums of the aligned decode path, the weights' words and scale codes in rows or row-blocked
+    (``nvfp4_layout.row_blocked``)."""
+    w = prepare_nvfp4(p.weights)
+    w13, s13, w2, s2 = w.w13, w.w13_scale, w.w2, w.w2_scale
+    if blocked:
+        (w13, s13), (w2, s2) = row_blocked(w13, s13), row_blocked(w2, s2)
+    routing, x = align_and_permute(p.ids, w.num_experts, p.offset, 16, p.hidden, w.w13.shape[2] * 8)
+    acc = torch.zeros(p.hidden.shape[0], w.hidden_size, dtype=torch.float32, device=DEVICE)
+    common = dict(num_pairs=p.ids.numel(), top_k=p.ids.shape[1], weight_on_input=False, GROUP_M=1, num_warps=4)
+    y = gemm1_nvfp4(x, w13, s13, w.w13_scale_2, routing, p.topk_w, acc, BLOCK_N=16, num_stages=2, **common, **cfg)
+    gemm2_nvfp4(y, w2, s2, w.w2_scale_2, routing, p.topk_w, acc, BLOCK_N=32, SPLIT_K=2, num_stages=2, **common, **cfg)
+    return y[: int(routing.num_padded.item())].clone(), acc  # y: a workspace the next call reuses
+
+
+@runs_here
+@pytest.mark.parametrize("unroll", [1, 2])
+def test_row_blocked_weights_give_the_same_gemms(unroll):
+    """Both GEMMs read row-blocked words and scale codes (``nvfp4_layout.row_blocked``) as they
+    read rows in order: the same ``y`` and sums, bit for bit (two K groups, two 32-row blocks of
+    ``w2``, gate and up rows in different blocks, a split K, -1 ids and an EP offset)."""
+    p = make_problem(5, 320, 272, 3, 2, offset=1)
+    for want, got in zip(_decode_gemms(p, False, unroll=unroll), _decode_gemms(p, True, unroll=unroll), strict=True):
+        assert torch.equal(want, got)
 
 
 @pytest.mark.gpu

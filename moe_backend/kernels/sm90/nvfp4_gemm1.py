@@ -28,8 +28,8 @@ from triton.language.extra.cuda import gdc_launch_dependents
 from ...runtime import workspace
 from ..interpret import INTERPRETING
 from .align import AlignedRouting, GatheredPairs, row_source_args
-from .nvfp4_layout import K_GROUP
-from .nvfp4_tile import WEIGHT_RESCALE, dot_order, load_group, mma
+from .nvfp4_layout import K_GROUP, weight_geometry
+from .nvfp4_tile import WEIGHT_RESCALE, dot_order, load_group, mma, row_offsets
 from .tiles import (
     MAX_GATHER_PAIRS,
     aligned_rows,
@@ -63,9 +63,13 @@ def _gemm1_rows(
     num_groups,
     stride_xm,
     stride_we,
-    stride_wn,
+    stride_wb,
+    stride_wr,
+    stride_wg,
     stride_wse,
-    stride_wsn,
+    stride_wsb,
+    stride_wsr,
+    stride_wsg,
     stride_ym,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -89,8 +93,8 @@ def _gemm1_rows(
     w_rows = pid_n * BLOCK_N + tl.where(is_gate, offs_r, IP + offs_r - BLOCK_N)
 
     x_ptrs = x_ptr + token[:, None] * stride_xm + offs_k[None, :]
-    w_ptrs = w_ptr + expert * stride_we + w_rows[:, None] * stride_wn + offs_w[None, :]
-    s_ptrs = ws_ptr + expert * stride_wse + w_rows[:, None] * stride_wsn + offs_w[None, :]
+    w_ptrs = w_ptr + expert * stride_we + row_offsets(w_rows, stride_wb, stride_wr)[:, None] + offs_w[None, :]
+    s_ptrs = ws_ptr + expert * stride_wse + row_offsets(w_rows, stride_wsb, stride_wsr)[:, None] + offs_w[None, :]
 
     acc = tl.zeros([2 * BLOCK_N, BLOCK_M], dtype=tl.float32)
     # Without it the loop's zero-trip path re-defines the accumulator and ptxas
@@ -114,11 +118,13 @@ def _gemm1_rows(
             if GATHER:
                 # hidden in natural order, loaded contiguously and put in the dot order
                 x = dot_order(x)
-            w = load_group(w_ptrs + u * 32, s_ptrs + u * 16, g < num_groups, UNROLL > 1 and not EVEN_K, INTERPRET)
+            w = load_group(
+                w_ptrs + u * stride_wg, s_ptrs + u * stride_wsg, g < num_groups, UNROLL > 1 and not EVEN_K, INTERPRET
+            )
             acc = mma(w, x, acc, MMA_ISSUE, INTERPRET)
         x_ptrs += UNROLL * 256
-        w_ptrs += UNROLL * 32
-        s_ptrs += UNROLL * 16
+        w_ptrs += UNROLL * stride_wg
+        s_ptrs += UNROLL * stride_wsg
 
     global_scale = tl.where(is_gate, tl.load(wg_ptr + expert * 2), tl.load(wg_ptr + expert * 2 + 1))
     acc = tl.trans(acc * (global_scale * WEIGHT_RESCALE)[:, None])  # [BLOCK_M, 2 * BLOCK_N]
@@ -163,9 +169,13 @@ def _gemm1_kernel(
     max_tiles,
     stride_xm,
     stride_we,
-    stride_wn,
+    stride_wb,
+    stride_wr,
+    stride_wg,
     stride_wse,
-    stride_wsn,
+    stride_wsb,
+    stride_wsr,
+    stride_wsg,
     stride_ym,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -196,7 +206,8 @@ def _gemm1_kernel(
             _gemm1_rows(
                 x_ptr, w_ptr, ws_ptr, wg_ptr, y_ptr, topk_w_ptr,
                 pair, pair, ok, token, expert, tl.program_id(1), H, IP, num_groups,
-                stride_xm, stride_we, stride_wn, stride_wse, stride_wsn, stride_ym,
+                stride_xm, stride_we, stride_wb, stride_wr, stride_wg, stride_wse, stride_wsb, stride_wsr, stride_wsg,
+                stride_ym,
                 BLOCK_M, BLOCK_N, WEIGHT_ON_INPUT, GATHER, INTERPRET, UNROLL, EVEN_K, MMA_ISSUE,
             )  # fmt: skip
     else:
@@ -211,7 +222,8 @@ def _gemm1_kernel(
         _gemm1_rows(
             x_ptr, w_ptr, ws_ptr, wg_ptr, y_ptr, topk_w_ptr,
             rows, pair, row_ok, token, expert, pid_n, H, IP, num_groups,
-            stride_xm, stride_we, stride_wn, stride_wse, stride_wsn, stride_ym,
+            stride_xm, stride_we, stride_wb, stride_wr, stride_wg, stride_wse, stride_wsb, stride_wsr, stride_wsg,
+            stride_ym,
             BLOCK_M, BLOCK_N, WEIGHT_ON_INPUT, GATHER, INTERPRET, UNROLL, EVEN_K, MMA_ISSUE,
         )  # fmt: skip
 
@@ -243,7 +255,8 @@ def gemm1_nvfp4(
         x: aligned routing: ``[T, Hp]`` bf16 from :func:`nvfp4_act.permute_activations`;
             gathered pairs: the hidden states ``[T, H]`` bf16 as they are (unit column stride).
         w13, w13_scale, w13_scale_2: kernel layout (``NVFP4KernelWeights``):
-            ``[E, 2Ip, Hp/8]`` int32, ``[E, 2Ip, Hp/16]`` e4m3, ``[E, 2]`` fp32, contiguous.
+            ``[E, 2Ip, Hp/8]`` int32, ``[E, 2Ip, Hp/16]`` uint8 scale codes, ``[E, 2]`` fp32,
+            contiguous; or the words and codes row-blocked (``nvfp4_layout.row_blocked``).
         routing: the aligned rows, or the gathered pairs (at most ``MAX_GATHER_PAIRS``).
         topk_weights: ``[T, k]`` fp32 contiguous (read with ``weight_on_input``).
         zero: contiguous fp32 buffer this kernel zeroes (the GEMM2 workspace).
@@ -260,8 +273,8 @@ def gemm1_nvfp4(
         rows hold zeros); gathered, ``P = T * k`` at the pairs' rows (rows of pairs without a local
         expert are not written).
     """
-    e, two_ip, hp_words = w13.shape
-    ip, hp = two_ip // 2, hp_words * 8
+    geo = weight_geometry(w13, w13_scale)
+    e, ip, hp = geo.experts, geo.rows // 2, geo.groups * K_GROUP
     assert K_GROUP % BLOCK_N == 0 and x.stride(1) == 1
     gather = isinstance(routing, GatheredPairs)
     grid: Tuple[int, ...]
@@ -294,10 +307,8 @@ def gemm1_nvfp4(
         top_k,
         max_tiles,
         x.stride(0),
-        w13.stride(0),
-        w13.stride(1),
-        w13_scale.stride(0),
-        w13_scale.stride(1),
+        *geo.words,
+        *geo.scales,
         y.stride(0),
         BLOCK_M=routing.block_m,
         BLOCK_N=BLOCK_N,

@@ -21,8 +21,8 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from ..interpret import INTERPRETING
 from .align import AlignedRouting, GatheredPairs, row_source_args
-from .nvfp4_layout import K_GROUP
-from .nvfp4_tile import WEIGHT_RESCALE, load_group, mma
+from .nvfp4_layout import K_GROUP, weight_geometry
+from .nvfp4_tile import WEIGHT_RESCALE, load_group, mma, row_offsets
 from .tiles import (
     MAX_GATHER_PAIRS,
     aligned_rows,
@@ -53,9 +53,13 @@ def _gemm2_rows(
     top_k,
     stride_ym,
     stride_we,
-    stride_wn,
+    stride_wb,
+    stride_wr,
+    stride_wg,
     stride_wse,
-    stride_wsn,
+    stride_wsb,
+    stride_wsr,
+    stride_wsg,
     stride_accm,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -72,8 +76,10 @@ def _gemm2_rows(
     offs_k = tl.arange(0, 256)
     offs_w = tl.arange(0, 16)
     y_ptrs = y_ptr + rows[:, None].to(tl.int64) * stride_ym + (kb_start * 256 + offs_k)[None, :]
-    w_ptrs = w_ptr + expert * stride_we + offs_n[:, None] * stride_wn + (kb_start * 32 + offs_w)[None, :]
-    s_ptrs = ws_ptr + expert * stride_wse + offs_n[:, None] * stride_wsn + (kb_start * 16 + offs_w)[None, :]
+    w_rows = row_offsets(offs_n, stride_wb, stride_wr) + kb_start * stride_wg
+    s_rows = row_offsets(offs_n, stride_wsb, stride_wsr) + kb_start * stride_wsg
+    w_ptrs = w_ptr + expert * stride_we + w_rows[:, None] + offs_w[None, :]
+    s_ptrs = ws_ptr + expert * stride_wse + s_rows[:, None] + offs_w[None, :]
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     # Every split holds a group (the launcher sizes the splits); see GEMM1 on why this matters.
     tl.assume(kb_end > kb_start)
@@ -92,11 +98,11 @@ def _gemm2_rows(
                 # a group past this split's last (its count not a multiple of UNROLL) loads nothing
                 in_k = n_ok[:, None] & (g < kb_end)
                 y = tl.load(y_ptrs + u * 256, mask=row_ok[:, None] & (g < kb_end), other=0.0)
-            w = load_group(w_ptrs + u * 32, s_ptrs + u * 16, in_k, True, INTERPRET)
+            w = load_group(w_ptrs + u * stride_wg, s_ptrs + u * stride_wsg, in_k, True, INTERPRET)
             acc = mma(w, y, acc, MMA_ISSUE, INTERPRET)
         y_ptrs += UNROLL * 256
-        w_ptrs += UNROLL * 32
-        s_ptrs += UNROLL * 16
+        w_ptrs += UNROLL * stride_wg
+        s_ptrs += UNROLL * stride_wsg
 
     acc = tl.trans(acc) * (tl.load(wg_ptr + expert) * WEIGHT_RESCALE)
     if not WEIGHT_ON_INPUT:
@@ -127,9 +133,13 @@ def _gemm2_kernel(
     groups_per_split,
     stride_ym,
     stride_we,
-    stride_wn,
+    stride_wb,
+    stride_wr,
+    stride_wg,
     stride_wse,
-    stride_wsn,
+    stride_wsb,
+    stride_wsr,
+    stride_wsg,
     stride_accm,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -162,7 +172,8 @@ def _gemm2_kernel(
             _gemm2_rows(
                 y_ptr, w_ptr, ws_ptr, wg_ptr, acc_ptr, topk_w_ptr,
                 pair, pair, ok, expert, offs_n, offs_n < H, kb_start, kb_end, top_k,
-                stride_ym, stride_we, stride_wn, stride_wse, stride_wsn, stride_accm,
+                stride_ym, stride_we, stride_wb, stride_wr, stride_wg, stride_wse, stride_wsb, stride_wsr, stride_wsg,
+                stride_accm,
                 BLOCK_M, BLOCK_N, WEIGHT_ON_INPUT, GATHER, INTERPRET, UNROLL, EVEN_K, MMA_ISSUE,
             )  # fmt: skip
     else:
@@ -178,7 +189,8 @@ def _gemm2_kernel(
         _gemm2_rows(
             y_ptr, w_ptr, ws_ptr, wg_ptr, acc_ptr, topk_w_ptr,
             rows, pair, row_ok, expert, offs_n, n_ok, kb_start, kb_end, top_k,
-            stride_ym, stride_we, stride_wn, stride_wse, stride_wsn, stride_accm,
+            stride_ym, stride_we, stride_wb, stride_wr, stride_wg, stride_wse, stride_wsb, stride_wsr, stride_wsg,
+            stride_accm,
             BLOCK_M, BLOCK_N, WEIGHT_ON_INPUT, GATHER, INTERPRET, UNROLL, EVEN_K, MMA_ISSUE,
         )  # fmt: skip
 
@@ -210,8 +222,9 @@ def gemm2_nvfp4(
     Args:
         y: GEMM1's output ``[P, Ip]`` bf16 (stored column order) at the rows ``routing`` gives
             (aligned rows, or the pairs themselves).
-        w2, w2_scale, w2_scale_2: kernel layout: ``[E, H, Ip/8]`` int32, ``[E, H, Ip/16]`` e4m3,
-            ``[E]`` fp32, contiguous.
+        w2, w2_scale, w2_scale_2: kernel layout: ``[E, H, Ip/8]`` int32, ``[E, H, Ip/16]`` uint8
+            scale codes, ``[E]`` fp32, contiguous; or the words and codes row-blocked
+            (``nvfp4_layout.row_blocked``, ``H`` a multiple of its 32 rows).
         routing: what GEMM1 used; topk_weights ``[T, k]`` fp32 contiguous.
         acc: ``[T, H]`` fp32 workspace, zeroed, unit column stride.
         pdl: launch as a programmatic dependent launch of GEMM1 (the programs wait for it before
@@ -221,8 +234,8 @@ def gemm2_nvfp4(
             ``GATHER_MAXNREG``).
         mma_issue: how a group's 16 warpgroup MMAs are issued (:func:`nvfp4_tile.mma`).
     """
-    e, h, ip_words = w2.shape
-    groups = ip_words * 8 // K_GROUP
+    geo = weight_geometry(w2, w2_scale)
+    e, h, groups = geo.experts, geo.rows, geo.groups
     assert acc.stride(1) == 1 and topk_weights.is_contiguous() and y.shape[1] == groups * K_GROUP
     per_split = triton.cdiv(groups, SPLIT_K)
     splits = triton.cdiv(groups, per_split)
@@ -252,10 +265,8 @@ def gemm2_nvfp4(
         max_tiles,
         per_split,
         y.stride(0),
-        w2.stride(0),
-        w2.stride(1),
-        w2_scale.stride(0),
-        w2_scale.stride(1),
+        *geo.words,
+        *geo.scales,
         acc.stride(0),
         BLOCK_M=routing.block_m,
         BLOCK_N=BLOCK_N,

@@ -162,6 +162,73 @@ def kernel_k_order() -> torch.Tensor:
     return 16 * w + 8 * h + 2 * s + i
 
 
+#: Rows a block of the row-blocked form of the kernel layout holds (:func:`row_blocked`).
+ROW_BLOCK = 32
+
+
+@dataclass(frozen=True)
+class WeightGeometry:
+    """Where a kernel's weight words and scale codes lie: element strides of an expert, a
+    :data:`ROW_BLOCK`-row block, a row within its block and a 256-K group (words: int32, 32 a
+    row a group; scale codes: uint8, 16 a row a group), and the sizes the launchers need."""
+
+    experts: int
+    rows: int
+    groups: int
+    words: Tuple[int, int, int, int]
+    scales: Tuple[int, int, int, int]
+
+
+def weight_geometry(words: torch.Tensor, scales: torch.Tensor) -> WeightGeometry:
+    """The :class:`WeightGeometry` of a weight matrix's words and scale codes in either form:
+
+    * rows in order: ``words [E, N, Kp/8]`` int32, ``scales [E, N, Kp/16]`` uint8 (row ``n``'s
+      group ``g`` at words ``32 g ..`` of the row);
+    * row-blocked (:func:`row_blocked`): ``words [E, N/32, G, 32, 32]``, ``scales [E, N/32, G, 32, 16]``
+      (each block's group a contiguous 4 KiB of words and 512 bytes of codes).
+    """
+    if words.dim() == 3 and scales.dim() == 3:
+        e, n, kw = words.shape
+        wr, sr = words.stride(1), scales.stride(1)
+        return WeightGeometry(
+            e,
+            n,
+            kw * WORD_CODES // K_GROUP,
+            (words.stride(0), ROW_BLOCK * wr, wr, 32),
+            (scales.stride(0), ROW_BLOCK * sr, sr, 16),
+        )
+    if words.dim() == 5 and scales.dim() == 5:
+        e, nb, g = words.shape[:3]
+        return WeightGeometry(
+            e,
+            nb * ROW_BLOCK,
+            g,
+            (words.stride(0), words.stride(1), words.stride(3), words.stride(2)),
+            (scales.stride(0), scales.stride(1), scales.stride(3), scales.stride(2)),
+        )
+    raise ValueError(
+        f"words/scales: expected [E, N, Kp/8] and [E, N, Kp/16], or [E, N/{ROW_BLOCK}, G, {ROW_BLOCK}, 32] and "
+        f"[E, N/{ROW_BLOCK}, G, {ROW_BLOCK}, 16], got {tuple(words.shape)} and {tuple(scales.shape)}"
+    )
+
+
+def row_blocked(words: torch.Tensor, scales: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Kernel words ``[E, N, Kp/8]`` and scale codes ``[E, N, Kp/16]`` -> the row-blocked form
+    ``[E, N/32, G, 32, 32]`` and ``[E, N/32, G, 32, 16]`` (``N`` a multiple of :data:`ROW_BLOCK`):
+    a program reading 32 rows' group reads 4 KiB of consecutive words instead of 128 bytes from
+    each of 32 rows."""
+    e, n, kw = words.shape
+    if n % ROW_BLOCK or scales.shape != (e, n, kw // 2):
+        raise ValueError(
+            f"words/scales: expected [E, N, Kp/8] and [E, N, Kp/16] with N a multiple of {ROW_BLOCK}, "
+            f"got {tuple(words.shape)} and {tuple(scales.shape)}"
+        )
+    g = kw * WORD_CODES // K_GROUP
+    w = words.reshape(e, n // ROW_BLOCK, ROW_BLOCK, g, 32).transpose(2, 3).contiguous()
+    s = scales.reshape(e, n // ROW_BLOCK, ROW_BLOCK, g, 16).transpose(2, 3).contiguous()
+    return w, s
+
+
 def _round_up(n: int) -> int:
     return -(-n // K_GROUP) * K_GROUP
 

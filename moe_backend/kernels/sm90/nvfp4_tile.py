@@ -28,7 +28,13 @@ each pair ``-code * block_scale * 2**-8``: 13 operations a word of 8 weights. Un
 import triton
 import triton.language as tl
 
-from .nvfp4_layout import BF16_PLACE, SCALE_BF16_BIAS as _SCALE_BF16_BIAS, SLOT3_M_SHIFT, SLOT_ROTATIONS
+from .nvfp4_layout import (
+    BF16_PLACE,
+    ROW_BLOCK as _ROW_BLOCK,
+    SCALE_BF16_BIAS as _SCALE_BF16_BIAS,
+    SLOT3_M_SHIFT,
+    SLOT_ROTATIONS,
+)
 
 #: The dequantized bf16 weights carry a factor ``-2**-8``; the epilogues multiply the fp32 sums by
 #: its inverse (exact: a power of two).
@@ -65,6 +71,7 @@ def _dequant_asm() -> str:
 
 _DEQUANT_ASM = tl.constexpr(_dequant_asm())
 SCALE_BF16_BIAS = tl.constexpr(_SCALE_BF16_BIAS)
+ROW_BLOCK = tl.constexpr(_ROW_BLOCK)
 
 
 #: The interpreter path's constants: the layout's bf16 places and slot transforms (the PTX's own).
@@ -154,6 +161,14 @@ def dequant_group(words0, words1, scale, INTERPRET: tl.constexpr):
         ``[R, 256]`` bf16 ``code * block_scale / WEIGHT_RESCALE`` in ``kernel_k_order``.
     """
     return _blocks(_dequant_half(words0, scale, INTERPRET), _dequant_half(words1, scale, INTERPRET))
+
+
+@triton.jit
+def row_offsets(rows, stride_block, stride_row):
+    """Element offsets of weight ``rows`` (any shape) from their expert's first word or scale code,
+    in either form of ``nvfp4_layout.weight_geometry`` (rows in order: ``stride_block`` is
+    ``ROW_BLOCK * stride_row``)."""
+    return (rows // ROW_BLOCK) * stride_block + (rows % ROW_BLOCK) * stride_row
 
 
 @triton.jit
