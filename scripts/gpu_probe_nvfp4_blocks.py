@@ -1,6 +1,7 @@
 """Does the NVFP4 decode stream its weights faster when each program's 256-K group is one
-contiguous piece? The decode GEMMs read, a group at a time, 128 bytes of words from each of a
-tile's 64 weight rows (rows 3.5 KiB apart in ``w13``, 1 KiB in ``w2``); the row-blocked form
+contiguous piece? In rows (the kernel layout up to KERNEL_VERSION 10, ``nvfp4_layout.rows_of_blocks``)
+the decode GEMMs read, a group at a time, 128 bytes of words from each of a tile's 64 weight rows
+(rows 3.5 KiB apart in ``w13``, 1 KiB in ``w2``); the row-blocked kernel layout
 (``nvfp4_layout.row_blocked``) holds each 32-row block's group as 4 KiB of consecutive words (and
 512 bytes of scale codes). Same kernels, same arithmetic: only the addresses differ.
 
@@ -9,7 +10,8 @@ aligned decode path (``nvfp4_moe.DECODE_CONFIG``, and ``--configs`` more of its 
 with the weights in rows and row-blocked: the layer (alignment + permutation, GEMM1, GEMM2, cast),
 and at T=1 each GEMM alone. CUDA-graph replays rotating over ``--sets`` input sets, ``do_bench``
 median, L2 flushed (``decode_breakdown.timed``), ``--rounds`` rounds alternated; the two forms'
-outputs are compared bitwise. Prints a table; writes ``$OUT/gpu_probe_nvfp4_blocks.json``.
+outputs are compared (``rel_diff``: GEMM2's atomic adds may come in another order). Prints a
+table; writes ``$OUT/gpu_probe_nvfp4_blocks.json``.
 
     python -P scripts/gpu_probe_nvfp4_blocks.py [--E 256 32] [--T 1 2 4 8 16] [--rounds 2]
 """
@@ -34,7 +36,12 @@ from moe_backend.kernels.sm90.combine import cast_out  # noqa: E402
 from moe_backend.kernels.sm90.nvfp4_act import align_and_permute  # noqa: E402
 from moe_backend.kernels.sm90.nvfp4_gemm1 import gemm1_nvfp4  # noqa: E402
 from moe_backend.kernels.sm90.nvfp4_gemm2 import gemm2_nvfp4  # noqa: E402
-from moe_backend.kernels.sm90.nvfp4_layout import NVFP4KernelWeights, nvfp4_to_kernel_layout, row_blocked  # noqa: E402
+from moe_backend.kernels.sm90.nvfp4_layout import (  # noqa: E402
+    ROW_BLOCK,
+    NVFP4KernelWeights,
+    nvfp4_to_kernel_layout,
+    rows_of_blocks,
+)
 from moe_backend.kernels.sm90.nvfp4_moe import DECODE_CONFIG, DECODE_VARIANTS  # noqa: E402
 
 H, INTER, TOP_K = 7168, 2048, 8
@@ -43,10 +50,11 @@ Form = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def forms(w: NVFP4KernelWeights) -> Dict[str, Form]:
-    """The weights in rows (as prepared) and row-blocked."""
+    """The weights in rows and row-blocked (as prepared)."""
+    w13_rows = rows_of_blocks(w.w13, w.w13_scale, w.w13.shape[1] * ROW_BLOCK)
     return {
-        "rows": (w.w13, w.w13_scale, w.w2, w.w2_scale),
-        "blocked": (*row_blocked(w.w13, w.w13_scale), *row_blocked(w.w2, w.w2_scale)),
+        "rows": (*w13_rows, *rows_of_blocks(w.w2, w.w2_scale, w.hidden_size)),
+        "blocked": (w.w13, w.w13_scale, w.w2, w.w2_scale),
     }
 
 
@@ -59,7 +67,7 @@ def decode_calls(
     hidden, ids, tw = inputs
     t, k = ids.shape
     e = w.num_experts
-    routing, x = align_and_permute(ids, e, 0, cfg["BLOCK_M"], hidden, w.w13.shape[2] * 8)
+    routing, x = align_and_permute(ids, e, 0, cfg["BLOCK_M"], hidden, w.padded_hidden)
     x = x.clone()
     acc = torch.zeros(t, H, dtype=torch.float32, device=hidden.device)
     out = torch.empty(t, H, dtype=torch.bfloat16, device=hidden.device)
@@ -89,7 +97,7 @@ def decode_calls(
     y = gemm1_nvfp4(x, w13, s13, w.w13_scale_2, routing, tw, acc, **g1).clone()
 
     def layer() -> torch.Tensor:
-        r, xp = align_and_permute(ids, e, 0, cfg["BLOCK_M"], hidden, w.w13.shape[2] * 8)
+        r, xp = align_and_permute(ids, e, 0, cfg["BLOCK_M"], hidden, w.padded_hidden)
         yy = gemm1_nvfp4(xp, w13, s13, w.w13_scale_2, r, tw, acc, **g1)
         gemm2_nvfp4(yy, w2, s2, w.w2_scale_2, r, tw, acc, **g2)
         cast_out(acc, out, pdl=pdl)
@@ -113,12 +121,12 @@ def probe_point(w: NVFP4KernelWeights, fs: Dict[str, Form], t: int, args, cfg_na
         for _ in range(args.sets)
     ]  # fmt: skip
     calls = {name: [decode_calls(w, f, s, cfg) for s in sets] for name, f in fs.items()}
-    outs = {name: c[0][0]().clone() for name, c in calls.items()}
-    same = torch.equal(outs["rows"], outs["blocked"])
+    outs = {name: c[0][0]().float() for name, c in calls.items()}
+    rel_diff = ((outs["blocked"] - outs["rows"]).norm() / outs["rows"].norm()).item()
     rows = []
     for r in range(args.rounds):
         for name, c in calls.items():
-            row = dict(E=w.num_experts, T=t, config=cfg_name, form=name, round=r, bitwise_equal=same)
+            row = dict(E=w.num_experts, T=t, config=cfg_name, form=name, round=r, rel_diff=rel_diff)
             row["layer_us"] = timed([x[0] for x in c])
             if t == 1:
                 row["gemm1_us"] = timed([x[1] for x in c])
@@ -167,7 +175,7 @@ def main() -> None:
             extra = f"{g['rows'][0]:.1f}->{g['blocked'][0]:.1f} / {g['rows'][1]:.1f}->{g['blocked'][1]:.1f}"
         print(
             f"{key[0]:>4} {key[1]:>3} {key[2]:<14} {mean['rows']:>9.1f} {mean['blocked']:>11.1f} "
-            f"{mean['blocked'] / mean['rows']:>6.3f}  {extra:<22} {pick['rows'][0]['bitwise_equal']}"
+            f"{mean['blocked'] / mean['rows']:>6.3f}  {extra:<22} {pick['rows'][0]['rel_diff']:.1e}"
         )
 
 

@@ -22,6 +22,7 @@ from moe_backend.kernels.sm90.nvfp4_layout import (
     nvfp4_to_kernel_layout,
     pack_kernel_words,
     row_blocked,
+    rows_of_blocks,
     unpack_kernel_words,
     weight_geometry,
 )
@@ -77,16 +78,22 @@ def test_kernel_k_order_is_the_documented_permutation():
 
 
 def test_kernel_layout_against_its_definition():
-    """Word 16h + w of group g holds natural elements g*256 + 16w + 8h + j (bits CODE_BITS[j]);
-    w13's stored row g*256 + q of each half is natural row g*256 + kernel_k_order()[q]."""
+    """In rows: word 16h + w of group g holds natural elements g*256 + 16w + 8h + j (bits
+    CODE_BITS[j]); w13's stored row g*256 + q of each half is natural row g*256 +
+    kernel_k_order()[q]. Stored: 32-row blocks, each block's group contiguous."""
     g = torch.Generator().manual_seed(1)
     e, h, i = 2, 512, 256
     nv = NVFP4Weights.quantize(torch.randn(e, 2 * i, h, generator=g), torch.randn(e, h, i, generator=g))
     k = nvfp4_to_kernel_layout(nv)
+    assert k.w13.shape == (e, 2 * i // 32, h // 256, 32, 32) and k.w2_scale.shape == (e, h // 32, i // 256, 32, 16)
+    w13, s13 = rows_of_blocks(k.w13, k.w13_scale, 2 * i)
+    w2, s2 = rows_of_blocks(k.w2, k.w2_scale, h)
+    assert torch.equal(k.w13[:, 3, 1, 5], w13[:, 3 * 32 + 5, 32:64])  # block 3, group 1, row 5
+    assert torch.equal(k.w2_scale[:, 7, 0, 31], s2[:, 7 * 32 + 31, :16])
     order = kernel_k_order()
     codes13, codes2 = unpack_e2m1(nv.w13).long(), unpack_e2m1(nv.w2).long()
-    got2 = _word_codes(k.w2)  # [E, H, I/8, 8]
-    got13 = _word_codes(k.w13)  # [E, 2I, H/8, 8]
+    got2 = _word_codes(w2)  # [E, H, I/8, 8]
+    got13 = _word_codes(w13)  # [E, 2I, H/8, 8]
     for grp in range(i // K_GROUP):
         for half in range(2):
             for w in (0, 5, 15):
@@ -97,19 +104,27 @@ def test_kernel_layout_against_its_definition():
         for base in (0, i):  # gate, up
             # stored word 3 of group 0 (half 0, w = 3) holds natural elements 48 .. 55
             assert torch.equal(got13[:, base + q, 3, :], codes13[:, base + order[q], 48:56])
-            assert torch.equal(k.w13_scale[:, base + q], encode_scales(nv.w13_scale[:, base + order[q]]))
-    assert torch.equal(k.w2_scale, encode_scales(nv.w2_scale))
+            assert torch.equal(s13[:, base + q], encode_scales(nv.w13_scale[:, base + order[q]]))
+    assert torch.equal(s2, encode_scales(nv.w2_scale))
     assert k.nbytes() == nv.nbytes() and k.nbytes() / (3 * e * h * i) <= 0.57
     assert (k.hidden_size, k.intermediate_size, k.num_experts) == (h, i, e)
 
 
-def test_kernel_layout_round_trip_with_padding(nvfp4):
-    k = nvfp4_to_kernel_layout(nvfp4)  # H = 64, I = 32: both padded to 256
-    assert k.w13.shape == (E, 512, 32) and k.w2.shape == (E, H, 32) and k.intermediate_size == I
+@pytest.mark.parametrize("hidden", [H, 48])
+def test_kernel_layout_round_trip_with_padding(hidden):
+    """H = 64 or 48, I = 32: both padded to 256 along K; w2's 48 rows to two blocks of 32."""
+    g = torch.Generator().manual_seed(hidden)
+    nvfp4 = NVFP4Weights.quantize(torch.randn(E, 2 * I, hidden, generator=g), torch.randn(E, hidden, I, generator=g))
+    k = nvfp4_to_kernel_layout(nvfp4)
+    assert k.w13.shape == (E, 16, 1, 32, 32) and k.w2.shape == (E, 2, 1, 32, 32) and k.intermediate_size == I
+    assert (k.hidden_size, k.padded_hidden) == (hidden, 256)
+    w13, _ = rows_of_blocks(k.w13, k.w13_scale, 512)
+    w2, s2 = rows_of_blocks(k.w2, k.w2_scale, 64)
     word_start = 16 * (torch.arange(32) % 16) + 8 * (torch.arange(32) // 16)  # natural K of each stored word
-    assert k.w2[..., word_start >= I].eq(0).all() and k.w2_scale[..., I // 16 :].eq(ZERO_SCALE_CODE).all()
+    assert w2[..., word_start >= I].eq(0).all() and s2[..., I // 16 :].eq(ZERO_SCALE_CODE).all()
+    assert w2[:, hidden:].eq(0).all() and s2[:, hidden:].eq(ZERO_SCALE_CODE).all()  # padding rows
     pad_rows = torch.cat([kernel_k_order() >= I] * 2)  # stored w13 rows holding padding
-    assert k.w13[:, pad_rows].eq(0).all() and k.w13[:, ~pad_rows][..., word_start >= H].eq(0).all()
+    assert w13[:, pad_rows].eq(0).all() and w13[:, ~pad_rows][..., word_start >= hidden].eq(0).all()
     back = nvfp4_from_kernel_layout(k)
     for name, t in nvfp4.tensors().items():
         got = getattr(back, name)
@@ -184,10 +199,18 @@ def test_errors_name_the_argument(nvfp4):
     with pytest.raises(TypeError, match="kernel_weights"):
         nvfp4_from_kernel_layout(nvfp4)
     k = nvfp4_to_kernel_layout(nvfp4)
+    args = (k.w13, k.w13_scale, k.w13_scale_2, k.w2, k.w2_scale, k.w2_scale_2)
     with pytest.raises(ValueError, match="w13_scale_2"):
-        NVFP4KernelWeights(k.w13, k.w13_scale, k.w13_scale_2[:, :1], k.w2, k.w2_scale, k.w2_scale_2, k.inter)
-    with pytest.raises(ValueError, match="inter"):
-        NVFP4KernelWeights(k.w13, k.w13_scale, k.w13_scale_2, k.w2, k.w2_scale, k.w2_scale_2, 272)
+        NVFP4KernelWeights(*args[:2], k.w13_scale_2[:, :1], *args[3:], k.inter, k.hidden)
+    with pytest.raises(ValueError, match="w13"):
+        NVFP4KernelWeights(*args, 272, k.hidden)  # 2Ip = 1024 rows, not 512
+    with pytest.raises(ValueError, match="w2"):
+        NVFP4KernelWeights(*args, k.inter, 96)  # three 32-row blocks, not two
+    with pytest.raises(ValueError, match="hidden/inter"):
+        NVFP4KernelWeights(*args, k.inter, 72)
+    w13_rows, s13_rows = rows_of_blocks(k.w13, k.w13_scale, 512)
+    with pytest.raises(ValueError, match="w13"):
+        NVFP4KernelWeights(w13_rows, s13_rows, *args[2:], k.inter, k.hidden)
 
 
 def _element_offsets(strides, e: int, n: int, g: int, width: int) -> torch.Tensor:
@@ -201,7 +224,7 @@ def _element_offsets(strides, e: int, n: int, g: int, width: int) -> torch.Tenso
 
 def test_row_blocked_holds_each_row_group_where_its_geometry_says():
     """Both forms' geometries address the same word and scale code of every (expert, row, group,
-    position); a row-blocked group of 32 rows is one contiguous piece."""
+    position); a row-blocked group of 32 rows is one contiguous piece; rows_of_blocks inverts."""
     words = torch.randint(-(2**31), 2**31 - 1, (2, 96, 3 * 32), dtype=torch.int32)
     scales = torch.randint(0, 256, (2, 96, 3 * 16), dtype=torch.uint8)
     bw, bs = row_blocked(words, scales)
@@ -212,10 +235,15 @@ def test_row_blocked_holds_each_row_group_where_its_geometry_says():
         want = src.flatten()[_element_offsets(getattr(rows, which), 2, 96, 3, width)]
         assert torch.equal(dst.flatten()[_element_offsets(getattr(blocked, which), 2, 96, 3, width)], want)
     assert blocked.words[3] == ROW_BLOCK * 32 and blocked.scales[3] == ROW_BLOCK * 16
+    assert all(torch.equal(a, b) for a, b in zip(rows_of_blocks(bw, bs, 96), (words, scales), strict=True))
+    # 40 rows: two blocks, the last 24 rows zero codes and zero scales
+    pw, ps = row_blocked(words[:, :40], scales[:, :40])
+    assert pw.shape == (2, 2, 3, ROW_BLOCK, 32) and pw[:, 1, :, 8:].eq(0).all()
+    assert ps[:, 1, :, 8:].eq(ZERO_SCALE_CODE).all() and torch.equal(rows_of_blocks(pw, ps, 40)[0], words[:, :40])
 
 
 def test_row_blocked_and_geometry_errors_name_the_arguments():
-    with pytest.raises(ValueError, match="words/scales: expected .* N a multiple of 32"):
-        row_blocked(torch.zeros(1, 48, 32, dtype=torch.int32), torch.zeros(1, 48, 16, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="words/scales: expected"):
+        row_blocked(torch.zeros(1, 48, 32, dtype=torch.int32), torch.zeros(1, 48, 8, dtype=torch.uint8))
     with pytest.raises(ValueError, match="words/scales: expected"):
         weight_geometry(torch.zeros(1, 32, 32, dtype=torch.int32), torch.zeros(1, 1, 1, 32, 16, dtype=torch.uint8))

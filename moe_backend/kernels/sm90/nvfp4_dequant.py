@@ -20,8 +20,8 @@ import triton.language as tl
 
 from ..interpret import INTERPRETING
 from .fp8_tile import to_bf16
-from .nvfp4_layout import K_GROUP, NVFP4KernelWeights, kernel_k_order
-from .nvfp4_tile import WEIGHT_RESCALE, dequant_group
+from .nvfp4_layout import NVFP4KernelWeights, kernel_k_order, weight_geometry
+from .nvfp4_tile import WEIGHT_RESCALE, dequant_group, row_offsets
 
 #: Kernel-layout rows and 256-K groups per program, and warps, of
 #: :func:`dequantize_kernel_layout_segments`. On the H200 (E=32, DeepSeek-V3 widths, 2026-12-04,
@@ -48,7 +48,15 @@ def _kernel_layout_dequant_kernel(
     K,
     ROWS_PER_HALF,
     NATURAL_PER_HALF,
-    WORDS_PER_ROW,
+    GROUPS,
+    stride_we,
+    stride_wb,
+    stride_wr,
+    stride_wg,
+    stride_se,
+    stride_sb,
+    stride_sr,
+    stride_sg,
     num_globals,
     GATE_UP: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -79,24 +87,25 @@ def _kernel_layout_dequant_kernel(
     # both groups' words and scale codes are loaded before either group is stored: the loads
     # would not move above a store to a pointer that might alias them
     g = tl.program_id(0) * 2
-    words0, words1, scales = _load_group(words_ptr, scale_ptr, e, krow, row_ok, g, ROWS, WORDS_PER_ROW)
-    words2, words3, scales1 = _load_group(words_ptr, scale_ptr, e, krow, row_ok, g + 1, ROWS, WORDS_PER_ROW)
+    w_rows = words_ptr + e * stride_we + row_offsets(krow, stride_wb, stride_wr)
+    s_rows = scale_ptr + e * stride_se + row_offsets(krow, stride_sb, stride_sr)
+    words0, words1, scales = _load_group(w_rows, s_rows, row_ok, g, GROUPS, stride_wg, stride_sg)
+    words2, words3, scales1 = _load_group(w_rows, s_rows, row_ok, g + 1, GROUPS, stride_wg, stride_sg)
     _store_group(words0, words1, scales, glob, out_rows, out_ok, g, K, BLOCK_R, INTERPRET)
     _store_group(words2, words3, scales1, glob, out_rows, out_ok, g + 1, K, BLOCK_R, INTERPRET)
 
 
 @triton.jit
-def _load_group(words_ptr, scale_ptr, e, krow, row_ok, g, ROWS, WORDS_PER_ROW):
-    """256-K group ``g`` of kernel rows ``krow`` of expert ``e``: its two word halves ``[R, 16]``
-    int32 and scale codes ``[R, 16]`` (zeros past the matrix's last group)."""
-    w = tl.arange(0, 16)
-    load_ok = row_ok[:, None] & (g * 32 < WORDS_PER_ROW)
-    base = (e * ROWS + krow[:, None]) * WORDS_PER_ROW + g * 32 + w[None, :]
-    words0 = tl.load(words_ptr + base, mask=load_ok, other=0)
-    words1 = tl.load(words_ptr + base + 16, mask=load_ok, other=0)
-    scales = tl.load(
-        scale_ptr + (e * ROWS + krow[:, None]) * (WORDS_PER_ROW // 2) + g * 16 + w[None, :], mask=load_ok, other=0.0
-    )
+def _load_group(w_rows, s_rows, row_ok, g, GROUPS, stride_wg, stride_sg):
+    """256-K group ``g`` of the rows whose first word and scale code ``w_rows`` / ``s_rows`` ``[R]``
+    point at: its two word halves ``[R, 16]`` int32 and scale codes ``[R, 16]`` (zeros past the
+    matrix's last group)."""
+    w = tl.arange(0, 16)[None, :]
+    load_ok = row_ok[:, None] & (g < GROUPS)
+    words = w_rows[:, None] + g * stride_wg + w
+    words0 = tl.load(words, mask=load_ok, other=0)
+    words1 = tl.load(words + 16, mask=load_ok, other=0)
+    scales = tl.load(s_rows[:, None] + g * stride_sg + w, mask=load_ok, other=0)
     return words0, words1, scales
 
 
@@ -142,9 +151,10 @@ def dequantize_kernel_layout_segments(
         (w.w13, w.w13_scale, w.w13_scale_2, w13_out, True),
         (w.w2, w.w2_scale, w.w2_scale_2, w2_out, False),
     ):
-        rows, words_per_row = words.shape[1], words.shape[2]
+        geo = weight_geometry(words, scale)
         n, k = out.shape[1], out.shape[2]
-        grid = (triton.cdiv(words_per_row * 8 // K_GROUP, GROUPS_PER_PROGRAM), triton.cdiv(rows, BLOCK_ROWS), s)
+        rows = geo.rows if gate_up else n  # w2's padding rows (to whole blocks) are not dequantized
+        grid = (triton.cdiv(geo.groups, GROUPS_PER_PROGRAM), triton.cdiv(rows, BLOCK_ROWS), s)
         _kernel_layout_dequant_kernel[grid](
             words,
             scale,
@@ -157,7 +167,9 @@ def dequantize_kernel_layout_segments(
             k,
             rows // 2,
             i,
-            words_per_row,
+            geo.groups,
+            *geo.words,
+            *geo.scales,
             glob.reshape(glob.shape[0], -1).shape[1],
             GATE_UP=gate_up,
             BLOCK_R=BLOCK_ROWS,

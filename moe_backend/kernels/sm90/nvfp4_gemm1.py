@@ -254,9 +254,10 @@ def gemm1_nvfp4(
     Args:
         x: aligned routing: ``[T, Hp]`` bf16 from :func:`nvfp4_act.permute_activations`;
             gathered pairs: the hidden states ``[T, H]`` bf16 as they are (unit column stride).
-        w13, w13_scale, w13_scale_2: kernel layout (``NVFP4KernelWeights``):
-            ``[E, 2Ip, Hp/8]`` int32, ``[E, 2Ip, Hp/16]`` uint8 scale codes, ``[E, 2]`` fp32,
-            contiguous; or the words and codes row-blocked (``nvfp4_layout.row_blocked``).
+        w13, w13_scale, w13_scale_2: kernel layout (``NVFP4KernelWeights``): words
+            ``[E, 2Ip/32, Hp/256, 32, 32]`` int32 and scale codes ``[E, 2Ip/32, Hp/256, 32, 16]``
+            uint8 (row-blocked), or the same in rows (``[E, 2Ip, Hp/8]``, ``[E, 2Ip, Hp/16]``:
+            ``nvfp4_layout.rows_of_blocks``); ``[E, 2]`` fp32.
         routing: the aligned rows, or the gathered pairs (at most ``MAX_GATHER_PAIRS``).
         topk_weights: ``[T, k]`` fp32 contiguous (read with ``weight_on_input``).
         zero: contiguous fp32 buffer this kernel zeroes (the GEMM2 workspace).

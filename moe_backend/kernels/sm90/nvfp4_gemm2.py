@@ -222,9 +222,10 @@ def gemm2_nvfp4(
     Args:
         y: GEMM1's output ``[P, Ip]`` bf16 (stored column order) at the rows ``routing`` gives
             (aligned rows, or the pairs themselves).
-        w2, w2_scale, w2_scale_2: kernel layout: ``[E, H, Ip/8]`` int32, ``[E, H, Ip/16]`` uint8
-            scale codes, ``[E]`` fp32, contiguous; or the words and codes row-blocked
-            (``nvfp4_layout.row_blocked``, ``H`` a multiple of its 32 rows).
+        w2, w2_scale, w2_scale_2: kernel layout (``NVFP4KernelWeights``): words
+            ``[E, Hb/32, Ip/256, 32, 32]`` int32 and scale codes ``[E, Hb/32, Ip/256, 32, 16]`` uint8
+            (row-blocked, ``Hb`` >= H), or the same in rows (``[E, H, Ip/8]``, ``[E, H, Ip/16]``:
+            ``nvfp4_layout.rows_of_blocks``); ``[E]`` fp32. ``acc``'s width is H.
         routing: what GEMM1 used; topk_weights ``[T, k]`` fp32 contiguous.
         acc: ``[T, H]`` fp32 workspace, zeroed, unit column stride.
         pdl: launch as a programmatic dependent launch of GEMM1 (the programs wait for it before
@@ -235,7 +236,9 @@ def gemm2_nvfp4(
         mma_issue: how a group's 16 warpgroup MMAs are issued (:func:`nvfp4_tile.mma`).
     """
     geo = weight_geometry(w2, w2_scale)
-    e, h, groups = geo.experts, geo.rows, geo.groups
+    # the blocked form's padding rows (to whole 32-row blocks) are never read: acc's width is H
+    e, h, groups = geo.experts, acc.shape[1], geo.groups
+    assert h <= geo.rows
     assert acc.stride(1) == 1 and topk_weights.is_contiguous() and y.shape[1] == groups * K_GROUP
     per_split = triton.cdiv(groups, SPLIT_K)
     splits = triton.cdiv(groups, per_split)

@@ -162,7 +162,7 @@ def kernel_k_order() -> torch.Tensor:
     return 16 * w + 8 * h + 2 * s + i
 
 
-#: Rows a block of the row-blocked form of the kernel layout holds (:func:`row_blocked`).
+#: Rows a block of the kernel layout holds (:func:`row_blocked`).
 ROW_BLOCK = 32
 
 
@@ -170,7 +170,8 @@ ROW_BLOCK = 32
 class WeightGeometry:
     """Where a kernel's weight words and scale codes lie: element strides of an expert, a
     :data:`ROW_BLOCK`-row block, a row within its block and a 256-K group (words: int32, 32 a
-    row a group; scale codes: uint8, 16 a row a group), and the sizes the launchers need."""
+    row a group; scale codes: uint8, 16 a row a group), and the sizes the launchers need
+    (``rows``: with the blocked form's padding rows)."""
 
     experts: int
     rows: int
@@ -182,11 +183,21 @@ class WeightGeometry:
 def weight_geometry(words: torch.Tensor, scales: torch.Tensor) -> WeightGeometry:
     """The :class:`WeightGeometry` of a weight matrix's words and scale codes in either form:
 
-    * rows in order: ``words [E, N, Kp/8]`` int32, ``scales [E, N, Kp/16]`` uint8 (row ``n``'s
-      group ``g`` at words ``32 g ..`` of the row);
-    * row-blocked (:func:`row_blocked`): ``words [E, N/32, G, 32, 32]``, ``scales [E, N/32, G, 32, 16]``
-      (each block's group a contiguous 4 KiB of words and 512 bytes of codes).
+    * row-blocked, the kernel layout (:func:`row_blocked`): ``words [E, N/32, G, 32, 32]``,
+      ``scales [E, N/32, G, 32, 16]`` (each block's group a contiguous 4 KiB of words and 512
+      bytes of codes);
+    * rows in order (:func:`rows_of_blocks`): ``words [E, N, Kp/8]`` int32, ``scales [E, N, Kp/16]``
+      uint8 (row ``n``'s group ``g`` at words ``32 g ..`` of the row).
     """
+    if words.dim() == 5 and scales.dim() == 5:
+        e, nb, g = words.shape[:3]
+        return WeightGeometry(
+            e,
+            nb * ROW_BLOCK,
+            g,
+            (words.stride(0), words.stride(1), words.stride(3), words.stride(2)),
+            (scales.stride(0), scales.stride(1), scales.stride(3), scales.stride(2)),
+        )
     if words.dim() == 3 and scales.dim() == 3:
         e, n, kw = words.shape
         wr, sr = words.stride(1), scales.stride(1)
@@ -197,36 +208,42 @@ def weight_geometry(words: torch.Tensor, scales: torch.Tensor) -> WeightGeometry
             (words.stride(0), ROW_BLOCK * wr, wr, 32),
             (scales.stride(0), ROW_BLOCK * sr, sr, 16),
         )
-    if words.dim() == 5 and scales.dim() == 5:
-        e, nb, g = words.shape[:3]
-        return WeightGeometry(
-            e,
-            nb * ROW_BLOCK,
-            g,
-            (words.stride(0), words.stride(1), words.stride(3), words.stride(2)),
-            (scales.stride(0), scales.stride(1), scales.stride(3), scales.stride(2)),
-        )
     raise ValueError(
-        f"words/scales: expected [E, N, Kp/8] and [E, N, Kp/16], or [E, N/{ROW_BLOCK}, G, {ROW_BLOCK}, 32] and "
-        f"[E, N/{ROW_BLOCK}, G, {ROW_BLOCK}, 16], got {tuple(words.shape)} and {tuple(scales.shape)}"
+        f"words/scales: expected [E, N/{ROW_BLOCK}, G, {ROW_BLOCK}, 32] and [E, N/{ROW_BLOCK}, G, {ROW_BLOCK}, 16], "
+        f"or [E, N, Kp/8] and [E, N, Kp/16], got {tuple(words.shape)} and {tuple(scales.shape)}"
     )
 
 
+def _round_rows(n: int) -> int:
+    return -(-n // ROW_BLOCK) * ROW_BLOCK
+
+
 def row_blocked(words: torch.Tensor, scales: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Kernel words ``[E, N, Kp/8]`` and scale codes ``[E, N, Kp/16]`` -> the row-blocked form
-    ``[E, N/32, G, 32, 32]`` and ``[E, N/32, G, 32, 16]`` (``N`` a multiple of :data:`ROW_BLOCK`):
-    a program reading 32 rows' group reads 4 KiB of consecutive words instead of 128 bytes from
-    each of 32 rows."""
+    """Kernel words ``[E, N, Kp/8]`` int32 and scale codes ``[E, N, Kp/16]`` uint8 in rows -> the
+    kernel layout's blocks ``[E, Nb/32, G, 32, 32]`` and ``[E, Nb/32, G, 32, 16]`` (``Nb``: N rounded
+    up to :data:`ROW_BLOCK`, padding rows of zero codes and zero scales). A decode program reading
+    a block's group reads 4 KiB of consecutive words (and 512 bytes of codes), not 128 bytes from
+    each of 32 rows 3.5 KiB apart: 5-8% faster decode GEMMs (docs/performance.md)."""
     e, n, kw = words.shape
-    if n % ROW_BLOCK or scales.shape != (e, n, kw // 2):
+    if scales.shape != (e, n, kw // 2):
         raise ValueError(
-            f"words/scales: expected [E, N, Kp/8] and [E, N, Kp/16] with N a multiple of {ROW_BLOCK}, "
-            f"got {tuple(words.shape)} and {tuple(scales.shape)}"
+            f"words/scales: expected [E, N, Kp/8] and [E, N, Kp/16], got {tuple(words.shape)} and {tuple(scales.shape)}"
         )
-    g = kw * WORD_CODES // K_GROUP
-    w = words.reshape(e, n // ROW_BLOCK, ROW_BLOCK, g, 32).transpose(2, 3).contiguous()
-    s = scales.reshape(e, n // ROW_BLOCK, ROW_BLOCK, g, 16).transpose(2, 3).contiguous()
+    nb, g = _round_rows(n), kw * WORD_CODES // K_GROUP
+    if nb != n:
+        words = torch.cat([words, words.new_zeros(e, nb - n, kw)], 1)
+        scales = torch.cat([scales, scales.new_full((e, nb - n, kw // 2), ZERO_SCALE_CODE)], 1)
+    w = words.reshape(e, nb // ROW_BLOCK, ROW_BLOCK, g, 32).transpose(2, 3).contiguous()
+    s = scales.reshape(e, nb // ROW_BLOCK, ROW_BLOCK, g, 16).transpose(2, 3).contiguous()
     return w, s
+
+
+def rows_of_blocks(words: torch.Tensor, scales: torch.Tensor, rows: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`row_blocked`: the first ``rows`` rows, ``[E, rows, Kp/8]`` and ``[E, rows, Kp/16]``."""
+    e, nb, g = words.shape[:3]
+    w = words.transpose(2, 3).reshape(e, nb * ROW_BLOCK, g * 32)[:, :rows]
+    s = scales.transpose(2, 3).reshape(e, nb * ROW_BLOCK, g * 16)[:, :rows]
+    return w.contiguous(), s.contiguous()
 
 
 def _round_up(n: int) -> int:
@@ -283,6 +300,8 @@ class NVFP4KernelWeights(ExpertShapes):
     ``Hp``, ``Ip``: H and I rounded up to :data:`K_GROUP` (256); padding is zero codes
     with zero scales (DeepSeek-V3's 7168 and 2048 need none).
 
+    In rows (:func:`rows_of_blocks` gives them back):
+
     * ``w13 [E, 2Ip, Hp/8]`` int32, rows ``[gate; up]``; ``w2 [E, H, Ip/8]`` int32.
       Codes sit in 32-bit words of 8 consecutive K elements (:func:`pack_kernel_words`,
       bit positions :data:`CODE_BITS`: element ``2s + i`` in 16-bit lane ``i``, so that
@@ -301,9 +320,15 @@ class NVFP4KernelWeights(ExpertShapes):
       code bf16 ``-scale * 2**118``) with the rows of their weights (padded, ``w13``'s rows
       permuted). A negative scale's block stores its magnitude and sign-flipped codes
       (:func:`fold_scale_signs`).
+
+    Stored row-blocked (:func:`row_blocked`): ``w13 [E, 2Ip/32, Hp/256, 32, 32]``,
+    ``w13_scale [E, 2Ip/32, Hp/256, 32, 16]``, ``w2 [E, Hb/32, Ip/256, 32, 32]``,
+    ``w2_scale [E, Hb/32, Ip/256, 32, 16]`` (``Hb``: H rounded up to 32, padding rows of zero
+    codes and zero scales): each 32-row block's 256-K group is one contiguous piece.
+
     * ``w13_scale_2 [E, 2]`` fp32 (gate's, up's global scale), ``w2_scale_2 [E]`` fp32,
       unchanged; the kernel applies them to its fp32 accumulators.
-    * ``inter``: the natural I (``w13`` holds ``2 Ip`` rows).
+    * ``inter``, ``hidden``: the natural I and H.
 
     Size without padding: ``0.5 + 1/16`` bytes a weight, as in the checkpoint.
     """
@@ -315,36 +340,36 @@ class NVFP4KernelWeights(ExpertShapes):
     w2_scale: torch.Tensor
     w2_scale_2: torch.Tensor
     inter: int
+    hidden: int
 
     @property
     def intermediate_size(self) -> int:
         return self.inter
 
+    @property
+    def hidden_size(self) -> int:
+        return self.hidden
+
+    @property
+    def padded_hidden(self) -> int:
+        """``Hp``: GEMM1's K, H rounded up to :data:`K_GROUP`."""
+        return self.w13.shape[2] * K_GROUP
+
     def __post_init__(self) -> None:
-        check_tensor("w13", self.w13, dtype=torch.int32, ndim=3)
         check_int("inter", self.inter, minimum=1)
-        e, two_ip, hp_words = self.w13.shape
-        check_tensor("w2", self.w2, dtype=torch.int32, ndim=3, device=self.w13.device)
-        h, ip = self.w2.shape[1], self.w2.shape[2] * WORD_CODES
-        hp = hp_words * WORD_CODES
-        if (
-            self.w2.shape[0] != e
-            or two_ip != 2 * ip
-            or ip != _round_up(self.inter)
-            or hp != _round_up(h)
-            or h % GROUP
-            or self.inter % GROUP
-            or h == 0
-        ):
-            raise ValueError(
-                f"w13/w2: expected [E, 2Ip, Hp/8] and [E, H, Ip/8] with H and I = inter multiples of "
-                f"{GROUP} and Hp, Ip rounded up to {K_GROUP}, got w13 {tuple(self.w13.shape)}, "
-                f"w2 {tuple(self.w2.shape)}, inter {self.inter}"
-            )
+        check_int("hidden", self.hidden, minimum=1)
+        if self.hidden % GROUP or self.inter % GROUP:
+            raise ValueError(f"hidden/inter: expected multiples of {GROUP}, got {self.hidden} and {self.inter}")
+        hp, ip = _round_up(self.hidden), _round_up(self.inter)
+        e = check_tensor("w13", self.w13, dtype=torch.int32, ndim=5).shape[0]
         dev = self.w13.device
-        check_tensor("w13_scale", self.w13_scale, dtype=torch.uint8, shape=(e, two_ip, hp // GROUP), device=dev)
+        w13_shape = (e, 2 * ip // ROW_BLOCK, hp // K_GROUP, ROW_BLOCK)
+        w2_shape = (e, _round_rows(self.hidden) // ROW_BLOCK, ip // K_GROUP, ROW_BLOCK)
+        check_tensor("w13", self.w13, dtype=torch.int32, shape=(*w13_shape, 32), device=dev)
+        check_tensor("w13_scale", self.w13_scale, dtype=torch.uint8, shape=(*w13_shape, 16), device=dev)
         check_tensor("w13_scale_2", self.w13_scale_2, dtype=torch.float32, shape=(e, 2), device=dev)
-        check_tensor("w2_scale", self.w2_scale, dtype=torch.uint8, shape=(e, h, ip // GROUP), device=dev)
+        check_tensor("w2", self.w2, dtype=torch.int32, shape=(*w2_shape, 32), device=dev)
+        check_tensor("w2_scale", self.w2_scale, dtype=torch.uint8, shape=(*w2_shape, 16), device=dev)
         check_tensor("w2_scale_2", self.w2_scale_2, dtype=torch.float32, shape=(e,), device=dev)
 
 
@@ -361,14 +386,10 @@ def nvfp4_to_kernel_layout(weights: NVFP4Weights) -> NVFP4KernelWeights:
     w2, s2 = _kernel_rows(*fold_scale_signs("w2_scale", weights.w2, weights.w2_scale))
     w13 = _permute_gate_up_rows(w13, inter, inverse=False)
     s13 = _permute_gate_up_rows(s13.view(torch.uint8), inter, inverse=False).view(FP8_DTYPE)
+    w13, c13 = row_blocked(w13, encode_scales(s13))
+    w2, c2 = row_blocked(w2, encode_scales(s2))
     return NVFP4KernelWeights(
-        w13,
-        encode_scales(s13),
-        weights.w13_scale_2.contiguous(),
-        w2,
-        encode_scales(s2),
-        weights.w2_scale_2.contiguous(),
-        inter,
+        w13, c13, weights.w13_scale_2.contiguous(), w2, c2, weights.w2_scale_2.contiguous(), inter, weights.hidden_size
     )
 
 
@@ -379,8 +400,10 @@ def nvfp4_from_kernel_layout(kernel_weights: NVFP4KernelWeights) -> NVFP4Weights
         raise TypeError(f"kernel_weights: expected NVFP4KernelWeights, got {type(kernel_weights).__name__}")
     k = kernel_weights
     h, inter = k.hidden_size, k.inter
-    w13 = _permute_gate_up_rows(k.w13, inter, inverse=True)
-    s13 = _permute_gate_up_rows(decode_scales(k.w13_scale).view(torch.uint8), inter, inverse=True).view(FP8_DTYPE)
+    w13, c13 = rows_of_blocks(k.w13, k.w13_scale, k.w13.shape[1] * ROW_BLOCK)
+    w2, c2 = rows_of_blocks(k.w2, k.w2_scale, h)
+    w13 = _permute_gate_up_rows(w13, inter, inverse=True)
+    s13 = _permute_gate_up_rows(decode_scales(c13).view(torch.uint8), inter, inverse=True).view(FP8_DTYPE)
     w13, s13 = _canonical_rows(w13, s13, h)
-    w2, s2 = _canonical_rows(k.w2, decode_scales(k.w2_scale), inter)
+    w2, s2 = _canonical_rows(w2, decode_scales(c2), inter)
     return NVFP4Weights(w13, s13, k.w13_scale_2.contiguous(), w2, s2, k.w2_scale_2.contiguous())

@@ -203,7 +203,7 @@ DEFAULT_TIERS = ((16, DECODE_CONFIG), (32, PREFILL_32_CONFIG), (float("inf"), PR
 #: Version of this kernel's tuned configurations: the tuning cache keeps a configuration only
 #: for the version it was tuned for. Bump it when the kernels, their weight layout
 #: (``NVFP4KernelWeights``) or the configuration schema (CONFIG_KEYS, their meaning) change.
-KERNEL_VERSION = 10
+KERNEL_VERSION = 11
 
 #: What the tuner times per token bucket (each overrides the heuristic default of that size):
 #: the decode path, prefill tilings from skinny to square, and the bf16 grouped GEMMs (the
@@ -406,7 +406,7 @@ def fused_experts_nvfp4(
         x = hidden
     else:
         routing, x = align_and_permute(
-            topk_ids, w.num_experts, local_expert_offset, cfg["BLOCK_M"], hidden, w.w13.shape[2] * 8
+            topk_ids, w.num_experts, local_expert_offset, cfg["BLOCK_M"], hidden, w.padded_hidden
         )
     pdl = bool(cfg["PDL"]) and pdl_available(hidden)
     acc = workspace(num_tokens, w.hidden_size, torch.float32, hidden.device, "moe_combine")
