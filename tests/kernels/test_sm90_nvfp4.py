@@ -47,11 +47,13 @@ from moe_backend.quant.nvfp4 import dequantize_nvfp4
 
 #: Forced paths with tiny tiles for the interpreter (H, I padded to 256-groups, split-K, GROUP_M).
 DECODE_SMALL = dict(path="decode", BLOCK_M=16, BLOCK_N1=16, BLOCK_N2=32, SPLIT_K2=2)
-#: Each group's MMAs as one warpgroup MMA, waited for at once or under the next group (the same
-#: sum under the interpreter: these check the knobs' plumbing; the GPU tests check the builds).
-DECODE_WGMMA_SMALL = {
+#: The decode main loop's knobs: each group's MMAs as one warpgroup MMA, waited for at once or
+#: under the next group, and L2 prefetches ahead of the loads (the same sum under the interpreter,
+#: which skips the prefetches: these check the knobs' plumbing; the GPU tests check the builds).
+DECODE_LOOP_SMALL = {
     "decode-wgmma-sync": dict(DECODE_SMALL, WGMMA1="sync", WGMMA2="sync"),
     "decode-wgmma-overlap": dict(DECODE_SMALL, WGMMA1="overlap", WGMMA2="overlap"),
+    "decode-prefetch8": dict(DECODE_SMALL, PREFETCH1=8, PREFETCH2=8),
 }
 #: No align/permute launches: each expert's leader pair gathers its pairs (16 at a time).
 SWAPAB_SMALL = dict(DECODE_SMALL, path="swapab")
@@ -133,8 +135,8 @@ def check(p: Problem, *, weight_on_input: bool = False, config: Optional[dict] =
 @runs_here
 @pytest.mark.parametrize(
     "config",
-    [DECODE_SMALL, PREFILL_SMALL, SWAPAB_SMALL, *UNROLLED.values(), *DECODE_WGMMA_SMALL.values()],
-    ids=["decode", "prefill", "swapab", *UNROLLED, *DECODE_WGMMA_SMALL],
+    [DECODE_SMALL, PREFILL_SMALL, SWAPAB_SMALL, *UNROLLED.values(), *DECODE_LOOP_SMALL.values()],
+    ids=["decode", "prefill", "swapab", *UNROLLED, *DECODE_LOOP_SMALL],
 )
 @pytest.mark.parametrize(
     "t,h,i,e,k,offset", [(1, 128, 64, 4, 1, 0), (7, 96, 48, 4, 2, 3), (33, 64, 32, 3, 3, 0), (3, 272, 272, 2, 2, 1)]
@@ -216,6 +218,10 @@ def test_errors_name_the_argument():
     for key in ("UNROLL1", "UNROLL2"):
         for value in (0, 3, 8, True, 2.0):
             with pytest.raises(ValueError, match=rf"{key} must be one of \(1, 2, 4\), got {value!r}"):
+                fused_experts_nvfp4(p.hidden, prep, p.ids, p.topk_w, **kw, config={key: value})
+    for key in ("PREFETCH1", "PREFETCH2"):
+        for value in (-1, 3, 16, True, 4.0):
+            with pytest.raises(ValueError, match=rf"{key} must be one of \(0, 1, 2, 4, 8\), got {value!r}"):
                 fused_experts_nvfp4(p.hidden, prep, p.ids, p.topk_w, **kw, config={key: value})
     for key in ("MAXNREG1", "MAXNREG2"):
         for value in (-1, 16, 256, True, 128.0):

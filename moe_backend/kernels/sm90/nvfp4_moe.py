@@ -59,7 +59,8 @@ from .tiles import MAX_GATHER_PAIRS
 #: barriers, waits and address work are paid once for them (fewer instructions a group).
 #: ``MAXNREG*``: register cap a thread, 0 for the compiler's choice (the gathered path then caps at
 #: ``tiles.GATHER_MAXNREG``), else 24 to 255. ``WGMMA*`` (one of ``nvfp4_tile.MMA_ISSUES``): how
-#: each 256-K group's 16 warpgroup MMAs are issued.
+#: each 256-K group's 16 warpgroup MMAs are issued. ``PREFETCH*`` (one of :data:`PREFETCH_GROUPS`):
+#: 256-K groups of its weight words a program asks L2 for ahead of the pipeline's loads.
 CONFIG_KEYS = (
     "path",
     "BLOCK_M",
@@ -79,16 +80,20 @@ CONFIG_KEYS = (
     "MAXNREG2",
     "WGMMA1",
     "WGMMA2",
+    "PREFETCH1",
+    "PREFETCH2",
     "TILE1",
     "TILE2",
 )
 #: Values ``UNROLL1`` / ``UNROLL2`` may take.
 UNROLL_GROUPS = (1, 2, 4)
+#: Values ``PREFETCH1`` / ``PREFETCH2`` may take (0: none).
+PREFETCH_GROUPS = (0, 1, 2, 4, 8)
 #: The keys ``path='bf16_grouped'`` reads; the other paths do not read ``TILE1`` / ``TILE2``.
 GROUPED_KEYS = ("path", "TILE1", "TILE2")
 
 #: The main-loop knobs as every base configuration starts them: Triton's own MMA issue, one
-#: group an iteration, no register cap, plain launches.
+#: group an iteration, no register cap, no L2 prefetch, plain launches.
 _LOOP_DEFAULTS: Dict[str, Any] = dict(
     PDL=False,
     UNROLL1=1,
@@ -97,6 +102,8 @@ _LOOP_DEFAULTS: Dict[str, Any] = dict(
     MAXNREG2=0,
     WGMMA1="pieces",
     WGMMA2="pieces",
+    PREFETCH1=0,
+    PREFETCH2=0,
 )
 
 # Defaults: the best of an H100 sweep (docs/performance.md), DeepSeek-V3 shapes.
@@ -141,12 +148,19 @@ DECODE_PDL_CONFIG: Dict[str, Any] = dict(DECODE_CONFIG, PDL=True)
 #: what the instructions shrank). Cutting each group into two or four dots so that five to eight
 #: programs fit an SM (56-95 registers), with or without GEMM1's K split over two programs, measured
 #: 3-41% slower there (T=1 114.5-143.2 us) and lives on branch ``nvfp4-dots-split``.
+#: ``prefetch4`` / ``prefetch8``: both GEMMs ask L2 for their weight words four or eight 256-K
+#: groups ahead of the pipeline's loads (the first groups before the loop), so that more requests
+#: are in flight than the pipeline's two stages. Built 2026-12-05 after the twenty-third session's
+#: ncu (21% of GEMM1's stall samples at the loop head, waiting for the next stage's data, with
+#: DRAM at 67%); not yet timed.
 _SYNC = dict(DECODE_CONFIG, WGMMA1="sync", WGMMA2="sync")
 _OVERLAP = dict(DECODE_CONFIG, WGMMA1="overlap", WGMMA2="overlap")
 DECODE_VARIANTS: Dict[str, Dict[str, Any]] = {
     "pdl": DECODE_PDL_CONFIG,
     "wgmma_sync": _SYNC,
     "wgmma_overlap": _OVERLAP,
+    "prefetch4": dict(DECODE_CONFIG, PREFETCH1=4, PREFETCH2=4),
+    "prefetch8": dict(DECODE_CONFIG, PREFETCH1=8, PREFETCH2=8),
 }
 #: ``swapab``: the decode tiling without the ``align`` and ``permute`` launches (each expert's
 #: leader pair gathers its pairs, GEMM1 reads the hidden states in natural order) and
@@ -307,13 +321,14 @@ def _run_grouped(
 
 
 def _check_loop_knobs(cfg: Dict[str, Any]) -> None:
-    """ValueError naming ``UNROLL1`` / ``UNROLL2`` outside :data:`UNROLL_GROUPS`, ``MAXNREG1`` /
-    ``MAXNREG2`` neither 0 nor an int from 24 to 255, ``WGMMA1`` / ``WGMMA2`` not one of
-    ``nvfp4_tile.MMA_ISSUES``."""
-    for key in ("UNROLL1", "UNROLL2"):
-        value = cfg[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value not in UNROLL_GROUPS:
-            raise ValueError(f"config: {key} must be one of {UNROLL_GROUPS}, got {value!r}")
+    """ValueError naming ``UNROLL1`` / ``UNROLL2`` outside :data:`UNROLL_GROUPS`, ``PREFETCH1`` /
+    ``PREFETCH2`` outside :data:`PREFETCH_GROUPS`, ``MAXNREG1`` / ``MAXNREG2`` neither 0 nor an
+    int from 24 to 255, ``WGMMA1`` / ``WGMMA2`` not one of ``nvfp4_tile.MMA_ISSUES``."""
+    for keys, allowed in ((("UNROLL1", "UNROLL2"), UNROLL_GROUPS), (("PREFETCH1", "PREFETCH2"), PREFETCH_GROUPS)):
+        for key in keys:
+            value = cfg[key]
+            if isinstance(value, bool) or not isinstance(value, int) or value not in allowed:
+                raise ValueError(f"config: {key} must be one of {allowed}, got {value!r}")
     for key in ("MAXNREG1", "MAXNREG2"):
         value = cfg[key]
         if isinstance(value, bool) or not isinstance(value, int) or not (value == 0 or 24 <= value <= 255):
@@ -431,6 +446,7 @@ def fused_experts_nvfp4(
         unroll=cfg["UNROLL1"],
         maxnreg=cfg["MAXNREG1"],
         mma_issue=cfg["WGMMA1"],
+        prefetch=cfg["PREFETCH1"],
         **common,
     )
     gemm2_nvfp4(
@@ -449,6 +465,7 @@ def fused_experts_nvfp4(
         unroll=cfg["UNROLL2"],
         maxnreg=cfg["MAXNREG2"],
         mma_issue=cfg["WGMMA2"],
+        prefetch=cfg["PREFETCH2"],
         **common,
     )
     cast_out(acc, result, pdl=pdl)
