@@ -42,7 +42,7 @@ from moe_backend.kernels.sm90.nvfp4_layout import (  # noqa: E402
     nvfp4_to_kernel_layout,
     rows_of_blocks,
 )
-from moe_backend.kernels.sm90.nvfp4_moe import DECODE_CONFIG, DECODE_VARIANTS  # noqa: E402
+from moe_backend.kernels.sm90.nvfp4_moe import DECODE_CONFIG, DECODE_VARIANTS, gemm_launch_args  # noqa: E402
 
 H, INTER, TOP_K = 7168, 2048, 8
 #: (GEMM1 words, codes, GEMM2 words, codes) of one form
@@ -73,27 +73,9 @@ def decode_calls(
     out = torch.empty(t, H, dtype=torch.bfloat16, device=hidden.device)
     pdl = bool(cfg["PDL"])
     common = dict(num_pairs=t * k, top_k=k, weight_on_input=False, pdl=pdl)
-    g1 = dict(
-        BLOCK_N=cfg["BLOCK_N1"],
-        GROUP_M=cfg["GROUP_M1"],
-        num_warps=cfg["num_warps1"],
-        num_stages=cfg["num_stages1"],
-        unroll=cfg["UNROLL1"],
-        maxnreg=cfg["MAXNREG1"],
-        mma_issue=cfg["WGMMA1"],
-        **common,
-    )
-    g2 = dict(
-        BLOCK_N=cfg["BLOCK_N2"],
-        SPLIT_K=cfg["SPLIT_K2"],
-        GROUP_M=cfg["GROUP_M2"],
-        num_warps=cfg["num_warps2"],
-        num_stages=cfg["num_stages2"],
-        unroll=cfg["UNROLL2"],
-        maxnreg=cfg["MAXNREG2"],
-        mma_issue=cfg["WGMMA2"],
-        **common,
-    )
+    g1, g2 = gemm_launch_args(cfg)
+    g1.update(common)
+    g2.update(common)
     y = gemm1_nvfp4(x, w13, s13, w.w13_scale_2, routing, tw, acc, **g1).clone()
 
     def layer() -> torch.Tensor:

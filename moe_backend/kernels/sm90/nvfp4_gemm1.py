@@ -36,7 +36,6 @@ from .tiles import (
     chunk_pairs,
     expert_members,
     gather_scan_width,
-    prefetch_l2,
     register_cap,
     tile_coords,
     zero_fill,
@@ -128,7 +127,7 @@ def _gemm1_rows(
                 w_ptrs + u * stride_wg, s_ptrs + u * stride_wsg, g < num_groups, UNROLL > 1 and not EVEN_K, INTERPRET
             )
             if PREFETCH > 0 and not INTERPRET:
-                prefetch_l2(w_row_ptrs + tl.minimum(g + PREFETCH, num_groups - 1) * stride_wg)
+                prefetch_groups(w_row_ptrs, g + PREFETCH, num_groups, stride_wg, 1)
             acc = mma(w, x, acc, MMA_ISSUE, INTERPRET)
         x_ptrs += UNROLL * 256
         w_ptrs += UNROLL * stride_wg

@@ -29,7 +29,6 @@ from .tiles import (
     chunk_pairs,
     expert_members,
     gather_scan_width,
-    prefetch_l2,
     register_cap,
     tile_coords,
 )
@@ -105,7 +104,7 @@ def _gemm2_rows(
                 y = tl.load(y_ptrs + u * 256, mask=row_ok[:, None] & (g < kb_end), other=0.0)
             w = load_group(w_ptrs + u * stride_wg, s_ptrs + u * stride_wsg, in_k, True, INTERPRET)
             if PREFETCH > 0 and not INTERPRET:
-                prefetch_l2(w_row_ptrs + tl.minimum(g + PREFETCH, kb_end - 1) * stride_wg)
+                prefetch_groups(w_row_ptrs, g + PREFETCH, kb_end, stride_wg, 1)
             acc = mma(w, y, acc, MMA_ISSUE, INTERPRET)
         y_ptrs += UNROLL * 256
         w_ptrs += UNROLL * stride_wg

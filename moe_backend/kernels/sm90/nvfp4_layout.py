@@ -214,10 +214,6 @@ def weight_geometry(words: torch.Tensor, scales: torch.Tensor) -> WeightGeometry
     )
 
 
-def _round_rows(n: int) -> int:
-    return -(-n // ROW_BLOCK) * ROW_BLOCK
-
-
 def row_blocked(words: torch.Tensor, scales: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Kernel words ``[E, N, Kp/8]`` int32 and scale codes ``[E, N, Kp/16]`` uint8 in rows -> the
     kernel layout's blocks ``[E, Nb/32, G, 32, 32]`` and ``[E, Nb/32, G, 32, 16]`` (``Nb``: N rounded
@@ -229,7 +225,7 @@ def row_blocked(words: torch.Tensor, scales: torch.Tensor) -> Tuple[torch.Tensor
         raise ValueError(
             f"words/scales: expected [E, N, Kp/8] and [E, N, Kp/16], got {tuple(words.shape)} and {tuple(scales.shape)}"
         )
-    nb, g = _round_rows(n), kw * WORD_CODES // K_GROUP
+    nb, g = _round_up(n, ROW_BLOCK), kw * WORD_CODES // K_GROUP
     if nb != n:
         words = torch.cat([words, words.new_zeros(e, nb - n, kw)], 1)
         scales = torch.cat([scales, scales.new_full((e, nb - n, kw // 2), ZERO_SCALE_CODE)], 1)
@@ -246,8 +242,8 @@ def rows_of_blocks(words: torch.Tensor, scales: torch.Tensor, rows: int) -> Tupl
     return w.contiguous(), s.contiguous()
 
 
-def _round_up(n: int) -> int:
-    return -(-n // K_GROUP) * K_GROUP
+def _round_up(n: int, multiple: int = K_GROUP) -> int:
+    return -(-n // multiple) * multiple
 
 
 def _pad_last(t: torch.Tensor, size: int) -> torch.Tensor:
@@ -364,7 +360,7 @@ class NVFP4KernelWeights(ExpertShapes):
         e = check_tensor("w13", self.w13, dtype=torch.int32, ndim=5).shape[0]
         dev = self.w13.device
         w13_shape = (e, 2 * ip // ROW_BLOCK, hp // K_GROUP, ROW_BLOCK)
-        w2_shape = (e, _round_rows(self.hidden) // ROW_BLOCK, ip // K_GROUP, ROW_BLOCK)
+        w2_shape = (e, _round_up(self.hidden, ROW_BLOCK) // ROW_BLOCK, ip // K_GROUP, ROW_BLOCK)
         check_tensor("w13", self.w13, dtype=torch.int32, shape=(*w13_shape, 32), device=dev)
         check_tensor("w13_scale", self.w13_scale, dtype=torch.uint8, shape=(*w13_shape, 16), device=dev)
         check_tensor("w13_scale_2", self.w13_scale_2, dtype=torch.float32, shape=(e, 2), device=dev)

@@ -338,6 +338,34 @@ def _check_loop_knobs(cfg: Dict[str, Any]) -> None:
             raise ValueError(f"config: {key} must be one of {MMA_ISSUES}, got {cfg[key]!r}")
 
 
+def gemm_launch_args(cfg: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """The keyword arguments a resolved Triton-path configuration gives ``gemm1_nvfp4`` and
+    ``gemm2_nvfp4`` (tiles, pipeline and main-loop knobs; not the call's pairs, top-k, router-weight
+    placement or PDL)."""
+    g1 = dict(
+        BLOCK_N=cfg["BLOCK_N1"],
+        GROUP_M=cfg["GROUP_M1"],
+        num_warps=cfg["num_warps1"],
+        num_stages=cfg["num_stages1"],
+        unroll=cfg["UNROLL1"],
+        maxnreg=cfg["MAXNREG1"],
+        mma_issue=cfg["WGMMA1"],
+        prefetch=cfg["PREFETCH1"],
+    )
+    g2 = dict(
+        BLOCK_N=cfg["BLOCK_N2"],
+        SPLIT_K=cfg["SPLIT_K2"],
+        GROUP_M=cfg["GROUP_M2"],
+        num_warps=cfg["num_warps2"],
+        num_stages=cfg["num_stages2"],
+        unroll=cfg["UNROLL2"],
+        maxnreg=cfg["MAXNREG2"],
+        mma_issue=cfg["WGMMA2"],
+        prefetch=cfg["PREFETCH2"],
+    )
+    return g1, g2
+
+
 def prepare_nvfp4(weights: NVFP4Weights) -> NVFP4KernelWeights:
     """Put canonical NVFP4 experts in this kernel's layout (see :class:`NVFP4KernelWeights`)."""
     return nvfp4_to_kernel_layout(weights)
@@ -431,6 +459,7 @@ def fused_experts_nvfp4(
         weight_on_input=apply_router_weight_on_input,
         pdl=pdl,
     )
+    g1, g2 = gemm_launch_args(cfg)
     y = gemm1_nvfp4(
         x,
         w.w13,
@@ -439,14 +468,7 @@ def fused_experts_nvfp4(
         routing,
         topk_weights,
         acc,
-        BLOCK_N=cfg["BLOCK_N1"],
-        GROUP_M=cfg["GROUP_M1"],
-        num_warps=cfg["num_warps1"],
-        num_stages=cfg["num_stages1"],
-        unroll=cfg["UNROLL1"],
-        maxnreg=cfg["MAXNREG1"],
-        mma_issue=cfg["WGMMA1"],
-        prefetch=cfg["PREFETCH1"],
+        **g1,
         **common,
     )
     gemm2_nvfp4(
@@ -457,15 +479,7 @@ def fused_experts_nvfp4(
         routing,
         topk_weights,
         acc,
-        BLOCK_N=cfg["BLOCK_N2"],
-        SPLIT_K=cfg["SPLIT_K2"],
-        GROUP_M=cfg["GROUP_M2"],
-        num_warps=cfg["num_warps2"],
-        num_stages=cfg["num_stages2"],
-        unroll=cfg["UNROLL2"],
-        maxnreg=cfg["MAXNREG2"],
-        mma_issue=cfg["WGMMA2"],
-        prefetch=cfg["PREFETCH2"],
+        **g2,
         **common,
     )
     cast_out(acc, result, pdl=pdl)
