@@ -47,13 +47,12 @@ from moe_backend.quant.nvfp4 import dequantize_nvfp4
 
 #: Forced paths with tiny tiles for the interpreter (H, I padded to 256-groups, split-K, GROUP_M).
 DECODE_SMALL = dict(path="decode", BLOCK_M=16, BLOCK_N1=16, BLOCK_N2=32, SPLIT_K2=2)
-#: The decode main loop's knobs: each group's MMAs as one warpgroup MMA, waited for at once or
-#: under the next group, and L2 prefetches ahead of the loads (the same sum under the interpreter,
-#: which skips the prefetches: these check the knobs' plumbing; the GPU tests check the builds).
+#: The decode main loop's MMA issue modes: Triton's pieces, or each group's MMAs as one warpgroup
+#: MMA waited for at once (the default) or under the next group (the same sum under the
+#: interpreter: these check the knobs' plumbing; the GPU tests check the builds).
 DECODE_LOOP_SMALL = {
-    "decode-wgmma-sync": dict(DECODE_SMALL, WGMMA1="sync", WGMMA2="sync"),
+    "decode-wgmma-pieces": dict(DECODE_SMALL, WGMMA1="pieces", WGMMA2="pieces"),
     "decode-wgmma-overlap": dict(DECODE_SMALL, WGMMA1="overlap", WGMMA2="overlap"),
-    "decode-prefetch8": dict(DECODE_SMALL, PREFETCH1=8, PREFETCH2=8),
 }
 #: No align/permute launches: each expert's leader pair gathers its pairs (16 at a time).
 SWAPAB_SMALL = dict(DECODE_SMALL, path="swapab")
@@ -218,10 +217,6 @@ def test_errors_name_the_argument():
     for key in ("UNROLL1", "UNROLL2"):
         for value in (0, 3, 8, True, 2.0):
             with pytest.raises(ValueError, match=rf"{key} must be one of \(1, 2, 4\), got {value!r}"):
-                fused_experts_nvfp4(p.hidden, prep, p.ids, p.topk_w, **kw, config={key: value})
-    for key in ("PREFETCH1", "PREFETCH2"):
-        for value in (-1, 3, 16, True, 4.0):
-            with pytest.raises(ValueError, match=rf"{key} must be one of \(0, 1, 2, 4, 8\), got {value!r}"):
                 fused_experts_nvfp4(p.hidden, prep, p.ids, p.topk_w, **kw, config={key: value})
     for key in ("MAXNREG1", "MAXNREG2"):
         for value in (-1, 16, 256, True, 128.0):

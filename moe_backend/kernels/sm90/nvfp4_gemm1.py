@@ -29,7 +29,7 @@ from ...runtime import workspace
 from ..interpret import INTERPRETING
 from .align import AlignedRouting, GatheredPairs, row_source_args
 from .nvfp4_layout import K_GROUP, weight_geometry
-from .nvfp4_tile import WEIGHT_RESCALE, dot_order, load_group, mma, prefetch_groups, row_offsets
+from .nvfp4_tile import WEIGHT_RESCALE, dot_order, load_group, mma, row_offsets
 from .tiles import (
     MAX_GATHER_PAIRS,
     aligned_rows,
@@ -79,14 +79,12 @@ def _gemm1_rows(
     UNROLL: tl.constexpr,
     EVEN_K: tl.constexpr,
     MMA_ISSUE: tl.constexpr,
-    PREFETCH: tl.constexpr,
 ):
     """One tile: ``BLOCK_M`` rows (``pair``, of ``token``) of local ``expert`` times the gate and
     up rows of column block ``pid_n``; writes ``silu(gate) * up`` at ``y[rows]`` (``row_ok`` rows
     only with ``GATHER``, whose ``x`` is ``hidden`` in natural order, permuted to the dot order in
     registers). ``EVEN_K``: every iteration's ``UNROLL`` groups lie inside ``x``'s ``H``
-    columns and the ``num_groups`` groups, so the loads need no K masks. ``PREFETCH``: groups of
-    the tile's weight words asked of L2 ahead of the pipeline's loads (0: none)."""
+    columns and the ``num_groups`` groups, so the loads need no K masks."""
     offs_k = tl.arange(0, 256)
     offs_w = tl.arange(0, 16)
     # One weight tile of 2 * BLOCK_N rows: the gate rows of the block, then its up rows.
@@ -103,8 +101,6 @@ def _gemm1_rows(
     # Without it the loop's zero-trip path re-defines the accumulator and ptxas
     # serializes every wgmma (C7515); Hp >= 256 always.
     tl.assume(num_groups > 0)
-    if PREFETCH > 0 and not INTERPRET:
-        prefetch_groups(w_row_ptrs, 0, num_groups, stride_wg, PREFETCH)
     # UNROLL groups an iteration: the pipeline's barriers, waits and address work are paid once
     # for them, and ptxas keeps each group's weight fragments apart (no warpgroup fence between
     # the MMAs when the registers allow it).
@@ -126,8 +122,6 @@ def _gemm1_rows(
             w = load_group(
                 w_ptrs + u * stride_wg, s_ptrs + u * stride_wsg, g < num_groups, UNROLL > 1 and not EVEN_K, INTERPRET
             )
-            if PREFETCH > 0 and not INTERPRET:
-                prefetch_groups(w_row_ptrs, g + PREFETCH, num_groups, stride_wg, 1)
             acc = mma(w, x, acc, MMA_ISSUE, INTERPRET)
         x_ptrs += UNROLL * 256
         w_ptrs += UNROLL * stride_wg
@@ -196,7 +190,6 @@ def _gemm1_kernel(
     UNROLL: tl.constexpr,
     EVEN_K: tl.constexpr,
     MMA_ISSUE: tl.constexpr,
-    PREFETCH: tl.constexpr,
 ):
     if PDL:
         gdc_launch_dependents()  # GEMM2 may start its prologue; it waits before reading y
@@ -216,7 +209,7 @@ def _gemm1_kernel(
                 pair, pair, ok, token, expert, tl.program_id(1), H, IP, num_groups,
                 stride_xm, stride_we, stride_wb, stride_wr, stride_wg, stride_wse, stride_wsb, stride_wsr, stride_wsg,
                 stride_ym,
-                BLOCK_M, BLOCK_N, WEIGHT_ON_INPUT, GATHER, INTERPRET, UNROLL, EVEN_K, MMA_ISSUE, PREFETCH,
+                BLOCK_M, BLOCK_N, WEIGHT_ON_INPUT, GATHER, INTERPRET, UNROLL, EVEN_K, MMA_ISSUE,
             )  # fmt: skip
     else:
         # rows_ptr: the aligned rows' pairs (align.AlignedRouting.sorted_ids).
@@ -232,7 +225,7 @@ def _gemm1_kernel(
             rows, pair, row_ok, token, expert, pid_n, H, IP, num_groups,
             stride_xm, stride_we, stride_wb, stride_wr, stride_wg, stride_wse, stride_wsb, stride_wsr, stride_wsg,
             stride_ym,
-            BLOCK_M, BLOCK_N, WEIGHT_ON_INPUT, GATHER, INTERPRET, UNROLL, EVEN_K, MMA_ISSUE, PREFETCH,
+            BLOCK_M, BLOCK_N, WEIGHT_ON_INPUT, GATHER, INTERPRET, UNROLL, EVEN_K, MMA_ISSUE,
         )  # fmt: skip
 
 
@@ -256,7 +249,6 @@ def gemm1_nvfp4(
     unroll: int = 1,
     maxnreg: int = 0,
     mma_issue: str = "pieces",
-    prefetch: int = 0,
 ) -> torch.Tensor:
     """Launch GEMM1 + SiLU-and-mul.
 
@@ -277,8 +269,6 @@ def gemm1_nvfp4(
         maxnreg: register cap a thread (0: the compiler's choice; the gathered path's default is
             ``GATHER_MAXNREG``).
         mma_issue: how a group's 16 warpgroup MMAs are issued (:func:`nvfp4_tile.mma`).
-        prefetch: 256-K groups of its weight words a program asks L2 for ahead of the pipeline's
-            loads, a power of two (0: none; :func:`nvfp4_tile.prefetch_groups`).
 
     Returns:
         ``y [P, Ip]`` bf16, columns in stored order: aligned, ``P = max_tiles * block_m`` (padding
@@ -333,7 +323,6 @@ def gemm1_nvfp4(
         ZERO_BLOCK=ZERO_BLOCK,
         UNROLL=unroll,
         MMA_ISSUE=mma_issue,
-        PREFETCH=prefetch,
         EVEN_K=x.shape[1] % K_GROUP == 0 and (hp // K_GROUP) % unroll == 0,
         num_warps=num_warps,
         num_stages=num_stages,

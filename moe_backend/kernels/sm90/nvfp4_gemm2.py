@@ -22,7 +22,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from ..interpret import INTERPRETING
 from .align import AlignedRouting, GatheredPairs, row_source_args
 from .nvfp4_layout import K_GROUP, weight_geometry
-from .nvfp4_tile import WEIGHT_RESCALE, load_group, mma, prefetch_groups, row_offsets
+from .nvfp4_tile import WEIGHT_RESCALE, load_group, mma, row_offsets
 from .tiles import (
     MAX_GATHER_PAIRS,
     aligned_rows,
@@ -69,12 +69,10 @@ def _gemm2_rows(
     UNROLL: tl.constexpr,
     EVEN_K: tl.constexpr,
     MMA_ISSUE: tl.constexpr,
-    PREFETCH: tl.constexpr,
 ):
     """One tile: ``y[rows]`` (``BLOCK_M`` rows of ``pair``) over K groups ``[kb_start, kb_end)``
     times ``w2[expert, offs_n]``, router-weighted and added atomically at the pairs' tokens
-    (``EVEN_K``: every split's group count is a multiple of ``UNROLL``, so no K masks; ``PREFETCH``
-    as GEMM1's)."""
+    (``EVEN_K``: every split's group count is a multiple of ``UNROLL``, so no K masks)."""
     offs_k = tl.arange(0, 256)
     offs_w = tl.arange(0, 16)
     y_ptrs = y_ptr + rows[:, None].to(tl.int64) * stride_ym + (kb_start * 256 + offs_k)[None, :]
@@ -85,8 +83,6 @@ def _gemm2_rows(
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     # Every split holds a group (the launcher sizes the splits); see GEMM1 on why this matters.
     tl.assume(kb_end > kb_start)
-    if PREFETCH > 0 and not INTERPRET:
-        prefetch_groups(w_row_ptrs, kb_start, kb_end, stride_wg, PREFETCH)
     # UNROLL groups an iteration, as GEMM1's.
     for g0 in range(kb_start, kb_end, UNROLL):
         for u in tl.static_range(UNROLL):
@@ -103,8 +99,6 @@ def _gemm2_rows(
                 in_k = n_ok[:, None] & (g < kb_end)
                 y = tl.load(y_ptrs + u * 256, mask=row_ok[:, None] & (g < kb_end), other=0.0)
             w = load_group(w_ptrs + u * stride_wg, s_ptrs + u * stride_wsg, in_k, True, INTERPRET)
-            if PREFETCH > 0 and not INTERPRET:
-                prefetch_groups(w_row_ptrs, g + PREFETCH, kb_end, stride_wg, 1)
             acc = mma(w, y, acc, MMA_ISSUE, INTERPRET)
         y_ptrs += UNROLL * 256
         w_ptrs += UNROLL * stride_wg
@@ -158,7 +152,6 @@ def _gemm2_kernel(
     UNROLL: tl.constexpr,
     EVEN_K: tl.constexpr,
     MMA_ISSUE: tl.constexpr,
-    PREFETCH: tl.constexpr,
 ):
     if PDL:
         gdc_launch_dependents()  # the cast may start; it waits for this grid before reading acc
@@ -181,7 +174,7 @@ def _gemm2_kernel(
                 pair, pair, ok, expert, offs_n, offs_n < H, kb_start, kb_end, top_k,
                 stride_ym, stride_we, stride_wb, stride_wr, stride_wg, stride_wse, stride_wsb, stride_wsr, stride_wsg,
                 stride_accm,
-                BLOCK_M, BLOCK_N, WEIGHT_ON_INPUT, GATHER, INTERPRET, UNROLL, EVEN_K, MMA_ISSUE, PREFETCH,
+                BLOCK_M, BLOCK_N, WEIGHT_ON_INPUT, GATHER, INTERPRET, UNROLL, EVEN_K, MMA_ISSUE,
             )  # fmt: skip
     else:
         # rows_ptr: the aligned rows' pairs (align.AlignedRouting.sorted_ids).
@@ -198,7 +191,7 @@ def _gemm2_kernel(
             rows, pair, row_ok, expert, offs_n, n_ok, kb_start, kb_end, top_k,
             stride_ym, stride_we, stride_wb, stride_wr, stride_wg, stride_wse, stride_wsb, stride_wsr, stride_wsg,
             stride_accm,
-            BLOCK_M, BLOCK_N, WEIGHT_ON_INPUT, GATHER, INTERPRET, UNROLL, EVEN_K, MMA_ISSUE, PREFETCH,
+            BLOCK_M, BLOCK_N, WEIGHT_ON_INPUT, GATHER, INTERPRET, UNROLL, EVEN_K, MMA_ISSUE,
         )  # fmt: skip
 
 
@@ -223,7 +216,6 @@ def gemm2_nvfp4(
     unroll: int = 1,
     maxnreg: int = 0,
     mma_issue: str = "pieces",
-    prefetch: int = 0,
 ) -> None:
     """Launch GEMM2 + weighted combine: ``acc[t] += w[t, j] * (y_row @ w2[e].T)``.
 
@@ -242,7 +234,6 @@ def gemm2_nvfp4(
         maxnreg: register cap a thread (0: the compiler's choice; the gathered path's default is
             ``GATHER_MAXNREG``).
         mma_issue: how a group's 16 warpgroup MMAs are issued (:func:`nvfp4_tile.mma`).
-        prefetch: as :func:`nvfp4_gemm1.gemm1_nvfp4`'s, within each program's K slice.
     """
     geo = weight_geometry(w2, w2_scale)
     # the blocked form's padding rows (to whole 32-row blocks) are never read: acc's width is H
@@ -290,7 +281,6 @@ def gemm2_nvfp4(
         INTERPRET=INTERPRETING,
         UNROLL=unroll,
         MMA_ISSUE=mma_issue,
-        PREFETCH=prefetch,
         EVEN_K=per_split % unroll == 0 and groups % unroll == 0,
         num_warps=num_warps,
         num_stages=num_stages,

@@ -59,8 +59,7 @@ from .tiles import MAX_GATHER_PAIRS
 #: barriers, waits and address work are paid once for them (fewer instructions a group).
 #: ``MAXNREG*``: register cap a thread, 0 for the compiler's choice (the gathered path then caps at
 #: ``tiles.GATHER_MAXNREG``), else 24 to 255. ``WGMMA*`` (one of ``nvfp4_tile.MMA_ISSUES``): how
-#: each 256-K group's 16 warpgroup MMAs are issued. ``PREFETCH*`` (one of :data:`PREFETCH_GROUPS`):
-#: 256-K groups of its weight words a program asks L2 for ahead of the pipeline's loads.
+#: each 256-K group's 16 warpgroup MMAs are issued.
 CONFIG_KEYS = (
     "path",
     "BLOCK_M",
@@ -80,20 +79,16 @@ CONFIG_KEYS = (
     "MAXNREG2",
     "WGMMA1",
     "WGMMA2",
-    "PREFETCH1",
-    "PREFETCH2",
     "TILE1",
     "TILE2",
 )
 #: Values ``UNROLL1`` / ``UNROLL2`` may take.
 UNROLL_GROUPS = (1, 2, 4)
-#: Values ``PREFETCH1`` / ``PREFETCH2`` may take (0: none).
-PREFETCH_GROUPS = (0, 1, 2, 4, 8)
 #: The keys ``path='bf16_grouped'`` reads; the other paths do not read ``TILE1`` / ``TILE2``.
 GROUPED_KEYS = ("path", "TILE1", "TILE2")
 
 #: The main-loop knobs as every base configuration starts them: Triton's own MMA issue, one
-#: group an iteration, no register cap, no L2 prefetch, plain launches.
+#: group an iteration, no register cap, plain launches.
 _LOOP_DEFAULTS: Dict[str, Any] = dict(
     PDL=False,
     UNROLL1=1,
@@ -102,11 +97,12 @@ _LOOP_DEFAULTS: Dict[str, Any] = dict(
     MAXNREG2=0,
     WGMMA1="pieces",
     WGMMA2="pieces",
-    PREFETCH1=0,
-    PREFETCH2=0,
 )
 
-# Defaults: the best of an H100 sweep (docs/performance.md), DeepSeek-V3 shapes.
+# Defaults: the best of an H100 sweep (docs/performance.md), DeepSeek-V3 shapes. Each group's 16
+# MMAs as one synchronous warpgroup MMA (``WGMMA* = "sync"``): faster than Triton's pieces at every
+# decode point of three H100 runs (2026-12-05 and -06: 0.4-2.0%; the 2026-12-06 bench, code 2fc46a0,
+# T=1 100.1 against 101.7 us at E=256, 98.4 against 100.4 at E=32).
 DECODE_CONFIG: Dict[str, Any] = dict(
     path="decode",
     BLOCK_M=16,
@@ -119,7 +115,7 @@ DECODE_CONFIG: Dict[str, Any] = dict(
     GROUP_M2=1,
     num_warps2=4,
     num_stages2=3,
-    **_LOOP_DEFAULTS,
+    **dict(_LOOP_DEFAULTS, WGMMA1="sync", WGMMA2="sync"),
 )
 #: The decode tiling with GEMM2 and the cast as programmatic dependent launches (each starts while
 #: the launch before it finishes, and waits for it before reading its output). H200, 2026-12-04, one
@@ -138,29 +134,22 @@ DECODE_PDL_CONFIG: Dict[str, Any] = dict(DECODE_CONFIG, PDL=True)
 #: slower. The 8-token, 32-row tiles on two warps that Triton runs on ``mma.sync`` (290-334
 #: instructions a group) measured 1.6-1.9x slower (T=1 E=256 146.5-152.6 against 90.2 us; the
 #: threads wait on their own shared-memory loads) and live on branch ``nvfp4-mma-sync``.
-#: ``wgmma_sync`` / ``wgmma_overlap``: each group's 16 MMAs as one warpgroup MMA in both GEMMs, one
-#: fence and one wait a group instead of six instructions an MMA (``nvfp4_tile.mma``; sm_90a, GEMM1
-#: 348 / 354 instructions a group against 422, GEMM2 347 / 354 against 425, four programs an SM as
-#: before). ``sync`` waits for a group's MMAs before the next group's dequantization, ``overlap``
-#: lets them run under it. H100, 2026-12-05, code c58090c, E=256: ``wgmma_sync`` level with the
-#: default (T=1 107.0 against 107.7 us, T=2 179.9 against 180.8, T=8 608.4 against 611.0); ncu at
+#: ``wgmma_pieces`` / ``wgmma_overlap``: Triton's own issue of a group's 16 MMAs (six instructions
+#: an MMA) and the whole group's MMAs left in flight under the next group's dequantization, against
+#: the default's one synchronous warpgroup MMA a group (``nvfp4_tile.mma``; sm_90a, GEMM1 422 / 354
+#: instructions a group against 348, GEMM2 425 / 354 against 347, four programs an SM all three).
+#: H100, 2026-12-05, code c58090c, E=256: ``sync`` level with ``pieces`` (T=1 107.0 against 107.7
+#: us, T=2 179.9 against 180.8, T=8 608.4 against 611.0), 0.8-2.0% faster on 2026-12-06; ncu at
 #: T=1: the same GEMM1 duration, 7.0 cycles an issued instruction against 5.85 (the waits grew by
 #: what the instructions shrank). Cutting each group into two or four dots so that five to eight
 #: programs fit an SM (56-95 registers), with or without GEMM1's K split over two programs, measured
 #: 3-41% slower there (T=1 114.5-143.2 us) and lives on branch ``nvfp4-dots-split``.
-#: ``prefetch4`` / ``prefetch8``: both GEMMs ask L2 for their weight words four or eight 256-K
-#: groups ahead of the pipeline's loads (the first groups before the loop), so that more requests
-#: are in flight than the pipeline's two stages. Built 2026-12-05 after the twenty-third session's
-#: ncu (21% of GEMM1's stall samples at the loop head, waiting for the next stage's data, with
-#: DRAM at 67%); not yet timed.
-_SYNC = dict(DECODE_CONFIG, WGMMA1="sync", WGMMA2="sync")
+_PIECES = dict(DECODE_CONFIG, WGMMA1="pieces", WGMMA2="pieces")
 _OVERLAP = dict(DECODE_CONFIG, WGMMA1="overlap", WGMMA2="overlap")
 DECODE_VARIANTS: Dict[str, Dict[str, Any]] = {
     "pdl": DECODE_PDL_CONFIG,
-    "wgmma_sync": _SYNC,
+    "wgmma_pieces": _PIECES,
     "wgmma_overlap": _OVERLAP,
-    "prefetch4": dict(DECODE_CONFIG, PREFETCH1=4, PREFETCH2=4),
-    "prefetch8": dict(DECODE_CONFIG, PREFETCH1=8, PREFETCH2=8),
 }
 #: ``swapab``: the decode tiling without the ``align`` and ``permute`` launches (each expert's
 #: leader pair gathers its pairs, GEMM1 reads the hidden states in natural order) and
@@ -217,7 +206,8 @@ DEFAULT_TIERS = ((16, DECODE_CONFIG), (32, PREFILL_32_CONFIG), (float("inf"), PR
 #: Version of this kernel's tuned configurations: the tuning cache keeps a configuration only
 #: for the version it was tuned for. Bump it when the kernels, their weight layout
 #: (``NVFP4KernelWeights``) or the configuration schema (CONFIG_KEYS, their meaning) change.
-KERNEL_VERSION = 11
+#: 12: the decode default's ``WGMMA*`` became ``"sync"``; ``PREFETCH*`` removed.
+KERNEL_VERSION = 12
 
 #: What the tuner times per token bucket (each overrides the heuristic default of that size):
 #: the decode path, prefill tilings from skinny to square, and the bf16 grouped GEMMs (the
@@ -321,14 +311,13 @@ def _run_grouped(
 
 
 def _check_loop_knobs(cfg: Dict[str, Any]) -> None:
-    """ValueError naming ``UNROLL1`` / ``UNROLL2`` outside :data:`UNROLL_GROUPS`, ``PREFETCH1`` /
-    ``PREFETCH2`` outside :data:`PREFETCH_GROUPS`, ``MAXNREG1`` / ``MAXNREG2`` neither 0 nor an
-    int from 24 to 255, ``WGMMA1`` / ``WGMMA2`` not one of ``nvfp4_tile.MMA_ISSUES``."""
-    for keys, allowed in ((("UNROLL1", "UNROLL2"), UNROLL_GROUPS), (("PREFETCH1", "PREFETCH2"), PREFETCH_GROUPS)):
-        for key in keys:
-            value = cfg[key]
-            if isinstance(value, bool) or not isinstance(value, int) or value not in allowed:
-                raise ValueError(f"config: {key} must be one of {allowed}, got {value!r}")
+    """ValueError naming ``UNROLL1`` / ``UNROLL2`` outside :data:`UNROLL_GROUPS`, ``MAXNREG1`` /
+    ``MAXNREG2`` neither 0 nor an int from 24 to 255, ``WGMMA1`` / ``WGMMA2`` not one of
+    ``nvfp4_tile.MMA_ISSUES``."""
+    for key in ("UNROLL1", "UNROLL2"):
+        value = cfg[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value not in UNROLL_GROUPS:
+            raise ValueError(f"config: {key} must be one of {UNROLL_GROUPS}, got {value!r}")
     for key in ("MAXNREG1", "MAXNREG2"):
         value = cfg[key]
         if isinstance(value, bool) or not isinstance(value, int) or not (value == 0 or 24 <= value <= 255):
@@ -350,7 +339,6 @@ def gemm_launch_args(cfg: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[str, Any
         unroll=cfg["UNROLL1"],
         maxnreg=cfg["MAXNREG1"],
         mma_issue=cfg["WGMMA1"],
-        prefetch=cfg["PREFETCH1"],
     )
     g2 = dict(
         BLOCK_N=cfg["BLOCK_N2"],
@@ -361,7 +349,6 @@ def gemm_launch_args(cfg: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[str, Any
         unroll=cfg["UNROLL2"],
         maxnreg=cfg["MAXNREG2"],
         mma_issue=cfg["WGMMA2"],
-        prefetch=cfg["PREFETCH2"],
     )
     return g1, g2
 

@@ -35,7 +35,6 @@ from .nvfp4_layout import (
     SLOT3_M_SHIFT,
     SLOT_ROTATIONS,
 )
-from .tiles import prefetch_l2
 
 #: The dequantized bf16 weights carry a factor ``-2**-8``; the epilogues multiply the fp32 sums by
 #: its inverse (exact: a power of two).
@@ -170,15 +169,6 @@ def row_offsets(rows, stride_block, stride_row):
     in either form of ``nvfp4_layout.weight_geometry`` (rows in order: ``stride_block`` is
     ``ROW_BLOCK * stride_row``)."""
     return (rows // ROW_BLOCK) * stride_block + (rows % ROW_BLOCK) * stride_row
-
-
-@triton.jit
-def prefetch_groups(row_ptrs, g_start, g_end, stride_group, COUNT: tl.constexpr):
-    """Ask L2 for groups ``g_start .. g_start + COUNT - 1`` (clamped below ``g_end``) of the weight
-    rows whose words start at ``row_ptrs`` ``[R]``: one 128-byte line a row and group (a row's
-    group of 32 words). ``COUNT`` a power of two."""
-    groups = tl.minimum(g_start + tl.arange(0, COUNT), g_end - 1)
-    prefetch_l2(row_ptrs[:, None] + groups[None, :] * stride_group)
 
 
 @triton.jit
