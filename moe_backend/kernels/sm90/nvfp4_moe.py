@@ -101,7 +101,7 @@ _LOOP_DEFAULTS: Dict[str, Any] = dict(
 
 # Defaults: the best of an H100 sweep (docs/performance.md), DeepSeek-V3 shapes. Each group's 16
 # MMAs as one synchronous warpgroup MMA (``WGMMA* = "sync"``): faster than Triton's pieces at every
-# decode point of three H100 runs (2026-12-05 and -06: 0.4-2.0%; the 2026-12-06 bench, code 2fc46a0,
+# decode point of three H100 runs (2026-12-05 and -06: 0.2-2.0%; the 2026-12-06 bench, code 2fc46a0,
 # T=1 100.1 against 101.7 us at E=256, 98.4 against 100.4 at E=32).
 DECODE_CONFIG: Dict[str, Any] = dict(
     path="decode",
@@ -139,7 +139,7 @@ DECODE_PDL_CONFIG: Dict[str, Any] = dict(DECODE_CONFIG, PDL=True)
 #: the default's one synchronous warpgroup MMA a group (``nvfp4_tile.mma``; sm_90a, GEMM1 422 / 354
 #: instructions a group against 348, GEMM2 425 / 354 against 347, four programs an SM all three).
 #: H100, 2026-12-05, code c58090c, E=256: ``sync`` level with ``pieces`` (T=1 107.0 against 107.7
-#: us, T=2 179.9 against 180.8, T=8 608.4 against 611.0), 0.8-2.0% faster on 2026-12-06; ncu at
+#: us, T=2 179.9 against 180.8, T=8 608.4 against 611.0), 0.2-2.0% faster on 2026-12-06; ncu at
 #: T=1: the same GEMM1 duration, 7.0 cycles an issued instruction against 5.85 (the waits grew by
 #: what the instructions shrank). Cutting each group into two or four dots so that five to eight
 #: programs fit an SM (56-95 registers), with or without GEMM1's K split over two programs, measured
