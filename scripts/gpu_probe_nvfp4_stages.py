@@ -1,0 +1,184 @@
+"""Where does the NVFP4 decode GEMM1's time go? Its main loop with stages dropped, one GPU call.
+
+At T=1 (E=256, top-8: 8 active experts, one token each) GEMM1 streams 8 experts' ``w13`` words
+and scale codes (132 MB in the kernel layout) at about 64% of the read-stream ceiling (H100), and
+no change to its loads (shared-memory stages or registers, bytes in flight, L2 prefetches) or to
+its instruction count has moved it (docs/performance.md, sessions 7-25). This probe times, on the
+same weights in one run:
+
+* ``stream``: the bench's read-only ceiling kernel over the same words and codes;
+* ``loads``: GEMM1's grid (8 experts x 2Ip/64 programs of 64 rows: 32 gate rows and 32 up rows,
+  4 warps, 3 stages) loading every group's words, scale codes and activation tile as GEMM1 does,
+  consuming them with XORs only;
+* ``loads_mma``: the same plus the 16 warpgroup MMAs a group on a constant weight tile (what the
+  tensor cores and the activations' shared-memory path cost, no dequantization);
+* ``full``: the loads, the dequantization (``nvfp4_tile.load_group``) and the MMAs, as GEMM1's main
+  loop (``WGMMA1="sync"``), without its alignment rows and epilogue;
+* ``gemm1``: the product's GEMM1 (``nvfp4_gemm1.gemm1_nvfp4``, decode default) at T=1 for
+  calibration.
+
+Diagnosis only: the stage variants' outputs mean nothing. CUDA-graph replays, ``do_bench``
+median, L2 flushed (``decode_breakdown.timed``), ``--rounds`` rounds. Prints a table; writes
+``$OUT/gpu_probe_nvfp4_stages.json``.
+
+    python -P scripts/gpu_probe_nvfp4_stages.py [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Dict, List
+
+import torch
+import triton
+import triton.language as tl
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from decode_breakdown import timed  # noqa: E402
+
+from moe_backend.cli.bench import balanced_ids, random_nvfp4_weights  # noqa: E402
+from moe_backend.cli.bench_ceilings import expert_stream  # noqa: E402
+from moe_backend.kernels.interpret import INTERPRETING  # noqa: E402
+from moe_backend.kernels.sm90.nvfp4_act import align_and_permute  # noqa: E402
+from moe_backend.kernels.sm90.nvfp4_gemm1 import gemm1_nvfp4  # noqa: E402
+from moe_backend.kernels.sm90.nvfp4_layout import NVFP4KernelWeights, nvfp4_to_kernel_layout, weight_geometry  # noqa: E402
+from moe_backend.kernels.sm90.nvfp4_moe import DECODE_CONFIG, gemm_launch_args  # noqa: E402
+from moe_backend.kernels.sm90.nvfp4_tile import load_group, mma, row_offsets  # noqa: E402
+
+H, INTER, TOP_K, ACTIVE = 7168, 2048, 8, 8
+STAGES = ("loads", "loads_mma", "full")
+
+
+@triton.jit
+def _stage_kernel(
+    w_ptr,
+    s_ptr,
+    x_ptr,
+    out_ptr,
+    IP,
+    num_groups,
+    stride_we,
+    stride_wb,
+    stride_wr,
+    stride_wg,
+    stride_se,
+    stride_sb,
+    stride_sr,
+    stride_sg,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    STAGE: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    """GEMM1's decode main loop over expert ``program_id // (IP / BLOCK_N)``'s gate and up rows of
+    column block ``program_id % (IP / BLOCK_N)``, with the stages ``STAGE`` names (module doc);
+    one float a program to ``out`` keeps every stage's results alive."""
+    expert = tl.program_id(0) // (IP // BLOCK_N)
+    pid_n = tl.program_id(0) % (IP // BLOCK_N)
+    offs_r = tl.arange(0, 2 * BLOCK_N)
+    w_rows = pid_n * BLOCK_N + tl.where(offs_r < BLOCK_N, offs_r, IP + offs_r - BLOCK_N)
+    offs_w = tl.arange(0, 16)
+    w_ptrs = w_ptr + expert * stride_we + row_offsets(w_rows, stride_wb, stride_wr)[:, None] + offs_w[None, :]
+    s_ptrs = s_ptr + expert * stride_se + row_offsets(w_rows, stride_sb, stride_sr)[:, None] + offs_w[None, :]
+    offs_m = tl.arange(0, BLOCK_M)
+    # one token (T=1): the tile's other rows are masked, as GEMM1's padding rows of an expert
+    x_ptrs = x_ptr + offs_m[:, None] * (num_groups * 256) + tl.arange(0, 256)[None, :]
+    x_ok = (offs_m < 1)[:, None]
+    acc = tl.zeros([2 * BLOCK_N, BLOCK_M], dtype=tl.float32)
+    keep = tl.zeros([2 * BLOCK_N, 16], dtype=tl.int32)
+    keep_x = tl.zeros([BLOCK_M, 256], dtype=tl.int16)
+    ones = tl.full([2 * BLOCK_N, 256], 1.0, tl.float32).to(tl.bfloat16)
+    tl.assume(num_groups > 0)
+    for g in tl.range(0, num_groups, num_stages=NUM_STAGES):
+        x = tl.load(x_ptrs + g * 256, mask=x_ok, other=0.0)
+        if STAGE == "full":
+            w = load_group(w_ptrs + g * stride_wg, s_ptrs + g * stride_sg, True, False, INTERPRET)
+            acc = mma(w, x, acc, "sync", INTERPRET)
+        else:
+            words0 = tl.load(w_ptrs + g * stride_wg)
+            words1 = tl.load(w_ptrs + g * stride_wg + 16)
+            codes = tl.load(s_ptrs + g * stride_sg)
+            keep ^= words0 ^ words1 ^ codes.to(tl.int32)
+            if STAGE == "loads_mma":
+                acc = mma(ones, x, acc, "sync", INTERPRET)
+            else:
+                keep_x ^= x.to(tl.int16, bitcast=True)
+    total = tl.sum(tl.sum(acc, 1), 0) + tl.xor_sum(tl.xor_sum(keep, 1), 0).to(tl.float32)
+    total += tl.xor_sum(tl.xor_sum(keep_x, 1), 0).to(tl.float32)
+    tl.store(out_ptr + tl.program_id(0), total)
+
+
+def stage_call(w: NVFP4KernelWeights, x: torch.Tensor, stage: str) -> Callable[[], None]:
+    """A launch of :func:`_stage_kernel` over the first ``ACTIVE`` experts of ``w``'s ``w13``."""
+    geo = weight_geometry(w.w13, w.w13_scale)
+    ip = geo.rows // 2
+    block_n = DECODE_CONFIG["BLOCK_N1"]
+    grid = (ACTIVE * (ip // block_n),)
+    out = torch.empty(grid[0], dtype=torch.float32, device=x.device)
+    return lambda: _stage_kernel[grid](
+        w.w13, w.w13_scale, x, out, ip, geo.groups, *geo.words, *geo.scales,
+        BLOCK_N=block_n, BLOCK_M=DECODE_CONFIG["BLOCK_M"], STAGE=stage, NUM_STAGES=DECODE_CONFIG["num_stages1"],
+        INTERPRET=INTERPRETING,
+        num_warps=DECODE_CONFIG["num_warps1"], num_stages=DECODE_CONFIG["num_stages1"],
+    )  # fmt: skip
+
+
+def gemm1_call(w: NVFP4KernelWeights, hidden: torch.Tensor, ids: torch.Tensor, tw: torch.Tensor) -> Callable[[], None]:
+    """The product's decode GEMM1 (``DECODE_CONFIG``) on one input set, alignment done outside."""
+    cfg = DECODE_CONFIG
+    t, k = ids.shape
+    routing, x = align_and_permute(ids, w.num_experts, 0, cfg["BLOCK_M"], hidden, w.padded_hidden)
+    x = x.clone()
+    acc = torch.zeros(t, H, dtype=torch.float32, device=hidden.device)
+    g1, _ = gemm_launch_args(cfg)
+    return lambda: gemm1_nvfp4(
+        x, w.w13, w.w13_scale, w.w13_scale_2, routing, tw, acc, num_pairs=t * k, top_k=k, weight_on_input=False, **g1
+    )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--sets", type=int, default=4)
+    p.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("gpu_probe_nvfp4_stages: needs a CUDA GPU")
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    w = nvfp4_to_kernel_layout(random_nvfp4_weights(ACTIVE, H, INTER, dev))
+    gen = torch.Generator().manual_seed(1)
+    sets = [
+        (torch.randn(1, H, device=dev).to(torch.bfloat16), balanced_ids(1, TOP_K, ACTIVE, gen, dev),
+         torch.rand(1, TOP_K, device=dev) + 0.1)
+        for _ in range(args.sets)
+    ]  # fmt: skip
+    xs = [torch.randn(16, w.padded_hidden, device=dev).to(torch.bfloat16) for _ in range(args.sets)]
+    calls: Dict[str, List[Callable[[], None]]] = {
+        "stream": [expert_stream(w.w13, w.w13_scale, torch.arange(ACTIVE, dtype=torch.int32, device=dev))],
+        **{stage: [stage_call(w, x, stage) for x in xs] for stage in STAGES},
+        "gemm1": [gemm1_call(w, *s) for s in sets],
+    }
+    megabytes = (w.w13.numel() * 4 + w.w13_scale.numel()) / 1e6
+    results = []
+    for r in range(args.rounds):
+        for name, c in calls.items():
+            row = dict(what=name, round=r, us=timed(c), megabytes=megabytes)
+            results.append(row)
+            print(json.dumps(row), flush=True)
+    out = Path(args.out) / "gpu_probe_nvfp4_stages.json"
+    out.write_text(json.dumps(dict(device=torch.cuda.get_device_name(), results=results), indent=1))
+    print(f"\n{'what':<10} {'us':>8} {'TB/s':>6}  ({megabytes:.1f} MB of words and scale codes)")
+    for name in calls:
+        us = sum(r["us"] for r in results if r["what"] == name) / args.rounds
+        print(f"{name:<10} {us:>8.1f} {megabytes / us:>6.2f}")
+
+
+if __name__ == "__main__":
+    main()
