@@ -35,6 +35,7 @@ from moe_backend.kernels.sm90.nvfp4_gemm1 import gemm1_nvfp4
 from moe_backend.kernels.sm90.nvfp4_gemm2 import gemm2_nvfp4
 from moe_backend.kernels.sm90.nvfp4_layout import kernel_k_order, nvfp4_to_kernel_layout, rows_of_blocks
 from moe_backend.kernels.sm90.nvfp4_moe import (
+    CANDIDATE_CONFIGS,
     DECODE_CONFIG,
     DECODE_VARIANTS,
     default_config,
@@ -275,6 +276,20 @@ def test_gpu_both_paths_and_weight_on_input(path, t, e, k):
     }[path]
     check(make_problem(t, 7168, 512, e, k), config=cfg)
     check(make_problem(t, 7168, 512, e, k, one_expert=True, seed=1), config=cfg, weight_on_input=True)
+
+
+#: The tuner's candidates on the Triton paths (the grouped path has its own tests below).
+TRITON_CANDIDATES = [cfg for cfg in CANDIDATE_CONFIGS if cfg["path"] != "bf16_grouped"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("index", range(len(TRITON_CANDIDATES)))
+@pytest.mark.parametrize("t,e,k", [(1, 32, 8), (16, 32, 8), (300, 8, 2)])
+def test_gpu_tuner_candidates_match_reference(index, t, e, k):
+    """Every Triton-path tuner candidate (``nvfp4_moe.CANDIDATE_CONFIGS``: the decode tiling with
+    the synchronous MMA issue on 4 and 8 warps, two stages, the prefill tilings) at a decode, a
+    mid and a prefill size, with EP-foreign and -1 ids."""
+    check(make_problem(t, 7168, 512, e, k, invalid=True, seed=index), config=TRITON_CANDIDATES[index])
 
 
 @pytest.mark.gpu
