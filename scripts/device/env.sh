@@ -1,12 +1,17 @@
 # Sourced at the start of every H200 device call (`source scripts/device/env.sh`): installs this
-# checkout under /tmp/mb once per machine, unpacks whatever parts of scripts/device/pack.sh the call
-# carried (a warm machine keeps what earlier calls unpacked), and sets PYTHONPATH. Run the package
-# with `python -P` so that the checkout itself is not imported instead.
+# checkout under /tmp/mb, again whenever the package's sources differ from those installed (a warm
+# machine keeps /tmp/mb between calls while the working tree may have changed: the twenty-fifth
+# session's tests once ran an earlier call's code), unpacks whatever parts of scripts/device/pack.sh
+# the call carried (a warm machine keeps what earlier calls unpacked), and sets PYTHONPATH. Run the
+# package with `python -P` so that the checkout itself is not imported instead.
 set -uo pipefail
 export OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
-if [ ! -f /tmp/mb/.done ]; then
-    python -m pip install -q --no-deps --no-build-isolation --target /tmp/mb . >"$OUT/install.log" 2>&1 && touch /tmp/mb/.done
+sources=$(find moe_backend weights integrations pyproject.toml -type f -not -path '*/__pycache__/*' | sort | xargs cat | sha1sum | cut -d' ' -f1)
+if [ "$(cat /tmp/mb/.done 2>/dev/null)" != "$sources" ]; then
+    rm -rf /tmp/mb
+    python -m pip install -q --no-deps --no-build-isolation --target /tmp/mb . >"$OUT/install.log" 2>&1 \
+        && echo "$sources" >/tmp/mb/.done
 fi
 for part in .bundle/vllm-part*.tar; do
     [ -f "$part" ] || continue
