@@ -15,7 +15,7 @@ same weights in one run:
 * ``full``: the loads, the dequantization (``nvfp4_tile.load_group``) and the MMAs, as GEMM1's main
   loop (``WGMMA1="sync"``), without its alignment rows and epilogue;
 * ``gemm1``: the product's GEMM1 (``nvfp4_gemm1.gemm1_nvfp4``, decode default) at T=1 for
-  calibration.
+  calibration (``gpu_probe_nvfp4_blocks.decode_calls``, alignment done outside).
 
 Diagnosis only: the stage variants' outputs mean nothing. CUDA-graph replays, ``do_bench``
 median, L2 flushed (``decode_breakdown.timed``), ``--rounds`` rounds. Prints a table; writes
@@ -40,14 +40,13 @@ import triton.language as tl
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from decode_breakdown import timed  # noqa: E402
+from gpu_probe_nvfp4_blocks import decode_calls  # noqa: E402
 
 from moe_backend.cli.bench import balanced_ids, random_nvfp4_weights  # noqa: E402
 from moe_backend.cli.bench_ceilings import expert_stream  # noqa: E402
 from moe_backend.kernels.interpret import INTERPRETING  # noqa: E402
-from moe_backend.kernels.sm90.nvfp4_act import align_and_permute  # noqa: E402
-from moe_backend.kernels.sm90.nvfp4_gemm1 import gemm1_nvfp4  # noqa: E402
 from moe_backend.kernels.sm90.nvfp4_layout import NVFP4KernelWeights, nvfp4_to_kernel_layout, weight_geometry  # noqa: E402
-from moe_backend.kernels.sm90.nvfp4_moe import DECODE_CONFIG, gemm_launch_args  # noqa: E402
+from moe_backend.kernels.sm90.nvfp4_moe import DECODE_CONFIG  # noqa: E402
 from moe_backend.kernels.sm90.nvfp4_tile import load_group, mma, row_offsets  # noqa: E402
 
 H, INTER, TOP_K, ACTIVE = 7168, 2048, 8, 8
@@ -129,19 +128,6 @@ def stage_call(w: NVFP4KernelWeights, x: torch.Tensor, stage: str) -> Callable[[
     )  # fmt: skip
 
 
-def gemm1_call(w: NVFP4KernelWeights, hidden: torch.Tensor, ids: torch.Tensor, tw: torch.Tensor) -> Callable[[], None]:
-    """The product's decode GEMM1 (``DECODE_CONFIG``) on one input set, alignment done outside."""
-    cfg = DECODE_CONFIG
-    t, k = ids.shape
-    routing, x = align_and_permute(ids, w.num_experts, 0, cfg["BLOCK_M"], hidden, w.padded_hidden)
-    x = x.clone()
-    acc = torch.zeros(t, H, dtype=torch.float32, device=hidden.device)
-    g1, _ = gemm_launch_args(cfg)
-    return lambda: gemm1_nvfp4(
-        x, w.w13, w.w13_scale, w.w13_scale_2, routing, tw, acc, num_pairs=t * k, top_k=k, weight_on_input=False, **g1
-    )
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=2)
@@ -163,7 +149,7 @@ def main() -> None:
     calls: Dict[str, List[Callable[[], None]]] = {
         "stream": [expert_stream(w.w13, w.w13_scale, torch.arange(ACTIVE, dtype=torch.int32, device=dev))],
         **{stage: [stage_call(w, x, stage) for x in xs] for stage in STAGES},
-        "gemm1": [gemm1_call(w, *s) for s in sets],
+        "gemm1": [decode_calls(w, (w.w13, w.w13_scale, w.w2, w.w2_scale), s, DECODE_CONFIG)[1] for s in sets],
     }
     megabytes = (w.w13.numel() * 4 + w.w13_scale.numel()) / 1e6
     results = []

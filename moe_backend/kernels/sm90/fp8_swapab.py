@@ -47,7 +47,6 @@ from .tiles import (
     expert_members,
     gather_scan_width,
     local_expert_members,
-    prefetch_l2,
     zero_fill,
 )
 
@@ -58,6 +57,15 @@ ZERO_BLOCK = tl.constexpr(1024)
 PREFETCH_BLOCKS = (0, 1, 2, 4, 8, 16)
 #: Values ``UNROLL1`` and ``UNROLL2`` may take: K blocks a GEMM1 or GEMM2 pipeline iteration handles.
 UNROLL_BLOCKS = (1, 2, 4)
+
+
+@triton.jit
+def prefetch_l2(ptrs):
+    """Ask L2 for the 128-byte line holding each address of ``ptrs`` (any shape): a hint with no
+    value, so that a load issued later finds the line in L2."""
+    tl.inline_asm_elementwise(
+        "mov.u32 $0, 0;\nprefetch.global.L2 [$1];", "=r,l", [ptrs], dtype=tl.int32, is_pure=False, pack=1
+    )
 
 
 @triton.jit

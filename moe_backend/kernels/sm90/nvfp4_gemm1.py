@@ -93,8 +93,7 @@ def _gemm1_rows(
     w_rows = pid_n * BLOCK_N + tl.where(is_gate, offs_r, IP + offs_r - BLOCK_N)
 
     x_ptrs = x_ptr + token[:, None] * stride_xm + offs_k[None, :]
-    w_row_ptrs = w_ptr + expert * stride_we + row_offsets(w_rows, stride_wb, stride_wr)
-    w_ptrs = w_row_ptrs[:, None] + offs_w[None, :]
+    w_ptrs = w_ptr + expert * stride_we + row_offsets(w_rows, stride_wb, stride_wr)[:, None] + offs_w[None, :]
     s_ptrs = ws_ptr + expert * stride_wse + row_offsets(w_rows, stride_wsb, stride_wsr)[:, None] + offs_w[None, :]
 
     acc = tl.zeros([2 * BLOCK_N, BLOCK_M], dtype=tl.float32)

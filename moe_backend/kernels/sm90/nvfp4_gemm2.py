@@ -76,9 +76,9 @@ def _gemm2_rows(
     offs_k = tl.arange(0, 256)
     offs_w = tl.arange(0, 16)
     y_ptrs = y_ptr + rows[:, None].to(tl.int64) * stride_ym + (kb_start * 256 + offs_k)[None, :]
-    w_row_ptrs = w_ptr + expert * stride_we + row_offsets(offs_n, stride_wb, stride_wr)
+    w_rows = row_offsets(offs_n, stride_wb, stride_wr) + kb_start * stride_wg
     s_rows = row_offsets(offs_n, stride_wsb, stride_wsr) + kb_start * stride_wsg
-    w_ptrs = w_row_ptrs[:, None] + kb_start * stride_wg + offs_w[None, :]
+    w_ptrs = w_ptr + expert * stride_we + w_rows[:, None] + offs_w[None, :]
     s_ptrs = ws_ptr + expert * stride_wse + s_rows[:, None] + offs_w[None, :]
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     # Every split holds a group (the launcher sizes the splits); see GEMM1 on why this matters.

@@ -331,26 +331,20 @@ def gemm_launch_args(cfg: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[str, Any
     """The keyword arguments a resolved Triton-path configuration gives ``gemm1_nvfp4`` and
     ``gemm2_nvfp4`` (tiles, pipeline and main-loop knobs; not the call's pairs, top-k, router-weight
     placement or PDL)."""
-    g1 = dict(
-        BLOCK_N=cfg["BLOCK_N1"],
-        GROUP_M=cfg["GROUP_M1"],
-        num_warps=cfg["num_warps1"],
-        num_stages=cfg["num_stages1"],
-        unroll=cfg["UNROLL1"],
-        maxnreg=cfg["MAXNREG1"],
-        mma_issue=cfg["WGMMA1"],
-    )
-    g2 = dict(
-        BLOCK_N=cfg["BLOCK_N2"],
-        SPLIT_K=cfg["SPLIT_K2"],
-        GROUP_M=cfg["GROUP_M2"],
-        num_warps=cfg["num_warps2"],
-        num_stages=cfg["num_stages2"],
-        unroll=cfg["UNROLL2"],
-        maxnreg=cfg["MAXNREG2"],
-        mma_issue=cfg["WGMMA2"],
-    )
-    return g1, g2
+
+    def knobs(n: int) -> Dict[str, Any]:
+        """GEMM ``n``'s keys (``BLOCK_N{n}``, ...), as the launchers' keyword arguments."""
+        return dict(
+            BLOCK_N=cfg[f"BLOCK_N{n}"],
+            GROUP_M=cfg[f"GROUP_M{n}"],
+            num_warps=cfg[f"num_warps{n}"],
+            num_stages=cfg[f"num_stages{n}"],
+            unroll=cfg[f"UNROLL{n}"],
+            maxnreg=cfg[f"MAXNREG{n}"],
+            mma_issue=cfg[f"WGMMA{n}"],
+        )
+
+    return knobs(1), dict(knobs(2), SPLIT_K=cfg["SPLIT_K2"])
 
 
 def prepare_nvfp4(weights: NVFP4Weights) -> NVFP4KernelWeights:

@@ -114,12 +114,3 @@ def chunk_pairs(members, rank, count, chunk, PAIRS: tl.constexpr, BLOCK_T: tl.co
     pick = members[None, :] & (rank[None, :] == slot[:, None])
     pair = tl.sum(tl.where(pick, tl.arange(0, PAIRS)[None, :], 0), 1)
     return pair, slot < count
-
-
-@triton.jit
-def prefetch_l2(ptrs):
-    """Ask L2 for the 128-byte line holding each address of ``ptrs`` (any shape): a hint with no
-    value, so that a load issued later finds the line in L2."""
-    tl.inline_asm_elementwise(
-        "mov.u32 $0, 0;\nprefetch.global.L2 [$1];", "=r,l", [ptrs], dtype=tl.int32, is_pure=False, pack=1
-    )
