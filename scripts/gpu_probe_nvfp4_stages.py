@@ -15,7 +15,10 @@ same weights in one run:
 * ``full``: the loads, the dequantization (``nvfp4_tile.load_group``) and the MMAs, as GEMM1's main
   loop (``WGMMA1="sync"``), without its alignment rows and epilogue;
 * ``gemm1``: the product's GEMM1 (``nvfp4_gemm1.gemm1_nvfp4``, decode default) at T=1 for
-  calibration (``gpu_probe_nvfp4_blocks.decode_calls``, alignment done outside).
+  calibration (``gpu_probe_nvfp4_blocks.decode_calls``, alignment done outside);
+* ``stream_w2`` / ``gemm2``: the same for GEMM2's ``w2`` words and codes (66 MB) and the product's
+  GEMM2; ``stream_layer`` / ``layer``: one read launch over both experts' words and codes against
+  the product's decode layer (alignment, both GEMMs, the cast).
 
 Diagnosis only: the stage variants' outputs mean nothing. CUDA-graph replays, ``do_bench``
 median, L2 flushed (``decode_breakdown.timed``), ``--rounds`` rounds. Prints a table; writes
@@ -31,7 +34,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Tuple
 
 import torch
 import triton
@@ -113,8 +116,9 @@ def _stage_kernel(
     tl.store(out_ptr + tl.program_id(0), total)
 
 
-def stage_call(w: NVFP4KernelWeights, x: torch.Tensor, stage: str) -> Callable[[], None]:
-    """A launch of :func:`_stage_kernel` over the first ``ACTIVE`` experts of ``w``'s ``w13``."""
+def stage_call(w: NVFP4KernelWeights, x: torch.Tensor, stage: str, num_stages: int) -> Callable[[], None]:
+    """A launch of :func:`_stage_kernel` over the first ``ACTIVE`` experts of ``w``'s ``w13``, its
+    loop software-pipelined over ``num_stages`` stages."""
     geo = weight_geometry(w.w13, w.w13_scale)
     ip = geo.rows // 2
     block_n = DECODE_CONFIG["BLOCK_N1"]
@@ -122,9 +126,9 @@ def stage_call(w: NVFP4KernelWeights, x: torch.Tensor, stage: str) -> Callable[[
     out = torch.empty(grid[0], dtype=torch.float32, device=x.device)
     return lambda: _stage_kernel[grid](
         w.w13, w.w13_scale, x, out, ip, geo.groups, *geo.words, *geo.scales,
-        BLOCK_N=block_n, BLOCK_M=DECODE_CONFIG["BLOCK_M"], STAGE=stage, NUM_STAGES=DECODE_CONFIG["num_stages1"],
+        BLOCK_N=block_n, BLOCK_M=DECODE_CONFIG["BLOCK_M"], STAGE=stage, NUM_STAGES=num_stages,
         INTERPRET=INTERPRETING,
-        num_warps=DECODE_CONFIG["num_warps1"], num_stages=DECODE_CONFIG["num_stages1"],
+        num_warps=DECODE_CONFIG["num_warps1"], num_stages=num_stages,
     )  # fmt: skip
 
 
@@ -133,6 +137,10 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--sets", type=int, default=4)
     p.add_argument("--out", default=os.environ.get("OUT", "."))
+    p.add_argument(
+        "--num-stages", type=int, nargs="+", default=[DECODE_CONFIG["num_stages1"]],
+        help="pipeline depths of the stage kernels and GEMM1 (names get _st<n> past the default's)",
+    )  # fmt: skip
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("gpu_probe_nvfp4_stages: needs a CUDA GPU")
@@ -146,24 +154,37 @@ def main() -> None:
         for _ in range(args.sets)
     ]  # fmt: skip
     xs = [torch.randn(16, w.padded_hidden, device=dev).to(torch.bfloat16) for _ in range(args.sets)]
-    calls: Dict[str, List[Callable[[], None]]] = {
-        "stream": [expert_stream(w.w13, w.w13_scale, torch.arange(ACTIVE, dtype=torch.int32, device=dev))],
-        **{stage: [stage_call(w, x, stage) for x in xs] for stage in STAGES},
-        "gemm1": [decode_calls(w, (w.w13, w.w13_scale, w.w2, w.w2_scale), s, DECODE_CONFIG)[1] for s in sets],
+    experts = torch.arange(ACTIVE, dtype=torch.int32, device=dev)
+    mb13 = (w.w13.numel() * 4 + w.w13_scale.numel()) / 1e6
+    mb2 = (w.w2.numel() * 4 + w.w2_scale.numel()) / 1e6
+    # name -> (one launch a rotating input set, megabytes of weights it reads)
+    calls: Dict[str, Tuple[List[Callable[[], None]], float]] = {
+        "stream": ([expert_stream(w.w13, w.w13_scale, experts)], mb13),
     }
-    megabytes = (w.w13.numel() * 4 + w.w13_scale.numel()) / 1e6
+    weights = (w.w13, w.w13_scale, w.w2, w.w2_scale)
+    for n in args.num_stages:
+        tag = "" if n == DECODE_CONFIG["num_stages1"] else f"_st{n}"
+        calls.update({stage + tag: ([stage_call(w, x, stage, n) for x in xs], mb13) for stage in STAGES})
+        cfg = dict(DECODE_CONFIG, num_stages1=n)
+        calls["gemm1" + tag] = ([decode_calls(w, weights, s, cfg)[1] for s in sets], mb13)
+    default = [decode_calls(w, weights, s, DECODE_CONFIG) for s in sets]
+    calls["stream_w2"] = ([expert_stream(w.w2, w.w2_scale, experts)], mb2)
+    calls["gemm2"] = ([c[2] for c in default], mb2)
+    # the words of both matrices in one launch (the scale codes, 1/16 of the bytes, left out)
+    calls["stream_layer"] = ([expert_stream(w.w13, w.w2, experts)], (w.w13.numel() + w.w2.numel()) * 4 / 1e6)
+    calls["layer"] = ([c[0] for c in default], mb13 + mb2)
     results = []
     for r in range(args.rounds):
-        for name, c in calls.items():
+        for name, (c, megabytes) in calls.items():
             row = dict(what=name, round=r, us=timed(c), megabytes=megabytes)
             results.append(row)
             print(json.dumps(row), flush=True)
     out = Path(args.out) / "gpu_probe_nvfp4_stages.json"
     out.write_text(json.dumps(dict(device=torch.cuda.get_device_name(), results=results), indent=1))
-    print(f"\n{'what':<10} {'us':>8} {'TB/s':>6}  ({megabytes:.1f} MB of words and scale codes)")
-    for name in calls:
+    print(f"\n{'what':<14} {'us':>8} {'MB':>7} {'TB/s':>6}")
+    for name, (_, megabytes) in calls.items():
         us = sum(r["us"] for r in results if r["what"] == name) / args.rounds
-        print(f"{name:<10} {us:>8.1f} {megabytes / us:>6.2f}")
+        print(f"{name:<14} {us:>8.1f} {megabytes:>7.1f} {megabytes / us:>6.2f}")
 
 
 if __name__ == "__main__":

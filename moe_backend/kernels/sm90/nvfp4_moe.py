@@ -150,6 +150,8 @@ DECODE_VARIANTS: Dict[str, Dict[str, Any]] = {
     "pdl": DECODE_PDL_CONFIG,
     "wgmma_pieces": _PIECES,
     "wgmma_overlap": _OVERLAP,
+    "st4": dict(DECODE_CONFIG, num_stages1=4, num_stages2=4),
+    "st4_g1": dict(DECODE_CONFIG, num_stages1=4),
 }
 #: ``swapab``: the decode tiling without the ``align`` and ``permute`` launches (each expert's
 #: leader pair gathers its pairs, GEMM1 reads the hidden states in natural order) and
