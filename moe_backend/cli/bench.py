@@ -84,6 +84,10 @@ VARIANTS: Dict[str, Tuple[str, Optional[Dict[str, Any]]]] = {
     **{f"swapab_{name}": ("fp8_block", cfg) for name, cfg in fp8_moe.SWAPAB_VARIANTS.items()},
     "swapab_one_block": ("fp8_block", fp8_moe.SWAPAB_ONE_BLOCK_CONFIG),
     "swapab_stages4": ("fp8_block", fp8_moe.SWAPAB_STAGES4_CONFIG),
+    # the aligned tiers the heuristic took before the swap-AB path (up to one row an expert, then up
+    # to 16): the kernels the decode work must not lose to from T=32 up, timed in the same run
+    "aligned_decode": ("fp8_block", fp8_moe.DECODE_CONFIG),
+    "aligned_skinny": ("fp8_block", fp8_moe.SKINNY_CONFIG),
     "nvfp4_swapab": ("nvfp4", nvfp4_moe.SWAPAB_CONFIG),
     **{f"nvfp4_decode_{name}": ("nvfp4", cfg) for name, cfg in nvfp4_moe.DECODE_VARIANTS.items()},
     # prefill: the Triton kernels' largest tiles and the CuTe DSL grouped GEMMs, whichever the default takes
