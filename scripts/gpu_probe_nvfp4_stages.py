@@ -14,6 +14,9 @@ same weights in one run:
   tensor cores and the activations' shared-memory path cost, no dequantization);
 * ``full``: the loads, the dequantization (``nvfp4_tile.load_group``) and the MMAs, as GEMM1's main
   loop (``WGMMA1="sync"``), without its alignment rows and epilogue;
+* ``loads_w``: the weights' loads alone (no activation tile: what its cp.async traffic costs);
+  ``loads_split2`` / ``full_split2``: each tile's groups over two programs (1024 programs, twice
+  the streams of half the length: whether the grid's shape sets the loads' pace);
 * ``gemm1``: the product's GEMM1 (``nvfp4_gemm1.gemm1_nvfp4``, decode default) at T=1 for
   calibration (``gpu_probe_nvfp4_blocks.decode_calls``, alignment done outside);
 * ``stream_w2`` / ``gemm2``: the same for GEMM2's ``w2`` words and codes (66 MB) and the product's
@@ -53,7 +56,7 @@ from moe_backend.kernels.sm90.nvfp4_moe import DECODE_CONFIG  # noqa: E402
 from moe_backend.kernels.sm90.nvfp4_tile import load_group, mma, row_offsets  # noqa: E402
 
 H, INTER, TOP_K, ACTIVE = 7168, 2048, 8, 8
-STAGES = ("loads", "loads_mma", "full")
+STAGES = ("loads", "loads_mma", "full")  # timed at every --num-stages
 
 
 @triton.jit
@@ -76,13 +79,17 @@ def _stage_kernel(
     BLOCK_M: tl.constexpr,
     STAGE: tl.constexpr,
     NUM_STAGES: tl.constexpr,
+    SPLIT: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
-    """GEMM1's decode main loop over expert ``program_id // (IP / BLOCK_N)``'s gate and up rows of
-    column block ``program_id % (IP / BLOCK_N)``, with the stages ``STAGE`` names (module doc);
-    one float a program to ``out`` keeps every stage's results alive."""
-    expert = tl.program_id(0) // (IP // BLOCK_N)
-    pid_n = tl.program_id(0) % (IP // BLOCK_N)
+    """GEMM1's decode main loop over expert ``tile // (IP / BLOCK_N)``'s gate and up rows of
+    column block ``tile % (IP / BLOCK_N)``, ``tile = program_id // SPLIT``, over part
+    ``program_id % SPLIT`` of the groups, with the stages ``STAGE`` names (module doc); one float
+    a program to ``out`` keeps every stage's results alive."""
+    tile = tl.program_id(0) // SPLIT
+    part = tl.program_id(0) % SPLIT
+    expert = tile // (IP // BLOCK_N)
+    pid_n = tile % (IP // BLOCK_N)
     offs_r = tl.arange(0, 2 * BLOCK_N)
     w_rows = pid_n * BLOCK_N + tl.where(offs_r < BLOCK_N, offs_r, IP + offs_r - BLOCK_N)
     offs_w = tl.arange(0, 16)
@@ -96,9 +103,12 @@ def _stage_kernel(
     keep = tl.zeros([2 * BLOCK_N, 16], dtype=tl.int32)
     keep_x = tl.zeros([BLOCK_M, 256], dtype=tl.int16)
     ones = tl.full([2 * BLOCK_N, 256], 1.0, tl.float32).to(tl.bfloat16)
-    tl.assume(num_groups > 0)
-    for g in tl.range(0, num_groups, num_stages=NUM_STAGES):
-        x = tl.load(x_ptrs + g * 256, mask=x_ok, other=0.0)
+    g_start = part * num_groups // SPLIT
+    g_end = (part + 1) * num_groups // SPLIT
+    tl.assume(g_end > g_start)
+    for g in tl.range(g_start, g_end, num_stages=NUM_STAGES):
+        if STAGE != "loads_w":
+            x = tl.load(x_ptrs + g * 256, mask=x_ok, other=0.0)
         if STAGE == "full":
             w = load_group(w_ptrs + g * stride_wg, s_ptrs + g * stride_sg, True, False, INTERPRET)
             acc = mma(w, x, acc, "sync", INTERPRET)
@@ -109,24 +119,26 @@ def _stage_kernel(
             keep ^= words0 ^ words1 ^ codes.to(tl.int32)
             if STAGE == "loads_mma":
                 acc = mma(ones, x, acc, "sync", INTERPRET)
-            else:
+            elif STAGE == "loads":
                 keep_x ^= x.to(tl.int16, bitcast=True)
     total = tl.sum(tl.sum(acc, 1), 0) + tl.xor_sum(tl.xor_sum(keep, 1), 0).to(tl.float32)
     total += tl.xor_sum(tl.xor_sum(keep_x, 1), 0).to(tl.float32)
     tl.store(out_ptr + tl.program_id(0), total)
 
 
-def stage_call(w: NVFP4KernelWeights, x: torch.Tensor, stage: str, num_stages: int) -> Callable[[], None]:
+def stage_call(
+    w: NVFP4KernelWeights, x: torch.Tensor, stage: str, num_stages: int, split: int = 1
+) -> Callable[[], None]:
     """A launch of :func:`_stage_kernel` over the first ``ACTIVE`` experts of ``w``'s ``w13``, its
-    loop software-pipelined over ``num_stages`` stages."""
+    loop software-pipelined over ``num_stages`` stages, each tile's groups over ``split`` programs."""
     geo = weight_geometry(w.w13, w.w13_scale)
     ip = geo.rows // 2
     block_n = DECODE_CONFIG["BLOCK_N1"]
-    grid = (ACTIVE * (ip // block_n),)
+    grid = (ACTIVE * (ip // block_n) * split,)
     out = torch.empty(grid[0], dtype=torch.float32, device=x.device)
     return lambda: _stage_kernel[grid](
         w.w13, w.w13_scale, x, out, ip, geo.groups, *geo.words, *geo.scales,
-        BLOCK_N=block_n, BLOCK_M=DECODE_CONFIG["BLOCK_M"], STAGE=stage, NUM_STAGES=num_stages,
+        BLOCK_N=block_n, BLOCK_M=DECODE_CONFIG["BLOCK_M"], STAGE=stage, NUM_STAGES=num_stages, SPLIT=split,
         INTERPRET=INTERPRETING,
         num_warps=DECODE_CONFIG["num_warps1"], num_stages=num_stages,
     )  # fmt: skip
@@ -167,6 +179,10 @@ def main() -> None:
         calls.update({stage + tag: ([stage_call(w, x, stage, n) for x in xs], mb13) for stage in STAGES})
         cfg = dict(DECODE_CONFIG, num_stages1=n)
         calls["gemm1" + tag] = ([decode_calls(w, weights, s, cfg)[1] for s in sets], mb13)
+    ns = DECODE_CONFIG["num_stages1"]
+    calls["loads_w"] = ([stage_call(w, x, "loads_w", ns) for x in xs], mb13)
+    for stage in ("loads", "full"):
+        calls[stage + "_split2"] = ([stage_call(w, x, stage, ns, split=2) for x in xs], mb13)
     default = [decode_calls(w, weights, s, DECODE_CONFIG) for s in sets]
     calls["stream_w2"] = ([expert_stream(w.w2, w.w2_scale, experts)], mb2)
     calls["gemm2"] = ([c[2] for c in default], mb2)
