@@ -174,16 +174,20 @@ def main() -> None:
         "stream": ([expert_stream(w.w13, w.w13_scale, experts)], mb13),
     }
     weights = (w.w13, w.w13_scale, w.w2, w.w2_scale)
-    for n in args.num_stages:
-        tag = "" if n == DECODE_CONFIG["num_stages1"] else f"_st{n}"
-        calls.update({stage + tag: ([stage_call(w, x, stage, n) for x in xs], mb13) for stage in STAGES})
-        cfg = dict(DECODE_CONFIG, num_stages1=n)
-        calls["gemm1" + tag] = ([decode_calls(w, weights, s, cfg)[1] for s in sets], mb13)
     ns = DECODE_CONFIG["num_stages1"]
+    # (layer, GEMM1, GEMM2) launches a rotating input set at each GEMM1 depth, the default's included
+    layers = {
+        n: [decode_calls(w, weights, s, dict(DECODE_CONFIG, num_stages1=n)) for s in sets]
+        for n in {ns, *args.num_stages}
+    }
+    for n in args.num_stages:
+        tag = "" if n == ns else f"_st{n}"
+        calls.update({stage + tag: ([stage_call(w, x, stage, n) for x in xs], mb13) for stage in STAGES})
+        calls["gemm1" + tag] = ([c[1] for c in layers[n]], mb13)
     calls["loads_w"] = ([stage_call(w, x, "loads_w", ns) for x in xs], mb13)
     for stage in ("loads", "full"):
         calls[stage + "_split2"] = ([stage_call(w, x, stage, ns, split=2) for x in xs], mb13)
-    default = [decode_calls(w, weights, s, DECODE_CONFIG) for s in sets]
+    default = layers[ns]
     calls["stream_w2"] = ([expert_stream(w.w2, w.w2_scale, experts)], mb2)
     calls["gemm2"] = ([c[2] for c in default], mb2)
     # the words of both matrices in one launch (the scale codes, 1/16 of the bytes, left out)

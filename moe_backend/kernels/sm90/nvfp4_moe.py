@@ -144,6 +144,10 @@ DECODE_PDL_CONFIG: Dict[str, Any] = dict(DECODE_CONFIG, PDL=True)
 #: what the instructions shrank). Cutting each group into two or four dots so that five to eight
 #: programs fit an SM (56-95 registers), with or without GEMM1's K split over two programs, measured
 #: 3-41% slower there (T=1 114.5-143.2 us) and lives on branch ``nvfp4-dots-split``.
+#: ``st4`` / ``st4_g1``: four pipeline stages in both GEMMs / in GEMM1 (60 KB of shared memory:
+#: three programs an SM, the weights buffered three deep). H100, 2026-12-06, code f54bcf2: T=1
+#: E=256 113.4 / 111.5 against 98.1 us (GEMM1 75.4 against 61.8), level at T=16; kept to ask the
+#: H200 whether it is short of bytes in flight.
 _PIECES = dict(DECODE_CONFIG, WGMMA1="pieces", WGMMA2="pieces")
 _OVERLAP = dict(DECODE_CONFIG, WGMMA1="overlap", WGMMA2="overlap")
 DECODE_VARIANTS: Dict[str, Dict[str, Any]] = {
