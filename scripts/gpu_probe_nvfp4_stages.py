@@ -17,6 +17,11 @@ same weights in one run:
 * ``loads_w``: the weights' loads alone (no activation tile: what its cp.async traffic costs);
   ``loads_split2`` / ``full_split2``: each tile's groups over two programs (1024 programs, twice
   the streams of half the length: whether the grid's shape sets the loads' pace);
+  ``loads_l2`` / ``full_l2``: the weights' loads cycling over each tile's first 4 groups, which
+  stay in L2: the loop's on-chip time (issue, shared memory, MMAs), the same on an H100 and an
+  H200 (same SMs and clocks), so the floor a faster DRAM cannot lower; ``stream_l2``: the read
+  stream kernel over as many bytes from an L2-resident set of the same size (each of ``ACTIVE``
+  regions of 1/7 of an expert's words read 7 times): whether that floor is L2's rate or the loop's;
 * ``gemm1``: the product's GEMM1 (``nvfp4_gemm1.gemm1_nvfp4``, decode default) at T=1 for
   calibration (``gpu_probe_nvfp4_blocks.decode_calls``, alignment done outside);
 * ``stream_w2`` / ``gemm2``: the same for GEMM2's ``w2`` words and codes (66 MB) and the product's
@@ -80,12 +85,14 @@ def _stage_kernel(
     STAGE: tl.constexpr,
     NUM_STAGES: tl.constexpr,
     SPLIT: tl.constexpr,
+    RESIDENT: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
     """GEMM1's decode main loop over expert ``tile // (IP / BLOCK_N)``'s gate and up rows of
     column block ``tile % (IP / BLOCK_N)``, ``tile = program_id // SPLIT``, over part
-    ``program_id % SPLIT`` of the groups, with the stages ``STAGE`` names (module doc); one float
-    a program to ``out`` keeps every stage's results alive."""
+    ``program_id % SPLIT`` of the groups, with the stages ``STAGE`` names (module doc); with
+    ``RESIDENT`` > 0 the weights' loads cycle over the tile's first ``RESIDENT`` groups (L2 hits:
+    the loop without DRAM). One float a program to ``out`` keeps every stage's results alive."""
     tile = tl.program_id(0) // SPLIT
     part = tl.program_id(0) % SPLIT
     expert = tile // (IP // BLOCK_N)
@@ -109,13 +116,14 @@ def _stage_kernel(
     for g in tl.range(g_start, g_end, num_stages=NUM_STAGES):
         if STAGE != "loads_w":
             x = tl.load(x_ptrs + g * 256, mask=x_ok, other=0.0)
+        gw = g % RESIDENT if RESIDENT > 0 else g
         if STAGE == "full":
-            w = load_group(w_ptrs + g * stride_wg, s_ptrs + g * stride_sg, True, False, INTERPRET)
+            w = load_group(w_ptrs + gw * stride_wg, s_ptrs + gw * stride_sg, True, False, INTERPRET)
             acc = mma(w, x, acc, "sync", INTERPRET)
         else:
-            words0 = tl.load(w_ptrs + g * stride_wg)
-            words1 = tl.load(w_ptrs + g * stride_wg + 16)
-            codes = tl.load(s_ptrs + g * stride_sg)
+            words0 = tl.load(w_ptrs + gw * stride_wg)
+            words1 = tl.load(w_ptrs + gw * stride_wg + 16)
+            codes = tl.load(s_ptrs + gw * stride_sg)
             keep ^= words0 ^ words1 ^ codes.to(tl.int32)
             if STAGE == "loads_mma":
                 acc = mma(ones, x, acc, "sync", INTERPRET)
@@ -127,10 +135,11 @@ def _stage_kernel(
 
 
 def stage_call(
-    w: NVFP4KernelWeights, x: torch.Tensor, stage: str, num_stages: int, split: int = 1
+    w: NVFP4KernelWeights, x: torch.Tensor, stage: str, num_stages: int, split: int = 1, resident: int = 0
 ) -> Callable[[], None]:
     """A launch of :func:`_stage_kernel` over the first ``ACTIVE`` experts of ``w``'s ``w13``, its
-    loop software-pipelined over ``num_stages`` stages, each tile's groups over ``split`` programs."""
+    loop software-pipelined over ``num_stages`` stages, each tile's groups over ``split`` programs,
+    the weights' loads cycling over ``resident`` groups a tile (0: all of them, in order)."""
     geo = weight_geometry(w.w13, w.w13_scale)
     ip = geo.rows // 2
     block_n = DECODE_CONFIG["BLOCK_N1"]
@@ -139,9 +148,21 @@ def stage_call(
     return lambda: _stage_kernel[grid](
         w.w13, w.w13_scale, x, out, ip, geo.groups, *geo.words, *geo.scales,
         BLOCK_N=block_n, BLOCK_M=DECODE_CONFIG["BLOCK_M"], STAGE=stage, NUM_STAGES=num_stages, SPLIT=split,
-        INTERPRET=INTERPRETING,
+        RESIDENT=resident, INTERPRET=INTERPRETING,
         num_warps=DECODE_CONFIG["num_warps1"], num_stages=num_stages,
     )  # fmt: skip
+
+
+def l2_stream(w: NVFP4KernelWeights, repeats: int) -> Callable[[], None]:
+    """The read stream kernel over ``ACTIVE`` regions of ``w13``'s words, each ``1 / repeats`` of an
+    expert's words and read ``repeats`` times: GEMM1's words in bytes, ``1 / repeats`` of them in
+    footprint (stays in L2 after the first pass)."""
+    words = w.w13.view(torch.int32).view(-1)
+    region = words.numel() // w.w13.shape[0] // repeats
+    regions = words[: ACTIVE * region].view(ACTIVE, region)
+    experts = torch.arange(ACTIVE, dtype=torch.int32, device=words.device).repeat(repeats)
+    # expert_stream's second operand: 4 words a region, so its programs past the first exit
+    return expert_stream(regions, words[: ACTIVE * 4].view(ACTIVE, 4), experts)
 
 
 def main() -> None:
@@ -187,6 +208,10 @@ def main() -> None:
     calls["loads_w"] = ([stage_call(w, x, "loads_w", ns) for x in xs], mb13)
     for stage in ("loads", "full"):
         calls[stage + "_split2"] = ([stage_call(w, x, stage, ns, split=2) for x in xs], mb13)
+        # 4 groups a tile: 512 x 16 KB of words and codes stay in L2, so this is the loop's on-chip
+        # time (issue, shared memory, MMAs), which the card's DRAM rate does not change
+        calls[stage + "_l2"] = ([stage_call(w, x, stage, ns, resident=4) for x in xs], mb13)
+    calls["stream_l2"] = ([l2_stream(w, repeats=7)], w.w13.numel() * 4 / 1e6)
     default = layers[ns]
     calls["stream_w2"] = ([expert_stream(w.w2, w.w2_scale, experts)], mb2)
     calls["gemm2"] = ([c[2] for c in default], mb2)
