@@ -32,7 +32,7 @@ Diagnosis only: the stage variants' outputs mean nothing. CUDA-graph replays, ``
 median, L2 flushed (``decode_breakdown.timed``), ``--rounds`` rounds. Prints a table; writes
 ``$OUT/gpu_probe_nvfp4_stages.json``.
 
-    python -P scripts/gpu_probe_nvfp4_stages.py [--rounds 2]
+    python -P scripts/gpu_probe_nvfp4_stages.py [--rounds 2] [--only stream stream_l2 loads_l2]
 """
 
 from __future__ import annotations
@@ -174,6 +174,7 @@ def main() -> None:
         "--num-stages", type=int, nargs="+", default=[DECODE_CONFIG["num_stages1"]],
         help="pipeline depths of the stage kernels and GEMM1 (names get _st<n> past the default's)",
     )  # fmt: skip
+    p.add_argument("--only", nargs="+", metavar="ROW", help="time only these rows (default: all)")
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("gpu_probe_nvfp4_stages: needs a CUDA GPU")
@@ -218,6 +219,11 @@ def main() -> None:
     # the words of both matrices in one launch (the scale codes, 1/16 of the bytes, left out)
     calls["stream_layer"] = ([expert_stream(w.w13, w.w2, experts)], (w.w13.numel() + w.w2.numel()) * 4 / 1e6)
     calls["layer"] = ([c[0] for c in default], mb13 + mb2)
+    if args.only:
+        unknown = sorted(set(args.only) - set(calls))
+        if unknown:
+            sys.exit(f"gpu_probe_nvfp4_stages: --only: unknown rows {unknown}; rows: {sorted(calls)}")
+        calls = {name: calls[name] for name in args.only}
     results = []
     for r in range(args.rounds):
         for name, (c, megabytes) in calls.items():
