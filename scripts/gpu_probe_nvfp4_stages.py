@@ -22,6 +22,9 @@ same weights in one run:
   H200 (same SMs and clocks), so the floor a faster DRAM cannot lower; ``stream_l2``: the read
   stream kernel over as many bytes from an L2-resident set of the same size (each of ``ACTIVE``
   regions of 1/7 of an expert's words read 7 times): whether that floor is L2's rate or the loop's;
+  ``loads_tma`` / ``full_tma`` (and ``_l2``): the same loops with each group's words and codes
+  brought by the TMA (three bulk copies a group, completion on an mbarrier) instead of per-thread
+  ``cp.async``;
 * ``gemm1``: the product's GEMM1 (``nvfp4_gemm1.gemm1_nvfp4``, decode default) at T=1 for
   calibration (``gpu_probe_nvfp4_blocks.decode_calls``, alignment done outside);
 * ``stream_w2`` / ``gemm2``: the same for GEMM2's ``w2`` words and codes (66 MB) and the product's
@@ -47,6 +50,7 @@ from typing import Callable, Dict, List, Tuple
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -58,7 +62,7 @@ from moe_backend.cli.bench_ceilings import expert_stream  # noqa: E402
 from moe_backend.kernels.interpret import INTERPRETING  # noqa: E402
 from moe_backend.kernels.sm90.nvfp4_layout import NVFP4KernelWeights, nvfp4_to_kernel_layout, weight_geometry  # noqa: E402
 from moe_backend.kernels.sm90.nvfp4_moe import DECODE_CONFIG  # noqa: E402
-from moe_backend.kernels.sm90.nvfp4_tile import load_group, mma, row_offsets  # noqa: E402
+from moe_backend.kernels.sm90.nvfp4_tile import dequant_group, load_group, mma, row_offsets  # noqa: E402
 
 H, INTER, TOP_K, ACTIVE = 7168, 2048, 8, 8
 STAGES = ("loads", "loads_mma", "full")  # timed at every --num-stages
@@ -132,6 +136,75 @@ def _stage_kernel(
     total = tl.sum(tl.sum(acc, 1), 0) + tl.xor_sum(tl.xor_sum(keep, 1), 0).to(tl.float32)
     total += tl.xor_sum(tl.xor_sum(keep_x, 1), 0).to(tl.float32)
     tl.store(out_ptr + tl.program_id(0), total)
+
+
+@triton.jit
+def _tma_stage_kernel(
+    wd,
+    sd,
+    x_ptr,
+    out_ptr,
+    IP,
+    num_groups,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    STAGE: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+    RESIDENT: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    """:func:`_stage_kernel`'s ``loads`` / ``full`` with each group's weights brought by the TMA:
+    ``wd`` describes ``w13`` as ``[2E, Ip/32, G, 32, 32]`` (row 0: expert ``e``'s gate blocks,
+    ``2e + 1`` its up blocks) in boxes ``[2, 1, 1, 32, 16]``, so one copy brings a half of the
+    tile's gate and up blocks (64 rows); ``sd`` the scale codes alike (``[2, 1, 1, 32, 16]``)."""
+    tile = tl.program_id(0)
+    expert = tile // (IP // BLOCK_N)
+    pid_n = tile % (IP // BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    x_ptrs = x_ptr + offs_m[:, None] * (num_groups * 256) + tl.arange(0, 256)[None, :]
+    x_ok = (offs_m < 1)[:, None]
+    acc = tl.zeros([2 * BLOCK_N, BLOCK_M], dtype=tl.float32)
+    keep = tl.zeros([2 * BLOCK_N, 16], dtype=tl.int32)
+    keep_x = tl.zeros([BLOCK_M, 256], dtype=tl.int16)
+    tl.assume(num_groups > 0)
+    for g in tl.range(0, num_groups, num_stages=NUM_STAGES):
+        x = tl.load(x_ptrs + g * 256, mask=x_ok, other=0.0)
+        gw = g % RESIDENT if RESIDENT > 0 else g
+        words0 = wd.load([2 * expert, pid_n, gw, 0, 0]).reshape(2 * BLOCK_N, 16)
+        words1 = wd.load([2 * expert, pid_n, gw, 0, 16]).reshape(2 * BLOCK_N, 16)
+        codes = sd.load([2 * expert, pid_n, gw, 0, 0]).reshape(2 * BLOCK_N, 16)
+        if STAGE == "full":
+            acc = mma(dequant_group(words0, words1, codes, INTERPRET), x, acc, "sync", INTERPRET)
+        else:
+            keep ^= words0 ^ words1 ^ codes.to(tl.int32)
+            keep_x ^= x.to(tl.int16, bitcast=True)
+    total = tl.sum(tl.sum(acc, 1), 0) + tl.xor_sum(tl.xor_sum(keep, 1), 0).to(tl.float32)
+    total += tl.xor_sum(tl.xor_sum(keep_x, 1), 0).to(tl.float32)
+    tl.store(out_ptr + tl.program_id(0), total)
+
+
+def tma_stage_call(
+    w: NVFP4KernelWeights, x: torch.Tensor, stage: str, num_stages: int, resident: int = 0
+) -> Callable[[], None]:
+    """A launch of :func:`_tma_stage_kernel` over the first ``ACTIVE`` experts of ``w``'s ``w13``
+    (row-blocked, contiguous), as :func:`stage_call`."""
+    block_n = DECODE_CONFIG["BLOCK_N1"]
+    if block_n != 32:
+        raise ValueError(f"DECODE_CONFIG['BLOCK_N1']: the TMA rows need 32 (one row block), got {block_n}")
+    e, nb, g = w.w13.shape[:3]
+    # [E, 2Ip/32, ...] -> [2E, Ip/32, ...]: an expert's gate blocks, then its up blocks
+    words = w.w13[:ACTIVE].reshape(2 * ACTIVE, nb // 2, g, 32, 32)
+    codes = w.w13_scale[:ACTIVE].reshape(2 * ACTIVE, nb // 2, g, 32, 16)
+    wd = TensorDescriptor(words, list(words.shape), list(words.stride()), [2, 1, 1, 32, 16])
+    sd = TensorDescriptor(codes, list(codes.shape), list(codes.stride()), [2, 1, 1, 32, 16])
+    ip = nb // 2 * 32
+    grid = (ACTIVE * (ip // block_n),)
+    out = torch.empty(grid[0], dtype=torch.float32, device=x.device)
+    return lambda: _tma_stage_kernel[grid](
+        wd, sd, x, out, ip, g, BLOCK_N=block_n, BLOCK_M=DECODE_CONFIG["BLOCK_M"], STAGE=stage,
+        NUM_STAGES=num_stages, RESIDENT=resident, INTERPRET=INTERPRETING,
+        num_warps=DECODE_CONFIG["num_warps1"], num_stages=num_stages,
+    )  # fmt: skip
 
 
 def stage_call(
@@ -212,6 +285,9 @@ def main() -> None:
         # 4 groups a tile: 512 x 16 KB of words and codes stay in L2, so this is the loop's on-chip
         # time (issue, shared memory, MMAs), which the card's DRAM rate does not change
         calls[stage + "_l2"] = ([stage_call(w, x, stage, ns, resident=4) for x in xs], mb13)
+    for stage in ("loads", "full"):
+        calls[stage + "_tma"] = ([tma_stage_call(w, x, stage, ns) for x in xs], mb13)
+        calls[stage + "_tma_l2"] = ([tma_stage_call(w, x, stage, ns, resident=4) for x in xs], mb13)
     calls["stream_l2"] = ([l2_stream(w, repeats=7)], w.w13.numel() * 4 / 1e6)
     default = layers[ns]
     calls["stream_w2"] = ([expert_stream(w.w2, w.w2_scale, experts)], mb2)
