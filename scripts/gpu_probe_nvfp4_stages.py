@@ -170,8 +170,8 @@ def _tma_stage_kernel(
     for g in tl.range(0, num_groups, num_stages=NUM_STAGES):
         x = tl.load(x_ptrs + g * 256, mask=x_ok, other=0.0)
         gw = g % RESIDENT if RESIDENT > 0 else g
-        words0 = wd.load([2 * expert, pid_n, gw, 0, 0]).reshape(2 * BLOCK_N, 16)
-        words1 = wd.load([2 * expert, pid_n, gw, 0, 16]).reshape(2 * BLOCK_N, 16)
+        words = wd.load([2 * expert, pid_n, gw, 0, 0]).reshape(2 * BLOCK_N, 2, 16)
+        words0, words1 = tl.split(tl.permute(words, (0, 2, 1)))
         codes = sd.load([2 * expert, pid_n, gw, 0, 0]).reshape(2 * BLOCK_N, 16)
         if STAGE == "full":
             acc = mma(dequant_group(words0, words1, codes, INTERPRET), x, acc, "sync", INTERPRET)
@@ -195,7 +195,7 @@ def tma_stage_call(
     # [E, 2Ip/32, ...] -> [2E, Ip/32, ...]: an expert's gate blocks, then its up blocks
     words = w.w13[:ACTIVE].reshape(2 * ACTIVE, nb // 2, g, 32, 32)
     codes = w.w13_scale[:ACTIVE].reshape(2 * ACTIVE, nb // 2, g, 32, 16)
-    wd = TensorDescriptor(words, list(words.shape), list(words.stride()), [2, 1, 1, 32, 16])
+    wd = TensorDescriptor(words, list(words.shape), list(words.stride()), [2, 1, 1, 32, 32])
     sd = TensorDescriptor(codes, list(codes.shape), list(codes.stride()), [2, 1, 1, 32, 16])
     ip = nb // 2 * 32
     grid = (ACTIVE * (ip // block_n),)
