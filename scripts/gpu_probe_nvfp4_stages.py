@@ -24,7 +24,9 @@ same weights in one run:
   regions of 1/7 of an expert's words read 7 times): whether that floor is L2's rate or the loop's;
   ``loads_tma`` / ``full_tma`` (and ``_l2``): the same loops with each group's words and codes
   brought by the TMA (three bulk copies a group, completion on an mbarrier) instead of per-thread
-  ``cp.async``;
+  ``cp.async``; ``loads_ws`` / ``full_ws`` (and ``_l2``): the same with a producer warp issuing the
+  TMA copies into a ring of buffers the compute warpgroup releases by mbarrier (Gluon's warp
+  specialization, ``gluon_nvfp4_ws.py``), checked against ``full`` first (``ws_check``);
 * ``gemm1``: the product's GEMM1 (``nvfp4_gemm1.gemm1_nvfp4``, decode default) at T=1 for
   calibration (``gpu_probe_nvfp4_blocks.decode_calls``, alignment done outside);
 * ``stream_w2`` / ``gemm2``: the same for GEMM2's ``w2`` words and codes (66 MB) and the product's
@@ -45,7 +47,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import triton
@@ -55,6 +57,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from decode_breakdown import timed  # noqa: E402
+from gluon_nvfp4_ws import ws_stage_call  # noqa: E402
 from gpu_probe_nvfp4_blocks import decode_calls  # noqa: E402
 
 from moe_backend.cli.bench import balanced_ids, random_nvfp4_weights  # noqa: E402
@@ -208,16 +211,24 @@ def tma_stage_call(
 
 
 def stage_call(
-    w: NVFP4KernelWeights, x: torch.Tensor, stage: str, num_stages: int, split: int = 1, resident: int = 0
+    w: NVFP4KernelWeights,
+    x: torch.Tensor,
+    stage: str,
+    num_stages: int,
+    split: int = 1,
+    resident: int = 0,
+    out: Optional[torch.Tensor] = None,
 ) -> Callable[[], None]:
     """A launch of :func:`_stage_kernel` over the first ``ACTIVE`` experts of ``w``'s ``w13``, its
     loop software-pipelined over ``num_stages`` stages, each tile's groups over ``split`` programs,
-    the weights' loads cycling over ``resident`` groups a tile (0: all of them, in order)."""
+    the weights' loads cycling over ``resident`` groups a tile (0: all of them, in order); a float a
+    program into ``out`` (fp32, allocated when None)."""
     geo = weight_geometry(w.w13, w.w13_scale)
     ip = geo.rows // 2
     block_n = DECODE_CONFIG["BLOCK_N1"]
     grid = (ACTIVE * (ip // block_n) * split,)
-    out = torch.empty(grid[0], dtype=torch.float32, device=x.device)
+    if out is None:
+        out = torch.empty(grid[0], dtype=torch.float32, device=x.device)
     return lambda: _stage_kernel[grid](
         w.w13, w.w13_scale, x, out, ip, geo.groups, *geo.words, *geo.scales,
         BLOCK_N=block_n, BLOCK_M=DECODE_CONFIG["BLOCK_M"], STAGE=stage, NUM_STAGES=num_stages, SPLIT=split,
@@ -236,6 +247,18 @@ def l2_stream(w: NVFP4KernelWeights, repeats: int) -> Callable[[], None]:
     experts = torch.arange(ACTIVE, dtype=torch.int32, device=words.device).repeat(repeats)
     # expert_stream's second operand: 4 words a region, so its programs past the first exit
     return expert_stream(regions, words[: ACTIVE * 4].view(ACTIVE, 4), experts)
+
+
+def ws_check(w: NVFP4KernelWeights, x: torch.Tensor) -> float:
+    """The warp-specialized ``full`` loop's per-program sums against :func:`_stage_kernel`'s over
+    the same tiles and token (``x[0]``): the largest difference relative to the largest sum (the
+    two run the same MMAs in the same order, so 0 unless the Gluon kernel reads other data)."""
+    ref = torch.zeros(ACTIVE * (w.w13.shape[1] // 2), dtype=torch.float32, device=x.device)
+    got = torch.full_like(ref, float("nan"))
+    stage_call(w, x, "full", DECODE_CONFIG["num_stages1"], out=ref)()
+    ws_stage_call(w, x, ACTIVE, "full", out=got)()
+    torch.cuda.synchronize()
+    return float((got - ref).abs().max() / ref.abs().max())
 
 
 def main() -> None:
@@ -288,6 +311,8 @@ def main() -> None:
     for stage in ("loads", "full"):
         calls[stage + "_tma"] = ([tma_stage_call(w, x, stage, ns) for x in xs], mb13)
         calls[stage + "_tma_l2"] = ([tma_stage_call(w, x, stage, ns, resident=4) for x in xs], mb13)
+        calls[stage + "_ws"] = ([ws_stage_call(w, x, ACTIVE, stage) for x in xs], mb13)
+        calls[stage + "_ws_l2"] = ([ws_stage_call(w, x, ACTIVE, stage, resident=4) for x in xs], mb13)
     calls["stream_l2"] = ([l2_stream(w, repeats=7)], w.w13.numel() * 4 / 1e6)
     default = layers[ns]
     calls["stream_w2"] = ([expert_stream(w.w2, w.w2_scale, experts)], mb2)
@@ -300,6 +325,8 @@ def main() -> None:
         if unknown:
             sys.exit(f"gpu_probe_nvfp4_stages: --only: unknown rows {unknown}; rows: {sorted(calls)}")
         calls = {name: calls[name] for name in args.only}
+    if any(name.endswith(("_ws", "_ws_l2")) for name in calls):
+        print(json.dumps(dict(what="ws_check", max_rel_diff=ws_check(w, xs[0]))), flush=True)
     results = []
     for r in range(args.rounds):
         for name, (c, megabytes) in calls.items():

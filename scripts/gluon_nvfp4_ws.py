@@ -1,0 +1,197 @@
+"""The NVFP4 decode GEMM1's main loop, warp-specialized in Gluon: a diagnosis kernel for the stage probe.
+
+The twenty-seventh session measured (H100, ``gpu_probe_nvfp4_stages.py``) that GEMM1's loop moves
+its weights from L2 at 2.9 TB/s with per-thread ``cp.async`` and at 3.8 TB/s with TMA copies, but
+that with the dequantization and the MMAs in the loop the TMA version loses it all: Triton 3.6
+software-pipelines each copy behind a CTA barrier, so every copy waits for the four compute warps.
+Here the copies come from a producer warp of their own (``gl.warp_specialize``, Hopper), into a
+ring of ``NUM_BUF`` buffers: the compute warpgroup waits on a buffer's ``ready`` mbarrier and
+releases it with an arrive on its ``empty`` mbarrier, with no CTA barrier in the loop.
+
+One program: expert ``tile // (Ip / 32)``'s 32 gate rows and 32 up rows of column block
+``tile % (Ip / 32)`` (64 rows, as GEMM1's decode tile), over every 256-K group (or the first
+``RESIDENT`` groups in turn: L2 hits), times a ``[16, 256]`` activation tile a group whose rows past
+the tensor's (one token) are the TMA's zero fill. ``STAGE``: ``"loads"`` (the copies, consumed by
+XORs) or ``"full"`` (+ :func:`nvfp4_tile.dequant_group` and the warpgroup MMAs). One float a
+program keeps the results alive; ``"full"``'s equals ``_stage_kernel``'s sum over the same tile.
+
+The compute partition loads the words and scale codes from shared memory in the register layouts
+that Triton's own layout propagation gives the same dequantization (``WORDS_LAYOUT`` /
+``CODES_LAYOUT``, read off the TTGIR of the probe's TMA kernel), so that the dequantized tile is
+the wgmma register operand without data movement (``convert_layout(..., assert_trivial=True)``).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, warpgroup_mma
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from moe_backend.kernels.sm90.nvfp4_layout import NVFP4KernelWeights
+from moe_backend.kernels.sm90.nvfp4_tile import dequant_group
+
+#: ``[2, 1, 1, 32, 32]`` int32 words (gate block, up block) and ``[2, 1, 1, 32, 16]`` uint8 codes
+#: over 4 warps, as Triton 3.6 lays out the probe's TMA kernel's loads for the dequantization.
+WORDS_LAYOUT = gl.constexpr(
+    gl.DistributedLinearLayout(
+        reg_bases=[[0, 0, 0, 0, 16], [0, 0, 0, 8, 0], [0, 0, 0, 0, 4], [0, 0, 0, 0, 8]],
+        lane_bases=[[0, 0, 0, 0, 1], [0, 0, 0, 0, 2], [0, 0, 0, 1, 0], [0, 0, 0, 2, 0], [0, 0, 0, 4, 0]],
+        warp_bases=[[0, 0, 0, 16, 0], [1, 0, 0, 0, 0]],
+        block_bases=[],
+        shape=[2, 1, 1, 32, 32],
+    )
+)
+CODES_LAYOUT = gl.constexpr(
+    gl.DistributedLinearLayout(
+        reg_bases=[[0, 0, 0, 8, 0], [0, 0, 0, 0, 4], [0, 0, 0, 0, 8]],
+        lane_bases=[[0, 0, 0, 0, 1], [0, 0, 0, 0, 2], [0, 0, 0, 1, 0], [0, 0, 0, 2, 0], [0, 0, 0, 4, 0]],
+        warp_bases=[[0, 0, 0, 16, 0], [1, 0, 0, 0, 0]],
+        block_bases=[],
+        shape=[2, 1, 1, 32, 16],
+    )
+)
+#: The ``[64, 16]`` halves and codes the dequantization takes (``#linear`` of the same TTGIR).
+HALF_LAYOUT = gl.constexpr(
+    gl.DistributedLinearLayout(
+        reg_bases=[[8, 0], [0, 4], [0, 8]],
+        lane_bases=[[0, 1], [0, 2], [1, 0], [2, 0], [4, 0]],
+        warp_bases=[[16, 0], [32, 0]],
+        block_bases=[],
+        shape=[64, 16],
+    )
+)
+MMA_LAYOUT = gl.constexpr(gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 16, 16]))
+W_OPERAND = gl.constexpr(gl.DotOperandLayout(operand_index=0, parent=MMA_LAYOUT, k_width=2))
+X_ROWS = gl.constexpr(16)
+
+
+@gluon.jit
+def _producer(wd, sd, xd, bufs, bars, expert, pid_n, num_groups, RESIDENT: gl.constexpr):
+    """One warp: each group's words, codes and activation tile into buffer ``g % NUM_BUF`` once the
+    compute partition has released it."""
+    w_bufs, s_bufs, x_bufs = bufs
+    ready, empty = bars
+    NUM_BUF: gl.constexpr = w_bufs.type.shape[0]
+    for g in range(num_groups):
+        s = g % NUM_BUF
+        # a fresh mbarrier counts as having completed the phase before 0: the first pass is free
+        mbarrier.wait(empty.index(s), ((g // NUM_BUF) & 1) ^ 1)
+        gw = g % RESIDENT if RESIDENT > 0 else g
+        bar = ready.index(s)
+        mbarrier.expect(bar, wd.block_type.nbytes + sd.block_type.nbytes + xd.block_type.nbytes)
+        tma.async_copy_global_to_shared(wd, [2 * expert, pid_n, gw, 0, 0], bar, w_bufs.index(s))
+        tma.async_copy_global_to_shared(sd, [2 * expert, pid_n, gw, 0, 0], bar, s_bufs.index(s))
+        tma.async_copy_global_to_shared(xd, [0, g * 256], bar, x_bufs.index(s))
+
+
+@gluon.jit
+def _consumer(bufs, bars, num_groups, out_ptr, STAGE: gl.constexpr):
+    """The compute warpgroup: the group's loop body; stores the program's float at ``out_ptr``."""
+    w_bufs, s_bufs, x_bufs = bufs
+    ready, empty = bars
+    NUM_BUF: gl.constexpr = w_bufs.type.shape[0]
+    acc = gl.zeros([64, X_ROWS], gl.float32, MMA_LAYOUT)
+    keep = gl.zeros([2, 1, 1, 32, 32], gl.int32, WORDS_LAYOUT)
+    keep_s = gl.zeros([2, 1, 1, 32, 16], gl.int32, CODES_LAYOUT)
+    for g in range(num_groups):
+        s = g % NUM_BUF
+        mbarrier.wait(ready.index(s), (g // NUM_BUF) & 1)
+        words = w_bufs.index(s).load(WORDS_LAYOUT)
+        codes = s_bufs.index(s).load(CODES_LAYOUT)
+        if STAGE == "full":
+            halves = gl.permute(gl.reshape(words, [64, 2, 16]), (0, 2, 1))
+            words0, words1 = gl.split(halves)
+            # the same registers under one name (Gluon does not unify equal layouts by itself)
+            words0 = gl.convert_layout(words0, HALF_LAYOUT, assert_trivial=True)
+            words1 = gl.convert_layout(words1, HALF_LAYOUT, assert_trivial=True)
+            codes2 = gl.convert_layout(gl.reshape(codes, [64, 16]), HALF_LAYOUT, assert_trivial=True)
+            w = dequant_group(words0, words1, codes2, False)
+            w = gl.convert_layout(w, W_OPERAND, assert_trivial=True)
+            acc = warpgroup_mma(w, x_bufs.index(s).permute((1, 0)), acc)
+        else:
+            keep ^= words
+            keep_s ^= codes.to(gl.int32)
+        # the shared-memory reads (and the MMA's) are done before the buffer's next TMA write
+        fence_async_shared()
+        mbarrier.arrive(empty.index(s), count=1)
+    total = gl.sum(gl.sum(acc, 1), 0)
+    words_sum = gl.xor_sum(gl.reshape(keep, [2048]), 0) ^ gl.xor_sum(gl.reshape(keep_s, [1024]), 0)
+    gl.store(out_ptr, total + words_sum.to(gl.float32))
+
+
+@gluon.jit
+def _ws_stage_kernel(
+    wd,
+    sd,
+    xd,
+    out_ptr,
+    IP,
+    num_groups,
+    STAGE: gl.constexpr,
+    NUM_BUF: gl.constexpr,
+    RESIDENT: gl.constexpr,
+):
+    tile = gl.program_id(0)
+    expert = tile // (IP // 32)
+    pid_n = tile % (IP // 32)
+    w_bufs = gl.allocate_shared_memory(gl.int32, [NUM_BUF] + wd.block_type.shape, wd.layout)
+    s_bufs = gl.allocate_shared_memory(gl.uint8, [NUM_BUF] + sd.block_type.shape, sd.layout)
+    x_bufs = gl.allocate_shared_memory(gl.bfloat16, [NUM_BUF] + xd.block_type.shape, xd.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(NUM_BUF):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=1)
+    bufs = (w_bufs, s_bufs, x_bufs)
+    bars = (ready, empty)
+    gl.warp_specialize(
+        [
+            (_consumer, (bufs, bars, num_groups, out_ptr + tile, STAGE)),
+            (_producer, (wd, sd, xd, bufs, bars, expert, pid_n, num_groups, RESIDENT)),
+        ],
+        [1],
+        [24],
+    )
+
+
+def ws_stage_call(
+    w: NVFP4KernelWeights,
+    x: torch.Tensor,
+    experts: int,
+    stage: str,
+    num_buf: int = 3,
+    resident: int = 0,
+    maxnreg: int = 64,
+    out: Optional[torch.Tensor] = None,
+) -> Callable[[], None]:
+    """A launch of :func:`_ws_stage_kernel` over the first ``experts`` experts of ``w``'s ``w13``
+    (row-blocked, contiguous) with ``x[:1]`` (bf16, ``[>= 1, Hp]``) as the one token.
+
+    ``maxnreg``: registers a thread over the program's 8 warps (the producer warp's warpgroup
+    keeps 24, the compute warpgroup gets ``2 * maxnreg - 24``): 64 holds four programs an SM with
+    104 for the compute (no spills in the sm_90a build), 80 three with 136. A float a program into
+    ``out`` (fp32, allocated when None)."""
+    e, nb, g = w.w13.shape[:3]
+    words = w.w13[:experts].reshape(2 * experts, nb // 2, g, 32, 32)
+    codes = w.w13_scale[:experts].reshape(2 * experts, nb // 2, g, 32, 16)
+    token = x[:1]
+    wd = TensorDescriptor(
+        words, list(words.shape), list(words.stride()), [2, 1, 1, 32, 32], gl.NVMMASharedLayout(128, 32, rank=5)
+    )
+    sd = TensorDescriptor(
+        codes, list(codes.shape), list(codes.stride()), [2, 1, 1, 32, 16], gl.NVMMASharedLayout(0, 8, rank=5)
+    )
+    xd = TensorDescriptor(
+        token, list(token.shape), list(token.stride()), [X_ROWS.value, 256], gl.NVMMASharedLayout(128, 16, rank=2)
+    )
+    ip = nb // 2 * 32
+    grid = (experts * (ip // 32),)
+    if out is None:
+        out = torch.empty(grid[0], dtype=torch.float32, device=x.device)
+    return lambda: _ws_stage_kernel[grid](
+        wd, sd, xd, out, ip, g, STAGE=stage, NUM_BUF=num_buf, RESIDENT=resident, num_warps=4, maxnreg=maxnreg,
+    )  # fmt: skip
