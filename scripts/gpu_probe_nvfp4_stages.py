@@ -27,6 +27,7 @@ same weights in one run:
   ``cp.async``; ``loads_ws`` / ``full_ws`` (and ``_l2``): the same with a producer warp issuing the
   TMA copies into a ring of buffers the compute warpgroup releases by mbarrier (Gluon's warp
   specialization, ``gluon_nvfp4_ws.py``), checked against ``full`` first (``ws_check``);
+  ``full_ws_b4`` (and ``_l2``): four buffers at three programs an SM;
 * ``gemm1``: the product's GEMM1 (``nvfp4_gemm1.gemm1_nvfp4``, decode default) at T=1 for
   calibration (``gpu_probe_nvfp4_blocks.decode_calls``, alignment done outside);
 * ``stream_w2`` / ``gemm2``: the same for GEMM2's ``w2`` words and codes (66 MB) and the product's
@@ -313,6 +314,12 @@ def main() -> None:
         calls[stage + "_tma_l2"] = ([tma_stage_call(w, x, stage, ns, resident=4) for x in xs], mb13)
         calls[stage + "_ws"] = ([ws_stage_call(w, x, ACTIVE, stage) for x in xs], mb13)
         calls[stage + "_ws_l2"] = ([ws_stage_call(w, x, ACTIVE, stage, resident=4) for x in xs], mb13)
+    # four buffers at three programs an SM (70 KB each, 136 registers for the compute)
+    for resident, tag in ((0, ""), (4, "_l2")):
+        calls["full_ws_b4" + tag] = (
+            [ws_stage_call(w, x, ACTIVE, "full", num_buf=4, resident=resident, maxnreg=80) for x in xs],
+            mb13,
+        )
     calls["stream_l2"] = ([l2_stream(w, repeats=7)], w.w13.numel() * 4 / 1e6)
     default = layers[ns]
     calls["stream_w2"] = ([expert_stream(w.w2, w.w2_scale, experts)], mb2)
@@ -325,7 +332,7 @@ def main() -> None:
         if unknown:
             sys.exit(f"gpu_probe_nvfp4_stages: --only: unknown rows {unknown}; rows: {sorted(calls)}")
         calls = {name: calls[name] for name in args.only}
-    if any(name.endswith(("_ws", "_ws_l2")) for name in calls):
+    if any("_ws" in name for name in calls):
         print(json.dumps(dict(what="ws_check", max_rel_diff=ws_check(w, xs[0]))), flush=True)
     results = []
     for r in range(args.rounds):
