@@ -9,7 +9,8 @@ ring of ``NUM_BUF`` buffers: the compute warpgroup waits on a buffer's ``ready``
 releases it with an arrive on its ``empty`` mbarrier, with no CTA barrier in the loop.
 
 One program: expert ``tile // (Ip / 32)``'s 32 gate rows and 32 up rows of column block
-``tile % (Ip / 32)`` (64 rows, as GEMM1's decode tile), over every 256-K group (or the first
+``tile % (Ip / 32)`` (64 rows, as GEMM1's decode tile; or, ``GATE_UP`` off, 64 consecutive rows of
+``w2``, as GEMM2's), over every 256-K group (or the first
 ``RESIDENT`` groups in turn: L2 hits), times a ``[16, 256]`` activation tile a group whose rows past
 the tensor's (one token) are the TMA's zero fill. ``STAGE``: ``"loads"`` (the copies, consumed by
 XORs) or ``"full"`` (+ :func:`nvfp4_tile.dequant_group` and the warpgroup MMAs). One float a
@@ -70,9 +71,9 @@ X_ROWS = gl.constexpr(16)
 
 
 @gluon.jit
-def _producer(wd, sd, xd, bufs, bars, expert, pid_n, num_groups, RESIDENT: gl.constexpr):
+def _producer(wd, sd, xd, bufs, bars, c0, c1, num_groups, RESIDENT: gl.constexpr):
     """One warp: each group's words, codes and activation tile into buffer ``g % NUM_BUF`` once the
-    compute partition has released it."""
+    compute partition has released it; the tile's box is at ``[c0, c1, group, 0, 0]``."""
     w_bufs, s_bufs, x_bufs = bufs
     ready, empty = bars
     NUM_BUF: gl.constexpr = w_bufs.type.shape[0]
@@ -83,8 +84,8 @@ def _producer(wd, sd, xd, bufs, bars, expert, pid_n, num_groups, RESIDENT: gl.co
         gw = g % RESIDENT if RESIDENT > 0 else g
         bar = ready.index(s)
         mbarrier.expect(bar, wd.block_type.nbytes + sd.block_type.nbytes + xd.block_type.nbytes)
-        tma.async_copy_global_to_shared(wd, [2 * expert, pid_n, gw, 0, 0], bar, w_bufs.index(s))
-        tma.async_copy_global_to_shared(sd, [2 * expert, pid_n, gw, 0, 0], bar, s_bufs.index(s))
+        tma.async_copy_global_to_shared(wd, [c0, c1, gw, 0, 0], bar, w_bufs.index(s))
+        tma.async_copy_global_to_shared(sd, [c0, c1, gw, 0, 0], bar, s_bufs.index(s))
         tma.async_copy_global_to_shared(xd, [0, g * 256], bar, x_bufs.index(s))
 
 
@@ -134,10 +135,17 @@ def _ws_stage_kernel(
     STAGE: gl.constexpr,
     NUM_BUF: gl.constexpr,
     RESIDENT: gl.constexpr,
+    GATE_UP: gl.constexpr,
 ):
     tile = gl.program_id(0)
-    expert = tile // (IP // 32)
-    pid_n = tile % (IP // 32)
+    if GATE_UP:
+        # [2E, Ip/32, ...]: expert's gate blocks at 2e, its up blocks at 2e + 1
+        c0 = 2 * (tile // (IP // 32))
+        c1 = tile % (IP // 32)
+    else:
+        # [2, E * Hb/64, ...]: the tile's two consecutive blocks
+        c0 = 0
+        c1 = tile
     w_bufs = gl.allocate_shared_memory(gl.int32, [NUM_BUF] + wd.block_type.shape, wd.layout)
     s_bufs = gl.allocate_shared_memory(gl.uint8, [NUM_BUF] + sd.block_type.shape, sd.layout)
     x_bufs = gl.allocate_shared_memory(gl.bfloat16, [NUM_BUF] + xd.block_type.shape, xd.layout)
@@ -151,7 +159,7 @@ def _ws_stage_kernel(
     gl.warp_specialize(
         [
             (_consumer, (bufs, bars, num_groups, out_ptr + tile, STAGE)),
-            (_producer, (wd, sd, xd, bufs, bars, expert, pid_n, num_groups, RESIDENT)),
+            (_producer, (wd, sd, xd, bufs, bars, c0, c1, num_groups, RESIDENT)),
         ],
         [1],
         [24],
@@ -167,17 +175,27 @@ def ws_stage_call(
     resident: int = 0,
     maxnreg: int = 64,
     out: Optional[torch.Tensor] = None,
+    matrix: str = "w13",
 ) -> Callable[[], None]:
-    """A launch of :func:`_ws_stage_kernel` over the first ``experts`` experts of ``w``'s ``w13``
-    (row-blocked, contiguous) with ``x[:1]`` (bf16, ``[>= 1, Hp]``) as the one token.
+    """A launch of :func:`_ws_stage_kernel` over the first ``experts`` experts of ``w``'s
+    ``matrix`` (row-blocked, contiguous; ``"w13"``: GEMM1's tiles of 32 gate and 32 up rows,
+    ``"w2"``: GEMM2's tiles of 64 consecutive rows) with ``x[:1]`` (bf16, ``[>= 1, K]``, K the
+    matrix's padded columns) as the one token.
 
     ``maxnreg``: registers a thread over the program's 8 warps (the producer warp's warpgroup
     keeps 24, the compute warpgroup gets ``2 * maxnreg - 24``): 64 holds four programs an SM with
     104 for the compute (no spills in the sm_90a build), 80 three with 136. A float a program into
     ``out`` (fp32, allocated when None)."""
-    e, nb, g = w.w13.shape[:3]
-    words = w.w13[:experts].reshape(2 * experts, nb // 2, g, 32, 32)
-    codes = w.w13_scale[:experts].reshape(2 * experts, nb // 2, g, 32, 16)
+    gate_up = matrix == "w13"
+    all_words, all_codes = (w.w13, w.w13_scale) if gate_up else (w.w2, w.w2_scale)
+    e, nb, g = all_words.shape[:3]
+    if gate_up:
+        words = all_words[:experts].reshape(2 * experts, nb // 2, g, 32, 32)
+        codes = all_codes[:experts].reshape(2 * experts, nb // 2, g, 32, 16)
+    else:
+        # dim 0 steps one block (the tile's second), dim 1 two: box [2, 1, ...] is a tile
+        words = all_words[:experts].as_strided((2, experts * nb // 2, g, 32, 32), (g * 1024, g * 2048, 1024, 32, 1))
+        codes = all_codes[:experts].as_strided((2, experts * nb // 2, g, 32, 16), (g * 512, g * 1024, 512, 16, 1))
     token = x[:1]
     wd = TensorDescriptor(
         words, list(words.shape), list(words.stride()), [2, 1, 1, 32, 32], gl.NVMMASharedLayout(128, 32, rank=5)
@@ -193,5 +211,6 @@ def ws_stage_call(
     if out is None:
         out = torch.empty(grid[0], dtype=torch.float32, device=x.device)
     return lambda: _ws_stage_kernel[grid](
-        wd, sd, xd, out, ip, g, STAGE=stage, NUM_BUF=num_buf, RESIDENT=resident, num_warps=4, maxnreg=maxnreg,
+        wd, sd, xd, out, ip, g, STAGE=stage, NUM_BUF=num_buf, RESIDENT=resident, GATE_UP=gate_up,
+        num_warps=4, maxnreg=maxnreg,
     )  # fmt: skip

@@ -27,7 +27,9 @@ same weights in one run:
   ``cp.async``; ``loads_ws`` / ``full_ws`` (and ``_l2``): the same with a producer warp issuing the
   TMA copies into a ring of buffers the compute warpgroup releases by mbarrier (Gluon's warp
   specialization, ``gluon_nvfp4_ws.py``), checked against ``full`` first (``ws_check``);
-  ``full_ws_b4`` (and ``_l2``): four buffers at three programs an SM;
+  ``full_ws_b4`` (and ``_l2``): four buffers at three programs an SM; ``full_w2`` / ``full_ws_w2``
+  (and ``_l2``, two groups a tile resident): the ``cp.async`` and warp-specialized loops over
+  GEMM2's tiles (64 consecutive rows of ``w2``, against ``stream_w2`` / ``gemm2``);
 * ``gemm1``: the product's GEMM1 (``nvfp4_gemm1.gemm1_nvfp4``, decode default) at T=1 for
   calibration (``gpu_probe_nvfp4_blocks.decode_calls``, alignment done outside);
 * ``stream_w2`` / ``gemm2``: the same for GEMM2's ``w2`` words and codes (66 MB) and the product's
@@ -94,10 +96,13 @@ def _stage_kernel(
     NUM_STAGES: tl.constexpr,
     SPLIT: tl.constexpr,
     RESIDENT: tl.constexpr,
+    GATE_UP: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
     """GEMM1's decode main loop over expert ``tile // (IP / BLOCK_N)``'s gate and up rows of
-    column block ``tile % (IP / BLOCK_N)``, ``tile = program_id // SPLIT``, over part
+    column block ``tile % (IP / BLOCK_N)`` (``GATE_UP``; else, GEMM2's, rows ``2 BLOCK_N`` from
+    ``2 BLOCK_N (tile % (IP / BLOCK_N))`` of a matrix of ``2 IP`` rows),
+    ``tile = program_id // SPLIT``, over part
     ``program_id % SPLIT`` of the groups, with the stages ``STAGE`` names (module doc); with
     ``RESIDENT`` > 0 the weights' loads cycle over the tile's first ``RESIDENT`` groups (L2 hits:
     the loop without DRAM). One float a program to ``out`` keeps every stage's results alive."""
@@ -106,7 +111,10 @@ def _stage_kernel(
     expert = tile // (IP // BLOCK_N)
     pid_n = tile % (IP // BLOCK_N)
     offs_r = tl.arange(0, 2 * BLOCK_N)
-    w_rows = pid_n * BLOCK_N + tl.where(offs_r < BLOCK_N, offs_r, IP + offs_r - BLOCK_N)
+    if GATE_UP:
+        w_rows = pid_n * BLOCK_N + tl.where(offs_r < BLOCK_N, offs_r, IP + offs_r - BLOCK_N)
+    else:
+        w_rows = pid_n * 2 * BLOCK_N + offs_r
     offs_w = tl.arange(0, 16)
     w_ptrs = w_ptr + expert * stride_we + row_offsets(w_rows, stride_wb, stride_wr)[:, None] + offs_w[None, :]
     s_ptrs = s_ptr + expert * stride_se + row_offsets(w_rows, stride_sb, stride_sr)[:, None] + offs_w[None, :]
@@ -219,21 +227,24 @@ def stage_call(
     split: int = 1,
     resident: int = 0,
     out: Optional[torch.Tensor] = None,
+    matrix: str = "w13",
 ) -> Callable[[], None]:
-    """A launch of :func:`_stage_kernel` over the first ``ACTIVE`` experts of ``w``'s ``w13``, its
-    loop software-pipelined over ``num_stages`` stages, each tile's groups over ``split`` programs,
-    the weights' loads cycling over ``resident`` groups a tile (0: all of them, in order); a float a
+    """A launch of :func:`_stage_kernel` over the first ``ACTIVE`` experts of ``w``'s ``matrix``
+    (``"w13"``: GEMM1's tiles; ``"w2"``: GEMM2's, ``x`` then ``[16, Ip]``), its loop
+    software-pipelined over ``num_stages`` stages, each tile's groups over ``split`` programs, the
+    weights' loads cycling over ``resident`` groups a tile (0: all of them, in order); a float a
     program into ``out`` (fp32, allocated when None)."""
-    geo = weight_geometry(w.w13, w.w13_scale)
+    words, scales = (w.w13, w.w13_scale) if matrix == "w13" else (w.w2, w.w2_scale)
+    geo = weight_geometry(words, scales)
     ip = geo.rows // 2
     block_n = DECODE_CONFIG["BLOCK_N1"]
     grid = (ACTIVE * (ip // block_n) * split,)
     if out is None:
         out = torch.empty(grid[0], dtype=torch.float32, device=x.device)
     return lambda: _stage_kernel[grid](
-        w.w13, w.w13_scale, x, out, ip, geo.groups, *geo.words, *geo.scales,
+        words, scales, x, out, ip, geo.groups, *geo.words, *geo.scales,
         BLOCK_N=block_n, BLOCK_M=DECODE_CONFIG["BLOCK_M"], STAGE=stage, NUM_STAGES=num_stages, SPLIT=split,
-        RESIDENT=resident, INTERPRET=INTERPRETING,
+        RESIDENT=resident, GATE_UP=matrix == "w13", INTERPRET=INTERPRETING,
         num_warps=DECODE_CONFIG["num_warps1"], num_stages=num_stages,
     )  # fmt: skip
 
@@ -250,14 +261,16 @@ def l2_stream(w: NVFP4KernelWeights, repeats: int) -> Callable[[], None]:
     return expert_stream(regions, words[: ACTIVE * 4].view(ACTIVE, 4), experts)
 
 
-def ws_check(w: NVFP4KernelWeights, x: torch.Tensor) -> float:
+def ws_check(w: NVFP4KernelWeights, x: torch.Tensor, matrix: str) -> float:
     """The warp-specialized ``full`` loop's per-program sums against :func:`_stage_kernel`'s over
-    the same tiles and token (``x[0]``): the largest difference relative to the largest sum (the
-    two run the same MMAs in the same order, so 0 unless the Gluon kernel reads other data)."""
-    ref = torch.zeros(ACTIVE * (w.w13.shape[1] // 2), dtype=torch.float32, device=x.device)
+    the same tiles of ``matrix`` and token (``x[0]``): the largest difference relative to the
+    largest sum (the two run the same MMAs in the same order, so 0 unless the Gluon kernel reads
+    other data)."""
+    blocks = (w.w13 if matrix == "w13" else w.w2).shape[1]
+    ref = torch.zeros(ACTIVE * (blocks // 2), dtype=torch.float32, device=x.device)
     got = torch.full_like(ref, float("nan"))
-    stage_call(w, x, "full", DECODE_CONFIG["num_stages1"], out=ref)()
-    ws_stage_call(w, x, ACTIVE, "full", out=got)()
+    stage_call(w, x, "full", DECODE_CONFIG["num_stages1"], out=ref, matrix=matrix)()
+    ws_stage_call(w, x, ACTIVE, "full", out=got, matrix=matrix)()
     torch.cuda.synchronize()
     return float((got - ref).abs().max() / ref.abs().max())
 
@@ -285,6 +298,7 @@ def main() -> None:
         for _ in range(args.sets)
     ]  # fmt: skip
     xs = [torch.randn(16, w.padded_hidden, device=dev).to(torch.bfloat16) for _ in range(args.sets)]
+    xs2 = [torch.randn(16, w.w2.shape[2] * 256, device=dev).to(torch.bfloat16) for _ in range(args.sets)]
     experts = torch.arange(ACTIVE, dtype=torch.int32, device=dev)
     mb13 = (w.w13.numel() * 4 + w.w13_scale.numel()) / 1e6
     mb2 = (w.w2.numel() * 4 + w.w2_scale.numel()) / 1e6
@@ -314,6 +328,13 @@ def main() -> None:
         calls[stage + "_tma_l2"] = ([tma_stage_call(w, x, stage, ns, resident=4) for x in xs], mb13)
         calls[stage + "_ws"] = ([ws_stage_call(w, x, ACTIVE, stage) for x in xs], mb13)
         calls[stage + "_ws_l2"] = ([ws_stage_call(w, x, ACTIVE, stage, resident=4) for x in xs], mb13)
+    # GEMM2's tiles (64 consecutive rows of w2, 8 groups at Ip = 2048): the same loops
+    for resident, tag in ((0, ""), (2, "_l2")):
+        calls["full_w2" + tag] = ([stage_call(w, x, "full", ns, resident=resident, matrix="w2") for x in xs2], mb2)
+        calls["full_ws_w2" + tag] = (
+            [ws_stage_call(w, x, ACTIVE, "full", resident=resident, matrix="w2") for x in xs2],
+            mb2,
+        )
     # four buffers at three programs an SM (70 KB each, 136 registers for the compute)
     for resident, tag in ((0, ""), (4, "_l2")):
         calls["full_ws_b4" + tag] = (
@@ -333,7 +354,9 @@ def main() -> None:
             sys.exit(f"gpu_probe_nvfp4_stages: --only: unknown rows {unknown}; rows: {sorted(calls)}")
         calls = {name: calls[name] for name in args.only}
     if any("_ws" in name for name in calls):
-        print(json.dumps(dict(what="ws_check", max_rel_diff=ws_check(w, xs[0]))), flush=True)
+        for matrix, x in (("w13", xs[0]), ("w2", xs2[0])):
+            row = dict(what="ws_check", matrix=matrix, max_rel_diff=ws_check(w, x, matrix))
+            print(json.dumps(row), flush=True)
     results = []
     for r in range(args.rounds):
         for name, (c, megabytes) in calls.items():
