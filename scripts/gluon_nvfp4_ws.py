@@ -24,7 +24,7 @@ the wgmma register operand without data movement (``convert_layout(..., assert_t
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import torch
 from triton.experimental import gluon
@@ -35,26 +35,25 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from moe_backend.kernels.sm90.nvfp4_layout import NVFP4KernelWeights
 from moe_backend.kernels.sm90.nvfp4_tile import dequant_group
 
-#: ``[2, 1, 1, 32, 32]`` int32 words (gate block, up block) and ``[2, 1, 1, 32, 16]`` uint8 codes
-#: over 4 warps, as Triton 3.6 lays out the probe's TMA kernel's loads for the dequantization.
-WORDS_LAYOUT = gl.constexpr(
-    gl.DistributedLinearLayout(
-        reg_bases=[[0, 0, 0, 0, 16], [0, 0, 0, 8, 0], [0, 0, 0, 0, 4], [0, 0, 0, 0, 8]],
+
+def _box_layout(columns: int) -> gl.DistributedLinearLayout:
+    """A ``[2, 1, 1, 32, columns]`` box (gate block, up block; or a tile's two blocks) over 4 warps,
+    as Triton 3.6 lays out the probe's TMA loads for the dequantization: the words (32 columns)
+    are the codes' layout (16 columns) with each thread also holding the word 16 columns on, the
+    same word of the group's second half."""
+    halves = [[0, 0, 0, 0, 16]] if columns == 32 else []
+    return gl.DistributedLinearLayout(
+        reg_bases=halves + [[0, 0, 0, 8, 0], [0, 0, 0, 0, 4], [0, 0, 0, 0, 8]],
         lane_bases=[[0, 0, 0, 0, 1], [0, 0, 0, 0, 2], [0, 0, 0, 1, 0], [0, 0, 0, 2, 0], [0, 0, 0, 4, 0]],
         warp_bases=[[0, 0, 0, 16, 0], [1, 0, 0, 0, 0]],
         block_bases=[],
-        shape=[2, 1, 1, 32, 32],
+        shape=[2, 1, 1, 32, columns],
     )
-)
-CODES_LAYOUT = gl.constexpr(
-    gl.DistributedLinearLayout(
-        reg_bases=[[0, 0, 0, 8, 0], [0, 0, 0, 0, 4], [0, 0, 0, 0, 8]],
-        lane_bases=[[0, 0, 0, 0, 1], [0, 0, 0, 0, 2], [0, 0, 0, 1, 0], [0, 0, 0, 2, 0], [0, 0, 0, 4, 0]],
-        warp_bases=[[0, 0, 0, 16, 0], [1, 0, 0, 0, 0]],
-        block_bases=[],
-        shape=[2, 1, 1, 32, 16],
-    )
-)
+
+
+#: ``[2, 1, 1, 32, 32]`` int32 words and ``[2, 1, 1, 32, 16]`` uint8 scale codes.
+WORDS_LAYOUT = gl.constexpr(_box_layout(32))
+CODES_LAYOUT = gl.constexpr(_box_layout(16))
 #: The ``[64, 16]`` halves and codes the dequantization takes (``#linear`` of the same TTGIR).
 HALF_LAYOUT = gl.constexpr(
     gl.DistributedLinearLayout(
@@ -166,6 +165,28 @@ def _ws_stage_kernel(
     )
 
 
+def tile_boxes(w: NVFP4KernelWeights, experts: int, matrix: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Views of the first ``experts`` experts' words and scale codes of ``w``'s ``matrix``
+    (row-blocked, contiguous) in which one ``[2, 1, 1, 32, *]`` box is a decode tile's 64 rows:
+
+    * ``"w13"``: ``[2E, Ip/32, G, 32, *]``, the box at ``[2e, n, g]`` holds expert ``e``'s gate
+      block ``n`` and its up block ``n`` (GEMM1's tile);
+    * ``"w2"``: ``[2, E Hb/64, G, 32, *]`` (dim 0 steps one block, dim 1 two), the box at
+      ``[0, t, g]`` holds blocks ``2t`` and ``2t + 1`` (GEMM2's tile ``t``).
+    """
+    words, codes = (w.w13, w.w13_scale) if matrix == "w13" else (w.w2, w.w2_scale)
+    nb, g = words.shape[1:3]
+    if matrix == "w13":
+        return (
+            words[:experts].reshape(2 * experts, nb // 2, g, 32, 32),
+            codes[:experts].reshape(2 * experts, nb // 2, g, 32, 16),
+        )
+    return (
+        words[:experts].as_strided((2, experts * nb // 2, g, 32, 32), (g * 1024, g * 2048, 1024, 32, 1)),
+        codes[:experts].as_strided((2, experts * nb // 2, g, 32, 16), (g * 512, g * 1024, 512, 16, 1)),
+    )
+
+
 def ws_stage_call(
     w: NVFP4KernelWeights,
     x: torch.Tensor,
@@ -186,16 +207,8 @@ def ws_stage_call(
     keeps 24, the compute warpgroup gets ``2 * maxnreg - 24``): 64 holds four programs an SM with
     104 for the compute (no spills in the sm_90a build), 80 three with 136. A float a program into
     ``out`` (fp32, allocated when None)."""
-    gate_up = matrix == "w13"
-    all_words, all_codes = (w.w13, w.w13_scale) if gate_up else (w.w2, w.w2_scale)
-    e, nb, g = all_words.shape[:3]
-    if gate_up:
-        words = all_words[:experts].reshape(2 * experts, nb // 2, g, 32, 32)
-        codes = all_codes[:experts].reshape(2 * experts, nb // 2, g, 32, 16)
-    else:
-        # dim 0 steps one block (the tile's second), dim 1 two: box [2, 1, ...] is a tile
-        words = all_words[:experts].as_strided((2, experts * nb // 2, g, 32, 32), (g * 1024, g * 2048, 1024, 32, 1))
-        codes = all_codes[:experts].as_strided((2, experts * nb // 2, g, 32, 16), (g * 512, g * 1024, 512, 16, 1))
+    words, codes = tile_boxes(w, experts, matrix)
+    nb, g = (w.w13 if matrix == "w13" else w.w2).shape[1:3]
     token = x[:1]
     wd = TensorDescriptor(
         words, list(words.shape), list(words.stride()), [2, 1, 1, 32, 32], gl.NVMMASharedLayout(128, 32, rank=5)
@@ -211,6 +224,6 @@ def ws_stage_call(
     if out is None:
         out = torch.empty(grid[0], dtype=torch.float32, device=x.device)
     return lambda: _ws_stage_kernel[grid](
-        wd, sd, xd, out, ip, g, STAGE=stage, NUM_BUF=num_buf, RESIDENT=resident, GATE_UP=gate_up,
+        wd, sd, xd, out, ip, g, STAGE=stage, NUM_BUF=num_buf, RESIDENT=resident, GATE_UP=matrix == "w13",
         num_warps=4, maxnreg=maxnreg,
     )  # fmt: skip

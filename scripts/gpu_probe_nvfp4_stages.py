@@ -23,7 +23,7 @@ same weights in one run:
   stream kernel over as many bytes from an L2-resident set of the same size (each of ``ACTIVE``
   regions of 1/7 of an expert's words read 7 times): whether that floor is L2's rate or the loop's;
   ``loads_tma`` / ``full_tma`` (and ``_l2``): the same loops with each group's words and codes
-  brought by the TMA (three bulk copies a group, completion on an mbarrier) instead of per-thread
+  brought by the TMA (two bulk copies a group, completion on an mbarrier) instead of per-thread
   ``cp.async``; ``loads_ws`` / ``full_ws`` (and ``_l2``): the same with a producer warp issuing the
   TMA copies into a ring of buffers the compute warpgroup releases by mbarrier (Gluon's warp
   specialization, ``gluon_nvfp4_ws.py``), checked against ``full`` first (``ws_check``);
@@ -60,7 +60,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from decode_breakdown import timed  # noqa: E402
-from gluon_nvfp4_ws import ws_stage_call  # noqa: E402
+from gluon_nvfp4_ws import tile_boxes, ws_stage_call  # noqa: E402
 from gpu_probe_nvfp4_blocks import decode_calls  # noqa: E402
 
 from moe_backend.cli.bench import balanced_ids, random_nvfp4_weights  # noqa: E402
@@ -68,7 +68,7 @@ from moe_backend.cli.bench_ceilings import expert_stream  # noqa: E402
 from moe_backend.kernels.interpret import INTERPRETING  # noqa: E402
 from moe_backend.kernels.sm90.nvfp4_layout import NVFP4KernelWeights, nvfp4_to_kernel_layout, weight_geometry  # noqa: E402
 from moe_backend.kernels.sm90.nvfp4_moe import DECODE_CONFIG  # noqa: E402
-from moe_backend.kernels.sm90.nvfp4_tile import dequant_group, load_group, mma, row_offsets  # noqa: E402
+from moe_backend.kernels.sm90.nvfp4_tile import dequant_group, mma, row_offsets  # noqa: E402
 
 H, INTER, TOP_K, ACTIVE = 7168, 2048, 8, 8
 STAGES = ("loads", "loads_mma", "full")  # timed at every --num-stages
@@ -78,6 +78,8 @@ STAGES = ("loads", "loads_mma", "full")  # timed at every --num-stages
 def _stage_kernel(
     w_ptr,
     s_ptr,
+    wd,
+    sd,
     x_ptr,
     out_ptr,
     IP,
@@ -97,6 +99,7 @@ def _stage_kernel(
     SPLIT: tl.constexpr,
     RESIDENT: tl.constexpr,
     GATE_UP: tl.constexpr,
+    TMA: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
     """GEMM1's decode main loop over expert ``tile // (IP / BLOCK_N)``'s gate and up rows of
@@ -105,7 +108,10 @@ def _stage_kernel(
     ``tile = program_id // SPLIT``, over part
     ``program_id % SPLIT`` of the groups, with the stages ``STAGE`` names (module doc); with
     ``RESIDENT`` > 0 the weights' loads cycle over the tile's first ``RESIDENT`` groups (L2 hits:
-    the loop without DRAM). One float a program to ``out`` keeps every stage's results alive."""
+    the loop without DRAM). With ``TMA`` (GEMM1's tiles, one program a tile) the weights come by
+    TMA copies: ``wd`` / ``sd`` describe ``gluon_nvfp4_ws.tile_boxes``' views of the words and
+    codes, whose ``[2, 1, 1, 32, *]`` box at ``[2e, n, g]`` is the tile's gate and up rows. One
+    float a program to ``out`` keeps every stage's results alive."""
     tile = tl.program_id(0) // SPLIT
     part = tl.program_id(0) % SPLIT
     expert = tile // (IP // BLOCK_N)
@@ -133,13 +139,17 @@ def _stage_kernel(
         if STAGE != "loads_w":
             x = tl.load(x_ptrs + g * 256, mask=x_ok, other=0.0)
         gw = g % RESIDENT if RESIDENT > 0 else g
-        if STAGE == "full":
-            w = load_group(w_ptrs + gw * stride_wg, s_ptrs + gw * stride_sg, True, False, INTERPRET)
-            acc = mma(w, x, acc, "sync", INTERPRET)
+        if TMA:
+            words = wd.load([2 * expert, pid_n, gw, 0, 0]).reshape(2 * BLOCK_N, 2, 16)
+            words0, words1 = tl.split(tl.permute(words, (0, 2, 1)))
+            codes = sd.load([2 * expert, pid_n, gw, 0, 0]).reshape(2 * BLOCK_N, 16)
         else:
             words0 = tl.load(w_ptrs + gw * stride_wg)
             words1 = tl.load(w_ptrs + gw * stride_wg + 16)
             codes = tl.load(s_ptrs + gw * stride_sg)
+        if STAGE == "full":
+            acc = mma(dequant_group(words0, words1, codes, INTERPRET), x, acc, "sync", INTERPRET)
+        else:
             keep ^= words0 ^ words1 ^ codes.to(tl.int32)
             if STAGE == "loads_mma":
                 acc = mma(ones, x, acc, "sync", INTERPRET)
@@ -148,75 +158,6 @@ def _stage_kernel(
     total = tl.sum(tl.sum(acc, 1), 0) + tl.xor_sum(tl.xor_sum(keep, 1), 0).to(tl.float32)
     total += tl.xor_sum(tl.xor_sum(keep_x, 1), 0).to(tl.float32)
     tl.store(out_ptr + tl.program_id(0), total)
-
-
-@triton.jit
-def _tma_stage_kernel(
-    wd,
-    sd,
-    x_ptr,
-    out_ptr,
-    IP,
-    num_groups,
-    BLOCK_N: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    STAGE: tl.constexpr,
-    NUM_STAGES: tl.constexpr,
-    RESIDENT: tl.constexpr,
-    INTERPRET: tl.constexpr,
-):
-    """:func:`_stage_kernel`'s ``loads`` / ``full`` with each group's weights brought by the TMA:
-    ``wd`` describes ``w13`` as ``[2E, Ip/32, G, 32, 32]`` (row 0: expert ``e``'s gate blocks,
-    ``2e + 1`` its up blocks) in boxes ``[2, 1, 1, 32, 16]``, so one copy brings a half of the
-    tile's gate and up blocks (64 rows); ``sd`` the scale codes alike (``[2, 1, 1, 32, 16]``)."""
-    tile = tl.program_id(0)
-    expert = tile // (IP // BLOCK_N)
-    pid_n = tile % (IP // BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
-    x_ptrs = x_ptr + offs_m[:, None] * (num_groups * 256) + tl.arange(0, 256)[None, :]
-    x_ok = (offs_m < 1)[:, None]
-    acc = tl.zeros([2 * BLOCK_N, BLOCK_M], dtype=tl.float32)
-    keep = tl.zeros([2 * BLOCK_N, 16], dtype=tl.int32)
-    keep_x = tl.zeros([BLOCK_M, 256], dtype=tl.int16)
-    tl.assume(num_groups > 0)
-    for g in tl.range(0, num_groups, num_stages=NUM_STAGES):
-        x = tl.load(x_ptrs + g * 256, mask=x_ok, other=0.0)
-        gw = g % RESIDENT if RESIDENT > 0 else g
-        words = wd.load([2 * expert, pid_n, gw, 0, 0]).reshape(2 * BLOCK_N, 2, 16)
-        words0, words1 = tl.split(tl.permute(words, (0, 2, 1)))
-        codes = sd.load([2 * expert, pid_n, gw, 0, 0]).reshape(2 * BLOCK_N, 16)
-        if STAGE == "full":
-            acc = mma(dequant_group(words0, words1, codes, INTERPRET), x, acc, "sync", INTERPRET)
-        else:
-            keep ^= words0 ^ words1 ^ codes.to(tl.int32)
-            keep_x ^= x.to(tl.int16, bitcast=True)
-    total = tl.sum(tl.sum(acc, 1), 0) + tl.xor_sum(tl.xor_sum(keep, 1), 0).to(tl.float32)
-    total += tl.xor_sum(tl.xor_sum(keep_x, 1), 0).to(tl.float32)
-    tl.store(out_ptr + tl.program_id(0), total)
-
-
-def tma_stage_call(
-    w: NVFP4KernelWeights, x: torch.Tensor, stage: str, num_stages: int, resident: int = 0
-) -> Callable[[], None]:
-    """A launch of :func:`_tma_stage_kernel` over the first ``ACTIVE`` experts of ``w``'s ``w13``
-    (row-blocked, contiguous), as :func:`stage_call`."""
-    block_n = DECODE_CONFIG["BLOCK_N1"]
-    if block_n != 32:
-        raise ValueError(f"DECODE_CONFIG['BLOCK_N1']: the TMA rows need 32 (one row block), got {block_n}")
-    e, nb, g = w.w13.shape[:3]
-    # [E, 2Ip/32, ...] -> [2E, Ip/32, ...]: an expert's gate blocks, then its up blocks
-    words = w.w13[:ACTIVE].reshape(2 * ACTIVE, nb // 2, g, 32, 32)
-    codes = w.w13_scale[:ACTIVE].reshape(2 * ACTIVE, nb // 2, g, 32, 16)
-    wd = TensorDescriptor(words, list(words.shape), list(words.stride()), [2, 1, 1, 32, 32])
-    sd = TensorDescriptor(codes, list(codes.shape), list(codes.stride()), [2, 1, 1, 32, 16])
-    ip = nb // 2 * 32
-    grid = (ACTIVE * (ip // block_n),)
-    out = torch.empty(grid[0], dtype=torch.float32, device=x.device)
-    return lambda: _tma_stage_kernel[grid](
-        wd, sd, x, out, ip, g, BLOCK_N=block_n, BLOCK_M=DECODE_CONFIG["BLOCK_M"], STAGE=stage,
-        NUM_STAGES=num_stages, RESIDENT=resident, INTERPRET=INTERPRETING,
-        num_warps=DECODE_CONFIG["num_warps1"], num_stages=num_stages,
-    )  # fmt: skip
 
 
 def stage_call(
@@ -228,23 +169,34 @@ def stage_call(
     resident: int = 0,
     out: Optional[torch.Tensor] = None,
     matrix: str = "w13",
+    tma: bool = False,
 ) -> Callable[[], None]:
     """A launch of :func:`_stage_kernel` over the first ``ACTIVE`` experts of ``w``'s ``matrix``
     (``"w13"``: GEMM1's tiles; ``"w2"``: GEMM2's, ``x`` then ``[16, Ip]``), its loop
     software-pipelined over ``num_stages`` stages, each tile's groups over ``split`` programs, the
-    weights' loads cycling over ``resident`` groups a tile (0: all of them, in order); a float a
-    program into ``out`` (fp32, allocated when None)."""
+    weights' loads cycling over ``resident`` groups a tile (0: all of them, in order), by TMA
+    copies with ``tma`` (``"w13"``, ``split=1`` only); a float a program into ``out`` (fp32,
+    allocated when None)."""
     words, scales = (w.w13, w.w13_scale) if matrix == "w13" else (w.w2, w.w2_scale)
     geo = weight_geometry(words, scales)
     ip = geo.rows // 2
     block_n = DECODE_CONFIG["BLOCK_N1"]
+    wd = sd = None
+    if tma:
+        if matrix != "w13" or split != 1 or block_n != 32:
+            raise ValueError(
+                f"tma: serves matrix='w13', split=1 and BLOCK_N1=32 (a tile of two row blocks), "
+                f"got {matrix!r}, {split}, {block_n}"
+            )
+        boxes = tile_boxes(w, ACTIVE, "w13")
+        wd, sd = (TensorDescriptor(t, list(t.shape), list(t.stride()), [2, 1, 1, 32, t.shape[-1]]) for t in boxes)
     grid = (ACTIVE * (ip // block_n) * split,)
     if out is None:
         out = torch.empty(grid[0], dtype=torch.float32, device=x.device)
     return lambda: _stage_kernel[grid](
-        words, scales, x, out, ip, geo.groups, *geo.words, *geo.scales,
+        words, scales, wd, sd, x, out, ip, geo.groups, *geo.words, *geo.scales,
         BLOCK_N=block_n, BLOCK_M=DECODE_CONFIG["BLOCK_M"], STAGE=stage, NUM_STAGES=num_stages, SPLIT=split,
-        RESIDENT=resident, GATE_UP=matrix == "w13", INTERPRET=INTERPRETING,
+        RESIDENT=resident, GATE_UP=matrix == "w13", TMA=tma, INTERPRET=INTERPRETING,
         num_warps=DECODE_CONFIG["num_warps1"], num_stages=num_stages,
     )  # fmt: skip
 
@@ -320,12 +272,12 @@ def main() -> None:
     calls["loads_w"] = ([stage_call(w, x, "loads_w", ns) for x in xs], mb13)
     for stage in ("loads", "full"):
         calls[stage + "_split2"] = ([stage_call(w, x, stage, ns, split=2) for x in xs], mb13)
-        # 4 groups a tile: 512 x 16 KB of words and codes stay in L2, so this is the loop's on-chip
+        # 4 groups a tile: 512 x 36 KB of words and codes stay in L2, so this is the loop's on-chip
         # time (issue, shared memory, MMAs), which the card's DRAM rate does not change
         calls[stage + "_l2"] = ([stage_call(w, x, stage, ns, resident=4) for x in xs], mb13)
     for stage in ("loads", "full"):
-        calls[stage + "_tma"] = ([tma_stage_call(w, x, stage, ns) for x in xs], mb13)
-        calls[stage + "_tma_l2"] = ([tma_stage_call(w, x, stage, ns, resident=4) for x in xs], mb13)
+        calls[stage + "_tma"] = ([stage_call(w, x, stage, ns, tma=True) for x in xs], mb13)
+        calls[stage + "_tma_l2"] = ([stage_call(w, x, stage, ns, resident=4, tma=True) for x in xs], mb13)
         calls[stage + "_ws"] = ([ws_stage_call(w, x, ACTIVE, stage) for x in xs], mb13)
         calls[stage + "_ws_l2"] = ([ws_stage_call(w, x, ACTIVE, stage, resident=4) for x in xs], mb13)
     # GEMM2's tiles (64 consecutive rows of w2, 8 groups at Ip = 2048): the same loops
