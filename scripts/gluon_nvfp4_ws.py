@@ -11,8 +11,8 @@ releases it with an arrive on its ``empty`` mbarrier, with no CTA barrier in the
 One program: expert ``tile // (Ip / 32)``'s 32 gate rows and 32 up rows of column block
 ``tile % (Ip / 32)`` (64 rows, as GEMM1's decode tile; or, ``GATE_UP`` off, 64 consecutive rows of
 ``w2``, as GEMM2's), over every 256-K group (or the first
-``RESIDENT`` groups in turn: L2 hits), times a ``[16, 256]`` activation tile a group whose rows past
-the tensor's (one token) are the TMA's zero fill. ``STAGE``: ``"loads"`` (the copies, consumed by
+``RESIDENT`` groups in turn: L2 hits), times a ``[16, 256]`` (or ``[8, 256]``: wgmma N=8) activation
+tile a group whose rows past the tensor's (one token) are the TMA's zero fill. ``STAGE``: ``"loads"`` (the copies, consumed by
 XORs) or ``"full"`` (+ :func:`nvfp4_tile.dequant_group` and the warpgroup MMAs). One float a
 program keeps the results alive; ``"full"``'s equals ``_stage_kernel``'s sum over the same tile.
 
@@ -20,6 +20,11 @@ The compute partition loads the words and scale codes from shared memory in the 
 that Triton's own layout propagation gives the same dequantization (``WORDS_LAYOUT`` /
 ``CODES_LAYOUT``, read off the TTGIR of the probe's TMA kernel), so that the dequantized tile is
 the wgmma register operand without data movement (``convert_layout(..., assert_trivial=True)``).
+
+Measured (H100, twenty-eighth session): the activation tile's copy, 8 KB a group of which 15 rows
+are zero fill, costs the loop more than the weights' (loads from L2 54.6 µs with it, 31.9 without);
+without it the full loop takes 43.3 µs from L2, against 45.2 for the ``cp.async`` loop: the
+compute (ncu: 52% of the issue slots busy) is then the floor, not the loads.
 """
 
 from __future__ import annotations
@@ -64,15 +69,26 @@ HALF_LAYOUT = gl.constexpr(
         shape=[64, 16],
     )
 )
-MMA_LAYOUT = gl.constexpr(gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 16, 16]))
-W_OPERAND = gl.constexpr(gl.DotOperandLayout(operand_index=0, parent=MMA_LAYOUT, k_width=2))
-X_ROWS = gl.constexpr(16)
+
+
+@gluon.constexpr_function
+def mma_layout(x_rows):
+    """The accumulator's layout for ``[64, x_rows]``: one warpgroup MMA of N = ``x_rows``."""
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, x_rows, 16])
+
+
+@gluon.constexpr_function
+def weight_operand(x_rows):
+    """The weights' register-operand layout under :func:`mma_layout`."""
+    return gl.DotOperandLayout(operand_index=0, parent=mma_layout(x_rows), k_width=2)
 
 
 @gluon.jit
-def _producer(wd, sd, xd, bufs, bars, c0, c1, num_groups, RESIDENT: gl.constexpr):
+def _producer(wd, sd, xd, bufs, bars, c0, c1, num_groups, RESIDENT: gl.constexpr, X_ONCE: gl.constexpr):
     """One warp: each group's words, codes and activation tile into buffer ``g % NUM_BUF`` once the
-    compute partition has released it; the tile's box is at ``[c0, c1, group, 0, 0]``."""
+    compute partition has released it; the tile's box is at ``[c0, c1, group, 0, 0]``. With
+    ``X_ONCE`` the activation tile comes only with each buffer's first group and stays (wrong
+    activations past the first ``NUM_BUF`` groups: what the tile's copies cost, for timing only)."""
     w_bufs, s_bufs, x_bufs = bufs
     ready, empty = bars
     NUM_BUF: gl.constexpr = w_bufs.type.shape[0]
@@ -82,10 +98,13 @@ def _producer(wd, sd, xd, bufs, bars, c0, c1, num_groups, RESIDENT: gl.constexpr
         mbarrier.wait(empty.index(s), ((g // NUM_BUF) & 1) ^ 1)
         gw = g % RESIDENT if RESIDENT > 0 else g
         bar = ready.index(s)
-        mbarrier.expect(bar, wd.block_type.nbytes + sd.block_type.nbytes + xd.block_type.nbytes)
+        if X_ONCE and g >= NUM_BUF:
+            mbarrier.expect(bar, wd.block_type.nbytes + sd.block_type.nbytes)
+        else:
+            mbarrier.expect(bar, wd.block_type.nbytes + sd.block_type.nbytes + xd.block_type.nbytes)
+            tma.async_copy_global_to_shared(xd, [0, g * 256], bar, x_bufs.index(s))
         tma.async_copy_global_to_shared(wd, [c0, c1, gw, 0, 0], bar, w_bufs.index(s))
         tma.async_copy_global_to_shared(sd, [c0, c1, gw, 0, 0], bar, s_bufs.index(s))
-        tma.async_copy_global_to_shared(xd, [0, g * 256], bar, x_bufs.index(s))
 
 
 @gluon.jit
@@ -94,7 +113,8 @@ def _consumer(bufs, bars, num_groups, out_ptr, STAGE: gl.constexpr):
     w_bufs, s_bufs, x_bufs = bufs
     ready, empty = bars
     NUM_BUF: gl.constexpr = w_bufs.type.shape[0]
-    acc = gl.zeros([64, X_ROWS], gl.float32, MMA_LAYOUT)
+    X_ROWS: gl.constexpr = x_bufs.type.shape[1]
+    acc = gl.zeros([64, X_ROWS], gl.float32, mma_layout(X_ROWS))
     keep = gl.zeros([2, 1, 1, 32, 32], gl.int32, WORDS_LAYOUT)
     keep_s = gl.zeros([2, 1, 1, 32, 16], gl.int32, CODES_LAYOUT)
     for g in range(num_groups):
@@ -110,7 +130,7 @@ def _consumer(bufs, bars, num_groups, out_ptr, STAGE: gl.constexpr):
             words1 = gl.convert_layout(words1, HALF_LAYOUT, assert_trivial=True)
             codes2 = gl.convert_layout(gl.reshape(codes, [64, 16]), HALF_LAYOUT, assert_trivial=True)
             w = dequant_group(words0, words1, codes2, False)
-            w = gl.convert_layout(w, W_OPERAND, assert_trivial=True)
+            w = gl.convert_layout(w, weight_operand(X_ROWS), assert_trivial=True)
             acc = warpgroup_mma(w, x_bufs.index(s).permute((1, 0)), acc)
         else:
             keep ^= words
@@ -135,6 +155,7 @@ def _ws_stage_kernel(
     NUM_BUF: gl.constexpr,
     RESIDENT: gl.constexpr,
     GATE_UP: gl.constexpr,
+    X_ONCE: gl.constexpr,
 ):
     tile = gl.program_id(0)
     if GATE_UP:
@@ -158,7 +179,7 @@ def _ws_stage_kernel(
     gl.warp_specialize(
         [
             (_consumer, (bufs, bars, num_groups, out_ptr + tile, STAGE)),
-            (_producer, (wd, sd, xd, bufs, bars, c0, c1, num_groups, RESIDENT)),
+            (_producer, (wd, sd, xd, bufs, bars, c0, c1, num_groups, RESIDENT, X_ONCE)),
         ],
         [1],
         [24],
@@ -197,6 +218,8 @@ def ws_stage_call(
     maxnreg: int = 64,
     out: Optional[torch.Tensor] = None,
     matrix: str = "w13",
+    x_once: bool = False,
+    x_rows: int = 16,
 ) -> Callable[[], None]:
     """A launch of :func:`_ws_stage_kernel` over the first ``experts`` experts of ``w``'s
     ``matrix`` (row-blocked, contiguous; ``"w13"``: GEMM1's tiles of 32 gate and 32 up rows,
@@ -205,8 +228,10 @@ def ws_stage_call(
 
     ``maxnreg``: registers a thread over the program's 8 warps (the producer warp's warpgroup
     keeps 24, the compute warpgroup gets ``2 * maxnreg - 24``): 64 holds four programs an SM with
-    104 for the compute (no spills in the sm_90a build), 80 three with 136. A float a program into
-    ``out`` (fp32, allocated when None)."""
+    104 for the compute (no spills in the sm_90a build), 80 three with 136. ``x_once``: the
+    activation tile copied with each buffer's first group only (``X_ONCE``); ``x_rows``: its rows,
+    the MMAs' N (16, or 8: half the tensor-core work). A float a program into ``out`` (fp32,
+    allocated when None)."""
     words, codes = tile_boxes(w, experts, matrix)
     nb, g = (w.w13 if matrix == "w13" else w.w2).shape[1:3]
     token = x[:1]
@@ -217,7 +242,7 @@ def ws_stage_call(
         codes, list(codes.shape), list(codes.stride()), [2, 1, 1, 32, 16], gl.NVMMASharedLayout(0, 8, rank=5)
     )
     xd = TensorDescriptor(
-        token, list(token.shape), list(token.stride()), [X_ROWS.value, 256], gl.NVMMASharedLayout(128, 16, rank=2)
+        token, list(token.shape), list(token.stride()), [x_rows, 256], gl.NVMMASharedLayout(128, 16, rank=2)
     )
     ip = nb // 2 * 32
     grid = (experts * (ip // 32),)
@@ -225,5 +250,5 @@ def ws_stage_call(
         out = torch.empty(grid[0], dtype=torch.float32, device=x.device)
     return lambda: _ws_stage_kernel[grid](
         wd, sd, xd, out, ip, g, STAGE=stage, NUM_BUF=num_buf, RESIDENT=resident, GATE_UP=matrix == "w13",
-        num_warps=4, maxnreg=maxnreg,
+        X_ONCE=x_once, num_warps=4, maxnreg=maxnreg,
     )  # fmt: skip
