@@ -10,11 +10,13 @@ releases it with an arrive on its ``empty`` mbarrier, with no CTA barrier in the
 
 One program: expert ``tile // (Ip / 32)``'s 32 gate rows and 32 up rows of column block
 ``tile % (Ip / 32)`` (64 rows, as GEMM1's decode tile; or, ``GATE_UP`` off, 64 consecutive rows of
-``w2``, as GEMM2's), over every 256-K group (or the first
-``RESIDENT`` groups in turn: L2 hits), times a ``[16, 256]`` (or ``[8, 256]``: wgmma N=8) activation
-tile a group whose rows past the tensor's (one token) are the TMA's zero fill. ``STAGE``: ``"loads"`` (the copies, consumed by
-XORs) or ``"full"`` (+ :func:`nvfp4_tile.dequant_group` and the warpgroup MMAs). One float a
-program keeps the results alive; ``"full"``'s equals ``_stage_kernel``'s sum over the same tile.
+``w2``, as GEMM2's), over every 256-K group (or the first ``RESIDENT`` groups in turn: L2 hits),
+times a ``[16, 256]`` (or ``[8, 256]``: wgmma N=8) activation tile a group whose rows past the
+tensor's (one token) are the TMA's zero fill. ``STAGE``: ``"loads"`` (the copies, consumed by
+XORs), ``"full"`` (+ :func:`nvfp4_tile.dequant_group` and the warpgroup MMAs) or ``"halves"`` (the
+same a 128-K half at a time: :func:`nvfp4_tile.dequant_half`, fewer live registers). One float a
+program keeps the results alive; ``"full"``'s and ``"halves"``' equal ``_stage_kernel``'s sum over
+the same tile.
 
 The compute partition loads the words and scale codes from shared memory in the register layouts
 that Triton's own layout propagation gives the same dequantization (``WORDS_LAYOUT`` /
@@ -38,7 +40,7 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from moe_backend.kernels.sm90.nvfp4_layout import NVFP4KernelWeights
-from moe_backend.kernels.sm90.nvfp4_tile import dequant_group
+from moe_backend.kernels.sm90.nvfp4_tile import dequant_group, dequant_half
 
 
 def _box_layout(columns: int) -> gl.DistributedLinearLayout:
@@ -132,6 +134,19 @@ def _consumer(bufs, bars, num_groups, out_ptr, STAGE: gl.constexpr):
             w = dequant_group(words0, words1, codes2, False)
             w = gl.convert_layout(w, weight_operand(X_ROWS), assert_trivial=True)
             acc = warpgroup_mma(w, x_bufs.index(s).permute((1, 0)), acc)
+        elif STAGE == "halves":
+            # the same group as two 128-K halves, each dequantized after the last one's MMAs are
+            # done: half the weights' registers live at a time, so more programs fit an SM
+            halves = gl.permute(gl.reshape(words, [64, 2, 16]), (0, 2, 1))
+            words0, words1 = gl.split(halves)
+            codes2 = gl.convert_layout(gl.reshape(codes, [64, 16]), HALF_LAYOUT, assert_trivial=True)
+            xs = x_bufs.index(s)
+            w = dequant_half(gl.convert_layout(words0, HALF_LAYOUT, assert_trivial=True), codes2, False)
+            w = gl.convert_layout(w, weight_operand(X_ROWS), assert_trivial=True)
+            acc = warpgroup_mma(w, xs.slice(0, 128, dim=1).permute((1, 0)), acc)
+            w = dequant_half(gl.convert_layout(words1, HALF_LAYOUT, assert_trivial=True), codes2, False)
+            w = gl.convert_layout(w, weight_operand(X_ROWS), assert_trivial=True)
+            acc = warpgroup_mma(w, xs.slice(128, 128, dim=1).permute((1, 0)), acc)
         else:
             keep ^= words
             keep_s ^= codes.to(gl.int32)

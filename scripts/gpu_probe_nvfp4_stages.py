@@ -30,6 +30,8 @@ same weights in one run:
   ``loads_ws_x1`` / ``full_ws_x1`` (and ``_l2``): the activation tile copied only with each
   buffer's first group (what its copies cost); ``loads_mma_l2``: the MMAs' share from L2;
   ``full_ws_n8`` (``_x1``, ``_l2``): the warp-specialized loop at 8 activation rows (wgmma N=8);
+  ``halves_ws_n8`` (``_x1``, ``_l2``): the same a 128-K half at a time, five programs an SM
+  (``_r64``: four);
   ``full_ws_b4`` (and ``_l2``): four buffers at three programs an SM; ``full_w2`` / ``full_ws_w2``
   (and ``_l2``, two groups a tile resident): the ``cp.async`` and warp-specialized loops over
   GEMM2's tiles (64 consecutive rows of ``w2``, against ``stream_w2`` / ``gemm2``);
@@ -216,16 +218,19 @@ def l2_stream(w: NVFP4KernelWeights, repeats: int) -> Callable[[], None]:
     return expert_stream(regions, words[: ACTIVE * 4].view(ACTIVE, 4), experts)
 
 
-def ws_check(w: NVFP4KernelWeights, x: torch.Tensor, matrix: str, x_rows: int = 16) -> float:
-    """The warp-specialized ``full`` loop's per-program sums against :func:`_stage_kernel`'s over
-    the same tiles of ``matrix`` and token (``x[0]``), its MMAs ``x_rows`` wide: the largest
+def ws_check(
+    w: NVFP4KernelWeights, x: torch.Tensor, matrix: str, x_rows: int = 16, stage: str = "full", maxnreg: int = 64
+) -> float:
+    """The warp-specialized ``stage`` loop's (``"full"`` or ``"halves"``) per-program sums against
+    :func:`_stage_kernel`'s ``full`` over the same tiles of ``matrix`` and token (``x[0]``), its
+    MMAs ``x_rows`` wide: the largest
     difference relative to the largest sum (the two run the same MMAs in the same order, the
     columns past the token zero, so 0 unless the Gluon kernel reads other data)."""
     blocks = (w.w13 if matrix == "w13" else w.w2).shape[1]
     ref = torch.zeros(ACTIVE * (blocks // 2), dtype=torch.float32, device=x.device)
     got = torch.full_like(ref, float("nan"))
     stage_call(w, x, "full", DECODE_CONFIG["num_stages1"], out=ref, matrix=matrix)()
-    ws_stage_call(w, x, ACTIVE, "full", out=got, matrix=matrix, x_rows=x_rows)()
+    ws_stage_call(w, x, ACTIVE, stage, maxnreg=maxnreg, out=got, matrix=matrix, x_rows=x_rows)()
     torch.cuda.synchronize()
     return float((got - ref).abs().max() / ref.abs().max())
 
@@ -297,6 +302,21 @@ def main() -> None:
                 [ws_stage_call(w, x, ACTIVE, "full", resident=resident, x_once=x_once, x_rows=8) for x in xs],
                 mb13,
             )
+    # a group as two 128-K halves (half the weights' registers live): 72 registers for the compute
+    # at maxnreg=48, five programs an SM (40 KB of shared memory each at N=8), or four at 64
+    for resident, tag in ((0, ""), (4, "_l2")):
+        for x_once, tag_x in ((False, ""), (True, "_x1")):
+            calls["halves_ws_n8" + tag_x + tag] = (
+                [
+                    ws_stage_call(w, x, ACTIVE, "halves", resident=resident, maxnreg=48, x_once=x_once, x_rows=8)
+                    for x in xs
+                ],
+                mb13,
+            )
+    calls["halves_ws_n8_x1_l2_r64"] = (
+        [ws_stage_call(w, x, ACTIVE, "halves", resident=4, x_once=True, x_rows=8) for x in xs],
+        mb13,
+    )
     # GEMM2's tiles (64 consecutive rows of w2, 8 groups at Ip = 2048): the same loops
     for resident, tag in ((0, ""), (2, "_l2")):
         calls["full_w2" + tag] = ([stage_call(w, x, "full", ns, resident=resident, matrix="w2") for x in xs2], mb2)
@@ -323,8 +343,10 @@ def main() -> None:
             sys.exit(f"gpu_probe_nvfp4_stages: --only: unknown rows {unknown}; rows: {sorted(calls)}")
         calls = {name: calls[name] for name in args.only}
     if any("_ws" in name for name in calls):
-        for matrix, x, x_rows in (("w13", xs[0], 16), ("w2", xs2[0], 16), ("w13", xs[0], 8)):
-            row = dict(what="ws_check", matrix=matrix, x_rows=x_rows, max_rel_diff=ws_check(w, x, matrix, x_rows))
+        checks = (("w13", xs[0], 16, "full"), ("w2", xs2[0], 16, "full"), ("w13", xs[0], 8, "full"))
+        for matrix, x, x_rows, stage in checks + (("w13", xs[0], 8, "halves"),):
+            diff = ws_check(w, x, matrix, x_rows, stage, maxnreg=48 if stage == "halves" else 64)
+            row = dict(what="ws_check", matrix=matrix, x_rows=x_rows, stage=stage, max_rel_diff=diff)
             print(json.dumps(row), flush=True)
     results = []
     for r in range(args.rounds):

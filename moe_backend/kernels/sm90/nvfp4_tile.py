@@ -143,7 +143,10 @@ def _blocks(a, b):
 
 
 @triton.jit
-def _dequant_half(words, scale, INTERPRET: tl.constexpr):
+def dequant_half(words, scale, INTERPRET: tl.constexpr):
+    """One half of a 256-K group (:func:`dequant_group`): ``[R, 16]`` int32 words and their
+    ``[R, 16]`` uint8 scale codes -> ``[R, 128]`` bf16, the group's columns ``128 h`` to
+    ``128 h + 127`` of half ``h`` in ``kernel_k_order``."""
     o0, o1, o2, o3, o4, o5, o6, o7 = _dequant8(words, scale, INTERPRET)
     return _blocks(_blocks(_lanes(o0, o1), _lanes(o2, o3)), _blocks(_lanes(o4, o5), _lanes(o6, o7)))
 
@@ -160,7 +163,7 @@ def dequant_group(words0, words1, scale, INTERPRET: tl.constexpr):
     Returns:
         ``[R, 256]`` bf16 ``code * block_scale / WEIGHT_RESCALE`` in ``kernel_k_order``.
     """
-    return _blocks(_dequant_half(words0, scale, INTERPRET), _dequant_half(words1, scale, INTERPRET))
+    return _blocks(dequant_half(words0, scale, INTERPRET), dequant_half(words1, scale, INTERPRET))
 
 
 @triton.jit
