@@ -223,9 +223,9 @@ def ws_check(
 ) -> float:
     """The warp-specialized ``stage`` loop's (``"full"`` or ``"halves"``) per-program sums against
     :func:`_stage_kernel`'s ``full`` over the same tiles of ``matrix`` and token (``x[0]``), its
-    MMAs ``x_rows`` wide: the largest
-    difference relative to the largest sum (the two run the same MMAs in the same order, the
-    columns past the token zero, so 0 unless the Gluon kernel reads other data)."""
+    MMAs ``x_rows`` wide: the largest difference relative to the largest sum (the two run the same
+    MMAs in the same order, the columns past the token zero, so 0 unless the Gluon kernel reads
+    other data)."""
     blocks = (w.w13 if matrix == "w13" else w.w2).shape[1]
     ref = torch.zeros(ACTIVE * (blocks // 2), dtype=torch.float32, device=x.device)
     got = torch.full_like(ref, float("nan"))
@@ -294,25 +294,20 @@ def main() -> None:
                 mb13,
             )
     # the MMAs' share: on constant weights from L2; the warp-specialized loop at 8 activation rows
-    # (wgmma N=8: half the tensor-core work and activation tile of N=16)
+    # (wgmma N=8: half the tensor-core work and activation tile of N=16), whole groups at four
+    # programs an SM, or a group as two 128-K halves (half the weights' registers live: 72 for the
+    # compute at maxnreg=48, five programs an SM with 40 KB of shared memory each)
     calls["loads_mma_l2"] = ([stage_call(w, x, "loads_mma", ns, resident=4) for x in xs], mb13)
-    for resident, tag in ((0, ""), (4, "_l2")):
-        for x_once, tag_x in ((False, ""), (True, "_x1")):
-            calls["full_ws_n8" + tag_x + tag] = (
-                [ws_stage_call(w, x, ACTIVE, "full", resident=resident, x_once=x_once, x_rows=8) for x in xs],
-                mb13,
-            )
-    # a group as two 128-K halves (half the weights' registers live): 72 registers for the compute
-    # at maxnreg=48, five programs an SM (40 KB of shared memory each at N=8), or four at 64
-    for resident, tag in ((0, ""), (4, "_l2")):
-        for x_once, tag_x in ((False, ""), (True, "_x1")):
-            calls["halves_ws_n8" + tag_x + tag] = (
-                [
-                    ws_stage_call(w, x, ACTIVE, "halves", resident=resident, maxnreg=48, x_once=x_once, x_rows=8)
-                    for x in xs
-                ],
-                mb13,
-            )
+    for stage, maxnreg in (("full", 64), ("halves", 48)):
+        for resident, tag in ((0, ""), (4, "_l2")):
+            for x_once, tag_x in ((False, ""), (True, "_x1")):
+                calls[f"{stage}_ws_n8{tag_x}{tag}"] = (
+                    [
+                        ws_stage_call(w, x, ACTIVE, stage, resident=resident, maxnreg=maxnreg, x_once=x_once, x_rows=8)
+                        for x in xs
+                    ],
+                    mb13,
+                )
     calls["halves_ws_n8_x1_l2_r64"] = (
         [ws_stage_call(w, x, ACTIVE, "halves", resident=4, x_once=True, x_rows=8) for x in xs],
         mb13,
@@ -343,8 +338,11 @@ def main() -> None:
             sys.exit(f"gpu_probe_nvfp4_stages: --only: unknown rows {unknown}; rows: {sorted(calls)}")
         calls = {name: calls[name] for name in args.only}
     if any("_ws" in name for name in calls):
-        checks = (("w13", xs[0], 16, "full"), ("w2", xs2[0], 16, "full"), ("w13", xs[0], 8, "full"))
-        for matrix, x, x_rows, stage in checks + (("w13", xs[0], 8, "halves"),):
+        checks = (
+            ("w13", xs[0], 16, "full"), ("w2", xs2[0], 16, "full"), ("w13", xs[0], 8, "full"),
+            ("w13", xs[0], 8, "halves"),
+        )  # fmt: skip
+        for matrix, x, x_rows, stage in checks:
             diff = ws_check(w, x, matrix, x_rows, stage, maxnreg=48 if stage == "halves" else 64)
             row = dict(what="ws_check", matrix=matrix, x_rows=x_rows, stage=stage, max_rel_diff=diff)
             print(json.dumps(row), flush=True)
