@@ -40,7 +40,7 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from moe_backend.kernels.sm90.nvfp4_layout import NVFP4KernelWeights
-from moe_backend.kernels.sm90.nvfp4_tile import dequant_group, dequant_half
+from moe_backend.kernels.sm90.nvfp4_tile import DEQUANT_ASM, dequant_group, dequant_half
 
 
 def _box_layout(columns: int) -> gl.DistributedLinearLayout:
@@ -110,8 +110,9 @@ def _producer(wd, sd, xd, bufs, bars, c0, c1, num_groups, RESIDENT: gl.constexpr
 
 
 @gluon.jit
-def _consumer(bufs, bars, num_groups, out_ptr, STAGE: gl.constexpr):
-    """The compute warpgroup: the group's loop body; stores the program's float at ``out_ptr``."""
+def _consumer(bufs, bars, num_groups, out_ptr, STAGE: gl.constexpr, DEQUANT_ASM: gl.constexpr):
+    """The compute warpgroup: the group's loop body, dequantizing with the PTX ``DEQUANT_ASM``;
+    stores the program's float at ``out_ptr``."""
     w_bufs, s_bufs, x_bufs = bufs
     ready, empty = bars
     NUM_BUF: gl.constexpr = w_bufs.type.shape[0]
@@ -131,7 +132,7 @@ def _consumer(bufs, bars, num_groups, out_ptr, STAGE: gl.constexpr):
             words0 = gl.convert_layout(words0, HALF_LAYOUT, assert_trivial=True)
             words1 = gl.convert_layout(words1, HALF_LAYOUT, assert_trivial=True)
             codes2 = gl.convert_layout(gl.reshape(codes, [64, 16]), HALF_LAYOUT, assert_trivial=True)
-            w = dequant_group(words0, words1, codes2, False)
+            w = dequant_group(words0, words1, codes2, False, DEQUANT_ASM)
             w = gl.convert_layout(w, weight_operand(X_ROWS), assert_trivial=True)
             acc = warpgroup_mma(w, x_bufs.index(s).permute((1, 0)), acc)
         elif STAGE == "halves":
@@ -141,10 +142,10 @@ def _consumer(bufs, bars, num_groups, out_ptr, STAGE: gl.constexpr):
             words0, words1 = gl.split(halves)
             codes2 = gl.convert_layout(gl.reshape(codes, [64, 16]), HALF_LAYOUT, assert_trivial=True)
             xs = x_bufs.index(s)
-            w = dequant_half(gl.convert_layout(words0, HALF_LAYOUT, assert_trivial=True), codes2, False)
+            w = dequant_half(gl.convert_layout(words0, HALF_LAYOUT, assert_trivial=True), codes2, False, DEQUANT_ASM)
             w = gl.convert_layout(w, weight_operand(X_ROWS), assert_trivial=True)
             acc = warpgroup_mma(w, xs.slice(0, 128, dim=1).permute((1, 0)), acc)
-            w = dequant_half(gl.convert_layout(words1, HALF_LAYOUT, assert_trivial=True), codes2, False)
+            w = dequant_half(gl.convert_layout(words1, HALF_LAYOUT, assert_trivial=True), codes2, False, DEQUANT_ASM)
             w = gl.convert_layout(w, weight_operand(X_ROWS), assert_trivial=True)
             acc = warpgroup_mma(w, xs.slice(128, 128, dim=1).permute((1, 0)), acc)
         else:
@@ -171,6 +172,7 @@ def _ws_stage_kernel(
     RESIDENT: gl.constexpr,
     GATE_UP: gl.constexpr,
     X_ONCE: gl.constexpr,
+    DEQUANT_ASM: gl.constexpr,
 ):
     tile = gl.program_id(0)
     if GATE_UP:
@@ -193,7 +195,7 @@ def _ws_stage_kernel(
     bars = (ready, empty)
     gl.warp_specialize(
         [
-            (_consumer, (bufs, bars, num_groups, out_ptr + tile, STAGE)),
+            (_consumer, (bufs, bars, num_groups, out_ptr + tile, STAGE, DEQUANT_ASM)),
             (_producer, (wd, sd, xd, bufs, bars, c0, c1, num_groups, RESIDENT, X_ONCE)),
         ],
         [1],
@@ -235,6 +237,7 @@ def ws_stage_call(
     matrix: str = "w13",
     x_once: bool = False,
     x_rows: int = 16,
+    asm: str = DEQUANT_ASM.value,
 ) -> Callable[[], None]:
     """A launch of :func:`_ws_stage_kernel` over the first ``experts`` experts of ``w``'s
     ``matrix`` (row-blocked, contiguous; ``"w13"``: GEMM1's tiles of 32 gate and 32 up rows,
@@ -245,8 +248,8 @@ def ws_stage_call(
     keeps 24, the compute warpgroup gets ``2 * maxnreg - 24``): 64 holds four programs an SM with
     104 for the compute (no spills in the sm_90a build), 80 three with 136. ``x_once``: the
     activation tile copied with each buffer's first group only (``X_ONCE``); ``x_rows``: its rows,
-    the MMAs' N (16, or 8: half the tensor-core work). A float a program into ``out`` (fp32,
-    allocated when None)."""
+    the MMAs' N (16, or 8: half the tensor-core work); ``asm``: the dequantization's PTX. A float a
+    program into ``out`` (fp32, allocated when None)."""
     words, codes = tile_boxes(w, experts, matrix)
     nb, g = (w.w13 if matrix == "w13" else w.w2).shape[1:3]
     token = x[:1]
@@ -265,5 +268,5 @@ def ws_stage_call(
         out = torch.empty(grid[0], dtype=torch.float32, device=x.device)
     return lambda: _ws_stage_kernel[grid](
         wd, sd, xd, out, ip, g, STAGE=stage, NUM_BUF=num_buf, RESIDENT=resident, GATE_UP=matrix == "w13",
-        X_ONCE=x_once, num_warps=4, maxnreg=maxnreg,
+        X_ONCE=x_once, DEQUANT_ASM=asm, num_warps=4, maxnreg=maxnreg,
     )  # fmt: skip

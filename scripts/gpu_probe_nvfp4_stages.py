@@ -31,7 +31,10 @@ same weights in one run:
   buffer's first group (what its copies cost); ``loads_mma_l2``: the MMAs' share from L2;
   ``full_ws_n8`` (``_x1``, ``_l2``): the warp-specialized loop at 8 activation rows (wgmma N=8);
   ``halves_ws_n8`` (``_x1``, ``_l2``): the same a 128-K half at a time, five programs an SM
-  (``_r64``: four);
+  (``_r64``: four); ``full_shl`` (and ``_l2``): ``full`` with the dequantization's rotations as
+  left shifts on the FMA pipe (``SHL_ASM``: wrong codes, the ALU pipe's share), and
+  ``full_ws_n8_x1_shl`` (and ``_l2``) the same in the warp-specialized loop, whose compute is its
+  floor;
   ``full_ws_b4`` (and ``_l2``): four buffers at three programs an SM; ``full_w2`` / ``full_ws_w2``
   (and ``_l2``, two groups a tile resident): the ``cp.async`` and warp-specialized loops over
   GEMM2's tiles (64 consecutive rows of ``w2``, against ``stream_w2`` / ``gemm2``);
@@ -53,6 +56,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
@@ -73,10 +77,14 @@ from moe_backend.cli.bench_ceilings import expert_stream  # noqa: E402
 from moe_backend.kernels.interpret import INTERPRETING  # noqa: E402
 from moe_backend.kernels.sm90.nvfp4_layout import NVFP4KernelWeights, nvfp4_to_kernel_layout, weight_geometry  # noqa: E402
 from moe_backend.kernels.sm90.nvfp4_moe import DECODE_CONFIG  # noqa: E402
-from moe_backend.kernels.sm90.nvfp4_tile import dequant_group, mma, row_offsets  # noqa: E402
+from moe_backend.kernels.sm90.nvfp4_tile import DEQUANT_ASM, dequant_group, mma, row_offsets  # noqa: E402
 
 H, INTER, TOP_K, ACTIVE = 7168, 2048, 8, 8
 STAGES = ("loads", "loads_mma", "full")  # timed at every --num-stages
+#: The decode's PTX with each slot's left rotation (``shf.l.wrap``, the ALU pipe) a plain left shift
+#: (``shl``, which ptxas issues as ``IMAD.SHL`` on the FMA pipe, as it does slot 3's shift): the
+#: same instruction count, wrong codes. Times whether the ALU pipe (50% busy, ncu) binds the loop.
+SHL_ASM = re.sub(r"shf\.l\.wrap\.b32 t, \$8, \$8, (\d+);", r"shl.b32 t, $8, \1;", DEQUANT_ASM.value)
 
 
 @triton.jit
@@ -105,6 +113,7 @@ def _stage_kernel(
     RESIDENT: tl.constexpr,
     GATE_UP: tl.constexpr,
     TMA: tl.constexpr,
+    DEQUANT_ASM: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
     """GEMM1's decode main loop over expert ``tile // (IP / BLOCK_N)``'s gate and up rows of
@@ -153,7 +162,7 @@ def _stage_kernel(
             words1 = tl.load(w_ptrs + gw * stride_wg + 16)
             codes = tl.load(s_ptrs + gw * stride_sg)
         if STAGE == "full":
-            acc = mma(dequant_group(words0, words1, codes, INTERPRET), x, acc, "sync", INTERPRET)
+            acc = mma(dequant_group(words0, words1, codes, INTERPRET, DEQUANT_ASM), x, acc, "sync", INTERPRET)
         else:
             keep ^= words0 ^ words1 ^ codes.to(tl.int32)
             if STAGE == "loads_mma":
@@ -175,13 +184,14 @@ def stage_call(
     out: Optional[torch.Tensor] = None,
     matrix: str = "w13",
     tma: bool = False,
+    asm: str = DEQUANT_ASM.value,
 ) -> Callable[[], None]:
     """A launch of :func:`_stage_kernel` over the first ``ACTIVE`` experts of ``w``'s ``matrix``
     (``"w13"``: GEMM1's tiles; ``"w2"``: GEMM2's, ``x`` then ``[16, Ip]``), its loop
     software-pipelined over ``num_stages`` stages, each tile's groups over ``split`` programs, the
     weights' loads cycling over ``resident`` groups a tile (0: all of them, in order), by TMA
-    copies with ``tma`` (``"w13"``, ``split=1`` only); a float a program into ``out`` (fp32,
-    allocated when None)."""
+    copies with ``tma`` (``"w13"``, ``split=1`` only), dequantizing with the PTX ``asm``; a float a
+    program into ``out`` (fp32, allocated when None)."""
     words, scales = (w.w13, w.w13_scale) if matrix == "w13" else (w.w2, w.w2_scale)
     geo = weight_geometry(words, scales)
     ip = geo.rows // 2
@@ -201,7 +211,7 @@ def stage_call(
     return lambda: _stage_kernel[grid](
         words, scales, wd, sd, x, out, ip, geo.groups, *geo.words, *geo.scales,
         BLOCK_N=block_n, BLOCK_M=DECODE_CONFIG["BLOCK_M"], STAGE=stage, NUM_STAGES=num_stages, SPLIT=split,
-        RESIDENT=resident, GATE_UP=matrix == "w13", TMA=tma, INTERPRET=INTERPRETING,
+        RESIDENT=resident, GATE_UP=matrix == "w13", TMA=tma, DEQUANT_ASM=asm, INTERPRET=INTERPRETING,
         num_warps=DECODE_CONFIG["num_warps1"], num_stages=num_stages,
     )  # fmt: skip
 
@@ -298,6 +308,12 @@ def main() -> None:
     # programs an SM, or a group as two 128-K halves (half the weights' registers live: 72 for the
     # compute at maxnreg=48, five programs an SM with 40 KB of shared memory each)
     calls["loads_mma_l2"] = ([stage_call(w, x, "loads_mma", ns, resident=4) for x in xs], mb13)
+    for resident, tag in ((0, ""), (4, "_l2")):
+        calls["full_shl" + tag] = ([stage_call(w, x, "full", ns, resident=resident, asm=SHL_ASM) for x in xs], mb13)
+        calls["full_ws_n8_x1_shl" + tag] = (
+            [ws_stage_call(w, x, ACTIVE, "full", resident=resident, x_once=True, x_rows=8, asm=SHL_ASM) for x in xs],
+            mb13,
+        )
     for stage, maxnreg in (("full", 64), ("halves", 48)):
         for resident, tag in ((0, ""), (4, "_l2")):
             for x_once, tag_x in ((False, ""), (True, "_x1")):

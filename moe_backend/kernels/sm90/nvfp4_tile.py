@@ -69,7 +69,9 @@ def _dequant_asm() -> str:
     return "\n".join(lines + ["}"])
 
 
-_DEQUANT_ASM = tl.constexpr(_dequant_asm())
+#: The PTX of :func:`_dequant_asm` (``dequant_group``'s ``ASM`` default; the stage probe times
+#: variants of it).
+DEQUANT_ASM = tl.constexpr(_dequant_asm())
 SCALE_BF16_BIAS = tl.constexpr(_SCALE_BF16_BIAS)
 ROW_BLOCK = tl.constexpr(_ROW_BLOCK)
 
@@ -108,13 +110,13 @@ def _slot_values(m_word, word, scale):
 
 
 @triton.jit
-def _dequant8(words, scale, INTERPRET: tl.constexpr):
+def _dequant8(words, scale, INTERPRET: tl.constexpr, ASM: tl.constexpr):
     """Elements 0..7 of each word as 8 bf16 tensors shaped like ``words``; ``scale`` the uint8
-    scale codes alike (``nvfp4_layout.encode_scales``)."""
+    scale codes alike (``nvfp4_layout.encode_scales``); ``ASM`` the PTX (:data:`DEQUANT_ASM`)."""
     s = (scale.to(tl.int16) * 16 - SCALE_BF16_BIAS).to(tl.int16).to(tl.bfloat16, bitcast=True)  # -scale * 2**118
     if not INTERPRET:
         return tl.inline_asm_elementwise(
-            _DEQUANT_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,h", [words, s], dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1
+            ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,h", [words, s], dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1
         )
     # The PTX's slot transforms in plain Triton arithmetic (the PTX cannot run here), times the
     # 2**-126 that the PTX's in-place codes carry.
@@ -143,27 +145,28 @@ def _blocks(a, b):
 
 
 @triton.jit
-def dequant_half(words, scale, INTERPRET: tl.constexpr):
+def dequant_half(words, scale, INTERPRET: tl.constexpr, ASM: tl.constexpr = DEQUANT_ASM):
     """One half of a 256-K group (:func:`dequant_group`): ``[R, 16]`` int32 words and their
     ``[R, 16]`` uint8 scale codes -> ``[R, 128]`` bf16, the group's columns ``128 h`` to
     ``128 h + 127`` of half ``h`` in ``kernel_k_order``."""
-    o0, o1, o2, o3, o4, o5, o6, o7 = _dequant8(words, scale, INTERPRET)
+    o0, o1, o2, o3, o4, o5, o6, o7 = _dequant8(words, scale, INTERPRET, ASM)
     return _blocks(_blocks(_lanes(o0, o1), _lanes(o2, o3)), _blocks(_lanes(o4, o5), _lanes(o6, o7)))
 
 
 @triton.jit
-def dequant_group(words0, words1, scale, INTERPRET: tl.constexpr):
+def dequant_group(words0, words1, scale, INTERPRET: tl.constexpr, ASM: tl.constexpr = DEQUANT_ASM):
     """Dequantize one 256-K group of ``R`` weight rows.
 
     Args:
         words0, words1: ``[R, 16]`` int32, the group's two halves (layout words ``w`` and ``16 + w``).
         scale: ``[R, 16]`` uint8 scale codes (code ``w`` serves word ``w`` of both halves).
         INTERPRET: plain Triton arithmetic (the interpreter runs no PTX) instead of inline PTX.
+        ASM: the PTX a word (:data:`DEQUANT_ASM`; ignored under ``INTERPRET``).
 
     Returns:
         ``[R, 256]`` bf16 ``code * block_scale / WEIGHT_RESCALE`` in ``kernel_k_order``.
     """
-    return _blocks(dequant_half(words0, scale, INTERPRET), dequant_half(words1, scale, INTERPRET))
+    return _blocks(dequant_half(words0, scale, INTERPRET, ASM), dequant_half(words1, scale, INTERPRET, ASM))
 
 
 @triton.jit
