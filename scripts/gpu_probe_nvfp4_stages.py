@@ -84,6 +84,13 @@ STAGES = ("loads", "loads_mma", "full")  # timed at every --num-stages
 #: The decode's PTX with each slot's left rotation (``shf.l.wrap``, the ALU pipe) a plain left shift
 #: (``shl``, which ptxas issues as ``IMAD.SHL`` on the FMA pipe, as it does slot 3's shift): the
 #: same instruction count, wrong codes. Times whether the ALU pipe (50% busy, ncu) binds the loop.
+#: ``maxnreg`` of the warp-specialized loop at each ``STAGE``: four programs an SM with 104 registers
+#: for the compute (whole groups), five with 72 (halves).
+WS_MAXNREG = {"loads": 64, "full": 64, "halves": 48}
+#: Row suffixes: the weights from DRAM or cycling over 4 groups a tile (L2-resident); the
+#: warp-specialized loop's activation tile copied every group or once a buffer.
+RESIDENCY = ((0, ""), (4, "_l2"))
+X_COPIES = ((False, ""), (True, "_x1"))
 SHL_ASM = re.sub(r"shf\.l\.wrap\.b32 t, \$8, \$8, (\d+);", r"shl.b32 t, $8, \1;", DEQUANT_ASM.value)
 
 
@@ -296,30 +303,31 @@ def main() -> None:
     for stage in ("loads", "full"):
         calls[stage + "_tma"] = ([stage_call(w, x, stage, ns, tma=True) for x in xs], mb13)
         calls[stage + "_tma_l2"] = ([stage_call(w, x, stage, ns, resident=4, tma=True) for x in xs], mb13)
-        calls[stage + "_ws"] = ([ws_stage_call(w, x, ACTIVE, stage) for x in xs], mb13)
-        calls[stage + "_ws_l2"] = ([ws_stage_call(w, x, ACTIVE, stage, resident=4) for x in xs], mb13)
-        for resident, tag in ((0, ""), (4, "_l2")):
-            calls[stage + "_ws_x1" + tag] = (
-                [ws_stage_call(w, x, ACTIVE, stage, resident=resident, x_once=True) for x in xs],
-                mb13,
-            )
+        for resident, tag in RESIDENCY:
+            for x_once, tag_x in X_COPIES:
+                calls[f"{stage}_ws{tag_x}{tag}"] = (
+                    [ws_stage_call(w, x, ACTIVE, stage, resident=resident, x_once=x_once) for x in xs],
+                    mb13,
+                )
     # the MMAs' share: on constant weights from L2; the warp-specialized loop at 8 activation rows
     # (wgmma N=8: half the tensor-core work and activation tile of N=16), whole groups at four
     # programs an SM, or a group as two 128-K halves (half the weights' registers live: 72 for the
     # compute at maxnreg=48, five programs an SM with 40 KB of shared memory each)
     calls["loads_mma_l2"] = ([stage_call(w, x, "loads_mma", ns, resident=4) for x in xs], mb13)
-    for resident, tag in ((0, ""), (4, "_l2")):
+    for resident, tag in RESIDENCY:
         calls["full_shl" + tag] = ([stage_call(w, x, "full", ns, resident=resident, asm=SHL_ASM) for x in xs], mb13)
         calls["full_ws_n8_x1_shl" + tag] = (
             [ws_stage_call(w, x, ACTIVE, "full", resident=resident, x_once=True, x_rows=8, asm=SHL_ASM) for x in xs],
             mb13,
         )
-    for stage, maxnreg in (("full", 64), ("halves", 48)):
-        for resident, tag in ((0, ""), (4, "_l2")):
-            for x_once, tag_x in ((False, ""), (True, "_x1")):
+    for stage in ("full", "halves"):
+        for resident, tag in RESIDENCY:
+            for x_once, tag_x in X_COPIES:
                 calls[f"{stage}_ws_n8{tag_x}{tag}"] = (
                     [
-                        ws_stage_call(w, x, ACTIVE, stage, resident=resident, maxnreg=maxnreg, x_once=x_once, x_rows=8)
+                        ws_stage_call(
+                            w, x, ACTIVE, stage, resident=resident, maxnreg=WS_MAXNREG[stage], x_once=x_once, x_rows=8
+                        )
                         for x in xs
                     ],
                     mb13,
@@ -336,7 +344,7 @@ def main() -> None:
             mb2,
         )
     # four buffers at three programs an SM (70 KB each, 136 registers for the compute)
-    for resident, tag in ((0, ""), (4, "_l2")):
+    for resident, tag in RESIDENCY:
         calls["full_ws_b4" + tag] = (
             [ws_stage_call(w, x, ACTIVE, "full", num_buf=4, resident=resident, maxnreg=80) for x in xs],
             mb13,
@@ -359,7 +367,7 @@ def main() -> None:
             ("w13", xs[0], 8, "halves"),
         )  # fmt: skip
         for matrix, x, x_rows, stage in checks:
-            diff = ws_check(w, x, matrix, x_rows, stage, maxnreg=48 if stage == "halves" else 64)
+            diff = ws_check(w, x, matrix, x_rows, stage, maxnreg=WS_MAXNREG[stage])
             row = dict(what="ws_check", matrix=matrix, x_rows=x_rows, stage=stage, max_rel_diff=diff)
             print(json.dumps(row), flush=True)
     results = []
