@@ -189,6 +189,9 @@ def test_all_tokens_one_expert_and_no_local_expert(config):
 #: pass through the launcher; the GPU tests run them.)
 SWAPAB_FUSED = dict(SWAPAB_SMALL, BLOCK_N2=32, FUSED_CAST2=True)
 SWAPAB_TILES = dict(SWAPAB_SMALL, BLOCK_N2=32, N_TILES2=3)
+#: The down projection inside GEMM1's programs, GEMM2's launch knobs off (the default's are on).
+FUSED_DOWN = dict(FUSED_DOWN=True, WAIT2="grid", UNROLL2=1, PREFETCH2=0)
+SWAPAB_DOWN = dict(SWAPAB_PREQ, BLOCK_N2=64, **FUSED_DOWN)
 
 
 def _swapab_edge_problem(seed: int) -> Problem:
@@ -221,6 +224,9 @@ def _swapab_edge_problem(seed: int) -> Problem:
         dict(SWAPAB_TILES, GRID="experts", WAIT2="expert"),
         dict(SWAPAB_PREQ, UNROLL1=2, UNROLL2=2),
         dict(SWAPAB_TILES, UNROLL1=4, UNROLL2=4),
+        SWAPAB_DOWN,
+        dict(SWAPAB_DOWN, BLOCK_N2=256, QUANT_ON_LOAD1=True, GRID="experts"),
+        dict(SWAPAB_DOWN, BLOCK_N2=32, UNROLL1=2, PDL=True, PREFETCH1=4),
     ],
     ids=[
         "fused-split2",
@@ -236,11 +242,15 @@ def _swapab_edge_problem(seed: int) -> Problem:
         "tiles3-split2-expert-grid-wait",
         "preq-unroll2",
         "tiles3-split2-unroll4",
+        "fused-down",
+        "fused-down-n256-quant-on-load-expert-grid",
+        "fused-down-n32-unroll2-pdl-prefetch",
     ],
 )
 def test_swapab_gemm2_variants(config):
     """The fused cast, multi-tile GEMM2 programs, GEMM2 waiting per expert and programs per local
-    expert (with fewer pairs than experts: per pair) on EP offsets, -1 and foreign ids, a token
+    expert (with fewer pairs than experts: per pair), GEMM2 inside GEMM1's programs (w2 tiles
+    taller than H, and partial ones) on EP offsets, -1 and foreign ids, a token
     without a local pair (its row must be written: 0), a token naming one expert twice, several
     pairs per expert, two K slices, and BLOCK_T = 16 chunks (24 pairs on one expert)."""
     p = _swapab_edge_problem(0)
@@ -318,6 +328,23 @@ def test_swapab_refuses_configurations_it_cannot_honour():
     for knob in (dict(FUSED_CAST2=True), dict(ZERO="sync")):
         with pytest.raises(ValueError, match="WAIT2='expert' needs ZERO='fused' and FUSED_CAST2=False"):
             run_fp8_kernel(p, config=dict(SWAPAB_SMALL, WAIT2="expert", **knob))
+    with pytest.raises(ValueError, match="FUSED_DOWN must be a bool, got 1"):
+        run_fp8_kernel(p, config=dict(SWAPAB_DOWN, FUSED_DOWN=1))
+    for n1 in (64, 256):
+        with pytest.raises(ValueError, match=rf"BLOCK_N1 must divide 128 \(be 128 with dynamic activation scales\), got {n1}"):
+            run_fp8_kernel(p, config=dict(SWAPAB_DOWN, BLOCK_N1=n1))
+    with pytest.raises(ValueError, match="BLOCK_N2 \\(w2 rows a tile\\) must be a multiple or a divisor of 128, got 96"):
+        run_fp8_kernel(p, config=dict(SWAPAB_DOWN, BLOCK_N2=96))
+    for knob in (
+        dict(SPLIT_K2=2),
+        dict(N_TILES2=2),
+        dict(UNROLL2=2),
+        dict(PREFETCH2=4),
+        dict(WAIT2="expert"),
+        dict(FUSED_CAST2=True),
+    ):
+        with pytest.raises(ValueError, match="FUSED_DOWN has no GEMM2 launch"):
+            run_fp8_kernel(p, config=dict(SWAPAB_DOWN, **knob))
     for other in (DECODE_SMALL, PREFILL_SMALL):
         knobs = (
             dict(FUSED_CAST2=True),
@@ -328,11 +355,12 @@ def test_swapab_refuses_configurations_it_cannot_honour():
             dict(GRID="experts"),
             dict(UNROLL1=2),
             dict(UNROLL2=2),
+            dict(FUSED_DOWN=True),
         )
         for knob in knobs:
             with pytest.raises(
                 ValueError,
-                match="FUSED_CAST2, N_TILES2, PREFETCH1, PREFETCH2, WAIT2, GRID, UNROLL1 and UNROLL2 apply to ",
+                match="FUSED_CAST2, N_TILES2, PREFETCH1, PREFETCH2, WAIT2, GRID, UNROLL1, UNROLL2 and FUSED_DOWN apply to ",
             ):
                 run_fp8_kernel(p, config=dict(other, **knob))
 
@@ -443,6 +471,10 @@ def test_gpu_config_variants(variant, t, e, path):
         PAIRS_GRID,
         dict(N_TILES2=3, BLOCK_N2=64, num_warps2=4, **PAIRS_GRID),
         SWAPAB_ONE_BLOCK_CONFIG,
+        FUSED_DOWN,
+        dict(FUSED_DOWN, BLOCK_N2=256),
+        dict(FUSED_DOWN, num_stages2=6, GRID="pairs", PREFETCH1=0),
+        dict(FUSED_DOWN, QUANT_ON_LOAD1=True),
         # four 128-wide blocks a stage need 272 KB at two stages (an SM has 227): 64-wide tiles,
         # GEMM1's output in bf16 (its FP8 requantization needs 128-wide tiles)
         dict(
@@ -479,6 +511,10 @@ def test_gpu_config_variants(variant, t, e, path):
         "pairs-grid-wait",
         "pairs-grid-wait-tiles3",
         "one-block",
+        "fused-down",
+        "fused-down-n256",
+        "fused-down-s6-pairs-grid-no-prefetch",
+        "fused-down-quant-on-load",
         "unroll4-n64-bf16-split2",
     ],
 )
@@ -512,13 +548,22 @@ def test_gpu_swapab(config, t, e, offset, block):
         dict(GRID="pairs"),
         {},
         dict(SPLIT_K2=2, N_TILES2=3),
+        FUSED_DOWN,
     ],
-    ids=["fused-split2", "fused-tiles4", "expert-wait", "expert-wait-grid", "expert-wait-grid-split2-tiles3"],
+    ids=[
+        "fused-split2",
+        "fused-tiles4",
+        "expert-wait",
+        "expert-wait-grid",
+        "expert-wait-grid-split2-tiles3",
+        "fused-down",
+    ],
 )
 def test_gpu_gemm2_synchronization_has_no_race(variant):
     """GEMM2's own synchronization against the plain launches, 300 runs: the fused cast's
     arrival counts (a missed or early arrival shows as a row segment with a missing
-    contribution) and the per-expert waits on GEMM1 (an early start reads a stale ``y``).
+    contribution), the per-expert waits on GEMM1 (an early start reads a stale ``y``) and the
+    fused down projection's wait on act_quant's zeroing (an early add is lost).
     Every element within 1% (plus 0.1% of the largest) of the plain result, which the atomic
     order moves by a bf16 rounding at most."""
     from moe_backend.kernels.sm90.fp8_moe import SWAPAB_CONFIG
@@ -616,13 +661,24 @@ def test_gpu_cuda_graph_replay_and_no_sync(t):
 
 @runs_here
 @pytest.mark.parametrize("zero", ["sync", "stream"])
-@pytest.mark.parametrize("path", ["swapab", "decode"])
+@pytest.mark.parametrize("path", ["swapab", "decode", "swapab-fused-down"])
 def test_zeroing_modes_of_the_atomic_combine(zero, path):
     """Every zeroing mode leaves the same result on both atomic paths (CPU: 'stream' falls back
     to 'sync')."""
     p = make_problem(9, 256, 128, 4, 2, block=True, offset=1)
-    base = SWAPAB_SMALL if path == "swapab" else DECODE_SMALL
+    base = {"swapab": SWAPAB_SMALL, "decode": DECODE_SMALL, "swapab-fused-down": SWAPAB_DOWN}[path]
     check(p, config=dict(base, COMBINE="atomic", ZERO=zero))
+
+
+@runs_here
+@pytest.mark.parametrize("quant_on_load", [False, True], ids=["act-quant-zeroes", "memset"])
+def test_swapab_fused_down_zeroes_the_accumulator_before_adding(quant_on_load):
+    """GEMM2 inside GEMM1's programs adds into an accumulator that a launch before GEMM1 zeroed
+    (act_quant's, or a memset): a second call on the same workspace with other inputs must not
+    carry the first call's sums."""
+    config = dict(SWAPAB_DOWN, QUANT_ON_LOAD1=quant_on_load)
+    check(make_problem(6, 256, 128, 4, 2, block=True, offset=0, seed=3), config=config)
+    check(make_problem(6, 256, 128, 4, 2, block=True, offset=0, seed=4), config=config)
 
 
 @pytest.mark.gpu

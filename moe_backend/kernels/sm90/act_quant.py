@@ -21,6 +21,7 @@ from triton.language.extra.cuda import gdc_launch_dependents
 from ...quant.fp8 import BLOCK
 from ...runtime import workspace
 from .fp8_tile import quantize_tile, quantize_tile_vllm
+from .tiles import zero_fill
 
 GROUP = BLOCK
 #: Groups one program quantizes (one token, GROUPS_PER_PROGRAM * 128 channels).
@@ -39,6 +40,8 @@ def _act_quant_kernel(
     stride_sm,
     row_of_pair_ptr,
     programs_per_token,
+    zero_ptr,
+    zero_numel,
     GROUP: tl.constexpr,
     NUM_GROUPS: tl.constexpr,
     STATIC: tl.constexpr,
@@ -49,6 +52,8 @@ def _act_quant_kernel(
 ):
     if LAUNCH_DEPENDENTS:
         gdc_launch_dependents()  # the GEMM launched after it may start; it waits before reading q
+    # a buffer the launches after this one add into (fp8_swapab's fused down projection)
+    zero_fill(zero_ptr, zero_numel, 1024)
     # a token's column blocks are adjacent programs: programs running together read and write
     # whole rows, not the same columns of many rows (DRAM page locality)
     pid = tl.program_id(0)
@@ -80,12 +85,14 @@ def act_quant_fp8(
     ue8m0: bool,
     vllm: bool = False,
     launch_dependents: bool = False,
+    zero: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Quantize ``hidden [T, H]`` (bf16, T > 0, unit column stride) to e4m3.
 
     ``vllm``: vLLM's numerics (dynamic scales only, no ``ue8m0``). ``launch_dependents``: the
     next launch, if it is a programmatic dependent launch, may start at once (it must wait for
-    this grid before reading ``q`` and ``s``); a GPU only.
+    this grid before reading ``q`` and ``s``); a GPU only. ``zero``: a contiguous fp32 tensor
+    the same launch sets to 0 (or None).
 
     Returns ``(q [T, H] float8_e4m3fn, s)`` with ``s [T, ceil(H/128)]`` fp32 for
     dynamic scales, or ``static_scale`` itself (``[1]`` fp32) when given.
@@ -97,7 +104,19 @@ def act_quant_fp8(
     static = static_scale is not None
     assert not (vllm and (static or ue8m0))
     s = static_scale if static_scale is not None else torch.empty(t, groups, dtype=torch.float32, device=hidden.device)
-    _launch(hidden, q, s, s, STATIC=static, UE8M0=ue8m0, VLLM=vllm, SCATTER_K=0, LAUNCH_DEPENDENTS=launch_dependents)
+    assert zero is None or (zero.is_contiguous() and zero.dtype == torch.float32)
+    _launch(
+        hidden,
+        q,
+        s,
+        s,
+        zero,
+        STATIC=static,
+        UE8M0=ue8m0,
+        VLLM=vllm,
+        SCATTER_K=0,
+        LAUNCH_DEPENDENTS=launch_dependents,
+    )
     return q, s
 
 
@@ -119,6 +138,7 @@ def act_quant_scatter_fp8(
         q,
         s,
         row_of_pair,
+        None,
         STATIC=False,
         UE8M0=False,
         VLLM=False,
@@ -128,11 +148,18 @@ def act_quant_scatter_fp8(
     return q, s
 
 
-def _launch(hidden: torch.Tensor, q: torch.Tensor, s: torch.Tensor, row_of_pair: torch.Tensor, **flags: object) -> None:
+def _launch(
+    hidden: torch.Tensor,
+    q: torch.Tensor,
+    s: torch.Tensor,
+    row_of_pair: torch.Tensor,
+    zero: Optional[torch.Tensor],
+    **flags: object,
+) -> None:
     """One program per token and ``GROUPS_PER_PROGRAM`` groups of 128 channels (a token's
     programs adjacent in the one-dimensional grid); ``s`` also
     stands in for the static-scale pointer (read only when ``STATIC``), ``row_of_pair`` is read
-    only when ``SCATTER_K`` > 0."""
+    only when ``SCATTER_K`` > 0; ``zero`` (or None) is zeroed by the grid's shares."""
     t, h = hidden.shape
     per_token = triton.cdiv(triton.cdiv(h, GROUP), GROUPS_PER_PROGRAM)
     _act_quant_kernel[(t * per_token,)](
@@ -146,6 +173,8 @@ def _launch(hidden: torch.Tensor, q: torch.Tensor, s: torch.Tensor, row_of_pair:
         s.stride(0),
         row_of_pair,
         per_token,
+        s if zero is None else zero,
+        0 if zero is None else zero.numel(),
         GROUP=GROUP,
         NUM_GROUPS=GROUPS_PER_PROGRAM,
         num_warps=4,

@@ -98,7 +98,14 @@ logger = logging.getLogger(__name__)
 #: T=16, 32 programs a tile instead of 128, of which 96 only exit). ``UNROLL1`` / ``UNROLL2`` (1, 2 or
 #: 4): K blocks of 128 a GEMM1 / GEMM2 pipeline iteration loads and multiplies, so that its CTA barrier
 #: and waits are paid once for them (at T=1 the barrier stalled GEMM2 2.1-2.2 cycles an issued
-#: instruction of 8.9, GEMM1 1.55 of 7.5: ncu, H200, 2026-12-04).
+#: instruction of 8.9, GEMM1 1.55 of 7.5: ncu, H200, 2026-12-04). ``FUSED_DOWN`` (bool): no GEMM2
+#: launch; each GEMM1 program multiplies its 128 columns of the intermediate by the same 128
+#: columns of ``w2`` (``BLOCK_N2`` rows a tile, ``num_stages2`` stages) and adds the result into
+#: the accumulator atomically (``fp8_swapab.down_slice``): one weight stream with no launch
+#: boundary, GEMM2's separate ramp and tail gone. The accumulator is then zeroed by ``act_quant``'s
+#: launch with ``ZERO='fused'`` (a memset where GEMM1 quantizes its input on load); GEMM2's launch
+#: knobs must stay off (``SPLIT_K2=1``, ``N_TILES2=1``, ``UNROLL2=1``, ``PREFETCH2=0``,
+#: ``WAIT2='grid'``, ``FUSED_CAST2=False``).
 CONFIG_KEYS = (
     "path",
     "NUMERICS",
@@ -127,6 +134,7 @@ CONFIG_KEYS = (
     "GRID",
     "UNROLL1",
     "UNROLL2",
+    "FUSED_DOWN",
     "TILE1",
     "TILE2",
 )
@@ -143,6 +151,7 @@ SWAPAB_ONLY_OFF: Dict[str, Any] = dict(
     GRID="pairs",
     UNROLL1=1,
     UNROLL2=1,
+    FUSED_DOWN=False,
 )
 
 DECODE_CONFIG: Dict[str, Any] = dict(
@@ -229,6 +238,17 @@ SWAPAB_CONFIG: Dict[str, Any] = dict(SWAPAB_ONE_BLOCK_CONFIG, UNROLL1=2, num_sta
 SWAPAB_VARIANTS: Dict[str, Dict[str, Any]] = {
     "pairs_grid_wait": dict(SWAPAB_ONE_BLOCK_CONFIG, WAIT2="grid", GRID="pairs"),
 }
+#: The down projection inside GEMM1's programs (``FUSED_DOWN``): GEMM1's tiling, then 128 rows of
+#: ``w2`` a tile on four stages (sm_90a: 251 registers, no spill, GEMM1's 204 KB of shared memory
+#: reused by the second loop). Variants: 256-row tiles, six stages.
+SWAPAB_FUSED_DOWN_CONFIG: Dict[str, Any] = dict(
+    SWAPAB_CONFIG, FUSED_DOWN=True, WAIT2="grid", UNROLL2=1, PREFETCH2=0, BLOCK_N2=128, num_stages2=4
+)
+SWAPAB_VARIANTS.update(
+    fused_down=SWAPAB_FUSED_DOWN_CONFIG,
+    fused_down_n256=dict(SWAPAB_FUSED_DOWN_CONFIG, BLOCK_N2=256),
+    fused_down_s6=dict(SWAPAB_FUSED_DOWN_CONFIG, num_stages2=6),
+)
 #: The one-block swap-AB tiling on four stages in both GEMMs (H200, 2026-12-03, with one program
 #: per pair waiting for all of GEMM1: E=256 T=16 1342.8 against 1310.8 us on six; five stages in
 #: GEMM1 alone, or six in one GEMM alone, gained less than six in both): a tuner candidate, and
@@ -647,7 +667,7 @@ def fused_experts_fp8(
     swapab_only = {k: cfg[k] for k in SWAPAB_ONLY_OFF}
     if cfg["path"] != "swapab" and swapab_only != SWAPAB_ONLY_OFF:
         raise ValueError(
-            "config: FUSED_CAST2, N_TILES2, PREFETCH1, PREFETCH2, WAIT2, GRID, UNROLL1 and UNROLL2 apply to "
+            "config: FUSED_CAST2, N_TILES2, PREFETCH1, PREFETCH2, WAIT2, GRID, UNROLL1, UNROLL2 and FUSED_DOWN apply to "
             f"path='swapab' only, got path={cfg['path']!r} with {swapab_only}"
         )
     num_pairs = num_tokens * top_k
@@ -657,8 +677,9 @@ def fused_experts_fp8(
         pdl = bool(cfg["PDL"]) and pdl_available(hidden)
         if cfg["COMBINE"] != "atomic":
             raise ValueError(f"config: path='swapab' combines with atomics (COMBINE='atomic'), got {cfg['COMBINE']!r}")
-        if not isinstance(cfg["FUSED_CAST2"], bool):
-            raise ValueError(f"config: FUSED_CAST2 must be a bool, got {cfg['FUSED_CAST2']!r}")
+        for name in ("FUSED_CAST2", "FUSED_DOWN"):
+            if not isinstance(cfg[name], bool):
+                raise ValueError(f"config: {name} must be a bool, got {cfg[name]!r}")
         if cfg["WAIT2"] not in ("grid", "expert"):
             raise ValueError(f"config: WAIT2 must be 'grid' or 'expert', got {cfg['WAIT2']!r}")
         if cfg["GRID"] not in ("pairs", "experts"):
@@ -702,6 +723,7 @@ def fused_experts_fp8(
             by_expert=cfg["GRID"] == "experts",
             UNROLL1=cfg["UNROLL1"],
             UNROLL2=cfg["UNROLL2"],
+            fused_down=cfg["FUSED_DOWN"],
         )
         if not cfg["FUSED_CAST2"]:
             cast_out(acc, result, pdl=pdl, reset=ready)

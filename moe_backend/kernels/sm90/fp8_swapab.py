@@ -51,6 +51,8 @@ from .tiles import (
 )
 
 ZERO_BLOCK = tl.constexpr(1024)
+#: The 128 x 128 weight scale block, as a constant the kernels can read.
+W_SCALE_BLOCK = tl.constexpr(SCALE_BLOCK)
 #: Values ``PREFETCH1`` and ``PREFETCH2`` may take: K blocks of each weight row that a GEMM1 or GEMM2
 #: program asks L2 for before it waits on its input (a power of two: one 128-byte line a block,
 #: ``tl.arange`` over them).
@@ -148,6 +150,72 @@ def tensor_scaled(acc, w_scale_ptr, expert, static_ptr, BLOCK_SCALED: tl.constex
 
 
 @triton.jit
+def down_slice(
+    y,
+    pair,
+    ok,
+    token,
+    expert,
+    k0,
+    w_ptr,
+    w_scale_ptr,
+    acc_ptr,
+    topk_w_ptr,
+    y_static_ptr,
+    H,
+    I,
+    stride_we,
+    stride_wn,
+    stride_wse,
+    stride_wsn,
+    stride_accm,
+    Y_STATIC: tl.constexpr,
+    BLOCK_SCALED: tl.constexpr,
+    UE8M0: tl.constexpr,
+    WEIGHT_ON_INPUT: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    STAGES: tl.constexpr,
+    EVEN: tl.constexpr,
+):
+    """GEMM2 on one K block of ``I``, inside GEMM1's program (``FUSED_DOWN``): ``acc[token] +=
+    w_pair * w2[expert][:, k0 : k0 + G] @ e4m3(y)`` for every row of ``H``, added atomically.
+
+    ``y [G, BLOCK_T]`` fp32: the program's columns ``k0 ..`` of the intermediate (``G`` divides
+    the 128-wide scale block), quantized here exactly as GEMM1's epilogue quantizes it for GEMM2
+    (one scale per pair per ``G`` columns, or the static one); then each ``[BLOCK_H, G]`` tile of
+    ``w2`` times it is scaled as GEMM2 scales a K block (``accumulate``, ``tensor_scaled``, the
+    router weight), so only the fp32 order of the top-k and K-block sums differs from the two
+    launches. ``pair``, ``ok``, ``token [BLOCK_T]``; ``EVEN``: ``H`` a multiple of ``BLOCK_H``
+    and ``I`` of ``G`` (no masks on the weight tiles).
+    """
+    G: tl.constexpr = y.shape[0]
+    BLOCK_T: tl.constexpr = y.shape[1]
+    q, ys = quantize_tile(tl.trans(y), y_static_ptr, Y_STATIC, UE8M0)
+    offs_k = k0 + tl.arange(0, G)
+    rows = tl.arange(0, BLOCK_H)
+    router_w = tl.load(topk_w_ptr + pair, mask=ok, other=0.0)
+    w_ptrs = w_ptr + expert * stride_we + rows[:, None] * stride_wn + offs_k[None, :]
+    ws_ptrs = w_scale_ptr + expert * stride_wse + (k0 // W_SCALE_BLOCK) + (rows // W_SCALE_BLOCK) * stride_wsn
+    acc_ptrs = acc_ptr + token[None, :] * stride_accm + rows[:, None]
+    for h0 in tl.range(0, H, BLOCK_H, num_stages=STAGES):
+        h_ok = h0 + rows < H
+        if EVEN:
+            w = tl.load(w_ptrs)
+        else:
+            w = tl.load(w_ptrs, mask=h_ok[:, None] & (offs_k < I)[None, :], other=0.0)
+        ws = 1.0
+        if BLOCK_SCALED:
+            ws = tl.load(ws_ptrs + (h0 // W_SCALE_BLOCK) * stride_wsn, mask=h_ok, other=0.0)[:, None]
+        part = accumulate(tl.zeros([BLOCK_H, BLOCK_T], dtype=tl.float32), w, q, ys, ws, BLOCK_SCALED, Y_STATIC, G)
+        part = tensor_scaled(part, w_scale_ptr, expert, y_static_ptr, BLOCK_SCALED, Y_STATIC)
+        if not WEIGHT_ON_INPUT:
+            part = part * router_w[None, :]
+        tl.atomic_add(acc_ptrs, part, mask=ok[None, :] & h_ok[:, None], sem="relaxed")
+        w_ptrs += BLOCK_H * stride_wn
+        acc_ptrs += BLOCK_H
+
+
+@triton.jit
 def _gemm1_kernel(
     x_ptr,
     x_scale_ptr,
@@ -166,6 +234,9 @@ def _gemm1_kernel(
     arrivals_ptr,
     arrivals_numel,
     ready_ptr,
+    w2_ptr,
+    w2_scale_ptr,
+    acc_ptr,
     num_pairs,
     expert_offset,
     num_experts,
@@ -180,6 +251,11 @@ def _gemm1_kernel(
     stride_wsn,
     stride_ym,
     stride_ysm,
+    stride_w2e,
+    stride_w2n,
+    stride_w2se,
+    stride_w2sn,
+    stride_accm,
     PAIRS: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -198,16 +274,21 @@ def _gemm1_kernel(
     READY: tl.constexpr,
     BY_EXPERT: tl.constexpr,
     UNROLL: tl.constexpr,
+    EXPERT_MAJOR: tl.constexpr,
+    DOWN: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    DOWN_STAGES: tl.constexpr,
+    EVEN_DOWN: tl.constexpr,
 ):
     if PDL:
-        gdc_launch_dependents()  # GEMM2 may start its prologue; it waits before reading y
+        gdc_launch_dependents()  # GEMM2 (or the cast) may start its prologue; it waits before reading
     zero_fill(zero_ptr, zero_numel, ZERO_BLOCK)
     # The fused cast: tokens without a local pair get no contribution, so their rows stay 0.
     zero_fill(result_ptr, result_numel, ZERO_BLOCK)
     zero_fill(arrivals_ptr, arrivals_numel, ZERO_BLOCK)
-    # With READY an expert's tiles are consecutive programs (they finish together).
+    # EXPERT_MAJOR: an expert's tiles are consecutive programs (with READY they finish together).
     _, pid_n, leader, expert, members, rank, count = program_expert(
-        ids_ptr, num_pairs, expert_offset, num_experts, PAIRS, READY, BY_EXPERT
+        ids_ptr, num_pairs, expert_offset, num_experts, PAIRS, EXPERT_MAJOR, BY_EXPERT
     )
     if READY:
         # every program counts its zeroing share done: GEMM2 waits for all shares before its
@@ -281,7 +362,35 @@ def _gemm1_kernel(
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         y = tl.where((offs_n < I)[:, None], y, 0.0)
         y_ptrs = y_ptr + pair[None, :].to(tl.int64) * stride_ym + offs_n[:, None]
-        if QUANT_OUT:  # per pair per 128 columns (BLOCK_N == 128: one tile is one group)
+        if DOWN:
+            down_slice(
+                y,
+                pair,
+                ok,
+                (pair // top_k).to(tl.int64),
+                expert,
+                pid_n * BLOCK_N,
+                w2_ptr,
+                w2_scale_ptr,
+                acc_ptr,
+                topk_w_ptr,
+                y_static_ptr,
+                H,
+                I,
+                stride_w2e,
+                stride_w2n,
+                stride_w2se,
+                stride_w2sn,
+                stride_accm,
+                Y_STATIC,
+                BLOCK_SCALED,
+                UE8M0,
+                WEIGHT_ON_INPUT,
+                BLOCK_H,
+                DOWN_STAGES,
+                EVEN_DOWN,
+            )
+        elif QUANT_OUT:  # per pair per 128 columns (BLOCK_N == 128: one tile is one group)
             q, ys = quantize_tile(tl.trans(y), y_static_ptr, Y_STATIC, UE8M0)
             tl.store(y_ptrs, tl.trans(q), mask=ok[None, :] & (offs_n < I)[:, None])
             if not Y_STATIC:
@@ -560,6 +669,37 @@ def _gemm2_kernel(
                 gdc_wait()
 
 
+def _check_fused_down(
+    block_n1: int,
+    block_n2: int,
+    split_k2: int,
+    n_tiles2: int,
+    unroll2: int,
+    prefetch2: int,
+    ready: Optional[torch.Tensor],
+    result: Optional[torch.Tensor],
+    a2_static: Optional[torch.Tensor],
+) -> None:
+    """Raise ValueError for a ``fused_down`` configuration :func:`swapab_fp8` cannot honour."""
+    if SCALE_BLOCK % block_n1 or (a2_static is None and block_n1 != SCALE_BLOCK):
+        raise ValueError(
+            f"config: FUSED_DOWN quantizes GEMM1's tile as one group of the intermediate: BLOCK_N1 must divide "
+            f"{SCALE_BLOCK} (be {SCALE_BLOCK} with dynamic activation scales), got {block_n1}"
+        )
+    if block_n2 % SCALE_BLOCK and SCALE_BLOCK % block_n2:
+        raise ValueError(
+            f"config: FUSED_DOWN's BLOCK_N2 (w2 rows a tile) must be a multiple or a divisor of {SCALE_BLOCK}, "
+            f"got {block_n2}"
+        )
+    knobs = dict(SPLIT_K2=split_k2, N_TILES2=n_tiles2, UNROLL2=unroll2, PREFETCH2=prefetch2)
+    if knobs != dict(SPLIT_K2=1, N_TILES2=1, UNROLL2=1, PREFETCH2=0) or ready is not None or result is not None:
+        raise ValueError(
+            "config: FUSED_DOWN has no GEMM2 launch: it needs SPLIT_K2=1, N_TILES2=1, UNROLL2=1, PREFETCH2=0, "
+            f"WAIT2='grid' and FUSED_CAST2=False, got {knobs}, WAIT2={'expert' if ready is not None else 'grid'!r}, "
+            f"FUSED_CAST2={result is not None}"
+        )
+
+
 def line_rows(rows: int, width: int, dtype: torch.dtype, device: torch.device, role: str) -> torch.Tensor:
     """A ``[rows, width]`` view of the ``role`` workspace whose rows start 128 bytes apart or a
     multiple of it (each row on lines of its own)."""
@@ -604,6 +744,7 @@ def swapab_fp8(
     by_expert: bool = False,
     UNROLL1: int = 1,
     UNROLL2: int = 1,
+    fused_down: bool = False,
 ) -> None:
     """Both GEMMs: ``acc[t] += sum_j w[t, j] * expert(ids[t, j])(hidden[t])`` (fp32, atomics).
 
@@ -645,13 +786,22 @@ def swapab_fp8(
             the same chunks, so the same numerics.
         UNROLL1, UNROLL2: K blocks a GEMM1 / GEMM2 pipeline iteration loads and multiplies (one
             of :data:`UNROLL_BLOCKS`): its CTA barrier and waits are paid once for them.
+        fused_down: no GEMM2 launch: each GEMM1 program multiplies its ``BLOCK_N1`` columns of
+            the intermediate by the same columns of ``w2`` (:func:`down_slice`, ``BLOCK_N2`` rows
+            a tile on ``num_stages2`` stages) and adds the result into ``acc`` atomically, so
+            ``y`` never reaches memory and the weight stream has no launch boundary. ``acc`` is
+            then zeroed before GEMM1: by ``act_quant``'s launch (``zero_in_gemm1`` with a
+            pre-quantized input), else by a memset here, or by the caller. Needs ``BLOCK_N1 =
+            128`` with dynamic scales, ``BLOCK_N2`` a multiple or divisor of 128, no ``ready``,
+            ``result``, ``SPLIT_K2``, ``N_TILES2``, ``UNROLL2`` or ``PREFETCH2`` (GEMM2's launch).
 
     Raises:
         ValueError: a tile that would mix block scales, an e4m3 intermediate with dynamic
             scales whose GEMM1 tile is not one scale block wide, N_TILES2 < 1, PREFETCH1 or
             PREFETCH2 not in :data:`PREFETCH_BLOCKS`, the fused cast without GEMM1's zeroing, or
             ``ready`` with the fused cast or without GEMM1's zeroing, UNROLL1 or UNROLL2 not in
-            :data:`UNROLL_BLOCKS`.
+            :data:`UNROLL_BLOCKS`, ``fused_down`` with a knob of GEMM2's launch or an
+            intermediate tile that is not one scale group.
     """
     e, two_i, h = w13.shape
     inter = two_i // 2
@@ -661,7 +811,9 @@ def swapab_fp8(
         raise ValueError(
             f"config: path='swapab' serves at most {MAX_PAIRS} (token, slot) pairs, got T * k = {num_pairs}"
         )
-    if block_scaled and (SCALE_BLOCK % BLOCK_N1 or SCALE_BLOCK % BLOCK_N2):
+    if fused_down:
+        _check_fused_down(BLOCK_N1, BLOCK_N2, SPLIT_K2, N_TILES2, UNROLL2, PREFETCH2, ready, result, a2_static)
+    elif block_scaled and (SCALE_BLOCK % BLOCK_N1 or SCALE_BLOCK % BLOCK_N2):
         raise ValueError(
             f"config: BLOCK_N1 and BLOCK_N2 must divide the weight scale block {SCALE_BLOCK} (a tile's rows "
             f"share one block scale per K block), got {BLOCK_N1} and {BLOCK_N2}"
@@ -697,8 +849,16 @@ def swapab_fp8(
     quant_on_load = quant_on_load or weight_on_input
     # GEMM1 as act_quant's programmatic dependent: its prefetch runs beside the quantization.
     gemm1_waits = pdl and PREFETCH1 > 0 and not quant_on_load
+    # The fused down projection adds into acc from GEMM1's programs: zeroed by a launch before.
+    zero_first = fused_down and zero_in_gemm1
+    if zero_first and quant_on_load:
+        acc.zero_()
     x, x_scale = (
-        (hidden, dummy) if quant_on_load else act_quant_fp8(hidden, a13_static, ue8m0, launch_dependents=gemm1_waits)
+        (hidden, dummy)
+        if quant_on_load
+        else act_quant_fp8(
+            hidden, a13_static, ue8m0, launch_dependents=gemm1_waits, zero=acc if zero_first else None
+        )
     )
     # Each pair's row of y and of its scales starts on a 128-byte line (no line holds two pairs':
     # ``wait_count``).
@@ -725,7 +885,10 @@ def swapab_fp8(
     expert_wait = ready is not None
     grid_by_expert = by_expert and e < num_pairs
     slots = e if grid_by_expert else num_pairs  # programs (per tile) that may lead an expert
-    _gemm1_kernel[(tiles1, slots) if expert_wait else (slots, tiles1)](
+    expert_major = expert_wait or fused_down
+    if fused_down and zeroed is not None:
+        torch.cuda.current_stream(dev).wait_event(zeroed)
+    _gemm1_kernel[(tiles1, slots) if expert_major else (slots, tiles1)](
         x,
         x_scale,
         w13,
@@ -737,12 +900,15 @@ def swapab_fp8(
         a13,
         a2,
         acc,
-        acc.numel() if zero_in_gemm1 else 0,
+        acc.numel() if zero_in_gemm1 and not fused_down else 0,
         out_rows,
         out_rows.numel() if fused else 0,
         arrivals,
         arrivals.numel() if fused else 0,
         ready if expert_wait else arrivals,
+        w2,
+        w2_scale,
+        acc,
         num_pairs,
         local_expert_offset,
         e,
@@ -757,6 +923,11 @@ def swapab_fp8(
         w13_scale.stride(1) if block_scaled else 0,
         y.stride(0),
         y_scale.stride(0),
+        w2.stride(0),
+        w2.stride(1),
+        w2_scale.stride(0),
+        w2_scale.stride(1) if block_scaled else 0,
+        acc.stride(0),
         PAIRS=pairs_pad,
         BLOCK_T=BLOCK_T,
         BLOCK_N=BLOCK_N1,
@@ -775,10 +946,17 @@ def swapab_fp8(
         READY=expert_wait,
         BY_EXPERT=grid_by_expert,
         UNROLL=UNROLL1,
+        EXPERT_MAJOR=expert_major,
+        DOWN=fused_down,
+        BLOCK_H=BLOCK_N2,
+        DOWN_STAGES=num_stages2,
+        EVEN_DOWN=h % BLOCK_N2 == 0 and inter % BLOCK_N1 == 0,
         num_warps=num_warps1,
         num_stages=num_stages1,
         **({"launch_pdl": True} if gemm1_waits else {}),
     )
+    if fused_down:
+        return
     if zeroed is not None:
         torch.cuda.current_stream(dev).wait_event(zeroed)
     k_blocks = triton.cdiv(inter, SCALE_BLOCK)
