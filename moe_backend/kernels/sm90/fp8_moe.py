@@ -240,7 +240,9 @@ SWAPAB_VARIANTS: Dict[str, Dict[str, Any]] = {
 }
 #: The down projection inside GEMM1's programs (``FUSED_DOWN``): GEMM1's tiling, then 128 rows of
 #: ``w2`` a tile on four stages (sm_90a: 251 registers, no spill, GEMM1's 204 KB of shared memory
-#: reused by the second loop). Variants: 256-row tiles, six stages.
+#: reused by the second loop). Variants: 256-row tiles, six stages, the hidden states quantized as
+#: GEMM1 loads them (no ``act_quant`` launch; a memset zeroes the accumulator), eight K blocks of
+#: GEMM1's L2 prefetch.
 SWAPAB_FUSED_DOWN_CONFIG: Dict[str, Any] = dict(
     SWAPAB_CONFIG, FUSED_DOWN=True, WAIT2="grid", UNROLL2=1, PREFETCH2=0, BLOCK_N2=128, num_stages2=4
 )
@@ -248,6 +250,8 @@ SWAPAB_VARIANTS.update(
     fused_down=SWAPAB_FUSED_DOWN_CONFIG,
     fused_down_n256=dict(SWAPAB_FUSED_DOWN_CONFIG, BLOCK_N2=256),
     fused_down_s6=dict(SWAPAB_FUSED_DOWN_CONFIG, num_stages2=6),
+    fused_down_quant_on_load=dict(SWAPAB_FUSED_DOWN_CONFIG, QUANT_ON_LOAD1=True),
+    fused_down_prefetch8=dict(SWAPAB_FUSED_DOWN_CONFIG, PREFETCH1=8),
 )
 #: The one-block swap-AB tiling on four stages in both GEMMs (H200, 2026-12-03, with one program
 #: per pair waiting for all of GEMM1: E=256 T=16 1342.8 against 1310.8 us on six; five stages in
