@@ -331,9 +331,13 @@ def test_swapab_refuses_configurations_it_cannot_honour():
     with pytest.raises(ValueError, match="FUSED_DOWN must be a bool, got 1"):
         run_fp8_kernel(p, config=dict(SWAPAB_DOWN, FUSED_DOWN=1))
     for n1 in (64, 256):
-        with pytest.raises(ValueError, match=rf"BLOCK_N1 must divide 128 \(be 128 with dynamic activation scales\), got {n1}"):
+        with pytest.raises(
+            ValueError, match=rf"BLOCK_N1 must divide 128 \(be 128 with dynamic activation scales\), got {n1}"
+        ):
             run_fp8_kernel(p, config=dict(SWAPAB_DOWN, BLOCK_N1=n1))
-    with pytest.raises(ValueError, match="BLOCK_N2 \\(w2 rows a tile\\) must be a multiple or a divisor of 128, got 96"):
+    with pytest.raises(
+        ValueError, match="BLOCK_N2 \\(w2 rows a tile\\) must be a multiple or a divisor of 128, got 96"
+    ):
         run_fp8_kernel(p, config=dict(SWAPAB_DOWN, BLOCK_N2=96))
     for knob in (
         dict(SPLIT_K2=2),
@@ -360,7 +364,7 @@ def test_swapab_refuses_configurations_it_cannot_honour():
         for knob in knobs:
             with pytest.raises(
                 ValueError,
-                match="FUSED_CAST2, N_TILES2, PREFETCH1, PREFETCH2, WAIT2, GRID, UNROLL1, UNROLL2 and FUSED_DOWN apply to ",
+                match="FUSED_CAST2, N_TILES2, PREFETCH1, PREFETCH2, WAIT2, GRID, UNROLL1, UNROLL2 and FUSED_DOWN apply",
             ):
                 run_fp8_kernel(p, config=dict(other, **knob))
 

@@ -671,8 +671,8 @@ def fused_experts_fp8(
     swapab_only = {k: cfg[k] for k in SWAPAB_ONLY_OFF}
     if cfg["path"] != "swapab" and swapab_only != SWAPAB_ONLY_OFF:
         raise ValueError(
-            "config: FUSED_CAST2, N_TILES2, PREFETCH1, PREFETCH2, WAIT2, GRID, UNROLL1, UNROLL2 and FUSED_DOWN apply to "
-            f"path='swapab' only, got path={cfg['path']!r} with {swapab_only}"
+            "config: FUSED_CAST2, N_TILES2, PREFETCH1, PREFETCH2, WAIT2, GRID, UNROLL1, UNROLL2 and FUSED_DOWN "
+            f"apply to path='swapab' only, got path={cfg['path']!r} with {swapab_only}"
         )
     num_pairs = num_tokens * top_k
     topk_ids = topk_ids.contiguous()

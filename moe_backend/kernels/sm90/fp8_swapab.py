@@ -856,9 +856,7 @@ def swapab_fp8(
     x, x_scale = (
         (hidden, dummy)
         if quant_on_load
-        else act_quant_fp8(
-            hidden, a13_static, ue8m0, launch_dependents=gemm1_waits, zero=acc if zero_first else None
-        )
+        else act_quant_fp8(hidden, a13_static, ue8m0, launch_dependents=gemm1_waits, zero=acc if zero_first else None)
     )
     # Each pair's row of y and of its scales starts on a 128-byte line (no line holds two pairs':
     # ``wait_count``).
