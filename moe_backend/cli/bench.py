@@ -79,10 +79,12 @@ VARIANTS: Dict[str, Tuple[str, Optional[Dict[str, Any]]]] = {
     # the swap-AB default's per-expert wait counts GEMM1's zeroing: the other modes wait for the grid
     "zero_sync": ("fp8_block", {"COMBINE": "atomic", "ZERO": "sync", "WAIT2": "grid"}),
     "zero_stream": ("fp8_block", {"COMBINE": "atomic", "ZERO": "stream", "WAIT2": "grid"}),
-    # swap-AB wherever it serves (up to tiles.MAX_GATHER_PAIRS pairs), past where the default takes it
+    # swap-AB wherever it serves (up to tiles.MAX_GATHER_PAIRS pairs), past where the default takes it,
+    # in two GEMM launches (the default's below SWAPAB_FUSED_DOWN_MAX_PAIRS pairs runs one)
     "swapab": ("fp8_block", fp8_moe.SWAPAB_CONFIG),
     **{f"swapab_{name}": ("fp8_block", cfg) for name, cfg in fp8_moe.SWAPAB_VARIANTS.items()},
     "swapab_one_block": ("fp8_block", fp8_moe.SWAPAB_ONE_BLOCK_CONFIG),
+    "swapab_fused_down": ("fp8_block", fp8_moe.SWAPAB_FUSED_DOWN_CONFIG),
     "swapab_stages4": ("fp8_block", fp8_moe.SWAPAB_STAGES4_CONFIG),
     # the aligned tiers the heuristic took before the swap-AB path (up to one row an expert, then up
     # to 16): the kernels the decode work must not lose to from T=32 up, timed in the same run

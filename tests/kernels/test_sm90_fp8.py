@@ -378,11 +378,13 @@ def test_zero_tokens():
 @runs_here
 def test_default_config_both_paths():
     """The heuristic picks swap-AB up to the pairs its scan holds while the expected pairs an
-    expert stay within one chunk (16) up to 128 pairs and within 8 above, the aligned decode path
-    for at most one row per expert beyond the scan, and prefill for more."""
+    expert stay within one chunk (16) up to 128 pairs and within 8 above (GEMM2 inside GEMM1's
+    programs up to 16 pairs), the aligned decode path for at most one row per expert beyond the
+    scan, and prefill for more."""
     from moe_backend.kernels.sm90 import default_config
 
     assert default_config(1, 8, 256)["path"] == "swapab"
+    assert default_config(2, 8, 32)["FUSED_DOWN"] and not default_config(3, 8, 256)["FUSED_DOWN"]
     assert default_config(16, 8, 8)["path"] == "swapab"  # 128 pairs, 16 an expert
     assert default_config(17, 8, 8)["path"] == "prefill"
     assert default_config(32, 8, 32)["path"] == "swapab"  # 256 pairs, 8 an expert

@@ -240,14 +240,20 @@ SWAPAB_VARIANTS: Dict[str, Dict[str, Any]] = {
 }
 #: The down projection inside GEMM1's programs (``FUSED_DOWN``): GEMM1's tiling, then 128 rows of
 #: ``w2`` a tile on four stages (sm_90a: 251 registers, no spill, GEMM1's 204 KB of shared memory
-#: reused by the second loop). Variants: 256-row tiles, six stages, the hidden states quantized as
-#: GEMM1 loads them (no ``act_quant`` launch; a memset zeroes the accumulator), eight K blocks of
-#: GEMM1's L2 prefetch.
+#: reused by the second loop). The default up to ``SWAPAB_FUSED_DOWN_MAX_PAIRS`` pairs, a tuner
+#: candidate. H100, 2026-12-06, four runs: T=1 133.1-133.2 against 134.6-135.0 us, T=2 244.0-244.5
+#: against 247.6-247.9 (E=256 and 32), but 0.6-2.5% slower from T=4 (each expert's 16 programs
+#: stream 2.75 MB: 3.9 waves of one program an SM at T=4 E=256, whose last-wave idle SMs GEMM2's
+#: per-expert wait filled). Taken apart (``scripts/gpu_probe_fp8_decode_launches.py``, T=1): its
+#: one GEMM launch alone 130.8 against the two launches' 129.6 (the read stream of the same bytes
+#: 127.3); the act_quant and cast launches around it cost 2.1 against 5.0. Variants: 256-row
+#: tiles, six stages, the hidden states quantized as GEMM1 loads them (no ``act_quant`` launch; a
+#: memset zeroes the accumulator: 0.5-1.1 us slower), eight K blocks of GEMM1's L2 prefetch (1.1-1.9
+#: us slower).
 SWAPAB_FUSED_DOWN_CONFIG: Dict[str, Any] = dict(
     SWAPAB_CONFIG, FUSED_DOWN=True, WAIT2="grid", UNROLL2=1, PREFETCH2=0, BLOCK_N2=128, num_stages2=4
 )
 SWAPAB_VARIANTS.update(
-    fused_down=SWAPAB_FUSED_DOWN_CONFIG,
     fused_down_n256=dict(SWAPAB_FUSED_DOWN_CONFIG, BLOCK_N2=256),
     fused_down_s6=dict(SWAPAB_FUSED_DOWN_CONFIG, num_stages2=6),
     fused_down_quant_on_load=dict(SWAPAB_FUSED_DOWN_CONFIG, QUANT_ON_LOAD1=True),
@@ -271,6 +277,9 @@ SWAPAB_STAGES4_CONFIG: Dict[str, Any] = dict(SWAPAB_ONE_BLOCK_CONFIG, num_stages
 #: 682.0 against 407.3 on the aligned path, though balanced T=64 took 357.4 against 380.5.
 SWAPAB_DEFAULT_MAX_ROWS = 8
 SWAPAB_DEFAULT_FULL_CHUNK_PAIRS = 128
+#: Up to this many pairs (T = 2 at top-8) the swap-AB default runs GEMM2 inside GEMM1's programs
+#: (``SWAPAB_FUSED_DOWN_CONFIG``).
+SWAPAB_FUSED_DOWN_MAX_PAIRS = 16
 PREFILL_CONFIG: Dict[str, Any] = dict(
     path="prefill",
     NUMERICS="accurate",
@@ -386,12 +395,13 @@ DEFAULT_TIERS = (
 #: Version of this kernel's tuned configurations: the tuning cache keeps a configuration only
 #: for the version it was tuned for. Bump it when the kernels, their weight or activation
 #: layout, or the configuration schema (CONFIG_KEYS, their meaning) change.
-KERNEL_VERSION = 10
+KERNEL_VERSION = 11
 
 #: What the tuner times per token bucket (each overrides the heuristic default of that size):
 #: the swap-AB and aligned decode paths, skinny atomic-combine tiles, and prefill tiles up to 128 rows.
 CANDIDATE_CONFIGS = (
     SWAPAB_CONFIG,
+    SWAPAB_FUSED_DOWN_CONFIG,
     SWAPAB_ONE_BLOCK_CONFIG,
     SWAPAB_STAGES4_CONFIG,
     dict(SWAPAB_ONE_BLOCK_CONFIG, num_stages1=3, BLOCK_N2=64, num_warps2=4, num_stages2=4),
@@ -452,7 +462,8 @@ def default_config(num_tokens: int, top_k: int, num_experts: int, grouped: bool 
 
     The swap-AB path up to ``MAX_GATHER_PAIRS`` pairs (what its leader scan holds) while the
     expected pairs per local expert stay within ``SWAPAB_DEFAULT_MAX_ROWS``, or within one 16-pair
-    chunk below ``SWAPAB_DEFAULT_FULL_CHUNK_PAIRS`` pairs (H200 scans). Above, tuned on an H100
+    chunk below ``SWAPAB_DEFAULT_FULL_CHUNK_PAIRS`` pairs (H200 scans); up to
+    ``SWAPAB_FUSED_DOWN_MAX_PAIRS`` pairs with GEMM2 inside GEMM1's programs (H100 runs). Above, tuned on an H100
     with H=7168, I=2048 (a config sweep,
     docs/performance.md): up to one row per expert the aligned decode path; up to 16 the prefill
     kernels with BLOCK_M=16 and atomic combine (still a weight stream); above, larger tiles and
@@ -465,7 +476,7 @@ def default_config(num_tokens: int, top_k: int, num_experts: int, grouped: bool 
     if pairs <= MAX_GATHER_PAIRS and rows_per_expert <= (
         16 if pairs <= SWAPAB_DEFAULT_FULL_CHUNK_PAIRS else SWAPAB_DEFAULT_MAX_ROWS
     ):
-        return dict(SWAPAB_CONFIG)
+        return dict(SWAPAB_FUSED_DOWN_CONFIG if pairs <= SWAPAB_FUSED_DOWN_MAX_PAIRS else SWAPAB_CONFIG)
     return dict(next(cfg for limit, cfg in DEFAULT_TIERS if rows_per_expert <= limit))
 
 
