@@ -52,6 +52,9 @@ SWAPAB_SMALL = dict(
 SWAPAB_PREQ = dict(SWAPAB_SMALL, QUANT_ON_LOAD1=False, QUANT_OUT1=True, BLOCK_N1=128, SPLIT_K2=1)
 #: The default's synchronization and grid: per-expert waits, one program per local expert.
 SWAPAB_EXPERT = dict(SWAPAB_PREQ, WAIT2="expert", GRID="experts")
+#: The down projection inside GEMM1's programs, GEMM2's launch knobs off (the default's are on).
+FUSED_DOWN = dict(FUSED_DOWN=True, WAIT2="grid", UNROLL2=1, PREFETCH2=0)
+SWAPAB_DOWN = dict(SWAPAB_PREQ, BLOCK_N2=64, **FUSED_DOWN)
 #: The other combine and GEMM1-input variants of each path.
 DECODE_ALT = dict(DECODE_SMALL, COMBINE="sum", QUANT_ON_LOAD1=False, SPLIT_K2=1)
 PREFILL_ALT = dict(PREFILL_SMALL, COMBINE="atomic", SPLIT_K2=2)
@@ -140,8 +143,8 @@ def test_align_groups_pairs_by_expert(t, k, e, offset, bm):
 @runs_here
 @pytest.mark.parametrize(
     "config",
-    [SWAPAB_SMALL, SWAPAB_PREQ, SWAPAB_EXPERT, DECODE_SMALL, PREFILL_SMALL, DECODE_ALT, PREFILL_ALT],
-    ids=["swapab", "swapab-preq", "swapab-expert", "decode", "prefill", "decode-alt", "prefill-alt"],
+    [SWAPAB_SMALL, SWAPAB_PREQ, SWAPAB_EXPERT, SWAPAB_DOWN, DECODE_SMALL, PREFILL_SMALL, DECODE_ALT, PREFILL_ALT],
+    ids=["swapab", "swapab-preq", "swapab-expert", "swapab-down", "decode", "prefill", "decode-alt", "prefill-alt"],
 )
 @pytest.mark.parametrize("t,k,e,offset,ue8m0", [(1, 1, 4, 0, False), (7, 2, 4, 3, False), (17, 3, 6, 0, True)])
 def test_block_scaled_small(config, t, k, e, offset, ue8m0):
@@ -151,8 +154,8 @@ def test_block_scaled_small(config, t, k, e, offset, ue8m0):
 @runs_here
 @pytest.mark.parametrize(
     "config",
-    [SWAPAB_SMALL, SWAPAB_PREQ, SWAPAB_EXPERT, DECODE_SMALL, PREFILL_SMALL, PREFILL_ALT],
-    ids=["swapab", "swapab-preq", "swapab-expert", "decode", "prefill", "prefill-alt"],
+    [SWAPAB_SMALL, SWAPAB_PREQ, SWAPAB_EXPERT, SWAPAB_DOWN, DECODE_SMALL, PREFILL_SMALL, PREFILL_ALT],
+    ids=["swapab", "swapab-preq", "swapab-expert", "swapab-down", "decode", "prefill", "prefill-alt"],
 )
 @pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
 @pytest.mark.parametrize("h,i", [(64, 32), (160, 144)])
@@ -163,8 +166,8 @@ def test_per_tensor_small(config, static, h, i):
 @runs_here
 @pytest.mark.parametrize(
     "config",
-    [SWAPAB_SMALL, SWAPAB_PREQ, SWAPAB_EXPERT, DECODE_SMALL, PREFILL_SMALL],
-    ids=["swapab", "swapab-preq", "swapab-expert", "decode", "prefill"],
+    [SWAPAB_SMALL, SWAPAB_PREQ, SWAPAB_EXPERT, SWAPAB_DOWN, DECODE_SMALL, PREFILL_SMALL],
+    ids=["swapab", "swapab-preq", "swapab-expert", "swapab-down", "decode", "prefill"],
 )
 @pytest.mark.parametrize("block", [True, False], ids=["block", "tensor"])
 def test_weight_on_input(config, block):
@@ -189,9 +192,6 @@ def test_all_tokens_one_expert_and_no_local_expert(config):
 #: pass through the launcher; the GPU tests run them.)
 SWAPAB_FUSED = dict(SWAPAB_SMALL, BLOCK_N2=32, FUSED_CAST2=True)
 SWAPAB_TILES = dict(SWAPAB_SMALL, BLOCK_N2=32, N_TILES2=3)
-#: The down projection inside GEMM1's programs, GEMM2's launch knobs off (the default's are on).
-FUSED_DOWN = dict(FUSED_DOWN=True, WAIT2="grid", UNROLL2=1, PREFETCH2=0)
-SWAPAB_DOWN = dict(SWAPAB_PREQ, BLOCK_N2=64, **FUSED_DOWN)
 
 
 def _swapab_edge_problem(seed: int) -> Problem:
