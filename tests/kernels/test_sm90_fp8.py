@@ -226,7 +226,7 @@ def _swapab_edge_problem(seed: int) -> Problem:
         dict(SWAPAB_TILES, UNROLL1=4, UNROLL2=4),
         SWAPAB_DOWN,
         dict(SWAPAB_DOWN, BLOCK_N2=256, QUANT_ON_LOAD1=True, GRID="experts"),
-        dict(SWAPAB_DOWN, BLOCK_N2=32, UNROLL1=2, PDL=True, PREFETCH1=4),
+        dict(SWAPAB_DOWN, BLOCK_N2=32, UNROLL1=2, PDL=True, PREFETCH1=4, PREFETCH2=2),
     ],
     ids=[
         "fused-split2",
@@ -343,7 +343,6 @@ def test_swapab_refuses_configurations_it_cannot_honour():
         dict(SPLIT_K2=2),
         dict(N_TILES2=2),
         dict(UNROLL2=2),
-        dict(PREFETCH2=4),
         dict(WAIT2="expert"),
         dict(FUSED_CAST2=True),
     ):
@@ -481,6 +480,7 @@ def test_gpu_config_variants(variant, t, e, path):
         dict(FUSED_DOWN, BLOCK_N2=256),
         dict(FUSED_DOWN, num_stages2=6, GRID="pairs", PREFETCH1=0),
         dict(FUSED_DOWN, QUANT_ON_LOAD1=True),
+        dict(FUSED_DOWN, PREFETCH2=4, BLOCK_N2=64),
         # four 128-wide blocks a stage need 272 KB at two stages (an SM has 227): 64-wide tiles,
         # GEMM1's output in bf16 (its FP8 requantization needs 128-wide tiles)
         dict(
@@ -521,6 +521,7 @@ def test_gpu_config_variants(variant, t, e, path):
         "fused-down-n256",
         "fused-down-s6-pairs-grid-no-prefetch",
         "fused-down-quant-on-load",
+        "fused-down-w2-prefetch4-n64",
         "unroll4-n64-bf16-split2",
     ],
 )

@@ -104,8 +104,9 @@ logger = logging.getLogger(__name__)
 #: the accumulator atomically (``fp8_swapab.down_slice``): one weight stream with no launch
 #: boundary, GEMM2's separate ramp and tail gone. The accumulator is then zeroed by ``act_quant``'s
 #: launch with ``ZERO='fused'`` (a memset where GEMM1 quantizes its input on load); GEMM2's launch
-#: knobs must stay off (``SPLIT_K2=1``, ``N_TILES2=1``, ``UNROLL2=1``, ``PREFETCH2=0``,
-#: ``WAIT2='grid'``, ``FUSED_CAST2=False``).
+#: knobs must stay off (``SPLIT_K2=1``, ``N_TILES2=1``, ``UNROLL2=1``, ``WAIT2='grid'``,
+#: ``FUSED_CAST2=False``), and ``PREFETCH2`` counts the ``BLOCK_N2``-row tiles of the program's
+#: ``w2`` columns it asks L2 for one K iteration before GEMM1's loop ends.
 CONFIG_KEYS = (
     "path",
     "NUMERICS",
@@ -258,6 +259,8 @@ SWAPAB_VARIANTS.update(
     fused_down_s6=dict(SWAPAB_FUSED_DOWN_CONFIG, num_stages2=6),
     fused_down_quant_on_load=dict(SWAPAB_FUSED_DOWN_CONFIG, QUANT_ON_LOAD1=True),
     fused_down_prefetch8=dict(SWAPAB_FUSED_DOWN_CONFIG, PREFETCH1=8),
+    fused_down_w2_prefetch2=dict(SWAPAB_FUSED_DOWN_CONFIG, PREFETCH2=2),
+    fused_down_w2_prefetch4=dict(SWAPAB_FUSED_DOWN_CONFIG, PREFETCH2=4),
 )
 #: The one-block swap-AB tiling on four stages in both GEMMs (H200, 2026-12-03, with one program
 #: per pair waiting for all of GEMM1: E=256 T=16 1342.8 against 1310.8 us on six; five stages in

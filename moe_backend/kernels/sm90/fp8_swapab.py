@@ -279,6 +279,7 @@ def _gemm1_kernel(
     BLOCK_H: tl.constexpr,
     DOWN_STAGES: tl.constexpr,
     EVEN_DOWN: tl.constexpr,
+    DOWN_PREFETCH: tl.constexpr,
 ):
     if PDL:
         gdc_launch_dependents()  # GEMM2 (or the cast) may start its prologue; it waits before reading
@@ -324,6 +325,13 @@ def _gemm1_kernel(
         acc = tl.zeros([2 * BLOCK_N, BLOCK_T], dtype=tl.float32)
         # UNROLL K blocks an iteration, as GEMM2's.
         for kb0 in range(0, tl.cdiv(H, BLOCK_K), UNROLL):
+            if DOWN_PREFETCH > 0:
+                # The down loop's first tiles, asked of L2 one iteration before the last: they
+                # arrive while this loop drains and its epilogue runs (each w2 row's slice is one
+                # 128-byte line; rows past H re-ask a line inside the tensor).
+                if kb0 == (tl.cdiv(H, BLOCK_K) - 1) // UNROLL * UNROLL - UNROLL:
+                    rows2 = tl.minimum(tl.arange(0, DOWN_PREFETCH * BLOCK_H), H - 1)
+                    prefetch_l2(w2_ptr + expert * stride_w2e + rows2 * stride_w2n + pid_n * BLOCK_N)
             for u in tl.static_range(UNROLL):
                 kb = kb0 + u
                 x_mask, w_mask, scale_ok, kb_in = k_block_masks(
@@ -675,7 +683,6 @@ def _check_fused_down(
     split_k2: int,
     n_tiles2: int,
     unroll2: int,
-    prefetch2: int,
     ready: Optional[torch.Tensor],
     result: Optional[torch.Tensor],
     a2_static: Optional[torch.Tensor],
@@ -691,10 +698,10 @@ def _check_fused_down(
             f"config: FUSED_DOWN's BLOCK_N2 (w2 rows a tile) must be a multiple or a divisor of {SCALE_BLOCK}, "
             f"got {block_n2}"
         )
-    knobs = dict(SPLIT_K2=split_k2, N_TILES2=n_tiles2, UNROLL2=unroll2, PREFETCH2=prefetch2)
-    if knobs != dict(SPLIT_K2=1, N_TILES2=1, UNROLL2=1, PREFETCH2=0) or ready is not None or result is not None:
+    knobs = dict(SPLIT_K2=split_k2, N_TILES2=n_tiles2, UNROLL2=unroll2)
+    if knobs != dict(SPLIT_K2=1, N_TILES2=1, UNROLL2=1) or ready is not None or result is not None:
         raise ValueError(
-            "config: FUSED_DOWN has no GEMM2 launch: it needs SPLIT_K2=1, N_TILES2=1, UNROLL2=1, PREFETCH2=0, "
+            "config: FUSED_DOWN has no GEMM2 launch: it needs SPLIT_K2=1, N_TILES2=1, UNROLL2=1, "
             f"WAIT2='grid' and FUSED_CAST2=False, got {knobs}, WAIT2={'expert' if ready is not None else 'grid'!r}, "
             f"FUSED_CAST2={result is not None}"
         )
@@ -791,9 +798,11 @@ def swapab_fp8(
             a tile on ``num_stages2`` stages) and adds the result into ``acc`` atomically, so
             ``y`` never reaches memory and the weight stream has no launch boundary. ``acc`` is
             then zeroed before GEMM1: by ``act_quant``'s launch (``zero_in_gemm1`` with a
-            pre-quantized input), else by a memset here, or by the caller. Needs ``BLOCK_N1 =
-            128`` with dynamic scales, ``BLOCK_N2`` a multiple or divisor of 128, no ``ready``,
-            ``result``, ``SPLIT_K2``, ``N_TILES2``, ``UNROLL2`` or ``PREFETCH2`` (GEMM2's launch).
+            pre-quantized input), else by a memset here, or by the caller. ``PREFETCH2`` then
+            counts the ``BLOCK_N2``-row tiles of the program's ``w2`` columns it asks L2 for one
+            K iteration before GEMM1's loop ends. Needs ``BLOCK_N1 = 128`` with dynamic scales,
+            ``BLOCK_N2`` a multiple or divisor of 128, no ``ready``, ``result``, ``SPLIT_K2``,
+            ``N_TILES2`` or ``UNROLL2`` (GEMM2's launch).
 
     Raises:
         ValueError: a tile that would mix block scales, an e4m3 intermediate with dynamic
@@ -812,7 +821,7 @@ def swapab_fp8(
             f"config: path='swapab' serves at most {MAX_PAIRS} (token, slot) pairs, got T * k = {num_pairs}"
         )
     if fused_down:
-        _check_fused_down(BLOCK_N1, BLOCK_N2, SPLIT_K2, N_TILES2, UNROLL2, PREFETCH2, ready, result, a2_static)
+        _check_fused_down(BLOCK_N1, BLOCK_N2, SPLIT_K2, N_TILES2, UNROLL2, ready, result, a2_static)
     elif block_scaled and (SCALE_BLOCK % BLOCK_N1 or SCALE_BLOCK % BLOCK_N2):
         raise ValueError(
             f"config: BLOCK_N1 and BLOCK_N2 must divide the weight scale block {SCALE_BLOCK} (a tile's rows "
@@ -949,6 +958,7 @@ def swapab_fp8(
         BLOCK_H=BLOCK_N2,
         DOWN_STAGES=num_stages2,
         EVEN_DOWN=h % BLOCK_N2 == 0 and inter % BLOCK_N1 == 0,
+        DOWN_PREFETCH=PREFETCH2 if fused_down and not INTERPRETING else 0,
         num_warps=num_warps1,
         num_stages=num_stages1,
         **({"launch_pdl": True} if gemm1_waits else {}),
