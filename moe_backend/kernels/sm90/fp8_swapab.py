@@ -693,11 +693,8 @@ def _check_fused_down(
             f"config: FUSED_DOWN quantizes GEMM1's tile as one group of the intermediate: BLOCK_N1 must divide "
             f"{SCALE_BLOCK} (be {SCALE_BLOCK} with dynamic activation scales), got {block_n1}"
         )
-    if block_n2 % SCALE_BLOCK and SCALE_BLOCK % block_n2:
-        raise ValueError(
-            f"config: FUSED_DOWN's BLOCK_N2 (w2 rows a tile) must be a multiple or a divisor of {SCALE_BLOCK}, "
-            f"got {block_n2}"
-        )
+    if block_n2 < 1 or block_n2 & (block_n2 - 1):
+        raise ValueError(f"config: FUSED_DOWN's BLOCK_N2 (w2 rows a tile) must be a power of two, got {block_n2}")
     knobs = dict(SPLIT_K2=split_k2, N_TILES2=n_tiles2, UNROLL2=unroll2)
     if knobs != dict(SPLIT_K2=1, N_TILES2=1, UNROLL2=1) or ready is not None or result is not None:
         raise ValueError(
@@ -800,8 +797,8 @@ def swapab_fp8(
             then zeroed before GEMM1: by ``act_quant``'s launch (``zero_in_gemm1`` with a
             pre-quantized input), else by a memset here, or by the caller. ``PREFETCH2`` then
             counts the ``BLOCK_N2``-row tiles of the program's ``w2`` columns it asks L2 for one
-            K iteration before GEMM1's loop ends. Needs ``BLOCK_N1 = 128`` with dynamic scales,
-            ``BLOCK_N2`` a multiple or divisor of 128, no ``ready``, ``result``, ``SPLIT_K2``,
+            K iteration before GEMM1's loop ends. Needs ``BLOCK_N1`` dividing 128 (128 with dynamic
+            scales), ``BLOCK_N2`` a power of two, no ``ready``, ``result``, ``SPLIT_K2``,
             ``N_TILES2`` or ``UNROLL2`` (GEMM2's launch).
 
     Raises:
@@ -868,8 +865,10 @@ def swapab_fp8(
         else act_quant_fp8(hidden, a13_static, ue8m0, launch_dependents=gemm1_waits, zero=acc if zero_first else None)
     )
     # Each pair's row of y and of its scales starts on a 128-byte line (no line holds two pairs':
-    # ``wait_count``).
-    if quant_out:
+    # ``wait_count``). The fused down projection keeps y in registers.
+    if fused_down:
+        y, y_scale = dummy, dummy
+    elif quant_out:
         y = line_rows(num_pairs, inter, torch.float8_e4m3fn, dev, "moe_intermediate")
         y_scale = (
             dummy
