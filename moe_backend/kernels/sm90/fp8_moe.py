@@ -249,19 +249,17 @@ SWAPAB_VARIANTS: Dict[str, Dict[str, Any]] = {
 #: per-expert wait filled). Taken apart (``scripts/gpu_probe_fp8_decode_launches.py``, T=1): its
 #: one GEMM launch alone 130.8 against the two launches' 129.6 (the read stream of the same bytes
 #: 127.3); the act_quant and cast launches around it cost 2.1 against 5.0. Variants: 256-row
-#: tiles, six stages, the hidden states quantized as GEMM1 loads them (no ``act_quant`` launch; a
-#: memset zeroes the accumulator: 0.5-1.1 us slower), eight K blocks of GEMM1's L2 prefetch (1.1-1.9
-#: us slower), the first two or four ``w2`` tiles asked of L2 before GEMM1's loop ends (``PREFETCH2``;
-#: one run: 0.7-1.0 us faster at T=1, level at T=2, 0.4% slower at T=4).
+#: tiles (level), the first two or four ``w2`` tiles asked of L2 before GEMM1's loop ends
+#: (``PREFETCH2``; one run: 0.7-1.0 us faster at T=1, level at T=2, 0.4% slower at T=4). Settled
+#: and dropped (one run each, docs/performance.md): six down-loop stages, the hidden states
+#: quantized as GEMM1 loads them (no ``act_quant`` launch; a memset zeroes the accumulator: 0.5-1.1
+#: us slower), eight K blocks of GEMM1's L2 prefetch (1.1-1.9 us slower).
 
 SWAPAB_FUSED_DOWN_CONFIG: Dict[str, Any] = dict(
     SWAPAB_CONFIG, FUSED_DOWN=True, WAIT2="grid", UNROLL2=1, PREFETCH2=0, BLOCK_N2=128, num_stages2=4
 )
 SWAPAB_VARIANTS.update(
     fused_down_n256=dict(SWAPAB_FUSED_DOWN_CONFIG, BLOCK_N2=256),
-    fused_down_s6=dict(SWAPAB_FUSED_DOWN_CONFIG, num_stages2=6),
-    fused_down_quant_on_load=dict(SWAPAB_FUSED_DOWN_CONFIG, QUANT_ON_LOAD1=True),
-    fused_down_prefetch8=dict(SWAPAB_FUSED_DOWN_CONFIG, PREFETCH1=8),
     fused_down_w2_prefetch2=dict(SWAPAB_FUSED_DOWN_CONFIG, PREFETCH2=2),
     fused_down_w2_prefetch4=dict(SWAPAB_FUSED_DOWN_CONFIG, PREFETCH2=4),
 )
