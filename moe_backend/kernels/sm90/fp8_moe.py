@@ -239,22 +239,18 @@ SWAPAB_CONFIG: Dict[str, Any] = dict(SWAPAB_ONE_BLOCK_CONFIG, UNROLL1=2, num_sta
 SWAPAB_VARIANTS: Dict[str, Dict[str, Any]] = {
     "pairs_grid_wait": dict(SWAPAB_ONE_BLOCK_CONFIG, WAIT2="grid", GRID="pairs"),
 }
-#: The down projection inside GEMM1's programs (``FUSED_DOWN``): GEMM1's tiling, then 128 rows of
-#: ``w2`` a tile on four stages (sm_90a: 251 registers, no spill, GEMM1's 204 KB of shared memory
-#: reused by the second loop). The default up to ``SWAPAB_FUSED_DOWN_MAX_PAIRS`` pairs, a tuner
-#: candidate. H100, 2026-12-06, four runs: T=1 133.1-133.2 against 134.6-135.0 us, T=2 244.0-244.5
-#: against 247.6-247.9 (E=256 and 32); a fifth run on a slower H100 (3117 GB/s read): 0.1-0.2% at
-#: T=1, 0.6% at T=2. 0.3-2.5% slower from T=4 (each expert's 16 programs
-#: stream 2.75 MB: 3.9 waves of one program an SM at T=4 E=256, whose last-wave idle SMs GEMM2's
-#: per-expert wait filled). Taken apart (``scripts/gpu_probe_fp8_decode_launches.py``, T=1): its
-#: one GEMM launch alone 130.8 against the two launches' 129.6 (the read stream of the same bytes
-#: 127.3); the act_quant and cast launches around it cost 2.1 against 5.0. Variants: 256-row
-#: tiles (level), the first two or four ``w2`` tiles asked of L2 before GEMM1's loop ends
-#: (``PREFETCH2``; one run: 0.7-1.0 us faster at T=1, level at T=2, 0.4% slower at T=4). Settled
-#: and dropped (one run each, docs/performance.md): six down-loop stages, the hidden states
-#: quantized as GEMM1 loads them (no ``act_quant`` launch; a memset zeroes the accumulator: 0.5-1.1
-#: us slower), eight K blocks of GEMM1's L2 prefetch (1.1-1.9 us slower).
-
+#: The down projection inside GEMM1's programs (``FUSED_DOWN``): GEMM1's tiling, then 128 rows of ``w2`` a tile on four
+#: stages (sm_90a: 251 registers, no spill, GEMM1's 204 KB of shared memory reused by the second loop). The default up
+#: to ``SWAPAB_FUSED_DOWN_MAX_PAIRS`` pairs, a tuner candidate. H100, 2026-12-06, four runs: T=1 133.1-133.2 against
+#: 134.6-135.0 us, T=2 244.0-244.5 against 247.6-247.9 (E=256 and 32); a fifth run on a slower H100 (3117 GB/s read):
+#: 0.1-0.2% at T=1, 0.6% at T=2. 0.3-2.5% slower from T=4 (each expert's 16 programs stream 2.75 MB: 3.9 waves of one
+#: program an SM at T=4 E=256, whose last-wave idle SMs GEMM2's per-expert wait filled). Taken apart
+#: (``scripts/gpu_probe_fp8_decode_launches.py``, T=1): its one GEMM launch alone 130.8 against the two launches' 129.6
+#: (the read stream of the same bytes 127.3); the act_quant and cast launches around it cost 2.1 against 5.0. Variants:
+#: 256-row tiles (level), the first two or four ``w2`` tiles asked of L2 before GEMM1's loop ends (``PREFETCH2``; one
+#: run: 0.7-1.0 us faster at T=1, level at T=2, 0.4% slower at T=4). Settled and dropped (one run each,
+#: docs/performance.md): six down-loop stages, the hidden states quantized as GEMM1 loads them (no ``act_quant`` launch;
+#: a memset zeroes the accumulator: 0.5-1.1 us slower), eight K blocks of GEMM1's L2 prefetch (1.1-1.9 us slower).
 SWAPAB_FUSED_DOWN_CONFIG: Dict[str, Any] = dict(
     SWAPAB_CONFIG, FUSED_DOWN=True, WAIT2="grid", UNROLL2=1, PREFETCH2=0, BLOCK_N2=128, num_stages2=4
 )
@@ -467,11 +463,11 @@ def default_config(num_tokens: int, top_k: int, num_experts: int, grouped: bool 
     The swap-AB path up to ``MAX_GATHER_PAIRS`` pairs (what its leader scan holds) while the
     expected pairs per local expert stay within ``SWAPAB_DEFAULT_MAX_ROWS``, or within one 16-pair
     chunk below ``SWAPAB_DEFAULT_FULL_CHUNK_PAIRS`` pairs (H200 scans); up to
-    ``SWAPAB_FUSED_DOWN_MAX_PAIRS`` pairs with GEMM2 inside GEMM1's programs (H100 runs). Above, tuned on an H100
-    with H=7168, I=2048 (a config sweep,
-    docs/performance.md): up to one row per expert the aligned decode path; up to 16 the prefill
-    kernels with BLOCK_M=16 and atomic combine (still a weight stream); above, larger tiles and
-    the ``sum`` combine, which beats atomics once the workspace is large.
+    ``SWAPAB_FUSED_DOWN_MAX_PAIRS`` pairs with GEMM2 inside GEMM1's programs (H100 runs). Above,
+    tuned on an H100 with H=7168, I=2048 (a config sweep, docs/performance.md): up to one row per
+    expert the aligned decode path; up to 16 the prefill kernels with BLOCK_M=16 and atomic
+    combine (still a weight stream); above, larger tiles and the ``sum`` combine, which beats
+    atomics once the workspace is large.
     """
     pairs = num_tokens * top_k
     rows_per_expert = pairs / num_experts
