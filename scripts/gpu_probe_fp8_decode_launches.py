@@ -120,6 +120,7 @@ def main(argv: List[str] | None = None) -> None:
         for t in args.T:
             rows.append(dict(E=e, T=t, **point(layer, t, dev)))
     result = dict(device=torch.cuda.get_device_name(), rows=rows)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
     with open(Path(args.out) / "gpu_probe_fp8_decode_launches.json", "w") as f:
         json.dump(result, f, indent=1)
     keys = [k for k in rows[0] if k not in ("E", "T")]
