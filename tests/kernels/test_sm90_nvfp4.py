@@ -196,6 +196,14 @@ def test_default_config_paths():
     assert default_config(8192, 8, 32)["path"] == "prefill"
 
 
+@pytest.mark.parametrize(
+    "tokens, experts, pdl", [(1, 256, True), (8, 256, True), (8, 32, True), (9, 256, False), (16, 32, False)]
+)
+def test_default_decode_is_programmatic_up_to_64_pairs(tokens, experts, pdl):
+    cfg = default_config(tokens, 8, experts)
+    assert cfg["path"] == "decode" and cfg["PDL"] is pdl
+
+
 def test_errors_name_the_argument():
     p = make_problem(2, 64, 32, 2, 2)
     prep = prepare_nvfp4(p.weights)

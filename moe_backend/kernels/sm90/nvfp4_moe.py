@@ -118,14 +118,22 @@ DECODE_CONFIG: Dict[str, Any] = dict(
     **dict(_LOOP_DEFAULTS, WGMMA1="sync", WGMMA2="sync"),
 )
 #: The decode tiling with GEMM2 and the cast as programmatic dependent launches (each starts while
-#: the launch before it finishes, and waits for it before reading its output). H200, 2026-12-04, one
-#: bench run against ``DECODE_CONFIG``: T=1 87.5 against 89.1 us (E=256) and 85.9 against 87.3
-#: (E=32), level from T=2 to 8 (-1.1 to +0.2%), E=256 T=16 1033.1 against 990.4.
+#: the launch before it finishes, and waits for it before reading its output): the default up to
+#: ``DECODE_PDL_MAX_PAIRS`` pairs, a tuner candidate. H200, 2026-12-04, one bench run against
+#: ``DECODE_CONFIG``: T=1 87.5 against 89.1 us (E=256) and 85.9 against 87.3 (E=32), level from T=2
+#: to 8 (-1.1 to +0.2%), E=256 T=16 1033.1 against 990.4. H100, 2026-12-06, two runs (with the
+#: synchronous MMAs): faster at every point, T=1 97.7 / 98.0 against 100.3 us (E=256) and 96.5
+#: against 98.6-98.7 (E=32), T=2 1.3%, T=4 0.6%, T=8 0.2-0.6%, T=16 0.2-0.5% (E=256 too).
 DECODE_PDL_CONFIG: Dict[str, Any] = dict(DECODE_CONFIG, PDL=True)
-#: Decode variants (``moe-backend bench --variants nvfp4_decode_<name>``), not tuner candidates:
-#: ``pdl`` above. The ninth session read the decode GEMMs as bound by instruction issue, yet fewer
-#: instructions did not make them faster. Two 256-K groups a main-loop iteration on two stages
-#: (``UNROLL1`` / ``UNROLL2`` = 2, the same shared memory as three stages of one group) took GEMM1
+#: Up to this many pairs (T = 8 at top-8) the decode default is ``DECODE_PDL_CONFIG``: above, at
+#: E=256 T=16 (128 active experts, GEMM1 in 16 waves) it was 4.3% slower on the H200.
+DECODE_PDL_MAX_PAIRS = 64
+#: Decode variants (``moe-backend bench --variants nvfp4_decode_<name>``): ``pdl`` and ``no_pdl``,
+#: the decode tiling with and without PDL (both tuner candidates, each the default on one side of
+#: ``DECODE_PDL_MAX_PAIRS``); the others are not candidates. The ninth session read the decode
+#: GEMMs as bound by instruction issue, yet fewer instructions did not make them faster. Two 256-K
+#: groups a main-loop iteration on two stages (``UNROLL1`` / ``UNROLL2`` = 2, the same shared
+#: memory as three stages of one group) took GEMM1
 #: from 422 to 348 warp instructions a group (sm_90a; 25.2M to 20.9M executed at T=1, ncu) and
 #: measured 10-13% slower from T=1 to 8 and 4% at E=256 T=16 (H200, 2026-12-05: T=1 E=256 100.8
 #: against 90.0 us): the warps waited on the iteration's CTA barrier (1.66 cycles an issued
@@ -152,6 +160,7 @@ _PIECES = dict(DECODE_CONFIG, WGMMA1="pieces", WGMMA2="pieces")
 _OVERLAP = dict(DECODE_CONFIG, WGMMA1="overlap", WGMMA2="overlap")
 DECODE_VARIANTS: Dict[str, Dict[str, Any]] = {
     "pdl": DECODE_PDL_CONFIG,
+    "no_pdl": DECODE_CONFIG,
     "wgmma_pieces": _PIECES,
     "wgmma_overlap": _OVERLAP,
     "st4": dict(DECODE_CONFIG, num_stages1=4, num_stages2=4),
@@ -212,14 +221,16 @@ DEFAULT_TIERS = ((16, DECODE_CONFIG), (32, PREFILL_32_CONFIG), (float("inf"), PR
 #: Version of this kernel's tuned configurations: the tuning cache keeps a configuration only
 #: for the version it was tuned for. Bump it when the kernels, their weight layout
 #: (``NVFP4KernelWeights``) or the configuration schema (CONFIG_KEYS, their meaning) change.
-#: 12: the decode default's ``WGMMA*`` became ``"sync"``; ``PREFETCH*`` removed.
-KERNEL_VERSION = 12
+#: 12: the decode default's ``WGMMA*`` became ``"sync"``; ``PREFETCH*`` removed. 13: the decode
+#: tiling with PDL joined the candidates.
+KERNEL_VERSION = 13
 
 #: What the tuner times per token bucket (each overrides the heuristic default of that size):
 #: the decode path, prefill tilings from skinny to square, and the bf16 grouped GEMMs (the
 #: QuACK tiles measured fastest at T=8192: 128x192 pingpong, 128x256 cooperative).
 CANDIDATE_CONFIGS = (
     DECODE_CONFIG,
+    DECODE_PDL_CONFIG,
     dict(DECODE_CONFIG, BLOCK_N1=64, num_warps1=8, BLOCK_N2=128),
     dict(DECODE_CONFIG, num_stages1=2, num_stages2=2),
     PREFILL_32_CONFIG,
@@ -232,11 +243,15 @@ CANDIDATE_CONFIGS = (
 
 def default_config(num_tokens: int, top_k: int, num_experts: int, grouped: bool = False) -> Dict[str, Any]:
     """Heuristic configuration from the expected rows per local expert (balanced routing);
-    from ``GROUPED_MIN_ROWS`` the ``bf16_grouped`` path when ``grouped`` (it can serve the layer)."""
+    from ``GROUPED_MIN_ROWS`` the ``bf16_grouped`` path when ``grouped`` (it can serve the layer);
+    the decode tier with PDL up to ``DECODE_PDL_MAX_PAIRS`` pairs."""
     rows_per_expert = num_tokens * top_k / num_experts
     if grouped and rows_per_expert >= GROUPED_MIN_ROWS:
         return dict(GROUPED_CONFIG)
-    return dict(next(cfg for limit, cfg in DEFAULT_TIERS if rows_per_expert <= limit))
+    cfg = next(cfg for limit, cfg in DEFAULT_TIERS if rows_per_expert <= limit)
+    if cfg is DECODE_CONFIG and num_tokens * top_k <= DECODE_PDL_MAX_PAIRS:
+        cfg = DECODE_PDL_CONFIG
+    return dict(cfg)
 
 
 def resolve_config(
