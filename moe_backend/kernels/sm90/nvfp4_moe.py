@@ -130,32 +130,31 @@ DECODE_PDL_CONFIG: Dict[str, Any] = dict(DECODE_CONFIG, PDL=True)
 DECODE_PDL_MAX_PAIRS = 64
 #: Decode variants (``moe-backend bench --variants nvfp4_decode_<name>``): ``pdl`` and ``no_pdl``,
 #: the decode tiling with and without PDL (both tuner candidates, each the default on one side of
-#: ``DECODE_PDL_MAX_PAIRS``); the others are not candidates. The ninth session read the decode
-#: GEMMs as bound by instruction issue, yet fewer instructions did not make them faster. Two 256-K
-#: groups a main-loop iteration on two stages (``UNROLL1`` / ``UNROLL2`` = 2, the same shared
-#: memory as three stages of one group) took GEMM1
-#: from 422 to 348 warp instructions a group (sm_90a; 25.2M to 20.9M executed at T=1, ncu) and
-#: measured 10-13% slower from T=1 to 8 and 4% at E=256 T=16 (H200, 2026-12-05: T=1 E=256 100.8
-#: against 90.0 us): the warps waited on the iteration's CTA barrier (1.66 cycles an issued
-#: instruction against 0.11) and on memory (1.67 against 0.45), 7.5 cycles an issued instruction
-#: against 5.2. Capped at 168 registers (three programs an SM) or uncapped (two) they were 20-30%
-#: slower. The 8-token, 32-row tiles on two warps that Triton runs on ``mma.sync`` (290-334
-#: instructions a group) measured 1.6-1.9x slower (T=1 E=256 146.5-152.6 against 90.2 us; the
-#: threads wait on their own shared-memory loads) and live on branch ``nvfp4-mma-sync``.
+#: ``DECODE_PDL_MAX_PAIRS``); the others are not candidates. The ninth session read the decode GEMMs
+#: as bound by instruction issue, yet fewer instructions did not make them faster. Two 256-K groups
+#: a main-loop iteration on two stages (``UNROLL1`` / ``UNROLL2`` = 2, the same shared memory as
+#: three stages of one group) took GEMM1 from 422 to 348 warp instructions a group (sm_90a; 25.2M to
+#: 20.9M executed at T=1, ncu) and measured 10-13% slower from T=1 to 8 and 4% at E=256 T=16 (H200,
+#: 2026-12-05: T=1 E=256 100.8 against 90.0 us): the warps waited on the iteration's CTA barrier
+#: (1.66 cycles an issued instruction against 0.11) and on memory (1.67 against 0.45), 7.5 cycles an
+#: issued instruction against 5.2. Capped at 168 registers (three programs an SM) or uncapped (two)
+#: they were 20-30% slower. The 8-token, 32-row tiles on two warps that Triton runs on ``mma.sync``
+#: (290-334 instructions a group) measured 1.6-1.9x slower (T=1 E=256 146.5-152.6 against 90.2 us;
+#: the threads wait on their own shared-memory loads) and live on branch ``nvfp4-mma-sync``.
 #: ``wgmma_pieces`` / ``wgmma_overlap``: Triton's own issue of a group's 16 MMAs (six instructions
 #: an MMA) and the whole group's MMAs left in flight under the next group's dequantization, against
 #: the default's one synchronous warpgroup MMA a group (``nvfp4_tile.mma``; sm_90a, GEMM1 422 / 354
 #: instructions a group against 348, GEMM2 425 / 354 against 347, four programs an SM all three).
 #: H100, 2026-12-05, code c58090c, E=256: ``sync`` level with ``pieces`` (T=1 107.0 against 107.7
-#: us, T=2 179.9 against 180.8, T=8 608.4 against 611.0), 0.2-2.0% faster on 2026-12-06; ncu at
-#: T=1: the same GEMM1 duration, 7.0 cycles an issued instruction against 5.85 (the waits grew by
-#: what the instructions shrank). Cutting each group into two or four dots so that five to eight
-#: programs fit an SM (56-95 registers), with or without GEMM1's K split over two programs, measured
-#: 3-41% slower there (T=1 114.5-143.2 us) and lives on branch ``nvfp4-dots-split``.
-#: ``st4`` / ``st4_g1``: four pipeline stages in both GEMMs / in GEMM1 (60 KB of shared memory:
-#: three programs an SM, the weights buffered three deep). H100, 2026-12-06, code f54bcf2: T=1
-#: E=256 113.4 / 111.5 against 98.1 us (GEMM1 75.4 against 61.8), level at T=16; kept to ask the
-#: H200 whether it is short of bytes in flight.
+#: us, T=2 179.9 against 180.8, T=8 608.4 against 611.0), 0.2-2.0% faster on 2026-12-06; ncu at T=1:
+#: the same GEMM1 duration, 7.0 cycles an issued instruction against 5.85 (the waits grew by what
+#: the instructions shrank). Cutting each group into two or four dots so that five to eight programs
+#: fit an SM (56-95 registers), with or without GEMM1's K split over two programs, measured 3-41%
+#: slower there (T=1 114.5-143.2 us) and lives on branch ``nvfp4-dots-split``. ``st4`` / ``st4_g1``:
+#: four pipeline stages in both GEMMs / in GEMM1 (60 KB of shared memory: three programs an SM, the
+#: weights buffered three deep). H100, 2026-12-06, code f54bcf2: T=1 E=256 113.4 / 111.5 against
+#: 98.1 us (GEMM1 75.4 against 61.8), level at T=16; kept to ask the H200 whether it is short of
+#: bytes in flight.
 _PIECES = dict(DECODE_CONFIG, WGMMA1="pieces", WGMMA2="pieces")
 _OVERLAP = dict(DECODE_CONFIG, WGMMA1="overlap", WGMMA2="overlap")
 DECODE_VARIANTS: Dict[str, Dict[str, Any]] = {
