@@ -92,6 +92,10 @@ VARIANTS: Dict[str, Tuple[str, Optional[Dict[str, Any]]]] = {
     "aligned_skinny": ("fp8_block", fp8_moe.SKINNY_CONFIG),
     "nvfp4_swapab": ("nvfp4", nvfp4_moe.SWAPAB_CONFIG),
     **{f"nvfp4_decode_{name}": ("nvfp4", cfg) for name, cfg in nvfp4_moe.DECODE_VARIANTS.items()},
+    # the decode tiling with and without PDL wherever it serves (the default takes PDL up to
+    # nvfp4_moe.DECODE_PDL_MAX_PAIRS pairs)
+    "nvfp4_decode_pdl": ("nvfp4", nvfp4_moe.DECODE_PDL_CONFIG),
+    "nvfp4_decode_no_pdl": ("nvfp4", nvfp4_moe.DECODE_CONFIG),
     # prefill: the Triton kernels' largest tiles and the CuTe DSL grouped GEMMs, whichever the default takes
     "prefill": ("fp8_block", fp8_moe.PREFILL_CONFIG),
     "cute_grouped": ("fp8_block", fp8_moe.CUTE_GROUPED_CONFIG),

@@ -37,6 +37,7 @@ from moe_backend.kernels.sm90.nvfp4_layout import kernel_k_order, nvfp4_to_kerne
 from moe_backend.kernels.sm90.nvfp4_moe import (
     CANDIDATE_CONFIGS,
     DECODE_CONFIG,
+    DECODE_PDL_CONFIG,
     DECODE_VARIANTS,
     default_config,
     fused_experts_nvfp4,
@@ -277,7 +278,7 @@ def test_gpu_both_paths_and_weight_on_input(path, t, e, k):
 
     cfg = {
         "decode": DECODE_CONFIG,
-        "decode_pdl": DECODE_VARIANTS["pdl"],
+        "decode_pdl": DECODE_PDL_CONFIG,
         "decode_unroll2": GPU_DECODE_VARIANTS["unroll2"],
         "prefill": PREFILL_CONFIG,
         "swapab": SWAPAB_CONFIG,

@@ -128,13 +128,13 @@ DECODE_PDL_CONFIG: Dict[str, Any] = dict(DECODE_CONFIG, PDL=True)
 #: Up to this many pairs (T = 8 at top-8) the decode default is ``DECODE_PDL_CONFIG``: above, at
 #: E=256 T=16 (128 active experts, GEMM1 in 16 waves) it was 4.3% slower on the H200.
 DECODE_PDL_MAX_PAIRS = 64
-#: Decode variants (``moe-backend bench --variants nvfp4_decode_<name>``): ``pdl`` and ``no_pdl``,
-#: the decode tiling with and without PDL (both tuner candidates, each the default on one side of
-#: ``DECODE_PDL_MAX_PAIRS``); the others are not candidates. The ninth session read the decode GEMMs
-#: as bound by instruction issue, yet fewer instructions did not make them faster. Two 256-K groups
-#: a main-loop iteration on two stages (``UNROLL1`` / ``UNROLL2`` = 2, the same shared memory as
-#: three stages of one group) took GEMM1 from 422 to 348 warp instructions a group (sm_90a; 25.2M to
-#: 20.9M executed at T=1, ncu) and measured 10-13% slower from T=1 to 8 and 4% at E=256 T=16 (H200,
+#: Decode variants (``moe-backend bench --variants nvfp4_decode_<name>``), not tuner candidates (the
+#: bench's ``nvfp4_decode_pdl`` and ``nvfp4_decode_no_pdl`` time the two candidate tilings, each the
+#: default on one side of ``DECODE_PDL_MAX_PAIRS``). The ninth session read the decode GEMMs as
+#: bound by instruction issue, yet fewer instructions did not make them faster. Two 256-K groups a
+#: main-loop iteration on two stages (``UNROLL1`` / ``UNROLL2`` = 2, the same shared memory as three
+#: stages of one group) took GEMM1 from 422 to 348 warp instructions a group (sm_90a; 25.2M to 20.9M
+#: executed at T=1, ncu) and measured 10-13% slower from T=1 to 8 and 4% at E=256 T=16 (H200,
 #: 2026-12-05: T=1 E=256 100.8 against 90.0 us): the warps waited on the iteration's CTA barrier
 #: (1.66 cycles an issued instruction against 0.11) and on memory (1.67 against 0.45), 7.5 cycles an
 #: issued instruction against 5.2. Capped at 168 registers (three programs an SM) or uncapped (two)
@@ -158,8 +158,6 @@ DECODE_PDL_MAX_PAIRS = 64
 _PIECES = dict(DECODE_CONFIG, WGMMA1="pieces", WGMMA2="pieces")
 _OVERLAP = dict(DECODE_CONFIG, WGMMA1="overlap", WGMMA2="overlap")
 DECODE_VARIANTS: Dict[str, Dict[str, Any]] = {
-    "pdl": DECODE_PDL_CONFIG,
-    "no_pdl": DECODE_CONFIG,
     "wgmma_pieces": _PIECES,
     "wgmma_overlap": _OVERLAP,
     "st4": dict(DECODE_CONFIG, num_stages1=4, num_stages2=4),
