@@ -29,6 +29,8 @@ from decode_breakdown import timed  # noqa: E402
 from moe_backend.cli.bench_ceilings import expert_stream  # noqa: E402
 
 H, I, EXPERTS = 7168, 2048, 8
+#: int32 words a load of a program (8 KB)
+BLOCK = 2048
 
 
 @triton.jit
@@ -65,11 +67,11 @@ def main() -> None:
     for programs in (128, sms, 2 * 128, 2 * sms):
         for chunks in (8, 16):
             # a multiple of the loop's step: every program's loads stay 16-byte aligned
-            share = triton.cdiv(triton.cdiv(words, programs), 2048 * chunks) * 2048 * chunks
+            share = triton.cdiv(triton.cdiv(words, programs), BLOCK * chunks) * BLOCK * chunks
 
             def call(b, programs=programs, share=share, chunks=chunks):
                 return lambda: _persistent_read[(programs,)](
-                    b, words, share, out, BLOCK=2048, CHUNKS=chunks, num_warps=8
+                    b, words, share, out, BLOCK=BLOCK, CHUNKS=chunks, num_warps=8
                 )
 
             rows[f"persistent P={programs} chunks={chunks}"] = timed([call(b) for b in bufs])
@@ -78,7 +80,7 @@ def main() -> None:
     (Path(args.out) / "gpu_probe_stream_programs.json").write_text(json.dumps(result, indent=1))
     print(result["device"], sms, "SMs,", words * 4 / 1e6, "MB")
     for name, us in rows.items():
-        print(f"{name:32s} {us:8.1f} us {words * 4 / us / 1e6:7.0f} GB/s")
+        print(f"{name:32s} {us:8.1f} us {words * 4 / us / 1e3:7.0f} GB/s")
 
 
 if __name__ == "__main__":
