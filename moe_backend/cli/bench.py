@@ -84,7 +84,10 @@ VARIANTS: Dict[str, Tuple[str, Optional[Dict[str, Any]]]] = {
     "swapab": ("fp8_block", fp8_moe.SWAPAB_CONFIG),
     **{f"swapab_{name}": ("fp8_block", cfg) for name, cfg in fp8_moe.SWAPAB_VARIANTS.items()},
     "swapab_one_block": ("fp8_block", fp8_moe.SWAPAB_ONE_BLOCK_CONFIG),
+    # the fused down loop with and without its w2 prefetch wherever it serves (the default takes the
+    # prefetch up to SWAPAB_DOWN_PREFETCH_MAX_PAIRS pairs)
     "swapab_fused_down": ("fp8_block", fp8_moe.SWAPAB_FUSED_DOWN_CONFIG),
+    "swapab_fused_down_w2_prefetch4": ("fp8_block", fp8_moe.SWAPAB_FUSED_DOWN_PREFETCH_CONFIG),
     "swapab_stages4": ("fp8_block", fp8_moe.SWAPAB_STAGES4_CONFIG),
     # the aligned tiers the heuristic took before the swap-AB path (up to one row an expert, then up
     # to 16): the kernels the decode work must not lose to from T=32 up, timed in the same run

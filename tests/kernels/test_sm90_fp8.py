@@ -383,6 +383,8 @@ def test_default_config_both_paths():
 
     assert default_config(1, 8, 256)["path"] == "swapab"
     assert default_config(2, 8, 32)["FUSED_DOWN"] and not default_config(3, 8, 256)["FUSED_DOWN"]
+    # the fused down loop's w2 prefetch at T=1 only (one wave of GEMM1 programs)
+    assert default_config(1, 8, 256)["PREFETCH2"] == 4 and default_config(2, 8, 256)["PREFETCH2"] == 0
     assert default_config(16, 8, 8)["path"] == "swapab"  # 128 pairs, 16 an expert
     assert default_config(17, 8, 8)["path"] == "prefill"
     assert default_config(32, 8, 32)["path"] == "swapab"  # 256 pairs, 8 an expert

@@ -247,8 +247,8 @@ SWAPAB_VARIANTS: Dict[str, Dict[str, Any]] = {
 #: program an SM at T=4 E=256, whose last-wave idle SMs GEMM2's per-expert wait filled). Taken apart
 #: (``scripts/gpu_probe_fp8_decode_launches.py``, T=1): its one GEMM launch alone 130.8 against the two launches' 129.6
 #: (the read stream of the same bytes 127.3); the act_quant and cast launches around it cost 2.1 against 5.0. Variants:
-#: 256-row tiles (level), the first two or four ``w2`` tiles asked of L2 before GEMM1's loop ends (``PREFETCH2``; one
-#: run: 0.7-1.0 us faster at T=1, level at T=2, 0.4% slower at T=4). Settled and dropped (one run each,
+#: 256-row tiles (level), the first two ``w2`` tiles asked of L2 before GEMM1's loop ends (``PREFETCH2``; one run:
+#: 0.7-1.0 us faster at T=1, level at T=2, 0.4% slower at T=4; four tiles: below). Settled and dropped (one run each,
 #: docs/performance.md): six down-loop stages, the hidden states quantized as GEMM1 loads them (no ``act_quant`` launch;
 #: a memset zeroes the accumulator: 0.5-1.1 us slower), eight K blocks of GEMM1's L2 prefetch (1.1-1.9 us slower).
 SWAPAB_FUSED_DOWN_CONFIG: Dict[str, Any] = dict(
@@ -257,8 +257,13 @@ SWAPAB_FUSED_DOWN_CONFIG: Dict[str, Any] = dict(
 SWAPAB_VARIANTS.update(
     fused_down_n256=dict(SWAPAB_FUSED_DOWN_CONFIG, BLOCK_N2=256),
     fused_down_w2_prefetch2=dict(SWAPAB_FUSED_DOWN_CONFIG, PREFETCH2=2),
-    fused_down_w2_prefetch4=dict(SWAPAB_FUSED_DOWN_CONFIG, PREFETCH2=4),
 )
+#: ``FUSED_DOWN`` with the first four ``w2`` tiles of each program asked of L2 one K iteration before GEMM1's loop
+#: ends (``PREFETCH2``): the default up to ``SWAPAB_DOWN_PREFETCH_MAX_PAIRS`` pairs, a tuner candidate. There all
+#: programs are one wave that leaves GEMM1's loop together, and the down loop's first loads would wait on DRAM while
+#: none streams. H100, two runs (2026-12-06): T=1 0.7-1.0 us faster at E=256 and E=32 (137.9 against 138.6 at E=256 in
+#: the second), T=2 0.2-0.6 us slower, T=4 0.4% slower.
+SWAPAB_FUSED_DOWN_PREFETCH_CONFIG: Dict[str, Any] = dict(SWAPAB_FUSED_DOWN_CONFIG, PREFETCH2=4)
 #: The one-block swap-AB tiling on four stages in both GEMMs (H200, 2026-12-03, with one program
 #: per pair waiting for all of GEMM1: E=256 T=16 1342.8 against 1310.8 us on six; five stages in
 #: GEMM1 alone, or six in one GEMM alone, gained less than six in both): a tuner candidate, and
@@ -280,6 +285,9 @@ SWAPAB_DEFAULT_FULL_CHUNK_PAIRS = 128
 #: Up to this many pairs (T = 2 at top-8) the swap-AB default runs GEMM2 inside GEMM1's programs
 #: (``SWAPAB_FUSED_DOWN_CONFIG``).
 SWAPAB_FUSED_DOWN_MAX_PAIRS = 16
+#: Up to this many pairs (T = 1 at top-8) the fused down loop's first ``w2`` tiles are prefetched
+#: (``SWAPAB_FUSED_DOWN_PREFETCH_CONFIG``).
+SWAPAB_DOWN_PREFETCH_MAX_PAIRS = 8
 PREFILL_CONFIG: Dict[str, Any] = dict(
     path="prefill",
     NUMERICS="accurate",
@@ -395,13 +403,14 @@ DEFAULT_TIERS = (
 #: Version of this kernel's tuned configurations: the tuning cache keeps a configuration only
 #: for the version it was tuned for. Bump it when the kernels, their weight or activation
 #: layout, or the configuration schema (CONFIG_KEYS, their meaning) change.
-KERNEL_VERSION = 11
+KERNEL_VERSION = 12
 
 #: What the tuner times per token bucket (each overrides the heuristic default of that size):
 #: the swap-AB and aligned decode paths, skinny atomic-combine tiles, and prefill tiles up to 128 rows.
 CANDIDATE_CONFIGS = (
     SWAPAB_CONFIG,
     SWAPAB_FUSED_DOWN_CONFIG,
+    SWAPAB_FUSED_DOWN_PREFETCH_CONFIG,
     SWAPAB_ONE_BLOCK_CONFIG,
     SWAPAB_STAGES4_CONFIG,
     dict(SWAPAB_ONE_BLOCK_CONFIG, num_stages1=3, BLOCK_N2=64, num_warps2=4, num_stages2=4),
@@ -463,7 +472,8 @@ def default_config(num_tokens: int, top_k: int, num_experts: int, grouped: bool 
     The swap-AB path up to ``MAX_GATHER_PAIRS`` pairs (what its leader scan holds) while the
     expected pairs per local expert stay within ``SWAPAB_DEFAULT_MAX_ROWS``, or within one 16-pair
     chunk below ``SWAPAB_DEFAULT_FULL_CHUNK_PAIRS`` pairs (H200 scans); up to
-    ``SWAPAB_FUSED_DOWN_MAX_PAIRS`` pairs with GEMM2 inside GEMM1's programs (H100 runs). Above,
+    ``SWAPAB_FUSED_DOWN_MAX_PAIRS`` pairs with GEMM2 inside GEMM1's programs, up to
+    ``SWAPAB_DOWN_PREFETCH_MAX_PAIRS`` with its first ``w2`` tiles prefetched (H100 runs). Above,
     tuned on an H100 with H=7168, I=2048 (a config sweep, docs/performance.md): up to one row per
     expert the aligned decode path; up to 16 the prefill kernels with BLOCK_M=16 and atomic
     combine (still a weight stream); above, larger tiles and the ``sum`` combine, which beats
@@ -476,6 +486,8 @@ def default_config(num_tokens: int, top_k: int, num_experts: int, grouped: bool 
     if pairs <= MAX_GATHER_PAIRS and rows_per_expert <= (
         16 if pairs <= SWAPAB_DEFAULT_FULL_CHUNK_PAIRS else SWAPAB_DEFAULT_MAX_ROWS
     ):
+        if pairs <= SWAPAB_DOWN_PREFETCH_MAX_PAIRS:
+            return dict(SWAPAB_FUSED_DOWN_PREFETCH_CONFIG)
         return dict(SWAPAB_FUSED_DOWN_CONFIG if pairs <= SWAPAB_FUSED_DOWN_MAX_PAIRS else SWAPAB_CONFIG)
     return dict(next(cfg for limit, cfg in DEFAULT_TIERS if rows_per_expert <= limit))
 
