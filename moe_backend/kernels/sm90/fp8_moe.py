@@ -288,6 +288,12 @@ SWAPAB_FUSED_DOWN_MAX_PAIRS = 16
 #: Up to this many pairs (T = 1 at top-8) the fused down loop's first ``w2`` tiles are prefetched
 #: (``SWAPAB_FUSED_DOWN_PREFETCH_CONFIG``).
 SWAPAB_DOWN_PREFETCH_MAX_PAIRS = 8
+#: The swap-AB default by pair count, first match (where the swap-AB path serves, ``default_config``).
+SWAPAB_PAIR_TIERS = (
+    (SWAPAB_DOWN_PREFETCH_MAX_PAIRS, SWAPAB_FUSED_DOWN_PREFETCH_CONFIG),
+    (SWAPAB_FUSED_DOWN_MAX_PAIRS, SWAPAB_FUSED_DOWN_CONFIG),
+    (float("inf"), SWAPAB_CONFIG),
+)
 PREFILL_CONFIG: Dict[str, Any] = dict(
     path="prefill",
     NUMERICS="accurate",
@@ -486,9 +492,7 @@ def default_config(num_tokens: int, top_k: int, num_experts: int, grouped: bool 
     if pairs <= MAX_GATHER_PAIRS and rows_per_expert <= (
         16 if pairs <= SWAPAB_DEFAULT_FULL_CHUNK_PAIRS else SWAPAB_DEFAULT_MAX_ROWS
     ):
-        if pairs <= SWAPAB_DOWN_PREFETCH_MAX_PAIRS:
-            return dict(SWAPAB_FUSED_DOWN_PREFETCH_CONFIG)
-        return dict(SWAPAB_FUSED_DOWN_CONFIG if pairs <= SWAPAB_FUSED_DOWN_MAX_PAIRS else SWAPAB_CONFIG)
+        return dict(next(cfg for limit, cfg in SWAPAB_PAIR_TIERS if pairs <= limit))
     return dict(next(cfg for limit, cfg in DEFAULT_TIERS if rows_per_expert <= limit))
 
 
