@@ -262,7 +262,7 @@ SWAPAB_VARIANTS.update(
 #: ends (``PREFETCH2``): the default up to ``SWAPAB_DOWN_PREFETCH_MAX_PAIRS`` pairs, a tuner candidate. There all
 #: programs are one wave that leaves GEMM1's loop together, and the down loop's first loads would wait on DRAM while
 #: none streams. H100, three runs (2026-12-06): T=1 0.7-1.2 us faster at E=256 and E=32 (the default 137.7 against
-#: 138.6 at E=256 in the third), T=2 0.2-0.6 us slower, T=4 0.4% slower.
+#: 138.6 at E=256 in the third), T=2 0.2-0.6 us slower.
 SWAPAB_FUSED_DOWN_PREFETCH_CONFIG: Dict[str, Any] = dict(SWAPAB_FUSED_DOWN_CONFIG, PREFETCH2=4)
 #: The one-block swap-AB tiling on four stages in both GEMMs (H200, 2026-12-03, with one program
 #: per pair waiting for all of GEMM1: E=256 T=16 1342.8 against 1310.8 us on six; five stages in
